@@ -1,0 +1,45 @@
+"""Small CUDA queries shared by regions, backends and kernels; every import of a GPU library is lazy."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from .errors import BackendUnavailableError
+
+
+@functools.lru_cache(maxsize=1)
+def cupy_module() -> Any:
+    """The cupy module if it imports and sees a GPU; BackendUnavailableError otherwise."""
+    try:
+        import cupy
+    except ImportError as error:
+        raise BackendUnavailableError(f"cupy is not installed ({error}); install kvxfer[cuda12] or [cuda13]") from None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # cupy raises its own CUDARuntimeError when no driver is present
+        raise BackendUnavailableError(f"cupy is installed but no CUDA device is usable: {error}") from None
+    if count < 1:
+        raise BackendUnavailableError("cupy is installed but sees no CUDA device")
+    return cupy
+
+
+def cuda_available() -> bool:
+    """True when cupy imports and at least one CUDA device is visible."""
+    try:
+        cupy_module()
+    except BackendUnavailableError:
+        return False
+    return True
+
+
+def device_count() -> int:
+    """Number of visible CUDA devices (0 without cupy or a GPU)."""
+    return cupy_module().cuda.runtime.getDeviceCount() if cuda_available() else 0
+
+
+def device_of_pointer(ptr: int) -> int:
+    """The CUDA device ordinal that owns device pointer ``ptr``."""
+    cupy = cupy_module()
+    attributes = cupy.cuda.runtime.pointerGetAttributes(ptr)
+    return int(attributes.device)

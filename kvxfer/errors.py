@@ -1,0 +1,92 @@
+"""The one exception tree of kvxfer.
+
+Every error kvxfer raises is a :class:`KvxferError`. Errors about arguments also derive from ``ValueError`` so
+that generic callers can catch them the usual way; timeouts derive from ``TimeoutError``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class KvxferError(Exception):
+    """Base class of every kvxfer error."""
+
+
+class ConfigError(KvxferError, ValueError):
+    """A bad spec, layout, shape, dtype or option."""
+
+
+class LayoutMismatchError(ConfigError):
+    """Two KV cache specs that cannot be mapped onto each other."""
+
+
+class BackendUnavailableError(KvxferError):
+    """An optional dependency or device is missing; the message names what is available."""
+
+
+class RegistrationError(KvxferError):
+    """Register/deregister failed, the region is unknown, or it is still in use."""
+
+
+class DescriptorError(KvxferError, ValueError):
+    """A descriptor outside its registered region, overlapping writes, or bad block ids."""
+
+
+class PeerError(KvxferError):
+    """Something about a peer agent; ``peer_name`` says which."""
+
+    def __init__(self, message: str, peer_name: str | None = None) -> None:
+        super().__init__(message)
+        self.peer_name = peer_name
+
+
+class HandshakeError(PeerError):
+    """Undecodable, incompatible or unauthenticated metadata."""
+
+
+class PeerDisconnectedError(PeerError):
+    """The peer went away (closed, crashed, or its connection failed)."""
+
+
+class TransferError(KvxferError):
+    """A transfer failed; ``handle`` is the TransferHandle (if any), ``backend`` the backend name."""
+
+    def __init__(self, message: str, handle: Any = None, backend: str | None = None) -> None:
+        super().__init__(message)
+        self.handle = handle
+        self.backend = backend
+
+
+class TransferTimeoutError(TransferError, TimeoutError):
+    """A transfer did not finish before its deadline, or a wait ran out of time."""
+
+
+class TransferCancelledError(TransferError):
+    """The transfer was cancelled."""
+
+
+class BackendError(TransferError):
+    """A native failure inside a backend, wrapped; ``__cause__`` keeps the original."""
+
+
+class UsageError(KvxferError, RuntimeError):
+    """An API used in the wrong state: closed agent, released handle, plan used on another agent."""
+
+
+__all__ = [
+    "BackendError",
+    "BackendUnavailableError",
+    "ConfigError",
+    "DescriptorError",
+    "HandshakeError",
+    "KvxferError",
+    "LayoutMismatchError",
+    "PeerDisconnectedError",
+    "PeerError",
+    "RegistrationError",
+    "TransferCancelledError",
+    "TransferError",
+    "TransferTimeoutError",
+    "UsageError",
+]
