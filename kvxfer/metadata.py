@@ -136,13 +136,12 @@ def _parse(document: Any) -> AgentMetadata:
         addr, nbytes = _uint(addr, f"regions[{i}].addr"), _uint(nbytes, f"regions[{i}].nbytes")
         if nbytes == 0 or addr + nbytes > 2**64:
             raise HandshakeError(f"metadata regions[{i}] span [{addr}, +{nbytes}) is invalid")
-        if _uint(index, f"regions[{i}].index", MAX_REGIONS) != i:
-            raise HandshakeError(f"metadata regions[{i}] has index {index}")
+        _uint(index, f"regions[{i}].index", 2**31)
         regions.append(RegionMeta(_name(name, f"regions[{i}].name"), index, addr, nbytes, memory_kind, device,
                                   _keys(keys, f"regions[{i}].keys")))
-    names = [r.name for r in regions if r.name]
-    if len(names) != len(set(names)):
-        raise HandshakeError("metadata names one region twice")
+    names, indices = [r.name for r in regions], [r.index for r in regions]
+    if len(names) != len(set(names)) or len(indices) != len(set(indices)):
+        raise HandshakeError("metadata lists one region name or index twice")
     listen = body["listen"]
     if listen is not None:
         _name(listen, "listen")

@@ -85,6 +85,11 @@ class Backend(ABC):
         """Called once by the agent that owns this backend, before anything else."""
         self.context = context
 
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """None when this backend can run here, else a one-line reason (missing library or device)."""
+        return None
+
     def info(self) -> bytes:
         """Agent-level public information peers need to connect (e.g. a worker address); b"" if none."""
         return b""
@@ -96,6 +101,10 @@ class Backend(ABC):
     @abstractmethod
     def deregister(self, region: "Region") -> None:
         """Undo :meth:`register`. The agent calls it only when no transfer uses the region."""
+
+    def busy(self, region: "Region") -> bool:
+        """True while this backend still uses ``region`` for a peer's transfer (deregister must wait)."""
+        return False
 
     @abstractmethod
     def connect(self, peer: "Peer") -> None:

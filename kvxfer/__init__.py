@@ -1,0 +1,45 @@
+"""kvxfer: move the KV cache of LLM requests between prefill and decode engines."""
+
+from .agent import Agent
+from .descs import Descs
+from .errors import (BackendError, BackendUnavailableError, ConfigError, DescriptorError, HandshakeError,
+                     KvxferError, LayoutMismatchError, PeerDisconnectedError, PeerError, RegistrationError,
+                     TransferCancelledError, TransferError, TransferTimeoutError, UsageError)
+from .handle import Notification, Timeouts, TransferHandle, TransferState
+from .memory import MemoryKind, Region, RemoteRegion
+from .peer import Peer
+from .plan import TransferPlan
+from .spec import KVCacheSpec, KVLayout
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Agent",
+    "BackendError",
+    "BackendUnavailableError",
+    "ConfigError",
+    "Descs",
+    "DescriptorError",
+    "HandshakeError",
+    "KVCacheSpec",
+    "KVLayout",
+    "KvxferError",
+    "LayoutMismatchError",
+    "MemoryKind",
+    "Notification",
+    "Peer",
+    "PeerDisconnectedError",
+    "PeerError",
+    "Region",
+    "RegistrationError",
+    "RemoteRegion",
+    "Timeouts",
+    "TransferCancelledError",
+    "TransferError",
+    "TransferHandle",
+    "TransferPlan",
+    "TransferState",
+    "TransferTimeoutError",
+    "UsageError",
+    "__version__",
+]

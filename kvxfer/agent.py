@@ -1,0 +1,336 @@
+"""The Agent: owns regions, backends and peers; plans and posts transfers; receives notifications."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+import warnings
+from collections import deque
+from typing import Any, Iterable, Sequence
+
+from . import backends as backend_registry
+from .backends.base import Backend, BackendContext, Op
+from .descs import Descs
+from .errors import (BackendUnavailableError, ConfigError, DescriptorError, HandshakeError, KvxferError, PeerError,
+                     RegistrationError, UsageError)
+from .handle import Notification, Timeouts, TransferHandle
+from .memory import Region
+from .metadata import AgentMetadata, RegionMeta
+from .peer import Peer
+from .plan import RegionTable, TransferPlan, check_pair_sizes
+from .registry import RegionRegistry
+from .sidechannel import SideChannelServer, fetch_metadata
+from .environment import host_id as default_host_id
+
+logger = logging.getLogger("kvxfer")
+
+
+class Agent:
+    """One participant in transfers (e.g. one engine rank).
+
+    ``backends``: names ("local", "cuda_ipc", "ucx", ...) or Backend instances; default: every backend available
+    here (or ``KVXFER_BACKENDS``). ``listen``: "host:port" to serve metadata on a side channel (port 0 picks one);
+    ``token``: a shared secret the side channel requires. ``compat``: a string peers must match (e.g. a model id).
+    """
+
+    def __init__(self, name: str, backends: Sequence[str | Backend] | None = None, *,
+                 timeouts: Timeouts | None = None, listen: str | None = None, token: str | None = None,
+                 compat: str = "", host_id: str | None = None) -> None:
+        if not isinstance(name, str) or not name or len(name) > 256:
+            raise ConfigError(f"name must be a non-empty string of <= 256 characters, got {name!r}")
+        self.name = name
+        self.uid = uuid.uuid4().hex
+        self.timeouts = timeouts or Timeouts()
+        self.compat = compat
+        self.host_id = host_id or default_host_id()
+        self.pid = os.getpid()
+        self._lock = threading.RLock()
+        self._closed = False
+        self._peers: dict[str, Peer] = {}
+        self._notes: deque[Notification] = deque()
+        self._notes_ready = threading.Condition()
+        self._regions = RegionRegistry()
+        self._active: set[TransferHandle] = set()
+        context = BackendContext(self.name, self.uid, self.host_id, self.pid, self.timeouts, self._deliver,
+                                 self._peer_lost)
+        self._backends = backend_registry.create_all(backends, context)
+        self._side_channel = SideChannelServer(listen, self.metadata, token) if listen else None
+        logger.debug("agent %s: backends %s", name, [b.caps.name for b in self._backends])
+
+    # ---- regions -----------------------------------------------------------------------------------------------
+
+    def register(self, array: Any, name: str | None = None) -> Region:
+        """Register an array (numpy / torch / cupy / DLPack) or a :class:`Region`; returns the Region."""
+        self._check_open()
+        region = Region.from_array(array)
+        with self._lock:
+            if region.registered:
+                raise RegistrationError(f"region {region.name!r} is already registered with agent "
+                                        f"{region._agent.name!r}")
+            index = self._regions.add(region, name)
+            done: list[Backend] = []
+            try:
+                for backend in self._backends:
+                    if region.kind in backend.caps.memory_kinds:
+                        region._backend_keys[backend.caps.wire] = backend.register(region)
+                        done.append(backend)
+            except Exception as error:
+                for backend in done:
+                    backend.deregister(region)
+                self._regions.remove(index)
+                raise RegistrationError(f"registering {region.name!r} with backend failed: {error}") from error
+            region._agent = self
+        return region
+
+    def deregister(self, region: Region, timeout: float = 0.0) -> None:
+        """Unregister ``region``. Refused with RegistrationError while a transfer uses it, unless those transfers
+        finish within ``timeout`` seconds."""
+        self._check_open()
+        if not isinstance(region, Region) or region._agent is not self:
+            raise RegistrationError(f"region {getattr(region, 'name', region)!r} is not registered with agent "
+                                    f"{self.name!r}")
+        give_up = time.monotonic() + timeout
+        while self._busy_with(region.index):
+            if time.monotonic() >= give_up:
+                raise RegistrationError(f"region {region.name!r} is in use by a transfer in flight; wait for it, "
+                                        "cancel it, or pass a timeout")
+            time.sleep(1e-3)
+        with self._lock:
+            for backend in self._backends:
+                if region.kind in backend.caps.memory_kinds:
+                    backend.deregister(region)
+            self._regions.remove(region.index)
+            region._agent = None
+
+    @property
+    def regions(self) -> list[Region]:
+        """The regions registered now."""
+        return self._regions.all()
+
+    def _busy_with(self, index: int) -> bool:
+        for handle in list(self._active):
+            handle.poll()
+        region = self._regions.get(index)
+        return self._regions.in_use(index) or any(b.busy(region) for b in self._backends)
+
+    # ---- metadata and peers ------------------------------------------------------------------------------------
+
+    def metadata(self) -> bytes:
+        """This agent's metadata: opaque, versioned bytes a peer passes to :meth:`connect`."""
+        self._check_open()
+        with self._lock:
+            regions = tuple(RegionMeta(r.name, r.index, r.addr, r.nbytes, r.kind, r.device, dict(r._backend_keys))
+                            for r in self._regions.all())
+            meta = AgentMetadata(self.name, self.uid, self.host_id, self.pid, self.compat,
+                                 {b.caps.wire: b.info() for b in self._backends}, regions, self.listen_address)
+        return meta.encode()
+
+    @property
+    def listen_address(self) -> str | None:
+        """"host:port" of the side channel, or None when not listening."""
+        return self._side_channel.address if self._side_channel else None
+
+    def connect(self, metadata: bytes) -> Peer:
+        """Connect to the agent whose :meth:`metadata` this is; reconnecting replaces the old Peer."""
+        self._check_open()
+        meta = AgentMetadata.decode(metadata)
+        if meta.compat != self.compat:
+            raise HandshakeError(f"peer {meta.name!r} is incompatible: compat {meta.compat!r} != ours "
+                                 f"{self.compat!r}", meta.name)
+        with self._lock:
+            old = self._peers.get(meta.name)
+            if old is not None:
+                self.disconnect(old)
+            peer = Peer(meta, [])
+            for backend in self._backends:
+                if backend.can_reach(peer):
+                    try:
+                        backend.connect(peer)
+                    except KvxferError as error:
+                        logger.warning("agent %s: backend %s could not connect to %s: %s", self.name,
+                                       backend.caps.name, meta.name, error)
+                        continue
+                    peer.backends.append(backend)
+            if not peer.backends:
+                raise HandshakeError(f"no backend reaches peer {meta.name!r}: ours "
+                                     f"{[b.caps.name for b in self._backends]}, it speaks {sorted(meta.backends)} "
+                                     f"(host {meta.host_id!r}, pid {meta.pid})", meta.name)
+            self._peers[meta.name] = peer
+        logger.info("agent %s connected to %s via %s", self.name, meta.name, [b.caps.name for b in peer.backends])
+        return peer
+
+    def connect_to(self, address: str, token: str | None = None, timeout: float | None = None) -> Peer:
+        """Fetch a peer's metadata from its side channel at "host:port" and connect."""
+        limit = self.timeouts.connect if timeout is None else timeout
+        return self.connect(fetch_metadata(address, token, limit))
+
+    def disconnect(self, peer: Peer | str) -> None:
+        """Forget ``peer``; transfers still in flight with it fail."""
+        peer = self.peer(peer)
+        with self._lock:
+            for backend in peer.backends:
+                backend.disconnect(peer)
+            peer.connected = False
+            peer.lost_reason = peer.lost_reason or "disconnected"
+            if self._peers.get(peer.name) is peer:
+                del self._peers[peer.name]
+
+    def peer(self, peer: Peer | str) -> Peer:
+        """The connected Peer named ``peer`` (or ``peer`` itself)."""
+        if isinstance(peer, Peer):
+            return peer
+        try:
+            return self._peers[peer]
+        except KeyError:
+            raise PeerError(f"unknown peer {peer!r}; connected: {sorted(self._peers)}", str(peer)) from None
+
+    @property
+    def peers(self) -> dict[str, Peer]:
+        """Connected peers by name."""
+        return dict(self._peers)
+
+    # ---- transfers ---------------------------------------------------------------------------------------------
+
+    def plan(self, local_descs: Descs, peer: Peer | str, remote_descs: Descs) -> TransferPlan:
+        """Pair ``local_descs[i]`` with ``remote_descs[i]``; validate both sides and pick a backend."""
+        self._check_open()
+        peer = self.peer(peer)
+        if not peer.connected:
+            raise PeerError(f"peer {peer.name!r} is disconnected ({peer.lost_reason})", peer.name)
+        for descs, argument in ((local_descs, "local_descs"), (remote_descs, "remote_descs")):
+            if not isinstance(descs, Descs):
+                raise DescriptorError(f"{argument} must be a Descs, got {type(descs).__name__}")
+        if local_descs.space is not self:
+            raise DescriptorError(f"local_descs describe regions of {getattr(local_descs.space, 'name', '?')!r}, "
+                                  f"not of agent {self.name!r}")
+        if remote_descs.space is not peer:
+            raise DescriptorError(f"remote_descs describe regions of {getattr(remote_descs.space, 'name', '?')!r}, "
+                                  f"not of peer {peer.name!r}")
+        check_pair_sizes(local_descs, remote_descs)
+        table = self._regions.table()
+        table.check(local_descs, "local_descs", f"agent {self.name!r}")
+        peer.table.check(remote_descs, "remote_descs", f"peer {peer.name!r}")
+        backend = self._choose_backend(peer, table.kinds_of(local_descs), peer.table.kinds_of(remote_descs))
+        return TransferPlan(self, peer, backend, local_descs, remote_descs)
+
+    def _choose_backend(self, peer: Peer, local_kinds: Iterable, remote_kinds: Iterable) -> Backend:
+        pairs = [(a, b) for a in local_kinds for b in remote_kinds]
+        for backend in sorted(peer.backends, key=lambda b: -b.caps.preference):
+            if all(backend.supports(a, b) for a, b in pairs):
+                return backend
+        raise BackendUnavailableError(
+            f"no backend moves {sorted(str(a.value) + '->' + str(b.value) for a, b in pairs)} with peer "
+            f"{peer.name!r}; reachable: {[b.caps.name for b in peer.backends]}")
+
+    def read(self, plan: TransferPlan, notify: bytes | None = None, timeout: float | None = None) -> TransferHandle:
+        """Pull the peer's bytes into local memory. ``notify`` reaches the peer after the data moved."""
+        return self._post(Op.READ, plan, notify, timeout)
+
+    def write(self, plan: TransferPlan, notify: bytes | None = None, timeout: float | None = None) -> TransferHandle:
+        """Push local bytes into the peer's memory. ``notify`` reaches the peer after the data landed."""
+        return self._post(Op.WRITE, plan, notify, timeout)
+
+    def _post(self, op: Op, plan: TransferPlan, notify: bytes | None, timeout: float | None) -> TransferHandle:
+        self._check_open()
+        if not isinstance(plan, TransferPlan):
+            raise UsageError(f"plan must be a TransferPlan from Agent.plan, got {type(plan).__name__}")
+        plan.check_owner(self)
+        if notify is not None and not isinstance(notify, (bytes, bytearray)):
+            raise ConfigError(f"notify must be bytes or None, got {type(notify).__name__}")
+        plan.check_destination(op.value)
+        self._regions.check_live(plan.local_regions)
+        deadline = time.monotonic() + (self.timeouts.transfer if timeout is None else timeout)
+        request = plan.backend.post(op, plan, None if notify is None else bytes(notify))
+        handle = TransferHandle(self, plan.backend, request, op.value, plan.nbytes, deadline, self._on_final)
+        handle.regions = plan.local_regions
+        self._regions.pin(plan.local_regions)
+        self._active.add(handle)
+        return handle
+
+    def _on_final(self, handle: TransferHandle) -> None:
+        if handle in self._active:
+            self._active.discard(handle)
+            self._regions.unpin(handle.regions)
+
+    # ---- notifications -----------------------------------------------------------------------------------------
+
+    def notifications(self, timeout: float = 0.0) -> list[Notification]:
+        """Take the notifications received so far; with ``timeout`` > 0, wait that long for at least one."""
+        with self._notes_ready:
+            if not self._notes and timeout > 0:
+                self._notes_ready.wait_for(lambda: bool(self._notes) or self._closed, timeout)
+            taken = list(self._notes)
+            self._notes.clear()
+        return taken
+
+    def notify(self, peer: Peer | str, payload: bytes) -> None:
+        """Send ``peer`` a standalone message (no data attached)."""
+        self._check_open()
+        peer = self.peer(peer)
+        if not isinstance(payload, (bytes, bytearray)):
+            raise ConfigError(f"payload must be bytes, got {type(payload).__name__}")
+        if not peer.connected:
+            raise PeerError(f"peer {peer.name!r} is disconnected ({peer.lost_reason})", peer.name)
+        peer.backends[0].send_notification(peer, bytes(payload))
+
+    def _deliver(self, notification: Notification) -> None:
+        with self._notes_ready:
+            self._notes.append(notification)
+            self._notes_ready.notify_all()
+
+    def _peer_lost(self, peer_name: str, error: BaseException) -> None:
+        peer = self._peers.get(peer_name)
+        if peer is not None:
+            peer.connected = False
+            peer.lost_reason = str(error)
+            logger.warning("agent %s lost peer %s: %s", self.name, peer_name, error)
+
+    # ---- lifetime ----------------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError(f"agent {self.name!r} is closed")
+
+    def close(self) -> None:
+        """Wait up to ``Timeouts.close`` for transfers in flight, cancel the rest, and release everything."""
+        if self._closed:
+            return
+        give_up = time.monotonic() + self.timeouts.close
+        for handle in list(self._active):
+            while not handle.poll().final and time.monotonic() < give_up:
+                time.sleep(1e-3)
+            if not handle.state.final:
+                handle.cancel()
+        if self._side_channel:
+            self._side_channel.close()
+        for peer in list(self._peers.values()):
+            self.disconnect(peer)
+        for region in self._regions.all():
+            self.deregister(region)
+        self._closed = True
+        for backend in self._backends:
+            backend.close()
+        with self._notes_ready:
+            self._notes_ready.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
+    def __enter__(self) -> "Agent":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            warnings.warn(f"Agent {self.name!r} was not closed; use it as a context manager or call close()",
+                          ResourceWarning, stacklevel=2)
+
+    def __repr__(self) -> str:
+        return f"Agent({self.name!r}, backends={[b.caps.name for b in self._backends]}, peers={sorted(self._peers)})"

@@ -1,0 +1,42 @@
+"""Every ``KVXFER_*`` environment variable kvxfer reads, in one place (docs/env.md lists the same).
+
+kvxfer never writes ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import ConfigError
+
+#: name -> what it does. Reading a name not listed here is a bug.
+VARIABLES = {
+    "KVXFER_HOST_ID": "Override the host identity peers compare to decide same-host paths (default: hostname + "
+                      "kernel boot id).",
+    "KVXFER_BACKENDS": "Comma-separated backends an Agent creates when none are given (default: all available).",
+    "KVXFER_LOG_LEVEL": "Log level of the 'kvxfer' logger set by the command-line tools (default INFO).",
+    "KVXFER_CACHE_DIR": "Where compiled helpers are cached (default ~/.cache/kvxfer).",
+    "KVXFER_UCX_LIB": "Path of a libucp.so to use instead of the libucx wheel's (e.g. a system UCX with verbs).",
+}
+
+
+def read(name: str, default: str | None = None) -> str | None:
+    """The value of ``name`` (one of :data:`VARIABLES`), or ``default`` when unset or empty."""
+    if name not in VARIABLES:
+        raise ConfigError(f"kvxfer reads no environment variable {name!r}; known: {sorted(VARIABLES)}")
+    value = os.environ.get(name, "")
+    return value if value else default
+
+
+def host_id() -> str:
+    """This host's identity: ``KVXFER_HOST_ID``, else hostname plus the kernel's boot id (so two containers with
+    one hostname on different machines still differ)."""
+    override = read("KVXFER_HOST_ID")
+    if override:
+        return override
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as file:
+            boot = file.read().strip()
+    except OSError:
+        boot = ""
+    return f"{os.uname().nodename}/{boot}"

@@ -1,0 +1,129 @@
+"""Transfer plans: local descriptors paired with one peer's, validated and coalesced once, posted many times."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .descs import Descs, check_no_overlap, coalesce_pairs
+from .errors import DescriptorError, UsageError
+
+if TYPE_CHECKING:
+    from .agent import Agent, Peer
+    from .backends.base import Backend
+
+
+class RegionTable:
+    """Sorted region indices with their spans, to check many descriptors against many regions at once."""
+
+    def __init__(self, indices: Any, addrs: Any, nbytes: Any, kinds: Any = None) -> None:
+        order = np.argsort(np.asarray(indices, dtype=np.int64))
+        self.indices = np.asarray(indices, dtype=np.int64)[order]
+        self.addr = np.asarray(addrs, dtype=np.uint64)[order]
+        self.end = self.addr + np.asarray(nbytes, dtype=np.uint64)[order]
+        self.kinds = None if kinds is None else [kinds[i] for i in order]
+
+    def check(self, descs: Descs, argument: str, owner: str) -> None:
+        """DescriptorError naming the first descriptor of ``descs`` that is not inside a registered region."""
+        if not len(descs):
+            return
+        position = np.searchsorted(self.indices, descs.region)
+        position = np.minimum(position, max(len(self.indices) - 1, 0))
+        known = (self.indices[position] == descs.region) if len(self.indices) else np.zeros(len(descs), bool)
+        # Compare by subtraction: addr + nbytes could wrap around 2**64.
+        inside = known & (descs.addr >= self.addr[position]) & (descs.nbytes <= self.end[position] - descs.addr)
+        if not inside.all():
+            i = int(np.flatnonzero(~inside)[0])
+            region = int(descs.region[i])
+            why = "names an unknown or deregistered region" if not known[i] else "lies outside its region"
+            raise DescriptorError(
+                f"{argument}[{i}] (addr {int(descs.addr[i]):#x}, nbytes {int(descs.nbytes[i])}, region {region}) "
+                f"{why} of {owner}")
+
+    def kinds_of(self, descs: Descs) -> set:
+        """The memory kinds the descriptors' regions live in."""
+        assert self.kinds is not None
+        return {self.kinds[int(p)] for p in np.unique(np.searchsorted(self.indices, descs.region))}
+
+
+class TransferPlan:
+    """Local :class:`Descs` paired i <-> i with a peer's, validated once.
+
+    ``prepared_local`` / ``prepared_remote`` are the lists as given (what :meth:`select` indexes);
+    ``local`` / ``remote`` are the coalesced pairs a backend moves. Build with :meth:`Agent.plan`.
+    """
+
+    def __init__(self, agent: "Agent", peer: "Peer", backend: "Backend", local: Descs, remote: Descs,
+                 coalesce: bool = True) -> None:
+        self.agent = agent
+        self.peer = peer
+        self.backend = backend
+        self.prepared_local = local
+        self.prepared_remote = remote
+        self.local, self.remote = coalesce_pairs(local, remote) if coalesce else (local, remote)
+        self.nbytes = local.total_nbytes
+        self.local_regions = tuple(int(r) for r in np.unique(self.local.region))
+        self._checked_ops: set[str] = set()
+
+    def __len__(self) -> int:
+        """Number of coalesced pairs the backend moves."""
+        return len(self.local)
+
+    def select(self, local_idx: Any, remote_idx: Any) -> "TransferPlan":
+        """A plan pairing ``prepared_local[local_idx[k]]`` with ``prepared_remote[remote_idx[k]]``.
+
+        ``local_idx``, ``remote_idx``: int[n] host arrays of equal length. Entries are checked for range and
+        equal sizes; the regions were validated when this plan was built.
+        """
+        local_ids, remote_ids = _indices(local_idx, "local_idx", self.prepared_local), \
+            _indices(remote_idx, "remote_idx", self.prepared_remote)
+        if local_ids.shape != remote_ids.shape:
+            raise DescriptorError(f"local_idx has {local_ids.size} entries, remote_idx has {remote_ids.size}")
+        local, remote = self.prepared_local[local_ids], self.prepared_remote[remote_ids]
+        check_pair_sizes(local, remote)
+        return TransferPlan(self.agent, self.peer, self.backend, local, remote)
+
+    def check_destination(self, op: str) -> None:
+        """DescriptorError if the destination side of ``op`` writes a byte twice (checked once per op)."""
+        if op in self._checked_ops:
+            return
+        if op == "read":
+            check_no_overlap(self.local, "local_descs (destination of a read)")
+        else:
+            check_no_overlap(self.remote, "remote_descs (destination of a write)")
+        self._checked_ops.add(op)
+
+    def check_owner(self, agent: "Agent") -> None:
+        """UsageError unless this plan was built by ``agent`` for a peer that is still connected."""
+        if agent is not self.agent:
+            raise UsageError(f"plan was built by agent {self.agent.name!r}, not {agent.name!r}")
+        if not self.peer.connected:
+            raise UsageError(f"plan's peer {self.peer.name!r} is disconnected; connect again and rebuild the plan")
+
+    def __repr__(self) -> str:
+        return (f"TransferPlan(peer={self.peer.name!r}, backend={self.backend.caps.name}, pairs={len(self)}, "
+                f"nbytes={self.nbytes})")
+
+
+def check_pair_sizes(local: Descs, remote: Descs) -> None:
+    """DescriptorError unless the two lists have equal lengths and equal sizes pairwise."""
+    if len(local) != len(remote):
+        raise DescriptorError(f"local_descs has {len(local)} descriptors, remote_descs has {len(remote)}")
+    if len(local) == 0:
+        raise DescriptorError("a plan needs at least one descriptor pair, got none")
+    differ = local.nbytes != remote.nbytes
+    if differ.any():
+        i = int(np.flatnonzero(differ)[0])
+        raise DescriptorError(f"descriptor pair {i}: local nbytes {int(local.nbytes[i])} != remote nbytes "
+                              f"{int(remote.nbytes[i])}")
+
+
+def _indices(values: Any, argument: str, descs: Descs) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
+        raise DescriptorError(f"{argument} must be a 1-D integer array, got shape {array.shape} dtype {array.dtype}")
+    if array.size and (int(array.min()) < 0 or int(array.max()) >= len(descs)):
+        bad = int(array.min()) if int(array.min()) < 0 else int(array.max())
+        raise DescriptorError(f"{argument} must lie in [0, {len(descs)}), got {bad}")
+    return array.astype(np.int64, copy=False)
