@@ -1,5 +1,6 @@
 """kvxfer: move the KV cache of LLM requests between prefill and decode engines."""
 
+from . import aio
 from .agent import Agent
 from .descs import Descs
 from .errors import (BackendError, BackendUnavailableError, ConfigError, DescriptorError, HandshakeError,

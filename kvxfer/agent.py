@@ -48,7 +48,7 @@ class Agent:
         self.host_id = host_id or default_host_id()
         self.pid = os.getpid()
         self._lock = threading.RLock()
-        self._closed = False
+        self._closed = True  # until construction succeeds: a half-built agent has nothing to close
         self._peers: dict[str, Peer] = {}
         self._notes: deque[Notification] = deque()
         self._notes_ready = threading.Condition()
@@ -57,7 +57,12 @@ class Agent:
         context = BackendContext(self.name, self.uid, self.host_id, self.pid, self.timeouts, self._deliver,
                                  self._peer_lost)
         self._backends = backend_registry.create_all(backends, context)
-        self._side_channel = SideChannelServer(listen, self.metadata, token) if listen else None
+        self._closed = False
+        try:
+            self._side_channel = SideChannelServer(listen, self.metadata, token) if listen else None
+        except Exception:
+            self.close()
+            raise
         logger.debug("agent %s: backends %s", name, [b.caps.name for b in self._backends])
 
     # ---- regions -----------------------------------------------------------------------------------------------
@@ -89,12 +94,19 @@ class Agent:
         """Unregister ``region``. Refused with RegistrationError while a transfer uses it, unless those transfers
         finish within ``timeout`` seconds."""
         self._check_open()
+        self._deregister(region, timeout, force=False)
+
+    def _deregister(self, region: Region, timeout: float, force: bool) -> None:
         if not isinstance(region, Region) or region._agent is not self:
             raise RegistrationError(f"region {getattr(region, 'name', region)!r} is not registered with agent "
                                     f"{self.name!r}")
         give_up = time.monotonic() + timeout
         while self._busy_with(region.index):
             if time.monotonic() >= give_up:
+                if force:
+                    logger.warning("agent %s: region %s deregistered while a peer's transfer still uses it; the "
+                                   "memory stays alive until that transfer ends", self.name, region.name)
+                    break
                 raise RegistrationError(f"region {region.name!r} is in use by a transfer in flight; wait for it, "
                                         "cancel it, or pass a timeout")
             time.sleep(1e-3)
@@ -299,17 +311,21 @@ class Agent:
         if self._closed:
             return
         give_up = time.monotonic() + self.timeouts.close
-        for handle in list(self._active):
+        pending = [h for h in self._active if not h.poll().final]
+        if pending:
+            warnings.warn(f"Agent {self.name!r} closed with {len(pending)} transfer(s) never waited or released",
+                          ResourceWarning, stacklevel=2)
+        for handle in pending:
             while not handle.poll().final and time.monotonic() < give_up:
                 time.sleep(1e-3)
             if not handle.state.final:
                 handle.cancel()
-        if self._side_channel:
+        if getattr(self, "_side_channel", None):
             self._side_channel.close()
         for peer in list(self._peers.values()):
             self.disconnect(peer)
         for region in self._regions.all():
-            self.deregister(region)
+            self._deregister(region, max(give_up - time.monotonic(), 0.0), force=True)
         self._closed = True
         for backend in self._backends:
             backend.close()

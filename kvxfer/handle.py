@@ -160,7 +160,12 @@ class TransferHandle:
             if self._state.final:
                 return
             self._backend.cancel(self._request)
-            self._finish(TransferState.CANCELLED, TransferCancelledError("transfer was cancelled", self, self.backend))
+            state = self._backend.poll(self._request)
+            if state in (TransferState.PENDING, TransferState.CANCELLED):
+                self._finish(TransferState.CANCELLED,
+                             TransferCancelledError("transfer was cancelled", self, self.backend))
+            else:  # it ended before the cancel reached it: report how it really ended
+                self._finish(state, getattr(self._request, "error", None))
 
     def release(self) -> None:
         """Free the handle; cancels it first if it is still in flight."""

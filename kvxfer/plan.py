@@ -66,6 +66,10 @@ class TransferPlan:
         self.local_regions = tuple(int(r) for r in np.unique(self.local.region))
         self._checked_ops: set[str] = set()
 
+    def local_regions_objects(self) -> list:
+        """The local Region objects this plan touches."""
+        return [self.agent._regions.get(i) for i in self.local_regions]
+
     def __len__(self) -> int:
         """Number of coalesced pairs the backend moves."""
         return len(self.local)

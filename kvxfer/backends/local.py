@@ -43,6 +43,9 @@ class LocalRequest(Request):
         super().__init__(nbytes)
         self.lock = threading.Lock()
         self.cancelled = False
+        # Set without the lock so the worker yields it: threading locks are not fair, and a worker re-taking the
+        # lock chunk after chunk would starve cancel() until the whole copy is done.
+        self.cancel_requested = False
         self.sources, self.destinations, self.sizes = sources, destinations, sizes
         self.on_device = on_device
         self.target = target
@@ -50,6 +53,7 @@ class LocalRequest(Request):
         self.notify = notify
         self.fault = fault
         self.released = False
+        self.keepalive: list[Any] = []  # the regions of both sides: their memory outlives a forced deregister
 
 
 class LocalBackend(Backend):
@@ -114,6 +118,7 @@ class LocalBackend(Backend):
         on_device = bool((local.device >= 0).any() or (remote.device >= 0).any())
         request = LocalRequest(plan.nbytes, sources, destinations, local.nbytes, on_device, target, remote_regions,
                                notify, fault)
+        request.keepalive = [target._regions.get(i) for i in remote_regions] + list(plan.local_regions_objects())
         self._start_worker()
         self._jobs.put(request)
         return request
@@ -123,6 +128,7 @@ class LocalBackend(Backend):
 
     def cancel(self, request: Request) -> None:
         assert isinstance(request, LocalRequest)
+        request.cancel_requested = True
         with request.lock:
             request.cancelled = True
             if request.state is TransferState.PENDING:
@@ -168,6 +174,8 @@ class LocalBackend(Backend):
         copy = _device_copier(request) if request.on_device else _host_copy
         sources, destinations, sizes = request.sources, request.destinations, request.sizes
         for start, stop in _chunks(sizes):
+            if request.cancel_requested:
+                return
             with request.lock:
                 if request.cancelled:
                     return

@@ -1,0 +1,136 @@
+"""Loading libucp through cffi (ABI mode) and turning UCS status codes into kvxfer errors.
+
+ABI mode, not API mode: it needs neither a C compiler nor Python headers at run time (the GPU machines are not
+known to have either), and the per-call cost it adds (~1 µs) is off the hot path: large fragments amortize it,
+small ones are batched (cross-memory attach) or staged. docs/backends.md has the measurements behind this choice.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from ...errors import BackendError, BackendUnavailableError
+from . import cdef
+from .config import UcxConfig
+
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class UcxLibrary:
+    """The loaded libucp: ``ffi``, ``lib`` (UCP functions), ``libc``, where it came from and its version."""
+
+    ffi: Any
+    lib: Any
+    libc: Any
+    path: str
+    version: tuple[int, int, int]
+    source: str  # "wheel" (the libucx package) or "KVXFER_UCX_LIB"
+
+    @property
+    def version_string(self) -> str:
+        """e.g. "1.22.0"."""
+        return ".".join(str(part) for part in self.version)
+
+    def status_text(self, status: int) -> str:
+        """UCX's name for a status code, e.g. "Connection reset by remote peer"."""
+        return self.ffi.string(self.lib.ucs_status_string(status)).decode(errors="replace")
+
+
+def load_library(config: UcxConfig | None = None) -> UcxLibrary:
+    """The process-wide libucp (loaded once; the first caller's ``KVXFER_UCX_LIB`` decides which).
+
+    Raises BackendUnavailableError naming what is missing.
+    """
+    with _LOCK:
+        return _load(config.library_path if config is not None else UcxConfig.from_env().library_path)
+
+
+@functools.lru_cache(maxsize=None)
+def _load(library_path: str | None) -> UcxLibrary:
+    try:
+        import cffi
+    except ImportError as error:
+        raise BackendUnavailableError(f"the UCX backend needs cffi ({error}); install kvxfer[ucx]") from None
+    if library_path:
+        path, source = library_path, "KVXFER_UCX_LIB"
+        if not os.path.exists(path):
+            raise BackendUnavailableError(f"KVXFER_UCX_LIB={path!r} does not exist")
+    else:
+        path, source = _wheel_library(), "wheel"
+    ffi = cffi.FFI()
+    ffi.cdef(cdef.UCP_CDEF)
+    ffi.cdef(cdef.LIBC_CDEF)
+    try:
+        lib = ffi.dlopen(path)
+    except OSError as error:
+        raise BackendUnavailableError(f"cannot load libucp from {path} ({source}): {error}") from None
+    libc = ffi.dlopen(None)
+    major, minor, release = ffi.new("unsigned *"), ffi.new("unsigned *"), ffi.new("unsigned *")
+    lib.ucp_get_version(major, minor, release)
+    version = (int(major[0]), int(minor[0]), int(release[0]))
+    if version[0] != 1 or version[1] < 12:
+        # ucp_ep_query (transports) and the nbx calls with ucp_request_param_t's layout arrived by 1.12.
+        raise BackendUnavailableError(f"libucp {'.'.join(map(str, version))} at {path} is too old; need >= 1.12")
+    return UcxLibrary(ffi=ffi, lib=lib, libc=libc, path=os.path.realpath(path), version=version, source=source)
+
+
+def _wheel_library() -> str:
+    try:
+        import libucx
+    except ImportError as error:
+        raise BackendUnavailableError(
+            f"no UCX library: the libucx wheel is not installed ({error}); install kvxfer[ucx] "
+            "(libucx-cu12 or libucx-cu13) or point KVXFER_UCX_LIB at a libucp.so") from None
+    try:
+        # Preloads libucs/libuct/libucp (RTLD_LOCAL) so that libucp's own dependencies resolve from the wheel.
+        libucx.load_library()
+    except OSError as error:
+        raise BackendUnavailableError(f"the libucx wheel failed to load its libraries: {error}") from None
+    path = os.path.join(os.path.dirname(libucx.__file__), "lib", "libucp.so.0")
+    if not os.path.exists(path):
+        raise BackendUnavailableError(f"the libucx wheel has no {path}")
+    return path
+
+
+def ucx_available() -> str | None:
+    """None when the UCX backend can be used here, else a one-line reason."""
+    try:
+        load_library()
+    except BackendUnavailableError as error:
+        return str(error)
+    except Exception as error:  # a broken install must read as "unavailable", never crash test collection
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+class UcxStatusError(BackendError):
+    """A UCX call failed; ``status`` is the UCS status code (negative), ``call`` the UCP function."""
+
+    def __init__(self, message: str, status: int, call: str) -> None:
+        super().__init__(message, backend="ucx")
+        self.status = status
+        self.call = call
+
+
+def check(library: UcxLibrary, status: int, call: str) -> None:
+    """Raise UcxStatusError unless ``status`` is UCS_OK."""
+    if status != cdef.UCS_OK:
+        raise UcxStatusError(f"{call} failed: {library.status_text(status)} ({status})", status, call)
+
+
+_PTR_ERROR_FLOOR = 2**64 + cdef.UCS_ERR_LAST
+
+
+def pointer_status(pointer: int) -> int:
+    """The status a ``ucs_status_ptr_t`` (as an int) carries: 0 for NULL, negative for an error, 1 (INPROGRESS)
+    for a request."""
+    if pointer == 0:
+        return cdef.UCS_OK
+    if pointer >= _PTR_ERROR_FLOOR:
+        return pointer - 2**64
+    return cdef.UCS_INPROGRESS

@@ -1,0 +1,233 @@
+"""DecodeEngine: continuous batching over requests prefilled here or elsewhere.
+
+A request enters one of two ways. ``add_request`` queues it for local (chunked) prefill: with only this path the
+engine is the aggregated engine. ``reserve`` + ``admit`` take a request whose prompt K/V someone else computed: the
+engine reserves blocks, the connector fills them (a KVPipe pull), then ``admit`` starts decoding from the prefill's
+first token. Each step either prefills waiting requests (up to a token budget) or decodes one token for every
+running request; when blocks run out the newest running request is preempted and later recomputed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from ..errors import KvxferError, UsageError
+from ..spec import KVCacheSpec
+from .block_manager import OutOfBlocksError
+from .config import CacheConfig
+from .kv_cache import KVCache
+from .model import Model
+from .request import FinishReason, Request, RequestOutput, Sequence
+from .runner import ModelRunner
+
+
+class EngineTimeoutError(KvxferError, TimeoutError):
+    """Requests were still unfinished when a run's deadline passed."""
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Blocks reserved for a request's prompt K/V (host ints, token order, as in PrefillResult.block_ids).
+
+    The first ``num_cached_tokens // block_size`` blocks already hold the prompt's prefix (local prefix cache, maybe
+    shared with other requests): do not write them. Fill ``block_ids[num_cached_tokens // block_size:]``.
+    """
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    num_cached_tokens: int
+    block_size: int
+
+    @property
+    def fill_block_ids(self) -> tuple[int, ...]:
+        """The blocks a connector must fill (for prompt tokens ``num_cached_tokens`` onwards)."""
+        return self.block_ids[self.num_cached_tokens // self.block_size:]
+
+
+class DecodeEngine:
+    """Decode (and optionally prefill) on one TP rank; in a TP group every rank makes the same calls.
+
+    ``cache.tensor`` is the KV cache to register with an agent and ``spec`` describes it. ``max_batch_size`` caps
+    running requests, ``max_num_batched_tokens`` the prompt tokens of one prefill step (longer prompts are chunked).
+    """
+
+    def __init__(self, model: Model, cache_config: CacheConfig | None = None, *, max_batch_size: int = 64,
+                 max_num_batched_tokens: int = 4096) -> None:
+        self.runner = ModelRunner(model, cache_config or CacheConfig())
+        self.max_batch_size, self.max_num_batched_tokens = max_batch_size, max_num_batched_tokens
+        self._waiting: deque[Sequence] = deque()
+        self._running: deque[Sequence] = deque()
+        self._reserved: dict[str, Sequence] = {}
+        self._done: list[RequestOutput] = []
+        self.num_preemptions = 0
+        self.num_decode_steps = 0
+        self.num_decode_tokens = 0
+        self.decode_s = 0.0  # wall time of decode steps (tokens/s = num_decode_tokens / decode_s)
+
+    @property
+    def spec(self) -> KVCacheSpec:
+        """The KVCacheSpec of this rank's cache."""
+        return self.runner.spec
+
+    @property
+    def cache(self) -> KVCache:
+        return self.runner.cache
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.runner.blocks.num_free
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._running or self._done)
+
+    def _ids(self) -> set[str]:
+        return {s.request_id for s in (*self._waiting, *self._running)} | set(self._reserved)
+
+    def _check_new(self, request: Request) -> None:
+        if request.request_id in self._ids():
+            raise UsageError(f"DecodeEngine: request id {request.request_id!r} is already in the engine")
+        self.runner.check_fits(request)
+
+    # ---- entry points ------------------------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request for local prefill, then decode."""
+        self._check_new(request)
+        self._waiting.append(Sequence(request))
+
+    def reserve(self, request: Request) -> Reservation:
+        """Reserve blocks for a request whose prompt K/V will be filled from outside (OutOfBlocksError if full)."""
+        self._check_new(request)
+        seq = Sequence(request)
+        self.runner.allocate(seq)
+        self._reserved[request.request_id] = seq
+        return Reservation(request.request_id, tuple(seq.block_ids), seq.num_cached_tokens, self.runner.block_size)
+
+    def admit(self, request_id: str, first_token: int, *, token_time: float | None = None) -> None:
+        """Start decoding a reserved request whose blocks now hold its whole prompt's K/V.
+
+        ``first_token`` is the token the prefill sampled; ``token_time`` (``time.time()``, default now) when it was
+        known here. On a GPU the filled blocks must be visible on the engine's current stream.
+        """
+        seq = self._reserved.pop(request_id, None)
+        if seq is None:
+            raise UsageError(f"DecodeEngine.admit: request {request_id!r} has no reservation")
+        seq.num_computed = seq.num_prompt_tokens
+        self.runner.blocks.commit(seq.block_ids, seq.token_ids, seq.num_computed)
+        seq.append(first_token, self.runner.model.config.eos_token_ids, self.runner.max_sequence_tokens)
+        if token_time is not None:
+            seq.token_times[-1] = token_time
+        if seq.finish_reason is not None:
+            self._finish(seq)
+        else:
+            self._running.append(seq)
+
+    def cancel_reservation(self, request_id: str) -> None:
+        """Give back a reservation whose fill failed (its blocks are not registered in the prefix cache)."""
+        seq = self._reserved.pop(request_id, None)
+        if seq is None:
+            raise UsageError(f"DecodeEngine.cancel_reservation: request {request_id!r} has no reservation")
+        self.runner.free(seq)
+
+    def abort(self, request_id: str) -> RequestOutput:
+        """Stop a queued or running request now; its output so far is returned (finish reason ABORT)."""
+        for queue in (self._waiting, self._running):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    seq.finish_reason = FinishReason.ABORT
+                    self.runner.free(seq)
+                    return seq.output()
+        raise UsageError(f"DecodeEngine.abort: request {request_id!r} is not queued or running")
+
+    # ---- stepping ----------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One forward pass (a prefill step if requests wait and fit, else a decode step); finished outputs."""
+        work = self._schedule_prefill()
+        decoding = not work
+        if decoding:
+            work = self._schedule_decode()
+        if not work and self._waiting and not self._running and not self._reserved:
+            raise OutOfBlocksError(f"DecodeEngine: {len(self._waiting)} waiting request(s) fit in no free blocks "
+                                   f"({self.num_free_blocks} free)")
+        began = time.perf_counter()
+        sampled = self.runner.step(work) if work else []
+        if decoding and work:
+            self.num_decode_steps += 1
+            self.num_decode_tokens += len(work)
+            self.decode_s += time.perf_counter() - began
+        for (seq, _), token in zip(work, sampled):
+            if token is None:
+                continue
+            if not decoding:
+                self._waiting.remove(seq)
+                self._running.append(seq)
+            if seq.finish_reason is not None:
+                self._running.remove(seq)
+                self._finish(seq)
+        done, self._done = self._done, []
+        return done
+
+    def _schedule_prefill(self) -> list[tuple[Sequence, int]]:
+        work: list[tuple[Sequence, int]] = []
+        budget = self.max_num_batched_tokens
+        for seq in self._waiting:
+            if budget <= 0 or len(self._running) + len(work) >= self.max_batch_size:
+                break
+            if not seq.block_ids:
+                if not self.runner.can_allocate(seq):
+                    break
+                self.runner.allocate(seq)
+            count = min(seq.num_tokens - seq.num_computed, budget)
+            work.append((seq, count))
+            budget -= count
+        return work
+
+    def _schedule_decode(self) -> list[tuple[Sequence, int]]:
+        scheduled: list[Sequence] = []
+        while self._running and len(scheduled) < self.max_batch_size:
+            seq = self._running.popleft()
+            while True:
+                try:  # the last token's K/V goes to position num_tokens - 1
+                    self.runner.blocks.append(seq.block_ids, seq.num_tokens)
+                    scheduled.append(seq)
+                    break
+                except OutOfBlocksError:
+                    victim = self._running.pop() if self._running else seq
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+        self._running.extendleft(reversed(scheduled))
+        return [(seq, 1) for seq in scheduled]
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running request's blocks; it is recomputed (prompt and output so far) before decoding resumes."""
+        self.runner.free(seq)
+        self._waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _finish(self, seq: Sequence) -> None:
+        self.runner.free(seq)
+        self._done.append(seq.output())
+
+    def run(self, timeout_s: float = 300.0) -> list[RequestOutput]:
+        """Step until every queued and running request finished (reservations are not waited for)."""
+        deadline = time.monotonic() + timeout_s
+        outputs: list[RequestOutput] = []
+        while self.has_unfinished:
+            if time.monotonic() > deadline:
+                raise EngineTimeoutError(f"DecodeEngine.run: {len(self._waiting) + len(self._running)} request(s) "
+                                         f"unfinished after timeout_s={timeout_s}")
+            outputs.extend(self.step())
+        return outputs
+
+    def generate(self, requests: list[Request], timeout_s: float = 300.0) -> list[RequestOutput]:
+        """Prefill and decode ``requests`` here (the aggregated path); outputs in the order of ``requests``."""
+        for request in requests:
+            self.add_request(request)
+        by_id = {output.request_id: output for output in self.run(timeout_s)}
+        return [by_id[request.request_id] for request in requests]

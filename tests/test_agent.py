@@ -1,0 +1,139 @@
+import numpy as np
+import pytest
+
+import kvxfer
+from kvxfer import (BackendUnavailableError, ConfigError, Descs, DescriptorError, KVCacheSpec, PeerError,
+                    RegistrationError, TransferState, UsageError)
+from tests.helpers import agent_pair, random_bytes
+
+
+def ranges(region, offsets, nbytes):
+    return Descs.from_ranges(region, np.asarray(offsets), nbytes)
+
+
+def test_read_and_write_move_exact_bytes_and_notify_after_data():
+    src_agent, dst_agent, src, dst, peer = agent_pair(1 << 16)
+    with src_agent, dst_agent:
+        local, remote = dst_agent.regions[0], peer.region("buf")
+        offsets = np.random.default_rng(0).permutation(16)[:10] * 4096
+        plan = dst_agent.plan(ranges(local, offsets, 4096), peer, ranges(remote, offsets, 4096))
+        handle = dst_agent.read(plan, notify=b"req-1")
+        assert handle.wait() is handle and handle.state is TransferState.DONE
+        for offset in offsets:
+            assert np.array_equal(dst[offset:offset + 4096], src[offset:offset + 4096])
+        untouched = np.setdiff1d(np.arange(16) * 4096, offsets)
+        assert all(not dst[o:o + 4096].any() for o in untouched)
+        notes = src_agent.notifications(timeout=2)
+        assert [(n.peer_name, n.payload) for n in notes] == [("dst", b"req-1")]
+        # write: push fresh local bytes into the peer
+        dst[:4096] = random_bytes(4096, 1)
+        plan = dst_agent.plan(ranges(local, [0], 4096), peer, ranges(remote, [8192], 4096))
+        dst_agent.write(plan, notify=b"pushed").wait()
+        assert np.array_equal(src[8192:12288], dst[:4096])
+        assert src_agent.notifications(timeout=2)[0].payload == b"pushed"
+
+
+def test_kv_blocks_between_agents_and_select():
+    spec = KVCacheSpec(4, 32, 16, 2, 64, dtype="float16")
+    with kvxfer.Agent("p", backends=["local"]) as prefill, kvxfer.Agent("d", backends=["local"]) as decode:
+        source = random_bytes(spec.nbytes).view(np.float16).reshape(spec.tensor_shape)
+        target = np.zeros_like(source)
+        prefill.register(source, name="kv")
+        local = decode.register(target, name="kv")
+        peer = decode.connect(prefill.metadata())
+        all_blocks = np.arange(spec.num_blocks)
+        plan = decode.plan(Descs.from_blocks(local, spec, all_blocks), peer,
+                           Descs.from_blocks(peer.region("kv"), spec, all_blocks))
+        assert len(plan) == 1  # a whole contiguous cache coalesces to one pair
+        # per request: blocks 5, 9, 2 of the peer into local blocks 0, 1, 2 (descs are (layer, block, part))
+        per_block = 2 * spec.num_layers
+        remote_ids, local_ids = np.array([5, 9, 2]), np.array([0, 1, 2])
+
+        def rows(ids):
+            layers = np.arange(spec.num_layers)[:, None, None]
+            return (layers * spec.num_blocks * 2 + ids[None, :, None] * 2 + np.arange(2)[None, None, :]).ravel()
+
+        sub = plan.select(rows(local_ids), rows(remote_ids))
+        assert sub.nbytes == 3 * per_block * spec.block_nbytes // 2
+        decode.read(sub).wait()
+        assert np.array_equal(target[:, local_ids].view(np.uint16), source[:, remote_ids].view(np.uint16))
+        assert not target[:, 3:].any()
+
+
+def test_bad_input_raises_and_moves_no_byte():
+    src_agent, dst_agent, src, dst, peer = agent_pair(1 << 14)
+    with src_agent, dst_agent:
+        local, remote = dst_agent.regions[0], peer.region("buf")
+        with pytest.raises(DescriptorError, match="outside"):
+            ranges(remote, [1 << 14], 1)
+        with pytest.raises(DescriptorError, match="local_descs has 2"):
+            dst_agent.plan(ranges(local, [0, 64], 64), peer, ranges(remote, [0], 64))
+        with pytest.raises(DescriptorError, match="nbytes"):
+            dst_agent.plan(ranges(local, [0], 64), peer, ranges(remote, [0], 32))
+        duplicate = dst_agent.plan(ranges(local, [0, 64], 64), peer, ranges(remote, [128, 128], 64))
+        with pytest.raises(DescriptorError, match="overlap"):
+            dst_agent.write(duplicate)
+        with pytest.raises(DescriptorError, match="not of peer"):
+            dst_agent.plan(ranges(local, [0], 8), peer, ranges(local, [0], 8))
+        forged = ranges(remote, [0], 64)
+        forged.addr[0] += np.uint64(1 << 14)  # hand-edited: now outside the peer's region
+        with pytest.raises(DescriptorError, match="outside its region"):
+            dst_agent.plan(ranges(local, [0], 64), peer, forged)
+        with pytest.raises(PeerError, match="unknown peer"):
+            dst_agent.plan(ranges(local, [0], 8), "nobody", ranges(remote, [0], 8))
+        with pytest.raises(PeerError, match="no region"):
+            peer.region("missing")
+        with pytest.raises(UsageError, match="built by agent"):
+            src_agent.read(duplicate)
+        with pytest.raises(ConfigError, match="notify"):
+            dst_agent.read(duplicate, notify="text")
+        assert not dst.any()
+        assert not src_agent.notifications()
+
+
+def test_use_after_close_and_double_registration():
+    agent = kvxfer.Agent("a", backends=["local"])
+    array = np.zeros(64, np.uint8)
+    region = agent.register(array, name="r")
+    with pytest.raises(RegistrationError, match="already"):
+        agent.register(region)
+    with pytest.raises(RegistrationError, match="named 'r'"):
+        agent.register(np.zeros(8, np.uint8), name="r")
+    agent.close()
+    for call in (lambda: agent.register(array), agent.metadata, lambda: agent.connect(b"")):
+        with pytest.raises(UsageError, match="closed"):
+            call()
+    assert not region.registered
+
+
+def test_deregister_refused_while_in_flight_then_allowed():
+    src_agent, dst_agent, src, dst, peer = agent_pair(1 << 20, backend="mock")
+    mock = dst_agent._backends[0]
+    mock.on_post = lambda op, plan, notify: kvxfer.backends.mock.Fault.delay(0.3)
+    with src_agent, dst_agent:
+        local = dst_agent.regions[0]
+        plan = dst_agent.plan(ranges(local, [0], 1 << 20), peer, ranges(peer.region("buf"), [0], 1 << 20))
+        handle = dst_agent.read(plan)
+        with pytest.raises(RegistrationError, match="in use"):
+            dst_agent.deregister(local)
+        with pytest.raises(RegistrationError, match="in use"):
+            src_agent.deregister(src_agent.regions[0])  # the peer's side is pinned too
+        dst_agent.deregister(local, timeout=10)
+        assert handle.state is TransferState.DONE and np.array_equal(src, dst)
+
+
+def test_explicit_unavailable_backend_names_what_is_available():
+    with pytest.raises((BackendUnavailableError, ConfigError), match="available|unknown"):
+        kvxfer.Agent("a", backends=["warp-drive"])
+
+
+def test_standalone_notify_and_agent_connected_to_itself():
+    with kvxfer.Agent("solo", backends=["local"]) as agent:
+        data = random_bytes(4096)
+        region = agent.register(data, name="r")
+        myself = agent.connect(agent.metadata())
+        plan = agent.plan(ranges(region, [2048], 1024), myself, ranges(myself.region("r"), [0], 1024))
+        agent.read(plan).wait()
+        assert np.array_equal(data[2048:3072], data[:1024])
+        agent.notify("solo", b"hello")
+        assert agent.notifications(timeout=1)[0].payload == b"hello"

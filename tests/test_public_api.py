@@ -1,0 +1,41 @@
+import kvxfer
+
+# The names DESIGN.md §3 documents (plus the types they mention). Changing this list is an API change.
+DOCUMENTED = {
+    "Agent", "BackendError", "BackendUnavailableError", "ConfigError", "Descs", "DescriptorError", "HandshakeError",
+    "KVCacheSpec", "KVLayout", "KvxferError", "LayoutMismatchError", "MemoryKind", "Notification", "Peer",
+    "PeerDisconnectedError", "PeerError", "Region", "RegistrationError", "RemoteRegion", "Timeouts",
+    "TransferCancelledError", "TransferError", "TransferHandle", "TransferPlan", "TransferState",
+    "TransferTimeoutError", "UsageError", "KVPipe", "__version__",
+}
+
+
+def test_all_matches_documented_names():
+    assert set(kvxfer.__all__) == DOCUMENTED
+    assert kvxfer.__all__ == sorted(kvxfer.__all__, key=lambda n: (n.startswith("_"), n))
+    for name in kvxfer.__all__:
+        assert getattr(kvxfer, name) is not None
+
+
+def test_error_tree():
+    assert issubclass(kvxfer.ConfigError, ValueError)
+    assert issubclass(kvxfer.LayoutMismatchError, kvxfer.ConfigError)
+    assert issubclass(kvxfer.DescriptorError, ValueError)
+    assert issubclass(kvxfer.TransferTimeoutError, TimeoutError)
+    assert issubclass(kvxfer.HandshakeError, kvxfer.PeerError)
+    assert issubclass(kvxfer.BackendError, kvxfer.TransferError)
+    assert issubclass(kvxfer.UsageError, RuntimeError)
+    for name in kvxfer.__all__:
+        obj = getattr(kvxfer, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, kvxfer.KvxferError)
+
+
+def test_import_needs_only_numpy_and_msgpack():
+    import subprocess
+    import sys
+
+    code = ("import sys, kvxfer; heavy = {'torch', 'cupy', 'cffi', 'fastapi', 'cuda'} & set(sys.modules); "
+            "print(sorted(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
