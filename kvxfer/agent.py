@@ -222,10 +222,9 @@ class Agent:
             raise DescriptorError(f"remote_descs describe regions of {getattr(remote_descs.space, 'name', '?')!r}, "
                                   f"not of peer {peer.name!r}")
         check_pair_sizes(local_descs, remote_descs)
-        table = self._regions.table()
-        table.check(local_descs, "local_descs", f"agent {self.name!r}")
-        peer.table.check(remote_descs, "remote_descs", f"peer {peer.name!r}")
-        backend = self._choose_backend(peer, table.kinds_of(local_descs), peer.table.kinds_of(remote_descs))
+        local_kinds = self._regions.table().check(local_descs, "local_descs", f"agent {self.name!r}")
+        remote_kinds = peer.table.check(remote_descs, "remote_descs", f"peer {peer.name!r}")
+        backend = self._choose_backend(peer, local_kinds, remote_kinds)
         return TransferPlan(self, peer, backend, local_descs, remote_descs)
 
     def _choose_backend(self, peer: Peer, local_kinds: Iterable, remote_kinds: Iterable) -> Backend:

@@ -24,27 +24,29 @@ class RegionTable:
         self.end = self.addr + np.asarray(nbytes, dtype=np.uint64)[order]
         self.kinds = None if kinds is None else [kinds[i] for i in order]
 
-    def check(self, descs: Descs, argument: str, owner: str) -> None:
-        """DescriptorError naming the first descriptor of ``descs`` that is not inside a registered region."""
-        if not len(descs):
-            return
-        position = np.searchsorted(self.indices, descs.region)
-        position = np.minimum(position, max(len(self.indices) - 1, 0))
-        known = (self.indices[position] == descs.region) if len(self.indices) else np.zeros(len(descs), bool)
-        # Compare by subtraction: addr + nbytes could wrap around 2**64.
-        inside = known & (descs.addr >= self.addr[position]) & (descs.nbytes <= self.end[position] - descs.addr)
+    def check(self, descs: Descs, argument: str, owner: str) -> set:
+        """DescriptorError naming the first descriptor of ``descs`` that is not inside a registered region;
+        otherwise the set of memory kinds the descriptors' regions live in."""
+        if not len(self.indices):
+            raise DescriptorError(f"{argument}: {owner} has no registered region")
+        if len(self.indices) == 1:  # the common case, one KV region: compare with scalars, no search
+            position = np.zeros(1, dtype=np.intp)
+            known = descs.region == self.indices[0]
+            low, high = self.addr[0], self.end[0]
+        else:
+            position = np.minimum(np.searchsorted(self.indices, descs.region), len(self.indices) - 1)
+            known = self.indices[position] == descs.region
+            low, high = self.addr[position], self.end[position]
+        # Compare by subtraction: addr + nbytes could wrap around 2**64 (and high - addr must not underflow).
+        inside = known & (descs.addr >= low) & (descs.addr <= high) & (descs.nbytes <= high - descs.addr)
         if not inside.all():
             i = int(np.flatnonzero(~inside)[0])
-            region = int(descs.region[i])
             why = "names an unknown or deregistered region" if not known[i] else "lies outside its region"
             raise DescriptorError(
-                f"{argument}[{i}] (addr {int(descs.addr[i]):#x}, nbytes {int(descs.nbytes[i])}, region {region}) "
-                f"{why} of {owner}")
-
-    def kinds_of(self, descs: Descs) -> set:
-        """The memory kinds the descriptors' regions live in."""
-        assert self.kinds is not None
-        return {self.kinds[int(p)] for p in np.unique(np.searchsorted(self.indices, descs.region))}
+                f"{argument}[{i}] (addr {int(descs.addr[i]):#x}, nbytes {int(descs.nbytes[i])}, region "
+                f"{int(descs.region[i])}) {why} of {owner}")
+        used = np.flatnonzero(np.bincount(position, minlength=len(self.indices)))
+        return {self.kinds[int(p)] for p in used} if self.kinds is not None else set()
 
 
 class TransferPlan:
@@ -63,7 +65,9 @@ class TransferPlan:
         self.prepared_remote = remote
         self.local, self.remote = coalesce_pairs(local, remote) if coalesce else (local, remote)
         self.nbytes = local.total_nbytes
-        self.local_regions = tuple(int(r) for r in np.unique(self.local.region))
+        self.local_regions = _unique_regions(self.local)
+        self.remote_regions = _unique_regions(self.remote)
+        self.on_device = bool((self.local.device >= 0).any() or (self.remote.device >= 0).any())
         self._checked_ops: set[str] = set()
 
     def local_regions_objects(self) -> list:
@@ -108,6 +112,13 @@ class TransferPlan:
     def __repr__(self) -> str:
         return (f"TransferPlan(peer={self.peer.name!r}, backend={self.backend.caps.name}, pairs={len(self)}, "
                 f"nbytes={self.nbytes})")
+
+
+def _unique_regions(descs: Descs) -> tuple[int, ...]:
+    first = int(descs.region[0]) if len(descs) else -1
+    if bool((descs.region == first).all()):  # usually one region: skip the sort np.unique does
+        return (first,)
+    return tuple(int(r) for r in np.unique(descs.region))
 
 
 def check_pair_sizes(local: Descs, remote: Descs) -> None:

@@ -33,7 +33,10 @@ def backend_class(name: str) -> type[Backend]:
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise BackendUnavailableError(f"backend {name!r} cannot be imported: {error}") from None
-    return getattr(module, class_name)
+    try:
+        return getattr(module, class_name)
+    except AttributeError:
+        raise BackendUnavailableError(f"backend {name!r}: {module_name} has no {class_name}") from None
 
 
 def unavailable_reason(name: str) -> str | None:

@@ -8,6 +8,7 @@ further byte of the transfer lands. A peer's regions stay pinned while a transfe
 from __future__ import annotations
 
 import ctypes
+import os
 import queue
 import threading
 import weakref
@@ -35,40 +36,40 @@ _CHUNK_NBYTES = 16 << 20
 
 
 class LocalRequest(Request):
-    """A queued same-process copy."""
+    """A queued same-process copy, split into chunks that the worker threads copy."""
 
-    def __init__(self, nbytes: int, sources: np.ndarray, destinations: np.ndarray, sizes: np.ndarray,
-                 on_device: bool, target: "LocalBackend", remote_regions: tuple[int, ...], notify: bytes | None,
-                 fault: Any = None) -> None:
-        super().__init__(nbytes)
-        self.lock = threading.Lock()
+    def __init__(self, plan: "TransferPlan", sources: np.ndarray, destinations: np.ndarray,
+                 target: "LocalBackend", notify: bytes | None, fault: Any = None) -> None:
+        super().__init__(plan.nbytes)
+        self.cond = threading.Condition()
         self.cancelled = False
-        # Set without the lock so the worker yields it: threading locks are not fair, and a worker re-taking the
-        # lock chunk after chunk would starve cancel() until the whole copy is done.
-        self.cancel_requested = False
-        self.sources, self.destinations, self.sizes = sources, destinations, sizes
-        self.on_device = on_device
+        self.active = 0  # chunks being copied right now; cancel() waits for them
+        self.chunks_left = 0
+        self.sources, self.destinations, self.sizes = sources, destinations, plan.local.nbytes
+        self.on_device = plan.on_device
         self.target = target
-        self.remote_regions = remote_regions
+        self.remote_regions = plan.remote_regions
         self.notify = notify
         self.fault = fault
         self.released = False
-        self.keepalive: list[Any] = []  # the regions of both sides: their memory outlives a forced deregister
+        # Both sides' Region objects: their memory outlives a forced deregister while the copy runs.
+        self.keepalive = [target._regions.get(i) for i in plan.remote_regions] + plan.local_regions_objects()
 
 
 class LocalBackend(Backend):
-    """Copies between regions of agents in this process."""
+    """Copies between regions of agents in this process, with a few worker threads."""
 
     caps = BackendCaps(name="local", wire="local", memory_kinds=frozenset({MemoryKind.HOST, MemoryKind.CUDA}),
                        scope="process", can_cancel=True, preference=100)
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int | None = None) -> None:
         super().__init__()
+        self.threads = threads or min(4, os.cpu_count() or 1)
         self._regions: dict[int, Region] = {}
         self._pins: Counter[int] = Counter()
         self._pins_lock = threading.Lock()
-        self._jobs: queue.SimpleQueue[LocalRequest | None] = queue.SimpleQueue()
-        self._worker: threading.Thread | None = None
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._workers: list[threading.Thread] = []
         self._closed = False
 
     def attach(self, context: Any) -> None:
@@ -111,16 +112,13 @@ class LocalBackend(Backend):
 
     def post(self, op: Op, plan: "TransferPlan", notify: bytes | None, fault: Any = None) -> LocalRequest:
         target = self._target(plan.peer)
-        remote_regions = tuple(int(r) for r in np.unique(plan.remote.region))
-        target._pin(remote_regions)
-        local, remote = plan.local, plan.remote
-        sources, destinations = (remote.addr, local.addr) if op is Op.READ else (local.addr, remote.addr)
-        on_device = bool((local.device >= 0).any() or (remote.device >= 0).any())
-        request = LocalRequest(plan.nbytes, sources, destinations, local.nbytes, on_device, target, remote_regions,
-                               notify, fault)
-        request.keepalive = [target._regions.get(i) for i in remote_regions] + list(plan.local_regions_objects())
-        self._start_worker()
-        self._jobs.put(request)
+        target._pin(plan.remote_regions)
+        local, remote = plan.local.addr, plan.remote.addr
+        sources, destinations = (remote, local) if op is Op.READ else (local, remote)
+        request = LocalRequest(plan, sources, destinations, target, notify, fault)
+        if not self._workers:
+            self._start_workers()
+        self._jobs.put((request, -1, -1))
         return request
 
     def poll(self, request: Request) -> TransferState:
@@ -128,9 +126,10 @@ class LocalBackend(Backend):
 
     def cancel(self, request: Request) -> None:
         assert isinstance(request, LocalRequest)
-        request.cancel_requested = True
-        with request.lock:
+        with request.cond:
             request.cancelled = True
+            while request.active:  # a chunk being copied finishes; none starts after this
+                request.cond.wait()
             if request.state is TransferState.PENDING:
                 request.state = TransferState.CANCELLED
         self._release(request)
@@ -139,67 +138,93 @@ class LocalBackend(Backend):
         self._target(peer).context.deliver(Notification(self.context.agent_name, payload))
 
     def _release(self, request: LocalRequest) -> None:
-        with request.lock:
+        with request.cond:
             if request.released:
                 return
             request.released = True
         request.target._unpin(request.remote_regions)
 
-    # ---- the worker --------------------------------------------------------------------------------------------
+    def _fail(self, request: LocalRequest, error: Exception) -> None:
+        with request.cond:
+            if request.state is TransferState.PENDING:
+                request.error = BackendError(f"local copy failed: {error}", backend=self.caps.name)
+                request.error.__cause__ = error
+                request.state = TransferState.FAILED
+        self._release(request)
 
-    def _start_worker(self) -> None:
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._work, name=f"kvxfer-local-{self.context.agent_name}",
-                                            daemon=True)
-            self._worker.start()
+    # ---- the workers -------------------------------------------------------------------------------------------
+
+    def _start_workers(self) -> None:
+        for i in range(self.threads):
+            worker = threading.Thread(target=self._work, name=f"kvxfer-local-{self.context.agent_name}-{i}",
+                                      daemon=True)
+            worker.start()
+            self._workers.append(worker)
 
     def _work(self) -> None:
+        device = _DeviceCopier()
         while True:
-            request = self._jobs.get()
-            if request is None:
+            job = self._jobs.get()
+            if job is None:
                 return
+            request, start, stop = job
             try:
-                self._run(request)
+                if start < 0:
+                    self._begin(request)
+                else:
+                    self._copy_chunk(request, start, stop, device)
             except Exception as error:  # a failed copy fails its transfer, never the worker
-                with request.lock:
-                    if request.state is TransferState.PENDING:
-                        request.error = BackendError(f"local copy failed: {error}", backend=self.caps.name)
-                        request.error.__cause__ = error
-                        request.state = TransferState.FAILED
-            self._release(request)
+                self._fail(request, error)
 
-    def _run(self, request: LocalRequest) -> None:
+    def _begin(self, request: LocalRequest) -> None:
         if not self._apply_fault_before(request):
+            if request.state.final:
+                self._release(request)
             return
-        copy = _device_copier(request) if request.on_device else _host_copy
-        sources, destinations, sizes = request.sources, request.destinations, request.sizes
-        for start, stop in _chunks(sizes):
-            if request.cancel_requested:
+        bounds = _chunks(request.sizes)
+        request.chunks_left = len(bounds)
+        for start, stop in bounds:
+            self._jobs.put((request, start, stop))
+
+    def _copy_chunk(self, request: LocalRequest, start: int, stop: int, device: "_DeviceCopier") -> None:
+        with request.cond:
+            if request.cancelled or request.state.final:
                 return
-            with request.lock:
-                if request.cancelled:
-                    return
-                copy(sources[start:stop], destinations[start:stop], sizes[start:stop])
-        self._apply_fault_after(request)
-        with request.lock:
-            if request.cancelled:
-                return
-            request.state = TransferState.DONE
-        if request.notify is not None:
-            request.target.context.deliver(Notification(self.context.agent_name, request.notify))
+            request.active += 1
+        last = False
+        try:
+            copy = device if request.on_device else _host_copy
+            copy(request.sources[start:stop], request.destinations[start:stop], request.sizes[start:stop])
+            with request.cond:
+                request.chunks_left -= 1
+                last = request.chunks_left == 0
+            if last:
+                self._apply_fault_after(request)
+        finally:
+            with request.cond:
+                request.active -= 1
+                finished = last and request.state is TransferState.PENDING and not request.cancelled
+                if finished:
+                    request.state = TransferState.DONE
+                request.cond.notify_all()
+        if finished:
+            self._release(request)
+            if request.notify is not None:
+                request.target.context.deliver(Notification(self.context.agent_name, request.notify))
 
     def _apply_fault_before(self, request: LocalRequest) -> bool:
         """Hook for the mock backend: False means the request must not move bytes."""
         return True
 
     def _apply_fault_after(self, request: LocalRequest) -> None:
-        """Hook for the mock backend, run after the bytes moved and before completion."""
+        """Hook for the mock backend, run after the last bytes moved and before completion."""
 
     def close(self) -> None:
         self._closed = True
-        if self._worker is not None:
+        for _ in self._workers:
             self._jobs.put(None)
-            self._worker.join(timeout=self.context.timeouts.close if self.context else 5.0)
+        for worker in self._workers:
+            worker.join(timeout=self.context.timeouts.close if self.context else 5.0)
 
 
 def _chunks(sizes: np.ndarray) -> list[tuple[int, int]]:
@@ -221,17 +246,19 @@ def _host_copy(sources: np.ndarray, destinations: np.ndarray, sizes: np.ndarray)
         memmove(destination, source, size)
 
 
-def _device_copier(request: LocalRequest) -> Any:
-    from ..devices import cupy_module
+class _DeviceCopier:
+    """Copies with CUDA involved, on a stream of the calling worker thread (created on first use)."""
 
-    cupy = cupy_module()
-    stream = cupy.cuda.Stream(non_blocking=True)
-    copy_default = 4  # cudaMemcpyDefault: direction inferred from unified addresses
+    def __init__(self) -> None:
+        self._stream: Any = None
 
-    def copy(sources: np.ndarray, destinations: np.ndarray, sizes: np.ndarray) -> None:
+    def __call__(self, sources: np.ndarray, destinations: np.ndarray, sizes: np.ndarray) -> None:
+        from ..devices import cupy_module
+
+        cupy = cupy_module()
+        if self._stream is None:
+            self._stream = cupy.cuda.Stream(non_blocking=True)
+        copy_default = 4  # cudaMemcpyDefault: direction inferred from unified addresses
         for source, destination, size in zip(sources.tolist(), destinations.tolist(), sizes.tolist()):
-            cupy.cuda.runtime.memcpyAsync(destination, source, size, copy_default, stream.ptr)
-        stream.synchronize()
-
-    return copy
-
+            cupy.cuda.runtime.memcpyAsync(destination, source, size, copy_default, self._stream.ptr)
+        self._stream.synchronize()

@@ -83,7 +83,7 @@ class MockBackend(LocalBackend):
         if fault.kind == "drop":
             return False
         if fault.kind == "fail":
-            with request.lock:
+            with request.cond:
                 if request.state is TransferState.PENDING:
                     request.error = BackendError(fault.message, backend=self.caps.name)
                     request.state = TransferState.FAILED
