@@ -40,8 +40,10 @@ def hf_names(config: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
 def random_weights(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """Seeded random weights (CPU tensors of ``config.dtype``) by HF name.
 
-    Linear weights are N(0, 1/fan_in) and embeddings N(0, 1), not HF's N(0, 0.02): with unit-scale activations
-    attention actually shapes the next token, so greedy-token tests notice a wrong KV cache. Norm weights are 1.
+    Linear weights are N(0, 1/fan_in) and untied embeddings N(0, 1), not HF's N(0, 0.02): with unit-scale
+    activations attention actually shapes the next token, so greedy-token tests notice a wrong KV cache. Tied
+    embeddings are also the LM head and get its N(0, 1/hidden): at N(0, 1) a token's logit against its own
+    embedding dominates and greedy decoding only repeats the last token. Norm weights are 1.
     """
     generator = torch.Generator().manual_seed(seed)
     weights = {}
@@ -49,7 +51,8 @@ def random_weights(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor
         if name.endswith("norm.weight"):
             tensor = torch.ones(shape)
         else:
-            std = 1.0 if name == "model.embed_tokens.weight" else shape[1] ** -0.5
+            untied_embedding = name == "model.embed_tokens.weight" and not config.tie_word_embeddings
+            std = 1.0 if untied_embedding else shape[1] ** -0.5
             tensor = torch.randn(shape, generator=generator) * std
         weights[name] = tensor.to(config.torch_dtype)
     return weights

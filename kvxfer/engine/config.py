@@ -115,10 +115,11 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], *, name: str = "", dtype: str | None = None) -> "ModelConfig":
         """Read a Llama config.json dict. Unsupported features (biases, other rope types) raise ConfigError."""
-        if hf.get("model_type", "llama") not in ("llama", "mistral", "qwen2") or hf.get("attention_bias") \
-                or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"config.json: expected a bias-free SiLU Llama model, got model_type="
-                              f"{hf.get('model_type')!r} attention_bias={hf.get('attention_bias')!r}")
+        if hf.get("model_type", "llama") not in ("llama", "mistral") or hf.get("attention_bias") \
+                or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu" or hf.get("sliding_window"):
+            raise ConfigError(f"config.json: expected a bias-free SiLU Llama model without sliding window, got "
+                              f"model_type={hf.get('model_type')!r} attention_bias={hf.get('attention_bias')!r} "
+                              f"hidden_act={hf.get('hidden_act')!r} sliding_window={hf.get('sliding_window')!r}")
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
         kind = rope.get("rope_type", rope.get("type", "default"))

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from .attention import AttentionBatch, causal_attention, paged_attention
 from .checkpoint import WeightStore, random_weights, read_config
 from .config import ModelConfig
@@ -176,8 +177,6 @@ class Model(nn.Module):
             dim, (start, end) = shards.get(name.split(".")[-2], (None, (0, None)))
             tensor = weights.get(hf_name, dim, start, end) if dim is not None else weights.get(hf_name)
             if tuple(tensor.shape) != tuple(parameter.shape):
-                from ..errors import ConfigError
-
                 raise ConfigError(f"weights[{hf_name!r}]: expected shape {tuple(parameter.shape)} for this rank, "
                                   f"got {tuple(tensor.shape)}")
             parameter.copy_(tensor.to(parameter.dtype))
@@ -220,8 +219,6 @@ class Model(nn.Module):
     def hf_weights(self) -> dict[str, torch.Tensor]:
         """This model's weights by HF name (TP size 1 only): what :func:`save_hf` writes."""
         if self.tp.size != 1:
-            from ..errors import ConfigError
-
             raise ConfigError(f"Model.hf_weights: needs the full model (tp size 1), got tp size {self.tp.size}")
         weights = {("" if name.startswith("lm_head") else "model.") + name: p.detach().clone()
                    for name, p in self.named_parameters()}

@@ -108,8 +108,9 @@ class PrefillEngine:
     def _compute(self, seqs: list[Sequence], on_layer_done: LayerCallback | None) -> None:
         limit = self.chunk_size or max(seq.num_tokens for seq in seqs)
         while True:
+            # A sequence is done once its first token was sampled (it then has one token more than computed).
             work = [(seq, min(limit, seq.num_tokens - seq.num_computed)) for seq in seqs
-                    if seq.num_computed < seq.num_tokens]
+                    if not seq.output_token_ids]
             if not work:
                 return
             last = all(seq.num_computed + count == seq.num_tokens for seq, count in work)
