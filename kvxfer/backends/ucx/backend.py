@@ -1,0 +1,369 @@
+"""UcxBackend: one-sided READ/WRITE with peers on this host or others, host and CUDA memory, through UCP.
+
+One UCP context and worker per backend (i.e. per agent). The worker is used under one lock by the caller's
+thread (post, poll) and the progress thread (everything else). Data paths per transfer: cross-memory attach for
+same-host host memory, staged messages for small host fragments otherwise, one put/get per fragment for the rest
+(see transfer.py). docs/backends.md explains the choices and their measurements.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from ...errors import DescriptorError, PeerDisconnectedError, TransferCancelledError
+from ...handle import Notification, TransferState
+from ...memory import MemoryKind
+from ..base import Backend, BackendCaps, Op, Request
+from . import cdef
+from .cma import CrossMemory
+from .config import UcxConfig
+from .context import Context
+from .endpoint import request_status
+from .library import load_library, ucx_available
+from .link import Link
+from .progress import ProgressThread
+from .responder import Responder, pack_notification
+from .transfer import UcxRequest, new_request
+from .wire import Header, Kind, WorkerInfo
+from .worker import Worker
+
+if TYPE_CHECKING:
+    from ...memory import Region
+    from ...peer import Peer
+    from ...plan import TransferPlan
+
+_log = logging.getLogger("kvxfer.ucx")
+
+
+class UcxBackend(Backend):
+    """UCP one-sided transfers (see the module docstring). ``config`` defaults to the KVXFER_UCX_* variables."""
+
+    caps = BackendCaps(name="ucx", wire="ucx", memory_kinds=frozenset({MemoryKind.HOST, MemoryKind.CUDA}),
+                       scope="network", can_cancel=False, preference=10)
+
+    def __init__(self, config: UcxConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or UcxConfig.from_env()
+        self._regions: dict[int, "Region"] = {}
+        self._memhs: dict[int, Any] = {}
+        self._views: dict[int, tuple[int, np.ndarray]] = {}
+        self._links: dict[str, Link] = {}
+        self._active: dict[int, UcxRequest] = {}
+        self._awaiting: dict[int, UcxRequest] = {}
+        self._outbox: deque[Callable[[], None]] = deque()
+        self._staging: list[np.ndarray] = []
+        self._ids = itertools.count(1)
+        self._last_liveness = 0.0
+        self._closed = False
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return ucx_available()
+
+    # ---- lifetime ----------------------------------------------------------------------------------------------
+
+    def attach(self, context: Any) -> None:
+        super().attach(context)
+        self.timeouts = context.timeouts
+        self.library = load_library(self.config)
+        self.ucp = Context(self.library, context.agent_name)
+        self.responder = Responder(self)
+        self.worker = Worker(self.library, self.ucp.handle, context.agent_name, self.responder.on_message)
+        self.cma = CrossMemory(self.library, threads=min(2, os.cpu_count() or 1))
+        self._token = np.frombuffer(os.urandom(16), dtype=np.uint8).copy()
+        self.progress = ProgressThread(self, f"kvxfer-ucx-{context.agent_name}")
+        self.progress.start()
+        _log.info("ucx: libucp %s from %s (%s); error policy %s, cma %s", self.library.version_string,
+                  self.library.path, self.library.source, self.config.error_mode, self.config.cma)
+
+    def info(self) -> bytes:
+        return WorkerInfo(self.worker.address, self.config.error_mode, self._token.ctypes.data,
+                          self._token.tobytes()).encode()
+
+    def close(self) -> None:
+        if self._closed or self.context is None:
+            return
+        self._closed = True
+        self.progress.stop(self.timeouts.close)
+        with self.worker.lock:
+            for request in list(self._active.values()):
+                request.halt()
+                request.fail("the backend was closed")
+            closing = [self._close_link(link) for link in list(self._links.values())]
+            self._links.clear()
+            give_up = time.monotonic() + self.timeouts.close
+            while any(closing) and time.monotonic() < give_up:
+                self.worker.progress()
+                closing = [r for r in closing if r and request_status(self.library, r) == cdef.UCS_INPROGRESS]
+            for memh in self._memhs.values():
+                memh.close()
+            self._memhs.clear()
+            self.worker.close()
+        self.flush_outbox()
+        self.ucp.close()
+        self.cma.close()
+
+    # ---- regions -----------------------------------------------------------------------------------------------
+
+    def register(self, region: "Region") -> bytes:
+        with self.worker.lock:
+            memh = self.ucp.map(region.addr, region.nbytes, region.kind is MemoryKind.CUDA)
+            self._memhs[region.index] = memh
+            self._regions[region.index] = region
+            if region.kind is MemoryKind.HOST:
+                self._views[region.index] = (region.addr, region.as_numpy())
+        return memh.packed_rkey
+
+    def deregister(self, region: "Region") -> None:
+        with self.worker.lock:
+            self._views.pop(region.index, None)
+            self._regions.pop(region.index, None)
+            memh = self._memhs.pop(region.index, None)
+            if memh is not None:
+                memh.close()
+
+    def host_view(self, index: int) -> tuple[int, np.ndarray]:
+        """(base address, uint8 view) of our registered host region ``index``; KeyError if there is none."""
+        return self._views[index]
+
+    def memh_list(self, regions: np.ndarray) -> list:
+        """The ucp_mem_h of each local fragment's region (int32[n] region indices)."""
+        return self._per_fragment(regions, lambda i: self._memhs[i].handle, "local")
+
+    def rkey_list(self, link: Link, regions: np.ndarray) -> list:
+        """The unpacked rkey of each remote fragment's region (int32[n] indices into the peer's regions)."""
+        return self._per_fragment(regions, lambda i: link.rkeys[i], f"peer {link.name!r}")
+
+    @staticmethod
+    def _per_fragment(regions: np.ndarray, lookup: Callable[[int], Any], owner: str) -> list:
+        try:
+            first = int(regions[0])
+            if bool((regions == first).all()):
+                return [lookup(first)] * len(regions)
+            return [lookup(i) for i in regions.tolist()]
+        except KeyError as error:
+            raise DescriptorError(f"{owner} region {error} has no UCX registration") from None
+
+    # ---- peers -------------------------------------------------------------------------------------------------
+
+    def connect(self, peer: "Peer") -> None:
+        info = WorkerInfo.decode(peer.meta.backends["ucx"], peer.name)
+        same_host = peer.meta.host_id == self.context.host_id
+        with self.worker.lock:
+            old = self._links.pop(peer.name, None)
+            if old is not None:
+                self._close_link(old)
+            link = Link(peer, info, self.worker, self.config.error_mode, same_host, self.cma, self._on_ep_error)
+            link.cma_enabled = self.config.cma != "off"
+            self._links[peer.name] = link
+        _log.info("ucx: %s -> %s (%s): %s", self.context.agent_name, peer.name,
+                  "same host" if same_host else "other host", link.describe())
+        if same_host and link.on_tcp_only():
+            _log.warning("ucx: same-host peer %s is reached over tcp (%s): shared memory was not chosen%s",
+                         peer.name, link.describe(), "; host data still goes through cma" if link.cma_ok else "")
+        if same_host and link.cma_reason and link.cma_enabled:
+            _log.info("ucx: no cross-memory path to %s: %s", peer.name, link.cma_reason)
+
+    def disconnect(self, peer: "Peer") -> None:
+        with self.worker.lock:
+            link = self._links.get(peer.name)
+            if link is not None and link.uid == peer.meta.uid:
+                del self._links[peer.name]
+                self._lose(link, "disconnected", None, report=False)
+
+    def link_of(self, peer: "Peer") -> Link:
+        """The live link to ``peer``; PeerDisconnectedError when there is none."""
+        link = self._links.get(peer.name)
+        if link is None or link.uid != peer.meta.uid:
+            raise PeerDisconnectedError(f"ucx: peer {peer.name!r} is not connected", peer.name)
+        if link.lost is not None:
+            raise PeerDisconnectedError(f"ucx: {link.lost}; connect again", peer.name)
+        return link
+
+    def transports(self, peer: "Peer") -> list[tuple[str, str]]:
+        """(transport, device) per UCX lane to ``peer``, e.g. [("sysv", "memory"), ("cma", "memory")]."""
+        return list(self.link_of(peer).transports)
+
+    def data_path(self, plan: "TransferPlan") -> str:
+        """How a post of ``plan`` would move its bytes: "cma", "staged" or "direct"."""
+        link = self.link_of(plan.peer)
+        if plan.on_device:
+            return "direct"
+        if link.cma_ok:
+            return "cma"
+        return "staged" if plan.nbytes < self.config.stage_below * len(plan) else "direct"
+
+    def _on_ep_error(self, link: Link, status: int) -> None:
+        reason = f"endpoint error: {self.library.status_text(status)}"
+        self.worker.defer(lambda: self._lose(link, reason, None))  # never close an endpoint inside a callback
+
+    def process_exited(self, link: Any) -> None:
+        """The pidfd of ``link``'s peer became readable: its process is gone."""
+        with self.worker.lock:
+            if link.pidfd is not None:
+                self._lose(link, f"its process (pid {link.pid}) exited", None)
+        self.flush_outbox()
+
+    def watched_processes(self) -> dict[int, Link]:
+        """pidfd -> link of every live same-host peer with one."""
+        return {link.pidfd: link for link in list(self._links.values()) if link.pidfd is not None and not link.lost}
+
+    def lose(self, link: Link, reason: str, cause: BaseException | None) -> None:
+        """Mark ``link``'s peer lost (under the worker lock): fail its transfers, close the endpoint, tell the agent."""
+        self._lose(link, reason, cause)
+
+    def _lose(self, link: Link, reason: str, cause: BaseException | None, report: bool = True) -> None:
+        if link.lost is not None:
+            return
+        link.lost = PeerDisconnectedError(f"peer {link.name!r} lost: {reason}", link.name)
+        link.lost.__cause__ = cause
+        for request in list(link.requests):
+            request.halt()
+            request.fail(str(link.lost), link.lost)
+        self._close_link(link)
+        if report and self._links.get(link.name) is link:
+            lost = link.lost
+            self.post_outbox(lambda: self.context.peer_lost(link.name, lost))
+
+    def _close_link(self, link: Link) -> int:
+        link.close_watch()
+        if link.ep.handle is None:
+            return 0
+        link.close_keys()
+        # FORCE needs peer error mode on both sides; in none mode a flushing close, never waited on here.
+        return link.ep.close(force=link.mode == "peer")
+
+    # ---- transfers ---------------------------------------------------------------------------------------------
+
+    def next_transfer_id(self) -> int:
+        """A new transfer id (unique within this backend)."""
+        return next(self._ids)
+
+    def post(self, op: Op, plan: "TransferPlan", notify: bytes | None) -> Request:
+        link = self.link_of(plan.peer)
+        request = new_request(self, link, op, plan, notify, self.data_path(plan))
+        with self.worker.lock:
+            self._active[request.id] = request
+            link.requests.add(request)
+        request.start()
+        return request
+
+    def poll(self, request: Request) -> TransferState:
+        assert isinstance(request, UcxRequest)
+        if not request.state.final and self.worker.lock.acquire(blocking=False):
+            try:  # if the progress thread holds the lock it is making progress: do not wait for it
+                self.worker.progress()
+                request.advance()
+            finally:
+                self.worker.lock.release()
+            self.flush_outbox()
+        return request.state
+
+    def idle_wait(self, request: Request, seconds: float) -> None:
+        assert isinstance(request, UcxRequest)
+        if self.poll(request) is TransferState.PENDING:
+            request.finished.wait(seconds)
+
+    def cancel(self, request: Request) -> None:
+        assert isinstance(request, UcxRequest)
+        overdue = time.monotonic() > request.deadline
+        with self.worker.lock:
+            request.halt()
+            if not request.state.final:
+                outstanding = request.strategy != "cma"
+                request.finish(TransferState.CANCELLED, TransferCancelledError("cancelled", backend="ucx"))
+                if overdue and outstanding:
+                    # UCX cannot abort what it issued; a peer that let the deadline pass is presumed hung.
+                    self._lose(request.link, "unresponsive: a transfer missed its deadline", None)
+        request.quiesce(self.timeouts.close)
+        self.flush_outbox()
+
+    def retire(self, request: UcxRequest) -> None:
+        """Forget a final request (under the worker lock)."""
+        self._active.pop(request.id, None)
+        self._awaiting.pop(request.id, None)
+        request.link.requests.discard(request)
+
+    def expect_replies(self, request: UcxRequest) -> None:
+        """Route ACK/DATA/FAIL messages for ``request.id`` to it."""
+        self._awaiting[request.id] = request
+
+    def route_reply(self, header: Header, data: Any) -> None:
+        """An answer to one of our staged chunks (under the worker lock)."""
+        request = self._awaiting.get(header.transfer)
+        if request is not None:
+            request.on_reply(header, data)
+
+    def staging_buffer(self, nbytes: int) -> np.ndarray:
+        """A uint8 host buffer of exactly ``nbytes`` bytes (a view of a pooled one when possible)."""
+        for i, buffer in enumerate(self._staging):
+            if buffer.size >= nbytes:
+                return self._staging.pop(i)[:nbytes]
+        return np.empty(max(nbytes, self.config.stage_chunk), dtype=np.uint8)[:nbytes]
+
+    def return_staging_buffer(self, buffer: np.ndarray) -> None:
+        """Give back a buffer from :meth:`staging_buffer` once its send completed."""
+        base = buffer.base if isinstance(buffer.base, np.ndarray) else buffer
+        if len(self._staging) < 2 * self.config.stage_inflight:
+            self._staging.append(base)
+
+    # ---- notifications -----------------------------------------------------------------------------------------
+
+    def send_notification(self, peer: "Peer", payload: bytes) -> None:
+        with self.worker.lock:
+            self.send_notify(self.link_of(peer), payload, None)
+        self.wake()
+
+    def send_notify(self, link: Link, payload: bytes, on_done: Callable[[int], None] | None) -> None:
+        """Send a NOTIFY message carrying our agent name (under the worker lock)."""
+        body = np.frombuffer(pack_notification(self.context.agent_name, payload), dtype=np.uint8)
+        self.worker.send(link.ep.handle, Header(Kind.NOTIFY).encode(), body.ctypes.data, body.size, keepalive=body,
+                         on_done=on_done)
+
+    def deliver(self, notification: Notification) -> None:
+        """Hand an incoming notification to the agent (outside the worker lock)."""
+        self.context.deliver(notification)
+
+    # ---- progress ----------------------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Ask the progress thread for a round."""
+        self.progress.wake()
+
+    def post_outbox(self, work: Callable[[], None]) -> None:
+        """Run ``work`` outside the worker lock, soon (agent callbacks may call back into us)."""
+        self._outbox.append(work)
+
+    def flush_outbox(self) -> None:
+        """Run the queued outbox work (any thread, outside the worker lock)."""
+        while self._outbox:
+            try:
+                work = self._outbox.popleft()
+            except IndexError:
+                return
+            try:
+                work()
+            except Exception as error:  # an agent callback failing must not stop progress
+                _log.exception("ucx: callback failed: %s", error)
+
+    def progress_round(self) -> tuple[bool, bool]:
+        """One round of the progress thread: (armed, transfers active)."""
+        with self.worker.lock:
+            events = self.worker.progress()
+            for request in list(self._active.values()):
+                request.advance()
+            now = time.monotonic()
+            if now - self._last_liveness > self.config.liveness_interval:
+                self._last_liveness = now
+                for link in list(self._links.values()):
+                    if link.lost is None and link.pidfd is None and not link.process_alive():
+                        self._lose(link, f"its process (pid {link.pid}) exited", None)
+            armed = events == 0 and not self._outbox and self.worker.arm()
+            return armed, bool(self._active) or self.worker.busy

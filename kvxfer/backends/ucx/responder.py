@@ -1,0 +1,110 @@
+"""The receiving side of the UCX backend's control messages: notifications for the agent, and the target's half
+of staged transfers (SCATTER into / GATHER from our registered host regions, answered on the sender's reply
+endpoint). Every descriptor a peer sends is checked against our registered regions before a byte is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ...errors import KvxferError
+from ...handle import Notification
+from .gather import check_spans, gather, scatter
+from .wire import Header, Kind, unpack_descs
+
+if TYPE_CHECKING:
+    from .backend import UcxBackend
+
+_NAME = struct.Struct("<H")
+_log = logging.getLogger("kvxfer.ucx")
+
+
+def pack_notification(sender: str, payload: bytes) -> bytes:
+    """NOTIFY payload: u16 name length, the sender's agent name (utf-8), the notification bytes."""
+    name = sender.encode()[:1024]
+    return _NAME.pack(len(name)) + name + payload
+
+
+def unpack_notification(data: Any) -> tuple[str, bytes]:
+    """(sender name, payload) from a NOTIFY payload; ValueError if malformed."""
+    raw = bytes(data)
+    if len(raw) < _NAME.size:
+        raise ValueError("notification shorter than its name length")
+    (length,) = _NAME.unpack_from(raw)
+    if _NAME.size + length > len(raw):
+        raise ValueError("notification name runs past its end")
+    return raw[_NAME.size:_NAME.size + length].decode(errors="replace"), raw[_NAME.size + length:]
+
+
+class Responder:
+    """Handles every message our worker receives (called under the worker lock, maybe inside a UCX callback)."""
+
+    def __init__(self, backend: "UcxBackend") -> None:
+        self.backend = backend
+
+    def on_message(self, head: bytes, data: Any, reply_ep: int) -> None:
+        header = Header.decode(head)
+        if header is None:
+            _log.warning("ucx: dropped a message with an unknown header (%d bytes)", len(head))
+            return
+        try:
+            if header.kind is Kind.NOTIFY:
+                sender, payload = unpack_notification(data)
+                self.backend.post_outbox(lambda: self.backend.deliver(Notification(sender, payload)))
+            elif header.kind is Kind.SCATTER:
+                self._scatter(header, data, reply_ep)
+            elif header.kind is Kind.GATHER:
+                self._gather(header, data, reply_ep)
+            else:
+                self.backend.route_reply(header, data)
+        except (ValueError, KvxferError) as error:
+            _log.warning("ucx: bad %s message: %s", header.kind.name, error)
+            self._refuse(header, reply_ep, str(error))
+
+    def _scatter(self, header: Header, data: Any, reply_ep: int) -> None:
+        payload = np.frombuffer(data, dtype=np.uint8)
+        addr, nbytes, region, rest = unpack_descs(payload, header.count)
+        total = int(nbytes.sum(dtype=np.uint64))
+        if rest.size != total:
+            raise ValueError(f"SCATTER carries {rest.size} data bytes for descriptors totalling {total}")
+        reason = check_spans(addr, nbytes, region, self.backend.host_view)
+        if reason is not None:
+            raise ValueError(reason)
+        scatter(rest, addr, nbytes, region, self.backend.host_view)
+        self._reply(reply_ep, Header(Kind.ACK, header.transfer, header.chunk))
+
+    def _gather(self, header: Header, data: Any, reply_ep: int) -> None:
+        payload = np.frombuffer(data, dtype=np.uint8)
+        addr, nbytes, region, _rest = unpack_descs(payload, header.count)
+        reason = check_spans(addr, nbytes, region, self.backend.host_view)
+        if reason is not None:
+            raise ValueError(reason)
+        out = np.empty(int(nbytes.sum(dtype=np.uint64)), dtype=np.uint8)
+        gather(out, addr, nbytes, region, self.backend.host_view)
+        self._reply(reply_ep, Header(Kind.DATA, header.transfer, header.chunk), out)
+
+    def _refuse(self, header: Header, reply_ep: int, reason: str) -> None:
+        if header.kind in (Kind.SCATTER, Kind.GATHER):
+            self._reply(reply_ep, Header(Kind.FAIL, header.transfer, header.chunk),
+                        np.frombuffer(reason.encode()[:1000], dtype=np.uint8).copy())
+
+    def _reply(self, reply_ep: int, header: Header, payload: np.ndarray | None = None) -> None:
+        if not reply_ep:
+            _log.warning("ucx: cannot answer %s: the sender gave no reply endpoint", header.kind.name)
+            return
+        worker = self.backend.worker
+        ep = self.backend.library.ffi.cast("ucp_ep_h", reply_ep)
+        encoded = header.encode()
+
+        def send() -> None:
+            addr, size = (payload.ctypes.data, payload.size) if payload is not None and payload.size else (0, 0)
+            try:
+                worker.send(ep, encoded, addr, size, keepalive=payload)
+            except KvxferError as error:
+                _log.warning("ucx: answering %s failed: %s", header.kind.name, error)
+
+        worker.defer(send)

@@ -1,0 +1,120 @@
+"""What the UCX backend puts on the wire: its metadata blob and its control messages. Fixed binary layouts
+(``struct`` and numpy views), no msgpack, no pickle; every decoder checks sizes before reading.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+from ...errors import HandshakeError
+
+INFO_MAGIC = b"KVXU"
+INFO_VERSION = 1
+_INFO = struct.Struct("<4sBBHQ16s")  # magic, version, error policy, flags, probe address, probe token
+MAX_WORKER_ADDRESS = 16 << 10
+
+MESSAGE_MAGIC = b"KX"
+MESSAGE_VERSION = 1
+_HEADER = struct.Struct("<2sBBQII")  # magic, version, kind, transfer id, chunk index, descriptor count
+MAX_TAIL = 1024
+_DESC_NBYTES = 20  # addr u64 + nbytes u64 + region i32
+
+ERROR_POLICIES = ("auto", "peer", "none")
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """The backend's public blob: its worker address, error-mode policy, and a token peers on this host read
+    through cross-memory attach to prove that our pid is theirs to reach (``probe_addr`` holds ``token``)."""
+
+    address: bytes
+    error_policy: str
+    probe_addr: int
+    token: bytes
+
+    def encode(self) -> bytes:
+        """The bytes for the agent metadata."""
+        return _INFO.pack(INFO_MAGIC, INFO_VERSION, ERROR_POLICIES.index(self.error_policy), 0, self.probe_addr,
+                          self.token) + self.address
+
+    @classmethod
+    def decode(cls, data: bytes, peer_name: str) -> "WorkerInfo":
+        """Parse a peer's blob; HandshakeError if it is not one."""
+        if len(data) <= _INFO.size or len(data) > _INFO.size + MAX_WORKER_ADDRESS:
+            raise HandshakeError(f"peer {peer_name!r}: UCX info of {len(data)} bytes is malformed", peer_name)
+        magic, version, policy, _flags, probe_addr, token = _INFO.unpack_from(data)
+        if magic != INFO_MAGIC or version != INFO_VERSION or policy >= len(ERROR_POLICIES):
+            raise HandshakeError(f"peer {peer_name!r}: UCX info has magic {magic!r} version {version} policy "
+                                 f"{policy}; expected {INFO_MAGIC!r} version {INFO_VERSION}", peer_name)
+        return cls(bytes(data[_INFO.size:]), ERROR_POLICIES[policy], probe_addr, token)
+
+
+class Kind(IntEnum):
+    """Control message kinds (one active-message id carries them all)."""
+
+    NOTIFY = 1   # tail: sender agent name; payload: the notification
+    SCATTER = 2  # payload: descriptors + bytes to write at them; answered by ACK or FAIL
+    ACK = 3
+    GATHER = 4   # payload: descriptors to read; answered by DATA or FAIL
+    DATA = 5     # payload: the bytes gathered
+    FAIL = 6     # payload: utf-8 reason
+
+
+@dataclass(frozen=True)
+class Header:
+    """A control message header; ``tail`` carries the sender's name on NOTIFY."""
+
+    kind: Kind
+    transfer: int = 0
+    chunk: int = 0
+    count: int = 0
+    tail: bytes = b""
+
+    def encode(self) -> bytes:
+        """Header bytes (at most 20 + MAX_TAIL)."""
+        return _HEADER.pack(MESSAGE_MAGIC, MESSAGE_VERSION, int(self.kind), self.transfer, self.chunk,
+                            self.count) + self.tail[:MAX_TAIL]
+
+    @classmethod
+    def decode(cls, data: bytes) -> "Header | None":
+        """The header, or None if ``data`` is not one of ours (dropped by the caller)."""
+        if len(data) < _HEADER.size or len(data) > _HEADER.size + MAX_TAIL:
+            return None
+        magic, version, kind, transfer, chunk, count = _HEADER.unpack_from(data)
+        if magic != MESSAGE_MAGIC or version != MESSAGE_VERSION or kind not in Kind._value2member_map_:
+            return None
+        return cls(Kind(kind), transfer, chunk, count, bytes(data[_HEADER.size:]))
+
+
+def descs_nbytes(count: int) -> int:
+    """Bytes that :func:`pack_descs` writes for ``count`` descriptors (padded to 8 so data after it is aligned)."""
+    return (count * _DESC_NBYTES + 7) & ~7
+
+
+def pack_descs(out: np.ndarray, addr: np.ndarray, nbytes: np.ndarray, region: np.ndarray) -> int:
+    """Write descriptors (uint64[n], uint64[n], int32[n]) at the start of ``out`` (uint8, host); returns bytes
+    used."""
+    n = len(addr)
+    out[:n * 8].view(np.uint64)[:] = addr
+    out[n * 8:n * 16].view(np.uint64)[:] = nbytes
+    out[n * 16:n * 20].view(np.int32)[:] = region
+    return descs_nbytes(n)
+
+
+def unpack_descs(payload: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(addr uint64[n], nbytes uint64[n], region int32[n], rest uint8[...]) read from ``payload`` (uint8, host).
+
+    Raises ValueError if the payload is too short for ``count`` descriptors.
+    """
+    used = descs_nbytes(count)
+    if count < 0 or payload.size < used:
+        raise ValueError(f"payload of {payload.size} bytes is too short for {count} descriptors")
+    head = payload[:count * 20]
+    addr = np.frombuffer(head[:count * 8].tobytes(), dtype=np.uint64)
+    nbytes = np.frombuffer(head[count * 8:count * 16].tobytes(), dtype=np.uint64)
+    region = np.frombuffer(head[count * 16:count * 20].tobytes(), dtype=np.int32)
+    return addr, nbytes, region, payload[used:]

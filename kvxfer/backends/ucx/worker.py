@@ -1,0 +1,209 @@
+"""A UCP worker: progress, wakeup, and active messages in and out.
+
+Thread safety: the worker is created in ``UCS_THREAD_MODE_SERIALIZED`` and every call into it happens under
+``worker.lock`` — by the caller's thread (posting, polling) or the progress thread. Callbacks run only inside
+``ucp_worker_progress``, i.e. under the lock; they never call progress and never send (they queue work that
+:meth:`progress` runs once ``ucp_worker_progress`` has returned).
+
+Active messages arrive in one of three forms and all three are handled: plain (data valid only inside the
+callback), ``FLAG_DATA`` (UCX-owned; we copy it before returning UCS_OK) and ``FLAG_RNDV`` (fetched with
+``ucp_am_recv_data_nbx`` into a buffer we own, handed on when that receive completes).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable
+
+import numpy as np
+
+from . import cdef
+from .library import UcxLibrary, UcxStatusError, check, pointer_status
+
+AM_ID = 7  # our one active-message id; the header's kind byte says what the message is
+_PROGRESS_BURST = 64
+
+# on_message(header, data, reply_ep): ``data`` is a read-only buffer valid only during the call (copy what you
+# keep); ``reply_ep`` is an int ucp_ep_h (0 when the sender asked for no reply).
+MessageHandler = Callable[[bytes, Any, int], None]
+SendDone = Callable[[int], None]
+
+_log = logging.getLogger("kvxfer.ucx")
+
+
+class Worker:
+    """One UCP worker, its address (bytes for the metadata) and its wakeup file descriptor."""
+
+    def __init__(self, library: UcxLibrary, context_handle: Any, name: str, on_message: MessageHandler) -> None:
+        self.library = library
+        ffi, lib = library.ffi, library.lib
+        self.lock = threading.Lock()
+        self._on_message = on_message
+        params = ffi.new("ucp_worker_params_t *")
+        self._name = ffi.new("char[]", name.encode()[:63])
+        params.field_mask = cdef.UCP_WORKER_PARAM_FIELD_THREAD_MODE | cdef.UCP_WORKER_PARAM_FIELD_NAME
+        params.thread_mode = cdef.UCS_THREAD_MODE_SERIALIZED
+        params.name = self._name
+        handle = ffi.new("ucp_worker_h *")
+        check(library, lib.ucp_worker_create(context_handle, params, handle), "ucp_worker_create")
+        self.handle: Any = handle[0]
+        address, length = ffi.new("ucp_address_t **"), ffi.new("size_t *")
+        check(library, lib.ucp_worker_get_address(self.handle, address, length), "ucp_worker_get_address")
+        self.address = bytes(ffi.buffer(address[0], length[0]))
+        lib.ucp_worker_release_address(self.handle, address[0])
+        efd = ffi.new("int *")
+        check(library, lib.ucp_worker_get_efd(self.handle, efd), "ucp_worker_get_efd")
+        self.efd = int(efd[0])
+        self._receives: list[tuple[int, bytes, np.ndarray, int]] = []  # rendezvous receives: request, header,
+        # buffer (exactly the message's size), reply ep
+        self._sends: list[tuple[int, Any, SendDone | None]] = []      # sends in flight: request, keepalive, done
+        self._deferred: list[Callable[[], None]] = []
+        self._callback = ffi.callback("ucs_status_t(void *, const void *, size_t, void *, size_t, const void *)",
+                                      self._on_am, onerror=self._on_callback_error)
+        handler = ffi.new("ucp_am_handler_param_t *")
+        handler.field_mask = (cdef.UCP_AM_HANDLER_PARAM_FIELD_ID | cdef.UCP_AM_HANDLER_PARAM_FIELD_FLAGS
+                              | cdef.UCP_AM_HANDLER_PARAM_FIELD_CB)
+        handler.id = AM_ID
+        handler.flags = cdef.UCP_AM_FLAG_WHOLE_MSG
+        handler.cb = self._callback
+        check(library, lib.ucp_worker_set_am_recv_handler(self.handle, handler), "ucp_worker_set_am_recv_handler")
+        self._recv_param = ffi.new("ucp_request_param_t *")  # no callback: rendezvous receives are polled
+        self._send_param = ffi.new("ucp_request_param_t *")
+        self._send_param.op_attr_mask = cdef.UCP_OP_ATTR_FIELD_FLAGS
+
+    # ---- progress ---------------------------------------------------------------------------------------------
+
+    def progress(self) -> int:
+        """Drive communication; run the work callbacks queued. Caller holds :attr:`lock`. Returns an event count."""
+        lib, handle = self.library.lib, self.handle
+        count = 0
+        for _ in range(_PROGRESS_BURST):
+            events = lib.ucp_worker_progress(handle)
+            count += events
+            if not events:
+                break
+        if self._receives:
+            count += self._reap_receives()
+        if self._sends:
+            count += self._reap_sends()
+        while self._deferred:
+            work, self._deferred = self._deferred, []
+            for item in work:
+                item()
+            count += len(work)
+        return count
+
+    def arm(self) -> bool:
+        """True when the worker is armed (the efd will signal the next event); False when events are pending.
+        Caller holds :attr:`lock`."""
+        status = self.library.lib.ucp_worker_arm(self.handle)
+        if status == cdef.UCS_ERR_BUSY:
+            return False
+        check(self.library, status, "ucp_worker_arm")
+        return not (self._receives or self._deferred)
+
+    def defer(self, work: Callable[[], None]) -> None:
+        """Run ``work`` at the end of the current (or next) :meth:`progress`, outside UCX callbacks."""
+        self._deferred.append(work)
+
+    @property
+    def busy(self) -> bool:
+        """True while sends or rendezvous receives are in flight."""
+        return bool(self._sends or self._receives)
+
+    # ---- sending ----------------------------------------------------------------------------------------------
+
+    def send(self, ep: Any, header: bytes, addr: int = 0, nbytes: int = 0, keepalive: Any = None,
+             reply: bool = False, on_done: SendDone | None = None) -> None:
+        """Send one active message on ``ep`` (a ucp_ep_h); ``[addr, addr + nbytes)`` must stay valid until
+        ``on_done(status)`` (``keepalive`` is held until then). Caller holds :attr:`lock`."""
+        ffi, lib = self.library.ffi, self.library.lib
+        param = self._send_param
+        param.flags = cdef.UCP_AM_SEND_FLAG_COPY_HEADER | (cdef.UCP_AM_SEND_FLAG_REPLY if reply else 0)
+        request = lib.ucp_am_send_nbx(ep, AM_ID, ffi.from_buffer(header), len(header), addr, nbytes, param)
+        status = pointer_status(request)
+        if status < 0:
+            raise UcxStatusError(f"ucp_am_send_nbx failed: {self.library.status_text(status)}", status,
+                                 "ucp_am_send_nbx")
+        if status == cdef.UCS_INPROGRESS:
+            self._sends.append((request, keepalive, on_done))
+        elif on_done is not None:
+            on_done(cdef.UCS_OK)
+
+    def _reap_sends(self) -> int:
+        lib = self.library.lib
+        still, finished = [], []
+        for entry in self._sends:
+            status = lib.ucp_request_check_status(entry[0])
+            (still if status == cdef.UCS_INPROGRESS else finished).append((entry, status))
+        self._sends = [entry for entry, _ in still]
+        for (request, _keepalive, on_done), status in finished:
+            lib.ucp_request_free(request)
+            if on_done is not None:
+                on_done(status)
+        return len(finished)
+
+    # ---- receiving --------------------------------------------------------------------------------------------
+
+    def _on_am(self, _arg: Any, header: Any, header_length: int, data: Any, length: int, param: Any) -> int:
+        ffi = self.library.ffi
+        recv = ffi.cast("ucp_am_recv_param_t *", param)
+        attributes = int(recv.recv_attr)
+        reply_ep = int(ffi.cast("uintptr_t", recv.reply_ep)) if attributes & cdef.UCP_AM_RECV_ATTR_FIELD_REPLY_EP else 0
+        head = bytes(ffi.buffer(header, header_length)) if header_length else b""
+        if attributes & cdef.UCP_AM_RECV_ATTR_FLAG_RNDV:
+            buffer = np.empty(length, dtype=np.uint8)
+            request = self.library.lib.ucp_am_recv_data_nbx(self.handle, data, buffer.ctypes.data, length,
+                                                           self._recv_param)
+            status = pointer_status(request)
+            if status == cdef.UCS_INPROGRESS:
+                self._receives.append((request, head, buffer, reply_ep))
+            elif status == cdef.UCS_OK:
+                self.defer(lambda: self._on_message(head, memoryview(buffer), reply_ep))
+            else:
+                _log.warning("ucx: rendezvous receive of %d bytes failed: %s", length,
+                             self.library.status_text(status))
+            return cdef.UCS_OK
+        # Plain and FLAG_DATA payloads: handled (copied or consumed) before we return UCS_OK, so UCX may reuse them.
+        self._on_message(head, ffi.buffer(data, length) if length else b"", reply_ep)
+        return cdef.UCS_OK
+
+    def _reap_receives(self) -> int:
+        lib = self.library.lib
+        done = 0
+        pending = []
+        for request, head, buffer, reply_ep in self._receives:
+            status = lib.ucp_request_check_status(request)
+            if status == cdef.UCS_INPROGRESS:
+                pending.append((request, head, buffer, reply_ep))
+                continue
+            lib.ucp_request_free(request)
+            done += 1
+            if status == cdef.UCS_OK:
+                self._on_message(head, memoryview(buffer), reply_ep)
+            else:
+                _log.warning("ucx: rendezvous receive failed: %s", self.library.status_text(status))
+        self._receives = pending
+        return done
+
+    def _on_callback_error(self, exc_type: Any, exc: BaseException | None, _traceback: Any) -> int:
+        _log.error("ucx: active-message handler raised %s: %s", getattr(exc_type, "__name__", exc_type), exc)
+        return cdef.UCS_OK
+
+    # ---- teardown ---------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Destroy the worker (idempotent). Caller has closed its endpoints."""
+        if self.handle is None:
+            return
+        lib = self.library.lib
+        for request, *_rest in self._receives:
+            lib.ucp_request_cancel(self.handle, request)
+            lib.ucp_request_free(request)
+        for request, _keepalive, _done in self._sends:
+            lib.ucp_request_cancel(self.handle, request)
+            lib.ucp_request_free(request)
+        self._receives, self._sends, self._deferred = [], [], []
+        lib.ucp_worker_destroy(self.handle)
+        self.handle = None
