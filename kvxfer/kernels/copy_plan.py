@@ -25,6 +25,8 @@ from ..spec import KVCacheSpec, KVLayout, as_index_array
 
 #: Widest load/store the kernel issues, in bytes.
 MAX_VECTOR_BYTES = 16
+#: Segments are cut so one box holds at most this many bytes: big blocks then still spread over every SM.
+MAX_BOX_BYTES = 64 << 10
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,20 +157,6 @@ def staging_spec(cache_spec: KVCacheSpec, num_tokens: int, *, num_layers: int | 
                        model=cache_spec.model)
 
 
-def fast_divisor(divisor: int) -> tuple[int, int]:
-    """(multiplier, shift) so that ``n // divisor == umulhi(n, multiplier) >> shift`` for 0 <= n < 2**31.
-
-    A multiplier of 0 means divisor 1 (the kernel then skips the multiply).
-    """
-    if not 1 <= divisor < 2**31:
-        raise ConfigError(f"divisor must lie in [1, 2**31), got {divisor}")
-    if divisor == 1:
-        return 0, 0
-    log2 = (divisor - 1).bit_length()
-    power = 31 + log2
-    return ((1 << power) + divisor - 1) // divisor, power - 32
-
-
 def kernel_tables(plan: KVCopyPlan) -> KernelTables:
     """Segments (runs of tokens inside one source and one destination block) and layer-part offsets, in bytes."""
     src, dst = plan.src_spec, plan.dst_spec
@@ -177,12 +165,13 @@ def kernel_tables(plan: KVCopyPlan) -> KernelTables:
     starts = np.union1d(np.arange(0, plan.num_tokens, src.block_size, dtype=np.int64),
                         np.arange(0, plan.num_tokens, dst.block_size, dtype=np.int64))
     counts = np.diff(np.append(starts, plan.num_tokens))
+    heads, row = plan.num_heads, src.head_dim * src.itemsize
+    starts, counts = _cut(starts, counts, max(1, MAX_BOX_BYTES // (heads * row)))
     segment_src = plan.src_block_ids[starts // src.block_size] * s_block + (starts % src.block_size) * s_token
     segment_dst = plan.dst_block_ids[starts // dst.block_size] * d_block + (starts % dst.block_size) * d_token
     part_src = (plan.src_layers[:, None] * s_layer + plan.parts[None, :] * s_kv).ravel()
     part_dst = (plan.dst_layers[:, None] * d_layer + plan.parts[None, :] * d_kv).ravel()
     table = np.concatenate([segment_src, segment_dst, counts, part_src, part_dst]).astype(np.int64)
-    heads, row = plan.num_heads, src.head_dim * src.itemsize
     # Heads adjacent on both sides (NHD, or HND with one head) make one longer row: fewer, longer runs.
     if heads > 1 and s_head == row and d_head == row:
         heads, row = 1, heads * row
@@ -197,6 +186,17 @@ def kernel_tables(plan: KVCopyPlan) -> KernelTables:
                         row_nbytes=row, src_base=src_base, dst_base=dst_base, src_token_stride=s_token,
                         src_head_stride=s_head, dst_token_stride=d_token, dst_head_stride=d_head,
                         alignment=functools.reduce(math.gcd, used), max_segment_tokens=max_tokens)
+
+
+def _cut(starts: np.ndarray, counts: np.ndarray, most: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split token runs longer than ``most`` into runs of ``most`` (the last one shorter)."""
+    pieces = -(-counts // most)
+    if counts.size == 0 or int(pieces.max()) == 1:
+        return starts, counts
+    first = np.repeat(np.cumsum(pieces) - pieces, pieces)
+    index = np.arange(int(pieces.sum())) - first  # piece number inside its run
+    run_start, run_count = np.repeat(starts, pieces), np.repeat(counts, pieces)
+    return run_start + index * most, np.minimum(most, run_count - index * most)
 
 
 def _check_kernel_limits(num_boxes: int, box_nbytes: int) -> None:

@@ -1,0 +1,43 @@
+"""Build and call the host emulation of csrc/kv_copy.cu (host_shim.h + host_harness.cpp, compiled with g++)."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Sequence
+
+import kvxfer.kernels as kernels
+from kvxfer.kernels.launch import THREADS_PER_CTA, UNROLL
+
+_HERE = Path(__file__).parent
+_CSRC = Path(kernels.__file__).parent / "csrc"
+
+_c = ctypes
+_ARGTYPES = [_c.c_int, _c.c_int, _c.c_void_p, _c.c_void_p, _c.c_void_p, _c.c_void_p, _c.c_void_p, _c.c_void_p,
+             _c.c_void_p, _c.c_int, _c.c_int, _c.c_int, _c.c_int, _c.c_longlong, _c.c_longlong, _c.c_longlong,
+             _c.c_longlong, _c.c_uint, _c.c_uint, _c.c_uint, _c.c_uint, _c.c_int]
+
+
+def build(directory: Path) -> ctypes.CDLL | None:
+    """Compile the emulation into ``directory``; None when no C++ compiler is installed."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        return None
+    library = directory / "libkv_copy_host.so"
+    command = [compiler, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Werror", "-Wno-unknown-pragmas",
+               f"-DKVXFER_THREADS={THREADS_PER_CTA}", f"-DKVXFER_UNROLL={UNROLL}", f"-I{_CSRC}", f"-I{_HERE}",
+               str(_HERE / "host_harness.cpp"), "-o", str(library)]
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
+    lib = ctypes.CDLL(str(library))
+    lib.kvxfer_emulate.argtypes = _ARGTYPES
+    lib.kvxfer_emulate.restype = ctypes.c_longlong
+    return lib
+
+
+def launch(lib: ctypes.CDLL, vector_bytes: int, num_ctas: int, src: int, dst: int, read_span: tuple[int, int],
+           write_span: tuple[int, int], table: int, scalars: Sequence[Any]) -> int:
+    """Run one launch serially; returns the number of out-of-bounds or misaligned accesses."""
+    return int(lib.kvxfer_emulate(vector_bytes, num_ctas, src, dst, read_span[0], read_span[1], write_span[0],
+                                  write_span[1], table, *(int(x) for x in scalars)))
