@@ -18,7 +18,7 @@ from ..devices import cupy_module
 from ..errors import ConfigError
 from ..memory import MemoryKind, Region
 from .copy_plan import KVCopyPlan
-from .launch import THREADS_PER_CTA, UNROLL, launch_shape
+from .launch import THREADS_PER_CTA, UNROLL, launch_shape, vector_bytes
 
 _SOURCE = Path(__file__).with_name("csrc") / "kv_copy.cu"
 
@@ -91,10 +91,10 @@ def copy_kv_pointers(src_ptr: int, src_nbytes: int, dst_ptr: int, dst_nbytes: in
         return
     cupy = cupy_module()
     tables = plan.tables
-    shape = launch_shape(tables, int(src_ptr), int(dst_ptr))
+    cap = None
     if waves is not None:
-        cap = max(1, int(resident_ctas(shape.vector_bytes, device) * waves))
-        shape = launch_shape(tables, int(src_ptr), int(dst_ptr), max_ctas=cap)
+        cap = max(1, int(resident_ctas(vector_bytes(tables, int(src_ptr), int(dst_ptr)), device) * waves))
+    shape = launch_shape(tables, int(src_ptr), int(dst_ptr), max_ctas=cap)
     function = kernel(shape.vector_bytes, device)
     with cupy.cuda.Device(device):
         launch_stream = _as_stream(cupy, stream, device)

@@ -34,6 +34,11 @@ class LaunchShape:
     scalars: tuple[Any, ...]
 
 
+def vector_bytes(tables: KernelTables, src_addr: int, dst_addr: int) -> int:
+    """The widest load/store (1..16 bytes) that every address of the copy is aligned to."""
+    return math.gcd(tables.alignment, src_addr, dst_addr)
+
+
 def launch_shape(tables: KernelTables, src_addr: int, dst_addr: int, max_ctas: int | None = None) -> LaunchShape:
     """Kernel arguments for regions starting at ``src_addr``/``dst_addr`` (device pointers as ints).
 
@@ -41,7 +46,7 @@ def launch_shape(tables: KernelTables, src_addr: int, dst_addr: int, max_ctas: i
     boxes share a CTA: a group of threads (32..256, a power of two) copies one box, sized so each thread has about
     UNROLL vectors. ``max_ctas`` caps the grid (the groups then stride over boxes).
     """
-    vector = math.gcd(tables.alignment, src_addr, dst_addr)
+    vector = vector_bytes(tables, src_addr, dst_addr)
     row_vectors = tables.row_nbytes // vector
     box_vectors = tables.max_segment_tokens * tables.row_heads * row_vectors
     group = 1 << max(0, -(-box_vectors // UNROLL) - 1).bit_length()
