@@ -9,6 +9,7 @@ from .errors import (BackendError, BackendUnavailableError, ConfigError, Descrip
 from .handle import Notification, Timeouts, TransferHandle, TransferState
 from .memory import MemoryKind, Region, RemoteRegion
 from .peer import Peer
+from .pipe import KVPipe
 from .plan import TransferPlan
 from .spec import KVCacheSpec, KVLayout
 
@@ -24,6 +25,7 @@ __all__ = [
     "HandshakeError",
     "KVCacheSpec",
     "KVLayout",
+    "KVPipe",
     "KvxferError",
     "LayoutMismatchError",
     "MemoryKind",

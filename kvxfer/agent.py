@@ -52,6 +52,7 @@ class Agent:
         self._peers: dict[str, Peer] = {}
         self._notes: deque[Notification] = deque()
         self._notes_ready = threading.Condition()
+        self._subscriptions: dict[bytes, Any] = {}
         self._regions = RegionRegistry()
         self._active: set[TransferHandle] = set()
         context = BackendContext(self.name, self.uid, self.host_id, self.pid, self.timeouts, self._deliver,
@@ -225,7 +226,9 @@ class Agent:
         local_kinds = self._regions.table().check(local_descs, "local_descs", f"agent {self.name!r}")
         remote_kinds = peer.table.check(remote_descs, "remote_descs", f"peer {peer.name!r}")
         backend = self._choose_backend(peer, local_kinds, remote_kinds)
-        return TransferPlan(self, peer, backend, local_descs, remote_descs)
+        plan = TransferPlan(self, peer, backend, local_descs, remote_descs)
+        backend.prepare(plan)
+        return plan
 
     def _choose_backend(self, peer: Peer, local_kinds: Iterable, remote_kinds: Iterable) -> Backend:
         pairs = [(a, b) for a in local_kinds for b in remote_kinds]
@@ -287,7 +290,21 @@ class Agent:
             raise PeerError(f"peer {peer.name!r} is disconnected ({peer.lost_reason})", peer.name)
         peer.backends[0].send_notification(peer, bytes(payload))
 
+    def subscribe(self, prefix: bytes, callback: Any) -> None:
+        """Hand notifications whose payload starts with ``prefix`` to ``callback(notification)`` (called from a
+        backend thread) instead of :meth:`notifications`. kvxfer's own control messages use b"kvx:"."""
+        if not isinstance(prefix, bytes) or not prefix:
+            raise ConfigError(f"prefix must be non-empty bytes, got {prefix!r}")
+        self._subscriptions[prefix] = callback
+
     def _deliver(self, notification: Notification) -> None:
+        for prefix, callback in list(self._subscriptions.items()):
+            if notification.payload.startswith(prefix):
+                try:
+                    callback(notification)
+                except Exception:  # a subscriber's bug must not break the backend thread delivering
+                    logger.exception("agent %s: notification subscriber for %r failed", self.name, prefix)
+                return
         with self._notes_ready:
             self._notes.append(notification)
             self._notes_ready.notify_all()

@@ -90,7 +90,9 @@ class TransferPlan:
             raise DescriptorError(f"local_idx has {local_ids.size} entries, remote_idx has {remote_ids.size}")
         local, remote = self.prepared_local[local_ids], self.prepared_remote[remote_ids]
         check_pair_sizes(local, remote)
-        return TransferPlan(self.agent, self.peer, self.backend, local, remote)
+        plan = TransferPlan(self.agent, self.peer, self.backend, local, remote)
+        self.backend.prepare(plan)
+        return plan
 
     def check_destination(self, op: str) -> None:
         """DescriptorError if the destination side of ``op`` writes a byte twice (checked once per op)."""

@@ -128,6 +128,16 @@ class Backend(ABC):
         """True if this backend moves bytes between these memory kinds."""
         return local_kind in self.caps.memory_kinds and remote_kind in self.caps.memory_kinds
 
+    def map_remote(self, peer: "Peer", region_index: int, device: int) -> int | None:
+        """Where the first byte of the peer's region ``region_index`` can be dereferenced by code of this process
+        running on ``device`` (-1: the CPU), or None when this backend cannot map peer memory (then only
+        :meth:`post` moves its bytes). Kernels use it to read or write peer blocks in place."""
+        return None
+
+    def prepare(self, plan: "TransferPlan") -> None:
+        """Called once per plan when it is built (may take time: open peer handles, build tables), so that
+        :meth:`post` stays cheap."""
+
     @abstractmethod
     def post(self, op: Op, plan: "TransferPlan", notify: bytes | None) -> Request:
         """Start moving ``plan``'s bytes; never blocks. ``notify`` reaches the peer after all the data."""

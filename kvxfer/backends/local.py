@@ -97,6 +97,12 @@ class LocalBackend(Backend):
             raise PeerDisconnectedError(f"peer {peer.name!r} is not a live agent of this process", peer.name)
         return target
 
+    def map_remote(self, peer: "Peer", region_index: int, device: int) -> int | None:
+        region = self._target(peer)._regions.get(region_index)
+        if region is None:
+            raise PeerError(f"peer {peer.name!r} has no region at index {region_index}", peer.name)
+        return region.addr  # same process: the peer's pointers are ours
+
     def _pin(self, indices: tuple[int, ...]) -> None:
         with self._pins_lock:
             missing = [i for i in indices if i not in self._regions]

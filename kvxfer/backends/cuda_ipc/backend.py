@@ -1,0 +1,297 @@
+"""CUDA IPC backend: GPU<->GPU between processes of one host, at NVLink speed for fragmented KV.
+
+A plan's peer pointers are mapped into this process once (legacy IPC handles or VMM fds); a transfer is then
+either ONE kernel launch that copies every fragment through the mapped pointers (reading or writing the peer's
+GPU over NVLink) or, for a few large runs, copy-engine copies. Completion is a CUDA event; the notification goes
+to the peer's mailbox only after the event, i.e. after the data is in place. A progress thread completes
+transfers (and sends their notifications) even when nobody polls.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import numpy as np
+
+from ...errors import BackendError, ConfigError, KvxferError, PeerDisconnectedError
+from ...handle import Notification, TransferState
+from ...memory import MemoryKind
+from ..base import Backend, BackendCaps, Op, Request
+from . import driver
+from .mailbox import Mailbox
+from .sharing import Export, Imports, export_region
+
+if TYPE_CHECKING:
+    from ...memory import Region
+    from ...peer import Peer
+    from ...plan import TransferPlan
+
+STRATEGIES = ("auto", "kernel", "copy")
+# "auto" uses the copy engines only for a handful of big runs (they leave the SMs to the model); else the kernel.
+_COPY_ENGINE_MAX_PAIRS = 16
+_COPY_ENGINE_MIN_NBYTES = 4 << 20
+
+
+class IpcRequest(Request):
+    """One launched transfer: its completion event and what to do when it fires."""
+
+    def __init__(self, nbytes: int, event: Any, peer_uid: str, notify: bytes | None, strategy: str) -> None:
+        super().__init__(nbytes)
+        self.event, self.peer_uid, self.notify, self.strategy = event, peer_uid, notify, strategy
+        self.lock = threading.Lock()
+
+
+class _PlanState:
+    """A plan translated for this process: local device, pointer pairs and cached device tables per op."""
+
+    def __init__(self, device: int, local: np.ndarray, remote: np.ndarray, sizes: np.ndarray, strategy: str):
+        self.device, self.local, self.remote, self.sizes, self.strategy = device, local, remote, sizes, strategy
+        self.tables: dict[Op, Any] = {}
+
+
+class CudaIpcBackend(Backend):
+    """Same-host GPU<->GPU transfers across processes (``strategy``: "auto", "kernel" or "copy")."""
+
+    caps = BackendCaps(name="cuda_ipc", wire="cuda_ipc", memory_kinds=frozenset({MemoryKind.CUDA}), scope="host",
+                       can_cancel=True, preference=50)
+
+    def __init__(self, strategy: str = "auto") -> None:
+        super().__init__()
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        self.strategy = strategy
+        self._exports: dict[int, Export] = {}
+        self._imports = Imports()
+        self._peers: dict[str, Any] = {}  # uid -> Peer
+        self._lost: dict[str, str] = {}  # uid -> why
+        self._plans: "weakref.WeakKeyDictionary[TransferPlan, _PlanState]" = weakref.WeakKeyDictionary()
+        self._streams: dict[int, Any] = {}
+        self._pending: set[IpcRequest] = set()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._mailbox: Mailbox | None = None
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if not sys.platform.startswith("linux"):
+            return "CUDA IPC needs Linux"
+        try:
+            from ...devices import cupy_module
+
+            cupy_module()
+            driver.cu()
+        except KvxferError as error:
+            return str(error)
+        return None
+
+    def attach(self, context: Any) -> None:
+        super().attach(context)
+        self._mailbox = Mailbox(context.agent_uid, self._on_note, self._on_lost, self._fds_of)
+        threading.Thread(target=self._progress, name=f"kvxfer-ipc-{context.agent_name}", daemon=True).start()
+
+    def info(self) -> bytes:
+        assert self._mailbox is not None
+        return msgpack.packb([self._mailbox.address.encode(), self._mailbox.secret], use_bin_type=True)
+
+    # ---- regions -----------------------------------------------------------------------------------------------
+
+    def register(self, region: "Region") -> bytes:
+        export = export_region(region.addr, region.nbytes, region.device)
+        self._exports[region.index] = export
+        return export.key
+
+    def deregister(self, region: "Region") -> None:
+        export = self._exports.pop(region.index, None)
+        if export is not None:
+            export.close()
+
+    def _fds_of(self, region_index: int) -> tuple[list[int], list]:
+        export = self._exports.get(region_index)
+        if export is None or not export.fds:
+            return [], []
+        return export.fds, export.sizes
+
+    # ---- peers -------------------------------------------------------------------------------------------------
+
+    def connect(self, peer: "Peer") -> None:
+        assert self._mailbox is not None and self.context is not None
+        try:
+            address, secret = msgpack.unpackb(peer.meta.backends[self.caps.wire], raw=False)
+        except Exception as error:
+            raise PeerDisconnectedError(f"cuda_ipc: bad backend info from {peer.name!r}: {error}", peer.name) from None
+        if peer.meta.uid != self.context.agent_uid:
+            self._mailbox.open(peer.meta.uid, peer.name, address.decode(), secret,
+                               (self.context.agent_uid, self.context.agent_name), self.context.timeouts.connect)
+        self._peers[peer.meta.uid] = (peer, address.decode(), secret)
+        self._lost.pop(peer.meta.uid, None)
+
+    def disconnect(self, peer: "Peer") -> None:
+        assert self._mailbox is not None
+        self._drain(peer.meta.uid)
+        self._imports.close_peer(peer.meta.uid)
+        self._mailbox.close_peer(peer.meta.uid)
+        self._peers.pop(peer.meta.uid, None)
+
+    def _drain(self, peer_uid: str) -> None:
+        for request in [r for r in list(self._pending) if r.peer_uid == peer_uid]:
+            request.event.synchronize()
+            self._complete(request)
+
+    def _on_note(self, peer_name: str, payload: bytes) -> None:
+        assert self.context is not None
+        self.context.deliver(Notification(peer_name, payload))
+
+    def _on_lost(self, peer_uid: str, peer_name: str, reason: str) -> None:
+        assert self.context is not None
+        self._lost[peer_uid] = reason
+        self.context.peer_lost(peer_name, PeerDisconnectedError(f"peer {peer_name!r}: {reason}", peer_name))
+
+    # ---- plans and transfers -----------------------------------------------------------------------------------
+
+    def prepare(self, plan: "TransferPlan") -> None:
+        self._state(plan)
+
+    def map_remote(self, peer: "Peer", region_index: int, device: int) -> int | None:
+        assert self.context is not None
+        meta = next((r for r in peer.meta.regions if r.index == region_index), None)
+        if meta is None or device < 0:
+            return None
+        if peer.meta.pid == self.context.pid:
+            return meta.addr
+        _, address, secret = self._peers[peer.meta.uid]
+        fetch = lambda index: self._mailbox.fetch_fds(address, secret, self.context.agent_uid, index,
+                                                      self.context.timeouts.connect)
+        return self._imports.local_base(peer.meta.uid, region_index, device, meta.keys[self.caps.wire], fetch)
+
+    def _state(self, plan: "TransferPlan") -> _PlanState:
+        state = self._plans.get(plan)
+        if state is not None:
+            return state
+        devices = np.unique(plan.local.device)
+        if len(devices) != 1:
+            raise ConfigError(f"cuda_ipc: a plan's local side must be on one GPU, it spans devices {list(devices)}")
+        device = int(devices[0])
+        shift = np.zeros(len(plan.remote), dtype=np.uint64)
+        for index in plan.remote_regions:  # same process: map_remote returns the peer's own pointer (no import)
+            meta = next(r for r in plan.peer.meta.regions if r.index == index)
+            base = self.map_remote(plan.peer, index, device)
+            shift[plan.remote.region == index] = np.uint64((base - meta.addr) % 2**64)
+        remote = plan.remote.addr + shift  # wraps modulo 2**64 like the pointer arithmetic it stands for
+        strategy = self.strategy
+        if strategy == "auto":
+            big = len(plan) <= _COPY_ENGINE_MAX_PAIRS and plan.nbytes / len(plan) >= _COPY_ENGINE_MIN_NBYTES
+            strategy = "copy" if big else "kernel"
+        state = _PlanState(device, plan.local.addr, remote, plan.local.nbytes, strategy)
+        self._plans[plan] = state
+        return state
+
+    def _stream(self, device: int) -> Any:
+        stream = self._streams.get(device)
+        if stream is None:
+            from ...devices import cupy_module
+
+            with cupy_module().cuda.Device(device):
+                stream = self._streams[device] = cupy_module().cuda.Stream(non_blocking=True)
+        return stream
+
+    def post(self, op: Op, plan: "TransferPlan", notify: bytes | None) -> IpcRequest:
+        from ...devices import cupy_module
+        from ...kernels import batch_copy
+
+        if plan.peer.meta.uid in self._lost:
+            raise PeerDisconnectedError(f"peer {plan.peer.name!r} is gone: {self._lost[plan.peer.meta.uid]}",
+                                        plan.peer.name)
+        state = self._state(plan)
+        cupy = cupy_module()
+        sources, destinations = (state.remote, state.local) if op is Op.READ else (state.local, state.remote)
+        stream = self._stream(state.device)
+        with cupy.cuda.Device(state.device):
+            if state.strategy == "kernel":
+                table = state.tables.get(op)
+                if table is None:
+                    table = state.tables[op] = batch_copy.to_device(
+                        batch_copy.split_pieces(sources, destinations, state.sizes), state.device)
+                batch_copy.launch(table, state.device, stream)
+            else:
+                copy_default = 4  # cudaMemcpyDefault: direction from the unified addresses
+                for source, destination, size in zip(sources.tolist(), destinations.tolist(), state.sizes.tolist()):
+                    cupy.cuda.runtime.memcpyAsync(destination, source, size, copy_default, stream.ptr)
+            event = cupy.cuda.Event(block=False, disable_timing=True, interprocess=False)
+            event.record(stream)
+        request = IpcRequest(plan.nbytes, event, plan.peer.meta.uid, notify, state.strategy)
+        with self._wake:
+            self._pending.add(request)
+            self._wake.notify()
+        return request
+
+    def poll(self, request: Request) -> TransferState:
+        assert isinstance(request, IpcRequest)
+        if request.state is TransferState.PENDING and request.event.done:
+            self._complete(request)
+        return request.state
+
+    def _complete(self, request: IpcRequest) -> None:
+        with request.lock:
+            if request.state is not TransferState.PENDING:
+                return
+            lost = self._lost.get(request.peer_uid)
+            try:
+                if lost is not None:
+                    raise PeerDisconnectedError(f"cuda_ipc: the peer went away during the transfer: {lost}")
+                if request.notify is not None and self._mailbox is not None:
+                    self._mailbox.send_note(request.peer_uid, request.notify)
+                request.state = TransferState.DONE
+            except KvxferError as error:
+                request.error = error
+                request.state = TransferState.FAILED
+        self._pending.discard(request)
+
+    def cancel(self, request: Request) -> None:
+        assert isinstance(request, IpcRequest)
+        request.event.synchronize()  # a launched copy cannot be recalled: wait until it touches nothing more
+        with request.lock:
+            if request.state is TransferState.PENDING:
+                request.state = TransferState.CANCELLED
+        self._pending.discard(request)
+
+    def send_notification(self, peer: "Peer", payload: bytes) -> None:
+        assert self._mailbox is not None and self.context is not None
+        if peer.meta.uid == self.context.agent_uid:
+            self.context.deliver(Notification(self.context.agent_name, payload))
+            return
+        self._mailbox.send_note(peer.meta.uid, payload)
+
+    def _progress(self) -> None:
+        while not self._closed:
+            with self._wake:
+                while not self._pending and not self._closed:
+                    self._wake.wait(0.5)
+            for request in list(self._pending):
+                try:
+                    self.poll(request)
+                except Exception as error:  # a CUDA error ends that transfer, not the thread
+                    with request.lock:
+                        if request.state is TransferState.PENDING:
+                            request.error = BackendError(f"cuda_ipc: {error}", backend=self.caps.name)
+                            request.state = TransferState.FAILED
+                    self._pending.discard(request)
+            time.sleep(20e-6)
+
+    def close(self) -> None:
+        for request in list(self._pending):
+            request.event.synchronize()
+            self._complete(request)
+        self._closed = True
+        with self._wake:
+            self._wake.notify_all()
+        for uid in list(self._peers):
+            self._imports.close_peer(uid)
+        for export in self._exports.values():
+            export.close()
+        if self._mailbox is not None:
+            self._mailbox.close()

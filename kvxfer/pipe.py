@@ -1,0 +1,241 @@
+"""KVPipe: one engine rank's KV cache <-> its peer ranks' caches, across TP sizes, block sizes and layouts.
+
+Per rank pair (a route) the pipe picks how bytes move:
+- "kernel": the backend maps the peer's memory here (same process; CUDA IPC over NVLink): one launch reads the
+  peer's blocks and writes ours in place, re-tiling heads, block size and layout on the way;
+- "direct": both caches cut the route's heads into the same fragments: one backend transfer of descriptor pairs;
+- "staged": otherwise: the peer's fragments travel into a local staging buffer laid out like them, and a local
+  kernel re-tiles from there (push: the reverse).
+The choice and its reason are in ``pipe.routes`` (and ``handle.strategy``); ``strategy=`` forces one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from .agent import Agent
+from .backends.base import Backend
+from .descs import Descs
+from .errors import ConfigError, DescriptorError, RegistrationError
+from .memory import MemoryKind, Region, RemoteRegion
+from .peer import Peer
+from .pipe_work import PipeWork
+from .ranks import HeadRoute, route_heads
+from .spec import KVCacheSpec, as_index_array
+from .steps import PipeHandle
+
+logger = logging.getLogger("kvxfer")
+
+STRATEGIES = ("auto", "kernel", "direct", "staged")
+
+
+@dataclass(frozen=True)
+class Route:
+    """How this rank exchanges ``heads`` with one peer rank."""
+
+    heads: HeadRoute
+    peer: Peer
+    spec: KVCacheSpec
+    region: RemoteRegion
+    backend: Backend
+    strategy: str
+    reason: str
+    mapped: int | None  # where the peer region starts in this process (kernel strategy), else None
+
+
+class KVPipe:
+    """Moves requests' KV blocks between ``agent``'s cache (registered as ``local_region``, laid out by
+    ``local_spec``) and the caches of one or more peer ranks (``peer``/``remote_spec``: one each, or sequences of
+    equal length, e.g. every prefill rank of a TP group).
+    """
+
+    def __init__(self, agent: Agent, local_spec: KVCacheSpec, peer: Peer | str | Sequence[Peer | str],
+                 remote_spec: KVCacheSpec | Sequence[KVCacheSpec], *, local_region: str = "kv",
+                 remote_region: str = "kv", strategy: str = "auto") -> None:
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        peers = [peer] if isinstance(peer, (Peer, str)) else list(peer)
+        specs = [remote_spec] if isinstance(remote_spec, KVCacheSpec) else list(remote_spec)
+        if len(peers) != len(specs) or not peers:
+            raise ConfigError(f"give one remote_spec per peer: got {len(peers)} peers and {len(specs)} specs")
+        self.agent, self.spec = agent, local_spec
+        self.region = _local_region(agent, local_region)
+        local_spec.check_fits(self.region.nbytes, argument=f"region {local_region!r}")
+        self.device = self.region.device if self.region.kind is MemoryKind.CUDA else -1
+        self.routes = [self._route(head, agent.peer(peers[head.remote]), specs[head.remote], remote_region, strategy)
+                       for head in route_heads(local_spec, specs)]
+        self._work = PipeWork(agent, self.region, self.device, local_spec)
+        for route in self.routes:
+            logger.info("pipe %s <- %s heads %s: %s (%s)", agent.name, route.peer.name, route.heads.global_heads,
+                        route.strategy, route.reason)
+
+    def _route(self, heads: HeadRoute, peer: Peer, spec: KVCacheSpec, region_name: str, wanted: str) -> Route:
+        region = peer.region(region_name)
+        spec.check_fits(region.nbytes, argument=f"peer {peer.name!r} region {region_name!r}")
+        backend = self.agent._choose_backend(peer, {self.region.kind}, {region.kind})
+        mapped = backend.map_remote(peer, region.index, self.device) if wanted in ("auto", "kernel") else None
+        direct = _same_fragments(self.spec, heads.local_heads, spec, heads.remote_heads)
+        if wanted == "kernel" and mapped is None:
+            raise ConfigError(f"strategy 'kernel' needs a backend that maps peer memory; {backend.caps.name} "
+                              f"cannot for peer {peer.name!r}")
+        if wanted == "direct" and not direct:
+            raise ConfigError(f"strategy 'direct' needs the same fragments on both sides; heads "
+                              f"{heads.global_heads} differ in block size or layout (use 'staged')")
+        piece = spec.fragments(heads.remote_heads)[1]
+        if wanted != "auto":
+            return Route(heads, peer, spec, region, backend, wanted, "requested", mapped)
+        if mapped is not None:
+            return Route(heads, peer, spec, region, backend, "kernel",
+                         f"{backend.caps.name} maps peer memory: one launch moves and re-tiles every fragment", mapped)
+        if direct:
+            return Route(heads, peer, spec, region, backend, "direct",
+                         f"fragments of {piece} B match on both sides", None)
+        return Route(heads, peer, spec, region, backend, "staged",
+                     f"block size or layout differ ({spec.block_size}/{spec.layout.value} there, "
+                     f"{self.spec.block_size}/{self.spec.layout.value} here): fragments of {piece} B re-tiled locally",
+                     None)
+
+    @property
+    def strategy(self) -> str:
+        """The routes' strategies, e.g. "kernel" or "direct+staged"."""
+        return "+".join(sorted({r.strategy for r in self.routes}))
+
+    # ---- requests ----------------------------------------------------------------------------------------------
+
+    def pull(self, local_block_ids: Any, remote_block_ids: Any, notify: bytes | None = None, *,
+             num_tokens: int | None = None, layers: Any = None, timeout: float | None = None) -> PipeHandle:
+        """Fill local blocks ``local_block_ids`` (int[n], host; sequence order) with the tokens of the peers'
+        blocks ``remote_block_ids`` (int[m], host). ``notify`` reaches every peer of the request after the data.
+        ``layers`` (ids or range) narrows the request; ``num_tokens`` defaults to what the blocks hold."""
+        return self._request("read", local_block_ids, remote_block_ids, notify, num_tokens, layers, timeout)
+
+    def push(self, local_block_ids: Any, remote_block_ids: Any, notify: bytes | None = None, *,
+             num_tokens: int | None = None, layers: Any = None, timeout: float | None = None,
+             stream_layers: bool = False) -> PipeHandle:
+        """Write local blocks into the peers' blocks. With ``stream_layers``, nothing moves until
+        ``handle.ready(layers)`` says which layers are computed; the request ends when every layer was readied."""
+        return self._request("write", local_block_ids, remote_block_ids, notify, num_tokens, layers, timeout,
+                             stream_layers)
+
+    def _request(self, op: str, local_ids: Any, remote_ids: Any, notify: bytes | None, num_tokens: int | None,
+                 layers: Any, timeout: float | None, stream_layers: bool = False) -> PipeHandle:
+        if notify is not None and not isinstance(notify, (bytes, bytearray)):
+            raise ConfigError(f"notify must be bytes or None, got {type(notify).__name__}")
+        local_ids = as_index_array(local_ids, "local_block_ids", self.spec.num_blocks)
+        layer_ids = as_index_array(_layers(layers, self.spec.num_layers), "layers", self.spec.num_layers)
+        if len(np.unique(layer_ids)) != len(layer_ids):
+            raise DescriptorError("layers must not repeat")
+        tokens = [self._tokens(local_ids, as_index_array(remote_ids, "remote_block_ids", r.spec.num_blocks), r,
+                               num_tokens) for r in self.routes]
+        remote = as_index_array(remote_ids, "remote_block_ids", min(r.spec.num_blocks for r in self.routes))
+        if op == "read" and len(np.unique(local_ids)) != len(local_ids):
+            raise DescriptorError("local_block_ids must not repeat (they are written)")
+        if op == "write" and len(np.unique(remote)) != len(remote):
+            raise DescriptorError("remote_block_ids must not repeat (they are written)")
+        nbytes = sum(self._route_nbytes(r, t, len(layer_ids)) for r, t in zip(self.routes, tokens))
+        limit = self.agent.timeouts.transfer if timeout is None else timeout
+        request = _Request(op, local_ids, remote, tokens, notify)
+        if stream_layers:
+            if op != "write":
+                raise ConfigError("stream_layers applies to push (the side that computes the layers)")
+            handle: PipeHandle = StreamingPush(self, request, layer_ids, time.monotonic() + limit, limit, nbytes)
+        else:
+            steps = [self._work.steps(op, route, request.local, request.remote, t, layer_ids)
+                     for route, t in zip(self.routes, tokens)]
+            handle = PipeHandle([s for group in steps for s in group], time.monotonic() + limit, limit,
+                                self.strategy, nbytes, on_done=lambda: self._finish(request),
+                                on_final=self._work.release_for)
+        self._work.watch(handle)
+        return handle
+
+    def _tokens(self, local_ids: np.ndarray, remote_ids: np.ndarray, route: Route, num_tokens: int | None) -> int:
+        capacity = min(len(local_ids) * self.spec.block_size, len(remote_ids) * route.spec.block_size)
+        tokens = capacity if num_tokens is None else int(num_tokens)
+        for ids, spec, side in ((local_ids, self.spec, "local"), (remote_ids, route.spec, "remote")):
+            if len(ids) != -(-tokens // spec.block_size):
+                raise DescriptorError(f"{side}_block_ids: {tokens} tokens in blocks of {spec.block_size} need "
+                                      f"{-(-tokens // spec.block_size)} ids, got {len(ids)}")
+        return tokens
+
+    def _route_nbytes(self, route: Route, tokens: int, layers: int) -> int:
+        per_token = route.heads.num_heads * self.spec.head_dim * self.spec.itemsize * self.spec.num_kv_parts
+        return per_token * tokens * layers
+
+    def _finish(self, request: "_Request") -> None:
+        if request.notify is not None:
+            for peer in {id(r.peer): r.peer for r in self.routes}.values():
+                self.agent.notify(peer, request.notify)
+
+    def close(self) -> None:
+        """Deregister staging buffers and stop helper threads."""
+        self._work.close()
+
+
+@dataclass
+class _Request:
+    op: str
+    local: np.ndarray
+    remote: np.ndarray
+    tokens: list[int]
+    notify: bytes | None
+
+
+class StreamingPush(PipeHandle):
+    """A push whose layers move as the caller marks them ready."""
+
+    def __init__(self, pipe: KVPipe, request: _Request, layers: np.ndarray, deadline: float, limit: float,
+                 nbytes: int) -> None:
+        self._pipe, self._request, self._pending_layers = pipe, request, set(int(x) for x in layers)
+        super().__init__([], deadline, limit, pipe.strategy, nbytes, on_done=lambda: pipe._finish(request),
+                         gate=lambda: not self._pending_layers, on_final=pipe._work.release_for)
+
+    def ready(self, layers: Any) -> None:
+        """Layers (an id, ids or a range) are computed: start moving them."""
+        chosen = as_index_array(_layers(layers, self._pipe.spec.num_layers), "layers", self._pipe.spec.num_layers)
+        fresh = [int(x) for x in chosen if int(x) in self._pending_layers]
+        if len(fresh) != len(chosen):
+            raise DescriptorError(f"layers {sorted(set(chosen.tolist()) - set(fresh))} are not awaited by this push")
+        ids = np.asarray(fresh, dtype=np.int64)
+        steps = [s for route, tokens in zip(self._pipe.routes, self._request.tokens)
+                 for s in self._pipe._work.steps("write", route, self._request.local, self._request.remote, tokens,
+                                                 ids)]
+        self.add(steps)
+        self._pending_layers.difference_update(fresh)
+
+
+def _layers(layers: Any, count: int) -> Any:
+    if layers is None:
+        return np.arange(count, dtype=np.int64)
+    if isinstance(layers, range):
+        return np.asarray(layers, dtype=np.int64)
+    return layers
+
+
+def _local_region(agent: Agent, name: str) -> Region:
+    for region in agent.regions:
+        if region.name == name:
+            return region
+    raise RegistrationError(f"agent {agent.name!r} has no region named {name!r}; register the KV cache first")
+
+
+def _same_fragments(local: KVCacheSpec, local_heads: tuple[int, int], remote: KVCacheSpec,
+                    remote_heads: tuple[int, int]) -> bool:
+    """True when both sides cut the route's heads into identical pieces, in the same byte order."""
+    if local.block_size != remote.block_size:
+        return False
+    local_offsets, local_piece = local.fragments(local_heads)
+    remote_offsets, remote_piece = remote.fragments(remote_heads)
+    if local_piece != remote_piece or len(local_offsets) != len(remote_offsets):
+        return False
+    heads = local_heads[1] - local_heads[0]
+    return heads == 1 or local.block_size == 1 or _heads_outer(local) == _heads_outer(remote)
+
+
+def _heads_outer(spec: KVCacheSpec) -> bool:
+    _, _, _, head, token, _ = spec.element_strides
+    return head > token

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One run on a GPU machine without network: install carried wheels, run the GPU tests and benchmarks, write logs
+# under $OUT (or ./gpu-out), print a short table last. Usage: scripts/gpu-check.sh [stage ...]
+# Stages: info tests kernels ipc ucx pipe engine (default: all). Wheels are taken from .device/wheels if present.
+set -u
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-out}; mkdir -p "$out"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+site=${TMPDIR:-/tmp}/kvxfer-site
+if ls .device/wheels/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .device/wheels/*.whl >"$out/pip.log" 2>&1 \
+    || echo "wheel install failed: see pip.log"
+fi
+export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+stages=${*:-info tests kernels ipc ucx pipe engine}
+summary="$out/summary.txt"; : >"$summary"
+run() {  # run NAME TIMEOUT CMD...: log to $out/NAME.log, keep the last line in the summary
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1; local rc=$?
+  printf '%-10s rc=%-3s %4ss  %s\n' "$name" "$rc" "$((SECONDS - start))" "$(tail -n 1 "$out/$name.log")" >>"$summary"
+}
+for stage in $stages; do
+  case $stage in
+    info) run info 60 bash -c 'nvidia-smi -L; nvidia-smi topo -m; python3 -c "import sys,cupy,torch,numpy; print(sys.version.split()[0], \"cupy\", cupy.__version__, \"torch\", torch.__version__, \"numpy\", numpy.__version__, \"gpus\", cupy.cuda.runtime.getDeviceCount())"' ;;
+    tests) run tests 900 python3 -m pytest -q -m "gpu or multi_gpu" -p no:cacheprovider --timeout 300 tests ;;
+    kernels) run kernels 600 python3 -m kvxfer.bench.kernels --json "$out/kernels.json" ;;
+    ipc) run ipc 600 python3 -m kvxfer.bench.cli ipc --json "$out/ipc.json" ;;
+    ucx) run ucx 600 python3 bench/ucx_gpu.py --json "$out/ucx_gpu.json" ;;
+    pipe) run pipe 600 python3 -m kvxfer.bench.cli kv --model llama-3.1-8b --tokens 4096 --block-size 16 --p-tp 1 --d-tp 2 --json "$out/kv.json" ;;
+    engine) run engine 900 python3 bench/engine_gpu.py --json "$out/engine.json" ;;
+    *) echo "unknown stage $stage" >>"$summary" ;;
+  esac
+done
+for log in "$out"/*.log; do echo "===== $log (tail)"; tail -n 25 "$log"; done
+echo "===== summary"; cat "$summary"

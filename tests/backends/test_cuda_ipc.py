@@ -1,0 +1,140 @@
+"""CUDA IPC backend between two real processes: 1 GPU (same device) and 2 GPUs (NVLink), legacy and VMM memory."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import kvxfer
+from kvxfer import Descs, KVCacheSpec, PeerDisconnectedError, TransferError, TransferState
+from tests.backends.gpu_peer import serve
+
+SPEC = KVCacheSpec(num_layers=4, num_blocks=64, block_size=16, num_kv_heads=2, head_dim=128, dtype="bfloat16")
+
+
+class Remote:
+    """A spawned peer process and the pipe that drives it."""
+
+    def __init__(self, device: int, memory: str, nbytes: int = SPEC.nbytes, seed: int = 1, backend="cuda_ipc"):
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=serve, args=(child, backend, device, nbytes, memory, seed), daemon=True)
+        self.process.start()
+
+    def ask(self, *command, timeout: float = 60.0):
+        self.conn.send(command)
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"peer did not answer {command[0]!r} within {timeout} s")
+        return self.conn.recv()
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            try:
+                self.ask("exit", timeout=30)
+            except (TimeoutError, EOFError, BrokenPipeError):
+                pass
+        self.process.join(10)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+def local_cache(device: int):
+    import cupy
+
+    with cupy.cuda.Device(device):
+        return cupy.zeros(SPEC.nbytes, dtype=cupy.uint8)
+
+
+def block_bytes(array_bytes: bytes, ids) -> bytes:
+    view = np.frombuffer(array_bytes, dtype=np.uint16).reshape(SPEC.tensor_shape)
+    return view[:, ids].tobytes()
+
+
+@pytest.mark.parametrize("strategy", ["kernel", "copy"])
+@pytest.mark.parametrize("memory", ["legacy", "vmm"])
+@pytest.mark.parametrize("devices", [pytest.param((0, 0), marks=pytest.mark.gpu),
+                                     pytest.param((0, 1), marks=pytest.mark.multi_gpu)])
+def test_read_and_write_random_blocks_byte_exact(devices, memory, strategy):
+    import cupy
+
+    from kvxfer.backends.cuda_ipc import CudaIpcBackend
+
+    remote = Remote(devices[1], memory, seed=7)
+    try:
+        with kvxfer.Agent("local", backends=[CudaIpcBackend(strategy)]) as agent:
+            cache = local_cache(devices[0])
+            region = agent.register(cache, name="kv")
+            peer = agent.connect(remote.ask("meta"))
+            remote.ask("connect", agent.metadata())
+            rng = np.random.default_rng(3)
+            remote_ids, local_ids = rng.permutation(64)[:20], rng.permutation(64)[:20]
+            plan = agent.plan(Descs.from_blocks(region, SPEC, local_ids), peer,
+                              Descs.from_blocks(peer.region("kv"), SPEC, remote_ids))
+            handle = agent.read(plan, notify=b"read-done")
+            handle.wait(timeout=30)
+            assert handle.state is TransferState.DONE
+            peer_bytes = remote.ask("bytes", 0, SPEC.nbytes)
+            mine = cache.get().tobytes()
+            assert block_bytes(mine, local_ids) == block_bytes(peer_bytes, remote_ids)
+            others = np.setdiff1d(np.arange(64), local_ids)
+            assert not np.frombuffer(block_bytes(mine, others), np.uint8).any()
+            assert remote.ask("notes", 10) == [b"read-done"]
+            # write: fresh local data into other peer blocks
+            with cupy.cuda.Device(devices[0]):
+                cache[:] = cupy.random.default_rng(5).integers(1, 256, SPEC.nbytes, dtype=cupy.uint8)
+            targets = rng.permutation(64)[:9]
+            plan = agent.plan(Descs.from_blocks(region, SPEC, local_ids[:9]), peer,
+                              Descs.from_blocks(peer.region("kv"), SPEC, targets))
+            agent.write(plan, notify=b"write-done").wait(timeout=30)
+            assert remote.ask("notes", 10) == [b"write-done"]
+            after = remote.ask("bytes", 0, SPEC.nbytes)
+            assert block_bytes(after, targets) == block_bytes(cache.get().tobytes(), local_ids[:9])
+            untouched = np.setdiff1d(np.arange(64), targets)
+            assert block_bytes(after, untouched) == block_bytes(peer_bytes, untouched)
+    finally:
+        remote.close()
+
+
+@pytest.mark.multi_gpu
+def test_peer_killed_mid_transfer_fails_without_hanging_the_survivor():
+    import cupy
+
+    nbytes = 1 << 30
+    remote = Remote(1, "legacy", nbytes=nbytes, seed=11)
+    try:
+        with kvxfer.Agent("survivor", backends=["cuda_ipc"], timeouts=kvxfer.Timeouts(transfer=10)) as agent:
+            with cupy.cuda.Device(0):
+                cache = cupy.zeros(nbytes, dtype=cupy.uint8)
+            region = agent.register(cache, name="kv")
+            peer = agent.connect(remote.ask("meta"))
+            offsets = np.random.default_rng(0).permutation(nbytes // 4096) * 4096
+            plan = agent.plan(Descs.from_ranges(region, offsets, 4096), peer,
+                              Descs.from_ranges(peer.region("kv"), offsets, 4096))
+            agent.read(plan).wait(timeout=30)
+            outcomes, started = [], time.monotonic()
+            killed = False
+            while time.monotonic() - started < 20:
+                try:
+                    handle = agent.read(plan, notify=b"x")
+                except (PeerDisconnectedError, kvxfer.UsageError) as error:
+                    outcomes.append(type(error).__name__)
+                    break
+                if not killed:
+                    os.kill(remote.process.pid, signal.SIGKILL)
+                    killed = True
+                try:
+                    handle.wait(timeout=15)
+                    outcomes.append("done")
+                except TransferError as error:
+                    outcomes.append(type(error).__name__)
+            assert killed and outcomes and outcomes[-1] != "done", outcomes
+            assert not peer.connected
+            with cupy.cuda.Device(0):  # the survivor's GPU context still works
+                assert int(cupy.arange(10).sum()) == 45
+    finally:
+        remote.process.join(5)
