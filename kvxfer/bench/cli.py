@@ -19,6 +19,15 @@ def _local(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ipc(args: argparse.Namespace) -> int:
+    from . import ipc
+
+    rows = ipc.run(source=args.source, target=args.target, tokens=args.tokens, block_size=args.block_size,
+                   strategy=args.strategy, repeats=args.repeats)
+    _emit(args, {f"cuda_ipc GPU{args.source} -> GPU{args.target} (pull, until the notification arrives)": rows})
+    return 0
+
+
 def _emit(args: argparse.Namespace, tables: dict[str, list[dict]]) -> None:
     for title, rows in tables.items():
         print_table(title, rows)
@@ -36,6 +45,14 @@ def parser() -> argparse.ArgumentParser:
     local.add_argument("--repeats", type=int, default=50)
     local.add_argument("--total-mib", type=int, default=256, help="bytes moved per bandwidth row (MiB)")
     local.set_defaults(run=_local)
+    ipc = commands.add_parser("ipc", help="GPU->GPU between two processes through the CUDA IPC backend")
+    ipc.add_argument("--source", type=int, default=0, help="GPU of the prefill (source) process")
+    ipc.add_argument("--target", type=int, default=1, help="GPU of the decode (pulling) process")
+    ipc.add_argument("--tokens", type=int, default=4096)
+    ipc.add_argument("--block-size", type=int, default=16)
+    ipc.add_argument("--strategy", default="auto", choices=["auto", "kernel", "copy"])
+    ipc.add_argument("--repeats", type=int, default=20)
+    ipc.set_defaults(run=_ipc)
     for sub in commands.choices.values():
         sub.add_argument("--json", help="write results to this JSON file")
         sub.add_argument("--csv", help="write results to this CSV file")
