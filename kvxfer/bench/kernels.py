@@ -5,8 +5,9 @@ blocks of a pool 4x larger (a few GB: L2 does not flatter it). Fragment = bytes 
 box of the source cache: 4 KiB (2-token blocks), 32 KiB (16-token blocks, the real Llama case), 2 MiB (1024-token
 blocks). Bandwidth = (bytes read + bytes written) / time, median of ``repeats`` after warm-up, CUDA events on one
 stream. ``ceiling`` is cudaMemcpyAsync of the same payload between two contiguous buffers, timed in the same run.
-``grid``: "persistent" is the default launch (one wave of resident CTAs striding over boxes, tables uploaded once
-per plan); "per-box" launches one thread group per box; "persistent+upload" uploads the tables on every call.
+``variant``: "default" is the launch every call uses (one wave of resident CTAs striding over boxes, tables
+uploaded once per plan with upload_plan); the gather is also timed with the other TUNING_VARIANTS and with its
+tables uploaded on every call ("upload/call"), to choose defaults from data.
 TP rows time both ranks' launches together. Peak device memory is about 8 GiB.
 
     python -m kvxfer.bench.kernels [--json PATH] [--repeats N] [--tokens N]
@@ -24,12 +25,21 @@ import numpy as np
 
 from .. import kernels
 from ..kernels import _cuda
+from ..kernels.launch import DEFAULT_TUNING, KernelTuning
 from ..spec import KVCacheSpec
 from .report import print_table, write_json
 
 #: Fragment (source box) size in KiB -> block size giving it with 8 heads x 128 x bf16.
 BLOCK_SIZE_OF_FRAGMENT = {4: 2, 32: 16, 2048: 1024}
-COLUMNS = ("op", "fragment_kib", "grid", "payload_mib", "gbps", "ceiling_gbps", "ratio", "target", "host_us")
+#: Other kernel settings timed on the gather, to choose defaults from data (labels -> tuning).
+TUNING_VARIANTS = {
+    "per-box grid": KernelTuning(waves=None),
+    "2 waves": KernelTuning(waves=2.0),
+    "no prefetch": KernelTuning(prefetch=False),
+    "unroll 8": KernelTuning(unroll=8, min_ctas=3),
+    "unroll 2": KernelTuning(unroll=2),
+}
+COLUMNS = ("op", "fragment_kib", "variant", "payload_mib", "gbps", "ceiling_gbps", "ratio", "target", "host_us")
 
 
 def run(num_tokens: int = 4096, fragments_kib: Sequence[int] = (4, 32, 2048), repeats: int = 20, warmup: int = 3,
@@ -99,28 +109,28 @@ class _Bench:
         out = []
         operations = self.operations()
         for name, calls in operations:
-            out.append(self._row(name, calls, waves=1.0, grid="persistent"))
-        # Tuning rows: a grid of one thread group per box instead of one wave; tables uploaded on every call.
+            out.append(self._row(name, calls, DEFAULT_TUNING, "default"))
         gather = operations[0][1]
-        out.append(self._row("gather", gather, waves=None, grid="per-box"))
+        for label, tuning in TUNING_VARIANTS.items():
+            out.append(self._row("gather", gather, tuning, label))
         fresh = [(s, d, kernels.plan_kv_copy(p.src_spec, p.dst_spec, p.src_block_ids, p.dst_block_ids,
                                              num_tokens=p.num_tokens)) for s, d, p in gather]
-        out.append(self._row("gather", fresh, waves=1.0, grid="persistent+upload"))
+        out.append(self._row("gather", fresh, DEFAULT_TUNING, "upload/call"))
         return out
 
-    def _row(self, name: str, calls: list[tuple[str, str, Any]], *, waves: float | None, grid: str) -> dict:
+    def _row(self, name: str, calls: list[tuple[str, str, Any]], tuning: KernelTuning, label: str) -> dict:
         memory, stream = self.memory, self.stream
 
         def launch() -> None:
             for src, dst, plan in calls:
-                _cuda.copy_kv(memory[src], memory[dst], plan, stream=stream, waves=waves)
+                _cuda.copy_kv(memory[src], memory[dst], plan, stream=stream, tuning=tuning)
 
         payload = sum(plan.nbytes for _, _, plan in calls)
         seconds, host = self._time(launch)
         ceiling = self._ceiling(payload)
         gbps, ceiling_gbps = 2 * payload / seconds / 1e9, 2 * payload / ceiling / 1e9
         fragment = calls[0][2].src_spec.block_nbytes // calls[0][2].src_spec.num_kv_parts
-        return dict(op=name, grid=grid, payload_mib=payload / 2**20, gbps=gbps, ceiling_gbps=ceiling_gbps,
+        return dict(op=name, variant=label, payload_mib=payload / 2**20, gbps=gbps, ceiling_gbps=ceiling_gbps,
                     ratio=gbps / ceiling_gbps, target=0.92 if fragment >= 16 << 10 else 0.85, host_us=host * 1e6)
 
     def _ceiling(self, payload: int) -> float:

@@ -18,7 +18,7 @@ from ..devices import cupy_module
 from ..errors import ConfigError
 from ..memory import MemoryKind, Region
 from .copy_plan import KVCopyPlan
-from .launch import THREADS_PER_CTA, UNROLL, launch_shape, vector_bytes
+from .launch import DEFAULT_TUNING, THREADS_PER_CTA, KernelTuning, launch_shape, vector_bytes
 
 _SOURCE = Path(__file__).with_name("csrc") / "kv_copy.cu"
 
@@ -27,27 +27,26 @@ _DEVICE_TABLES: "weakref.WeakKeyDictionary[KVCopyPlan, dict[int, Any]]" = weakre
 
 
 @functools.lru_cache(maxsize=None)
-def _module(device: int) -> Any:
+def _module(device: int, tuning: KernelTuning) -> Any:
     cupy = cupy_module()
     with cupy.cuda.Device(device):
-        return cupy.RawModule(code=_SOURCE.read_text(), options=(
-            "--std=c++17", f"-DKVXFER_UNROLL={UNROLL}", f"-DKVXFER_THREADS={THREADS_PER_CTA}"))
+        return cupy.RawModule(code=_SOURCE.read_text(), options=("--std=c++17", *tuning.defines()))
 
 
 @functools.lru_cache(maxsize=None)
-def kernel(vector_bytes: int, device: int) -> Any:
-    """The compiled entry ``kvxfer_copy_v{vector_bytes}`` on ``device`` (compiled once per device, then cached)."""
+def kernel(vector_bytes: int, device: int, tuning: KernelTuning = DEFAULT_TUNING) -> Any:
+    """The compiled entry ``kvxfer_copy_v{vector_bytes}`` on ``device`` (compiled once per device and tuning)."""
     cupy = cupy_module()
     with cupy.cuda.Device(device):
-        return _module(device).get_function(f"kvxfer_copy_v{vector_bytes}")
+        return _module(device, tuning).get_function(f"kvxfer_copy_v{vector_bytes}")
 
 
 @functools.lru_cache(maxsize=None)
-def resident_ctas(vector_bytes: int, device: int) -> int:
+def resident_ctas(vector_bytes: int, device: int, tuning: KernelTuning = DEFAULT_TUNING) -> int:
     """CTAs of one entry that fit on the whole GPU at once (limited by registers and threads per SM)."""
     cupy = cupy_module()
     properties = cupy.cuda.runtime.getDeviceProperties(device)
-    registers = int(kernel(vector_bytes, device).num_regs)
+    registers = int(kernel(vector_bytes, device, tuning).num_regs)
     warp_registers = -(-registers * 32 // 256) * 256  # allocated per warp in units of 256
     by_registers = int(properties["regsPerMultiprocessor"]) // (warp_registers * (THREADS_PER_CTA // 32))
     by_threads = int(properties["maxThreadsPerMultiProcessor"]) // THREADS_PER_CTA
@@ -63,7 +62,8 @@ def cuda_region(array: Any, argument: str) -> Region:
     return region
 
 
-def copy_kv(src: Any, dst: Any, plan: KVCopyPlan, *, stream: Any = None, waves: float | None = 1.0) -> None:
+def copy_kv(src: Any, dst: Any, plan: KVCopyPlan, *, stream: Any = None,
+            tuning: KernelTuning = DEFAULT_TUNING) -> None:
     """Run ``plan`` from ``src`` to ``dst`` (cupy arrays or torch CUDA tensors on one device) on ``stream``."""
     source, target = cuda_region(src, "src"), cuda_region(dst, "dst")
     if source.device != target.device:
@@ -74,16 +74,16 @@ def copy_kv(src: Any, dst: Any, plan: KVCopyPlan, *, stream: Any = None, waves: 
 
         stream = torch.cuda.current_stream(target.device).cuda_stream
     copy_kv_pointers(source.addr, source.nbytes, target.addr, target.nbytes, plan, device=target.device,
-                     stream=stream, waves=waves)
+                     stream=stream, tuning=tuning)
 
 
 def copy_kv_pointers(src_ptr: int, src_nbytes: int, dst_ptr: int, dst_nbytes: int, plan: KVCopyPlan, *,
-                     device: int, stream: Any = None, waves: float | None = 1.0) -> None:
+                     device: int, stream: Any = None, tuning: KernelTuning = DEFAULT_TUNING) -> None:
     """Run ``plan`` between raw device pointers, launching on ``device``.
 
     ``src_ptr``/``dst_ptr`` are region starts (``spec.offset`` counts from them) and may be IPC-mapped peer
-    memory reachable from ``device``. ``waves``: grid size in multiples of the CTAs resident at once (None: one
-    thread group per box). Does not synchronize; the copy is ordered on ``stream``.
+    memory reachable from ``device``. ``tuning``: kernel knobs (benchmarks only). Does not synchronize; the copy is
+    ordered on ``stream``.
     """
     plan.src_spec.check_fits(src_nbytes, argument="src")
     plan.dst_spec.check_fits(dst_nbytes, argument="dst")
@@ -92,10 +92,11 @@ def copy_kv_pointers(src_ptr: int, src_nbytes: int, dst_ptr: int, dst_nbytes: in
     cupy = cupy_module()
     tables = plan.tables
     cap = None
-    if waves is not None:
-        cap = max(1, int(resident_ctas(vector_bytes(tables, int(src_ptr), int(dst_ptr)), device) * waves))
-    shape = launch_shape(tables, int(src_ptr), int(dst_ptr), max_ctas=cap)
-    function = kernel(shape.vector_bytes, device)
+    if tuning.waves is not None:
+        vector = vector_bytes(tables, int(src_ptr), int(dst_ptr))
+        cap = max(1, int(resident_ctas(vector, device, tuning) * tuning.waves))
+    shape = launch_shape(tables, int(src_ptr), int(dst_ptr), max_ctas=cap, unroll=tuning.unroll)
+    function = kernel(shape.vector_bytes, device, tuning)
     with cupy.cuda.Device(device):
         launch_stream = _as_stream(cupy, stream, device)
         with launch_stream:

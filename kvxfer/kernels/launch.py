@@ -14,9 +14,34 @@ import numpy as np
 from ..errors import ConfigError
 from .copy_plan import KernelTables
 
-#: Threads per CTA and loads each thread keeps in flight (passed to csrc/kv_copy.cu with -D).
+#: Threads per CTA (passed to csrc/kv_copy.cu with -D, like every KernelTuning field but ``waves``).
 THREADS_PER_CTA = 256
-UNROLL = 4
+
+
+@dataclass(frozen=True)
+class KernelTuning:
+    """Compile-time and launch knobs of the kernel; the defaults are what every call uses.
+
+    ``unroll``: 16-byte loads each thread keeps in flight. ``prefetch``: load the next box's table entries while
+    copying the current one. ``min_ctas``: CTAs per SM the compiler must fit (caps registers; 5 fits 48 registers,
+    unroll 8 needs 3). ``waves``: grid size in multiples of the CTAs resident at once (None: one thread group
+    per box, no striding).
+    """
+
+    unroll: int = 4
+    prefetch: bool = True
+    min_ctas: int = 5
+    waves: float | None = 1.0
+
+    def defines(self) -> tuple[str, ...]:
+        """The -D options of this tuning."""
+        return (f"-DKVXFER_THREADS={THREADS_PER_CTA}", f"-DKVXFER_UNROLL={self.unroll}",
+                f"-DKVXFER_PREFETCH={int(self.prefetch)}", f"-DKVXFER_MIN_CTAS={self.min_ctas}")
+
+
+DEFAULT_TUNING = KernelTuning()
+#: Loads in flight per thread by default (groups are sized from it).
+UNROLL = DEFAULT_TUNING.unroll
 
 
 @dataclass(frozen=True)
@@ -39,17 +64,18 @@ def vector_bytes(tables: KernelTables, src_addr: int, dst_addr: int) -> int:
     return math.gcd(tables.alignment, src_addr, dst_addr)
 
 
-def launch_shape(tables: KernelTables, src_addr: int, dst_addr: int, max_ctas: int | None = None) -> LaunchShape:
+def launch_shape(tables: KernelTables, src_addr: int, dst_addr: int, max_ctas: int | None = None,
+                 unroll: int = UNROLL) -> LaunchShape:
     """Kernel arguments for regions starting at ``src_addr``/``dst_addr`` (device pointers as ints).
 
     The vector width is the widest power of two (<= 16) dividing both addresses and ``tables.alignment``. Small
     boxes share a CTA: a group of threads (32..256, a power of two) copies one box, sized so each thread has about
-    UNROLL vectors. ``max_ctas`` caps the grid (the groups then stride over boxes).
+    ``unroll`` vectors. ``max_ctas`` caps the grid (the groups then stride over boxes).
     """
     vector = vector_bytes(tables, src_addr, dst_addr)
     row_vectors = tables.row_nbytes // vector
     box_vectors = tables.max_segment_tokens * tables.row_heads * row_vectors
-    group = 1 << max(0, -(-box_vectors // UNROLL) - 1).bit_length()
+    group = 1 << max(0, -(-box_vectors // unroll) - 1).bit_length()
     group = min(THREADS_PER_CTA, max(32, group))
     groups_per_cta = THREADS_PER_CTA // group
     num_ctas = -(-tables.num_boxes // groups_per_cta)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import kvxfer.kernels as kernels
-from kvxfer.kernels.launch import THREADS_PER_CTA, UNROLL
+from kvxfer.kernels.launch import DEFAULT_TUNING, KernelTuning
 
 _HERE = Path(__file__).parent
 _CSRC = Path(kernels.__file__).parent / "csrc"
@@ -20,14 +20,14 @@ _ARGTYPES = [_c.c_int, _c.c_int, _c.c_void_p, _c.c_void_p, _c.c_void_p, _c.c_voi
              _c.c_longlong, _c.c_uint, _c.c_uint, _c.c_uint, _c.c_uint, _c.c_int]
 
 
-def build(directory: Path) -> ctypes.CDLL | None:
-    """Compile the emulation into ``directory``; None when no C++ compiler is installed."""
+def build(directory: Path, tuning: KernelTuning = DEFAULT_TUNING) -> ctypes.CDLL | None:
+    """Compile the emulation (with ``tuning``'s -D options) into ``directory``; None without a C++ compiler."""
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         return None
     library = directory / "libkv_copy_host.so"
     command = [compiler, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Werror", "-Wno-unknown-pragmas",
-               f"-DKVXFER_THREADS={THREADS_PER_CTA}", f"-DKVXFER_UNROLL={UNROLL}", f"-I{_CSRC}", f"-I{_HERE}",
+               *tuning.defines(), f"-I{_CSRC}", f"-I{_HERE}",
                str(_HERE / "host_harness.cpp"), "-o", str(library)]
     subprocess.run(command, check=True, capture_output=True, timeout=120)
     lib = ctypes.CDLL(str(library))

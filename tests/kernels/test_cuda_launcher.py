@@ -16,7 +16,7 @@ import pytest
 import kvxfer.kernels as kernels
 from kvxfer.errors import ConfigError
 from kvxfer.kernels import _cuda, reference
-from kvxfer.kernels.launch import THREADS_PER_CTA
+from kvxfer.kernels.launch import DEFAULT_TUNING, THREADS_PER_CTA
 from kvxfer.spec import KVCacheSpec
 from tests.kernels import emulator as emulation
 from tests.kernels.cases import random_bytes, random_case, random_spec
@@ -94,7 +94,7 @@ class FakeCupy:
 
         class RawModule:
             def __init__(self, code: str, options: tuple) -> None:
-                assert "kvxfer_copy_v16" in code and f"-DKVXFER_THREADS={THREADS_PER_CTA}" in options
+                assert "kvxfer_copy_v16" in code and set(DEFAULT_TUNING.defines()) <= set(options)
 
             def get_function(self, name: str) -> Kernel:
                 return Kernel(name)

@@ -14,17 +14,18 @@ import pytest
 import kvxfer.kernels as kernels
 from kvxfer.kernels import reference
 from kvxfer.kernels.copy_plan import KVCopyPlan, staging_spec
-from kvxfer.kernels.launch import launch_shape
+from kvxfer.kernels.launch import DEFAULT_TUNING, KernelTuning, launch_shape
 from tests.kernels import emulator as emulation
 from tests.kernels.cases import random_bytes, random_case, random_spec
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def _run(lib: ctypes.CDLL, plan: KVCopyPlan, src: np.ndarray, dst: np.ndarray, max_ctas: int | None) -> int:
+def _run(lib: ctypes.CDLL, plan: KVCopyPlan, src: np.ndarray, dst: np.ndarray, max_ctas: int | None,
+         unroll: int = DEFAULT_TUNING.unroll) -> int:
     """Emulate one launch on host buffers; returns the vector width used."""
     src_addr, dst_addr = src.ctypes.data, dst.ctypes.data
-    shape = launch_shape(plan.tables, src_addr, dst_addr, max_ctas=max_ctas)
+    shape = launch_shape(plan.tables, src_addr, dst_addr, max_ctas=max_ctas, unroll=unroll)
     violations = emulation.launch(lib, shape.vector_bytes, shape.num_ctas, shape.src_addr, shape.dst_addr,
                                   (src_addr, src_addr + src.nbytes), (dst_addr, dst_addr + dst.nbytes),
                                   plan.tables.table.ctypes.data, shape.scalars)
@@ -43,6 +44,20 @@ def _shifted(data: np.ndarray, shift: int) -> np.ndarray:
 
 @pytest.mark.parametrize("seed", range(60))
 def test_emulated_kernel_matches_reference(emulator: ctypes.CDLL, seed: int) -> None:
+    _check_random_case(emulator, seed, DEFAULT_TUNING.unroll)
+
+
+@pytest.mark.parametrize("tuning", [KernelTuning(prefetch=False), KernelTuning(unroll=8, min_ctas=3),
+                                    KernelTuning(unroll=1)], ids=str)
+def test_emulated_tunings_match_reference(tmp_path_factory: pytest.TempPathFactory, tuning: KernelTuning) -> None:
+    lib = emulation.build(tmp_path_factory.mktemp("tuned"), tuning)
+    if lib is None:
+        pytest.skip("needs a C++ compiler (g++)")
+    for seed in range(100, 115):
+        _check_random_case(lib, seed, tuning.unroll)
+
+
+def _check_random_case(emulator: ctypes.CDLL, seed: int, unroll: int) -> None:
     rng = np.random.default_rng(seed)
     itemsize = int(rng.choice([1, 2, 4, 8]))
     head_dim = int(rng.choice([1, 3, 8, 16, 64]))
@@ -59,7 +74,7 @@ def test_emulated_kernel_matches_reference(emulator: ctypes.CDLL, seed: int) -> 
     src, dst = _shifted(case.src, shift_src), _shifted(case.dst, shift_dst)
     expected = case.dst.copy()
     reference.copy_kv(case.src, expected, case.plan)
-    _run(emulator, case.plan, src, dst, max_ctas=[None, 1, 3][seed % 3])
+    _run(emulator, case.plan, src, dst, max_ctas=[None, 1, 3][seed % 3], unroll=unroll)
     np.testing.assert_array_equal(dst, expected)
     np.testing.assert_array_equal(src, case.src)
 

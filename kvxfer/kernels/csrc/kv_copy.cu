@@ -17,6 +17,14 @@
 #ifndef KVXFER_THREADS
 #define KVXFER_THREADS 256
 #endif
+// 1: load the next box's table entries before copying the current box.
+#ifndef KVXFER_PREFETCH
+#define KVXFER_PREFETCH 1
+#endif
+// CTAs per SM the compiler must fit (caps registers per thread: 5 x 256 threads fit 48 registers, no spills).
+#ifndef KVXFER_MIN_CTAS
+#define KVXFER_MIN_CTAS 5
+#endif
 // A test hook: the host emulation checks every access's bounds and alignment; on the GPU it is nothing.
 #ifndef KVXFER_ACCESS_HOOK
 #define KVXFER_ACCESS_HOOK(is_store, ptr, nbytes)
@@ -30,31 +38,57 @@ __device__ __forceinline__ unsigned int kvxfer_divide(unsigned int n, unsigned i
     return mul == 0u ? n : (__umulhi(n, mul) >> shr);
 }
 
+// Where one box starts on each side (region start + layer-part + segment), and how many vectors it holds.
+struct kvxfer_box {
+    long long src;
+    long long dst;
+    int vectors;
+};
+
+__device__ __forceinline__ kvxfer_box kvxfer_load_box(const long long* __restrict__ table, int box, int num_segments,
+                                                      int num_layer_parts, int row_vectors_per_token) {
+    const int layer_part = box / num_segments;
+    const int segment = box - layer_part * num_segments;
+    const long long* part_src = table + 3 * num_segments;
+    kvxfer_box result;
+    result.src = part_src[layer_part] + table[segment];
+    result.dst = part_src[num_layer_parts + layer_part] + table[num_segments + segment];
+    result.vectors = (int)table[2 * num_segments + segment] * row_vectors_per_token;
+    return result;
+}
+
 template <typename Vec>
 __device__ __forceinline__ void kvxfer_copy_boxes(
     const char* __restrict__ src, char* __restrict__ dst, const long long* __restrict__ table,
     int num_segments, int num_layer_parts, int row_heads, int row_vectors,
     long long src_token_stride, long long src_head_stride, long long dst_token_stride, long long dst_head_stride,
     unsigned int row_mul, unsigned int row_shr, unsigned int head_mul, unsigned int head_shr, int group_shift) {
-    const long long* segment_src = table;
-    const long long* segment_dst = table + num_segments;
-    const long long* segment_tokens = table + 2 * num_segments;
-    const long long* part_src = table + 3 * num_segments;
-    const long long* part_dst = part_src + num_layer_parts;
-
     const int group_size = 1 << group_shift;
     const int lane = threadIdx.x & (group_size - 1);
     const int groups_per_cta = blockDim.x >> group_shift;
     const int num_boxes = num_segments * num_layer_parts;
     const int box_stride = gridDim.x * groups_per_cta;
     const int vec_stride = group_size * KVXFER_UNROLL;
+    const int per_token = row_heads * row_vectors;
+    const int first_box = blockIdx.x * groups_per_cta + (threadIdx.x >> group_shift);
 
-    for (int box = blockIdx.x * groups_per_cta + (threadIdx.x >> group_shift); box < num_boxes; box += box_stride) {
-        const int layer_part = box / num_segments;
-        const int segment = box - layer_part * num_segments;
-        const char* box_src = src + part_src[layer_part] + segment_src[segment];
-        char* box_dst = dst + part_dst[layer_part] + segment_dst[segment];
-        const int num_vectors = (int)segment_tokens[segment] * row_heads * row_vectors;
+#if KVXFER_PREFETCH
+    // The next box's table entries load while this box's bytes move: their latency leaves the critical path.
+    kvxfer_box next = {0, 0, 0};
+    if (first_box < num_boxes) next = kvxfer_load_box(table, first_box, num_segments, num_layer_parts, per_token);
+#endif
+    for (int box = first_box; box < num_boxes; box += box_stride) {
+#if KVXFER_PREFETCH
+        const kvxfer_box current = next;
+        if (box + box_stride < num_boxes) {
+            next = kvxfer_load_box(table, box + box_stride, num_segments, num_layer_parts, per_token);
+        }
+#else
+        const kvxfer_box current = kvxfer_load_box(table, box, num_segments, num_layer_parts, per_token);
+#endif
+        const char* box_src = src + current.src;
+        char* box_dst = dst + current.dst;
+        const int num_vectors = current.vectors;
 
         for (int first = lane; first < num_vectors; first += vec_stride) {
             Vec values[KVXFER_UNROLL];
@@ -87,7 +121,7 @@ __device__ __forceinline__ void kvxfer_copy_boxes(
 }
 
 #define KVXFER_DEFINE_COPY(NAME, VEC)                                                                              \
-    extern "C" __global__ void __launch_bounds__(KVXFER_THREADS) NAME(                                              \
+    extern "C" __global__ void __launch_bounds__(KVXFER_THREADS, KVXFER_MIN_CTAS) NAME(                             \
         const char* __restrict__ src, char* __restrict__ dst, const long long* __restrict__ table,                  \
         int num_segments, int num_layer_parts, int row_heads, int row_vectors,                                      \
         long long src_token_stride, long long src_head_stride, long long dst_token_stride,                          \
