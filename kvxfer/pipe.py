@@ -18,10 +18,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import checksum
 from .agent import Agent
 from .backends.base import Backend
+from .checksum import Checksums
 from .descs import Descs
 from .errors import ConfigError, DescriptorError, RegistrationError
+from .lease import Leases
 from .memory import MemoryKind, Region, RemoteRegion
 from .peer import Peer
 from .pipe_work import PipeWork
@@ -84,8 +87,8 @@ class KVPipe:
             raise ConfigError(f"strategy 'kernel' needs a backend that maps peer memory; {backend.caps.name} "
                               f"cannot for peer {peer.name!r}")
         if wanted == "direct" and not direct:
-            raise ConfigError(f"strategy 'direct' needs the same fragments on both sides; heads "
-                              f"{heads.global_heads} differ in block size or layout (use 'staged')")
+            raise ConfigError(f"strategy 'direct' needs the same fragments on both sides; the two caches cut heads "
+                              f"{heads.global_heads} differently (block size, layout or head slice; use 'staged')")
         piece = spec.fragments(heads.remote_heads)[1]
         if wanted != "auto":
             return Route(heads, peer, spec, region, backend, wanted, "requested", mapped)
@@ -108,11 +111,17 @@ class KVPipe:
     # ---- requests ----------------------------------------------------------------------------------------------
 
     def pull(self, local_block_ids: Any, remote_block_ids: Any, notify: bytes | None = None, *,
-             num_tokens: int | None = None, layers: Any = None, timeout: float | None = None) -> PipeHandle:
+             num_tokens: int | None = None, layers: Any = None, timeout: float | None = None,
+             lease: bytes | None = None, renew_every: float = 1.0,
+             expected: dict[str, Checksums | bytes] | None = None) -> PipeHandle:
         """Fill local blocks ``local_block_ids`` (int[n], host; sequence order) with the tokens of the peers'
         blocks ``remote_block_ids`` (int[m], host). ``notify`` reaches every peer of the request after the data.
-        ``layers`` (ids or range) narrows the request; ``num_tokens`` defaults to what the blocks hold."""
-        return self._request("read", local_block_ids, remote_block_ids, notify, num_tokens, layers, timeout)
+        ``layers`` (ids or range) narrows the request; ``num_tokens`` defaults to what the blocks hold.
+        ``lease``: the senders' lease key, renewed every ``renew_every`` s and released at the end; the transfer
+        fails if a sender lets it expire. ``expected``: peer name -> that sender's :meth:`checksums`, verified
+        after the data arrived (TransferError on mismatch)."""
+        return self._request("read", local_block_ids, remote_block_ids, notify, num_tokens, layers, timeout,
+                             lease=lease, renew_every=renew_every, expected=expected)
 
     def push(self, local_block_ids: Any, remote_block_ids: Any, notify: bytes | None = None, *,
              num_tokens: int | None = None, layers: Any = None, timeout: float | None = None,
@@ -123,7 +132,8 @@ class KVPipe:
                              stream_layers)
 
     def _request(self, op: str, local_ids: Any, remote_ids: Any, notify: bytes | None, num_tokens: int | None,
-                 layers: Any, timeout: float | None, stream_layers: bool = False) -> PipeHandle:
+                 layers: Any, timeout: float | None, stream_layers: bool = False, lease: bytes | None = None,
+                 renew_every: float = 1.0, expected: dict | None = None) -> PipeHandle:
         if notify is not None and not isinstance(notify, (bytes, bytearray)):
             raise ConfigError(f"notify must be bytes or None, got {type(notify).__name__}")
         local_ids = as_index_array(local_ids, "local_block_ids", self.spec.num_blocks)
@@ -139,17 +149,18 @@ class KVPipe:
             raise DescriptorError("remote_block_ids must not repeat (they are written)")
         nbytes = sum(self._route_nbytes(r, t, len(layer_ids)) for r, t in zip(self.routes, tokens))
         limit = self.agent.timeouts.transfer if timeout is None else timeout
-        request = _Request(op, local_ids, remote, tokens, notify)
+        request = _Request(op, local_ids, remote, tokens, notify, layer_ids, _decode_expected(expected), lease)
         if stream_layers:
             if op != "write":
                 raise ConfigError("stream_layers applies to push (the side that computes the layers)")
             handle: PipeHandle = StreamingPush(self, request, layer_ids, time.monotonic() + limit, limit, nbytes)
         else:
-            steps = [self._work.steps(op, route, request.local, request.remote, t, layer_ids)
-                     for route, t in zip(self.routes, tokens)]
-            handle = PipeHandle([s for group in steps for s in group], time.monotonic() + limit, limit,
-                                self.strategy, nbytes, on_done=lambda: self._finish(request),
-                                on_final=self._work.release_for)
+            steps = [s for route, t in zip(self.routes, tokens)
+                     for s in self._work.steps(op, route, request.local, request.remote, t, layer_ids)]
+            if lease is not None:
+                steps.append(Leases.of(self.agent).hold(lease, self._peer_names(), renew_every))
+            handle = PipeHandle(steps, time.monotonic() + limit, limit, self.strategy, nbytes,
+                                on_done=lambda: self._finish(request), on_final=lambda h: self._final(request, h))
         self._work.watch(handle)
         return handle
 
@@ -166,10 +177,30 @@ class KVPipe:
         per_token = route.heads.num_heads * self.spec.head_dim * self.spec.itemsize * self.spec.num_kv_parts
         return per_token * tokens * layers
 
+    def _peer_names(self) -> list[str]:
+        return list(dict.fromkeys(r.peer.name for r in self.routes))
+
     def _finish(self, request: "_Request") -> None:
+        for route, tokens in zip(self.routes, request.tokens):
+            wanted = (request.expected or {}).get(route.peer.name)
+            if wanted is not None:
+                actual = checksum.compute(self.region, self.spec, request.local, num_tokens=tokens,
+                                          unit_tokens=wanted.unit_tokens, heads=route.heads.local_heads,
+                                          layers=request.layers)
+                checksum.verify(wanted, actual, route.peer.name)
         if request.notify is not None:
-            for peer in {id(r.peer): r.peer for r in self.routes}.values():
-                self.agent.notify(peer, request.notify)
+            for name in self._peer_names():
+                self.agent.notify(name, request.notify)
+
+    def _final(self, request: "_Request", handle: PipeHandle) -> None:
+        if request.lease is not None:
+            Leases.of(self.agent).drop(request.lease, release=True)
+        self._work.release_for(handle)
+
+    def checksums(self, block_ids: Any, *, num_tokens: int | None = None, layers: Any = None) -> Checksums:
+        """Checksums of this rank's blocks (all its heads), for a receiver's ``pull(..., expected=...)``."""
+        ids = as_index_array(block_ids, "block_ids", self.spec.num_blocks)
+        return checksum.compute(self.region, self.spec, ids, num_tokens=num_tokens, layers=layers)
 
     def close(self) -> None:
         """Deregister staging buffers and stop helper threads."""
@@ -183,6 +214,18 @@ class _Request:
     remote: np.ndarray
     tokens: list[int]
     notify: bytes | None
+    layers: np.ndarray
+    expected: dict[str, Checksums] | None = None
+    lease: bytes | None = None
+
+
+def _decode_expected(expected: dict | None) -> dict[str, Checksums] | None:
+    if expected is None:
+        return None
+    if not isinstance(expected, dict):
+        raise ConfigError(f"expected must map peer names to Checksums, got {type(expected).__name__}")
+    return {name: value if isinstance(value, Checksums) else Checksums.decode(value)
+            for name, value in expected.items()}
 
 
 class StreamingPush(PipeHandle):
@@ -192,7 +235,7 @@ class StreamingPush(PipeHandle):
                  nbytes: int) -> None:
         self._pipe, self._request, self._pending_layers = pipe, request, set(int(x) for x in layers)
         super().__init__([], deadline, limit, pipe.strategy, nbytes, on_done=lambda: pipe._finish(request),
-                         gate=lambda: not self._pending_layers, on_final=pipe._work.release_for)
+                         gate=lambda: not self._pending_layers, on_final=lambda h: pipe._final(request, h))
 
     def ready(self, layers: Any) -> None:
         """Layers (an id, ids or a range) are computed: start moving them."""

@@ -1,0 +1,204 @@
+"""KVPipe on CPU: every TP pair, block-size changes, NHD <-> HND, replicated heads, MLA, streaming, errors.
+
+The expected decode caches are built independently of the kernels: each token's K/V is written through a NumPy
+strided view of the spec (the same view the spec tests check), from one full-head "sequence" array.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from numpy.lib.stride_tricks import as_strided
+
+import kvxfer
+from kvxfer import ConfigError, DescriptorError, KVCacheSpec, KVPipe, LayoutMismatchError, TransferState
+from kvxfer.ranks import rank_pairs
+
+LAYERS, DIM, BLOCKS = 2, 4, 12
+
+
+def logical(cache: np.ndarray, spec: KVCacheSpec) -> np.ndarray:
+    """[layer, block, part, head, token, dim] view of a cache buffer."""
+    flat = cache.reshape(-1)
+    return as_strided(flat[spec.offset:], spec.shape, tuple(s * flat.itemsize for s in spec.element_strides))
+
+
+def make_spec(tp_rank, tp_size, heads, block_size, layout, parts=2):
+    local = max(heads // tp_size, 1)
+    return KVCacheSpec(num_layers=LAYERS, num_blocks=BLOCKS, block_size=block_size, num_kv_heads=local,
+                       head_dim=DIM, dtype="float32", layout=layout, tp_rank=tp_rank, tp_size=tp_size,
+                       total_kv_heads=heads, num_kv_parts=parts, model="m")
+
+
+def write_sequence(cache, spec, block_ids, sequence):
+    """sequence: [layer, part, token, global head, dim] -> the cache's blocks, its own heads only."""
+    view, (g0, g1) = logical(cache, spec), spec.head_range()
+    for t in range(sequence.shape[2]):
+        block, slot = block_ids[t // spec.block_size], t % spec.block_size
+        view[:, block, :, :, slot, :] = sequence[:, :, t, g0:g1, :]
+
+
+class Cluster:
+    """Prefill ranks and decode ranks as agents of this process, prefill caches filled from one sequence."""
+
+    def __init__(self, p_tp, d_tp, heads, p_block, d_block, p_layout, d_layout, tokens, parts=2, seed=0,
+                 backend="local"):
+        rng = np.random.default_rng(seed)
+        self.sequence = rng.standard_normal((LAYERS, parts, tokens, heads, DIM)).astype(np.float32)
+        self.tokens = tokens
+        self.p_specs = [make_spec(r, p_tp, heads, p_block, p_layout, parts) for r in range(p_tp)]
+        self.d_specs = [make_spec(r, d_tp, heads, d_block, d_layout, parts) for r in range(d_tp)]
+        self.p_ids = rng.permutation(BLOCKS)[:-(-tokens // p_block)]
+        self.d_ids = rng.permutation(BLOCKS)[:-(-tokens // d_block)]
+        self.prefill = [kvxfer.Agent(f"p{r}", backends=[backend]) for r in range(p_tp)]
+        self.decode = [kvxfer.Agent(f"d{r}", backends=[backend]) for r in range(d_tp)]
+        self.p_caches, self.d_caches = [], []
+        for agent, spec in zip(self.prefill, self.p_specs):
+            cache = np.zeros(spec.tensor_shape, np.float32)
+            write_sequence(cache, spec, self.p_ids, self.sequence)
+            agent.register(cache, name="kv")
+            self.p_caches.append(cache)
+        for agent, spec in zip(self.decode, self.d_specs):
+            cache = np.full(spec.tensor_shape, -7.0, np.float32)  # poison: every byte we expect must be written
+            agent.register(cache, name="kv")
+            self.d_caches.append(cache)
+        self.peers = [[agent.connect(p.metadata()) for p in self.prefill] for agent in self.decode]
+
+    def pipe(self, rank, **kwargs):
+        return KVPipe(self.decode[rank], self.d_specs[rank], self.peers[rank], self.p_specs, **kwargs)
+
+    def expected(self, rank):
+        cache = np.full(self.d_specs[rank].tensor_shape, -7.0, np.float32)
+        write_sequence(cache, self.d_specs[rank], self.d_ids, self.sequence)
+        return cache
+
+    def close(self):
+        for agent in self.prefill + self.decode:
+            agent.close()
+
+
+def run_pull(cluster, strategy="auto", notify=b"done"):
+    for rank in range(len(cluster.decode)):
+        pipe = cluster.pipe(rank, strategy=strategy)
+        handle = pipe.pull(cluster.d_ids, cluster.p_ids, notify=notify, num_tokens=cluster.tokens)
+        handle.wait(timeout=30)
+        assert handle.state is TransferState.DONE
+        np.testing.assert_array_equal(cluster.d_caches[rank], cluster.expected(rank))
+        pipe.close()
+
+
+@pytest.mark.parametrize("p_tp, d_tp", list(itertools.product([1, 2, 4, 8], repeat=2)))
+def test_every_tp_pair(p_tp, d_tp):
+    cluster = Cluster(p_tp, d_tp, heads=8, p_block=16, d_block=16, p_layout="HND", d_layout="HND", tokens=40)
+    try:
+        run_pull(cluster)
+        routes = rank_pairs(p_tp, d_tp, 8)
+        assert sorted({h for _, _, heads in routes for h in range(*heads)}) == list(range(8))
+    finally:
+        cluster.close()
+
+
+@pytest.mark.parametrize("strategy", ["auto", "staged"])
+@pytest.mark.parametrize("p_block, d_block", [(16, 16), (16, 32), (32, 16)])
+@pytest.mark.parametrize("p_layout, d_layout", [("HND", "NHD"), ("NHD", "HND"), ("NHD", "NHD")])
+@pytest.mark.parametrize("p_tp, d_tp", [(1, 2), (2, 1), (2, 4)])
+def test_block_size_and_layout_changes(p_tp, d_tp, p_layout, d_layout, p_block, d_block, strategy):
+    cluster = Cluster(p_tp, d_tp, 8, p_block, d_block, p_layout, d_layout, tokens=37, seed=p_block + d_block)
+    try:
+        run_pull(cluster, strategy)
+    finally:
+        cluster.close()
+
+
+@pytest.mark.parametrize("p_tp, d_tp", [(1, 1), (2, 2), (4, 2), (1, 4)])
+def test_direct_strategy_when_fragments_match(p_tp, d_tp):
+    cluster = Cluster(p_tp, d_tp, 8, 16, 16, "HND", "HND", tokens=48)  # HND: head slices stay contiguous
+    try:
+        pipe = cluster.pipe(0, strategy="direct")
+        assert {r.strategy for r in pipe.routes} == {"direct"}
+        pipe.close()
+        run_pull(cluster, "direct")
+    finally:
+        cluster.close()
+
+
+@pytest.mark.parametrize("p_tp, d_tp, heads", [(1, 8, 2), (8, 1, 2), (4, 8, 2), (8, 2, 1)])
+def test_replicated_heads(p_tp, d_tp, heads):
+    cluster = Cluster(p_tp, d_tp, heads, 16, 32, "HND", "NHD", tokens=33)
+    try:
+        run_pull(cluster, "staged")
+    finally:
+        cluster.close()
+
+
+def test_mla_single_latent_reads_one_rank_only():
+    cluster = Cluster(4, 2, heads=1, p_block=16, d_block=16, p_layout="HND", d_layout="HND", tokens=20, parts=1)
+    try:
+        for rank in range(2):
+            pipe = cluster.pipe(rank)
+            assert len(pipe.routes) == 1
+            pipe.close()
+        run_pull(cluster)
+    finally:
+        cluster.close()
+
+
+def test_push_streams_layers_as_they_become_ready():
+    cluster = Cluster(1, 1, 8, 16, 16, "HND", "HND", tokens=32)
+    try:
+        agent, spec = cluster.prefill[0], cluster.p_specs[0]
+        peer = agent.connect(cluster.decode[0].metadata())
+        pipe = KVPipe(agent, spec, peer, cluster.d_specs[0], strategy="direct")
+        handle = pipe.push(cluster.p_ids, cluster.d_ids, notify=b"pushed", stream_layers=True)
+        handle.ready(0)
+        time_limit = 50
+        while handle.poll() is TransferState.PENDING and time_limit:
+            time_limit -= 1
+            import time
+            time.sleep(0.01)
+        assert handle.state is TransferState.PENDING  # layer 1 not ready yet: not done
+        expected = cluster.expected(0)
+        np.testing.assert_array_equal(cluster.d_caches[0][0], expected[0])
+        assert (cluster.d_caches[0][1] == -7).all()
+        with pytest.raises(DescriptorError, match="not awaited"):
+            handle.ready([0])
+        handle.ready(range(1, 2))
+        handle.wait(timeout=10)
+        np.testing.assert_array_equal(cluster.d_caches[0], expected)
+        assert [n.payload for n in cluster.decode[0].notifications(timeout=2)] == [b"pushed"]
+        pipe.close()
+    finally:
+        cluster.close()
+
+
+def test_bad_requests_move_nothing():
+    cluster = Cluster(1, 1, 8, 16, 16, "HND", "HND", tokens=32)
+    try:
+        pipe = cluster.pipe(0)
+        with pytest.raises(DescriptorError, match="remote_block_ids: 16 tokens in blocks of 16 need 1 ids, got 2"):
+            pipe.pull(cluster.d_ids[:1], cluster.p_ids)
+        with pytest.raises(DescriptorError, match="must lie in"):
+            pipe.pull([0, BLOCKS], cluster.p_ids)
+        with pytest.raises(DescriptorError, match="repeat"):
+            pipe.pull([3, 3], cluster.p_ids)
+        with pytest.raises(ConfigError, match="strategy"):
+            cluster.pipe(0, strategy="teleport")
+        assert (cluster.d_caches[0] == -7).all()
+        pipe.close()
+    finally:
+        cluster.close()
+
+
+@pytest.mark.parametrize("change, match", [(dict(dtype="float16"), "dtype"), (dict(head_dim=8), "head_dim"),
+                                           (dict(model="other"), "model"), (dict(num_layers=3), "num_layers")])
+def test_incompatible_specs_are_refused_before_any_byte_moves(change, match):
+    cluster = Cluster(1, 1, 8, 16, 16, "HND", "HND", tokens=16)
+    try:
+        wrong = cluster.p_specs[0].replace(**change)
+        with pytest.raises(LayoutMismatchError, match=match):
+            KVPipe(cluster.decode[0], cluster.d_specs[0], cluster.peers[0], [wrong])
+        assert (cluster.d_caches[0] == -7).all()
+    finally:
+        cluster.close()

@@ -1,0 +1,94 @@
+"""KVPipe leases and verify mode, with faults injected by the mock backend."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import kvxfer
+from kvxfer import KVCacheSpec, KVPipe, TransferError, TransferState
+from kvxfer.backends.mock import Fault, MockBackend
+from kvxfer.checksum import Checksums, compute
+from kvxfer.lease import LeaseLostError, Leases
+from tests.test_pipe import Cluster
+
+SPEC = KVCacheSpec(num_layers=2, num_blocks=8, block_size=16, num_kv_heads=4, head_dim=8, dtype="float32")
+
+
+def pair(fault=None):
+    """Prefill and decode agents (mock backends) connected both ways, prefill cache random."""
+    prefill = kvxfer.Agent("p", backends=[MockBackend()])
+    decode = kvxfer.Agent("d", backends=[MockBackend(on_post=lambda *a: fault)])
+    source = np.random.default_rng(0).standard_normal(SPEC.tensor_shape).astype(np.float32)
+    target = np.zeros(SPEC.tensor_shape, np.float32)
+    prefill_region = prefill.register(source, name="kv")
+    decode.register(target, name="kv")
+    peer = decode.connect(prefill.metadata())
+    prefill.connect(decode.metadata())
+    return prefill, decode, source, target, peer, prefill_region
+
+
+def test_expired_lease_fails_the_receiver_and_frees_the_blocks():
+    prefill, decode, source, target, peer, _ = pair(Fault.delay(1.0))
+    ended = []
+    with prefill, decode:
+        Leases.of(prefill).grant(b"req-1", "d", [1, 2], ttl=0.3, on_end=lambda lease, why: ended.append(why))
+        pipe = KVPipe(decode, SPEC, peer, SPEC, strategy="direct")
+        handle = pipe.pull([4, 5], [1, 2], lease=b"req-1", renew_every=10.0)  # heartbeats too rare to keep it
+        with pytest.raises(LeaseLostError):
+            handle.wait(timeout=10)
+        assert ended == ["expired"] and handle.state is TransferState.FAILED
+        time.sleep(1.0)
+        assert not target.any()  # the cancelled copy never landed
+        pipe.close()
+
+
+def test_renewed_lease_outlives_a_slow_transfer_and_is_released_after_it():
+    prefill, decode, source, target, peer, _ = pair(Fault.delay(0.8))
+    ended = []
+    with prefill, decode:
+        Leases.of(prefill).grant(b"req-2", "d", [1, 2], ttl=0.3, on_end=lambda lease, why: ended.append(why))
+        pipe = KVPipe(decode, SPEC, peer, SPEC, strategy="direct")
+        pipe.pull([4, 5], [1, 2], lease=b"req-2", renew_every=0.05).wait(timeout=10)
+        assert np.array_equal(target[:, [4, 5]], source[:, [1, 2]])
+        deadline = time.monotonic() + 5
+        while not ended and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ended == ["released"] and not Leases.of(prefill).granted
+        pipe.close()
+
+
+def test_verify_mode_catches_corruption():
+    prefill, decode, source, target, peer, prefill_region = pair(Fault.corrupt(4))
+    with prefill, decode:
+        expected = {"p": compute(prefill_region, SPEC, [1, 2]).encode()}
+        pipe = KVPipe(decode, SPEC, peer, SPEC, strategy="direct")
+        with pytest.raises(TransferError, match="checksum mismatch"):
+            pipe.pull([4, 5], [1, 2], expected=expected).wait(timeout=10)
+        pipe.close()
+
+
+@pytest.mark.parametrize("p_tp, d_tp, p_block, d_block", [(1, 2, 16, 32), (2, 1, 32, 16), (2, 4, 16, 16)])
+def test_verify_mode_accepts_correct_data_across_layouts(p_tp, d_tp, p_block, d_block):
+    cluster = Cluster(p_tp, d_tp, 8, p_block, d_block, "HND", "NHD", tokens=40)
+    try:
+        expected = {agent.name: compute(agent.regions[0], spec, cluster.p_ids, num_tokens=40)
+                    for agent, spec in zip(cluster.prefill, cluster.p_specs)}
+        for rank in range(d_tp):
+            pipe = cluster.pipe(rank, strategy="staged")
+            pipe.pull(cluster.d_ids, cluster.p_ids, num_tokens=40, expected=expected).wait(timeout=10)
+            np.testing.assert_array_equal(cluster.d_caches[rank], cluster.expected(rank))
+            pipe.close()
+    finally:
+        cluster.close()
+
+
+def test_checksums_round_trip_and_reject_garbage():
+    values = np.arange(12, dtype=np.uint32).reshape(3, 4)
+    original = Checksums(values, 16, 4, 40)
+    decoded = Checksums.decode(original.encode())
+    assert np.array_equal(decoded.values, values) and decoded.first_head == 4 and decoded.num_tokens == 40
+    with pytest.raises(kvxfer.HandshakeError):
+        Checksums.decode(b"\x00garbage")
