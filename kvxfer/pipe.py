@@ -3,7 +3,8 @@
 Per rank pair (a route) the pipe picks how bytes move:
 - "kernel": the backend maps the peer's memory here (same process; CUDA IPC over NVLink): one launch reads the
   peer's blocks and writes ours in place, re-tiling heads, block size and layout on the way;
-- "direct": both caches cut the route's heads into the same fragments: one backend transfer of descriptor pairs;
+- "direct": both caches cut the route's heads into the same fragments: one backend transfer of descriptor pairs
+  (whole blocks: when ``num_tokens`` ends inside a block, that block's unused slots come along);
 - "staged": otherwise: the peer's fragments travel into a local staging buffer laid out like them, and a local
   kernel re-tiles from there (push: the reverse).
 The choice and its reason are in ``pipe.routes`` (and ``handle.strategy``); ``strategy=`` forces one.

@@ -63,6 +63,47 @@ def ceiling_gbps(source: int, target: int, nbytes: int = 1 << 30, repeats: int =
     return nbytes / float(np.median(times[2:])) / 1e9
 
 
+def _kernel_seconds(state: Any, device: int, repeats: int = 10, **launch: Any) -> float:
+    """GPU time of the backend's copy kernel alone (tables uploaded, events around the launch)."""
+    import cupy
+
+    from ..backends.base import Op
+    from ..kernels import batch_copy
+
+    table = state.tables[Op.READ]
+    with cupy.cuda.Device(device):
+        stream = cupy.cuda.Stream(non_blocking=True)
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        times = []
+        for _ in range(repeats + 2):
+            start.record(stream)
+            batch_copy.launch(table, device, stream, **launch)
+            stop.record(stream)
+            stop.synchronize()
+            times.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
+    return float(np.median(times[2:]))
+
+
+def _kernel_variants(agent: Any, workload: tuple, peer: Any, device: int, ceiling: float) -> list[dict[str, Any]]:
+    """The copy kernel alone on the Llama request, for other piece sizes and grid sizes."""
+    from ..backends.base import Op
+    from ..kernels import batch_copy
+
+    name, local, remote = workload
+    plan = agent.plan(local, peer, remote)
+    state = plan.backend._plans[plan]
+    rows = []
+    for piece in (16 << 10, 64 << 10, 256 << 10):
+        state.tables[Op.READ] = batch_copy.to_device(
+            batch_copy.split_pieces(state.remote, state.local, state.sizes, piece), device)
+        for ctas in (4, 8, 16):
+            seconds = _kernel_seconds(state, device, ctas_per_sm=ctas)
+            rows.append({"workload": f"{name} kernel only", "fragment_bytes": piece, "strategy": f"{ctas} CTAs/SM",
+                         "kernel_ms": seconds * 1e3, "kernel_GB/s": plan.nbytes / seconds / 1e9,
+                         "ceiling_GB/s": ceiling, "ratio": plan.nbytes / seconds / 1e9 / ceiling})
+    return rows
+
+
 def run(source: int = 0, target: int = 1, tokens: int = 4096, block_size: int = 16, strategy: str = "auto",
         fragment_sizes: tuple[int, ...] = (4 << 10, 2 << 20), repeats: int = 20) -> list[dict[str, Any]]:
     """One row per workload: Llama-8B request, plus raw fragments of each size in ``fragment_sizes``."""
@@ -107,10 +148,14 @@ def run(source: int = 0, target: int = 1, tokens: int = 4096, block_size: int = 
                         raise RuntimeError(f"notification mismatch: {notes}")
                     seconds.append(arrived - start)
                 median = float(np.median(seconds[2:]))
+                state = plan.backend._plans[plan]
+                kernel = _kernel_seconds(state, target) if state.strategy == "kernel" else float("nan")
                 rows.append({"workload": name, "fragment_bytes": int(local.nbytes[0]), "fragments": len(local),
-                             "MiB": plan.nbytes / 2**20, "strategy": plan.backend._plans[plan].strategy,
-                             "ms": median * 1e3, "GB/s": plan.nbytes / median / 1e9, "ceiling_GB/s": ceiling,
+                             "MiB": plan.nbytes / 2**20, "strategy": state.strategy, "ms": median * 1e3,
+                             "kernel_ms": kernel * 1e3, "GB/s": plan.nbytes / median / 1e9,
+                             "kernel_GB/s": plan.nbytes / kernel / 1e9, "ceiling_GB/s": ceiling,
                              "ratio": plan.nbytes / median / 1e9 / ceiling})
+            rows += _kernel_variants(agent, workloads[0], peer, target, ceiling)
     finally:
         conn.send("exit")
         process.join(30)

@@ -45,10 +45,13 @@ def _kernel(device: int) -> Any:
         return cupy.RawModule(code=_SOURCE.read_text(), options=("--std=c++17",)).get_function("kvxfer_batch_copy")
 
 
+#: Resident CTAs of 256 threads per SM the grid is sized for (the copy strides over pieces beyond that).
+CTAS_PER_SM = 8
+
+
 @functools.lru_cache(maxsize=None)
-def _grid_limit(device: int) -> int:
-    properties = cupy_module().cuda.runtime.getDeviceProperties(device)
-    return int(properties["multiProcessorCount"]) * 8  # 8 resident CTAs of 256 threads per SM
+def _multiprocessors(device: int) -> int:
+    return int(cupy_module().cuda.runtime.getDeviceProperties(device)["multiProcessorCount"])
 
 
 def to_device(table: np.ndarray, device: int) -> Any:
@@ -58,13 +61,13 @@ def to_device(table: np.ndarray, device: int) -> Any:
         return cupy.asarray(table)
 
 
-def launch(device_table: Any, device: int, stream: Any) -> None:
+def launch(device_table: Any, device: int, stream: Any, ctas_per_sm: int = CTAS_PER_SM) -> None:
     """Copy every piece of ``device_table`` (from :func:`to_device`) with one launch on ``stream``."""
     count = int(device_table.shape[1])
     if count == 0:
         return
     cupy = cupy_module()
     with cupy.cuda.Device(device):
-        grid = min(count, _grid_limit(device))
+        grid = min(count, _multiprocessors(device) * ctas_per_sm)
         _kernel(device)((grid,), (THREADS,), (device_table[0], device_table[1], device_table[2], np.int64(count)),
                         stream=stream)

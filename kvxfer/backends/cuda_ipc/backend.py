@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import numpy as np
 
-from ...errors import BackendError, ConfigError, KvxferError, PeerDisconnectedError
+from ...errors import BackendError, ConfigError, KvxferError, PeerDisconnectedError, TransferError
 from ...handle import Notification, TransferState
 from ...memory import MemoryKind
 from ..base import Backend, BackendCaps, Op, Request
@@ -242,12 +242,13 @@ class CudaIpcBackend(Backend):
             lost = self._lost.get(request.peer_uid)
             try:
                 if lost is not None:
-                    raise PeerDisconnectedError(f"cuda_ipc: the peer went away during the transfer: {lost}")
+                    raise PeerDisconnectedError(f"the peer went away during the transfer: {lost}")
                 if request.notify is not None and self._mailbox is not None:
                     self._mailbox.send_note(request.peer_uid, request.notify)
                 request.state = TransferState.DONE
-            except KvxferError as error:
-                request.error = error
+            except KvxferError as error:  # the transfer failed because of it: say so as a TransferError
+                request.error = TransferError(f"cuda_ipc transfer failed: {error}", backend=self.caps.name)
+                request.error.__cause__ = error
                 request.state = TransferState.FAILED
         self._pending.discard(request)
 
