@@ -52,6 +52,7 @@ class LocalRequest(Request):
         self.notify = notify
         self.fault = fault
         self.released = False
+        self.finished = threading.Event()  # set once final: waiters block on it instead of sleeping
         # Both sides' Region objects: their memory outlives a forced deregister while the copy runs.
         self.keepalive = [target._regions.get(i) for i in plan.remote_regions] + plan.local_regions_objects()
 
@@ -149,6 +150,11 @@ class LocalBackend(Backend):
                 return
             request.released = True
         request.target._unpin(request.remote_regions)
+        request.finished.set()
+
+    def idle_wait(self, request: Request, seconds: float) -> None:
+        assert isinstance(request, LocalRequest)
+        request.finished.wait(seconds)
 
     def _fail(self, request: LocalRequest, error: Exception) -> None:
         with request.cond:

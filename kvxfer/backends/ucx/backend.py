@@ -12,24 +12,25 @@ import itertools
 import logging
 import os
 import time
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from ...errors import DescriptorError, PeerDisconnectedError, TransferCancelledError
+from ...errors import DescriptorError, TransferCancelledError
 from ...handle import Notification, TransferState
 from ...memory import MemoryKind
 from ..base import Backend, BackendCaps, Op, Request
-from . import cdef
-from .cma import CrossMemory
+from .cma import CrossMemory, plan_batches
 from .config import UcxConfig
 from .context import Context
-from .endpoint import request_status
 from .library import load_library, ucx_available
 from .link import Link
+from .links import Links
 from .progress import ProgressThread
 from .responder import Responder, pack_notification
+from .staged import StagingPool
 from .transfer import UcxRequest, new_request
 from .wire import Header, Kind, WorkerInfo
 from .worker import Worker
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from ...plan import TransferPlan
 
 _log = logging.getLogger("kvxfer.ucx")
+STAGE_MIN_FRAGMENTS = 128
 
 
 class UcxBackend(Backend):
@@ -54,11 +56,10 @@ class UcxBackend(Backend):
         self._regions: dict[int, "Region"] = {}
         self._memhs: dict[int, Any] = {}
         self._views: dict[int, tuple[int, np.ndarray]] = {}
-        self._links: dict[str, Link] = {}
         self._active: dict[int, UcxRequest] = {}
         self._awaiting: dict[int, UcxRequest] = {}
         self._outbox: deque[Callable[[], None]] = deque()
-        self._staging: list[np.ndarray] = []
+        self._batches: "weakref.WeakKeyDictionary[TransferPlan, list]" = weakref.WeakKeyDictionary()
         self._ids = itertools.count(1)
         self._last_liveness = 0.0
         self._closed = False
@@ -75,6 +76,8 @@ class UcxBackend(Backend):
         self.library = load_library(self.config)
         self.ucp = Context(self.library, context.agent_name)
         self.responder = Responder(self)
+        self.links = Links(self)
+        self.staging = StagingPool(self.config.stage_chunk, 2 * self.config.stage_inflight)
         self.worker = Worker(self.library, self.ucp.handle, context.agent_name, self.responder.on_message)
         self.cma = CrossMemory(self.library, threads=min(2, os.cpu_count() or 1))
         self._token = np.frombuffer(os.urandom(16), dtype=np.uint8).copy()
@@ -96,12 +99,10 @@ class UcxBackend(Backend):
             for request in list(self._active.values()):
                 request.halt()
                 request.fail("the backend was closed")
-            closing = [self._close_link(link) for link in list(self._links.values())]
-            self._links.clear()
+            self.links.close_all()
             give_up = time.monotonic() + self.timeouts.close
-            while any(closing) and time.monotonic() < give_up:
+            while self.links.reap() and time.monotonic() < give_up:
                 self.worker.progress()
-                closing = [r for r in closing if r and request_status(self.library, r) == cdef.UCS_INPROGRESS]
             for memh in self._memhs.values():
                 memh.close()
             self._memhs.clear()
@@ -154,91 +155,38 @@ class UcxBackend(Backend):
     # ---- peers -------------------------------------------------------------------------------------------------
 
     def connect(self, peer: "Peer") -> None:
-        info = WorkerInfo.decode(peer.meta.backends["ucx"], peer.name)
-        same_host = peer.meta.host_id == self.context.host_id
-        with self.worker.lock:
-            old = self._links.pop(peer.name, None)
-            if old is not None:
-                self._close_link(old)
-            link = Link(peer, info, self.worker, self.config.error_mode, same_host, self.cma, self._on_ep_error)
-            link.cma_enabled = self.config.cma != "off"
-            self._links[peer.name] = link
-        _log.info("ucx: %s -> %s (%s): %s", self.context.agent_name, peer.name,
-                  "same host" if same_host else "other host", link.describe())
-        if same_host and link.on_tcp_only():
-            _log.warning("ucx: same-host peer %s is reached over tcp (%s): shared memory was not chosen%s",
-                         peer.name, link.describe(), "; host data still goes through cma" if link.cma_ok else "")
-        if same_host and link.cma_reason and link.cma_enabled:
-            _log.info("ucx: no cross-memory path to %s: %s", peer.name, link.cma_reason)
+        self.links.connect(peer)
 
     def disconnect(self, peer: "Peer") -> None:
-        with self.worker.lock:
-            link = self._links.get(peer.name)
-            if link is not None and link.uid == peer.meta.uid:
-                del self._links[peer.name]
-                self._lose(link, "disconnected", None, report=False)
-
-    def link_of(self, peer: "Peer") -> Link:
-        """The live link to ``peer``; PeerDisconnectedError when there is none."""
-        link = self._links.get(peer.name)
-        if link is None or link.uid != peer.meta.uid:
-            raise PeerDisconnectedError(f"ucx: peer {peer.name!r} is not connected", peer.name)
-        if link.lost is not None:
-            raise PeerDisconnectedError(f"ucx: {link.lost}; connect again", peer.name)
-        return link
+        self.links.disconnect(peer)
 
     def transports(self, peer: "Peer") -> list[tuple[str, str]]:
         """(transport, device) per UCX lane to ``peer``, e.g. [("sysv", "memory"), ("cma", "memory")]."""
-        return list(self.link_of(peer).transports)
+        return list(self.links.get(peer).transports)
 
     def data_path(self, plan: "TransferPlan") -> str:
-        """How a post of ``plan`` would move its bytes: "cma", "staged" or "direct"."""
-        link = self.link_of(plan.peer)
+        """How a post of ``plan`` moves its bytes: "cma", "staged" or "direct" (see transfer.py)."""
+        link = self.links.get(plan.peer)
         if plan.on_device:
             return "direct"
         if link.cma_ok:
             return "cma"
-        return "staged" if plan.nbytes < self.config.stage_below * len(plan) else "direct"
+        small = plan.nbytes < self.config.stage_below * len(plan)
+        # A staged transfer costs a round trip through the target (~0.3 ms here): worth it from ~100 fragments.
+        return "staged" if small and len(plan) >= STAGE_MIN_FRAGMENTS else "direct"
 
-    def _on_ep_error(self, link: Link, status: int) -> None:
-        reason = f"endpoint error: {self.library.status_text(status)}"
-        self.worker.defer(lambda: self._lose(link, reason, None))  # never close an endpoint inside a callback
+    def lose(self, link: Link, reason: str, cause: BaseException | None) -> None:
+        """(locked) Mark ``link``'s peer lost: fail its transfers, close the endpoint, tell the agent."""
+        self.links.lose(link, reason, cause)
 
-    def process_exited(self, link: Any) -> None:
-        """The pidfd of ``link``'s peer became readable: its process is gone."""
-        with self.worker.lock:
-            if link.pidfd is not None:
-                self._lose(link, f"its process (pid {link.pid}) exited", None)
+    def process_exited(self, link: Link) -> None:
+        """A watched peer process exited (called by the progress thread)."""
+        self.links.process_exited(link)
         self.flush_outbox()
 
     def watched_processes(self) -> dict[int, Link]:
-        """pidfd -> link of every live same-host peer with one."""
-        return {link.pidfd: link for link in list(self._links.values()) if link.pidfd is not None and not link.lost}
-
-    def lose(self, link: Link, reason: str, cause: BaseException | None) -> None:
-        """Mark ``link``'s peer lost (under the worker lock): fail its transfers, close the endpoint, tell the agent."""
-        self._lose(link, reason, cause)
-
-    def _lose(self, link: Link, reason: str, cause: BaseException | None, report: bool = True) -> None:
-        if link.lost is not None:
-            return
-        link.lost = PeerDisconnectedError(f"peer {link.name!r} lost: {reason}", link.name)
-        link.lost.__cause__ = cause
-        for request in list(link.requests):
-            request.halt()
-            request.fail(str(link.lost), link.lost)
-        self._close_link(link)
-        if report and self._links.get(link.name) is link:
-            lost = link.lost
-            self.post_outbox(lambda: self.context.peer_lost(link.name, lost))
-
-    def _close_link(self, link: Link) -> int:
-        link.close_watch()
-        if link.ep.handle is None:
-            return 0
-        link.close_keys()
-        # FORCE needs peer error mode on both sides; in none mode a flushing close, never waited on here.
-        return link.ep.close(force=link.mode == "peer")
+        """pidfd -> link, for the progress thread's poll."""
+        return self.links.watched_processes()
 
     # ---- transfers ---------------------------------------------------------------------------------------------
 
@@ -246,8 +194,16 @@ class UcxBackend(Backend):
         """A new transfer id (unique within this backend)."""
         return next(self._ids)
 
+    def cma_batches(self, plan: "TransferPlan") -> list:
+        """The cross-memory batches of ``plan`` (computed once per plan: plans are posted many times)."""
+        batches = self._batches.get(plan)
+        if batches is None:
+            batches = plan_batches(plan.local.addr, plan.remote.addr, plan.local.nbytes)
+            self._batches[plan] = batches
+        return batches
+
     def post(self, op: Op, plan: "TransferPlan", notify: bytes | None) -> Request:
-        link = self.link_of(plan.peer)
+        link = self.links.get(plan.peer)
         request = new_request(self, link, op, plan, notify, self.data_path(plan))
         with self.worker.lock:
             self._active[request.id] = request
@@ -281,7 +237,7 @@ class UcxBackend(Backend):
                 request.finish(TransferState.CANCELLED, TransferCancelledError("cancelled", backend="ucx"))
                 if overdue and outstanding:
                     # UCX cannot abort what it issued; a peer that let the deadline pass is presumed hung.
-                    self._lose(request.link, "unresponsive: a transfer missed its deadline", None)
+                    self.links.lose(request.link, "unresponsive: a transfer missed its deadline", None)
         request.quiesce(self.timeouts.close)
         self.flush_outbox()
 
@@ -301,24 +257,11 @@ class UcxBackend(Backend):
         if request is not None:
             request.on_reply(header, data)
 
-    def staging_buffer(self, nbytes: int) -> np.ndarray:
-        """A uint8 host buffer of exactly ``nbytes`` bytes (a view of a pooled one when possible)."""
-        for i, buffer in enumerate(self._staging):
-            if buffer.size >= nbytes:
-                return self._staging.pop(i)[:nbytes]
-        return np.empty(max(nbytes, self.config.stage_chunk), dtype=np.uint8)[:nbytes]
-
-    def return_staging_buffer(self, buffer: np.ndarray) -> None:
-        """Give back a buffer from :meth:`staging_buffer` once its send completed."""
-        base = buffer.base if isinstance(buffer.base, np.ndarray) else buffer
-        if len(self._staging) < 2 * self.config.stage_inflight:
-            self._staging.append(base)
-
     # ---- notifications -----------------------------------------------------------------------------------------
 
     def send_notification(self, peer: "Peer", payload: bytes) -> None:
         with self.worker.lock:
-            self.send_notify(self.link_of(peer), payload, None)
+            self.send_notify(self.links.get(peer), payload, None)
         self.wake()
 
     def send_notify(self, link: Link, payload: bytes, on_done: Callable[[int], None] | None) -> None:
@@ -362,8 +305,7 @@ class UcxBackend(Backend):
             now = time.monotonic()
             if now - self._last_liveness > self.config.liveness_interval:
                 self._last_liveness = now
-                for link in list(self._links.values()):
-                    if link.lost is None and link.pidfd is None and not link.process_alive():
-                        self._lose(link, f"its process (pid {link.pid}) exited", None)
+                self.links.check_processes()
+            self.links.reap()
             armed = events == 0 and not self._outbox and self.worker.arm()
             return armed, bool(self._active) or self.worker.busy

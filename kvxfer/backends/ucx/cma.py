@@ -40,6 +40,9 @@ class CmaError(OSError):
 def plan_batches(local_addr: np.ndarray, remote_addr: np.ndarray, nbytes: np.ndarray,
                  batch_bytes: int = BATCH_BYTES) -> list[Batch]:
     """Cut fragment pairs (uint64[n] each, host) into calls; see the module docstring for the ordering."""
+    if len(nbytes) == 1:
+        total = int(nbytes[0])
+        return [Batch(_merged(local_addr, nbytes), _merged(remote_addr, nbytes), total)]
     order = np.argsort(remote_addr, kind="stable")
     local, remote, sizes = local_addr[order], remote_addr[order], nbytes[order]
     ends = np.cumsum(sizes, dtype=np.uint64)

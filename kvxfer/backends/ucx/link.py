@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 from typing import TYPE_CHECKING, Any
 
 from ...errors import HandshakeError, PeerDisconnectedError
@@ -100,10 +101,16 @@ class Link:
             return True
         return True
 
+    def process_gone(self) -> bool:
+        """True if the peer's (verified) process has exited; one non-blocking system call."""
+        if self.pidfd is not None:
+            return bool(select.select([self.pidfd], [], [], 0)[0])
+        return not self.process_alive()
+
     def describe(self) -> str:
         """One line for the log: error mode, data path and UCX lanes."""
         lanes = ",".join(f"{tl}/{dev}" for tl, dev in self.transports) or "?"
-        data = "cma (batched process_vm_readv/writev)" if self.cma_ok else "ucx rma"
+        data = "cma (batched process_vm_readv/writev)" if self.cma_ok else "ucx"
         return f"error mode {self.mode}, host data path {data}, ucx lanes [{lanes}]"
 
     def on_tcp_only(self) -> bool:

@@ -80,7 +80,7 @@ class StagedTransfer(UcxRequest):
         header_nbytes = descs_nbytes(count)
         if self.op is Op.WRITE:
             data_nbytes = int(local.nbytes[start:stop].sum(dtype=np.uint64))
-            buffer = self.backend.staging_buffer(header_nbytes + data_nbytes)
+            buffer = self.backend.staging.take(header_nbytes + data_nbytes)
             gather(buffer[header_nbytes:], local.addr[start:stop], local.nbytes[start:stop],
                    local.region[start:stop], self.backend.host_view)
             kind = Kind.SCATTER
@@ -94,7 +94,7 @@ class StagedTransfer(UcxRequest):
 
     def _sent(self, buffer: np.ndarray, status: int) -> None:
         if self.op is Op.WRITE:
-            self.backend.return_staging_buffer(buffer)
+            self.backend.staging.give(buffer)
         if status != cdef.UCS_OK and not self.state.final:
             self.fail(f"sending a chunk failed: {self.backend.library.status_text(status)}")
 
@@ -123,3 +123,24 @@ class StagedTransfer(UcxRequest):
             self.data_done()
         else:
             self.backend.worker.defer(self.advance)
+
+
+class StagingPool:
+    """Reused uint8 host buffers for staged chunks (so UCX's registration cache keeps hitting)."""
+
+    def __init__(self, chunk_nbytes: int, keep: int) -> None:
+        self._chunk_nbytes, self._keep = chunk_nbytes, keep
+        self._free: list[np.ndarray] = []
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A buffer of exactly ``nbytes`` bytes (a view of a pooled one when one is large enough)."""
+        for i, buffer in enumerate(self._free):
+            if buffer.size >= nbytes:
+                return self._free.pop(i)[:nbytes]
+        return np.empty(max(nbytes, self._chunk_nbytes), dtype=np.uint8)[:nbytes]
+
+    def give(self, buffer: np.ndarray) -> None:
+        """Return a buffer from :meth:`take` once nothing uses it any more."""
+        base = buffer.base if isinstance(buffer.base, np.ndarray) else buffer
+        if len(self._free) < self._keep:
+            self._free.append(base)

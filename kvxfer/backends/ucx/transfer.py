@@ -22,7 +22,7 @@ from ...errors import BackendError, KvxferError
 from ...handle import TransferState
 from ..base import Op, Request
 from . import cdef
-from .cma import CmaError, CmaJob, plan_batches
+from .cma import CmaError, CmaJob
 from .endpoint import request_status
 from .library import UcxStatusError
 
@@ -105,29 +105,38 @@ class CmaTransfer(UcxRequest):
 
     strategy = "cma"
 
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.job: CmaJob | None = None
+        self.error_seen: BaseException | None = None
+        self.copied = False
+
     def start(self) -> None:
-        local, remote = self.plan.local, self.plan.remote
-        batches = plan_batches(local.addr, remote.addr, local.nbytes)
+        batches = self.backend.cma_batches(self.plan)
         write = self.op is Op.WRITE
-        self.job = CmaJob(lambda _job: self.backend.wake())
-        if self.nbytes <= INLINE_CMA_NBYTES:
-            error = None
-            try:
-                for batch in batches:
-                    self.backend.cma.run(self.link.pid, write, batch)
-            except CmaError as failure:
-                error = failure
-            self.job.remaining = 1
-            self.job.batch_done(error)
-            with self.backend.worker.lock:
-                self.advance()
-        else:
+        if self.nbytes > INLINE_CMA_NBYTES:
+            self.job = CmaJob(lambda _job: self.backend.wake())
             self.backend.cma.submit(self.link.pid, write, batches, self.job)
+            return
+        try:
+            for batch in batches:
+                self.backend.cma.run(self.link.pid, write, batch)
+        except CmaError as failure:
+            self.error_seen = failure
+        self.copied = True
+        with self.backend.worker.lock:
+            self.advance()
 
     def advance(self) -> None:
-        if self.state.final or not self.job.finished.is_set():
+        if self.state.final:
             return
-        error = self.job.error
+        if self.job is not None:
+            if not self.job.finished.is_set():
+                return
+            self.error_seen, self.copied = self.job.error, True
+        if not self.copied:
+            return
+        error = self.error_seen
         if error is None:
             if not self.stopped:
                 self.data_done()
@@ -138,12 +147,12 @@ class CmaTransfer(UcxRequest):
 
     def halt(self) -> None:
         super().halt()
-        if hasattr(self, "job"):
+        if self.job is not None:
             self.job.stop()
 
     def quiesce(self, timeout: float) -> None:
         # Batches already inside a system call finish; none starts after this: no byte lands after cancel().
-        if hasattr(self, "job"):
+        if self.job is not None:
             self.job.wait(timeout)
 
 
@@ -151,6 +160,10 @@ class DirectTransfer(UcxRequest):
     """One UCP put (WRITE) or get (READ) per fragment, then a flush of the endpoint."""
 
     strategy = "direct"
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self._flush = 0
 
     def start(self) -> None:
         local, remote = self.plan.local, self.plan.remote
@@ -160,7 +173,7 @@ class DirectTransfer(UcxRequest):
             try:
                 self.link.ep.rma(self.op is Op.WRITE, local.addr.tolist(), remote.addr.tolist(),
                                  local.nbytes.tolist(), rkeys, memhs)
-                self._flush: int = self.link.ep.flush()
+                self._flush = self.link.ep.flush()
             except UcxStatusError as error:
                 self.fail(str(error), error)
                 return
@@ -175,8 +188,13 @@ class DirectTransfer(UcxRequest):
         if status == cdef.UCS_INPROGRESS:
             return
         self._flush = 0
-        if status == cdef.UCS_OK and self.link.ep.failed_status is None:
+        # In none error mode a flush may report OK for puts to a peer that died meanwhile; so check the process.
+        peer_gone = self.link.mode == "none" and self.link.process_verified and self.link.process_gone()
+        if status == cdef.UCS_OK and self.link.ep.failed_status is None and not peer_gone:
             self.data_done()
+        elif peer_gone:
+            self.backend.lose(self.link, f"its process (pid {self.link.pid}) exited", None)
+            self.fail("the peer process exited during the transfer")
         else:
             # A flush can report OK while the endpoint already failed (none error mode): trust neither alone.
             failed = self.link.ep.failed_status if status == cdef.UCS_OK else status
@@ -184,7 +202,7 @@ class DirectTransfer(UcxRequest):
 
     def halt(self) -> None:
         super().halt()
-        if getattr(self, "_flush", 0):
+        if self._flush:
             # Freed while in flight, UCX releases it on completion; the puts themselves cannot be recalled.
             self.backend.library.lib.ucp_request_free(self._flush)
             self._flush = 0
