@@ -23,9 +23,9 @@ run() {  # run NAME TIMEOUT CMD...: log to $out/NAME.log, keep the last line in 
 for stage in $stages; do
   case $stage in
     info) run info 60 bash -c 'nvidia-smi -L; nvidia-smi topo -m; python3 -c "import sys,cupy,torch,numpy; print(sys.version.split()[0], \"cupy\", cupy.__version__, \"torch\", torch.__version__, \"numpy\", numpy.__version__, \"gpus\", cupy.cuda.runtime.getDeviceCount())"' ;;
-    tests) run tests 900 python3 -m pytest -q -m "gpu or multi_gpu" -p no:cacheprovider --timeout 300 tests ;;
-    kernels) run kernels 600 python3 -m kvxfer.bench.kernels --json "$out/kernels.json" ;;
-    ipc) run ipc 600 python3 -m kvxfer.bench.cli ipc --json "$out/ipc.json" ;;
+    tests) run tests 420 python3 -m pytest -q -m "gpu or multi_gpu" -p no:cacheprovider --timeout 300 tests ;;
+    kernels) run kernels 240 python3 -m kvxfer.bench.kernels --json "$out/kernels.json" ;;
+    ipc) run ipc 180 python3 -m kvxfer.bench.cli ipc --json "$out/ipc.json" ;;
     ucx) run ucx 600 python3 bench/ucx_gpu.py --json "$out/ucx_gpu.json" ;;
     pipe) run pipe 600 python3 -m kvxfer.bench.cli kv --model llama-3.1-8b --tokens 4096 --block-size 16 --p-tp 1 --d-tp 2 --json "$out/kv.json" ;;
     engine) run engine 900 python3 bench/engine_gpu.py --json "$out/engine.json" ;;
