@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from ...errors import DescriptorError, TransferCancelledError
-from ...handle import Notification, TransferState
+from ...handle import TransferState
 from ...memory import MemoryKind
 from ..base import Backend, BackendCaps, Op, Request
 from .cma import CrossMemory, plan_batches
@@ -53,7 +53,6 @@ class UcxBackend(Backend):
     def __init__(self, config: UcxConfig | None = None) -> None:
         super().__init__()
         self.config = config or UcxConfig.from_env()
-        self._regions: dict[int, "Region"] = {}
         self._memhs: dict[int, Any] = {}
         self._views: dict[int, tuple[int, np.ndarray]] = {}
         self._active: dict[int, UcxRequest] = {}
@@ -63,6 +62,7 @@ class UcxBackend(Backend):
         self._ids = itertools.count(1)
         self._last_liveness = 0.0
         self._closed = False
+        self.cuda_device: int | None = None
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -117,15 +117,15 @@ class UcxBackend(Backend):
         with self.worker.lock:
             memh = self.ucp.map(region.addr, region.nbytes, region.kind is MemoryKind.CUDA)
             self._memhs[region.index] = memh
-            self._regions[region.index] = region
             if region.kind is MemoryKind.HOST:
                 self._views[region.index] = (region.addr, region.as_numpy())
+            elif self.cuda_device is None:
+                self.cuda_device = region.device  # the progress thread makes this device current
         return memh.packed_rkey
 
     def deregister(self, region: "Region") -> None:
         with self.worker.lock:
             self._views.pop(region.index, None)
-            self._regions.pop(region.index, None)
             memh = self._memhs.pop(region.index, None)
             if memh is not None:
                 memh.close()
@@ -175,25 +175,16 @@ class UcxBackend(Backend):
         # A staged transfer costs a round trip through the target (~0.3 ms here): worth it from ~100 fragments.
         return "staged" if small and len(plan) >= STAGE_MIN_FRAGMENTS else "direct"
 
-    def lose(self, link: Link, reason: str, cause: BaseException | None) -> None:
-        """(locked) Mark ``link``'s peer lost: fail its transfers, close the endpoint, tell the agent."""
-        self.links.lose(link, reason, cause)
-
     def process_exited(self, link: Link) -> None:
         """A watched peer process exited (called by the progress thread)."""
         self.links.process_exited(link)
         self.flush_outbox()
-
-    def watched_processes(self) -> dict[int, Link]:
-        """pidfd -> link, for the progress thread's poll."""
-        return self.links.watched_processes()
 
     # ---- transfers ---------------------------------------------------------------------------------------------
 
     def next_transfer_id(self) -> int:
         """A new transfer id (unique within this backend)."""
         return next(self._ids)
-
     def cma_batches(self, plan: "TransferPlan") -> list:
         """The cross-memory batches of ``plan`` (computed once per plan: plans are posted many times)."""
         batches = self._batches.get(plan)
@@ -269,10 +260,6 @@ class UcxBackend(Backend):
         body = np.frombuffer(pack_notification(self.context.agent_name, payload), dtype=np.uint8)
         self.worker.send(link.ep.handle, Header(Kind.NOTIFY).encode(), body.ctypes.data, body.size, keepalive=body,
                          on_done=on_done)
-
-    def deliver(self, notification: Notification) -> None:
-        """Hand an incoming notification to the agent (outside the worker lock)."""
-        self.context.deliver(notification)
 
     # ---- progress ----------------------------------------------------------------------------------------------
 

@@ -59,6 +59,7 @@ class ProgressThread:
         poller.register(backend.worker.efd, select.POLLIN)
         poller.register(self._wake_fd, select.POLLIN)
         watched: dict[int, object] = {}
+        self._device: int | None = None
         idle_ms = max(1, int(backend.config.liveness_interval * 1000))
         while not self._stopping:
             try:
@@ -70,6 +71,7 @@ class ProgressThread:
             if self._stopping or not armed:
                 continue
             watched = self._sync_watches(poller, watched)
+            self._follow_device()
             for fd, _events in poller.poll(_ACTIVE_POLL_MS if active else idle_ms):
                 if fd == self._wake_fd:
                     try:
@@ -80,8 +82,21 @@ class ProgressThread:
                     poller.unregister(fd)
                     backend.process_exited(watched.pop(fd))
 
+    def _follow_device(self) -> None:
+        """UCX's CUDA transports act on the calling thread's current device: make it the registered one's."""
+        device = self._backend.cuda_device
+        if device is None or device == self._device:
+            return
+        self._device = device
+        try:
+            from ...devices import cupy_module
+
+            cupy_module().cuda.runtime.setDevice(device)
+        except Exception as error:  # no cupy: UCX falls back to the primary context it retains itself
+            _log.warning("ucx: progress thread could not select CUDA device %d: %s", device, error)
+
     def _sync_watches(self, poller: select.poll, watched: dict[int, object]) -> dict[int, object]:
-        current = self._backend.watched_processes()
+        current = self._backend.links.watched_processes()
         for fd in set(watched) - set(current):
             try:
                 poller.unregister(fd)

@@ -54,7 +54,8 @@ class Responder:
         try:
             if header.kind is Kind.NOTIFY:
                 sender, payload = unpack_notification(data)
-                self.backend.post_outbox(lambda: self.backend.deliver(Notification(sender, payload)))
+                deliver = self.backend.context.deliver
+                self.backend.post_outbox(lambda: deliver(Notification(sender, payload)))
             elif header.kind is Kind.SCATTER:
                 self._scatter(header, data, reply_ep)
             elif header.kind is Kind.GATHER:

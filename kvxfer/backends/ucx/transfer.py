@@ -142,7 +142,7 @@ class CmaTransfer(UcxRequest):
                 self.data_done()
             return
         if isinstance(error, CmaError) and error.errno == errno.ESRCH:  # the peer process is gone
-            self.backend.lose(self.link, f"its process (pid {self.link.pid}) is gone", error)
+            self.backend.links.lose(self.link, f"its process (pid {self.link.pid}) is gone", error)
         self.fail(str(error), error)
 
     def halt(self) -> None:
@@ -193,7 +193,7 @@ class DirectTransfer(UcxRequest):
         if status == cdef.UCS_OK and self.link.ep.failed_status is None and not peer_gone:
             self.data_done()
         elif peer_gone:
-            self.backend.lose(self.link, f"its process (pid {self.link.pid}) exited", None)
+            self.backend.links.lose(self.link, f"its process (pid {self.link.pid}) exited", None)
             self.fail("the peer process exited during the transfer")
         else:
             # A flush can report OK while the endpoint already failed (none error mode): trust neither alone.

@@ -1,0 +1,154 @@
+"""Peer failures with real processes: SIGKILL mid-transfer, SIGSTOP (hung), and reconnecting afterwards."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import kvxfer
+from kvxfer.backends.ucx import UcxBackend
+from kvxfer.backends.ucx.config import UcxConfig
+from kvxfer.errors import KvxferError, TransferError, TransferTimeoutError
+
+from .remote import RemoteAgent, digest, random_fill
+
+pytestmark = [pytest.mark.ucx, pytest.mark.timeout(180)]
+
+REGION_NBYTES = 64 << 20
+FRAGMENT = 4 << 10
+DEADLINE = 5.0
+CONFIGS = {
+    "cma": UcxConfig(),
+    "shm-staged": UcxConfig(cma="off"),
+    "shm-direct": UcxConfig(cma="off", stage_below=0),
+    "tcp": UcxConfig(cma="off", error_mode="peer"),
+}
+
+
+def _agent(path: str, name: str):
+    agent = kvxfer.Agent(name, backends=[UcxBackend(CONFIGS[path])],
+                         timeouts=kvxfer.Timeouts(transfer=DEADLINE, close=2.0))
+    local = np.zeros(REGION_NBYTES, dtype=np.uint8)
+    random_fill(local, seed=3)
+    region = agent.register(local, name="buf")
+    return agent, local, region
+
+
+def _plan(agent, region, peer, fragments: int = REGION_NBYTES // FRAGMENT):
+    offsets = np.random.default_rng(1).permutation(REGION_NBYTES // FRAGMENT)[:fragments] * FRAGMENT
+    return agent.plan(kvxfer.Descs.from_ranges(region, offsets, FRAGMENT), peer,
+                      kvxfer.Descs.from_ranges(peer.region("buf"), offsets[::-1].copy(), FRAGMENT)), offsets
+
+
+def _wait_for(condition, seconds: float) -> bool:
+    give_up = time.monotonic() + seconds
+    while time.monotonic() < give_up:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+def _check_healthy(agent, local, region, path: str) -> None:
+    """The survivor reconnects to a fresh process under the old name and moves bytes exactly."""
+    with RemoteAgent("target", REGION_NBYTES) as fresh:
+        peer = agent.connect(fresh.metadata)
+        assert peer.connected
+        plan, offsets = _plan(agent, region, peer, fragments=256)
+        agent.write(plan, notify=b"again").wait(30)
+        assert fresh.call("digest", offsets[::-1].copy(), FRAGMENT) == digest(local, offsets, FRAGMENT)
+        assert fresh.call("notes", 5.0) == [(agent.name, b"again")]
+
+
+@pytest.mark.parametrize("path", list(CONFIGS))
+def test_sigkill_mid_transfer_fails_within_deadline(path: str) -> None:
+    agent, local, region = _agent(path, f"survivor-{path}")
+    with agent:
+        with RemoteAgent("target", REGION_NBYTES) as victim:
+            peer = agent.connect(victim.metadata)
+            plan, _offsets = _plan(agent, region, peer)
+            agent.write(plan).wait(30)  # warm: the first transfer pays page faults
+            killer = threading.Timer(0.05, victim.kill, (signal.SIGKILL,))
+            killer.start()
+            outcomes, started = [], time.monotonic()
+            try:
+                while time.monotonic() - started < 3 * DEADLINE:
+                    begun = time.monotonic()
+                    try:
+                        handle = agent.write(plan)
+                        handle.wait(2 * DEADLINE)
+                        outcomes.append("done")
+                    except KvxferError as error:
+                        outcomes.append(type(error).__name__)
+                        assert time.monotonic() - begun <= DEADLINE + 1.0, "failure took longer than the deadline"
+                        break
+            finally:
+                killer.join()
+            assert outcomes and outcomes[-1] != "done", f"no transfer failed after the kill: {outcomes}"
+            assert _wait_for(lambda: not peer.connected, DEADLINE), "the dead peer was not marked disconnected"
+            with pytest.raises(KvxferError):
+                agent.write(plan).wait(DEADLINE)
+        _check_healthy(agent, local, region, path)
+
+
+@pytest.mark.parametrize("path", ["shm-staged", "tcp"])
+def test_stopped_peer_fails_by_deadline_and_recovers(path: str) -> None:
+    """A hung peer cannot be told from a slow one: its transfers fail at their deadline, the agent stays usable,
+    and once the peer runs again it is reachable again."""
+    agent, local, region = _agent(path, f"patient-{path}")
+    with agent:
+        with RemoteAgent("target", REGION_NBYTES) as sleeper:
+            peer = agent.connect(sleeper.metadata)
+            plan, offsets = _plan(agent, region, peer, fragments=1024)
+            agent.write(plan).wait(30)
+            sleeper.kill(signal.SIGSTOP)
+            try:
+                began = time.monotonic()
+                handle = agent.write(plan, timeout=1.0)
+                with pytest.raises(TransferTimeoutError):
+                    handle.wait(3 * DEADLINE)
+                assert time.monotonic() - began < 1.0 + 2.0, "the deadline was not kept"
+                assert handle.poll() is kvxfer.TransferState.FAILED
+            finally:
+                sleeper.kill(signal.SIGCONT)
+            random_fill(local, seed=11)
+            agent.write(plan, notify=b"awake").wait(30)
+            assert sleeper.call("digest", offsets[::-1].copy(), FRAGMENT) == digest(local, offsets, FRAGMENT)
+            assert (agent.name, b"awake") in sleeper.call("notes", 5.0)
+        _check_healthy(agent, local, region, path)
+
+
+def test_stopped_peer_does_not_block_cross_memory_transfers() -> None:
+    """One-sided copies need nothing from the target: a stopped process still receives the bytes."""
+    agent, local, region = _agent("cma", "one-sided")
+    with agent:
+        with RemoteAgent("target", REGION_NBYTES) as sleeper:
+            peer = agent.connect(sleeper.metadata)
+            plan, offsets = _plan(agent, region, peer, fragments=1024)
+            sleeper.kill(signal.SIGSTOP)
+            try:
+                agent.write(plan).wait(DEADLINE)
+            finally:
+                sleeper.kill(signal.SIGCONT)
+            assert sleeper.call("digest", offsets[::-1].copy(), FRAGMENT) == digest(local, offsets, FRAGMENT)
+
+
+def test_cancel_cross_memory_transfer_lands_nothing_afterwards() -> None:
+    agent, local, region = _agent("cma", "canceller")
+    with agent:
+        with RemoteAgent("target", REGION_NBYTES) as target:
+            peer = agent.connect(target.metadata)
+            plan, offsets = _plan(agent, region, peer)
+            handle = agent.write(plan)
+            handle.cancel()
+            after_cancel = target.call("digest", offsets[::-1].copy(), FRAGMENT)
+            time.sleep(0.2)
+            assert target.call("digest", offsets[::-1].copy(), FRAGMENT) == after_cancel
+            with pytest.raises(TransferError):
+                handle.wait(1.0)
+            agent.write(plan).wait(30)  # the link is still healthy
+            assert target.call("digest", offsets[::-1].copy(), FRAGMENT) == digest(local, offsets, FRAGMENT)
