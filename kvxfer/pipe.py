@@ -4,7 +4,7 @@ Per rank pair (a route) the pipe picks how bytes move:
 - "kernel": the backend maps the peer's memory here (same process; CUDA IPC over NVLink): one launch reads the
   peer's blocks and writes ours in place, re-tiling heads, block size and layout on the way;
 - "direct": both caches cut the route's heads into the same fragments: one backend transfer of descriptor pairs
-  (whole blocks: when ``num_tokens`` ends inside a block, that block's unused slots come along);
+  (a partly filled last block goes row by row, so nothing past ``num_tokens`` is written);
 - "staged": otherwise: the peer's fragments travel into a local staging buffer laid out like them, and a local
   kernel re-tiles from there (push: the reverse).
 The choice and its reason are in ``pipe.routes`` (and ``handle.strategy``); ``strategy=`` forces one.
@@ -93,7 +93,7 @@ class KVPipe:
         piece = spec.fragments(heads.remote_heads)[1]
         if wanted != "auto":
             return Route(heads, peer, spec, region, backend, wanted, "requested", mapped)
-        if mapped is not None:
+        if mapped is not None and (self.device >= 0 or not direct):  # on the CPU a memcpy beats the reference
             return Route(heads, peer, spec, region, backend, "kernel",
                          f"{backend.caps.name} maps peer memory: one launch moves and re-tiles every fragment", mapped)
         if direct:

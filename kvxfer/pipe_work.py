@@ -53,12 +53,26 @@ class PipeWork:
         if route.strategy == "kernel":
             return [self._kernel(op, route, local_ids, remote_ids, tokens, layers)]
         if route.strategy == "direct":
-            heads = route.heads
-            local = Descs.from_blocks(self.region, self.spec, local_ids, layers=layers, heads=heads.local_heads)
-            remote = Descs.from_blocks(route.region, route.spec, remote_ids, layers=layers, heads=heads.remote_heads)
-            plan = self.agent.plan(local, route.peer, remote)
+            plan = self.agent.plan(*self._direct_descs(route, local_ids, remote_ids, tokens, layers))
             return [TransferStep(self.agent.read(plan) if op == "read" else self.agent.write(plan))]
         return [self._staged(op, route, local_ids, remote_ids, tokens, layers)]
+
+    def _direct_descs(self, route: "Route", local_ids: np.ndarray, remote_ids: np.ndarray, tokens: int,
+                      layers: np.ndarray) -> tuple[Descs, Any, Descs]:
+        """Whole blocks as fragments, and a partly filled last block row by row (so nothing past ``tokens``
+        is written)."""
+        heads, full = route.heads, tokens // self.spec.block_size
+        sides = [(self.region, self.spec, local_ids, heads.local_heads),
+                 (route.region, route.spec, remote_ids, heads.remote_heads)]
+        descs = []
+        for region, spec, ids, head_range in sides:
+            parts = [Descs.from_blocks(region, spec, ids[:full], layers=layers, heads=head_range)] if full else []
+            if tokens % spec.block_size:
+                offsets, row = spec.row_offsets(int(ids[full]), tokens % spec.block_size, layers=layers,
+                                                heads=head_range)
+                parts.append(Descs.from_ranges(region, offsets, row))
+            descs.append(Descs.concat(parts))
+        return descs[0], route.peer, descs[1]
 
     def _kernel(self, op: str, route: "Route", local_ids: np.ndarray, remote_ids: np.ndarray, tokens: int,
                 layers: np.ndarray) -> Step:

@@ -236,6 +236,22 @@ class KVCacheSpec:
                 + layer_ids[:, None, None] * s_layer + blocks[None, :, None] * s_block + part_ids[None, None, :] * s_kv)
         return (base[..., None] + pieces).ravel(), piece_nbytes
 
+    def row_offsets(self, block_id: int, num_tokens: int, *, layers: Any = None, heads: tuple[int, int] | None = None,
+                    parts: Sequence[int] | None = None) -> tuple[np.ndarray, int]:
+        """Byte offsets of the head_dim rows of tokens ``[0, num_tokens)`` of one block (a partly filled last
+        block). Order: layer, part, head, token. Returns (offsets: int64[k], row nbytes)."""
+        block = as_index_array([block_id], "block_id", self.num_blocks)
+        layer_ids = as_index_array(_expand(layers, self.num_layers), "layers", self.num_layers)
+        part_ids = as_index_array(_expand(parts, self.num_kv_parts), "parts", self.num_kv_parts)
+        h0, h1 = self._local_heads(heads)
+        if not 0 <= num_tokens <= self.block_size:
+            raise ConfigError(f"num_tokens must lie in [0, {self.block_size}], got {num_tokens}")
+        s_layer, s_block, s_kv, s_head, s_token, _ = self.byte_strides
+        offsets = (self.offset * self.itemsize + int(block[0]) * s_block
+                   + layer_ids[:, None, None, None] * s_layer + part_ids[None, :, None, None] * s_kv
+                   + np.arange(h0, h1)[None, None, :, None] * s_head + np.arange(num_tokens)[None, None, None, :] * s_token)
+        return offsets.ravel(), self.head_dim * self.itemsize
+
     def _local_heads(self, heads: tuple[int, int] | None) -> tuple[int, int]:
         if heads is None:
             return 0, self.num_kv_heads

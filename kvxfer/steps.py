@@ -29,6 +29,10 @@ class Step:
     def cancel(self) -> None:
         """Stop it; return once it touches no memory any more."""
 
+    def block(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for progress (returns early when the step may have finished)."""
+        time.sleep(min(seconds, 1e-4))
+
 
 class TransferStep(Step):
     """A backend transfer posted through the agent."""
@@ -44,6 +48,9 @@ class TransferStep(Step):
     def cancel(self) -> None:
         self.handle.cancel()
 
+    def block(self, seconds: float) -> None:
+        self.handle._backend.idle_wait(self.handle._request, seconds)
+
 
 class EventStep(Step):
     """A kernel launched on a CUDA stream; done when the event recorded after it has fired."""
@@ -56,6 +63,9 @@ class EventStep(Step):
 
     def cancel(self) -> None:
         self.event.synchronize()
+
+    def block(self, seconds: float) -> None:
+        self.event.synchronize()  # a local kernel: it ends on its own, and soon
 
 
 class FutureStep(Step):
@@ -76,6 +86,11 @@ class FutureStep(Step):
     def cancel(self) -> None:
         if not self.future.cancel():
             self.future.exception()  # already running: wait for it to finish
+
+    def block(self, seconds: float) -> None:
+        from concurrent.futures import wait
+
+        wait([self.future], timeout=seconds)
 
 
 class ChainStep(Step):
@@ -101,6 +116,9 @@ class ChainStep(Step):
         self._started = True  # nothing new starts after a cancel
         self.current.cancel()
 
+    def block(self, seconds: float) -> None:
+        self.current.block(seconds)
+
 
 class PipeHandle:
     """The handle of one pipe request (pull or push). ``strategy`` names how each rank pair moves its bytes."""
@@ -116,6 +134,7 @@ class PipeHandle:
         self._on_done = on_done
         self._gate = gate  # more steps may still come (streamed layers) while it says False
         self._on_final = on_final
+        self._last_states: list[TransferState] = []
         self._default_timeout = default_timeout
         self.deadline = deadline
         self.strategy = strategy
@@ -148,6 +167,7 @@ class PipeHandle:
             if self._state.final:
                 return self._state
             states = [step.poll() for step in self._steps]
+            self._last_states = states
             failed = next((s for s, state in zip(self._steps, states) if state.final and
                            state is not TransferState.DONE), None)
             if failed is not None:
@@ -189,12 +209,16 @@ class PipeHandle:
         limit = self._default_timeout if timeout is None else timeout
         if limit < 0:
             raise ConfigError(f"timeout must be >= 0, got {timeout}")
-        give_up, sleep = time.monotonic() + limit, 1e-5
+        give_up = time.monotonic() + limit
         while not self.poll().final:
-            if time.monotonic() >= give_up:
+            now = time.monotonic()
+            if now >= give_up:
                 raise TransferTimeoutError(f"wait timed out after {limit} s; the transfer is still in flight", self)
-            time.sleep(sleep)
-            sleep = min(sleep * 2, 1e-3)
+            with self._lock:
+                busy = [step for step, state in zip(self._steps, self._last_states) if state is not TransferState.DONE]
+            # Block on one unfinished step (each knows how to sleep until it progresses); cap the nap so the
+            # deadline and the other steps are looked at again soon.
+            (busy[0] if busy else Step()).block(min(give_up - now, 5e-3))
         if self._state is TransferState.DONE:
             return self
         assert self._error is not None
