@@ -8,17 +8,32 @@ import hashlib
 def serve(conn, backend: str, device: int, nbytes: int, memory: str, seed: int) -> None:
     """Register ``nbytes`` of random device memory as "kv" on ``device`` and answer commands until "exit".
 
-    memory: "legacy" (cupy/cudaMalloc) or "vmm" (cuMemCreate with a POSIX fd handle type).
+    memory: "legacy" (cupy/cudaMalloc), "vmm" (cuMemCreate with a POSIX fd handle type), or "torch-vmm" (a torch
+    tensor from the caching allocator with expandable segments, i.e. several VMM chunks behind one region).
     Commands: ("meta",) -> metadata; ("connect", meta) -> None; ("digest", offset, size) -> sha256 hex;
     ("bytes", offset, size) -> bytes; ("notes", timeout) -> [payload]; ("exit",).
     """
+    import os
+
+    if memory == "torch-vmm":  # must be set before torch initialises CUDA
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     import cupy
 
     import kvxfer
     from kvxfer.backends.cuda_ipc import VmmAllocation
 
     cupy.cuda.Device(device).use()
-    if memory == "vmm":
+    if memory == "torch-vmm":
+        import torch
+
+        torch.cuda.set_device(device)
+        # 17 MiB first: the tensor then starts mid-chunk and crosses the 20 MiB mapping boundary (two VMM chunks)
+        spacer = torch.empty(17 << 20, dtype=torch.uint8, device=f"cuda:{device}")
+        tensor = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{device}")
+        region = kvxfer.Region.from_array(tensor)
+        region.owner = (tensor, spacer)
+        view = cupy.asarray(tensor)
+    elif memory == "vmm":
         allocation = VmmAllocation(nbytes, device)
         region = kvxfer.Region.from_ptr(allocation.ptr, nbytes, "cuda", device, owner=allocation)
         view = cupy.ndarray((nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(

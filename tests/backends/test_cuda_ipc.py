@@ -56,7 +56,7 @@ def block_bytes(array_bytes: bytes, ids) -> bytes:
 
 
 @pytest.mark.parametrize("strategy", ["kernel", "copy"])
-@pytest.mark.parametrize("memory", ["legacy", "vmm"])
+@pytest.mark.parametrize("memory", ["legacy", "vmm", "torch-vmm"])
 @pytest.mark.parametrize("devices", [pytest.param((0, 0), marks=pytest.mark.gpu),
                                      pytest.param((0, 1), marks=pytest.mark.multi_gpu)])
 def test_read_and_write_random_blocks_byte_exact(devices, memory, strategy):
