@@ -30,7 +30,7 @@ from .memory import MemoryKind, Region, RemoteRegion
 from .peer import Peer
 from .pipe_work import PipeWork
 from .ranks import HeadRoute, route_heads
-from .spec import KVCacheSpec, as_index_array
+from .spec import KVCacheSpec, as_index_array, selection_ids
 from .steps import PipeHandle
 
 logger = logging.getLogger("kvxfer")
@@ -138,7 +138,7 @@ class KVPipe:
         if notify is not None and not isinstance(notify, (bytes, bytearray)):
             raise ConfigError(f"notify must be bytes or None, got {type(notify).__name__}")
         local_ids = as_index_array(local_ids, "local_block_ids", self.spec.num_blocks)
-        layer_ids = as_index_array(_layers(layers, self.spec.num_layers), "layers", self.spec.num_layers)
+        layer_ids = as_index_array(selection_ids(layers, self.spec.num_layers), "layers", self.spec.num_layers)
         if len(np.unique(layer_ids)) != len(layer_ids):
             raise DescriptorError("layers must not repeat")
         tokens = [self._tokens(local_ids, as_index_array(remote_ids, "remote_block_ids", r.spec.num_blocks), r,
@@ -240,7 +240,7 @@ class StreamingPush(PipeHandle):
 
     def ready(self, layers: Any) -> None:
         """Layers (an id, ids or a range) are computed: start moving them."""
-        chosen = as_index_array(_layers(layers, self._pipe.spec.num_layers), "layers", self._pipe.spec.num_layers)
+        chosen = as_index_array(selection_ids(layers, self._pipe.spec.num_layers), "layers", self._pipe.spec.num_layers)
         fresh = [int(x) for x in chosen if int(x) in self._pending_layers]
         if len(fresh) != len(chosen):
             raise DescriptorError(f"layers {sorted(set(chosen.tolist()) - set(fresh))} are not awaited by this push")
@@ -250,14 +250,6 @@ class StreamingPush(PipeHandle):
                                                  ids)]
         self.add(steps)
         self._pending_layers.difference_update(fresh)
-
-
-def _layers(layers: Any, count: int) -> Any:
-    if layers is None:
-        return np.arange(count, dtype=np.int64)
-    if isinstance(layers, range):
-        return np.asarray(layers, dtype=np.int64)
-    return layers
 
 
 def _local_region(agent: Agent, name: str) -> Region:

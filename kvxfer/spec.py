@@ -227,8 +227,8 @@ class KVCacheSpec:
         Order: layer, block (as given), part, piece. Returns (offsets: int64[m*n*parts*pieces], piece nbytes).
         """
         blocks = as_index_array(block_ids, "block_ids", self.num_blocks)
-        layer_ids = as_index_array(_expand(layers, self.num_layers), "layers", self.num_layers)
-        part_ids = as_index_array(_expand(parts, self.num_kv_parts), "parts", self.num_kv_parts)
+        layer_ids = as_index_array(selection_ids(layers, self.num_layers), "layers", self.num_layers)
+        part_ids = as_index_array(selection_ids(parts, self.num_kv_parts), "parts", self.num_kv_parts)
         h0, _ = self._local_heads(heads)
         pieces, piece_nbytes = self.fragments(heads)
         s_layer, s_block, s_kv, s_head, _, _ = self.byte_strides
@@ -241,8 +241,8 @@ class KVCacheSpec:
         """Byte offsets of the head_dim rows of tokens ``[0, num_tokens)`` of one block (a partly filled last
         block). Order: layer, part, head, token. Returns (offsets: int64[k], row nbytes)."""
         block = as_index_array([block_id], "block_id", self.num_blocks)
-        layer_ids = as_index_array(_expand(layers, self.num_layers), "layers", self.num_layers)
-        part_ids = as_index_array(_expand(parts, self.num_kv_parts), "parts", self.num_kv_parts)
+        layer_ids = as_index_array(selection_ids(layers, self.num_layers), "layers", self.num_layers)
+        part_ids = as_index_array(selection_ids(parts, self.num_kv_parts), "parts", self.num_kv_parts)
         h0, h1 = self._local_heads(heads)
         if not 0 <= num_tokens <= self.block_size:
             raise ConfigError(f"num_tokens must lie in [0, {self.block_size}], got {num_tokens}")
@@ -261,7 +261,9 @@ class KVCacheSpec:
         return h0, h1
 
 
-def _expand(selection: Any, count: int) -> Any:
+def selection_ids(selection: Any, count: int) -> Any:
+    """``None`` (all of ``count``), a slice or a range as an int64 array; anything else unchanged (checked later
+    by :func:`as_index_array`)."""
     if selection is None:
         return np.arange(count, dtype=np.int64)
     if isinstance(selection, slice):
