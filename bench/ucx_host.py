@@ -7,7 +7,8 @@ library, default transports) gives the ceiling per message size. Also: 4 KiB rou
 answered by write + notification) p50. GB/s = 1e9 bytes/s.
 
     python bench/ucx_host.py                    # full run (a few minutes), JSON into bench/results/
-    python bench/ucx_host.py --sizes 4096 1048576 --total 16777216 --skip-nixl
+    python bench/ucx_host.py --sizes 4096 1048576 --total 16777216 --systems kvxfer
+    python bench/ucx_host.py --memory cuda      # GPU0 -> GPU1 (GPU0 -> GPU0 with one GPU), JSON ucx_cuda_<date>
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ ENVIRON = {"UCX_MEM_MMAP_HOOK_MODE": "none"}  # host memory needs no mmap hooks;
 class Child:
     """One side of a pair in its own process (so two UCX builds never share a process)."""
 
-    def __init__(self, system: str, name: str, pool_nbytes: int, settings: dict[str, Any]) -> None:
+    def __init__(self, system: str, name: str, pool_nbytes: int, settings: dict[str, Any], device: int) -> None:
         context = multiprocessing.get_context("spawn")
         self.connection, child = context.Pipe()
-        self.process = context.Process(target=serve, args=(child, system, name, pool_nbytes, settings, ENVIRON),
-                                       daemon=True)
+        environ = ENVIRON if device < 0 else {}
+        self.process = context.Process(target=serve, args=(child, system, name, pool_nbytes, settings, environ,
+                                                           device), daemon=True)
         self.process.start()
         self.metadata = self.answer(120)
 
@@ -80,10 +82,12 @@ def workload(sizes: list[int], total: int, seed: int) -> dict[int, tuple[np.ndar
     return work
 
 
-def run_system(label: str, work: dict, pool_nbytes: int, repeats: int, pingpongs: int) -> dict[str, Any]:
+def run_system(label: str, work: dict, pool_nbytes: int, repeats: int, pingpongs: int,
+               devices: tuple[int, int] = (-1, -1)) -> dict[str, Any]:
+    """Time ``work`` with system ``label``; ``devices``: (initiator, target) CUDA devices, -1 for host memory."""
     system, settings = SYSTEMS[label]
-    target = Child(system, f"{label}-target", pool_nbytes, settings)
-    initiator = Child(system, f"{label}-initiator", pool_nbytes, settings)
+    target = Child(system, f"{label}-target", pool_nbytes, settings, devices[1])
+    initiator = Child(system, f"{label}-initiator", pool_nbytes, settings, devices[0])
     try:
         lanes = initiator.call("connect", *target.metadata)
         target.call("connect", *initiator.metadata)
@@ -115,13 +119,13 @@ def run_system(label: str, work: dict, pool_nbytes: int, repeats: int, pingpongs
         target.close()
 
 
-def perftest(sizes: list[int], total: int) -> dict[int, dict[str, float]]:
+def perftest(sizes: list[int], total: int, cuda: bool = False) -> dict[int, dict[str, float]]:
     """ucx_perftest bandwidth (GB/s) per message size: ucp_put_bw (WRITE) and ucp_get (READ)."""
     import libucx
 
     root = os.path.dirname(libucx.__file__)
     binary = os.path.join(root, "bin", "ucx_perftest")
-    env = dict(os.environ, LD_LIBRARY_PATH=os.path.join(root, "lib"), **ENVIRON)
+    env = dict(os.environ, LD_LIBRARY_PATH=os.path.join(root, "lib"), **({} if cuda else ENVIRON))
     results: dict[int, dict[str, float]] = {}
     for size in sizes:
         results[size] = {}
@@ -132,8 +136,10 @@ def perftest(sizes: list[int], total: int) -> dict[int, dict[str, float]]:
             try:
                 time.sleep(0.5)
                 iterations = max(20, min(100000, 4 * total // size))
+                memory = ["-m", "cuda"] if cuda else []
                 output = subprocess.run([binary, "127.0.0.1", "-p", str(port), "-t", test, "-s", str(size), "-n",
-                                         str(iterations)], env=env, capture_output=True, text=True, timeout=300)
+                                         str(iterations)] + memory, env=env, capture_output=True, text=True,
+                                        timeout=300)
                 final = re.search(r"Final:\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)", output.stdout)
                 # ucx_perftest's "MB/s" are MiB/s (UCS_MBYTE = 2**20)
                 results[size][op] = float(final.group(5)) * (1 << 20) / 1e9 if final else float("nan")
@@ -143,6 +149,15 @@ def perftest(sizes: list[int], total: int) -> dict[int, dict[str, float]]:
         print(f"  perftest    {size >> 10:>6} KiB          READ {results[size]['READ']:6.2f}  "
               f"WRITE {results[size]['WRITE']:6.2f} GB/s", flush=True)
     return results
+
+
+def _gpu_count() -> int:
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:
+        return 0
 
 
 def _free_port() -> int:
@@ -187,27 +202,31 @@ def main() -> None:
     parser.add_argument("--pingpongs", type=int, default=2000)
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     parser.add_argument("--skip-perftest", action="store_true")
+    parser.add_argument("--memory", choices=["host", "cuda"], default="host")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/ucx_host_<date>.json)")
     args = parser.parse_args()
     sizes = sorted(set(args.sizes))
     work = workload(sizes, args.total, seed=1234)
     pool_nbytes = max(2 * args.total, 2 * max(sizes))
+    devices = (-1, -1) if args.memory == "host" else (0, 1 if _gpu_count() > 1 else 0)
     report: dict[str, Any] = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "date": datetime.datetime.now().isoformat(),
         "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
-        "total_nbytes": args.total, "repeats": args.repeats, "sizes": sizes, "systems": {}}
+        "total_nbytes": args.total, "repeats": args.repeats, "sizes": sizes, "memory": args.memory,
+        "devices": devices, "systems": {}}
     for label in args.systems:
         print(f"{label}:", flush=True)
         try:
-            report["systems"][label] = run_system(label, work, pool_nbytes, args.repeats, args.pingpongs)
+            report["systems"][label] = run_system(label, work, pool_nbytes, args.repeats, args.pingpongs, devices)
         except Exception as error:  # e.g. NIXL not installed: say so in the report, keep going
             report["systems"][label] = {"error": f"{type(error).__name__}: {error}"[:2000]}
             print(f"  {label} failed: {report['systems'][label]['error']}", flush=True)
     if not args.skip_perftest:
         print("ucx_perftest:", flush=True)
-        report["perftest"] = perftest(sizes, args.total)
+        report["perftest"] = perftest(sizes, args.total, cuda=args.memory == "cuda")
+    stem = "ucx_host" if args.memory == "host" else "ucx_cuda"
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"ucx_host_{datetime.date.today().isoformat()}.json")
+                                   f"{stem}_{datetime.date.today().isoformat()}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as file:
         json.dump(report, file, indent=1, default=str)

@@ -17,7 +17,7 @@ import numpy as np
 class KvxferSide:
     """A kvxfer Agent with one UCX backend; ``settings`` are UcxConfig fields (e.g. {"cma": "off"})."""
 
-    def __init__(self, name: str, pool_nbytes: int, settings: dict[str, Any]) -> None:
+    def __init__(self, name: str, pool_nbytes: int, settings: dict[str, Any], device: int) -> None:
         import kvxfer
         from kvxfer.backends.ucx import UcxBackend
         from kvxfer.backends.ucx.config import UcxConfig
@@ -25,15 +25,16 @@ class KvxferSide:
         self.kvxfer = kvxfer
         self.agent = kvxfer.Agent(name, backends=[UcxBackend(UcxConfig(**settings))],
                                   timeouts=kvxfer.Timeouts(transfer=300.0))
-        self.pool = _pool(pool_nbytes)
+        self.pool = _pool(pool_nbytes, device)
         self.region = self.agent.register(self.pool, name="pool")
+        self.device = device
         self.plans: dict[str, Any] = {}
         self.peer = None
 
-    def metadata(self) -> tuple[bytes, int]:
-        return self.agent.metadata(), self.region.addr
+    def metadata(self) -> tuple[bytes, int, int]:
+        return self.agent.metadata(), self.region.addr, self.device
 
-    def connect(self, metadata: bytes, _remote_base: int) -> None:
+    def connect(self, metadata: bytes, _remote_base: int, _remote_device: int) -> None:
         self.peer = self.agent.connect(metadata)
 
     def describe(self) -> str:
@@ -65,33 +66,35 @@ class KvxferSide:
 class NixlSide:
     """A NIXL 1.5 agent with its UCX backend (its defaults: progress thread, peer error handling)."""
 
-    def __init__(self, name: str, pool_nbytes: int, _settings: dict[str, Any]) -> None:
+    def __init__(self, name: str, pool_nbytes: int, _settings: dict[str, Any], device: int) -> None:
         from nixl._api import nixl_agent, nixl_agent_config
 
         self.name = name
         self.agent = nixl_agent(name, nixl_agent_config(backends=["UCX"]))
-        self.pool = _pool(pool_nbytes)
-        self.agent.register_memory([(self.pool.ctypes.data, self.pool.nbytes, 0, "")], "DRAM")
+        self.pool = _pool(pool_nbytes, device)
+        self.device, self.memory = max(device, 0), ("VRAM" if device >= 0 else "DRAM")
+        self.base = _address(self.pool)
+        self.agent.register_memory([(self.base, pool_nbytes, self.device, "")], self.memory)
         self.handles: dict[tuple[str, str], Any] = {}
         self.prepared: dict[str, Any] = {}
         self.remote_name: str | None = None
-        self.remote_base = 0
+        self.remote_base = self.remote_device = 0
 
-    def metadata(self) -> tuple[bytes, int]:
-        return self.agent.get_agent_metadata(), self.pool.ctypes.data
+    def metadata(self) -> tuple[bytes, int, int]:
+        return self.agent.get_agent_metadata(), self.base, self.device
 
-    def connect(self, metadata: bytes, remote_base: int) -> None:
+    def connect(self, metadata: bytes, remote_base: int, remote_device: int) -> None:
         self.remote_name = self.agent.add_remote_agent(metadata)
-        self.remote_base = remote_base
+        self.remote_base, self.remote_device = remote_base, max(remote_device, 0)
 
     def describe(self) -> str:
         return "nixl-ucx"
 
     def prepare(self, key: str, fragment: int, local_offsets: np.ndarray, remote_offsets: np.ndarray) -> str:
-        local = _nixl_descs(self.pool.ctypes.data, local_offsets, fragment)
-        remote = _nixl_descs(self.remote_base, remote_offsets, fragment)
-        local_side = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", local, "DRAM")
-        remote_side = self.agent.prep_xfer_dlist(self.remote_name, remote, "DRAM")
+        local = _nixl_descs(self.base, local_offsets, fragment, self.device)
+        remote = _nixl_descs(self.remote_base, remote_offsets, fragment, self.remote_device)
+        local_side = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", local, self.memory)
+        remote_side = self.agent.prep_xfer_dlist(self.remote_name, remote, self.memory)
         self.prepared[key] = (local_side, remote_side, np.arange(len(local_offsets), dtype=np.int32))
         return "nixl"
 
@@ -124,15 +127,26 @@ class NixlSide:
         self.handles.clear()
 
 
-def _pool(nbytes: int) -> np.ndarray:
+def _pool(nbytes: int, device: int) -> Any:
+    """Random bytes (pages touched) in host memory, or on CUDA device ``device`` >= 0 (via cupy)."""
     pool = np.frombuffer(np.random.default_rng(os.getpid()).bytes(nbytes), dtype=np.uint8).copy()
-    return pool
+    if device < 0:
+        return pool
+    import cupy
+
+    cupy.cuda.Device(device).use()
+    return cupy.asarray(pool)
 
 
-def _nixl_descs(base: int, offsets: np.ndarray, fragment: int) -> np.ndarray:
+def _address(pool: Any) -> int:
+    return pool.data.ptr if hasattr(pool, "data") and hasattr(pool.data, "ptr") else pool.ctypes.data
+
+
+def _nixl_descs(base: int, offsets: np.ndarray, fragment: int, device: int) -> np.ndarray:
     descs = np.zeros((len(offsets), 3), dtype=np.uint64)
     descs[:, 0] = np.uint64(base) + offsets.astype(np.uint64)
     descs[:, 1] = fragment
+    descs[:, 2] = device
     return descs
 
 
@@ -140,11 +154,11 @@ SIDES = {"kvxfer": KvxferSide, "nixl": NixlSide}
 
 
 def serve(connection: Any, system: str, name: str, pool_nbytes: int, settings: dict[str, Any],
-          environ: dict[str, str]) -> None:
+          environ: dict[str, str], device: int = -1) -> None:
     """Child-process loop: build the side, then run commands from the orchestrator until "close"."""
     os.environ.update(environ)
     try:
-        side = SIDES[system](name, pool_nbytes, settings)
+        side = SIDES[system](name, pool_nbytes, settings, device)
         connection.send(side.metadata())
     except Exception:
         connection.send(RuntimeError(traceback.format_exc()))

@@ -30,7 +30,7 @@ from .link import Link
 from .links import Links
 from .progress import ProgressThread
 from .responder import Responder, pack_notification
-from .staged import StagingPool
+from .pool import BufferPool
 from .transfer import UcxRequest, new_request
 from .wire import Header, Kind, WorkerInfo
 from .worker import Worker
@@ -77,8 +77,9 @@ class UcxBackend(Backend):
         self.ucp = Context(self.library, context.agent_name)
         self.responder = Responder(self)
         self.links = Links(self)
-        self.staging = StagingPool(self.config.stage_chunk, 2 * self.config.stage_inflight)
-        self.worker = Worker(self.library, self.ucp.handle, context.agent_name, self.responder.on_message)
+        self.staging = BufferPool(self.config.stage_chunk, 4 * self.config.stage_inflight)
+        self.worker = Worker(self.library, self.ucp.handle, context.agent_name, self.responder.on_message,
+                             self.staging)
         self.cma = CrossMemory(self.library, threads=min(2, os.cpu_count() or 1))
         self._token = np.frombuffer(os.urandom(16), dtype=np.uint8).copy()
         self.progress = ProgressThread(self, f"kvxfer-ucx-{context.agent_name}")

@@ -12,7 +12,7 @@ Returned ``ucs_status_ptr_t`` values are therefore ints: 0 = done, ``>= 2**64 - 
 request.
 """
 
-UCP_CDEF = r"""
+UCP_TYPES_CDEF = r"""
 typedef int8_t ucs_status_t;
 typedef int ucs_thread_mode_t;
 typedef int ucs_memory_type_t;
@@ -138,6 +138,10 @@ typedef struct {
     void *user_data;
 } ucp_ep_attr_t;
 
+"""
+
+# Functions, split from the types so that tests can check the type layouts against the real headers.
+UCP_FUNCTIONS_CDEF = r"""
 void ucp_get_version(unsigned *major_version, unsigned *minor_version, unsigned *release_number);
 const char *ucs_status_string(ucs_status_t status);
 ucs_status_t ucp_config_read(const char *env_prefix, const char *filename, ucp_config_t **config_p);
@@ -182,6 +186,8 @@ ucs_status_t ucp_request_check_status(uintptr_t request);
 void ucp_request_cancel(ucp_worker_h worker, uintptr_t request);
 void ucp_request_free(uintptr_t request);
 """
+
+UCP_CDEF = UCP_TYPES_CDEF + UCP_FUNCTIONS_CDEF
 
 # libc: cross-memory attach (one call moves up to 1024 iovecs on each side) and memmove for odd-sized copies.
 LIBC_CDEF = r"""

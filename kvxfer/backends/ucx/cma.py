@@ -21,7 +21,7 @@ import numpy as np
 from .library import UcxLibrary
 
 MAX_IOV = 1024  # IOV_MAX: the kernel's limit per side and call
-BATCH_BYTES = 64 << 20  # bound on one call, so cancel() and deadlines are observed between calls
+BATCH_BYTES = 16 << 20  # bound on one call, so cancel() and deadlines are observed between calls
 
 
 @dataclass

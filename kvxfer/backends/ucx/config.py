@@ -5,7 +5,7 @@
 | KVXFER_UCX_LIB | (the libucx wheel) | path of a libucp.so to load instead, e.g. a system UCX built with verbs |
 | KVXFER_UCX_ERROR_MODE | auto | endpoint error handling: auto (none on one host, peer across hosts), peer, none |
 | KVXFER_UCX_CMA | auto | same-host host memory through batched process_vm_readv/writev: auto or off |
-| KVXFER_UCX_STAGE_BELOW | 65536 | on the UCX path, host fragments averaging fewer bytes than this are staged |
+| KVXFER_UCX_STAGE_BELOW | 32768 | on the UCX path, host fragments averaging fewer bytes than this are staged |
 | KVXFER_UCX_STAGE_CHUNK | 4194304 | bytes per staged message |
 | KVXFER_UCX_STAGE_INFLIGHT | 4 | staged messages in flight per transfer |
 | KVXFER_UCX_LIVENESS_INTERVAL | 0.2 | seconds between liveness checks of same-host peers without a pidfd |
@@ -30,7 +30,7 @@ class UcxConfig:
     library_path: str | None = None
     error_mode: str = "auto"
     cma: str = "auto"
-    stage_below: int = 64 << 10
+    stage_below: int = 32 << 10
     stage_chunk: int = 4 << 20
     stage_inflight: int = 4
     liveness_interval: float = 0.2

@@ -84,27 +84,28 @@ class Responder:
         reason = check_spans(addr, nbytes, region, self.backend.host_view)
         if reason is not None:
             raise ValueError(reason)
-        out = np.empty(int(nbytes.sum(dtype=np.uint64)), dtype=np.uint8)
+        out = self.backend.staging.take(int(nbytes.sum(dtype=np.uint64)))
         gather(out, addr, nbytes, region, self.backend.host_view)
-        self._reply(reply_ep, Header(Kind.DATA, header.transfer, header.chunk), out)
+        self._reply(reply_ep, Header(Kind.DATA, header.transfer, header.chunk), out, pooled=True)
 
     def _refuse(self, header: Header, reply_ep: int, reason: str) -> None:
         if header.kind in (Kind.SCATTER, Kind.GATHER):
             self._reply(reply_ep, Header(Kind.FAIL, header.transfer, header.chunk),
                         np.frombuffer(reason.encode()[:1000], dtype=np.uint8).copy())
 
-    def _reply(self, reply_ep: int, header: Header, payload: np.ndarray | None = None) -> None:
+    def _reply(self, reply_ep: int, header: Header, payload: np.ndarray | None = None, pooled: bool = False) -> None:
         if not reply_ep:
             _log.warning("ucx: cannot answer %s: the sender gave no reply endpoint", header.kind.name)
             return
-        worker = self.backend.worker
+        worker, staging = self.backend.worker, self.backend.staging
         ep = self.backend.library.ffi.cast("ucp_ep_h", reply_ep)
         encoded = header.encode()
 
         def send() -> None:
             addr, size = (payload.ctypes.data, payload.size) if payload is not None and payload.size else (0, 0)
+            done = (lambda _status: staging.give(payload)) if pooled else None
             try:
-                worker.send(ep, encoded, addr, size, keepalive=payload)
+                worker.send(ep, encoded, addr, size, keepalive=payload, on_done=done)
             except KvxferError as error:
                 _log.warning("ucx: answering %s failed: %s", header.kind.name, error)
 

@@ -124,23 +124,3 @@ class StagedTransfer(UcxRequest):
         else:
             self.backend.worker.defer(self.advance)
 
-
-class StagingPool:
-    """Reused uint8 host buffers for staged chunks (so UCX's registration cache keeps hitting)."""
-
-    def __init__(self, chunk_nbytes: int, keep: int) -> None:
-        self._chunk_nbytes, self._keep = chunk_nbytes, keep
-        self._free: list[np.ndarray] = []
-
-    def take(self, nbytes: int) -> np.ndarray:
-        """A buffer of exactly ``nbytes`` bytes (a view of a pooled one when one is large enough)."""
-        for i, buffer in enumerate(self._free):
-            if buffer.size >= nbytes:
-                return self._free.pop(i)[:nbytes]
-        return np.empty(max(nbytes, self._chunk_nbytes), dtype=np.uint8)[:nbytes]
-
-    def give(self, buffer: np.ndarray) -> None:
-        """Return a buffer from :meth:`take` once nothing uses it any more."""
-        base = buffer.base if isinstance(buffer.base, np.ndarray) else buffer
-        if len(self._free) < self._keep:
-            self._free.append(base)

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import cdef
 from .library import UcxLibrary, UcxStatusError, check, pointer_status
+from .pool import BufferPool
 
 AM_ID = 7  # our one active-message id; the header's kind byte says what the message is
 _PROGRESS_BURST = 64
@@ -35,8 +36,10 @@ _log = logging.getLogger("kvxfer.ucx")
 class Worker:
     """One UCP worker, its address (bytes for the metadata) and its wakeup file descriptor."""
 
-    def __init__(self, library: UcxLibrary, context_handle: Any, name: str, on_message: MessageHandler) -> None:
+    def __init__(self, library: UcxLibrary, context_handle: Any, name: str, on_message: MessageHandler,
+                 buffers: BufferPool) -> None:
         self.library = library
+        self._buffers = buffers
         ffi, lib = library.ffi, library.lib
         self.lock = threading.Lock()
         self._on_message = on_message
@@ -153,14 +156,14 @@ class Worker:
         reply_ep = int(ffi.cast("uintptr_t", recv.reply_ep)) if attributes & cdef.UCP_AM_RECV_ATTR_FIELD_REPLY_EP else 0
         head = bytes(ffi.buffer(header, header_length)) if header_length else b""
         if attributes & cdef.UCP_AM_RECV_ATTR_FLAG_RNDV:
-            buffer = np.empty(length, dtype=np.uint8)
+            buffer = self._buffers.take(length)
             request = self.library.lib.ucp_am_recv_data_nbx(self.handle, data, buffer.ctypes.data, length,
                                                            self._recv_param)
             status = pointer_status(request)
             if status == cdef.UCS_INPROGRESS:
                 self._receives.append((request, head, buffer, reply_ep))
             elif status == cdef.UCS_OK:
-                self.defer(lambda: self._on_message(head, memoryview(buffer), reply_ep))
+                self.defer(lambda: self._hand_on(head, buffer, reply_ep))
             else:
                 _log.warning("ucx: rendezvous receive of %d bytes failed: %s", length,
                              self.library.status_text(status))
@@ -181,11 +184,17 @@ class Worker:
             lib.ucp_request_free(request)
             done += 1
             if status == cdef.UCS_OK:
-                self._on_message(head, memoryview(buffer), reply_ep)
+                self._hand_on(head, buffer, reply_ep)
             else:
                 _log.warning("ucx: rendezvous receive failed: %s", self.library.status_text(status))
         self._receives = pending
         return done
+
+    def _hand_on(self, head: bytes, buffer: np.ndarray, reply_ep: int) -> None:
+        try:
+            self._on_message(head, memoryview(buffer), reply_ep)
+        finally:
+            self._buffers.give(buffer)  # handlers copy what they keep
 
     def _on_callback_error(self, exc_type: Any, exc: BaseException | None, _traceback: Any) -> int:
         _log.error("ucx: active-message handler raised %s: %s", getattr(exc_type, "__name__", exc_type), exc)
