@@ -1,11 +1,18 @@
-"""The `kvxfer-bench` command: one subcommand per kind of measurement."""
+"""The `kvxfer-bench` command: one subcommand per kind of measurement (docs/bench.md describes each).
+
+    kvxfer-bench sweep --backend ucx --memory host:host --sizes 4K-64M --batch 16 --plot sweep.png --json sweep.json
+    kvxfer-bench target --backend ucx --listen 0.0.0.0:5555 --memory host,cuda   # by hand, on the other host
+    kvxfer-bench ceiling | kernels | kv | ipc | local
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
+from ..errors import KvxferError
+from . import commands
 from .report import print_table, write_csv, write_json
 
 
@@ -51,13 +58,18 @@ def _emit(args: argparse.Namespace, tables: dict[str, list[dict]]) -> None:
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
-    root = argparse.ArgumentParser(prog="kvxfer-bench", description=__doc__)
-    commands = root.add_subparsers(dest="command", required=True)
-    local = commands.add_parser("local", help="plan/post costs and local-backend GB/s on host memory")
+    root = argparse.ArgumentParser(prog="kvxfer-bench", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    subcommands = root.add_subparsers(dest="command", required=True)
+    _sweep_parser(subcommands)
+    _target_parser(subcommands)
+    _kernels_parser(subcommands)
+    _ceiling_parser(subcommands)
+    local = subcommands.add_parser("local", help="plan/post costs and local-backend GB/s on host memory")
     local.add_argument("--repeats", type=int, default=50)
     local.add_argument("--total-mib", type=int, default=256, help="bytes moved per bandwidth row (MiB)")
     local.set_defaults(run=_local)
-    ipc = commands.add_parser("ipc", help="GPU->GPU between two processes through the CUDA IPC backend")
+    ipc = subcommands.add_parser("ipc", help="GPU->GPU between two processes through the CUDA IPC backend")
     ipc.add_argument("--source", type=int, default=0, help="GPU of the prefill (source) process")
     ipc.add_argument("--target", type=int, default=1, help="GPU of the decode (pulling) process")
     ipc.add_argument("--tokens", type=int, default=4096)
@@ -65,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
     ipc.add_argument("--strategy", default="auto", choices=["auto", "kernel", "copy"])
     ipc.add_argument("--repeats", type=int, default=20)
     ipc.set_defaults(run=_ipc)
-    kv = commands.add_parser("kv", help="one model-shaped request through KVPipe (prefill TP -> decode TP)")
+    kv = subcommands.add_parser("kv", help="one model-shaped request through KVPipe (prefill TP -> decode TP)")
     kv.add_argument("--model", default="llama-3.1-8b", help="llama-3.1-8b, llama-3.1-70b, qwen3-32b or custom")
     kv.add_argument("--dims", help="custom model: layers,kv_heads,head_dim")
     kv.add_argument("--tokens", type=int, default=4096)
@@ -81,16 +93,86 @@ def parser() -> argparse.ArgumentParser:
     kv.add_argument("--d-gpu", type=int, default=1)
     kv.add_argument("--repeats", type=int, default=20)
     kv.set_defaults(run=_kv)
-    for sub in commands.choices.values():
-        sub.add_argument("--json", help="write results to this JSON file")
-        sub.add_argument("--csv", help="write results to this CSV file")
+    for name, sub in subcommands.choices.items():
+        if name != "target":
+            sub.add_argument("--json", help="write results to this JSON file")
+            sub.add_argument("--csv", help="write results to this CSV file")
     return root
+
+
+def _sweep_parser(subcommands: Any) -> None:
+    sweep = subcommands.add_parser(
+        "sweep", help="GB/s and latency: backend x memory x op x fragment size x batch x threads",
+        description="Initiator (this process) against a target process the tool starts (or --peer). Columns follow "
+                    "nixlbench: block size, batch size, GB/s (1e9), avg latency, prep/post/completion avg and p99.")
+    sweep.add_argument("--backend", default="ucx", help="comma list of backends: local, ucx, cuda_ipc (default ucx)")
+    sweep.add_argument("--memory", default="host:host",
+                       help="comma list of initiator:target memory kinds (host, cuda) or 'all' (default host:host)")
+    sweep.add_argument("--op", default="READ,WRITE", help="READ, WRITE or both (default READ,WRITE)")
+    sweep.add_argument("--sizes", default="4K-64M", help="fragment sizes: a doubling range 4K-64M or a list 4K,2M")
+    sweep.add_argument("--batch", default="16", help="fragments per request, comma list (default 16)")
+    sweep.add_argument("--threads", default="1", help="requests posted at once by as many threads (default 1)")
+    sweep.add_argument("--warmup", type=int, default=2, help="untimed repetitions first (default 2)")
+    sweep.add_argument("--repeats", type=int, default=10, help="timed repetitions (default 10)")
+    sweep.add_argument("--verify", type=int, default=4, help="fragments byte-checked per case; 0: none (default 4)")
+    sweep.add_argument("--peer", help="host:port of a `kvxfer-bench target` started by hand (default: start one)")
+    sweep.add_argument("--token", help="the side-channel token the --peer target requires")
+    sweep.add_argument("--initiator-gpu", type=int, default=0, help="GPU of the initiator's cuda memory")
+    sweep.add_argument("--target-gpu", type=int, help="GPU of the target's cuda memory (default 1 if present, else 0)")
+    sweep.add_argument("--ceiling", default="copy", choices=["copy", "perftest"],
+                       help="copy: bulk copy of the memory path; perftest: ucx_perftest per size for ucx host rows")
+    sweep.add_argument("--ceiling-bytes", help="bytes of the bulk-copy ceiling (default: largest request, 64M..1G)")
+    sweep.add_argument("--max-request", default="1G", help="skip cases moving more bytes per repetition (1G)")
+    sweep.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per transfer (default 120)")
+    sweep.add_argument("--compare", action="append", choices=["nixl"],
+                       help="also run NIXL on the same work (skipped with a note when NIXL is not installed)")
+    sweep.add_argument("--plot", help="write GB/s vs fragment size (log-log) to this PNG")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sweep.set_defaults(run=commands.sweep)
+
+
+def _target_parser(subcommands: Any) -> None:
+    target = subcommands.add_parser("target", help="the passive side of a sweep, started by hand (see sweep --peer)")
+    target.add_argument("--backend", default="ucx", help="backend of the target agent (default ucx)")
+    target.add_argument("--listen", default="127.0.0.1:0", help="side channel host:port (0.0.0.0:PORT for peers)")
+    target.add_argument("--token", help="a secret initiators must present")
+    target.add_argument("--memory", default="host", help="memory kinds to offer: host, cuda or host,cuda")
+    target.add_argument("--nbytes", default="1G", help="bytes per memory kind (default 1G)")
+    target.add_argument("--device", type=int, default=0, help="GPU of the cuda memory")
+    target.add_argument("--once", action="store_true", help="exit when the first initiator says goodbye")
+    target.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    target.set_defaults(run=commands.target)
+
+
+def _kernels_parser(subcommands: Any) -> None:
+    kernels = subcommands.add_parser("kernels", help="gather/scatter/re-tile kernels' GB/s on one GPU")
+    kernels.add_argument("--tokens", type=int, default=4096)
+    kernels.add_argument("--fragments", type=int, nargs="+", default=[4, 32, 2048], help="fragment sizes in KiB")
+    kernels.add_argument("--repeats", type=int, default=20)
+    kernels.add_argument("--warmup", type=int, default=3)
+    kernels.add_argument("--device", type=int, default=0)
+    kernels.set_defaults(run=commands.kernels)
+
+
+def _ceiling_parser(subcommands: Any) -> None:
+    ceiling = subcommands.add_parser("ceiling", help="raw ceilings: memcpy, device/peer copy, pinned h2d/d2h, "
+                                                     "ucx_perftest")
+    ceiling.add_argument("--host-bytes", default="256M", help="bytes of the memcpy (default 256M)")
+    ceiling.add_argument("--device-bytes", default="1G", help="bytes of the GPU copies (default 1G)")
+    ceiling.add_argument("--repeats", type=int, default=10)
+    ceiling.add_argument("--perftest-sizes", default="4K,64K,1M,64M", help="ucx_perftest message sizes")
+    ceiling.add_argument("--no-perftest", action="store_true", help="skip ucx_perftest")
+    ceiling.set_defaults(run=commands.ceiling)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `kvxfer-bench`."""
     args = parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except KvxferError as error:
+        print(f"kvxfer-bench {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

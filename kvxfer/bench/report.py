@@ -1,14 +1,23 @@
-"""Shared output of the benchmarks: a table on the terminal (rich when installed), JSON and CSV files."""
+"""Shared output of the benchmarks: a table on the terminal (rich when installed), a progress bar, JSON and CSV.
+
+JSON documents share one envelope (``SCHEMA``): ``schema``, ``subcommand``, ``environment`` (host, date, command),
+``tables`` (name -> list of row dicts), plus what a subcommand adds (``config``, ``notes``). Non-finite floats are
+written as null so the files are strict JSON.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import json
+import math
 import os
 import platform
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+SCHEMA = "kvxfer-bench/1"
 
 
 def environment() -> dict[str, Any]:
@@ -17,11 +26,35 @@ def environment() -> dict[str, Any]:
 
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "kvxfer": __version__, "command": " ".join(sys.argv)}
+            "python": platform.python_version(), "kvxfer": __version__, "command": " ".join(sys.argv),
+            "devices": _devices()}
+
+
+def _devices() -> list[str]:
+    """Names of the visible CUDA devices (empty without cupy or a GPU)."""
+    try:
+        from ..devices import cuda_available, cupy_module
+
+        if not cuda_available():
+            return []
+        cupy = cupy_module()
+        names = []
+        for index in range(cupy.cuda.runtime.getDeviceCount()):
+            name = cupy.cuda.runtime.getDeviceProperties(index)["name"]
+            names.append(name.decode() if isinstance(name, bytes) else str(name))
+        return names
+    except Exception:  # describing the machine must never fail a run
+        return []
 
 
 def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "ok" if value else "FAIL"
     if isinstance(value, float):
+        if not math.isfinite(value):
+            return "-"
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)
 
@@ -50,10 +83,40 @@ def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[st
     Console(width=max(120, sum(len(c) + 3 for c in columns))).print(table)
 
 
+@contextlib.contextmanager
+def progress(total: int, description: str, enabled: bool = True) -> Iterator[Callable[[str], None]]:
+    """A progress bar on stderr (rich) for ``total`` steps; yields ``advance(label)``. A no-op when disabled or
+    when rich is missing."""
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:
+        enabled = False
+    if not enabled:
+        yield lambda label: None
+        return
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[label]}"), console=Console(stderr=True), transient=False)
+    task = bar.add_task(description, total=total, label="")
+    with bar:
+        yield lambda label: bar.update(task, advance=1, label=label)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_json(path: str, document: dict[str, Any]) -> None:
-    """Write ``document`` (plus the environment) as indented JSON."""
+    """Write ``document`` in the shared envelope (schema, environment) as indented, strict JSON."""
     with open(path, "w", encoding="utf-8") as file:
-        json.dump({"environment": environment(), **document}, file, indent=2, default=str)
+        json.dump(_finite({"schema": SCHEMA, "environment": environment(), **document}), file, indent=2,
+                  default=str, allow_nan=False)
 
 
 def write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
