@@ -65,6 +65,10 @@ def parser() -> argparse.ArgumentParser:
     _target_parser(subcommands)
     _kernels_parser(subcommands)
     _ceiling_parser(subcommands)
+    redraw = subcommands.add_parser("plot", help="redraw the plot of a sweep recorded with --json")
+    redraw.add_argument("results", help="JSON file written by `kvxfer-bench sweep --json`")
+    redraw.add_argument("out", help="image to write (PNG)")
+    redraw.set_defaults(run=commands.plot)
     local = subcommands.add_parser("local", help="plan/post costs and local-backend GB/s on host memory")
     local.add_argument("--repeats", type=int, default=50)
     local.add_argument("--total-mib", type=int, default=256, help="bytes moved per bandwidth row (MiB)")
@@ -94,7 +98,7 @@ def parser() -> argparse.ArgumentParser:
     kv.add_argument("--repeats", type=int, default=20)
     kv.set_defaults(run=_kv)
     for name, sub in subcommands.choices.items():
-        if name != "target":
+        if name not in ("target", "plot", "kernels"):
             sub.add_argument("--json", help="write results to this JSON file")
             sub.add_argument("--csv", help="write results to this CSV file")
     return root
@@ -120,8 +124,9 @@ def _sweep_parser(subcommands: Any) -> None:
     sweep.add_argument("--initiator-gpu", type=int, default=0, help="GPU of the initiator's cuda memory")
     sweep.add_argument("--target-gpu", type=int, help="GPU of the target's cuda memory (default 1 if present, else 0)")
     sweep.add_argument("--ceiling", default="copy", choices=["copy", "perftest"],
-                       help="copy: bulk copy of the memory path; perftest: ucx_perftest per size for ucx host rows")
-    sweep.add_argument("--ceiling-bytes", help="bytes of the bulk-copy ceiling (default: largest request, 64M..1G)")
+                       help="copy: contiguous copy of the same bytes on the memory path; perftest: ucx_perftest "
+                            "per fragment size for ucx host rows")
+    sweep.add_argument("--ceiling-bytes", help="bytes of the copy ceiling (default: each row's own request bytes)")
     sweep.add_argument("--max-request", default="1G", help="skip cases moving more bytes per repetition (1G)")
     sweep.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per transfer (default 120)")
     sweep.add_argument("--compare", action="append", choices=["nixl"],
@@ -145,12 +150,10 @@ def _target_parser(subcommands: Any) -> None:
 
 
 def _kernels_parser(subcommands: Any) -> None:
-    kernels = subcommands.add_parser("kernels", help="gather/scatter/re-tile kernels' GB/s on one GPU")
-    kernels.add_argument("--tokens", type=int, default=4096)
-    kernels.add_argument("--fragments", type=int, nargs="+", default=[4, 32, 2048], help="fragment sizes in KiB")
-    kernels.add_argument("--repeats", type=int, default=20)
-    kernels.add_argument("--warmup", type=int, default=3)
-    kernels.add_argument("--device", type=int, default=0)
+    kernels = subcommands.add_parser(
+        "kernels", help="gather/scatter/re-tile kernels' GB/s on one GPU (python -m kvxfer.bench.kernels)",
+        description="Runs kvxfer.bench.kernels with the arguments that follow (--quick, --json PATH, --gib G, "
+                    "--repeats N, --fragments KIB ...); says so and exits 0 without a GPU.")
     kernels.set_defaults(run=commands.kernels)
 
 
@@ -167,7 +170,11 @@ def _ceiling_parser(subcommands: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `kvxfer-bench`."""
-    args = parser().parse_args(argv)
+    root = parser()
+    args, extra = root.parse_known_args(argv)
+    if extra and args.command != "kernels":
+        root.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     try:
         return int(args.run(args))
     except KvxferError as error:

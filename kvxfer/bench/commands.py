@@ -73,13 +73,21 @@ def sweep(args: argparse.Namespace) -> int:
     if args.plot:
         from .plot import plot_sweep
 
-        plot_sweep(result.rows, args.plot)
+        plot_sweep(result.rows, args.plot, _plot_title())
         print(f"plot written to {args.plot}")
     failed = [r for r in result.rows if r["verified"] is False]
     if failed:
         print(f"byte check FAILED for {len(failed)} row(s): the transfer did not deliver the bytes", file=sys.stderr)
         return 1
     return 0
+
+
+def _plot_title(where: dict[str, Any] | None = None) -> str:
+    from .report import environment
+
+    where = where or environment()
+    machine = ", ".join(sorted(set(where["devices"]))) or f"{where['cpus']} CPUs"
+    return f"kvxfer-bench sweep on {where['host']} ({machine}), {where['date'][:10]}"
 
 
 def target(args: argparse.Namespace) -> int:
@@ -100,24 +108,20 @@ def target(args: argparse.Namespace) -> int:
 
 
 def kernels(args: argparse.Namespace) -> int:
-    """The KV copy kernels' GB/s (kvxfer.bench.kernels), each beside a device copy of the same bytes."""
+    """kvxfer.bench.kernels (owned by the kernels work) with ``args.extra``; a message and exit 0 without a GPU."""
     from ..devices import cupy_module
 
     try:
         cupy_module()
     except BackendUnavailableError as error:
         print(f"kvxfer-bench kernels skipped: needs a CUDA GPU: {error}")
-        if args.json:
-            write_json(args.json, {"subcommand": "kernels", "skipped": str(error), "tables": {"kernels": []}})
+        if "--json" in args.extra[:-1]:
+            path = args.extra[args.extra.index("--json") + 1]
+            write_json(path, {"subcommand": "kernels", "skipped": str(error), "rows": []})
         return 0
     from . import kernels as bench_kernels
 
-    rows = bench_kernels.run(num_tokens=args.tokens, fragments_kib=args.fragments, repeats=args.repeats,
-                             warmup=args.warmup, device=args.device)
-    print_table("KV copy kernels vs device memcpy of the same bytes (GB/s = read + write)", rows,
-                bench_kernels.COLUMNS)
-    _write(args, {"subcommand": "kernels", "tables": {"kernels": rows}})
-    return 0
+    return int(bench_kernels.main(args.extra))
 
 
 def ceiling(args: argparse.Namespace) -> int:
@@ -133,6 +137,24 @@ def ceiling(args: argparse.Namespace) -> int:
     for reason in skipped:
         print(f"skipped: {reason}")
     _write(args, {"subcommand": "ceiling", "notes": skipped, "tables": {"ceilings": rows}})
+    return 0
+
+
+def plot(args: argparse.Namespace) -> int:
+    """Redraw the plot of a sweep recorded with --json."""
+    import json
+
+    from .plot import plot_sweep
+
+    try:
+        with open(args.results, encoding="utf-8") as file:
+            document = json.load(file)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot read sweep results {args.results!r}: {error}") from None
+    if document.get("subcommand") != "sweep":
+        raise ConfigError(f"{args.results!r} holds {document.get('subcommand')!r} results, expected 'sweep'")
+    plot_sweep(document["tables"]["sweep"], args.out, _plot_title(document["environment"]))
+    print(f"plot written to {args.out}")
     return 0
 
 

@@ -1,5 +1,5 @@
 """`--plot out.png`: GB/s against fragment size, log-log; one line per system / backend / peer / memory / op /
-batch / threads, and each ceiling of the run as a dashed line (flat for a bulk copy, per size for ucx_perftest)."""
+batch / threads, and the ceilings of the run as dashed gray lines (one per ceiling kind and batch / threads)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str, title: str = "kvxfer-b
     for row in rows:
         lines[_series(row)].append((row["block_size"], row["gbps"]))
         if row.get("ceiling_gbps"):
-            limits[row["ceiling"]].append((row["block_size"], row["ceiling_gbps"]))
+            work = f"{row['ceiling']} b{row['batch_size']}" + (f" t{row['threads']}" if row["threads"] != 1 else "")
+            limits[work].append((row["block_size"], row["ceiling_gbps"]))
     figure, axes = plt.subplots(figsize=(10, 6))
     for label, points in sorted(lines.items()):
         points.sort()

@@ -6,8 +6,9 @@ repetition and per thread: *prep* = building both sides' Descs and the plan, *po
 returning, *completion* = post to ``wait()`` returning; the request time is the wall time from the first post to
 the last completion over all threads. As in nixlbench, each thread's request is prepared once and posted every
 repetition; prep is timed ``repeats`` times on its own. After warm-up, ``repeats`` repetitions give median and p99; GB/s (1e9 B/s) is
-bytes / median request time. Each row carries the raw ceiling of its memory path measured in the same run and
-the ratio to it, and a byte check: sampled windows are overwritten with fresh random bytes on the initiator, one
+bytes / median request time. Each row carries a ceiling measured in the same run and the ratio to it: one
+contiguous copy of the row's bytes on its memory path (memcpy, device/peer copy, pinned h2d/d2h; ``--ceiling
+perftest``: ucx_perftest at the row's fragment size for ucx host rows), and a byte check: sampled windows are overwritten with fresh random bytes on the initiator, one
 more transfer runs, and both sides' blake2b digests of the windows must match.
 """
 
@@ -100,16 +101,16 @@ def timing_row(case: Case, prep: list[float], post: list[float], completion: lis
 
 
 class Ceilings:
-    """Ceilings measured once per memory path (or per size and op for ucx_perftest) during a sweep."""
+    """Ceilings measured during a sweep, each once: a contiguous copy of a row's bytes on its memory path (or of
+    ``ceiling_nbytes`` when set), or ucx_perftest per fragment size and op (``ceiling="perftest"``)."""
 
-    def __init__(self, config: SweepConfig, largest_request: int) -> None:
+    def __init__(self, config: SweepConfig) -> None:
         self.config = config
-        self.nbytes = config.ceiling_nbytes or min(max(largest_request, 64 << 20), 1 << 30)
         self.measured: dict[tuple, dict[str, Any]] = {}
         self.notes: list[str] = []
 
     def for_row(self, case: Case, source: str, destination: str) -> dict[str, Any]:
-        """The ceiling row of a transfer from ``source`` to ``destination`` memory ("host" / "cuda:N")."""
+        """The ceiling row of ``case`` moving from ``source`` to ``destination`` memory ("host" / "cuda:N")."""
         perftest = self.config.ceiling == "perftest" and case.backend in ("ucx", "nixl")
         if perftest and source == destination == "host" and not self.notes:
             key: tuple = ("perftest", case.fragment, case.op)
@@ -120,9 +121,10 @@ class Ceilings:
                     self.notes.append(f"--ceiling perftest fell back to copy ceilings: {error}")
             if key in self.measured:
                 return self.measured[key]
-        key = ("copy", source, destination)
+        nbytes = self.config.ceiling_nbytes or case.nbytes
+        key = ("copy", source, destination, nbytes)
         if key not in self.measured:
-            self.measured[key] = ceilings.path_ceiling(source, destination, self.nbytes)
+            self.measured[key] = ceilings.path_ceiling(source, destination, nbytes)
         return self.measured[key]
 
 
@@ -225,7 +227,7 @@ def run(config: SweepConfig, on_row: Callable[[Case, dict[str, Any]], None] | No
         result.notes.append(f"{dropped} case(s) over --max-request {config.max_request} bytes skipped")
     if not cases:
         return result
-    limits = Ceilings(config, max(c.nbytes for c in cases))
+    limits = Ceilings(config)
     local_peer = config.peer is None or config.peer.rpartition(":")[0] in _LOOPBACK
     for backend in config.backends:
         mine = [c for c in cases if c.backend == backend]

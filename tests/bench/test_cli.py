@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -160,6 +159,54 @@ def test_kernels_without_a_gpu_is_skipped_with_a_message(tmp_path, capsys) -> No
     if cuda_available():
         pytest.skip("a GPU is present: the kernels benchmark itself runs (kvxfer.bench.kernels owns it)")
     out = tmp_path / "kernels.json"
-    assert cli.main(["kernels", "--json", str(out)]) == 0
+    assert cli.main(["kernels", "--quick", "--json", str(out)]) == 0
     assert "kvxfer-bench kernels skipped: needs a CUDA GPU" in capsys.readouterr().out
-    assert json.loads(out.read_text())["tables"] == {"kernels": []}
+    document = json.loads(out.read_text())
+    assert document["subcommand"] == "kernels" and document["rows"] == [] and "cupy" in document["skipped"]
+    with pytest.raises(SystemExit):
+        cli.main(["ceiling", "--quick"])  # pass-through arguments are for kernels only
+
+
+def test_default_ceiling_is_a_contiguous_copy_of_each_rows_bytes(tmp_path) -> None:
+    out = tmp_path / "sweep.json"
+    arguments = ["sweep", "--backend", "local", "--op", "READ", "--sizes", "4K,64K", "--batch", "3", "--repeats",
+                 "2", "--no-progress", "--json", str(out)]
+    assert cli.main(arguments) == 0
+    document = json.loads(out.read_text())
+    copies = {c["nbytes"]: c["gbps"] for c in document["tables"]["ceilings"]}
+    assert sorted(copies) == [3 * 4096, 3 * 65536]
+    for row in document["tables"]["sweep"]:
+        assert row["ceiling"] == "memcpy host->host" and row["ceiling_gbps"] == copies[row["request_bytes"]]
+
+
+@pytest.mark.ucx
+def test_perftest_ceiling_for_ucx_rows(tmp_path) -> None:
+    from kvxfer.bench.ceiling import perftest_binary
+
+    if perftest_binary() is None:
+        pytest.skip("ucx_perftest is not shipped here")
+    code, document = _sweep(tmp_path, "--backend", "ucx", "--op", "WRITE", "--sizes", "64K", "--ceiling",
+                            "perftest")
+    assert code == 0
+    [row] = document["tables"]["sweep"]
+    assert row["ceiling"] == "ucx_perftest ucp_put_bw host->host" and row["ceiling_gbps"] > 0
+
+
+def test_gpu_check_command_lines_still_parse() -> None:
+    """scripts/gpu-check.sh runs these exact argument lists."""
+    ipc = cli.parser().parse_args(["ipc", "--json", "x.json"])
+    assert ipc.command == "ipc" and ipc.json == "x.json" and ipc.source == 0 and ipc.target == 1
+    kv = cli.parser().parse_args(["kv", "--model", "llama-3.1-8b", "--tokens", "4096", "--block-size", "16",
+                                  "--p-tp", "1", "--d-tp", "2", "--json", "kv.json"])
+    assert (kv.model, kv.tokens, kv.block_size, kv.p_tp, kv.d_tp, kv.json) == ("llama-3.1-8b", 4096, 16, 1, 2,
+                                                                               "kv.json")
+
+
+
+def test_plot_subcommand_redraws_a_recorded_sweep(tmp_path) -> None:
+    code, _ = _sweep(tmp_path, "--backend", "local", "--op", "READ")
+    assert code == 0
+    image = tmp_path / "again.png"
+    assert cli.main(["plot", str(tmp_path / "sweep.json"), str(image)]) == 0
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.stat().st_size > 1000
+    assert cli.main(["plot", str(tmp_path / "missing.json"), str(image)]) == 2
