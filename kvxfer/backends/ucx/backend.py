@@ -60,7 +60,7 @@ class UcxBackend(Backend):
         self._outbox: deque[Callable[[], None]] = deque()
         self._batches: "weakref.WeakKeyDictionary[TransferPlan, list]" = weakref.WeakKeyDictionary()
         self._ids = itertools.count(1)
-        self._last_liveness = 0.0
+        self._last_liveness = self._quiet_since = 0.0
         self._closed = False
         self.cuda_device: int | None = None
 
@@ -146,9 +146,8 @@ class UcxBackend(Backend):
     @staticmethod
     def _per_fragment(regions: np.ndarray, lookup: Callable[[int], Any], owner: str) -> list:
         try:
-            first = int(regions[0])
-            if bool((regions == first).all()):
-                return [lookup(first)] * len(regions)
+            if bool((regions == regions[0]).all()):
+                return [lookup(int(regions[0]))] * len(regions)
             return [lookup(i) for i in regions.tolist()]
         except KeyError as error:
             raise DescriptorError(f"{owner} region {error} has no UCX registration") from None
@@ -179,8 +178,6 @@ class UcxBackend(Backend):
     def process_exited(self, link: Link) -> None:
         """A watched peer process exited (called by the progress thread)."""
         self.links.process_exited(link)
-        self.flush_outbox()
-
     # ---- transfers ---------------------------------------------------------------------------------------------
 
     def next_transfer_id(self) -> int:
@@ -242,7 +239,6 @@ class UcxBackend(Backend):
     def expect_replies(self, request: UcxRequest) -> None:
         """Route ACK/DATA/FAIL messages for ``request.id`` to it."""
         self._awaiting[request.id] = request
-
     def route_reply(self, header: Header, data: Any) -> None:
         """An answer to one of our staged chunks (under the worker lock)."""
         request = self._awaiting.get(header.transfer)
@@ -284,8 +280,8 @@ class UcxBackend(Backend):
             except Exception as error:  # an agent callback failing must not stop progress
                 _log.exception("ucx: callback failed: %s", error)
 
-    def progress_round(self) -> tuple[bool, bool]:
-        """One round of the progress thread: (armed, transfers active)."""
+    def progress_round(self) -> float | None:
+        """One progress-thread round; how long it may then sleep (s), None: go on at once."""
         with self.worker.lock:
             events = self.worker.progress()
             for request in list(self._active.values()):
@@ -295,5 +291,9 @@ class UcxBackend(Backend):
                 self._last_liveness = now
                 self.links.check_processes()
             self.links.reap()
-            armed = events == 0 and not self._outbox and self.worker.arm()
-            return armed, bool(self._active) or self.worker.busy
+            if events or self._outbox or not self.worker.arm():
+                self._quiet_since = now
+                return None
+            if self.worker.receiving:  # rendezvous receives progress without events: spin a while, then nap
+                return None if now - self._quiet_since < 0.002 else 0.001
+            return 0.005 if self._active or self.worker.busy else self.config.liveness_interval

@@ -63,8 +63,12 @@ class Link:
         self.process_verified = self.cma_reason is None and same_host
         if not self.process_verified:
             self.close_watch()
-        self.ep = Endpoint(worker, info.address, self.mode == "peer", f"{peer.name}"[:31],
-                           lambda status: on_error(self, status))
+        try:
+            self.ep = Endpoint(worker, info.address, self.mode == "peer", f"{peer.name}"[:31],
+                               lambda status: on_error(self, status))
+        except UcxStatusError:
+            self.close_watch()
+            raise
         self.rkeys: dict[int, Any] = {}
         try:
             for region in peer.meta.regions:

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .backend import UcxBackend
 
-_ACTIVE_POLL_MS = 5  # safety net while transfers are in flight, should an event go unsignalled
 _log = logging.getLogger("kvxfer.ucx")
 
 
@@ -60,19 +59,18 @@ class ProgressThread:
         poller.register(self._wake_fd, select.POLLIN)
         watched: dict[int, object] = {}
         self._device: int | None = None
-        idle_ms = max(1, int(backend.config.liveness_interval * 1000))
         while not self._stopping:
             try:
-                armed, active = backend.progress_round()
+                sleep = backend.progress_round()
             except Exception as error:  # never let the thread die: transfers would hang until their deadlines
                 _log.exception("ucx: progress round failed: %s", error)
-                armed, active = True, True
+                sleep = 0.01
             backend.flush_outbox()
-            if self._stopping or not armed:
+            if self._stopping or sleep is None:
                 continue
             watched = self._sync_watches(poller, watched)
             self._follow_device()
-            for fd, _events in poller.poll(_ACTIVE_POLL_MS if active else idle_ms):
+            for fd, _events in poller.poll(max(1, int(sleep * 1000))):
                 if fd == self._wake_fd:
                     try:
                         os.eventfd_read(self._wake_fd)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from typing import Any, Callable
 
 import numpy as np
@@ -62,6 +63,7 @@ class Worker:
         # buffer (exactly the message's size), reply ep
         self._sends: list[tuple[int, Any, SendDone | None]] = []      # sends in flight: request, keepalive, done
         self._deferred: list[Callable[[], None]] = []
+        self.forms: Counter[str] = Counter()  # messages received per form: "plain", "data", "rndv"
         self._callback = ffi.callback("ucs_status_t(void *, const void *, size_t, void *, size_t, const void *)",
                                       self._on_am, onerror=self._on_callback_error)
         handler = ffi.new("ucp_am_handler_param_t *")
@@ -98,17 +100,22 @@ class Worker:
         return count
 
     def arm(self) -> bool:
-        """True when the worker is armed (the efd will signal the next event); False when events are pending.
-        Caller holds :attr:`lock`."""
+        """True when the worker is armed (its efd will signal the next event); False when events are pending
+        (progress again at once). Caller holds :attr:`lock`."""
         status = self.library.lib.ucp_worker_arm(self.handle)
         if status == cdef.UCS_ERR_BUSY:
             return False
         check(self.library, status, "ucp_worker_arm")
-        return not (self._receives or self._deferred)
+        return not self._deferred
 
     def defer(self, work: Callable[[], None]) -> None:
         """Run ``work`` at the end of the current (or next) :meth:`progress`, outside UCX callbacks."""
         self._deferred.append(work)
+
+    @property
+    def receiving(self) -> bool:
+        """True while rendezvous receives are in flight."""
+        return bool(self._receives)
 
     @property
     def busy(self) -> bool:
@@ -156,6 +163,7 @@ class Worker:
         reply_ep = int(ffi.cast("uintptr_t", recv.reply_ep)) if attributes & cdef.UCP_AM_RECV_ATTR_FIELD_REPLY_EP else 0
         head = bytes(ffi.buffer(header, header_length)) if header_length else b""
         if attributes & cdef.UCP_AM_RECV_ATTR_FLAG_RNDV:
+            self.forms["rndv"] += 1
             buffer = self._buffers.take(length)
             request = self.library.lib.ucp_am_recv_data_nbx(self.handle, data, buffer.ctypes.data, length,
                                                            self._recv_param)
@@ -169,6 +177,7 @@ class Worker:
                              self.library.status_text(status))
             return cdef.UCS_OK
         # Plain and FLAG_DATA payloads: handled (copied or consumed) before we return UCS_OK, so UCX may reuse them.
+        self.forms["data" if attributes & cdef.UCP_AM_RECV_ATTR_FLAG_DATA else "plain"] += 1
         self._on_message(head, ffi.buffer(data, length) if length else b"", reply_ep)
         return cdef.UCS_OK
 

@@ -93,6 +93,8 @@ def _serve(connection: Any, name: str, nbytes: int, device: int, environ: dict[s
                     connection.send(None)
                 elif command == "pid":
                     connection.send(os.getpid())
+                elif command == "forms":  # active messages received, per UCX delivery form
+                    connection.send(dict(agent._backends[0].worker.forms))
                 else:
                     connection.send(ValueError(f"unknown command {command!r}"))
             except Exception as error:  # report, keep serving: the test decides

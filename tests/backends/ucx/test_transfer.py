@@ -135,6 +135,25 @@ def test_standalone_notifications_both_ways(remote: RemoteAgent) -> None:
         assert [(n.peer_name, n.payload) for n in agent.notifications(timeout=5.0)] == [("target", b"back")]
 
 
+@pytest.mark.parametrize("path", ["cma", "tcp"])
+def test_notifications_of_every_size_arrive_whole(path: str) -> None:
+    """Small, medium and large payloads reach the peer in UCX's plain, data and rendezvous forms; all arrive."""
+    with RemoteAgent("listener", 1 << 16) as remote:
+        agent, _local, _region, peer = _setup(path, remote, f"sizes-{path}")
+        with agent:
+            payloads = [bytes([i % 251]) * size for i, size in enumerate((1, 100, 9000, 20000, 70000, 3 << 20))]
+            for payload in payloads:
+                agent.notify(peer, payload)
+            received: list = []
+            while len(received) < len(payloads):
+                more = remote.call("notes", 10.0)
+                assert more, f"{len(received)} of {len(payloads)} notifications arrived"
+                received += more
+            assert sorted(p for _name, p in received) == sorted(payloads)
+            forms = remote.call("forms")
+            assert forms.get("rndv", 0) >= 1 and forms.get("plain", 0) >= 1, forms
+
+
 def test_transports_reported_and_shared_memory_on_one_host(remote: RemoteAgent) -> None:
     agent, _local, _region, peer = _setup("cma", remote, "lanes")
     with agent:
