@@ -17,7 +17,18 @@ VARIABLES = {
     "KVXFER_LOG_LEVEL": "Log level of the 'kvxfer' logger set by the command-line tools (default INFO).",
     "KVXFER_CACHE_DIR": "Where compiled helpers are cached (default ~/.cache/kvxfer).",
     "KVXFER_UCX_LIB": "Path of a libucp.so to use instead of the libucx wheel's (e.g. a system UCX with verbs).",
+    "KVXFER_UCX_ERROR_MODE": "UCX endpoint error handling: auto (none on one host, peer across hosts), peer, none.",
+    "KVXFER_UCX_CMA": "Same-host host memory through batched process_vm_readv/writev: auto or off.",
+    "KVXFER_UCX_STAGE_BELOW": "On the UCX path, host fragments averaging fewer bytes than this are staged (32768).",
+    "KVXFER_UCX_STAGE_CHUNK": "Bytes per staged UCX message (4194304).",
+    "KVXFER_UCX_STAGE_INFLIGHT": "Staged UCX messages in flight per transfer (4).",
+    "KVXFER_UCX_LIVENESS_INTERVAL": "Seconds between liveness checks of same-host UCX peers without a pidfd (0.2).",
 }
+
+
+def snapshot(prefix: str) -> dict[str, str]:
+    """The set variables among :data:`VARIABLES` whose names start with ``prefix``."""
+    return {name: value for name in VARIABLES if name.startswith(prefix) and (value := read(name)) is not None}
 
 
 def read(name: str, default: str | None = None) -> str | None:

@@ -13,10 +13,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Mapping
 
+from ...environment import snapshot
 from ...errors import ConfigError
 
 _ERROR_MODES = ("auto", "peer", "none")
@@ -51,8 +51,9 @@ class UcxConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "UcxConfig":
-        """Settings from ``environ`` (default ``os.environ``); unset variables keep their defaults."""
-        env = os.environ if environ is None else environ
+        """Settings from ``environ`` (default: the process environment, read through kvxfer.environment);
+        unset variables keep their defaults."""
+        env = snapshot("KVXFER_UCX_") if environ is None else environ
         return cls(
             library_path=env.get("KVXFER_UCX_LIB") or None,
             error_mode=env.get("KVXFER_UCX_ERROR_MODE", "auto").strip().lower(),
