@@ -152,14 +152,7 @@ class Pool:
         if kind not in KINDS:
             raise ConfigError(f"memory kind must be one of {KINDS}, got {kind!r}")
         self.kind, self.nbytes, self.device = kind, nbytes, device
-        self.array = self._random(nbytes, seed) if kind == "cuda" else _host_random(nbytes, seed)
-
-    def _random(self, nbytes: int, seed: int) -> Any:
-        from ..devices import cupy_module
-
-        cupy = cupy_module()
-        with cupy.cuda.Device(self.device):
-            return cupy.random.default_rng(seed).integers(1, 256, nbytes, dtype=cupy.uint8)
+        self.array = device_random(nbytes, device, seed) if kind == "cuda" else _host_random(nbytes, seed)
 
     @property
     def label(self) -> str:
@@ -195,6 +188,24 @@ class Pool:
                 cupy.cuda.runtime.deviceSynchronize()
         else:
             self.array[index] = fresh
+
+
+def device_random(nbytes: int, device: int, seed: int) -> Any:
+    """uint8[nbytes] of random bytes, never zero, on GPU ``device`` (cupy), made in 64 MiB steps."""
+    from ..devices import cupy_module
+
+    cupy = cupy_module()
+    with cupy.cuda.Device(device):
+        data = cupy.full(nbytes, 0x5A, dtype=cupy.uint8)
+        words = data[:nbytes // 4 * 4].view(cupy.uint32)
+        state = cupy.random.RandomState(seed)
+        step = 16 << 20
+        for start in range(0, words.size, step):
+            part = words[start:start + step]
+            # uniform 32-bit words from float64 samples: random_sample takes a dtype on every cupy version
+            part[:] = (state.random_sample(part.size, dtype=cupy.float64) * 4294967296.0).astype(cupy.uint32)
+        data[data == 0] = 1
+        return data
 
 
 def use_device(kinds: Iterable[str], device: int) -> None:

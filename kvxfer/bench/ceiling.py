@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import BackendUnavailableError
+from .cases import device_random
 
 WARMUP = 2
 
@@ -78,8 +79,7 @@ def device_copy(nbytes: int, source: int = 0, destination: int | None = None, re
     """One contiguous copy from GPU ``source`` to GPU ``destination`` (default: the same GPU)."""
     cupy = _cupy()
     destination = source if destination is None else destination
-    with cupy.cuda.Device(source):
-        src = cupy.random.default_rng(0).integers(1, 256, nbytes, dtype=cupy.uint8)
+    src = device_random(nbytes, source, 0)
     with cupy.cuda.Device(destination):
         dst = cupy.ones(nbytes, dtype=cupy.uint8)
     if source == destination:

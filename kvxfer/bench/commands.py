@@ -50,8 +50,8 @@ def sweep_config(args: argparse.Namespace) -> Any:
 
 
 def sweep(args: argparse.Namespace) -> int:
-    """Run the sweep; print the table, notes and ceilings; write --json / --csv / --plot. Exit 1 on a failed byte
-    check."""
+    """Run the sweep; print the table, notes and ceilings; write --json / --csv / --plot. Exit 1 when a byte check
+    or a case failed (the other rows are still written)."""
     from . import sweep as engine
 
     config = sweep_config(args)
@@ -78,8 +78,10 @@ def sweep(args: argparse.Namespace) -> int:
     failed = [r for r in result.rows if r["verified"] is False]
     if failed:
         print(f"byte check FAILED for {len(failed)} row(s): the transfer did not deliver the bytes", file=sys.stderr)
-        return 1
-    return 0
+    crashed = [note for note in result.notes if note.startswith("FAILED")]
+    if crashed:
+        print(f"{len(crashed)} case(s) FAILED (see the notes above)", file=sys.stderr)
+    return 1 if failed or crashed else 0
 
 
 def _plot_title(where: dict[str, Any] | None = None) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..agent import Agent
 from ..descs import Descs
-from ..errors import BackendUnavailableError, ConfigError
+from ..errors import BackendUnavailableError, ConfigError, KvxferError
 from ..handle import Timeouts
 from . import ceiling as ceilings
 from .cases import Case, Pool, expand, sample_windows, use_device
@@ -69,7 +69,7 @@ class SweepConfig:
 
 @dataclass
 class SweepResult:
-    """Rows (ROW_KEYS each), the ceilings measured, and notes (skipped work, failed checks)."""
+    """Rows (ROW_KEYS each), the ceilings measured, and notes (skipped work; cases that failed start "FAILED")."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     ceilings: list[dict[str, Any]] = field(default_factory=list)
@@ -232,7 +232,7 @@ def run(config: SweepConfig, on_row: Callable[[Case, dict[str, Any]], None] | No
     for backend in config.backends:
         mine = [c for c in cases if c.backend == backend]
         if mine:
-            result.rows += _run_backend(backend, mine, config, limits, local_peer, on_row)
+            result.rows += _run_backend(backend, mine, config, limits, local_peer, on_row, result.notes)
     if "nixl" in config.compare:
         from . import nixl
 
@@ -243,7 +243,7 @@ def run(config: SweepConfig, on_row: Callable[[Case, dict[str, Any]], None] | No
 
 
 def _run_backend(backend: str, cases: list[Case], config: SweepConfig, limits: Ceilings, local_peer: bool,
-                 on_row: Callable[[Case, dict[str, Any]], None] | None) -> list[dict[str, Any]]:
+                 on_row: Callable[[Case, dict[str, Any]], None] | None, notes: list[str]) -> list[dict[str, Any]]:
     nbytes = max(c.nbytes for c in cases)
     runner = None
     if config.peer is None:
@@ -254,7 +254,14 @@ def _run_backend(backend: str, cases: list[Case], config: SweepConfig, limits: C
                                config.peer or runner.address)  # type: ignore[union-attr]
         try:
             for case in cases:
-                row = initiator.measure(case)
+                try:
+                    row = initiator.measure(case)
+                except KvxferError as error:  # keep the rows measured so far; say what failed
+                    notes.append(f"FAILED {case}: {type(error).__name__}: {error}")
+                    if not initiator.peer.connected:
+                        notes.append(f"{backend}: the target is gone; the remaining cases of {backend} were skipped")
+                        break
+                    continue
                 row["peer"] = config.peer or "loopback"
                 attach_ceiling(row, case, limits, local_peer)
                 rows.append(row)

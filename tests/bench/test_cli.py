@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -210,3 +211,44 @@ def test_plot_subcommand_redraws_a_recorded_sweep(tmp_path) -> None:
     assert cli.main(["plot", str(tmp_path / "sweep.json"), str(image)]) == 0
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.stat().st_size > 1000
     assert cli.main(["plot", str(tmp_path / "missing.json"), str(image)]) == 2
+
+
+
+def test_a_case_that_fails_is_noted_and_the_other_rows_are_kept(tmp_path, monkeypatch, capsys) -> None:
+    from kvxfer.bench import sweep
+    from kvxfer.errors import TransferError
+
+    original = sweep._Initiator.measure
+
+    def measure(self, case):
+        if case.fragment == 16384:
+            raise TransferError("simulated failure of one case", None, "local")
+        return original(self, case)
+
+    monkeypatch.setattr(sweep._Initiator, "measure", measure)
+    code, document = _sweep(tmp_path, "--backend", "local", "--op", "READ")
+    assert code == 1
+    assert [row["block_size"] for row in document["tables"]["sweep"]] == [4096]
+    assert any(note.startswith("FAILED") and "simulated failure" in note for note in document["notes"])
+    assert "1 case(s) FAILED" in capsys.readouterr().err
+
+
+@pytest.mark.ucx
+def test_target_killed_mid_sweep_fails_the_rest_without_a_hang(tmp_path) -> None:
+    from kvxfer.bench import sweep
+
+    target = subprocess.Popen([sys.executable, "-m", "kvxfer.bench.cli", "target", "--nbytes", "1M"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        address = target.stdout.readline().split(" listening on ")[1].split(";")[0]
+        config = sweep.SweepConfig(backends=("ucx",), ops=("WRITE",), sizes=(4096, 8192, 16384), batches=(2,),
+                                   repeats=2, warmup=0, peer=address, timeout=10.0, ceiling_nbytes=1 << 20)
+        began = time.monotonic()
+        result = sweep.run(config, on_row=lambda case, row: target.kill())
+        assert time.monotonic() - began < 60
+        assert [row["block_size"] for row in result.rows] == [4096]
+        assert any(note.startswith("FAILED") for note in result.notes)
+    finally:
+        target.kill()
+        target.wait(timeout=30)
+        target.stdout.close()
