@@ -190,15 +190,16 @@ class TargetRunner:
                     return line.split(" listening on ", 1)[1].split(";", 1)[0].strip()
         finally:
             selector.close()
-        code = self.process.poll()
+        try:
+            code = self.process.wait(5.0)
+        except subprocess.TimeoutExpired:
+            code = None
         self.close(timeout=5.0)
-        raise PeerError(f"benchmark target process did not start within {timeout} s (exit code "
-                        f"{code}); see its messages above", "kvxfer-bench-target")
-
-    @property
-    def pid(self) -> int:
-        """Process id of the target (this process for a thread target)."""
-        return self.process.pid if self.process else os.getpid()
+        if code is None:
+            raise PeerError(f"benchmark target process did not start listening within {timeout} s",
+                            "kvxfer-bench-target")
+        raise PeerError(f"benchmark target process exited with code {code} before listening; see its messages "
+                        "above", "kvxfer-bench-target")
 
     def close(self, timeout: float = 30.0) -> None:
         """Wait for the target to exit after its ``exit`` message; kill it past ``timeout``."""
