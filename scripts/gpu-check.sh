@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One run on a GPU machine without network: install carried wheels, run the GPU tests and benchmarks, write logs
 # under $OUT (or ./gpu-out), print a short table last. Usage: scripts/gpu-check.sh [stage ...]
-# Stages: info tests kernels ipc ucx pipe engine (default: all). Wheels are taken from .device/wheels if present.
+# Stages: info tests kernels ipc nixl pipe engine sweep ucx (default: all). Wheels come from .device/wheels.
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}; mkdir -p "$out"
@@ -12,7 +12,7 @@ if ls .device/wheels/*.whl >/dev/null 2>&1; then
     || echo "wheel install failed: see pip.log"
 fi
 export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-stages=${*:-info tests kernels ipc ucx pipe engine}
+stages=${*:-info tests kernels ipc nixl pipe engine sweep ucx}
 summary="$out/summary.txt"; : >"$summary"
 run() {  # run NAME TIMEOUT CMD...: log to $out/NAME.log, keep the last line in the summary
   local name=$1 limit=$2; shift 2
@@ -26,9 +26,13 @@ for stage in $stages; do
     tests) run tests 420 python3 -m pytest -q -m "gpu or multi_gpu" -p no:cacheprovider --timeout 300 tests ;;
     kernels) run kernels 240 python3 -m kvxfer.bench.kernels --json "$out/kernels.json" ;;
     ipc) run ipc 180 python3 -m kvxfer.bench.cli ipc --json "$out/ipc.json" ;;
-    ucx) run ucx 600 python3 bench/ucx_gpu.py --json "$out/ucx_gpu.json" ;;
-    pipe) run pipe 600 python3 -m kvxfer.bench.cli kv --model llama-3.1-8b --tokens 4096 --block-size 16 --p-tp 1 --d-tp 2 --json "$out/kv.json" ;;
-    engine) run engine 900 python3 bench/engine_gpu.py --json "$out/engine.json" ;;
+    nixl) run nixl 180 python3 bench/nixl_gpu.py --json "$out/nixl_gpu.json" ;;
+    pipe) run pipe 120 python3 -m kvxfer.bench.cli kv --model llama-3.1-8b --tokens 4096 --block-size 16 --p-tp 1 --d-tp 2 --json "$out/kv.json"
+          run pipe-retile 120 python3 -m kvxfer.bench.cli kv --model llama-3.1-8b --tokens 4096 --block-size 16 --d-block-size 32 --d-layout NHD --p-tp 2 --d-tp 1 --json "$out/kv_retile.json"
+          run pipe-70b 180 python3 -m kvxfer.bench.cli kv --model llama-3.1-70b --tokens 4096 --block-size 16 --p-tp 8 --d-tp 8 --only-rank 0 --json "$out/kv_70b.json" ;;
+    engine) run engine 240 python3 bench/engine_gpu.py --json "$out/engine.json" ;;
+    sweep) run sweep 240 python3 -m kvxfer.bench.cli sweep --backend cuda_ipc,ucx --memory cuda:cuda --sizes 4K,32K,256K,2M,64M --batch 16 --repeats 5 --compare nixl --no-progress --json "$out/sweep_gpu.json" ;;
+    ucx) run ucx 180 python3 bench/ucx_host.py --memory cuda --systems kvxfer nixl --skip-perftest --pingpongs 200 --out "$out/ucx_cuda.json" ;;
     *) echo "unknown stage $stage" >>"$summary" ;;
   esac
 done
