@@ -8,29 +8,39 @@ from .block_manager import BlockManager, OutOfBlocksError, block_hashes
 from .checkpoint import WeightStore, random_weights, read_config, save_hf
 from .config import PRESETS, CacheConfig, ModelConfig
 from .decode import DecodeEngine, EngineTimeoutError, Reservation
+from .decode_connector import Admission, DecodeConnector
 from .kv_cache import KVCache
 from .model import Model, load_hf
+from .messages import KVReady, KVWanted, RankInfo
 from .parallel import TensorParallel, init_tensor_parallel
 from .prefill import PrefillEngine, PrefillResult
+from .prefill_connector import PrefillConnector, PushResult
 from .request import FinishReason, Request, RequestOutput, SamplingParams, Sequence
 from .runner import ModelRunner
 from .sampling import sample
 
 __all__ = [
     "PRESETS",
+    "Admission",
     "AttentionBatch",
     "BlockManager",
     "CacheConfig",
+    "DecodeConnector",
     "DecodeEngine",
     "EngineTimeoutError",
     "FinishReason",
     "KVCache",
+    "KVReady",
+    "KVWanted",
     "Model",
     "ModelConfig",
     "ModelRunner",
     "OutOfBlocksError",
+    "PrefillConnector",
     "PrefillEngine",
     "PrefillResult",
+    "PushResult",
+    "RankInfo",
     "Request",
     "RequestOutput",
     "Reservation",

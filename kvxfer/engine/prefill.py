@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from ..errors import UsageError
 from ..spec import KVCacheSpec
@@ -14,6 +15,9 @@ from .kv_cache import KVCache
 from .model import LayerCallback, Model
 from .request import Request, Sequence
 from .runner import ModelRunner
+
+#: ``on_allocated(request_id, block_ids, num_cached_tokens)``: a request's blocks, before its compute.
+AllocationCallback = Callable[[str, tuple[int, ...], int], None]
 
 
 @dataclass(frozen=True)
@@ -64,17 +68,20 @@ class PrefillEngine:
         """Requests whose blocks are held (prefilled, not yet released)."""
         return list(self._held)
 
-    def prefill(self, request: Request, on_layer_done: LayerCallback | None = None) -> PrefillResult:
+    def prefill(self, request: Request, on_layer_done: LayerCallback | None = None,
+                on_allocated: AllocationCallback | None = None) -> PrefillResult:
         """Compute one prompt (reusing cached prefix blocks); see :meth:`prefill_batch`."""
-        return self.prefill_batch([request], on_layer_done)[0]
+        return self.prefill_batch([request], on_layer_done, on_allocated)[0]
 
-    def prefill_batch(self, requests: list[Request],
-                      on_layer_done: LayerCallback | None = None) -> list[PrefillResult]:
+    def prefill_batch(self, requests: list[Request], on_layer_done: LayerCallback | None = None,
+                      on_allocated: AllocationCallback | None = None) -> list[PrefillResult]:
         """Compute several prompts in shared forward passes; their blocks are held until :meth:`release`.
 
         ``on_layer_done(layer)`` is called, in layer order, during the last forward pass: when it is called for
         layer ``l``, layer ``l``'s K/V of every prompt of the batch has been issued (on a GPU: enqueued on the
-        current stream). All or nothing: OutOfBlocksError leaves no request admitted.
+        current stream). ``on_allocated(request_id, block_ids, num_cached_tokens)`` is called for each request
+        once its blocks are known, before any compute (a streaming push needs them early). All or nothing:
+        OutOfBlocksError leaves no request admitted.
         """
         for request in requests:
             if request.request_id in self._held:
@@ -89,6 +96,9 @@ class PrefillEngine:
             for seq in seqs:
                 self.runner.allocate(seq)
                 allocated.append(seq)
+            if on_allocated is not None:
+                for seq in seqs:
+                    on_allocated(seq.request_id, tuple(seq.block_ids), seq.num_cached_tokens)
             self._compute(seqs, on_layer_done)
         except BaseException:
             for seq in allocated:

@@ -1,0 +1,150 @@
+"""Connectors: the glue between a reference engine and :class:`~kvxfer.KVPipe` (what vLLM calls a KV connector).
+
+Pull mode (the default)::
+
+    prefill rank                                   decode rank
+    ready = p.prefill(request, decode_group)  -->  d.receive(ready)        # reserve blocks, start the pull
+    (blocks held under one lease per decode rank)  d.poll() / d.wait()     # admit when pulled, else cancel
+    p.poll()  # frees blocks whose leases ended    (the pipe releases the leases when the pull ends)
+
+Push mode (layers stream while the prefill computes)::
+
+    wanted = d.reserve_push(request, prefill_group)  -->  p.push(wanted)  -->  d.poll() admits
+
+Every rank of a TP group makes the same calls in the same order (the engines' contract); ``poll``, ``wait`` and
+``drain`` agree across the group with one small all-reduce, so block tables and prefix caches stay identical on
+every rank. Before any request, each side :meth:`connect`\\ s to the other group's :class:`RankInfo` list.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, ClassVar, Sequence
+
+import msgpack
+import torch
+
+from ..agent import Agent
+from ..errors import ConfigError, KvxferError
+from ..handle import Notification
+from ..ranks import check_compatible, route_heads
+from ..spec import KVCacheSpec
+from .messages import RankInfo
+
+logger = logging.getLogger("kvxfer")
+
+#: Notifications between connectors (kvxfer's own control messages start with b"kvx:").
+NOTE_PREFIX = b"kvx:conn:"
+#: How many recent notes about unknown requests a connector remembers (they may arrive before the request).
+MAX_REMEMBERED = 4096
+
+
+class Connector:
+    """What both sides share: the registered cache, the peer groups, notes, and agreement across the TP group."""
+
+    role: ClassVar[str] = ""
+
+    def __init__(self, engine: Any, agent: Agent, region: str = "kv") -> None:
+        self.engine, self.agent, self.region_name = engine, agent, region
+        self.tp = engine.runner.model.tp
+        tensor = engine.cache.tensor
+        if not any(r.name == region for r in agent.regions):
+            agent.register(tensor, name=region)
+        self._lock = threading.Lock()
+        self._groups: dict[str, list[RankInfo]] = {}
+        self._connected: dict[str, bytes] = {}
+        #: Agent names of this engine's TP group, in rank order (peers name the group by its rank 0's agent).
+        self.group_agents: tuple[str, ...] = self._gather_names()
+        agent.subscribe(NOTE_PREFIX, self._on_note)
+
+    def _gather_names(self) -> tuple[str, ...]:
+        if self.tp.size == 1:
+            return (self.agent.name,)
+        import torch.distributed as dist
+
+        names: list[Any] = [None] * self.tp.size
+        dist.all_gather_object(names, self.agent.name, group=self.tp.group)
+        return tuple(names)
+
+    @property
+    def spec(self) -> KVCacheSpec:
+        """This rank's KV cache spec."""
+        return self.engine.spec
+
+    def info(self) -> RankInfo:
+        """What the other side's ranks need to reach this rank (send it to them; see :meth:`connect`)."""
+        return RankInfo(self.role, self.agent.name, self.agent.metadata(), self.spec)
+
+    def _connect_group(self, infos: Sequence[RankInfo], role: str) -> str:
+        """Connect to every rank of a peer group (rank order); returns the group's name (its rank 0's agent)."""
+        infos = [RankInfo.decode(i) if isinstance(i, (bytes, bytearray)) else i for i in infos]
+        if not infos:
+            raise ConfigError(f"{self.role} connector: connect needs the {role} group's RankInfo list, got none")
+        size = len(infos)
+        for index, info in enumerate(infos):
+            if info.role != role or info.spec.tp_rank != index or info.spec.tp_size != size:
+                raise ConfigError(f"{self.role} connector: entry {index} must be the {role} rank {index} of {size}, "
+                                  f"got role {info.role!r} rank {info.spec.tp_rank} of {info.spec.tp_size}")
+            check_compatible(self.spec, info.spec)  # model, dtype, heads, layers: before any byte moves
+        for info in infos:
+            if self._connected.get(info.agent_name) != info.metadata:
+                self.agent.connect(info.metadata)
+                self._connected[info.agent_name] = info.metadata
+        name = infos[0].agent_name
+        self._groups[name] = list(infos)
+        return name
+
+    @property
+    def groups(self) -> list[str]:
+        """Names of the connected peer groups."""
+        return list(self._groups)
+
+    def group(self, name: str) -> list[RankInfo]:
+        """The RankInfo list of a connected peer group."""
+        try:
+            return self._groups[name]
+        except KeyError:
+            raise ConfigError(f"{self.role} connector: unknown peer group {name!r}; connected: "
+                              f"{sorted(self._groups)}") from None
+
+    # ---- agreement across the TP group -------------------------------------------------------------------------
+
+    def _agree(self, values: list[int]) -> list[int]:
+        """Element-wise sums of ``values`` over this engine's TP group (every rank calls it in the same order)."""
+        if self.tp.size == 1 or not values:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.int64, device=self.engine.runner.model.device)
+        return self.tp.all_reduce(tensor).tolist()
+
+    # ---- notes -------------------------------------------------------------------------------------------------
+
+    def _send(self, peer: str, verb: str, *fields: Any) -> bool:
+        """A note to another connector; False (logged) if it cannot be sent."""
+        try:
+            self.agent.notify(peer, NOTE_PREFIX + msgpack.packb([verb, *fields], use_bin_type=True))
+            return True
+        except KvxferError as error:
+            logger.warning("%s connector %s: cannot send %s to %s: %s", self.role, self.agent.name, verb, peer, error)
+            return False
+
+    def _on_note(self, note: Notification) -> None:
+        try:
+            verb, *fields = msgpack.unpackb(note.payload[len(NOTE_PREFIX):], raw=False)
+        except Exception:
+            logger.warning("%s connector %s: malformed note from %s", self.role, self.agent.name, note.peer_name)
+            return
+        self._note(note.peer_name, str(verb), fields)
+
+    def _note(self, peer: str, verb: str, fields: list[Any]) -> None:
+        logger.warning("%s connector %s: unexpected note %r from %s", self.role, self.agent.name, verb, peer)
+
+
+def routes_of(source: KVCacheSpec, targets: Sequence[KVCacheSpec]) -> set[int]:
+    """Indices of ``targets`` that a pipe on rank ``source`` exchanges heads with (KVPipe's own rank mapping)."""
+    return {route.remote for route in route_heads(source, list(targets))}
+
+
+def group_specs(spec: KVCacheSpec, size: int) -> list[KVCacheSpec]:
+    """The specs of every rank of a TP group whose rank ``spec.tp_rank`` has ``spec`` (ranks differ only there)."""
+    return [spec.replace(tp_rank=rank, tp_size=size) for rank in range(size)]
