@@ -18,38 +18,49 @@ from ..devices import cupy_module
 from ..errors import ConfigError
 from ..memory import MemoryKind, Region
 from .copy_plan import KVCopyPlan
-from .launch import DEFAULT_TUNING, THREADS_PER_CTA, KernelTuning, launch_shape, vector_bytes
+from .launch import DEFAULT_TUNING, KernelTuning, LaunchShape, launch_shape, vector_bytes
 
 _SOURCE = Path(__file__).with_name("csrc") / "kv_copy.cu"
 
-# Plans whose tables the caller asked to keep on a device: plan -> {device: cupy int64 array}.
-_DEVICE_TABLES: "weakref.WeakKeyDictionary[KVCopyPlan, dict[int, Any]]" = weakref.WeakKeyDictionary()
+
+class _PlanState:
+    """What a plan keeps per process: tables uploaded per device, launch shapes per (device, vector, tuning)."""
+
+    def __init__(self, plan: KVCopyPlan) -> None:
+        self.needs = plan.src_spec.nbytes, plan.dst_spec.nbytes  # bytes each region must hold
+        self.empty = plan.nbytes == 0
+        self.tables: dict[int, Any] = {}
+        self.launches: dict[tuple[int, int, KernelTuning], tuple[Any, LaunchShape]] = {}
+
+
+_PLAN_STATE: "weakref.WeakKeyDictionary[KVCopyPlan, _PlanState]" = weakref.WeakKeyDictionary()
 
 
 @functools.lru_cache(maxsize=None)
-def _module(device: int, tuning: KernelTuning) -> Any:
+def _module(device: int, defines: tuple[str, ...]) -> Any:
+    """One compile per device and set of -D options (tunings that differ only at launch share it)."""
     cupy = cupy_module()
     with cupy.cuda.Device(device):
-        return cupy.RawModule(code=_SOURCE.read_text(), options=("--std=c++17", *tuning.defines()))
+        return cupy.RawModule(code=_SOURCE.read_text(), options=("--std=c++17", *defines))
 
 
 @functools.lru_cache(maxsize=None)
-def kernel(vector_bytes: int, device: int, tuning: KernelTuning = DEFAULT_TUNING) -> Any:
-    """The compiled entry ``kvxfer_copy_v{vector_bytes}`` on ``device`` (compiled once per device and tuning)."""
+def kernel(entry: str, device: int, tuning: KernelTuning = DEFAULT_TUNING) -> Any:
+    """The compiled ``entry`` (e.g. ``kvxfer_rows_v16``) on ``device`` (compiled once per device and tuning)."""
     cupy = cupy_module()
     with cupy.cuda.Device(device):
-        return _module(device, tuning).get_function(f"kvxfer_copy_v{vector_bytes}")
+        return _module(device, tuning.defines()).get_function(entry)
 
 
 @functools.lru_cache(maxsize=None)
-def resident_ctas(vector_bytes: int, device: int, tuning: KernelTuning = DEFAULT_TUNING) -> int:
+def resident_ctas(entry: str, device: int, tuning: KernelTuning = DEFAULT_TUNING) -> int:
     """CTAs of one entry that fit on the whole GPU at once (limited by registers and threads per SM)."""
     cupy = cupy_module()
     properties = cupy.cuda.runtime.getDeviceProperties(device)
-    registers = int(kernel(vector_bytes, device, tuning).num_regs)
+    registers = int(kernel(entry, device, tuning).num_regs)
     warp_registers = -(-registers * 32 // 256) * 256  # allocated per warp in units of 256
-    by_registers = int(properties["regsPerMultiprocessor"]) // (warp_registers * (THREADS_PER_CTA // 32))
-    by_threads = int(properties["maxThreadsPerMultiProcessor"]) // THREADS_PER_CTA
+    by_registers = int(properties["regsPerMultiprocessor"]) // (warp_registers * (tuning.threads // 32))
+    by_threads = int(properties["maxThreadsPerMultiProcessor"]) // tuning.threads
     per_sm = max(1, min(by_registers, by_threads, int(properties.get("maxBlocksPerMultiProcessor", 32))))
     return int(properties["multiProcessorCount"]) * per_sm
 
@@ -85,27 +96,27 @@ def copy_kv_pointers(src_ptr: int, src_nbytes: int, dst_ptr: int, dst_nbytes: in
     memory reachable from ``device``. ``tuning``: kernel knobs (benchmarks only). Does not synchronize; the copy is
     ordered on ``stream``.
     """
-    plan.src_spec.check_fits(src_nbytes, argument="src")
-    plan.dst_spec.check_fits(dst_nbytes, argument="dst")
-    if plan.nbytes == 0:
+    state = _plan_state(plan)
+    if src_nbytes < state.needs[0] or dst_nbytes < state.needs[1]:
+        plan.src_spec.check_fits(src_nbytes, argument="src")
+        plan.dst_spec.check_fits(dst_nbytes, argument="dst")
+    if state.empty:
         return
     cupy = cupy_module()
-    tables = plan.tables
-    cap = None
-    if tuning.waves is not None:
-        vector = vector_bytes(tables, int(src_ptr), int(dst_ptr))
-        cap = max(1, int(resident_ctas(vector, device, tuning) * tuning.waves))
-    shape = launch_shape(tables, int(src_ptr), int(dst_ptr), max_ctas=cap, unroll=tuning.unroll)
-    function = kernel(shape.vector_bytes, device, tuning)
+    src_ptr, dst_ptr = int(src_ptr), int(dst_ptr)
     with cupy.cuda.Device(device):
-        launch_stream = _as_stream(cupy, stream, device)
-        with launch_stream:
-            table = _DEVICE_TABLES.get(plan, {}).get(device)
-            if table is None:
-                table = cupy.empty(tables.table.shape, dtype=cupy.int64)
-                table.set(tables.table, stream=launch_stream)
-            function((shape.num_ctas,), (THREADS_PER_CTA,),
-                     (np.uint64(shape.src_addr), np.uint64(shape.dst_addr), table, *shape.scalars))
+        launch_stream = _launch_stream(cupy, stream, device)
+        function, shape = _launch(state, plan, src_ptr, dst_ptr, device, tuning)
+        table = state.tables.get(device)
+        if table is None:  # not uploaded: upload now, on the launch stream so the pool reuses it in that order
+            cupy_stream = _cupy_stream(cupy, launch_stream, device)
+            with cupy_stream:
+                table = cupy.empty(plan.tables.table.shape, dtype=cupy.int64)
+                table.set(plan.tables.table, stream=cupy_stream)
+        tables = plan.tables
+        function((shape.num_ctas,), (shape.threads,),
+                 (np.uint64(src_ptr + tables.src_base), np.uint64(dst_ptr + tables.dst_base), table,
+                  *shape.scalars), stream=launch_stream)
 
 
 def upload_plan(plan: KVCopyPlan, device: int) -> KVCopyPlan:
@@ -114,27 +125,87 @@ def upload_plan(plan: KVCopyPlan, device: int) -> KVCopyPlan:
     The copy lives as long as the plan. Synchronizes once (the table must be complete before any stream uses it).
     """
     cupy = cupy_module()
-    per_device = _DEVICE_TABLES.setdefault(plan, {})
-    if device not in per_device:
+    state = _plan_state(plan)
+    if device not in state.tables:
         with cupy.cuda.Device(device):
             table = cupy.asarray(plan.tables.table)
             cupy.cuda.get_current_stream().synchronize()
-        per_device[device] = table
+        state.tables[device] = table
     return plan
 
 
-def _as_stream(cupy: Any, stream: Any, device: int) -> Any:
+def launch_of(plan: KVCopyPlan, src_ptr: int, dst_ptr: int, device: int,
+              tuning: KernelTuning = DEFAULT_TUNING) -> LaunchShape:
+    """The launch :func:`copy_kv_pointers` makes for these pointers (entry, grid, arguments)."""
+    with cupy_module().cuda.Device(device):
+        return _launch(_plan_state(plan), plan, int(src_ptr), int(dst_ptr), device, tuning)[1]
+
+
+def _plan_state(plan: KVCopyPlan) -> _PlanState:
+    state = _PLAN_STATE.get(plan)
+    if state is None:
+        state = _PLAN_STATE.setdefault(plan, _PlanState(plan))
+    return state
+
+
+def _launch(state: _PlanState, plan: KVCopyPlan, src_ptr: int, dst_ptr: int, device: int,
+            tuning: KernelTuning) -> tuple[Any, LaunchShape]:
+    """(compiled entry, launch shape) of ``plan`` at this alignment, computed once per (device, vector, tuning)."""
+    tables = plan.tables
+    key = (device, vector_bytes(tables, src_ptr, dst_ptr), tuning)
+    cached = state.launches.get(key)
+    if cached is None:
+        shape = launch_shape(tables, src_ptr, dst_ptr, tuning)
+        if tuning.waves is not None:
+            cap = max(1, int(resident_ctas(shape.entry, device, tuning) * tuning.waves))
+            shape = launch_shape(tables, src_ptr, dst_ptr, tuning, max_ctas=cap)
+        cached = state.launches[key] = (kernel(shape.entry, device, tuning), shape)
+    return cached
+
+
+class _RawStream:
+    """A ``cudaStream_t`` as cupy's kernel launch takes it (anything with ``.ptr``)."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+    def __cuda_stream__(self) -> tuple[int, int]:  # the CUDA stream protocol (cupy >= 14 Stream.from_external)
+        return 0, self.ptr
+
+
+def _launch_stream(cupy: Any, stream: Any, device: int) -> Any:
+    """``stream`` as an object with ``.ptr`` (a cupy stream as is; ints and torch streams wrapped)."""
     if stream is None:
         return cupy.cuda.get_current_stream()
-    if type(stream).__module__.startswith("cupy") and hasattr(stream, "ptr"):  # Stream or ExternalStream
+    if type(stream).__module__.startswith("cupy") and hasattr(stream, "ptr"):  # cupy Stream / ExternalStream
         return stream
     if isinstance(stream, (int, np.integer)) and not isinstance(stream, bool):
-        pointer = int(stream)
-    elif hasattr(stream, "cuda_stream"):  # torch.cuda.Stream
-        pointer = int(stream.cuda_stream)
-    else:
-        raise ConfigError(f"stream must be a cupy Stream, a torch.cuda.Stream or a cudaStream_t int, "
-                          f"got {type(stream).__name__}")
+        return _RawStream(int(stream))
+    if hasattr(stream, "cuda_stream"):  # torch.cuda.Stream
+        return _RawStream(int(stream.cuda_stream))
+    raise ConfigError(f"stream must be a cupy Stream, a torch.cuda.Stream or a cudaStream_t int, "
+                      f"got {type(stream).__name__}")
+
+
+def _cupy_stream(cupy: Any, stream: Any, device: int) -> Any:
+    """A cupy stream object for ``stream`` (from :func:`_launch_stream`), to enter as cupy's current stream."""
+    if not isinstance(stream, _RawStream):
+        return stream
+    return _external_stream(cupy, stream.ptr, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _external_stream(cupy: Any, pointer: int, device: int) -> Any:
+    if pointer == 0:
+        return cupy.cuda.Stream.null
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None:  # cupy >= 14 (ExternalStream is deprecated there)
+        try:
+            return from_external(_RawStream(pointer))
+        except (TypeError, ValueError, AttributeError):  # a signature other than the stream protocol's
+            pass
     try:
         return cupy.cuda.ExternalStream(pointer, device)
     except TypeError:  # cupy < 13 has no device argument

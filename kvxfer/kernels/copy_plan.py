@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import ConfigError, DescriptorError, LayoutMismatchError
 from ..spec import KVCacheSpec, KVLayout, as_index_array
+from .boxes import box_form
 
 #: Widest load/store the kernel issues, in bytes.
 MAX_VECTOR_BYTES = 16
@@ -71,31 +72,47 @@ class KVCopyPlan:
 class KernelTables:
     """What the kernel walks, in bytes relative to each side's region start.
 
-    The kernel copies one *box* per (layer-part, segment): ``tokens x row_heads`` rows of ``row_nbytes``
-    contiguous bytes. ``table``: int64[3 * num_segments + 2 * num_layer_parts], host, laid out as
-    ``[segment src offset | segment dst offset | segment tokens | layer-part src offset | layer-part dst offset]``.
-    Row ``(t, h)`` of a box starts at ``base + layer_part + segment + t * token_stride + h * head_stride``.
-    ``alignment`` (a power of two <= 16) divides ``row_nbytes``, both bases and every stride the kernel adds.
+    The kernel copies one *box* per (layer-part, segment). A box is ``count`` *units* (``count`` from the table)
+    of ``unit_rows`` rows of ``row_nbytes`` contiguous bytes; row ``(u, r)`` starts at ``base + layer_part +
+    segment + u * unit_stride + r * row_stride`` on each side. Planning folds every dimension that continues the
+    row on both sides into it, so a unit is usually a token (``unit_rows`` heads, or 1 when heads are adjacent),
+    and when every segment holds the same tokens the whole fixed-shape box is folded (e.g. HND blocks: a unit is a
+    head, its row all the block's tokens). ``contiguous``: a box is one run of ``count * row_nbytes`` bytes on both
+    sides (``unit_rows == 1``, both unit strides equal ``row_nbytes``): the kernel's run entry needs no index math.
+
+    ``table``: int64[3 * num_segments + 2 * num_layer_parts], host, laid out as ``[segment src offset | segment dst
+    offset | segment count | layer-part src offset | layer-part dst offset]``; ``segment_tokens``: int64[num_segments],
+    host, the tokens of each segment (for checks: the kernel reads counts). ``alignment`` (a power of two <= 16)
+    divides ``row_nbytes``, both bases, every stride and every table offset. ``narrow``: every offset inside a box
+    is below 2**31 on both sides (the kernel then indexes with 32-bit ints).
     """
 
     table: np.ndarray
+    segment_tokens: np.ndarray
     num_segments: int
     num_layer_parts: int
-    row_heads: int
+    unit_rows: int
     row_nbytes: int
     src_base: int
     dst_base: int
-    src_token_stride: int
-    src_head_stride: int
-    dst_token_stride: int
-    dst_head_stride: int
+    src_unit_stride: int
+    src_row_stride: int
+    dst_unit_stride: int
+    dst_row_stride: int
     alignment: int
-    max_segment_tokens: int
+    max_count: int
+    contiguous: bool
+    narrow: bool
 
     @property
     def num_boxes(self) -> int:
         """Boxes of the launch: one per (layer-part, segment)."""
         return self.num_segments * self.num_layer_parts
+
+    @property
+    def max_box_nbytes(self) -> int:
+        """Bytes of the largest box."""
+        return self.max_count * self.unit_rows * self.row_nbytes
 
 
 def plan_kv_copy(src_spec: KVCacheSpec, dst_spec: KVCacheSpec, src_block_ids: Any, dst_block_ids: Any, *,
@@ -171,21 +188,23 @@ def kernel_tables(plan: KVCopyPlan) -> KernelTables:
     segment_dst = plan.dst_block_ids[starts // dst.block_size] * d_block + (starts % dst.block_size) * d_token
     part_src = (plan.src_layers[:, None] * s_layer + plan.parts[None, :] * s_kv).ravel()
     part_dst = (plan.dst_layers[:, None] * d_layer + plan.parts[None, :] * d_kv).ravel()
-    table = np.concatenate([segment_src, segment_dst, counts, part_src, part_dst]).astype(np.int64)
-    # Heads adjacent on both sides (NHD, or HND with one head) make one longer row: fewer, longer runs.
-    if heads > 1 and s_head == row and d_head == row:
-        heads, row = 1, heads * row
+    form = box_form(counts, [(heads, s_head, d_head)], row, (s_token, d_token))
+    table = np.concatenate([segment_src, segment_dst, form.counts, part_src, part_dst]).astype(np.int64)
     src_base = (src.offset + plan.src_heads[0] * src.element_strides[3]) * src.itemsize
     dst_base = (dst.offset + plan.dst_heads[0] * dst.element_strides[3]) * dst.itemsize
-    used = [row, src_base, dst_base, MAX_VECTOR_BYTES]
+    used = [form.row, *form.unit_strides, *form.row_strides, src_base, dst_base, MAX_VECTOR_BYTES]
     for spec, strides in ((src, src.byte_strides), (dst, dst.byte_strides)):
         used += [stride for stride, size in zip(strides[:5], spec.shape[:5]) if size > 1]
-    max_tokens = int(counts.max()) if counts.size else 0
-    _check_kernel_limits(len(starts) * len(part_src), max_tokens * heads * row)
-    return KernelTables(table=table, num_segments=len(starts), num_layer_parts=len(part_src), row_heads=heads,
-                        row_nbytes=row, src_base=src_base, dst_base=dst_base, src_token_stride=s_token,
-                        src_head_stride=s_head, dst_token_stride=d_token, dst_head_stride=d_head,
-                        alignment=functools.reduce(math.gcd, used), max_segment_tokens=max_tokens)
+    max_count = int(form.counts.max()) if form.counts.size else 0
+    _check_kernel_limits(len(starts) * len(part_src), max_count * form.unit_rows * form.row)
+    reach = [(max_count - 1) * unit + (form.unit_rows - 1) * rows + form.row
+             for unit, rows in zip(form.unit_strides, form.row_strides)]
+    return KernelTables(table=table, segment_tokens=counts, num_segments=len(starts), num_layer_parts=len(part_src),
+                        unit_rows=form.unit_rows, row_nbytes=form.row, src_base=src_base, dst_base=dst_base,
+                        src_unit_stride=form.unit_strides[0], src_row_stride=form.row_strides[0],
+                        dst_unit_stride=form.unit_strides[1], dst_row_stride=form.row_strides[1],
+                        alignment=functools.reduce(math.gcd, used), max_count=max_count,
+                        contiguous=form.contiguous, narrow=max(reach, default=0) < 2**31)
 
 
 def _cut(starts: np.ndarray, counts: np.ndarray, most: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""The shape of one launch of csrc/kv_copy.cu: vector width, thread groups, grid, and the kernel's arguments.
+"""The shape of one launch of csrc/kv_copy.cu: entry, vector width, thread groups, grid, and the kernel arguments.
 
 Pure Python: the CUDA launcher and the host emulation in the tests compute launches with the same code.
 """
@@ -14,46 +14,76 @@ import numpy as np
 from ..errors import ConfigError
 from .copy_plan import KernelTables
 
-#: Threads per CTA (passed to csrc/kv_copy.cu with -D, like every KernelTuning field but ``waves``).
-THREADS_PER_CTA = 256
+#: Threads per SM the register cap of each unroll aims at (48 registers for 4 loads in flight, 80 for 8).
+_THREADS_PER_SM = {1: 1280, 2: 1280, 4: 1280, 8: 768}
 
 
 @dataclass(frozen=True)
 class KernelTuning:
-    """Compile-time and launch knobs of the kernel; the defaults are what every call uses.
+    """Compile-time and launch knobs of the kernel; :data:`DEFAULT_TUNING` is what every call uses.
 
-    ``unroll``: 16-byte loads each thread keeps in flight. ``prefetch``: load the next box's table entries while
-    copying the current one. ``min_ctas``: CTAs per SM the compiler must fit (caps registers; 5 fits 48 registers,
-    unroll 8 needs 3). ``waves``: grid size in multiples of the CTAs resident at once (None: one thread group
-    per box, no striding).
+    ``unroll``: 16-byte loads each thread keeps in flight (1, 2, 4 or 8). ``threads``: threads per CTA (a power of
+    two, 32..1024). ``waves``: grid size in multiples of the CTAs resident at once, groups striding over boxes; None:
+    one thread group per box, no striding (the per-box grid). ``prefetch``: with a striding grid, load the next
+    box's table entries while copying the current one. ``runs``: use the run entry (no index math) for plans whose
+    boxes are contiguous on both sides; False runs them through the rows entry (for comparison). ``streaming``:
+    16-byte loads and stores with the .cs (evict-first) cache hint. ``min_ctas``: CTAs per SM the compiler must fit,
+    which caps registers (None: from ``unroll`` and ``threads``).
     """
 
     unroll: int = 4
+    threads: int = 256
+    waves: float | None = None
     prefetch: bool = True
-    min_ctas: int = 5
-    waves: float | None = 1.0
+    runs: bool = True
+    streaming: bool = False
+    min_ctas: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.unroll not in _THREADS_PER_SM:
+            raise ConfigError(f"KernelTuning.unroll must be one of {sorted(_THREADS_PER_SM)}, got {self.unroll}")
+        if self.threads not in (32, 64, 128, 256, 512, 1024):
+            raise ConfigError(f"KernelTuning.threads must be a power of two in [32, 1024], got {self.threads}")
+        if self.waves is not None and not self.waves > 0:
+            raise ConfigError(f"KernelTuning.waves must be > 0 or None, got {self.waves}")
+
+    @property
+    def ctas_per_sm(self) -> int:
+        """The ``__launch_bounds__`` minimum of CTAs per SM."""
+        if self.min_ctas is not None:
+            return self.min_ctas
+        return max(1, _THREADS_PER_SM[self.unroll] // self.threads)
 
     def defines(self) -> tuple[str, ...]:
-        """The -D options of this tuning."""
-        return (f"-DKVXFER_THREADS={THREADS_PER_CTA}", f"-DKVXFER_UNROLL={self.unroll}",
-                f"-DKVXFER_PREFETCH={int(self.prefetch)}", f"-DKVXFER_MIN_CTAS={self.min_ctas}")
+        """The -D options of this tuning (``waves`` and ``runs`` are launch-time only)."""
+        return (f"-DKVXFER_THREADS={self.threads}", f"-DKVXFER_UNROLL={self.unroll}",
+                f"-DKVXFER_PREFETCH={int(self.prefetch)}", f"-DKVXFER_MIN_CTAS={self.ctas_per_sm}",
+                f"-DKVXFER_STREAMING={int(self.streaming)}")
 
 
+#: What every call uses: a per-box grid (one thread group per box, no striding), 256 threads, 4 loads in flight,
+#: the run entry for contiguous boxes. Chosen from issue 3's H200 run, where the per-box grid led every other
+#: variant (0.81-0.83 of the copy ceiling against 0.70-0.79; that benchmark still counted host time). Expected with
+#: GPU-only timing (python -m kvxfer.bench.kernels): >= 0.92 of the memcpy ceiling at 32 KiB and 2 MiB fragments,
+#: >= 0.85 at 4 KiB. To switch, change the fields here (e.g. KernelTuning(waves=1.0) or KernelTuning(threads=128))
+#: to the variant the benchmark's per-variant summary shows ahead.
 DEFAULT_TUNING = KernelTuning()
-#: Loads in flight per thread by default (groups are sized from it).
-UNROLL = DEFAULT_TUNING.unroll
+#: Kept for callers of the old module constant: threads per CTA of the default tuning.
+THREADS_PER_CTA = DEFAULT_TUNING.threads
 
 
 @dataclass(frozen=True)
 class LaunchShape:
-    """One launch of csrc/kv_copy.cu: entry ``kvxfer_copy_v{vector_bytes}``, ``num_ctas`` x THREADS_PER_CTA.
+    """One launch of csrc/kv_copy.cu: ``entry`` on ``num_ctas`` x ``threads``.
 
     ``src_addr``/``dst_addr``: the pointer arguments (region start + base); ``scalars``: the remaining kernel
-    arguments in order, as NumPy scalars of the kernel's C types.
+    arguments after the table, in order, as NumPy scalars of the kernel's C types.
     """
 
+    entry: str
     vector_bytes: int
     num_ctas: int
+    threads: int
     src_addr: int
     dst_addr: int
     scalars: tuple[Any, ...]
@@ -64,31 +94,41 @@ def vector_bytes(tables: KernelTables, src_addr: int, dst_addr: int) -> int:
     return math.gcd(tables.alignment, src_addr, dst_addr)
 
 
-def launch_shape(tables: KernelTables, src_addr: int, dst_addr: int, max_ctas: int | None = None,
-                 unroll: int = UNROLL) -> LaunchShape:
+def entry_name(tables: KernelTables, vector: int, tuning: KernelTuning) -> str:
+    """The kernel entry for ``tables`` at ``vector``-byte loads: run, rows (32-bit offsets) or rows_wide."""
+    if tables.contiguous and tuning.runs:
+        return f"kvxfer_run_v{vector}"
+    return f"kvxfer_rows_v{vector}" if tables.narrow else f"kvxfer_rows_wide_v{vector}"
+
+
+def launch_shape(tables: KernelTables, src_addr: int, dst_addr: int, tuning: KernelTuning,
+                 max_ctas: int | None = None) -> LaunchShape:
     """Kernel arguments for regions starting at ``src_addr``/``dst_addr`` (device pointers as ints).
 
     The vector width is the widest power of two (<= 16) dividing both addresses and ``tables.alignment``. Small
-    boxes share a CTA: a group of threads (32..256, a power of two) copies one box, sized so each thread has about
-    ``unroll`` vectors. ``max_ctas`` caps the grid (the groups then stride over boxes).
+    boxes share a CTA: a group of threads (32..``tuning.threads``, a power of two) copies one box, sized so each
+    thread has about ``tuning.unroll`` vectors of the largest box. ``max_ctas`` caps the grid (the groups then
+    stride over boxes).
     """
     vector = vector_bytes(tables, src_addr, dst_addr)
     row_vectors = tables.row_nbytes // vector
-    box_vectors = tables.max_segment_tokens * tables.row_heads * row_vectors
-    group = 1 << max(0, -(-box_vectors // unroll) - 1).bit_length()
-    group = min(THREADS_PER_CTA, max(32, group))
-    groups_per_cta = THREADS_PER_CTA // group
+    box_vectors = tables.max_count * tables.unit_rows * row_vectors
+    group = 1 << max(0, -(-box_vectors // tuning.unroll) - 1).bit_length()
+    group = min(tuning.threads, max(32, group))
+    groups_per_cta = tuning.threads // group
     num_ctas = -(-tables.num_boxes // groups_per_cta)
     if max_ctas is not None:
         num_ctas = max(1, min(num_ctas, int(max_ctas)))
+    seg_mul, seg_shr = fast_divisor(max(1, tables.num_segments))
     row_mul, row_shr = fast_divisor(row_vectors)
-    head_mul, head_shr = fast_divisor(tables.row_heads)
+    rows_mul, rows_shr = fast_divisor(tables.unit_rows)
     i32, i64, u32 = np.int32, np.int64, np.uint32
-    scalars = (i32(tables.num_segments), i32(tables.num_layer_parts), i32(tables.row_heads), i32(row_vectors),
-               i64(tables.src_token_stride), i64(tables.src_head_stride), i64(tables.dst_token_stride),
-               i64(tables.dst_head_stride), u32(row_mul), u32(row_shr), u32(head_mul), u32(head_shr),
-               i32(group.bit_length() - 1))
-    return LaunchShape(vector, num_ctas, src_addr + tables.src_base, dst_addr + tables.dst_base, scalars)
+    scalars = (i32(tables.num_segments), i32(tables.num_layer_parts), u32(seg_mul), u32(seg_shr),
+               i32(tables.unit_rows), i32(row_vectors), i64(tables.src_unit_stride), i64(tables.src_row_stride),
+               i64(tables.dst_unit_stride), i64(tables.dst_row_stride), u32(row_mul), u32(row_shr), u32(rows_mul),
+               u32(rows_shr), i32(group.bit_length() - 1))
+    return LaunchShape(entry_name(tables, vector, tuning), vector, num_ctas, tuning.threads,
+                       src_addr + tables.src_base, dst_addr + tables.dst_base, scalars)
 
 
 def fast_divisor(divisor: int) -> tuple[int, int]:

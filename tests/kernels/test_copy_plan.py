@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from kvxfer.errors import ConfigError, DescriptorError, LayoutMismatchError
 from kvxfer.kernels import plan_kv_copy, reference, staging_spec
 from kvxfer.kernels.copy_plan import KVCopyPlan
-from kvxfer.kernels.launch import fast_divisor, launch_shape
+from kvxfer.kernels.launch import DEFAULT_TUNING, KernelTuning, fast_divisor, launch_shape
 from kvxfer.spec import KVCacheSpec
 from tests.kernels.cases import random_case, random_spec
 
@@ -89,8 +89,7 @@ def test_segments_are_maximal_runs_inside_one_block_per_side(tokens: int, src_bl
     plan = plan_kv_copy(src, dst, np.arange(n_src)[::-1], np.arange(n_dst) * 2 % 256 if n_dst <= 128
                         else np.arange(n_dst), num_tokens=tokens)
     tables = plan.tables
-    n = tables.num_segments
-    counts = tables.table[2 * n:3 * n]
+    counts = tables.segment_tokens
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     assert counts.sum() == tokens and (counts > 0).all()
     last = starts + counts - 1
@@ -102,19 +101,21 @@ def test_segments_are_maximal_runs_inside_one_block_per_side(tokens: int, src_bl
 
 
 def _execute_tables(plan: KVCopyPlan, src: np.ndarray, dst: np.ndarray) -> None:
-    """The kernel's walk over its tables, in NumPy: one box per (layer-part, segment), rows of row_nbytes."""
+    """The kernel's walk over its tables, in NumPy: per (layer-part, segment) box, count x unit_rows rows."""
     t = plan.tables
     n = t.num_segments
-    seg_src, seg_dst, seg_tokens = t.table[:n], t.table[n:2 * n], t.table[2 * n:3 * n]
+    seg_src, seg_dst, seg_count = t.table[:n], t.table[n:2 * n], t.table[2 * n:3 * n]
     part_src, part_dst = t.table[3 * n:3 * n + t.num_layer_parts], t.table[3 * n + t.num_layer_parts:]
     column = np.arange(t.row_nbytes)
     for lp in range(t.num_layer_parts):
         for s in range(n):
-            token = np.repeat(np.arange(seg_tokens[s]), t.row_heads)
-            head = np.tile(np.arange(t.row_heads), int(seg_tokens[s]))
-            a = t.src_base + part_src[lp] + seg_src[s] + token * t.src_token_stride + head * t.src_head_stride
-            b = t.dst_base + part_dst[lp] + seg_dst[s] + token * t.dst_token_stride + head * t.dst_head_stride
+            unit = np.repeat(np.arange(seg_count[s]), t.unit_rows)
+            row = np.tile(np.arange(t.unit_rows), int(seg_count[s]))
+            a = t.src_base + part_src[lp] + seg_src[s] + unit * t.src_unit_stride + row * t.src_row_stride
+            b = t.dst_base + part_dst[lp] + seg_dst[s] + unit * t.dst_unit_stride + row * t.dst_row_stride
             dst[(b[:, None] + column).ravel()] = src[(a[:, None] + column).ravel()]
+    if t.contiguous:  # a run: count * row_nbytes bytes from the box start on both sides
+        assert t.unit_rows == 1 and t.src_unit_stride == t.dst_unit_stride == t.row_nbytes
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -139,10 +140,55 @@ def test_kernel_tables_describe_the_reference_copy(seed: int) -> None:
 
 def test_heads_merge_into_one_row_when_adjacent_on_both_sides() -> None:
     nhd = SPEC
-    plan = plan_kv_copy(nhd, nhd.replace(num_kv_heads=4, tp_size=2), [0], [1], src_heads=(4, 8))
-    assert plan.tables.row_heads == 1 and plan.tables.row_nbytes == 4 * 64 * 2
-    hnd = plan_kv_copy(nhd.replace(layout="HND"), nhd, [0], [1]).tables
-    assert hnd.row_heads == 8 and hnd.row_nbytes == 128
+    plan = plan_kv_copy(nhd, nhd.replace(num_kv_heads=4, tp_size=2), [0], [1], src_heads=(4, 8), num_tokens=15)
+    assert plan.tables.unit_rows == 1 and plan.tables.row_nbytes == 4 * 64 * 2 and not plan.tables.contiguous
+    hnd = plan_kv_copy(nhd.replace(layout="HND"), nhd, [0], [1], num_tokens=15).tables
+    assert hnd.unit_rows == 8 and hnd.row_nbytes == 128 and hnd.max_count == 15
+
+
+@pytest.mark.parametrize("case, expected", [
+    # (unit count, unit rows, row bytes, contiguous); SPEC: 16-token blocks, 8 heads x 64 x bf16 (128 B rows)
+    ("NHD full heads -> NHD, partial block", (16, 1, 8 * 128, True)),
+    ("HND -> HND same block size, whole blocks", (1, 1, 8 * 16 * 128, True)),
+    ("HND -> HND TP half, whole blocks", (1, 1, 4 * 16 * 128, True)),
+    ("HND -> HND staging, whole blocks", (8, 1, 16 * 128, False)),
+    ("HND -> HND staging, partial block", (16, 8, 128, False)),
+    ("NHD -> HND, whole blocks", (16, 8, 128, False)),
+    ("NHD -> NHD staging, partial block", (16, 1, 8 * 128, True)),
+])
+def test_box_forms_fold_what_is_contiguous_on_both_sides(case: str, expected: tuple) -> None:
+    hnd, nhd = SPEC.replace(layout="HND"), SPEC
+    half = hnd.replace(num_kv_heads=4, tp_size=2, tp_rank=1)
+    plans = {
+        "NHD full heads -> NHD, partial block": lambda: plan_kv_copy(nhd, nhd, [0, 1], [5, 3], num_tokens=31),
+        "HND -> HND same block size, whole blocks": lambda: plan_kv_copy(hnd, hnd, [0, 1], [5, 3]),
+        "HND -> HND TP half, whole blocks": lambda: plan_kv_copy(hnd, half, [0, 1], [5, 3], src_heads=(4, 8)),
+        "HND -> HND staging, whole blocks": lambda: plan_kv_copy(hnd, staging_spec(hnd, 32), [0, 1], [0]),
+        "HND -> HND staging, partial block": lambda: plan_kv_copy(hnd, staging_spec(hnd, 31), [0, 1], [0]),
+        "NHD -> HND, whole blocks": lambda: plan_kv_copy(nhd, hnd, [0, 1], [5, 3]),
+        "NHD -> NHD staging, partial block": lambda: plan_kv_copy(nhd, staging_spec(nhd, 31, layout="NHD"),
+                                                                  [0, 1], [0]),
+    }
+    plan = plans[case]()
+    t = plan.tables
+    assert (t.max_count, t.unit_rows, t.row_nbytes, t.contiguous) == expected
+    assert t.narrow
+    rng = np.random.default_rng(3)
+    src = rng.integers(0, 256, plan.src_spec.nbytes, dtype=np.uint8)
+    expected_dst = rng.integers(0, 256, plan.dst_spec.nbytes, dtype=np.uint8)
+    actual = expected_dst.copy()
+    reference.copy_kv(src, expected_dst, plan)
+    _execute_tables(plan, src, actual)
+    np.testing.assert_array_equal(actual, expected_dst)
+
+
+def test_boxes_reaching_past_2_gib_are_wide() -> None:
+    # Token axis outermost: one box's tokens lie a whole layer-block grid apart (> 2 GiB here).
+    big = KVCacheSpec(num_layers=2, num_blocks=4, block_size=4, num_kv_heads=1, head_dim=64,
+                      strides=(4 * 2 * 64, 2 * 64, 64, 64, 2**30, 1))
+    plan = plan_kv_copy(big, staging_spec(big, 7), [0, 2], [0], num_tokens=7)
+    assert not plan.tables.narrow and plan.tables.unit_rows == 1 and plan.tables.max_count == 4
+    assert launch_shape(plan.tables, 0, 0, DEFAULT_TUNING).entry == "kvxfer_rows_wide_v16"
 
 
 def test_fast_divisor_matches_integer_division() -> None:
@@ -159,19 +205,27 @@ def test_fast_divisor_matches_integer_division() -> None:
 
 
 def test_launch_shape_vector_width_and_groups() -> None:
-    bf16 = KVCacheSpec(num_layers=32, num_blocks=64, block_size=16, num_kv_heads=8, head_dim=128)
-    plan = plan_kv_copy(bf16, staging_spec(bf16, 16 * 4), [1, 5, 9, 2], [0])
-    shape = launch_shape(plan.tables, 1 << 20, 2 << 20)
-    assert shape.vector_bytes == 16
-    assert shape.scalars[3] == 256 // 16  # vectors per row: one head's 128 bf16
+    bf16 = KVCacheSpec(num_layers=32, num_blocks=64, block_size=16, num_kv_heads=8, head_dim=128, layout="NHD")
+    plan = plan_kv_copy(bf16, staging_spec(bf16, 16 * 4), [1, 5, 9, 2], [0])  # NHD -> HND staging: rows
+    shape = launch_shape(plan.tables, 1 << 20, 2 << 20, DEFAULT_TUNING)
+    assert shape.vector_bytes == 16 and shape.entry == "kvxfer_rows_v16" and shape.threads == 256
+    assert shape.scalars[5] == 256 // 16  # vectors per row: one head's 128 bf16
     assert 1 << int(shape.scalars[-1]) == 256  # 32 KiB boxes: a whole CTA per box
     assert shape.num_ctas == plan.tables.num_boxes
-    assert launch_shape(plan.tables, (1 << 20) + 4, 2 << 20).vector_bytes == 4
-    assert launch_shape(plan.tables, 1 << 20, 2 << 20, max_ctas=10).num_ctas == 10
+    assert launch_shape(plan.tables, (1 << 20) + 4, 2 << 20, DEFAULT_TUNING).vector_bytes == 4
+    assert launch_shape(plan.tables, 1 << 20, 2 << 20, DEFAULT_TUNING, max_ctas=10).num_ctas == 10
+    small_cta = launch_shape(plan.tables, 0, 0, KernelTuning(threads=128))
+    assert small_cta.threads == 128 and 1 << int(small_cta.scalars[-1]) == 128
     one_head = bf16.replace(num_kv_heads=1, total_kv_heads=8, tp_size=8)
     small = plan_kv_copy(one_head, staging_spec(one_head, 64), [1, 5, 9, 2], [0])  # 4 KiB boxes
-    shape = launch_shape(small.tables, 0, 0)
+    shape = launch_shape(small.tables, 0, 0, DEFAULT_TUNING)
+    assert shape.entry == "kvxfer_run_v16"  # one head: a block's tokens are one run on both sides
     assert 1 << int(shape.scalars[-1]) == 64 and shape.num_ctas == -(-small.tables.num_boxes // 4)
+    assert launch_shape(small.tables, 0, 0, KernelTuning(runs=False)).entry == "kvxfer_rows_v16"
+    with pytest.raises(ConfigError):
+        KernelTuning(threads=96)
+    with pytest.raises(ConfigError):
+        KernelTuning(unroll=3)
 
 
 def test_staging_spec_is_contiguous_layer_part_head_token_dim() -> None:
@@ -191,8 +245,8 @@ def test_long_runs_are_cut_into_boxes_of_at_most_max_box_bytes() -> None:
     staging = staging_spec(big, 600)
     plan = plan_kv_copy(big, staging, [3, 0, 2], [0], num_tokens=600)
     per_token = 8 * 128 * 2
-    assert plan.tables.max_segment_tokens == MAX_BOX_BYTES // per_token
-    counts = plan.tables.table[2 * plan.tables.num_segments:3 * plan.tables.num_segments]
+    counts = plan.tables.segment_tokens
+    assert counts.max() == MAX_BOX_BYTES // per_token
     assert counts.sum() == 600 and counts.max() * per_token <= MAX_BOX_BYTES
     rng = np.random.default_rng(0)
     src = rng.integers(0, 256, big.nbytes, dtype=np.uint8)

@@ -14,7 +14,7 @@ import pytest
 import kvxfer.kernels as kernels
 from kvxfer.kernels import reference
 from kvxfer.spec import KVCacheSpec
-from tests.kernels.cases import DTYPE_OF_SIZE, random_bytes, random_case, random_spec
+from tests.kernels.cases import random_bytes, random_case, random_spec
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
 
@@ -120,8 +120,9 @@ def test_random_shapes_and_alignments_match_reference(cupy: Any, seed: int) -> N
 
 
 def _llama_like(layout: str = "NHD", **change: Any) -> KVCacheSpec:
-    return KVCacheSpec(num_layers=4, num_blocks=64, block_size=16, num_kv_heads=8, head_dim=128, layout=layout,
-                       **change)
+    """A small Llama-shaped cache; ``change`` overrides any field (num_blocks, block_size, dtype, ...)."""
+    fields: dict[str, Any] = dict(num_layers=4, num_blocks=64, block_size=16, num_kv_heads=8, head_dim=128)
+    return KVCacheSpec(layout=layout, **(fields | change))
 
 
 def test_torch_tensors_on_a_side_stream() -> None:
@@ -180,19 +181,53 @@ def test_gather_scatter_round_trip_fp8_and_mla(cupy: Any) -> None:
         np.testing.assert_array_equal(cupy.asnumpy(back), expected)
 
 
-def test_every_tuning_gives_the_same_bytes(cupy: Any) -> None:
+def _entry_plans() -> dict[str, kernels.KVCopyPlan]:
+    """Plans whose launches take each kernel entry (the run entry, rows with folded tokens, plain rows)."""
+    rng = np.random.default_rng(11)
+    hnd, nhd = _llama_like("HND"), _llama_like("NHD")
+    half = hnd.replace(num_kv_heads=4, tp_size=2, tp_rank=1)
+    return {
+        "run: NHD -> NHD, partial block": kernels.plan_kv_copy(nhd, nhd, rng.permutation(64)[:7],
+                                                               rng.permutation(64)[:7], num_tokens=100),
+        "run: HND -> HND TP half, whole blocks": kernels.plan_kv_copy(hnd, half, rng.permutation(64)[:8],
+                                                                      rng.permutation(64)[:8], src_heads=(4, 8)),
+        "rows: HND gather, whole blocks": kernels.plan_kv_copy(hnd, kernels.staging_spec(hnd, 64 * 16),
+                                                               rng.permutation(64), [0]),
+        "rows: HND gather, partial block": kernels.plan_kv_copy(hnd, kernels.staging_spec(hnd, 1000),
+                                                                rng.permutation(64)[:63], [0]),
+        "rows: NHD -> HND": kernels.plan_kv_copy(nhd, hnd, rng.permutation(64)[:9], rng.permutation(64)[:9],
+                                                 num_tokens=140),
+    }
+
+
+@pytest.mark.parametrize("name", list(_entry_plans()))
+def test_every_entry_and_tuning_gives_the_same_bytes(cupy: Any, name: str) -> None:
     from kvxfer.kernels import _cuda
     from kvxfer.kernels.launch import KernelTuning
 
-    rng = np.random.default_rng(11)
-    spec = _llama_like("HND", dtype=DTYPE_OF_SIZE[2])
-    plan = kernels.plan_kv_copy(spec, kernels.staging_spec(spec, 64 * 16), rng.permutation(64), [0])
-    src = cupy.asarray(random_bytes(rng, spec.nbytes))
-    expected = np.zeros(plan.dst_spec.nbytes, dtype=np.uint8)
+    plan = _entry_plans()[name]
+    rng = np.random.default_rng(12)
+    src = cupy.asarray(random_bytes(rng, plan.src_spec.nbytes))
+    poison = random_bytes(rng, plan.dst_spec.nbytes)
+    expected = poison.copy()
     reference.copy_kv(cupy.asnumpy(src), expected, plan)
-    tunings = [KernelTuning(), KernelTuning(waves=None), KernelTuning(waves=0.01), KernelTuning(waves=4.0),
-               KernelTuning(prefetch=False), KernelTuning(unroll=8, min_ctas=3), KernelTuning(unroll=2)]
+    dst = cupy.asarray(poison)
+    form = name.split(":")[0]  # "run" or "rows"
+    assert _cuda.launch_of(plan, src.data.ptr, dst.data.ptr, 0).entry == f"kvxfer_{form}_v16"
+    tunings = [KernelTuning(), KernelTuning(waves=1.0), KernelTuning(waves=0.01), KernelTuning(waves=4.0),
+               KernelTuning(waves=1.0, prefetch=False), KernelTuning(unroll=8), KernelTuning(unroll=2),
+               KernelTuning(threads=128), KernelTuning(runs=False), KernelTuning(streaming=True)]
     for tuning in tunings:
-        dst = cupy.zeros(plan.dst_spec.nbytes, dtype=cupy.uint8)
+        dst = cupy.asarray(poison)
         _cuda.copy_kv(src, dst, plan, tuning=tuning)
         np.testing.assert_array_equal(cupy.asnumpy(dst), expected, err_msg=str(tuning))
+    # the 64-bit rows entry (taken only by boxes spanning >= 2 GiB) on the same plan
+    dst = cupy.asarray(poison)
+    shape = _cuda.launch_of(plan, src.data.ptr, dst.data.ptr, 0, KernelTuning(runs=False))
+    wide = _cuda.kernel(shape.entry.replace("rows_v", "rows_wide_v"), 0)
+    table = cupy.asarray(plan.tables.table)
+    wide((shape.num_ctas,), (shape.threads,), (np.uint64(src.data.ptr + plan.tables.src_base),
+                                                np.uint64(dst.data.ptr + plan.tables.dst_base), table,
+                                                *shape.scalars))
+    cupy.cuda.runtime.deviceSynchronize()
+    np.testing.assert_array_equal(cupy.asnumpy(dst), expected, err_msg="rows_wide")

@@ -7,6 +7,7 @@ vector width, grid striding and group sizes; the shim also counts out-of-bounds 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import pytest
 import kvxfer.kernels as kernels
 from kvxfer.kernels import reference
 from kvxfer.kernels.copy_plan import KVCopyPlan, staging_spec
-from kvxfer.kernels.launch import DEFAULT_TUNING, KernelTuning, launch_shape
+from kvxfer.kernels.launch import DEFAULT_TUNING, KernelTuning, LaunchShape, launch_shape
 from tests.kernels import emulator as emulation
 from tests.kernels.cases import random_bytes, random_case, random_spec
 
@@ -22,15 +23,16 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def _run(lib: ctypes.CDLL, plan: KVCopyPlan, src: np.ndarray, dst: np.ndarray, max_ctas: int | None,
-         unroll: int = DEFAULT_TUNING.unroll) -> int:
-    """Emulate one launch on host buffers; returns the vector width used."""
+         tuning: KernelTuning = DEFAULT_TUNING, wide: bool = False) -> LaunchShape:
+    """Emulate one launch on host buffers; returns its shape. ``wide``: force the 64-bit rows entry."""
     src_addr, dst_addr = src.ctypes.data, dst.ctypes.data
-    shape = launch_shape(plan.tables, src_addr, dst_addr, max_ctas=max_ctas, unroll=unroll)
-    violations = emulation.launch(lib, shape.vector_bytes, shape.num_ctas, shape.src_addr, shape.dst_addr,
-                                  (src_addr, src_addr + src.nbytes), (dst_addr, dst_addr + dst.nbytes),
-                                  plan.tables.table.ctypes.data, shape.scalars)
+    shape = launch_shape(plan.tables, src_addr, dst_addr, tuning, max_ctas=max_ctas)
+    if wide:
+        shape = dataclasses.replace(shape, entry=f"kvxfer_rows_wide_v{shape.vector_bytes}")
+    violations = emulation.launch_shape(lib, shape, (src_addr, src_addr + src.nbytes),
+                                        (dst_addr, dst_addr + dst.nbytes), plan.tables.table.ctypes.data)
     assert violations == 0, "out-of-bounds or misaligned accesses"
-    return shape.vector_bytes
+    return shape
 
 
 def _shifted(data: np.ndarray, shift: int) -> np.ndarray:
@@ -44,20 +46,32 @@ def _shifted(data: np.ndarray, shift: int) -> np.ndarray:
 
 @pytest.mark.parametrize("seed", range(60))
 def test_emulated_kernel_matches_reference(emulator: ctypes.CDLL, seed: int) -> None:
-    _check_random_case(emulator, seed, DEFAULT_TUNING.unroll)
+    _check_random_case(emulator, seed, DEFAULT_TUNING)
 
 
-@pytest.mark.parametrize("tuning", [KernelTuning(prefetch=False), KernelTuning(unroll=8, min_ctas=3),
-                                    KernelTuning(unroll=1)], ids=str)
+def test_random_cases_reach_every_entry(emulator: ctypes.CDLL) -> None:
+    entries = {_check_random_case(emulator, seed, DEFAULT_TUNING).entry.rsplit("_v", 1)[0] for seed in range(60)}
+    assert entries == {"kvxfer_run", "kvxfer_rows"}  # kvxfer_rows_wide: forced below (needs >= 2 GiB boxes)
+
+
+@pytest.mark.parametrize("seed", range(200, 230))
+def test_emulated_wide_entry_and_rows_for_runs_match_reference(emulator: ctypes.CDLL, seed: int) -> None:
+    _check_random_case(emulator, seed, DEFAULT_TUNING, wide=seed % 2 == 0)
+    _check_random_case(emulator, seed, KernelTuning(runs=False))
+
+
+@pytest.mark.parametrize("tuning", [KernelTuning(waves=1.0), KernelTuning(waves=1.0, prefetch=False),
+                                    KernelTuning(unroll=8), KernelTuning(unroll=1), KernelTuning(threads=128),
+                                    KernelTuning(threads=32, unroll=2), KernelTuning(streaming=True)], ids=str)
 def test_emulated_tunings_match_reference(tmp_path_factory: pytest.TempPathFactory, tuning: KernelTuning) -> None:
     lib = emulation.build(tmp_path_factory.mktemp("tuned"), tuning)
     if lib is None:
         pytest.skip("needs a C++ compiler (g++)")
     for seed in range(100, 115):
-        _check_random_case(lib, seed, tuning.unroll)
+        _check_random_case(lib, seed, tuning)
 
 
-def _check_random_case(emulator: ctypes.CDLL, seed: int, unroll: int) -> None:
+def _check_random_case(emulator: ctypes.CDLL, seed: int, tuning: KernelTuning, wide: bool = False) -> LaunchShape:
     rng = np.random.default_rng(seed)
     itemsize = int(rng.choice([1, 2, 4, 8]))
     head_dim = int(rng.choice([1, 3, 8, 16, 64]))
@@ -65,18 +79,26 @@ def _check_random_case(emulator: ctypes.CDLL, seed: int, unroll: int) -> None:
     src_spec = random_spec(rng, num_layers=layers, num_blocks=int(rng.integers(3, 10)),
                            block_size=int(rng.choice([1, 2, 5, 16])), num_kv_heads=int(rng.integers(1, 5)),
                            head_dim=head_dim, itemsize=itemsize, num_kv_parts=parts)
+    same = seed % 4 == 1  # same layout and block size: whole blocks fold into runs
     dst_spec = random_spec(rng, num_layers=layers + int(rng.integers(0, 2)), num_blocks=int(rng.integers(6, 12)),
-                           block_size=int(rng.choice([1, 3, 8, 32])), num_kv_heads=int(rng.integers(1, 5)),
-                           head_dim=head_dim, itemsize=itemsize, num_kv_parts=parts)
+                           block_size=src_spec.block_size if same else int(rng.choice([1, 3, 8, 32])),
+                           num_kv_heads=src_spec.num_kv_heads if same else int(rng.integers(1, 5)),
+                           head_dim=head_dim, itemsize=itemsize, num_kv_parts=parts,
+                           layout=src_spec.layout.value if same else None, padded=False if same else None)
     capacity = min(src_spec.num_blocks * src_spec.block_size, dst_spec.num_blocks * dst_spec.block_size)
-    case = random_case(rng, src_spec=src_spec, dst_spec=dst_spec, num_tokens=int(rng.integers(1, capacity + 1)))
+    tokens = int(rng.integers(1, capacity + 1))
+    if same and seed % 8 == 1:
+        tokens = max(1, tokens // src_spec.block_size) * src_spec.block_size
+    case = random_case(rng, src_spec=src_spec, dst_spec=dst_spec, num_tokens=tokens,
+                       num_heads=src_spec.num_kv_heads if same else None)
     shift_src, shift_dst = (0, 0) if seed % 3 else (int(rng.integers(0, 16)), int(rng.integers(0, 16)))
     src, dst = _shifted(case.src, shift_src), _shifted(case.dst, shift_dst)
     expected = case.dst.copy()
     reference.copy_kv(case.src, expected, case.plan)
-    _run(emulator, case.plan, src, dst, max_ctas=[None, 1, 3][seed % 3], unroll=unroll)
+    shape = _run(emulator, case.plan, src, dst, max_ctas=[None, 1, 3][seed % 3], tuning=tuning, wide=wide)
     np.testing.assert_array_equal(dst, expected)
     np.testing.assert_array_equal(src, case.src)
+    return shape
 
 
 def test_emulated_vector_width_is_16_bytes_for_aligned_bf16(emulator: ctypes.CDLL) -> None:
@@ -88,7 +110,7 @@ def test_emulated_vector_width_is_16_bytes_for_aligned_bf16(emulator: ctypes.CDL
     src, dst = _shifted(random_bytes(rng, cache.nbytes), 0), _shifted(random_bytes(rng, staging.nbytes), 0)
     expected = dst.copy()
     reference.copy_kv(src, expected, plan)
-    assert _run(emulator, plan, src, dst, max_ctas=None) == 16
+    assert _run(emulator, plan, src, dst, max_ctas=None).vector_bytes == 16
     np.testing.assert_array_equal(dst, expected)
 
 
@@ -101,7 +123,7 @@ def test_emulated_odd_address_falls_back_to_bytes(emulator: ctypes.CDLL) -> None
     out = _shifted(random_bytes(rng, cache.nbytes), 3)
     expected = out.copy()
     reference.copy_kv(data, expected, plan)
-    assert _run(emulator, plan, data, out, max_ctas=2) == 1
+    assert _run(emulator, plan, data, out, max_ctas=2).vector_bytes == 1
     np.testing.assert_array_equal(out, expected)
 
 
@@ -115,5 +137,5 @@ def test_emulated_big_blocks_cut_into_boxes(emulator: ctypes.CDLL) -> None:
     src, dst = _shifted(random_bytes(rng, cache.nbytes), 0), _shifted(random_bytes(rng, staging.nbytes), 0)
     expected = dst.copy()
     reference.copy_kv(src, expected, plan)
-    assert _run(emulator, plan, src, dst, max_ctas=5) == 16
+    assert _run(emulator, plan, src, dst, max_ctas=5).vector_bytes == 16
     np.testing.assert_array_equal(dst, expected)
