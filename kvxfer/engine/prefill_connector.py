@@ -155,14 +155,17 @@ class PrefillConnector(Connector):
             state["feeder"].finish(self.timeout)
             error = state["feeder"].error
         else:
-            handle = pipe.push(result.block_ids[start // size:], wanted.block_ids, num_tokens=num_tokens,
-                               timeout=self.timeout)
+            try:
+                handle = pipe.push(result.block_ids[start // size:], wanted.block_ids, num_tokens=num_tokens,
+                                   timeout=self.timeout)
+            except KvxferError as failure:
+                handle, error = None, failure
         try:
-            if error is None:
+            if handle is not None and error is None:
                 handle.wait(self.timeout)
         except KvxferError as failure:
             error = failure
-        if error is not None:
+        if handle is not None and error is not None:
             handle.cancel()
             error = handle.error or error  # the transfer's own failure says more than "already failed"
         finished = time.perf_counter()

@@ -166,7 +166,8 @@ class Side:
     def __init__(self, role: str, world: int, tmp: Path, devices: list[int] | None = None,
                  environ: dict[str, str] | None = None) -> None:
         context = multiprocessing.get_context("spawn")
-        env = {"UCX_MEM_MMAP_HOOK_MODE": "none"} if devices is None else {}
+        # Host memory needs no UCX mmap hooks (faster start); NCCL must never use NVLink multicast (NVLS).
+        env = {"UCX_MEM_MMAP_HOOK_MODE": "none"} if devices is None else {"NCCL_NVLS_ENABLE": "0"}
         env.update(environ or {})
         self.role, self.connections, self.processes = role, [], []
         for rank in range(world):

@@ -83,3 +83,28 @@ def test_disaggregated_equals_aggregated(cluster: Any, reference: dict, p_tp: in
         assert drain["drained"] and drain["free"] == drain["total"] and not drain["held"]  # no prefill leak
         assert drain["expired"] == 0 and drain["released"] >= len(PROMPTS)
         assert drain["computed"] == total_prompt - sum(expected_hits)  # prefix hits were not recomputed
+
+
+@pytest.mark.parametrize("p_tp, d_tp", [(2, 1), (1, 2)])
+def test_streamed_push_equals_aggregated(cluster: Any, reference: dict, p_tp: int, d_tp: int) -> None:
+    prefill, decode = cluster
+    options = {"name": f"push{p_tp}x{d_tp}", "backend": "ucx", "prefill_tp": p_tp, "decode_tp": d_tp,
+               "prefill_cache": dict(num_blocks=48, block_size=16), "decode_cache": dict(num_blocks=96, block_size=8)}
+    p_infos = prefill.call("setup", options)[:p_tp]
+    d_infos = decode.call("setup", options)[:d_tp]
+    try:
+        prefill.call("connect", d_infos)
+        decode.call("connect", p_infos)
+        wanted = decode.call("reserve_push", [request_to_wire(r) for r in requests()])[:d_tp]
+        assert all(rank == wanted[0] for rank in wanted)  # every decode rank reserved the same blocks
+        results = prefill.call("prefill", [], wanted[0])[:p_tp]
+        reports = decode.call("finish_push")[:d_tp]
+        drains = prefill.call("drain", 30.0)[:p_tp]
+    finally:
+        prefill.call("teardown")
+        decode.call("teardown")
+    assert all(ok for rank in results for _, ok, _, _ in rank), results
+    for report in reports:
+        assert report["tokens"] == reference and report["free"] == report["total"] and not report["pending"]
+    for drain in drains:
+        assert drain["drained"] and drain["free"] == drain["total"] and drain["released"] == 0
