@@ -35,7 +35,7 @@ import numpy as np
 from .. import kernels
 from ..errors import BackendUnavailableError
 from ..kernels import _cuda
-from ..kernels.launch import DEFAULT_TUNING, KernelTuning
+from ..kernels.launch import DEFAULT_TUNING, RUN_TUNING, KernelTuning
 from ..spec import KVCacheSpec
 from .report import print_table, write_json
 
@@ -43,16 +43,20 @@ from .report import print_table, write_json
 BLOCK_SIZE_OF_FRAGMENT = {4: 2, 32: 16, 2048: 1024}
 #: Tunings timed beside the default (label -> tuning), and the operations each is timed on.
 VARIANTS = {
+    "per-box grid": KernelTuning(),
     "1 wave": KernelTuning(waves=1.0),
+    "run: 128 x unroll 8": KernelTuning(threads=128, unroll=8),
+    "run: 512 threads": KernelTuning(threads=512),
     "threads 128": KernelTuning(threads=128),
     "unroll 8": KernelTuning(unroll=8),
     "unroll 2": KernelTuning(unroll=2),
     "no run entry": KernelTuning(runs=False),
     "cs hints": KernelTuning(streaming=True),
 }
-VARIANT_OPS = {"gather": ("1 wave", "threads 128", "unroll 8", "unroll 2", "cs hints"),
-               "NHD->HND": ("1 wave", "threads 128", "unroll 8", "cs hints"),
-               "tp split 1->2": ("no run entry", "1 wave", "threads 128", "unroll 8", "cs hints")}
+VARIANT_OPS = {"gather": ("per-box grid", "threads 128", "unroll 8"),
+               "NHD->HND": ("per-box grid", "threads 128"),
+               "tp split 1->2": ("no run entry", "run: 128 x unroll 8", "run: 512 threads", "unroll 8"),
+               "tp merge 2->1": ("run: 128 x unroll 8", "unroll 8")}
 QUICK_VARIANT_OPS = {"gather": ("1 wave",), "tp split 1->2": ("no run entry",)}
 COLUMNS = ("op", "fragment_kib", "variant", "entry", "gbps", "ceiling_gbps", "ratio", "target", "host_us", "late")
 _HELPERS = r"""
@@ -191,15 +195,15 @@ class _Bench:
 
     def rows(self, variant_ops: dict[str, Sequence[str]]) -> list[dict[str, Any]]:
         operations = self.operations()
-        out = [self._row(name, calls, DEFAULT_TUNING, "default") for name, calls in operations.items()]
+        out = [self._row(name, calls, None, "default") for name, calls in operations.items()]
         for name, labels in variant_ops.items():
             out += [self._row(name, operations[name], VARIANTS[label], label) for label in labels]
         fresh = [(s, d, kernels.plan_kv_copy(p.src_spec, p.dst_spec, p.src_block_ids, p.dst_block_ids,
                                              num_tokens=p.num_tokens)) for s, d, p in operations["gather"]]
-        out.append(self._row("gather", fresh, DEFAULT_TUNING, "upload/call"))
+        out.append(self._row("gather", fresh, None, "upload/call"))
         return out
 
-    def _row(self, name: str, calls: list[tuple[str, str, Any]], tuning: KernelTuning, label: str) -> dict:
+    def _row(self, name: str, calls: list[tuple[str, str, Any]], tuning: KernelTuning | None, label: str) -> dict:
         memory, stream = self.memory, self.timer.stream
         pointers = [(memory[s].data.ptr, memory[s].nbytes, memory[d].data.ptr, memory[d].nbytes, plan)
                     for s, d, plan in calls]
@@ -272,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                "rows": rows, "summary": verdicts, "seconds": time.perf_counter() - started})
     print_table("KV copy kernels vs device memcpy of the same bytes (GB/s = read + write, GPU time only)", rows,
                 COLUMNS)
-    print_table(f"Per variant (default = {DEFAULT_TUNING})", verdicts)
+    print_table(f"Per variant (default = {DEFAULT_TUNING}, run entries {RUN_TUNING})", verdicts)
     return 0
 
 

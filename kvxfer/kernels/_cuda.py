@@ -18,7 +18,7 @@ from ..devices import cupy_module
 from ..errors import ConfigError
 from ..memory import MemoryKind, Region
 from .copy_plan import KVCopyPlan
-from .launch import DEFAULT_TUNING, KernelTuning, LaunchShape, launch_shape, vector_bytes
+from .launch import DEFAULT_TUNING, KernelTuning, LaunchShape, default_tuning, launch_shape, vector_bytes
 
 _SOURCE = Path(__file__).with_name("csrc") / "kv_copy.cu"
 
@@ -74,7 +74,7 @@ def cuda_region(array: Any, argument: str) -> Region:
 
 
 def copy_kv(src: Any, dst: Any, plan: KVCopyPlan, *, stream: Any = None,
-            tuning: KernelTuning = DEFAULT_TUNING) -> None:
+            tuning: KernelTuning | None = None) -> None:
     """Run ``plan`` from ``src`` to ``dst`` (cupy arrays or torch CUDA tensors on one device) on ``stream``."""
     source, target = cuda_region(src, "src"), cuda_region(dst, "dst")
     if source.device != target.device:
@@ -89,7 +89,7 @@ def copy_kv(src: Any, dst: Any, plan: KVCopyPlan, *, stream: Any = None,
 
 
 def copy_kv_pointers(src_ptr: int, src_nbytes: int, dst_ptr: int, dst_nbytes: int, plan: KVCopyPlan, *,
-                     device: int, stream: Any = None, tuning: KernelTuning = DEFAULT_TUNING) -> None:
+                     device: int, stream: Any = None, tuning: KernelTuning | None = None) -> None:
     """Run ``plan`` between raw device pointers, launching on ``device``.
 
     ``src_ptr``/``dst_ptr`` are region starts (``spec.offset`` counts from them) and may be IPC-mapped peer
@@ -97,6 +97,7 @@ def copy_kv_pointers(src_ptr: int, src_nbytes: int, dst_ptr: int, dst_nbytes: in
     ordered on ``stream``.
     """
     state = _plan_state(plan)
+    tuning = default_tuning(plan.tables.contiguous) if tuning is None else tuning
     if src_nbytes < state.needs[0] or dst_nbytes < state.needs[1]:
         plan.src_spec.check_fits(src_nbytes, argument="src")
         plan.dst_spec.check_fits(dst_nbytes, argument="dst")
@@ -135,8 +136,9 @@ def upload_plan(plan: KVCopyPlan, device: int) -> KVCopyPlan:
 
 
 def launch_of(plan: KVCopyPlan, src_ptr: int, dst_ptr: int, device: int,
-              tuning: KernelTuning = DEFAULT_TUNING) -> LaunchShape:
+              tuning: KernelTuning | None = None) -> LaunchShape:
     """The launch :func:`copy_kv_pointers` makes for these pointers (entry, grid, arguments)."""
+    tuning = default_tuning(plan.tables.contiguous) if tuning is None else tuning
     with cupy_module().cuda.Device(device):
         return _launch(_plan_state(plan), plan, int(src_ptr), int(dst_ptr), device, tuning)[1]
 

@@ -61,13 +61,22 @@ class KernelTuning:
                 f"-DKVXFER_STREAMING={int(self.streaming)}")
 
 
-#: What every call uses: a per-box grid (one thread group per box, no striding), 256 threads, 4 loads in flight,
-#: the run entry for contiguous boxes. Chosen from issue 3's H200 run, where the per-box grid led every other
-#: variant (0.81-0.83 of the copy ceiling against 0.70-0.79; that benchmark still counted host time). Expected with
-#: GPU-only timing (python -m kvxfer.bench.kernels): >= 0.92 of the memcpy ceiling at 32 KiB and 2 MiB fragments,
-#: >= 0.85 at 4 KiB. To switch, change the fields here (e.g. KernelTuning(waves=1.0) or KernelTuning(threads=128))
-#: to the variant the benchmark's per-variant summary shows ahead.
-DEFAULT_TUNING = KernelTuning()
+#: What calls use unless they pass a tuning, chosen per kernel entry from the H200 run of 2026-11-22
+#: (python -m kvxfer.bench.kernels, GPU-only timing, 2 GiB rows, ratio to a memcpy of the same bytes):
+#: - rows entries (boxes that need index math: gathers, scatters, NHD<->HND): one wave of resident CTAs striding
+#:   over boxes. Per-box grid gave 0.853-0.865 at 4 KiB and 0.906-0.931 at 32 KiB; one wave 0.915-0.934 and
+#:   0.925-0.940 (2 MiB: 0.931 either way).
+#: - run entries (boxes contiguous on both sides: TP split/merge of HND blocks): the per-box grid, 0.935-0.941 at
+#:   4 KiB, 0.908-0.911 at 32 KiB (one wave: 0.909 / 0.880; unroll 8: 0.918 / 0.916).
+DEFAULT_TUNING = KernelTuning(waves=1.0)
+RUN_TUNING = KernelTuning()
+
+
+def default_tuning(contiguous: bool) -> KernelTuning:
+    """The tuning a launch uses when none is given: RUN_TUNING for run-entry plans, else DEFAULT_TUNING."""
+    return RUN_TUNING if contiguous else DEFAULT_TUNING
+
+
 #: Kept for callers of the old module constant: threads per CTA of the default tuning.
 THREADS_PER_CTA = DEFAULT_TUNING.threads
 

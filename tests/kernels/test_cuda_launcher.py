@@ -16,7 +16,7 @@ import pytest
 import kvxfer.kernels as kernels
 from kvxfer.errors import ConfigError
 from kvxfer.kernels import _cuda, reference
-from kvxfer.kernels.launch import DEFAULT_TUNING, KernelTuning
+from kvxfer.kernels.launch import DEFAULT_TUNING, KernelTuning, default_tuning
 from kvxfer.spec import KVCacheSpec
 from tests.kernels import emulator as emulation
 from tests.kernels.cases import random_bytes, random_case, random_spec
@@ -174,14 +174,20 @@ def test_streams_per_box_grid_and_grid_cap(fake_cupy: FakeCupy) -> None:
     # tables uploaded per call come from the launch stream's pool (reused in that stream's order)
     assert [table.stream for table in fake_cupy.tables] == [1234, 99, 77, 0]
     plan = kernels.plan_kv_copy(spec, staging, np.arange(64)[::-1], [0])
-    assert DEFAULT_TUNING.waves is None  # per-box grid: 32 KiB boxes, one CTA of 256 threads each
-    assert all(launch[0] == 16 and launch[1] == plan.tables.num_boxes for launch in fake_cupy.launches)
+    one_wave = 2 * min(65536 // (40 * 32 * 8), 2048 // 256)  # resident CTAs of the fake 2-SM device
+    chosen = default_tuning(plan.tables.contiguous)  # calls without a tuning take the per-entry default
+    assert all(launch[0] == 16 and launch[1] == (plan.tables.num_boxes if chosen.waves is None else one_wave)
+               for launch in fake_cupy.launches)
     expected = np.zeros(staging.nbytes, dtype=np.uint8)
     reference.copy_kv(cache.host, expected, plan)
     np.testing.assert_array_equal(out.host, expected)
     out.host[:] = 0
+    _cuda.copy_kv(cache, out, plan, tuning=KernelTuning())  # per-box grid: 32 KiB boxes, one CTA of 256 each
+    assert fake_cupy.launches[-1][1] == plan.tables.num_boxes
+    np.testing.assert_array_equal(out.host, expected)
+    out.host[:] = 0
     _cuda.copy_kv(cache, out, plan, tuning=KernelTuning(waves=1.0))
-    assert fake_cupy.launches[-1][1] == 2 * min(65536 // (40 * 32 * 8), 2048 // 256)  # one wave of resident CTAs
+    assert fake_cupy.launches[-1][1] == one_wave
     np.testing.assert_array_equal(out.host, expected)
     with pytest.raises(ConfigError, match="stream"):
         kernels.gather_blocks(cache, spec, [0], out, stream="s")
