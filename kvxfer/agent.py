@@ -327,7 +327,7 @@ class Agent:
         if self._closed:
             return
         give_up = time.monotonic() + self.timeouts.close
-        pending = [h for h in self._active if not h.poll().final]
+        pending = [h for h in list(self._active) if not h.poll().final]  # poll() may shrink the set
         if pending:
             warnings.warn(f"Agent {self.name!r} closed with {len(pending)} transfer(s) never waited or released",
                           ResourceWarning, stacklevel=2)

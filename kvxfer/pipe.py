@@ -24,7 +24,7 @@ from .agent import Agent
 from .backends.base import Backend
 from .checksum import Checksums
 from .descs import Descs
-from .errors import ConfigError, DescriptorError, RegistrationError
+from .errors import ConfigError, DescriptorError, RegistrationError, UsageError
 from .lease import Leases
 from .memory import MemoryKind, Region, RemoteRegion
 from .peer import Peer
@@ -73,6 +73,9 @@ class KVPipe:
         self.device = self.region.device if self.region.kind is MemoryKind.CUDA else -1
         self.routes = [self._route(head, agent.peer(peers[head.remote]), specs[head.remote], remote_region, strategy)
                        for head in route_heads(local_spec, specs)]
+        # A push must fill every replica of a replicated head; a pull reads one of them.
+        self.write_routes = [self._route(head, agent.peer(peers[head.remote]), specs[head.remote], remote_region,
+                                         strategy) for head in route_heads(local_spec, specs, every_replica=True)]
         self._work = PipeWork(agent, self.region, self.device, local_spec)
         for route in self.routes:
             logger.info("pipe %s <- %s heads %s: %s (%s)", agent.name, route.peer.name, route.heads.global_heads,
@@ -141,25 +144,26 @@ class KVPipe:
         layer_ids = as_index_array(selection_ids(layers, self.spec.num_layers), "layers", self.spec.num_layers)
         if len(np.unique(layer_ids)) != len(layer_ids):
             raise DescriptorError("layers must not repeat")
+        routes = self.routes if op == "read" else self.write_routes
         tokens = [self._tokens(local_ids, as_index_array(remote_ids, "remote_block_ids", r.spec.num_blocks), r,
-                               num_tokens) for r in self.routes]
-        remote = as_index_array(remote_ids, "remote_block_ids", min(r.spec.num_blocks for r in self.routes))
+                               num_tokens) for r in routes]
+        remote = as_index_array(remote_ids, "remote_block_ids", min(r.spec.num_blocks for r in routes))
         if op == "read" and len(np.unique(local_ids)) != len(local_ids):
             raise DescriptorError("local_block_ids must not repeat (they are written)")
         if op == "write" and len(np.unique(remote)) != len(remote):
             raise DescriptorError("remote_block_ids must not repeat (they are written)")
-        nbytes = sum(self._route_nbytes(r, t, len(layer_ids)) for r, t in zip(self.routes, tokens))
+        nbytes = sum(self._route_nbytes(r, t, len(layer_ids)) for r, t in zip(routes, tokens))
         limit = self.agent.timeouts.transfer if timeout is None else timeout
-        request = _Request(op, local_ids, remote, tokens, notify, layer_ids, _decode_expected(expected), lease)
+        request = _Request(op, local_ids, remote, tokens, notify, layer_ids, routes, _decode_expected(expected), lease)
         if stream_layers:
             if op != "write":
                 raise ConfigError("stream_layers applies to push (the side that computes the layers)")
             handle: PipeHandle = StreamingPush(self, request, layer_ids, time.monotonic() + limit, limit, nbytes)
         else:
-            steps = [s for route, t in zip(self.routes, tokens)
+            steps = [s for route, t in zip(routes, tokens)
                      for s in self._work.steps(op, route, request.local, request.remote, t, layer_ids)]
             if lease is not None:
-                steps.append(Leases.of(self.agent).hold(lease, self._peer_names(), renew_every))
+                steps.append(Leases.of(self.agent).hold(lease, _peer_names(routes), renew_every))
             handle = PipeHandle(steps, time.monotonic() + limit, limit, self.strategy, nbytes,
                                 on_done=lambda: self._finish(request), on_final=lambda h: self._final(request, h))
         self._work.watch(handle)
@@ -178,11 +182,8 @@ class KVPipe:
         per_token = route.heads.num_heads * self.spec.head_dim * self.spec.itemsize * self.spec.num_kv_parts
         return per_token * tokens * layers
 
-    def _peer_names(self) -> list[str]:
-        return list(dict.fromkeys(r.peer.name for r in self.routes))
-
     def _finish(self, request: "_Request") -> None:
-        for route, tokens in zip(self.routes, request.tokens):
+        for route, tokens in zip(request.routes, request.tokens):
             wanted = (request.expected or {}).get(route.peer.name)
             if wanted is not None:
                 actual = checksum.compute(self.region, self.spec, request.local, num_tokens=tokens,
@@ -190,7 +191,7 @@ class KVPipe:
                                           layers=request.layers)
                 checksum.verify(wanted, actual, route.peer.name)
         if request.notify is not None:
-            for name in self._peer_names():
+            for name in _peer_names(request.routes):
                 self.agent.notify(name, request.notify)
 
     def _final(self, request: "_Request", handle: PipeHandle) -> None:
@@ -216,8 +217,13 @@ class _Request:
     tokens: list[int]
     notify: bytes | None
     layers: np.ndarray
+    routes: list[Route]
     expected: dict[str, Checksums] | None = None
     lease: bytes | None = None
+
+
+def _peer_names(routes: list[Route]) -> list[str]:
+    return list(dict.fromkeys(r.peer.name for r in routes))
 
 
 def _decode_expected(expected: dict | None) -> dict[str, Checksums] | None:
@@ -244,11 +250,18 @@ class StreamingPush(PipeHandle):
         fresh = [int(x) for x in chosen if int(x) in self._pending_layers]
         if len(fresh) != len(chosen):
             raise DescriptorError(f"layers {sorted(set(chosen.tolist()) - set(fresh))} are not awaited by this push")
+        if self.poll().final:  # a failed or cancelled push posts nothing more
+            raise UsageError(f"this push is already {self.state.value}")
         ids = np.asarray(fresh, dtype=np.int64)
-        steps = [s for route, tokens in zip(self._pipe.routes, self._request.tokens)
+        steps = [s for route, tokens in zip(self._request.routes, self._request.tokens)
                  for s in self._pipe._work.steps("write", route, self._request.local, self._request.remote, tokens,
                                                  ids)]
-        self.add(steps)
+        try:
+            self.add(steps)
+        except UsageError:  # it ended while the steps were being posted: stop them, they must not land
+            for step in steps:
+                step.cancel()
+            raise
         self._pending_layers.difference_update(fresh)
 
 

@@ -43,11 +43,11 @@ def check_compatible(local: KVCacheSpec, remote: KVCacheSpec) -> None:
                                   f"{remote.tp_size}")
 
 
-def route_heads(local: KVCacheSpec, remotes: Sequence[KVCacheSpec]) -> list[HeadRoute]:
+def route_heads(local: KVCacheSpec, remotes: Sequence[KVCacheSpec], every_replica: bool = False) -> list[HeadRoute]:
     """The routes that fill (or drain) every head of the local rank from the given remote ranks.
 
-    Where several remote ranks hold the same heads (replication), the local rank picks one of them by its own rank,
-    so the readers of a replicated head spread over its replicas.
+    Where several remote ranks hold the same heads (replication), a reader picks one of them by its own rank, so
+    the readers of a replicated head spread over its replicas; a writer (``every_replica``) must fill them all.
     """
     for remote in remotes:
         check_compatible(local, remote)
@@ -60,8 +60,8 @@ def route_heads(local: KVCacheSpec, remotes: Sequence[KVCacheSpec]) -> list[Head
         low, high = max(g0, q0), min(g1, q1)
         if low >= high:
             continue
-        chosen = candidates[local.tp_rank % len(candidates)]
-        routes.append(HeadRoute(chosen, (low, high), (low - g0, high - g0), (low - q0, high - q0)))
+        chosen = candidates if every_replica else [candidates[local.tp_rank % len(candidates)]]
+        routes += [HeadRoute(index, (low, high), (low - g0, high - g0), (low - q0, high - q0)) for index in chosen]
         covered += high - low
     if covered != g1 - g0:
         have = sorted(holders)

@@ -202,3 +202,18 @@ def test_incompatible_specs_are_refused_before_any_byte_moves(change, match):
         assert (cluster.d_caches[0] == -7).all()
     finally:
         cluster.close()
+
+
+def test_push_fills_every_replica_of_a_replicated_head():
+    cluster = Cluster(1, 4, heads=2, p_block=16, d_block=16, p_layout="HND", d_layout="NHD", tokens=30)
+    try:
+        agent, spec = cluster.prefill[0], cluster.p_specs[0]
+        peers = [agent.connect(d.metadata()) for d in cluster.decode]
+        pipe = KVPipe(agent, spec, peers, cluster.d_specs)
+        assert len(pipe.routes) == 2 and len(pipe.write_routes) == 4  # each head: read one replica, write both
+        pipe.push(cluster.p_ids, cluster.d_ids, num_tokens=30).wait(timeout=10)
+        for rank in range(4):
+            np.testing.assert_array_equal(cluster.d_caches[rank], cluster.expected(rank))
+        pipe.close()
+    finally:
+        cluster.close()

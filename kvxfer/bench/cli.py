@@ -43,7 +43,7 @@ def _kv(args: argparse.Namespace) -> int:
                      d_block_size=args.d_block_size, layout=args.layout, d_layout=args.d_layout, p_tp=args.p_tp,
                      d_tp=args.d_tp, backend=args.backend, p_gpu=args.p_gpu, d_gpu=args.d_gpu,
                      only_rank=args.only_rank, dims=dims)
-    _emit(args, {f"KV request through KVPipe ({args.backend})": kv.run(setup, repeats=args.repeats)})
+    _emit(args, {f"KV request through KVPipe ({args.backend})": kv.run(setup, repeats=args.repeats, profile=args.profile)})
     return 0
 
 
@@ -96,6 +96,7 @@ def parser() -> argparse.ArgumentParser:
     kv.add_argument("--p-gpu", type=int, default=0)
     kv.add_argument("--d-gpu", type=int, default=1)
     kv.add_argument("--repeats", type=int, default=20)
+    kv.add_argument("--profile", action="store_true", help="print where decode rank 0's host time went")
     kv.set_defaults(run=_kv)
     for name, sub in subcommands.choices.items():
         if name not in ("target", "plot", "kernels"):

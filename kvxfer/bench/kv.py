@@ -77,13 +77,69 @@ def _prefill_rank(conn: Any, setup: Setup, rank: int) -> None:
         conn.recv()
 
 
-def run(setup: Setup, repeats: int = 20) -> list[dict[str, Any]]:
-    """Median ms and GB/s of the request and of the contiguous ceiling, per decode-rank set."""
-    from ..pipe import KVPipe
+class _Rank:
+    """One decode rank: its agent, cache and pipe to every prefill rank."""
 
-    backend = "ucx" if setup.backend == "ucx-host" else setup.backend
+    def __init__(self, setup: Setup, rank: int, metas: list[bytes]) -> None:
+        from ..pipe import KVPipe
+
+        backend = "ucx" if setup.backend == "ucx-host" else setup.backend
+        self.agent = Agent(f"decode-{rank}", backends=[backend])
+        spec = setup.spec("d", rank)
+        self.agent.register(_allocate(spec, setup.d_gpu if setup.on_gpu else None, False), name="kv")
+        peers = [self.agent.connect(meta) for meta in metas]
+        self.pipe = KVPipe(self.agent, spec, peers, [setup.spec("p", r) for r in range(setup.p_tp)])
+
+    def pull(self, d_ids: np.ndarray, p_ids: np.ndarray, tokens: int) -> tuple[float, int]:
+        """Pull one request; (seconds until pull() returned, bytes)."""
+        start = time.perf_counter()
+        handle = self.pipe.pull(d_ids, p_ids, num_tokens=tokens)
+        posted = time.perf_counter() - start
+        handle.wait(timeout=120)
+        return posted, handle.nbytes
+
+    def close(self) -> None:
+        self.pipe.close()
+        self.agent.close()
+
+
+def _decode_rank(conn: Any, setup: Setup, rank: int, metas: list[bytes], ids: tuple, profile: bool) -> None:
+    """A decode rank in its own process: pull at each start time the parent sends, report when it ended."""
+    import cProfile
+    import io
+    import pstats
+
+    decode = _Rank(setup, rank, metas)
+    profiler = cProfile.Profile() if profile else None
+    try:
+        while True:
+            command = conn.recv()
+            if command[0] == "exit":
+                break
+            if command[0] == "ceiling":
+                conn.send(_contiguous(decode.agent, decode.agent.peer("prefill-0"), command[1], command[2]))
+                continue
+            while time.monotonic() < command[1]:  # start together with the other ranks
+                pass
+            if profiler is not None:
+                profiler.enable()
+            posted, nbytes = decode.pull(ids[1], ids[0], setup.tokens)
+            if profiler is not None:
+                profiler.disable()
+            conn.send((time.monotonic(), posted, nbytes, decode.pipe.strategy))
+        if profiler is not None:
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+            conn.send(text.getvalue())
+    finally:
+        decode.close()
+
+
+def run(setup: Setup, repeats: int = 20, profile: bool = False) -> list[dict[str, Any]]:
+    """Median ms and GB/s of one request (all decode ranks, each in its own process, starting together) and of the
+    contiguous ceiling. With ``profile``, decode rank 0 prints where its host time went."""
     in_process = setup.backend == "local"
-    context, children, metas, local_prefill = multiprocessing.get_context("spawn"), [], [], []
+    context, prefill, metas, local_prefill = multiprocessing.get_context("spawn"), [], [], []
     for rank in range(setup.p_tp):
         if in_process:
             agent = Agent(f"prefill-{rank}", backends=["local"])
@@ -94,42 +150,66 @@ def run(setup: Setup, repeats: int = 20) -> list[dict[str, Any]]:
         conn, child = context.Pipe()
         process = context.Process(target=_prefill_rank, args=(child, setup, rank), daemon=True)
         process.start()
-        children.append((conn, process))
-    metas += [conn.recv() for conn, _ in children]
-    ranks = range(setup.d_tp) if setup.only_rank is None else [setup.only_rank]
-    decode, pipes = [], []
+        prefill.append((conn, process))
+    metas += [conn.recv() for conn, _ in prefill]
     rng = np.random.default_rng(1)
     p_spec0, d_spec0 = setup.spec("p", 0), setup.spec("d", 0)
-    p_ids = rng.permutation(p_spec0.num_blocks)[:-(-setup.tokens // p_spec0.block_size)]
-    d_ids = rng.permutation(d_spec0.num_blocks)[:-(-setup.tokens // d_spec0.block_size)]
+    ids = (rng.permutation(p_spec0.num_blocks)[:-(-setup.tokens // p_spec0.block_size)],
+           rng.permutation(d_spec0.num_blocks)[:-(-setup.tokens // d_spec0.block_size)])
+    ranks = list(range(setup.d_tp)) if setup.only_rank is None else [setup.only_rank]
+    decode: list[Any] = []
     try:
-        for rank in ranks:
-            agent = Agent(f"decode-{rank}", backends=[backend])
-            decode.append(agent)
-            agent.register(_allocate(setup.spec("d", rank), setup.d_gpu if setup.on_gpu else None, False), name="kv")
-            peers = [agent.connect(meta) for meta in metas]
-            pipes.append(KVPipe(agent, setup.spec("d", rank), peers, [setup.spec("p", r) for r in range(setup.p_tp)]))
-        seconds = []
-        for _ in range(repeats + 2):
-            start = time.perf_counter()
-            handles = [pipe.pull(d_ids, p_ids, num_tokens=setup.tokens) for pipe in pipes]
-            for handle in handles:
-                handle.wait(timeout=120)
-            seconds.append(time.perf_counter() - start)
-        nbytes = sum(handle.nbytes for handle in handles)
-        request = float(np.median(seconds[2:]))
-        ceiling = _contiguous(decode[0], decode[0].peer("prefill-0"), nbytes, repeats)
+        if in_process:
+            local = [_Rank(setup, rank, metas) for rank in ranks]
+            decode = local
+            samples = []
+            for _ in range(repeats + 2):
+                start = time.monotonic()
+                results = [rank.pull(ids[1], ids[0], setup.tokens) for rank in local]
+                samples.append((time.monotonic() - start, max(r[0] for r in results), sum(r[1] for r in results)))
+            strategy = local[0].pipe.strategy
+            nbytes = samples[-1][2]
+            ceiling = _contiguous(local[0].agent, local[0].agent.peer("prefill-0"), nbytes, repeats)
+            report = ""
+        else:
+            for rank in ranks:
+                conn, child = context.Pipe()
+                process = context.Process(target=_decode_rank, daemon=True,
+                                          args=(child, setup, rank, metas, ids, profile and rank == ranks[0]))
+                process.start()
+                decode.append((conn, process))
+            samples = []
+            for _ in range(repeats + 2):
+                start = time.monotonic() + 0.01
+                for conn, _ in decode:
+                    conn.send(("go", start))
+                answers = [conn.recv() for conn, _ in decode]
+                samples.append((max(a[0] for a in answers) - start, max(a[1] for a in answers),
+                                sum(a[2] for a in answers)))
+            strategy, nbytes = answers[0][3], samples[-1][2]
+            decode[0][0].send(("ceiling", nbytes, repeats))
+            ceiling = decode[0][0].recv()
+            for conn, _ in decode:
+                conn.send(("exit",))
+            report = decode[0][0].recv() if profile else ""
+        request = float(np.median([s[0] for s in samples[2:]]))
+        if report:
+            print(report)
         return [{"model": setup.model, "tokens": setup.tokens, "p_tp": setup.p_tp, "d_tp": setup.d_tp,
-                 "ranks": len(pipes), "blocks": f"{p_spec0.block_size}->{d_spec0.block_size}",
-                 "layout": f"{p_spec0.layout.value}->{d_spec0.layout.value}", "strategy": pipes[0].strategy,
-                 "MiB": nbytes / 2**20, "ms": request * 1e3, "GB/s": nbytes / request / 1e9,
+                 "ranks": len(ranks), "blocks": f"{p_spec0.block_size}->{d_spec0.block_size}",
+                 "layout": f"{p_spec0.layout.value}->{d_spec0.layout.value}", "strategy": strategy,
+                 "MiB": nbytes / 2**20, "ms": request * 1e3,
+                 "post_ms": float(np.median([s[1] for s in samples[2:]])) * 1e3, "GB/s": nbytes / request / 1e9,
                  "ceiling_GB/s": nbytes / ceiling / 1e9, "ratio": ceiling / request}]
     finally:
-        for pipe in pipes:
-            pipe.close()
-        for agent in decode + local_prefill:
+        for item in decode:
+            if isinstance(item, _Rank):
+                item.close()
+            else:
+                item[1].join(30)
+        for agent in local_prefill:
             agent.close()
-        for conn, process in children:
+        for conn, process in prefill:
             conn.send("exit")
             process.join(30)
 
