@@ -2,8 +2,10 @@
 
 Sender (prefill): ``Leases.of(agent).grant(key, peer, block_ids, ttl, on_end)``; ``on_end(lease, reason)`` runs once,
 with reason "released" or "expired" (free the blocks there). Receiver (decode): a KVPipe pull with ``lease=key``
-renews every ``renew_every`` seconds while the transfer runs and releases at the end; if the sender reports the
-lease expired, the receiver's transfer fails. Messages are notifications prefixed ``b"kvx:lease:"``.
+renews every ``renew_every`` seconds while the transfer runs and releases at the end. The sender answers every
+renewal ("ack", or "expired" for a lease it no longer holds); the pull finishes only after every sender acked
+once, and fails as soon as one reports the lease expired. Both sides must be connected to each other.
+Messages are notifications prefixed ``b"kvx:lease:"``.
 """
 
 from __future__ import annotations
@@ -45,16 +47,18 @@ class LeaseLostError(TransferError):
 
 
 class ExpiryStep(Step):
-    """A pipe step that fails as soon as the sender reports the request's lease expired."""
+    """A pipe step that is done once every sender acknowledged a renewal (so the lease was alive while the data
+    moved) and fails as soon as a sender reports the lease expired or unknown."""
 
-    def __init__(self) -> None:
+    def __init__(self, peers: list[str]) -> None:
         self.expired = False
+        self.waiting = set(peers)
 
     def poll(self) -> TransferState:
         if self.expired:
             self.error = LeaseLostError("the sender's lease on these blocks expired before the transfer finished")
             return TransferState.FAILED
-        return TransferState.DONE
+        return TransferState.PENDING if self.waiting else TransferState.DONE
 
 
 class Leases:
@@ -115,7 +119,7 @@ class Leases:
     def hold(self, key: bytes, peers: list[str], renew_every: float) -> ExpiryStep:
         """Renew ``key`` with ``peers`` every ``renew_every`` seconds until :meth:`drop`; the returned step fails
         if a sender reports the lease expired."""
-        step = ExpiryStep()
+        step = ExpiryStep(peers)
         with self._lock:
             self._held[key] = (peers, renew_every, step)
         for peer in peers:
@@ -149,6 +153,14 @@ class Leases:
                 lease = self._granted.get(key)
                 if lease is not None:
                     lease.expires_at = time.monotonic() + lease.ttl
+            # Answer every renewal: "ack" proves the blocks were still held when it arrived; a late receiver
+            # (the lease already expired, its blocks maybe reused) learns it must not trust what it read.
+            self._send(note.peer_name, "ack" if lease is not None else "expired", key)
+        elif verb == "ack":
+            with self._lock:
+                held = self._held.get(key)
+            if held is not None:
+                held[2].waiting.discard(note.peer_name)
         elif verb == "release":
             self._end(key, "released")
         elif verb == "expired":

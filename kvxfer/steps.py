@@ -214,15 +214,18 @@ class PipeHandle:
             now = time.monotonic()
             if now >= give_up:
                 raise TransferTimeoutError(f"wait timed out after {limit} s; the transfer is still in flight", self)
-            with self._lock:
-                busy = [step for step, state in zip(self._steps, self._last_states) if state is not TransferState.DONE]
-            # Block on one unfinished step (each knows how to sleep until it progresses); cap the nap so the
-            # deadline and the other steps are looked at again soon.
-            (busy[0] if busy else Step()).block(min(give_up - now, 5e-3))
+            self.block(min(give_up - now, 5e-3))
         if self._state is TransferState.DONE:
             return self
         assert self._error is not None
         raise self._error
+
+    def block(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for an unfinished step to progress (each step knows how to sleep until it does);
+        :meth:`poll` afterwards says where the request stands."""
+        with self._lock:
+            busy = [step for step, state in zip(self._steps, self._last_states) if state is not TransferState.DONE]
+        (busy[0] if busy else Step()).block(seconds)
 
     def cancel(self) -> None:
         """Cancel every step; no byte lands after this returns (on backends that guarantee it)."""

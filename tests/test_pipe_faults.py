@@ -92,3 +92,16 @@ def test_checksums_round_trip_and_reject_garbage():
     assert np.array_equal(decoded.values, values) and decoded.first_head == 4 and decoded.num_tokens == 40
     with pytest.raises(kvxfer.HandshakeError):
         Checksums.decode(b"\x00garbage")
+
+
+def test_pull_after_the_lease_expired_is_refused():
+    prefill, decode, source, target, peer, _ = pair()
+    ended = []
+    with prefill, decode:
+        Leases.of(prefill).grant(b"late", "d", [1, 2], ttl=0.05, on_end=lambda lease, why: ended.append(why))
+        time.sleep(0.3)
+        assert ended == ["expired"]
+        pipe = KVPipe(decode, SPEC, peer, SPEC, strategy="direct")
+        with pytest.raises(LeaseLostError):
+            pipe.pull([4, 5], [1, 2], lease=b"late").wait(timeout=10)
+        pipe.close()

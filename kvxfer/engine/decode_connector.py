@@ -174,8 +174,18 @@ class DecodeConnector(Connector):
                 for request_id in wanted & set(self._pending):
                     self._fail(self._pending[request_id], "timed out waiting for the transfer")
             elif not admissions:
-                time.sleep(2e-4)
+                self._block(deadline)
         return resolved
+
+    def _block(self, deadline: float) -> None:
+        """Sleep until a pending pull may have progressed (its handle blocks on the copy), at most 1 ms."""
+        handle = next((p.handle for p in self._pending.values() if p.handle is not None and not p.handle.state.final),
+                      None)
+        seconds = max(min(deadline - time.monotonic(), 1e-3), 0.0)
+        if handle is None:
+            time.sleep(min(seconds, 2e-4))
+        else:
+            handle.block(seconds)
 
     def _poll(self, give_up: bool) -> tuple[list[Admission], bool]:
         items = list(self._pending.values())
