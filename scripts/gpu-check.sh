@@ -25,9 +25,10 @@ for stage in $stages; do
     info) run info 60 bash -c 'nvidia-smi -L; nvidia-smi topo -m; python3 -c "import sys,cupy,torch,numpy; print(sys.version.split()[0], \"cupy\", cupy.__version__, \"torch\", torch.__version__, \"numpy\", numpy.__version__, \"gpus\", cupy.cuda.runtime.getDeviceCount())"' ;;
     tests) run tests 420 python3 -m pytest -q -m "gpu or multi_gpu" -p no:cacheprovider --timeout 300 tests ;;
     kernels) run kernels 240 python3 -m kvxfer.bench.kernels --json "$out/kernels.json" ;;
-    ipc) run ipc 180 python3 -m kvxfer.bench.cli ipc --json "$out/ipc.json" ;;
+    ipc) run ipc 180 python3 -m kvxfer.bench.cli ipc --json "$out/ipc.json"
+         run ipc-16k 180 python3 -m kvxfer.bench.cli ipc --tokens 16384 --repeats 10 --json "$out/ipc_16k.json" ;;
     nixl) run nixl 180 python3 bench/nixl_gpu.py --json "$out/nixl_gpu.json" ;;
-    pipe) run pipe 120 python3 -m kvxfer.bench.cli kv --model llama-3.1-8b --tokens 4096 --block-size 16 --p-tp 1 --d-tp 2 --json "$out/kv.json"
+    pipe) run pipe 120 python3 -m kvxfer.bench.cli kv --model llama-3.1-8b --tokens 4096 --block-size 16 --p-tp 1 --d-tp 2 --profile --json "$out/kv.json"
           run pipe-retile 120 python3 -m kvxfer.bench.cli kv --model llama-3.1-8b --tokens 4096 --block-size 16 --d-block-size 32 --d-layout NHD --p-tp 2 --d-tp 1 --json "$out/kv_retile.json"
           run pipe-70b 180 python3 -m kvxfer.bench.cli kv --model llama-3.1-70b --tokens 4096 --block-size 16 --p-tp 8 --d-tp 8 --only-rank 0 --json "$out/kv_70b.json" ;;
     engine) run engine 240 python3 bench/engine_gpu.py --json "$out/engine.json" ;;
