@@ -4,7 +4,7 @@
 # Stages: info tests kernels ipc nixl pipe engine sweep ucx (default: all). Wheels come from .device/wheels.
 set -u
 cd "$(dirname "$0")/.."
-out=${OUT:-gpu-out}; mkdir -p "$out"
+final=${OUT:-gpu-out}; out=${TMPDIR:-/tmp}/kvxfer-gpu-out; rm -rf "$out"; mkdir -p "$out" "$final"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 site=${TMPDIR:-/tmp}/kvxfer-site
 if ls .device/wheels/*.whl >/dev/null 2>&1; then
@@ -38,4 +38,6 @@ for stage in $stages; do
   esac
 done
 for log in "$out"/*.log; do echo "===== $log (tail)"; tail -n 25 "$log"; done
+# Few files may come back from the device: everything travels as one archive beside the summary.
+tar -czf "$final/bundle.tgz" -C "$out" . && cp "$summary" "$final/summary.txt"
 echo "===== summary"; cat "$summary"
