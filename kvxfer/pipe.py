@@ -30,7 +30,7 @@ from .memory import MemoryKind, Region, RemoteRegion
 from .peer import Peer
 from .pipe_work import PipeWork
 from .ranks import HeadRoute, route_heads
-from .spec import KVCacheSpec, as_index_array, selection_ids
+from .spec import KVCacheSpec, as_index_array, has_repeats, selection_ids
 from .steps import PipeHandle
 
 logger = logging.getLogger("kvxfer")
@@ -142,15 +142,15 @@ class KVPipe:
             raise ConfigError(f"notify must be bytes or None, got {type(notify).__name__}")
         local_ids = as_index_array(local_ids, "local_block_ids", self.spec.num_blocks)
         layer_ids = as_index_array(selection_ids(layers, self.spec.num_layers), "layers", self.spec.num_layers)
-        if len(np.unique(layer_ids)) != len(layer_ids):
+        if has_repeats(layer_ids, self.spec.num_layers):
             raise DescriptorError("layers must not repeat")
         routes = self.routes if op == "read" else self.write_routes
         tokens = [self._tokens(local_ids, as_index_array(remote_ids, "remote_block_ids", r.spec.num_blocks), r,
                                num_tokens) for r in routes]
         remote = as_index_array(remote_ids, "remote_block_ids", min(r.spec.num_blocks for r in routes))
-        if op == "read" and len(np.unique(local_ids)) != len(local_ids):
+        if op == "read" and has_repeats(local_ids, self.spec.num_blocks):
             raise DescriptorError("local_block_ids must not repeat (they are written)")
-        if op == "write" and len(np.unique(remote)) != len(remote):
+        if op == "write" and has_repeats(remote, int(remote.max()) + 1 if remote.size else 0):
             raise DescriptorError("remote_block_ids must not repeat (they are written)")
         nbytes = sum(self._route_nbytes(r, t, len(layer_ids)) for r, t in zip(routes, tokens))
         limit = self.agent.timeouts.transfer if timeout is None else timeout

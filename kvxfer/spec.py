@@ -273,6 +273,12 @@ def selection_ids(selection: Any, count: int) -> Any:
     return selection
 
 
+def has_repeats(ids: np.ndarray, upper: int) -> bool:
+    """True if the int64[n] array ``ids`` (entries in ``[0, upper)``) holds a value twice (a counting pass,
+    cheaper than sorting for the short id lists of one request)."""
+    return bool(ids.size) and int(np.bincount(ids, minlength=upper).max()) > 1
+
+
 def as_index_array(values: Any, argument: str, upper: int) -> np.ndarray:
     """``values`` as an int64[n] host array with every entry in ``[0, upper)``; DescriptorError otherwise."""
     from .errors import DescriptorError
