@@ -7,6 +7,7 @@ int; by default the current stream of the arrays' library (torch's for torch ten
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import weakref
 from pathlib import Path
@@ -17,23 +18,20 @@ import numpy as np
 from ..devices import cupy_module
 from ..errors import ConfigError
 from ..memory import MemoryKind, Region
-from .copy_plan import KVCopyPlan
+from .copy_plan import KVCopyPlan, spec_nbytes
 from .launch import DEFAULT_TUNING, KernelTuning, LaunchShape, default_tuning, launch_shape, vector_bytes
+from .table_ring import table_ring as _table_ring
+from .tables import KernelTables
 
 _SOURCE = Path(__file__).with_name("csrc") / "kv_copy.cu"
 
 
-class _PlanState:
-    """What a plan keeps per process: tables uploaded per device, launch shapes per (device, vector, tuning)."""
-
-    def __init__(self, plan: KVCopyPlan) -> None:
-        self.needs = plan.src_spec.nbytes, plan.dst_spec.nbytes  # bytes each region must hold
-        self.empty = plan.nbytes == 0
-        self.tables: dict[int, Any] = {}
-        self.launches: dict[tuple[int, int, KernelTuning], tuple[Any, LaunchShape]] = {}
-
-
-_PLAN_STATE: "weakref.WeakKeyDictionary[KVCopyPlan, _PlanState]" = weakref.WeakKeyDictionary()
+#: Tables kept on a device by upload_plan, per plan (dropped with the plan).
+_UPLOADED: "weakref.WeakKeyDictionary[KVCopyPlan, dict[int, Any]]" = weakref.WeakKeyDictionary()
+#: (compiled entry, launch shape) per (tables' launch key, device, vector width, tuning): plans of one template
+#: share it. Cleared when full.
+_LAUNCHES: dict[tuple, tuple[Any, LaunchShape]] = {}
+_MAX_LAUNCHES = 1024
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,30 +92,29 @@ def copy_kv_pointers(src_ptr: int, src_nbytes: int, dst_ptr: int, dst_nbytes: in
 
     ``src_ptr``/``dst_ptr`` are region starts (``spec.offset`` counts from them) and may be IPC-mapped peer
     memory reachable from ``device``. ``tuning``: kernel knobs (benchmarks only). Does not synchronize; the copy is
-    ordered on ``stream``.
+    ordered on ``stream``. The table goes up with one async copy from a reused pinned buffer (see
+    :class:`~.table_ring.TableRing`), unless :func:`upload_plan` put it on ``device`` already.
     """
-    state = _plan_state(plan)
-    tuning = default_tuning(plan.tables.contiguous) if tuning is None else tuning
-    if src_nbytes < state.needs[0] or dst_nbytes < state.needs[1]:
+    tables = plan.tables
+    tuning = default_tuning(tables.contiguous) if tuning is None else tuning
+    if src_nbytes < spec_nbytes(plan.src_spec) or dst_nbytes < spec_nbytes(plan.dst_spec):
         plan.src_spec.check_fits(src_nbytes, argument="src")
         plan.dst_spec.check_fits(dst_nbytes, argument="dst")
-    if state.empty:
+    if tables.num_boxes == 0:  # nothing to move (no tokens, layers or parts)
         return
     cupy = cupy_module()
     src_ptr, dst_ptr = int(src_ptr), int(dst_ptr)
     with cupy.cuda.Device(device):
         launch_stream = _launch_stream(cupy, stream, device)
-        function, shape = _launch(state, plan, src_ptr, dst_ptr, device, tuning)
-        table = state.tables.get(device)
-        if table is None:  # not uploaded: upload now, on the launch stream so the pool reuses it in that order
-            cupy_stream = _cupy_stream(cupy, launch_stream, device)
-            with cupy_stream:
-                table = cupy.empty(plan.tables.table.shape, dtype=cupy.int64)
-                table.set(plan.tables.table, stream=cupy_stream)
-        tables = plan.tables
-        function((shape.num_ctas,), (shape.threads,),
-                 (np.uint64(src_ptr + tables.src_base), np.uint64(dst_ptr + tables.dst_base), table,
-                  *shape.scalars), stream=launch_stream)
+        function, shape = _launch(tables, src_ptr, dst_ptr, device, tuning)
+        pointers = np.uint64(src_ptr + tables.src_base), np.uint64(dst_ptr + tables.dst_base)
+        uploaded = _UPLOADED.get(plan) if len(_UPLOADED) else None
+        table = uploaded.get(device) if uploaded else None
+        if table is not None:
+            function((shape.num_ctas,), (shape.threads,), (*pointers, table, *shape.scalars), stream=launch_stream)
+        else:
+            _table_ring(device).launch(cupy, function, shape, pointers, tables.table, launch_stream,
+                                       lambda: _cupy_stream(cupy, launch_stream, device))
 
 
 def upload_plan(plan: KVCopyPlan, device: int) -> KVCopyPlan:
@@ -126,12 +123,12 @@ def upload_plan(plan: KVCopyPlan, device: int) -> KVCopyPlan:
     The copy lives as long as the plan. Synchronizes once (the table must be complete before any stream uses it).
     """
     cupy = cupy_module()
-    state = _plan_state(plan)
-    if device not in state.tables:
+    tables = _UPLOADED.setdefault(plan, {})
+    if device not in tables:
         with cupy.cuda.Device(device):
             table = cupy.asarray(plan.tables.table)
             cupy.cuda.get_current_stream().synchronize()
-        state.tables[device] = table
+        tables[device] = table
     return plan
 
 
@@ -140,29 +137,34 @@ def launch_of(plan: KVCopyPlan, src_ptr: int, dst_ptr: int, device: int,
     """The launch :func:`copy_kv_pointers` makes for these pointers (entry, grid, arguments)."""
     tuning = default_tuning(plan.tables.contiguous) if tuning is None else tuning
     with cupy_module().cuda.Device(device):
-        return _launch(_plan_state(plan), plan, int(src_ptr), int(dst_ptr), device, tuning)[1]
+        shape = _launch(plan.tables, int(src_ptr), int(dst_ptr), device, tuning)[1]
+    # The cached shape is shared by plans of one layout; its addresses are those of the call that made it.
+    return dataclasses.replace(shape, src_addr=int(src_ptr) + plan.tables.src_base,
+                               dst_addr=int(dst_ptr) + plan.tables.dst_base)
 
 
-def _plan_state(plan: KVCopyPlan) -> _PlanState:
-    state = _PLAN_STATE.get(plan)
-    if state is None:
-        state = _PLAN_STATE.setdefault(plan, _PlanState(plan))
-    return state
-
-
-def _launch(state: _PlanState, plan: KVCopyPlan, src_ptr: int, dst_ptr: int, device: int,
+def _launch(tables: KernelTables, src_ptr: int, dst_ptr: int, device: int,
             tuning: KernelTuning) -> tuple[Any, LaunchShape]:
-    """(compiled entry, launch shape) of ``plan`` at this alignment, computed once per (device, vector, tuning)."""
-    tables = plan.tables
-    key = (device, vector_bytes(tables, src_ptr, dst_ptr), tuning)
-    cached = state.launches.get(key)
+    """(compiled entry, launch shape) of ``tables`` at this alignment, computed once per (device, vector, tuning)."""
+    key = (tables.launch_key(), device, vector_bytes(tables, src_ptr, dst_ptr), tuning)
+    cached = _LAUNCHES.get(key)
     if cached is None:
         shape = launch_shape(tables, src_ptr, dst_ptr, tuning)
         if tuning.waves is not None:
             cap = max(1, int(resident_ctas(shape.entry, device, tuning) * tuning.waves))
             shape = launch_shape(tables, src_ptr, dst_ptr, tuning, max_ctas=cap)
-        cached = state.launches[key] = (kernel(shape.entry, device, tuning), shape)
+        cached = kernel(shape.entry, device, tuning), shape
+        if len(_LAUNCHES) >= _MAX_LAUNCHES:
+            _LAUNCHES.clear()
+        _LAUNCHES[key] = cached
     return cached
+
+
+def clear_caches() -> None:
+    """Forget compiled modules, launch shapes, wrapped streams and table slots (tests swap cupy stand-ins)."""
+    for cached in (_module, kernel, resident_ctas, _external_stream, _table_ring):
+        cached.cache_clear()
+    _LAUNCHES.clear()
 
 
 class _RawStream:

@@ -9,25 +9,31 @@ What a :class:`KVCopyPlan` moves: tokens ``[0, num_tokens)`` of one sequence. To
 ``(src_layers[i], dst_layers[i])``, each K/V part in ``parts``, and local heads ``src_heads`` -> ``dst_heads``
 (equal counts), all ``head_dim`` elements. Block-size change, TP split/merge (head ranges), NHD <-> HND and
 gather/scatter through a staging buffer are all this one copy.
+
+Plans are built per request (a KV pipe plans every pull), so what does not depend on block ids or the token count
+is validated and computed once per (specs, layers, parts, heads) and cached (:class:`~.tables.TableTemplate`): a
+repeated plan costs the block ids' checks and a few NumPy calls for its tables.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError, DescriptorError, LayoutMismatchError
 from ..spec import KVCacheSpec, KVLayout, as_index_array
-from .boxes import box_form
+from .tables import (MAX_BOX_BYTES, MAX_VECTOR_BYTES, KernelTables, TableTemplate,  # noqa: F401 (re-exported)
+                     kernel_tables)
 
-#: Widest load/store the kernel issues, in bytes.
-MAX_VECTOR_BYTES = 16
-#: Segments are cut so one box holds at most this many bytes: big blocks then still spread over every SM.
-MAX_BOX_BYTES = 64 << 10
+#: Templates kept (least recently created dropped first); a pipe needs one or two per peer route.
+MAX_TEMPLATES = 64
+
+_TEMPLATES: dict[tuple, TableTemplate] = {}
+_TEMPLATES_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,7 +42,8 @@ class KVCopyPlan:
 
     ``src_block_ids``: int64[ceil(num_tokens / src_spec.block_size)], host; ``dst_block_ids`` likewise for the
     destination (no duplicates). ``src_layers``/``dst_layers``: int64[m], host. ``parts``: int64[p] (0 = K, 1 = V).
-    ``src_heads``/``dst_heads``: local head ranges ``[h0, h1)`` of equal length.
+    ``src_heads``/``dst_heads``: local head ranges ``[h0, h1)`` of equal length. Plans from :func:`plan_kv_copy`
+    with the same specs, layers, parts and heads share their (read-only) layer and part arrays.
     """
 
     src_spec: KVCacheSpec
@@ -49,6 +56,7 @@ class KVCopyPlan:
     parts: np.ndarray
     src_heads: tuple[int, int]
     dst_heads: tuple[int, int]
+    _template: TableTemplate | None = field(default=None, repr=False)
 
     @property
     def num_heads(self) -> int:
@@ -63,56 +71,12 @@ class KVCopyPlan:
                 * spec.itemsize)
 
     @functools.cached_property
-    def tables(self) -> "KernelTables":
+    def tables(self) -> KernelTables:
         """The segment and layer tables of the CUDA kernel (computed once per plan)."""
+        template = self._template
+        if template is not None and template.describes(self):
+            return template.tables(self.src_block_ids, self.dst_block_ids, self.num_tokens)
         return kernel_tables(self)
-
-
-@dataclass(frozen=True, eq=False)
-class KernelTables:
-    """What the kernel walks, in bytes relative to each side's region start.
-
-    The kernel copies one *box* per (layer-part, segment). A box is ``count`` *units* (``count`` from the table)
-    of ``unit_rows`` rows of ``row_nbytes`` contiguous bytes; row ``(u, r)`` starts at ``base + layer_part +
-    segment + u * unit_stride + r * row_stride`` on each side. Planning folds every dimension that continues the
-    row on both sides into it, so a unit is usually a token (``unit_rows`` heads, or 1 when heads are adjacent),
-    and when every segment holds the same tokens the whole fixed-shape box is folded (e.g. HND blocks: a unit is a
-    head, its row all the block's tokens). ``contiguous``: a box is one run of ``count * row_nbytes`` bytes on both
-    sides (``unit_rows == 1``, both unit strides equal ``row_nbytes``): the kernel's run entry needs no index math.
-
-    ``table``: int64[3 * num_segments + 2 * num_layer_parts], host, laid out as ``[segment src offset | segment dst
-    offset | segment count | layer-part src offset | layer-part dst offset]``; ``segment_tokens``: int64[num_segments],
-    host, the tokens of each segment (for checks: the kernel reads counts). ``alignment`` (a power of two <= 16)
-    divides ``row_nbytes``, both bases, every stride and every table offset. ``narrow``: every offset inside a box
-    is below 2**31 on both sides (the kernel then indexes with 32-bit ints).
-    """
-
-    table: np.ndarray
-    segment_tokens: np.ndarray
-    num_segments: int
-    num_layer_parts: int
-    unit_rows: int
-    row_nbytes: int
-    src_base: int
-    dst_base: int
-    src_unit_stride: int
-    src_row_stride: int
-    dst_unit_stride: int
-    dst_row_stride: int
-    alignment: int
-    max_count: int
-    contiguous: bool
-    narrow: bool
-
-    @property
-    def num_boxes(self) -> int:
-        """Boxes of the launch: one per (layer-part, segment)."""
-        return self.num_segments * self.num_layer_parts
-
-    @property
-    def max_box_nbytes(self) -> int:
-        """Bytes of the largest box."""
-        return self.max_count * self.unit_rows * self.row_nbytes
 
 
 def plan_kv_copy(src_spec: KVCacheSpec, dst_spec: KVCacheSpec, src_block_ids: Any, dst_block_ids: Any, *,
@@ -130,11 +94,31 @@ def plan_kv_copy(src_spec: KVCacheSpec, dst_spec: KVCacheSpec, src_block_ids: An
     for argument, spec in (("src_spec", src_spec), ("dst_spec", dst_spec)):
         if not isinstance(spec, KVCacheSpec):
             raise ConfigError(f"{argument} must be a KVCacheSpec, got {type(spec).__name__}")
-    _check_compatible(src_spec, dst_spec)
-    src_ids = as_index_array(src_block_ids, "src_block_ids", src_spec.num_blocks)
-    dst_ids = as_index_array(dst_block_ids, "dst_block_ids", dst_spec.num_blocks)
+    key = _template_key(src_spec, dst_spec, src_layers, dst_layers, parts, src_heads, dst_heads)
+    template = _TEMPLATES.get(key) if key is not None else None
+    if template is None:
+        _check_compatible(src_spec, dst_spec)
+    # A cached template means every argument but the block ids and num_tokens passed the checks below before: the
+    # first failing check is the same either way.
+    src_ids = _index_array(src_block_ids, "src_block_ids", src_spec.num_blocks)
+    dst_ids = _index_array(dst_block_ids, "dst_block_ids", dst_spec.num_blocks)
     tokens = _num_tokens(num_tokens, src_spec, dst_spec, src_ids, dst_ids)
     _check_unique(dst_ids, "dst_block_ids")
+    if template is None:
+        template = _template(src_spec, dst_spec, src_layers, dst_layers, parts, src_heads, dst_heads, key)
+    return KVCopyPlan(src_spec, dst_spec, src_ids, dst_ids, tokens, template.src_layers, template.dst_layers,
+                      template.parts, template.src_heads, template.dst_heads, template)
+
+
+@functools.lru_cache(maxsize=256)
+def spec_nbytes(spec: KVCacheSpec) -> int:
+    """``spec.nbytes``, cached (specs are immutable): every launch checks its regions' sizes against it."""
+    return spec.nbytes
+
+
+def _template(src_spec: KVCacheSpec, dst_spec: KVCacheSpec, src_layers: Any, dst_layers: Any, parts: Any,
+              src_heads: Any, dst_heads: Any, key: tuple | None) -> TableTemplate:
+    """Validate the arguments other than block ids and build their template (cached under ``key`` unless None)."""
     layers_src = as_index_array(_selection(src_layers, src_spec.num_layers), "src_layers", src_spec.num_layers)
     layers_dst = as_index_array(layers_src if dst_layers is None else _selection(dst_layers, dst_spec.num_layers),
                                 "dst_layers", dst_spec.num_layers)
@@ -150,8 +134,56 @@ def plan_kv_copy(src_spec: KVCacheSpec, dst_spec: KVCacheSpec, src_block_ids: An
         raise LayoutMismatchError(
             f"src_heads {heads_src} and dst_heads {heads_dst} must hold as many heads; pass head ranges computed "
             "from head_range() for a TP split or merge")
-    return KVCopyPlan(src_spec, dst_spec, src_ids, dst_ids, tokens, layers_src, layers_dst, part_ids, heads_src,
-                      heads_dst)
+    template = TableTemplate(src_spec, dst_spec, layers_src, layers_dst, part_ids, heads_src, heads_dst)
+    if key is not None:
+        with _TEMPLATES_LOCK:
+            while len(_TEMPLATES) >= MAX_TEMPLATES:
+                del _TEMPLATES[next(iter(_TEMPLATES))]
+            _TEMPLATES[key] = template
+    return template
+
+
+class _Uncacheable(Exception):
+    """An argument of a type the template key does not cover (its plans get a template of their own)."""
+
+
+def _template_key(src_spec: KVCacheSpec, dst_spec: KVCacheSpec, src_layers: Any, dst_layers: Any, parts: Any,
+                  src_heads: Any, dst_heads: Any) -> tuple | None:
+    """A hashable key of the arguments besides block ids and num_tokens; equal keys plan the same copy. None for
+    arguments of types the key does not cover (invalid ones among them: they then fail in the full checks)."""
+    try:
+        key = (src_spec, dst_spec, _selection_key(src_layers), _selection_key(dst_layers), _selection_key(parts),
+               _heads_key(src_heads), _heads_key(dst_heads))
+        hash(key)
+    except (_Uncacheable, TypeError, ValueError):
+        return None
+    return key
+
+
+def _selection_key(selection: Any) -> Any:
+    if selection is None or isinstance(selection, range):
+        return selection
+    if isinstance(selection, slice):
+        return "slice", selection.start, selection.stop, selection.step
+    if isinstance(selection, (int, np.integer)) and not isinstance(selection, bool):
+        return "id", int(selection)
+    if not isinstance(selection, (np.ndarray, list, tuple)):
+        raise _Uncacheable
+    array = np.asarray(selection)
+    if array.dtype.kind not in "iu":  # object arrays' bytes are pointers; other kinds fail the checks
+        raise _Uncacheable
+    return array.dtype.str, array.shape, array.tobytes()
+
+
+def _heads_key(heads: Any) -> tuple[int, int] | None:
+    if heads is None:
+        return None
+    if type(heads) is tuple and len(heads) == 2 and type(heads[0]) is int and type(heads[1]) is int:
+        return heads
+    if not isinstance(heads, (tuple, list)) or len(heads) != 2 or \
+            not all(isinstance(h, (int, np.integer)) for h in heads):
+        raise _Uncacheable
+    return int(heads[0]), int(heads[1])
 
 
 def staging_spec(cache_spec: KVCacheSpec, num_tokens: int, *, num_layers: int | None = None,
@@ -172,58 +204,6 @@ def staging_spec(cache_spec: KVCacheSpec, num_tokens: int, *, num_layers: int | 
                        block_size=num_tokens, num_kv_heads=h1 - h0, head_dim=cache_spec.head_dim,
                        dtype=cache_spec.dtype, layout=layout, num_kv_parts=cache_spec.num_kv_parts, offset=offset,
                        model=cache_spec.model)
-
-
-def kernel_tables(plan: KVCopyPlan) -> KernelTables:
-    """Segments (runs of tokens inside one source and one destination block) and layer-part offsets, in bytes."""
-    src, dst = plan.src_spec, plan.dst_spec
-    s_layer, s_block, s_kv, s_head, s_token, _ = src.byte_strides
-    d_layer, d_block, d_kv, d_head, d_token, _ = dst.byte_strides
-    starts = np.union1d(np.arange(0, plan.num_tokens, src.block_size, dtype=np.int64),
-                        np.arange(0, plan.num_tokens, dst.block_size, dtype=np.int64))
-    counts = np.diff(np.append(starts, plan.num_tokens))
-    heads, row = plan.num_heads, src.head_dim * src.itemsize
-    starts, counts = _cut(starts, counts, max(1, MAX_BOX_BYTES // (heads * row)))
-    segment_src = plan.src_block_ids[starts // src.block_size] * s_block + (starts % src.block_size) * s_token
-    segment_dst = plan.dst_block_ids[starts // dst.block_size] * d_block + (starts % dst.block_size) * d_token
-    part_src = (plan.src_layers[:, None] * s_layer + plan.parts[None, :] * s_kv).ravel()
-    part_dst = (plan.dst_layers[:, None] * d_layer + plan.parts[None, :] * d_kv).ravel()
-    form = box_form(counts, [(heads, s_head, d_head)], row, (s_token, d_token))
-    table = np.concatenate([segment_src, segment_dst, form.counts, part_src, part_dst]).astype(np.int64)
-    src_base = (src.offset + plan.src_heads[0] * src.element_strides[3]) * src.itemsize
-    dst_base = (dst.offset + plan.dst_heads[0] * dst.element_strides[3]) * dst.itemsize
-    used = [form.row, *form.unit_strides, *form.row_strides, src_base, dst_base, MAX_VECTOR_BYTES]
-    for spec, strides in ((src, src.byte_strides), (dst, dst.byte_strides)):
-        used += [stride for stride, size in zip(strides[:5], spec.shape[:5]) if size > 1]
-    max_count = int(form.counts.max()) if form.counts.size else 0
-    _check_kernel_limits(len(starts) * len(part_src), max_count * form.unit_rows * form.row)
-    reach = [(max_count - 1) * unit + (form.unit_rows - 1) * rows + form.row
-             for unit, rows in zip(form.unit_strides, form.row_strides)]
-    return KernelTables(table=table, segment_tokens=counts, num_segments=len(starts), num_layer_parts=len(part_src),
-                        unit_rows=form.unit_rows, row_nbytes=form.row, src_base=src_base, dst_base=dst_base,
-                        src_unit_stride=form.unit_strides[0], src_row_stride=form.row_strides[0],
-                        dst_unit_stride=form.unit_strides[1], dst_row_stride=form.row_strides[1],
-                        alignment=functools.reduce(math.gcd, used), max_count=max_count,
-                        contiguous=form.contiguous, narrow=max(reach, default=0) < 2**31)
-
-
-def _cut(starts: np.ndarray, counts: np.ndarray, most: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split token runs longer than ``most`` into runs of ``most`` (the last one shorter)."""
-    pieces = -(-counts // most)
-    if counts.size == 0 or int(pieces.max()) == 1:
-        return starts, counts
-    first = np.repeat(np.cumsum(pieces) - pieces, pieces)
-    index = np.arange(int(pieces.sum())) - first  # piece number inside its run
-    run_start, run_count = np.repeat(starts, pieces), np.repeat(counts, pieces)
-    return run_start + index * most, np.minimum(most, run_count - index * most)
-
-
-def _check_kernel_limits(num_boxes: int, box_nbytes: int) -> None:
-    # The kernel indexes boxes and the bytes inside one box with 32-bit ints.
-    if num_boxes >= 2**31:
-        raise ConfigError(f"a KV copy may have at most 2**31 - 1 (layer, part, segment) boxes, got {num_boxes}")
-    if box_nbytes >= 2**31:
-        raise ConfigError(f"one (layer, part, block segment) box may hold at most 2 GiB, got {box_nbytes} bytes")
 
 
 def _check_compatible(src: KVCacheSpec, dst: KVCacheSpec) -> None:
@@ -250,12 +230,24 @@ def _num_tokens(num_tokens: int | None, src: KVCacheSpec, dst: KVCacheSpec, src_
     return int(num_tokens)
 
 
+def _index_array(values: Any, argument: str, upper: int) -> np.ndarray:
+    """``as_index_array``, with a shortcut for what pipes pass (int64[n] arrays in range): two reductions."""
+    if type(values) is np.ndarray and values.dtype is _INT64 and values.ndim == 1 and values.size \
+            and values.min() >= 0 and values.max() < upper:
+        return values
+    return as_index_array(values, argument, upper)  # converts, or raises its errors
+
+
+_INT64 = np.dtype(np.int64)
+
+
 def _check_unique(ids: np.ndarray, argument: str) -> None:
     if ids.size < 2:
         return
     ordered = np.sort(ids)
-    repeated = np.flatnonzero(ordered[1:] == ordered[:-1])
-    if repeated.size:
+    same = ordered[1:] == ordered[:-1]
+    if same.any():
+        repeated = np.flatnonzero(same)
         raise DescriptorError(f"{argument} must not repeat (each destination is written once), "
                               f"got {int(ordered[repeated[0]])} more than once")
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from .copy_plan import KernelTables
+from .tables import KernelTables
 
 #: Threads per SM the register cap of each unroll aims at (48 registers for 4 loads in flight, 80 for 8).
 _THREADS_PER_SM = {1: 1280, 2: 1280, 4: 1280, 8: 768}

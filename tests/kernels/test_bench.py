@@ -36,6 +36,18 @@ class Array:
         self.host[...] = values
 
 
+class HostBuffer(np.ndarray):
+    """Host bytes posing as pinned or device memory (cupy's alloc_pinned_memory / alloc: ``.ptr``, a buffer)."""
+
+    @property
+    def ptr(self) -> int:
+        return int(self.ctypes.data)
+
+
+def host_buffer(nbytes: int) -> HostBuffer:
+    return np.zeros(nbytes, dtype=np.uint8).view(HostBuffer)
+
+
 class Stream:
     def __init__(self, ptr: int = 0) -> None:
         self.ptr = ptr
@@ -73,7 +85,7 @@ class BenchCupy:
                 return None
 
         class Event:
-            def __init__(self) -> None:
+            def __init__(self, block: bool = False, disable_timing: bool = False) -> None:
                 self.done = False
 
             def record(self, stream: Any) -> None:
@@ -104,7 +116,7 @@ class BenchCupy:
             getDeviceProperties=lambda device: {"name": b"emulated", "regsPerMultiprocessor": 65536,
                                                 "maxThreadsPerMultiProcessor": 2048, "multiProcessorCount": 2,
                                                 "maxBlocksPerMultiProcessor": 32},
-            memcpyAsync=self.memcpy)
+            memcpyAsync=self.memcpy, memcpyHostToDevice=1)
         streams = iter(range(1000, 2000))
 
         def new_stream(non_blocking: bool = False) -> Stream:
@@ -114,7 +126,8 @@ class BenchCupy:
         self.RawModule = RawModule
         self.cuda = types.SimpleNamespace(Device=Device, Stream=new_stream, Event=Event, runtime=runtime,
                                           get_current_stream=lambda: Stream(0),
-                                          get_elapsed_time=lambda start, end: 1.0)
+                                          get_elapsed_time=lambda start, end: 1.0,
+                                          alloc_pinned_memory=host_buffer, alloc=host_buffer)
         self.pool = types.SimpleNamespace(free_all_blocks=lambda: None)
 
     def get_default_memory_pool(self) -> Any:
@@ -145,8 +158,9 @@ class BenchCupy:
             lib = self.libraries[kernel.defines] = emulation.build(directory, tuning)
         src, dst, table, *scalars = args
         span = (0, 2**63)
-        assert emulation.launch(lib, kernel.name, grid[0], block[0], int(src), int(dst), span, span,
-                                table.data.ptr, scalars) == 0
+        table_ptr = int(table) if isinstance(table, np.integer) else table.data.ptr  # table slot or array
+        assert emulation.launch(lib, kernel.name, grid[0], block[0], int(src), int(dst), span, span, table_ptr,
+                                scalars) == 0
 
 
 def _tuning_of(defines: tuple[str, ...]) -> KernelTuning:
@@ -163,12 +177,9 @@ def bench_cupy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Benc
     fake = BenchCupy(tmp_path)
     monkeypatch.setattr("kvxfer.devices.cupy_module", lambda: fake)
     monkeypatch.setattr(_cuda, "cupy_module", lambda: fake)
-    caches = (_cuda._module, _cuda.kernel, _cuda.resident_ctas, _cuda._external_stream)
-    for cached in caches:
-        cached.cache_clear()
+    _cuda.clear_caches()
     yield fake
-    for cached in caches:
-        cached.cache_clear()
+    _cuda.clear_caches()
 
 
 def test_every_row_launches_and_copies_the_right_bytes(bench_cupy: BenchCupy, tmp_path: Path,

@@ -231,3 +231,37 @@ def test_every_entry_and_tuning_gives_the_same_bytes(cupy: Any, name: str) -> No
                                                 *shape.scalars))
     cupy.cuda.runtime.deviceSynchronize()
     np.testing.assert_array_equal(cupy.asnumpy(dst), expected, err_msg="rows_wide")
+
+
+def test_requests_queued_behind_busy_work_keep_their_own_tables(cupy: Any) -> None:
+    """A pipe's case: one template, fresh block ids per request, launches queued without syncs. Table slots of
+    launches still in flight must not be refilled (more requests than slots: the pool fallback runs too)."""
+    from kvxfer.kernels import table_ring
+
+    rng = np.random.default_rng(13)
+    spec = _llama_like("HND", num_blocks=128, block_size=16)
+    src_host = random_bytes(rng, spec.nbytes)
+    src = cupy.asarray(src_host)
+    requests = 2 * table_ring.MAX_SLOTS + 5
+    outputs = [cupy.zeros(spec.nbytes, dtype=cupy.uint8) for _ in range(requests)]
+    cupy.cuda.runtime.deviceSynchronize()
+    stream = cupy.cuda.Stream(non_blocking=True)
+    busy = cupy.zeros(256 << 20, dtype=cupy.uint8)
+    with stream:
+        for _ in range(20):  # some milliseconds of work ahead of the copies
+            busy += 1
+    plans = []
+    for out in outputs:
+        tokens = int(rng.integers(1, 64 * 16 + 1))
+        blocks = -(-tokens // 16)
+        plan = kernels.plan_kv_copy(spec, spec, rng.permutation(128)[:blocks], rng.permutation(128)[:blocks],
+                                    num_tokens=tokens, src_layers=[3, 0, 2], dst_heads=(0, 8))
+        kernels.copy_kv_pointers(src.data.ptr, src.nbytes, out.data.ptr, out.nbytes, plan, device=0,
+                                 stream=stream)
+        plans.append(plan)
+    stream.synchronize()
+    assert len({id(plan._template) for plan in plans}) == 1
+    for plan, out in zip(plans, outputs):
+        expected = np.zeros(spec.nbytes, dtype=np.uint8)
+        reference.copy_kv(src_host, expected, plan)
+        np.testing.assert_array_equal(cupy.asnumpy(out), expected)

@@ -1,0 +1,104 @@
+"""Per-call kernel tables to the GPU: one async copy from a reused pinned buffer into a reused device buffer.
+
+Imported with kernels/_cuda.py only (needs cupy at call time). A plan planned per request (a KV pipe's pull) has a
+new table every call; a pageable ``ndarray.set`` plus a pool allocation per call costs tens of microseconds of host
+time, a copy from pinned memory a few. A slot (pinned host buffer, device buffer, event) is reused once the event
+recorded after its launch has completed; while every slot is in flight (more than :data:`MAX_SLOTS` launches
+queued), calls fall back to a pool allocation ordered on the launch stream, as before.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any, Callable
+
+import numpy as np
+
+from .launch import LaunchShape
+
+#: Slots per device: launches whose tables may be in flight at once before calls fall back to the pool.
+MAX_SLOTS = 16
+#: Smallest slot, in table entries (int64): 8 KiB holds a 4k-token, 16-token-block request's table.
+_MIN_ENTRIES = 1024
+
+
+class _Slot:
+    """``capacity`` int64 entries of pinned host memory (``host``, a view) and of device memory, and the event
+    recorded after the last launch that read them."""
+
+    __slots__ = ("capacity", "device", "device_arg", "event", "host", "host_ptr", "pinned")
+
+    def __init__(self, cupy: Any, capacity: int) -> None:
+        self.capacity = capacity
+        self.pinned = cupy.cuda.alloc_pinned_memory(capacity * 8)
+        self.host = np.frombuffer(self.pinned, dtype=np.int64, count=capacity)
+        self.host_ptr = int(self.pinned.ptr)
+        self.device = cupy.cuda.alloc(capacity * 8)  # kept alive by the slot; passed to kernels as a pointer
+        self.device_arg = np.uint64(self.device.ptr)
+        self.event = cupy.cuda.Event(block=False, disable_timing=True)
+
+
+class TableRing:
+    """The table slots of one device. Thread-safe: a slot is taken, filled, launched and marked under one lock."""
+
+    def __init__(self, device: int) -> None:
+        self.device = device
+        self.slots: list[_Slot] = []
+        self.fallbacks = 0  # calls that found every slot in flight (for tests and benchmarks)
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def launch(self, cupy: Any, function: Any, shape: LaunchShape, pointers: tuple[Any, Any], table: np.ndarray,
+               stream: Any, stream_context: Callable[[], Any]) -> None:
+        """Upload ``table`` (int64[n], host) and launch ``function`` with it on ``stream`` (anything with ``.ptr``).
+
+        ``pointers``: the (src, dst) kernel arguments; ``stream_context()``: ``stream`` as a cupy stream to enter,
+        so that memory drawn from cupy's pool is ordered after that stream's earlier work.
+        """
+        grid, block = (shape.num_ctas,), (shape.threads,)
+        with self._lock:
+            slot = self._take(cupy, table.size, stream_context)
+            if slot is None:
+                self.fallbacks += 1
+                with stream_context() as pool_stream:
+                    device_table = cupy.empty(table.shape, dtype=cupy.int64)
+                    device_table.set(table, stream=pool_stream)
+                function(grid, block, (*pointers, device_table, *shape.scalars), stream=stream)
+                return
+            slot.host[:table.size] = table
+            try:
+                cupy.cuda.runtime.memcpyAsync(int(slot.device_arg), slot.host_ptr, table.nbytes,
+                                              cupy.cuda.runtime.memcpyHostToDevice, stream.ptr)
+                function(grid, block, (*pointers, slot.device_arg, *shape.scalars), stream=stream)
+            finally:  # whatever was queued reads the slot until this event
+                slot.event.record(stream)
+
+    def _take(self, cupy: Any, entries: int, stream_context: Callable[[], Any]) -> _Slot | None:
+        """A slot whose last launch completed, holding ``entries`` at least; None if every slot is in flight."""
+        count = len(self.slots)
+        for step in range(count):
+            index = (self._next + step) % count
+            slot = self.slots[index]
+            if slot.event.done:
+                self._next = (index + 1) % count
+                if slot.capacity < entries:
+                    slot = self.slots[index] = self._new_slot(cupy, max(entries, 2 * slot.capacity),
+                                                              stream_context)
+                return slot
+        if count >= MAX_SLOTS:
+            return None
+        slot = self._new_slot(cupy, max(entries, _MIN_ENTRIES), stream_context)
+        self.slots.append(slot)
+        return slot
+
+    @staticmethod
+    def _new_slot(cupy: Any, capacity: int, stream_context: Callable[[], Any]) -> _Slot:
+        with stream_context():  # the pool hands out memory in this stream's order
+            return _Slot(cupy, capacity)
+
+
+@functools.lru_cache(maxsize=None)
+def table_ring(device: int) -> TableRing:
+    """The ring of ``device`` (one per process and device)."""
+    return TableRing(device)
