@@ -22,7 +22,7 @@ from ...errors import DescriptorError, TransferCancelledError
 from ...handle import TransferState
 from ...memory import MemoryKind
 from ..base import Backend, BackendCaps, Op, Request
-from .cma import CrossMemory, plan_batches
+from .cma import CrossMemory, copy_threads, plan_batches
 from .config import UcxConfig
 from .context import Context
 from .library import load_library, ucx_available
@@ -31,7 +31,7 @@ from .links import Links
 from .progress import ProgressThread
 from .responder import Responder, pack_notification
 from .pool import BufferPool
-from .transfer import UcxRequest, new_request
+from .transfer import CmaTransfer, UcxRequest, new_request
 from .wire import Header, Kind, WorkerInfo
 from .worker import Worker
 
@@ -80,7 +80,7 @@ class UcxBackend(Backend):
         self.staging = BufferPool(self.config.stage_chunk, 4 * self.config.stage_inflight)
         self.worker = Worker(self.library, self.ucp.handle, context.agent_name, self.responder.on_message,
                              self.staging)
-        self.cma = CrossMemory(self.library, threads=min(2, os.cpu_count() or 1))
+        self.cma = CrossMemory(self.library, threads=self.config.cma_threads or copy_threads())
         self._token = np.frombuffer(os.urandom(16), dtype=np.uint8).copy()
         self.progress = ProgressThread(self, f"kvxfer-ucx-{context.agent_name}")
         self.progress.start()
@@ -187,7 +187,8 @@ class UcxBackend(Backend):
         """The cross-memory batches of ``plan`` (computed once per plan: plans are posted many times)."""
         batches = self._batches.get(plan)
         if batches is None:
-            batches = plan_batches(plan.local.addr, plan.remote.addr, plan.local.nbytes)
+            batches = plan_batches(plan.local.addr, plan.remote.addr, plan.local.nbytes,
+                                   inline=self.config.cma_inline)
             self._batches[plan] = batches
         return batches
 
@@ -213,6 +214,16 @@ class UcxBackend(Backend):
 
     def idle_wait(self, request: Request, seconds: float) -> None:
         assert isinstance(request, UcxRequest)
+        if isinstance(request, CmaTransfer):
+            if request.help():
+                return  # the waiter copied a batch instead of sleeping; the next poll sees where it stands
+            # The last batches run on copy threads (at most one batch time): yield instead of sleeping, since
+            # waking a sleeping thread costs ~50 µs here; the next poll then completes the transfer.
+            give_up = time.monotonic() + seconds
+            while request.copying and time.monotonic() < give_up:
+                os.sched_yield()
+            if not request.copying:
+                return
         if self.poll(request) is TransferState.PENDING:
             request.finished.wait(seconds)
 

@@ -5,6 +5,8 @@
 | KVXFER_UCX_LIB | (the libucx wheel) | path of a libucp.so to load instead, e.g. a system UCX built with verbs |
 | KVXFER_UCX_ERROR_MODE | auto | endpoint error handling: auto (none on one host, peer across hosts), peer, none |
 | KVXFER_UCX_CMA | auto | same-host host memory through batched process_vm_readv/writev: auto or off |
+| KVXFER_UCX_CMA_INLINE | 8388608 | cross-memory bytes a post copies on the posting thread (all of a smaller transfer) |
+| KVXFER_UCX_CMA_THREADS | 0 | copy threads of the cross-memory path; 0: one fewer than the cores, 1 to 2 |
 | KVXFER_UCX_STAGE_BELOW | 32768 | on the UCX path, host fragments averaging fewer bytes than this are staged |
 | KVXFER_UCX_STAGE_CHUNK | 4194304 | bytes per staged message |
 | KVXFER_UCX_STAGE_INFLIGHT | 4 | staged messages in flight per transfer |
@@ -30,6 +32,8 @@ class UcxConfig:
     library_path: str | None = None
     error_mode: str = "auto"
     cma: str = "auto"
+    cma_inline: int = 8 << 20
+    cma_threads: int = 0
     stage_below: int = 32 << 10
     stage_chunk: int = 4 << 20
     stage_inflight: int = 4
@@ -40,6 +44,10 @@ class UcxConfig:
             raise ConfigError(f"KVXFER_UCX_ERROR_MODE must be one of {_ERROR_MODES}, got {self.error_mode!r}")
         if self.cma not in _CMA_MODES:
             raise ConfigError(f"KVXFER_UCX_CMA must be one of {_CMA_MODES}, got {self.cma!r}")
+        if not 0 <= self.cma_inline <= 1 << 40:
+            raise ConfigError(f"KVXFER_UCX_CMA_INLINE must be in [0, 2**40], got {self.cma_inline}")
+        if not 0 <= self.cma_threads <= 64:
+            raise ConfigError(f"KVXFER_UCX_CMA_THREADS must be in [0, 64], got {self.cma_threads}")
         if self.stage_below < 0:
             raise ConfigError(f"KVXFER_UCX_STAGE_BELOW must be >= 0, got {self.stage_below}")
         if not 4096 <= self.stage_chunk <= 1 << 30:
@@ -58,6 +66,8 @@ class UcxConfig:
             library_path=env.get("KVXFER_UCX_LIB") or None,
             error_mode=env.get("KVXFER_UCX_ERROR_MODE", "auto").strip().lower(),
             cma=env.get("KVXFER_UCX_CMA", "auto").strip().lower(),
+            cma_inline=_int(env, "KVXFER_UCX_CMA_INLINE", cls.cma_inline),
+            cma_threads=_int(env, "KVXFER_UCX_CMA_THREADS", cls.cma_threads),
             stage_below=_int(env, "KVXFER_UCX_STAGE_BELOW", cls.stage_below),
             stage_chunk=_int(env, "KVXFER_UCX_STAGE_CHUNK", cls.stage_chunk),
             stage_inflight=_int(env, "KVXFER_UCX_STAGE_INFLIGHT", cls.stage_inflight),

@@ -1,7 +1,7 @@
 """Posted transfers of the UCX backend, one class per data path.
 
-- :class:`CmaTransfer`: same-host host memory, batched ``process_vm_readv``/``writev`` (inline when small, else on
-  the copy threads).
+- :class:`CmaTransfer`: same-host host memory, batched ``process_vm_readv``/``writev`` (the posting thread copies
+  the first batch; the copy threads and a waiting thread share the rest).
 - :class:`DirectTransfer`: one UCP put/get per (coalesced) fragment, then one endpoint flush. Any memory, any
   transport; the path for device memory and for large host fragments.
 - :class:`StagedTransfer` (staged.py): small host fragments over UCX, packed into few large messages.
@@ -30,9 +30,6 @@ if TYPE_CHECKING:
     from ...plan import TransferPlan
     from .backend import UcxBackend
     from .link import Link
-
-INLINE_CMA_NBYTES = 1 << 20  # smaller transfers copy in post(): cheaper than a hand-off to a copy thread
-
 
 class UcxRequest(Request):
     """One posted transfer on one link."""
@@ -101,42 +98,70 @@ class UcxRequest(Request):
 
 
 class CmaTransfer(UcxRequest):
-    """Same-host host memory through batched cross-memory calls; the peer takes no part."""
+    """Same-host host memory through batched cross-memory calls; the peer takes no part.
+
+    post() copies a transfer of up to ``config.cma_inline`` bytes itself; a larger one it shares with the copy
+    threads, copying its part (up to ``cma_inline`` bytes) before it returns; a thread waiting for the transfer
+    (:meth:`help`) takes batches too, and whichever thread finishes the last batch completes the transfer: no
+    hand-off to the progress thread."""
 
     strategy = "cma"
 
     def __init__(self, *args: object) -> None:
         super().__init__(*args)  # type: ignore[arg-type]
-        self.job: CmaJob | None = None
-        self.error_seen: BaseException | None = None
+        self.job: CmaJob | None = None  # only for transfers shared with other threads
         self.copied = False
+        self.copy_error: BaseException | None = None
 
     def start(self) -> None:
-        batches = self.backend.cma_batches(self.plan)
-        write = self.op is Op.WRITE
-        if self.nbytes > INLINE_CMA_NBYTES:
-            self.job = CmaJob(lambda _job: self.backend.wake())
-            self.backend.cma.submit(self.link.pid, write, batches, self.job)
+        backend = self.backend
+        batches = backend.cma_batches(self.plan)
+        inline = backend.config.cma_inline
+        if self.nbytes <= inline:  # the common case: this thread copies it all, no queue, no hand-off
+            try:
+                for batch in batches:
+                    if not self.stopped:
+                        backend.cma.run(self.link.pid, self.op is Op.WRITE, batch)
+            except Exception as failure:  # CmaError; anything else must still end the transfer
+                self.copy_error = failure
+            self.copied = True
+            self._copied(None)
             return
-        try:
-            for batch in batches:
-                self.backend.cma.run(self.link.pid, write, batch)
-        except CmaError as failure:
-            self.error_seen = failure
-        self.copied = True
-        with self.backend.worker.lock:
+        self.job = job = CmaJob(self.link.pid, self.op is Op.WRITE, batches, self._copied)
+        if self.stopped:  # halted (peer lost, backend closed) between post() and here
+            job.stop()
+        helpers = backend.cma.share(job)
+        share, copied = min(inline, self.nbytes // (helpers + 1)), 0
+        while True:  # at least one batch, then up to this thread's share
+            moved = backend.cma.step(job)
+            copied += moved
+            if not moved or copied >= share:
+                return
+
+    def help(self) -> bool:
+        """Copy one batch on the calling thread (one that would otherwise sleep); False if none was left."""
+        return self.job is not None and self.backend.cma.step(self.job) > 0
+
+    @property
+    def copying(self) -> bool:
+        """True while batches of this transfer run on other threads (none left to take)."""
+        return self.job is not None and not self.job.finished.is_set()
+
+    def _copied(self, job: CmaJob | None) -> None:
+        # The last batch returned, on this thread, no lock held: complete here (waking no one but the waiter).
+        if job is not None:
+            self.copy_error, self.copied = job.error, True
+        backend = self.backend
+        with backend.worker.lock:
             self.advance()
+        backend.flush_outbox()
+        if not self.state.final:
+            backend.wake()  # the notification's send is in flight: the progress thread completes it
 
     def advance(self) -> None:
-        if self.state.final:
+        if self.state.final or not self.copied:
             return
-        if self.job is not None:
-            if not self.job.finished.is_set():
-                return
-            self.error_seen, self.copied = self.job.error, True
-        if not self.copied:
-            return
-        error = self.error_seen
+        error = self.copy_error
         if error is None:
             if not self.stopped:
                 self.data_done()
