@@ -43,7 +43,8 @@ def _kv(args: argparse.Namespace) -> int:
                      d_block_size=args.d_block_size, layout=args.layout, d_layout=args.d_layout, p_tp=args.p_tp,
                      d_tp=args.d_tp, backend=args.backend, p_gpu=args.p_gpu, d_gpu=args.d_gpu,
                      only_rank=args.only_rank, dims=dims)
-    _emit(args, {f"KV request through KVPipe ({args.backend})": kv.run(setup, repeats=args.repeats, profile=args.profile)})
+    _emit(args, {f"KV request through KVPipe ({args.backend})": kv.run(setup, repeats=args.repeats, profile=args.profile,
+                                                                       decode_processes=args.decode_processes)})
     return 0
 
 
@@ -97,6 +98,8 @@ def parser() -> argparse.ArgumentParser:
     kv.add_argument("--d-gpu", type=int, default=1)
     kv.add_argument("--repeats", type=int, default=20)
     kv.add_argument("--profile", action="store_true", help="print where decode rank 0's host time went")
+    kv.add_argument("--decode-processes", action="store_true",
+                    help="each decode rank in a process of its own (they share --d-gpu: kernels time-slice)")
     kv.set_defaults(run=_kv)
     for name, sub in subcommands.choices.items():
         if name not in ("target", "plot", "kernels"):
