@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, DescriptorError, LayoutMismatchError
-from ..spec import KVCacheSpec, KVLayout, as_index_array
+from ..spec import KVCacheSpec, KVLayout, as_index_array, selection_ids
 from .tables import (MAX_BOX_BYTES, MAX_VECTOR_BYTES, KernelTables, TableTemplate,  # noqa: F401 (re-exported)
                      kernel_tables)
 
@@ -119,14 +119,14 @@ def spec_nbytes(spec: KVCacheSpec) -> int:
 def _template(src_spec: KVCacheSpec, dst_spec: KVCacheSpec, src_layers: Any, dst_layers: Any, parts: Any,
               src_heads: Any, dst_heads: Any, key: tuple | None) -> TableTemplate:
     """Validate the arguments other than block ids and build their template (cached under ``key`` unless None)."""
-    layers_src = as_index_array(_selection(src_layers, src_spec.num_layers), "src_layers", src_spec.num_layers)
-    layers_dst = as_index_array(layers_src if dst_layers is None else _selection(dst_layers, dst_spec.num_layers),
+    layers_src = as_index_array(selection_ids(src_layers, src_spec.num_layers), "src_layers", src_spec.num_layers)
+    layers_dst = as_index_array(layers_src if dst_layers is None else selection_ids(dst_layers, dst_spec.num_layers),
                                 "dst_layers", dst_spec.num_layers)
     if layers_src.shape != layers_dst.shape:
         raise DescriptorError(f"dst_layers must pair with src_layers: expected {layers_src.size} layers, "
                               f"got {layers_dst.size}")
     _check_unique(layers_dst, "dst_layers")
-    part_ids = as_index_array(_selection(parts, src_spec.num_kv_parts), "parts", src_spec.num_kv_parts)
+    part_ids = as_index_array(selection_ids(parts, src_spec.num_kv_parts), "parts", src_spec.num_kv_parts)
     _check_unique(part_ids, "parts")
     heads_src = _head_range(src_heads, src_spec, "src_heads")
     heads_dst = _head_range(dst_heads, dst_spec, "dst_heads")
@@ -250,16 +250,6 @@ def _check_unique(ids: np.ndarray, argument: str) -> None:
         repeated = np.flatnonzero(same)
         raise DescriptorError(f"{argument} must not repeat (each destination is written once), "
                               f"got {int(ordered[repeated[0]])} more than once")
-
-
-def _selection(selection: Any, count: int) -> Any:
-    if selection is None:
-        return np.arange(count, dtype=np.int64)
-    if isinstance(selection, slice):
-        return np.arange(count, dtype=np.int64)[selection]
-    if isinstance(selection, range):
-        return np.asarray(selection, dtype=np.int64)
-    return selection
 
 
 def _head_range(heads: tuple[int, int] | None, spec: KVCacheSpec, argument: str) -> tuple[int, int]:
