@@ -19,6 +19,9 @@ VARIABLES = {
     "KVXFER_UCX_LIB": "Path of a libucp.so to use instead of the libucx wheel's (e.g. a system UCX with verbs).",
     "KVXFER_UCX_ERROR_MODE": "UCX endpoint error handling: auto (none on one host, peer across hosts), peer, none.",
     "KVXFER_UCX_CMA": "Same-host host memory through batched process_vm_readv/writev: auto or off.",
+    "KVXFER_UCX_CMA_INLINE": "Cross-memory bytes a UCX post copies on the posting thread; all of a transfer up to "
+                             "this size (8388608).",
+    "KVXFER_UCX_CMA_THREADS": "Copy threads of the UCX cross-memory path; 0: one fewer than the cores, 1 to 2 (0).",
     "KVXFER_UCX_STAGE_BELOW": "On the UCX path, host fragments averaging fewer bytes than this are staged (32768).",
     "KVXFER_UCX_STAGE_CHUNK": "Bytes per staged UCX message (4194304).",
     "KVXFER_UCX_STAGE_INFLIGHT": "Staged UCX messages in flight per transfer (4).",

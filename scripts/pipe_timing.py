@@ -1,8 +1,9 @@
 """Where a KVPipe pull's host time goes on a GPU machine: each phase of the kernel route timed on its own.
 
-A prefill process on GPU 0 holds a Llama-3.1-8B cache; this process (GPU 1) pulls 4k-token requests through
-KVPipe and, separately, replays the same phases by hand. Prints median microseconds per phase.
-Usage: python3 scripts/pipe_timing.py [--tokens 4096] [--repeats 30]
+A prefill process on GPU 0 holds a Llama-3.1-8B cache; this process (GPU 1, or GPU 0 on a one-GPU machine) pulls
+4k-token requests through KVPipe and, separately, replays the same phases by hand. Prints median microseconds per
+phase, then (``--profile``) where pull() spends its host time.
+Usage: python3 scripts/pipe_timing.py [--tokens 4096] [--repeats 30] [--profile]
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    setup = Setup(tokens=args.tokens, p_tp=1, d_tp=1, p_gpu=0, d_gpu=1)
+    device = 1 if cupy.cuda.runtime.getDeviceCount() > 1 else 0
+    setup = Setup(tokens=args.tokens, p_tp=1, d_tp=1, p_gpu=0, d_gpu=device)
     context = multiprocessing.get_context("spawn")
     conn, child = context.Pipe()
     process = context.Process(target=_prefill_rank, args=(child, setup, 0), daemon=True)
@@ -39,7 +42,7 @@ def main() -> None:
     rng = np.random.default_rng(1)
     p_ids = rng.permutation(remote_spec.num_blocks)[:args.tokens // 16]
     d_ids = rng.permutation(spec.num_blocks)[:args.tokens // 16]
-    cupy.cuda.Device(1).use()
+    cupy.cuda.Device(device).use()
     cache = cupy.zeros(spec.nbytes, dtype=cupy.uint8)
     phases: dict[str, list[float]] = {}
 
@@ -63,12 +66,23 @@ def main() -> None:
                 dst_heads=route.heads.local_heads))
             timed("kernel_tables", lambda: plan.tables)
             timed("copy_kv_pointers", lambda: kernels.copy_kv_pointers(
-                route.mapped, route.region.nbytes, region.addr, region.nbytes, plan, device=1, stream=stream))
+                route.mapped, route.region.nbytes, region.addr, region.nbytes, plan, device=device, stream=stream))
             event = timed("event create+record", lambda: _record(cupy, stream))
             timed("event synchronize", event.synchronize)
             timed("agent.notify", lambda: agent.notify(peer, b"x"))
             if attempt < 3:
                 phases.clear()
+        if args.profile:
+            import cProfile
+            import pstats
+
+            profiler = cProfile.Profile()
+            for _ in range(args.repeats):
+                profiler.enable()
+                handle = pipe.pull(d_ids, p_ids)
+                profiler.disable()
+                handle.wait(timeout=30)
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
         pipe.close()
     conn.send("exit")
     process.join(30)

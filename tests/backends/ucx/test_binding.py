@@ -105,9 +105,18 @@ def test_config_from_environment() -> None:
     assert (config.error_mode, config.cma, config.stage_below, config.library_path) == ("peer", "off", 4096, None)
     assert UcxConfig.from_env({}) == UcxConfig()
     for bad in ({"KVXFER_UCX_ERROR_MODE": "sometimes"}, {"KVXFER_UCX_STAGE_CHUNK": "12"},
-                {"KVXFER_UCX_STAGE_INFLIGHT": "x"}):
+                {"KVXFER_UCX_STAGE_INFLIGHT": "x"}, {"KVXFER_UCX_CMA_THREADS": "65"},
+                {"KVXFER_UCX_CMA_INLINE": "-1"}):
         with pytest.raises(ConfigError):
             UcxConfig.from_env(bad)
+
+
+def test_config_reads_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVXFER_UCX_CMA_INLINE", "65536")
+    monkeypatch.setenv("KVXFER_UCX_CMA_THREADS", "1")
+    monkeypatch.setenv("KVXFER_UCX_STAGE_INFLIGHT", "2")
+    config = UcxConfig.from_env()
+    assert (config.cma_inline, config.cma_threads, config.stage_inflight) == (65536, 1, 2)
 
 
 def test_error_mode_is_symmetric_and_follows_the_host() -> None:
