@@ -100,43 +100,53 @@ def test_read_and_write_random_blocks_byte_exact(devices, memory, strategy):
         remote.close()
 
 
-@pytest.mark.multi_gpu
-def test_peer_killed_mid_transfer_fails_without_hanging_the_survivor():
+_SPIN = r"""
+extern "C" __global__ void spin(unsigned long long nanoseconds) {
+    unsigned long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now)); } while (now - start < nanoseconds);
+}
+"""
+
+
+@pytest.mark.parametrize("devices", [pytest.param((0, 0), marks=pytest.mark.gpu),
+                                     pytest.param((0, 1), marks=pytest.mark.multi_gpu)])
+def test_peer_killed_mid_transfer_fails_within_the_deadline(devices):
+    """A read queued behind a 3 s kernel is in flight for sure when the peer is SIGKILLed: it must end FAILED
+    (TransferError caused by the lost peer) well before its deadline, and the survivor's GPU keeps working."""
     import cupy
 
-    nbytes = 1 << 30
-    remote = Remote(1, "legacy", nbytes=nbytes, seed=11)
+    from kvxfer.backends.cuda_ipc import CudaIpcBackend
+
+    nbytes = 256 << 20
+    remote = Remote(devices[1], "legacy", nbytes=nbytes, seed=11)
+    backend = CudaIpcBackend("kernel")
     try:
-        with kvxfer.Agent("survivor", backends=["cuda_ipc"], timeouts=kvxfer.Timeouts(transfer=10)) as agent:
-            with cupy.cuda.Device(0):
+        with kvxfer.Agent("survivor", backends=[backend], timeouts=kvxfer.Timeouts(transfer=10)) as agent:
+            with cupy.cuda.Device(devices[0]):
                 cache = cupy.zeros(nbytes, dtype=cupy.uint8)
+                spin = cupy.RawKernel(_SPIN, "spin")
             region = agent.register(cache, name="kv")
             peer = agent.connect(remote.ask("meta"))
             offsets = np.random.default_rng(0).permutation(nbytes // 4096) * 4096
             plan = agent.plan(Descs.from_ranges(region, offsets, 4096), peer,
                               Descs.from_ranges(peer.region("kv"), offsets, 4096))
-            agent.read(plan).wait(timeout=30)
-            outcomes, started = [], time.monotonic()
-            killed = False
-            while time.monotonic() - started < 20:
-                try:
-                    handle = agent.read(plan, notify=b"x")
-                except (PeerDisconnectedError, kvxfer.UsageError) as error:
-                    outcomes.append(type(error).__name__)
-                    break
-                if not killed:
-                    os.kill(remote.process.pid, signal.SIGKILL)
-                    killed = True
-                try:
-                    handle.wait(timeout=15)
-                    outcomes.append("done")
-                except TransferError as error:
-                    outcomes.append(type(error).__name__)
-            assert killed and outcomes and outcomes[-1] != "done", outcomes
-            failures = [o for o in outcomes if o != "done"]
-            assert set(failures) <= {"TransferError", "UsageError"}, outcomes
+            agent.read(plan).wait(timeout=30)  # warm: peer memory mapped, tables uploaded
+            with cupy.cuda.Device(devices[0]):
+                spin((1,), (1,), (np.uint64(3_000_000_000),), stream=backend._stream(devices[0]))
+            handle = agent.read(plan, notify=b"late")
+            os.kill(remote.process.pid, signal.SIGKILL)
+            started = time.monotonic()
+            with pytest.raises(TransferError) as failure:
+                handle.wait(timeout=15)
+            elapsed = time.monotonic() - started
+            assert handle.state is TransferState.FAILED
+            assert isinstance(failure.value.__cause__, PeerDisconnectedError), repr(failure.value.__cause__)
+            assert elapsed < 10, elapsed  # within the transfer deadline: it ended with the spin, ~3 s
             assert not peer.connected
-            with cupy.cuda.Device(0):  # the survivor's GPU context still works
+            with pytest.raises((PeerDisconnectedError, kvxfer.UsageError)):
+                agent.read(plan)
+            with cupy.cuda.Device(devices[0]):  # the survivor's GPU context still works
                 assert int(cupy.arange(10).sum()) == 45
     finally:
         remote.process.join(5)

@@ -221,9 +221,7 @@ class CudaIpcBackend(Backend):
                         batch_copy.split_pieces(sources, destinations, state.sizes), state.device)
                 batch_copy.launch(table, state.device, stream)
             else:
-                copy_default = 4  # cudaMemcpyDefault: direction from the unified addresses
-                for source, destination, size in zip(sources.tolist(), destinations.tolist(), state.sizes.tolist()):
-                    cupy.cuda.runtime.memcpyAsync(destination, source, size, copy_default, stream.ptr)
+                self._copy_engine(cupy, sources.tolist(), destinations.tolist(), state.sizes.tolist(), stream.ptr)
             event = cupy.cuda.Event(block=False, disable_timing=True, interprocess=False)
             event.record(stream)
         request = IpcRequest(plan.nbytes, event, plan.peer.meta.uid, notify, state.strategy)
@@ -231,6 +229,15 @@ class CudaIpcBackend(Backend):
             self._pending.add(request)
             self._wake.notify()
         return request
+
+    @staticmethod
+    def _copy_engine(cupy: Any, sources: list[int], destinations: list[int], sizes: list[int], stream: int) -> None:
+        """Copy-engine copies: one cuMemcpyBatchAsync where the driver has it, else one memcpyAsync per run."""
+        if driver.memcpy_batch(destinations, sources, sizes, stream):
+            return
+        copy_default = 4  # cudaMemcpyDefault: direction from the unified addresses
+        for source, destination, size in zip(sources, destinations, sizes):
+            cupy.cuda.runtime.memcpyAsync(destination, source, size, copy_default, stream)
 
     def poll(self, request: Request) -> TransferState:
         assert isinstance(request, IpcRequest)

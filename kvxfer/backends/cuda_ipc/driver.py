@@ -74,6 +74,36 @@ def close_legacy(ptr: int) -> None:
     cupy_module().cuda.runtime.ipcCloseMemHandle(ptr)
 
 
+_BATCH_UNSUPPORTED: list[str] = []  # why cuMemcpyBatchAsync is not used in this process (empty: not known yet)
+
+
+def memcpy_batch(destinations: list[int], sources: list[int], sizes: list[int], stream: int) -> bool:
+    """Queue every copy on ``stream`` with ONE ``cuMemcpyBatchAsync`` (CUDA >= 12.8 driver and bindings).
+
+    Returns False, having queued nothing, when this driver or cuda-python lacks it (remembered for the process:
+    the caller then issues one ``cudaMemcpyAsync`` per copy). Copies are pointer-to-pointer, sources read in stream
+    order. Other failures raise BackendError.
+    """
+    if _BATCH_UNSUPPORTED:
+        return False
+    driver = cu()
+    call = getattr(driver, "cuMemcpyBatchAsync", None)
+    if call is None:
+        _BATCH_UNSUPPORTED.append("cuda-python has no cuMemcpyBatchAsync")
+        return False
+    attributes = driver.CUmemcpyAttributes()
+    attributes.srcAccessOrder = driver.CUmemcpySrcAccessOrder.CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
+    result = call([driver.CUdeviceptr(d) for d in destinations], [driver.CUdeviceptr(s) for s in sources],
+                  list(sizes), len(sizes), [attributes], [0], 1, driver.CUstream(stream))
+    status = result[0] if isinstance(result, tuple) else result
+    missing = (driver.CUresult.CUDA_ERROR_NOT_SUPPORTED, driver.CUresult.CUDA_ERROR_NOT_FOUND)
+    if status in missing:  # an older driver: nothing was queued
+        _BATCH_UNSUPPORTED.append(f"the driver answered {status.name}")
+        return False
+    check(result, "cuMemcpyBatchAsync")
+    return True
+
+
 def _posix_fd_type() -> Any:
     return cu().CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
 
