@@ -72,6 +72,7 @@ class Descs:
         """
         space = _space_of(region)
         spec.check_fits(region.nbytes, argument=f"region {region.name!r}")
+        spec.check_itemsize(region.itemsize, "spec", f"region {region.name!r}")
         offsets, piece_nbytes = spec.block_offsets(block_ids, layers=layers, heads=heads, parts=parts)
         sizes = np.full(offsets.shape, piece_nbytes, dtype=np.int64)
         return cls._of_region(region, space, offsets, sizes)

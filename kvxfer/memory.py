@@ -29,7 +29,8 @@ class Region:
     Built from an array with :meth:`from_array` (numpy, torch, cupy, or anything with ``__array_interface__``,
     ``__cuda_array_interface__`` or DLPack) or from a raw pointer with :meth:`from_ptr`. The region keeps
     ``owner`` alive so the memory cannot be freed while the region exists. ``name`` and ``index`` are set when an
-    agent registers it.
+    agent registers it. ``itemsize``: bytes per element of the array it was built from (None for a raw pointer);
+    a KV spec laid over it must have elements of that size unless it is 1 (bytes are untyped storage).
     """
 
     addr: int
@@ -39,6 +40,7 @@ class Region:
     owner: Any = field(default=None, repr=False)
     name: str = ""
     index: int = -1
+    itemsize: int | None = None
     _agent: Any = field(default=None, repr=False)
     _backend_keys: dict = field(default_factory=dict, repr=False)
 
@@ -51,6 +53,9 @@ class Region:
             raise ConfigError("Region.nbytes must be > 0, got 0")
         if self.addr == 0:
             raise ConfigError("Region.addr must not be NULL")
+        if self.itemsize is not None and (not isinstance(self.itemsize, (int, np.integer))
+                                          or isinstance(self.itemsize, bool) or self.itemsize < 1):
+            raise ConfigError(f"Region.itemsize must be None or an int >= 1, got {self.itemsize!r}")
         if self.addr + self.nbytes > 2**64:
             raise ConfigError(f"Region [{self.addr:#x}, +{self.nbytes}) overflows a 64-bit address")
         if self.kind is MemoryKind.CUDA and self.device < 0:
@@ -58,6 +63,7 @@ class Region:
         if self.kind is MemoryKind.HOST:
             self.device = -1
         self.addr, self.nbytes, self.device = int(self.addr), int(self.nbytes), int(self.device)
+        self.itemsize = None if self.itemsize is None else int(self.itemsize)
 
     @property
     def registered(self) -> bool:
@@ -128,7 +134,7 @@ def _from_interface(owner: Any, interface: dict, kind: MemoryKind, device: int) 
     addr, _readonly = interface["data"]
     itemsize = np.dtype(interface["typestr"]).itemsize
     nbytes = _contiguous_nbytes(tuple(interface["shape"]), interface.get("strides"), itemsize)
-    return Region(addr=addr, nbytes=nbytes, kind=kind, device=device, owner=owner)
+    return Region(addr=addr, nbytes=nbytes, kind=kind, device=device, owner=owner, itemsize=itemsize)
 
 
 def _cuda_device_of(array: Any, interface: dict) -> int:
@@ -149,12 +155,13 @@ def _from_torch(array: Any) -> Region | None:
         return None
     if not array.is_contiguous():
         raise ConfigError(f"array must be contiguous to register; torch tensor of shape {tuple(array.shape)} is not")
-    nbytes = array.numel() * array.element_size()
+    itemsize = array.element_size()
+    nbytes = array.numel() * itemsize
     if array.device.type == "cuda":
         return Region(addr=array.data_ptr(), nbytes=nbytes, kind=MemoryKind.CUDA, device=array.device.index,
-                      owner=array)
+                      owner=array, itemsize=itemsize)
     if array.device.type == "cpu":
-        return Region(addr=array.data_ptr(), nbytes=nbytes, kind=MemoryKind.HOST, owner=array)
+        return Region(addr=array.data_ptr(), nbytes=nbytes, kind=MemoryKind.HOST, owner=array, itemsize=itemsize)
     raise ConfigError(f"array: torch device {array.device} is not supported (cpu or cuda)")
 
 
@@ -194,6 +201,11 @@ class RemoteRegion:
     def end(self) -> int:
         """One past the last byte."""
         return self.addr + self.nbytes
+
+    @property
+    def itemsize(self) -> None:
+        """Unknown: peers' metadata does not carry dtypes, so only the side that registered a region checks it."""
+        return None
 
     @property
     def peer_name(self) -> str:

@@ -70,6 +70,7 @@ class KVPipe:
         self.agent, self.spec = agent, local_spec
         self.region = _local_region(agent, local_region)
         local_spec.check_fits(self.region.nbytes, argument=f"region {local_region!r}")
+        local_spec.check_itemsize(self.region.itemsize, "local_spec", f"region {local_region!r}")
         self.device = self.region.device if self.region.kind is MemoryKind.CUDA else -1
         self.routes = [self._route(head, agent.peer(peers[head.remote]), specs[head.remote], remote_region, strategy)
                        for head in route_heads(local_spec, specs)]

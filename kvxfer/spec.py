@@ -195,6 +195,16 @@ class KVCacheSpec:
         if self.nbytes > nbytes:
             raise ConfigError(f"{argument}: KVCacheSpec needs {self.nbytes} bytes, the region has {nbytes}")
 
+    def check_itemsize(self, itemsize: int | None, argument: str, where: str) -> None:
+        """Raise ConfigError unless memory of ``itemsize``-byte elements (``where``) can hold this spec's dtype.
+
+        ``None`` (a raw pointer, a peer's region: the size is unknown) and 1 (bytes: untyped storage) always pass.
+        """
+        if itemsize is None or itemsize == 1 or itemsize == self.itemsize:
+            return
+        raise ConfigError(f"{argument}: KVCacheSpec dtype {self.dtype!r} has {self.itemsize}-byte elements, "
+                          f"{where} holds {itemsize}-byte elements (use an array of that dtype, or of uint8)")
+
     # ---- block -> byte offsets ---------------------------------------------------------------------------------
 
     def fragments(self, heads: tuple[int, int] | None = None) -> tuple[np.ndarray, int]:

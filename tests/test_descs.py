@@ -74,3 +74,37 @@ def test_overlap_detection(agent):
         check_no_overlap(Descs.from_ranges(region, [64, 0, 90], 32), "dst")
     with pytest.raises(DescriptorError, match="overlap"):
         check_no_overlap(Descs.from_ranges(region, [0, 0], 8), "dst")
+
+
+BF16 = KVCacheSpec(2, 4, 4, 2, 8, dtype="bfloat16")
+
+
+def test_from_blocks_refuses_a_region_of_another_element_size():
+    with kvxfer.Agent("p", backends=["local"]) as prefill, kvxfer.Agent("d", backends=["local"]) as decode:
+        prefill.register(np.ones(BF16.nbytes, np.uint8), name="kv")
+        target = np.full(BF16.nbytes // 4, -7.0, np.float32)
+        local = decode.register(target, name="kv")
+        peer = decode.connect(prefill.metadata())
+        with pytest.raises(ConfigError, match=r"^spec: KVCacheSpec dtype 'bfloat16' has 2-byte elements, region 'kv' "
+                                              r"holds 4-byte elements"):
+            decode.read(decode.plan(Descs.from_blocks(local, BF16, [0, 1]), peer,
+                                    Descs.from_blocks(peer.region("kv"), BF16, [2, 3]))).wait()
+        assert (target == -7.0).all()
+
+
+@pytest.mark.parametrize("storage", ["uint8", "uint16", "pointer"])
+def test_from_blocks_accepts_bytes_same_size_elements_and_raw_pointers(agent, storage):
+    backing = np.zeros(BF16.nbytes, np.uint8)
+    array = {"uint8": backing, "uint16": backing.view(np.uint16),
+             "pointer": kvxfer.Region.from_ptr(backing.ctypes.data, backing.nbytes, owner=backing)}[storage]
+    region = agent.register(array, name="kv")
+    assert region.itemsize == {"uint8": 1, "uint16": 2, "pointer": None}[storage]
+    assert Descs.from_blocks(region, BF16, [1, 3]).total_nbytes == 2 * BF16.num_layers * BF16.block_nbytes
+
+
+def test_peer_regions_carry_no_element_size_so_only_the_owner_checks():
+    with kvxfer.Agent("p", backends=["local"]) as prefill, kvxfer.Agent("d", backends=["local"]) as decode:
+        prefill.register(np.zeros(BF16.nbytes // 4, np.float32), name="kv")
+        remote = decode.connect(prefill.metadata()).region("kv")
+        assert remote.itemsize is None
+        assert len(Descs.from_blocks(remote, BF16, [0])) == 2 * BF16.num_layers

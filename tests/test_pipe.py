@@ -217,3 +217,35 @@ def test_push_fills_every_replica_of_a_replicated_head():
         pipe.close()
     finally:
         cluster.close()
+
+
+def test_local_spec_over_an_array_of_another_element_size_is_refused_before_any_byte_moves():
+    cluster = Cluster(1, 1, 8, 16, 16, "HND", "HND", tokens=16)  # float32 caches
+    try:
+        local, remote = (specs[0].replace(dtype="bfloat16") for specs in (cluster.d_specs, cluster.p_specs))
+        with pytest.raises(ConfigError, match=r"^local_spec: KVCacheSpec dtype 'bfloat16' has 2-byte elements, "
+                                              r"region 'kv' holds 4-byte elements"):
+            KVPipe(cluster.decode[0], local, cluster.peers[0], [remote])
+        assert (cluster.d_caches[0] == -7).all()
+    finally:
+        cluster.close()
+
+
+@pytest.mark.parametrize("storage", ["uint8", "uint16", "pointer"])
+def test_bf16_spec_over_bytes_uint16_or_a_raw_pointer_pulls(storage):
+    spec = make_spec(0, 1, 4, 4, "NHD").replace(dtype="bfloat16")
+    source = np.random.default_rng(1).integers(0, 1 << 16, spec.tensor_shape, dtype=np.uint16)
+    backing = np.zeros(spec.nbytes, np.uint8)
+    target = {"uint8": backing, "uint16": backing.view(np.uint16),
+              "pointer": kvxfer.Region.from_ptr(backing.ctypes.data, backing.nbytes, owner=backing)}[storage]
+    with kvxfer.Agent("p", backends=["local"]) as prefill, kvxfer.Agent("d", backends=["local"]) as decode:
+        prefill.register(source, name="kv")
+        decode.register(target, name="kv")
+        pipe = KVPipe(decode, spec, decode.connect(prefill.metadata()), spec)
+        handle = pipe.pull([5, 0], [2, 7])
+        handle.wait(timeout=30)
+        assert handle.state is TransferState.DONE
+        pipe.close()
+    cache = backing.view(np.uint16).reshape(spec.tensor_shape)
+    np.testing.assert_array_equal(cache[:, [5, 0]], source[:, [2, 7]])
+    assert not np.delete(cache, [5, 0], axis=1).any()

@@ -6,8 +6,9 @@ one KV cache layout (a :class:`~kvxfer.spec.KVCacheSpec`) to another. Different 
 and NHD <-> HND are all that copy. A contiguous staging buffer is itself a spec (:func:`staging_spec`), so
 :func:`gather_blocks` and :func:`scatter_blocks` are copies to and from it.
 
-Arrays are whole registered buffers, C-contiguous, any dtype (the copy moves raw elements of the spec's size):
-numpy arrays and torch CPU tensors run the NumPy reference; cupy arrays and torch CUDA tensors run one CUDA kernel
+Arrays are whole registered buffers, C-contiguous, of the spec's element size or bytes (uint8): the copy moves raw
+elements of the spec's size, so uint16 holds bfloat16 and float32 is refused for it.
+Numpy arrays and torch CPU tensors run the NumPy reference; cupy arrays and torch CUDA tensors run one CUDA kernel
 launch on ``stream``. :func:`copy_kv_pointers` runs the kernel on raw device pointers (IPC-mapped peer memory).
 Importing this package imports neither cupy nor torch.
 """
@@ -39,12 +40,15 @@ def copy_kv(src: Any, dst: Any, plan: KVCopyPlan, *, stream: Any = None) -> None
         from . import _cuda
 
         source, target = _cuda.cuda_region(src, "src"), _cuda.cuda_region(dst, "dst")
+        _check_itemsizes(plan, source.itemsize, target.itemsize)
         check_no_alias(plan, source.addr, target.addr)
         _cuda.copy_kv(src, dst, plan, stream=stream)
         return
     if stream is not None:
         raise ConfigError("stream applies to CUDA arrays only; src and dst are host arrays")
-    check_no_alias(plan, reference.host_bytes(src, "src").ctypes.data, reference.host_bytes(dst, "dst").ctypes.data)
+    source, target = reference.host_bytes(src, "src"), reference.host_bytes(dst, "dst")
+    _check_itemsizes(plan, _host_itemsize(src), _host_itemsize(dst))
+    check_no_alias(plan, source.ctypes.data, target.ctypes.data)
     reference.copy_kv(src, dst, plan)
 
 
@@ -124,6 +128,12 @@ def scatter_blocks(staging: Any, staging_layout: KVCacheSpec | None, cache: Any,
     return layout
 
 
+def _check_itemsizes(plan: KVCopyPlan, src_itemsize: int | None, dst_itemsize: int | None) -> None:
+    """ConfigError if src or dst holds elements of another size than its spec's dtype (bytes always pass)."""
+    plan.src_spec.check_itemsize(src_itemsize, "src", "the src array")
+    plan.dst_spec.check_itemsize(dst_itemsize, "dst", "the dst array")
+
+
 def check_no_alias(plan: KVCopyPlan, src_addr: int, dst_addr: int) -> None:
     """DescriptorError if the plan could read bytes it writes (src and dst memory overlap).
 
@@ -147,6 +157,13 @@ def check_no_alias(plan: KVCopyPlan, src_addr: int, dst_addr: int) -> None:
     raise DescriptorError(
         f"src bytes [{src_range[0]:#x}, {src_range[1]:#x}) and dst bytes [{dst_range[0]:#x}, {dst_range[1]:#x}) "
         "overlap with different specs; copy through a separate buffer")
+
+
+def _host_itemsize(array: Any) -> int:
+    """Bytes per element of a numpy array or torch CPU tensor (host_bytes accepted it)."""
+    if type(array).__module__.startswith("torch"):
+        return int(array.element_size())
+    return int(array.dtype.itemsize)
 
 
 def _is_cuda(array: Any) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -158,6 +159,45 @@ def test_bad_buffers() -> None:
 
     with pytest.raises(ConfigError, match="both be host or both CUDA"):
         kernels.copy_kv(good, FakeDeviceArray(), plan)
+
+
+def test_arrays_of_another_element_size_than_the_spec_are_refused_before_anything_moves() -> None:
+    spec = KVCacheSpec(num_layers=1, num_blocks=2, block_size=2, num_kv_heads=1, head_dim=4)  # bfloat16
+    plan = kernels.plan_kv_copy(spec, spec, [0], [1])
+    source = random_bytes(np.random.default_rng(6), spec.nbytes)
+    wide = np.full(spec.nbytes // 4, -7.0, dtype=np.float32)
+    with pytest.raises(ConfigError, match=r"^dst: KVCacheSpec dtype 'bfloat16' has 2-byte elements, the dst array "
+                                          r"holds 4-byte elements"):
+        kernels.copy_kv(source, wide, plan)
+    assert (wide == -7.0).all()
+    target = np.zeros(spec.nbytes, dtype=np.uint8)
+    with pytest.raises(ConfigError, match=r"^src: .* the src array holds 4-byte elements"):
+        kernels.copy_kv(wide, target, plan)
+    assert not target.any()
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ConfigError, match=r"^dst: .* the dst array holds 4-byte elements"):
+        kernels.copy_kv(source, torch.zeros(spec.nbytes // 4, dtype=torch.float32), plan)
+
+    class FakeDeviceArray:
+        device = types.SimpleNamespace(id=0)
+
+        def __init__(self, address: int, typestr: str, count: int) -> None:
+            self.__cuda_array_interface__ = {"data": (address, False), "shape": (count,), "typestr": typestr,
+                                             "version": 3}
+
+    with pytest.raises(ConfigError, match=r"^src: .* the src array holds 4-byte elements"):
+        kernels.copy_kv(FakeDeviceArray(1 << 20, "<f4", spec.nbytes // 4), FakeDeviceArray(1 << 30, "|u1", spec.nbytes),
+                        plan)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_bytes_and_arrays_of_the_spec_element_size_are_accepted(dtype: type) -> None:
+    spec = KVCacheSpec(num_layers=1, num_blocks=2, block_size=2, num_kv_heads=1, head_dim=4)  # bfloat16
+    source = random_bytes(np.random.default_rng(7), spec.nbytes)
+    target = np.zeros(spec.nbytes, dtype=np.uint8)
+    kernels.copy_kv(source.view(dtype), target.view(dtype), kernels.plan_kv_copy(spec, spec, [0], [1]))
+    half = spec.nbytes // 2
+    assert target[half:].tobytes() == source[:half].tobytes() and not target[:half].any()
 
 
 def test_empty_copy_is_a_no_op() -> None:
