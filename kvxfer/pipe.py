@@ -24,14 +24,14 @@ from .agent import Agent
 from .backends.base import Backend
 from .checksum import Checksums
 from .descs import Descs
-from .errors import ConfigError, DescriptorError, RegistrationError, UsageError
+from .errors import ConfigError, DescriptorError, RegistrationError
 from .lease import Leases
 from .memory import MemoryKind, Region, RemoteRegion
 from .peer import Peer
-from .pipe_work import PipeWork
+from .pipe_work import MAX_KEY, LayerBoard, PipeWork, announce
 from .ranks import HeadRoute, route_heads
 from .spec import KVCacheSpec, as_index_array, has_repeats, selection_ids
-from .steps import PipeHandle
+from .steps import LayerStream, PipeHandle
 
 logger = logging.getLogger("kvxfer")
 
@@ -118,15 +118,22 @@ class KVPipe:
     def pull(self, local_block_ids: Any, remote_block_ids: Any, notify: bytes | None = None, *,
              num_tokens: int | None = None, layers: Any = None, timeout: float | None = None,
              lease: bytes | None = None, renew_every: float = 1.0,
-             expected: dict[str, Checksums | bytes] | None = None) -> PipeHandle:
+             expected: dict[str, Checksums | bytes] | None = None, stream_layers: bool = False,
+             stream_key: bytes | None = None) -> PipeHandle:
         """Fill local blocks ``local_block_ids`` (int[n], host; sequence order) with the tokens of the peers'
         blocks ``remote_block_ids`` (int[m], host). ``notify`` reaches every peer of the request after the data.
         ``layers`` (ids or range) narrows the request; ``num_tokens`` defaults to what the blocks hold.
         ``lease``: the senders' lease key, renewed every ``renew_every`` s and released at the end; the transfer
         fails if a sender lets it expire. ``expected``: peer name -> that sender's :meth:`checksums`, verified
-        after the data arrived (TransferError on mismatch)."""
+        after the data arrived (TransferError on mismatch). With ``stream_layers``, a layer moves once every peer
+        of the request announced it ready for ``stream_key`` (:meth:`announce`); it ends when every layer moved."""
+        if stream_layers != (stream_key is not None):
+            raise ConfigError("a streamed pull needs both stream_layers=True and a stream_key")
+        if stream_key is not None and (not isinstance(stream_key, bytes) or not 0 < len(stream_key) <= MAX_KEY):
+            raise ConfigError(f"stream_key must be 1 to {MAX_KEY} bytes, got {stream_key!r}")
         return self._request("read", local_block_ids, remote_block_ids, notify, num_tokens, layers, timeout,
-                             lease=lease, renew_every=renew_every, expected=expected)
+                             stream_layers, lease=lease, renew_every=renew_every, expected=expected,
+                             stream_key=stream_key)
 
     def push(self, local_block_ids: Any, remote_block_ids: Any, notify: bytes | None = None, *,
              num_tokens: int | None = None, layers: Any = None, timeout: float | None = None,
@@ -138,7 +145,8 @@ class KVPipe:
 
     def _request(self, op: str, local_ids: Any, remote_ids: Any, notify: bytes | None, num_tokens: int | None,
                  layers: Any, timeout: float | None, stream_layers: bool = False, lease: bytes | None = None,
-                 renew_every: float = 1.0, expected: dict | None = None) -> PipeHandle:
+                 renew_every: float = 1.0, expected: dict | None = None,
+                 stream_key: bytes | None = None) -> PipeHandle:
         if notify is not None and not isinstance(notify, (bytes, bytearray)):
             raise ConfigError(f"notify must be bytes or None, got {type(notify).__name__}")
         local_ids = as_index_array(local_ids, "local_block_ids", self.spec.num_blocks)
@@ -155,19 +163,27 @@ class KVPipe:
             raise DescriptorError("remote_block_ids must not repeat (they are written)")
         nbytes = sum(self._route_nbytes(r, t, len(layer_ids)) for r, t in zip(routes, tokens))
         limit = self.agent.timeouts.transfer if timeout is None else timeout
-        request = _Request(op, local_ids, remote, tokens, notify, layer_ids, routes, _decode_expected(expected), lease)
+        request = _Request(op, local_ids, remote, tokens, notify, layer_ids, routes, _decode_expected(expected), lease,
+                           stream_key)
+        if stream_key is not None and stream_key in LayerBoard.of(self.agent).listened:
+            raise ConfigError(f"a pull already streams request key {stream_key!r}")
+        steps = [] if stream_layers else [s for route, t in zip(routes, tokens)
+                                          for s in self._work.steps(op, route, request.local, request.remote, t,
+                                                                    layer_ids)]
+        if lease is not None:
+            steps.append(Leases.of(self.agent).hold(lease, _peer_names(routes), renew_every))
         if stream_layers:
-            if op != "write":
-                raise ConfigError("stream_layers applies to push (the side that computes the layers)")
-            handle: PipeHandle = StreamingPush(self, request, layer_ids, time.monotonic() + limit, limit, nbytes)
+            handle: PipeHandle = LayerStream(self, request, steps, time.monotonic() + limit, limit, nbytes)
         else:
-            steps = [s for route, t in zip(routes, tokens)
-                     for s in self._work.steps(op, route, request.local, request.remote, t, layer_ids)]
-            if lease is not None:
-                steps.append(Leases.of(self.agent).hold(lease, _peer_names(routes), renew_every))
             handle = PipeHandle(steps, time.monotonic() + limit, limit, self.strategy, nbytes,
                                 on_done=lambda: self._finish(request), on_final=lambda h: self._final(request, h))
         self._work.watch(handle)
+        if isinstance(handle, LayerStream) and stream_key is not None:
+            try:
+                LayerBoard.of(self.agent).listen(stream_key, _peer_names(routes), handle.announced)
+            except ConfigError:  # another pull took the key meanwhile
+                handle.release()
+                raise
         return handle
 
     def _tokens(self, local_ids: np.ndarray, remote_ids: np.ndarray, route: Route, num_tokens: int | None) -> int:
@@ -196,9 +212,18 @@ class KVPipe:
                 self.agent.notify(name, request.notify)
 
     def _final(self, request: "_Request", handle: PipeHandle) -> None:
+        if request.stream_key is not None:
+            LayerBoard.of(self.agent).forget(request.stream_key, getattr(handle, "announced", None))
         if request.lease is not None:
             Leases.of(self.agent).drop(request.lease, release=True)
         self._work.release_for(handle)
+
+    def announce(self, peer: Peer | str | Sequence[Peer | str], request_key: bytes, layers: Any) -> None:
+        """Prefill side of a streamed pull: tell ``peer`` (one or several) that ``layers`` (an id, ids or a range)
+        of the request its pull streams as ``request_key`` are computed."""
+        ids = as_index_array(selection_ids(layers, self.spec.num_layers), "layers", self.spec.num_layers)
+        for one in [peer] if isinstance(peer, (Peer, str)) else list(peer):
+            announce(self.agent, one, request_key, ids.tolist())
 
     def checksums(self, block_ids: Any, *, num_tokens: int | None = None, layers: Any = None) -> Checksums:
         """Checksums of this rank's blocks (all its heads), for a receiver's ``pull(..., expected=...)``."""
@@ -221,6 +246,7 @@ class _Request:
     routes: list[Route]
     expected: dict[str, Checksums] | None = None
     lease: bytes | None = None
+    stream_key: bytes | None = None
 
 
 def _peer_names(routes: list[Route]) -> list[str]:
@@ -236,34 +262,7 @@ def _decode_expected(expected: dict | None) -> dict[str, Checksums] | None:
             for name, value in expected.items()}
 
 
-class StreamingPush(PipeHandle):
-    """A push whose layers move as the caller marks them ready."""
-
-    def __init__(self, pipe: KVPipe, request: _Request, layers: np.ndarray, deadline: float, limit: float,
-                 nbytes: int) -> None:
-        self._pipe, self._request, self._pending_layers = pipe, request, set(int(x) for x in layers)
-        super().__init__([], deadline, limit, pipe.strategy, nbytes, on_done=lambda: pipe._finish(request),
-                         gate=lambda: not self._pending_layers, on_final=lambda h: pipe._final(request, h))
-
-    def ready(self, layers: Any) -> None:
-        """Layers (an id, ids or a range) are computed: start moving them."""
-        chosen = as_index_array(selection_ids(layers, self._pipe.spec.num_layers), "layers", self._pipe.spec.num_layers)
-        fresh = [int(x) for x in chosen if int(x) in self._pending_layers]
-        if len(fresh) != len(chosen):
-            raise DescriptorError(f"layers {sorted(set(chosen.tolist()) - set(fresh))} are not awaited by this push")
-        if self.poll().final:  # a failed or cancelled push posts nothing more
-            raise UsageError(f"this push is already {self.state.value}")
-        ids = np.asarray(fresh, dtype=np.int64)
-        steps = [s for route, tokens in zip(self._request.routes, self._request.tokens)
-                 for s in self._pipe._work.steps("write", route, self._request.local, self._request.remote, tokens,
-                                                 ids)]
-        try:
-            self.add(steps)
-        except UsageError:  # it ended while the steps were being posted: stop them, they must not land
-            for step in steps:
-                step.cancel()
-            raise
-        self._pending_layers.difference_update(fresh)
+StreamingPush = LayerStream  # its former name
 
 
 def _local_region(agent: Agent, name: str) -> Region:

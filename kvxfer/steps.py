@@ -13,9 +13,12 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from .errors import (ConfigError, KvxferError, TransferCancelledError, TransferError, TransferTimeoutError,
+import numpy as np
+
+from .errors import (ConfigError, DescriptorError, KvxferError, TransferCancelledError, TransferError, TransferTimeoutError,
                      UsageError)
 from .handle import TransferHandle, TransferState
+from .spec import as_index_array, selection_ids
 
 
 class Step:
@@ -252,3 +255,43 @@ class PipeHandle:
 
     def __repr__(self) -> str:
         return f"PipeHandle({self.strategy}, {self.nbytes} bytes, {self._state.value})"
+
+
+class LayerStream(PipeHandle):
+    """A push or pull whose layers move as they are marked ready (push: by the caller; pull: by the peers'
+    announcements)."""
+
+    def __init__(self, pipe: Any, request: Any, steps: list[Step], deadline: float, limit: float,
+                 nbytes: int) -> None:
+        self._pipe, self._request, self._pending_layers = pipe, request, set(int(x) for x in request.layers)
+        super().__init__(steps, deadline, limit, pipe.strategy, nbytes, on_done=lambda: pipe._finish(request),
+                         gate=lambda: not self._pending_layers, on_final=lambda h: pipe._final(request, h))
+
+    def ready(self, layers: Any) -> None:
+        """Layers (an id, ids or a range) are computed: start moving them."""
+        chosen = as_index_array(selection_ids(layers, self._pipe.spec.num_layers), "layers", self._pipe.spec.num_layers)
+        with self._lock:
+            fresh = [int(x) for x in chosen if int(x) in self._pending_layers]
+            if len(fresh) != len(chosen):
+                raise DescriptorError(f"layers {sorted(set(chosen.tolist()) - set(fresh))} are not awaited by this "
+                                      f"request")
+            if self.poll().final:  # a failed or cancelled request posts nothing more
+                raise UsageError(f"this request is already {self.state.value}")
+            ids = np.asarray(fresh, dtype=np.int64)
+            request = self._request
+            steps = [s for route, tokens in zip(request.routes, request.tokens)
+                     for s in self._pipe._work.steps(request.op, route, request.local, request.remote, tokens, ids)]
+            self.add(steps)
+            self._pending_layers.difference_update(fresh)
+
+    def announced(self, layers: list[int]) -> None:
+        """Every peer announced ``layers``: move those this pull awaits (from the delivering thread)."""
+        with self._lock:
+            wanted = [x for x in layers if x in self._pending_layers]
+            if not wanted or self._released or self.poll().final:
+                return
+            try:
+                self.ready(wanted)
+            except KvxferError as error:  # the pull cannot go on: fail it now rather than at its deadline
+                if not self._state.final:
+                    self._abort(TransferState.FAILED, error)

@@ -249,3 +249,127 @@ def test_bf16_spec_over_bytes_uint16_or_a_raw_pointer_pulls(storage):
     cache = backing.view(np.uint16).reshape(spec.tensor_shape)
     np.testing.assert_array_equal(cache[:, [5, 0]], source[:, [2, 7]])
     assert not np.delete(cache, [5, 0], axis=1).any()
+
+
+def announcers(cluster):
+    """A pipe on every prefill rank towards decode rank 0, to announce ready layers with."""
+    return [KVPipe(agent, spec, agent.connect(cluster.decode[0].metadata()), cluster.d_specs[0])
+            for agent, spec in zip(cluster.prefill, cluster.p_specs)]
+
+
+def wait_until(check, seconds=5.0):
+    import time
+
+    give_up = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < give_up, "timed out waiting"
+        time.sleep(0.005)
+
+
+def settle(handle, seconds=0.2):
+    """Poll ``handle`` for a while; it must still be pending afterwards."""
+    import time
+
+    give_up = time.monotonic() + seconds
+    while time.monotonic() < give_up:
+        assert handle.poll() is TransferState.PENDING
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "direct", "staged"])
+def test_pull_streams_layers_as_the_prefill_side_announces_them(strategy):
+    cluster = Cluster(1, 1, 8, 16, 16, "HND", "HND", tokens=40)
+    try:
+        (announcer,) = announcers(cluster)
+        pipe, cache, expected = cluster.pipe(0, strategy=strategy), cluster.d_caches[0], cluster.expected(0)
+        handle = pipe.pull(cluster.d_ids, cluster.p_ids, notify=b"pulled", num_tokens=40, stream_layers=True,
+                           stream_key=b"req-7")
+        announcer.announce("d0", b"another-request", [0, 1])  # not this pull's key: nothing moves
+        settle(handle)
+        assert (cache == -7).all()
+        announcer.announce("d0", b"req-7", 0)
+        wait_until(lambda: np.array_equal(cache[0], expected[0]))
+        settle(handle)
+        assert (cache[1] == -7).all()  # layer 1 not announced: untouched
+        announcer.announce(["d0"], b"req-7", range(1, 2))
+        handle.wait(timeout=10)
+        np.testing.assert_array_equal(cache, expected)
+        assert [n.payload for n in cluster.prefill[0].notifications(timeout=2)] == [b"pulled"]
+        assert kvxfer.pipe_work.LayerBoard.of(cluster.decode[0]).listened == []
+        pipe.close()
+        announcer.close()
+    finally:
+        cluster.close()
+
+
+def test_pull_honours_layers_announced_before_it():
+    cluster = Cluster(1, 1, 8, 16, 32, "HND", "NHD", tokens=33)
+    try:
+        (announcer,) = announcers(cluster)
+        board = kvxfer.pipe_work.LayerBoard.of(cluster.decode[0])
+        pipe, cache, expected = cluster.pipe(0), cluster.d_caches[0], cluster.expected(0)
+        announcer.announce("d0", b"early", [0])
+        announcer.announce("d0", b"narrow", [0, 1])
+        assert sorted(board.keys) == [b"early", b"narrow"] and (cache == -7).all()
+        handle = pipe.pull(cluster.d_ids, cluster.p_ids, num_tokens=33, stream_layers=True, stream_key=b"early")
+        wait_until(lambda: np.array_equal(cache[0], expected[0]))
+        assert handle.poll() is TransferState.PENDING and (cache[1] == -7).all()
+        announcer.announce("d0", b"early", [1])
+        handle.wait(timeout=10)
+        np.testing.assert_array_equal(cache, expected)
+        assert board.keys == [b"narrow"]  # the ended pull's announcements are dropped
+        cache[:] = -7
+        pipe.pull(cluster.d_ids, cluster.p_ids, num_tokens=33, layers=[1], stream_layers=True,
+                  stream_key=b"narrow").wait(timeout=10)
+        np.testing.assert_array_equal(cache[1], expected[1])
+        assert (cache[0] == -7).all() and board.keys == []
+        pipe.close()
+        announcer.close()
+    finally:
+        cluster.close()
+
+
+@pytest.mark.parametrize("strategy", ["auto", "staged"])
+def test_pull_from_two_prefill_ranks_moves_a_layer_once_both_announced_it(strategy):
+    cluster = Cluster(2, 1, 8, 16, 16, "HND", "NHD", tokens=40)
+    try:
+        first, second = announcers(cluster)
+        pipe, cache, expected = cluster.pipe(0, strategy=strategy), cluster.d_caches[0], cluster.expected(0)
+        assert len({r.peer.name for r in pipe.routes}) == 2
+        handle = pipe.pull(cluster.d_ids, cluster.p_ids, num_tokens=40, stream_layers=True, stream_key=b"tp")
+        first.announce("d0", b"tp", [0, 1])
+        settle(handle)
+        assert (cache == -7).all()  # p1 announced nothing: not even p0's heads move
+        second.announce("d0", b"tp", 0)
+        wait_until(lambda: np.array_equal(cache[0], expected[0]))
+        settle(handle)
+        assert (cache[1] == -7).all()
+        second.announce("d0", b"tp", 1)
+        handle.wait(timeout=10)
+        np.testing.assert_array_equal(cache, expected)
+        pipe.close()
+        first.close()
+        second.close()
+    finally:
+        cluster.close()
+
+
+def test_streamed_pull_arguments_are_checked():
+    cluster = Cluster(1, 1, 8, 16, 16, "HND", "HND", tokens=16)
+    try:
+        pipe = cluster.pipe(0)
+        with pytest.raises(ConfigError, match="stream_key"):
+            pipe.pull(cluster.d_ids, cluster.p_ids, stream_layers=True)
+        with pytest.raises(ConfigError, match="stream_key"):
+            pipe.pull(cluster.d_ids, cluster.p_ids, stream_key=b"k")
+        with pytest.raises(ConfigError, match="stream_key must be"):
+            pipe.pull(cluster.d_ids, cluster.p_ids, stream_layers=True, stream_key="text")
+        handle = pipe.pull(cluster.d_ids, cluster.p_ids, stream_layers=True, stream_key=b"k")
+        with pytest.raises(ConfigError, match="already streams"):
+            pipe.pull(cluster.d_ids, cluster.p_ids, stream_layers=True, stream_key=b"k")
+        handle.cancel()
+        assert handle.state is TransferState.CANCELLED and (cluster.d_caches[0] == -7).all()
+        pipe.pull(cluster.d_ids, cluster.p_ids, stream_layers=True, stream_key=b"k").cancel()  # the key is free again
+        pipe.close()
+    finally:
+        cluster.close()
