@@ -12,7 +12,7 @@ import pytest
 import kvxfer
 from kvxfer.backends.ucx import UcxBackend
 from kvxfer.backends.ucx.config import UcxConfig
-from kvxfer.errors import KvxferError, TransferError, TransferTimeoutError
+from kvxfer.errors import KvxferError, PeerDisconnectedError, TransferError, TransferTimeoutError
 
 from .remote import RemoteAgent, digest, random_fill
 
@@ -29,9 +29,9 @@ CONFIGS = {
 }
 
 
-def _agent(path: str, name: str):
+def _agent(path: str, name: str, transfer: float = DEADLINE):
     agent = kvxfer.Agent(name, backends=[UcxBackend(CONFIGS[path])],
-                         timeouts=kvxfer.Timeouts(transfer=DEADLINE, close=2.0))
+                         timeouts=kvxfer.Timeouts(transfer=transfer, close=2.0))
     local = np.zeros(REGION_NBYTES, dtype=np.uint8)
     random_fill(local, seed=3)
     region = agent.register(local, name="buf")
@@ -152,3 +152,69 @@ def test_cancel_cross_memory_transfer_lands_nothing_afterwards() -> None:
                 handle.wait(1.0)
             agent.write(plan).wait(30)  # the link is still healthy
             assert target.call("digest", offsets[::-1].copy(), FRAGMENT) == digest(local, offsets, FRAGMENT)
+
+
+@pytest.mark.parametrize("path", ["shm-staged", "tcp"])
+def test_stopped_peer_times_out_at_its_deadline_and_stays_connected(path: str) -> None:
+    """docs/backends.md, "Error handling mode and liveness": a hung (SIGSTOPped) peer's transfers end FAILED with
+    the timeout error at their deadline, not before and not much after, and the peer stays connected (a hung peer
+    cannot be told from a slow one) as long as no cancel comes after the backend's own deadline."""
+    handle_deadline = 1.0  # well inside the backend's deadline (Timeouts.transfer = DEADLINE)
+    agent, _local, region = _agent(path, f"timed-{path}")
+    with agent:
+        with RemoteAgent("target", REGION_NBYTES) as sleeper:
+            peer = agent.connect(sleeper.metadata)
+            plan, _offsets = _plan(agent, region, peer, fragments=1024)
+            agent.write(plan).wait(30)
+            lost: list = []
+            sleeper.kill(signal.SIGSTOP)
+            try:
+                for attempt in range(2):  # the second shows the first left the link usable, not lost
+                    began = time.monotonic()
+                    handle = agent.write(plan, timeout=handle_deadline)
+                    with pytest.raises(TransferTimeoutError, match="missed its deadline") as caught:
+                        handle.wait(3 * DEADLINE)
+                    elapsed = time.monotonic() - began
+                    assert handle_deadline <= elapsed <= handle_deadline + 1.0, f"attempt {attempt}: {elapsed:.3f} s"
+                    assert handle.poll() is kvxfer.TransferState.FAILED
+                    assert handle.error is caught.value
+                    assert not isinstance(caught.value.__cause__, PeerDisconnectedError)
+                    handle.release()
+                    if _wait_for(lambda: not peer.connected, 0.3):
+                        lost.append(attempt)
+                assert not lost, f"the stopped peer was marked disconnected after attempts {lost}"
+                assert peer.connected
+            finally:
+                sleeper.kill(signal.SIGCONT)
+
+
+@pytest.mark.parametrize("path", ["shm-staged", "tcp"])
+def test_cancel_after_the_backend_deadline_marks_a_stopped_peer_lost(path: str) -> None:
+    """docs/backends.md: a cancel that comes after the backend's deadline (Timeouts.transfer) with UCX operations
+    outstanding presumes the peer hung: it is marked lost, new posts fail with PeerDisconnectedError, and
+    connecting again (to a live process) works."""
+    backend_deadline = 2.0  # Timeouts.transfer, shorter than DEADLINE to keep the test quick
+    agent, local, region = _agent(path, f"hung-{path}", transfer=backend_deadline)
+    with agent:
+        with RemoteAgent("target", REGION_NBYTES) as sleeper:
+            peer = agent.connect(sleeper.metadata)
+            plan, _offsets = _plan(agent, region, peer, fragments=1024)
+            agent.write(plan).wait(30)
+            sleeper.kill(signal.SIGSTOP)
+            try:
+                handle = agent.write(plan, timeout=10 * backend_deadline)  # the handle outlives the backend's
+                with pytest.raises(TransferTimeoutError, match="still in flight"):
+                    handle.wait(backend_deadline + 0.3)
+                assert handle.poll() is kvxfer.TransferState.PENDING
+                assert peer.connected, "the peer was marked lost before any cancel"
+                handle.cancel()
+                assert handle.state is kvxfer.TransferState.CANCELLED
+                assert _wait_for(lambda: not peer.connected, 2.0), "the hung peer was not marked disconnected"
+                assert "missed its deadline" in (peer.lost_reason or ""), peer.lost_reason
+                # The agent refuses a plan to the lost peer before the backend sees it (the backend's own
+                # PeerDisconnectedError is behind that check).
+                with pytest.raises(KvxferError, match="disconnected"):
+                    agent.write(plan).wait(backend_deadline)
+            finally:
+                sleeper.kill(signal.SIGCONT)
+        _check_healthy(agent, local, region, path)

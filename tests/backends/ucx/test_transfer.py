@@ -19,8 +19,8 @@ REGION_NBYTES = 128 << 20
 PATHS = {
     "cma": (UcxConfig(), (4 << 10, 64 << 10, 1 << 20, 64 << 20)),
     "shm-staged": (UcxConfig(cma="off"), (4 << 10,)),
-    "shm-direct": (UcxConfig(cma="off", stage_below=0), (4 << 10, 64 << 10, 1 << 20)),
-    "tcp": (UcxConfig(cma="off", error_mode="peer"), (4 << 10, 1 << 20)),
+    "shm-direct": (UcxConfig(cma="off", stage_below=0), (4 << 10, 64 << 10, 1 << 20, 64 << 20)),
+    "tcp": (UcxConfig(cma="off", error_mode="peer"), (4 << 10, 1 << 20, 64 << 20)),
 }
 EXPECTED_PATH = {"cma": "cma", "shm-staged": "staged", "shm-direct": "direct"}
 CASES = [(path, size) for path, (_config, sizes) in PATHS.items() for size in sizes]
