@@ -1,9 +1,14 @@
+import dataclasses
+import threading
+
 import numpy as np
 import pytest
 
 import kvxfer
-from kvxfer import (BackendUnavailableError, ConfigError, Descs, DescriptorError, KVCacheSpec, PeerError,
-                    RegistrationError, TransferState, UsageError)
+from kvxfer import (BackendUnavailableError, ConfigError, Descs, DescriptorError, HandshakeError, KVCacheSpec,
+                    PeerError, RegistrationError, TransferState, UsageError)
+from kvxfer.backends.local import LocalBackend
+from kvxfer.metadata import AgentMetadata
 from tests.helpers import agent_pair, random_bytes
 
 
@@ -137,3 +142,79 @@ def test_standalone_notify_and_agent_connected_to_itself():
         assert np.array_equal(data[2048:3072], data[:1024])
         agent.notify("solo", b"hello")
         assert agent.notifications(timeout=1)[0].payload == b"hello"
+
+
+class HostScopedLocal(LocalBackend):
+    """The local backend claiming host scope: whether it reaches a peer then rests on host ids alone."""
+
+    caps = dataclasses.replace(LocalBackend.caps, name="local-host", scope="host")
+
+
+def test_host_scope_reaches_only_peers_with_our_host_id(monkeypatch):
+    monkeypatch.setenv("KVXFER_HOST_ID", "node-a")
+    with kvxfer.Agent("src", backends=[HostScopedLocal()]) as src_agent, \
+            kvxfer.Agent("dst", backends=[HostScopedLocal()], host_id="node-b") as dst_agent:
+        assert (src_agent.host_id, dst_agent.host_id) == ("node-a", "node-b")
+        src_agent.register(random_bytes(4096), name="buf")
+        with pytest.raises(HandshakeError, match="no backend reaches peer 'src'") as caught:
+            dst_agent.connect(src_agent.metadata())
+        assert "'node-a'" in str(caught.value) and caught.value.peer_name == "src"
+        assert not dst_agent.peers
+    with kvxfer.Agent("src", backends=[HostScopedLocal()], host_id="node-a") as src_agent, \
+            kvxfer.Agent("dst", backends=[HostScopedLocal()]) as dst_agent:
+        source, destination = random_bytes(1 << 16), np.zeros(1 << 16, np.uint8)
+        src_agent.register(source, name="buf")
+        local = dst_agent.register(destination, name="buf")
+        # Another process of the same host: host scope still reaches it, process scope would not.
+        meta = AgentMetadata.decode(src_agent.metadata())
+        other_process = dataclasses.replace(meta, pid=meta.pid + 1).encode()
+        peer = dst_agent.connect(other_process)
+        assert [b.caps.scope for b in peer.backends] == ["host"]
+        plan = dst_agent.plan(ranges(local, [0], 1 << 16), peer, ranges(peer.region("buf"), [0], 1 << 16))
+        assert dst_agent.read(plan).wait().state is TransferState.DONE
+        assert np.array_equal(destination, source)
+    with kvxfer.Agent("src", backends=["local"]) as src_agent, kvxfer.Agent("dst", backends=["local"]) as dst_agent:
+        meta = AgentMetadata.decode(src_agent.metadata())
+        with pytest.raises(HandshakeError, match="no backend reaches"):
+            dst_agent.connect(dataclasses.replace(meta, pid=meta.pid + 1).encode())
+
+
+@pytest.mark.parametrize("op", ["write", "read"])
+def test_notification_is_observed_only_after_all_the_data(op):
+    """64 MiB in 16384 shuffled 4 KiB fragments (16 chunks over the copy threads); the notification goes to the
+    target (the peer written to, or read from) and its subscriber looks at the bytes the moment it arrives."""
+    fragment, count = 4096, 16384
+    rng = np.random.default_rng(5)
+    local_ids, remote_ids = rng.permutation(count), rng.permutation(count)
+    data, empty = random_bytes(fragment * count, 6), np.zeros(fragment * count, np.uint8)
+    mine, theirs = (data, empty) if op == "write" else (empty, data)
+    (source, source_ids), (destination, destination_ids) = (
+        ((mine, local_ids), (theirs, remote_ids)) if op == "write" else ((theirs, remote_ids), (mine, local_ids)))
+    expected = np.zeros_like(destination)
+    expected.reshape(count, fragment)[destination_ids] = source.reshape(count, fragment)[source_ids]
+    handles, posted, arrived, seen = [], threading.Event(), threading.Event(), []
+
+    def observe(note):  # on the initiator's copy thread
+        posted.wait(10)
+        seen.append((note.peer_name, note.payload, np.array_equal(destination, expected), handles[0].poll()))
+        if op == "read":
+            theirs[:] = 0  # "your blocks were read": the target may reuse them at once
+        arrived.set()
+
+    with kvxfer.Agent("initiator", backends=["local"]) as initiator, \
+            kvxfer.Agent("target", backends=["local"]) as target:
+        local = initiator.register(mine, name="buf")
+        target.register(theirs, name="buf")
+        target.subscribe(b"order:", observe)
+        peer = initiator.connect(target.metadata())
+        plan = initiator.plan(ranges(local, local_ids * fragment, fragment), peer,
+                              ranges(peer.region("buf"), remote_ids * fragment, fragment))
+        assert len(plan) == count  # nothing coalesced: every fragment is its own copy
+        handles.append(getattr(initiator, op)(plan, notify=b"order:1"))
+        posted.set()
+        assert arrived.wait(30)
+        handles[0].wait(timeout=30)
+        assert seen == [("initiator", b"order:1", True, TransferState.DONE)]
+        if op == "read":
+            assert np.array_equal(destination, expected)  # nothing was read after the notification
+        assert not target.notifications()  # the subscriber took it

@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from ..errors import KvxferError
+from ..errors import BackendUnavailableError, KvxferError
 from . import commands
 from .report import print_table, write_csv, write_json
 
@@ -26,7 +26,23 @@ def _local(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu_missing(args: argparse.Namespace) -> bool:
+    """True, after saying so (and noting it in --json), when no CUDA GPU is usable here (as `kernels` does)."""
+    from ..devices import cupy_module
+
+    try:
+        cupy_module()
+    except BackendUnavailableError as error:
+        print(f"kvxfer-bench {args.command} skipped: needs a CUDA GPU: {error}")
+        if args.json:
+            write_json(args.json, {"subcommand": args.command, "skipped": str(error), "tables": {}})
+        return True
+    return False
+
+
 def _ipc(args: argparse.Namespace) -> int:
+    if _gpu_missing(args):
+        return 0
     from . import ipc
 
     rows = ipc.run(source=args.source, target=args.target, tokens=args.tokens, block_size=args.block_size,
@@ -43,6 +59,8 @@ def _kv(args: argparse.Namespace) -> int:
                      d_block_size=args.d_block_size, layout=args.layout, d_layout=args.d_layout, p_tp=args.p_tp,
                      d_tp=args.d_tp, backend=args.backend, p_gpu=args.p_gpu, d_gpu=args.d_gpu,
                      only_rank=args.only_rank, dims=dims)
+    if setup.on_gpu and _gpu_missing(args):
+        return 0
     _emit(args, {f"KV request through KVPipe ({args.backend})": kv.run(setup, repeats=args.repeats, profile=args.profile,
                                                                        decode_processes=args.decode_processes)})
     return 0

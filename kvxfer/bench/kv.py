@@ -20,7 +20,7 @@ import numpy as np
 
 from ..agent import Agent
 from ..descs import Descs
-from ..errors import ConfigError
+from ..errors import ConfigError, PeerDisconnectedError
 from ..spec import KVCacheSpec
 
 MODELS = {"llama-3.1-8b": (32, 8, 128), "llama-3.1-70b": (80, 8, 128), "qwen3-32b": (64, 8, 128)}
@@ -71,6 +71,34 @@ def _allocate(spec: KVCacheSpec, device: int | None, fill: bool) -> Any:
         if fill:
             return cupy.random.default_rng(0).integers(1, 256, spec.nbytes, dtype=cupy.uint8)
         return cupy.ones(spec.nbytes, dtype=cupy.uint8)
+
+
+def _start(context: Any, target: Any, args: tuple) -> tuple[Any, Any]:
+    """A daemon process running ``target(child_end, *args)``: (our end of its pipe, the process). Our copy of the
+    child's end is closed, so a process that dies makes ``recv`` raise instead of waiting forever."""
+    conn, child = context.Pipe()
+    process = context.Process(target=target, args=(child, *args), daemon=True)
+    process.start()
+    child.close()
+    return conn, process
+
+
+def _receive(conn: Any, process: Any, name: str) -> Any:
+    """The next message from ``process``; PeerDisconnectedError when it exited instead of answering."""
+    try:
+        return conn.recv()
+    except EOFError:
+        process.join(5)
+        raise PeerDisconnectedError(f"{name} exited (code {process.exitcode}) before answering; its traceback is "
+                                    "above", name) from None
+
+
+def _goodbye(conn: Any, message: Any) -> None:
+    """Send ``message`` to a child that may already have exited."""
+    try:
+        conn.send(message)
+    except OSError:  # BrokenPipeError: it is gone already
+        pass
 
 
 def _prefill_rank(conn: Any, setup: Setup, rank: int) -> None:
@@ -169,6 +197,7 @@ def run(setup: Setup, repeats: int = 20, profile: bool = False,
     in_process = setup.backend == "local"
     decode_here = in_process or not decode_processes
     context, prefill, metas, local_prefill = multiprocessing.get_context("spawn"), [], [], []
+    p_spec0, d_spec0 = setup.spec("p", 0), setup.spec("d", 0)  # a bad setup fails here, not in a child
     for rank in range(setup.p_tp):
         if in_process:
             agent = Agent(f"prefill-{rank}", backends=["local"])
@@ -176,13 +205,9 @@ def run(setup: Setup, repeats: int = 20, profile: bool = False,
             local_prefill.append(agent)
             metas.append(agent.metadata())
             continue
-        conn, child = context.Pipe()
-        process = context.Process(target=_prefill_rank, args=(child, setup, rank), daemon=True)
-        process.start()
-        prefill.append((conn, process))
-    metas += [conn.recv() for conn, _ in prefill]
+        prefill.append(_start(context, _prefill_rank, (setup, rank)))
+    metas += [_receive(conn, process, f"prefill-{rank}") for rank, (conn, process) in enumerate(prefill)]
     rng = np.random.default_rng(1)
-    p_spec0, d_spec0 = setup.spec("p", 0), setup.spec("d", 0)
     ids = (rng.permutation(p_spec0.num_blocks)[:-(-setup.tokens // p_spec0.block_size)],
            rng.permutation(d_spec0.num_blocks)[:-(-setup.tokens // d_spec0.block_size)])
     ranks = list(range(setup.d_tp)) if setup.only_rank is None else [setup.only_rank]
@@ -205,24 +230,20 @@ def run(setup: Setup, repeats: int = 20, profile: bool = False,
             report = _profile_text(profiler) if profiler is not None else ""
         else:
             for rank in ranks:
-                conn, child = context.Pipe()
-                process = context.Process(target=_decode_rank, daemon=True,
-                                          args=(child, setup, rank, metas, ids, profile and rank == ranks[0]))
-                process.start()
-                decode.append((conn, process))
+                decode.append(_start(context, _decode_rank, (setup, rank, metas, ids, profile and rank == ranks[0])))
             samples = []
             for _ in range(repeats + 2):
                 start = time.monotonic() + 0.01
                 for conn, _ in decode:
                     conn.send(("go", start))
-                answers = [conn.recv() for conn, _ in decode]
+                answers = [_receive(conn, process, f"decode-{rank}") for rank, (conn, process) in zip(ranks, decode)]
                 samples.append((max(a[0] for a in answers) - start, max(a[1] for a in answers),
                                 sum(a[2] for a in answers)))
             strategy, nbytes = answers[0][3], samples[-1][2]
             decode[0][0].send(("ceiling", nbytes, repeats))
             ceiling = decode[0][0].recv()
             for conn, _ in decode:
-                conn.send(("exit",))
+                _goodbye(conn, ("exit",))
             report = decode[0][0].recv() if profile else ""
         request = float(np.median([s[0] for s in samples[2:]]))
         if report:
@@ -238,11 +259,12 @@ def run(setup: Setup, repeats: int = 20, profile: bool = False,
             if isinstance(item, _Rank):
                 item.close()
             else:
+                _goodbye(item[0], ("exit",))  # a rank left waiting after another one failed
                 item[1].join(30)
         for agent in local_prefill:
             agent.close()
         for conn, process in prefill:
-            conn.send("exit")
+            _goodbye(conn, "exit")
             process.join(30)
 
 

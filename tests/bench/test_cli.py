@@ -252,3 +252,48 @@ def test_target_killed_mid_sweep_fails_the_rest_without_a_hang(tmp_path) -> None
         target.kill()
         target.wait(timeout=30)
         target.stdout.close()
+
+
+@pytest.mark.parametrize("command", [["ipc"], ["kv"], ["kv", "--backend", "ucx"]])
+def test_gpu_subcommands_without_cupy_are_skipped_with_a_message(command, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "cupy", None)  # what a machine without cupy looks like to `import cupy`
+    out = tmp_path / "skipped.json"
+    assert cli.main([*command, "--repeats", "1", "--json", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert f"kvxfer-bench {command[0]} skipped: needs a CUDA GPU: cupy is not installed" in printed.out
+    assert "Traceback" not in printed.err
+    document = json.loads(out.read_text())
+    assert document["subcommand"] == command[0] and document["tables"] == {} and "cupy" in document["skipped"]
+
+
+def test_kv_on_host_memory_is_not_skipped_without_cupy(monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    assert cli.main(["kv", "--backend", "local", "--model", "custom", "--dims", "2,2,16", "--tokens", "64",
+                     "--repeats", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped" not in printed and "KV request through KVPipe (local)" in printed
+
+
+def test_kv_prefill_process_that_dies_is_an_error_not_a_hang(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("KVXFER_UCX_LIB", "/nonexistent/libucp.so")  # the spawned prefill cannot create its agent
+    began = time.monotonic()
+    assert cli.main(["kv", "--backend", "ucx-host", "--model", "custom", "--dims", "2,2,16", "--tokens", "64",
+                     "--repeats", "1"]) == 2
+    assert time.monotonic() - began < 60
+    assert "kvxfer-bench kv: error: prefill-0 exited (code 1) before answering" in capsys.readouterr().err
+
+
+def test_local_subcommand_reports_plan_post_and_bandwidth_rows(tmp_path) -> None:
+    out = tmp_path / "x.json"
+    assert cli.main(["local", "--repeats", "1", "--total-mib", "1", "--json", str(out)]) == 0
+    document = json.loads(out.read_text())
+    assert document["subcommand"] == "local"
+    steps, bandwidth = document["tables"]["plan / select / post"], document["tables"]["local backend vs numpy copy"]
+    assert [row["step"] for row in steps] == ["descs (both sides)", "plan", "select", "post, back to back",
+                                              "post, after an idle wait"]
+    assert all(row["descriptors"] > 0 and row["p99_ms"] >= row["median_ms"] > 0 for row in steps)
+    assert [row["fragment_bytes"] for row in bandwidth] == [4096 << i for i in range(9)]  # 4 KiB ... 1 MiB
+    for row in bandwidth:
+        assert row["fragments"] * row["fragment_bytes"] == 1 << 20
+        assert row["GB/s"] > 0 and row["numpy_GB/s"] > 0 and row["ratio"] == pytest.approx(
+            row["GB/s"] / row["numpy_GB/s"])
