@@ -140,9 +140,11 @@ class Connector:
         logger.warning("%s connector %s: unexpected note %r from %s", self.role, self.agent.name, verb, peer)
 
 
-def routes_of(source: KVCacheSpec, targets: Sequence[KVCacheSpec]) -> set[int]:
-    """Indices of ``targets`` that a pipe on rank ``source`` exchanges heads with (KVPipe's own rank mapping)."""
-    return {route.remote for route in route_heads(source, list(targets))}
+def routes_of(source: KVCacheSpec, targets: Sequence[KVCacheSpec], every_replica: bool = False) -> set[int]:
+    """Indices of ``targets`` that a pipe on rank ``source`` exchanges heads with (KVPipe's own rank mapping):
+    one replica of each replicated head (what a pull reads), or with ``every_replica`` all of them (what a push
+    writes, KVPipe.write_routes)."""
+    return {route.remote for route in route_heads(source, list(targets), every_replica)}
 
 
 def group_specs(spec: KVCacheSpec, size: int) -> list[KVCacheSpec]:

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..agent import Agent
-from ..errors import ConfigError, KvxferError
+from ..checksum import Checksums
+from ..errors import ConfigError, KvxferError, TransferError
 from ..handle import TransferState
 from ..lease import Leases
 from ..pipe import KVPipe
@@ -61,17 +62,19 @@ class DecodeConnector(Connector):
     """The decode side of one engine rank (every rank of the TP group makes the same calls in the same order).
 
     ``strategy``: the KVPipe strategy of pulls. ``timeout``: seconds a transfer may take (push: from the
-    reservation until the prefill's note).
+    reservation until the prefill's note). ``verify``: check every pull against the checksums the prefill sent
+    in its KVReady (a :class:`PrefillConnector` with ``verify``); a mismatch, or a KVReady without checksums,
+    fails the request (TransferError). Push mode is not verified and refuses to run with it.
     """
 
     role = "decode"
 
     def __init__(self, engine: DecodeEngine, agent: Agent, *, region: str = "kv", strategy: str = "auto",
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, verify: bool = False) -> None:
         if not timeout > 0:
             raise ConfigError(f"DecodeConnector: timeout must be > 0, got {timeout}")
         super().__init__(engine, agent, region)
-        self.strategy, self.timeout = strategy, timeout
+        self.strategy, self.timeout, self.verify = strategy, timeout, bool(verify)
         self._pipes: dict[str, KVPipe] = {}
         self._pending: dict[str, _Pending] = {}
         self._expired: OrderedDict[bytes, None] = OrderedDict()
@@ -118,9 +121,11 @@ class DecodeConnector(Connector):
             pending.error = "the prefill's lease expired before the pull started"
             return pending.reservation
         try:
+            expected = self._expected(ready, pending.start, size) if self.verify else None
             pending.handle = pipe.pull(pending.local_block_ids, ready.block_ids[pending.start // size:],
                                        num_tokens=len(ready.request.prompt_token_ids) - pending.start,
-                                       lease=pending.lease_key, renew_every=ready.lease_ttl / 4, timeout=self.timeout)
+                                       lease=pending.lease_key, renew_every=ready.lease_ttl / 4, timeout=self.timeout,
+                                       expected=expected)
         except KvxferError as error:
             pending.error = f"{type(error).__name__}: {error}"
             leases = Leases.of(self.agent)  # tell the prefill ranks now rather than let the lease run out
@@ -128,15 +133,35 @@ class DecodeConnector(Connector):
             leases.drop(pending.lease_key, release=True)
         return pending.reservation
 
+    @staticmethod
+    def _expected(ready: KVReady, start: int, size: int) -> dict[str, Checksums]:
+        """The prefill ranks' checksums of the tokens pulled (``start`` onwards, a multiple of their block size
+        ``size``): the units before ``start`` are dropped."""
+        if ready.checksums is None:
+            raise TransferError(f"KVReady {ready.request.request_id!r} carries no checksums and this decode "
+                                "connector verifies (give the PrefillConnector verify=True)")
+        expected = {}
+        for agent, data in zip(ready.prefill_agents, ready.checksums):
+            sums = Checksums.decode(data)
+            if sums.unit_tokens != size or sums.num_tokens != len(ready.request.prompt_token_ids):
+                raise TransferError(f"KVReady {ready.request.request_id!r}: checksums of {agent} cover "
+                                    f"{sums.num_tokens} tokens in units of {sums.unit_tokens}, expected "
+                                    f"{len(ready.request.prompt_token_ids)} in units of {size}")
+            expected[agent] = Checksums(sums.values[start // size:], size, sums.first_head, sums.num_tokens - start)
+        return expected
+
     # ---- push mode ---------------------------------------------------------------------------------------------
 
     def reserve_push(self, request: Request, prefill: str) -> KVWanted:
         """Reserve blocks for ``request`` and say where prefill group ``prefill`` should write (send the message
         to every prefill rank; each calls :meth:`PrefillConnector.push`)."""
+        if self.verify:
+            raise ConfigError("DecodeConnector(verify=True): verify covers pull mode only; push is not verified")
         group = self.group(prefill)
         pending = self._reserve(request, group[0].spec.block_size)
         mine = group_specs(self.spec, self.tp.size)
-        pending.sources = {info.agent_name for info in group if self.tp.rank in routes_of(info.spec, mine)}
+        pending.sources = {info.agent_name for info in group
+                           if self.tp.rank in routes_of(info.spec, mine, every_replica=True)}
         self._pending[request.request_id] = pending
         return KVWanted(request, tuple(pending.local_block_ids), pending.start, self.group_agents)
 

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from ..checksum import Checksums
 from ..errors import HandshakeError, KvxferError
 from ..spec import KVCacheSpec
 from .request import Request, SamplingParams
@@ -69,12 +70,17 @@ class _Message:
     KIND: ClassVar[str] = ""
     _TO_WIRE: ClassVar[dict[str, Any]] = {}
     _FROM_WIRE: ClassVar[dict[str, Any]] = {}
+    #: Fields added after version 1: left off the wire while None, and None when a message lacks them (so older
+    #: and newer peers of this format understand each other). Every other field is required, unknown ones refused.
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset()
 
     def encode(self) -> bytes:
         """Versioned msgpack bytes."""
         body = {}
         for field in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, field.name)
+            if value is None and field.name in self._OPTIONAL:
+                continue
             convert = self._TO_WIRE.get(field.name)
             body[field.name] = convert(value) if convert else list(value) if isinstance(value, tuple) else value
         return msgpack.packb([self.KIND, FORMAT_VERSION, body], use_bin_type=True)
@@ -94,10 +100,13 @@ class _Message:
             raise HandshakeError(f"{cls.KIND}: expected a {cls.KIND!r} message of version {FORMAT_VERSION}, got "
                                  f"{kind!r} version {version!r}")
         names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-        if set(body) != set(names):
-            raise HandshakeError(f"{cls.KIND}: fields must be {sorted(names)}, got {sorted(map(str, body))}")
+        if not set(names) - cls._OPTIONAL <= set(body) <= set(names):
+            raise HandshakeError(f"{cls.KIND}: fields must be {sorted(names)} (optional: {sorted(cls._OPTIONAL)}), "
+                                 f"got {sorted(map(str, body))}")
         values = {}
         for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if field.name not in body:
+                continue  # an optional field: its default (None)
             value = body[field.name]
             convert = cls._FROM_WIRE.get(field.name)
             values[field.name] = convert(value) if convert else tuple(value) if isinstance(value, list) else value
@@ -113,6 +122,14 @@ def _int_tuple(name: str) -> Any:
             raise HandshakeError(f"message: {name} must be a list of ints >= 0")
         return tuple(value)
     return convert
+
+
+def _checksum_tuple(value: Any) -> tuple[bytes, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, bytes) for v in value):
+        raise HandshakeError("message: checksums must be a non-empty list of bytes (one per prefill rank)")
+    for data in value:
+        Checksums.decode(data)  # HandshakeError when malformed
+    return tuple(value)
 
 
 def _str_tuple(name: str) -> Any:
@@ -150,12 +167,16 @@ class KVReady(_Message):
     seconds pass without a renewal. Decode rank ``r`` pulls with lease key ``lease_key + b"@<r>"``.
     ``prefill_agents`` are the prefill ranks' agent names in rank order. ``first_token`` was sampled by the
     prefill at ``first_token_time`` (``time.time()``); ``num_cached_tokens`` prompt tokens came from its prefix
-    cache, ``num_computed_tokens`` were computed."""
+    cache, ``num_computed_tokens`` were computed. ``checksums`` (verify mode, else None): per prefill rank, in rank
+    order, the encoded :class:`~kvxfer.checksum.Checksums` of its heads of every prompt token in
+    ``block_ids`` (one unit per prefill block); a decode rank verifies what it pulled against them."""
 
     KIND: ClassVar[str] = "kvxfer-kv-ready"
     _TO_WIRE: ClassVar[dict[str, Any]] = {"request": request_to_wire}
     _FROM_WIRE: ClassVar[dict[str, Any]] = {"request": request_from_wire, "block_ids": _int_tuple("block_ids"),
-                                            "prefill_agents": _str_tuple("prefill_agents")}
+                                            "prefill_agents": _str_tuple("prefill_agents"),
+                                            "checksums": _checksum_tuple}
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"checksums"})
 
     request: Request
     first_token: int
@@ -166,8 +187,14 @@ class KVReady(_Message):
     lease_ttl: float
     num_cached_tokens: int = 0
     num_computed_tokens: int = 0
+    checksums: tuple[bytes, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.checksums is not None and (not isinstance(self.checksums, tuple)
+                                           or len(self.checksums) != len(self.prefill_agents)
+                                           or not all(isinstance(c, bytes) for c in self.checksums)):
+            raise HandshakeError(f"KVReady: checksums must be None or a tuple of bytes per prefill rank "
+                                 f"({len(self.prefill_agents)}), got {self.checksums!r:.80}")
         if not isinstance(self.lease_key, bytes) or not self.lease_key or not self.lease_ttl > 0:
             raise HandshakeError(f"KVReady: lease_key must be non-empty bytes and lease_ttl > 0, got "
                                  f"{self.lease_key!r}, {self.lease_ttl!r}")

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .. import checksum
 from ..agent import Agent
 from ..errors import ConfigError, KvxferError, TransferTimeoutError
 from ..lease import Lease, Leases
@@ -50,17 +51,20 @@ class PrefillConnector(Connector):
     """The prefill side of one engine rank (every rank of the TP group makes the same calls).
 
     ``lease_ttl``: seconds the blocks of a request stay held without a heartbeat from its decode ranks.
-    ``strategy``: the KVPipe strategy of pushes. ``timeout``: seconds a push may take.
+    ``strategy``: the KVPipe strategy of pushes. ``timeout``: seconds a push may take. ``verify``: pull mode
+    sends checksums of each request's blocks in its KVReady, for a decode connector with ``verify`` to check what
+    it pulled (costs one pass over the blocks and a small gather over the TP group per request; push mode is not
+    verified and refuses to run with it).
     """
 
     role = "prefill"
 
     def __init__(self, engine: PrefillEngine, agent: Agent, *, lease_ttl: float = 10.0, region: str = "kv",
-                 strategy: str = "auto", timeout: float = 60.0) -> None:
+                 strategy: str = "auto", timeout: float = 60.0, verify: bool = False) -> None:
         if not lease_ttl > 0 or not timeout > 0:
             raise ConfigError(f"PrefillConnector: lease_ttl and timeout must be > 0, got {lease_ttl}, {timeout}")
         super().__init__(engine, agent, region)
-        self.lease_ttl, self.strategy, self.timeout = lease_ttl, strategy, timeout
+        self.lease_ttl, self.strategy, self.timeout, self.verify = lease_ttl, strategy, timeout, bool(verify)
         self._leases = Leases.of(agent)
         self._held: dict[str, _Held] = {}
         self._serial = 0
@@ -87,6 +91,7 @@ class PrefillConnector(Connector):
         result = self.engine.prefill(request, on_layer_done)
         self._serial += 1
         base = f"{request.request_id}#{self._serial}".encode()
+        sums = self._checksums(result.block_ids, len(request.prompt_token_ids)) if self.verify else None
         readers = sorted({d for p, d, _ in rank_pairs(self.tp.size, len(group), self.spec.total_kv_heads or 1)
                           if p == self.tp.rank})
         with self._lock:
@@ -97,7 +102,19 @@ class PrefillConnector(Connector):
         return KVReady(request=request, first_token=result.first_token, first_token_time=result.first_token_time,
                        block_ids=result.block_ids, prefill_agents=self.group_agents, lease_key=base,
                        lease_ttl=self.lease_ttl, num_cached_tokens=result.num_cached_tokens,
-                       num_computed_tokens=result.num_computed_tokens)
+                       num_computed_tokens=result.num_computed_tokens, checksums=sums)
+
+    def _checksums(self, block_ids: Sequence[int], num_tokens: int) -> tuple[bytes, ...]:
+        """Every rank's checksums of its heads of the request's blocks, in rank order (collective over TP)."""
+        region = next(r for r in self.agent.regions if r.name == self.region_name)
+        mine = checksum.compute(region, self.spec, list(block_ids), num_tokens=num_tokens).encode()
+        if self.tp.size == 1:
+            return (mine,)
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.tp.size
+        dist.all_gather_object(gathered, mine, group=self.tp.group)
+        return tuple(gathered)
 
     def _lease_ended(self, request_id: str, lease: Lease, reason: str) -> None:
         """Called by the lease keeper's thread: count the lease off; the blocks are freed in :meth:`poll`."""
@@ -120,11 +137,10 @@ class PrefillConnector(Connector):
         group's blocks, layer by layer as they finish when ``stream_layers``. Then tell the decode ranks (with the
         first token). A failed transfer is reported in the result (and to the decode ranks), not raised."""
         wanted = KVWanted.decode(wanted) if isinstance(wanted, (bytes, bytearray)) else wanted
+        if self.verify:
+            raise ConfigError("PrefillConnector(verify=True): verify covers pull mode only; push is not verified")
         name = wanted.decode_agents[0]
-        group = self.group(name)
-        if len(group) > 1 and len(group) > (self.spec.total_kv_heads or 1):
-            raise ConfigError(f"push to {len(group)} decode ranks that replicate {self.spec.total_kv_heads} KV "
-                              "heads is not supported (a push fills one replica); use pull mode")
+        group = self.group(name)  # decode ranks that replicate a head each get their copy (KVPipe.write_routes)
         request, start, size = wanted.request, wanted.start_token, self.spec.block_size
         if start % size:
             raise ConfigError(f"KVWanted.start_token must be a multiple of the prefill block size {size}, "
@@ -178,8 +194,9 @@ class PrefillConnector(Connector):
                           computed - began, finished - computed)
 
     def _tell(self, group: list[RankInfo], verb: str, request_id: str, token: int, token_time: float) -> None:
-        """A note to the decode ranks this rank pushes to (each counts one note per prefill rank it expects)."""
-        for rank in sorted(routes_of(self.spec, [info.spec for info in group])):
+        """A note to the decode ranks this rank pushes to, every replica included (each decode rank counts one
+        note per prefill rank it expects)."""
+        for rank in sorted(routes_of(self.spec, [info.spec for info in group], every_replica=True)):
             self._send(group[rank].agent_name, verb, request_id, token, token_time)
 
     def _pipe(self, name: str) -> KVPipe:

@@ -7,6 +7,7 @@ import dataclasses
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -16,6 +17,8 @@ from kvxfer.backends.mock import Fault, MockBackend  # noqa: E402
 from kvxfer.engine import (  # noqa: E402
     CacheConfig, DecodeConnector, DecodeEngine, KVReady, KVWanted, Model, ModelConfig, OutOfBlocksError,
     PrefillConnector, PrefillEngine, RankInfo, Request, SamplingParams)
+from kvxfer.checksum import Checksums  # noqa: E402
+from kvxfer.engine.messages import FORMAT_VERSION  # noqa: E402
 from kvxfer.errors import ConfigError, HandshakeError, LayoutMismatchError  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
@@ -39,12 +42,14 @@ class Pair:
     """A prefill and a decode connector in this process, connected both ways."""
 
     def __init__(self, model: Model, p_cache: dict, d_cache: dict, p_backend: Any = "local",
-                 d_backend: Any = "local", lease_ttl: float = 10.0, timeout: float = 30.0) -> None:
+                 d_backend: Any = "local", lease_ttl: float = 10.0, timeout: float = 30.0,
+                 verify: tuple[bool, bool] = (False, False)) -> None:
         self.p_agent = kvxfer.Agent("p0", backends=[p_backend])
         self.d_agent = kvxfer.Agent("d0", backends=[d_backend])
         self.prefill = PrefillConnector(PrefillEngine(model, CacheConfig(**p_cache)), self.p_agent,
-                                        lease_ttl=lease_ttl)
-        self.decode = DecodeConnector(DecodeEngine(model, CacheConfig(**d_cache)), self.d_agent, timeout=timeout)
+                                        lease_ttl=lease_ttl, verify=verify[0])
+        self.decode = DecodeConnector(DecodeEngine(model, CacheConfig(**d_cache)), self.d_agent, timeout=timeout,
+                                      verify=verify[1])
         self.to_decode = self.prefill.connect([self.decode.info().encode()])
         self.to_prefill = self.decode.connect([self.prefill.info()])
 
@@ -233,3 +238,111 @@ def test_connect_checks_the_other_group(pair_factory: Any, tiny_config: ModelCon
             pair.decode.connect([stranger.info()])
     with pytest.raises(ConfigError, match="unknown peer group"):
         pair.prefill.prefill(Request("u", [1, 2]), "nobody")
+
+
+@pytest.mark.parametrize("p_cache, d_cache", [
+    (dict(block_size=16, layout="HND"), dict(block_size=16, layout="HND")),
+    (dict(block_size=16, layout="HND"), dict(block_size=8, layout="NHD")),  # cached 40 -> start 32 on prompt 1
+    (dict(block_size=4, layout="NHD"), dict(block_size=16, layout="HND")),
+], ids=["16-16", "16-8", "4-16"])
+def test_verified_pull_equals_aggregated(pair_factory: Any, aggregated: dict, p_cache: dict, d_cache: dict) -> None:
+    pair = pair_factory(dict(num_blocks=64, **p_cache), dict(num_blocks=96, **d_cache), verify=(True, True))
+    outputs, admissions, readies = [], [], []
+    for request in _requests():
+        ready = KVReady.decode(pair.prefill.prefill(request, pair.to_decode).encode())
+        readies.append(ready)
+        pair.decode.receive(ready)
+        admissions.extend(pair.decode.wait())
+        outputs.extend(pair.decode.engine.step())
+        pair.prefill.poll()
+    outputs.extend(pair.decode.engine.run())
+    assert {o.request_id: o.output_token_ids for o in outputs} == aggregated
+    assert all(a.admitted for a in admissions), [a.error for a in admissions]
+    assert admissions[1].start_token > 0  # checksums of a pull that starts past the decode's prefix hit
+    for ready in readies:
+        [data] = ready.checksums
+        sums = Checksums.decode(data)
+        assert sums.num_tokens == len(ready.request.prompt_token_ids) and sums.unit_tokens == p_cache["block_size"]
+        assert sums.values.shape == (len(ready.block_ids), 2)  # every prefill block, both KV heads
+    assert pair.prefill.drain(10) and pair.free_everywhere()
+
+
+def test_verified_pull_refuses_corrupted_blocks(pair_factory: Any) -> None:
+    corrupt = MockBackend(on_post=lambda *a: Fault.corrupt(4))  # the decode's reads land with bytes flipped
+    pair = pair_factory(p_backend=MockBackend(), d_backend=corrupt, verify=(True, True))
+    assert pair.decode.pipe(pair.to_prefill).strategy == "direct"  # the bytes go through the mock backend
+    request = Request("bad", SYSTEM + [1, 2], SamplingParams(max_tokens=4))
+    pair.decode.receive(pair.prefill.prefill(request, pair.to_decode))
+    [admission] = pair.decode.wait()
+    assert corrupt.posted > 0
+    assert not admission.admitted and "TransferError" in admission.error and "checksum mismatch" in admission.error
+    assert pair.decode.engine.run() == [] and not pair.decode.pending_request_ids  # no token for it
+    assert pair.prefill.drain(10) and pair.prefill.num_released == 1 and pair.free_everywhere()
+
+
+def test_unverified_pull_admits_corrupted_blocks(pair_factory: Any) -> None:
+    """The control of the test above: the same corruption goes unnoticed without verify."""
+    pair = pair_factory(p_backend=MockBackend(), d_backend=MockBackend(on_post=lambda *a: Fault.corrupt(4)))
+    ready = pair.prefill.prefill(Request("bad", SYSTEM + [1, 2], SamplingParams(max_tokens=4)), pair.to_decode)
+    assert ready.checksums is None
+    pair.decode.receive(ready)
+    assert [a.admitted for a in pair.decode.wait()] == [True]
+
+
+def test_verifying_decode_refuses_a_ready_without_checksums(pair_factory: Any) -> None:
+    pair = pair_factory(verify=(False, True))
+    ready = pair.prefill.prefill(Request("plain", SYSTEM + [3], SamplingParams(max_tokens=2)), pair.to_decode)
+    pair.decode.receive(ready)
+    [admission] = pair.decode.wait()
+    assert not admission.admitted and "carries no checksums" in admission.error
+    assert pair.decode.engine.run() == []
+    assert pair.prefill.drain(10) and pair.prefill.num_released == 1 and pair.free_everywhere()
+
+
+def test_verify_refuses_push_mode(pair_factory: Any) -> None:
+    pair = pair_factory(verify=(True, True))
+    with pytest.raises(ConfigError, match="pull mode only"):
+        pair.decode.reserve_push(Request("p", SYSTEM), pair.to_prefill)
+    wanted = KVWanted(Request("p", SYSTEM), (0, 1, 2), 0, ("d0",))
+    with pytest.raises(ConfigError, match="pull mode only"):
+        pair.prefill.push(wanted)
+    assert pair.free_everywhere()
+
+
+def test_kv_ready_checksums_on_the_wire() -> None:
+    import msgpack
+
+    request = Request("m", [1, 2, 3], SamplingParams(max_tokens=3))
+    plain = KVReady(request, 5, 1.5, (3,), ("p0", "p1"), b"m#1", 2.0, 0, 3)
+    kind, version, body = msgpack.unpackb(plain.encode(), raw=False)
+    assert version == FORMAT_VERSION and "checksums" not in body  # without verify: the version-1 bytes
+    sums = Checksums(np.arange(2, dtype=np.uint32).reshape(1, 2), 4, 0, 3).encode()
+    signed = dataclasses.replace(plain, checksums=(sums, sums))
+    assert KVReady.decode(signed.encode()) == signed
+    assert KVReady.decode(plain.encode()).checksums is None
+    for bad in ([sums], [b"not checksums", sums], "x", []):  # wrong count, malformed, wrong types
+        body["checksums"] = bad
+        with pytest.raises(HandshakeError, match="checksums"):
+            KVReady.decode(msgpack.packb([kind, version, body], use_bin_type=True))
+    body.pop("checksums")
+    body["surprise"] = 1  # unknown fields are still refused
+    with pytest.raises(HandshakeError, match="fields must be"):
+        KVReady.decode(msgpack.packb([kind, version, body], use_bin_type=True))
+    body.pop("surprise")
+    body.pop("lease_ttl")  # and required ones still required
+    with pytest.raises(HandshakeError, match="fields must be"):
+        KVReady.decode(msgpack.packb([kind, version, body], use_bin_type=True))
+
+
+@pytest.mark.parametrize("change, match", [(dict(num_kv_heads=4), "total_kv_heads"),
+                                           (dict(num_layers=2), "num_layers")], ids=["kv_heads", "layers"])
+def test_connect_refuses_another_models_kv_before_connecting(pair_factory: Any, tiny_config: ModelConfig,
+                                                             change: dict, match: str) -> None:
+    pair = pair_factory()
+    other = Model.random(tiny_config.replace(**change), seed=1)  # the same model name: only the KV shape differs
+    with kvxfer.Agent("x0", backends=["local"]) as agent:
+        stranger = PrefillConnector(PrefillEngine(other, CacheConfig(num_blocks=4)), agent)
+        assert stranger.spec.model == pair.prefill.spec.model
+        with pytest.raises(LayoutMismatchError, match=match):
+            pair.decode.connect([stranger.info()])
+        assert "x0" not in pair.d_agent.peers and pair.decode.groups == ["p0"]

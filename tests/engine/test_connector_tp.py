@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kvxfer.engine import CacheConfig, DecodeEngine, KVReady, Model, ModelConfig  # noqa: E402
+from kvxfer.engine import CacheConfig, DecodeEngine, KVReady, Model, ModelConfig, RankInfo  # noqa: E402
 from kvxfer.engine.messages import request_to_wire  # noqa: E402
 
 from .connector_cluster import PROMPTS, Side, prefix_hit, requests  # noqa: E402
@@ -108,3 +108,34 @@ def test_streamed_push_equals_aggregated(cluster: Any, reference: dict, p_tp: in
         assert report["tokens"] == reference and report["free"] == report["total"] and not report["pending"]
     for drain in drains:
         assert drain["drained"] and drain["free"] == drain["total"] and drain["released"] == 0
+
+
+def test_push_fills_every_replica_when_decode_tp_exceeds_kv_heads(tmp_path: Path, reference: dict) -> None:
+    """Prefill TP 1 -> decode TP 4 of a model with 2 KV heads: decode ranks (0, 1) both hold head 0 and (2, 3)
+    head 1, and each rank attends with its own copy, so the tokens match only if the push filled every replica
+    (and each replica's rank got the prefill's note)."""
+    prefill, decode = Side("prefill", 1, tmp_path), Side("decode", 4, tmp_path)
+    options = {"name": "push1x4", "backend": "ucx", "prefill_tp": 1, "decode_tp": 4,
+               "prefill_cache": dict(num_blocks=48, block_size=16, layout="HND"),
+               "decode_cache": dict(num_blocks=96, block_size=8, layout="NHD")}
+    try:
+        p_infos = prefill.call("setup", options)
+        d_infos = decode.call("setup", options)
+        assert [RankInfo.decode(i).spec.head_range() for i in d_infos] == [(0, 1), (0, 1), (1, 2), (1, 2)]
+        prefill.call("connect", d_infos)
+        decode.call("connect", p_infos)
+        wanted = decode.call("reserve_push", [request_to_wire(r) for r in requests()])
+        assert all(rank == wanted[0] for rank in wanted)
+        [results] = prefill.call("prefill", [], wanted[0])
+        reports = decode.call("finish_push")
+        [drain] = prefill.call("drain", 30.0)
+        prefill.call("teardown")
+        decode.call("teardown")
+    finally:
+        prefill.close()
+        decode.close()
+    assert [ok for _, ok, _, _ in results] == [True] * len(PROMPTS), results
+    for report in reports:
+        assert all(admitted for _, admitted, *_ in report["admissions"]), report["admissions"]
+        assert report["tokens"] == reference and report["free"] == report["total"] and not report["pending"]
+    assert drain["drained"] and drain["free"] == drain["total"] and drain["released"] == 0
