@@ -118,6 +118,7 @@ def run(source: int = 0, target: int = 1, tokens: int = 4096, block_size: int = 
     conn, child = context.Pipe()
     process = context.Process(target=_prefill, args=(child, source, spec.nbytes, strategy), daemon=True)
     process.start()
+    child.close()  # ours: a prefill process that dies then ends our recv() with EOFError instead of a hang
     rows = []
     try:
         cupy.cuda.Device(target).use()

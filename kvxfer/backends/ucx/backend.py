@@ -44,6 +44,10 @@ _log = logging.getLogger("kvxfer.ucx")
 STAGE_MIN_FRAGMENTS = 128
 
 
+#: Seconds past a transfer's deadline after which a cancel presumes its peer hung and marks it lost.
+LOST_GRACE = 0.2
+
+
 class UcxBackend(Backend):
     """UCP one-sided transfers (see the module docstring). ``config`` defaults to the KVXFER_UCX_* variables."""
 
@@ -229,7 +233,9 @@ class UcxBackend(Backend):
 
     def cancel(self, request: Request) -> None:
         assert isinstance(request, UcxRequest)
-        overdue = time.monotonic() > request.deadline
+        # A handle cancels at its own deadline, microseconds before ours: only a cancel clearly past ours (the
+        # peer silent for longer than any deadline allowed) presumes it hung.
+        overdue = time.monotonic() > request.deadline + LOST_GRACE
         with self.worker.lock:
             request.halt()
             if not request.state.final:

@@ -60,6 +60,8 @@ def _load(library_path: str | None) -> UcxLibrary:
         path, source = library_path, "KVXFER_UCX_LIB"
         if not os.path.exists(path):
             raise BackendUnavailableError(f"KVXFER_UCX_LIB={path!r} does not exist")
+        # A symlink elsewhere: load the file itself, so that its $ORIGIN finds libuct/libucs beside it.
+        path = os.path.realpath(path)
     else:
         path, source = _wheel_library(), "wheel"
     ffi = cffi.FFI()

@@ -189,6 +189,28 @@ def test_stopped_peer_times_out_at_its_deadline_and_stays_connected(path: str) -
 
 
 @pytest.mark.parametrize("path", ["shm-staged", "tcp"])
+def test_default_deadline_times_out_a_stopped_peer_and_keeps_it_connected(path: str) -> None:
+    """With no timeout given, the handle's deadline and the backend's are the same Timeouts.transfer, taken
+    microseconds apart: the expiry must still leave the peer connected, every time (backend.LOST_GRACE)."""
+    agent, _local, region = _agent(path, f"default-{path}", transfer=1.0)
+    with agent:
+        with RemoteAgent("target", REGION_NBYTES) as sleeper:
+            peer = agent.connect(sleeper.metadata)
+            plan, _offsets = _plan(agent, region, peer, fragments=1024)
+            agent.write(plan).wait(30)
+            sleeper.kill(signal.SIGSTOP)
+            try:
+                for attempt in range(4):
+                    handle = agent.write(plan)  # the default deadline: Timeouts.transfer
+                    with pytest.raises(TransferTimeoutError, match="missed its deadline"):
+                        handle.wait(10.0)
+                    handle.release()
+                    assert not _wait_for(lambda: not peer.connected, 0.3), f"marked lost after attempt {attempt}"
+            finally:
+                sleeper.kill(signal.SIGCONT)
+
+
+@pytest.mark.parametrize("path", ["shm-staged", "tcp"])
 def test_cancel_after_the_backend_deadline_marks_a_stopped_peer_lost(path: str) -> None:
     """docs/backends.md: a cancel that comes after the backend's deadline (Timeouts.transfer) with UCX operations
     outstanding presumes the peer hung: it is marked lost, new posts fail with PeerDisconnectedError, and

@@ -65,11 +65,13 @@ def _wheel_libucp() -> str:
 @pytest.mark.ucx
 def test_kvxfer_ucx_lib_loads_the_named_library(tmp_path: Path) -> None:
     wheel = _wheel_libucp()
-    # Not a symlink from elsewhere: the wheel's libucp finds libuct/libucs through $ORIGIN, which the dynamic loader
-    # takes from the path as given, so a symlink in another directory cannot load (a dlopen error naming the file).
-    named = wheel
+    # A symlink in another directory: the loader resolves it, so the wheel's libucp still finds libuct/libucs
+    # beside itself through $ORIGIN (the dynamic loader would take $ORIGIN from the link's directory).
+    named = tmp_path / "links" / "libucp.so"
+    named.parent.mkdir()
+    named.symlink_to(wheel)
     result = subprocess.run([sys.executable, "-c", _REPORT], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120, env=_environ(KVXFER_UCX_LIB=named, KVXFER_UCX_CMA="off",
+                            timeout=120, env=_environ(KVXFER_UCX_LIB=str(named), KVXFER_UCX_CMA="off",
                                                       KVXFER_UCX_STAGE_BELOW="0"))
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
