@@ -251,6 +251,7 @@ def run(setup: Setup, repeats: int = 20, profile: bool = False,
         return [{"model": setup.model, "tokens": setup.tokens, "p_tp": setup.p_tp, "d_tp": setup.d_tp,
                  "ranks": len(ranks), "decode": "processes" if not decode_here else "one process", "blocks": f"{p_spec0.block_size}->{d_spec0.block_size}",
                  "layout": f"{p_spec0.layout.value}->{d_spec0.layout.value}", "strategy": strategy,
+                 "fragment_B": _piece(setup), "fragments": nbytes // _piece(setup),
                  "MiB": nbytes / 2**20, "ms": request * 1e3,
                  "post_ms": float(np.median([s[1] for s in samples[2:]])) * 1e3, "GB/s": nbytes / request / 1e9,
                  "ceiling_GB/s": nbytes / ceiling / 1e9, "ratio": ceiling / request}]
@@ -266,6 +267,13 @@ def run(setup: Setup, repeats: int = 20, profile: bool = False,
         for conn, process in prefill:
             _goodbye(conn, "exit")
             process.join(30)
+
+
+def _piece(setup: Setup) -> int:
+    """Bytes of one contiguous piece of the prefill cache a decode rank reads (the request's fragment size)."""
+    p_spec, d_spec = setup.spec("p", 0), setup.spec("d", 0)
+    heads = min(p_spec.num_kv_heads, d_spec.num_kv_heads)
+    return p_spec.fragments((0, heads))[1]
 
 
 def _contiguous(agent: Agent, peer: Any, nbytes: int, repeats: int) -> float:
