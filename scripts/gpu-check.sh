@@ -17,10 +17,12 @@ stages=${*:-info tests kernels ipc nixl pipe engine sweep ucx}
 gpus=$(python3 -c "import cupy; print(cupy.cuda.runtime.getDeviceCount())" 2>/dev/null || echo 0)
 peer=$(( gpus > 1 ? 1 : 0 ))
 summary="$out/summary.txt"; : >"$summary"
+failed=0
 run() {  # run NAME TIMEOUT CMD...: log to $out/NAME.log, keep the last line in the summary
   local name=$1 limit=$2; shift 2
   local start=$SECONDS
   timeout "$limit" "$@" >"$out/$name.log" 2>&1; local rc=$?
+  [ "$rc" -eq 0 ] || failed=1
   printf '%-10s rc=%-3s %4ss  %s\n' "$name" "$rc" "$((SECONDS - start))" "$(tail -n 1 "$out/$name.log")" >>"$summary"
 }
 for stage in $stages; do
@@ -37,10 +39,11 @@ for stage in $stages; do
     engine) run engine 240 python3 bench/engine_gpu.py --json "$out/engine.json" ;;
     sweep) run sweep 240 python3 -m kvxfer.bench.cli sweep --backend cuda_ipc,ucx --memory cuda:cuda --sizes 4K,32K,256K,2M,64M --batch 16 --repeats 5 --compare nixl --no-progress --json "$out/sweep_gpu.json" ;;
     ucx) run ucx 180 python3 bench/ucx_host.py --memory cuda --systems kvxfer nixl --skip-perftest --pingpongs 200 --out "$out/ucx_cuda.json" ;;
-    *) echo "unknown stage $stage" >>"$summary" ;;
+    *) echo "unknown stage $stage" >>"$summary"; failed=1 ;;
   esac
 done
 for log in "$out"/*.log; do echo "===== $log (tail)"; tail -n 25 "$log"; done
 # Few files may come back from the device: everything travels as one archive beside the summary.
 tar -czf "$final/bundle.tgz" -C "$out" . && cp "$summary" "$final/summary.txt"
 echo "===== summary"; cat "$summary"
+exit "$failed"  # non-zero when any stage failed (the summary says which)
