@@ -10,6 +10,7 @@ Other engines' layouts are given by explicit element strides over :data:`AXES`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Sequence
@@ -165,9 +166,10 @@ class KVCacheSpec:
         """Strides in bytes over :data:`AXES`."""
         return tuple(s * self.itemsize for s in self.element_strides)
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
-        """Bytes from the region start to one past the last element this spec addresses."""
+        """Bytes from the region start to one past the last element this spec addresses (computed once: specs are
+        immutable, and every kernel launch checks its regions against it)."""
         reach = sum((n - 1) * s for n, s in zip(self.shape, self.element_strides))
         return (self.offset + reach + 1) * self.itemsize
 

@@ -20,7 +20,7 @@ from typing import Any
 from ..errors import ConfigError, DescriptorError
 from ..spec import KVCacheSpec
 from . import reference
-from .copy_plan import KVCopyPlan, plan_kv_copy, spec_nbytes, staging_spec
+from .copy_plan import KVCopyPlan, plan_kv_copy, staging_spec
 
 
 def copy_kv(src: Any, dst: Any, plan: KVCopyPlan, *, stream: Any = None) -> None:
@@ -142,8 +142,8 @@ def check_no_alias(plan: KVCopyPlan, src_addr: int, dst_addr: int) -> None:
     not ordered.
     """
     src, dst = plan.src_spec, plan.dst_spec
-    src_range = (src_addr + src.offset * src.itemsize, src_addr + spec_nbytes(src))
-    dst_range = (dst_addr + dst.offset * dst.itemsize, dst_addr + spec_nbytes(dst))
+    src_range = (src_addr + src.offset * src.itemsize, src_addr + src.nbytes)
+    dst_range = (dst_addr + dst.offset * dst.itemsize, dst_addr + dst.nbytes)
     if src_range[1] <= dst_range[0] or dst_range[1] <= src_range[0] or plan.nbytes == 0:
         return
     if src == dst and src_addr == dst_addr:

@@ -18,7 +18,7 @@ import numpy as np
 from ..devices import cupy_module
 from ..errors import ConfigError
 from ..memory import MemoryKind, Region
-from .copy_plan import KVCopyPlan, spec_nbytes
+from .copy_plan import KVCopyPlan
 from .launch import DEFAULT_TUNING, KernelTuning, LaunchShape, default_tuning, launch_shape, vector_bytes
 from .table_ring import table_ring as _table_ring
 from .tables import KernelTables
@@ -97,7 +97,7 @@ def copy_kv_pointers(src_ptr: int, src_nbytes: int, dst_ptr: int, dst_nbytes: in
     """
     tables = plan.tables
     tuning = default_tuning(tables.contiguous) if tuning is None else tuning
-    if src_nbytes < spec_nbytes(plan.src_spec) or dst_nbytes < spec_nbytes(plan.dst_spec):
+    if src_nbytes < plan.src_spec.nbytes or dst_nbytes < plan.dst_spec.nbytes:
         plan.src_spec.check_fits(src_nbytes, argument="src")
         plan.dst_spec.check_fits(dst_nbytes, argument="dst")
     if tables.num_boxes == 0:  # nothing to move (no tokens, layers or parts)

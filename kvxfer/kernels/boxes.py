@@ -16,10 +16,11 @@ from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
-class BoxForm:
-    """A box as ``counts[i]`` units x ``unit_rows`` rows x ``row`` bytes, strides (src, dst) in bytes."""
+class BoxShape:
+    """How every box of a copy is walked: ``units`` units per box when every box has the same count (else None) of
+    ``unit_rows`` rows x ``row`` bytes, strides (src, dst) in bytes."""
 
-    counts: np.ndarray
+    units: int | None
     unit_rows: int
     row: int
     unit_strides: tuple[int, int]
@@ -29,6 +30,13 @@ class BoxForm:
     def contiguous(self) -> bool:
         """Every box is one run of ``count * row`` bytes on both sides."""
         return self.unit_rows == 1 and self.unit_strides == (self.row, self.row)
+
+
+@dataclass(frozen=True)
+class BoxForm(BoxShape):
+    """A :class:`BoxShape` with each box's count of units (``counts[i]``, int64)."""
+
+    counts: np.ndarray
 
 
 def box_form(counts: np.ndarray, inner: list[tuple[int, int, int]], row: int,
@@ -44,23 +52,7 @@ def box_form(counts: np.ndarray, inner: list[tuple[int, int, int]], row: int,
     uniform = counts.size > 0 and bool((counts == counts[0]).all())
     shape = box_shape(int(counts[0]) if uniform else None, inner, row, count_strides)
     box_counts = np.full(counts.shape, shape.units, dtype=np.int64) if uniform else counts.astype(np.int64)
-    return BoxForm(box_counts, shape.unit_rows, shape.row, shape.unit_strides, shape.row_strides)
-
-
-@dataclass(frozen=True)
-class BoxShape:
-    """:class:`BoxForm` without its counts: ``units`` per box when every box has the same count, else None."""
-
-    units: int | None
-    unit_rows: int
-    row: int
-    unit_strides: tuple[int, int]
-    row_strides: tuple[int, int]
-
-    @property
-    def contiguous(self) -> bool:
-        """Every box is one run of ``count * row`` bytes on both sides."""
-        return self.unit_rows == 1 and self.unit_strides == (self.row, self.row)
+    return BoxForm(shape.units, shape.unit_rows, shape.row, shape.unit_strides, shape.row_strides, box_counts)
 
 
 def box_shape(uniform_count: int | None, inner: list[tuple[int, int, int]], row: int,

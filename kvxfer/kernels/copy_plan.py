@@ -110,12 +110,6 @@ def plan_kv_copy(src_spec: KVCacheSpec, dst_spec: KVCacheSpec, src_block_ids: An
                       template.parts, template.src_heads, template.dst_heads, template)
 
 
-@functools.lru_cache(maxsize=256)
-def spec_nbytes(spec: KVCacheSpec) -> int:
-    """``spec.nbytes``, cached (specs are immutable): every launch checks its regions' sizes against it."""
-    return spec.nbytes
-
-
 def _template(src_spec: KVCacheSpec, dst_spec: KVCacheSpec, src_layers: Any, dst_layers: Any, parts: Any,
               src_heads: Any, dst_heads: Any, key: tuple | None) -> TableTemplate:
     """Validate the arguments other than block ids and build their template (cached under ``key`` unless None)."""
