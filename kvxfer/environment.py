@@ -16,6 +16,9 @@ VARIABLES = {
     "KVXFER_BACKENDS": "Comma-separated backends an Agent creates when none are given (default: all available).",
     "KVXFER_LOG_LEVEL": "Log level of the 'kvxfer' logger set by the command-line tools (default INFO).",
     "KVXFER_CACHE_DIR": "Where compiled helpers are cached (default ~/.cache/kvxfer).",
+    "KVXFER_CUDA_IPC_EARLY_NOTIFY": "cuda_ipc: send a notification with the copy's launch, delivered by the peer "
+                                    "once the copy's interprocess event completes (1, default), or after "
+                                    "completion (0).",
     "KVXFER_UCX_LIB": "Path of a libucp.so to use instead of the libucx wheel's (e.g. a system UCX with verbs).",
     "KVXFER_UCX_ERROR_MODE": "UCX endpoint error handling: auto (none on one host, peer across hosts), peer, none.",
     "KVXFER_UCX_CMA": "Same-host host memory through batched process_vm_readv/writev: auto or off.",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One run on a GPU machine without network: install carried wheels, run the GPU tests and benchmarks, write logs
 # under $OUT (or ./gpu-out), print a short table last. Usage: scripts/gpu-check.sh [stage ...]
-# Stages: info tests kernels ipc nixl pipe engine sweep ucx (default: all). Wheels come from .device/wheels.
+# Stages: info tests kernels ipc nixl pipe engine sweep ucx (default: all); also backends (the backends' GPU
+# tests only) and ipc-late (ipc with notifications sent after completion, for comparison). Wheels come from .device/wheels.
 set -u
 cd "$(dirname "$0")/.."
 final=${OUT:-gpu-out}; out=${TMPDIR:-/tmp}/kvxfer-gpu-out; rm -rf "$out"; mkdir -p "$out" "$final"
@@ -29,6 +30,8 @@ for stage in $stages; do
   case $stage in
     info) run info 60 bash -c 'nvidia-smi -L; nvidia-smi topo -m; python3 -c "import sys,cupy,torch,numpy; print(sys.version.split()[0], \"cupy\", cupy.__version__, \"torch\", torch.__version__, \"numpy\", numpy.__version__, \"gpus\", cupy.cuda.runtime.getDeviceCount())"' ;;
     tests) run tests 420 python3 -m pytest -q -m "gpu or multi_gpu" -p no:cacheprovider --timeout 300 tests ;;
+    backends) run backends 300 python3 -m pytest -q -m "gpu or multi_gpu" -p no:cacheprovider --timeout 200 tests/backends ;;
+    ipc-late) run ipc-late 180 env KVXFER_CUDA_IPC_EARLY_NOTIFY=0 python3 -m kvxfer.bench.cli ipc --target $peer --json "$out/ipc_late.json" ;;
     kernels) run kernels 240 python3 -m kvxfer.bench.kernels --json "$out/kernels.json" ;;
     ipc) run ipc 180 python3 -m kvxfer.bench.cli ipc --target $peer --json "$out/ipc.json"
          run ipc-16k 180 python3 -m kvxfer.bench.cli ipc --target $peer --tokens 16384 --repeats 10 --json "$out/ipc_16k.json" ;;

@@ -4,6 +4,22 @@ from __future__ import annotations
 
 import hashlib
 
+SPIN = r"""
+extern "C" __global__ void spin(unsigned long long nanoseconds) {
+    unsigned long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now)); } while (now - start < nanoseconds);
+}
+"""
+
+
+def spin_stream(cupy, device: int, stream, seconds: float) -> None:
+    """Queue a kernel that keeps ``stream`` busy for ``seconds``."""
+    import numpy as np
+
+    with cupy.cuda.Device(device):
+        cupy.RawKernel(SPIN, "spin")((1,), (1,), (np.uint64(int(seconds * 1e9)),), stream=stream)
+
 
 def serve(conn, backend: str, device: int, nbytes: int, memory: str, seed: int) -> None:
     """Register ``nbytes`` of random device memory as "kv" on ``device`` and answer commands until "exit".
@@ -11,7 +27,9 @@ def serve(conn, backend: str, device: int, nbytes: int, memory: str, seed: int) 
     memory: "legacy" (cupy/cudaMalloc), "vmm" (cuMemCreate with a POSIX fd handle type), or "torch-vmm" (a torch
     tensor from the caching allocator with expandable segments, i.e. several VMM chunks behind one region).
     Commands: ("meta",) -> metadata; ("connect", meta) -> None; ("digest", offset, size) -> sha256 hex;
-    ("bytes", offset, size) -> bytes; ("notes", timeout) -> [payload]; ("exit",).
+    ("bytes", offset, size) -> bytes; ("notes", timeout) -> [payload]; ("spin_write", seconds, offsets, size,
+    notify) -> None: write those ranges of ours to the same ranges of the connected peer's "kv", queued behind a
+    kernel that keeps the stream busy ``seconds``; ("exit",).
     """
     import os
 
@@ -44,7 +62,7 @@ def serve(conn, backend: str, device: int, nbytes: int, memory: str, seed: int) 
     view[:] = cupy.random.default_rng(seed).integers(1, 256, nbytes, dtype=cupy.uint8)
     cupy.cuda.Device(device).synchronize()
     with kvxfer.Agent(f"peer-{seed}", backends=[backend]) as agent:
-        agent.register(region, name="kv")
+        mine, peer = agent.register(region, name="kv"), None
         while True:
             command, *args = conn.recv()
             if command == "exit":
@@ -52,7 +70,15 @@ def serve(conn, backend: str, device: int, nbytes: int, memory: str, seed: int) 
             if command == "meta":
                 conn.send(agent.metadata())
             elif command == "connect":
-                agent.connect(args[0])
+                peer = agent.connect(args[0])
+                conn.send(None)
+            elif command == "spin_write":
+                seconds, offsets, size, notify = args
+                plan = agent.plan(kvxfer.Descs.from_ranges(mine, offsets, size), peer,
+                                  kvxfer.Descs.from_ranges(peer.region("kv"), offsets, size))
+                agent.write(plan).wait(30)  # warm: mapped, tables up
+                spin_stream(cupy, device, plan.backend._stream(device), seconds)
+                agent.write(plan, notify=notify)
                 conn.send(None)
             elif command == "digest":
                 offset, size = args

@@ -12,7 +12,7 @@ import pytest
 
 import kvxfer
 from kvxfer import Descs, KVCacheSpec, PeerDisconnectedError, TransferError, TransferState
-from tests.backends.gpu_peer import serve
+from tests.backends.gpu_peer import serve, spin_stream
 
 SPEC = KVCacheSpec(num_layers=4, num_blocks=64, block_size=16, num_kv_heads=2, head_dim=128, dtype="bfloat16")
 
@@ -100,15 +100,6 @@ def test_read_and_write_random_blocks_byte_exact(devices, memory, strategy):
         remote.close()
 
 
-_SPIN = r"""
-extern "C" __global__ void spin(unsigned long long nanoseconds) {
-    unsigned long long start, now;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
-    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now)); } while (now - start < nanoseconds);
-}
-"""
-
-
 @pytest.mark.parametrize("devices", [pytest.param((0, 0), marks=pytest.mark.gpu),
                                      pytest.param((0, 1), marks=pytest.mark.multi_gpu)])
 def test_peer_killed_mid_transfer_fails_within_the_deadline(devices):
@@ -125,15 +116,13 @@ def test_peer_killed_mid_transfer_fails_within_the_deadline(devices):
         with kvxfer.Agent("survivor", backends=[backend], timeouts=kvxfer.Timeouts(transfer=10)) as agent:
             with cupy.cuda.Device(devices[0]):
                 cache = cupy.zeros(nbytes, dtype=cupy.uint8)
-                spin = cupy.RawKernel(_SPIN, "spin")
             region = agent.register(cache, name="kv")
             peer = agent.connect(remote.ask("meta"))
             offsets = np.random.default_rng(0).permutation(nbytes // 4096) * 4096
             plan = agent.plan(Descs.from_ranges(region, offsets, 4096), peer,
                               Descs.from_ranges(peer.region("kv"), offsets, 4096))
             agent.read(plan).wait(timeout=30)  # warm: peer memory mapped, tables uploaded
-            with cupy.cuda.Device(devices[0]):
-                spin((1,), (1,), (np.uint64(3_000_000_000),), stream=backend._stream(devices[0]))
+            spin_stream(cupy, devices[0], backend._stream(devices[0]), 3.0)
             handle = agent.read(plan, notify=b"late")
             os.kill(remote.process.pid, signal.SIGKILL)
             started = time.monotonic()
@@ -148,5 +137,62 @@ def test_peer_killed_mid_transfer_fails_within_the_deadline(devices):
                 agent.read(plan)
             with cupy.cuda.Device(devices[0]):  # the survivor's GPU context still works
                 assert int(cupy.arange(10).sum()) == 45
+    finally:
+        remote.process.join(5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("early", [True, False])
+def test_notification_is_delivered_only_after_the_data(early):
+    """A write queued behind a 1.5 s kernel: its notification (sent with the launch when ``early``) must not be
+    delivered while the kernel runs, and once delivered the bytes are there."""
+    import cupy
+
+    from kvxfer.backends.cuda_ipc import CudaIpcBackend
+
+    remote = Remote(0, "legacy", seed=5)
+    backend = CudaIpcBackend("kernel", early_notify=early)
+    try:
+        with kvxfer.Agent("sender", backends=[backend]) as agent:
+            cache = local_cache(0)
+            cache[:] = cupy.random.default_rng(9).integers(1, 256, SPEC.nbytes, dtype=cupy.uint8)
+            region = agent.register(cache, name="kv")
+            peer = agent.connect(remote.ask("meta"))
+            ids = np.random.default_rng(2).permutation(64)[:16]
+            plan = agent.plan(Descs.from_blocks(region, SPEC, ids), peer, Descs.from_blocks(peer.region("kv"), SPEC, ids))
+            agent.write(plan).wait(timeout=30)  # warm
+            spin_stream(cupy, 0, backend._stream(0), 1.5)
+            handle = agent.write(plan, notify=b"landed")
+            assert remote.ask("notes", 0.5) == [], "delivered while the copy was still queued"
+            assert handle.state is TransferState.PENDING
+            assert remote.ask("notes", 10) == [b"landed"]
+            assert block_bytes(remote.ask("bytes", 0, SPEC.nbytes), ids) == block_bytes(cache.get().tobytes(), ids)
+            handle.wait(timeout=10)
+            assert handle.state is TransferState.DONE
+    finally:
+        remote.close()
+
+
+@pytest.mark.gpu
+def test_sender_killed_before_its_data_lands_delivers_no_notification():
+    """The peer writes to us behind a 3 s kernel with an early notification, then is SIGKILLed: we never deliver
+    that notification, learn the peer is gone, and keep working."""
+    import cupy
+
+    remote = Remote(0, "legacy", seed=13)
+    try:
+        with kvxfer.Agent("receiver", backends=["cuda_ipc"]) as agent:
+            region = agent.register(local_cache(0), name="kv")
+            peer = agent.connect(remote.ask("meta"))
+            remote.ask("connect", agent.metadata())
+            offsets = np.arange(32) * 8192
+            remote.ask("spin_write", 3.0, offsets, 4096, b"never")
+            os.kill(remote.process.pid, signal.SIGKILL)
+            assert agent.notifications(timeout=5) == []
+            deadline = time.monotonic() + 10
+            while peer.connected and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not peer.connected
+            assert region.nbytes == SPEC.nbytes and int(cupy.arange(10).sum()) == 45
     finally:
         remote.process.join(5)

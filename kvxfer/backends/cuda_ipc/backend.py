@@ -2,27 +2,32 @@
 
 A plan's peer pointers are mapped into this process once (legacy IPC handles or VMM fds); a transfer is then
 either ONE kernel launch that copies every fragment through the mapped pointers (reading or writing the peer's
-GPU over NVLink) or, for a few large runs, copy-engine copies. Completion is a CUDA event; the notification goes
-to the peer's mailbox only after the event, i.e. after the data is in place. A progress thread completes
-transfers (and sends their notifications) even when nobody polls.
+GPU over NVLink) or, for a few large runs, copy-engine copies. Completion is a CUDA event. The notification
+leaves with the launch, carrying an interprocess event the peer waits on before delivering it (events.py), so it
+is seen only once the data is in place, without the completion and a socket round on the critical path
+(``KVXFER_CUDA_IPC_EARLY_NOTIFY=0``: sent after completion instead). A progress thread completes transfers even
+when nobody polls.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import sys
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import msgpack
 import numpy as np
 
+from ... import environment
 from ...errors import BackendError, ConfigError, KvxferError, PeerDisconnectedError, TransferError
 from ...handle import Notification, TransferState
 from ...memory import MemoryKind
 from ..base import Backend, BackendCaps, Op, Request
 from . import driver
+from .events import EventRing, OpenedEvents
 from .mailbox import Mailbox
 from .sharing import Export, Imports, export_region
 
@@ -31,6 +36,7 @@ if TYPE_CHECKING:
     from ...peer import Peer
     from ...plan import TransferPlan
 
+logger = logging.getLogger("kvxfer")
 STRATEGIES = ("auto", "kernel", "copy")
 # "auto" uses the copy engines only for a handful of big runs (they leave the SMs to the model); else the kernel.
 _COPY_ENGINE_MAX_PAIRS = 16
@@ -47,6 +53,7 @@ class IpcRequest(Request):
         self.lock = threading.Lock()
         self.finished = threading.Event()  # set once final: waiters block on it instead of sleeping
         self.sequence = next(_SEQUENCE)
+        self.noted = False  # the notification already went out with the copy's event (events.py)
 
 
 class _PlanState:
@@ -63,11 +70,20 @@ class CudaIpcBackend(Backend):
     caps = BackendCaps(name="cuda_ipc", wire="cuda_ipc", memory_kinds=frozenset({MemoryKind.CUDA}), scope="host",
                        can_cancel=True, preference=50)
 
-    def __init__(self, strategy: str = "auto") -> None:
+    def __init__(self, strategy: str = "auto", early_notify: bool | None = None) -> None:
         super().__init__()
         if strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.strategy = strategy
+        if early_notify is None:
+            setting = environment.read("KVXFER_CUDA_IPC_EARLY_NOTIFY", "1")
+            if setting not in ("0", "1"):
+                raise ConfigError(f"KVXFER_CUDA_IPC_EARLY_NOTIFY must be 0 or 1, got {setting!r}")
+            early_notify = setting == "1"
+        self.early_notify = early_notify
+        self._rings: dict[int, EventRing] = {}
+        self._opened = OpenedEvents(self._home_device)
+        self._home: int | None = None
         self._exports: dict[int, Export] = {}
         self._imports = Imports()
         self._peers: dict[str, Any] = {}  # uid -> Peer
@@ -94,7 +110,7 @@ class CudaIpcBackend(Backend):
 
     def attach(self, context: Any) -> None:
         super().attach(context)
-        self._mailbox = Mailbox(context.agent_uid, self._on_note, self._on_lost, self._fds_of)
+        self._mailbox = Mailbox(context.agent_uid, self._on_note, self._on_lost, self._fds_of, self._await_event)
         threading.Thread(target=self._progress, name=f"kvxfer-ipc-{context.agent_name}", daemon=True).start()
 
     def info(self) -> bytes:
@@ -105,6 +121,8 @@ class CudaIpcBackend(Backend):
 
     def register(self, region: "Region") -> bytes:
         export = export_region(region.addr, region.nbytes, region.device)
+        if self._home is None:
+            self._home = region.device
         self._exports[region.index] = export
         return export.key
 
@@ -144,6 +162,17 @@ class CudaIpcBackend(Backend):
         for request in [r for r in list(self._pending) if r.peer_uid == peer_uid]:
             request.event.synchronize()
             self._complete(request)
+
+    def _home_device(self) -> int:
+        return 0 if self._home is None else self._home
+
+    def _await_event(self, handle: bytes, alive: Callable[[], bool]) -> bool:
+        assert self.context is not None
+        try:
+            return self._opened.wait(handle, alive, self.context.timeouts.transfer)
+        except Exception as error:  # a handle that will not open: the notification cannot be placed after its data
+            logger.warning("cuda_ipc: dropped a notification: its event could not be waited on: %s", error)
+            return False
 
     def _on_note(self, peer_name: str, payload: bytes) -> None:
         assert self.context is not None
@@ -222,9 +251,22 @@ class CudaIpcBackend(Backend):
                 batch_copy.launch(table, state.device, stream)
             else:
                 self._copy_engine(cupy, sources.tolist(), destinations.tolist(), state.sizes.tolist(), stream.ptr)
-            event = cupy.cuda.Event(block=False, disable_timing=True, interprocess=False)
+            early = notify is not None and self.early_notify and plan.peer.meta.uid != self.context.agent_uid
+            if early:
+                ring = self._rings.get(state.device)
+                if ring is None:
+                    ring = self._rings[state.device] = EventRing(state.device)
+                event, handle = ring.take()
+            else:
+                event = cupy.cuda.Event(block=False, disable_timing=True, interprocess=False)
             event.record(stream)
         request = IpcRequest(plan.nbytes, event, plan.peer.meta.uid, notify, state.strategy)
+        if early:
+            try:  # the peer delivers it once the event completes; meanwhile the copy runs
+                self._mailbox.send_note_after(plan.peer.meta.uid, handle, notify)
+                request.noted = True
+            except PeerDisconnectedError:
+                pass  # completion sends it the usual way, or fails the transfer saying why
         with self._wake:
             self._pending.add(request)
             self._wake.notify()
@@ -253,7 +295,7 @@ class CudaIpcBackend(Backend):
             try:
                 if lost is not None:
                     raise PeerDisconnectedError(f"the peer went away during the transfer: {lost}")
-                if request.notify is not None and self._mailbox is not None:
+                if request.notify is not None and not request.noted and self._mailbox is not None:
                     self._mailbox.send_note(request.peer_uid, request.notify)
                 request.state = TransferState.DONE
             except KvxferError as error:  # the transfer failed because of it: say so as a TransferError
@@ -317,3 +359,4 @@ class CudaIpcBackend(Backend):
             export.close()
         if self._mailbox is not None:
             self._mailbox.close()
+        self._opened.close()

@@ -63,14 +63,26 @@ def _recv(sock: socket.socket, with_fds: bool = False) -> tuple[list | None, lis
     return message, fds
 
 
+def _open(sock: socket.socket) -> bool:
+    """False once the other end closed ``sock`` (checked without consuming or blocking)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
 class Mailbox:
     """Receives notifications and fd requests; sends notifications; watches peers' connections."""
 
     def __init__(self, uid: str, on_note: Callable[[str, bytes], None], on_lost: Callable[[str, str, str], None],
-                 fds_of: Callable[[int], tuple[list[int], list]]) -> None:
+                 fds_of: Callable[[int], tuple[list[int], list]],
+                 await_event: Callable[[bytes, Callable[[], bool]], bool] | None = None) -> None:
         self.address = f"\0kvxfer-ipc-{uid}-{os.getpid()}"
         self.secret = secrets.token_bytes(16)
         self._on_note, self._on_lost, self._fds_of = on_note, on_lost, fds_of
+        self._await_event = await_event
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._server.bind(self.address)
         self._server.listen(64)
@@ -113,6 +125,10 @@ class Mailbox:
                         break
                     if message[0] == "note":
                         self._on_note(peer_name, bytes(message[1]))
+                    elif message[0] == "note_after" and self._await_event is not None:
+                        # sent as the copy started: deliver once the copy's event completes; drop if it never does
+                        if self._await_event(bytes(message[1]), lambda: _open(connection)):
+                            self._on_note(peer_name, bytes(message[2]))
             except Exception as error:  # a broken or hostile client ends its own connection, nothing else
                 logger.debug("cuda_ipc mailbox: connection ended: %s", error)
             if peer_uid is not None and not self._closed.is_set():
@@ -156,6 +172,17 @@ class Mailbox:
         try:
             with self._send_lock:
                 _send(sock, ["note", payload])
+        except OSError as error:
+            raise PeerDisconnectedError(f"cuda_ipc: sending to the peer failed: {error}") from None
+
+    def send_note_after(self, peer_uid: str, event_handle: bytes, payload: bytes) -> None:
+        """Send a notification the peer delivers once the interprocess event ``event_handle`` completes."""
+        sock = self._outgoing.get(peer_uid)
+        if sock is None:
+            raise PeerDisconnectedError("cuda_ipc: no open connection to the peer")
+        try:
+            with self._send_lock:
+                _send(sock, ["note_after", event_handle, payload])
         except OSError as error:
             raise PeerDisconnectedError(f"cuda_ipc: sending to the peer failed: {error}") from None
 

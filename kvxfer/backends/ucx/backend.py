@@ -2,8 +2,8 @@
 
 One UCP context and worker per backend (i.e. per agent). The worker is used under one lock by the caller's
 thread (post, poll) and the progress thread (everything else). Data paths per transfer: cross-memory attach for
-same-host host memory, staged messages for small host fragments otherwise, one put/get per fragment for the rest
-(see transfer.py). docs/backends.md explains the choices and their measurements.
+same-host host memory, staged messages for small host fragments otherwise, GPU slots for small device fragments
+(one kernel + one get/put per chunk), one put/get per fragment for the rest (see transfer.py). docs/backends.md explains the choices and their measurements.
 """
 
 from __future__ import annotations
@@ -20,9 +20,12 @@ import numpy as np
 
 from ...errors import DescriptorError, TransferCancelledError
 from ...handle import TransferState
+from ...devices import cuda_available
 from ...memory import MemoryKind
 from ..base import Backend, BackendCaps, Op, Request
 from .cma import CrossMemory, copy_threads, plan_batches
+from .device_slots import DeviceSlots, check_device_spans
+from .device_serve import DeviceServer
 from .config import UcxConfig
 from .context import Context
 from .library import load_library, ucx_available
@@ -59,6 +62,9 @@ class UcxBackend(Backend):
         self.config = config or UcxConfig.from_env()
         self._memhs: dict[int, Any] = {}
         self._views: dict[int, tuple[int, np.ndarray]] = {}
+        self._device_regions: dict[int, tuple[int, int, int]] = {}  # index -> (addr, nbytes, device)
+        self._slots: dict[tuple[str, int], DeviceSlots] = {}
+        self._abandoned: dict[tuple[int, int], tuple[DeviceSlots, int]] = {}
         self._active: dict[int, UcxRequest] = {}
         self._awaiting: dict[int, UcxRequest] = {}
         self._outbox: deque[Callable[[], None]] = deque()
@@ -81,6 +87,7 @@ class UcxBackend(Backend):
         self.ucp = Context(self.library, context.agent_name)
         self.responder = Responder(self)
         self.links = Links(self)
+        self.device_server = DeviceServer(self)
         self.staging = BufferPool(self.config.stage_chunk, 4 * self.config.stage_inflight)
         self.worker = Worker(self.library, self.ucp.handle, context.agent_name, self.responder.on_message,
                              self.staging)
@@ -104,6 +111,7 @@ class UcxBackend(Backend):
             for request in list(self._active.values()):
                 request.halt()
                 request.fail("the backend was closed")
+            self.device_server.close()
             self.links.close_all()
             give_up = time.monotonic() + self.timeouts.close
             while self.links.reap() and time.monotonic() < give_up:
@@ -111,6 +119,9 @@ class UcxBackend(Backend):
             for memh in self._memhs.values():
                 memh.close()
             self._memhs.clear()
+            for pool in self._slots.values():
+                pool.close()
+            self._slots.clear()
             self.worker.close()
         self.flush_outbox()
         self.ucp.close()
@@ -124,13 +135,16 @@ class UcxBackend(Backend):
             self._memhs[region.index] = memh
             if region.kind is MemoryKind.HOST:
                 self._views[region.index] = (region.addr, region.as_numpy())
-            elif self.cuda_device is None:
-                self.cuda_device = region.device  # the progress thread makes this device current
+            else:
+                self._device_regions[region.index] = (region.addr, region.nbytes, region.device)
+                if self.cuda_device is None:
+                    self.cuda_device = region.device  # the progress thread makes this device current
         return memh.packed_rkey
 
     def deregister(self, region: "Region") -> None:
         with self.worker.lock:
             self._views.pop(region.index, None)
+            self._device_regions.pop(region.index, None)
             memh = self._memhs.pop(region.index, None)
             if memh is not None:
                 memh.close()
@@ -138,6 +152,29 @@ class UcxBackend(Backend):
     def host_view(self, index: int) -> tuple[int, np.ndarray]:
         """(base address, uint8 view) of our registered host region ``index``; KeyError if there is none."""
         return self._views[index]
+
+    def check_device_spans(self, addr: np.ndarray, nbytes: np.ndarray, region: np.ndarray) -> int:
+        """The device of spans that all lie in our registered CUDA regions of one device; ValueError if not."""
+        return check_device_spans(addr, nbytes, region, self._device_regions)
+
+    @property
+    def device_slot_nbytes(self) -> int:
+        """Bytes per GPU staging slot (4 staged host chunks)."""
+        return 4 * self.config.stage_chunk
+
+    def device_slots(self, role: str, device: int) -> DeviceSlots:
+        """Our GPU slot pool for ``role`` ("ask": chunks we request; "serve": chunks peers request) on ``device``,
+        allocated and registered on first use (under the worker lock)."""
+        pool = self._slots.get((role, device))
+        if pool is None:
+            pool = self._slots[(role, device)] = DeviceSlots(self.ucp, device, self.device_slot_nbytes,
+                                                             self.config.stage_inflight)
+        return pool
+
+    def abandon_slot(self, transfer: int, chunk: int, pool: DeviceSlots, slot: int) -> None:
+        """A finished transfer left ``slot`` with an unanswered chunk: written off until its answer comes."""
+        pool.write_off(slot)
+        self._abandoned[(transfer, chunk)] = (pool, slot)
 
     def memh_list(self, regions: np.ndarray) -> list:
         """The ucp_mem_h of each local fragment's region (int32[n] region indices)."""
@@ -172,12 +209,20 @@ class UcxBackend(Backend):
         """How a post of ``plan`` moves its bytes: "cma", "staged" or "direct" (see transfer.py)."""
         link = self.links.get(plan.peer)
         if plan.on_device:
-            return "direct"
+            return "staged" if self._stage_on_device(plan) else "direct"
         if link.cma_ok:
             return "cma"
         small = plan.nbytes < self.config.stage_below * len(plan)
         # A staged transfer costs a round trip through the target (~0.3 ms here): worth it from ~100 fragments.
         return "staged" if small and len(plan) >= STAGE_MIN_FRAGMENTS else "direct"
+
+    def _stage_on_device(self, plan: "TransferPlan") -> bool:
+        local, remote = plan.local, plan.remote
+        if len(plan) < STAGE_MIN_FRAGMENTS or plan.nbytes >= self.config.stage_below * len(plan):
+            return False
+        if (local.device < 0).any() or (remote.device < 0).any() or (local.device != local.device[0]).any():
+            return False
+        return int(local.nbytes.max()) <= self.device_slot_nbytes and cuda_available()
 
     def process_exited(self, link: Link) -> None:
         """A watched peer process exited (called by the progress thread)."""
@@ -210,6 +255,7 @@ class UcxBackend(Backend):
         if not request.state.final and self.worker.lock.acquire(blocking=False):
             try:  # if the progress thread holds the lock it is making progress: do not wait for it
                 self.worker.progress()
+                self.device_server.poll()
                 request.advance()
             finally:
                 self.worker.lock.release()
@@ -261,6 +307,10 @@ class UcxBackend(Backend):
         request = self._awaiting.get(header.transfer)
         if request is not None:
             request.on_reply(header, data)
+            return
+        abandoned = self._abandoned.pop((header.transfer, header.chunk), None)
+        if abandoned is not None:  # a late answer: the peer touches that slot no more
+            abandoned[0].recover(abandoned[1])
 
     # ---- notifications -----------------------------------------------------------------------------------------
 
@@ -300,7 +350,7 @@ class UcxBackend(Backend):
     def progress_round(self) -> float | None:
         """One progress-thread round; how long it may then sleep (s), None: go on at once."""
         with self.worker.lock:
-            events = self.worker.progress()
+            events = self.worker.progress() + self.device_server.poll()
             for request in list(self._active.values()):
                 request.advance()
             now = time.monotonic()
@@ -311,6 +361,6 @@ class UcxBackend(Backend):
             if events or self._outbox or not self.worker.arm():
                 self._quiet_since = now
                 return None
-            if self.worker.receiving:  # rendezvous receives progress without events: spin a while, then nap
+            if self.worker.receiving or self.device_server.busy:  # rendezvous receives progress without events: spin a while, then nap
                 return None if now - self._quiet_since < 0.002 else 0.001
             return 0.005 if self._active or self.worker.busy else self.config.liveness_interval

@@ -1,6 +1,7 @@
 """The receiving side of the UCX backend's control messages: notifications for the agent, and the target's half
 of staged transfers (SCATTER into / GATHER from our registered host regions, answered on the sender's reply
-endpoint). Every descriptor a peer sends is checked against our registered regions before a byte is touched.
+endpoint; DSCATTER / DGATHER for CUDA regions go to device_serve.py). Every descriptor a peer sends is checked
+against our registered regions before a byte is touched.
 """
 
 from __future__ import annotations
@@ -60,11 +61,13 @@ class Responder:
                 self._scatter(header, data, reply_ep)
             elif header.kind is Kind.GATHER:
                 self._gather(header, data, reply_ep)
+            elif header.kind in (Kind.DSCATTER, Kind.DGATHER):
+                self.backend.device_server.accept(header, data, reply_ep)
             else:
                 self.backend.route_reply(header, data)
         except (ValueError, KvxferError) as error:
             _log.warning("ucx: bad %s message: %s", header.kind.name, error)
-            self._refuse(header, reply_ep, str(error))
+            self.refuse(header, reply_ep, str(error))
 
     def _scatter(self, header: Header, data: Any, reply_ep: int) -> None:
         payload = np.frombuffer(data, dtype=np.uint8)
@@ -76,7 +79,7 @@ class Responder:
         if reason is not None:
             raise ValueError(reason)
         scatter(rest, addr, nbytes, region, self.backend.host_view)
-        self._reply(reply_ep, Header(Kind.ACK, header.transfer, header.chunk))
+        self.reply(reply_ep, Header(Kind.ACK, header.transfer, header.chunk))
 
     def _gather(self, header: Header, data: Any, reply_ep: int) -> None:
         payload = np.frombuffer(data, dtype=np.uint8)
@@ -86,14 +89,14 @@ class Responder:
             raise ValueError(reason)
         out = self.backend.staging.take(int(nbytes.sum(dtype=np.uint64)))
         gather(out, addr, nbytes, region, self.backend.host_view)
-        self._reply(reply_ep, Header(Kind.DATA, header.transfer, header.chunk), out, pooled=True)
+        self.reply(reply_ep, Header(Kind.DATA, header.transfer, header.chunk), out, pooled=True)
 
-    def _refuse(self, header: Header, reply_ep: int, reason: str) -> None:
-        if header.kind in (Kind.SCATTER, Kind.GATHER):
-            self._reply(reply_ep, Header(Kind.FAIL, header.transfer, header.chunk),
+    def refuse(self, header: Header, reply_ep: int, reason: str) -> None:
+        if header.kind in (Kind.SCATTER, Kind.GATHER, Kind.DSCATTER, Kind.DGATHER):
+            self.reply(reply_ep, Header(Kind.FAIL, header.transfer, header.chunk),
                         np.frombuffer(reason.encode()[:1000], dtype=np.uint8).copy())
 
-    def _reply(self, reply_ep: int, header: Header, payload: np.ndarray | None = None, pooled: bool = False) -> None:
+    def reply(self, reply_ep: int, header: Header, payload: np.ndarray | None = None, pooled: bool = False) -> None:
         if not reply_ep:
             _log.warning("ucx: cannot answer %s: the sender gave no reply endpoint", header.kind.name)
             return

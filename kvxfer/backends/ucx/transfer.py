@@ -4,7 +4,8 @@
   the first batch; the copy threads and a waiting thread share the rest).
 - :class:`DirectTransfer`: one UCP put/get per (coalesced) fragment, then one endpoint flush. Any memory, any
   transport; the path for device memory and for large host fragments.
-- :class:`StagedTransfer` (staged.py): small host fragments over UCX, packed into few large messages.
+- :class:`StagedTransfer` (staged.py): small host fragments over UCX, packed into few large messages;
+  :class:`DeviceStagedTransfer` (device_staged.py): small device fragments through GPU slots.
 
 All of them end the same way: when the data is visible on the destination side, the notification (if any) is sent,
 and when that send completes locally, the request is DONE. Methods named ``advance``/``on_*`` run under the
@@ -240,6 +241,10 @@ def new_request(backend: "UcxBackend", link: "Link", op: Op, plan: "TransferPlan
         return CmaTransfer(backend, link, op, plan, notify)
     if strategy == "direct":
         return DirectTransfer(backend, link, op, plan, notify)
+    if plan.on_device:
+        from .device_staged import DeviceStagedTransfer
+
+        return DeviceStagedTransfer(backend, link, op, plan, notify)
     from .staged import StagedTransfer
 
     return StagedTransfer(backend, link, op, plan, notify)

@@ -62,6 +62,8 @@ class Kind(IntEnum):
     GATHER = 4   # payload: descriptors to read; answered by DATA or FAIL
     DATA = 5     # payload: the bytes gathered
     FAIL = 6     # payload: utf-8 reason
+    DSCATTER = 7  # payload: descriptors (CUDA) + stage record; the target gets the sender's slot, scatters; ACK
+    DGATHER = 8   # payload: descriptors (CUDA) + stage record; the target gathers, puts into the slot; DATA
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,25 @@ class Header:
         if magic != MESSAGE_MAGIC or version != MESSAGE_VERSION or kind not in Kind._value2member_map_:
             return None
         return cls(Kind(kind), transfer, chunk, count, bytes(data[_HEADER.size:]))
+
+
+_STAGE = struct.Struct("<QI")  # slot address, packed rkey length; the packed rkey follows
+MAX_RKEY = 64 << 10
+
+
+def pack_stage(slot: int, rkey: bytes) -> np.ndarray:
+    """The stage record of a device staged chunk: where the requester's slot is and its packed remote key."""
+    return np.frombuffer(_STAGE.pack(slot, len(rkey)) + rkey, dtype=np.uint8)
+
+
+def unpack_stage(rest: np.ndarray) -> tuple[int, bytes]:
+    """(slot address, packed rkey) from the bytes after the descriptors; ValueError if malformed."""
+    if rest.size < _STAGE.size:
+        raise ValueError(f"stage record of {rest.size} bytes is too short")
+    slot, length = _STAGE.unpack(rest[:_STAGE.size].tobytes())
+    if length == 0 or length > MAX_RKEY or rest.size != _STAGE.size + length:
+        raise ValueError(f"stage record carries {rest.size - _STAGE.size} key bytes, says {length}")
+    return slot, rest[_STAGE.size:].tobytes()
 
 
 def descs_nbytes(count: int) -> int:

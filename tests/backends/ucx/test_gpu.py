@@ -1,7 +1,8 @@
 """CUDA memory through the UCX backend between two processes (GPU0 -> GPU0, and GPU0 -> GPU1 on two GPUs).
 
 UCX moves device memory with its cuda_ipc (same host) or cuda_copy transports; the backend posts one put/get per
-fragment ("direct" path). Run on a GPU machine: ``pytest -m "gpu and ucx" tests/backends/ucx``.
+fragment ("direct" path), or stages many small fragments through GPU slots ("staged": one gather kernel, one
+get/put, one scatter kernel per chunk). Run on a GPU machine: ``pytest -m "gpu and ucx" tests/backends/ucx``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def test_cuda_write_and_read_between_processes(remote_device: int, fragment: int
             remote_offsets = rng.choice(NBYTES // fragment, count, replace=False) * fragment
             plan = agent.plan(kvxfer.Descs.from_ranges(region, local_offsets, fragment), peer,
                               kvxfer.Descs.from_ranges(peer.region("buf"), remote_offsets, fragment))
-            assert plan.backend.data_path(plan) == "direct"
+            # 256 fragments of 4 KiB are staged (small, many); larger ones go one put/get each
+            assert plan.backend.data_path(plan) == ("staged" if fragment < 32 << 10 and count >= 128 else "direct")
 
             agent.write(plan, notify=b"gpu-written").wait(60)
             assert remote.call("digest", remote_offsets, fragment) == digest(cupy.asnumpy(local), local_offsets,
@@ -52,3 +54,44 @@ def test_cuda_write_and_read_between_processes(remote_device: int, fragment: int
             assert digest(cupy.asnumpy(local), local_offsets, fragment) == remote.call("digest", remote_offsets,
                                                                                        fragment)
             assert remote.call("notes", 10.0) == [("gpu-initiator", b"gpu-read")]
+
+
+@pytest.mark.parametrize("remote_device", [0, pytest.param(1, marks=pytest.mark.multi_gpu)])
+def test_staged_cuda_fragments_reuse_slots(remote_device: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """2048 random 4 KiB blocks through 256 KiB slots: 32 chunks per transfer, 4 in flight, so every slot of
+    both sides is reused many times; bytes exact both ways, the notification after the data."""
+    cupy = pytest.importorskip("cupy")
+    small_slots = {"KVXFER_UCX_STAGE_CHUNK": str(64 << 10)}  # device slots are 4 chunks: 256 KiB
+    monkeypatch.setenv("KVXFER_UCX_STAGE_CHUNK", small_slots["KVXFER_UCX_STAGE_CHUNK"])
+    fragment, count = 4 << 10, 2048
+    with RemoteAgent("staged-target", NBYTES, device=remote_device, environ=small_slots) as remote:
+        cupy.cuda.Device(0).use()
+        local = cupy.zeros(NBYTES, dtype=cupy.uint8)
+        staging = np.empty(NBYTES, dtype=np.uint8)
+        random_fill(staging, seed=7)
+        local.set(staging)
+        with kvxfer.Agent("staged-initiator", backends=["ucx"]) as agent:
+            region = agent.register(local, name="buf")
+            peer = agent.connect(remote.metadata)
+            rng = np.random.default_rng(11)
+            local_offsets = rng.choice(NBYTES // fragment, count, replace=False) * fragment
+            remote_offsets = rng.choice(NBYTES // fragment, count, replace=False) * fragment
+            plan = agent.plan(kvxfer.Descs.from_ranges(region, local_offsets, fragment), peer,
+                              kvxfer.Descs.from_ranges(peer.region("buf"), remote_offsets, fragment))
+            assert plan.backend.data_path(plan) == "staged"
+            for round_ in range(2):
+                local.set(staging if round_ == 0 else staging[::-1].copy())
+                agent.write(plan, notify=b"w%d" % round_).wait(60)
+                expected = digest(cupy.asnumpy(local), local_offsets, fragment)
+                assert remote.call("digest", remote_offsets, fragment) == expected
+                assert remote.call("notes", 10.0) == [("staged-initiator", b"w%d" % round_)]
+
+            remote.call("fill", 99)
+            local.fill(0)
+            agent.read(plan, notify=b"r").wait(60)
+            host = cupy.asnumpy(local)
+            assert digest(host, local_offsets, fragment) == remote.call("digest", remote_offsets, fragment)
+            untouched = np.ones(NBYTES // fragment, dtype=bool)
+            untouched[local_offsets // fragment] = False
+            assert not host.reshape(-1, fragment)[untouched].any(), "bytes landed outside the planned blocks"
+            assert remote.call("notes", 10.0) == [("staged-initiator", b"r")]

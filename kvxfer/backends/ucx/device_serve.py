@@ -1,0 +1,179 @@
+"""Staged transfers of small CUDA fragments: the target's half (device_staged.py is the requester's).
+
+A DSCATTER or DGATHER message names our device spans (checked against our registered CUDA regions before anything
+moves) and the requester's slot. We take one of our serving slots, then: DSCATTER: one get of the requester's slot
+into ours, scatter, ACK. DGATHER: gather into ours, one put into the requester's slot, endpoint flush (the bytes
+are then visible there), DATA. Both go over the reply endpoint the message came with. Messages wait in order for a
+free slot. Runs under the worker lock, outside UCX callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import cdef
+from .endpoint import request_status
+from .library import UcxStatusError, check, pointer_status
+from .wire import Header, Kind, unpack_descs, unpack_stage
+
+if TYPE_CHECKING:
+    from .backend import UcxBackend
+    from .device_slots import DeviceSlots
+
+_log = logging.getLogger("kvxfer.ucx")
+
+
+@dataclass
+class _Job:
+    header: Header
+    reply_ep: int
+    addr: np.ndarray
+    nbytes: np.ndarray
+    device: int
+    remote_slot: int
+    rkey: bytes
+    total: int
+    pool: "DeviceSlots | None" = None
+    slot: int = 0
+    request: int = 0
+    flushing: bool = field(default=False)
+
+
+class DeviceServer:
+    """Serves the device staged chunks peers send us."""
+
+    def __init__(self, backend: "UcxBackend") -> None:
+        self.backend = backend
+        ffi = backend.library.ffi
+        self._queue: deque[_Job] = deque()
+        self._running: list[_Job] = []
+        self._rkeys: dict[tuple[int, bytes], Any] = {}
+        self._rma_param = ffi.new("ucp_request_param_t *")
+        self._rma_param.op_attr_mask = cdef.UCP_OP_ATTR_FIELD_MEMH
+        self._flush_param = ffi.new("ucp_request_param_t *")
+
+    @property
+    def busy(self) -> bool:
+        """True while chunks wait or move."""
+        return bool(self._queue or self._running)
+
+    def accept(self, header: Header, data: Any, reply_ep: int) -> None:
+        """Check a DSCATTER/DGATHER message and queue it (ValueError: refused; the caller answers FAIL)."""
+        addr, nbytes, region, rest = unpack_descs(np.frombuffer(data, dtype=np.uint8), header.count)
+        remote_slot, rkey = unpack_stage(rest)
+        device = self.backend.check_device_spans(addr, nbytes, region)
+        total = int(nbytes.sum(dtype=np.uint64))
+        if total > self.backend.device_slot_nbytes:
+            raise ValueError(f"a staged chunk of {total} bytes exceeds the {self.backend.device_slot_nbytes}-byte "
+                             "slots")
+        if not reply_ep:
+            raise ValueError("the sender gave no reply endpoint")
+        self._queue.append(_Job(header, reply_ep, addr, nbytes, device, remote_slot, rkey, total))
+        self.backend.worker.defer(self.pump)
+
+    def pump(self) -> None:
+        """Start queued chunks while serving slots are free."""
+        while self._queue:
+            job = self._queue[0]
+            pool = self.backend.device_slots("serve", job.device)
+            slot = pool.take()
+            if slot is None:
+                return
+            self._queue.popleft()
+            job.pool, job.slot = pool, slot
+            try:
+                self._start(job)
+            except Exception as error:  # UCX or CUDA: answer FAIL, keep serving
+                self._end(job, f"{type(error).__name__}: {error}")
+
+    def _start(self, job: _Job) -> None:
+        lib, ffi = self.backend.library.lib, self.backend.library.ffi
+        assert job.pool is not None
+        ep = ffi.cast("ucp_ep_h", job.reply_ep)
+        rkey = self._rkey(job.reply_ep, ep, job.rkey)
+        self._rma_param.memh = job.pool.memh(job.slot)
+        if job.header.kind is Kind.DGATHER:
+            job.pool.gather(job.slot, job.addr, job.nbytes)
+            self._issue(lib.ucp_put_nbx(ep, job.slot, job.total, job.remote_slot, rkey, self._rma_param),
+                        "ucp_put_nbx", keep=False)
+            job.request = self._issue(lib.ucp_ep_flush_nbx(ep, self._flush_param), "ucp_ep_flush_nbx", keep=True)
+        else:
+            job.request = self._issue(lib.ucp_get_nbx(ep, job.slot, job.total, job.remote_slot, rkey,
+                                                      self._rma_param), "ucp_get_nbx", keep=True)
+        if job.request:
+            self._running.append(job)
+        else:
+            self._end(job, None)
+
+    def _issue(self, request: int, name: str, keep: bool) -> int:
+        status = pointer_status(request)
+        if status < 0:
+            raise UcxStatusError(f"{name} failed: {self.backend.library.status_text(status)}", status, name)
+        if status != cdef.UCS_INPROGRESS:
+            return 0
+        if keep:
+            return request
+        self.backend.library.lib.ucp_request_free(request)  # completion is observed by the flush after it
+        return 0
+
+    def _rkey(self, reply_ep: int, ep: Any, packed: bytes) -> Any:
+        key = (reply_ep, packed)
+        rkey = self._rkeys.get(key)
+        if rkey is None:
+            library = self.backend.library
+            handle = library.ffi.new("ucp_rkey_h *")
+            check(library, library.lib.ucp_ep_rkey_unpack(ep, library.ffi.from_buffer(packed), handle),
+                  "ucp_ep_rkey_unpack")
+            rkey = self._rkeys[key] = handle[0]
+        return rkey
+
+    def poll(self) -> int:
+        """Complete the chunks whose get or flush finished; returns how many did."""
+        if not self._running:
+            return 0
+        still, done = [], 0
+        for job in self._running:
+            status = request_status(self.backend.library, job.request)
+            if status == cdef.UCS_INPROGRESS:
+                still.append(job)
+                continue
+            done += 1
+            self._end(job, None if status == cdef.UCS_OK else self.backend.library.status_text(status))
+        self._running = still
+        if done:
+            self.pump()
+        return done
+
+    def _end(self, job: _Job, error: str | None) -> None:
+        pool, header = job.pool, job.header
+        assert pool is not None
+        if error is None and header.kind is Kind.DSCATTER:
+            try:
+                pool.scatter(job.slot, job.addr, job.nbytes)
+            except Exception as failure:  # a CUDA error: answer FAIL
+                error = f"scatter failed: {failure}"
+        pool.give(job.slot)
+        responder = self.backend.responder
+        if error is None:
+            answer = Kind.ACK if header.kind is Kind.DSCATTER else Kind.DATA
+            responder.reply(job.reply_ep, Header(answer, header.transfer, header.chunk))
+        else:
+            _log.warning("ucx: serving staged chunk %d of transfer %d failed: %s", header.chunk, header.transfer,
+                         error)
+            responder.refuse(header, job.reply_ep, error)
+
+    def close(self) -> None:
+        """Release unpacked keys (before the worker goes). Chunks still queued or running are dropped."""
+        lib = self.backend.library.lib
+        for job in self._running:
+            lib.ucp_request_free(job.request)
+        self._queue.clear()
+        self._running = []
+        for rkey in self._rkeys.values():
+            lib.ucp_rkey_destroy(rkey)
+        self._rkeys.clear()

@@ -1,0 +1,111 @@
+"""Staged transfers of small CUDA fragments: the requester's half (device_serve.py is the target's).
+
+WRITE: gather a chunk's local spans into one of our registered GPU slots (one kernel launch), send DSCATTER with
+the remote descriptors and the slot's address and key; the target gets the slot's bytes with one UCX get into a
+slot of its own, scatters them (one launch) and answers ACK. READ: send DGATHER; the target gathers into its slot,
+puts it into ours with one put, flushes, answers DATA; we scatter. One UCX operation per chunk instead of one per
+fragment. A slot stays ours until its chunk is answered; an abandoned chunk's slot is written off (device_slots.py).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ...errors import KvxferError
+from ...handle import TransferState
+from ..base import Op
+from . import cdef
+from .staged import StagedTransfer, chunk_bounds
+from .wire import Header, Kind, descs_nbytes, pack_descs, pack_stage
+
+if TYPE_CHECKING:
+    from ...plan import TransferPlan
+    from .backend import UcxBackend
+    from .device_slots import DeviceSlots
+    from .link import Link
+
+
+class DeviceStagedTransfer(StagedTransfer):
+    """Chunks of device fragments through GPU slots, answered one by one by the target."""
+
+    def __init__(self, backend: "UcxBackend", link: "Link", op: Op, plan: "TransferPlan",
+                 notify: bytes | None) -> None:
+        super().__init__(backend, link, op, plan, notify)
+        self.pool: "DeviceSlots" = backend.device_slots("ask", int(plan.local.device[0]))
+        self.bounds = chunk_bounds(plan.local.nbytes, self.pool.slot_nbytes)
+        self.answered = np.zeros(len(self.bounds), dtype=bool)
+        self.slots: dict[int, int] = {}  # chunk -> slot, while the chunk is unanswered
+
+    def advance(self) -> None:
+        limit = self.backend.config.stage_inflight
+        while (not self.state.final and not self.stopped and self.in_flight < limit
+               and self.next_chunk < len(self.bounds)):
+            slot = self.pool.take()
+            if slot is None:
+                return  # every slot is busy: a later round (an answer frees one) goes on
+            chunk = self.next_chunk
+            self.next_chunk += 1
+            self.in_flight += 1
+            self.slots[chunk] = slot
+            try:
+                self._send_device_chunk(chunk, slot)
+            except (KvxferError, ValueError) as error:
+                self.fail(f"chunk {chunk}: {error}", error)
+
+    def _send_device_chunk(self, chunk: int, slot: int) -> None:
+        start, stop = self.bounds[chunk]
+        local, remote = self.plan.local, self.plan.remote
+        if self.op is Op.WRITE:
+            self.pool.gather(slot, local.addr[start:stop], local.nbytes[start:stop])
+        count = stop - start
+        stage = pack_stage(slot, self.pool.packed_rkey(slot))
+        head_nbytes = descs_nbytes(count)
+        payload = np.empty(head_nbytes + stage.size, dtype=np.uint8)
+        pack_descs(payload, remote.addr[start:stop], remote.nbytes[start:stop], remote.region[start:stop])
+        payload[head_nbytes:] = stage
+        kind = Kind.DSCATTER if self.op is Op.WRITE else Kind.DGATHER
+        header = Header(kind, self.id, chunk, count).encode()
+        self.backend.worker.send(self.link.ep.handle, header, payload.ctypes.data, payload.size, keepalive=payload,
+                                 reply=True, on_done=self._sent_device)
+
+    def _sent_device(self, status: int) -> None:
+        if status != cdef.UCS_OK and not self.state.final:
+            self.fail(f"sending a chunk failed: {self.backend.library.status_text(status)}")
+
+    def on_reply(self, header: Header, data: Any) -> None:
+        chunk = header.chunk
+        if not 0 <= chunk < self.next_chunk or self.answered[chunk] or chunk not in self.slots:
+            return
+        slot = self.slots.pop(chunk)
+        if header.kind is Kind.DATA and not self.state.final and not self.stopped:
+            start, stop = self.bounds[chunk]
+            local = self.plan.local
+            try:
+                self.pool.scatter(slot, local.addr[start:stop], local.nbytes[start:stop])
+            except Exception as error:  # a CUDA error must still end the transfer
+                self.pool.give(slot)
+                self.fail(f"chunk {chunk}: scattering the staged bytes failed: {error}")
+                return
+        self.pool.give(slot)  # answered: the target touches it no more
+        if self.state.final or self.stopped:
+            return
+        if header.kind is Kind.FAIL:
+            reason = bytes(data).decode(errors="replace")[:500]
+            self.fail(f"the peer refused chunk {chunk}: {reason}")
+            return
+        self.in_flight -= 1
+        self.answered[chunk] = True
+        if self.answered.all():
+            self.data_done()
+        else:
+            self.backend.worker.defer(self.advance)
+
+    def finish(self, state: TransferState, error: KvxferError | None = None) -> None:
+        if self.state.final:
+            return
+        super().finish(state, error)
+        for chunk, slot in self.slots.items():  # unanswered: late answers still release them
+            self.backend.abandon_slot(self.id, chunk, self.pool, slot)
+        self.slots = {}
