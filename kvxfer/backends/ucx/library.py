@@ -7,7 +7,7 @@ small ones are batched (cross-memory attach) or staged. docs/backends.md has the
 
 from __future__ import annotations
 
-import functools
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -16,6 +16,8 @@ from typing import Any
 from ...errors import BackendError, BackendUnavailableError
 from . import cdef
 from .config import UcxConfig
+
+_log = logging.getLogger("kvxfer.ucx")
 
 _LOCK = threading.Lock()
 
@@ -42,15 +44,31 @@ class UcxLibrary:
 
 
 def load_library(config: UcxConfig | None = None) -> UcxLibrary:
-    """The process-wide libucp (loaded once; the first caller's ``KVXFER_UCX_LIB`` decides which).
+    """The process-wide libucp, loaded once: ``config.library_path``, else ``KVXFER_UCX_LIB``, else the libucx
+    wheel's. A later request naming a different library raises (one process cannot hold two UCX builds); one
+    naming none gets the loaded library.
 
     Raises BackendUnavailableError naming what is missing.
     """
+    global _LOADED
+    requested = (config.library_path if config is not None else None) or UcxConfig.from_env().library_path
     with _LOCK:
-        return _load(config.library_path if config is not None else UcxConfig.from_env().library_path)
+        if _LOADED is None:
+            _LOADED = _load(requested)
+        elif requested and os.path.realpath(requested) != _LOADED.path:
+            # Two UCX builds in one process clash symbol by symbol (a wheel's libuct against a system libucs).
+            if not os.path.exists(requested):
+                raise BackendUnavailableError(f"KVXFER_UCX_LIB={requested!r} does not exist")
+            raise BackendUnavailableError(f"KVXFER_UCX_LIB={requested!r}: this process already loaded libucp "
+                                          f"{_LOADED.path} ({_LOADED.source}); one process cannot use two UCX builds")
+        return _LOADED
 
 
-@functools.lru_cache(maxsize=None)
+_LOADED: "UcxLibrary | None" = None
+MIN_MINOR = 14     # 1.13 fails our tests (see _load); 1.14-1.21 untested
+TESTED_MINOR = 22  # the libucx wheels' version, tested on every run
+
+
 def _load(library_path: str | None) -> UcxLibrary:
     try:
         import cffi
@@ -75,9 +93,14 @@ def _load(library_path: str | None) -> UcxLibrary:
     major, minor, release = ffi.new("unsigned *"), ffi.new("unsigned *"), ffi.new("unsigned *")
     lib.ucp_get_version(major, minor, release)
     version = (int(major[0]), int(minor[0]), int(release[0]))
-    if version[0] != 1 or version[1] < 12:
-        # ucp_ep_query (transports) and the nbx calls with ucp_request_param_t's layout arrived by 1.12.
-        raise BackendUnavailableError(f"libucp {'.'.join(map(str, version))} at {path} is too old; need >= 1.12")
+    if version[0] != 1 or version[1] < MIN_MINOR:
+        # Seen with Debian bookworm's 1.13.1: ucp_ep_query names no transports, large notifications over tcp are
+        # lost, and a worker closed after its peer was SIGKILLed aborts the process (docs/backends.md).
+        raise BackendUnavailableError(f"libucp {'.'.join(map(str, version))} at {path} is too old; need >= "
+                                      f"1.{MIN_MINOR} (tested: 1.{TESTED_MINOR})")
+    if version[1] < TESTED_MINOR:
+        _log.warning("ucx: libucp %s at %s is older than the tested 1.%d", ".".join(map(str, version)), path,
+                     TESTED_MINOR)
     return UcxLibrary(ffi=ffi, lib=lib, libc=libc, path=os.path.realpath(path), version=version, source=source)
 
 

@@ -84,6 +84,36 @@ def test_kvxfer_ucx_lib_loads_the_named_library(tmp_path: Path) -> None:
     assert report["data_path"] == "direct" and report["moved"], report
 
 
+SYSTEM_LIBUCP = "/usr/lib/x86_64-linux-gnu/libucp.so.0"
+
+
+@pytest.mark.ucx
+@pytest.mark.skipif(not os.path.exists(SYSTEM_LIBUCP), reason="no system UCX (Debian: apt install libucx0)")
+def test_a_system_ucx_is_used_or_refused_by_version(tmp_path: Path) -> None:
+    """A distribution's UCX (built with verbs, for RDMA): too old (Debian bookworm's 1.13) -> refused as
+    unavailable with the reason; new enough -> loaded and moving data."""
+    result = subprocess.run([sys.executable, "-c", _REPORT], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env=_environ(KVXFER_UCX_LIB=SYSTEM_LIBUCP, KVXFER_UCX_CMA="off",
+                                                      KVXFER_UCX_STAGE_BELOW="0"))
+    if "too old" in result.stderr:
+        assert "need >= 1.14" in result.stderr and os.path.realpath(SYSTEM_LIBUCP) in result.stderr
+        return
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["source"] == "KVXFER_UCX_LIB" and report["path"] == os.path.realpath(SYSTEM_LIBUCP)
+    assert not report["wheel_imported"] and report["moved"], report
+
+
+@pytest.mark.ucx
+def test_a_second_ucx_build_in_one_process_is_refused() -> None:
+    loaded = load_library()
+    assert load_library(UcxConfig()) is loaded  # naming none: the loaded one
+    other = SYSTEM_LIBUCP if os.path.exists(SYSTEM_LIBUCP) and os.path.realpath(SYSTEM_LIBUCP) != loaded.path \
+        else __file__
+    with pytest.raises(BackendUnavailableError, match="one process cannot use two UCX builds"):
+        load_library(UcxConfig(library_path=other))
+
+
 @pytest.mark.ucx
 def test_without_kvxfer_ucx_lib_the_wheel_is_loaded(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", _REPORT], cwd=tmp_path, capture_output=True, text=True,
