@@ -33,14 +33,25 @@ class DeviceStagedTransfer(StagedTransfer):
     def __init__(self, backend: "UcxBackend", link: "Link", op: Op, plan: "TransferPlan",
                  notify: bytes | None) -> None:
         super().__init__(backend, link, op, plan, notify)
-        self.pool: "DeviceSlots" = backend.device_slots("ask", int(plan.local.device[0]))
-        self.bounds = chunk_bounds(plan.local.nbytes, self.pool.slot_nbytes)
+        self.bounds = chunk_bounds(plan.local.nbytes, backend.device_slot_nbytes)
         self.answered = np.zeros(len(self.bounds), dtype=bool)
         self.slots: dict[int, int] = {}  # chunk -> slot, while the chunk is unanswered
+        self.pool: "DeviceSlots | None" = None
+
+    def start(self) -> None:
+        with self.backend.worker.lock:
+            try:  # allocated and registered on first use, under the worker lock like every registration
+                self.pool = self.backend.device_slots("ask", int(self.plan.local.device[0]))
+            except Exception as error:
+                self.fail(f"no GPU staging slots: {error}")
+                return
+            self.backend.expect_replies(self)
+            self.advance()
+        self.backend.wake()
 
     def advance(self) -> None:
         limit = self.backend.config.stage_inflight
-        while (not self.state.final and not self.stopped and self.in_flight < limit
+        while (self.pool is not None and not self.state.final and not self.stopped and self.in_flight < limit
                and self.next_chunk < len(self.bounds)):
             slot = self.pool.take()
             if slot is None:
@@ -55,6 +66,7 @@ class DeviceStagedTransfer(StagedTransfer):
                 self.fail(f"chunk {chunk}: {error}", error)
 
     def _send_device_chunk(self, chunk: int, slot: int) -> None:
+        assert self.pool is not None
         start, stop = self.bounds[chunk]
         local, remote = self.plan.local, self.plan.remote
         if self.op is Op.WRITE:
@@ -79,6 +91,7 @@ class DeviceStagedTransfer(StagedTransfer):
         if not 0 <= chunk < self.next_chunk or self.answered[chunk] or chunk not in self.slots:
             return
         slot = self.slots.pop(chunk)
+        assert self.pool is not None  # a chunk holds a slot only once the pool exists
         if header.kind is Kind.DATA and not self.state.final and not self.stopped:
             start, stop = self.bounds[chunk]
             local = self.plan.local
@@ -107,5 +120,6 @@ class DeviceStagedTransfer(StagedTransfer):
             return
         super().finish(state, error)
         for chunk, slot in self.slots.items():  # unanswered: late answers still release them
+            assert self.pool is not None
             self.backend.abandon_slot(self.id, chunk, self.pool, slot)
         self.slots = {}
