@@ -38,6 +38,9 @@ def random_fill(buffer: np.ndarray, seed: int) -> None:
 
 
 def _serve(connection: Any, name: str, nbytes: int, device: int, environ: dict[str, str]) -> None:
+    import faulthandler
+
+    faulthandler.enable()  # a crash in UCX or CUDA prints the Python stack of every thread to stderr
     os.environ.update(environ)
     import kvxfer
 
