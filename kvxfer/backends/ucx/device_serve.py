@@ -3,8 +3,10 @@
 A DSCATTER or DGATHER message names our device spans (checked against our registered CUDA regions before anything
 moves) and the requester's slot. We take one of our serving slots, then: DSCATTER: one get of the requester's slot
 into ours, scatter, ACK. DGATHER: gather into ours, one put into the requester's slot, endpoint flush (the bytes
-are then visible there), DATA. Both go over the reply endpoint the message came with. Messages wait in order for a
-free slot. Runs under the worker lock, outside UCX callbacks.
+are then visible there), DATA. The get or put goes over an endpoint of ours to the requester's worker (address and
+error mode from the message; one per requester, kept): one-sided operations on the reply endpoint UCX hands an
+active message crashed UCX 1.22 inside progress with CUDA memory (H100, 2026-12-06). Answers go on the reply
+endpoint. Messages wait in order for a free slot. Runs under the worker lock, outside UCX callbacks.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import cdef
-from .endpoint import request_status
-from .library import UcxStatusError, check, pointer_status
-from .wire import Header, Kind, unpack_descs, unpack_stage
+from .endpoint import Endpoint, request_status
+from .library import UcxStatusError, pointer_status
+from .wire import Header, Kind, Stage, unpack_descs
 
 if TYPE_CHECKING:
     from .backend import UcxBackend
@@ -35,8 +37,7 @@ class _Job:
     addr: np.ndarray
     nbytes: np.ndarray
     device: int
-    remote_slot: int
-    rkey: bytes
+    stage: Stage
     total: int
     pool: "DeviceSlots | None" = None
     slot: int = 0
@@ -52,7 +53,8 @@ class DeviceServer:
         ffi = backend.library.ffi
         self._queue: deque[_Job] = deque()
         self._running: list[_Job] = []
-        self._rkeys: dict[tuple[int, bytes], Any] = {}
+        self._eps: dict[tuple[bytes, bool], Endpoint] = {}
+        self._rkeys: dict[tuple[bytes, bool, bytes], Any] = {}
         self._rma_param = ffi.new("ucp_request_param_t *")
         self._rma_param.op_attr_mask = cdef.UCP_OP_ATTR_FIELD_MEMH
         self._flush_param = ffi.new("ucp_request_param_t *")
@@ -65,7 +67,7 @@ class DeviceServer:
     def accept(self, header: Header, data: Any, reply_ep: int) -> None:
         """Check a DSCATTER/DGATHER message and queue it (ValueError: refused; the caller answers FAIL)."""
         addr, nbytes, region, rest = unpack_descs(np.frombuffer(data, dtype=np.uint8), header.count)
-        remote_slot, rkey = unpack_stage(rest)
+        stage = Stage.unpack(rest)
         device = self.backend.check_device_spans(addr, nbytes, region)
         total = int(nbytes.sum(dtype=np.uint64))
         if total > self.backend.device_slot_nbytes:
@@ -73,7 +75,7 @@ class DeviceServer:
                              "slots")
         if not reply_ep:
             raise ValueError("the sender gave no reply endpoint")
-        self._queue.append(_Job(header, reply_ep, addr, nbytes, device, remote_slot, rkey, total))
+        self._queue.append(_Job(header, reply_ep, addr, nbytes, device, stage, total))
         self.backend.worker.defer(self.pump)
 
     def pump(self) -> None:
@@ -92,18 +94,19 @@ class DeviceServer:
                 self._end(job, f"{type(error).__name__}: {error}")
 
     def _start(self, job: _Job) -> None:
-        lib, ffi = self.backend.library.lib, self.backend.library.ffi
+        lib = self.backend.library.lib
         assert job.pool is not None
-        ep = ffi.cast("ucp_ep_h", job.reply_ep)
-        rkey = self._rkey(job.reply_ep, ep, job.rkey)
+        stage = job.stage
+        ep = self._endpoint(stage)
+        rkey = self._rkey(stage, ep)
         self._rma_param.memh = job.pool.memh(job.slot)
         if job.header.kind is Kind.DGATHER:
             job.pool.gather(job.slot, job.addr, job.nbytes)
-            self._issue(lib.ucp_put_nbx(ep, job.slot, job.total, job.remote_slot, rkey, self._rma_param),
+            self._issue(lib.ucp_put_nbx(ep.handle, job.slot, job.total, stage.slot, rkey, self._rma_param),
                         "ucp_put_nbx", keep=False)
-            job.request = self._issue(lib.ucp_ep_flush_nbx(ep, self._flush_param), "ucp_ep_flush_nbx", keep=True)
+            job.request = ep.flush()
         else:
-            job.request = self._issue(lib.ucp_get_nbx(ep, job.slot, job.total, job.remote_slot, rkey,
+            job.request = self._issue(lib.ucp_get_nbx(ep.handle, job.slot, job.total, stage.slot, rkey,
                                                       self._rma_param), "ucp_get_nbx", keep=True)
         if job.request:
             self._running.append(job)
@@ -121,16 +124,34 @@ class DeviceServer:
         self.backend.library.lib.ucp_request_free(request)  # completion is observed by the flush after it
         return 0
 
-    def _rkey(self, reply_ep: int, ep: Any, packed: bytes) -> Any:
-        key = (reply_ep, packed)
+    def _endpoint(self, stage: Stage) -> Endpoint:
+        key = (stage.address, stage.peer_mode)
+        ep = self._eps.get(key)
+        if ep is None or ep.failed_status is not None:
+            if ep is not None:
+                self._forget(key, ep)
+            ep = self._eps[key] = Endpoint(self.backend.worker, stage.address, stage.peer_mode, "kvxfer-stage",
+                                           lambda _status: None)
+        return ep
+
+    def _rkey(self, stage: Stage, ep: Endpoint) -> Any:
+        key = (stage.address, stage.peer_mode, stage.rkey)
         rkey = self._rkeys.get(key)
         if rkey is None:
-            library = self.backend.library
-            handle = library.ffi.new("ucp_rkey_h *")
-            check(library, library.lib.ucp_ep_rkey_unpack(ep, library.ffi.from_buffer(packed), handle),
-                  "ucp_ep_rkey_unpack")
-            rkey = self._rkeys[key] = handle[0]
+            rkey = self._rkeys[key] = ep.unpack_rkey(stage.rkey)
         return rkey
+
+    def _forget(self, key: tuple[bytes, bool], ep: Endpoint) -> None:
+        """Drop a failed endpoint and its keys (jobs still on it end with their requests' errors)."""
+        for rkey_key in [k for k in self._rkeys if k[:2] == key]:
+            ep.destroy_rkey(self._rkeys.pop(rkey_key))
+        self._eps.pop(key, None)
+        self._close_ep(ep)
+
+    def _close_ep(self, ep: Endpoint) -> None:
+        request = ep.close(force=ep.peer_mode)
+        if request:
+            self.backend.library.lib.ucp_request_free(request)  # UCX finishes closing on its own
 
     def poll(self) -> int:
         """Complete the chunks whose get or flush finished; returns how many did."""
@@ -177,3 +198,6 @@ class DeviceServer:
         for rkey in self._rkeys.values():
             lib.ucp_rkey_destroy(rkey)
         self._rkeys.clear()
+        for ep in self._eps.values():
+            self._close_ep(ep)
+        self._eps.clear()

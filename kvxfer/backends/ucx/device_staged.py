@@ -18,7 +18,7 @@ from ...handle import TransferState
 from ..base import Op
 from . import cdef
 from .staged import StagedTransfer, chunk_bounds
-from .wire import Header, Kind, descs_nbytes, pack_descs, pack_stage
+from .wire import Header, Kind, Stage, descs_nbytes, pack_descs
 
 if TYPE_CHECKING:
     from ...plan import TransferPlan
@@ -72,7 +72,8 @@ class DeviceStagedTransfer(StagedTransfer):
         if self.op is Op.WRITE:
             self.pool.gather(slot, local.addr[start:stop], local.nbytes[start:stop])
         count = stop - start
-        stage = pack_stage(slot, self.pool.packed_rkey(slot))
+        stage = Stage(slot, self.pool.packed_rkey(slot), self.link.mode == "peer",
+                      self.backend.worker.address).pack()
         head_nbytes = descs_nbytes(count)
         payload = np.empty(head_nbytes + stage.size, dtype=np.uint8)
         pack_descs(payload, remote.addr[start:stop], remote.nbytes[start:stop], remote.region[start:stop])

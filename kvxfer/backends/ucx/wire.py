@@ -92,23 +92,37 @@ class Header:
         return cls(Kind(kind), transfer, chunk, count, bytes(data[_HEADER.size:]))
 
 
-_STAGE = struct.Struct("<QI")  # slot address, packed rkey length; the packed rkey follows
+_STAGE = struct.Struct("<QIBH")  # slot address, packed rkey length, peer error mode, worker address length
 MAX_RKEY = 64 << 10
 
 
-def pack_stage(slot: int, rkey: bytes) -> np.ndarray:
-    """The stage record of a device staged chunk: where the requester's slot is and its packed remote key."""
-    return np.frombuffer(_STAGE.pack(slot, len(rkey)) + rkey, dtype=np.uint8)
+@dataclass(frozen=True)
+class Stage:
+    """Where a device staged chunk's requester slot is, its packed remote key, and how to reach the requester:
+    its worker address and the error mode its link uses (both ends of an endpoint pair must agree)."""
 
+    slot: int
+    rkey: bytes
+    peer_mode: bool
+    address: bytes
 
-def unpack_stage(rest: np.ndarray) -> tuple[int, bytes]:
-    """(slot address, packed rkey) from the bytes after the descriptors; ValueError if malformed."""
-    if rest.size < _STAGE.size:
-        raise ValueError(f"stage record of {rest.size} bytes is too short")
-    slot, length = _STAGE.unpack(rest[:_STAGE.size].tobytes())
-    if length == 0 or length > MAX_RKEY or rest.size != _STAGE.size + length:
-        raise ValueError(f"stage record carries {rest.size - _STAGE.size} key bytes, says {length}")
-    return slot, rest[_STAGE.size:].tobytes()
+    def pack(self) -> np.ndarray:
+        """The record's bytes (they follow the descriptors in DSCATTER / DGATHER)."""
+        head = _STAGE.pack(self.slot, len(self.rkey), int(self.peer_mode), len(self.address))
+        return np.frombuffer(head + self.rkey + self.address, dtype=np.uint8)
+
+    @classmethod
+    def unpack(cls, rest: np.ndarray) -> "Stage":
+        """The record from the bytes after the descriptors; ValueError if malformed."""
+        if rest.size < _STAGE.size:
+            raise ValueError(f"stage record of {rest.size} bytes is too short")
+        slot, rkey_length, mode, address_length = _STAGE.unpack(rest[:_STAGE.size].tobytes())
+        if (not 0 < rkey_length <= MAX_RKEY or not 0 < address_length <= MAX_WORKER_ADDRESS or mode > 1
+                or rest.size != _STAGE.size + rkey_length + address_length):
+            raise ValueError(f"stage record of {rest.size} bytes says key {rkey_length}, address {address_length} "
+                             f"bytes, mode {mode}")
+        body = rest[_STAGE.size:].tobytes()
+        return cls(slot, body[:rkey_length], bool(mode), body[rkey_length:])
 
 
 def descs_nbytes(count: int) -> int:

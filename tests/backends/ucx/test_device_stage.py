@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kvxfer.backends.ucx.device_slots import check_device_spans
-from kvxfer.backends.ucx.wire import Header, Kind, descs_nbytes, pack_descs, pack_stage, unpack_descs, unpack_stage
+from kvxfer.backends.ucx.wire import Header, Kind, Stage, descs_nbytes, pack_descs, unpack_descs
 
 REGIONS = {0: (0x10000, 1 << 20, 0), 1: (0x200000, 1 << 20, 0), 2: (0x900000, 1 << 20, 1)}
 
@@ -35,21 +35,30 @@ def test_bad_spans_are_refused(spans: tuple, reason: str) -> None:
 
 def test_stage_record_round_trip_after_descriptors() -> None:
     addr, nbytes, region = _spans((0x10000, 4096, 0), (0x20000, 8192, 0), (0x30000, 4096, 1))
-    stage = pack_stage(0xDEAD0000, b"packed-key")
+    stage = Stage(0xDEAD0000, b"packed-key", True, b"worker-address").pack()
     payload = np.zeros(descs_nbytes(3) + stage.size, dtype=np.uint8)
     pack_descs(payload, addr, nbytes, region)
     payload[descs_nbytes(3):] = stage
     got_addr, got_nbytes, got_region, rest = unpack_descs(payload, 3)
     assert got_addr.tolist() == addr.tolist() and got_nbytes.tolist() == nbytes.tolist()
     assert got_region.tolist() == region.tolist()
-    assert unpack_stage(rest) == (0xDEAD0000, b"packed-key")
+    assert Stage.unpack(rest) == Stage(0xDEAD0000, b"packed-key", True, b"worker-address")
     assert Header.decode(Header(Kind.DGATHER, 5, 2, 3).encode()) == Header(Kind.DGATHER, 5, 2, 3)
 
 
-@pytest.mark.parametrize("cut", [0, 5, 12, 13])
+@pytest.mark.parametrize("cut", [0, 5, 15, 16, 19])
 def test_truncated_or_padded_stage_records_are_refused(cut: int) -> None:
-    record = pack_stage(0x1000, b"key")
+    record = Stage(0x1000, b"key", False, b"addr").pack()
+    assert Stage.unpack(record) == Stage(0x1000, b"key", False, b"addr")
     with pytest.raises(ValueError):
-        unpack_stage(record[:cut])
+        Stage.unpack(record[:cut])
     with pytest.raises(ValueError):
-        unpack_stage(np.concatenate([record, np.zeros(1, dtype=np.uint8)]))
+        Stage.unpack(np.concatenate([record, np.zeros(1, dtype=np.uint8)]))
+
+
+@pytest.mark.parametrize("field", ["rkey", "address"])
+def test_stage_records_without_key_or_address_are_refused(field: str) -> None:
+    values = {"slot": 0x1000, "rkey": b"key", "peer_mode": False, "address": b"addr"}
+    values[field] = b""
+    with pytest.raises(ValueError):
+        Stage.unpack(Stage(**values).pack())
