@@ -1,12 +1,15 @@
 """Staged transfers of small CUDA fragments: the target's half (device_staged.py is the requester's).
 
 A DSCATTER or DGATHER message names our device spans (checked against our registered CUDA regions before anything
-moves) and the requester's slot. We take one of our serving slots, then: DSCATTER: one get of the requester's slot
-into ours, scatter, ACK. DGATHER: gather into ours, one put into the requester's slot, endpoint flush (the bytes
-are then visible there), DATA. The get or put goes over an endpoint of ours to the requester's worker (address and
-error mode from the message; one per requester, kept): one-sided operations on the reply endpoint UCX hands an
-active message crashed UCX 1.22 inside progress with CUDA memory (H100, 2026-12-06). Answers go on the reply
-endpoint. Messages wait in order for a free slot. Runs under the worker lock, outside UCX callbacks.
+moves) and the requester's slot. We take one of our serving slots, then: DSCATTER: answer GRANT with our slot;
+the requester puts its chunk there, flushes and sends DCOMMIT; we scatter and answer ACK. (A get of the
+requester's slot would save that round trip, but UCX 1.22's get between two processes on one GPU runs at
+~0.7 GB/s against ~100+ GB/s for a put: measured, H100 2026-12-06.) DGATHER: gather into our slot, one put into
+the requester's slot, endpoint flush (the bytes are then visible there), DATA. Our put goes over an endpoint of
+ours to the requester's worker (address and error mode from the message; one per requester, kept): one-sided
+operations on the reply endpoint UCX hands an active message crashed UCX 1.22 inside progress with CUDA memory.
+Answers go on the reply endpoint. Messages wait in order for a free slot. Runs under the worker lock, outside UCX
+callbacks.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class DeviceServer:
         self.backend = backend
         ffi = backend.library.ffi
         self._queue: deque[_Job] = deque()
+        self._granted: dict[tuple[bytes, int, int], _Job] = {}  # (requester address, transfer, chunk) -> job
         self._running: list[_Job] = []
         self._eps: dict[tuple[bytes, bool], Endpoint] = {}
         self._rkeys: dict[tuple[bytes, bool, bytes], Any] = {}
@@ -63,6 +67,16 @@ class DeviceServer:
     def busy(self) -> bool:
         """True while chunks wait or move."""
         return bool(self._queue or self._running)
+
+    def commit(self, header: Header, data: Any, reply_ep: int) -> None:
+        """DCOMMIT: the requester's chunk is in the slot we granted: scatter it, answer ACK (ValueError: refused)."""
+        payload = np.frombuffer(data, dtype=np.uint8)
+        stage = Stage.unpack(payload)
+        job = self._granted.pop((stage.address, header.transfer, header.chunk), None)
+        if job is None:
+            raise ValueError(f"no slot was granted to chunk {header.chunk} of transfer {header.transfer}")
+        job.reply_ep = reply_ep
+        self.backend.worker.defer(lambda: self._end(job, None))
 
     def accept(self, header: Header, data: Any, reply_ep: int) -> None:
         """Check a DSCATTER/DGATHER message and queue it (ValueError: refused; the caller answers FAIL)."""
@@ -97,17 +111,19 @@ class DeviceServer:
         lib = self.backend.library.lib
         assert job.pool is not None
         stage = job.stage
+        if job.header.kind is Kind.DSCATTER:  # the requester puts into our slot (see the module docstring)
+            self._granted[(stage.address, job.header.transfer, job.header.chunk)] = job
+            grant = Stage(job.slot, job.pool.packed_rkey(job.slot), stage.peer_mode, self.backend.worker.address)
+            self.backend.responder.reply(job.reply_ep, Header(Kind.GRANT, job.header.transfer, job.header.chunk),
+                                         grant.pack().copy())
+            return
         ep = self._endpoint(stage)
         rkey = self._rkey(stage, ep)
         self._rma_param.memh = job.pool.memh(job.slot)
-        if job.header.kind is Kind.DGATHER:
-            job.pool.gather(job.slot, job.addr, job.nbytes)
-            self._issue(lib.ucp_put_nbx(ep.handle, job.slot, job.total, stage.slot, rkey, self._rma_param),
-                        "ucp_put_nbx", keep=False)
-            job.request = ep.flush()
-        else:
-            job.request = self._issue(lib.ucp_get_nbx(ep.handle, job.slot, job.total, stage.slot, rkey,
-                                                      self._rma_param), "ucp_get_nbx", keep=True)
+        job.pool.gather(job.slot, job.addr, job.nbytes)
+        self._issue(lib.ucp_put_nbx(ep.handle, job.slot, job.total, stage.slot, rkey, self._rma_param),
+                    "ucp_put_nbx", keep=False)
+        job.request = ep.flush()
         if job.request:
             self._running.append(job)
         else:
@@ -194,6 +210,7 @@ class DeviceServer:
         for job in self._running:
             lib.ucp_request_free(job.request)
         self._queue.clear()
+        self._granted.clear()
         self._running = []
         for rkey in self._rkeys.values():
             lib.ucp_rkey_destroy(rkey)

@@ -1,8 +1,8 @@
 """Staged transfers of small CUDA fragments: the requester's half (device_serve.py is the target's).
 
 WRITE: gather a chunk's local spans into one of our registered GPU slots (one kernel launch), send DSCATTER with
-the remote descriptors and the slot's address and key; the target gets the slot's bytes with one UCX get into a
-slot of its own, scatters them (one launch) and answers ACK. READ: send DGATHER; the target gathers into its slot,
+the remote descriptors; the target reserves a slot of its own and answers GRANT with it; we put our slot there
+(one UCX put), flush, send DCOMMIT; the target scatters (one launch) and answers ACK. READ: send DGATHER; the target gathers into its slot,
 puts it into ours with one put, flushes, answers DATA; we scatter. One UCX operation per chunk instead of one per
 fragment. A slot stays ours until its chunk is answered; an abandoned chunk's slot is written off (device_slots.py).
 """
@@ -17,6 +17,8 @@ from ...errors import KvxferError
 from ...handle import TransferState
 from ..base import Op
 from . import cdef
+from .endpoint import request_status
+from .library import UcxStatusError, pointer_status
 from .staged import StagedTransfer, chunk_bounds
 from .wire import Header, Kind, Stage, descs_nbytes, pack_descs
 
@@ -37,6 +39,9 @@ class DeviceStagedTransfer(StagedTransfer):
         self.answered = np.zeros(len(self.bounds), dtype=bool)
         self.slots: dict[int, int] = {}  # chunk -> slot, while the chunk is unanswered
         self.pool: "DeviceSlots | None" = None
+        self.flushes: dict[int, int] = {}  # chunk -> flush request after its put (WRITE)
+        self._put_param = backend.library.ffi.new("ucp_request_param_t *")
+        self._put_param.op_attr_mask = cdef.UCP_OP_ATTR_FIELD_MEMH
 
     def start(self) -> None:
         with self.backend.worker.lock:
@@ -50,6 +55,8 @@ class DeviceStagedTransfer(StagedTransfer):
         self.backend.wake()
 
     def advance(self) -> None:
+        if self.flushes:
+            self._poll_flushes()
         limit = self.backend.config.stage_inflight
         while (self.pool is not None and not self.state.final and not self.stopped and self.in_flight < limit
                and self.next_chunk < len(self.bounds)):
@@ -87,9 +94,66 @@ class DeviceStagedTransfer(StagedTransfer):
         if status != cdef.UCS_OK and not self.state.final:
             self.fail(f"sending a chunk failed: {self.backend.library.status_text(status)}")
 
+    def _put_granted(self, chunk: int, grant: Stage) -> None:
+        """GRANT came (deferred out of the UCX callback): put our slot into the target's, then flush."""
+        if self.state.final or self.stopped or chunk not in self.slots:
+            return
+        assert self.pool is not None
+        start, stop = self.bounds[chunk]
+        nbytes = int(self.plan.local.nbytes[start:stop].sum(dtype=np.uint64))
+        link, slot = self.link, self.slots[chunk]
+        try:
+            rkey = link.slot_rkeys.get(grant.rkey)
+            if rkey is None:
+                rkey = link.slot_rkeys[grant.rkey] = link.ep.unpack_rkey(grant.rkey)
+            self._put_param.memh = self.pool.memh(slot)
+            request = self.backend.library.lib.ucp_put_nbx(link.ep.handle, slot, nbytes, grant.slot, rkey,
+                                                           self._put_param)
+            status = pointer_status(request)
+            if status < 0:
+                raise UcxStatusError(f"ucp_put_nbx failed: {self.backend.library.status_text(status)}", status,
+                                     "ucp_put_nbx")
+            if status == cdef.UCS_INPROGRESS:
+                self.backend.library.lib.ucp_request_free(request)  # the flush below observes it
+            flush = link.ep.flush()
+        except KvxferError as error:
+            self.fail(f"chunk {chunk}: {error}", error)
+            return
+        if flush:
+            self.flushes[chunk] = flush
+        else:
+            self._commit(chunk)
+
+    def _poll_flushes(self) -> None:
+        for chunk, flush in list(self.flushes.items()):
+            status = request_status(self.backend.library, flush)
+            if status == cdef.UCS_INPROGRESS:
+                continue
+            del self.flushes[chunk]
+            if status != cdef.UCS_OK or self.link.ep.failed_status is not None:
+                failed = status if status != cdef.UCS_OK else self.link.ep.failed_status
+                self.fail(f"chunk {chunk}: flush after the put failed: {self.backend.library.status_text(failed)}")
+                return
+            self._commit(chunk)
+
+    def _commit(self, chunk: int) -> None:
+        start, stop = self.bounds[chunk]
+        stage = Stage(self.slots[chunk], b"-", self.link.mode == "peer", self.backend.worker.address).pack().copy()
+        header = Header(Kind.DCOMMIT, self.id, chunk, stop - start).encode()
+        self.backend.worker.send(self.link.ep.handle, header, stage.ctypes.data, stage.size, keepalive=stage,
+                                 reply=True, on_done=self._sent_device)
+
     def on_reply(self, header: Header, data: Any) -> None:
         chunk = header.chunk
         if not 0 <= chunk < self.next_chunk or self.answered[chunk] or chunk not in self.slots:
+            return
+        if header.kind is Kind.GRANT:  # inside a UCX callback: copy the grant, put from progress
+            try:
+                grant = Stage.unpack(np.frombuffer(data, dtype=np.uint8))
+            except ValueError as error:
+                self.fail(f"chunk {chunk}: bad GRANT: {error}")
+                return
+            self.backend.worker.defer(lambda: self._put_granted(chunk, grant))
             return
         slot = self.slots.pop(chunk)
         assert self.pool is not None  # a chunk holds a slot only once the pool exists
@@ -120,6 +184,9 @@ class DeviceStagedTransfer(StagedTransfer):
         if self.state.final:
             return
         super().finish(state, error)
+        for flush in self.flushes.values():
+            self.backend.library.lib.ucp_request_free(flush)
+        self.flushes = {}
         for chunk, slot in self.slots.items():  # unanswered: late answers still release them
             assert self.pool is not None
             self.backend.abandon_slot(self.id, chunk, self.pool, slot)

@@ -70,6 +70,7 @@ class Link:
             self.close_watch()
             raise
         self.rkeys: dict[int, Any] = {}
+        self.slot_rkeys: dict[bytes, Any] = {}  # the peer's GPU staging slots, by packed key (device_staged.py)
         try:
             for region in peer.meta.regions:
                 packed = region.keys.get("ucx")
@@ -124,9 +125,10 @@ class Link:
 
     def close_keys(self) -> None:
         """Destroy the unpacked remote keys (before the endpoint closes)."""
-        for rkey in self.rkeys.values():
+        for rkey in [*self.rkeys.values(), *self.slot_rkeys.values()]:
             self.ep.destroy_rkey(rkey)
         self.rkeys.clear()
+        self.slot_rkeys.clear()
 
     def close_watch(self) -> None:
         """Close the pidfd."""

@@ -63,6 +63,8 @@ class Responder:
                 self._gather(header, data, reply_ep)
             elif header.kind in (Kind.DSCATTER, Kind.DGATHER):
                 self.backend.device_server.accept(header, data, reply_ep)
+            elif header.kind is Kind.DCOMMIT:
+                self.backend.device_server.commit(header, data, reply_ep)
             else:
                 self.backend.route_reply(header, data)
         except (ValueError, KvxferError) as error:
@@ -92,7 +94,7 @@ class Responder:
         self.reply(reply_ep, Header(Kind.DATA, header.transfer, header.chunk), out, pooled=True)
 
     def refuse(self, header: Header, reply_ep: int, reason: str) -> None:
-        if header.kind in (Kind.SCATTER, Kind.GATHER, Kind.DSCATTER, Kind.DGATHER):
+        if header.kind in (Kind.SCATTER, Kind.GATHER, Kind.DSCATTER, Kind.DGATHER, Kind.DCOMMIT):
             self.reply(reply_ep, Header(Kind.FAIL, header.transfer, header.chunk),
                         np.frombuffer(reason.encode()[:1000], dtype=np.uint8).copy())
 

@@ -62,8 +62,10 @@ class Kind(IntEnum):
     GATHER = 4   # payload: descriptors to read; answered by DATA or FAIL
     DATA = 5     # payload: the bytes gathered
     FAIL = 6     # payload: utf-8 reason
-    DSCATTER = 7  # payload: descriptors (CUDA) + stage record; the target gets the sender's slot, scatters; ACK
+    DSCATTER = 7  # payload: descriptors (CUDA) + stage record; the target reserves a slot and answers GRANT
     DGATHER = 8   # payload: descriptors (CUDA) + stage record; the target gathers, puts into the slot; DATA
+    GRANT = 9     # payload: the target's stage record: put the chunk there, then send DCOMMIT
+    DCOMMIT = 10  # payload: the requester's stage record; the target scatters its granted slot; ACK
 
 
 @dataclass(frozen=True)
