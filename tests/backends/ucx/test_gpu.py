@@ -95,3 +95,54 @@ def test_staged_cuda_fragments_reuse_slots(remote_device: int, monkeypatch: pyte
             untouched[local_offsets // fragment] = False
             assert not host.reshape(-1, fragment)[untouched].any(), "bytes landed outside the planned blocks"
             assert remote.call("notes", 10.0) == [("staged-initiator", b"r")]
+
+
+@pytest.mark.parametrize("op", ["write", "read"])
+def test_staged_cuda_target_killed_mid_transfer_fails_within_deadline(op: str) -> None:
+    """Staged device transfers run back to back while the target is SIGKILLed: the one in flight ends FAILED
+    within its deadline (not a hang), the peer is marked gone, and the survivor still stages to a new target."""
+    import signal
+    import threading
+    import time
+
+    cupy = pytest.importorskip("cupy")
+    deadline = 5.0
+    fragment, count = 4 << 10, 4096
+    with RemoteAgent("doomed-target", NBYTES, device=0) as victim:
+        cupy.cuda.Device(0).use()
+        local = cupy.ones(NBYTES, dtype=cupy.uint8)
+        with kvxfer.Agent("staged-survivor", backends=["ucx"], timeouts=kvxfer.Timeouts(transfer=deadline)) as agent:
+            region = agent.register(local, name="buf")
+            peer = agent.connect(victim.metadata)
+            offsets = np.random.default_rng(3).permutation(NBYTES // fragment)[:count] * fragment
+            plan = agent.plan(kvxfer.Descs.from_ranges(region, offsets, fragment), peer,
+                              kvxfer.Descs.from_ranges(peer.region("buf"), offsets, fragment))
+            assert plan.backend.data_path(plan) == "staged"
+            move = agent.write if op == "write" else agent.read
+            move(plan).wait(30)  # warm: slots allocated and registered on both sides
+            killer = threading.Timer(0.2, victim.kill, (signal.SIGKILL,))
+            killer.start()
+            outcome, started = "none", time.monotonic()
+            try:
+                while time.monotonic() - started < 4 * deadline:
+                    begun = time.monotonic()
+                    try:
+                        move(plan).wait(2 * deadline)
+                    except kvxfer.KvxferError as error:
+                        outcome = type(error).__name__
+                        assert time.monotonic() - begun <= deadline + 1.5, "failure took longer than the deadline"
+                        break
+            finally:
+                killer.join()
+            assert outcome != "none", "no staged transfer failed after the kill"
+            give_up = time.monotonic() + deadline
+            while peer.connected and time.monotonic() < give_up:
+                time.sleep(0.05)
+            assert not peer.connected
+            with RemoteAgent("fresh-target", NBYTES, device=0) as fresh:
+                peer = agent.connect(fresh.metadata)
+                plan = agent.plan(kvxfer.Descs.from_ranges(region, offsets, fragment), peer,
+                                  kvxfer.Descs.from_ranges(peer.region("buf"), offsets, fragment))
+                agent.write(plan, notify=b"after").wait(30)
+                assert fresh.call("digest", offsets, fragment) == digest(cupy.asnumpy(local), offsets, fragment)
+                assert fresh.call("notes", 10.0) == [("staged-survivor", b"after")]
