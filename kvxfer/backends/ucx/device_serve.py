@@ -15,6 +15,7 @@ callbacks.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from .device_slots import DeviceSlots
 
 _log = logging.getLogger("kvxfer.ucx")
+#: Seconds past a transfer's deadline after which a granted, uncommitted slot is taken back.
+GRANT_GRACE = 1.0
 
 
 @dataclass
@@ -45,7 +48,7 @@ class _Job:
     pool: "DeviceSlots | None" = None
     slot: int = 0
     request: int = 0
-    flushing: bool = field(default=False)
+    granted_at: float = field(default=0.0)
 
 
 class DeviceServer:
@@ -108,15 +111,16 @@ class DeviceServer:
                 self._end(job, f"{type(error).__name__}: {error}")
 
     def _start(self, job: _Job) -> None:
-        lib = self.backend.library.lib
         assert job.pool is not None
         stage = job.stage
         if job.header.kind is Kind.DSCATTER:  # the requester puts into our slot (see the module docstring)
+            job.granted_at = time.monotonic()
             self._granted[(stage.address, job.header.transfer, job.header.chunk)] = job
             grant = Stage(job.slot, job.pool.packed_rkey(job.slot), stage.peer_mode, self.backend.worker.address)
             self.backend.responder.reply(job.reply_ep, Header(Kind.GRANT, job.header.transfer, job.header.chunk),
                                          grant.pack().copy())
             return
+        lib = self.backend.library.lib
         ep = self._endpoint(stage)
         rkey = self._rkey(stage, ep)
         self._rma_param.memh = job.pool.memh(job.slot)
@@ -169,10 +173,29 @@ class DeviceServer:
         if request:
             self.backend.library.lib.ucp_request_free(request)  # UCX finishes closing on its own
 
+    def expire_grants(self, older_than: float) -> int:
+        """Take back slots granted more than ``older_than`` seconds ago and never committed (the requester died or
+        gave up: its transfer's deadline has passed, so it issues no put any more); returns how many."""
+        now = time.monotonic()
+        stale = [key for key, job in self._granted.items() if now - job.granted_at > older_than]
+        for key in stale:
+            job = self._granted.pop(key)
+            assert job.pool is not None
+            job.pool.give(job.slot)
+            _log.warning("ucx: took back the staging slot granted to chunk %d of transfer %d: never committed",
+                         job.header.chunk, job.header.transfer)
+        if stale:
+            self.pump()
+        return len(stale)
+
     def poll(self) -> int:
-        """Complete the chunks whose get or flush finished; returns how many did."""
+        """Complete the chunks whose put or flush finished, take back stale grants; returns how many."""
+        if self._granted:
+            expired = self.expire_grants(self.backend.timeouts.transfer + GRANT_GRACE)
+        else:
+            expired = 0
         if not self._running:
-            return 0
+            return expired
         still, done = [], 0
         for job in self._running:
             status = request_status(self.backend.library, job.request)
@@ -184,7 +207,7 @@ class DeviceServer:
         self._running = still
         if done:
             self.pump()
-        return done
+        return done + expired
 
     def _end(self, job: _Job, error: str | None) -> None:
         pool, header = job.pool, job.header

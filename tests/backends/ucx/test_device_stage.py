@@ -62,3 +62,90 @@ def test_stage_records_without_key_or_address_are_refused(field: str) -> None:
     values[field] = b""
     with pytest.raises(ValueError):
         Stage.unpack(Stage(**values).pack())
+
+
+class _Pool:
+    """Stands in for DeviceSlots: two slots, no GPU."""
+
+    slot_nbytes = 1 << 20
+
+    def __init__(self) -> None:
+        self.free = [0x1000, 0x2000]
+        self.scattered: list = []
+
+    def take(self):
+        return self.free.pop() if self.free else None
+
+    def give(self, slot: int) -> None:
+        self.free.append(slot)
+
+    def packed_rkey(self, slot: int) -> bytes:
+        return b"key-%x" % slot
+
+    def scatter(self, slot: int, addr, nbytes) -> None:
+        self.scattered.extend(zip(addr.tolist(), nbytes.tolist()))
+
+
+class _Backend:
+    """What DeviceServer uses of UcxBackend, recording replies instead of sending them."""
+
+    def __init__(self) -> None:
+        import cffi
+
+        from kvxfer.backends.ucx import cdef
+
+        ffi = cffi.FFI()
+        ffi.cdef(cdef.UCP_CDEF)
+        self.library = type("Library", (), {"ffi": ffi})()
+        self.pool, self.replies, self.deferred = _Pool(), [], []
+        self.worker = type("Worker", (), {"address": b"target-address", "defer": self.deferred.append})()
+        self.responder = type("Responder", (), {
+            "reply": lambda _self, ep, header, payload=None: self.replies.append(("reply", header.kind, header.chunk)),
+            "refuse": lambda _self, header, ep, reason: self.replies.append(("refuse", header.kind, reason)),
+        })()
+        self.timeouts = type("Timeouts", (), {"transfer": 0.0})()
+        self.device_slot_nbytes = _Pool.slot_nbytes
+
+    def check_device_spans(self, addr, nbytes, region) -> int:
+        return check_device_spans(addr, nbytes, region, REGIONS)
+
+    def device_slots(self, role: str, device: int) -> _Pool:
+        return self.pool
+
+
+def _dscatter(chunk: int) -> tuple[Header, bytes]:
+    addr, nbytes, region = _spans((0x10000 + chunk * 4096, 4096, 0))
+    stage = Stage(0xBEEF000, b"requester-key", False, b"requester-address").pack()
+    payload = np.zeros(descs_nbytes(1) + stage.size, dtype=np.uint8)
+    pack_descs(payload, addr, nbytes, region)
+    payload[descs_nbytes(1):] = stage
+    return Header(Kind.DSCATTER, 7, chunk, 1), payload.tobytes()
+
+
+def test_grants_wait_for_free_slots_and_uncommitted_ones_are_taken_back() -> None:
+    """Three DSCATTER chunks, two serving slots: two GRANTs at once, the third waits; grants never committed
+    (the requester died) return their slots after the deadline, the waiting chunk gets one, and a late DCOMMIT
+    for a taken-back grant is refused."""
+    from kvxfer.backends.ucx.device_serve import DeviceServer
+
+    backend = _Backend()
+    server = DeviceServer(backend)  # type: ignore[arg-type]
+    for chunk in range(3):
+        server.accept(*_dscatter(chunk), reply_ep=1)
+    for work in backend.deferred:
+        work()
+    backend.deferred.clear()
+    assert backend.replies == [("reply", Kind.GRANT, 0), ("reply", Kind.GRANT, 1)]
+    assert server.busy and backend.pool.free == []
+    assert server.expire_grants(older_than=60.0) == 0  # fresh grants stay
+    assert server.expire_grants(older_than=0.0) == 2   # as if the deadline had passed
+    assert backend.replies[-1] == ("reply", Kind.GRANT, 2) and len(backend.pool.free) == 1
+    commit = Stage(0xBEEF000, b"-", False, b"requester-address").pack().tobytes()
+    with pytest.raises(ValueError, match="no slot was granted to chunk 0"):
+        server.commit(Header(Kind.DCOMMIT, 7, 0, 1), commit, reply_ep=1)
+    server.commit(Header(Kind.DCOMMIT, 7, 2, 1), commit, reply_ep=1)
+    for work in backend.deferred:
+        work()
+    assert backend.pool.scattered == [(0x10000 + 2 * 4096, 4096)]
+    assert backend.replies[-1] == ("reply", Kind.ACK, 2)
+    assert len(backend.pool.free) == 2 and not server.busy
