@@ -166,13 +166,15 @@ class CudaIpcBackend(Backend):
     def _home_device(self) -> int:
         return 0 if self._home is None else self._home
 
-    def _await_event(self, handle: bytes, alive: Callable[[], bool]) -> bool:
+    def _await_event(self, handle: bytes, alive: Callable[[], bool]) -> bool | None:
+        """True: the copy completed; False: it never will (the sender died); None: cannot tell from here."""
         assert self.context is not None
         try:
             return self._opened.wait(handle, alive, self.context.timeouts.transfer)
-        except Exception as error:  # a handle that will not open: the notification cannot be placed after its data
-            logger.warning("cuda_ipc: dropped a notification: its event could not be waited on: %s", error)
-            return False
+        except Exception as error:  # a handle that will not open: wait for the sender's "done" instead
+            logger.warning("cuda_ipc: a peer's copy event cannot be waited on here (%s); notifications from it wait "
+                           "for the copy's completion message", error)
+            return None
 
     def _on_note(self, peer_name: str, payload: bytes) -> None:
         assert self.context is not None
@@ -263,7 +265,7 @@ class CudaIpcBackend(Backend):
         request = IpcRequest(plan.nbytes, event, plan.peer.meta.uid, notify, state.strategy)
         if early:
             try:  # the peer delivers it once the event completes; meanwhile the copy runs
-                self._mailbox.send_note_after(plan.peer.meta.uid, handle, notify)
+                self._mailbox.send_note_after(plan.peer.meta.uid, handle, notify, request.sequence)
                 request.noted = True
             except PeerDisconnectedError:
                 pass  # completion sends it the usual way, or fails the transfer saying why
@@ -297,6 +299,8 @@ class CudaIpcBackend(Backend):
                     raise PeerDisconnectedError(f"the peer went away during the transfer: {lost}")
                 if request.notify is not None and not request.noted and self._mailbox is not None:
                     self._mailbox.send_note(request.peer_uid, request.notify)
+                elif request.noted and self._mailbox is not None:
+                    self._send_done(request)
                 request.state = TransferState.DONE
             except KvxferError as error:  # the transfer failed because of it: say so as a TransferError
                 request.error = TransferError(f"cuda_ipc transfer failed: {error}", backend=self.caps.name)
@@ -305,9 +309,20 @@ class CudaIpcBackend(Backend):
         request.finished.set()
         self._pending.discard(request)
 
+    def _send_done(self, request: IpcRequest, landed: bool = True) -> None:
+        """Completion message for a notification that already left (for a peer that cannot wait on our events);
+        a few bytes, off the critical path. The notification itself went out: a peer gone by now changes nothing."""
+        assert self._mailbox is not None
+        try:
+            self._mailbox.send_done(request.peer_uid, request.sequence, landed)
+        except PeerDisconnectedError:
+            pass
+
     def cancel(self, request: Request) -> None:
         assert isinstance(request, IpcRequest)
         request.event.synchronize()  # a launched copy cannot be recalled: wait until it touches nothing more
+        if request.noted:
+            self._send_done(request)  # it landed: a peer holding its notification may deliver it
         with request.lock:
             if request.state is TransferState.PENDING:
                 request.state = TransferState.CANCELLED
@@ -335,6 +350,8 @@ class CudaIpcBackend(Backend):
                 request.event.synchronize()
                 self._complete(request)
             except Exception as error:  # a CUDA error ends that transfer, not the thread
+                if request.noted:
+                    self._send_done(request, landed=False)
                 with request.lock:
                     if request.state is TransferState.PENDING:
                         request.error = BackendError(f"cuda_ipc: {error}", backend=self.caps.name)

@@ -57,9 +57,10 @@ class OpenedEvents:
         self._lock = threading.Lock()
         self._ready_threads: set[int] = set()
 
-    def wait(self, handle: bytes, alive: Callable[[], bool], timeout: float) -> bool:
-        """Wait until the event behind ``handle`` completes: True; False if the event failed, ``alive()`` turned
-        False (the sender died: its copy will never complete) or ``timeout`` passed."""
+    def wait(self, handle: bytes, alive: Callable[[], bool], timeout: float) -> bool | None:
+        """Wait until the event behind ``handle`` completes: True; False if ``alive()`` turned False (the sender
+        died: its copy will never complete); None if the event reports an error or ``timeout`` passed (the caller
+        then waits for the sender's completion message). Raises if the handle cannot be opened."""
         driver = cu()
         event = self._open(handle)
         started = time.monotonic()
@@ -71,11 +72,13 @@ class OpenedEvents:
             if status == driver.CUresult.CUDA_SUCCESS:
                 return True
             if status != not_ready:
-                return False
+                return None
             now = time.monotonic()
             if now >= next_check:
-                if not alive() or now > give_up:
+                if not alive():
                     return False
+                if now > give_up:
+                    return None
                 next_check = now + _LIVENESS_EVERY
             if now - started < _YIELD_FOR:
                 os.sched_yield()

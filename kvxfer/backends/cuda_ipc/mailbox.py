@@ -63,6 +63,41 @@ def _recv(sock: socket.socket, with_fds: bool = False) -> tuple[list | None, lis
     return message, fds
 
 
+class _Notes:
+    """One connection's notifications in arrival order: delivered at once, or held (with every later one) until the
+    sender's "done" for the held one comes."""
+
+    def __init__(self, deliver: Callable[[bytes], None]) -> None:
+        self._deliver = deliver
+        self._held: list[list] = []  # [sequence or None, payload, ready]
+
+    @property
+    def held(self) -> bool:
+        return bool(self._held)
+
+    def ready(self, payload: bytes) -> None:
+        self._held.append([None, payload, True])
+        self._flush()
+
+    def hold(self, sequence: int, payload: bytes) -> None:
+        self._held.append([sequence, payload, False])
+
+    def done(self, sequence: int, landed: bool) -> None:
+        """The copy behind ``sequence`` completed (``landed``) or failed (its notification is dropped)."""
+        for entry in self._held:
+            if entry[0] == sequence:
+                entry[2] = True
+                if not landed:
+                    entry[1] = None
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._held and self._held[0][2]:
+            payload = self._held.pop(0)[1]
+            if payload is not None:
+                self._deliver(payload)
+
+
 def _open(sock: socket.socket) -> bool:
     """False once the other end closed ``sock`` (checked without consuming or blocking)."""
     try:
@@ -78,7 +113,7 @@ class Mailbox:
 
     def __init__(self, uid: str, on_note: Callable[[str, bytes], None], on_lost: Callable[[str, str, str], None],
                  fds_of: Callable[[int], tuple[list[int], list]],
-                 await_event: Callable[[bytes, Callable[[], bool]], bool] | None = None) -> None:
+                 await_event: Callable[[bytes, Callable[[], bool]], bool | None] | None = None) -> None:
         self.address = f"\0kvxfer-ipc-{uid}-{os.getpid()}"
         self.secret = secrets.token_bytes(16)
         self._on_note, self._on_lost, self._fds_of = on_note, on_lost, fds_of
@@ -119,16 +154,25 @@ class Mailbox:
                 if kind != "hello":
                     return
                 peer_name = str(message[3])
+                notes = _Notes(lambda payload: self._on_note(peer_name, payload))
                 while not self._closed.is_set():
                     message, _ = _recv(connection)
                     if message is None:
                         break
                     if message[0] == "note":
-                        self._on_note(peer_name, bytes(message[1]))
-                    elif message[0] == "note_after" and self._await_event is not None:
-                        # sent as the copy started: deliver once the copy's event completes; drop if it never does
-                        if self._await_event(bytes(message[1]), lambda: _open(connection)):
-                            self._on_note(peer_name, bytes(message[2]))
+                        notes.ready(bytes(message[1]))
+                    elif message[0] == "note_after":
+                        # sent as the copy started: deliver once the copy's event completes (dropped if the sender
+                        # died first); if the event cannot be waited on here, once the sender's "done" comes
+                        outcome = None
+                        if self._await_event is not None and not notes.held:
+                            outcome = self._await_event(bytes(message[1]), lambda: _open(connection))
+                        if outcome is None:
+                            notes.hold(int(message[3]), bytes(message[2]))
+                        elif outcome:
+                            notes.ready(bytes(message[2]))
+                    elif message[0] == "done":
+                        notes.done(int(message[1]), bool(message[2]))
             except Exception as error:  # a broken or hostile client ends its own connection, nothing else
                 logger.debug("cuda_ipc mailbox: connection ended: %s", error)
             if peer_uid is not None and not self._closed.is_set():
@@ -175,14 +219,22 @@ class Mailbox:
         except OSError as error:
             raise PeerDisconnectedError(f"cuda_ipc: sending to the peer failed: {error}") from None
 
-    def send_note_after(self, peer_uid: str, event_handle: bytes, payload: bytes) -> None:
-        """Send a notification the peer delivers once the interprocess event ``event_handle`` completes."""
+    def send_note_after(self, peer_uid: str, event_handle: bytes, payload: bytes, sequence: int) -> None:
+        """Send a notification the peer delivers once the interprocess event ``event_handle`` completes (or, if it
+        cannot wait on that event, once :meth:`send_done` says so for ``sequence``)."""
+        self._send_to(peer_uid, ["note_after", event_handle, payload, sequence])
+
+    def send_done(self, peer_uid: str, sequence: int, landed: bool = True) -> None:
+        """Tell the peer the copy behind notification ``sequence`` completed (``landed``) or failed."""
+        self._send_to(peer_uid, ["done", sequence, landed])
+
+    def _send_to(self, peer_uid: str, message: list) -> None:
         sock = self._outgoing.get(peer_uid)
         if sock is None:
             raise PeerDisconnectedError("cuda_ipc: no open connection to the peer")
         try:
             with self._send_lock:
-                _send(sock, ["note_after", event_handle, payload])
+                _send(sock, message)
         except OSError as error:
             raise PeerDisconnectedError(f"cuda_ipc: sending to the peer failed: {error}") from None
 
