@@ -141,27 +141,30 @@ def test_peer_killed_mid_transfer_fails_within_the_deadline(devices):
         remote.process.join(5)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("early", [True, False])
-def test_notification_is_delivered_only_after_the_data(early):
-    """A write queued behind a 1.5 s kernel: its notification (sent with the launch when ``early``) must not be
-    delivered while the kernel runs, and once delivered the bytes are there."""
+@pytest.mark.parametrize("devices", [pytest.param((0, 0), marks=pytest.mark.gpu),
+                                     pytest.param((0, 1), marks=pytest.mark.multi_gpu)])
+def test_notification_is_delivered_only_after_the_data(devices, early):
+    """A write queued behind a 1.5 s kernel: its notification (sent with the launch when ``early``; the peer waits
+    on our event, on its own GPU in the two-GPU case) must not be delivered while the kernel runs, and once
+    delivered the bytes are there."""
     import cupy
 
     from kvxfer.backends.cuda_ipc import CudaIpcBackend
 
-    remote = Remote(0, "legacy", seed=5)
+    remote = Remote(devices[1], "legacy", seed=5)
     backend = CudaIpcBackend("kernel", early_notify=early)
     try:
         with kvxfer.Agent("sender", backends=[backend]) as agent:
-            cache = local_cache(0)
-            cache[:] = cupy.random.default_rng(9).integers(1, 256, SPEC.nbytes, dtype=cupy.uint8)
+            cache = local_cache(devices[0])
+            with cupy.cuda.Device(devices[0]):
+                cache[:] = cupy.random.default_rng(9).integers(1, 256, SPEC.nbytes, dtype=cupy.uint8)
             region = agent.register(cache, name="kv")
             peer = agent.connect(remote.ask("meta"))
             ids = np.random.default_rng(2).permutation(64)[:16]
             plan = agent.plan(Descs.from_blocks(region, SPEC, ids), peer, Descs.from_blocks(peer.region("kv"), SPEC, ids))
             agent.write(plan).wait(timeout=30)  # warm
-            spin_stream(cupy, 0, backend._stream(0), 1.5)
+            spin_stream(cupy, devices[0], backend._stream(devices[0]), 1.5)
             handle = agent.write(plan, notify=b"landed")
             assert remote.ask("notes", 0.5) == [], "delivered while the copy was still queued"
             assert handle.state is TransferState.PENDING
