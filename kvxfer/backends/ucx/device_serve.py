@@ -64,7 +64,6 @@ class DeviceServer:
         self._rkeys: dict[tuple[bytes, bool, bytes], Any] = {}
         self._rma_param = ffi.new("ucp_request_param_t *")
         self._rma_param.op_attr_mask = cdef.UCP_OP_ATTR_FIELD_MEMH
-        self._flush_param = ffi.new("ucp_request_param_t *")
 
     @property
     def busy(self) -> bool:
@@ -218,6 +217,8 @@ class DeviceServer:
             except Exception as failure:  # a CUDA error: answer FAIL
                 error = f"scatter failed: {failure}"
         pool.give(job.slot)
+        if self._queue:  # a chunk waiting for a slot can have this one
+            self.backend.worker.defer(self.pump)
         responder = self.backend.responder
         if error is None:
             answer = Kind.ACK if header.kind is Kind.DSCATTER else Kind.DATA

@@ -2,9 +2,10 @@
 
 WRITE: gather a chunk's local spans into one of our registered GPU slots (one kernel launch), send DSCATTER with
 the remote descriptors; the target reserves a slot of its own and answers GRANT with it; we put our slot there
-(one UCX put), flush, send DCOMMIT; the target scatters (one launch) and answers ACK. READ: send DGATHER; the target gathers into its slot,
-puts it into ours with one put, flushes, answers DATA; we scatter. One UCX operation per chunk instead of one per
-fragment. A slot stays ours until its chunk is answered; an abandoned chunk's slot is written off (device_slots.py).
+(one UCX put), flush, send DCOMMIT; the target scatters (one launch) and answers ACK. READ: send DGATHER; the
+target gathers into its slot, puts it into ours with one put, flushes, answers DATA; we scatter. One UCX operation
+per chunk instead of one per fragment. A slot stays ours until its chunk is answered; an abandoned chunk's slot is
+written off (device_slots.py).
 """
 
 from __future__ import annotations

@@ -149,3 +149,20 @@ def test_grants_wait_for_free_slots_and_uncommitted_ones_are_taken_back() -> Non
     assert backend.pool.scattered == [(0x10000 + 2 * 4096, 4096)]
     assert backend.replies[-1] == ("reply", Kind.ACK, 2)
     assert len(backend.pool.free) == 2 and not server.busy
+
+
+def test_a_committed_chunk_frees_its_slot_for_a_waiting_one() -> None:
+    from kvxfer.backends.ucx.device_serve import DeviceServer
+
+    backend = _Backend()
+    server = DeviceServer(backend)  # type: ignore[arg-type]
+    for chunk in range(3):
+        server.accept(*_dscatter(chunk), reply_ep=1)
+    while backend.deferred:  # what the worker's progress runs after the callbacks
+        backend.deferred.pop(0)()
+    assert [reply[2] for reply in backend.replies] == [0, 1]  # two slots: chunk 2 waits
+    commit = Stage(0xBEEF000, b"-", False, b"requester-address").pack().tobytes()
+    server.commit(Header(Kind.DCOMMIT, 7, 1, 1), commit, reply_ep=1)
+    while backend.deferred:
+        backend.deferred.pop(0)()
+    assert backend.replies[2:] == [("reply", Kind.ACK, 1), ("reply", Kind.GRANT, 2)]
