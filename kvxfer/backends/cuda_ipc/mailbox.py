@@ -210,14 +210,7 @@ class Mailbox:
 
     def send_note(self, peer_uid: str, payload: bytes) -> None:
         """Send a notification on the open connection to ``peer_uid``."""
-        sock = self._outgoing.get(peer_uid)
-        if sock is None:
-            raise PeerDisconnectedError("cuda_ipc: no open connection to the peer")
-        try:
-            with self._send_lock:
-                _send(sock, ["note", payload])
-        except OSError as error:
-            raise PeerDisconnectedError(f"cuda_ipc: sending to the peer failed: {error}") from None
+        self._send_to(peer_uid, ["note", payload])
 
     def send_note_after(self, peer_uid: str, event_handle: bytes, payload: bytes, sequence: int) -> None:
         """Send a notification the peer delivers once the interprocess event ``event_handle`` completes (or, if it

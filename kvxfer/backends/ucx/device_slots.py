@@ -46,6 +46,11 @@ def check_device_spans(addr: np.ndarray, nbytes: np.ndarray, region: np.ndarray,
     return devices.pop()
 
 
+def _packed(slot: int, nbytes: np.ndarray) -> np.ndarray:
+    """Where each span lands when the spans are packed back to back from ``slot``."""
+    return np.uint64(slot) + np.cumsum(nbytes, dtype=np.uint64) - nbytes.astype(np.uint64)
+
+
 class _Block:
     """One registered device allocation cut into slots."""
 
@@ -108,13 +113,11 @@ class DeviceSlots:
 
     def gather(self, slot: int, addr: np.ndarray, nbytes: np.ndarray) -> None:
         """Copy the device spans, in order, into ``slot``; returns once the copy is done."""
-        positions = np.cumsum(nbytes, dtype=np.uint64) - nbytes.astype(np.uint64)
-        self._copy(addr, np.uint64(slot) + positions, nbytes)
+        self._copy(addr, _packed(slot, nbytes), nbytes)
 
     def scatter(self, slot: int, addr: np.ndarray, nbytes: np.ndarray) -> None:
         """Copy ``slot``'s packed bytes out to the device spans, in order; returns once the copy is done."""
-        positions = np.cumsum(nbytes, dtype=np.uint64) - nbytes.astype(np.uint64)
-        self._copy(np.uint64(slot) + positions, addr, nbytes)
+        self._copy(_packed(slot, nbytes), addr, nbytes)
 
     def _copy(self, sources: np.ndarray, destinations: np.ndarray, nbytes: np.ndarray) -> None:
         table = batch_copy.split_pieces(sources, destinations, nbytes)

@@ -20,7 +20,7 @@ from ..base import Op
 from . import cdef
 from .endpoint import request_status
 from .library import UcxStatusError, pointer_status
-from .staged import StagedTransfer, chunk_bounds
+from .staged import StagedTransfer
 from .wire import Header, Kind, Stage, descs_nbytes, pack_descs
 
 if TYPE_CHECKING:
@@ -36,13 +36,15 @@ class DeviceStagedTransfer(StagedTransfer):
     def __init__(self, backend: "UcxBackend", link: "Link", op: Op, plan: "TransferPlan",
                  notify: bytes | None) -> None:
         super().__init__(backend, link, op, plan, notify)
-        self.bounds = chunk_bounds(plan.local.nbytes, backend.device_slot_nbytes)
-        self.answered = np.zeros(len(self.bounds), dtype=bool)
         self.slots: dict[int, int] = {}  # chunk -> slot, while the chunk is unanswered
         self.pool: "DeviceSlots | None" = None
         self.flushes: dict[int, int] = {}  # chunk -> flush request after its put (WRITE)
         self._put_param = backend.library.ffi.new("ucp_request_param_t *")
         self._put_param.op_attr_mask = cdef.UCP_OP_ATTR_FIELD_MEMH
+
+    def chunk_nbytes(self) -> int:
+        """Bytes per chunk: one GPU slot."""
+        return self.backend.device_slot_nbytes
 
     def start(self) -> None:
         with self.backend.worker.lock:

@@ -50,10 +50,14 @@ class StagedTransfer(UcxRequest):
     def __init__(self, backend: "UcxBackend", link: "Link", op: Op, plan: "TransferPlan",
                  notify: bytes | None) -> None:
         super().__init__(backend, link, op, plan, notify)
-        self.bounds = chunk_bounds(plan.local.nbytes, backend.config.stage_chunk)
+        self.bounds = chunk_bounds(plan.local.nbytes, self.chunk_nbytes())
         self.next_chunk = 0
         self.answered = np.zeros(len(self.bounds), dtype=bool)
         self.in_flight = 0
+
+    def chunk_nbytes(self) -> int:
+        """Bytes per chunk (host: one staged message)."""
+        return self.backend.config.stage_chunk
 
     def start(self) -> None:
         with self.backend.worker.lock:
