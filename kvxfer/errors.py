@@ -74,7 +74,32 @@ class UsageError(KvxferError, RuntimeError):
     """An API used in the wrong state: closed agent, released handle, plan used on another agent."""
 
 
+class QueueFullError(KvxferError, RuntimeError):
+    """A bounded queue is full (backpressure); ``limit`` is its bound, ``size`` its length when refused."""
+
+    def __init__(self, message: str, limit: int = 0, size: int = 0) -> None:
+        super().__init__(message)
+        self.limit, self.size = limit, size
+
+
+class RequeueLimitError(KvxferError, RuntimeError):
+    """A request already requeued as often as allowed (once) was requeued again; ``request_id`` says which."""
+
+    def __init__(self, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+class AdmissionRejectedError(KvxferError):
+    """Admission control refused a request; ``retry_after_s`` estimates when it would fit, ``reason`` says why."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.retry_after_s, self.reason = retry_after_s, reason
+
+
 __all__ = [
+    "AdmissionRejectedError",
     "BackendError",
     "BackendUnavailableError",
     "ConfigError",
@@ -84,7 +109,9 @@ __all__ = [
     "LayoutMismatchError",
     "PeerDisconnectedError",
     "PeerError",
+    "QueueFullError",
     "RegistrationError",
+    "RequeueLimitError",
     "TransferCancelledError",
     "TransferError",
     "TransferTimeoutError",
