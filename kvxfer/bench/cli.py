@@ -2,6 +2,7 @@
 
     kvxfer-bench sweep --backend ucx --memory host:host --sizes 4K-64M --batch 16 --plot sweep.png --json sweep.json
     kvxfer-bench target --backend ucx --listen 0.0.0.0:5555 --memory host,cuda   # by hand, on the other host
+    kvxfer-bench serve --url http://127.0.0.1:8000 --model M --isl 2000 --osl 200 --concurrency 1,4,16
     kvxfer-bench ceiling | kernels | kv | ipc | local
 """
 
@@ -11,7 +12,7 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from ..errors import BackendUnavailableError, KvxferError
+from ..errors import BackendUnavailableError, ConfigError, KvxferError
 from . import commands
 from .report import print_table, write_csv, write_json
 
@@ -64,6 +65,28 @@ def _kv(args: argparse.Namespace) -> int:
     _emit(args, {f"KV request through KVPipe ({args.backend})": kv.run(setup, repeats=args.repeats, profile=args.profile,
                                                                        decode_processes=args.decode_processes)})
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from . import serve
+
+    specs = [serve.LoadSpec(concurrency=c, num_requests=max(args.requests, c), isl=args.isl, osl=args.osl,
+                            seed=args.seed, timeout_s=args.timeout)
+             for c in _int_list(args.concurrency, "--concurrency")]
+    rows = serve.run(args.url, args.model, specs, slo_ttft_s=args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else None,
+                     slo_itl_s=args.slo_itl_ms / 1e3 if args.slo_itl_ms else None, warmup=args.warmup)
+    _emit(args, {f"serving {args.url} (ISL {args.isl} / OSL {args.osl}, aiperf metric definitions)": rows})
+    return 0 if all(row["completed"] for row in rows) else 1
+
+
+def _int_list(text: str, argument: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ConfigError(f"{argument} must be a comma list of ints >= 1, got {text!r}")
+    return values
 
 
 def _emit(args: argparse.Namespace, tables: dict[str, list[dict]]) -> None:
@@ -119,6 +142,7 @@ def parser() -> argparse.ArgumentParser:
     kv.add_argument("--decode-processes", action="store_true",
                     help="each decode rank in a process of its own (they share --d-gpu: kernels time-slice)")
     kv.set_defaults(run=_kv)
+    _serve_parser(subcommands)
     for name, sub in subcommands.choices.items():
         if name not in ("target", "plot", "kernels"):
             sub.add_argument("--json", help="write results to this JSON file")
@@ -169,6 +193,26 @@ def _target_parser(subcommands: Any) -> None:
     target.add_argument("--once", action="store_true", help="exit when the first initiator says goodbye")
     target.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     target.set_defaults(run=commands.target)
+
+
+def _serve_parser(subcommands: Any) -> None:
+    serve = subcommands.add_parser(
+        "serve", help="TTFT / ITL / throughput / goodput of an OpenAI-compatible endpoint (aiperf's definitions)",
+        description="Streams /v1/completions requests of exactly ISL prompt token ids and OSL output tokens "
+                    "(ignore_eos) at each concurrency; reports aiperf's metrics (kvxfer/bench/serve.py says how each "
+                    "is defined) and, when the server reports it, kvxfer's TTFT breakdown.")
+    serve.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    serve.add_argument("--model", required=True, help="model id, as /v1/models lists it")
+    serve.add_argument("--concurrency", default="1,4,16", help="comma list of requests in flight (1,4,16)")
+    serve.add_argument("--requests", type=int, default=32, help="requests per load point (at least concurrency)")
+    serve.add_argument("--isl", type=int, default=2000, help="prompt tokens per request (2000)")
+    serve.add_argument("--osl", type=int, default=200, help="output tokens per request (200)")
+    serve.add_argument("--slo-ttft-ms", type=float, help="goodput: TTFT limit (ms)")
+    serve.add_argument("--slo-itl-ms", type=float, help="goodput: ITL limit (ms)")
+    serve.add_argument("--warmup", type=int, default=2, help="untimed requests before each load point")
+    serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per request")
+    serve.set_defaults(run=_serve)
 
 
 def _kernels_parser(subcommands: Any) -> None:
