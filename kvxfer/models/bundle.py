@@ -1,0 +1,75 @@
+"""ModelBundle and load_model: a model name or directory -> an HF-style directory, its config and tokenizer."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..engine.checkpoint import read_config
+from ..engine.config import ModelConfig
+from ..engine.model import Model, load_hf
+from ..engine.parallel import TensorParallel
+from ..errors import ConfigError
+from .cache import publish, resolve_cache_dir
+from .tiny import NAME as TINY_NAME
+from .tiny import write_tiny_random
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("kvxfer.models")
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A loadable model: ``directory`` (config.json, model.safetensors, tokenizer.json, ...), its ``config`` and
+    ``tokenizer``. ``name`` is the id a server shows (``/v1/models``) and ``config.name`` (KV cache specs of
+    prefill and decode workers must agree on it)."""
+
+    name: str
+    directory: Path
+    config: ModelConfig
+    tokenizer: Tokenizer
+
+    def build(self, device: torch.device | str = "cpu", dtype: str | None = None,
+              tp: TensorParallel | None = None) -> Model:
+        """The engine model of this rank (``tp`` None: the whole model) on ``device``; ``dtype`` ("float32",
+        "bfloat16", "float16") overrides the stored one. Each rank reads only its shard of the weights."""
+        return load_hf(self.directory, tp=tp, device=device, dtype=dtype)
+
+
+def _builtin_sources() -> dict[str, tuple[str, Callable[[Path], dict[str, object]]]]:
+    """Names that need no directory -> (cache dir name, builder)."""
+    return {TINY_NAME: (TINY_NAME, write_tiny_random)}
+
+
+def known_models() -> list[str]:
+    """The names :func:`load_model` resolves without a directory."""
+    return sorted(_builtin_sources())
+
+
+def load_model(model: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> ModelBundle:
+    """Resolve ``model``: ``"tiny-random"``, ``"smollm2"`` / ``"SmolLM2-135M-Instruct"`` (converted once into the
+    cache directory, see :mod:`kvxfer.models.cache`), or the path of a local Hugging Face Llama directory.
+    Weights are not read here; :meth:`ModelBundle.build` reads them."""
+    sources = _builtin_sources()
+    key = os.fspath(model)
+    if key in sources:
+        dir_name, builder = sources[key]
+        directory = publish(resolve_cache_dir(cache_dir) / dir_name, builder)
+    else:
+        directory = Path(key).expanduser()
+        if not directory.is_dir():
+            raise ConfigError(f"model {key!r}: expected one of {known_models()} or a local model directory "
+                              f"(config.json, *.safetensors, tokenizer.json), got neither")
+    directory = directory.resolve()
+    config = read_config(directory)
+    tokenizer = Tokenizer.from_directory(directory)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ConfigError(f"model {key!r}: tokenizer vocabulary must fit the model's vocab_size={config.vocab_size}, "
+                          f"got {tokenizer.vocab_size} tokens")
+    log.debug("model %s loaded from %s", config.name, directory)
+    return ModelBundle(name=config.name, directory=directory, config=config, tokenizer=tokenizer)
