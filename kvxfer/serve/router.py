@@ -1,0 +1,445 @@
+"""The router core: admits requests (policy), queues remote prefills, dispatches both legs, streams tokens back.
+
+Everything runs on the asyncio loop of the HTTP server: the control link's thread only appends received messages
+to a deque and wakes the loop, so the router's state is touched by one thread and needs no locks. A sweeper task
+drops silent workers (their prefills are requeued once, then failed), fails requests past their total deadline,
+and refreshes the gauges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections import deque
+
+from ..errors import QueueFullError, RequeueLimitError
+from . import policy
+from .control import RouterLink
+from .metrics import RouterMetrics
+from .openai_schema import ApiError
+from .policy_config import PolicyConfig
+from .prefix_index import PrefixIndex, block_hashes
+from .protocol import (Abort, AnyMessage, Decode, Error, Generate, Load, Message, Peers, Prefill, Prefilled,
+                       Register, Sampling, Shutdown, Tokens)
+from .queue import PrefillQueue
+from .router_flight import Flight, TokensEvent
+from .router_workers import HEARTBEAT_TIMEOUT_S, WorkerEntry, WorkerRegistry
+
+logger = logging.getLogger("kvxfer.serve")
+SWEEP_S = 0.1
+
+
+class Router:
+    """Routes requests of one model to its registered workers (see the module docstring)."""
+
+    def __init__(self, model: str, control: str = "tcp://127.0.0.1:0", config: PolicyConfig | None = None,
+                 metrics: RouterMetrics | None = None, request_timeout_s: float = 300.0,
+                 heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S, aliases: frozenset[str] = frozenset()) -> None:
+        self.model = model
+        self.control = control
+        self.config = config or PolicyConfig()
+        self.metrics = metrics or RouterMetrics()
+        self.request_timeout_s = request_timeout_s
+        self.registry = WorkerRegistry(frozenset({model}) | aliases, heartbeat_timeout_s)
+        self.queue = PrefillQueue(self.config.max_prefill_queue_size)
+        self.prefix_index = PrefixIndex()
+        self.flights: dict[str, Flight] = {}
+        self.draining = False
+        self.link: RouterLink | None = None
+        self._inbox: deque[tuple[bytes, AnyMessage]] = deque()
+        self._wake_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._ids = itertools.count()
+        self._id_prefix = os.urandom(4).hex()
+        self._peers_version = -1
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+
+    async def start(self) -> str:
+        """Bind the control socket and start the sweeper; returns the control address workers connect to."""
+        self._loop = asyncio.get_running_loop()
+        self.link = RouterLink(self.control, self._on_link_message)
+        self._sweeper = self._loop.create_task(self._sweep())
+        return self.link.address
+
+    async def close(self, drain_s: float = 0.0) -> None:
+        """Stop admitting, wait up to ``drain_s`` for requests in flight, tell workers to shut down, close."""
+        self.draining = True
+        give_up = time.monotonic() + drain_s
+        while self.flights and time.monotonic() < give_up:
+            await asyncio.sleep(0.05)
+        for flight in list(self.flights.values()):
+            self._fail(flight, ApiError(503, "the server is shutting down", code="shutting_down",
+                                        kind="service_unavailable"), "failure")
+        for entry in list(self.registry.workers.values()):
+            self._send(entry.name, Shutdown(drain_s=1.0))
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self.link is not None:
+            await asyncio.sleep(0.05)  # let the link thread forward the shutdowns
+            self.link.close()
+            self.link = None
+
+    def ready(self, min_decode: int = 1, min_prefill: int = 0) -> bool:
+        """True when enough workers registered (decode counts decode and agg workers)."""
+        return (len(self.registry.by_role("decode", "agg")) >= min_decode
+                and self.registry.count("prefill") >= min_prefill)
+
+    # -- requests ---------------------------------------------------------------------------------------------
+
+    def submit(self, prompt: list[int], sampling: Sampling, priority: str = "normal", prefill_mode: str = "auto",
+               timeout_s: float | None = None) -> Flight:
+        """Admit and dispatch one request, or raise ApiError (429 overload with Retry-After, 503 no worker /
+        queue full / draining)."""
+        arrival = time.perf_counter()
+        if self.draining:
+            raise ApiError(503, "the server is draining and admits no new requests", code="draining",
+                           kind="service_unavailable", retry_after_s=1.0)
+        block_size = self.registry.block_size() or self.config.block_size
+        hashes = tuple(block_hashes(prompt, block_size))
+        workers = [self._state(w) for w in self.registry.workers.values()]
+        cached = {w.name: self.prefix_index.matched_blocks(w.name, hashes) for w in workers}
+        rid = f"{self._id_prefix}-{next(self._ids)}"
+        request = policy.RouteRequest(rid, len(prompt), hashes, priority,  # type: ignore[arg-type]
+                                      self._kv_bytes_per_token())
+        decision = policy.route(self.config, request, workers, cached, self._links(), len(self.queue),
+                                self.queue.queued_tokens)
+        if not decision.admitted or decision.decode is None:
+            self._reject(decision)
+        prefill, reason = self._placement(decision, prefill_mode, workers, len(prompt))
+        flight = Flight(rid, tuple(prompt), sampling, priority, decision.decode, prefill, hashes,  # type: ignore
+                        time.time() + (timeout_s or self.request_timeout_s), arrival=arrival)
+        if prefill is not None:
+            try:
+                self.queue.put(flight, priority, len(prompt))
+            except QueueFullError as error:
+                self.metrics.rejections.labels("queue_full").inc()
+                raise ApiError(503, f"prefill queue full: {error}", code="queue_full", kind="service_unavailable",
+                               retry_after_s=self.config.retry_after_min_s) from error
+            flight.queued_at = arrival
+        self.flights[rid] = flight
+        self.registry.workers[flight.decode].requests.add(rid)
+        self.prefix_index.record(flight.decode, hashes)
+        self.metrics.decisions.labels("remote" if prefill else "local", reason).inc()
+        self.metrics.prompt_tokens.inc(len(prompt))
+        if prefill is None:
+            flight.phase = "decoding"
+            self._dispatch_first(flight, flight.decode, Generate(rid, flight.prompt, sampling, flight.deadline_s))
+        else:
+            self._dispatch_prefills()
+        return flight
+
+    def abort(self, rid: str, cause: str) -> None:
+        """End a request early (client gone, stop string matched): both legs get an ``abort``."""
+        flight = self.flights.get(rid)
+        if flight is not None:
+            self._finish(flight, cause)
+
+    # -- decisions ----------------------------------------------------------------------------------------------
+
+    def _state(self, entry: WorkerEntry) -> policy.WorkerState:
+        load = entry.load
+        backlog = 0.0
+        if load is not None and load.decode_tokens_per_s > 0:
+            backlog = load.waiting / max(load.decode_tokens_per_s, 1e-9)
+        queued = (load.queued_prefill_tokens if load else 0)
+        return policy.WorkerState(entry.name, entry.role, entry.info.block_size,  # type: ignore[arg-type]
+                                  entry.free_blocks, entry.active_blocks, queued,
+                                  load.prefill_tokens_per_s if load else 0.0, backlog)
+
+    def _links(self) -> dict[tuple[str, str], policy.LinkRate]:
+        links = {}
+        for entry in self.registry.workers.values():
+            if entry.load is not None:
+                for peer, (rate, latency) in entry.load.links.items():
+                    links[(peer, entry.name)] = policy.LinkRate(rate, latency)
+        return links
+
+    def _kv_bytes_per_token(self) -> int:
+        for entry in self.registry.workers.values():
+            return entry.info.kv_bytes_per_token
+        return 0
+
+    def _reject(self, decision: policy.Decision) -> None:
+        if decision.rejection == "overload":
+            self.metrics.rejections.labels("overload").inc()
+            raise ApiError(429, f"rejected early: {decision.reason}", code="rate_limit_exceeded",
+                           kind="rate_limit_error", retry_after_s=decision.retry_after_s)
+        self.metrics.rejections.labels("no_worker").inc()
+        raise ApiError(503, f"no worker can take the request: {decision.reason}", code="no_worker",
+                       kind="service_unavailable", retry_after_s=decision.retry_after_s or 1.0)
+
+    def _placement(self, decision: policy.Decision, mode: str, workers: list[policy.WorkerState],
+                   num_tokens: int) -> tuple[str | None, str]:
+        """Where the prefill runs (a prefill worker's name or None) and a short reason for the metrics."""
+        if mode == "local":
+            return None, "forced"
+        if mode == "remote":
+            chosen = policy.choose_prefill(workers)
+            if chosen is None:
+                raise ApiError(503, "kvxfer.prefill=remote but no prefill worker is registered",
+                               code="no_prefill_worker", kind="service_unavailable", retry_after_s=1.0)
+            return chosen.name, "forced"
+        if decision.prefill is not None:
+            return decision.prefill, "long_prompt"
+        if num_tokens - decision.cached_tokens <= self.config.max_local_prefill_length:
+            return None, "short_prompt"
+        if self.registry.workers[decision.decode].role == "agg":  # type: ignore[index]
+            return None, "agg_worker"
+        if len(self.queue) >= self.config.max_prefill_queue_size:
+            return None, "queue_full"
+        return None, "no_prefill_worker"
+
+    # -- dispatch -------------------------------------------------------------------------------------------------
+
+    def _send(self, name: str, message: Message) -> bool:
+        return self.link is not None and self.link.send(name.encode(), message)
+
+    def _dispatch_first(self, flight: Flight, worker: str, message: Message) -> None:
+        if flight.dispatched_at is None:
+            flight.dispatched_at = time.perf_counter()
+            self.metrics.router_overhead.observe(flight.dispatched_at - flight.arrival)
+        flight.sent_to.add(worker)
+        if not self._send(worker, message):
+            self._fail(flight, ApiError(503, f"worker {worker!r} is unreachable", code="worker_unreachable",
+                                        kind="service_unavailable"), "failure")
+
+    def _dispatch_prefills(self) -> None:
+        """Hand queued prefills to prefill workers with capacity (the one with fewest queued tokens first)."""
+        while len(self.queue):
+            ready = [w for w in self.registry.by_role("prefill") if w.prefill_capacity() > 0]
+            if not ready:
+                return
+            flight: Flight | None = self.queue.pop()
+            if flight is None:
+                return
+            if flight.rid not in self.flights:
+                continue
+            named = self.registry.workers.get(flight.prefill or "")
+            worker = named if named in ready else min(ready, key=lambda w: (
+                w.load.queued_prefill_tokens if w.load else 0, len(w.in_flight_prefills), w.name))
+            flight.prefill, flight.phase = worker.name, "prefilling"
+            now = time.perf_counter()
+            flight.queue_wait_s += now - (flight.queued_at or now)
+            worker.in_flight_prefills.add(flight.rid)
+            worker.requests.add(flight.rid)
+            self.prefix_index.record(worker.name, flight.block_hashes)
+            self._dispatch_first(flight, worker.name, Prefill(flight.rid, flight.prompt, flight.sampling,
+                                                              flight.decode, flight.deadline_s))
+
+    # -- messages from workers (link thread -> loop) ---------------------------------------------------------------
+
+    def _on_link_message(self, identity: bytes, message: AnyMessage) -> None:
+        self._inbox.append((identity, message))
+        if not self._wake_scheduled and self._loop is not None:
+            self._wake_scheduled = True
+            try:
+                self._loop.call_soon_threadsafe(self._drain_inbox)
+            except RuntimeError:  # the loop is closed: we are shutting down
+                pass
+
+    def _drain_inbox(self) -> None:
+        self._wake_scheduled = False
+        while self._inbox:
+            identity, message = self._inbox.popleft()
+            try:
+                self._handle(identity.decode("utf-8", "replace"), message)
+            except Exception:  # one bad message must not stop the router; logged with its traceback
+                logger.exception("router: handling %s from %r failed", type(message).__name__, identity)
+
+    def _handle(self, sender: str, message: AnyMessage) -> None:
+        if isinstance(message, Tokens):
+            self._on_tokens(sender, message)
+        elif isinstance(message, Load):
+            if not self.registry.update(sender, message):
+                logger.debug("router: load from unregistered worker %r", sender)
+        elif isinstance(message, Prefilled):
+            self._on_prefilled(sender, message)
+        elif isinstance(message, Error):
+            self._on_error(sender, message)
+        elif isinstance(message, Register):
+            self._on_register(sender, message)
+
+    def _on_register(self, sender: str, message: Register) -> None:
+        if message.name != sender:
+            logger.warning("router: worker registered as %r from identity %r: refused", message.name, sender)
+            return
+        old = self.registry.workers.get(sender)
+        if old is not None:  # re-registration (a restarted worker): whatever it held is gone
+            self._worker_lost(old, keep_registered=True)
+        entry = self.registry.register(message)
+        if isinstance(entry, str):
+            logger.warning("router: %s", entry)
+            return
+        logger.info("router: worker %s (%s, %s, %d blocks) registered", message.name, message.role, message.device,
+                    message.num_blocks)
+        self._broadcast_peers()
+        self._dispatch_prefills()
+
+    def _on_tokens(self, sender: str, message: Tokens) -> None:
+        self.registry.touch(sender)
+        flight = self.flights.get(message.rid)
+        if flight is None or flight.decode != sender:
+            return  # late tokens of a finished or aborted request
+        now = time.perf_counter()
+        timing = None
+        if message.token_ids:
+            if flight.first_token_at is None:
+                flight.first_token_at = now
+                timing = flight.breakdown(message.timing, now)
+                self.metrics.observe_ttft(now - flight.arrival, {k: v for k, v in timing.items()
+                                                                 if isinstance(v, float)})
+                if flight.prefill is not None and timing["kv_bytes"]:
+                    self.metrics.kv_bytes.inc(float(timing["kv_bytes"]))
+                    self.metrics.kv_seconds.observe(float(timing["transfer_s"]))
+            elif flight.last_token_at is not None:
+                self.metrics.itl.observe((now - flight.last_token_at) / len(message.token_ids))
+            flight.last_token_at = now
+            flight.num_generated += len(message.token_ids)
+            self.metrics.generation_tokens.inc(len(message.token_ids))
+        if message.finish == "error":
+            self._fail(flight, ApiError(500, f"worker {sender!r} failed the request", code="worker_error",
+                                        kind="server_error"), "failure")
+            return
+        flight.events.put_nowait(TokensEvent(message.token_ids, message.finish, timing))
+        if message.finish is not None:
+            flight.sent_to.discard(sender)
+            self._finish(flight, None)
+
+    def _on_prefilled(self, sender: str, message: Prefilled) -> None:
+        self.registry.touch(sender)
+        flight = self.flights.get(message.rid)
+        worker = self.registry.workers.get(sender)
+        if worker is not None:
+            worker.in_flight_prefills.discard(message.rid)
+        if flight is None or flight.prefill != sender:
+            if flight is None:
+                self._send(sender, Abort(message.rid))  # release its lease now, not when it lapses
+            return
+        flight.prefill_timing = dict(message.timing or {})
+        flight.phase = "decoding"
+        flight.sent_to.add(flight.decode)
+        if not self._send(flight.decode, Decode(flight.rid, flight.prompt, flight.sampling, message.kv_ready,
+                                                message.first_token, flight.deadline_s)):
+            self._fail(flight, ApiError(503, f"decode worker {flight.decode!r} is unreachable",
+                                        code="worker_unreachable", kind="service_unavailable"), "failure")
+        self._dispatch_prefills()
+
+    def _on_error(self, sender: str, message: Error) -> None:
+        self.registry.touch(sender)
+        worker = self.registry.workers.get(sender)
+        if worker is not None:
+            worker.in_flight_prefills.discard(message.rid)
+        flight = self.flights.get(message.rid)
+        if flight is None or sender not in (flight.decode, flight.prefill):
+            return
+        flight.sent_to.discard(sender)
+        status = {"bad_request": 400, "overloaded": 503, "draining": 503, "deadline": 504}.get(message.code, 500)
+        leg = "prefill" if sender == flight.prefill and flight.phase == "prefilling" else "decode"
+        self._fail(flight, ApiError(status, f"{leg} worker {sender!r}: {message.code}: {message.message}",
+                                    code=message.code, kind="server_error" if status >= 500 else
+                                    "invalid_request_error"), "failure")
+        self._dispatch_prefills()
+
+    # -- endings ------------------------------------------------------------------------------------------------
+
+    def _fail(self, flight: Flight, error: ApiError, cause: str) -> None:
+        flight.events.put_nowait(error)
+        self._finish(flight, cause)
+
+    def _finish(self, flight: Flight, abort_cause: str | None) -> None:
+        """Forget ``flight``; with ``abort_cause``, every worker still holding it gets an ``abort``."""
+        if self.flights.pop(flight.rid, None) is None:
+            return
+        self.queue.release(flight.rid)
+        flight.phase = "done"
+        if abort_cause is not None:
+            self.metrics.aborts.labels(abort_cause).inc()
+            for name in flight.sent_to:
+                self._send(name, Abort(flight.rid))
+        for name in (flight.decode, flight.prefill):
+            worker = self.registry.workers.get(name or "")
+            if worker is not None:
+                worker.requests.discard(flight.rid)
+                worker.in_flight_prefills.discard(flight.rid)
+        self._dispatch_prefills()
+
+    def _worker_lost(self, entry: WorkerEntry, keep_registered: bool = False) -> None:
+        """A worker died (or restarted): requeue its unfinished prefills once, fail the rest of its requests."""
+        self.metrics.worker_losses.labels(entry.role).inc()
+        self.prefix_index.forget(entry.name)
+        if not keep_registered:
+            self.registry.remove(entry.name)
+            for gauge in (self.metrics.free_blocks, self.metrics.active_blocks):
+                try:
+                    gauge.remove(entry.name, entry.role)
+                except KeyError:  # never reported
+                    pass
+        for rid in list(entry.requests):
+            flight = self.flights.get(rid)
+            if flight is None:
+                continue
+            flight.sent_to.discard(entry.name)
+            if flight.prefill == entry.name and flight.phase == "prefilling":
+                try:
+                    self.queue.requeue(flight, flight.priority, flight.num_prompt_tokens)  # type: ignore[arg-type]
+                except (RequeueLimitError, QueueFullError) as error:
+                    self._fail(flight, ApiError(503, f"prefill worker {entry.name!r} died and the request was "
+                                                     f"requeued once already: {error}", code="prefill_worker_lost",
+                                                kind="service_unavailable"), "failure")
+                    continue
+                self.metrics.requeues.inc()
+                flight.phase, flight.requeued, flight.queued_at = "queued", True, time.perf_counter()
+            else:
+                self._fail(flight, ApiError(503, f"worker {entry.name!r} ({entry.role}) died during the request",
+                                            code="worker_lost", kind="service_unavailable"), "failure")
+        self._broadcast_peers()
+        self._dispatch_prefills()
+
+    def _broadcast_peers(self) -> None:
+        if self._peers_version == self.registry.version:
+            return
+        self._peers_version = self.registry.version
+        peers = Peers(self.registry.peers())
+        for name in self.registry.workers:
+            self._send(name, peers)
+
+    # -- the sweeper ------------------------------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            try:
+                self.sweep_once()
+            except Exception:  # the sweeper must outlive one bad pass; logged with its traceback
+                logger.exception("router: sweep failed")
+
+    def sweep_once(self) -> None:
+        """Drop silent workers, fail requests past their deadline, refresh the gauges."""
+        for entry in self.registry.expire():
+            logger.warning("router: worker %s (%s) lost: no heartbeat for %.1f s", entry.name, entry.role,
+                           self.registry.heartbeat_timeout_s)
+            self._worker_lost(entry)
+        now = time.time()
+        for flight in [f for f in self.flights.values() if f.deadline_s < now]:
+            self._fail(flight, ApiError(504, f"request {flight.rid} ran past its deadline (phase {flight.phase})",
+                                        code="deadline_exceeded", kind="server_error"), "deadline")
+        self._dispatch_prefills()
+        self.refresh_gauges()
+
+    def refresh_gauges(self) -> None:
+        """Set the gauges (queue depth, pools, workers' blocks) from the current state."""
+        m = self.metrics
+        for priority, depth in self.queue.by_priority().items():
+            m.queue_depth.labels(priority).set(depth)
+        m.queue_tokens.set(self.queue.queued_tokens)
+        m.in_flight.set(len(self.flights))
+        for role in ("prefill", "decode", "agg"):
+            m.pool.labels(role).set(self.registry.count(role))
+        for entry in self.registry.workers.values():
+            m.free_blocks.labels(entry.name, entry.role).set(entry.free_blocks)
+            m.active_blocks.labels(entry.name, entry.role).set(entry.active_blocks)
