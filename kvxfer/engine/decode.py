@@ -80,6 +80,23 @@ class DecodeEngine:
         return self.runner.blocks.num_free
 
     @property
+    def sequences(self) -> dict[str, Sequence]:
+        """The requests in the engine by id: waiting, running and reserved (read them, do not change them)."""
+        found = {seq.request_id: seq for seq in (*self._waiting, *self._running)}
+        found.update(self._reserved)
+        return found
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued for (local) prefill, preempted ones included."""
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Requests decoding."""
+        return len(self._running)
+
+    @property
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running or self._done)
 

@@ -253,6 +253,15 @@ class DecodeConnector(Connector):
             pending.ended = time.monotonic()
         return 1 if pending.error is None else 2
 
+    def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
+        """Stop a pending request's transfer; the next :meth:`poll` resolves it as failed (``reason``) and frees its
+        reservation. False when ``request_id`` is not pending. Every rank of the TP group makes the same call."""
+        pending = self._pending.get(request_id)
+        if pending is None:
+            return False
+        self._fail(pending, reason)
+        return True
+
     def _fail(self, pending: _Pending, reason: str) -> None:
         if pending.error is None:
             pending.error = reason

@@ -31,6 +31,8 @@ class _Held:
     request_id: str
     pending: int  # leases or pushes that still need the blocks on this rank
     expired: int = 0
+    lease_keys: tuple[bytes, ...] = ()
+    aborted: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,22 +89,57 @@ class PrefillConnector(Connector):
     def prefill(self, request: Request, decode: str, on_layer_done: LayerCallback | None = None) -> KVReady:
         """Compute ``request`` and hold its blocks for the decode group ``decode`` (one lease per decode rank that
         reads from this rank). Returns the message for the decode ranks (send it any way you like)."""
-        group = self.group(decode)
-        result = self.engine.prefill(request, on_layer_done)
-        self._serial += 1
-        base = f"{request.request_id}#{self._serial}".encode()
-        sums = self._checksums(result.block_ids, len(request.prompt_token_ids)) if self.verify else None
-        readers = sorted({d for p, d, _ in rank_pairs(self.tp.size, len(group), self.spec.total_kv_heads or 1)
-                          if p == self.tp.rank})
+        return self.prefill_batch([request], [decode], on_layer_done)[0]
+
+    def prefill_batch(self, requests: Sequence[Request], decode: Sequence[str],
+                      on_layer_done: LayerCallback | None = None) -> list[KVReady]:
+        """:meth:`prefill` for several requests in shared forward passes (PrefillEngine.prefill_batch: all or
+        nothing, OutOfBlocksError admits none); ``decode[i]`` is the decode group of ``requests[i]``."""
+        if len(decode) != len(requests):
+            raise ConfigError(f"PrefillConnector.prefill_batch: one decode group per request, got {len(decode)} "
+                              f"for {len(requests)} requests")
+        groups = [self.group(name) for name in decode]
+        results = self.engine.prefill_batch(list(requests), on_layer_done)
+        readies = []
+        for request, group, result in zip(requests, groups, results):
+            self._serial += 1
+            base = f"{request.request_id}#{self._serial}".encode()
+            sums = self._checksums(result.block_ids, len(request.prompt_token_ids)) if self.verify else None
+            readers = sorted({d for p, d, _ in rank_pairs(self.tp.size, len(group), self.spec.total_kv_heads or 1)
+                              if p == self.tp.rank})
+            keys = tuple(lease_key_for(base, rank) for rank in readers)
+            with self._lock:
+                self._held[request.request_id] = _Held(request.request_id, len(readers), lease_keys=keys)
+            for rank, key in zip(readers, keys):
+                self._leases.grant(key, group[rank].agent_name, result.block_ids, self.lease_ttl,
+                                   on_end=functools.partial(self._lease_ended, request.request_id))
+            readies.append(KVReady(
+                request=request, first_token=result.first_token, first_token_time=result.first_token_time,
+                block_ids=result.block_ids, prefill_agents=self.group_agents, lease_key=base,
+                lease_ttl=self.lease_ttl, num_cached_tokens=result.num_cached_tokens,
+                num_computed_tokens=result.num_computed_tokens, checksums=sums))
+        return readies
+
+    def abort(self, request_id: str) -> bool:
+        """Give up a held request: its leases end now (a decode rank still pulling, or pulling later, sees them
+        expired) and :meth:`poll` frees its blocks. False when ``request_id`` is not held. Every rank of the TP
+        group makes the same call."""
         with self._lock:
-            self._held[request.request_id] = _Held(request.request_id, len(readers))
-        for rank in readers:
-            self._leases.grant(lease_key_for(base, rank), group[rank].agent_name, result.block_ids, self.lease_ttl,
-                               on_end=functools.partial(self._lease_ended, request.request_id))
-        return KVReady(request=request, first_token=result.first_token, first_token_time=result.first_token_time,
-                       block_ids=result.block_ids, prefill_agents=self.group_agents, lease_key=base,
-                       lease_ttl=self.lease_ttl, num_cached_tokens=result.num_cached_tokens,
-                       num_computed_tokens=result.num_computed_tokens, checksums=sums)
+            held = self._held.get(request_id)
+            if held is None:
+                return False
+            held.aborted = True
+        self._expire(held)
+        return True
+
+    def _expire(self, held: _Held) -> None:
+        """Make the keeper end the request's leases at its next tick (a renewal in between would push the expiry
+        back, so :meth:`poll` repeats this while the request is held)."""
+        granted = self._leases.granted
+        for key in held.lease_keys:
+            lease = granted.get(key)
+            if lease is not None:
+                lease.expires_at = 0.0
 
     def _checksums(self, block_ids: Sequence[int], num_tokens: int) -> tuple[bytes, ...]:
         """Every rank's checksums of its heads of the request's blocks, in rank order (collective over TP)."""
@@ -229,7 +266,10 @@ class PrefillConnector(Connector):
     def _free_ended(self, give_up: bool) -> tuple[list[str], bool]:
         with self._lock:
             items = list(self._held.values())
-            flags = [int(held.pending <= 0) for held in items]
+            flags = [int(held.pending <= 0 or held.aborted) for held in items]
+        for held in items:
+            if held.aborted and held.pending > 0:
+                self._expire(held)
         agreed = self._agree(flags + [int(give_up)])
         freed = []
         for held, count in zip(items, agreed):

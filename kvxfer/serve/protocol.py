@@ -198,7 +198,7 @@ class Register(Message):
     _SCHEMA: ClassVar[dict[str, Check]] = {
         "name": _str(), "role": _str(choices=ROLES), "model": _str(), "block_size": _int(1, 1 << 20),
         "num_blocks": _int(1, 1 << 40), "kv_bytes_per_token": _int(1, 1 << 40),
-        "rank_info": _list(_bytes(MAX_SMALL_NBYTES // 2), 64, 1), "max_batch": _int(1, 1 << 20), "device": _str()}
+        "rank_info": _list(_bytes(MAX_SMALL_NBYTES // 2), 64), "max_batch": _int(1, 1 << 20), "device": _str()}
     name: str
     role: str
     model: str

@@ -1,0 +1,210 @@
+"""``kvxfer worker``: a long-running process around one engine, its connector and a scheduling loop thread.
+
+Roles: ``prefill`` (PrefillEngine + PrefillConnector: answers ``prefill`` with ``prefilled``), ``decode``
+(DecodeEngine + DecodeConnector: ``decode`` pulls the K/V and decodes; ``generate`` prefills locally and decodes),
+``agg`` (DecodeEngine alone: ``generate`` only; no agent, no KV moves). The worker connects one zmq DEALER to the
+router (:class:`~kvxfer.serve.control.WorkerLink`), sends ``register`` on every (re)connection and ``load`` every
+0.25 s (the heartbeat), and serves until told to stop.
+
+Stopping: ``shutdown`` or SIGTERM/SIGINT drains (no new requests; running ones finish within ``drain_s``, then the
+rest are aborted; a prefill worker waits for its held blocks to be pulled), closes the agent and the link, and
+exits 0. When the link to the router stays down for ``--router-timeout`` seconds (5 by default; counted from the
+start until the first connection too), the worker aborts everything and exits 3 — the launcher or the operator
+restarts it. Bad arguments exit 2, a failure of the scheduling loop exits 1.
+
+``--model``: any name or directory :func:`kvxfer.models.load_model` knows ("tiny-random", "smollm2", a Hugging Face
+directory); ``preset:<name>`` builds an engine preset (``preset:tiny``) with seeded random weights instead.
+Tensor parallelism (``--tp`` > 1) is not supported by the worker yet: it refuses with exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+from ..errors import ConfigError, KvxferError
+from .protocol import Register
+
+logger = logging.getLogger("kvxfer.serve")
+
+HEARTBEAT_S = 0.25
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ROUTER_LOST = 0, 1, 2, 3
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The worker's options (``kvxfer worker`` and ``python -m kvxfer.serve.worker``)."""
+    parser.add_argument("--role", required=True, choices=("prefill", "decode", "agg"))
+    parser.add_argument("--model", required=True, help="load_model name or directory, or preset:<engine preset>")
+    parser.add_argument("--router", required=True, help="the router's control address, e.g. tcp://127.0.0.1:7100")
+    parser.add_argument("--name", default=None, help="unique worker name (default: <role>-<pid>)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel ranks (only 1 is supported)")
+    parser.add_argument("--dtype", default=None, help="model dtype (float32, bfloat16, float16; default: the model's)")
+    parser.add_argument("--host", default="127.0.0.1", help="address the agent's side channel listens on")
+    parser.add_argument("--backends", default=None, help="comma-separated kvxfer backends (default: all available)")
+    parser.add_argument("--num-blocks", type=int, default=512, help="KV cache blocks")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    parser.add_argument("--max-batch", type=int, default=64, help="running requests (decode) / prompts per batch")
+    parser.add_argument("--max-batch-tokens", type=int, default=2048, help="prompt tokens per prefill step")
+    parser.add_argument("--max-queue", type=int, default=256, help="prefill role: queued requests before refusing")
+    parser.add_argument("--lease-ttl", type=float, default=10.0, help="prefill role: seconds blocks wait for a pull")
+    parser.add_argument("--transfer-timeout", type=float, default=30.0, help="decode role: seconds a pull may take")
+    parser.add_argument("--drain-s", type=float, default=10.0, help="seconds SIGTERM lets running requests finish")
+    parser.add_argument("--router-timeout", type=float, default=5.0, help="exit 3 after this long without the router")
+    parser.add_argument("--seed", type=int, default=0, help="weights seed of preset:<name> models")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="the model's shape and tokenizer with seeded random weights (load_model(random_weights))")
+    parser.add_argument("--cache-dir", default=None, help="kvxfer.models cache directory")
+    parser.add_argument("--log-level", default="WARNING")
+
+
+def build_model(spec: str, device: str, dtype: str | None, seed: int, random_weights: bool = False,
+                cache_dir: str | None = None) -> tuple[str, Any]:
+    """(served model name, kvxfer.engine.Model) for ``--model``."""
+    from ..engine import Model, ModelConfig
+
+    if spec.startswith("preset:"):
+        changes = {"dtype": dtype} if dtype else {}
+        config = ModelConfig.preset(spec.split(":", 1)[1], **changes)
+        return spec, Model.random(config, seed=seed, device=device)
+    from ..models import load_model
+
+    if random_weights:
+        try:
+            bundle = load_model(spec, cache_dir=cache_dir, random_weights=True)  # type: ignore[call-arg]
+        except TypeError as error:
+            raise ConfigError(f"--random-weights: this kvxfer.models.load_model does not take it ({error})") from None
+    else:
+        bundle = load_model(spec, cache_dir=cache_dir)
+    return bundle.name, bundle.build(device=device, dtype=dtype)
+
+
+class Worker:
+    """The worker process's objects: engine, connector, agent, loop, link (built from parsed arguments)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from ..engine import CacheConfig
+
+        if args.tp != 1:
+            raise ConfigError(f"kvxfer worker: --tp must be 1 (tensor parallel workers are not supported yet), "
+                              f"got {args.tp}")
+        self.args = args
+        self.name = args.name or f"{args.role}-{os.getpid()}"
+        self.model_name, model = build_model(args.model, args.device, args.dtype, args.seed,
+                                                  args.random_weights, args.cache_dir)
+        cache = CacheConfig(num_blocks=args.num_blocks, block_size=args.block_size)
+        self.agent: Any = None
+        self.connector: Any = None
+        self.loop = self._build_loop(args, model, cache)
+        spec = (self.connector.engine if self.connector is not None else self.loop.engine).spec
+        rank_info = (self.connector.info().encode(),) if self.connector is not None else ()
+        self.register = Register(self.name, args.role, self.model_name, args.block_size, args.num_blocks,
+                                 spec.block_nbytes // spec.block_size * spec.tp_size, rank_info,
+                                 args.max_batch, args.device)
+        self.link: Any = None
+
+    def _build_loop(self, args: argparse.Namespace, model: Any, cache: Any) -> Any:
+        import kvxfer
+
+        from ..engine import DecodeConnector, DecodeEngine, PrefillConnector, PrefillEngine
+        from .worker_decode import DecodeLoop
+        from .worker_prefill import PrefillLoop
+
+        if args.role != "agg":
+            backends = args.backends.split(",") if args.backends else None
+            self.agent = kvxfer.Agent(self.name, backends=backends, listen=f"{args.host}:0")
+        if args.role == "prefill":
+            self.connector = PrefillConnector(PrefillEngine(model, cache), self.agent, lease_ttl=args.lease_ttl)
+            return PrefillLoop(self.name, self._send, self.connector, max_queue=args.max_queue,
+                               max_batch=args.max_batch, max_batch_tokens=args.max_batch_tokens)
+        engine = DecodeEngine(model, cache, max_batch_size=args.max_batch,
+                              max_num_batched_tokens=args.max_batch_tokens)
+        if args.role == "decode":
+            self.connector = DecodeConnector(engine, self.agent, timeout=args.transfer_timeout)
+        spec = engine.spec
+        return DecodeLoop(self.name, self._send, engine, self.connector,
+                          spec.block_nbytes // spec.block_size * spec.tp_size)
+
+    def _send(self, message: Any) -> bool:
+        return self.link is not None and bool(self.link.send(message))
+
+    def run(self) -> int:
+        """Serve until drained or the router is lost; the exit code."""
+        from .control import WorkerLink
+
+        self.link = WorkerLink(self.args.router, self.name, self.loop.post,
+                               on_connect=lambda: self.link is not None and self.link.send(self.register))
+        if self.link.connected:  # connected before self.link was set: the callback could not send
+            self.link.send(self.register)
+        self.loop.start()
+        logger.warning("worker %s: %s on %s, model %s, agent %s, router %s", self.name, self.args.role,
+                       self.args.device, self.model_name, self.agent.listen_address if self.agent else None,
+                       self.args.router)
+        code = EXIT_OK
+        next_beat = time.monotonic()
+        while self.loop.alive:
+            if time.monotonic() >= next_beat:
+                if self.link.connected:
+                    self.link.send(self.loop.load)
+                next_beat = time.monotonic() + HEARTBEAT_S
+            if self.link.disconnected_s > self.args.router_timeout:
+                logger.error("worker %s: no router at %s for %.1f s: aborting everything and exiting", self.name,
+                             self.args.router, self.args.router_timeout)
+                self.loop.stop()
+                code = EXIT_ROUTER_LOST
+                break
+            time.sleep(0.02)
+        self.loop.join(30.0)
+        if self.loop.error is not None:
+            code = EXIT_FAILED
+        if code == EXIT_OK and self.link.connected:
+            self.link.send(self.loop.load)  # the final free-block counts
+        return code
+
+    def close(self) -> None:
+        """Close the link, the connector's pipes and the agent (after :meth:`run`)."""
+        if self.link is not None:
+            self.link.close(linger_s=1.0)
+        if self.connector is not None:
+            self.connector.close()
+        if self.agent is not None:
+            self.agent.close()
+
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        logger.warning("worker %s: signal %d: draining for %.1f s", self.name, signum, self.args.drain_s)
+        self.loop.drain(self.args.drain_s)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Run a worker from parsed :func:`add_worker_arguments` options; returns the process exit code."""
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        worker = Worker(args)
+    except (KvxferError, OSError, ImportError) as error:
+        print(f"kvxfer worker: {type(error).__name__}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, worker.on_signal)
+        signal.signal(signal.SIGINT, worker.on_signal)
+    try:
+        return worker.run()
+    finally:
+        worker.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kvxfer.serve.worker --role ... --model ... --router ...``."""
+    parser = argparse.ArgumentParser(prog="kvxfer worker", description=__doc__.split("\n\n")[0])
+    add_worker_arguments(parser)
+    return run_worker(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
