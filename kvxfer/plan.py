@@ -29,7 +29,9 @@ class RegionTable:
         otherwise the set of memory kinds the descriptors' regions live in."""
         if not len(self.indices):
             raise DescriptorError(f"{argument}: {owner} has no registered region")
-        if len(self.indices) == 1:  # the common case, one KV region: compare with scalars, no search
+        if len(self.indices) == 1 and self._inside_one(descs):  # the common case: a few reductions, no search
+            return {self.kinds[0]} if self.kinds is not None else set()
+        if len(self.indices) == 1:
             position = np.zeros(1, dtype=np.intp)
             known = descs.region == self.indices[0]
             low, high = self.addr[0], self.end[0]
@@ -45,8 +47,20 @@ class RegionTable:
             raise DescriptorError(
                 f"{argument}[{i}] (addr {int(descs.addr[i]):#x}, nbytes {int(descs.nbytes[i])}, region "
                 f"{int(descs.region[i])}) {why} of {owner}")
-        used = np.flatnonzero(np.bincount(position, minlength=len(self.indices)))
+        used = np.flatnonzero(np.bincount(position.ravel(), minlength=len(self.indices)))
         return {self.kinds[int(p)] for p in used} if self.kinds is not None else set()
+
+
+    def _inside_one(self, descs: Descs) -> bool:
+        """True if every descriptor lies inside the only region (False: check piece by piece, to name the first)."""
+        if not len(descs):
+            return True
+        regions, addr = descs.region, descs.addr
+        if not (regions.min() == regions.max() == self.indices[0]):
+            return False
+        ends = addr + descs.nbytes
+        # No wrap-around (every end above its start), then the extremes decide.
+        return bool(addr.min() >= self.addr[0] and ends.max() <= self.end[0] and (ends > addr).all())
 
 
 class TransferPlan:

@@ -20,6 +20,10 @@ from .report import print_table, write_csv, write_json
 def _local(args: argparse.Namespace) -> int:
     from . import local
 
+    if args.keep_freed_memory:
+        from ..tuning import keep_freed_memory
+
+        keep_freed_memory()
     tables = {"plan / select / post": local.plan_and_post(repeats=args.repeats),
               "local backend vs numpy copy": local.bandwidth(total_nbytes=args.total_mib << 20,
                                                              repeats=max(3, args.repeats // 10))}
@@ -114,6 +118,8 @@ def parser() -> argparse.ArgumentParser:
     local = subcommands.add_parser("local", help="plan/post costs and local-backend GB/s on host memory")
     local.add_argument("--repeats", type=int, default=50)
     local.add_argument("--total-mib", type=int, default=256, help="bytes moved per bandwidth row (MiB)")
+    local.add_argument("--keep-freed-memory", action="store_true",
+                       help="call kvxfer.tuning.keep_freed_memory() first (as the serve workers do)")
     local.set_defaults(run=_local)
     ipc = subcommands.add_parser("ipc", help="GPU->GPU between two processes through the CUDA IPC backend")
     ipc.add_argument("--source", type=int, default=0, help="GPU of the prefill (source) process")
