@@ -12,7 +12,7 @@ so that the router need not import the engine package (and with it torch); a tes
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Iterable, Sequence
 
 from ..errors import ConfigError
@@ -38,23 +38,28 @@ class PrefixIndex:
     """Bounded map worker -> block hashes it probably caches; at most ``max_entries`` (worker, hash) pairs in all,
     the least recently recorded evicted first.
 
-    :meth:`record` touches a chain's blocks from the last to the first, so a block is always at least as recent as
-    every block after it in any chain recorded with it: eviction takes chain tails first and what stays cached for a
-    worker is closed under prefixes. That is what lets :meth:`matched_blocks` binary-search the longest cached prefix
-    (O(log n) lookups). Pass whole chains from the start of a sequence, as :func:`block_hashes` returns them.
-    Not thread-safe: the router uses it from one event loop.
+    Recency is kept per :meth:`record` call: every block of the recorded chain takes the call's stamp, and eviction
+    takes the oldest stamp first, and within one stamp the chain's tail first. So a block is never older than a
+    block after it in any chain recorded with it, what stays cached for a worker is closed under prefixes, and
+    :meth:`matched_blocks` can binary-search the longest cached prefix (O(log n) lookups). Pass whole chains from
+    the start of a sequence, as :func:`block_hashes` returns them. A record costs one C-level dict update plus the
+    evictions it causes (amortised O(1) each). Not thread-safe: the router uses it from one event loop.
     """
 
     def __init__(self, max_entries: int = 1_000_000) -> None:
         if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
             raise ConfigError(f"PrefixIndex.max_entries: expected an int >= 1, got {max_entries!r}")
         self.max_entries = max_entries
-        self._lru: OrderedDict[tuple[str, bytes], None] = OrderedDict()
-        self._by_worker: dict[str, set[bytes]] = {}
+        self._by_worker: dict[str, dict[bytes, int]] = {}  # worker -> {hash: stamp of the record that last had it}
+        # One event per record, oldest first: [stamp, worker, chain, blocks of the chain not yet looked at].
+        self._events: deque[_Event] = deque()
+        self._compact_at = 1024
+        self._stamp = 0
+        self._size = 0
         self.num_evictions = 0
 
     def __len__(self) -> int:
-        return len(self._lru)
+        return self._size
 
     def workers(self) -> list[str]:
         """Names of the workers with at least one entry, sorted."""
@@ -67,28 +72,28 @@ class PrefixIndex:
     def record(self, worker: str, hashes: Sequence[bytes]) -> None:
         """Note that ``worker`` now caches the chain ``hashes`` (from the start of a sequence); evicts beyond the
         bound."""
-        cached = self._by_worker.setdefault(worker, set())
-        lru = self._lru
-        for digest in reversed(hashes):
-            key = (worker, digest)
-            if digest in cached:
-                lru.move_to_end(key)
-            else:
-                cached.add(digest)
-                lru[key] = None
-        excess = len(lru) - self.max_entries
-        for _ in range(max(excess, 0)):
-            (name, digest), _none = lru.popitem(last=False)
-            self._by_worker[name].discard(digest)
-        if excess > 0:
-            self.num_evictions += excess
+        if not hashes:
+            return
+        self._stamp += 1
+        cached = self._by_worker.setdefault(worker, {})
+        before = len(cached)
+        cached.update(dict.fromkeys(hashes, self._stamp))
+        self._size += len(cached) - before
+        chain = hashes if isinstance(hashes, tuple) else tuple(hashes)  # kept: the caller may reuse its list
+        self._events.append(_Event(self._stamp, worker, chain, len(chain)))
+        if self._size > self.max_entries:
+            self._evict(self._size - self.max_entries)
+        if len(self._events) > self._compact_at:
+            self._compact()
 
     def matched_blocks(self, worker: str, hashes: Sequence[bytes]) -> int:
         """Length in blocks of the longest prefix of ``hashes`` recorded for ``worker`` (0 if none)."""
         cached = self._by_worker.get(worker)
-        if not cached:
+        if not cached or not hashes or hashes[0] not in cached:
             return 0
-        low, high = 0, len(hashes)  # hashes[:low] cached, hashes[high:] not (the set is prefix-closed)
+        if hashes[-1] in cached:
+            return len(hashes)
+        low, high = 1, len(hashes) - 1  # hashes[:low] cached, hashes[high:] not (the set is prefix-closed)
         while low < high:
             middle = (low + high + 1) // 2
             if hashes[middle - 1] in cached:
@@ -103,7 +108,45 @@ class PrefixIndex:
 
     def forget(self, worker: str) -> int:
         """Drop every entry of ``worker`` (it left, or restarted with an empty cache); returns how many."""
-        cached = self._by_worker.pop(worker, set())
-        for digest in cached:
-            del self._lru[(worker, digest)]
+        cached = self._by_worker.pop(worker, {})
+        self._size -= len(cached)
         return len(cached)
+
+    def _evict(self, count: int) -> None:
+        events, by_worker = self._events, self._by_worker
+        while count > 0:
+            event = events[0]
+            cached = by_worker.get(event.worker)
+            chain, stamp, left = event.chain, event.stamp, event.left
+            while left > 0 and count > 0 and cached is not None:
+                left -= 1
+                digest = chain[left]
+                if cached.get(digest) == stamp:  # not recorded again since: this event owns it
+                    del cached[digest]
+                    count -= 1
+                    self._size -= 1
+                    self.num_evictions += 1
+            event.left = left
+            if left == 0 or cached is None:
+                events.popleft()
+
+    def _compact(self) -> None:
+        """Drop events that own no block any more (all re-recorded later, evicted, or their worker forgotten)."""
+        by_worker = self._by_worker
+        kept: deque[_Event] = deque()
+        for event in self._events:
+            cached = by_worker.get(event.worker)
+            if cached is not None and any(cached.get(event.chain[i]) == event.stamp for i in range(event.left)):
+                kept.append(event)
+        self._events = kept
+        self._compact_at = max(1024, 2 * len(kept))
+
+
+class _Event:
+    """One :meth:`PrefixIndex.record` call: its stamp, worker, chain, and how many of the chain's blocks (from the
+    start) eviction has not looked at yet."""
+
+    __slots__ = ("chain", "left", "stamp", "worker")
+
+    def __init__(self, stamp: int, worker: str, chain: Sequence[bytes], left: int) -> None:
+        self.stamp, self.worker, self.chain, self.left = stamp, worker, chain, left

@@ -92,3 +92,33 @@ def test_matched_blocks_agrees_with_a_linear_scan(bound: int, records: list[tupl
             while linear < len(hashes) and index.matched_blocks(name, hashes[:linear + 1]) == linear + 1:
                 linear += 1
             assert index.matched_blocks(name, hashes) == linear
+
+
+def test_eviction_order_matches_a_reference_lru_over_many_records() -> None:
+    """3000 records (the event log compacts several times) against a plain model: each record stamps its chain;
+    eviction takes the oldest stamp first and, within a stamp, the chain's tail first."""
+    rng = random.Random(11)
+    roots = [chain(seed, 8) for seed in range(6)]
+    chains = [root[:cut] + block_hashes(list(range(seed, seed + 8)), 4, root[cut - 1] if cut else b"x")
+              for root in roots for cut, seed in ((0, 1), (3, 2), (8, 3))]
+    index = PrefixIndex(max_entries=40)
+    model: dict[tuple[str, bytes], tuple[int, int]] = {}
+    for stamp in range(1, 3001):
+        name, hashes = rng.choice(["w0", "w1", "w2"]), rng.choice(chains)[:rng.randrange(1, 11)]
+        if rng.random() < 0.01:
+            index.forget(name)
+            model = {key: value for key, value in model.items() if key[0] != name}
+        index.record(name, list(hashes))
+        for position, digest in enumerate(hashes):
+            model[(name, digest)] = (stamp, -position)
+        while len(model) > 40:
+            del model[min(model, key=model.__getitem__)]
+        assert len(index) == len(model)
+    for name in ("w0", "w1", "w2"):
+        expected = {digest for (owner, digest) in model if owner == name}
+        for hashes in chains:
+            linear = 0
+            while linear < len(hashes) and hashes[linear] in expected:
+                linear += 1
+            assert index.matched_blocks(name, hashes) == linear
+        assert index.num_blocks(name) == len(expected)
