@@ -296,8 +296,6 @@ def _placement_reason(cfg: PolicyConfig, req: RouteRequest, choice: DecodeChoice
     return f"{head}; local prefill: {why}"
 
 
-__all__ = [
-    "Admission", "Decision", "DecodeChoice", "LinkRate", "PolicyConfig", "Priority", "RouteRequest", "TTFTEstimate",
-    "WorkerState", "admit", "cached_prompt_tokens", "choose_decode", "choose_prefill", "decode_cost",
-    "predict_ttft", "prefill_rate", "route", "should_prefill_remotely", "transfer_time",
-]
+__all__ = ["Admission", "Decision", "DecodeChoice", "LinkRate", "PolicyConfig", "Priority", "RouteRequest",
+           "TTFTEstimate", "WorkerState", "admit", "cached_prompt_tokens", "choose_decode", "choose_prefill",
+           "decode_cost", "predict_ttft", "prefill_rate", "route", "should_prefill_remotely", "transfer_time"]
