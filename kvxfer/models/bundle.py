@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,6 +18,8 @@ from ..engine.model import Model, load_hf
 from ..engine.parallel import TensorParallel
 from ..errors import ConfigError
 from .cache import publish, resolve_cache_dir
+from .smollm2 import NAME as SMOL_NAME
+from .smollm2 import write_smollm2
 from .tiny import NAME as TINY_NAME
 from .tiny import write_tiny_random
 from .tokenizer import Tokenizer
@@ -41,9 +45,17 @@ class ModelBundle:
         return load_hf(self.directory, tp=tp, device=device, dtype=dtype)
 
 
-def _builtin_sources() -> dict[str, tuple[str, Callable[[Path], dict[str, object]]]]:
+Builder = Callable[[Path, Path], dict[str, Any]]  # (temp directory to fill, cache directory) -> marker fields
+
+
+def _tiny(directory: Path, cache_dir: Path) -> dict[str, Any]:
+    return write_tiny_random(directory)
+
+
+def _builtin_sources() -> dict[str, tuple[str, Builder]]:
     """Names that need no directory -> (cache dir name, builder)."""
-    return {TINY_NAME: (TINY_NAME, write_tiny_random)}
+    smol = (SMOL_NAME, write_smollm2)
+    return {TINY_NAME: (TINY_NAME, _tiny), SMOL_NAME: smol, SMOL_NAME.lower(): smol, "smollm2": smol}
 
 
 def known_models() -> list[str]:
@@ -59,7 +71,8 @@ def load_model(model: str | os.PathLike[str], cache_dir: str | os.PathLike[str] 
     key = os.fspath(model)
     if key in sources:
         dir_name, builder = sources[key]
-        directory = publish(resolve_cache_dir(cache_dir) / dir_name, builder)
+        cache = resolve_cache_dir(cache_dir)
+        directory = publish(cache / dir_name, functools.partial(builder, cache_dir=cache))
     else:
         directory = Path(key).expanduser()
         if not directory.is_dir():
