@@ -31,17 +31,23 @@ log = logging.getLogger("kvxfer.models")
 class ModelBundle:
     """A loadable model: ``directory`` (config.json, model.safetensors, tokenizer.json, ...), its ``config`` and
     ``tokenizer``. ``name`` is the id a server shows (``/v1/models``) and ``config.name`` (KV cache specs of
-    prefill and decode workers must agree on it)."""
+    prefill and decode workers must agree on it). With ``random_weights`` the model has this shape and tokenizer
+    but seeded random weights (``seed``; the same in every process), whatever the directory holds."""
 
     name: str
     directory: Path
     config: ModelConfig
     tokenizer: Tokenizer
+    random_weights: bool = False
+    seed: int = 0
 
     def build(self, device: torch.device | str = "cpu", dtype: str | None = None,
               tp: TensorParallel | None = None) -> Model:
         """The engine model of this rank (``tp`` None: the whole model) on ``device``; ``dtype`` ("float32",
         "bfloat16", "float16") overrides the stored one. Each rank reads only its shard of the weights."""
+        if self.random_weights:
+            config = self.config if dtype is None else self.config.replace(dtype=dtype)
+            return Model.random(config, seed=self.seed, tp=tp, device=device)
         return load_hf(self.directory, tp=tp, device=device, dtype=dtype)
 
 
@@ -63,10 +69,15 @@ def known_models() -> list[str]:
     return sorted(_builtin_sources())
 
 
-def load_model(model: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> ModelBundle:
+def load_model(model: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None, *,
+               random_weights: bool = False, seed: int = 0) -> ModelBundle:
     """Resolve ``model``: ``"tiny-random"``, ``"smollm2"`` / ``"SmolLM2-135M-Instruct"`` (converted once into the
     cache directory, see :mod:`kvxfer.models.cache`), or the path of a local Hugging Face Llama directory.
-    Weights are not read here; :meth:`ModelBundle.build` reads them."""
+    Weights are not read here; :meth:`ModelBundle.build` reads them.
+
+    ``random_weights``: build the model with seeded random weights (``seed``) of the directory's shape; then the
+    directory needs only config.json and the tokenizer files (e.g. SmolLM2's shape and tokenizer on a machine
+    without the GGUF)."""
     sources = _builtin_sources()
     key = os.fspath(model)
     if key in sources:
@@ -79,10 +90,15 @@ def load_model(model: str | os.PathLike[str], cache_dir: str | os.PathLike[str] 
             raise ConfigError(f"model {key!r}: expected one of {known_models()} or a local model directory "
                               f"(config.json, *.safetensors, tokenizer.json), got neither")
     directory = directory.resolve()
+    if not random_weights and not any(directory.glob("*.safetensors")):
+        raise ConfigError(f"model {key!r}: directory {directory} must hold *.safetensors weights, found none; pass "
+                          f"random_weights=True (kvxfer worker --random-weights) for seeded random weights of its "
+                          f"shape")
     config = read_config(directory)
     tokenizer = Tokenizer.from_directory(directory)
     if tokenizer.vocab_size > config.vocab_size:
         raise ConfigError(f"model {key!r}: tokenizer vocabulary must fit the model's vocab_size={config.vocab_size}, "
                           f"got {tokenizer.vocab_size} tokens")
     log.debug("model %s loaded from %s", config.name, directory)
-    return ModelBundle(name=config.name, directory=directory, config=config, tokenizer=tokenizer)
+    return ModelBundle(name=config.name, directory=directory, config=config, tokenizer=tokenizer,
+                       random_weights=bool(random_weights), seed=int(seed))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from kvxfer.errors import ConfigError
-from kvxfer.models import Detokenizer, ModelBundle, load_model
+from kvxfer.models import ModelBundle, load_model
 
 
 def _digest(directory: Path) -> str:
@@ -58,47 +59,32 @@ def test_bundle_fields_and_model(tmp_path: Path) -> None:
     assert logits.shape == (2, 259) and torch.isfinite(logits).all()
 
 
-def test_byte_tokenizer_round_trips_and_specials(tmp_path: Path) -> None:
-    tokenizer = load_model("tiny-random", cache_dir=tmp_path).tokenizer
-    text = "Grüße, 世界 🌍!\n\ttabs"
-    ids = tokenizer.encode(text)
-    assert ids == list(text.encode("utf-8"))
-    assert tokenizer.decode(ids) == text
-    assert tokenizer.encode("<|im_start|>a<|im_end|>") == [257, 97, 258]
-    assert tokenizer.decode([257, 97, 258]) == "a"
-    assert tokenizer.decode([257, 97, 258], skip_special_tokens=False) == "<|im_start|>a<|im_end|>"
-
-
-def test_chat_template(tmp_path: Path) -> None:
-    tokenizer = load_model("tiny-random", cache_dir=tmp_path).tokenizer
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
-    assert tokenizer.apply_chat_template(messages) == \
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
-    assert tokenizer.apply_chat_template(messages, add_generation_prompt=False).endswith("Hi?<|im_end|>\n")
-    with pytest.raises(ConfigError, match=r"messages\[0\]\.content"):
-        tokenizer.apply_chat_template([{"role": "user", "content": 3}])  # type: ignore[dict-item]
-    with pytest.raises(ConfigError, match="messages"):
-        tokenizer.apply_chat_template([])
-
-
-def test_detokenizer_holds_split_utf8_characters(tmp_path: Path) -> None:
-    tokenizer = load_model("tiny-random", cache_dir=tmp_path).tokenizer
-    detokenizer = Detokenizer(tokenizer)
-    pieces = [detokenizer.push(token) for token in tokenizer.encode("a🌍é") + [258]]
-    # 'a' alone, the emoji's four bytes only once complete, é's two bytes once complete, EOS adds nothing.
-    assert pieces == ["a", "", "", "", "🌍", "", "é", ""]
-    assert detokenizer.text == "a🌍é"
-
-
-def test_detokenizer_flushes_an_incomplete_tail(tmp_path: Path) -> None:
-    tokenizer = load_model("tiny-random", cache_dir=tmp_path).tokenizer
-    detokenizer = Detokenizer(tokenizer)
-    assert detokenizer.push(ord("x")) == "x"
-    assert detokenizer.push(0xE4) == ""  # first byte of a three-byte character
-    assert detokenizer.flush() == "\ufffd"
-    assert detokenizer.flush() == ""
-
-
 def test_unknown_model_name_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="tiny-random"):
         load_model("no-such-model", cache_dir=tmp_path)
+
+
+def test_local_directory_loads_under_its_own_name(tmp_path: Path) -> None:
+    tiny = load_model("tiny-random", cache_dir=tmp_path / "cache")
+    local = tmp_path / "my-model"
+    shutil.copytree(tiny.directory, local)
+    bundle = load_model(str(local))
+    assert bundle.name == bundle.config.name == "my-model" and bundle.directory == local.resolve()
+    ids = bundle.tokenizer.encode("same weights")
+    assert torch.equal(bundle.build().dense_logits(ids), tiny.build().dense_logits(ids))
+
+
+def test_random_weights_need_only_config_and_tokenizer(tmp_path: Path) -> None:
+    tiny = load_model("tiny-random", cache_dir=tmp_path / "cache")
+    shape_only = tmp_path / "shape-only"
+    shutil.copytree(tiny.directory, shape_only, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(ConfigError, match="random_weights=True"):
+        load_model(shape_only)
+    first = load_model(shape_only, random_weights=True, seed=3)
+    assert first.random_weights and first.config == tiny.config.replace(name="shape-only")
+    ids = first.tokenizer.encode("seeded")
+    logits = first.build().dense_logits(ids)
+    assert torch.equal(logits, load_model(shape_only, random_weights=True, seed=3).build().dense_logits(ids))
+    assert not torch.equal(logits, load_model(shape_only, random_weights=True, seed=4).build().dense_logits(ids))
+    assert not torch.equal(logits, tiny.build().dense_logits(ids))
+    assert first.build(dtype="bfloat16").embed_tokens.weight.dtype == torch.bfloat16
