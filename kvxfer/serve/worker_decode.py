@@ -94,6 +94,8 @@ class DecodeLoop(Loop):
             self.send(Error(message.rid, "bad_request", "kv_ready does not match the request's id, prompt or "
                                                         "first token"))
             return
+        if ready.prefill_agents[0] not in self.group_peers and self._unconnected:
+            self.retry_peers()
         if ready.prefill_agents[0] not in self.group_peers:
             self.send(Error(message.rid, "unknown_peer", f"worker {self.name} is not connected to the prefill "
                                                          f"group {ready.prefill_agents[0]!r} (no peers message?)"))

@@ -23,7 +23,8 @@ logger = logging.getLogger("kvxfer.serve")
 INBOX_LIMIT = 4096
 TOKENS_PER_FRAME = 512  # Tokens entries per TokensBatch frame (keeps frames far below the 1 MiB cap)
 IDLE_WAIT_S = 0.002
-RATE_WINDOW = 32  # pulls per peer the link rate is measured over
+RATE_WINDOW = 32
+PEER_RETRY_S = 1.0  # pulls per peer the link rate is measured over
 
 Send = Callable[[Message], bool]
 
@@ -75,6 +76,8 @@ class Loop:
         self.peer_groups: dict[str, str] = {}  # worker name -> connector group name (its rank 0's agent)
         self.group_peers: dict[str, str] = {}  # the inverse
         self._peer_infos: dict[str, tuple[bytes, ...]] = {}
+        self._unconnected: dict[str, tuple[bytes, ...]] = {}  # peers whose connection failed: retried
+        self._next_retry = 0.0
 
     # ---- called from other threads -----------------------------------------------------------------------------
 
@@ -117,6 +120,8 @@ class Loop:
     def _main(self) -> None:
         try:
             while not self._stop.is_set():
+                if self._unconnected and time.monotonic() > self._next_retry:
+                    self.retry_peers()
                 busy = self._iteration()
                 self._flush()
                 self._load = self.snapshot()
@@ -163,16 +168,26 @@ class Loop:
             logger.warning("worker %s: unexpected %s message from the router, ignored", self.name, message.TYPE)
 
     def _peers(self, message: protocol.Peers) -> None:
+        listed = {peer.name for peer in message.peers}
+        self._unconnected = {name: info for name, info in self._unconnected.items() if name in listed}
         for peer in message.peers:
-            if peer.role != self.peer_role or self._peer_infos.get(peer.name) == peer.rank_info:
-                continue
+            if peer.role == self.peer_role and self._peer_infos.get(peer.name) != peer.rank_info:
+                self._unconnected[peer.name] = peer.rank_info
+        self.retry_peers()
+
+    def retry_peers(self) -> None:
+        """Connect to the peers not connected yet (a failed attempt is retried every PEER_RETRY_S, and at once
+        when a request names an unknown peer group)."""
+        self._next_retry = time.monotonic() + PEER_RETRY_S
+        for name, rank_info in list(self._unconnected.items()):
             try:
-                group = self.connect(list(peer.rank_info))
-            except Exception as error:  # a bad or unreachable peer must not stop the worker: log it, skip it
-                logger.warning("worker %s: cannot connect to %s %s: %s", self.name, peer.role, peer.name, error)
+                group = self.connect(list(rank_info))
+            except Exception as error:  # a bad or unreachable peer must not stop the worker: log it, retry later
+                logger.warning("worker %s: cannot connect to %s %s: %s", self.name, self.peer_role, name, error)
                 continue
-            self._peer_infos[peer.name] = peer.rank_info
-            self.peer_groups[peer.name], self.group_peers[group] = group, peer.name
+            del self._unconnected[name]
+            self._peer_infos[name] = rank_info
+            self.peer_groups[name], self.group_peers[group] = group, name
 
     # ---- output ------------------------------------------------------------------------------------------------
 

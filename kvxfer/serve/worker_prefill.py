@@ -114,6 +114,8 @@ class PrefillLoop(Loop):
             if batch and tokens + size > self.max_batch_tokens:
                 break
             self._queue.popleft()
+            if queued.decode not in self.peer_groups and self._unconnected:
+                self.retry_peers()
             if queued.decode not in self.peer_groups:
                 self.send(Error(queued.request.request_id, "unknown_peer",
                                 f"prefill worker {self.name} is not connected to decode worker {queued.decode!r}"))

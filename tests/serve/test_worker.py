@@ -228,6 +228,7 @@ def test_sigterm_drain_aborts_what_does_not_finish(router: FakeRouter) -> None:
     assert process.wait(30) == 0
 
 
+@pytest.mark.slow
 def test_exits_non_zero_without_a_router(router: FakeRouter) -> None:
     seen: list = []
     with RouterLink("tcp://127.0.0.1:0", lambda identity, message: seen.append(message)) as other:
