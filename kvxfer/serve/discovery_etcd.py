@@ -73,8 +73,10 @@ class EtcdGateway:
                             peer_name=self.base_url)
         return answer.get("result", answer) if path == "lease/keepalive" else answer
 
-    def grant(self, ttl_s: int) -> int:
-        return int(self.call("lease/grant", {"TTL": ttl_s})["ID"])
+    def grant(self, ttl_s: int) -> tuple[int, int]:
+        """A new lease: (id, TTL in seconds as granted; etcd raises TTLs below its minimum, about 2 s)."""
+        answer = self.call("lease/grant", {"TTL": ttl_s})
+        return int(answer["ID"]), int(answer.get("TTL", ttl_s))
 
     def keepalive(self, lease: int) -> int:
         """The lease's renewed TTL in seconds; 0 when the lease does not exist any more."""
@@ -119,9 +121,9 @@ class EtcdGateway:
 class _Keeper(threading.Thread):
     """Keeps one record's lease alive; re-grants and re-puts the record when the lease was lost."""
 
-    def __init__(self, owner: EtcdDiscovery, record: WorkerRecord, ttl_s: int, lease: int) -> None:
+    def __init__(self, owner: EtcdDiscovery, record: WorkerRecord, lease: int, ttl_s: int) -> None:
         super().__init__(name=f"kvxfer-etcd-keepalive-{record.name}", daemon=True)
-        self.owner, self.record, self.ttl_s, self.lease = owner, record, ttl_s, lease
+        self.owner, self.record, self.lease, self.ttl_s = owner, record, lease, ttl_s
         self.stopped = threading.Event()
         self.num_reregistrations = 0
 
@@ -129,7 +131,7 @@ class _Keeper(threading.Thread):
         while not self.stopped.wait(max(self.ttl_s / 3, 0.2)):
             try:
                 if self.owner.gateway.keepalive(self.lease) == 0:
-                    self.lease = self.owner.put_with_lease(self.record, self.ttl_s)
+                    self.lease, self.ttl_s = self.owner.put_with_lease(self.record, self.ttl_s)
                     self.num_reregistrations += 1
                     log.warning("etcd lease of %s was lost; registered again", self.record.name)
             except PeerError as error:  # etcd unreachable: keep trying; the lease may still be alive
@@ -159,11 +161,16 @@ class EtcdDiscovery(Discovery):
         prefix = parts.path if parts.path not in ("", "/") else DEFAULT_PREFIX
         return cls(f"http://{parts.hostname}:{parts.port}", prefix if prefix.endswith("/") else prefix + "/")
 
-    def put_with_lease(self, record: WorkerRecord, ttl_s: int) -> int:
-        """Grant a lease of ``ttl_s`` and put ``record`` under it; returns the lease id."""
-        lease = self.gateway.grant(ttl_s)
+    def put_with_lease(self, record: WorkerRecord, ttl_s: int) -> tuple[int, int]:
+        """Grant a lease of ``ttl_s`` and put ``record`` under it; returns the lease id and its granted TTL."""
+        lease, granted = self.gateway.grant(ttl_s)
         self.gateway.put(self.prefix + record.name.encode(), record.encode(), lease)
-        return lease
+        return lease, granted
+
+    def lease_ttl(self, name: str) -> int | None:
+        """The TTL etcd granted ``name``'s lease (seconds), None when not registered here."""
+        keeper = self._keepers.get(name)
+        return None if keeper is None else keeper.ttl_s
 
     def register(self, record: WorkerRecord, ttl_s: float) -> None:
         if not ttl_s >= 1:
@@ -176,7 +183,7 @@ class EtcdDiscovery(Discovery):
             old = self._keepers.pop(record.name, None)
         if old is not None:
             old.stopped.set()
-        keeper = _Keeper(self, record, ttl, self.put_with_lease(record, ttl))
+        keeper = _Keeper(self, record, *self.put_with_lease(record, ttl))
         with self._lock:
             self._keepers[record.name] = keeper
         keeper.start()
@@ -269,12 +276,14 @@ class EtcdDiscovery(Discovery):
                     for result in results:
                         if watch.closed:
                             return
-                        if result.get("canceled") or result.get("compact_revision"):
+                        current = int(result.get("header", {}).get("revision", revision))
+                        # canceled / compacted: our revision is gone; revision went back: etcd restarted empty
+                        if result.get("canceled") or result.get("compact_revision") or current < revision:
                             revision = self._resync(watch, known)
                             break
                         for event in result.get("events", []):
                             self._apply(watch, known, event)
-                        revision = max(revision, int(result.get("header", {}).get("revision", revision)))
+                        revision = max(revision, current)
             except (httpx.ReadTimeout, httpx.RemoteProtocolError):
                 continue  # idle stream or etcd closed it: resume from the last revision seen
             except (httpx.HTTPError, PeerError) as error:
