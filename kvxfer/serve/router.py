@@ -112,7 +112,8 @@ class Router:
             self._reject(decision)
         prefill, reason = self._placement(decision, prefill_mode, workers, len(prompt))
         flight = Flight(rid, tuple(prompt), sampling, priority, decision.decode, prefill, hashes,  # type: ignore
-                        time.time() + (timeout_s or self.request_timeout_s), arrival=arrival)
+                        time.time() + (timeout_s or self.request_timeout_s), arrival=arrival,
+                        predicted_cached_tokens=decision.cached_tokens, predicted_ttft_s=decision.predicted_ttft_s)
         if prefill is not None:
             try:
                 self.queue.put(flight, priority, len(prompt))
@@ -128,6 +129,7 @@ class Router:
         self.metrics.prompt_tokens.inc(len(prompt))
         if prefill is None:
             flight.phase = "decoding"
+            self.registry.workers[flight.decode].add_pending(rid, len(prompt) - decision.cached_tokens)
             self._dispatch_first(flight, flight.decode, Generate(rid, flight.prompt, sampling, flight.deadline_s))
         else:
             self._dispatch_prefills()
@@ -146,9 +148,8 @@ class Router:
         backlog = 0.0
         if load is not None and load.decode_tokens_per_s > 0:
             backlog = load.waiting / max(load.decode_tokens_per_s, 1e-9)
-        queued = (load.queued_prefill_tokens if load else 0)
         return policy.WorkerState(entry.name, entry.role, entry.info.block_size,  # type: ignore[arg-type]
-                                  entry.free_blocks, entry.active_blocks, queued,
+                                  entry.free_blocks, entry.active_blocks, entry.queued_prefill_tokens,
                                   load.prefill_tokens_per_s if load else 0.0, backlog)
 
     def _links(self) -> dict[tuple[str, str], policy.LinkRate]:
@@ -226,6 +227,7 @@ class Router:
             now = time.perf_counter()
             flight.queue_wait_s += now - (flight.queued_at or now)
             worker.in_flight_prefills.add(flight.rid)
+            worker.add_pending(flight.rid, flight.num_prompt_tokens)
             worker.requests.add(flight.rid)
             self.prefix_index.record(worker.name, flight.block_hashes)
             self._dispatch_first(flight, worker.name, Prefill(flight.rid, flight.prompt, flight.sampling,
@@ -290,6 +292,9 @@ class Router:
         if message.token_ids:
             if flight.first_token_at is None:
                 flight.first_token_at = now
+                entry = self.registry.workers.get(sender)
+                if entry is not None:
+                    entry.clear_pending(flight.rid)
                 timing = flight.breakdown(message.timing, now)
                 self.metrics.observe_ttft(now - flight.arrival, {k: v for k, v in timing.items()
                                                                  if isinstance(v, float)})
@@ -316,6 +321,7 @@ class Router:
         worker = self.registry.workers.get(sender)
         if worker is not None:
             worker.in_flight_prefills.discard(message.rid)
+            worker.clear_pending(message.rid)
         if flight is None or flight.prefill != sender:
             if flight is None:
                 self._send(sender, Abort(message.rid))  # release its lease now, not when it lapses
@@ -334,6 +340,7 @@ class Router:
         worker = self.registry.workers.get(sender)
         if worker is not None:
             worker.in_flight_prefills.discard(message.rid)
+            worker.clear_pending(message.rid)
         flight = self.flights.get(message.rid)
         if flight is None or sender not in (flight.decode, flight.prefill):
             return
@@ -366,13 +373,14 @@ class Router:
             if worker is not None:
                 worker.requests.discard(flight.rid)
                 worker.in_flight_prefills.discard(flight.rid)
+                worker.clear_pending(flight.rid)
         self._dispatch_prefills()
 
     def _worker_lost(self, entry: WorkerEntry, keep_registered: bool = False) -> None:
         """A worker died (or restarted): requeue its unfinished prefills once, fail the rest of its requests."""
-        self.metrics.worker_losses.labels(entry.role).inc()
         self.prefix_index.forget(entry.name)
         if not keep_registered:
+            self.metrics.worker_losses.labels(entry.role).inc()
             self.registry.remove(entry.name)
             for gauge in (self.metrics.free_blocks, self.metrics.active_blocks):
                 try:

@@ -51,6 +51,8 @@ class Flight:
     first_token_at: float | None = None
     last_token_at: float | None = None
     num_generated: int = 0
+    predicted_cached_tokens: int = 0  # prompt tokens the router expects the decode worker to have cached
+    predicted_ttft_s: float = 0.0  # the policy's estimate at admission
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -71,4 +73,7 @@ class Flight:
                 "transfer_s": worker.get("transfer_s", 0.0), "first_step_s": worker.get("first_step_s", 0.0),
                 "router_s": router, "kv_bytes": int(worker.get("kv_bytes", 0)),
                 "prefill_worker": self.prefill or self.decode, "decode_worker": self.decode,
-                "disaggregated": self.prefill is not None}
+                "disaggregated": self.prefill is not None,
+                "cached_tokens": int(worker.get("cached_tokens", 0)),
+                "predicted_cached_tokens": self.predicted_cached_tokens,
+                "predicted_ttft_s": self.predicted_ttft_s}

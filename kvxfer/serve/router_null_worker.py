@@ -1,7 +1,8 @@
 """A null worker: speaks the worker side of the control protocol and answers at once, without a model.
 
 It measures the router alone (``bench/router_bench.py``: the router's added TTFT) and drives router tests that need
-no engine. Output tokens echo the prompt cyclically (valid ids of any tokenizer); ``--token-delay`` spaces them out.
+no engine. Output tokens echo the prompt cyclically (valid ids of any tokenizer); ``--token-delay`` spaces them out and
+``--prefill-delay`` makes prefills take time, one at a time (their queue shows in ``load``).
 It keeps KV block counts like a real worker (blocks of ``--block-size`` tokens held per request, freed on finish or
 abort) and reports them in ``load``.
 
@@ -12,6 +13,7 @@ abort) and reports them in ``load``.
 from __future__ import annotations
 
 import argparse
+import queue
 import sys
 import threading
 import time
@@ -24,18 +26,22 @@ LOAD_INTERVAL_S = 0.25
 
 
 class NullWorker:
-    """The worker end of the protocol with instant (or ``token_delay_s``-paced) answers."""
+    """The worker end of the protocol with instant answers, or paced ones: prefills (``Prefill``, and the prefill
+    part of ``Generate``) run one at a time taking ``prefill_delay_s`` each; tokens come ``token_delay_s`` apart."""
 
     def __init__(self, router: str, name: str, role: str, model: str, block_size: int = 16, num_blocks: int = 4096,
-                 token_delay_s: float = 0.0, max_batch: int = 64) -> None:
+                 token_delay_s: float = 0.0, max_batch: int = 64, prefill_delay_s: float = 0.0) -> None:
         self.name, self.role, self.model = name, role, model
         self.block_size, self.num_blocks, self.max_batch = block_size, num_blocks, max_batch
-        self.token_delay_s = token_delay_s
+        self.token_delay_s, self.prefill_delay_s = token_delay_s, prefill_delay_s
         self.held: dict[str, int] = {}  # rid -> blocks
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        self.prefills: queue.Queue[Generate | Decode | Prefill] = queue.Queue(maxsize=100_000)
+        self.queued_tokens = 0
         self.link: WorkerLink | None = None
         self.link = WorkerLink(router, name, self._on_message, self._register)
+        threading.Thread(target=self._prefill_loop, name="null-prefill", daemon=True).start()
 
     def _send(self, message: Message) -> None:
         if self.link is not None:  # None only while the constructor runs (run() registers then)
@@ -43,7 +49,7 @@ class NullWorker:
 
     def _register(self) -> None:
         self._send(Register(self.name, self.role, self.model, self.block_size, self.num_blocks, 64,
-                                (b"null-rank-info",), self.max_batch, "null"))
+                            (b"null-rank-info",), self.max_batch, "null"))
 
     def _blocks(self, rid: str, num_tokens: int) -> None:
         with self.lock:
@@ -54,23 +60,42 @@ class NullWorker:
             return self.held.pop(rid, None) is not None
 
     def _on_message(self, message: AnyMessage) -> None:
-        if isinstance(message, Generate | Decode):
-            self._blocks(message.rid, len(message.prompt_token_ids) + message.sampling.max_tokens)
-            if self.token_delay_s > 0:
-                threading.Thread(target=self._generate, args=(message,), daemon=True).start()
+        if isinstance(message, (Generate, Decode, Prefill)):
+            extra = 0 if isinstance(message, Prefill) else message.sampling.max_tokens
+            self._blocks(message.rid, len(message.prompt_token_ids) + extra)
+            if isinstance(message, Decode) or self.prefill_delay_s <= 0:
+                self._prefilled(message)
             else:
-                self._generate(message)
-        elif isinstance(message, Prefill):
-            self._blocks(message.rid, len(message.prompt_token_ids))
-            if self.token_delay_s > 0:
-                time.sleep(self.token_delay_s)  # the link thread: prefills run one at a time, like a real queue
-            timing = {"queue_s": 0.0, "prefill_s": self.token_delay_s}
-            self._send(Prefilled(message.rid, b"null-kv-ready", message.prompt_token_ids[-1], timing))
+                with self.lock:
+                    self.queued_tokens += len(message.prompt_token_ids)
+                self.prefills.put_nowait(message)
         elif isinstance(message, Abort):
             if self._free(message.rid) and self.role != "prefill":
                 self._send(Tokens(message.rid, (), "abort"))
         elif isinstance(message, Shutdown):
             self.stop.set()
+
+    def _prefill_loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                message = self.prefills.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if message.rid in self.held:
+                time.sleep(self.prefill_delay_s)
+            with self.lock:
+                self.queued_tokens -= len(message.prompt_token_ids)
+            self._prefilled(message)
+
+    def _prefilled(self, message: Generate | Decode | Prefill) -> None:
+        if isinstance(message, Prefill):
+            timing = {"queue_s": 0.0, "prefill_s": self.prefill_delay_s}
+            if self._free(message.rid):  # not aborted meanwhile; the lease ends at once (nothing to pull)
+                self._send(Prefilled(message.rid, b"null-kv-ready", message.prompt_token_ids[-1], timing))
+        elif self.token_delay_s > 0:
+            threading.Thread(target=self._generate, args=(message,), daemon=True).start()
+        else:
+            self._generate(message)
 
     def _generate(self, message: Generate | Decode) -> None:
         prompt, rid = message.prompt_token_ids, message.rid
@@ -93,9 +118,8 @@ class NullWorker:
         try:
             while not self.stop.wait(LOAD_INTERVAL_S):
                 with self.lock:
-                    used = sum(self.held.values())
-                    running = len(self.held)
-                self._send(Load(self.num_blocks - used, used, running, 0, 0, 0.0, 0.0, {}))
+                    used, running, queued = sum(self.held.values()), len(self.held), self.queued_tokens
+                self._send(Load(self.num_blocks - used, used, running, self.prefills.qsize(), queued, 0.0, 0.0, {}))
         finally:
             if self.link is not None:
                 self.link.close()
@@ -112,10 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--num-blocks", type=int, default=4096)
     parser.add_argument("--max-batch", type=int, default=64)
-    parser.add_argument("--token-delay", type=float, default=0.0, help="seconds between tokens (and per prefill)")
+    parser.add_argument("--token-delay", type=float, default=0.0, help="seconds between tokens")
+    parser.add_argument("--prefill-delay", type=float, default=0.0, help="seconds per prefill (one at a time)")
     args = parser.parse_args(argv)
     worker = NullWorker(args.router, args.name, args.role, args.model, args.block_size, args.num_blocks,
-                        args.token_delay, args.max_batch)
+                        args.token_delay, args.max_batch, args.prefill_delay)
     return worker.run()
 
 

@@ -24,6 +24,23 @@ class WorkerEntry:
     load: Load | None = None
     in_flight_prefills: set[str] = field(default_factory=set)
     requests: set[str] = field(default_factory=set)
+    pending_prefill: dict[str, int] = field(default_factory=dict)  # rid -> prompt tokens sent, not prefilled yet
+    pending_prefill_tokens: int = 0
+
+    def add_pending(self, rid: str, num_tokens: int) -> None:
+        """Prompt tokens handed to this worker to prefill (counted until its first token / ``prefilled``)."""
+        self.pending_prefill[rid] = num_tokens
+        self.pending_prefill_tokens += num_tokens
+
+    def clear_pending(self, rid: str) -> None:
+        self.pending_prefill_tokens -= self.pending_prefill.pop(rid, 0)
+
+    @property
+    def queued_prefill_tokens(self) -> int:
+        """Prompt tokens waiting for this worker's prefill: its last report, or what the router sent since, if more
+        (reports come every 0.25 s; a burst of requests must not all see an idle worker)."""
+        reported = self.load.queued_prefill_tokens if self.load is not None else 0
+        return max(reported, self.pending_prefill_tokens)
 
     @property
     def name(self) -> str:
@@ -52,7 +69,7 @@ class WorkerEntry:
                 "block_size": self.info.block_size, "num_blocks": self.info.num_blocks,
                 "free_blocks": self.free_blocks, "active_blocks": self.active_blocks,
                 "running": load.running if load else 0, "waiting": load.waiting if load else 0,
-                "queued_prefill_tokens": load.queued_prefill_tokens if load else 0,
+                "queued_prefill_tokens": self.queued_prefill_tokens,
                 "prefill_tokens_per_s": load.prefill_tokens_per_s if load else 0.0,
                 "decode_tokens_per_s": load.decode_tokens_per_s if load else 0.0,
                 "links": {peer: list(rate) for peer, rate in (load.links if load else {}).items()},

@@ -28,12 +28,13 @@ class Server:
         self.http = httpx.Client(base_url=url, timeout=60.0)
 
     def start_null_worker(self, name: str, role: str, token_delay: float = 0.0, max_batch: int = 64,
-                          num_blocks: int = 4096) -> subprocess.Popen[bytes]:
+                          num_blocks: int = 4096, prefill_delay: float = 0.0) -> subprocess.Popen[bytes]:
         """A `router_null_worker` process (instant or paced answers, no model) connected to this router."""
         log = open(self.log.with_name(f"{self.log.stem}-{name}.log"), "wb")  # noqa: SIM115 (closed with the file)
         process = subprocess.Popen([sys.executable, "-m", "kvxfer.serve.router_null_worker", "--router", self.control,
                                     "--name", name, "--role", role, "--model", self.model, "--token-delay",
-                                    str(token_delay), "--max-batch", str(max_batch), "--num-blocks", str(num_blocks)],
+                                    str(token_delay), "--max-batch", str(max_batch), "--num-blocks", str(num_blocks),
+                                    "--prefill-delay", str(prefill_delay)],
                                    stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self.workers[name] = process
