@@ -19,8 +19,8 @@ pytestmark = [pytest.mark.ucx]
 @pytest.fixture
 def pair(tmp_path: Path) -> Any:
     fake = FakeRouter(tmp_path)
-    fake.spawn("prefill", "p0", "--backends", "ucx", "--lease-ttl", "3")
-    fake.spawn("decode", "d0", "--backends", "ucx", "--transfer-timeout", "10")
+    fake.spawn("prefill", "p0", "--lease-ttl", "3")
+    fake.spawn("decode", "d0", "--transfer-timeout", "10")
     registers = {name: fake.register(name) for name in ("p0", "d0")}
     peers = p.Peers(tuple(p.PeerInfo(r.name, r.role, r.rank_info) for r in registers.values()))
     fake.send("p0", peers)
@@ -109,3 +109,38 @@ def test_prefill_killed_before_the_pull_fails_the_decode_leg(pair: FakeRouter) -
     # the decode worker keeps serving
     pair.send("d0", p.Generate("after", tuple(PROMPTS["r1"]), sampling, time.time() + 60))
     assert pair.stream("d0", "after")[0] == reference({"after": PROMPTS["r1"]})["after"]
+
+
+def test_concurrent_requests_batch_on_both_sides(pair: FakeRouter) -> None:
+    prompts = {f"c{i}": [3 + i] * (5 + 9 * i) for i in range(6)}
+    sampling = p.Sampling(max_tokens=10, ignore_eos=True)
+    deadline = time.time() + 60
+    for rid, prompt in prompts.items():  # all queued at once: the prefill worker batches them
+        pair.send("p0", p.Prefill(rid, tuple(prompt), sampling, "d0", deadline))
+    for rid, prompt in prompts.items():
+        ready = pair.wait_for("p0", lambda m, rid=rid: isinstance(m, p.Prefilled) and m.rid == rid)
+        assert isinstance(ready, p.Prefilled)
+        pair.send("d0", p.Decode(rid, tuple(prompt), sampling, ready.kv_ready, ready.first_token, deadline))
+    expected = reference(prompts, max_tokens=10)
+    assert {rid: pair.stream("d0", rid)[:2] for rid in prompts} == {rid: (expected[rid], "length")
+                                                                    for rid in prompts}
+
+
+@pytest.mark.gpu
+def test_disaggregated_equals_aggregated_on_gpu(tmp_path: Path) -> None:
+    """Both workers and an aggregated one on cuda:0 (CUDA IPC between the processes); run by the coordinator."""
+    fake = FakeRouter(tmp_path)
+    try:
+        for role, name in (("prefill", "p0"), ("decode", "d0"), ("agg", "a0")):
+            fake.spawn(role, name, "--device", "cuda:0")
+        registers = {name: fake.register(name) for name in ("p0", "d0", "a0")}
+        peers = p.Peers(tuple(p.PeerInfo(r.name, r.role, r.rank_info) for r in registers.values() if r.rank_info))
+        fake.send("p0", peers)
+        fake.send("d0", peers)
+        for rid, prompt in PROMPTS.items():
+            fake.send("a0", p.Generate(rid, tuple(prompt), p.Sampling(max_tokens=8, ignore_eos=True),
+                                       time.time() + 60))
+            agg = fake.stream("a0", rid)[:2]
+            assert disaggregated(fake, rid, prompt)[:2] == agg and agg[1] == "length"
+    finally:
+        fake.close()
