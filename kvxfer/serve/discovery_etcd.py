@@ -67,7 +67,11 @@ class EtcdGateway:
             raise PeerError(f"etcd at {self.base_url}: {path} answered {response.status_code}: "
                             f"{response.text[:300]}", peer_name=self.base_url)
         text = response.text.strip().splitlines()
-        answer = json.loads(text[0]) if text else {}
+        try:
+            answer = json.loads(text[0]) if text else {}
+        except ValueError as error:
+            raise PeerError(f"etcd at {self.base_url}: {path}: undecodable answer {text[0][:200]!r}",
+                            peer_name=self.base_url) from error
         if not isinstance(answer, dict):
             raise PeerError(f"etcd at {self.base_url}: {path}: expected a JSON object, got {text[:1]!r}",
                             peer_name=self.base_url)
@@ -166,6 +170,11 @@ class EtcdDiscovery(Discovery):
         lease, granted = self.gateway.grant(ttl_s)
         self.gateway.put(self.prefix + record.name.encode(), record.encode(), lease)
         return lease, granted
+
+    def reregistrations(self, name: str) -> int:
+        """How often ``name``'s keepalive found its lease gone and registered again (0 if not registered here)."""
+        keeper = self._keepers.get(name)
+        return 0 if keeper is None else keeper.num_reregistrations
 
     def lease_ttl(self, name: str) -> int | None:
         """The TTL etcd granted ``name``'s lease (seconds), None when not registered here."""

@@ -204,6 +204,7 @@ def test_etcd_restarted_empty_workers_register_again(etcd: Etcd) -> None:
             except PeerError:  # etcd still starting: keep polling until the deadline
                 names = []
         assert names == ["d5"], "the worker did not register again after etcd came back empty"
+        assert worker_side.reregistrations("d5") >= 1
         assert worker_side.deregister("d5")
         deadline = time.monotonic() + 15.0
         seen: list[tuple[str, str]] = []
