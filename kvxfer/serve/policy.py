@@ -188,12 +188,14 @@ def choose_decode(cfg: PolicyConfig, req: RouteRequest, workers: Sequence[Worker
     whether it would prefill remotely (only role "decode" takes remote KV) decides if a transfer is priced. Ties go
     to the smallest name. None when no worker qualifies."""
     tokens = req.num_prompt_tokens
-    best: DecodeChoice | None = None
+    limit = tokens - 1 if tokens > 0 else 0  # as cached_prompt_tokens: at least one token is computed
+    best: tuple[float, str, WorkerState, int, bool, float] | None = None  # one DecodeChoice built at the end
     for worker in workers:
         if not worker.alive or worker.role == "prefill":
             continue
         size = worker.block_size
-        cached = cached_prompt_tokens(tokens, cached_blocks.get(worker.name, 0), size)
+        cached = cached_blocks.get(worker.name, 0) * size
+        cached = min(cached, limit - limit % size)
         uncached = tokens - cached
         uncached_blocks = -(-uncached // size)
         if uncached_blocks > worker.free_blocks:
@@ -204,9 +206,11 @@ def choose_decode(cfg: PolicyConfig, req: RouteRequest, workers: Sequence[Worker
         if remote and prefill is not None:
             transfer_s = transfer_time(cfg, uncached, req.kv_bytes_per_token, links.get((prefill.name, worker.name)))
         cost = decode_cost(cfg, worker, uncached_blocks, -(-tokens // size), transfer_s)
-        if best is None or cost < best.cost or (cost == best.cost and worker.name < best.worker.name):
-            best = DecodeChoice(worker, cached, remote, transfer_s, cost)
-    return best
+        if best is None or cost < best[0] or (cost == best[0] and worker.name < best[1]):
+            best = (cost, worker.name, worker, cached, remote, transfer_s)
+    if best is None:
+        return None
+    return DecodeChoice(best[2], best[3], best[4], best[5], best[0])
 
 
 def prefill_rate(cfg: PolicyConfig, worker: WorkerState) -> float:

@@ -256,7 +256,9 @@ def test_route_never_picks_a_dead_or_full_worker(workers: list[WorkerState], tok
         return
     chosen = [w for w in workers if w.name == decision.decode and w.role != "prefill" and w.alive]
     assert chosen, decision
-    assert any(-(-(tokens - decision.cached_tokens) // w.block_size) <= w.free_blocks for w in chosen)
+    assert any(-(-(tokens - decision.cached_tokens) // w.block_size) <= w.free_blocks
+               and decision.cached_tokens == cached_prompt_tokens(tokens, cached.get(w.name, 0), w.block_size)
+               for w in chosen)
     if decision.prefill is not None:
         assert any(w.name == decision.prefill and w.role == "prefill" and w.alive for w in workers)
         assert decision.disaggregated and tokens - decision.cached_tokens > CFG.max_local_prefill_length
