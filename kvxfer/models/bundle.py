@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Callable
@@ -83,7 +82,7 @@ def load_model(model: str | os.PathLike[str], cache_dir: str | os.PathLike[str] 
     if key in sources:
         dir_name, builder = sources[key]
         cache = resolve_cache_dir(cache_dir)
-        directory = publish(cache / dir_name, functools.partial(builder, cache_dir=cache))
+        directory = publish(cache / dir_name, lambda temp: builder(temp, cache))
     else:
         directory = Path(key).expanduser()
         if not directory.is_dir():

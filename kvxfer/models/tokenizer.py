@@ -101,8 +101,9 @@ class Tokenizer:
         bos, eos = _token_string(settings.get("bos_token")), _token_string(settings.get("eos_token"))
         eos_ids = _ids(_read_json(path / "generation_config.json").get("eos_token_id"))
         eos_ids += _ids(_read_json(path / "config.json").get("eos_token_id"))
-        if eos is not None and backend.token_to_id(eos) is not None:
-            eos_ids.append(backend.token_to_id(eos))
+        eos_id = None if eos is None else backend.token_to_id(eos)
+        if eos_id is not None:
+            eos_ids.append(eos_id)
         return cls(backend, eos_token_ids=eos_ids, chat_template=template, bos_token=bos, eos_token=eos)
 
     def save(self, directory: str | os.PathLike[str]) -> None:
