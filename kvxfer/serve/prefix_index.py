@@ -12,6 +12,7 @@ so that the router need not import the engine package (and with it torch); a tes
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
 
@@ -22,16 +23,42 @@ ROOT = b"kvxfer-prefix-v1"  # the engine's chain start (kvxfer/engine/block_mana
 
 def block_hashes(token_ids: Sequence[int], block_size: int, previous: bytes = ROOT) -> list[bytes]:
     """Hash chain of the full blocks of ``token_ids`` (a partial last block gets no hash); equal to the engine's
-    ``kvxfer.engine.block_hashes`` for the same arguments."""
+    ``kvxfer.engine.block_hashes`` for the same arguments (a test asserts it), about 3x faster: token ids in
+    ``[0, 2**18)`` take their decimal text from a table instead of formatting each one."""
     if block_size < 1:
         raise ConfigError(f"block_hashes: block_size expected >= 1, got {block_size}")
+    count = len(token_ids) - len(token_ids) % block_size
+    if count == 0:
+        return []
+    texts = _token_texts(token_ids[:count])
+    blake2b = hashlib.blake2b
     hashes = []
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        digest = hashlib.blake2b(previous, digest_size=16)
-        digest.update(",".join(map(str, map(int, token_ids[start:start + block_size]))).encode())
+    for start in range(0, count, block_size):
+        digest = blake2b(previous, digest_size=16)
+        digest.update(b",".join(texts[start:start + block_size]))
         previous = digest.digest()
         hashes.append(previous)
     return hashes
+
+
+_TABLE_LIMIT = 1 << 18
+_TEXTS: list[bytes] = []  # _TEXTS[i] == str(i).encode(), grown on demand up to _TABLE_LIMIT
+_TEXTS_LOCK = threading.Lock()
+
+
+def _token_texts(token_ids: Sequence[int]) -> list[bytes]:
+    """``str(int(t)).encode()`` of every id, as the engine formats them."""
+    try:
+        low, high = min(token_ids), max(token_ids)
+        if 0 <= low and high < _TABLE_LIMIT:
+            if high >= len(_TEXTS):
+                with _TEXTS_LOCK:  # grown once per size, by one thread, so entries never interleave
+                    if high >= len(_TEXTS):
+                        _TEXTS.extend([str(i).encode() for i in range(len(_TEXTS), max(int(high) + 1, 65536))])
+            return list(map(_TEXTS.__getitem__, token_ids))  # numpy ints index too (__index__)
+    except TypeError:  # not ints (floats, strings): the general path below formats them like the engine
+        pass
+    return [str(int(t)).encode() for t in token_ids]
 
 
 class PrefixIndex:
@@ -113,30 +140,37 @@ class PrefixIndex:
         return len(cached)
 
     def _evict(self, count: int) -> None:
+        # What an event still owns is a tail of its chain: a block recorded again later took its whole prefix
+        # with it (records are whole chains), so the first block from the tail that the event does not own ends
+        # its part. Each block is looked at once: O(evicted + events).
         events, by_worker = self._events, self._by_worker
-        while count > 0:
+        evicted = 0
+        while evicted < count:
             event = events[0]
             cached = by_worker.get(event.worker)
             chain, stamp, left = event.chain, event.stamp, event.left
-            while left > 0 and count > 0 and cached is not None:
-                left -= 1
-                digest = chain[left]
-                if cached.get(digest) == stamp:  # not recorded again since: this event owns it
+            if cached is not None:
+                while left > 0 and evicted < count:
+                    digest = chain[left - 1]
+                    if cached.get(digest) != stamp:
+                        left = 0
+                        break
                     del cached[digest]
-                    count -= 1
-                    self._size -= 1
-                    self.num_evictions += 1
+                    left -= 1
+                    evicted += 1
             event.left = left
             if left == 0 or cached is None:
                 events.popleft()
+        self._size -= evicted
+        self.num_evictions += evicted
 
     def _compact(self) -> None:
-        """Drop events that own no block any more (all re-recorded later, evicted, or their worker forgotten)."""
+        """Drop events that own no block any more (re-recorded later, evicted, or their worker forgotten)."""
         by_worker = self._by_worker
         kept: deque[_Event] = deque()
         for event in self._events:
             cached = by_worker.get(event.worker)
-            if cached is not None and any(cached.get(event.chain[i]) == event.stamp for i in range(event.left)):
+            if cached is not None and event.left > 0 and cached.get(event.chain[event.left - 1]) == event.stamp:
                 kept.append(event)
         self._events = kept
         self._compact_at = max(1024, 2 * len(kept))

@@ -23,6 +23,11 @@ def test_block_hashes_equal_the_engines() -> None:
     for length, block_size in [(0, 16), (15, 16), (16, 16), (2000, 16), (37, 1), (100, 7)]:
         tokens = [rng.randrange(100_000) for _ in range(length)]
         assert block_hashes(tokens, block_size) == engine.block_hashes(tokens, block_size)
+    numpy = pytest.importorskip("numpy")
+    tokens = [rng.randrange(150_000) for _ in range(256)]
+    for variant in (tokens, numpy.array(tokens), numpy.array(tokens, dtype=numpy.int32), [300_000 + t for t in tokens],
+                    [-t for t in tokens], [float(t) for t in tokens], [str(t) for t in tokens], [True, False] * 64):
+        assert block_hashes(variant, 16) == engine.block_hashes(variant, 16)  # type: ignore[arg-type]
     tokens = list(range(64))
     start = b"\x01" * 16
     assert block_hashes(tokens, 16, start) == engine.block_hashes(tokens, 16, start)
