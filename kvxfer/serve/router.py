@@ -101,7 +101,8 @@ class Router:
                            kind="service_unavailable", retry_after_s=1.0)
         block_size = self.registry.block_size() or self.config.block_size
         hashes = tuple(block_hashes(prompt, block_size))
-        workers = [self._state(w) for w in self.registry.workers.values()]
+        workers = [self._state(w) for w in self.registry.workers.values()
+                   if prefill_mode != "remote" or w.role != "agg"]  # forced remote: KV goes to a decode worker
         cached = {w.name: self.prefix_index.matched_blocks(w.name, hashes) for w in workers}
         rid = f"{self._id_prefix}-{next(self._ids)}"
         request = policy.RouteRequest(rid, len(prompt), hashes, priority,  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from ..errors import KvxferError
 from . import protocol
 from .protocol import AnyMessage, Error, Load, Message, Tokens, TokensBatch
 
@@ -22,7 +23,8 @@ logger = logging.getLogger("kvxfer.serve")
 
 INBOX_LIMIT = 4096
 TOKENS_PER_FRAME = 512  # Tokens entries per TokensBatch frame (keeps frames far below the 1 MiB cap)
-IDLE_WAIT_S = 0.002
+POLL_WAIT_S = 0.002  # idle wait while transfers or leases need polling
+IDLE_WAIT_S = 0.05  # idle wait otherwise (a message from the router wakes the loop at once)
 RATE_WINDOW = 32
 PEER_RETRY_S = 1.0  # pulls per peer the link rate is measured over
 
@@ -127,7 +129,7 @@ class Loop:
                 self._load = self.snapshot()
                 if self._drain_until is not None and (not self.has_work() or time.monotonic() > self._drain_until):
                     break
-                self._handle_inbox(wait=0.0 if busy else IDLE_WAIT_S)
+                self._handle_inbox(wait=0.0 if busy else POLL_WAIT_S if self.polling() else IDLE_WAIT_S)
             self.abort_all("abort")
             self._flush()
         except BaseException as error:  # the process must notice: the main thread exits non-zero
@@ -182,7 +184,7 @@ class Loop:
         for name, rank_info in list(self._unconnected.items()):
             try:
                 group = self.connect(list(rank_info))
-            except Exception as error:  # a bad or unreachable peer must not stop the worker: log it, retry later
+            except (KvxferError, OSError) as error:  # a bad or unreachable peer must not stop the worker: retry later
                 logger.warning("worker %s: cannot connect to %s %s: %s", self.name, self.peer_role, name, error)
                 continue
             del self._unconnected[name]
@@ -194,6 +196,10 @@ class Loop:
     def emit(self, tokens: Tokens) -> None:
         """Queue tokens for the batch sent at the end of this iteration."""
         self._tokens.append(tokens)
+
+    def flush(self) -> None:
+        """Send the queued tokens now (one frame per TOKENS_PER_FRAME requests)."""
+        self._flush()
 
     def _flush(self) -> None:
         items, self._tokens = self._tokens, []
@@ -222,6 +228,10 @@ class Loop:
         raise NotImplementedError
 
     def has_work(self) -> bool:
+        raise NotImplementedError
+
+    def polling(self) -> bool:
+        """Whether something (a transfer, a lease) progresses without a message: the loop then polls often."""
         raise NotImplementedError
 
     def connect(self, rank_info: list[bytes]) -> str:

@@ -144,6 +144,9 @@ class PrefillLoop(Loop):
     def has_work(self) -> bool:
         return bool(self._queue or self.connector.held_request_ids)
 
+    def polling(self) -> bool:
+        return bool(self._deadlines)
+
     def connect(self, rank_info: list[bytes]) -> str:
         return self.connector.connect(rank_info)
 
