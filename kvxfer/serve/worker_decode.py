@@ -219,7 +219,7 @@ class DecodeLoop(Loop):
         return self._pull_sources.pop(rid, None)
 
     def _check_deadlines(self) -> None:
-        now = time.time()
+        now = self.now
         for rid in [rid for rid, active in self._active.items() if active.deadline <= now]:
             self._fail(rid, "deadline", f"the request's deadline passed on worker {self.name}")
 
