@@ -104,3 +104,10 @@ def test_build_loads_this_ranks_shard(tmp_path: Path) -> None:
     random_shard = load_model(bundle.directory, random_weights=True).build(tp=TensorParallel(rank=1, size=2))
     random_full = load_model(bundle.directory, random_weights=True).build()
     assert torch.equal(random_shard.layers[0].mlp.down_proj.weight, random_full.layers[0].mlp.down_proj.weight[:, 64:])
+
+
+def test_a_path_is_a_directory_even_with_a_builtin_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="local model directory"):
+        load_model(Path("tiny-random"), cache_dir=tmp_path / "cache")
+    assert load_model("tiny-random", cache_dir=tmp_path / "cache").name == "tiny-random"
