@@ -14,7 +14,7 @@ restarts it. Bad arguments exit 2, a failure of the scheduling loop exits 1.
 
 ``--model``: any name or directory :func:`kvxfer.models.load_model` knows ("tiny-random", "smollm2", a Hugging Face
 directory); ``preset:<name>`` builds an engine preset (``preset:tiny``) with seeded random weights instead.
-Tensor parallelism (``--tp`` > 1) is not supported by the worker yet: it refuses with exit 2.
+``--tp N`` runs N rank processes (see :mod:`kvxfer.serve.worker_tp`); this process is rank 0.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router", required=True, help="the router's control address, e.g. tcp://127.0.0.1:7100")
     parser.add_argument("--name", default=None, help="unique worker name (default: <role>-<pid>)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
-    parser.add_argument("--tp", type=int, default=1, help="tensor parallel ranks (only 1 is supported)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel ranks (processes over torch.distributed)")
     parser.add_argument("--dtype", default=None, help="model dtype (float32, bfloat16, float16; default: the model's)")
     parser.add_argument("--host", default="127.0.0.1", help="address the agent's side channel listens on")
     parser.add_argument("--backends", default=None, help="comma-separated kvxfer backends (default: all available)")
@@ -66,14 +66,14 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_model(spec: str, device: str, dtype: str | None, seed: int, random_weights: bool = False,
-                cache_dir: str | None = None) -> tuple[str, Any]:
-    """(served model name, kvxfer.engine.Model) for ``--model``."""
+                cache_dir: str | None = None, tp: Any = None) -> tuple[str, Any]:
+    """(served model name, kvxfer.engine.Model of this TP rank) for ``--model``."""
     from ..engine import Model, ModelConfig
 
     if spec.startswith("preset:"):
         changes = {"dtype": dtype} if dtype else {}
         config = ModelConfig.preset(spec.split(":", 1)[1], **changes)
-        return spec, Model.random(config, seed=seed, device=device)
+        return spec, Model.random(config, seed=seed, tp=tp, device=device)
     from ..models import load_model
 
     if random_weights:
@@ -83,31 +83,44 @@ def build_model(spec: str, device: str, dtype: str | None, seed: int, random_wei
             raise ConfigError(f"--random-weights: this kvxfer.models.load_model does not take it ({error})") from None
     else:
         bundle = load_model(spec, cache_dir=cache_dir)
-    return bundle.name, bundle.build(device=device, dtype=dtype)
+    return bundle.name, bundle.build(device=device, dtype=dtype, tp=tp)
+
+
+def kv_bytes_per_token(spec: Any) -> int:
+    """K/V bytes of one token over the whole model: every layer, every KV head once (however ranks replicate them)."""
+    per_head = spec.block_nbytes // spec.block_size // spec.num_kv_heads  # one layer
+    return int(per_head * (spec.total_kv_heads or spec.num_kv_heads * spec.tp_size) * spec.num_layers)
 
 
 class Worker:
     """The worker process's objects: engine, connector, agent, loop, link (built from parsed arguments)."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, rank: int = 0, tp: Any = None, control: Any = None) -> None:
         from ..engine import CacheConfig
+        from .worker_tp import gather_rank_info, make_sync, rank_device
 
-        if args.tp != 1:
-            raise ConfigError(f"kvxfer worker: --tp must be 1 (tensor parallel workers are not supported yet), "
-                              f"got {args.tp}")
-        self.args = args
+        size = 1 if tp is None else tp.size
+        if args.tp != size:
+            raise ConfigError(f"kvxfer worker: --tp {args.tp} but this process is in a group of {size}")
+        self.args, self.rank = args, rank
         self.name = args.name or f"{args.role}-{os.getpid()}"
-        self.model_name, model = build_model(args.model, args.device, args.dtype, args.seed,
-                                                  args.random_weights, args.cache_dir)
+        self.device = rank_device(args.device, rank)
+        self.model_name, model = build_model(args.model, self.device, args.dtype, args.seed, args.random_weights,
+                                             args.cache_dir, tp)
         cache = CacheConfig(num_blocks=args.num_blocks, block_size=args.block_size)
         self.agent: Any = None
         self.connector: Any = None
         self.loop = self._build_loop(args, model, cache)
         spec = (self.connector.engine if self.connector is not None else self.loop.engine).spec
-        rank_info = (self.connector.info().encode(),) if self.connector is not None else ()
+        rank_info: tuple[bytes, ...] = ()
+        if self.connector is not None:
+            rank_info = (self.connector.info().encode(),)
+            if size > 1:
+                rank_info = gather_rank_info(rank_info[0], size)
+        if size > 1:
+            self.loop.sync, self.loop.leader = make_sync(control), rank == 0
         self.register = Register(self.name, args.role, self.model_name, args.block_size, args.num_blocks,
-                                 spec.block_nbytes // spec.block_size * spec.tp_size, rank_info,
-                                 args.max_batch, args.device)
+                                 kv_bytes_per_token(spec), rank_info, args.max_batch, args.device)
         self.link: Any = None
 
     def _build_loop(self, args: argparse.Namespace, model: Any, cache: Any) -> Any:
@@ -119,7 +132,8 @@ class Worker:
 
         if args.role != "agg":
             backends = args.backends.split(",") if args.backends else None
-            self.agent = kvxfer.Agent(self.name, backends=backends, listen=f"{args.host}:0")
+            agent_name = self.name if self.rank == 0 else f"{self.name}.r{self.rank}"
+            self.agent = kvxfer.Agent(agent_name, backends=backends, listen=f"{args.host}:0")
         if args.role == "prefill":
             self.connector = PrefillConnector(PrefillEngine(model, cache), self.agent, lease_ttl=args.lease_ttl)
             return PrefillLoop(self.name, self._send, self.connector, max_queue=args.max_queue,
@@ -128,9 +142,7 @@ class Worker:
                               max_num_batched_tokens=args.max_batch_tokens)
         if args.role == "decode":
             self.connector = DecodeConnector(engine, self.agent, timeout=args.transfer_timeout)
-        spec = engine.spec
-        return DecodeLoop(self.name, self._send, engine, self.connector,
-                          spec.block_nbytes // spec.block_size * spec.tp_size)
+        return DecodeLoop(self.name, self._send, engine, self.connector, kv_bytes_per_token(engine.spec))
 
     def _on_connect(self) -> None:
         """(Re)connected to the router: (re)register (a router that restarted knows nothing of this worker)."""
@@ -188,11 +200,25 @@ class Worker:
 
 def run_worker(args: argparse.Namespace) -> int:
     """Run a worker from parsed :func:`add_worker_arguments` options; returns the process exit code."""
+    from .worker_tp import join_group, spawn_followers, stop_followers
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.tp < 1:
+        print(f"kvxfer worker: --tp must be >= 1, got {args.tp}", file=sys.stderr)
+        return EXIT_USAGE
+    args.name = args.name or f"{args.role}-{os.getpid()}"
+    followers: list[Any] = []
+    store = None
     try:
-        worker = Worker(args)
-    except (KvxferError, OSError, ImportError) as error:
+        tp = control = None
+        if args.tp > 1:
+            init_method, followers, store = spawn_followers(args)
+            tp, control = join_group(0, args.tp, init_method, args.device)
+        worker = Worker(args, 0, tp, control)
+    except (KvxferError, OSError, ImportError, RuntimeError) as error:
         print(f"kvxfer worker: {type(error).__name__}: {error}", file=sys.stderr)
+        for process in followers:
+            process.terminate()
         return EXIT_USAGE
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, worker.on_signal)
@@ -201,6 +227,9 @@ def run_worker(args: argparse.Namespace) -> int:
         return worker.run()
     finally:
         worker.close()
+        stop_followers(followers)
+        if store is not None:
+            store.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:

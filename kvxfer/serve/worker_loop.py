@@ -103,6 +103,8 @@ class Loop:
         return self._load
 
     def start(self) -> None:
+        """Start the loop thread (the first load snapshot is taken here, so no heartbeat reports an empty cache)."""
+        self._load = self.snapshot()
         self._thread.start()
 
     def drain(self, drain_s: float) -> None:

@@ -143,7 +143,7 @@ def test_agg_register_load_and_streams_equal_the_engine(router: FakeRouter) -> N
     router.spawn("agg", "a0")
     register = router.register("a0")
     assert (register.role, register.name, register.block_size, register.num_blocks) == ("agg", "a0", 16, 64)
-    assert register.rank_info == () and register.kv_bytes_per_token > 0
+    assert register.rank_info == () and register.kv_bytes_per_token == 3 * 2 * 2 * 16 * 4  # layers K/V heads dim f32
     initial = router.load("a0")
     assert initial.free_blocks == 64 and initial.active_blocks == 0
     for rid, prompt in PROMPTS.items():
@@ -238,5 +238,5 @@ def test_exits_non_zero_without_a_router(router: FakeRouter) -> None:
             assert time.monotonic() < deadline and process.poll() is None, router.log("lonely")
             time.sleep(0.05)
     assert process.wait(60) == 3  # the router went away: exit 3 after --router-timeout
-    process = router.spawn("agg", "bad", "--tp", "2")
+    process = router.spawn("agg", "bad", "--tp", "0")
     assert process.wait(60) == 2 and "--tp" in router.log("bad")
