@@ -121,9 +121,9 @@ class PrefillConnector(Connector):
         return readies
 
     def abort(self, request_id: str) -> bool:
-        """Give up a held request: its leases end now (a decode rank still pulling, or pulling later, sees them
-        expired) and :meth:`poll` frees its blocks. False when ``request_id`` is not held. Every rank of the TP
-        group makes the same call."""
+        """Give up a held request: its leases end at the lease keeper's next tick (a decode rank still pulling, or
+        pulling later, sees them expired) and then :meth:`poll` frees its blocks. False when ``request_id`` is not
+        held. Every rank of the TP group makes the same call."""
         with self._lock:
             held = self._held.get(request_id)
             if held is None:
@@ -266,7 +266,7 @@ class PrefillConnector(Connector):
     def _free_ended(self, give_up: bool) -> tuple[list[str], bool]:
         with self._lock:
             items = list(self._held.values())
-            flags = [int(held.pending <= 0 or held.aborted) for held in items]
+            flags = [int(held.pending <= 0) for held in items]  # an aborted request too: once its leases ended
         for held in items:
             if held.aborted and held.pending > 0:
                 self._expire(held)
