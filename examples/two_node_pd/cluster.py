@@ -55,12 +55,15 @@ class Cluster:
     """etcd + prefill worker on ``topology.a``, router + decode worker on ``topology.b``.
 
     ``discovery``: the workers find the router through etcd (``--discovery``) and the router drops workers whose
-    lease lapsed; False: static ``--router`` addresses (etcd is still started, unused)."""
+    lease lapsed; False: static ``--router`` addresses (etcd is still started, unused). ``relayed``: workers that
+    reach etcd through a :mod:`tcp_relay` process (``relay-<name>``; SIGSTOP it to cut only that worker off etcd)."""
 
     def __init__(self, topology: Topology, workdir: Path, model: str = "tiny-random", discovery: bool = True,
-                 lease_ttl_s: float = 3.0, cluster: str = "demo", worker_args: tuple[str, ...] = ()) -> None:
+                 lease_ttl_s: float = 3.0, cluster: str = "demo", worker_args: tuple[str, ...] = (),
+                 relayed: tuple[str, ...] = ()) -> None:
         self.topology, self.workdir, self.model = topology, workdir, model
         self.discovery, self.lease_ttl_s, self.worker_args = discovery, lease_ttl_s, worker_args
+        self.relayed, self.cluster = relayed, cluster
         a, b = topology.a, topology.b
         isolated = topology.mode == "netns"  # each namespace has its own ports
         self.etcd_port = 2379 if isolated else free_port()
@@ -123,7 +126,16 @@ class Cluster:
         argv = [sys.executable, "-m", "kvxfer.cli", "worker", "--role", role, "--model", self.model, "--name", name,
                 "--host", node.address, "--backends", "ucx", "--router-timeout", "600", *self.worker_args]
         if self.discovery:
-            argv += ["--discovery", self.discovery_url, "--discovery-ttl", str(self.lease_ttl_s)]
+            url = self.discovery_url
+            if name in self.relayed:
+                port = free_port()
+                relay = Path(__file__).resolve().parent / "tcp_relay.py"
+                self.spawn(f"relay-{name}", node, [sys.executable, str(relay), f"127.0.0.1:{port}",
+                                                   f"{self.topology.a.address}:{self.etcd_port}"])
+                self.wait(lambda: "relay" in self.log(f"relay-{name}"), 30.0, "the relay did not start",
+                          f"relay-{name}")
+                url = f"etcd://127.0.0.1:{port}/{self.cluster}"
+            argv += ["--discovery", url, "--discovery-ttl", str(self.lease_ttl_s)]
         else:
             argv += ["--router", self.control]
         self.spawn(name, node, argv)
@@ -153,7 +165,7 @@ class Cluster:
     def close(self) -> None:
         """Stop every process (workers first, then the router, then etcd). Idempotent."""
         for name in sorted(self.processes, key=lambda n: ("etcd", "router").index(n) + 1 if n in ("etcd", "router")
-                           else 0):
+                           else 0):  # workers (and relays) first
             self.stop(name, timeout_s=10.0)
         self.client.shutdown(wait=False, cancel_futures=True)
 
@@ -192,12 +204,13 @@ class Cluster:
         raise RuntimeError(f"workers {sorted(names)} still {'present' if absent else 'missing'} after "
                            f"{timeout_s:.0f} s\n{logs}")
 
-    def metric(self, name: str) -> float:
-        """The sum of the router's ``/metrics`` samples called ``name``."""
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the router's ``/metrics`` samples called ``name`` whose labels include ``labels``."""
         text = self.in_b(_get_text, f"{self.url}/metrics")
+        wanted = [f'{key}="{value}"' for key, value in labels.items()]
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name) and not line.startswith("#") and
-                   line[len(name):len(name) + 1] in (" ", "{"))
+                   if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{")
+                   and all(label in line for label in wanted))
 
     def chat(self, prompt: str, max_tokens: int = 16, prefill: str = "remote", timeout_s: float = 60.0,
              max_retries: int = 2) -> dict[str, Any]:
