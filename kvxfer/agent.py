@@ -17,7 +17,7 @@ from .descs import Descs
 from .errors import (BackendUnavailableError, ConfigError, DescriptorError, HandshakeError, KvxferError, PeerError,
                      RegistrationError, UsageError)
 from .handle import Notification, Timeouts, TransferHandle
-from .memory import Region
+from .memory import MemoryKind, Region
 from .metadata import AgentMetadata, RegionMeta
 from .peer import Peer
 from .plan import RegionTable, TransferPlan, check_pair_sizes
@@ -225,12 +225,14 @@ class Agent:
         check_pair_sizes(local_descs, remote_descs)
         local_kinds = self._regions.table().check(local_descs, "local_descs", f"agent {self.name!r}")
         remote_kinds = peer.table.check(remote_descs, "remote_descs", f"peer {peer.name!r}")
-        backend = self._choose_backend(peer, local_kinds, remote_kinds)
+        backend = self.backend_for(peer, local_kinds, remote_kinds)
         plan = TransferPlan(self, peer, backend, local_descs, remote_descs)
         backend.prepare(plan)
         return plan
 
-    def _choose_backend(self, peer: Peer, local_kinds: Iterable, remote_kinds: Iterable) -> Backend:
+    def backend_for(self, peer: Peer, local_kinds: Iterable[MemoryKind], remote_kinds: Iterable[MemoryKind]) -> Backend:
+        """The preferred backend of ``peer`` that moves every pair of memory kinds (local kind, remote kind);
+        BackendUnavailableError when none does."""
         pairs = [(a, b) for a in local_kinds for b in remote_kinds]
         for backend in sorted(peer.backends, key=lambda b: -b.caps.preference):
             if all(backend.supports(a, b) for a, b in pairs):

@@ -152,6 +152,11 @@ class TransferHandle:
         assert self._error is not None
         raise self._error
 
+    def block(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for the backend to progress (returns early when the transfer may be done);
+        :meth:`poll` afterwards says where it stands."""
+        self._backend.idle_wait(self._request, seconds)
+
     def cancel(self) -> None:
         """Stop the transfer. When the backend guarantees it (``caps.can_cancel``), no byte of it lands after
         this returns; otherwise it returns once the backend will touch the memory no more."""

@@ -10,9 +10,9 @@ import pytest
 import kvxfer
 from kvxfer import KVCacheSpec, KVPipe, TransferError, TransferState, TransferTimeoutError
 from kvxfer.backends.mock import Fault, MockBackend
-from kvxfer.checksum import Checksums, compute
-from kvxfer.lease import LeaseLostError, Leases
-from kvxfer.pipe_work import PREFIX, LayerBoard
+from kvxfer.pipe.checksum import Checksums, compute
+from kvxfer.pipe.lease import LeaseLostError, Leases
+from kvxfer.pipe.layer_board import PREFIX, LayerBoard
 from tests.test_pipe import Cluster, announcers, settle, wait_until
 
 SPEC = KVCacheSpec(num_layers=2, num_blocks=8, block_size=16, num_kv_heads=4, head_dim=8, dtype="float32")
@@ -161,7 +161,7 @@ def test_malformed_layer_announcements_are_logged_and_ignored(body, caplog):
 def test_unclaimed_announcements_are_bounded_and_expire(monkeypatch):
     import msgpack
 
-    from kvxfer import pipe_work
+    from kvxfer.pipe import layer_board
     from kvxfer.handle import Notification, Timeouts
 
     class Stub:
@@ -170,7 +170,7 @@ def test_unclaimed_announcements_are_bounded_and_expire(monkeypatch):
         def subscribe(self, prefix, callback):
             self.callback = callback
 
-    monkeypatch.setattr(pipe_work, "MAX_UNCLAIMED", 3)
+    monkeypatch.setattr(layer_board, "MAX_UNCLAIMED", 3)
     agent = Stub()
     board = LayerBoard.of(agent)
     for key in (b"a", b"b", b"c", b"d"):

@@ -28,7 +28,7 @@ import torch
 from ..agent import Agent
 from ..errors import ConfigError, KvxferError
 from ..handle import Notification
-from ..ranks import check_compatible, route_heads
+from ..pipe.ranks import check_compatible, route_heads
 from ..spec import KVCacheSpec
 from .messages import RankInfo
 

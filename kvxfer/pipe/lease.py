@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any, Callable
 import msgpack
 import numpy as np
 
-from .errors import ConfigError, KvxferError, TransferError
-from .handle import Notification, TransferState
+from ..errors import ConfigError, KvxferError, TransferError
+from ..handle import Notification, TransferState
 from .steps import Step
 
 if TYPE_CHECKING:
-    from .agent import Agent
+    from ..agent import Agent
 
 logger = logging.getLogger("kvxfer")
 PREFIX = b"kvx:lease:"

@@ -15,10 +15,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from . import kernels
-from .errors import HandshakeError, TransferError
-from .memory import MemoryKind, Region
-from .spec import KVCacheSpec, KVLayout
+from .. import kernels
+from ..errors import HandshakeError, TransferError
+from ..memory import MemoryKind, Region
+from ..spec import KVCacheSpec, KVLayout
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def _gather_to_host(region: Region, stage: KVCacheSpec, plan: Any) -> np.ndarray
         out = np.empty(stage.nbytes, dtype=np.uint8)
         kernels.copy_kv(region.as_numpy(), out, plan)
         return out
-    from .devices import cupy_module
+    from ..devices import cupy_module
 
     cupy = cupy_module()
     with cupy.cuda.Device(region.device):

@@ -1,142 +1,38 @@
-"""Steps of a pipe request and the one handle over all of them.
+"""The handle of a pipe request: one handle over every step of a pull or push.
 
-A KV pipe request is several steps: a backend transfer per rank pair, a kernel launch, a local re-tile after a
-staged transfer. :class:`PipeHandle` looks like a :class:`~kvxfer.handle.TransferHandle` (poll / wait / cancel /
-release, a deadline) and finishes only when every step has; its ``on_done`` work (checksums, notifications)
-runs once, after all the data is in place.
+:class:`PipeHandle` looks like a :class:`~kvxfer.handle.TransferHandle` (poll / wait / cancel / release, a
+deadline) and finishes only when every step has; its request's end work (checksums, notifications) runs once,
+after all the data is in place. :class:`LayerStream` is the handle of a streamed request, whose steps are posted
+layer by layer.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from .errors import (ConfigError, DescriptorError, KvxferError, TransferCancelledError, TransferError, TransferTimeoutError,
-                     UsageError)
-from .handle import TransferHandle, TransferState
-from .spec import as_index_array, selection_ids
-
-
-class Step:
-    """One piece of work; ``poll`` returns its state, ``error`` says why it failed."""
-
-    error: KvxferError | None = None
-
-    def poll(self) -> TransferState:
-        raise NotImplementedError
-
-    def cancel(self) -> None:
-        """Stop it; return once it touches no memory any more."""
-
-    def block(self, seconds: float) -> None:
-        """Wait up to ``seconds`` for progress (returns early when the step may have finished)."""
-        time.sleep(min(seconds, 1e-4))
-
-
-class TransferStep(Step):
-    """A backend transfer posted through the agent."""
-
-    def __init__(self, handle: TransferHandle) -> None:
-        self.handle = handle
-
-    def poll(self) -> TransferState:
-        state = self.handle.poll()
-        self.error = self.handle.error
-        return state
-
-    def cancel(self) -> None:
-        self.handle.cancel()
-
-    def block(self, seconds: float) -> None:
-        self.handle._backend.idle_wait(self.handle._request, seconds)
-
-
-class EventStep(Step):
-    """A kernel launched on a CUDA stream; done when the event recorded after it has fired."""
-
-    def __init__(self, event: Any) -> None:
-        self.event = event
-
-    def poll(self) -> TransferState:
-        return TransferState.DONE if self.event.done else TransferState.PENDING
-
-    def cancel(self) -> None:
-        self.event.synchronize()
-
-    def block(self, seconds: float) -> None:
-        self.event.synchronize()  # a local kernel: it ends on its own, and soon
-
-
-class FutureStep(Step):
-    """Host work running on a thread."""
-
-    def __init__(self, future: Future) -> None:
-        self.future = future
-
-    def poll(self) -> TransferState:
-        if not self.future.done():
-            return TransferState.PENDING
-        error = self.future.exception()
-        if error is None:
-            return TransferState.DONE
-        self.error = error if isinstance(error, KvxferError) else TransferError(f"host copy failed: {error}")
-        return TransferState.FAILED
-
-    def cancel(self) -> None:
-        if not self.future.cancel():
-            self.future.exception()  # already running: wait for it to finish
-
-    def block(self, seconds: float) -> None:
-        from concurrent.futures import wait
-
-        wait([self.future], timeout=seconds)
-
-
-class ChainStep(Step):
-    """``first``, then the step ``then()`` starts once ``first`` is done."""
-
-    def __init__(self, first: Step, then: Callable[[], Step]) -> None:
-        self.current, self._then, self._started = first, then, False
-
-    def poll(self) -> TransferState:
-        state = self.current.poll()
-        if state is TransferState.DONE and not self._started:
-            self._started = True
-            try:
-                self.current = self._then()
-            except KvxferError as error:
-                self.error = error
-                return TransferState.FAILED
-            state = self.current.poll()
-        self.error = self.current.error or self.error
-        return state
-
-    def cancel(self) -> None:
-        self._started = True  # nothing new starts after a cancel
-        self.current.cancel()
-
-    def block(self, seconds: float) -> None:
-        self.current.block(seconds)
+from ..errors import (ConfigError, DescriptorError, KvxferError, TransferCancelledError, TransferError,
+                      TransferTimeoutError, UsageError)
+from ..handle import TransferState
+from ..spec import as_index_array, selection_ids
+from .request import PipeRequest
+from .steps import Step
 
 
 class PipeHandle:
     """The handle of one pipe request (pull or push). ``strategy`` names how each rank pair moves its bytes."""
 
     def __init__(self, steps: list[Step], deadline: float, default_timeout: float, strategy: str,
-                 nbytes: int, on_done: Callable[[], None] | None = None, gate: Callable[[], bool] | None = None,
-                 on_final: Callable[["PipeHandle"], None] | None = None) -> None:
+                 nbytes: int, request: PipeRequest | None = None) -> None:
         self._steps = list(steps)
         self._lock = threading.RLock()
         self._state = TransferState.PENDING
         self._error: KvxferError | None = None
         self._released = False
-        self._on_done = on_done
-        self._gate = gate  # more steps may still come (streamed layers) while it says False
-        self._on_final = on_final
+        self._request = request
         self._last_states: list[TransferState] = []
         self._default_timeout = default_timeout
         self.deadline = deadline
@@ -162,8 +58,17 @@ class PipeHandle:
         """Why it failed or was cancelled."""
         return self._error
 
+    @property
+    def released(self) -> bool:
+        """True after :meth:`release`."""
+        return self._released
+
+    def _more_to_come(self) -> bool:
+        """True while steps may still be added (a streamed request's layers not all posted yet)."""
+        return False
+
     def poll(self) -> TransferState:
-        """Observe every step without blocking; enforces the deadline; runs ``on_done`` once at the end."""
+        """Observe every step without blocking; enforces the deadline; runs the request's end work once."""
         if self._released:
             raise UsageError("this handle was released")
         with self._lock:
@@ -175,7 +80,7 @@ class PipeHandle:
                            state is not TransferState.DONE), None)
             if failed is not None:
                 self._abort(TransferState.FAILED, failed.error or TransferError("a step of the transfer failed"))
-            elif all(state is TransferState.DONE for state in states) and (self._gate is None or self._gate()):
+            elif all(state is TransferState.DONE for state in states) and not self._more_to_come():
                 self._complete()
             elif time.monotonic() > self.deadline:
                 self._abort(TransferState.FAILED, TransferTimeoutError(
@@ -184,8 +89,8 @@ class PipeHandle:
 
     def _complete(self) -> None:
         try:
-            if self._on_done is not None:
-                self._on_done()
+            if self._request is not None:
+                self._request.finish()
         except KvxferError as error:
             self._finish(TransferState.FAILED, error)
             return
@@ -204,8 +109,12 @@ class PipeHandle:
         if error is not None and getattr(error, "handle", self) is None:
             error.handle = self
         self.finished_at = time.monotonic()
-        if self._on_final is not None:
-            self._on_final(self)
+        if self._request is not None:
+            self._request.end(self._listener())
+
+    def _listener(self) -> Any:
+        """What listens to layer announcements for this request (None: nothing)."""
+        return None
 
     def wait(self, timeout: float | None = None) -> "PipeHandle":
         """Block until final (default limit: the agent's transfer timeout); return self when DONE, else raise."""
@@ -261,15 +170,22 @@ class LayerStream(PipeHandle):
     """A push or pull whose layers move as they are marked ready (push: by the caller; pull: by the peers'
     announcements)."""
 
-    def __init__(self, pipe: Any, request: Any, steps: list[Step], deadline: float, limit: float,
+    def __init__(self, request: PipeRequest, steps: list[Step], deadline: float, limit: float, strategy: str,
                  nbytes: int) -> None:
-        self._pipe, self._request, self._pending_layers = pipe, request, set(int(x) for x in request.layers)
-        super().__init__(steps, deadline, limit, pipe.strategy, nbytes, on_done=lambda: pipe._finish(request),
-                         gate=lambda: not self._pending_layers, on_final=lambda h: pipe._final(request, h))
+        self._pending_layers = set(int(x) for x in request.layers)
+        super().__init__(steps, deadline, limit, strategy, nbytes, request)
+
+    def _more_to_come(self) -> bool:
+        return bool(self._pending_layers)
+
+    def _listener(self) -> Any:
+        return self.announced
 
     def ready(self, layers: Any) -> None:
         """Layers (an id, ids or a range) are computed: start moving them."""
-        chosen = as_index_array(selection_ids(layers, self._pipe.spec.num_layers), "layers", self._pipe.spec.num_layers)
+        request = self._request
+        assert request is not None
+        chosen = as_index_array(selection_ids(layers, request.num_layers), "layers", request.num_layers)
         with self._lock:
             fresh = [int(x) for x in chosen if int(x) in self._pending_layers]
             if len(fresh) != len(chosen):
@@ -277,11 +193,7 @@ class LayerStream(PipeHandle):
                                       f"request")
             if self.poll().final:  # a failed or cancelled request posts nothing more
                 raise UsageError(f"this request is already {self.state.value}")
-            ids = np.asarray(fresh, dtype=np.int64)
-            request = self._request
-            steps = [s for route, tokens in zip(request.routes, request.tokens)
-                     for s in self._pipe._work.steps(request.op, route, request.local, request.remote, tokens, ids)]
-            self.add(steps)
+            self.add(request.steps(np.asarray(fresh, dtype=np.int64)))
             self._pending_layers.difference_update(fresh)
 
     def announced(self, layers: list[int]) -> None:
