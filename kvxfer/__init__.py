@@ -6,10 +6,10 @@ from .descs import Descs
 from .errors import (BackendError, BackendUnavailableError, ConfigError, DescriptorError, HandshakeError,
                      KvxferError, LayoutMismatchError, PeerDisconnectedError, PeerError, RegistrationError,
                      TransferCancelledError, TransferError, TransferTimeoutError, UsageError)
-from .handle import Notification, Timeouts, TransferHandle, TransferState
+from .handle import Handle, Notification, Timeouts, TransferHandle, TransferState
 from .memory import MemoryKind, Region, RemoteRegion
 from .peer import Peer
-from .pipe import KVPipe
+from .pipe import KVPipe, PipeHandle
 from .plan import TransferPlan
 from .spec import KVCacheSpec, KVLayout
 
@@ -22,6 +22,7 @@ __all__ = [
     "ConfigError",
     "DescriptorError",
     "Descs",
+    "Handle",
     "HandshakeError",
     "KVCacheSpec",
     "KVLayout",
@@ -33,6 +34,7 @@ __all__ = [
     "Peer",
     "PeerDisconnectedError",
     "PeerError",
+    "PipeHandle",
     "Region",
     "RegistrationError",
     "RemoteRegion",

@@ -7,6 +7,7 @@ DOCUMENTED = {
     "PeerDisconnectedError", "PeerError", "Region", "RegistrationError", "RemoteRegion", "Timeouts",
     "TransferCancelledError", "TransferError", "TransferHandle", "TransferPlan", "TransferState",
     "TransferTimeoutError", "UsageError", "KVPipe", "__version__",
+    "Handle", "PipeHandle",  # every handle kvxfer returns, and the protocol they share
 }
 
 
@@ -39,3 +40,10 @@ def test_import_needs_only_numpy_and_msgpack():
             "print(sorted(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def test_every_handle_shares_the_handle_protocol():
+    for handle_type in (kvxfer.TransferHandle, kvxfer.PipeHandle):
+        assert issubclass(handle_type, kvxfer.Handle)
+        for name in ("poll", "wait", "cancel", "release", "block", "result", "__enter__", "__exit__"):
+            assert callable(getattr(handle_type, name))

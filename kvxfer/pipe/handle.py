@@ -14,16 +14,17 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import (ConfigError, DescriptorError, KvxferError, TransferCancelledError, TransferError,
-                      TransferTimeoutError, UsageError)
-from ..handle import TransferState
+from ..errors import (DescriptorError, KvxferError, TransferCancelledError, TransferError, TransferTimeoutError,
+                      UsageError)
+from ..handle import Handle, TransferState
 from ..spec import as_index_array, selection_ids
 from .request import PipeRequest
 from .steps import Step
 
 
-class PipeHandle:
-    """The handle of one pipe request (pull or push). ``strategy`` names how each rank pair moves its bytes."""
+class PipeHandle(Handle):
+    """The handle of one pipe request (pull or push): a :class:`~kvxfer.Handle` over every step. ``strategy``
+    names how each rank pair moves its bytes."""
 
     def __init__(self, steps: list[Step], deadline: float, default_timeout: float, strategy: str,
                  nbytes: int, request: PipeRequest | None = None) -> None:
@@ -47,21 +48,6 @@ class PipeHandle:
             if self._state.final:
                 raise UsageError(f"this request is already {self._state.value}")
             self._steps.extend(steps)
-
-    @property
-    def state(self) -> TransferState:
-        """The last observed state."""
-        return self._state
-
-    @property
-    def error(self) -> KvxferError | None:
-        """Why it failed or was cancelled."""
-        return self._error
-
-    @property
-    def released(self) -> bool:
-        """True after :meth:`release`."""
-        return self._released
 
     def _more_to_come(self) -> bool:
         """True while steps may still be added (a streamed request's layers not all posted yet)."""
@@ -116,22 +102,6 @@ class PipeHandle:
         """What listens to layer announcements for this request (None: nothing)."""
         return None
 
-    def wait(self, timeout: float | None = None) -> "PipeHandle":
-        """Block until final (default limit: the agent's transfer timeout); return self when DONE, else raise."""
-        limit = self._default_timeout if timeout is None else timeout
-        if limit < 0:
-            raise ConfigError(f"timeout must be >= 0, got {timeout}")
-        give_up = time.monotonic() + limit
-        while not self.poll().final:
-            now = time.monotonic()
-            if now >= give_up:
-                raise TransferTimeoutError(f"wait timed out after {limit} s; the transfer is still in flight", self)
-            self.block(min(give_up - now, 5e-3))
-        if self._state is TransferState.DONE:
-            return self
-        assert self._error is not None
-        raise self._error
-
     def block(self, seconds: float) -> None:
         """Wait up to ``seconds`` for an unfinished step to progress (each step knows how to sleep until it does);
         :meth:`poll` afterwards says where the request stands."""
@@ -144,23 +114,6 @@ class PipeHandle:
         with self._lock:
             if not self._state.final:
                 self._abort(TransferState.CANCELLED, TransferCancelledError("KV transfer was cancelled", self))
-
-    def release(self) -> None:
-        """Cancel if still in flight, then forget the handle."""
-        if not self._released:
-            self.cancel()
-            self._released = True
-
-    @property
-    def seconds(self) -> float | None:
-        """Time from the first post to the moment the final state was observed."""
-        return None if self.finished_at is None else self.finished_at - self.posted_at
-
-    def __enter__(self) -> "PipeHandle":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
 
     def __repr__(self) -> str:
         return f"PipeHandle({self.strategy}, {self.nbytes} bytes, {self._state.value})"
