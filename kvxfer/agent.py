@@ -9,10 +9,12 @@ import time
 import uuid
 import warnings
 from collections import deque
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
 from . import backends as backend_registry
 from .backends.base import Backend, BackendContext, Op
+from .control import PREFIX as CONTROL_PREFIX
+from .control import ControlChannel
 from .descs import Descs
 from .errors import (BackendUnavailableError, ConfigError, DescriptorError, HandshakeError, KvxferError, PeerError,
                      RegistrationError, UsageError)
@@ -26,6 +28,16 @@ from .sidechannel import SideChannelServer, fetch_metadata
 from .environment import host_id as default_host_id
 
 logger = logging.getLogger("kvxfer")
+
+
+class Service(Protocol):
+    """Something an agent runs for its users (block leases, layer announcements): built by ``kind(agent)`` on
+    first :meth:`Agent.service`, closed by :meth:`Agent.close`."""
+
+    def close(self) -> None: ...
+
+
+ServiceT = TypeVar("ServiceT", bound=Service)
 
 
 class Agent:
@@ -52,7 +64,10 @@ class Agent:
         self._peers: dict[str, Peer] = {}
         self._notes: deque[Notification] = deque()
         self._notes_ready = threading.Condition()
-        self._subscriptions: dict[bytes, Any] = {}
+        self._subscriptions: dict[bytes, Callable[[Notification], None]] = {}
+        self._services: dict[type, Service] = {}
+        #: kvxfer's own control messages (leases, layer announcements, connector notes) to and from peers
+        self.control = ControlChannel(name, self.notify)
         self._regions = RegionRegistry()
         self._active: set[TransferHandle] = set()
         context = BackendContext(self.name, self.uid, self.host_id, self.pid, self.timeouts, self._deliver,
@@ -292,14 +307,34 @@ class Agent:
             raise PeerError(f"peer {peer.name!r} is disconnected ({peer.lost_reason})", peer.name)
         peer.backends[0].send_notification(peer, bytes(payload))
 
-    def subscribe(self, prefix: bytes, callback: Any) -> None:
+    def subscribe(self, prefix: bytes, callback: Callable[[Notification], None]) -> None:
         """Hand notifications whose payload starts with ``prefix`` to ``callback(notification)`` (called from a
-        backend thread) instead of :meth:`notifications`. kvxfer's own control messages use b"kvx:"."""
+        backend thread) instead of :meth:`notifications`. kvxfer's own control messages use b"kvx:" (reserved:
+        they go to :attr:`control`)."""
         if not isinstance(prefix, bytes) or not prefix:
             raise ConfigError(f"prefix must be non-empty bytes, got {prefix!r}")
+        if prefix.startswith(CONTROL_PREFIX) or CONTROL_PREFIX.startswith(prefix):
+            raise ConfigError(f"prefix {prefix!r} overlaps kvxfer's control messages ({CONTROL_PREFIX!r}); use "
+                              "agent.control for those")
         self._subscriptions[prefix] = callback
 
+    def service(self, kind: type[ServiceT]) -> ServiceT:
+        """This agent's ``kind`` service, built by ``kind(self)`` on first use; :meth:`close` closes it (services
+        close in the reverse order of their creation, before the peers and backends)."""
+        with self._lock:
+            found = self._services.get(kind)
+            if found is None:
+                self._check_open()
+                found = self._services[kind] = kind(self)  # type: ignore[call-arg]
+        return found  # type: ignore[return-value]
+
     def _deliver(self, notification: Notification) -> None:
+        if notification.payload.startswith(CONTROL_PREFIX):
+            try:
+                self.control.deliver(notification.peer_name, notification.payload)
+            except Exception:  # a handler's bug must not break the backend thread delivering
+                logger.exception("agent %s: control message handler failed", self.name)
+            return
         for prefix, callback in list(self._subscriptions.items()):
             if notification.payload.startswith(prefix):
                 try:
@@ -338,6 +373,9 @@ class Agent:
                 time.sleep(1e-3)
             if not handle.state.final:
                 handle.cancel()
+        for service in reversed(list(self._services.values())):
+            service.close()
+        self.control.close()
         if getattr(self, "_side_channel", None):
             self._side_channel.close()
         for peer in list(self._peers.values()):

@@ -1,9 +1,9 @@
 """Layer streaming for pulls: the prefill side announces the layers of a request that are computed, the decode
 side moves a layer once every peer it reads from announced it.
 
-:class:`LayerBoard` is an agent service (``agent.service(LayerBoard)``): it buffers announcements that arrive before
-their pull (bounded, for one transfer timeout at most) and hands them to the pull listening for the request key.
-Announcements are notifications prefixed ``b"kvx:layers:"``, msgpack ``[key, [layer ids]]``.
+:class:`LayerBoard` is an agent service (``LayerBoard.of(agent)`` is ``agent.service(LayerBoard)``): it buffers
+announcements that arrive before their pull (bounded, for one transfer timeout at most) and hands them to the pull
+listening for the request key. Announcements are :class:`~kvxfer.control.LayersReady` control messages.
 """
 
 from __future__ import annotations
@@ -13,19 +13,14 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable
 
-import msgpack
-
+from ..control import MAX_KEY, MAX_LAYER, LayersReady
 from ..errors import ConfigError
-from ..handle import Notification
 
 if TYPE_CHECKING:
     from ..agent import Agent
     from ..peer import Peer
 
 logger = logging.getLogger("kvxfer")
-PREFIX = b"kvx:layers:"
-MAX_KEY = 1024  # bytes of a request key
-MAX_LAYER = 1 << 16  # layer ids are below this
 MAX_UNCLAIMED = 1024  # keys announced before their pull, buffered at most
 
 
@@ -33,24 +28,9 @@ def announce(agent: "Agent", peer: "Peer | str", key: bytes, layers: list[int]) 
     """Tell ``peer`` that ``layers`` of request ``key`` are computed and may be pulled."""
     if not isinstance(key, bytes) or not 0 < len(key) <= MAX_KEY:
         raise ConfigError(f"request key must be 1 to {MAX_KEY} bytes, got {key!r}")
-    agent.notify(peer, PREFIX + msgpack.packb([key, [int(x) for x in layers]], use_bin_type=True))
-
-
-def parse_announcement(payload: bytes) -> tuple[bytes, list[int]] | None:
-    """``(key, layers)`` of an announcement, or None when it is malformed."""
-    try:
-        message = msgpack.unpackb(payload[len(PREFIX):], raw=False, max_bin_len=MAX_KEY, max_array_len=MAX_LAYER,
-                                  max_str_len=0, max_map_len=0, max_ext_len=0)
-    except Exception:
-        return None
-    if not isinstance(message, list) or len(message) != 2:
-        return None
-    key, layers = message
-    if not isinstance(key, bytes) or not key or not isinstance(layers, list):
-        return None
-    if not all(type(x) is int and 0 <= x < MAX_LAYER for x in layers):
-        return None
-    return key, layers
+    if not all(0 <= int(x) < MAX_LAYER for x in layers):
+        raise ConfigError(f"layer ids must be in [0, {MAX_LAYER}), got {layers}")
+    agent.control.send(peer, LayersReady(key, tuple(int(x) for x in layers)))
 
 
 class _Board:
@@ -80,15 +60,18 @@ class LayerBoard:
         self.agent = agent
         self._lock = threading.Lock()
         self._boards: dict[bytes, _Board] = {}
-        agent.subscribe(PREFIX, self._on_message)
+        agent.control.on(LayersReady, self._on_message)
 
     @classmethod
     def of(cls, agent: "Agent") -> "LayerBoard":
-        """The board of ``agent`` (created on first use)."""
-        board = getattr(agent, "_layer_board", None)
-        if board is None:
-            board = agent._layer_board = cls(agent)
-        return board
+        """The board of ``agent`` (its service, created on first use)."""
+        return agent.service(cls)
+
+    def close(self) -> None:
+        """Stop listening and forget every key (the agent closes)."""
+        self.agent.control.off(LayersReady, self._on_message)
+        with self._lock:
+            self._boards.clear()
 
     def listen(self, key: bytes, peers: list[str], on_ready: Callable[[list[int]], None]) -> None:
         """Call ``on_ready(layers)`` with layers of ``key`` every one of ``peers`` announced (now for those
@@ -121,16 +104,11 @@ class LayerBoard:
         with self._lock:
             return [k for k, b in self._boards.items() if b.on_ready is not None]
 
-    def _on_message(self, note: Notification) -> None:
-        parsed = parse_announcement(note.payload)
-        if parsed is None:
-            logger.warning("agent %s: malformed layer announcement from %s ignored", self.agent.name, note.peer_name)
-            return
-        key, layers = parsed
+    def _on_message(self, peer_name: str, message: LayersReady) -> None:
         with self._lock:
             self._prune()
-            board = self._boards.setdefault(key, _Board())
-            board.announced.setdefault(note.peer_name, set()).update(layers)
+            board = self._boards.setdefault(message.key, _Board())
+            board.announced.setdefault(peer_name, set()).update(message.layers)
             on_ready, ready = board.on_ready, board.take()
         if ready and on_ready is not None:
             on_ready(ready)
