@@ -3,9 +3,10 @@
 from . import aio
 from .agent import Agent
 from .descs import Descs
-from .errors import (BackendError, BackendUnavailableError, ConfigError, DescriptorError, HandshakeError,
-                     KvxferError, LayoutMismatchError, PeerDisconnectedError, PeerError, RegistrationError,
-                     TransferCancelledError, TransferError, TransferTimeoutError, UsageError)
+from .errors import (BackendError, BackendUnavailableError, ConfigError, DescriptorError, EngineTimeoutError,
+                     HandshakeError, KvxferError, LayoutMismatchError, LeaseLostError, OutOfBlocksError,
+                     PeerDisconnectedError, PeerError, RegistrationError, TransferCancelledError, TransferError,
+                     TransferTimeoutError, UcxStatusError, UsageError)
 from .handle import Handle, Notification, Timeouts, TransferHandle, TransferState
 from .memory import MemoryKind, Region, RemoteRegion
 from .peer import Peer
@@ -22,6 +23,7 @@ __all__ = [
     "ConfigError",
     "DescriptorError",
     "Descs",
+    "EngineTimeoutError",
     "Handle",
     "HandshakeError",
     "KVCacheSpec",
@@ -29,8 +31,10 @@ __all__ = [
     "KVPipe",
     "KvxferError",
     "LayoutMismatchError",
+    "LeaseLostError",
     "MemoryKind",
     "Notification",
+    "OutOfBlocksError",
     "Peer",
     "PeerDisconnectedError",
     "PeerError",
@@ -45,6 +49,7 @@ __all__ = [
     "TransferPlan",
     "TransferState",
     "TransferTimeoutError",
+    "UcxStatusError",
     "UsageError",
     "__version__",
 ]
