@@ -138,6 +138,10 @@ class Agent:
         """The regions registered now."""
         return self._regions.all()
 
+    def region_at(self, index: int) -> Region:
+        """The registered region with index ``index`` (RegistrationError when none is)."""
+        return self._regions.get(index)
+
     def _busy_with(self, index: int) -> bool:
         for handle in list(self._active):
             handle.poll()
@@ -174,7 +178,7 @@ class Agent:
                 self.disconnect(old)
             peer = Peer(meta, [])
             for backend in self._backends:
-                if backend.can_reach(peer):
+                if backend.caps.reaches(peer.meta, self.host_id, self.pid):
                     try:
                         backend.connect(peer)
                     except KvxferError as error:
@@ -250,7 +254,7 @@ class Agent:
         BackendUnavailableError when none does."""
         pairs = [(a, b) for a in local_kinds for b in remote_kinds]
         for backend in sorted(peer.backends, key=lambda b: -b.caps.preference):
-            if all(backend.supports(a, b) for a, b in pairs):
+            if all(backend.caps.supports(a, b) for a, b in pairs):
                 return backend
         raise BackendUnavailableError(
             f"no backend moves {sorted(str(a.value) + '->' + str(b.value) for a, b in pairs)} with peer "
@@ -271,11 +275,11 @@ class Agent:
         plan.check_owner(self)
         if notify is not None and not isinstance(notify, (bytes, bytearray)):
             raise ConfigError(f"notify must be bytes or None, got {type(notify).__name__}")
-        plan.check_destination(op.value)
+        plan.check_destination(op)
         self._regions.check_live(plan.local_regions)
         deadline = time.monotonic() + (self.timeouts.transfer if timeout is None else timeout)
         request = plan.backend.post(op, plan, None if notify is None else bytes(notify))
-        handle = TransferHandle(self, plan.backend, request, op.value, plan.nbytes, deadline, self._on_final)
+        handle = TransferHandle(self, plan.backend, request, op, plan.nbytes, deadline, self._on_final)
         handle.regions = plan.local_regions
         self._regions.pin(plan.local_regions)
         self._active.add(handle)

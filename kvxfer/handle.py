@@ -16,7 +16,7 @@ from .errors import (ConfigError, KvxferError, TransferCancelledError, TransferE
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-    from .backends.base import Backend, Request
+    from .backends.base import Backend, Op, Request
 
 
 class TransferState(str, Enum):
@@ -195,7 +195,7 @@ class TransferHandle(Handle):
     _first_slice = 1e-6
     _max_slice = _MAX_SLEEP
 
-    def __init__(self, agent: Any, backend: "Backend", request: "Request", op: str, nbytes: int,
+    def __init__(self, agent: Any, backend: "Backend", request: "Request", op: "Op", nbytes: int,
                  deadline: float, on_final: Any = None, strategy: str = "direct") -> None:
         self._agent = agent
         self._backend = backend

@@ -16,6 +16,7 @@ import time
 from typing import Any, Sequence
 
 from ..agent import Agent
+from ..backends.base import Op
 from ..errors import ConfigError, DescriptorError, RegistrationError
 from ..memory import MemoryKind, Region
 from ..peer import Peer
@@ -100,7 +101,7 @@ class KVPipe:
             raise ConfigError("a streamed pull needs both stream_layers=True and a stream_key")
         if stream_key is not None and (not isinstance(stream_key, bytes) or not 0 < len(stream_key) <= MAX_KEY):
             raise ConfigError(f"stream_key must be 1 to {MAX_KEY} bytes, got {stream_key!r}")
-        return self._request("read", local_block_ids, remote_block_ids, notify, num_tokens, layers, timeout,
+        return self._request(Op.READ, local_block_ids, remote_block_ids, notify, num_tokens, layers, timeout,
                              stream_layers, lease=lease, renew_every=renew_every, expected=expected,
                              stream_key=stream_key)
 
@@ -109,10 +110,10 @@ class KVPipe:
              stream_layers: bool = False) -> PipeHandle:
         """Write local blocks into the peers' blocks. With ``stream_layers``, nothing moves until
         ``handle.ready(layers)`` says which layers are computed; the request ends when every layer was readied."""
-        return self._request("write", local_block_ids, remote_block_ids, notify, num_tokens, layers, timeout,
+        return self._request(Op.WRITE, local_block_ids, remote_block_ids, notify, num_tokens, layers, timeout,
                              stream_layers)
 
-    def _request(self, op: str, local_ids: Any, remote_ids: Any, notify: bytes | None, num_tokens: int | None,
+    def _request(self, op: Op, local_ids: Any, remote_ids: Any, notify: bytes | None, num_tokens: int | None,
                  layers: Any, timeout: float | None, stream_layers: bool = False, lease: bytes | None = None,
                  renew_every: float = 1.0, expected: dict[str, Checksums | bytes] | None = None,
                  stream_key: bytes | None = None) -> PipeHandle:
@@ -122,13 +123,13 @@ class KVPipe:
         layer_ids = as_index_array(selection_ids(layers, self.spec.num_layers), "layers", self.spec.num_layers)
         if has_repeats(layer_ids, self.spec.num_layers):
             raise DescriptorError("layers must not repeat")
-        routes = self.routes if op == "read" else self.write_routes
+        routes = self.routes if op is Op.READ else self.write_routes
         tokens = [self._tokens(local_ids, as_index_array(remote_ids, "remote_block_ids", r.spec.num_blocks), r,
                                num_tokens) for r in routes]
         remote = as_index_array(remote_ids, "remote_block_ids", min(r.spec.num_blocks for r in routes))
-        if op == "read" and has_repeats(local_ids, self.spec.num_blocks):
+        if op is Op.READ and has_repeats(local_ids, self.spec.num_blocks):
             raise DescriptorError("local_block_ids must not repeat (they are written)")
-        if op == "write" and has_repeats(remote, int(remote.max()) + 1 if remote.size else 0):
+        if op is Op.WRITE and has_repeats(remote, int(remote.max()) + 1 if remote.size else 0):
             raise DescriptorError("remote_block_ids must not repeat (they are written)")
         nbytes = sum(self._route_nbytes(r, t, len(layer_ids)) for r, t in zip(routes, tokens))
         limit = self.agent.timeouts.transfer if timeout is None else timeout

@@ -7,6 +7,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..backends.base import Op
 from ..errors import ConfigError
 from ..memory import Region
 from . import checksum
@@ -20,11 +21,11 @@ from .strategies import StagedStep, Strategies
 
 @dataclass
 class PipeRequest:
-    """``op`` ("read": pull, "write": push) of ``tokens[i]`` tokens per route ``routes[i]``: local blocks ``local``
+    """``op`` (READ: pull, WRITE: push) of ``tokens[i]`` tokens per route ``routes[i]``: local blocks ``local``
     (int64[n], host), peer blocks ``remote`` (int64[m], host), layers ``layers`` (int64[k], host). At the end,
     ``expected`` checksums (by peer name) are verified and ``notify`` reaches every peer."""
 
-    op: str
+    op: Op
     local: np.ndarray
     remote: np.ndarray
     tokens: list[int]

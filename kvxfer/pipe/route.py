@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from ..backends.base import Backend
+from ..backends.base import Backend, MapsPeerMemory
 from ..errors import ConfigError
 from ..memory import Region, RemoteRegion
 from ..peer import Peer
@@ -64,7 +64,8 @@ def choose_route(heads: HeadRoute, local: Region, local_spec: KVCacheSpec, devic
     """The route for ``heads`` between the local cache (``local``, laid out by ``local_spec``, on ``device``;
     -1: host) and ``peer``'s cache ``region`` (laid out by ``spec``) over ``backend``: ``wanted``, or with
     AUTO the fastest strategy that fits. ConfigError when a wanted strategy cannot work here."""
-    mapped = backend.map_remote(peer, region.index, device) if wanted in (Strategy.AUTO, Strategy.KERNEL) else None
+    maps = isinstance(backend, MapsPeerMemory) and wanted in (Strategy.AUTO, Strategy.KERNEL)
+    mapped = backend.map_remote(peer, region.index, device) if maps else None
     direct = same_fragments(local_spec, heads.local_heads, spec, heads.remote_heads)
     if wanted is Strategy.KERNEL and mapped is None:
         raise ConfigError(f"strategy 'kernel' needs a backend that maps peer memory; {backend.caps.name} "

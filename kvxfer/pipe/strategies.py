@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from .. import kernels
+from ..backends.base import Op
 from ..descs import Descs
 from ..errors import ConfigError, KvxferError
 from ..handle import TransferState
@@ -61,14 +62,14 @@ class Strategies:
         self.agent, self.region, self.spec = agent, region, spec
         self.launcher, self.staging = launcher, staging
 
-    def steps(self, op: str, route: Route, local_ids: np.ndarray, remote_ids: np.ndarray, tokens: int,
+    def steps(self, op: Op, route: Route, local_ids: np.ndarray, remote_ids: np.ndarray, tokens: int,
               layers: np.ndarray) -> list[Step]:
-        """The steps that move ``tokens`` tokens of ``layers`` for one route (op "read" or "write")."""
+        """The steps that move ``tokens`` tokens of ``layers`` for one route (READ: pull, WRITE: push)."""
         if route.strategy is Strategy.KERNEL:
             return [self._kernel(op, route, local_ids, remote_ids, tokens, layers)]
         if route.strategy is Strategy.DIRECT:
             plan = self.agent.plan(*self._direct_descs(route, local_ids, remote_ids, tokens, layers))
-            return [TransferStep(self.agent.read(plan) if op == "read" else self.agent.write(plan))]
+            return [TransferStep(self.agent.read(plan) if op is Op.READ else self.agent.write(plan))]
         return [self._staged(op, route, local_ids, remote_ids, tokens, layers)]
 
     def _direct_descs(self, route: Route, local_ids: np.ndarray, remote_ids: np.ndarray, tokens: int,
@@ -89,12 +90,12 @@ class Strategies:
             descs.append(Descs.concat(parts))
         return descs[0], route.peer, descs[1]
 
-    def _kernel(self, op: str, route: Route, local_ids: np.ndarray, remote_ids: np.ndarray, tokens: int,
+    def _kernel(self, op: Op, route: Route, local_ids: np.ndarray, remote_ids: np.ndarray, tokens: int,
                 layers: np.ndarray) -> Step:
         heads, here = route.heads, (self.region.addr, self.region.nbytes)
         assert route.mapped is not None  # a kernel route maps the peer region (route.choose_route)
         there = (route.mapped, route.region.nbytes)
-        if op == "read":
+        if op is Op.READ:
             plan = kernels.plan_kv_copy(route.spec, self.spec, remote_ids, local_ids, num_tokens=tokens,
                                         src_layers=layers, src_heads=heads.remote_heads, dst_heads=heads.local_heads)
             return self.launcher.launch(plan, there, here)
@@ -102,7 +103,7 @@ class Strategies:
                                     src_layers=layers, src_heads=heads.local_heads, dst_heads=heads.remote_heads)
         return self.launcher.launch(plan, here, there)
 
-    def _staged(self, op: str, route: Route, local_ids: np.ndarray, remote_ids: np.ndarray, tokens: int,
+    def _staged(self, op: Op, route: Route, local_ids: np.ndarray, remote_ids: np.ndarray, tokens: int,
                 layers: np.ndarray) -> Step:
         heads = route.heads
         stage_spec = staging_spec_for(route.spec, heads.remote_heads, len(remote_ids), len(layers))
@@ -117,7 +118,7 @@ class Strategies:
         stage_ids, stage_layers = np.arange(len(remote_ids)), np.arange(len(layers))
         stage_heads = (0, heads.num_heads)
         here, buffer = (self.region.addr, self.region.nbytes), (staging.addr, staging.nbytes)
-        if op == "read":
+        if op is Op.READ:
             retile = kernels.plan_kv_copy(stage_spec, self.spec, stage_ids, local_ids, num_tokens=tokens,
                                           src_layers=stage_layers, dst_layers=layers, src_heads=stage_heads,
                                           dst_heads=heads.local_heads)
