@@ -1,6 +1,11 @@
-"""kvxfer: move the KV cache of LLM requests between prefill and decode engines."""
+"""kvxfer: move the KV cache of LLM requests between prefill and decode engines.
 
-from . import aio
+``import kvxfer`` needs numpy and msgpack only: ``kvxfer.aio`` (asyncio) loads on first use, the kernel planners on
+the first pipe request.
+"""
+
+from typing import TYPE_CHECKING, Any
+
 from .agent import Agent
 from .descs import Descs
 from .errors import (BackendError, BackendUnavailableError, ConfigError, DescriptorError, EngineTimeoutError,
@@ -14,7 +19,19 @@ from .pipe import KVPipe, PipeHandle
 from .plan import TransferPlan
 from .spec import KVCacheSpec, KVLayout
 
+if TYPE_CHECKING:
+    from . import aio
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """``kvxfer.aio`` on first use (it imports asyncio)."""
+    if name == "aio":
+        import importlib
+
+        return importlib.import_module(".aio", __name__)
+    raise AttributeError(f"module 'kvxfer' has no attribute {name!r}")
 
 __all__ = [
     "Agent",

@@ -69,3 +69,16 @@ def test_every_exception_lives_in_errors_and_is_exported():
             if isinstance(node, ast.ClassDef):
                 bases = {b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases}
                 assert not bases & tree_names, f"{node.name} in {path.relative_to(package)} belongs in errors.py"
+
+
+def test_import_loads_neither_asyncio_nor_kernel_planners():
+    import subprocess
+    import sys
+
+    code = ("import sys, kvxfer; print(sorted(m for m in sys.modules if m == 'asyncio' or m.startswith("
+            "('kvxfer.kernels', 'kvxfer.aio'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
+    code = "import kvxfer, sys; kvxfer.aio.wait; from kvxfer import aio; print('asyncio' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "True"  # still there when asked for

@@ -15,7 +15,6 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from .. import kernels
 from ..errors import HandshakeError, TransferError
 from ..memory import MemoryKind, Region
 from ..spec import KVCacheSpec, KVLayout
@@ -53,6 +52,8 @@ def compute(region: Region, spec: KVCacheSpec, block_ids: Any, *, num_tokens: in
 
     ``heads``: local head range (default all); ``unit_tokens`` defaults to the spec's block size.
     """
+    from .. import kernels  # lazy: `import kvxfer` loads no kernel planner
+
     ids = np.asarray(block_ids, dtype=np.int64)
     tokens = len(ids) * spec.block_size if num_tokens is None else int(num_tokens)
     unit = spec.block_size if unit_tokens is None else int(unit_tokens)
@@ -91,6 +92,8 @@ def verify(expected: Checksums, actual: Checksums, who: str) -> None:
 
 
 def _gather_to_host(region: Region, stage: KVCacheSpec, plan: Any) -> np.ndarray:
+    from .. import kernels  # lazy: `import kvxfer` loads no kernel planner
+
     if region.kind is MemoryKind.HOST:
         out = np.empty(stage.nbytes, dtype=np.uint8)
         kernels.copy_kv(region.as_numpy(), out, plan)

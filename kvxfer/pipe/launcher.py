@@ -4,11 +4,13 @@ cache) or on its host copy thread (a host cache)."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .. import kernels
 from ..memory import MemoryKind, Region
 from .steps import EventStep, FutureStep, Step
+
+if TYPE_CHECKING:
+    from ..kernels import KVCopyPlan
 
 #: (address, nbytes) of a span the kernel reads or writes
 Span = tuple[int, int]
@@ -23,8 +25,10 @@ class Launcher:
         self._executor: ThreadPoolExecutor | None = None
         self._stream: Any = None  # cupy.cuda.Stream
 
-    def launch(self, plan: "kernels.KVCopyPlan", source: Span, target: Span) -> Step:
+    def launch(self, plan: "KVCopyPlan", source: Span, target: Span) -> Step:
         """Start copying by ``plan`` from ``source`` to ``target``; the returned step says when it is done."""
+        from .. import kernels  # lazy: `import kvxfer` loads no kernel planner
+
         if self.device >= 0:
             from ..devices import cupy_module
 
@@ -47,7 +51,9 @@ class Launcher:
             self._executor.shutdown(wait=True)
 
 
-def _host_copy(plan: "kernels.KVCopyPlan", source: Span, target: Span) -> None:
+def _host_copy(plan: "KVCopyPlan", source: Span, target: Span) -> None:
+    from .. import kernels  # lazy: `import kvxfer` loads no kernel planner
+
     source_view = Region.from_ptr(source[0], source[1], MemoryKind.HOST).as_numpy()
     target_view = Region.from_ptr(target[0], target[1], MemoryKind.HOST).as_numpy()
     kernels.copy_kv(source_view, target_view, plan)

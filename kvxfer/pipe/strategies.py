@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .. import kernels
 from ..backends.base import Op
 from ..descs import Descs
 from ..errors import ConfigError, KvxferError
@@ -92,6 +91,8 @@ class Strategies:
 
     def _kernel(self, op: Op, route: Route, local_ids: np.ndarray, remote_ids: np.ndarray, tokens: int,
                 layers: np.ndarray) -> Step:
+        from .. import kernels  # lazy: `import kvxfer` loads no kernel planner
+
         heads, here = route.heads, (self.region.addr, self.region.nbytes)
         assert route.mapped is not None  # a kernel route maps the peer region (route.choose_route)
         there = (route.mapped, route.region.nbytes)
@@ -105,6 +106,8 @@ class Strategies:
 
     def _staged(self, op: Op, route: Route, local_ids: np.ndarray, remote_ids: np.ndarray, tokens: int,
                 layers: np.ndarray) -> Step:
+        from .. import kernels  # lazy: `import kvxfer` loads no kernel planner
+
         heads = route.heads
         stage_spec = staging_spec_for(route.spec, heads.remote_heads, len(remote_ids), len(layers))
         remote = Descs.from_blocks(route.region, route.spec, remote_ids, layers=layers, heads=heads.remote_heads)
