@@ -9,15 +9,17 @@ import time
 import uuid
 import warnings
 from collections import deque
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
 from . import backends as backend_registry
 from .backends.base import Backend, BackendContext, Op
+from .control import PREFIX as CONTROL_PREFIX
+from .control import ControlChannel
 from .descs import Descs
 from .errors import (BackendUnavailableError, ConfigError, DescriptorError, HandshakeError, KvxferError, PeerError,
                      RegistrationError, UsageError)
 from .handle import Notification, Timeouts, TransferHandle
-from .memory import Region
+from .memory import MemoryKind, Region
 from .metadata import AgentMetadata, RegionMeta
 from .peer import Peer
 from .plan import RegionTable, TransferPlan, check_pair_sizes
@@ -26,6 +28,16 @@ from .sidechannel import SideChannelServer, fetch_metadata
 from .environment import host_id as default_host_id
 
 logger = logging.getLogger("kvxfer")
+
+
+class Service(Protocol):
+    """Something an agent runs for its users (block leases, layer announcements): built by ``kind(agent)`` on
+    first :meth:`Agent.service`, closed by :meth:`Agent.close`."""
+
+    def close(self) -> None: ...
+
+
+ServiceT = TypeVar("ServiceT", bound=Service)
 
 
 class Agent:
@@ -52,7 +64,10 @@ class Agent:
         self._peers: dict[str, Peer] = {}
         self._notes: deque[Notification] = deque()
         self._notes_ready = threading.Condition()
-        self._subscriptions: dict[bytes, Any] = {}
+        self._subscriptions: dict[bytes, Callable[[Notification], None]] = {}
+        self._services: dict[type, Service] = {}
+        #: kvxfer's own control messages (leases, layer announcements, connector notes) to and from peers
+        self.control = ControlChannel(name, self.notify)
         self._regions = RegionRegistry()
         self._active: set[TransferHandle] = set()
         context = BackendContext(self.name, self.uid, self.host_id, self.pid, self.timeouts, self._deliver,
@@ -123,6 +138,10 @@ class Agent:
         """The regions registered now."""
         return self._regions.all()
 
+    def region_at(self, index: int) -> Region:
+        """The registered region with index ``index`` (RegistrationError when none is)."""
+        return self._regions.get(index)
+
     def _busy_with(self, index: int) -> bool:
         for handle in list(self._active):
             handle.poll()
@@ -159,7 +178,7 @@ class Agent:
                 self.disconnect(old)
             peer = Peer(meta, [])
             for backend in self._backends:
-                if backend.can_reach(peer):
+                if backend.caps.reaches(peer.meta, self.host_id, self.pid):
                     try:
                         backend.connect(peer)
                     except KvxferError as error:
@@ -225,15 +244,17 @@ class Agent:
         check_pair_sizes(local_descs, remote_descs)
         local_kinds = self._regions.table().check(local_descs, "local_descs", f"agent {self.name!r}")
         remote_kinds = peer.table.check(remote_descs, "remote_descs", f"peer {peer.name!r}")
-        backend = self._choose_backend(peer, local_kinds, remote_kinds)
+        backend = self.backend_for(peer, local_kinds, remote_kinds)
         plan = TransferPlan(self, peer, backend, local_descs, remote_descs)
         backend.prepare(plan)
         return plan
 
-    def _choose_backend(self, peer: Peer, local_kinds: Iterable, remote_kinds: Iterable) -> Backend:
+    def backend_for(self, peer: Peer, local_kinds: Iterable[MemoryKind], remote_kinds: Iterable[MemoryKind]) -> Backend:
+        """The preferred backend of ``peer`` that moves every pair of memory kinds (local kind, remote kind);
+        BackendUnavailableError when none does."""
         pairs = [(a, b) for a in local_kinds for b in remote_kinds]
         for backend in sorted(peer.backends, key=lambda b: -b.caps.preference):
-            if all(backend.supports(a, b) for a, b in pairs):
+            if all(backend.caps.supports(a, b) for a, b in pairs):
                 return backend
         raise BackendUnavailableError(
             f"no backend moves {sorted(str(a.value) + '->' + str(b.value) for a, b in pairs)} with peer "
@@ -254,11 +275,11 @@ class Agent:
         plan.check_owner(self)
         if notify is not None and not isinstance(notify, (bytes, bytearray)):
             raise ConfigError(f"notify must be bytes or None, got {type(notify).__name__}")
-        plan.check_destination(op.value)
+        plan.check_destination(op)
         self._regions.check_live(plan.local_regions)
         deadline = time.monotonic() + (self.timeouts.transfer if timeout is None else timeout)
         request = plan.backend.post(op, plan, None if notify is None else bytes(notify))
-        handle = TransferHandle(self, plan.backend, request, op.value, plan.nbytes, deadline, self._on_final)
+        handle = TransferHandle(self, plan.backend, request, op, plan.nbytes, deadline, self._on_final)
         handle.regions = plan.local_regions
         self._regions.pin(plan.local_regions)
         self._active.add(handle)
@@ -290,14 +311,34 @@ class Agent:
             raise PeerError(f"peer {peer.name!r} is disconnected ({peer.lost_reason})", peer.name)
         peer.backends[0].send_notification(peer, bytes(payload))
 
-    def subscribe(self, prefix: bytes, callback: Any) -> None:
+    def subscribe(self, prefix: bytes, callback: Callable[[Notification], None]) -> None:
         """Hand notifications whose payload starts with ``prefix`` to ``callback(notification)`` (called from a
-        backend thread) instead of :meth:`notifications`. kvxfer's own control messages use b"kvx:"."""
+        backend thread) instead of :meth:`notifications`. kvxfer's own control messages use b"kvx:" (reserved:
+        they go to :attr:`control`)."""
         if not isinstance(prefix, bytes) or not prefix:
             raise ConfigError(f"prefix must be non-empty bytes, got {prefix!r}")
+        if prefix.startswith(CONTROL_PREFIX) or CONTROL_PREFIX.startswith(prefix):
+            raise ConfigError(f"prefix {prefix!r} overlaps kvxfer's control messages ({CONTROL_PREFIX!r}); use "
+                              "agent.control for those")
         self._subscriptions[prefix] = callback
 
+    def service(self, kind: type[ServiceT]) -> ServiceT:
+        """This agent's ``kind`` service, built by ``kind(self)`` on first use; :meth:`close` closes it (services
+        close in the reverse order of their creation, before the peers and backends)."""
+        with self._lock:
+            found = self._services.get(kind)
+            if found is None:
+                self._check_open()
+                found = self._services[kind] = kind(self)  # type: ignore[call-arg]
+        return found  # type: ignore[return-value]
+
     def _deliver(self, notification: Notification) -> None:
+        if notification.payload.startswith(CONTROL_PREFIX):
+            try:
+                self.control.deliver(notification.peer_name, notification.payload)
+            except Exception:  # a handler's bug must not break the backend thread delivering
+                logger.exception("agent %s: control message handler failed", self.name)
+            return
         for prefix, callback in list(self._subscriptions.items()):
             if notification.payload.startswith(prefix):
                 try:
@@ -336,6 +377,9 @@ class Agent:
                 time.sleep(1e-3)
             if not handle.state.final:
                 handle.cancel()
+        for service in reversed(list(self._services.values())):
+            service.close()
+        self.control.close()
         if getattr(self, "_side_channel", None):
             self._side_channel.close()
         for peer in list(self._peers.values()):
