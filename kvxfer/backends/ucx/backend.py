@@ -116,6 +116,7 @@ class UcxBackend(Backend):
             give_up = time.monotonic() + self.timeouts.close
             while self.links.reap() and time.monotonic() < give_up:
                 self.worker.progress()
+            self.links.forget_closing()
             for memh in self._memhs.values():
                 memh.close()
             self._memhs.clear()
