@@ -78,15 +78,15 @@ class DeviceStagedTransfer(StagedTransfer):
     def _send_device_chunk(self, chunk: int, slot: int) -> None:
         assert self.pool is not None
         start, stop = self.bounds[chunk]
-        local, remote = self.plan.local, self.plan.remote
+        spans = self.spans
         if self.op is Op.WRITE:
-            self.pool.gather(slot, local.addr[start:stop], local.nbytes[start:stop])
+            self.pool.gather(slot, spans.local_addr[start:stop], spans.nbytes[start:stop])
         count = stop - start
         stage = Stage(slot, self.pool.packed_rkey(slot), self.link.mode == "peer",
                       self.backend.worker.address).pack()
         head_nbytes = descs_nbytes(count)
         payload = np.empty(head_nbytes + stage.size, dtype=np.uint8)
-        pack_descs(payload, remote.addr[start:stop], remote.nbytes[start:stop], remote.region[start:stop])
+        pack_descs(payload, spans.remote_addr[start:stop], spans.nbytes[start:stop], spans.remote_region[start:stop])
         payload[head_nbytes:] = stage
         kind = Kind.DSCATTER if self.op is Op.WRITE else Kind.DGATHER
         header = Header(kind, self.id, chunk, count).encode()
@@ -103,7 +103,7 @@ class DeviceStagedTransfer(StagedTransfer):
             return
         assert self.pool is not None
         start, stop = self.bounds[chunk]
-        nbytes = int(self.plan.local.nbytes[start:stop].sum(dtype=np.uint64))
+        nbytes = int(self.spans.nbytes[start:stop].sum(dtype=np.uint64))
         link, slot = self.link, self.slots[chunk]
         try:
             rkey = link.slot_rkeys.get(grant.rkey)
@@ -162,9 +162,9 @@ class DeviceStagedTransfer(StagedTransfer):
         assert self.pool is not None  # a chunk holds a slot only once the pool exists
         if header.kind is Kind.DATA and not self.state.final and not self.stopped:
             start, stop = self.bounds[chunk]
-            local = self.plan.local
+            spans = self.spans
             try:
-                self.pool.scatter(slot, local.addr[start:stop], local.nbytes[start:stop])
+                self.pool.scatter(slot, spans.local_addr[start:stop], spans.nbytes[start:stop])
             except Exception as error:  # a CUDA error must still end the transfer
                 self.pool.give(slot)
                 self.fail(f"chunk {chunk}: scattering the staged bytes failed: {error}")
