@@ -37,7 +37,10 @@ def random_fill(buffer: np.ndarray, seed: int) -> None:
     buffer[buffer == 0] = 1
 
 
-def _serve(connection: Any, name: str, nbytes: int, device: int, environ: dict[str, str]) -> None:
+CANARY = 0xC5
+
+
+def _serve(connection: Any, name: str, nbytes: int, device: int, environ: dict[str, str], canary: int = 0) -> None:
     import faulthandler
 
     faulthandler.enable()  # a crash in UCX or CUDA prints the Python stack of every thread to stderr
@@ -57,7 +60,10 @@ def _serve(connection: Any, name: str, nbytes: int, device: int, environ: dict[s
                 random_fill(staging, seed)
                 memory.set(staging)
         else:
-            memory = np.zeros(nbytes, dtype=np.uint8)
+            # ``canary`` bytes right after the region, never registered: nothing a peer does may change them.
+            backing = np.zeros(nbytes + canary, dtype=np.uint8)
+            backing[nbytes:] = CANARY
+            memory = backing[:nbytes]
             host = lambda: memory  # noqa: E731
 
             def fill(seed: int) -> None:
@@ -94,6 +100,8 @@ def _serve(connection: Any, name: str, nbytes: int, device: int, environ: dict[s
                 elif command == "notify":
                     agent.notify(peer, args[0])
                     connection.send(None)
+                elif command == "canary":  # True while every unregistered byte after the region is intact
+                    connection.send(bool((backing[nbytes:] == CANARY).all()))
                 elif command == "pid":
                     connection.send(os.getpid())
                 elif command == "forms":  # active messages received, per UCX delivery form
@@ -108,13 +116,13 @@ class RemoteAgent:
     """The parent's handle on the child (a context manager; always kills the child on exit)."""
 
     def __init__(self, name: str = "remote", nbytes: int = 1 << 20, device: int = -1,
-                 environ: dict[str, str] | None = None) -> None:
+                 environ: dict[str, str] | None = None, canary: int = 0) -> None:
         context = multiprocessing.get_context("spawn")
         self._connection, child = context.Pipe()
         # Skipping UCX's mmap hooks makes the child's library load ~400 ms faster; host transfers do not need them.
         env = {"UCX_MEM_MMAP_HOOK_MODE": "none"} if device < 0 else {}
         env.update(environ or {})
-        self.process = context.Process(target=_serve, args=(child, name, nbytes, device, env), daemon=True)
+        self.process = context.Process(target=_serve, args=(child, name, nbytes, device, env, canary), daemon=True)
         self.process.start()
         child.close()
         self.name, self.nbytes = name, nbytes
