@@ -305,6 +305,10 @@ class UcxBackend(Backend):
             self.check_one_sided(link, plan)
         request = new_request(self, link, op, plan, notify, strategy)
         with self.worker.lock:
+            # The progress thread may have lost the link (or close() run) since links.get(): a request added to a
+            # lost link would never be halted, and would send on its closed endpoint.
+            if link.lost is not None or self._closed:
+                raise PeerDisconnectedError(f"ucx: {link.lost or 'the backend is closed'}", link.name)
             self._active[request.id] = request
             link.requests.add(request)
         request.start()
@@ -410,6 +414,8 @@ class UcxBackend(Backend):
     def progress_round(self) -> float | None:
         """One progress-thread round; how long it may then sleep (s), None: go on at once."""
         with self.worker.lock:
+            if self._closed:
+                return self.config.liveness_interval
             events = self.worker.progress() + self.device_server.poll()
             for request in list(self._active.values()):
                 request.advance()

@@ -109,6 +109,7 @@ class DeviceStagedTransfer(StagedTransfer):
             rkey = link.slot_rkeys.get(grant.rkey)
             if rkey is None:
                 rkey = link.slot_rkeys[grant.rkey] = link.ep.unpack_rkey(grant.rkey)
+            link.ep.check_open("ucp_put_nbx")
             self._put_param.memh = self.pool.memh(slot)
             request = self.backend.library.lib.ucp_put_nbx(link.ep.handle, slot, nbytes, grant.slot, rkey,
                                                            self._put_param)
@@ -143,8 +144,11 @@ class DeviceStagedTransfer(StagedTransfer):
         start, stop = self.bounds[chunk]
         stage = Stage(self.slots[chunk], b"-", self.link.mode == "peer", self.backend.worker.address).pack().copy()
         header = Header(Kind.DCOMMIT, self.id, chunk, stop - start).encode()
-        self.backend.worker.send(self.link.ep.handle, header, stage.ctypes.data, stage.size, keepalive=stage,
-                                 reply=True, on_done=self._sent_device)
+        try:
+            self.backend.worker.send(self.link.ep.handle, header, stage.ctypes.data, stage.size, keepalive=stage,
+                                     reply=True, on_done=self._sent_device)
+        except KvxferError as error:
+            self.fail(f"chunk {chunk}: sending DCOMMIT failed: {error}", error)
 
     def on_reply(self, header: Header, data: Any) -> None:
         chunk = header.chunk

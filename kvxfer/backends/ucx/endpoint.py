@@ -51,8 +51,14 @@ class Endpoint:
         self.failed_status = status
         self._on_error(status)
 
+    def check_open(self, call: str) -> None:
+        """Raise UcxStatusError if the endpoint was closed (UCX would dereference NULL)."""
+        if self.handle is None:  # closed (its link was lost): UCX would dereference NULL
+            raise UcxStatusError(f"{call}: the endpoint is closed", cdef.UCS_ERR_NOT_CONNECTED, call)
+
     def unpack_rkey(self, packed: bytes) -> Any:
         """A ucp_rkey_h for a peer region's packed key; release with :meth:`destroy_rkey`."""
+        self.check_open("ucp_ep_rkey_unpack")
         ffi, lib = self.library.ffi, self.library.lib
         rkey = ffi.new("ucp_rkey_h *")
         check(self.library, lib.ucp_ep_rkey_unpack(self.handle, ffi.from_buffer(packed), rkey), "ucp_ep_rkey_unpack")
@@ -66,6 +72,7 @@ class Endpoint:
             rkeys: Sequence[Any], memhs: Sequence[Any]) -> None:
         """Issue one put (``write``) or get per fragment; requests are released at once (completion is observed
         by a later :meth:`flush`). Raises UcxStatusError on the first immediate failure."""
+        self.check_open("ucp_put_nbx" if write else "ucp_get_nbx")
         lib, param, ep = self.library.lib, self._rma_param, self.handle
         operation = lib.ucp_put_nbx if write else lib.ucp_get_nbx
         free = lib.ucp_request_free
@@ -82,6 +89,7 @@ class Endpoint:
 
     def flush(self) -> int:
         """Start ``ucp_ep_flush_nbx``: 0 when already complete, else a request to poll with :func:`request_status`."""
+        self.check_open("ucp_ep_flush_nbx")
         request = self.library.lib.ucp_ep_flush_nbx(self.handle, self._flush_param)
         status = pointer_status(request)
         if status < 0:

@@ -96,6 +96,8 @@ class Worker:
         ``ucp_worker_progress`` call that queued it: a reply endpoint UCX hands a callback may be destroyed by a
         later progress call (its peer failed), so it is never kept across calls."""
         lib, handle = self.library.lib, self.handle
+        if handle is None:  # closed: a thread that lost the race with close() must not touch a destroyed worker
+            return 0
         count = 0
         for _ in range(_PROGRESS_BURST):
             events = lib.ucp_worker_progress(handle)
@@ -116,6 +118,8 @@ class Worker:
     def arm(self) -> bool:
         """True when the worker is armed (its efd will signal the next event); False when events are pending
         (progress again at once). Caller holds :attr:`lock`."""
+        if self.handle is None:
+            return True
         status = self.library.lib.ucp_worker_arm(self.handle)
         if status == cdef.UCS_ERR_BUSY:
             return False
@@ -143,6 +147,10 @@ class Worker:
         """Send one active message on ``ep`` (a ucp_ep_h); ``[addr, addr + nbytes)`` must stay valid until
         ``on_done(status)`` (``keepalive`` is held until then). Caller holds :attr:`lock`."""
         ffi, lib = self.library.ffi, self.library.lib
+        if self.handle is None or ep is None or ep == ffi.NULL or ep == 0:
+            # a closed worker, or the endpoint of a link lost meanwhile: UCX would dereference NULL
+            raise UcxStatusError("ucp_am_send_nbx: the endpoint or worker is closed", cdef.UCS_ERR_NOT_CONNECTED,
+                                 "ucp_am_send_nbx")
         param = self._send_param
         param.flags = cdef.UCP_AM_SEND_FLAG_COPY_HEADER | (cdef.UCP_AM_SEND_FLAG_REPLY if reply else 0)
         request = lib.ucp_am_send_nbx(ep, AM_ID, ffi.from_buffer(header), len(header), addr, nbytes, param)
