@@ -23,6 +23,8 @@ def _serving_arguments(command: argparse.ArgumentParser, default_port: int) -> N
     command.add_argument("--ready-timeout", type=float, default=600.0,
                          help="how long to wait for every worker to register (s)")
     command.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    command.add_argument("--discovery", default=None, help="etcd://host:port[/cluster]: publish the control address "
+                         "in etcd and drop workers whose lease expires (default: embedded)")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -125,6 +125,19 @@ class Topology:
         assert self.a.netns is not None
         _ip("-n", self.a.netns, "link", "set", self.a.device, "up" if up else "down")
 
+    def shape(self, rate_mbit: float | None) -> None:
+        """Limit what node A sends to node B to ``rate_mbit`` (a token bucket on A's veth; None removes it), so a
+        transfer lasts long enough to be cut half-way. Namespaces only."""
+        if self.mode != "netns":
+            raise RuntimeError("traffic shaping is only done between network namespaces")
+        assert self.a.netns is not None
+        tc = ["ip", "netns", "exec", self.a.netns, "tc", "qdisc"]
+        if rate_mbit is None:
+            subprocess.run([*tc, "del", "dev", self.a.device, "root"], check=False, capture_output=True, timeout=10)
+            return
+        subprocess.run([*tc, "replace", "dev", self.a.device, "root", "tbf", "rate", f"{rate_mbit}mbit", "burst",
+                        "64kb", "latency", "2s"], check=True, capture_output=True, timeout=10)
+
     def describe(self) -> str:
         if self.mode == "netns":
             return (f"network namespaces {self.a.netns} ({self.a.address} on {self.a.device}) <-veth-> "

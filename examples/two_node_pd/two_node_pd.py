@@ -43,6 +43,21 @@ def prompt_of(num_tokens: int, index: int) -> str:
     return text[:num_tokens]
 
 
+def discovery_supported() -> str:
+    """'' when this kvxfer's router and worker take ``--discovery``; else which one does not."""
+    from kvxfer import cli
+    from kvxfer.serve.worker import add_worker_arguments
+
+    worker = argparse.ArgumentParser()
+    add_worker_arguments(worker)
+    missing = []
+    if "--discovery" not in worker.format_help():
+        missing.append("kvxfer worker")
+    if cli.parser().parse_known_args(["router", "--model", "m", "--discovery", "etcd://h:1"])[1]:
+        missing.append("kvxfer router")
+    return " and ".join(missing)
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -50,6 +65,10 @@ def _terminate(signum: int, frame: object) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build the topology, start everything, send the requests; the report (also printed)."""
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvxfer-two-node-"))
+    missing = "" if args.static else discovery_supported()
+    if missing:
+        print(f"two_node_pd: {missing} take no --discovery here: workers get a static --router instead", flush=True)
+        args.static = True
     with Topology.create(args.mode) as topology:
         print(f"two_node_pd: {topology.mode}: {topology.describe()}", flush=True)
         cluster = Cluster(topology, workdir, model=args.model, discovery=not args.static,

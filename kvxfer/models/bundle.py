@@ -79,7 +79,7 @@ def load_model(model: str | os.PathLike[str], cache_dir: str | os.PathLike[str] 
     without the GGUF)."""
     sources = _builtin_sources()
     key = os.fspath(model)
-    if key in sources:
+    if isinstance(model, str) and key in sources:  # a Path is always a directory, even one named "tiny-random"
         dir_name, builder = sources[key]
         cache = resolve_cache_dir(cache_dir)
         directory = publish(cache / dir_name, lambda temp: builder(temp, cache))

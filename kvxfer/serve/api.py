@@ -74,6 +74,17 @@ def _sampling(served: ServedModel, params: GenerationParams, num_prompt: int) ->
                     stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos)
 
 
+def _extra(params: GenerationParams, timing: dict[str, float | str | bool] | None,
+           out: OutputText) -> dict[str, object] | None:
+    """The response's ``kvxfer`` field: the TTFT breakdown and/or the generated token ids, when asked for."""
+    if not params.timing and not params.return_token_ids:
+        return None
+    extra: dict[str, object] = dict(timing or {}) if params.timing else {}
+    if params.return_token_ids:
+        extra["token_ids"] = list(out.token_ids)
+    return extra
+
+
 def _finish_reason(event_finish: str | None, stopped: bool) -> str | None:
     if stopped:
         return "stop"
@@ -156,8 +167,7 @@ def create_app(router: Router, served: ServedModel) -> FastAPI:
                 router.abort(flight.rid, "failure")
         _done(flight, endpoint, finish)
         body = response(params.kind, flight.rid, int(time.time()), served.name, out.text, finish,
-                        usage(flight.num_prompt_tokens, out.num_tokens),
-                        timing if params.timing else None)  # type: ignore[arg-type]
+                        usage(flight.num_prompt_tokens, out.num_tokens), _extra(params, timing, out))
         return Response(json.dumps(body), media_type="application/json")
 
     async def _stream(flight: Flight, params: GenerationParams, endpoint: str) -> AsyncIterator[bytes]:
@@ -184,7 +194,7 @@ def create_app(router: Router, served: ServedModel) -> FastAPI:
                     text += out.flush()
                     outcome = finish
                 if text or finish is not None:
-                    yield writer.text(text, finish, timing if finish is not None and params.timing else None)
+                    yield writer.text(text, finish, _extra(params, timing, out) if finish is not None else None)
             if finish is not None and params.include_usage:
                 yield writer.usage(usage(flight.num_prompt_tokens, out.num_tokens))
             yield writer.DONE

@@ -74,7 +74,7 @@ class _Link:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            events = dict(self._poller.poll(POLL_S * 1000))
+            events = dict(self._poller.poll(int(POLL_S * 1000)))
             if self._inbox in events:
                 self._forward()
             if self._socket in events:

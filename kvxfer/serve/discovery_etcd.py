@@ -105,8 +105,13 @@ class EtcdGateway:
     def range_prefix(self, prefix: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
         """(revision, [(key, value), ...]) of every key under ``prefix``."""
         answer = self.call("kv/range", {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix))})
-        pairs = [(base64.b64decode(kv["key"]), base64.b64decode(kv.get("value", ""))) for kv in answer.get("kvs", [])]
-        return int(answer["header"]["revision"]), pairs
+        try:
+            pairs = [(base64.b64decode(kv["key"]), base64.b64decode(kv.get("value", "")))
+                     for kv in answer.get("kvs", [])]
+            return int(answer["header"]["revision"]), pairs
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise PeerError(f"etcd at {self.base_url}: malformed range answer: {error!r}",
+                            peer_name=self.base_url) from error
 
     @contextmanager
     def watch(self, prefix: bytes, start_revision: int, read_timeout_s: float) -> Iterator[Iterator[dict[str, Any]]]:
@@ -192,6 +197,7 @@ class EtcdDiscovery(Discovery):
             old = self._keepers.pop(record.name, None)
         if old is not None:
             old.stopped.set()
+            old.join(timeout=self.gateway.timeout_s + 1)
         keeper = _Keeper(self, record, *self.put_with_lease(record, ttl))
         with self._lock:
             self._keepers[record.name] = keeper
@@ -295,8 +301,9 @@ class EtcdDiscovery(Discovery):
                         revision = max(revision, current)
             except (httpx.ReadTimeout, httpx.RemoteProtocolError):
                 continue  # idle stream or etcd closed it: resume from the last revision seen
-            except (httpx.HTTPError, PeerError) as error:
-                log.warning("etcd watch failed (%s); retrying", error)
+            except (httpx.HTTPError, PeerError, KeyError, TypeError, ValueError, AttributeError) as error:
+                # unreachable, or an answer we cannot read (never trusted): start over from a fresh listing
+                log.warning("etcd watch failed (%r); retrying", error)
                 if watch.closed:
                     return
                 threading.Event().wait(1.0)

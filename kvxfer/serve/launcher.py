@@ -154,6 +154,12 @@ async def run(args: argparse.Namespace, spawn_workers: bool) -> int:
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     control = await router.start()
+    if getattr(args, "discovery", None):
+        from .discovery_link import RouterDiscoveryLink
+
+        router.discovery = RouterDiscoveryLink(args.discovery, control, bundle.name, router.worker_gone,
+                                               loop=asyncio.get_running_loop())
+        router.discovery.start()
     server = _Server(uvicorn.Config(create_app(router, served), lifespan="off", access_log=False,
                                     log_level=args.log_level.lower(), timeout_graceful_shutdown=5))
     server_task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
@@ -176,6 +182,8 @@ async def run(args: argparse.Namespace, spawn_workers: bool) -> int:
         stop_task.cancel()
     print("kvxfer serve: draining", file=sys.stderr, flush=True)
     await router.close(drain_s=args.drain_timeout)
+    if router.discovery is not None:
+        await asyncio.to_thread(router.discovery.close)
     server.should_exit = True
     with contextlib.suppress(asyncio.CancelledError):
         await server_task

@@ -66,6 +66,7 @@ class GenerationParams:
     priority: Priority = "normal"
     timing: bool = False
     prefill: PrefillMode = "auto"
+    return_token_ids: bool = False
 
 
 def parse_json(raw: bytes) -> dict[str, object]:
@@ -133,17 +134,18 @@ def _token_ids(value: object, name: str, vocab_size: int) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _extension(body: Mapping[str, object], headers: Mapping[str, str]) -> tuple[Priority, bool, PrefillMode]:
-    """Priority (header ``x-priority`` or body ``priority``), timing and prefill mode (body ``kvxfer`` object)."""
+def _extension(body: Mapping[str, object], headers: Mapping[str, str]) -> tuple[Priority, bool, PrefillMode, bool]:
+    """Priority (header ``x-priority`` or body ``priority``); from the body's ``kvxfer`` object: timing (also header
+    ``x-kvxfer-timing: 1``), prefill mode (auto, local, remote) and token_ids (return the generated ids)."""
     priority = headers.get("x-priority") or body.get("priority") or "normal"
     if priority not in PRIORITIES:
         raise bad("priority", f"expected one of {', '.join(PRIORITIES)}, got {priority!r}")
     extra = body.get("kvxfer") or {}
     if not isinstance(extra, dict):
         raise bad("kvxfer", "expected an object", "invalid_type")
-    unknown = set(extra) - {"timing", "prefill"}
+    unknown = set(extra) - {"timing", "prefill", "token_ids"}
     if unknown:
-        raise bad("kvxfer", f"unknown keys {sorted(unknown)}; known: timing, prefill")
+        raise bad("kvxfer", f"unknown keys {sorted(unknown)}; known: timing, prefill, token_ids")
     timing = extra.get("timing", False)
     if not isinstance(timing, bool):
         raise bad("kvxfer.timing", "expected a boolean", "invalid_type")
@@ -151,7 +153,10 @@ def _extension(body: Mapping[str, object], headers: Mapping[str, str]) -> tuple[
     prefill = extra.get("prefill", "auto")
     if prefill not in ("auto", "local", "remote"):
         raise bad("kvxfer.prefill", f"expected auto, local or remote, got {prefill!r}")
-    return priority, timing, prefill  # type: ignore[return-value]
+    token_ids = extra.get("token_ids", False)
+    if not isinstance(token_ids, bool):
+        raise bad("kvxfer.token_ids", "expected a boolean", "invalid_type")
+    return priority, timing, prefill, token_ids  # type: ignore[return-value]
 
 
 def _content(message: Mapping[str, object], index: int) -> str:
@@ -234,5 +239,5 @@ def parse_generation(body: Mapping[str, object], kind: Literal["chat", "completi
         if not isinstance(options, dict):
             raise bad("stream_options", "expected an object", "invalid_type")
         params.include_usage = _flag(options, "include_usage")
-    params.priority, params.timing, params.prefill = _extension(body, headers)
+    params.priority, params.timing, params.prefill, params.return_token_ids = _extension(body, headers)
     return params

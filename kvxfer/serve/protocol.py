@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from collections.abc import Callable
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import msgpack
 
@@ -104,7 +104,7 @@ def _pair(value: Any, name: str) -> tuple[float, float]:
     return _float()(value[0], name), _float()(value[1], name)
 
 
-def _nested(cls: type) -> Check:
+def _nested(cls: type[_Body]) -> Check:
     def check(value: Any, name: str) -> Any:
         if not isinstance(value, dict):
             raise _fail(name, f"a {cls.__name__} map", value)
@@ -334,8 +334,8 @@ class Shutdown(Message):
     drain_s: float = 10.0
 
 
-AnyMessage = Union[Register, Load, Tokens, TokensBatch, Prefilled, Error, Peers, Generate, Prefill, Decode, Abort,
-                   Shutdown]
+AnyMessage = (Register | Load | Tokens | TokensBatch | Prefilled | Error | Peers | Generate | Prefill | Decode | Abort
+              | Shutdown)
 TYPES: dict[str, type[Message]] = {cls.TYPE: cls for cls in (Register, Load, Tokens, TokensBatch, Prefilled, Error,
                                                             Peers, Generate, Prefill, Decode, Abort, Shutdown)}
 
@@ -357,9 +357,10 @@ def decode(frame: bytes) -> AnyMessage:
         version = body.get("v") if isinstance(body, dict) else None
         raise HandshakeError(f"control message: expected a map with v={VERSION}, got {type(body).__name__} "
                              f"v={version!r:.20}")
-    cls = TYPES.get(body.get("t")) if isinstance(body.get("t"), str) else None
+    kind = body.get("t")
+    cls = TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise HandshakeError(f"control message: unknown type {body.get('t')!r:.40}; known: {sorted(TYPES)}")
+        raise HandshakeError(f"control message: unknown type {kind!r:.40}; known: {sorted(TYPES)}")
     if size > cls.MAX_NBYTES:
         raise HandshakeError(f"control message {cls.TYPE!r}: {size} bytes exceed its cap of {cls.MAX_NBYTES}")
     try:

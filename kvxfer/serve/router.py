@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from ..errors import QueueFullError, RequeueLimitError
 from . import policy
@@ -27,6 +28,9 @@ from .protocol import (Abort, AnyMessage, Decode, Error, Generate, Load, Message
 from .queue import PrefillQueue
 from .router_flight import Flight, TokensEvent
 from .router_workers import HEARTBEAT_TIMEOUT_S, WorkerEntry, WorkerRegistry
+
+if TYPE_CHECKING:
+    from .discovery_link import RouterDiscoveryLink
 
 logger = logging.getLogger("kvxfer.serve")
 SWEEP_S = 0.1
@@ -56,6 +60,7 @@ class Router:
         self._ids = itertools.count()
         self._id_prefix = os.urandom(4).hex()
         self._peers_version = -1
+        self.discovery: RouterDiscoveryLink | None = None  # set by the launcher with --discovery etcd://...
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 
@@ -101,7 +106,8 @@ class Router:
                            kind="service_unavailable", retry_after_s=1.0)
         block_size = self.registry.block_size() or self.config.block_size
         hashes = tuple(block_hashes(prompt, block_size))
-        workers = [self._state(w) for w in self.registry.workers.values()]
+        workers = [self._state(w) for w in self.registry.workers.values()
+                   if prefill_mode != "remote" or w.role != "agg"]  # forced remote: KV goes to a decode worker
         cached = {w.name: self.prefix_index.matched_blocks(w.name, hashes) for w in workers}
         rid = f"{self._id_prefix}-{next(self._ids)}"
         request = policy.RouteRequest(rid, len(prompt), hashes, priority,  # type: ignore[arg-type]
@@ -134,6 +140,13 @@ class Router:
         else:
             self._dispatch_prefills()
         return flight
+
+    def worker_gone(self, name: str) -> None:
+        """Discovery says ``name``'s record is gone (lease expired): drop it like a worker that missed heartbeats."""
+        entry = self.registry.workers.get(name)
+        if entry is not None:
+            logger.warning("router: worker %s (%s) lost: its discovery lease expired", name, entry.role)
+            self._worker_lost(entry)
 
     def abort(self, rid: str, cause: str) -> None:
         """End a request early (client gone, stop string matched): both legs get an ``abort``."""
@@ -210,8 +223,12 @@ class Router:
                                         kind="service_unavailable"), "failure")
 
     def _dispatch_prefills(self) -> None:
-        """Hand queued prefills to prefill workers with capacity (the one with fewest queued tokens first)."""
+        """Hand queued prefills to prefill workers with capacity (the one with fewest queued tokens first); when no
+        prefill worker is left at all, their decode workers prefill them locally."""
         while len(self.queue):
+            if not self.registry.count("prefill"):
+                self._prefill_locally(self.queue.pop())
+                continue
             ready = [w for w in self.registry.by_role("prefill") if w.prefill_capacity() > 0]
             if not ready:
                 return
@@ -232,6 +249,23 @@ class Router:
             self.prefix_index.record(worker.name, flight.block_hashes)
             self._dispatch_first(flight, worker.name, Prefill(flight.rid, flight.prompt, flight.sampling,
                                                               flight.decode, flight.deadline_s))
+
+    def _prefill_locally(self, flight: Flight | None) -> None:
+        """A queued request whose prefill pool is gone: its decode worker prefills it (``generate``)."""
+        if flight is None or flight.rid not in self.flights:
+            return
+        decode = self.registry.workers.get(flight.decode)
+        if decode is None:
+            self._fail(flight, ApiError(503, f"decode worker {flight.decode!r} is gone", code="worker_lost",
+                                        kind="service_unavailable"), "failure")
+            return
+        now = time.perf_counter()
+        flight.queue_wait_s += now - (flight.queued_at or now)
+        flight.prefill, flight.phase = None, "decoding"
+        self.metrics.decisions.labels("local", "no_prefill_worker").inc()
+        decode.add_pending(flight.rid, flight.num_prompt_tokens)
+        self._dispatch_first(flight, decode.name, Generate(flight.rid, flight.prompt, flight.sampling,
+                                                           flight.deadline_s))
 
     # -- messages from workers (link thread -> loop) ---------------------------------------------------------------
 
@@ -258,7 +292,13 @@ class Router:
             self._on_tokens(sender, message)
         elif isinstance(message, Load):
             if not self.registry.update(sender, message):
-                logger.debug("router: load from unregistered worker %r", sender)
+                # dropped by its discovery lease while its link stayed up, and registered in etcd again?
+                again = self.discovery.registration(sender) if self.discovery is not None else None
+                if again is not None:
+                    self._on_register(sender, again)
+                    self.registry.update(sender, message)
+                else:
+                    logger.debug("router: load from unregistered worker %r", sender)
         elif isinstance(message, Prefilled):
             self._on_prefilled(sender, message)
         elif isinstance(message, Error):

@@ -65,8 +65,8 @@ class Flight:
         if self.prefill is not None:
             queue = self.queue_wait_s + self.prefill_timing.get("queue_s", 0.0)
             prefill = self.prefill_timing.get("prefill_s", 0.0)
-        else:
-            queue = worker.get("queue_s", 0.0)
+        else:  # queue_wait_s > 0: it waited for a prefill pool that went away
+            queue = self.queue_wait_s + worker.get("queue_s", 0.0)
             prefill = worker.get("prefill_s", 0.0)
         router = (self.dispatched_at - self.arrival) if self.dispatched_at is not None else 0.0
         return {"ttft_s": now - self.arrival, "queue_s": queue, "prefill_s": prefill,

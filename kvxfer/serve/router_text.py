@@ -21,7 +21,7 @@ class OutputText:
         self._pending = ""  # decoded, not sent yet
         self.text = ""  # everything sent
         self.stopped = False
-        self.num_tokens = 0  # tokens pushed before the stop (the usage's completion_tokens)
+        self.token_ids: list[int] = []  # tokens pushed before the stop (the usage's completion_tokens)
 
     def push(self, token_ids: Sequence[int]) -> tuple[str, bool]:
         """Add generated ids; returns the text that may be sent now and whether a stop string matched."""
@@ -29,7 +29,7 @@ class OutputText:
             return "", True
         for token_id in token_ids:
             self._pending += self._detokenizer.push(token_id)
-            self.num_tokens += 1
+            self.token_ids.append(token_id)
         found = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
         if found:  # a match cannot begin in text already sent: that text was held back while it could
             out, self._pending, self.stopped = self._pending[:min(found)], "", True
@@ -39,6 +39,10 @@ class OutputText:
         out, self._pending = (self._pending[:split], self._pending[split:]) if split > 0 else ("", self._pending)
         self.text += out
         return out, False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
     def flush(self) -> str:
         """The held text at the end of the stream (a stop string never matched)."""

@@ -136,7 +136,8 @@ class WorkerRegistry:
 
     def peers(self) -> tuple[PeerInfo, ...]:
         """Every worker as the others need it (the ``peers`` message)."""
-        return tuple(PeerInfo(w.name, w.role, w.info.rank_info) for w in self.workers.values())
+        return tuple(PeerInfo(w.name, w.role, w.info.rank_info) for w in self.workers.values()
+                     if w.info.rank_info)  # agg workers move no KV: they have no agent to connect to
 
     def block_size(self) -> int | None:
         """The block size of the decode-capable workers (they must agree for prefix hashes to match)."""

@@ -132,6 +132,11 @@ class Worker:
         return DecodeLoop(self.name, self._send, engine, self.connector,
                           spec.block_nbytes // spec.block_size * spec.tp_size)
 
+    def _on_connect(self) -> None:
+        """(Re)connected to the router: (re)register (a router that restarted knows nothing of this worker)."""
+        if self.link is not None:
+            self.link.send(self.register)
+
     def _send(self, message: Any) -> bool:
         return self.link is not None and bool(self.link.send(message))
 
@@ -139,8 +144,7 @@ class Worker:
         """Serve until drained or the router is lost; the exit code."""
         from .control import WorkerLink
 
-        self.link = WorkerLink(self.args.router, self.name, self.loop.post,
-                               on_connect=lambda: self.link is not None and self.link.send(self.register))
+        self.link = WorkerLink(self.args.router, self.name, self.loop.post, on_connect=self._on_connect)
         if self.link.connected:  # connected before self.link was set: the callback could not send
             self.link.send(self.register)
         self.loop.start()

@@ -131,8 +131,11 @@ class DecodeLoop(Loop):
         if self.connector is not None:
             if self._deferred:
                 self._start_pulls()
-            for admission in self.connector.poll():
+            admissions = self.connector.poll()
+            for admission in admissions:
                 self._admitted(admission)
+            if admissions:
+                self.flush()  # the first tokens leave before the next (slow) engine step
                 busy = True
         if self.engine.has_unfinished:
             self._step()
@@ -216,7 +219,7 @@ class DecodeLoop(Loop):
         return self._pull_sources.pop(rid, None)
 
     def _check_deadlines(self) -> None:
-        now = time.time()
+        now = self.now
         for rid in [rid for rid, active in self._active.items() if active.deadline <= now]:
             self._fail(rid, "deadline", f"the request's deadline passed on worker {self.name}")
 
@@ -257,6 +260,9 @@ class DecodeLoop(Loop):
 
     def has_work(self) -> bool:
         return bool(self._active)
+
+    def polling(self) -> bool:
+        return bool(self._deferred) or (self.connector is not None and bool(self.connector.pending_request_ids))
 
     def connect(self, rank_info: list[bytes]) -> str:
         if self.connector is None:

@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from ..errors import KvxferError
 from . import protocol
 from .protocol import AnyMessage, Error, Load, Message, Tokens, TokensBatch
 
@@ -22,7 +23,8 @@ logger = logging.getLogger("kvxfer.serve")
 
 INBOX_LIMIT = 4096
 TOKENS_PER_FRAME = 512  # Tokens entries per TokensBatch frame (keeps frames far below the 1 MiB cap)
-IDLE_WAIT_S = 0.002
+POLL_WAIT_S = 0.002  # idle wait while transfers or leases need polling
+IDLE_WAIT_S = 0.05  # idle wait otherwise (a message from the router wakes the loop at once)
 RATE_WINDOW = 32
 PEER_RETRY_S = 1.0  # pulls per peer the link rate is measured over
 
@@ -69,6 +71,10 @@ class Loop:
         self._inbox: queue.Queue[AnyMessage] = queue.Queue(maxsize=INBOX_LIMIT)
         self._tokens: list[Tokens] = []
         self._load: Load = Load(0, 0, 0, 0, 0, 0.0, 0.0, {})
+        self.now = time.time()  # the iteration's clock for decisions (deadlines): the leader's under TP
+        #: TP > 1: ``sync(messages, now, stop)`` returns the leader's values on every rank (a broadcast)
+        self.sync: Callable[[list[AnyMessage], float, bool], tuple[list[AnyMessage], float, bool]] | None = None
+        self.leader = True  # the rank that talks to the router
         self._stop = threading.Event()
         self._drain_until: float | None = None
         self.error: BaseException | None = None
@@ -119,15 +125,26 @@ class Loop:
 
     def _main(self) -> None:
         try:
-            while not self._stop.is_set():
+            busy = True
+            while True:
+                messages: list[AnyMessage] = []
+                if self.leader:
+                    messages = self._take_inbox(0.0 if busy else POLL_WAIT_S if self.polling() else IDLE_WAIT_S)
+                stop = self._stop.is_set() or (self._drain_until is not None and not messages and (
+                    not self.has_work() or time.monotonic() > self._drain_until))
+                now = time.time()
+                if self.sync is not None:  # every TP rank makes the leader's decisions, in the same order
+                    messages, now, stop = self.sync(messages, now, stop)
+                if stop:
+                    break
+                self.now = now
+                for message in messages:
+                    self._dispatch(message)
                 if self._unconnected and time.monotonic() > self._next_retry:
                     self.retry_peers()
-                busy = self._iteration()
+                busy = self._iteration() or bool(messages)
                 self._flush()
                 self._load = self.snapshot()
-                if self._drain_until is not None and (not self.has_work() or time.monotonic() > self._drain_until):
-                    break
-                self._handle_inbox(wait=0.0 if busy else IDLE_WAIT_S)
             self.abort_all("abort")
             self._flush()
         except BaseException as error:  # the process must notice: the main thread exits non-zero
@@ -136,17 +153,18 @@ class Loop:
         finally:
             self._stop.set()
 
-    def _handle_inbox(self, wait: float) -> None:
+    def _take_inbox(self, wait: float) -> list[AnyMessage]:
+        """The queued messages (waiting up to ``wait`` seconds for the first)."""
         try:
-            message = self._inbox.get(timeout=wait) if wait > 0 else self._inbox.get_nowait()
+            messages = [self._inbox.get(timeout=wait) if wait > 0 else self._inbox.get_nowait()]
         except queue.Empty:
-            return
-        for _ in range(INBOX_LIMIT):
-            self._dispatch(message)
+            return []
+        while len(messages) < INBOX_LIMIT:
             try:
-                message = self._inbox.get_nowait()
+                messages.append(self._inbox.get_nowait())
             except queue.Empty:
-                return
+                break
+        return messages
 
     def _dispatch(self, message: AnyMessage) -> None:
         if isinstance(message, protocol.Shutdown):
@@ -160,7 +178,7 @@ class Loop:
         elif isinstance(message, (protocol.Generate, protocol.Prefill, protocol.Decode)):
             if self._drain_until is not None:
                 self._send(Error(message.rid, "draining", f"worker {self.name} is shutting down"))
-            elif message.deadline_s <= time.time():
+            elif message.deadline_s <= self.now:
                 self._send(Error(message.rid, "deadline", "the request's deadline passed before it arrived"))
             else:
                 self.accept(message)
@@ -182,7 +200,7 @@ class Loop:
         for name, rank_info in list(self._unconnected.items()):
             try:
                 group = self.connect(list(rank_info))
-            except Exception as error:  # a bad or unreachable peer must not stop the worker: log it, retry later
+            except (KvxferError, OSError) as error:  # a bad or unreachable peer must not stop the worker: retry later
                 logger.warning("worker %s: cannot connect to %s %s: %s", self.name, self.peer_role, name, error)
                 continue
             del self._unconnected[name]
@@ -194,6 +212,10 @@ class Loop:
     def emit(self, tokens: Tokens) -> None:
         """Queue tokens for the batch sent at the end of this iteration."""
         self._tokens.append(tokens)
+
+    def flush(self) -> None:
+        """Send the queued tokens now (one frame per TOKENS_PER_FRAME requests)."""
+        self._flush()
 
     def _flush(self) -> None:
         items, self._tokens = self._tokens, []
@@ -222,6 +244,10 @@ class Loop:
         raise NotImplementedError
 
     def has_work(self) -> bool:
+        raise NotImplementedError
+
+    def polling(self) -> bool:
+        """Whether something (a transfer, a lease) progresses without a message: the loop then polls often."""
         raise NotImplementedError
 
     def connect(self, rank_info: list[bytes]) -> str:

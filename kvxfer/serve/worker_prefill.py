@@ -71,7 +71,7 @@ class PrefillLoop(Loop):
     def _iteration(self) -> bool:
         for rid in self.connector.poll():
             self._deadlines.pop(rid, None)
-        now = time.time()
+        now = self.now
         for queued in [q for q in self._queue if q.deadline <= now]:
             self._queue.remove(queued)
             self.send(Error(queued.request.request_id, "deadline", f"deadline passed in {self.name}'s queue"))
@@ -143,6 +143,9 @@ class PrefillLoop(Loop):
 
     def has_work(self) -> bool:
         return bool(self._queue or self.connector.held_request_ids)
+
+    def polling(self) -> bool:
+        return bool(self._deadlines)
 
     def connect(self, rank_info: list[bytes]) -> str:
         return self.connector.connect(rank_info)

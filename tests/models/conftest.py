@@ -49,10 +49,12 @@ def smol_model(smol_cache: dict[str, Any]) -> Any:
 
 @pytest.fixture(scope="session")
 def hf_reference(smol_gguf: Path) -> tuple[Any, Any]:
-    """transformers' own GGUF loader on the same file: (model float32, tokenizer)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF file")
+    """transformers' own GGUF loader on the same file: (model float32, tokenizer). transformers needs accelerate
+    (and gguf) to load a GGUF file; both are test dependencies, so their absence fails rather than skips."""
+    import accelerate  # noqa: F401
+    import torch
+    import transformers
+
     directory, name = str(smol_gguf.parent), smol_gguf.name
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)

@@ -88,3 +88,26 @@ def test_random_weights_need_only_config_and_tokenizer(tmp_path: Path) -> None:
     assert not torch.equal(logits, load_model(shape_only, random_weights=True, seed=4).build().dense_logits(ids))
     assert not torch.equal(logits, tiny.build().dense_logits(ids))
     assert first.build(dtype="bfloat16").embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_build_loads_this_ranks_shard(tmp_path: Path) -> None:
+    from kvxfer.engine import TensorParallel
+
+    bundle = load_model("tiny-random", cache_dir=tmp_path)
+    full = bundle.build()
+    shard = bundle.build(tp=TensorParallel(rank=1, size=2))  # 4 heads, 2 KV heads of 16 dims: rank 1 holds half
+    attention, reference = shard.layers[0].self_attn, full.layers[0].self_attn
+    assert torch.equal(attention.q_proj.weight, reference.q_proj.weight[32:])
+    assert torch.equal(attention.k_proj.weight, reference.k_proj.weight[16:])
+    assert torch.equal(attention.o_proj.weight, reference.o_proj.weight[:, 32:])
+    assert torch.equal(shard.embed_tokens.weight, full.embed_tokens.weight)
+    random_shard = load_model(bundle.directory, random_weights=True).build(tp=TensorParallel(rank=1, size=2))
+    random_full = load_model(bundle.directory, random_weights=True).build()
+    assert torch.equal(random_shard.layers[0].mlp.down_proj.weight, random_full.layers[0].mlp.down_proj.weight[:, 64:])
+
+
+def test_a_path_is_a_directory_even_with_a_builtin_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="local model directory"):
+        load_model(Path("tiny-random"), cache_dir=tmp_path / "cache")
+    assert load_model("tiny-random", cache_dir=tmp_path / "cache").name == "tiny-random"

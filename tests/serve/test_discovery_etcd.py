@@ -133,6 +133,12 @@ def test_bad_records_under_the_prefix_are_dropped(etcd: Etcd) -> None:
         gateway.put(discovery.prefix + b"elsewhere", record("p9").encode())  # name and key disagree
         discovery.register(record("p1"), ttl_s=5)
         assert [r.name for r in discovery.list()] == ["p1"] and discovery.num_bad_records == 2
+        watch = discovery.watch()
+        assert next_event(watch, 5.0).name == "p1"
+        gateway.put(discovery.prefix + b"junk2", b"\xff\xfe")  # while watching: dropped, the watch goes on
+        discovery.register(record("p3"), ttl_s=5)
+        event = next_event(watch, 10.0)
+        assert (event.kind, event.name) == ("add", "p3") and discovery.num_bad_records >= 3
     gateway.close()
 
 

@@ -168,3 +168,25 @@ def test_sigterm_drains_and_exits_zero(server_dir: Path) -> None:
         assert server.workers["decode-0"].wait(10) == 0  # told to shut down
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_requests_queued_for_a_lost_prefill_pool_fall_back_to_local_prefill(server_dir: Path) -> None:
+    policy = write_policy(server_dir / "fallback.json", max_local_prefill_length=16, ttft_slo_s=60.0)
+    server = launch(["router", "--model", "tiny-random", "--port", "0", "--policy", str(policy)],
+                    server_dir / "fallback.log")
+    try:
+        victim = server.start_null_worker("prefill-0", "prefill", prefill_delay=0.5, max_batch=1)
+        server.start_null_worker("decode-0", "decode")
+        server.wait_workers({"prefill-0", "decode-0"})
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(complete, server, str(i) + "f" * 64, 3) for i in range(6)]
+            time.sleep(0.3)
+            victim.send_signal(signal.SIGKILL)
+            replies = [f.result(timeout=60) for f in futures]
+        assert [r.status_code for r in replies] == [200] * 6
+        assert sum(not r.json()["kvxfer"]["disaggregated"] for r in replies) >= 4  # prefilled by decode-0
+        assert server.metric("kvxfer_disaggregation_decisions_total", prefill="local",
+                             reason="no_prefill_worker") >= 4
+    finally:
+        server.stop()

@@ -58,7 +58,7 @@ def test_disaggregated_equals_aggregated(pair: FakeRouter) -> None:
     # blocks come back on both sides once the pulls ended (decode: the sequences finished)
     mark = {name: pair.count(name) for name in ("p0", "d0")}
     for name in ("p0", "d0"):
-        load = pair.load(name, lambda m: m.free_blocks == initial[name], start=mark[name])
+        load = pair.load(name, lambda m, name=name: m.free_blocks == initial[name], start=mark[name])
         assert load.active_blocks == 0
     links = pair.load("d0", lambda m: bool(m.links)).links
     assert set(links) == {"p0"} and links["p0"][0] > 0  # the pipe's measured rate on the p0 -> d0 link
@@ -86,7 +86,8 @@ def test_abort_mid_decode_frees_blocks_on_both_sides(pair: FakeRouter) -> None:
     assert pair.stream("p0", "b")[1] == "abort"
     mark = {name: pair.count(name) for name in ("p0", "d0")}
     for name in ("p0", "d0"):
-        load = pair.load(name, lambda m: m.free_blocks == initial[name] and m.running == 0, start=mark[name])
+        load = pair.load(name, lambda m, name=name: m.free_blocks == initial[name] and m.running == 0,
+                         start=mark[name])
         assert load.active_blocks == 0
 
 

@@ -1,0 +1,128 @@
+"""`kvxfer serve` end to end on CPU with tiny-random: real router, real prefill / decode / agg worker processes, the
+openai client. One server is shared by the module (1 prefill + 1 decode worker; remote prefill above 64 uncached
+prompt tokens). "Aggregated" is the decode worker prefilling the prompt itself (``kvxfer.prefill: local``)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import openai
+import pytest
+
+from .conftest import Server, launch, write_policy
+
+pytestmark = pytest.mark.timeout(300)
+LONG = "The quick brown fox jumps over the lazy dog; " * 4  # ~180 byte-level tokens: remote prefill
+SHORT = "Hi!"
+
+
+@pytest.fixture(scope="module")
+def tiny_serve(server_dir: Path) -> Iterator[Server]:
+    policy = write_policy(server_dir / "e2e.json", max_local_prefill_length=64, ttft_slo_s=60.0)
+    server = launch(["serve", "--model", "tiny-random", "--prefill", "1", "--decode", "1", "--port", "0", "--policy",
+                     str(policy), "--num-blocks", "256"], server_dir / "serve.log")
+    try:
+        yield server
+    finally:
+        assert server.stop() == 0
+
+
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60.0)
+
+
+def generate(server: Server, prompt: str, mode: str, max_tokens: int = 12) -> dict:
+    reply = server.post("/v1/completions", {"model": "tiny-random", "prompt": prompt, "max_tokens": max_tokens,
+                                            "temperature": 0, "ignore_eos": True,
+                                            "kvxfer": {"timing": True, "token_ids": True, "prefill": mode}})
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_streaming_and_non_streaming_chat_agree(tiny_serve: Server) -> None:
+    messages = [{"role": "user", "content": "Tell me about KV caches."}]
+    answer = client(tiny_serve).chat.completions.create(model="tiny-random", messages=messages, max_tokens=10,
+                                                        temperature=0, extra_body={"ignore_eos": True})
+    stream = client(tiny_serve).chat.completions.create(model="tiny-random", messages=messages, max_tokens=10,
+                                                        temperature=0, stream=True,
+                                                        extra_body={"ignore_eos": True})
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert answer.choices[0].message.content == streamed
+    assert answer.usage is not None and answer.usage.completion_tokens == 10
+
+
+def test_disaggregated_output_equals_aggregated_token_for_token(tiny_serve: Server) -> None:
+    remote = generate(tiny_serve, LONG, "remote")  # nothing cached anywhere yet
+    again = generate(tiny_serve, LONG, "remote")  # the decode worker has the prefix cached now
+    local = generate(tiny_serve, LONG, "local")
+    assert local["kvxfer"]["disaggregated"] is False
+    assert remote["kvxfer"]["disaggregated"] is True and remote["kvxfer"]["kv_bytes"] > 0
+    assert remote["kvxfer"]["cached_tokens"] == 0 < again["kvxfer"]["cached_tokens"]
+    assert again["kvxfer"]["kv_bytes"] < remote["kvxfer"]["kv_bytes"]  # only the uncached tail moved
+    assert len(local["kvxfer"]["token_ids"]) == 12
+    assert local["kvxfer"]["token_ids"] == remote["kvxfer"]["token_ids"] == again["kvxfer"]["token_ids"]
+    other = generate(tiny_serve, LONG + "and a different tail", "remote")
+    assert other["kvxfer"]["token_ids"] == generate(tiny_serve, LONG + "and a different tail", "local")["kvxfer"][
+        "token_ids"]
+
+
+def test_conditional_disaggregation_both_branches(tiny_serve: Server) -> None:
+    remote_before = tiny_serve.metric("kvxfer_disaggregation_decisions_total", prefill="remote")
+    short = generate(tiny_serve, SHORT, "auto")["kvxfer"]
+    long = generate(tiny_serve, "A fresh long prompt, never seen before by any worker. " * 4, "auto")["kvxfer"]
+    assert short["disaggregated"] is False and short["prefill_worker"] == "decode-0"
+    assert long["disaggregated"] is True and (long["prefill_worker"], long["decode_worker"]) == ("prefill-0",
+                                                                                                 "decode-0")
+    assert tiny_serve.metric("kvxfer_disaggregation_decisions_total", prefill="remote") == remote_before + 1
+    assert tiny_serve.metric("kvxfer_ttft_part_seconds_count", part="transfer") >= 1
+
+
+def free_blocks(server: Server) -> dict[str, int]:
+    return {w["name"]: w["free_blocks"] for w in server.workers_info()}
+
+
+def test_client_disconnect_mid_stream_frees_kv_on_both_sides(tiny_serve: Server) -> None:
+    time.sleep(0.6)  # a fresh load report from every worker
+    before = free_blocks(tiny_serve)
+    body = {"model": "tiny-random", "prompt": "Disconnect me please. " * 10, "max_tokens": 1500, "stream": True,
+            "ignore_eos": True, "kvxfer": {"prefill": "remote"}}
+    with httpx.Client(base_url=tiny_serve.url, timeout=60) as http, \
+            http.stream("POST", "/v1/completions", json=body) as reply:
+        assert reply.status_code == 200
+        lines = reply.iter_lines()  # kept open: closing the iterator would close the connection
+        for _ in range(3):
+            assert next(line for line in lines if line.startswith("data:"))
+        time.sleep(0.6)
+        assert free_blocks(tiny_serve)["decode-0"] < before["decode-0"]  # the request holds blocks now
+    give_up = time.monotonic() + 20
+    while free_blocks(tiny_serve) != before and time.monotonic() < give_up:
+        time.sleep(0.2)
+    assert free_blocks(tiny_serve) == before
+    assert tiny_serve.metric("kvxfer_aborts_total", cause="disconnect") >= 1
+
+
+@pytest.mark.slow
+def test_agg_worker_output_and_sigint_drain(server_dir: Path, tiny_serve: Server) -> None:
+    server = launch(["serve", "--model", "tiny-random", "--prefill", "1", "--agg", "1", "--decode", "0", "--port",
+                     "0"], server_dir / "sigint.log")
+    try:
+        reply = server.post("/v1/completions", {"model": "tiny-random", "prompt": LONG, "max_tokens": 12,
+                                                "temperature": 0, "ignore_eos": True, "kvxfer": {"token_ids": True}})
+        assert reply.status_code == 200
+        agg_ids = reply.json()["kvxfer"]["token_ids"]  # an agg worker always prefills locally
+        assert agg_ids == generate(tiny_serve, LONG, "remote")["kvxfer"]["token_ids"]
+        pid = server.process.pid
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        assert len(children) == 2
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(60) == 0
+        assert "draining" in server.log.read_text()
+        for child in children:  # gone (or a zombie about to be reaped by init), not running on
+            stat = Path(f"/proc/{child}/stat")
+            assert not stat.exists() or stat.read_text().split(")")[1].split()[0] in ("Z", "X")
+    finally:
+        server.stop()
