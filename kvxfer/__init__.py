@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 from .agent import Agent
 from .descs import Descs
-from .errors import (BackendError, BackendUnavailableError, ConfigError, DescriptorError, EngineTimeoutError,
-                     HandshakeError, KvxferError, LayoutMismatchError, LeaseLostError, OutOfBlocksError,
-                     PeerDisconnectedError, PeerError, RegistrationError, TransferCancelledError, TransferError,
-                     TransferTimeoutError, UcxStatusError, UsageError)
+from .errors import (AdmissionRejectedError, BackendError, BackendUnavailableError, ConfigError, DescriptorError,
+                     EngineTimeoutError, HandshakeError, KvxferError, LayoutMismatchError, LeaseLostError,
+                     OutOfBlocksError, PeerDisconnectedError, PeerError, QueueFullError, RegistrationError,
+                     RequeueLimitError, TransferCancelledError, TransferError, TransferTimeoutError, UcxStatusError,
+                     UsageError)
 from .handle import Handle, Notification, Timeouts, TransferHandle, TransferState
 from .memory import MemoryKind, Region, RemoteRegion
 from .peer import Peer
@@ -34,6 +35,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'kvxfer' has no attribute {name!r}")
 
 __all__ = [
+    "AdmissionRejectedError",
     "Agent",
     "BackendError",
     "BackendUnavailableError",
@@ -56,9 +58,11 @@ __all__ = [
     "PeerDisconnectedError",
     "PeerError",
     "PipeHandle",
+    "QueueFullError",
     "Region",
     "RegistrationError",
     "RemoteRegion",
+    "RequeueLimitError",
     "Timeouts",
     "TransferCancelledError",
     "TransferError",

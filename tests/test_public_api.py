@@ -9,6 +9,7 @@ DOCUMENTED = {
     "TransferTimeoutError", "UsageError", "KVPipe", "__version__",
     "Handle", "PipeHandle",  # every handle kvxfer returns, and the protocol they share
     "EngineTimeoutError", "LeaseLostError", "OutOfBlocksError", "UcxStatusError",  # every exception, errors.py
+    "AdmissionRejectedError", "QueueFullError", "RequeueLimitError",  # the serving layer's, errors.py too
 }
 
 
