@@ -8,24 +8,38 @@ import threading
 import time
 import uuid
 import warnings
-from collections import deque
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
 from . import backends as backend_registry
 from .backends.base import Backend, BackendContext, Op
+from .control import PREFIX as CONTROL_PREFIX
+from .control import ControlChannel
 from .descs import Descs
+from .environment import host_id as default_host_id
 from .errors import (BackendUnavailableError, ConfigError, DescriptorError, HandshakeError, KvxferError, PeerError,
                      RegistrationError, UsageError)
 from .handle import Notification, Timeouts, TransferHandle
-from .memory import Region
+from .inbox import Inbox
+from .limits import Limits, check_timeout
+from .memory import MemoryKind, Region, check_writable
 from .metadata import AgentMetadata, RegionMeta
-from .peer import Peer
-from .plan import RegionTable, TransferPlan, check_pair_sizes
+from .peer import Peer, check_not_replayed, enroll
+from .plan import TransferPlan, check_pair_sizes
 from .registry import RegionRegistry
 from .sidechannel import SideChannelServer, fetch_metadata
-from .environment import host_id as default_host_id
+from .signature import is_envelope, open_metadata, sign_metadata
 
 logger = logging.getLogger("kvxfer")
+
+
+class Service(Protocol):
+    """Something an agent runs for its users (block leases, layer announcements): built by ``kind(agent)`` on
+    first :meth:`Agent.service`, closed by :meth:`Agent.close`."""
+
+    def close(self) -> None: ...
+
+
+ServiceT = TypeVar("ServiceT", bound=Service)
 
 
 class Agent:
@@ -33,34 +47,42 @@ class Agent:
 
     ``backends``: names ("local", "cuda_ipc", "ucx", ...) or Backend instances; default: every backend available
     here (or ``KVXFER_BACKENDS``). ``listen``: "host:port" to serve metadata on a side channel (port 0 picks one);
-    ``token``: a shared secret the side channel requires. ``compat``: a string peers must match (e.g. a model id).
+    ``token``: a shared secret the side channel requires (and signs the metadata it serves with; needs
+    ``listen``). A side channel on an address other than loopback needs a token unless
+    ``allow_unauthenticated=True`` says that anyone who reaches it may read the metadata (docs/security.md).
+    ``compat``: a string peers must match (e.g. a model id). ``limits``: bounds on what peers may make this agent
+    hold (:class:`~kvxfer.limits.Limits`).
     """
 
     def __init__(self, name: str, backends: Sequence[str | Backend] | None = None, *,
                  timeouts: Timeouts | None = None, listen: str | None = None, token: str | None = None,
-                 compat: str = "", host_id: str | None = None) -> None:
-        if not isinstance(name, str) or not name or len(name) > 256:
-            raise ConfigError(f"name must be a non-empty string of <= 256 characters, got {name!r}")
+                 compat: str = "", host_id: str | None = None, limits: Limits | None = None,
+                 allow_unauthenticated: bool = False) -> None:
+        _check_arguments(name, timeouts, listen, token, compat, host_id, limits)
         self.name = name
         self.uid = uuid.uuid4().hex
         self.timeouts = timeouts or Timeouts()
+        self.limits = limits or Limits()
         self.compat = compat
         self.host_id = host_id or default_host_id()
         self.pid = os.getpid()
         self._lock = threading.RLock()
         self._closed = True  # until construction succeeds: a half-built agent has nothing to close
         self._peers: dict[str, Peer] = {}
-        self._notes: deque[Notification] = deque()
-        self._notes_ready = threading.Condition()
-        self._subscriptions: dict[bytes, Any] = {}
+        self._services: dict[type, Service] = {}
+        #: kvxfer's own control messages (leases, layer announcements, connector notes) to and from peers
+        self.control = ControlChannel(name, self.notify)
+        self._inbox = Inbox(name, self.limits)
         self._regions = RegionRegistry()
         self._active: set[TransferHandle] = set()
         context = BackendContext(self.name, self.uid, self.host_id, self.pid, self.timeouts, self._deliver,
                                  self._peer_lost)
         self._backends = backend_registry.create_all(backends, context)
         self._closed = False
+        enroll(self)
         try:
-            self._side_channel = SideChannelServer(listen, self.metadata, token) if listen else None
+            self._side_channel = SideChannelServer(listen, self.metadata, token, self.limits,
+                                                   allow_unauthenticated) if listen else None
         except Exception:
             self.close()
             raise
@@ -72,10 +94,17 @@ class Agent:
         """Register an array (numpy / torch / cupy / DLPack) or a :class:`Region`; returns the Region."""
         self._check_open()
         region = Region.from_array(array)
+        if region.kind is MemoryKind.HOST:
+            check_writable(region.addr, region.nbytes)  # a peer may write into it; a READ lands in it
         with self._lock:
             if region.registered:
                 raise RegistrationError(f"region {region.name!r} is already registered with agent "
                                         f"{region._agent.name!r}")
+            for other in self._regions.all():
+                if other.kind is region.kind and other.addr < region.end and region.addr < other.end:
+                    raise RegistrationError(f"[{region.addr:#x}, +{region.nbytes}) overlaps region {other.name!r} "
+                                            f"[{other.addr:#x}, +{other.nbytes}) already registered with agent "
+                                            f"{self.name!r}: register one region and describe parts with Descs")
             index = self._regions.add(region, name)
             done: list[Backend] = []
             try:
@@ -123,6 +152,10 @@ class Agent:
         """The regions registered now."""
         return self._regions.all()
 
+    def region_at(self, index: int) -> Region:
+        """The registered region with index ``index`` (RegistrationError when none is)."""
+        return self._regions.get(index)
+
     def _busy_with(self, index: int) -> bool:
         for handle in list(self._active):
             handle.poll()
@@ -131,9 +164,12 @@ class Agent:
 
     # ---- metadata and peers ------------------------------------------------------------------------------------
 
-    def metadata(self) -> bytes:
-        """This agent's metadata: opaque, versioned bytes a peer passes to :meth:`connect`."""
+    def metadata(self, token: str | None = None) -> bytes:
+        """This agent's metadata: opaque, versioned bytes a peer passes to :meth:`connect`. With ``token``: signed
+        under it (HMAC-SHA256, timestamped), for a peer that calls ``connect(meta, token=...)``."""
         self._check_open()
+        if token is not None:
+            return sign_metadata(self.metadata(), token)
         with self._lock:
             regions = tuple(RegionMeta(r.name, r.index, r.addr, r.nbytes, r.kind, r.device, dict(r._backend_keys))
                             for r in self._regions.all())
@@ -146,20 +182,29 @@ class Agent:
         """"host:port" of the side channel, or None when not listening."""
         return self._side_channel.address if self._side_channel else None
 
-    def connect(self, metadata: bytes) -> Peer:
-        """Connect to the agent whose :meth:`metadata` this is; reconnecting replaces the old Peer."""
+    def connect(self, metadata: bytes, token: str | None = None) -> Peer:
+        """Connect to the agent whose :meth:`metadata` this is; reconnecting replaces the old Peer.
+
+        With ``token``, ``metadata`` must be signed under it (``metadata(token=...)``) and at most
+        ``Limits.metadata_max_age`` seconds old; the signature is checked before anything else reads it. Metadata
+        that claims to come from this process must match what that agent really registered (docs/security.md)."""
         self._check_open()
+        if token is not None:
+            metadata = open_metadata(metadata, token, self.limits.metadata_max_age)
+        elif is_envelope(metadata):
+            raise HandshakeError("metadata is signed: pass the token that verifies it, connect(meta, token=...)")
         meta = AgentMetadata.decode(metadata)
         if meta.compat != self.compat:
             raise HandshakeError(f"peer {meta.name!r} is incompatible: compat {meta.compat!r} != ours "
                                  f"{self.compat!r}", meta.name)
+        check_not_replayed(meta, self)
         with self._lock:
             old = self._peers.get(meta.name)
             if old is not None:
                 self.disconnect(old)
             peer = Peer(meta, [])
             for backend in self._backends:
-                if backend.can_reach(peer):
+                if backend.caps.reaches(peer.meta, self.host_id, self.pid):
                     try:
                         backend.connect(peer)
                     except KvxferError as error:
@@ -176,9 +221,12 @@ class Agent:
         return peer
 
     def connect_to(self, address: str, token: str | None = None, timeout: float | None = None) -> Peer:
-        """Fetch a peer's metadata from its side channel at "host:port" and connect."""
-        limit = self.timeouts.connect if timeout is None else timeout
-        return self.connect(fetch_metadata(address, token, limit))
+        """Fetch a peer's metadata from its side channel at "host:port" and connect, all within ``timeout``
+        seconds (default ``Timeouts.connect``). With ``token``, the server must prove it holds the same token (its
+        answer is authenticated) before any byte of it is decoded."""
+        self._check_open()
+        limit = check_timeout(timeout)
+        return self.connect(fetch_metadata(address, token, self.timeouts.connect if limit is None else limit))
 
     def disconnect(self, peer: Peer | str) -> None:
         """Forget ``peer``; transfers still in flight with it fail."""
@@ -225,15 +273,17 @@ class Agent:
         check_pair_sizes(local_descs, remote_descs)
         local_kinds = self._regions.table().check(local_descs, "local_descs", f"agent {self.name!r}")
         remote_kinds = peer.table.check(remote_descs, "remote_descs", f"peer {peer.name!r}")
-        backend = self._choose_backend(peer, local_kinds, remote_kinds)
+        backend = self.backend_for(peer, local_kinds, remote_kinds)
         plan = TransferPlan(self, peer, backend, local_descs, remote_descs)
         backend.prepare(plan)
         return plan
 
-    def _choose_backend(self, peer: Peer, local_kinds: Iterable, remote_kinds: Iterable) -> Backend:
+    def backend_for(self, peer: Peer, local_kinds: Iterable[MemoryKind], remote_kinds: Iterable[MemoryKind]) -> Backend:
+        """The preferred backend of ``peer`` that moves every pair of memory kinds (local kind, remote kind);
+        BackendUnavailableError when none does."""
         pairs = [(a, b) for a in local_kinds for b in remote_kinds]
         for backend in sorted(peer.backends, key=lambda b: -b.caps.preference):
-            if all(backend.supports(a, b) for a, b in pairs):
+            if all(backend.caps.supports(a, b) for a, b in pairs):
                 return backend
         raise BackendUnavailableError(
             f"no backend moves {sorted(str(a.value) + '->' + str(b.value) for a, b in pairs)} with peer "
@@ -254,11 +304,15 @@ class Agent:
         plan.check_owner(self)
         if notify is not None and not isinstance(notify, (bytes, bytearray)):
             raise ConfigError(f"notify must be bytes or None, got {type(notify).__name__}")
-        plan.check_destination(op.value)
+        if notify is not None and len(notify) > self.limits.notification_nbytes:
+            raise ConfigError(f"notify of {len(notify)} bytes is over Limits.notification_nbytes = "
+                              f"{self.limits.notification_nbytes}")
+        limit = check_timeout(timeout)
+        plan.check_destination(op)
         self._regions.check_live(plan.local_regions)
-        deadline = time.monotonic() + (self.timeouts.transfer if timeout is None else timeout)
+        deadline = time.monotonic() + (self.timeouts.transfer if limit is None else limit)
         request = plan.backend.post(op, plan, None if notify is None else bytes(notify))
-        handle = TransferHandle(self, plan.backend, request, op.value, plan.nbytes, deadline, self._on_final)
+        handle = TransferHandle(self, plan.backend, request, op, plan.nbytes, deadline, self._on_final)
         handle.regions = plan.local_regions
         self._regions.pin(plan.local_regions)
         self._active.add(handle)
@@ -273,41 +327,64 @@ class Agent:
 
     def notifications(self, timeout: float = 0.0) -> list[Notification]:
         """Take the notifications received so far; with ``timeout`` > 0, wait that long for at least one."""
-        with self._notes_ready:
-            if not self._notes and timeout > 0:
-                self._notes_ready.wait_for(lambda: bool(self._notes) or self._closed, timeout)
-            taken = list(self._notes)
-            self._notes.clear()
-        return taken
+        self._check_open()
+        return self._inbox.take(check_timeout(timeout, allow_none=False) or 0.0)
+
+    @property
+    def dropped_notifications(self) -> dict[str, int]:
+        """Incoming notifications dropped over ``limits`` so far, by reason ("oversized", "queue full")."""
+        return dict(self._inbox.dropped)
 
     def notify(self, peer: Peer | str, payload: bytes) -> None:
-        """Send ``peer`` a standalone message (no data attached)."""
+        """Send ``peer`` a standalone message (no data attached), of at most ``Limits.notification_nbytes``."""
         self._check_open()
         peer = self.peer(peer)
         if not isinstance(payload, (bytes, bytearray)):
             raise ConfigError(f"payload must be bytes, got {type(payload).__name__}")
+        if len(payload) > self.limits.notification_nbytes:
+            raise ConfigError(f"payload of {len(payload)} bytes is over Limits.notification_nbytes = "
+                              f"{self.limits.notification_nbytes}")
         if not peer.connected:
             raise PeerError(f"peer {peer.name!r} is disconnected ({peer.lost_reason})", peer.name)
         peer.backends[0].send_notification(peer, bytes(payload))
 
-    def subscribe(self, prefix: bytes, callback: Any) -> None:
+    def subscribe(self, prefix: bytes, callback: Callable[[Notification], None]) -> None:
         """Hand notifications whose payload starts with ``prefix`` to ``callback(notification)`` (called from a
-        backend thread) instead of :meth:`notifications`. kvxfer's own control messages use b"kvx:"."""
+        backend thread) instead of :meth:`notifications`. kvxfer's own control messages use b"kvx:" (reserved:
+        they go to :attr:`control`)."""
+        self._check_open()
         if not isinstance(prefix, bytes) or not prefix:
             raise ConfigError(f"prefix must be non-empty bytes, got {prefix!r}")
-        self._subscriptions[prefix] = callback
+        if prefix.startswith(CONTROL_PREFIX) or CONTROL_PREFIX.startswith(prefix):
+            raise ConfigError(f"prefix {prefix!r} overlaps kvxfer's control messages ({CONTROL_PREFIX!r}); use "
+                              "agent.control for those")
+        if not callable(callback):
+            raise ConfigError(f"callback must be callable, got {type(callback).__name__}")
+        self._inbox.subscribe(prefix, callback)
+
+    def service(self, kind: type[ServiceT]) -> ServiceT:
+        """This agent's ``kind`` service, built by ``kind(self)`` on first use; :meth:`close` closes it (services
+        close in the reverse order of their creation, before the peers and backends)."""
+        with self._lock:
+            found = self._services.get(kind)
+            if found is None:
+                self._check_open()
+                found = self._services[kind] = kind(self)  # type: ignore[call-arg]
+        return found  # type: ignore[return-value]
 
     def _deliver(self, notification: Notification) -> None:
-        for prefix, callback in list(self._subscriptions.items()):
-            if notification.payload.startswith(prefix):
-                try:
-                    callback(notification)
-                except Exception:  # a subscriber's bug must not break the backend thread delivering
-                    logger.exception("agent %s: notification subscriber for %r failed", self.name, prefix)
+        """Backends hand every notification here (any thread): control messages to :attr:`control`, the rest to
+        the bounded inbox."""
+        if notification.payload.startswith(CONTROL_PREFIX):
+            if len(notification.payload) > self.limits.notification_nbytes:
+                self._inbox.deliver(notification)  # counted and dropped there as oversized
                 return
-        with self._notes_ready:
-            self._notes.append(notification)
-            self._notes_ready.notify_all()
+            try:
+                self.control.deliver(notification.peer_name, notification.payload)
+            except Exception:  # a handler's bug must not break the backend thread delivering
+                logger.exception("agent %s: control message handler failed", self.name)
+            return
+        self._inbox.deliver(notification)
 
     def _peer_lost(self, peer_name: str, error: BaseException) -> None:
         peer = self._peers.get(peer_name)
@@ -336,6 +413,9 @@ class Agent:
                 time.sleep(1e-3)
             if not handle.state.final:
                 handle.cancel()
+        for service in reversed(list(self._services.values())):
+            service.close()
+        self.control.close()
         if getattr(self, "_side_channel", None):
             self._side_channel.close()
         for peer in list(self._peers.values()):
@@ -345,8 +425,7 @@ class Agent:
         self._closed = True
         for backend in self._backends:
             backend.close()
-        with self._notes_ready:
-            self._notes_ready.notify_all()
+        self._inbox.close()
 
     @property
     def closed(self) -> bool:
@@ -366,3 +445,24 @@ class Agent:
 
     def __repr__(self) -> str:
         return f"Agent({self.name!r}, backends={[b.caps.name for b in self._backends]}, peers={sorted(self._peers)})"
+
+
+def _check_arguments(name: Any, timeouts: Any, listen: Any, token: Any, compat: Any, host_id: Any,
+                     limits: Any) -> None:
+    """ConfigError naming the first bad argument of Agent()."""
+    for argument, value, optional, longest in (("name", name, False, 256), ("compat", compat, False, 256),
+                                               ("host_id", host_id, True, 256), ("listen", listen, True, 256),
+                                               ("token", token, True, 4096)):
+        if value is None and optional:
+            continue
+        if not isinstance(value, str) or len(value) > longest or (argument != "compat" and not value):
+            what = "a string" if argument == "compat" else "a non-empty string"
+            raise ConfigError(f"{argument} must be {what} of <= {longest} characters{' or None' if optional else ''}"
+                              f", got {value!r}")
+    if timeouts is not None and not isinstance(timeouts, Timeouts):
+        raise ConfigError(f"timeouts must be a kvxfer.Timeouts or None, got {type(timeouts).__name__}")
+    if limits is not None and not isinstance(limits, Limits):
+        raise ConfigError(f"limits must be a kvxfer.limits.Limits or None, got {type(limits).__name__}")
+    if token is not None and listen is None:
+        raise ConfigError("token= protects the side channel, which needs listen=; pass connect_to(address, "
+                          "token=...) to present a token to a peer")

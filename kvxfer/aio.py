@@ -8,30 +8,30 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
-
-from .errors import TransferTimeoutError
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from .agent import Agent
-    from .handle import Notification, TransferHandle
+    from .handle import Handle, Notification
+
+    AnyHandle = TypeVar("AnyHandle", bound=Handle)
 
 _FIRST_SLEEP = 50e-6
 _MAX_SLEEP = 1e-3
 
 
-async def wait(handle: "TransferHandle", timeout: float | None = None) -> "TransferHandle":
-    """Await ``handle`` like :meth:`TransferHandle.wait` (same default timeout, same errors)."""
-    limit = handle._agent.timeouts.transfer if timeout is None else timeout
+async def wait(handle: "AnyHandle", timeout: float | None = None) -> "AnyHandle":
+    """Await any handle kvxfer returns (a TransferHandle, a KVPipe's PipeHandle) like its ``wait`` (same default
+    timeout, same errors)."""
+    limit = handle.default_timeout if timeout is None else timeout
     give_up = time.monotonic() + limit
     sleep = _FIRST_SLEEP
     while not handle.poll().final:
         if time.monotonic() >= give_up:
-            raise TransferTimeoutError(f"wait timed out after {limit} s; the transfer is still in flight", handle,
-                                       handle.backend)
+            raise handle.timeout_error(limit)
         await asyncio.sleep(sleep)
         sleep = min(sleep * 2, _MAX_SLEEP)
-    return handle.wait(timeout=0)
+    return handle.result()
 
 
 async def notifications(agent: "Agent", timeout: float = 0.0) -> "list[Notification]":

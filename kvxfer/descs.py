@@ -106,8 +106,12 @@ class Descs:
         return int(self.addr.shape[0])
 
     def __getitem__(self, index: Any) -> "Descs":
-        if isinstance(index, (int, np.integer)):
-            index = slice(index, index + 1) if index != -1 else slice(-1, None)
+        if isinstance(index, (int, np.integer)) and not isinstance(index, bool):
+            n = len(self)
+            if not -n <= int(index) < n:
+                raise IndexError(f"Descs index {int(index)} out of range for {n} descriptors")
+            position = int(index) % n
+            index = slice(position, position + 1)
         elif not isinstance(index, slice):
             index = np.asarray(index)
             if index.dtype.kind not in "iub":

@@ -29,6 +29,9 @@ VARIABLES = {
     "KVXFER_UCX_STAGE_CHUNK": "Bytes per staged UCX message (4194304).",
     "KVXFER_UCX_STAGE_INFLIGHT": "Staged UCX messages in flight per transfer (4).",
     "KVXFER_UCX_LIVENESS_INTERVAL": "Seconds between liveness checks of same-host UCX peers without a pidfd (0.2).",
+    "KVXFER_UCX_ONE_SIDED": "Who may reach this agent's regions one-sidedly over UCX: same-uid (same-host peers of "
+                            "our uid, checked against our export table) or off (target-checked staged messages only; "
+                            "RDMA keys still allowed).",
 }
 
 

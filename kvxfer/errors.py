@@ -70,6 +70,31 @@ class BackendError(TransferError):
     """A native failure inside a backend, wrapped; ``__cause__`` keeps the original."""
 
 
+class UcxStatusError(BackendError):
+    """A UCX call failed; ``status`` is the UCS status code (negative), ``call`` the UCP function."""
+
+    def __init__(self, message: str, status: int, call: str) -> None:
+        super().__init__(message, backend="ucx")
+        self.status = status
+        self.call = call
+
+
+class LeaseLostError(TransferError):
+    """The sender let a block lease expire before the transfer finished: the blocks may already hold other data."""
+
+
+class OutOfBlocksError(KvxferError, RuntimeError):
+    """Not enough free KV cache blocks for a request (``needed`` and ``available`` say how many)."""
+
+    def __init__(self, message: str, needed: int = 0, available: int = 0) -> None:
+        super().__init__(message)
+        self.needed, self.available = needed, available
+
+
+class EngineTimeoutError(KvxferError, TimeoutError):
+    """An engine's requests were still unfinished when a run's deadline passed."""
+
+
 class UsageError(KvxferError, RuntimeError):
     """An API used in the wrong state: closed agent, released handle, plan used on another agent."""
 
@@ -104,9 +129,12 @@ __all__ = [
     "BackendUnavailableError",
     "ConfigError",
     "DescriptorError",
+    "EngineTimeoutError",
     "HandshakeError",
     "KvxferError",
     "LayoutMismatchError",
+    "LeaseLostError",
+    "OutOfBlocksError",
     "PeerDisconnectedError",
     "PeerError",
     "QueueFullError",
@@ -115,5 +143,6 @@ __all__ = [
     "TransferCancelledError",
     "TransferError",
     "TransferTimeoutError",
+    "UcxStatusError",
     "UsageError",
 ]

@@ -5,15 +5,18 @@ from __future__ import annotations
 import threading
 import time
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import (ConfigError, KvxferError, TransferCancelledError, TransferError, TransferTimeoutError,
                      UsageError)
 
 if TYPE_CHECKING:
-    from .backends.base import Backend, Request
+    from typing_extensions import Self
+
+    from .backends.base import Backend, Op, Request
 
 
 class TransferState(str, Enum):
@@ -54,20 +57,145 @@ class Timeouts:
                 raise ConfigError(f"Timeouts.{name} must be a number > 0, got {value!r}")
 
 
-# Polling backoff while waiting: start hot (transfers of small requests finish in microseconds), then back off
-# so a long wait does not burn a core.
+class Handle(ABC):
+    """What every handle kvxfer returns shares (a :class:`TransferHandle`, a pipe's ``PipeHandle``): observe it
+    with :meth:`poll`, block on it with :meth:`wait` (a deadline; default the agent's transfer timeout), stop it
+    with :meth:`cancel`, forget it with :meth:`release` (or leave a ``with`` block). ``kvxfer.aio.wait`` awaits
+    any of them.
+
+    Subclasses implement :meth:`poll`, :meth:`cancel` and :meth:`block`, and set ``_state``, ``_error``,
+    ``_released``, ``_default_timeout``, ``nbytes``, ``strategy``, ``deadline``, ``posted_at`` and
+    ``finished_at``. While waiting, :meth:`wait` polls hot for ``_spin_seconds``, then blocks in slices from
+    ``_first_slice`` doubling up to ``_max_slice`` seconds.
+    """
+
+    _spin_seconds: ClassVar[float] = 0.0
+    _first_slice: ClassVar[float] = 5e-3
+    _max_slice: ClassVar[float] = 5e-3
+
+    _state: TransferState
+    _error: KvxferError | None
+    _released: bool
+    _default_timeout: float
+    nbytes: int
+    strategy: str
+    deadline: float
+    posted_at: float
+    finished_at: float | None
+
+    @abstractmethod
+    def poll(self) -> TransferState:
+        """Observe progress without blocking; enforces the deadline. UsageError once released."""
+
+    @abstractmethod
+    def cancel(self) -> None:
+        """Stop the work; raise nothing for work that already ended."""
+
+    @abstractmethod
+    def block(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for progress (returns early when the work may be done)."""
+
+    @property
+    def state(self) -> TransferState:
+        """The last observed state (call :meth:`poll` to observe again)."""
+        return self._state
+
+    @property
+    def error(self) -> KvxferError | None:
+        """Why it failed or was cancelled (None while PENDING or after DONE)."""
+        return self._error
+
+    @property
+    def released(self) -> bool:
+        """True after :meth:`release`."""
+        return self._released
+
+    @property
+    def default_timeout(self) -> float:
+        """The limit of :meth:`wait` without a timeout (the agent's ``Timeouts.transfer``)."""
+        return self._default_timeout
+
+    @property
+    def backend(self) -> str | None:
+        """Name of the backend moving the bytes (None when several steps may use several)."""
+        return None
+
+    @property
+    def seconds(self) -> float | None:
+        """Time from post to the moment the final state was observed."""
+        return None if self.finished_at is None else self.finished_at - self.posted_at
+
+    def wait(self, timeout: float | None = None) -> Self:
+        """Block until final; return self when DONE.
+
+        ``timeout`` defaults to :attr:`default_timeout`. Raises TransferTimeoutError when it runs out (the work
+        goes on until its own deadline or :meth:`cancel`), the error when it FAILED, and TransferCancelledError
+        when it was cancelled.
+        """
+        limit = self._default_timeout if timeout is None else timeout
+        if limit < 0:
+            raise ConfigError(f"timeout must be >= 0, got {timeout}")
+        give_up = time.monotonic() + limit
+        spin_until = time.monotonic() + self._spin_seconds
+        pause = self._first_slice
+        while not self.poll().final:
+            now = time.monotonic()
+            if now >= give_up:
+                raise self.timeout_error(limit)
+            if now > spin_until:
+                self.block(min(pause, give_up - now))
+                pause = min(pause * 2, self._max_slice)
+        return self.result()
+
+    def result(self) -> Self:
+        """Self when DONE; the error when FAILED or CANCELLED; UsageError while PENDING."""
+        if self._state is TransferState.DONE:
+            return self
+        if self._error is None:
+            raise UsageError(f"this handle is {self._state.value}, not final")
+        raise self._error
+
+    def timeout_error(self, limit: float) -> TransferTimeoutError:
+        """The error of a wait that ran out after ``limit`` seconds."""
+        return TransferTimeoutError(f"wait timed out after {limit} s; the transfer is still in flight", self,
+                                    self.backend)
+
+    def release(self) -> None:
+        """Free the handle; cancels it first if it is still in flight."""
+        if self._released:
+            return
+        if not self._state.final:
+            try:
+                self.cancel()
+            except KvxferError:
+                pass
+        self._released = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# Polling backoff while waiting on a transfer: start hot (transfers of small requests finish in microseconds), then
+# back off so a long wait does not burn a core.
 _SPIN_SECONDS = 50e-6
 _MAX_SLEEP = 1e-3
 
 
-class TransferHandle:
+class TransferHandle(Handle):
     """One posted READ or WRITE. Poll it, wait for it (with a deadline), cancel it, release it.
 
     Use it as a context manager or call :meth:`release`; a handle dropped while still PENDING warns with
     ResourceWarning.
     """
 
-    def __init__(self, agent: Any, backend: "Backend", request: "Request", op: str, nbytes: int,
+    _spin_seconds = _SPIN_SECONDS
+    _first_slice = 1e-6
+    _max_slice = _MAX_SLEEP
+
+    def __init__(self, agent: Any, backend: "Backend", request: "Request", op: "Op", nbytes: int,
                  deadline: float, on_final: Any = None, strategy: str = "direct") -> None:
         self._agent = agent
         self._backend = backend
@@ -85,19 +213,13 @@ class TransferHandle:
         self.finished_at: float | None = None
 
     @property
+    def _default_timeout(self) -> float:  # type: ignore[override]
+        return float(self._agent.timeouts.transfer)
+
+    @property
     def backend(self) -> str:
         """Name of the backend moving the bytes."""
         return self._backend.caps.name
-
-    @property
-    def error(self) -> KvxferError | None:
-        """Why the transfer failed or was cancelled (None while PENDING or after DONE)."""
-        return self._error
-
-    @property
-    def state(self) -> TransferState:
-        """The last observed state (call :meth:`poll` to observe again)."""
-        return self._state
 
     def poll(self) -> TransferState:
         """Observe progress without blocking; enforces the deadline."""
@@ -126,31 +248,10 @@ class TransferHandle:
                 error = TransferCancelledError("transfer was cancelled", self, self.backend)
             return self._finish(state, error)
 
-    def wait(self, timeout: float | None = None) -> "TransferHandle":
-        """Block until the transfer is final; return self when DONE.
-
-        ``timeout`` defaults to the agent's ``Timeouts.transfer``. Raises TransferTimeoutError when it runs out
-        (the transfer goes on until its own deadline or :meth:`cancel`), the transfer's error when it FAILED, and
-        TransferCancelledError when it was cancelled.
-        """
-        limit = self._agent.timeouts.transfer if timeout is None else timeout
-        if limit < 0:
-            raise ConfigError(f"timeout must be >= 0, got {timeout}")
-        give_up = time.monotonic() + limit
-        spin_until = time.monotonic() + _SPIN_SECONDS
-        sleep = 1e-6
-        while not self.poll().final:
-            now = time.monotonic()
-            if now >= give_up:
-                raise TransferTimeoutError(f"wait timed out after {limit} s; the transfer is still in flight",
-                                           self, self.backend)
-            if now > spin_until:
-                self._backend.idle_wait(self._request, min(sleep, give_up - now))
-                sleep = min(sleep * 2, _MAX_SLEEP)
-        if self._state is TransferState.DONE:
-            return self
-        assert self._error is not None
-        raise self._error
+    def block(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for the backend to progress (returns early when the transfer may be done);
+        :meth:`poll` afterwards says where it stands."""
+        self._backend.idle_wait(self._request, seconds)
 
     def cancel(self) -> None:
         """Stop the transfer. When the backend guarantees it (``caps.can_cancel``), no byte of it lands after
@@ -167,17 +268,6 @@ class TransferHandle:
             else:  # it ended before the cancel reached it: report how it really ended
                 self._finish(state, getattr(self._request, "error", None))
 
-    def release(self) -> None:
-        """Free the handle; cancels it first if it is still in flight."""
-        if self._released:
-            return
-        if not self._state.final:
-            try:
-                self.cancel()
-            except KvxferError:
-                pass
-        self._released = True
-
     def _finish(self, state: TransferState, error: KvxferError | None) -> TransferState:
         self._state = state
         self._error = error if state is not TransferState.DONE else None
@@ -189,17 +279,6 @@ class TransferHandle:
     def _check_usable(self) -> None:
         if self._released:
             raise UsageError("this TransferHandle was released")
-
-    @property
-    def seconds(self) -> float | None:
-        """Time from post to the moment the final state was observed."""
-        return None if self.finished_at is None else self.finished_at - self.posted_at
-
-    def __enter__(self) -> "TransferHandle":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
 
     def __del__(self) -> None:
         if not getattr(self, "_released", True) and getattr(self, "_state", TransferState.DONE) is TransferState.PENDING:

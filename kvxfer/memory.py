@@ -131,10 +131,48 @@ def _contiguous_nbytes(shape: tuple[int, ...], strides: tuple[int, ...] | None, 
 
 
 def _from_interface(owner: Any, interface: dict, kind: MemoryKind, device: int) -> Region:
-    addr, _readonly = interface["data"]
-    itemsize = np.dtype(interface["typestr"]).itemsize
+    addr, readonly = interface["data"]
+    if readonly:
+        # A peer may WRITE into any registered region, and a READ lands in it: read-only memory (an immutable
+        # bytes object, a read-only mmap) would be mutated or fault.
+        raise ConfigError(f"array: cannot register read-only memory ({type(owner).__name__} is not writeable); "
+                          "register a writeable copy")
+    dtype = np.dtype(interface["typestr"])
+    descr = interface.get("descr")
+    structured = np.dtype(descr) if isinstance(descr, list) and len(descr) > 1 else dtype
+    if dtype.hasobject or structured.hasobject or (isinstance(owner, np.ndarray) and owner.dtype.hasobject):
+        raise ConfigError(f"array: cannot register an array of Python objects (dtype {getattr(owner, 'dtype', dtype)})"
+                          "; its bytes are pointers that a copy would corrupt")
+    itemsize = dtype.itemsize
     nbytes = _contiguous_nbytes(tuple(interface["shape"]), interface.get("strides"), itemsize)
     return Region(addr=addr, nbytes=nbytes, kind=kind, device=device, owner=owner, itemsize=itemsize)
+
+
+def check_writable(addr: int, nbytes: int) -> None:
+    """ConfigError unless every byte of host memory [addr, addr + nbytes) lies in writeable mappings of this
+    process (Linux: /proc/self/maps; elsewhere nothing is checked)."""
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+            lines = maps.read().splitlines()
+    except OSError:
+        return
+    covered, end = addr, addr + nbytes
+    for line in lines:  # sorted by address
+        span, permissions = line.split(" ", 2)[:2]
+        low_text, _, high_text = span.partition("-")
+        low, high = int(low_text, 16), int(high_text, 16)
+        if high <= covered:
+            continue
+        if low > covered:
+            break
+        if "w" not in permissions:
+            raise ConfigError(f"memory at {covered:#x} ({permissions}) is not writeable; cannot register "
+                              f"[{addr:#x}, +{nbytes}) (a read-only mapping?)")
+        covered = high
+        if covered >= end:
+            return
+    raise ConfigError(f"memory [{covered:#x}, {end:#x}) is not mapped in this process; cannot register "
+                      f"[{addr:#x}, +{nbytes})")
 
 
 def _cuda_device_of(array: Any, interface: dict) -> int:

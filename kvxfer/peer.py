@@ -2,15 +2,67 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
-from .errors import PeerError
+from .errors import HandshakeError, KvxferError, PeerError
 from .memory import RemoteRegion
 from .metadata import AgentMetadata
 from .plan import RegionTable
 
 if TYPE_CHECKING:
+    from .agent import Agent
     from .backends.base import Backend
+
+# The agents alive in this process, by uid (weak: a dropped agent disappears). Metadata that claims to come from
+# this process is checked against them, so an agent's own metadata, replayed with a region pointed elsewhere, cannot
+# make it copy into memory it never exported.
+_PROCESS_AGENTS: "weakref.WeakValueDictionary[str, Agent]" = weakref.WeakValueDictionary()
+
+
+def enroll(agent: "Agent") -> None:
+    """Record ``agent`` as alive in this process (the Agent constructor calls it)."""
+    _PROCESS_AGENTS[agent.uid] = agent
+
+
+def _published(agent: "Agent") -> AgentMetadata | None:
+    try:
+        return AgentMetadata.decode(agent.metadata())
+    except KvxferError:  # closed meanwhile
+        return None
+
+
+def check_not_replayed(meta: AgentMetadata, me: "Agent") -> None:
+    """HandshakeError when ``meta`` claims to come from this process — our (host id, pid), or a backend address of
+    one of our agents — but is not exactly what that live agent publishes: same uid, name, backend addresses, and
+    every region it lists registered there with the same index, name, span, kind and device."""
+    live = {uid: published for uid, agent in list(_PROCESS_AGENTS.items())
+            if not agent.closed and (published := _published(agent)) is not None}
+    addresses = {(wire, info): uid for uid, published in live.items()
+                 for wire, info in published.backends.items() if info}
+    claimed = {addresses[(wire, info)] for wire, info in meta.backends.items() if (wire, info) in addresses}
+    ours = meta.pid == me.pid and meta.host_id in {p.host_id for p in live.values()} | {me.host_id}
+    if not ours and not claimed:
+        return
+    real = live.get(meta.uid)
+    why = None
+    if real is None:
+        why = f"no live agent of this process has uid {meta.uid!r}"
+    elif claimed - {meta.uid}:
+        why = "it carries the backend address of another agent of this process"
+    elif (meta.name, meta.host_id, meta.pid, meta.backends) != (real.name, real.host_id, real.pid, real.backends):
+        why = f"its name, host, pid or backend addresses differ from agent {real.name!r}'s"
+    else:
+        registered = {r.index: r for r in real.regions}
+        for region in meta.regions:
+            own = registered.get(region.index)
+            if own is None or (own.name, own.addr, own.nbytes, own.kind, own.device, own.keys) != \
+                    (region.name, region.addr, region.nbytes, region.kind, region.device, region.keys):
+                why = f"its region {region.name!r} (index {region.index}) is not what agent {real.name!r} registered"
+                break
+    if why is not None:
+        raise HandshakeError(f"metadata of {meta.name!r} claims to come from this process (pid {me.pid}) but {why}; "
+                             "refused (replayed or forged metadata)", meta.name)
 
 
 class Peer:

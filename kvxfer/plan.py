@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .descs import Descs, check_no_overlap, coalesce_pairs
-from .errors import DescriptorError, UsageError
+from .errors import ConfigError, DescriptorError, UsageError
 
 if TYPE_CHECKING:
-    from .agent import Agent, Peer
-    from .backends.base import Backend
+    from .agent import Agent
+    from .peer import Peer
+    from .backends.base import Backend, Op
 
 
 class RegionTable:
@@ -86,7 +87,7 @@ class TransferPlan:
 
     def local_regions_objects(self) -> list:
         """The local Region objects this plan touches."""
-        return [self.agent._regions.get(i) for i in self.local_regions]
+        return [self.agent.region_at(i) for i in self.local_regions]
 
     def __len__(self) -> int:
         """Number of coalesced pairs the backend moves."""
@@ -108,15 +109,19 @@ class TransferPlan:
         self.backend.prepare(plan)
         return plan
 
-    def check_destination(self, op: str) -> None:
-        """DescriptorError if the destination side of ``op`` writes a byte twice (checked once per op)."""
-        if op in self._checked_ops:
+    def check_destination(self, op: "Op | str") -> None:
+        """DescriptorError if the destination side of ``op`` (an Op, or "read" / "write") writes a byte twice
+        (checked once per op)."""
+        key = str(op)  # an Op's str is its value
+        if key in self._checked_ops:
             return
-        if op == "read":
+        if key not in ("read", "write"):
+            raise ConfigError(f"op must be 'read' or 'write', got {op!r}")
+        if key == "read":
             check_no_overlap(self.local, "local_descs (destination of a read)")
         else:
             check_no_overlap(self.remote, "remote_descs (destination of a write)")
-        self._checked_ops.add(op)
+        self._checked_ops.add(key)
 
     def check_owner(self, agent: "Agent") -> None:
         """UsageError unless this plan was built by ``agent`` for a peer that is still connected."""

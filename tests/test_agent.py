@@ -218,3 +218,21 @@ def test_notification_is_observed_only_after_all_the_data(op):
         if op == "read":
             assert np.array_equal(destination, expected)  # nothing was read after the notification
         assert not target.notifications()  # the subscriber took it
+
+
+def test_agent_owns_and_closes_its_services():
+    import threading
+
+    from kvxfer.pipe import LayerBoard, Leases
+
+    before = set(threading.enumerate())
+    agent = kvxfer.Agent("owner", backends=["local"])
+    leases = Leases.of(agent)
+    assert Leases.of(agent) is leases is agent.service(Leases)  # one per agent
+    board = LayerBoard.of(agent)
+    assert any(t.name == "kvxfer-leases-owner" for t in threading.enumerate())
+    agent.close()
+    assert not [t for t in threading.enumerate() if t not in before and t.is_alive()]  # no thread outlives close
+    assert agent.service(Leases) is leases and agent.service(LayerBoard) is board  # still reachable, closed
+    with pytest.raises(kvxfer.UsageError):
+        agent.service(dict)  # nothing new starts on a closed agent

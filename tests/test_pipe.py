@@ -14,7 +14,7 @@ from numpy.lib.stride_tricks import as_strided
 
 import kvxfer
 from kvxfer import ConfigError, DescriptorError, KVCacheSpec, KVPipe, LayoutMismatchError, TransferState
-from kvxfer.ranks import rank_pairs
+from kvxfer.pipe.ranks import rank_pairs
 
 LAYERS, DIM, BLOCKS = 2, 4, 12
 
@@ -295,7 +295,7 @@ def test_pull_streams_layers_as_the_prefill_side_announces_them(strategy):
         handle.wait(timeout=10)
         np.testing.assert_array_equal(cache, expected)
         assert [n.payload for n in cluster.prefill[0].notifications(timeout=2)] == [b"pulled"]
-        assert kvxfer.pipe_work.LayerBoard.of(cluster.decode[0]).listened == []
+        assert kvxfer.pipe.LayerBoard.of(cluster.decode[0]).listened == []
         pipe.close()
         announcer.close()
     finally:
@@ -306,7 +306,7 @@ def test_pull_honours_layers_announced_before_it():
     cluster = Cluster(1, 1, 8, 16, 32, "HND", "NHD", tokens=33)
     try:
         (announcer,) = announcers(cluster)
-        board = kvxfer.pipe_work.LayerBoard.of(cluster.decode[0])
+        board = kvxfer.pipe.LayerBoard.of(cluster.decode[0])
         pipe, cache, expected = cluster.pipe(0), cluster.d_caches[0], cluster.expected(0)
         announcer.announce("d0", b"early", [0])
         announcer.announce("d0", b"narrow", [0, 1])

@@ -10,9 +10,10 @@ import pytest
 import kvxfer
 from kvxfer import KVCacheSpec, KVPipe, TransferError, TransferState, TransferTimeoutError
 from kvxfer.backends.mock import Fault, MockBackend
-from kvxfer.checksum import Checksums, compute
-from kvxfer.lease import LeaseLostError, Leases
-from kvxfer.pipe_work import PREFIX, LayerBoard
+from kvxfer.pipe.checksum import Checksums, compute
+from kvxfer.pipe.lease import LeaseLostError, Leases
+from kvxfer.control import PREFIX, VERSION
+from kvxfer.pipe.layer_board import LayerBoard
 from tests.test_pipe import Cluster, announcers, settle, wait_until
 
 SPEC = KVCacheSpec(num_layers=2, num_blocks=8, block_size=16, num_kv_heads=4, head_dim=8, dtype="float32")
@@ -137,14 +138,15 @@ def test_streamed_pull_whose_announcements_stop_fails_at_its_deadline():
                                   b"\x92\xc4\x01k\x91\xff", b"\x92\xc4\x01k\x91\xc3", b"\x92\xc4\x01k\x00",
                                   b"\x93\xc4\x01k\x91\x00\x00", b"\x91\xc4\x01k", b"\x92\xc4\x01k\x91\xce\x00\x01\x00\x00"])
 def test_malformed_layer_announcements_are_logged_and_ignored(body, caplog):
+    """``body``: the fields of a layers control message, [key, [layer ids]], each one malformed."""
     cluster = Cluster(1, 1, 8, 16, 16, "HND", "HND", tokens=32)
     try:
         (announcer,) = announcers(cluster)
         pipe, cache = cluster.pipe(0), cluster.d_caches[0]
         handle = pipe.pull(cluster.d_ids, cluster.p_ids, stream_layers=True, stream_key=b"k")
         with caplog.at_level("WARNING", logger="kvxfer"):
-            cluster.prefill[0].notify("d0", PREFIX + body)
-        assert "malformed layer announcement from p0" in caplog.text
+            cluster.prefill[0].notify("d0", PREFIX + b"\x93" + bytes([VERSION]) + b"\xa6layers" + body)
+        assert "malformed control message from p0" in caplog.text
         assert "subscriber" not in caplog.text  # handled, not raised into the delivering thread
         settle(handle)
         assert (cache == -7).all() and cluster.decode[0].notifications() == []
@@ -159,26 +161,26 @@ def test_malformed_layer_announcements_are_logged_and_ignored(body, caplog):
 
 
 def test_unclaimed_announcements_are_bounded_and_expire(monkeypatch):
-    import msgpack
+    from kvxfer import Agent
+    from kvxfer.control import LayersReady, encode
+    from kvxfer.handle import Timeouts
+    from kvxfer.pipe import layer_board
 
-    from kvxfer import pipe_work
-    from kvxfer.handle import Notification, Timeouts
-
-    class Stub:
-        name, timeouts = "d", Timeouts(transfer=0.3)
-
-        def subscribe(self, prefix, callback):
-            self.callback = callback
-
-    monkeypatch.setattr(pipe_work, "MAX_UNCLAIMED", 3)
-    agent = Stub()
+    monkeypatch.setattr(layer_board, "MAX_UNCLAIMED", 3)
+    agent = Agent("d", backends=["local"], timeouts=Timeouts(transfer=0.3))
     board = LayerBoard.of(agent)
+
+    def receive(key, layers):
+        agent.control.deliver("p", encode(LayersReady(key, tuple(layers))))
+
     for key in (b"a", b"b", b"c", b"d"):
-        agent.callback(Notification("p", PREFIX + msgpack.packb([key, [0]], use_bin_type=True)))
+        receive(key, [0])
     assert sorted(board.keys) == [b"b", b"c", b"d"]  # the oldest went first
     got = []
     board.listen(b"d", ["p"], got.append)
     assert got == [[0]]
     time.sleep(0.4)
-    agent.callback(Notification("p", PREFIX + msgpack.packb([b"e", [1]], use_bin_type=True)))
+    receive(b"e", [1])
     assert sorted(board.keys) == [b"d", b"e"]  # stale unclaimed keys expired; a listened key stays
+    agent.close()
+    assert board.keys == []  # the agent closed its board

@@ -8,7 +8,7 @@ import pytest
 
 import kvxfer
 from kvxfer import KVCacheSpec, KVPipe, LayoutMismatchError
-from kvxfer.ranks import check_compatible, rank_pairs, route_heads
+from kvxfer.pipe.ranks import check_compatible, rank_pairs, route_heads
 
 
 def spec(**changes) -> KVCacheSpec:

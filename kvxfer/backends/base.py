@@ -13,41 +13,93 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, runtime_checkable
 
-from ..errors import KvxferError
+from ..errors import ConfigError, KvxferError
 from ..handle import Notification, Timeouts, TransferState
 from ..memory import MemoryKind
 
 if TYPE_CHECKING:
-    from ..agent import Peer
     from ..memory import Region
+    from ..metadata import AgentMetadata
+    from ..peer import Peer
     from ..plan import TransferPlan
 
 
 class Op(str, Enum):
-    """READ pulls the peer's bytes into local memory; WRITE pushes local bytes into the peer's memory."""
+    """READ pulls the peer's bytes into local memory; WRITE pushes local bytes into the peer's memory. Equal to
+    its string value ("read" / "write"), which :meth:`parse` also accepts."""
 
     READ = "read"
     WRITE = "write"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def parse(cls, value: "Op | str") -> "Op":
+        """``value`` as an Op; ConfigError for anything else."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(f"op must be 'read' or 'write', got {value!r}") from None
+
+
+class Scope(str, Enum):
+    """How far apart two agents a backend connects may be. Equal to its string value."""
+
+    PROCESS = "process"
+    HOST = "host"
+    NETWORK = "network"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 @dataclass(frozen=True)
 class BackendCaps:
     """What a backend can do; the agent picks a backend per peer and memory kinds from these.
 
-    ``wire``: the protocol name peers must share (a mock speaks "local"). ``scope``: "process", "host" or
-    "network" — how far apart the two agents may be. ``can_cancel``: no byte lands after cancel() returns.
+    ``wire``: the protocol name peers must share (a mock speaks "local"). ``scope``: a :class:`Scope` (or its
+    name) — how far apart the two agents may be. ``can_cancel``: no byte lands after cancel() returns.
     """
 
     name: str
     wire: str
     memory_kinds: frozenset[MemoryKind]
-    scope: str
+    scope: Scope
     one_sided: bool = True
     can_cancel: bool = True
     max_batch: int = 1 << 30
     preference: int = 0
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "scope", Scope(self.scope))
+        except ValueError:
+            raise ConfigError(f"BackendCaps.scope must be one of {[s.value for s in Scope]}, "
+                              f"got {self.scope!r}") from None
+
+    def reaches(self, meta: "AgentMetadata", host_id: str, pid: int) -> bool:
+        """True if a backend with these caps, in process ``pid`` of host ``host_id``, can move bytes with the
+        agent of ``meta`` (by scope and what the peer speaks)."""
+        if self.wire not in meta.backends:
+            return False
+        if self.scope is Scope.PROCESS:
+            return meta.host_id == host_id and meta.pid == pid
+        if self.scope is Scope.HOST:
+            return meta.host_id == host_id
+        return True
+
+    def supports(self, local_kind: MemoryKind, remote_kind: MemoryKind) -> bool:
+        """True if the backend moves bytes between these memory kinds."""
+        return local_kind in self.memory_kinds and remote_kind in self.memory_kinds
 
 
 @dataclass
@@ -113,27 +165,6 @@ class Backend(ABC):
     def disconnect(self, peer: "Peer") -> None:
         """Forget ``peer``; transfers still in flight with it fail."""
 
-    def can_reach(self, peer: "Peer") -> bool:
-        """True if this backend can move bytes with ``peer`` (by scope and what the peer speaks)."""
-        assert self.context is not None
-        if self.caps.wire not in peer.meta.backends:
-            return False
-        if self.caps.scope == "process":
-            return peer.meta.host_id == self.context.host_id and peer.meta.pid == self.context.pid
-        if self.caps.scope == "host":
-            return peer.meta.host_id == self.context.host_id
-        return True
-
-    def supports(self, local_kind: MemoryKind, remote_kind: MemoryKind) -> bool:
-        """True if this backend moves bytes between these memory kinds."""
-        return local_kind in self.caps.memory_kinds and remote_kind in self.caps.memory_kinds
-
-    def map_remote(self, peer: "Peer", region_index: int, device: int) -> int | None:
-        """Where the first byte of the peer's region ``region_index`` can be dereferenced by code of this process
-        running on ``device`` (-1: the CPU), or None when this backend cannot map peer memory (then only
-        :meth:`post` moves its bytes). Kernels use it to read or write peer blocks in place."""
-        return None
-
     def prepare(self, plan: "TransferPlan") -> None:
         """Called once per plan when it is built (may take time: open peer handles, build tables), so that
         :meth:`post` stays cheap."""
@@ -160,3 +191,13 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Release everything; called once, last."""
+
+
+@runtime_checkable
+class MapsPeerMemory(Protocol):
+    """An optional ability, for the pipe's kernel strategy: a backend that maps a peer's memory into this process
+    (local: the same process; cuda_ipc: IPC handles) so kernels read or write peer blocks in place."""
+
+    def map_remote(self, peer: "Peer", region_index: int, device: int) -> int | None:
+        """Where the first byte of the peer's region ``region_index`` can be dereferenced by code of this process
+        running on ``device`` (-1: the CPU), or None when it cannot be mapped there."""

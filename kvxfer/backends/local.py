@@ -20,9 +20,11 @@ import numpy as np
 from ..errors import BackendError, PeerDisconnectedError, PeerError
 from ..handle import Notification, TransferState
 from ..memory import MemoryKind
+from ..plan import RegionTable
 from .base import Backend, BackendCaps, Op, Request
 
 if TYPE_CHECKING:
+    from ..descs import Descs
     from ..memory import Region
     from ..peer import Peer
     from ..plan import TransferPlan
@@ -69,6 +71,7 @@ class LocalBackend(Backend):
         self._regions: dict[int, Region] = {}
         self._pins: Counter[int] = Counter()
         self._pins_lock = threading.Lock()
+        self._table: RegionTable | None = None  # spans of self._regions, rebuilt after a change
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
         self._closed = False
@@ -80,11 +83,15 @@ class LocalBackend(Backend):
     # ---- regions and peers -------------------------------------------------------------------------------------
 
     def register(self, region: "Region") -> bytes:
-        self._regions[region.index] = region
+        with self._pins_lock:
+            self._regions[region.index] = region
+            self._table = None
         return b""
 
     def deregister(self, region: "Region") -> None:
-        self._regions.pop(region.index, None)
+        with self._pins_lock:
+            self._regions.pop(region.index, None)
+            self._table = None
 
     def busy(self, region: "Region") -> bool:
         return self._pins[region.index] > 0
@@ -104,11 +111,19 @@ class LocalBackend(Backend):
             raise PeerError(f"peer {peer.name!r} has no region at index {region_index}", peer.name)
         return region.addr  # same process: the peer's pointers are ours
 
-    def _pin(self, indices: tuple[int, ...]) -> None:
+    def _admit(self, descs: "Descs", indices: tuple[int, ...]) -> None:
+        """Pin this agent's regions ``indices`` for a peer's transfer, once every descriptor of ``descs`` lies
+        inside a region this agent really registered: a peer's copy of our metadata is only a claim."""
+        assert self.context is not None
         with self._pins_lock:
             missing = [i for i in indices if i not in self._regions]
             if missing:
                 raise PeerError(f"peer region index {missing[0]} is no longer registered", self.context.agent_name)
+            if self._table is None:
+                regions = list(self._regions.values())
+                self._table = RegionTable([r.index for r in regions], [r.addr for r in regions],
+                                          [r.nbytes for r in regions])
+            self._table.check(descs, "remote_descs", f"agent {self.context.agent_name!r} as it registered them")
             self._pins.update(indices)
 
     def _unpin(self, indices: tuple[int, ...]) -> None:
@@ -119,7 +134,7 @@ class LocalBackend(Backend):
 
     def post(self, op: Op, plan: "TransferPlan", notify: bytes | None, fault: Any = None) -> LocalRequest:
         target = self._target(plan.peer)
-        target._pin(plan.remote_regions)
+        target._admit(plan.remote, plan.remote_regions)
         local, remote = plan.local.addr, plan.remote.addr
         sources, destinations = (remote, local) if op is Op.READ else (local, remote)
         request = LocalRequest(plan, sources, destinations, target, notify, fault)

@@ -91,7 +91,7 @@ def _kernel_variants(agent: Any, workload: tuple, peer: Any, device: int, ceilin
 
     name, local, remote = workload
     plan = agent.plan(local, peer, remote)
-    state = plan.backend._plans[plan]
+    state = plan.backend.plan_state(plan)
     rows = []
     for piece in (16 << 10, 64 << 10, 256 << 10):
         state.tables[Op.READ] = batch_copy.to_device(
@@ -149,7 +149,7 @@ def run(source: int = 0, target: int = 1, tokens: int = 4096, block_size: int = 
                         raise RuntimeError(f"notification mismatch: {notes}")
                     seconds.append(arrived - start)
                 median = float(np.median(seconds[2:]))
-                state = plan.backend._plans[plan]
+                state = plan.backend.plan_state(plan)
                 kernel = _kernel_seconds(state, target) if state.strategy == "kernel" else float("nan")
                 rows.append({"workload": name, "fragment_bytes": int(local.nbytes[0]), "fragments": len(local),
                              "MiB": plan.nbytes / 2**20, "strategy": state.strategy, "ms": median * 1e3,

@@ -3,11 +3,12 @@
 Importing this package imports torch (``import kvxfer`` does not).
 """
 
+from ..errors import EngineTimeoutError, OutOfBlocksError
 from .attention import AttentionBatch, causal_attention, paged_attention
-from .block_manager import BlockManager, OutOfBlocksError, block_hashes
+from .block_manager import BlockManager, block_hashes
 from .checkpoint import WeightStore, random_weights, read_config, save_hf
 from .config import PRESETS, CacheConfig, ModelConfig
-from .decode import DecodeEngine, EngineTimeoutError, Reservation
+from .decode import DecodeEngine, Reservation
 from .decode_connector import Admission, DecodeConnector
 from .kv_cache import KVCache
 from .model import Model, load_hf

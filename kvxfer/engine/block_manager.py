@@ -12,17 +12,9 @@ import hashlib
 from collections import OrderedDict, deque
 from typing import Sequence
 
-from ..errors import ConfigError, KvxferError, UsageError
+from ..errors import ConfigError, OutOfBlocksError, UsageError
 
 _ROOT = b"kvxfer-prefix-v1"
-
-
-class OutOfBlocksError(KvxferError, RuntimeError):
-    """Not enough free KV cache blocks for a request (``needed`` and ``available`` say how many)."""
-
-    def __init__(self, message: str, needed: int = 0, available: int = 0) -> None:
-        super().__init__(message)
-        self.needed, self.available = needed, available
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int, previous: bytes = _ROOT) -> list[bytes]:

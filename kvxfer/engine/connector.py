@@ -22,20 +22,17 @@ import logging
 import threading
 from typing import Any, ClassVar, Sequence
 
-import msgpack
 import torch
 
 from ..agent import Agent
+from ..control import BlocksExpired, PushOutcome
 from ..errors import ConfigError, KvxferError
-from ..handle import Notification
-from ..ranks import check_compatible, route_heads
+from ..pipe.ranks import check_compatible, route_heads
 from ..spec import KVCacheSpec
 from .messages import RankInfo
 
 logger = logging.getLogger("kvxfer")
 
-#: Notifications between connectors (kvxfer's own control messages start with b"kvx:").
-NOTE_PREFIX = b"kvx:conn:"
 #: How many recent notes about unknown requests a connector remembers (they may arrive before the request).
 MAX_REMEMBERED = 4096
 
@@ -56,7 +53,8 @@ class Connector:
         self._connected: dict[str, bytes] = {}
         #: Agent names of this engine's TP group, in rank order (peers name the group by its rank 0's agent).
         self.group_agents: tuple[str, ...] = self._gather_names()
-        agent.subscribe(NOTE_PREFIX, self._on_note)
+        agent.control.on(BlocksExpired, self._on_expired)
+        agent.control.on(PushOutcome, self._on_push_outcome)
 
     def _gather_names(self) -> tuple[str, ...]:
         if self.tp.size == 1:
@@ -120,21 +118,29 @@ class Connector:
     # ---- notes -------------------------------------------------------------------------------------------------
 
     def _send(self, peer: str, verb: str, *fields: Any) -> bool:
-        """A note to another connector; False (logged) if it cannot be sent."""
+        """A note to another connector ("expired" key, or "pushed" / "push-failed" request_id token token_time),
+        sent as a typed control message; False (logged) if it cannot be sent."""
+        message: BlocksExpired | PushOutcome
+        if verb == "expired":
+            message = BlocksExpired(*fields)
+        elif verb in ("pushed", "push-failed"):
+            request_id, token, token_time = fields
+            message = PushOutcome(request_id, verb == "pushed", int(token), float(token_time))
+        else:
+            raise ConfigError(f"{self.role} connector: unknown note {verb!r}")
         try:
-            self.agent.notify(peer, NOTE_PREFIX + msgpack.packb([verb, *fields], use_bin_type=True))
+            self.agent.control.send(peer, message)
             return True
         except KvxferError as error:
             logger.warning("%s connector %s: cannot send %s to %s: %s", self.role, self.agent.name, verb, peer, error)
             return False
 
-    def _on_note(self, note: Notification) -> None:
-        try:
-            verb, *fields = msgpack.unpackb(note.payload[len(NOTE_PREFIX):], raw=False)
-        except Exception:
-            logger.warning("%s connector %s: malformed note from %s", self.role, self.agent.name, note.peer_name)
-            return
-        self._note(note.peer_name, str(verb), fields)
+    def _on_expired(self, peer: str, message: BlocksExpired) -> None:
+        self._note(peer, "expired", [message.key])
+
+    def _on_push_outcome(self, peer: str, message: PushOutcome) -> None:
+        self._note(peer, "pushed" if message.ok else "push-failed",
+                   [message.request_id, message.token, message.token_time])
 
     def _note(self, peer: str, verb: str, fields: list[Any]) -> None:
         logger.warning("%s connector %s: unexpected note %r from %s", self.role, self.agent.name, verb, peer)

@@ -13,18 +13,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from ..errors import KvxferError, UsageError
+from ..errors import EngineTimeoutError, OutOfBlocksError, UsageError
 from ..spec import KVCacheSpec
-from .block_manager import OutOfBlocksError
 from .config import CacheConfig
 from .kv_cache import KVCache
 from .model import Model
 from .request import FinishReason, Request, RequestOutput, Sequence
 from .runner import ModelRunner
-
-
-class EngineTimeoutError(KvxferError, TimeoutError):
-    """Requests were still unfinished when a run's deadline passed."""
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..agent import Agent
-from ..checksum import Checksums
+from ..pipe.checksum import Checksums
 from ..errors import ConfigError, KvxferError, TransferError
 from ..handle import TransferState
-from ..lease import Leases
+from ..pipe.lease import Leases
 from ..pipe import KVPipe
-from ..steps import PipeHandle
+from ..pipe.handle import PipeHandle
 from .connector import MAX_REMEMBERED, Connector, group_specs, routes_of
 from .decode import DecodeEngine, Reservation
 from .messages import KVReady, KVWanted, RankInfo

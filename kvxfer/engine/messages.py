@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from ..checksum import Checksums
+from ..pipe.checksum import Checksums
 from ..errors import HandshakeError, KvxferError
 from ..spec import KVCacheSpec
 from .request import Request, SamplingParams
@@ -168,7 +168,7 @@ class KVReady(_Message):
     ``prefill_agents`` are the prefill ranks' agent names in rank order. ``first_token`` was sampled by the
     prefill at ``first_token_time`` (``time.time()``); ``num_cached_tokens`` prompt tokens came from its prefix
     cache, ``num_computed_tokens`` were computed. ``checksums`` (verify mode, else None): per prefill rank, in rank
-    order, the encoded :class:`~kvxfer.checksum.Checksums` of its heads of every prompt token in
+    order, the encoded :class:`~kvxfer.pipe.checksum.Checksums` of its heads of every prompt token in
     ``block_ids`` (one unit per prefill block); a decode rank verifies what it pulled against them."""
 
     KIND: ClassVar[str] = "kvxfer-kv-ready"

@@ -16,9 +16,9 @@ import torch
 from .. import checksum
 from ..agent import Agent
 from ..errors import ConfigError, KvxferError, TransferTimeoutError
-from ..lease import Lease, Leases
+from ..pipe.lease import Lease, Leases
 from ..pipe import KVPipe
-from ..ranks import rank_pairs
+from ..pipe.ranks import rank_pairs
 from .connector import Connector, routes_of
 from .messages import KVReady, KVWanted, RankInfo, lease_key_for
 from .model import LayerCallback

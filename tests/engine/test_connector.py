@@ -17,7 +17,7 @@ from kvxfer.backends.mock import Fault, MockBackend  # noqa: E402
 from kvxfer.engine import (  # noqa: E402
     CacheConfig, DecodeConnector, DecodeEngine, KVReady, KVWanted, Model, ModelConfig, OutOfBlocksError,
     PrefillConnector, PrefillEngine, RankInfo, Request, SamplingParams)
-from kvxfer.checksum import Checksums  # noqa: E402
+from kvxfer.pipe.checksum import Checksums  # noqa: E402
 from kvxfer.engine.messages import FORMAT_VERSION  # noqa: E402
 from kvxfer.errors import ConfigError, HandshakeError, LayoutMismatchError  # noqa: E402
 

@@ -190,6 +190,10 @@ class CudaIpcBackend(Backend):
     def prepare(self, plan: "TransferPlan") -> None:
         self._state(plan)
 
+    def plan_state(self, plan: "TransferPlan") -> "_PlanState":
+        """What :meth:`prepare` built for ``plan`` (its strategy, tables, device): for benchmarks and tests."""
+        return self._plans[plan]
+
     def map_remote(self, peer: "Peer", region_index: int, device: int) -> int | None:
         assert self.context is not None
         meta = next((r for r in peer.meta.regions if r.index == region_index), None)

@@ -8,6 +8,7 @@ same-host host memory, staged messages for small host fragments otherwise, GPU s
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -18,16 +19,17 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from ...errors import DescriptorError, TransferCancelledError
+from ...errors import DescriptorError, PeerDisconnectedError, TransferCancelledError
 from ...handle import TransferState
 from ...devices import cuda_available
 from ...memory import MemoryKind
 from ..base import Backend, BackendCaps, Op, Request
-from .cma import CrossMemory, copy_threads, plan_batches
+from .cma import CmaError, CrossMemory, copy_threads, plan_batches
 from .device_slots import DeviceSlots, check_device_spans
 from .device_serve import DeviceServer
 from .config import UcxConfig
 from .context import Context
+from .exports import ExportTable
 from .library import load_library, ucx_available
 from .link import Link
 from .links import Links
@@ -35,7 +37,7 @@ from .progress import ProgressThread
 from .responder import Responder, pack_notification
 from .pool import BufferPool
 from .transfer import CmaTransfer, UcxRequest, new_request
-from .wire import Header, Kind, WorkerInfo
+from .wire import Header, Kind, WorkerInfo, keys_digest
 from .worker import Worker
 
 if TYPE_CHECKING:
@@ -69,6 +71,9 @@ class UcxBackend(Backend):
         self._awaiting: dict[int, UcxRequest] = {}
         self._outbox: deque[Callable[[], None]] = deque()
         self._batches: "weakref.WeakKeyDictionary[TransferPlan, list]" = weakref.WeakKeyDictionary()
+        # plan -> (link, peer export-table generation) it was last checked against (exports.py)
+        self._checked: "weakref.WeakKeyDictionary[TransferPlan, tuple[Link, int]]" = weakref.WeakKeyDictionary()
+        self.exports = ExportTable()
         self._ids = itertools.count(1)
         self._last_liveness = self._quiet_since = 0.0
         self._closed = False
@@ -99,8 +104,10 @@ class UcxBackend(Backend):
                   self.library.path, self.library.source, self.config.error_mode, self.config.cma)
 
     def info(self) -> bytes:
-        return WorkerInfo(self.worker.address, self.config.error_mode, self._token.ctypes.data,
-                          self._token.tobytes()).encode()
+        keys = [(index, memh.packed_rkey) for index, memh in list(self._memhs.items())]
+        return WorkerInfo(self.worker.address, self.config.error_mode, self._token.ctypes.data, self._token.tobytes(),
+                          one_sided=self.config.one_sided != "off", exports_addr=self.exports.address,
+                          digest=keys_digest(self.worker.address, keys)).encode()
 
     def close(self) -> None:
         if self._closed or self.context is None:
@@ -116,6 +123,7 @@ class UcxBackend(Backend):
             give_up = time.monotonic() + self.timeouts.close
             while self.links.reap() and time.monotonic() < give_up:
                 self.worker.progress()
+            self.links.forget_closing()
             for memh in self._memhs.values():
                 memh.close()
             self._memhs.clear()
@@ -133,6 +141,8 @@ class UcxBackend(Backend):
         with self.worker.lock:
             memh = self.ucp.map(region.addr, region.nbytes, region.kind is MemoryKind.CUDA)
             self._memhs[region.index] = memh
+            if self.config.one_sided != "off":
+                self.exports.add(region.index, region.addr, region.nbytes)
             if region.kind is MemoryKind.HOST:
                 self._views[region.index] = (region.addr, region.as_numpy())
             else:
@@ -143,6 +153,7 @@ class UcxBackend(Backend):
 
     def deregister(self, region: "Region") -> None:
         with self.worker.lock:
+            self.exports.remove(region.index)
             self._views.pop(region.index, None)
             self._device_regions.pop(region.index, None)
             memh = self._memhs.pop(region.index, None)
@@ -206,15 +217,61 @@ class UcxBackend(Backend):
         return list(self.links.get(peer).transports)
 
     def data_path(self, plan: "TransferPlan") -> str:
-        """How a post of ``plan`` moves its bytes: "cma", "staged" or "direct" (see transfer.py)."""
+        """How a post of ``plan`` moves its bytes: "cma", "staged" or "direct" (see transfer.py). A peer whose
+        memory may not be reached one-sidedly (link.one_sided_ok) gets staged messages only, which it checks."""
         link = self.links.get(plan.peer)
         if plan.on_device:
-            return "staged" if self._stage_on_device(plan) else "direct"
+            if self._stage_on_device(plan):
+                return "staged"
+            if link.one_sided_ok:
+                return "direct"
+            reason = self._device_stage_refusal(plan)
+            if reason is None:
+                return "staged"
+            raise DescriptorError(f"peer {link.name!r} accepts only target-checked (staged) transfers over its "
+                                  f"transports, and this plan cannot be staged: {reason}")
         if link.cma_ok:
             return "cma"
+        if not link.one_sided_ok:
+            if (plan.local.device >= 0).any() or (plan.remote.device >= 0).any():  # pragma: no cover (on_device)
+                raise DescriptorError("mixed host/device plans need one-sided access")
+            return "staged"
         small = plan.nbytes < self.config.stage_below * len(plan)
         # A staged transfer costs a round trip through the target (~0.3 ms here): worth it from ~100 fragments.
         return "staged" if small and len(plan) >= STAGE_MIN_FRAGMENTS else "direct"
+
+    @staticmethod
+    def _device_stage_refusal(plan: "TransferPlan") -> str | None:
+        """Why ``plan`` (CUDA memory) cannot go through GPU staging slots at all; None if it can."""
+        local, remote = plan.local, plan.remote
+        if (local.device < 0).any() or (remote.device < 0).any():
+            return "it mixes host and CUDA memory"
+        if (local.device != local.device[0]).any():
+            return "its local fragments are on several devices"
+        if not cuda_available():
+            return "CUDA is not available here"
+        return None
+
+    def check_one_sided(self, link: Link, plan: "TransferPlan") -> None:
+        """Before a one-sided post (cma, direct) to a same-host peer: every remote span must lie in a region the
+        peer exports now (its export table, read through a cross-memory call; exports.py). DescriptorError if not,
+        PeerDisconnectedError if its process is gone."""
+        view = link.exports
+        if view is None:
+            return  # RDMA: the hardware checks the remote keys
+        try:
+            generation = view.generation()
+            if self._checked.get(plan) != (link, generation):
+                remote = plan.remote
+                view.check(remote.addr, remote.nbytes, remote.region)
+                self._checked[plan] = (link, generation)
+        except CmaError as error:
+            if error.errno == errno.ESRCH:
+                with self.worker.lock:
+                    self.links.lose(link, f"its process (pid {link.pid}) is gone", error)
+                self.flush_outbox()
+                raise PeerDisconnectedError(f"ucx: peer {link.name!r} is gone", link.name) from error
+            raise DescriptorError(f"cannot read peer {link.name!r}'s export table: {error}") from error
 
     def _stage_on_device(self, plan: "TransferPlan") -> bool:
         local, remote = plan.local, plan.remote
@@ -243,8 +300,15 @@ class UcxBackend(Backend):
 
     def post(self, op: Op, plan: "TransferPlan", notify: bytes | None) -> Request:
         link = self.links.get(plan.peer)
-        request = new_request(self, link, op, plan, notify, self.data_path(plan))
+        strategy = self.data_path(plan)
+        if strategy != "staged":
+            self.check_one_sided(link, plan)
+        request = new_request(self, link, op, plan, notify, strategy)
         with self.worker.lock:
+            # The progress thread may have lost the link (or close() run) since links.get(): a request added to a
+            # lost link would never be halted, and would send on its closed endpoint.
+            if link.lost is not None or self._closed:
+                raise PeerDisconnectedError(f"ucx: {link.lost or 'the backend is closed'}", link.name)
             self._active[request.id] = request
             link.requests.add(request)
         request.start()
@@ -350,6 +414,8 @@ class UcxBackend(Backend):
     def progress_round(self) -> float | None:
         """One progress-thread round; how long it may then sleep (s), None: go on at once."""
         with self.worker.lock:
+            if self._closed:
+                return self.config.liveness_interval
             events = self.worker.progress() + self.device_server.poll()
             for request in list(self._active.values()):
                 request.advance()

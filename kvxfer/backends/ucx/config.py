@@ -11,6 +11,9 @@
 | KVXFER_UCX_STAGE_CHUNK | 4194304 | bytes per staged message |
 | KVXFER_UCX_STAGE_INFLIGHT | 4 | staged messages in flight per transfer |
 | KVXFER_UCX_LIVENESS_INTERVAL | 0.2 | seconds between liveness checks of same-host peers without a pidfd |
+| KVXFER_UCX_ONE_SIDED | same-uid | who may move bytes in and out of our regions one-sidedly (cma, UCX puts over shared
+  memory or tcp, where nothing below checks bounds): same-uid (same-host peers of our uid, which could ptrace us
+  anyway, after checking our export table) or off (only target-checked staged messages; RDMA rkeys still allowed) |
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ...errors import ConfigError
 
 _ERROR_MODES = ("auto", "peer", "none")
 _CMA_MODES = ("auto", "off")
+_ONE_SIDED_MODES = ("same-uid", "off")
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class UcxConfig:
     stage_chunk: int = 4 << 20
     stage_inflight: int = 4
     liveness_interval: float = 0.2
+    one_sided: str = "same-uid"
 
     def __post_init__(self) -> None:
         if self.error_mode not in _ERROR_MODES:
@@ -54,6 +59,8 @@ class UcxConfig:
             raise ConfigError(f"KVXFER_UCX_STAGE_CHUNK must be in [4096, 2**30], got {self.stage_chunk}")
         if not 1 <= self.stage_inflight <= 64:
             raise ConfigError(f"KVXFER_UCX_STAGE_INFLIGHT must be in [1, 64], got {self.stage_inflight}")
+        if self.one_sided not in _ONE_SIDED_MODES:
+            raise ConfigError(f"KVXFER_UCX_ONE_SIDED must be one of {_ONE_SIDED_MODES}, got {self.one_sided!r}")
         if not 0 < self.liveness_interval <= 60:
             raise ConfigError(f"KVXFER_UCX_LIVENESS_INTERVAL must be in (0, 60], got {self.liveness_interval}")
 
@@ -72,6 +79,7 @@ class UcxConfig:
             stage_chunk=_int(env, "KVXFER_UCX_STAGE_CHUNK", cls.stage_chunk),
             stage_inflight=_int(env, "KVXFER_UCX_STAGE_INFLIGHT", cls.stage_inflight),
             liveness_interval=_float(env, "KVXFER_UCX_LIVENESS_INTERVAL", cls.liveness_interval),
+            one_sided=env.get("KVXFER_UCX_ONE_SIDED", "same-uid").strip().lower(),
         )
 
 

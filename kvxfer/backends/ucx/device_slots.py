@@ -18,6 +18,7 @@ import numpy as np
 
 from ...devices import cupy_module
 from ...kernels import batch_copy
+from .exports import spans_outside
 
 if TYPE_CHECKING:
     from .context import Context, MemoryHandle
@@ -38,7 +39,7 @@ def check_device_spans(addr: np.ndarray, nbytes: np.ndarray, region: np.ndarray,
         base, size, device = regions[index]
         mask = region == index
         start, length = addr[mask], nbytes[mask]
-        if int(start.min()) < base or int((start - np.uint64(base) + length).max()) > size or int(length.min()) == 0:
+        if spans_outside(start.astype(np.uint64), length.astype(np.uint64), base, size):
             raise ValueError(f"a span lies outside region {index} ([{base:#x}, +{size}))")
         devices.add(device)
     if len(devices) != 1:

@@ -78,15 +78,15 @@ class DeviceStagedTransfer(StagedTransfer):
     def _send_device_chunk(self, chunk: int, slot: int) -> None:
         assert self.pool is not None
         start, stop = self.bounds[chunk]
-        local, remote = self.plan.local, self.plan.remote
+        spans = self.spans
         if self.op is Op.WRITE:
-            self.pool.gather(slot, local.addr[start:stop], local.nbytes[start:stop])
+            self.pool.gather(slot, spans.local_addr[start:stop], spans.nbytes[start:stop])
         count = stop - start
         stage = Stage(slot, self.pool.packed_rkey(slot), self.link.mode == "peer",
                       self.backend.worker.address).pack()
         head_nbytes = descs_nbytes(count)
         payload = np.empty(head_nbytes + stage.size, dtype=np.uint8)
-        pack_descs(payload, remote.addr[start:stop], remote.nbytes[start:stop], remote.region[start:stop])
+        pack_descs(payload, spans.remote_addr[start:stop], spans.nbytes[start:stop], spans.remote_region[start:stop])
         payload[head_nbytes:] = stage
         kind = Kind.DSCATTER if self.op is Op.WRITE else Kind.DGATHER
         header = Header(kind, self.id, chunk, count).encode()
@@ -103,12 +103,13 @@ class DeviceStagedTransfer(StagedTransfer):
             return
         assert self.pool is not None
         start, stop = self.bounds[chunk]
-        nbytes = int(self.plan.local.nbytes[start:stop].sum(dtype=np.uint64))
+        nbytes = int(self.spans.nbytes[start:stop].sum(dtype=np.uint64))
         link, slot = self.link, self.slots[chunk]
         try:
             rkey = link.slot_rkeys.get(grant.rkey)
             if rkey is None:
                 rkey = link.slot_rkeys[grant.rkey] = link.ep.unpack_rkey(grant.rkey)
+            link.ep.check_open("ucp_put_nbx")
             self._put_param.memh = self.pool.memh(slot)
             request = self.backend.library.lib.ucp_put_nbx(link.ep.handle, slot, nbytes, grant.slot, rkey,
                                                            self._put_param)
@@ -143,8 +144,11 @@ class DeviceStagedTransfer(StagedTransfer):
         start, stop = self.bounds[chunk]
         stage = Stage(self.slots[chunk], b"-", self.link.mode == "peer", self.backend.worker.address).pack().copy()
         header = Header(Kind.DCOMMIT, self.id, chunk, stop - start).encode()
-        self.backend.worker.send(self.link.ep.handle, header, stage.ctypes.data, stage.size, keepalive=stage,
-                                 reply=True, on_done=self._sent_device)
+        try:
+            self.backend.worker.send(self.link.ep.handle, header, stage.ctypes.data, stage.size, keepalive=stage,
+                                     reply=True, on_done=self._sent_device)
+        except KvxferError as error:
+            self.fail(f"chunk {chunk}: sending DCOMMIT failed: {error}", error)
 
     def on_reply(self, header: Header, data: Any) -> None:
         chunk = header.chunk
@@ -162,9 +166,9 @@ class DeviceStagedTransfer(StagedTransfer):
         assert self.pool is not None  # a chunk holds a slot only once the pool exists
         if header.kind is Kind.DATA and not self.state.final and not self.stopped:
             start, stop = self.bounds[chunk]
-            local = self.plan.local
+            spans = self.spans
             try:
-                self.pool.scatter(slot, local.addr[start:stop], local.nbytes[start:stop])
+                self.pool.scatter(slot, spans.local_addr[start:stop], spans.nbytes[start:stop])
             except Exception as error:  # a CUDA error must still end the transfer
                 self.pool.give(slot)
                 self.fail(f"chunk {chunk}: scattering the staged bytes failed: {error}")

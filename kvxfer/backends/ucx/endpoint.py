@@ -24,7 +24,7 @@ class Endpoint:
         self.library, self.worker, self.peer_mode = library, worker, peer_mode
         self.failed_status: int | None = None
         self._on_error = on_error
-        self._error_callback = ffi.callback("void(void *, ucp_ep_h, ucs_status_t)", self._on_ep_error)
+        self._watch = worker.watch_endpoint(self._on_ep_error)  # the worker owns the C callback (worker.py)
         self._address = ffi.new("char[]", address)
         self._name = ffi.new("char[]", name.encode()[:31])
         params = ffi.new("ucp_ep_params_t *")
@@ -32,22 +32,33 @@ class Endpoint:
                              | cdef.UCP_EP_PARAM_FIELD_ERR_HANDLER | cdef.UCP_EP_PARAM_FIELD_NAME)
         params.address = ffi.cast("ucp_address_t *", self._address)
         params.err_mode = cdef.UCP_ERR_HANDLING_MODE_PEER if peer_mode else cdef.UCP_ERR_HANDLING_MODE_NONE
-        params.err_handler.cb = self._error_callback
-        params.err_handler.arg = ffi.NULL
+        params.err_handler.cb = worker.ep_error_callback
+        params.err_handler.arg = ffi.cast("void *", self._watch)
         params.name = self._name
         handle = ffi.new("ucp_ep_h *")
-        check(library, lib.ucp_ep_create(worker.handle, params, handle), "ucp_ep_create")
+        try:
+            check(library, lib.ucp_ep_create(worker.handle, params, handle), "ucp_ep_create")
+        except UcxStatusError:
+            worker.unwatch_endpoint(self._watch)
+            raise
         self.handle: Any = handle[0]
+        self.key = int(ffi.cast("uintptr_t", self.handle))  # the int ucp_ep_h the worker tracks sends by
         self._rma_param = ffi.new("ucp_request_param_t *")
         self._rma_param.op_attr_mask = cdef.UCP_OP_ATTR_FIELD_MEMH
         self._flush_param = ffi.new("ucp_request_param_t *")
 
-    def _on_ep_error(self, _arg: Any, _ep: Any, status: int) -> None:
-        self.failed_status = int(status)
-        self._on_error(int(status))
+    def _on_ep_error(self, status: int) -> None:
+        self.failed_status = status
+        self._on_error(status)
+
+    def check_open(self, call: str) -> None:
+        """Raise UcxStatusError if the endpoint was closed (UCX would dereference NULL)."""
+        if self.handle is None:  # closed (its link was lost): UCX would dereference NULL
+            raise UcxStatusError(f"{call}: the endpoint is closed", cdef.UCS_ERR_NOT_CONNECTED, call)
 
     def unpack_rkey(self, packed: bytes) -> Any:
         """A ucp_rkey_h for a peer region's packed key; release with :meth:`destroy_rkey`."""
+        self.check_open("ucp_ep_rkey_unpack")
         ffi, lib = self.library.ffi, self.library.lib
         rkey = ffi.new("ucp_rkey_h *")
         check(self.library, lib.ucp_ep_rkey_unpack(self.handle, ffi.from_buffer(packed), rkey), "ucp_ep_rkey_unpack")
@@ -61,6 +72,7 @@ class Endpoint:
             rkeys: Sequence[Any], memhs: Sequence[Any]) -> None:
         """Issue one put (``write``) or get per fragment; requests are released at once (completion is observed
         by a later :meth:`flush`). Raises UcxStatusError on the first immediate failure."""
+        self.check_open("ucp_put_nbx" if write else "ucp_get_nbx")
         lib, param, ep = self.library.lib, self._rma_param, self.handle
         operation = lib.ucp_put_nbx if write else lib.ucp_get_nbx
         free = lib.ucp_request_free
@@ -77,6 +89,7 @@ class Endpoint:
 
     def flush(self) -> int:
         """Start ``ucp_ep_flush_nbx``: 0 when already complete, else a request to poll with :func:`request_status`."""
+        self.check_open("ucp_ep_flush_nbx")
         request = self.library.lib.ucp_ep_flush_nbx(self.handle, self._flush_param)
         status = pointer_status(request)
         if status < 0:
@@ -114,6 +127,7 @@ class Endpoint:
             param.flags = cdef.UCP_EP_CLOSE_FLAG_FORCE
         request = lib.ucp_ep_close_nbx(self.handle, param)
         self.handle = None
+        self.worker.unwatch_endpoint(self._watch)
         return request if pointer_status(request) == cdef.UCS_INPROGRESS else 0
 
 

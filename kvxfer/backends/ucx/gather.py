@@ -12,6 +12,8 @@ from typing import Callable
 
 import numpy as np
 
+from .exports import spans_outside
+
 _MAX_UNIT = 1 << 20
 _SLOW_UNITS_PER_SPAN = 256  # past this many units per span (tiny alignment), copy span by span instead
 
@@ -28,9 +30,8 @@ def check_spans(addr: np.ndarray, nbytes: np.ndarray, region: np.ndarray, lookup
         except KeyError:
             return f"region {index} is not a registered host region"
         mask = region == index
-        start, size = addr[mask], nbytes[mask]
-        if start.size and (int(start.min()) < base or int((start - np.uint64(base) + size).max()) > view.size
-                           or int(size.min()) == 0):
+        start, size = addr[mask].astype(np.uint64), nbytes[mask].astype(np.uint64)
+        if start.size and spans_outside(start, size, base, view.size):
             return f"a span lies outside region {index} ([{base:#x}, +{view.size}))"
     return None
 

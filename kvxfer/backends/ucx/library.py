@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import BackendError, BackendUnavailableError
+from ...errors import BackendUnavailableError, UcxStatusError
 from . import cdef
 from .config import UcxConfig
 
@@ -131,15 +131,6 @@ def ucx_available() -> str | None:
     except Exception as error:  # a broken install must read as "unavailable", never crash test collection
         return f"{type(error).__name__}: {error}"
     return None
-
-
-class UcxStatusError(BackendError):
-    """A UCX call failed; ``status`` is the UCS status code (negative), ``call`` the UCP function."""
-
-    def __init__(self, message: str, status: int, call: str) -> None:
-        super().__init__(message, backend="ucx")
-        self.status = status
-        self.call = call
 
 
 def check(library: UcxLibrary, status: int, call: str) -> None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ...errors import HandshakeError, PeerDisconnectedError
 from .cma import CrossMemory
 from .endpoint import Endpoint
+from .exports import ExportView
 from .library import UcxStatusError
 from .wire import WorkerInfo
 from .worker import Worker
@@ -26,6 +27,10 @@ if TYPE_CHECKING:
     from ...peer import Peer
 
 _SHARED_MEMORY = {"sysv", "posix", "cma", "xpmem", "knem", "cuda_ipc", "rocm_ipc", "self"}
+# Transports whose remote keys the hardware checks (an RDMA memory key covers exactly the registered range).
+# Everything else (tcp's software RMA, cma, shared memory, cuda_ipc: the whole allocation) lets a put land
+# wherever the initiator says.
+RDMA_TRANSPORTS = {"rc_verbs", "rc_mlx5", "dc_mlx5", "ud_verbs", "ud_mlx5", "rc_x", "dc_x", "srd"}
 _log = logging.getLogger("kvxfer.ucx")
 
 
@@ -44,6 +49,9 @@ class Link:
 
     def __init__(self, peer: "Peer", info: WorkerInfo, worker: Worker, local_policy: str, same_host: bool,
                  cma: CrossMemory | None, on_error: Any) -> None:
+        # Nothing from the metadata reaches libucp unless it matches the digest the peer put in its UCX info.
+        info.verify([(region.index, region.keys["ucx"]) for region in peer.meta.regions if region.keys.get("ucx")],
+                    peer.name)
         self.name = peer.name
         self.uid = peer.meta.uid
         self.peer = peer
@@ -63,6 +71,12 @@ class Link:
         self.process_verified = self.cma_reason is None and same_host
         if not self.process_verified:
             self.close_watch()
+        # One-sided host paths on software transports: only to a peer that allows them, proven to be a process of
+        # our uid on this host (the probe), and checked against its export table before each post (exports.py).
+        self.peer_allows_one_sided = info.one_sided
+        self.exports: ExportView | None = None
+        if self.process_verified and info.one_sided and info.exports_addr and cma is not None:
+            self.exports = ExportView(cma, self.pid, info.exports_addr, peer.name)
         try:
             self.ep = Endpoint(worker, info.address, self.mode == "peer", f"{peer.name}"[:31],
                                lambda status: on_error(self, status))
@@ -84,7 +98,18 @@ class Link:
     @property
     def cma_ok(self) -> bool:
         """True when host-memory transfers may go through cross-memory attach."""
-        return self.process_verified and self.cma_enabled
+        return self.exports is not None and self.cma_enabled
+
+    @property
+    def one_sided_ok(self) -> bool:
+        """True when UCX puts/gets may go to the peer's memory without the peer checking them: its transports check
+        remote keys in hardware (RDMA), or it is a same-uid process on this host that allows it (exports.py)."""
+        return self.exports is not None or self.rma_bounded
+
+    @property
+    def rma_bounded(self) -> bool:
+        """True when every UCX lane to the peer is an RDMA transport (hardware-checked remote keys)."""
+        return bool(self.transports) and all(tl in RDMA_TRANSPORTS for tl, _ in self.transports)
 
     cma_enabled = True  # the backend turns it off with KVXFER_UCX_CMA=off (the probe still proves liveness)
 
@@ -116,7 +141,9 @@ class Link:
         """One line for the log: error mode, data path and UCX lanes."""
         lanes = ",".join(f"{tl}/{dev}" for tl, dev in self.transports) or "?"
         data = "cma (batched process_vm_readv/writev)" if self.cma_ok else "ucx"
-        return f"error mode {self.mode}, host data path {data}, ucx lanes [{lanes}]"
+        check = ("export table" if self.exports is not None else "rdma keys" if self.rma_bounded
+                 else "target-checked messages only")
+        return f"error mode {self.mode}, host data path {data}, one-sided: {check}, ucx lanes [{lanes}]"
 
     def on_tcp_only(self) -> bool:
         """True when this same-host link's UCX lanes are tcp with no shared-memory transport."""

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import select
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...errors import PeerDisconnectedError
@@ -18,13 +22,44 @@ if TYPE_CHECKING:
 _log = logging.getLogger("kvxfer.ucx")
 
 
+@dataclass
+class _Closing:
+    """A lost link's endpoint while it closes: its close request (0: closed) and, for a same-host peer, the pidfd
+    that tells when its process is gone (then what UCX never completes is given up on)."""
+
+    ep: int
+    request: int
+    pidfd: int | None
+    pid: int
+    since: float
+
+    def process_gone(self) -> bool:
+        if self.pidfd is not None:
+            return bool(select.select([self.pidfd], [], [], 0)[0])
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def close_watch(self) -> None:
+        if self.pidfd is not None:
+            try:
+                os.close(self.pidfd)
+            except OSError:
+                pass
+            self.pidfd = None
+
+
 class Links:
     """Links by peer name. Methods marked "locked" are called with the worker lock held."""
 
     def __init__(self, backend: "UcxBackend") -> None:
         self._backend = backend
         self._links: dict[str, Link] = {}
-        self._closing: list[int] = []  # endpoint close requests still running
+        self._closing: list[_Closing] = []  # lost links' endpoints still closing, or with sends in flight
 
     def connect(self, peer: "Peer") -> Link:
         """A new link to ``peer``, replacing any older one of that name."""
@@ -80,14 +115,21 @@ class Links:
             self._backend.post_outbox(lambda: agent.peer_lost(link.name, lost))
 
     def _close(self, link: Link) -> None:
-        link.close_watch()
         if link.ep.handle is None:
+            link.close_watch()
             return
         link.close_keys()
-        # FORCE needs peer error mode on both sides; in none mode a flushing close that we never wait on.
+        key = link.ep.key
+        # FORCE needs peer error mode on both sides (it completes every request on the endpoint); in none mode a
+        # flushing close, which never completes while the peer is stopped or dead: :meth:`reap` waits for it, or
+        # for the peer's process to be gone, whichever comes first.
         request = link.ep.close(force=link.mode == "peer")
-        if request:
-            self._closing.append(request)
+        pidfd, link.pidfd = link.pidfd, None  # the watch moves to the closing entry
+        pid = link.pid if link.process_verified else 0
+        if request or self._backend.worker.sends_on(key):
+            self._closing.append(_Closing(key, request, pidfd, pid, time.monotonic()))
+        elif pidfd is not None:
+            os.close(pidfd)
 
     def _on_endpoint_error(self, link: Link, status: int) -> None:
         reason = f"endpoint error: {self._backend.library.status_text(status)}"
@@ -111,11 +153,44 @@ class Links:
                 self.lose(link, f"its process (pid {link.pid}) exited", None)
 
     def reap(self) -> bool:
-        """(locked) Free endpoint close requests that finished; True while some still run."""
-        if self._closing:
-            library = self._backend.library
-            self._closing = [r for r in self._closing if request_status(library, r) == cdef.UCS_INPROGRESS]
-        return bool(self._closing)
+        """(locked) Forget lost links' endpoints that finished closing; give up on those whose peer process is gone
+        (their close request and sends are released: UCX in none mode never completes them, and their buffers
+        would leak). True while some are still closing."""
+        if not self._closing:
+            return False
+        library, worker = self._backend.library, self._backend.worker
+        still = []
+        for entry in self._closing:
+            if entry.request and request_status(library, entry.request) != cdef.UCS_INPROGRESS:
+                entry.request = 0
+            if entry.request == 0 and not worker.sends_on(entry.ep):
+                entry.close_watch()
+                continue
+            if entry.pid and entry.process_gone():
+                if entry.request:
+                    library.lib.ucp_request_free(entry.request)  # UCX frees it if it ever completes
+                dropped = worker.abandon_sends(entry.ep)
+                _log.debug("ucx: gave up closing an endpoint to exited pid %d (%d sends dropped)", entry.pid,
+                           dropped)
+                entry.close_watch()
+                continue
+            still.append(entry)
+        self._closing = still
+        return bool(still)
+
+    @property
+    def closing(self) -> int:
+        """Lost links' endpoints still closing (or with sends in flight)."""
+        return len(self._closing)
+
+    def __len__(self) -> int:
+        return len(self._links)
+
+    def forget_closing(self) -> None:
+        """(locked) At backend close, once waiting is over: drop what still closes (the worker goes next)."""
+        for entry in self._closing:
+            entry.close_watch()
+        self._closing = []
 
     def close_all(self) -> None:
         """(locked) Close every link (transfers fail); the caller then progresses until :meth:`reap` is False."""

@@ -29,6 +29,26 @@ if TYPE_CHECKING:
 MAX_CHUNK_FRAGMENTS = 1 << 16
 
 
+class Spans:
+    """A plan's fragment pairs with fragments longer than a chunk cut into chunk-sized pieces (uint64 addresses
+    and sizes, int32 region indices); the plan's own arrays when none is."""
+
+    def __init__(self, plan: "TransferPlan", piece: int) -> None:
+        local, remote = plan.local, plan.remote
+        sizes = local.nbytes.astype(np.uint64)
+        self.local_addr, self.remote_addr, self.nbytes = local.addr, remote.addr, sizes
+        self.local_region, self.remote_region = local.region, remote.region
+        if len(sizes) and int(sizes.max()) > piece:
+            counts = (sizes + np.uint64(piece - 1)) // np.uint64(piece)
+            owner = np.repeat(np.arange(len(sizes)), counts.astype(np.int64))
+            first = np.cumsum(counts) - counts
+            skip = (np.arange(len(owner), dtype=np.uint64) - first[owner].astype(np.uint64)) * np.uint64(piece)
+            self.local_addr = local.addr.astype(np.uint64)[owner] + skip
+            self.remote_addr = remote.addr.astype(np.uint64)[owner] + skip
+            self.nbytes = np.minimum(sizes[owner] - skip, np.uint64(piece))
+            self.local_region, self.remote_region = local.region[owner], remote.region[owner]
+
+
 def chunk_bounds(nbytes: np.ndarray, chunk_nbytes: int) -> list[tuple[int, int]]:
     """[start, stop) fragment ranges of about ``chunk_nbytes`` bytes (at least one fragment) each."""
     ends = np.cumsum(nbytes, dtype=np.uint64)
@@ -50,7 +70,8 @@ class StagedTransfer(UcxRequest):
     def __init__(self, backend: "UcxBackend", link: "Link", op: Op, plan: "TransferPlan",
                  notify: bytes | None) -> None:
         super().__init__(backend, link, op, plan, notify)
-        self.bounds = chunk_bounds(plan.local.nbytes, self.chunk_nbytes())
+        self.spans = Spans(plan, self.chunk_nbytes())
+        self.bounds = chunk_bounds(self.spans.nbytes, self.chunk_nbytes())
         self.next_chunk = 0
         self.answered = np.zeros(len(self.bounds), dtype=bool)
         self.in_flight = 0
@@ -79,19 +100,19 @@ class StagedTransfer(UcxRequest):
 
     def _send_chunk(self, chunk: int) -> None:
         start, stop = self.bounds[chunk]
-        local, remote = self.plan.local, self.plan.remote
+        spans = self.spans
         count = stop - start
         header_nbytes = descs_nbytes(count)
         if self.op is Op.WRITE:
-            data_nbytes = int(local.nbytes[start:stop].sum(dtype=np.uint64))
+            data_nbytes = int(spans.nbytes[start:stop].sum(dtype=np.uint64))
             buffer = self.backend.staging.take(header_nbytes + data_nbytes)
-            gather(buffer[header_nbytes:], local.addr[start:stop], local.nbytes[start:stop],
-                   local.region[start:stop], self.backend.host_view)
+            gather(buffer[header_nbytes:], spans.local_addr[start:stop], spans.nbytes[start:stop],
+                   spans.local_region[start:stop], self.backend.host_view)
             kind = Kind.SCATTER
         else:
             buffer = np.empty(header_nbytes, dtype=np.uint8)
             kind = Kind.GATHER
-        pack_descs(buffer, remote.addr[start:stop], remote.nbytes[start:stop], remote.region[start:stop])
+        pack_descs(buffer, spans.remote_addr[start:stop], spans.nbytes[start:stop], spans.remote_region[start:stop])
         header = Header(kind, self.id, chunk, count).encode()
         self.backend.worker.send(self.link.ep.handle, header, buffer.ctypes.data, buffer.size, keepalive=buffer,
                                  reply=True, on_done=lambda status: self._sent(buffer, status))
@@ -113,13 +134,13 @@ class StagedTransfer(UcxRequest):
             return
         if header.kind is Kind.DATA:
             start, stop = self.bounds[header.chunk]
-            local = self.plan.local
+            spans = self.spans
             payload = np.frombuffer(data, dtype=np.uint8)
-            expected = int(local.nbytes[start:stop].sum(dtype=np.uint64))
+            expected = int(spans.nbytes[start:stop].sum(dtype=np.uint64))
             if payload.size != expected:
                 self.fail(f"chunk {header.chunk}: peer sent {payload.size} bytes, expected {expected}")
                 return
-            scatter(payload, local.addr[start:stop], local.nbytes[start:stop], local.region[start:stop],
+            scatter(payload, spans.local_addr[start:stop], spans.nbytes[start:stop], spans.local_region[start:stop],
                     self.backend.host_view)
         self.in_flight -= 1
         self.answered[header.chunk] = True

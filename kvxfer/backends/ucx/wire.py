@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -13,8 +14,10 @@ import numpy as np
 from ...errors import HandshakeError
 
 INFO_MAGIC = b"KVXU"
-INFO_VERSION = 1
-_INFO = struct.Struct("<4sBBHQ16s")  # magic, version, error policy, flags, probe address, probe token
+INFO_VERSION = 2
+# magic, version, error policy, flags, probe address, probe token, export table address, digest
+_INFO = struct.Struct("<4sBBHQ16sQ16s")
+FLAG_ONE_SIDED = 1  # same-host peers of our uid may write/read our exported regions one-sidedly (exports.py)
 MAX_WORKER_ADDRESS = 16 << 10
 
 MESSAGE_MAGIC = b"KX"
@@ -26,31 +29,58 @@ _DESC_NBYTES = 20  # addr u64 + nbytes u64 + region i32
 ERROR_POLICIES = ("auto", "peer", "none")
 
 
+def keys_digest(address: bytes, keys: list[tuple[int, bytes]]) -> bytes:
+    """16-byte digest of a worker address and the (region index, packed rkey) pairs, sorted by index. Bytes that
+    reach libucp (ucp_ep_create, ucp_ep_rkey_unpack) must match it: a bit flipped or a key truncated on the way
+    is refused before UCX parses it (UCX aborts or crashes on some; it validates none). Forgery is the metadata
+    signature's job (kvxfer.signature): this digest is not keyed."""
+    hasher = hashlib.blake2b(address, digest_size=16, person=b"kvxfer-ucx-keys")
+    for index, packed in sorted(keys):
+        hasher.update(struct.pack("<iI", index, len(packed)))
+        hasher.update(packed)
+    return hasher.digest()
+
+
 @dataclass(frozen=True)
 class WorkerInfo:
-    """The backend's public blob: its worker address, error-mode policy, and a token peers on this host read
-    through cross-memory attach to prove that our pid is theirs to reach (``probe_addr`` holds ``token``)."""
+    """The backend's public blob: its worker address, error-mode policy, a token peers on this host read
+    through cross-memory attach to prove that our pid is theirs to reach (``probe_addr`` holds ``token``), whether
+    such peers may move bytes one-sidedly (``one_sided``), where our export table is (exports.py), and the
+    digest of the address and our packed rkeys (:func:`keys_digest`)."""
 
     address: bytes
     error_policy: str
     probe_addr: int
     token: bytes
+    one_sided: bool = True
+    exports_addr: int = 0
+    digest: bytes = bytes(16)
 
     def encode(self) -> bytes:
         """The bytes for the agent metadata."""
-        return _INFO.pack(INFO_MAGIC, INFO_VERSION, ERROR_POLICIES.index(self.error_policy), 0, self.probe_addr,
-                          self.token) + self.address
+        return _INFO.pack(INFO_MAGIC, INFO_VERSION, ERROR_POLICIES.index(self.error_policy),
+                          FLAG_ONE_SIDED if self.one_sided else 0, self.probe_addr, self.token, self.exports_addr,
+                          self.digest) + self.address
 
     @classmethod
     def decode(cls, data: bytes, peer_name: str) -> "WorkerInfo":
         """Parse a peer's blob; HandshakeError if it is not one."""
         if len(data) <= _INFO.size or len(data) > _INFO.size + MAX_WORKER_ADDRESS:
             raise HandshakeError(f"peer {peer_name!r}: UCX info of {len(data)} bytes is malformed", peer_name)
-        magic, version, policy, _flags, probe_addr, token = _INFO.unpack_from(data)
-        if magic != INFO_MAGIC or version != INFO_VERSION or policy >= len(ERROR_POLICIES):
+        magic, version, policy, flags, probe_addr, token, exports_addr, digest = _INFO.unpack_from(data)
+        if magic != INFO_MAGIC or version != INFO_VERSION or policy >= len(ERROR_POLICIES) or flags & ~FLAG_ONE_SIDED:
             raise HandshakeError(f"peer {peer_name!r}: UCX info has magic {magic!r} version {version} policy "
-                                 f"{policy}; expected {INFO_MAGIC!r} version {INFO_VERSION}", peer_name)
-        return cls(bytes(data[_INFO.size:]), ERROR_POLICIES[policy], probe_addr, token)
+                                 f"{policy} flags {flags:#x}; expected {INFO_MAGIC!r} version {INFO_VERSION}",
+                                 peer_name)
+        return cls(bytes(data[_INFO.size:]), ERROR_POLICIES[policy], probe_addr, token, bool(flags & FLAG_ONE_SIDED),
+                   exports_addr, digest)
+
+    def verify(self, keys: list[tuple[int, bytes]], peer_name: str) -> None:
+        """HandshakeError unless our address and the peer's packed rkeys ``keys`` match :attr:`digest`."""
+        if keys_digest(self.address, keys) != self.digest:
+            raise HandshakeError(f"peer {peer_name!r}: its UCX worker address or remote keys do not match the digest "
+                                 "in its UCX info (corrupted or altered metadata): refused before UCX sees them",
+                                 peer_name)
 
 
 class Kind(IntEnum):

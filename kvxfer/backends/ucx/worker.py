@@ -12,6 +12,7 @@ callback), ``FLAG_DATA`` (UCX-owned; we copy it before returning UCS_OK) and ``F
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import Counter
@@ -30,6 +31,7 @@ _PROGRESS_BURST = 64
 # keep); ``reply_ep`` is an int ucp_ep_h (0 when the sender asked for no reply).
 MessageHandler = Callable[[bytes, Any, int], None]
 SendDone = Callable[[int], None]
+EndpointErrorHandler = Callable[[int], None]
 
 _log = logging.getLogger("kvxfer.ucx")
 
@@ -61,7 +63,9 @@ class Worker:
         self.efd = int(efd[0])
         self._receives: list[tuple[int, bytes, np.ndarray, int]] = []  # rendezvous receives: request, header,
         # buffer (exactly the message's size), reply ep
-        self._sends: list[tuple[int, Any, SendDone | None]] = []      # sends in flight: request, keepalive, done
+        self._sends: list[tuple[int, Any, SendDone | None, int]] = []  # sends in flight: request, keepalive, done,
+        # endpoint (int ucp_ep_h)
+        self.abandoned = 0  # sends given up on because their peer process is gone (see abandon_sends)
         self._deferred: list[Callable[[], None]] = []
         self.forms: Counter[str] = Counter()  # messages received per form: "plain", "data", "rndv"
         self._callback = ffi.callback("ucs_status_t(void *, const void *, size_t, void *, size_t, const void *)",
@@ -73,6 +77,12 @@ class Worker:
         handler.flags = cdef.UCP_AM_FLAG_WHOLE_MSG
         handler.cb = self._callback
         check(library, lib.ucp_worker_set_am_recv_handler(self.handle, handler), "ucp_worker_set_am_recv_handler")
+        # One endpoint error callback for the worker's whole life, dispatching on the ``arg`` id each endpoint was
+        # created with: UCX may call an endpoint's handler after we closed it (none error mode: a flushing close
+        # that never completes, then the peer dies), so a per-endpoint callback object could be freed under it.
+        self.ep_error_callback = ffi.callback("void(void *, ucp_ep_h, ucs_status_t)", self._on_ep_error)
+        self._ep_handlers: dict[int, EndpointErrorHandler] = {}
+        self._ep_ids = itertools.count(1)
         self._recv_param = ffi.new("ucp_request_param_t *")  # no callback: rendezvous receives are polled
         self._send_param = ffi.new("ucp_request_param_t *")
         self._send_param.op_attr_mask = cdef.UCP_OP_ATTR_FIELD_FLAGS
@@ -80,28 +90,36 @@ class Worker:
     # ---- progress ---------------------------------------------------------------------------------------------
 
     def progress(self) -> int:
-        """Drive communication; run the work callbacks queued. Caller holds :attr:`lock`. Returns an event count."""
+        """Drive communication; run the work callbacks queued. Caller holds :attr:`lock`. Returns an event count.
+
+        Work queued by callbacks (answers on a reply endpoint, rendezvous hand-offs) runs right after the
+        ``ucp_worker_progress`` call that queued it: a reply endpoint UCX hands a callback may be destroyed by a
+        later progress call (its peer failed), so it is never kept across calls."""
         lib, handle = self.library.lib, self.handle
+        if handle is None:  # closed: a thread that lost the race with close() must not touch a destroyed worker
+            return 0
         count = 0
         for _ in range(_PROGRESS_BURST):
             events = lib.ucp_worker_progress(handle)
             count += events
+            if self._receives:
+                count += self._reap_receives()
+            while self._deferred:
+                work, self._deferred = self._deferred, []
+                for item in work:
+                    item()
+                count += len(work)
             if not events:
                 break
-        if self._receives:
-            count += self._reap_receives()
         if self._sends:
             count += self._reap_sends()
-        while self._deferred:
-            work, self._deferred = self._deferred, []
-            for item in work:
-                item()
-            count += len(work)
         return count
 
     def arm(self) -> bool:
         """True when the worker is armed (its efd will signal the next event); False when events are pending
         (progress again at once). Caller holds :attr:`lock`."""
+        if self.handle is None:
+            return True
         status = self.library.lib.ucp_worker_arm(self.handle)
         if status == cdef.UCS_ERR_BUSY:
             return False
@@ -129,6 +147,10 @@ class Worker:
         """Send one active message on ``ep`` (a ucp_ep_h); ``[addr, addr + nbytes)`` must stay valid until
         ``on_done(status)`` (``keepalive`` is held until then). Caller holds :attr:`lock`."""
         ffi, lib = self.library.ffi, self.library.lib
+        if self.handle is None or ep is None or ep == ffi.NULL or ep == 0:
+            # a closed worker, or the endpoint of a link lost meanwhile: UCX would dereference NULL
+            raise UcxStatusError("ucp_am_send_nbx: the endpoint or worker is closed", cdef.UCS_ERR_NOT_CONNECTED,
+                                 "ucp_am_send_nbx")
         param = self._send_param
         param.flags = cdef.UCP_AM_SEND_FLAG_COPY_HEADER | (cdef.UCP_AM_SEND_FLAG_REPLY if reply else 0)
         request = lib.ucp_am_send_nbx(ep, AM_ID, ffi.from_buffer(header), len(header), addr, nbytes, param)
@@ -137,7 +159,7 @@ class Worker:
             raise UcxStatusError(f"ucp_am_send_nbx failed: {self.library.status_text(status)}", status,
                                  "ucp_am_send_nbx")
         if status == cdef.UCS_INPROGRESS:
-            self._sends.append((request, keepalive, on_done))
+            self._sends.append((request, keepalive, on_done, int(ffi.cast("uintptr_t", ep))))
         elif on_done is not None:
             on_done(cdef.UCS_OK)
 
@@ -148,11 +170,60 @@ class Worker:
             status = lib.ucp_request_check_status(entry[0])
             (still if status == cdef.UCS_INPROGRESS else finished).append((entry, status))
         self._sends = [entry for entry, _ in still]
-        for (request, _keepalive, on_done), status in finished:
+        for (request, _keepalive, on_done, _ep), status in finished:
             lib.ucp_request_free(request)
             if on_done is not None:
                 on_done(status)
         return len(finished)
+
+    def sends_on(self, ep: int) -> int:
+        """Sends in flight on endpoint ``ep`` (an int ucp_ep_h)."""
+        return sum(1 for entry in self._sends if entry[3] == ep)
+
+    @property
+    def sends_in_flight(self) -> int:
+        """Sends in flight on every endpoint."""
+        return len(self._sends)
+
+    def abandon_sends(self, ep: int) -> int:
+        """Give up on the sends in flight on endpoint ``ep`` (an int ucp_ep_h) whose peer process is gone: no one
+        will ever read their buffers, and in none error mode UCX never completes them. Each request is released
+        (UCX frees it if it ever completes), its buffer dropped (not returned to a pool) and its ``on_done`` not
+        called (the transfers were failed when the peer was lost). Caller holds :attr:`lock`. Returns how many."""
+        free = self.library.lib.ucp_request_free
+        keep, dropped = [], 0
+        for entry in self._sends:
+            if entry[3] == ep:
+                free(entry[0])
+                dropped += 1
+            else:
+                keep.append(entry)
+        self._sends = keep
+        self.abandoned += dropped
+        return dropped
+
+    # ---- endpoint errors ----------------------------------------------------------------------------------------
+
+    def watch_endpoint(self, on_error: EndpointErrorHandler) -> int:
+        """A new id for ``ucp_ep_params_t.err_handler.arg``: errors of that endpoint call ``on_error(status)``
+        until :meth:`unwatch_endpoint`."""
+        key = next(self._ep_ids)
+        self._ep_handlers[key] = on_error
+        return key
+
+    def unwatch_endpoint(self, key: int) -> None:
+        """Stop reporting errors of the endpoint created with ``key`` (it is closing or closed)."""
+        self._ep_handlers.pop(key, None)
+
+    @property
+    def watched_endpoints(self) -> int:
+        """Endpoints whose errors are reported (open endpoints)."""
+        return len(self._ep_handlers)
+
+    def _on_ep_error(self, arg: Any, _ep: Any, status: int) -> None:
+        handler = self._ep_handlers.get(int(self.library.ffi.cast("uintptr_t", arg)))
+        if handler is not None:
+            handler(int(status))
 
     # ---- receiving --------------------------------------------------------------------------------------------
 
@@ -219,9 +290,10 @@ class Worker:
         for request, *_rest in self._receives:
             lib.ucp_request_cancel(self.handle, request)
             lib.ucp_request_free(request)
-        for request, _keepalive, _done in self._sends:
+        for request, _keepalive, _done, _ep in self._sends:
             lib.ucp_request_cancel(self.handle, request)
             lib.ucp_request_free(request)
         self._receives, self._sends, self._deferred = [], [], []
+        self._ep_handlers.clear()
         lib.ucp_worker_destroy(self.handle)
         self.handle = None

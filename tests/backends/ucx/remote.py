@@ -37,14 +37,18 @@ def random_fill(buffer: np.ndarray, seed: int) -> None:
     buffer[buffer == 0] = 1
 
 
-def _serve(connection: Any, name: str, nbytes: int, device: int, environ: dict[str, str]) -> None:
+CANARY = 0xC5
+
+
+def _serve(connection: Any, name: str, nbytes: int, device: int, environ: dict[str, str], canary: int = 0,
+           backend: str = "ucx") -> None:
     import faulthandler
 
     faulthandler.enable()  # a crash in UCX or CUDA prints the Python stack of every thread to stderr
     os.environ.update(environ)
     import kvxfer
 
-    with kvxfer.Agent(name, backends=["ucx"]) as agent:
+    with kvxfer.Agent(name, backends=[backend]) as agent:
         if device >= 0:
             import cupy
 
@@ -57,7 +61,10 @@ def _serve(connection: Any, name: str, nbytes: int, device: int, environ: dict[s
                 random_fill(staging, seed)
                 memory.set(staging)
         else:
-            memory = np.zeros(nbytes, dtype=np.uint8)
+            # ``canary`` bytes right after the region, never registered: nothing a peer does may change them.
+            backing = np.zeros(nbytes + canary, dtype=np.uint8)
+            backing[nbytes:] = CANARY
+            memory = backing[:nbytes]
             host = lambda: memory  # noqa: E731
 
             def fill(seed: int) -> None:
@@ -94,6 +101,8 @@ def _serve(connection: Any, name: str, nbytes: int, device: int, environ: dict[s
                 elif command == "notify":
                     agent.notify(peer, args[0])
                     connection.send(None)
+                elif command == "canary":  # True while every unregistered byte after the region is intact
+                    connection.send(bool((backing[nbytes:] == CANARY).all()))
                 elif command == "pid":
                     connection.send(os.getpid())
                 elif command == "forms":  # active messages received, per UCX delivery form
@@ -108,13 +117,13 @@ class RemoteAgent:
     """The parent's handle on the child (a context manager; always kills the child on exit)."""
 
     def __init__(self, name: str = "remote", nbytes: int = 1 << 20, device: int = -1,
-                 environ: dict[str, str] | None = None) -> None:
+                 environ: dict[str, str] | None = None, canary: int = 0, backend: str = "ucx") -> None:
         context = multiprocessing.get_context("spawn")
         self._connection, child = context.Pipe()
         # Skipping UCX's mmap hooks makes the child's library load ~400 ms faster; host transfers do not need them.
         env = {"UCX_MEM_MMAP_HOOK_MODE": "none"} if device < 0 else {}
         env.update(environ or {})
-        self.process = context.Process(target=_serve, args=(child, name, nbytes, device, env), daemon=True)
+        self.process = context.Process(target=_serve, args=(child, name, nbytes, device, env, canary, backend), daemon=True)
         self.process.start()
         child.close()
         self.name, self.nbytes = name, nbytes
@@ -160,6 +169,8 @@ class RemoteAgent:
             self.process.kill()
             self.process.join(5.0)
         self._connection.close()
+        if not self.process.is_alive():
+            self.process.close()  # its sentinel pipes now, not whenever the object is collected
 
     def __enter__(self) -> "RemoteAgent":
         return self

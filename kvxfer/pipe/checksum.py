@@ -15,10 +15,9 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from . import kernels
-from .errors import HandshakeError, TransferError
-from .memory import MemoryKind, Region
-from .spec import KVCacheSpec, KVLayout
+from ..errors import HandshakeError, TransferError
+from ..memory import MemoryKind, Region
+from ..spec import KVCacheSpec, KVLayout
 
 
 @dataclass(frozen=True)
@@ -53,6 +52,8 @@ def compute(region: Region, spec: KVCacheSpec, block_ids: Any, *, num_tokens: in
 
     ``heads``: local head range (default all); ``unit_tokens`` defaults to the spec's block size.
     """
+    from .. import kernels  # lazy: `import kvxfer` loads no kernel planner
+
     ids = np.asarray(block_ids, dtype=np.int64)
     tokens = len(ids) * spec.block_size if num_tokens is None else int(num_tokens)
     unit = spec.block_size if unit_tokens is None else int(unit_tokens)
@@ -91,11 +92,13 @@ def verify(expected: Checksums, actual: Checksums, who: str) -> None:
 
 
 def _gather_to_host(region: Region, stage: KVCacheSpec, plan: Any) -> np.ndarray:
+    from .. import kernels  # lazy: `import kvxfer` loads no kernel planner
+
     if region.kind is MemoryKind.HOST:
         out = np.empty(stage.nbytes, dtype=np.uint8)
         kernels.copy_kv(region.as_numpy(), out, plan)
         return out
-    from .devices import cupy_module
+    from ..devices import cupy_module
 
     cupy = cupy_module()
     with cupy.cuda.Device(region.device):

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .errors import LayoutMismatchError
-from .spec import KVCacheSpec
+from ..errors import LayoutMismatchError
+from ..spec import KVCacheSpec
 
 
 @dataclass(frozen=True)

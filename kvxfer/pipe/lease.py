@@ -1,11 +1,12 @@
 """Block leases: blocks a sender hands to a receiver stay pinned until the receiver releases them or stops renewing.
 
-Sender (prefill): ``Leases.of(agent).grant(key, peer, block_ids, ttl, on_end)``; ``on_end(lease, reason)`` runs once,
+Sender (prefill): ``Leases.of(agent).grant(key, peer, block_ids, ttl, on_end)`` (``Leases.of(agent)`` is
+``agent.service(Leases)``: the agent owns the keeper and closes it); ``on_end(lease, reason)`` runs once,
 with reason "released" or "expired" (free the blocks there). Receiver (decode): a KVPipe pull with ``lease=key``
 renews every ``renew_every`` seconds while the transfer runs and releases at the end. The sender answers every
 renewal ("ack", or "expired" for a lease it no longer holds); the pull finishes only after every sender acked
 once, and fails as soon as one reports the lease expired. Both sides must be connected to each other.
-Messages are notifications prefixed ``b"kvx:lease:"``.
+Messages are :class:`~kvxfer.control.LeaseMessage` control messages.
 """
 
 from __future__ import annotations
@@ -16,18 +17,17 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-import msgpack
 import numpy as np
 
-from .errors import ConfigError, KvxferError, TransferError
-from .handle import Notification, TransferState
+from ..control import LeaseMessage, LeaseVerb
+from ..errors import ConfigError, KvxferError, LeaseLostError
+from ..handle import TransferState
 from .steps import Step
 
 if TYPE_CHECKING:
-    from .agent import Agent
+    from ..agent import Agent
 
 logger = logging.getLogger("kvxfer")
-PREFIX = b"kvx:lease:"
 
 
 @dataclass
@@ -40,10 +40,6 @@ class Lease:
     ttl: float
     expires_at: float
     on_end: Callable[["Lease", str], None] | None = field(default=None, repr=False)
-
-
-class LeaseLostError(TransferError):
-    """The sender let the lease expire: the blocks may already hold other data."""
 
 
 class ExpiryStep(Step):
@@ -62,7 +58,8 @@ class ExpiryStep(Step):
 
 
 class Leases:
-    """Both roles of one agent: leases it granted (sender) and leases it holds (receiver)."""
+    """Both roles of one agent: leases it granted (sender) and leases it holds (receiver). An agent service:
+    get it with ``Leases.of(agent)``; its timer thread (renewals, expiry) stops when the agent closes."""
 
     def __init__(self, agent: "Agent") -> None:
         self.agent = agent
@@ -70,16 +67,14 @@ class Leases:
         self._granted: dict[bytes, Lease] = {}
         self._held: dict[bytes, tuple[list[str], float, ExpiryStep]] = {}
         self._stop = threading.Event()
-        agent.subscribe(PREFIX, self._on_message)
-        threading.Thread(target=self._tick, name=f"kvxfer-leases-{agent.name}", daemon=True).start()
+        agent.control.on(LeaseMessage, self._on_message)
+        self._thread = threading.Thread(target=self._tick, name=f"kvxfer-leases-{agent.name}", daemon=True)
+        self._thread.start()
 
     @classmethod
     def of(cls, agent: "Agent") -> "Leases":
-        """The lease keeper of ``agent`` (created on first use)."""
-        keeper = getattr(agent, "_leases", None)
-        if keeper is None:
-            keeper = agent._leases = cls(agent)
-        return keeper
+        """The lease keeper of ``agent`` (its service, created on first use)."""
+        return agent.service(cls)
 
     # ---- sender ------------------------------------------------------------------------------------------------
 
@@ -110,7 +105,7 @@ class Leases:
             return
         if reason == "expired":
             logger.warning("agent %s: lease %r of %s expired; its blocks are freed", self.agent.name, key, lease.peer)
-            self._send(lease.peer, "expired", key)
+            self._send(lease.peer, LeaseVerb.EXPIRED, key)
         if lease.on_end is not None:
             lease.on_end(lease, reason)
 
@@ -123,7 +118,7 @@ class Leases:
         with self._lock:
             self._held[key] = (peers, renew_every, step)
         for peer in peers:
-            self._send(peer, "renew", key)
+            self._send(peer, LeaseVerb.RENEW, key)
         return step
 
     def drop(self, key: bytes, release: bool = True) -> None:
@@ -132,38 +127,35 @@ class Leases:
             held = self._held.pop(key, None)
         if held is not None and release:
             for peer in held[0]:
-                self._send(peer, "release", key)
+                self._send(peer, LeaseVerb.RELEASE, key)
 
     # ---- messages and time -------------------------------------------------------------------------------------
 
-    def _send(self, peer: str, verb: str, key: bytes) -> None:
+    def _send(self, peer: str, verb: LeaseVerb, key: bytes) -> None:
         try:
-            self.agent.notify(peer, PREFIX + msgpack.packb([verb, key], use_bin_type=True))
+            self.agent.control.send(peer, LeaseMessage(verb, key))
         except KvxferError as error:
-            logger.warning("agent %s: cannot send lease %s for %r to %s: %s", self.agent.name, verb, key, peer, error)
+            logger.warning("agent %s: cannot send lease %s for %r to %s: %s", self.agent.name, verb.value, key, peer,
+                           error)
 
-    def _on_message(self, note: Notification) -> None:
-        try:
-            verb, key = msgpack.unpackb(note.payload[len(PREFIX):], raw=False)
-        except Exception:
-            logger.warning("agent %s: malformed lease message from %s", self.agent.name, note.peer_name)
-            return
-        if verb == "renew":
+    def _on_message(self, peer_name: str, message: LeaseMessage) -> None:
+        verb, key = message.verb, message.key
+        if verb is LeaseVerb.RENEW:
             with self._lock:
                 lease = self._granted.get(key)
                 if lease is not None:
                     lease.expires_at = time.monotonic() + lease.ttl
             # Answer every renewal: "ack" proves the blocks were still held when it arrived; a late receiver
             # (the lease already expired, its blocks maybe reused) learns it must not trust what it read.
-            self._send(note.peer_name, "ack" if lease is not None else "expired", key)
-        elif verb == "ack":
+            self._send(peer_name, LeaseVerb.ACK if lease is not None else LeaseVerb.EXPIRED, key)
+        elif verb is LeaseVerb.ACK:
             with self._lock:
                 held = self._held.get(key)
             if held is not None:
-                held[2].waiting.discard(note.peer_name)
-        elif verb == "release":
+                held[2].waiting.discard(peer_name)
+        elif verb is LeaseVerb.RELEASE:
             self._end(key, "released")
-        elif verb == "expired":
+        elif verb is LeaseVerb.EXPIRED:
             with self._lock:
                 held = self._held.get(key)
             if held is not None:
@@ -181,11 +173,14 @@ class Leases:
             for key, (peers, every, _) in held.items():
                 if now >= next_renewal.setdefault(key, now + every):
                     for peer in peers:
-                        self._send(peer, "renew", key)
+                        self._send(peer, LeaseVerb.RENEW, key)
                     next_renewal[key] = now + every
             for key in [k for k in next_renewal if k not in held]:
                 del next_renewal[key]
 
     def close(self) -> None:
-        """Stop the timer thread."""
+        """Stop the timer thread (waits for it) and stop listening; leases still granted never expire now."""
         self._stop.set()
+        self.agent.control.off(LeaseMessage, self._on_message)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=1.0)
