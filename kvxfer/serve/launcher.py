@@ -151,7 +151,8 @@ async def run(args: argparse.Namespace, spawn_workers: bool) -> int:
     aliases = frozenset({args.model, str(bundle.directory)})
     served = ServedModel(bundle.name, bundle.tokenizer, bundle.config.max_position, aliases)
     config = PolicyConfig.from_file(args.policy) if args.policy else PolicyConfig()
-    router = Router(bundle.name, args.control, config, request_timeout_s=args.request_timeout, aliases=aliases)
+    router = Router(bundle.name, args.control, config, request_timeout_s=args.request_timeout, aliases=aliases,
+                    vocab_size=bundle.tokenizer.vocab_size)
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     control = await router.start()

@@ -41,8 +41,10 @@ class Router:
 
     def __init__(self, model: str, control: str = "tcp://127.0.0.1:0", config: PolicyConfig | None = None,
                  metrics: RouterMetrics | None = None, request_timeout_s: float = 300.0,
-                 heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S, aliases: frozenset[str] = frozenset()) -> None:
+                 heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S, aliases: frozenset[str] = frozenset(),
+                 vocab_size: int = 0) -> None:
         self.model = model
+        self.vocab_size = vocab_size
         self.control = control
         self.config = config or PolicyConfig()
         self.metrics = metrics or RouterMetrics()
@@ -67,6 +69,8 @@ class Router:
     async def start(self) -> str:
         """Bind the control socket and start the sweeper; returns the control address workers connect to."""
         self._loop = asyncio.get_running_loop()
+        if self.vocab_size:  # block_hashes builds its table of token texts on first use: not on a request's path
+            block_hashes([self.vocab_size - 1] * self.config.block_size, self.config.block_size)
         self.link = RouterLink(self.control, self._on_link_message)
         self._sweeper = self._loop.create_task(self._sweep())
         return self.link.address
