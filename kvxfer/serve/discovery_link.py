@@ -53,7 +53,7 @@ ETCD_TIMEOUT_S = 2.0
 #: Seconds a watch stream may stay silent before it is re-opened.
 WATCH_READ_TIMEOUT_S = 2.0
 #: Seconds a removed worker record may take to come back before the router is told it is gone.
-GRACE_S = 0.5
+GRACE_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -116,13 +116,17 @@ ETCD_FAILURES = (KvxferError, OSError)
 class _Lease:
     """Publishes ``record`` in ``discovery`` from a thread, retrying every :data:`RETRY_S` until etcd answers (a
     worker may start before etcd). Once registered, :class:`~kvxfer.serve.discovery_etcd.EtcdDiscovery` keeps the
-    lease alive and registers again by itself when the lease was lost."""
+    lease alive and registers again by itself when the lease was lost; this thread also checks every TTL that the
+    record is really there (a lease revoked or expired between two keepalives that still answer, a key deleted by
+    hand) and puts it back if not: a record missing while its process lives would keep that worker out of the
+    router's pool for good. ``registrations`` counts the puts this thread made."""
 
     def __init__(self, discovery: Discovery, record: WorkerRecord, ttl_s: float) -> None:
         if not ttl_s >= 1:
             raise ConfigError(f"discovery lease: ttl_s expected >= 1 (etcd leases are whole seconds), got {ttl_s!r}")
         self.discovery, self.record, self.ttl_s = discovery, record, ttl_s
         self.failures = 0
+        self.registrations = 0
         self.registered = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"kvxfer-lease-{record.name}", daemon=True)
@@ -133,21 +137,30 @@ class _Lease:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.discovery.register(self.record, self.ttl_s)
+                if not self.registered.is_set() or self._missing():
+                    self.discovery.register(self.record, self.ttl_s)
+                    self.registrations += 1
+                    self.registered.set()
+                    logger.info("discovery: %s %s registered (lease ttl %.0f s, put %d)", self.record.role,
+                                self.record.name, self.ttl_s, self.registrations)
             except ETCD_FAILURES as error:
                 self.failures += 1
                 if self.failures == 1 or self.failures % 20 == 0:
-                    logger.warning("discovery: cannot register %s yet (%d tries): %s", self.record.name,
+                    logger.warning("discovery: etcd unreachable for %s (%d failures): %s", self.record.name,
                                    self.failures, error)
                 self._stop.wait(RETRY_S)
                 continue
-            self.registered.set()
-            logger.info("discovery: %s %s registered (lease ttl %.0f s)", self.record.role, self.record.name,
-                        self.ttl_s)
-            return
+            self._stop.wait(self.ttl_s)
+
+    def _missing(self) -> bool:
+        if any(record.name == self.record.name for record in self.discovery.list()):
+            return False
+        logger.warning("discovery: the record of %s vanished while its lease was kept alive: registering again",
+                       self.record.name)
+        return True
 
     def close(self) -> None:
-        """Stop retrying (the discovery's own close revokes the lease: the record goes now)."""
+        """Stop the thread (the discovery's own close revokes the lease: the record goes now)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(10.0)

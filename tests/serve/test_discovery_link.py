@@ -13,7 +13,7 @@ pytest.importorskip("httpx")
 
 from kvxfer.errors import ConfigError
 from kvxfer.serve.discovery import WorkerRecord
-from kvxfer.serve.discovery_etcd import EtcdDiscovery
+from kvxfer.serve.discovery_etcd import EtcdDiscovery, EtcdGateway
 from kvxfer.serve.discovery_link import (
     DiscoveryTarget,
     RouterDiscoveryLink,
@@ -171,6 +171,27 @@ def test_etcd_restart_keeps_workers_and_a_wiped_etcd_gets_them_back(etcd: Etcd) 
             wait_for(lambda: [r.name for r in raw.list()] == ["router"], 20.0, "router did not re-register")
         assert worker.find_router(timeout_s=5.0) == "tcp://127.0.0.1:7100"
         wait_for(lambda: router.registration("decode-b") is not None, 20.0, "the router lost the worker's record")
+    finally:
+        worker.close()
+        router.close()
+
+
+def test_a_record_deleted_under_a_live_lease_is_put_back(etcd: Etcd) -> None:
+    """The keepalives still succeed (the lease lives) but the key is gone: the worker's link notices within a TTL
+    and puts its record back, so the router can take it again."""
+    gone = Gone()
+    router = RouterDiscoveryLink(url(etcd), "tcp://127.0.0.1:7100", "tiny-random", gone, grace_s=0.0)
+    worker = WorkerDiscoveryLink(url(etcd), worker_record(register("p-lost"), None), ttl_s=2.0)
+    try:
+        router.start()
+        worker.start()
+        wait_for(lambda: router.registration("p-lost") is not None, 10.0, "worker not registered")
+        gateway = EtcdGateway(etcd.url)
+        assert gateway.delete(b"/kvxfer/c1/workers/p-lost") == 1
+        gateway.close()
+        assert gone.event.wait(10.0) and gone.names == ["p-lost"]
+        wait_for(lambda: router.registration("p-lost") is not None, 15.0, "the record was not put back")
+        assert worker.lease.registrations == 2
     finally:
         worker.close()
         router.close()
