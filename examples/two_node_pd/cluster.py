@@ -116,7 +116,8 @@ class Cluster:
 
     def start_router(self) -> None:
         argv = [sys.executable, "-m", "kvxfer.cli", "router", "--model", self.model, "--host", self.topology.b.address,
-                "--port", str(self.http_port), "--control", self.control, "--log-level", "warning"]
+                "--port", str(self.http_port), "--control", self.control, "--log-level", "warning",
+                "--policy", str(Path(__file__).resolve().parent / "policy.yaml")]
         if self.discovery:
             argv += ["--discovery", self.discovery_url]
         self.spawn("router", self.topology.b, argv)
