@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvxfer-two-node-"))
     missing = "" if args.static else discovery_supported()
     if missing:
-        print(f"two_node_pd: {missing} take no --discovery here: workers get a static --router instead", flush=True)
+        print(f"two_node_pd: no --discovery option in {missing} here: workers get a static --router instead", flush=True)
         args.static = True
     with Topology.create(args.mode) as topology:
         print(f"two_node_pd: {topology.mode}: {topology.describe()}", flush=True)

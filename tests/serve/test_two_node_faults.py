@@ -35,7 +35,7 @@ TTL_S = 5.0  # above this machine's scheduling hiccups under load (2 cores share
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     missing = discovery_supported()
     if missing:
-        pytest.skip(f"{missing} take no --discovery yet")
+        pytest.skip(f"no --discovery option in {missing} yet")
     with Topology.create("auto") as topology:
         nodes = Cluster(topology, tmp_path_factory.mktemp("two-node"), lease_ttl_s=TTL_S,
                         worker_args=("--transfer-timeout", "5"), relayed=("prefill-a",))
