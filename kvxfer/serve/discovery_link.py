@@ -260,8 +260,26 @@ class RouterDiscoveryLink:
             event = self._watch.get(timeout=min(0.1, self.grace_s or 0.1))
             if event is not None:
                 self._apply(event)
+            if self._watch.overflowed:
+                self._rebuild()
             self._report_due()
         self._watch.close()
+
+    def _rebuild(self) -> None:
+        """The watch dropped events (its bound): take the full picture from a listing instead (events queued
+        after the drain are newer than the listing and are applied after it)."""
+        self._watch.drain()
+        self._watch.overflowed = False
+        try:
+            records = {record.name: record for record in self.workers.list()}
+        except ETCD_FAILURES as error:  # etcd unreachable: keep what we know and list again on the next pass
+            logger.warning("discovery: watch overflowed and etcd cannot be listed: %s", error)
+            self._watch.overflowed = True
+            return
+        for name in sorted(set(self.records) - set(records)):
+            self._apply(DiscoveryEvent("remove", name, self.records[name]))
+        for record in records.values():
+            self._apply(DiscoveryEvent("add", record.name, record))
 
     def _apply(self, event: DiscoveryEvent) -> None:
         with self._lock:
