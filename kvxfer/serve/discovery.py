@@ -24,7 +24,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 from ..errors import ConfigError, UsageError
 
@@ -32,6 +32,8 @@ EventKind = Literal["add", "update", "remove"]
 Attribute = str | int | float | bool
 #: A record's encoded size limit (records come from peers: never trusted).
 MAX_RECORD_NBYTES = 1 << 20
+_Watch = TypeVar("_Watch", bound="DiscoveryWatch")
+_Discovery = TypeVar("_Discovery", bound="Discovery")
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 
 
@@ -160,7 +162,7 @@ class DiscoveryWatch:
         if self._on_close is not None:
             self._on_close(self)
 
-    def __enter__(self) -> DiscoveryWatch:  # noqa: PYI034  (typing.Self needs Python 3.11)
+    def __enter__(self: _Watch) -> _Watch:  # noqa: PYI019  (typing.Self needs Python 3.11)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -195,7 +197,7 @@ class Discovery(ABC):
     def close(self) -> None:
         """Stop background work and close every watch."""
 
-    def __enter__(self) -> Discovery:  # noqa: PYI034
+    def __enter__(self: _Discovery) -> _Discovery:  # noqa: PYI019
         return self
 
     def __exit__(self, *exc: object) -> None:
