@@ -211,11 +211,11 @@ class WorkerDiscoveryLink:
 class RouterDiscoveryLink:
     """The router's end: publishes ``control`` (the address workers connect to) under the router prefix and
     reports workers whose records disappear to ``on_worker_gone(name)`` — on ``loop`` (call_soon_threadsafe) when
-    one is given, else on the watch thread."""
+    one is given, else on the watch thread. ``max_pending``: the watch's bound (past it, a listing rebuilds)."""
 
     def __init__(self, url: str, control: str, model: str, on_worker_gone: Callable[[str], None],
                  loop: asyncio.AbstractEventLoop | None = None, name: str = "router", ttl_s: float = LEASE_TTL_S,
-                 grace_s: float = GRACE_S) -> None:
+                 grace_s: float = GRACE_S, max_pending: int = 4096) -> None:
         host = urlsplit(control).hostname or ""
         if host in ("0.0.0.0", "::", "*", ""):
             raise ConfigError(f"--discovery: the router's control address {control!r} is a wildcard; bind "
@@ -230,7 +230,7 @@ class RouterDiscoveryLink:
         self._lock = threading.Lock()
         self._pending: dict[str, float] = {}  # name -> monotonic time its removal is reported unless it returns
         self._stop = threading.Event()
-        self._watch = self.workers.watch()
+        self._watch = self.workers.watch(max_pending)
         self._thread = threading.Thread(target=self._run, name="kvxfer-discovery-watch", daemon=True)
 
     def start(self) -> None:

@@ -195,3 +195,19 @@ def test_a_record_deleted_under_a_live_lease_is_put_back(etcd: Etcd) -> None:
     finally:
         worker.close()
         router.close()
+
+
+def test_an_overflowing_watch_is_rebuilt_from_a_listing(etcd: Etcd) -> None:
+    gone = Gone()
+    raw = EtcdDiscovery(etcd.url, prefix="/kvxfer/c1/workers/")
+    router = RouterDiscoveryLink(url(etcd), "tcp://127.0.0.1:7100", "tiny-random", gone, max_pending=2, grace_s=0.0)
+    try:
+        for index in range(8):  # more events than the watch holds before the router's thread reads them
+            raw.register(worker_record(register(f"p{index}"), None), ttl_s=5)
+        router.start()
+        wait_for(lambda: set(router.records) == {f"p{i}" for i in range(8)}, 10.0, "records missing after overflow")
+        raw.deregister("p3")
+        assert gone.event.wait(10.0) and gone.names == ["p3"]
+    finally:
+        raw.close()
+        router.close()
