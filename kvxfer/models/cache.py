@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,8 @@ log = logging.getLogger("kvxfer.models")
 #: Bumped whenever a converted directory's contents change; older directories are rebuilt.
 FORMAT_VERSION = 1
 MARKER = "kvxfer-model.json"
+#: Temp entries of dead processes older than this are removed by the next conversion.
+STALE_AFTER_S = 3600.0
 
 
 def default_cache_dir() -> Path:
@@ -58,6 +61,7 @@ def publish(final: Path, build: Callable[[Path], dict[str, Any]]) -> Path:
     finish; the first rename wins and the other's copy is discarded, so readers never see a partial directory."""
     if read_marker(final) is not None:
         return final
+    sweep_stale(final.parent)
     temp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     temp.mkdir(parents=True)
     try:
@@ -71,6 +75,36 @@ def publish(final: Path, build: Callable[[Path], dict[str, Any]]) -> Path:
         raise ConfigError(f"model cache {final}: expected a complete directory after conversion, "
                           f"found no {MARKER}")
     return final
+
+
+def sweep_stale(parent: Path) -> None:
+    """Remove ``.tmp-*`` / ``.old-*`` entries of ``parent`` left by killed processes: their pid (in the name) is
+    gone and they are older than :data:`STALE_AFTER_S` (a process of another pid namespace may share the cache)."""
+    now = time.time()
+    for entry in parent.glob(".*-*-*-*"):
+        parts = entry.name.rsplit("-", 2)
+        if not entry.name.startswith((".tmp-", ".old-")) or len(parts) != 3 or not parts[1].isdigit():
+            continue
+        try:
+            if now - entry.stat().st_mtime < STALE_AFTER_S or _alive(int(parts[1])):
+                continue
+        except OSError:
+            continue
+        log.info("model cache: removing %s, left by a process that is gone", entry)
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _replace(temp: Path, final: Path) -> None:

