@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Self
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -136,7 +137,7 @@ class _Link:
     def _close_extra(self) -> None:
         """Close sockets of a subclass (the thread has stopped)."""
 
-    def __enter__(self) -> "_Link":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

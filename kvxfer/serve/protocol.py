@@ -13,8 +13,8 @@ Router -> worker: Peers, Generate, Prefill, Decode, Abort, Shutdown.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgpack

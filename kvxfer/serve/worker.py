@@ -126,7 +126,12 @@ class Worker:
     def _build_loop(self, args: argparse.Namespace, model: Any, cache: Any) -> Any:
         import kvxfer
 
-        from ..engine import DecodeConnector, DecodeEngine, PrefillConnector, PrefillEngine
+        from ..engine import (
+            DecodeConnector,
+            DecodeEngine,
+            PrefillConnector,
+            PrefillEngine,
+        )
         from .worker_decode import DecodeLoop
         from .worker_prefill import PrefillLoop
 

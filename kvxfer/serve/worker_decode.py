@@ -13,8 +13,16 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..engine import (Admission, DecodeConnector, DecodeEngine, KVReady, OutOfBlocksError, Request, RequestOutput,
-                      SamplingParams)
+from ..engine import (
+    Admission,
+    DecodeConnector,
+    DecodeEngine,
+    KVReady,
+    OutOfBlocksError,
+    Request,
+    RequestOutput,
+    SamplingParams,
+)
 from ..errors import KvxferError
 from . import protocol
 from .protocol import Error, Load, Tokens
@@ -176,8 +184,8 @@ class DecodeLoop(Loop):
             reason = output.finish_reason.value if output.finish_reason is not None else "stop"
             self._emit(active, output.output_token_ids, reason, output.token_times, output.num_cached_tokens)
 
-    def _emit(self, active: _Active, output: "tuple[int, ...] | list[int]", finish: str | None,
-              token_times: "tuple[float, ...] | list[float]", cached: int) -> None:
+    def _emit(self, active: _Active, output: tuple[int, ...] | list[int], finish: str | None,
+              token_times: tuple[float, ...] | list[float], cached: int) -> None:
         timing = None
         if active.sent == 0 and output:
             if not active.remote:

@@ -10,11 +10,31 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kvxfer.engine import DecodeEngine, KVReady, Model, OutOfBlocksError, Request, SamplingParams  # noqa: E402
-from kvxfer.errors import ConfigError  # noqa: E402
-from tests.engine.test_connector import PROMPTS, Pair, _requests, aggregated, pair_factory  # noqa: E402, F401
+from kvxfer.engine import (
+    DecodeEngine,
+    KVReady,
+    Model,
+    OutOfBlocksError,
+    Request,
+    SamplingParams,
+)
+from kvxfer.errors import ConfigError
+from tests.engine.test_connector import PROMPTS, Pair, _requests
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def make_pair(tiny_model: Model) -> Any:
+    made: list[Pair] = []
+
+    def make(p_blocks: int = 32, d_blocks: int = 64) -> Pair:
+        made.append(Pair(tiny_model, {"num_blocks": p_blocks}, {"num_blocks": d_blocks}))
+        return made[-1]
+
+    yield make
+    for pair in made:
+        pair.close()
 
 
 def _until(condition: Any, timeout: float = 10.0) -> None:
@@ -24,8 +44,9 @@ def _until(condition: Any, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def test_prefill_batch_equals_aggregated(pair_factory: Any, aggregated: dict) -> None:
-    pair: Pair = pair_factory(dict(num_blocks=64), dict(num_blocks=96))
+def test_prefill_batch_equals_aggregated(make_pair: Any, tiny_model: Model) -> None:
+    aggregated = {o.request_id: o.output_token_ids for o in DecodeEngine(tiny_model).generate(_requests())}
+    pair = make_pair(64, 96)
     readies = pair.prefill.prefill_batch(_requests(), [pair.to_decode] * len(PROMPTS))
     assert [r.request.request_id for r in readies] == [f"r{i}" for i in range(len(PROMPTS))]
     for ready in readies:
@@ -38,16 +59,16 @@ def test_prefill_batch_equals_aggregated(pair_factory: Any, aggregated: dict) ->
         pair.prefill.prefill_batch(_requests()[:2], [pair.to_decode])
 
 
-def test_prefill_batch_is_all_or_nothing(pair_factory: Any) -> None:
-    pair: Pair = pair_factory(dict(num_blocks=6), dict(num_blocks=64))
+def test_prefill_batch_is_all_or_nothing(make_pair: Any) -> None:
+    pair = make_pair(6, 64)
     requests = [Request(f"b{i}", list(range(10 * i, 10 * i + 40))) for i in range(3)]  # 3 blocks each
     with pytest.raises(OutOfBlocksError):
         pair.prefill.prefill_batch(requests, [pair.to_decode] * 3)
     assert pair.prefill.held_request_ids == [] and pair.prefill.engine.num_free_blocks == 6
 
 
-def test_prefill_abort_ends_the_leases_and_frees_the_blocks(pair_factory: Any) -> None:
-    pair: Pair = pair_factory(dict(num_blocks=32), dict(num_blocks=64))
+def test_prefill_abort_ends_the_leases_and_frees_the_blocks(make_pair: Any) -> None:
+    pair = make_pair()
     ready = pair.prefill.prefill(_requests()[0], pair.to_decode)
     assert pair.prefill.held_request_ids == ["r0"] and not pair.free_everywhere()
     assert pair.prefill.abort("r0") and not pair.prefill.abort("nope")
@@ -59,8 +80,8 @@ def test_prefill_abort_ends_the_leases_and_frees_the_blocks(pair_factory: Any) -
     assert pair.free_everywhere()
 
 
-def test_decode_cancel_frees_the_reservation(pair_factory: Any) -> None:
-    pair: Pair = pair_factory(dict(num_blocks=32), dict(num_blocks=64))
+def test_decode_cancel_frees_the_reservation(make_pair: Any) -> None:
+    pair = make_pair()
     ready = pair.prefill.prefill(_requests()[5], pair.to_decode)
     pair.decode.receive(ready)
     assert "r5" in pair.decode.engine.sequences  # reserved

@@ -105,21 +105,21 @@ def test_link_round_trip_and_bad_frames() -> None:
 
     at_router: list = []
     at_worker: list = []
-    with RouterLink("tcp://127.0.0.1:0", lambda identity, m: at_router.append((identity, m))) as router:
-        with WorkerLink(router.address, "w0", at_worker.append) as worker:
-            worker.send(SAMPLES[0])
-            worker.send(SAMPLES[4])
-            _until(lambda: len(at_router) == 3)
-            assert at_router[0] == (b"w0", SAMPLES[0])
-            assert [m.rid for _, m in at_router[1:]] == ["a", "b"]  # a batch arrives as its Tokens
-            router.send(b"w0", p.Abort("a"))
-            router.send(b"nobody", p.Abort("b"))  # unroutable: counted, not raised
-            _until(lambda: at_worker == [p.Abort("a")] and router.num_unsent == 1)
-            worker._queue([b"\x93garbage"])  # a bad frame: dropped, the link keeps going
-            worker.send(p.Abort("z"))
-            _until(lambda: router.num_dropped == 1 and at_router[-1] == (b"w0", p.Abort("z")))
-            assert worker.connected
-        # the worker notices a dead router
+    with (RouterLink("tcp://127.0.0.1:0", lambda identity, m: at_router.append((identity, m))) as router,
+          WorkerLink(router.address, "w0", at_worker.append) as worker):
+        worker.send(SAMPLES[0])
+        worker.send(SAMPLES[4])
+        _until(lambda: len(at_router) == 3)
+        assert at_router[0] == (b"w0", SAMPLES[0])
+        assert [m.rid for _, m in at_router[1:]] == ["a", "b"]  # a batch arrives as its Tokens
+        router.send(b"w0", p.Abort("a"))
+        router.send(b"nobody", p.Abort("b"))  # unroutable: counted, not raised
+        _until(lambda: at_worker == [p.Abort("a")] and router.num_unsent == 1)
+        worker._queue([b"\x93garbage"])  # a bad frame: dropped, the link keeps going
+        worker.send(p.Abort("z"))
+        _until(lambda: router.num_dropped == 1 and at_router[-1] == (b"w0", p.Abort("z")))
+        assert worker.connected
+    # the worker notices a dead router
     with RouterLink("tcp://127.0.0.1:0", lambda identity, m: None) as router:
         address = router.address
         worker = WorkerLink(address, "w1", at_worker.append)

@@ -174,19 +174,20 @@ def test_agg_coalesces_tokens_per_step(router: FakeRouter) -> None:
     for rid in rids:
         router.send("a0", generate(rid, [1 + int(rid[1:]), 2, 3], max_tokens=12))
     for rid in rids:
-        tokens, finish, _, seen = router.stream("a0", rid)
+        tokens, finish, _, _ = router.stream("a0", rid)
         assert len(tokens) == 12 and finish == "length"
-    # several requests progressed per step: the worker sent TokensBatch frames, fewer than one frame per token
-    frames = router.link.num_received
-    assert frames < 6 * 12
+    # several requests progressed per step: the worker sent TokensBatch frames, far fewer than one per token
+    other = sum(1 for m in router.messages["a0"] if not isinstance(m, p.Tokens))  # register, load: one frame each
+    token_frames = router.link.num_received - other
+    assert token_frames <= 6 * 12 / 2
 
 
 def test_abort_deadline_bad_requests_and_bad_frames(router: FakeRouter) -> None:
     router.spawn("agg", "a0")
     router.register("a0")
     free = router.load("a0").free_blocks
-    router.link._queue([b"a0", b"\x00garbage"])  # noqa: SLF001 (a raw bad frame)
-    router.link._queue([b"a0", p.Abort("x").encode()[:-3]])  # noqa: SLF001 (truncated)
+    router.link._queue([b"a0", b"\x00garbage"])
+    router.link._queue([b"a0", p.Abort("x").encode()[:-3]])
     router.send("a0", generate("long", list(range(1, 40)), max_tokens=2000))
     first = router.wait_for("a0", lambda m: isinstance(m, p.Tokens) and m.rid == "long")
     assert isinstance(first, p.Tokens) and first.timing is not None

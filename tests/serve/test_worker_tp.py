@@ -69,3 +69,28 @@ def test_disaggregated_tp_equals_the_engine(tmp_path: Path, prefill_tp: int, dec
         assert [router.processes[name].wait(60) for name in ("p0", "d0")] == [0, 0]
     finally:
         router.close()
+
+
+@pytest.mark.multi_gpu
+def test_disaggregated_tp2_equals_aggregated_tp2_on_gpus(tmp_path: Path) -> None:
+    """TP 2 prefill -> TP 2 decode and a TP 2 aggregated worker, all on cuda:0-1 (CUDA IPC between processes)."""
+    router = FakeRouter(tmp_path)
+    try:
+        for role, name in (("prefill", "p0"), ("decode", "d0"), ("agg", "a0")):
+            router.spawn(role, name, "--tp", "2", "--device", "cuda:0")
+        registers = {name: router.register(name) for name in ("p0", "d0", "a0")}
+        peers = p.Peers(tuple(p.PeerInfo(r.name, r.role, r.rank_info) for r in registers.values() if r.rank_info))
+        router.send("p0", peers)
+        router.send("d0", peers)
+        sampling = p.Sampling(max_tokens=8, ignore_eos=True)
+        for rid, prompt in PROMPTS.items():
+            router.send("a0", p.Generate(rid, tuple(prompt), sampling, time.time() + 60))
+            agg = router.stream("a0", rid)[:2]
+            router.send("p0", p.Prefill(rid, tuple(prompt), sampling, "d0", time.time() + 60))
+            ready = router.wait_for("p0", lambda m, rid=rid: isinstance(m, (p.Prefilled, p.Error)) and m.rid == rid)
+            assert isinstance(ready, p.Prefilled), ready
+            router.send("d0", p.Decode(rid, tuple(prompt), sampling, ready.kv_ready, ready.first_token,
+                                       time.time() + 60))
+            assert router.stream("d0", rid)[:2] == agg and agg[1] == "length"
+    finally:
+        router.close()
