@@ -183,7 +183,7 @@ def create_app(router: Router, served: ServedModel) -> FastAPI:
                     event = await _next_event(flight)
                 except ApiError as error:
                     outcome = "error"
-                    yield writer.error(error.body())
+                    yield writer.error(dict(error.body()))
                     break
                 timing = event.timing or timing
                 text, stopped = out.push(event.token_ids)

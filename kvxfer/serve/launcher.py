@@ -147,7 +147,7 @@ async def run(args: argparse.Namespace, spawn_workers: bool) -> int:
     """Serve until SIGINT / SIGTERM; returns the exit status."""
     from ..models import load_model
 
-    bundle = load_model(args.model, **({"random_weights": True} if getattr(args, "random_weights", False) else {}))
+    bundle = load_model(args.model, random_weights=bool(getattr(args, "random_weights", False)))
     aliases = frozenset({args.model, str(bundle.directory)})
     served = ServedModel(bundle.name, bundle.tokenizer, bundle.config.max_position, aliases)
     config = PolicyConfig.from_file(args.policy) if args.policy else PolicyConfig()

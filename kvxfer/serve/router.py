@@ -50,7 +50,7 @@ class Router:
         self.metrics = metrics or RouterMetrics()
         self.request_timeout_s = request_timeout_s
         self.registry = WorkerRegistry(frozenset({model}) | aliases, heartbeat_timeout_s)
-        self.queue = PrefillQueue(self.config.max_prefill_queue_size)
+        self.queue: PrefillQueue[Flight] = PrefillQueue(self.config.max_prefill_queue_size)
         self.prefix_index = PrefixIndex()
         self.flights: dict[str, Flight] = {}
         self.draining = False
@@ -126,7 +126,7 @@ class Router:
                         predicted_cached_tokens=decision.cached_tokens, predicted_ttft_s=decision.predicted_ttft_s)
         if prefill is not None:
             try:
-                self.queue.put(flight, priority, len(prompt))
+                self.queue.put(flight, request.priority, len(prompt))
             except QueueFullError as error:
                 self.metrics.rejections.labels("queue_full").inc()
                 raise ApiError(503, f"prefill queue full: {error}", code="queue_full", kind="service_unavailable",
@@ -412,8 +412,8 @@ class Router:
             self.metrics.aborts.labels(abort_cause).inc()
             for name in flight.sent_to:
                 self._send(name, Abort(flight.rid))
-        for name in (flight.decode, flight.prefill):
-            worker = self.registry.workers.get(name or "")
+        for leg in (flight.decode, flight.prefill):
+            worker = self.registry.workers.get(leg or "")
             if worker is not None:
                 worker.requests.discard(flight.rid)
                 worker.in_flight_prefills.discard(flight.rid)

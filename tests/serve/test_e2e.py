@@ -126,3 +126,13 @@ def test_agg_worker_output_and_sigint_drain(server_dir: Path, tiny_serve: Server
             assert not stat.exists() or stat.read_text().split(")")[1].split()[0] in ("Z", "X")
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_kvxfer_demo_answers_and_reports_the_kv_moved(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvxfer import cli
+
+    assert cli.main(["demo", "--model", "tiny-random", "--max-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "answer:" in out and "TTFT:" in out and "KV transfer" in out
+    assert "prefill-0 -> decode-0" in out and "KV moved: 0 bytes" not in out
