@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -42,7 +43,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     """The worker's options (``kvxfer worker`` and ``python -m kvxfer.serve.worker``)."""
     parser.add_argument("--role", required=True, choices=("prefill", "decode", "agg"))
     parser.add_argument("--model", required=True, help="load_model name or directory, or preset:<engine preset>")
-    parser.add_argument("--router", required=True, help="the router's control address, e.g. tcp://127.0.0.1:7100")
+    parser.add_argument("--router", default=None,
+                        help="the router's control address, e.g. tcp://127.0.0.1:7100 (or found through --discovery)")
+    parser.add_argument("--discovery", default=None,
+                        help="etcd://host:port[/cluster]: publish this worker under a lease and find the router there")
+    parser.add_argument("--discovery-ttl", type=float, default=3.0,
+                        help="seconds the etcd lease outlives the last keepalive")
     parser.add_argument("--name", default=None, help="unique worker name (default: <role>-<pid>)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel ranks (processes over torch.distributed)")
@@ -62,6 +68,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-weights", action="store_true",
                         help="the model's shape and tokenizer with seeded random weights (load_model(random_weights))")
     parser.add_argument("--cache-dir", default=None, help="kvxfer.models cache directory")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default; 1 is best when several CPU workers share a host)")
+    parser.add_argument("--token-file", default=None,
+                        help="file holding the shared secret the agent's side channel requires (multi-host)")
+    parser.add_argument("--allow-unauthenticated", action="store_true",
+                        help="serve the side channel on a non-loopback --host without a token (trusted networks)")
     parser.add_argument("--log-level", default="WARNING")
 
 
@@ -100,6 +112,8 @@ class Worker:
         from .worker_tp import gather_rank_info, make_sync, rank_device
 
         size = 1 if tp is None else tp.size
+        if not args.router and not args.discovery:
+            raise ConfigError("kvxfer worker: give --router or --discovery")
         if args.tp != size:
             raise ConfigError(f"kvxfer worker: --tp {args.tp} but this process is in a group of {size}")
         self.args, self.rank = args, rank
@@ -122,6 +136,7 @@ class Worker:
         self.register = Register(self.name, args.role, self.model_name, args.block_size, args.num_blocks,
                                  kv_bytes_per_token(spec), rank_info, args.max_batch, args.device)
         self.link: Any = None
+        self.discovery: Any = None
 
     def _build_loop(self, args: argparse.Namespace, model: Any, cache: Any) -> Any:
         import kvxfer
@@ -138,7 +153,9 @@ class Worker:
         if args.role != "agg":
             backends = args.backends.split(",") if args.backends else None
             agent_name = self.name if self.rank == 0 else f"{self.name}.r{self.rank}"
-            self.agent = kvxfer.Agent(agent_name, backends=backends, listen=f"{args.host}:0")
+            token = Path(args.token_file).read_text().strip() if args.token_file else None
+            self.agent = kvxfer.Agent(agent_name, backends=backends, listen=f"{args.host}:0", token=token,
+                                      allow_unauthenticated=args.allow_unauthenticated)
         if args.role == "prefill":
             self.connector = PrefillConnector(PrefillEngine(model, cache), self.agent, lease_ttl=args.lease_ttl)
             return PrefillLoop(self.name, self._send, self.connector, max_queue=args.max_queue,
@@ -161,13 +178,22 @@ class Worker:
         """Serve until drained or the router is lost; the exit code."""
         from .control import WorkerLink
 
-        self.link = WorkerLink(self.args.router, self.name, self.loop.post, on_connect=self._on_connect)
+        router = self.args.router
+        if self.args.discovery:
+            from .discovery_link import WorkerDiscoveryLink, worker_record
+
+            self.discovery = WorkerDiscoveryLink(self.args.discovery, worker_record(
+                self.register, self.agent.listen_address if self.agent is not None else None),
+                self.args.discovery_ttl)
+            router = router or self.discovery.find_router(timeout_s=max(self.args.router_timeout, 30.0))
+        self.link = WorkerLink(router, self.name, self.loop.post, on_connect=self._on_connect)
+        if self.discovery is not None:
+            self.discovery.start()
         if self.link.connected:  # connected before self.link was set: the callback could not send
             self.link.send(self.register)
         self.loop.start()
         logger.warning("worker %s: %s on %s, model %s, agent %s, router %s", self.name, self.args.role,
-                       self.args.device, self.model_name, self.agent.listen_address if self.agent else None,
-                       self.args.router)
+                       self.args.device, self.model_name, self.agent.listen_address if self.agent else None, router)
         code = EXIT_OK
         next_beat = time.monotonic()
         while self.loop.alive:
@@ -177,7 +203,7 @@ class Worker:
                 next_beat = time.monotonic() + HEARTBEAT_S
             if self.link.disconnected_s > self.args.router_timeout:
                 logger.error("worker %s: no router at %s for %.1f s: aborting everything and exiting", self.name,
-                             self.args.router, self.args.router_timeout)
+                             router, self.args.router_timeout)
                 self.loop.stop()
                 code = EXIT_ROUTER_LOST
                 break
@@ -190,7 +216,9 @@ class Worker:
         return code
 
     def close(self) -> None:
-        """Close the link, the connector's pipes and the agent (after :meth:`run`)."""
+        """Close the discovery record, the link, the connector's pipes and the agent (after :meth:`run`)."""
+        if self.discovery is not None:
+            self.discovery.close()  # revokes the lease: the router drops this worker at once
         if self.link is not None:
             self.link.close(linger_s=1.0)
         if self.connector is not None:
@@ -207,7 +235,15 @@ def run_worker(args: argparse.Namespace) -> int:
     """Run a worker from parsed :func:`add_worker_arguments` options; returns the process exit code."""
     from .worker_tp import join_group, spawn_followers, stop_followers
 
+    from ..tuning import keep_freed_memory
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not keep_freed_memory():
+        logger.info("kvxfer worker: no glibc mallopt here; freed memory goes back to the system at once")
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.tp < 1:
         print(f"kvxfer worker: --tp must be >= 1, got {args.tp}", file=sys.stderr)
         return EXIT_USAGE
@@ -230,6 +266,9 @@ def run_worker(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, worker.on_signal)
     try:
         return worker.run()
+    except ConfigError as error:  # --discovery found no router
+        print(f"kvxfer worker: {error}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         worker.close()
         stop_followers(followers)

@@ -101,6 +101,13 @@ def follower_main(rank: int, args: argparse.Namespace, init_method: str, leader_
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the leader decides when to drain and stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from ..tuning import keep_freed_memory
+
+    keep_freed_memory()
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     tp, control = join_group(rank, args.tp, init_method, args.device)
     worker = Worker(args, rank, tp, control)
     worker.loop.start()

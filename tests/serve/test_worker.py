@@ -40,7 +40,8 @@ class FakeRouter:
 
     def spawn(self, role: str, name: str, *extra: str, router: str | None = None) -> subprocess.Popen:
         command = [sys.executable, "-m", "kvxfer.serve.worker", "--role", role, "--model", MODEL, "--router",
-                   router or self.link.address, "--name", name, "--num-blocks", "64", "--log-level", "INFO", *extra]
+                   self.link.address if router is None else router, "--name", name, "--num-blocks", "64",
+                   "--log-level", "INFO", "--threads", "1", *extra]
         with open(self.directory / f"{name}.log", "wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                        env={**os.environ, "PYTHONFAULTHANDLER": "1"})
@@ -241,3 +242,5 @@ def test_exits_non_zero_without_a_router(router: FakeRouter) -> None:
     assert process.wait(60) == 3  # the router went away: exit 3 after --router-timeout
     process = router.spawn("agg", "bad", "--tp", "0")
     assert process.wait(60) == 2 and "--tp" in router.log("bad")
+    process = router.spawn("agg", "nowhere", router="")  # neither --router nor --discovery
+    assert process.wait(60) == 2 and "--discovery" in router.log("nowhere")

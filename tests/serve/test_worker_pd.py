@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.ucx]
 @pytest.fixture
 def pair(tmp_path: Path) -> Any:
     fake = FakeRouter(tmp_path)
-    fake.spawn("prefill", "p0", "--lease-ttl", "3")
+    (tmp_path / "token").write_text("s3cret\n")  # the side channel's secret (the KV path does not change)
+    fake.spawn("prefill", "p0", "--lease-ttl", "3", "--token-file", str(tmp_path / "token"))
     fake.spawn("decode", "d0", "--transfer-timeout", "10")
     registers = {name: fake.register(name) for name in ("p0", "d0")}
     peers = p.Peers(tuple(p.PeerInfo(r.name, r.role, r.rank_info) for r in registers.values()))
