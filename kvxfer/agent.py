@@ -60,6 +60,7 @@ class Agent:
         self.pid = os.getpid()
         self._lock = threading.RLock()
         self._closed = True  # until construction succeeds: a half-built agent has nothing to close
+        self._side_channel: SideChannelServer | None = None
         self._peers: dict[str, Peer] = {}
         self._services: dict[type, Service] = {}
         #: kvxfer's own control messages (leases, layer announcements, connector notes) to and from peers
@@ -276,8 +277,8 @@ class Agent:
         self._regions.check_live(plan.local_regions)
         deadline = time.monotonic() + (self.timeouts.transfer if timeout is None else timeout)
         request = plan.backend.post(op, plan, None if notify is None else bytes(notify))
-        handle = TransferHandle(self, plan.backend, request, op, plan.nbytes, deadline, self._on_final)
-        handle.regions = plan.local_regions
+        handle = TransferHandle(self, plan.backend, request, op, plan.nbytes, deadline, self._on_final,
+                                regions=plan.local_regions)
         self._regions.pin(plan.local_regions)
         self._active.add(handle)
         return handle
@@ -348,7 +349,7 @@ class Agent:
                 handle.cancel()
         for service in reversed(list(self._services.values())):
             service.close()
-        if getattr(self, "_side_channel", None):
+        if self._side_channel is not None:
             self._side_channel.close()
         for peer in list(self._peers.values()):
             self.disconnect(peer)

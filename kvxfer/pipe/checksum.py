@@ -71,7 +71,7 @@ def compute(region: Region, spec: KVCacheSpec, block_ids: Any, *, num_tokens: in
     padded[:, :, :tokens] = data
     blocks = padded.reshape(shape[0], shape[1], units, unit, shape[3], shape[4]).transpose(2, 4, 0, 1, 3, 5)
     rows = np.ascontiguousarray(blocks).reshape(units * shape[3], -1)
-    values = np.fromiter((zlib.crc32(row) for row in rows), dtype=np.uint32, count=len(rows))
+    values = np.fromiter((zlib.crc32(row.data) for row in rows), dtype=np.uint32, count=len(rows))
     return Checksums(values.reshape(units, shape[3]), unit, spec.head_range()[0] + h0, tokens)
 
 
