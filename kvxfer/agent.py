@@ -8,20 +8,21 @@ import threading
 import time
 import uuid
 import warnings
+from collections import deque
 from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
 from . import backends as backend_registry
 from .backends.base import Backend, BackendContext, Op
+from .control import PREFIX as CONTROL_PREFIX
 from .control import ControlChannel
 from .descs import Descs
 from .errors import (BackendUnavailableError, ConfigError, DescriptorError, HandshakeError, KvxferError, PeerError,
                      RegistrationError, UsageError)
 from .handle import Notification, Timeouts, TransferHandle
-from .inbox import Inbox
 from .memory import MemoryKind, Region
 from .metadata import AgentMetadata, RegionMeta
 from .peer import Peer
-from .plan import TransferPlan, check_pair_sizes
+from .plan import RegionTable, TransferPlan, check_pair_sizes
 from .registry import RegionRegistry
 from .sidechannel import SideChannelServer, fetch_metadata
 from .environment import host_id as default_host_id
@@ -60,15 +61,16 @@ class Agent:
         self.pid = os.getpid()
         self._lock = threading.RLock()
         self._closed = True  # until construction succeeds: a half-built agent has nothing to close
-        self._side_channel: SideChannelServer | None = None
         self._peers: dict[str, Peer] = {}
+        self._notes: deque[Notification] = deque()
+        self._notes_ready = threading.Condition()
+        self._subscriptions: dict[bytes, Callable[[Notification], None]] = {}
         self._services: dict[type, Service] = {}
         #: kvxfer's own control messages (leases, layer announcements, connector notes) to and from peers
         self.control = ControlChannel(name, self.notify)
-        self._inbox = Inbox(name, self.control)
         self._regions = RegionRegistry()
         self._active: set[TransferHandle] = set()
-        context = BackendContext(self.name, self.uid, self.host_id, self.pid, self.timeouts, self._inbox.deliver,
+        context = BackendContext(self.name, self.uid, self.host_id, self.pid, self.timeouts, self._deliver,
                                  self._peer_lost)
         self._backends = backend_registry.create_all(backends, context)
         self._closed = False
@@ -292,7 +294,12 @@ class Agent:
 
     def notifications(self, timeout: float = 0.0) -> list[Notification]:
         """Take the notifications received so far; with ``timeout`` > 0, wait that long for at least one."""
-        return self._inbox.take(timeout)
+        with self._notes_ready:
+            if not self._notes and timeout > 0:
+                self._notes_ready.wait_for(lambda: bool(self._notes) or self._closed, timeout)
+            taken = list(self._notes)
+            self._notes.clear()
+        return taken
 
     def notify(self, peer: Peer | str, payload: bytes) -> None:
         """Send ``peer`` a standalone message (no data attached)."""
@@ -308,7 +315,12 @@ class Agent:
         """Hand notifications whose payload starts with ``prefix`` to ``callback(notification)`` (called from a
         backend thread) instead of :meth:`notifications`. kvxfer's own control messages use b"kvx:" (reserved:
         they go to :attr:`control`)."""
-        self._inbox.subscribe(prefix, callback)
+        if not isinstance(prefix, bytes) or not prefix:
+            raise ConfigError(f"prefix must be non-empty bytes, got {prefix!r}")
+        if prefix.startswith(CONTROL_PREFIX) or CONTROL_PREFIX.startswith(prefix):
+            raise ConfigError(f"prefix {prefix!r} overlaps kvxfer's control messages ({CONTROL_PREFIX!r}); use "
+                              "agent.control for those")
+        self._subscriptions[prefix] = callback
 
     def service(self, kind: type[ServiceT]) -> ServiceT:
         """This agent's ``kind`` service, built by ``kind(self)`` on first use; :meth:`close` closes it (services
@@ -319,6 +331,24 @@ class Agent:
                 self._check_open()
                 found = self._services[kind] = kind(self)  # type: ignore[call-arg]
         return found  # type: ignore[return-value]
+
+    def _deliver(self, notification: Notification) -> None:
+        if notification.payload.startswith(CONTROL_PREFIX):
+            try:
+                self.control.deliver(notification.peer_name, notification.payload)
+            except Exception:  # a handler's bug must not break the backend thread delivering
+                logger.exception("agent %s: control message handler failed", self.name)
+            return
+        for prefix, callback in list(self._subscriptions.items()):
+            if notification.payload.startswith(prefix):
+                try:
+                    callback(notification)
+                except Exception:  # a subscriber's bug must not break the backend thread delivering
+                    logger.exception("agent %s: notification subscriber for %r failed", self.name, prefix)
+                return
+        with self._notes_ready:
+            self._notes.append(notification)
+            self._notes_ready.notify_all()
 
     def _peer_lost(self, peer_name: str, error: BaseException) -> None:
         peer = self._peers.get(peer_name)
@@ -349,7 +379,8 @@ class Agent:
                 handle.cancel()
         for service in reversed(list(self._services.values())):
             service.close()
-        if self._side_channel is not None:
+        self.control.close()
+        if getattr(self, "_side_channel", None):
             self._side_channel.close()
         for peer in list(self._peers.values()):
             self.disconnect(peer)
@@ -358,7 +389,8 @@ class Agent:
         self._closed = True
         for backend in self._backends:
             backend.close()
-        self._inbox.close()
+        with self._notes_ready:
+            self._notes_ready.notify_all()
 
     @property
     def closed(self) -> bool:
