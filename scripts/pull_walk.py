@@ -89,8 +89,11 @@ def _overrides(frame: FrameType, caller: str) -> bool:
 def run(strategy: str) -> dict[str, Any]:
     """Walk one pull with ``strategy`` forced; rooms, climbs and entries per room."""
     layers, blocks, dim = 2, 8, 4
-    make = lambda block, layout: kvxfer.KVCacheSpec(num_layers=layers, num_blocks=blocks, block_size=block,
-                                                    num_kv_heads=2, head_dim=dim, dtype="float32", layout=layout)
+
+    def make(block: int, layout: str) -> kvxfer.KVCacheSpec:
+        return kvxfer.KVCacheSpec(num_layers=layers, num_blocks=blocks, block_size=block, num_kv_heads=2,
+                                  head_dim=dim, dtype="float32", layout=layout)
+
     prefill_spec = make(4, "HND")
     decode_spec = make(4 if strategy == "direct" else 2, "HND" if strategy == "direct" else "NHD")
     with kvxfer.Agent("p", backends=["local"]) as prefill, kvxfer.Agent("d", backends=["local"]) as decode:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Sequence, Union
+from typing import Sequence
 
 import numpy as np
 
@@ -26,9 +26,9 @@ from .ranks import HeadRoute
 
 
 #: block ids: int[n] on the host (a sequence of ints or an integer array)
-BlockIds = Union[Sequence[int], np.ndarray]
+BlockIds = Sequence[int] | np.ndarray
 #: layers: one id, ids, a range or a slice; None: every layer
-Layers = Union[int, Sequence[int], np.ndarray, range, slice, None]
+Layers = int | Sequence[int] | np.ndarray | range | slice | None
 
 
 class Strategy(str, Enum):
