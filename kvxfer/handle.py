@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .errors import (ConfigError, KvxferError, TransferCancelledError, TransferError, TransferTimeoutError,
-                     UsageError)
+from .errors import ConfigError, KvxferError, TransferCancelledError, TransferError, TransferTimeoutError, UsageError
 
 if TYPE_CHECKING:
     from typing_extensions import Self

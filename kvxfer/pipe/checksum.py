@@ -32,8 +32,9 @@ class Checksums:
 
     def encode(self) -> bytes:
         """msgpack bytes, to hand to the receiving process."""
-        return msgpack.packb([self.unit_tokens, self.first_head, self.num_tokens, list(self.values.shape),
-                              self.values.astype("<u4").tobytes()], use_bin_type=True)
+        data: bytes = msgpack.packb([self.unit_tokens, self.first_head, self.num_tokens, list(self.values.shape),
+                                     self.values.astype("<u4").tobytes()], use_bin_type=True)
+        return data
 
     @classmethod
     def decode(cls, data: bytes) -> "Checksums":
@@ -105,4 +106,5 @@ def _gather_to_host(region: Region, stage: KVCacheSpec, plan: Any) -> np.ndarray
         out = cupy.empty(stage.nbytes, dtype=cupy.uint8)
         kernels.copy_kv_pointers(region.addr, region.nbytes, out.data.ptr, out.nbytes, plan, device=region.device,
                                  stream=cupy.cuda.get_current_stream())
-        return cupy.asnumpy(out)
+        host: np.ndarray = cupy.asnumpy(out)
+        return host

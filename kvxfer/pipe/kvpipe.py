@@ -19,6 +19,7 @@ import numpy as np
 
 from ..agent import Agent
 from ..backends.base import Op
+from ..control import MAX_KEY
 from ..errors import ConfigError, DescriptorError, RegistrationError
 from ..memory import MemoryKind, Region
 from ..peer import Peer
@@ -27,7 +28,7 @@ from . import checksum
 from .checksum import Checksums
 from .handle import LayerStream, PipeHandle
 from .launcher import Launcher
-from .layer_board import MAX_KEY, LayerBoard, announce
+from .layer_board import LayerBoard, announce
 from .lease import Leases
 from .ranks import HeadRoute, route_heads
 from .request import PipeRequest, decode_expected

@@ -24,7 +24,6 @@ from ..peer import Peer
 from ..spec import KVCacheSpec
 from .ranks import HeadRoute
 
-
 #: block ids: int[n] on the host (a sequence of ints or an integer array)
 BlockIds = Sequence[int] | np.ndarray
 #: layers: one id, ids, a range or a slice; None: every layer
