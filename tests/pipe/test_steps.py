@@ -1,4 +1,4 @@
-"""Steps and the pipe handle over them (kvxfer/pipe/steps.py, strategies.StagedStep, handle.py, watcher.py)."""
+"""Steps and the pipe handle over them (kvxfer/pipe/steps.py, strategies.StagedStep, handle.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from kvxfer import TransferError, TransferState
 from kvxfer.pipe.handle import PipeHandle
 from kvxfer.pipe.steps import FutureStep, Step
 from kvxfer.pipe.strategies import StagedStep
-from kvxfer.pipe.watcher import Watcher
 
 
 def finished(error: BaseException | None = None) -> FutureStep:
@@ -73,17 +72,3 @@ def test_pipe_handle_protocol_and_deadline():
     assert done.released
     with pytest.raises(kvxfer.UsageError):
         done.poll()
-
-
-def test_watcher_finishes_handles_nobody_waits_for():
-    future: Future[None] = Future()
-    handle = PipeHandle([FutureStep(future)], time.monotonic() + 5, 5.0, "direct", 64)
-    watcher = Watcher()
-    watcher.watch(handle)
-    future.set_result(None)
-    give_up = time.monotonic() + 5
-    while handle.state is TransferState.PENDING and time.monotonic() < give_up:
-        time.sleep(0.005)
-    assert handle.state is TransferState.DONE  # observed by the watcher, not by us
-    watcher.close()
-    assert not watcher._thread.is_alive()
