@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .. import checksum
+from ..pipe import checksum
 from ..agent import Agent
 from ..errors import ConfigError, KvxferError, TransferTimeoutError
 from ..pipe.lease import Lease, Leases
