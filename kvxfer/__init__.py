@@ -21,7 +21,7 @@ from .plan import TransferPlan
 from .spec import KVCacheSpec, KVLayout
 
 if TYPE_CHECKING:
-    from . import aio
+    from . import aio  # noqa: F401  (for type checkers: kvxfer.aio resolves lazily, see __getattr__)
 
 __version__ = "0.1.0"
 

@@ -312,8 +312,8 @@ class Agent:
         self._regions.check_live(plan.local_regions)
         deadline = time.monotonic() + (self.timeouts.transfer if limit is None else limit)
         request = plan.backend.post(op, plan, None if notify is None else bytes(notify))
-        handle = TransferHandle(self, plan.backend, request, op, plan.nbytes, deadline, self._on_final)
-        handle.regions = plan.local_regions
+        handle = TransferHandle(self, plan.backend, request, op, plan.nbytes, deadline, self._on_final,
+                                regions=plan.local_regions)
         self._regions.pin(plan.local_regions)
         self._active.add(handle)
         return handle

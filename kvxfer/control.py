@@ -143,7 +143,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {t.KIND: t for t in (LeaseMessage, Lay
 
 def encode(message: Message) -> bytes:
     """The notification payload carrying ``message``."""
-    return PREFIX + msgpack.packb([VERSION, message.KIND, message.fields()], use_bin_type=True)
+    body: bytes = msgpack.packb([VERSION, message.KIND, message.fields()], use_bin_type=True)
+    return PREFIX + body
 
 
 def decode(payload: bytes) -> Message:

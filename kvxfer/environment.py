@@ -14,8 +14,8 @@ VARIABLES = {
     "KVXFER_HOST_ID": "Override the host identity peers compare to decide same-host paths (default: hostname + "
                       "kernel boot id).",
     "KVXFER_BACKENDS": "Comma-separated backends an Agent creates when none are given (default: all available).",
-    "KVXFER_LOG_LEVEL": "Log level of the 'kvxfer' logger set by the command-line tools (default INFO).",
-    "KVXFER_CACHE_DIR": "Where compiled helpers are cached (default ~/.cache/kvxfer).",
+    "KVXFER_LOG_LEVEL": "Log level of the 'kvxfer' logger set by the command-line tools (default WARNING).",
+    "KVXFER_CACHE_DIR": "Cache of converted models (default ~/.cache/kvxfer).",
     "KVXFER_CUDA_IPC_EARLY_NOTIFY": "cuda_ipc: send a notification with the copy's launch, delivered by the peer "
                                     "once the copy's interprocess event completes (1, default), or after "
                                     "completion (0).",

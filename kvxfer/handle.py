@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .errors import (ConfigError, KvxferError, TransferCancelledError, TransferError, TransferTimeoutError,
-                     UsageError)
+from .errors import ConfigError, KvxferError, TransferCancelledError, TransferError, TransferTimeoutError, UsageError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -196,7 +195,8 @@ class TransferHandle(Handle):
     _max_slice = _MAX_SLEEP
 
     def __init__(self, agent: Any, backend: "Backend", request: "Request", op: "Op", nbytes: int,
-                 deadline: float, on_final: Any = None, strategy: str = "direct") -> None:
+                 deadline: float, on_final: Any = None, strategy: str = "direct",
+                 regions: tuple[int, ...] = ()) -> None:
         self._agent = agent
         self._backend = backend
         self._request = request
@@ -205,6 +205,8 @@ class TransferHandle(Handle):
         self._error: KvxferError | None = None
         self._released = False
         self._on_final = on_final
+        #: indices of the local regions the transfer pins until it is final
+        self.regions = regions
         self.op = op
         self.nbytes = nbytes
         self.deadline = deadline
@@ -241,12 +243,12 @@ class TransferHandle(Handle):
                     return self._finish(TransferState.FAILED, TransferTimeoutError(
                         f"transfer of {self.nbytes} bytes missed its deadline", self, self.backend))
                 return state
-            error = getattr(self._request, "error", None)
-            if state is TransferState.FAILED and error is None:
-                error = TransferError("transfer failed", self, self.backend)
-            if state is TransferState.CANCELLED and error is None:
-                error = TransferCancelledError("transfer was cancelled", self, self.backend)
-            return self._finish(state, error)
+            reason: KvxferError | None = getattr(self._request, "error", None)
+            if state is TransferState.FAILED and reason is None:
+                reason = TransferError("transfer failed", self, self.backend)
+            if state is TransferState.CANCELLED and reason is None:
+                reason = TransferCancelledError("transfer was cancelled", self, self.backend)
+            return self._finish(state, reason)
 
     def block(self, seconds: float) -> None:
         """Wait up to ``seconds`` for the backend to progress (returns early when the transfer may be done);

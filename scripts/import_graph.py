@@ -141,7 +141,10 @@ def reaches() -> dict[str, set[str]]:
     """Modules each module imports directly or through others (lazy imports included); a package's
     ``kvxfer.kernels.*`` modules count as ``kvxfer.kernels``."""
     _, every, _ = graphs()
-    fold = lambda name: "kvxfer.kernels" if name.startswith("kvxfer.kernels") else name
+
+    def fold(name: str) -> str:
+        return "kvxfer.kernels" if name.startswith("kvxfer.kernels") else name
+
     folded: dict[str, set[str]] = {}
     for name, targets in every.items():
         folded.setdefault(fold(name), set()).update(fold(t) for t in targets)

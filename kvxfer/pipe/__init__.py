@@ -8,11 +8,12 @@ Rooms: :mod:`~kvxfer.pipe.kvpipe` (``KVPipe``), :mod:`~kvxfer.pipe.ranks` (which
 :mod:`~kvxfer.pipe.lease` (block leases), :mod:`~kvxfer.pipe.checksum` (verify mode).
 """
 
+from ..errors import LeaseLostError
 from .checksum import Checksums
 from .handle import LayerStream, PipeHandle
 from .kvpipe import STRATEGIES, KVPipe
 from .layer_board import LayerBoard
-from .lease import Lease, LeaseLostError, Leases
+from .lease import Lease, Leases
 from .ranks import HeadRoute, check_compatible, rank_pairs, route_heads
 from .route import Route, Strategy
 

@@ -32,8 +32,9 @@ class Checksums:
 
     def encode(self) -> bytes:
         """msgpack bytes, to hand to the receiving process."""
-        return msgpack.packb([self.unit_tokens, self.first_head, self.num_tokens, list(self.values.shape),
-                              self.values.astype("<u4").tobytes()], use_bin_type=True)
+        data: bytes = msgpack.packb([self.unit_tokens, self.first_head, self.num_tokens, list(self.values.shape),
+                                     self.values.astype("<u4").tobytes()], use_bin_type=True)
+        return data
 
     @classmethod
     def decode(cls, data: bytes) -> "Checksums":
@@ -71,7 +72,7 @@ def compute(region: Region, spec: KVCacheSpec, block_ids: Any, *, num_tokens: in
     padded[:, :, :tokens] = data
     blocks = padded.reshape(shape[0], shape[1], units, unit, shape[3], shape[4]).transpose(2, 4, 0, 1, 3, 5)
     rows = np.ascontiguousarray(blocks).reshape(units * shape[3], -1)
-    values = np.fromiter((zlib.crc32(row) for row in rows), dtype=np.uint32, count=len(rows))
+    values = np.fromiter((zlib.crc32(row.data) for row in rows), dtype=np.uint32, count=len(rows))
     return Checksums(values.reshape(units, shape[3]), unit, spec.head_range()[0] + h0, tokens)
 
 
@@ -105,4 +106,5 @@ def _gather_to_host(region: Region, stage: KVCacheSpec, plan: Any) -> np.ndarray
         out = cupy.empty(stage.nbytes, dtype=cupy.uint8)
         kernels.copy_kv_pointers(region.addr, region.nbytes, out.data.ptr, out.nbytes, plan, device=region.device,
                                  stream=cupy.cuda.get_current_stream())
-        return cupy.asnumpy(out)
+        host: np.ndarray = cupy.asnumpy(out)
+        return host

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Callable
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from ..errors import (DescriptorError, KvxferError, TransferCancelledError, Tran
 from ..handle import Handle, TransferState
 from ..spec import as_index_array, selection_ids
 from .request import PipeRequest
+from .route import Layers
 from .steps import Step
 
 
@@ -92,13 +93,13 @@ class PipeHandle(Handle):
 
     def _finish(self, state: TransferState, error: KvxferError | None) -> None:
         self._state, self._error = state, error
-        if error is not None and getattr(error, "handle", self) is None:
+        if isinstance(error, TransferError) and error.handle is None:
             error.handle = self
         self.finished_at = time.monotonic()
         if self._request is not None:
             self._request.end(self._listener())
 
-    def _listener(self) -> Any:
+    def _listener(self) -> Callable[[list[int]], None] | None:
         """What listens to layer announcements for this request (None: nothing)."""
         return None
 
@@ -131,10 +132,10 @@ class LayerStream(PipeHandle):
     def _more_to_come(self) -> bool:
         return bool(self._pending_layers)
 
-    def _listener(self) -> Any:
+    def _listener(self) -> Callable[[list[int]], None] | None:
         return self.announced
 
-    def ready(self, layers: Any) -> None:
+    def ready(self, layers: Layers) -> None:
         """Layers (an id, ids or a range) are computed: start moving them."""
         request = self._request
         assert request is not None

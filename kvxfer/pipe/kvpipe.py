@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Sequence
+from typing import Sequence
+
+import numpy as np
 
 from ..agent import Agent
 from ..backends.base import Op
+from ..control import MAX_KEY
 from ..errors import ConfigError, DescriptorError, RegistrationError
 from ..memory import MemoryKind, Region
 from ..peer import Peer
@@ -25,11 +28,11 @@ from . import checksum
 from .checksum import Checksums
 from .handle import LayerStream, PipeHandle
 from .launcher import Launcher
-from .layer_board import MAX_KEY, LayerBoard, announce
+from .layer_board import LayerBoard, announce
 from .lease import Leases
 from .ranks import HeadRoute, route_heads
 from .request import PipeRequest, decode_expected
-from .route import Route, Strategy, choose_route
+from .route import BlockIds, Layers, Route, Strategy, choose_route
 from .staging import StagingPool
 from .strategies import Strategies
 from .watcher import Watcher
@@ -85,8 +88,8 @@ class KVPipe:
 
     # ---- requests ----------------------------------------------------------------------------------------------
 
-    def pull(self, local_block_ids: Any, remote_block_ids: Any, notify: bytes | None = None, *,
-             num_tokens: int | None = None, layers: Any = None, timeout: float | None = None,
+    def pull(self, local_block_ids: BlockIds, remote_block_ids: BlockIds, notify: bytes | None = None, *,
+             num_tokens: int | None = None, layers: Layers = None, timeout: float | None = None,
              lease: bytes | None = None, renew_every: float = 1.0,
              expected: dict[str, Checksums | bytes] | None = None, stream_layers: bool = False,
              stream_key: bytes | None = None) -> PipeHandle:
@@ -105,16 +108,16 @@ class KVPipe:
                              stream_layers, lease=lease, renew_every=renew_every, expected=expected,
                              stream_key=stream_key)
 
-    def push(self, local_block_ids: Any, remote_block_ids: Any, notify: bytes | None = None, *,
-             num_tokens: int | None = None, layers: Any = None, timeout: float | None = None,
+    def push(self, local_block_ids: BlockIds, remote_block_ids: BlockIds, notify: bytes | None = None, *,
+             num_tokens: int | None = None, layers: Layers = None, timeout: float | None = None,
              stream_layers: bool = False) -> PipeHandle:
         """Write local blocks into the peers' blocks. With ``stream_layers``, nothing moves until
         ``handle.ready(layers)`` says which layers are computed; the request ends when every layer was readied."""
         return self._request(Op.WRITE, local_block_ids, remote_block_ids, notify, num_tokens, layers, timeout,
                              stream_layers)
 
-    def _request(self, op: Op, local_ids: Any, remote_ids: Any, notify: bytes | None, num_tokens: int | None,
-                 layers: Any, timeout: float | None, stream_layers: bool = False, lease: bytes | None = None,
+    def _request(self, op: Op, local_ids: BlockIds, remote_ids: BlockIds, notify: bytes | None, num_tokens: int | None,
+                 layers: Layers, timeout: float | None, stream_layers: bool = False, lease: bytes | None = None,
                  renew_every: float = 1.0, expected: dict[str, Checksums | bytes] | None = None,
                  stream_key: bytes | None = None) -> PipeHandle:
         if notify is not None and not isinstance(notify, (bytes, bytearray)):
@@ -155,7 +158,7 @@ class KVPipe:
                 raise
         return handle
 
-    def _tokens(self, local_ids: Any, remote_ids: Any, route: Route, num_tokens: int | None) -> int:
+    def _tokens(self, local_ids: np.ndarray, remote_ids: np.ndarray, route: Route, num_tokens: int | None) -> int:
         capacity = min(len(local_ids) * self.spec.block_size, len(remote_ids) * route.spec.block_size)
         tokens = capacity if num_tokens is None else int(num_tokens)
         for ids, spec, side in ((local_ids, self.spec, "local"), (remote_ids, route.spec, "remote")):
@@ -168,14 +171,14 @@ class KVPipe:
         per_token = route.heads.num_heads * self.spec.head_dim * self.spec.itemsize * self.spec.num_kv_parts
         return per_token * tokens * layers
 
-    def announce(self, peer: Peer | str | Sequence[Peer | str], request_key: bytes, layers: Any) -> None:
+    def announce(self, peer: Peer | str | Sequence[Peer | str], request_key: bytes, layers: Layers) -> None:
         """Prefill side of a streamed pull: tell ``peer`` (one or several) that ``layers`` (an id, ids or a range)
         of the request its pull streams as ``request_key`` are computed."""
         ids = as_index_array(selection_ids(layers, self.spec.num_layers), "layers", self.spec.num_layers)
         for one in [peer] if isinstance(peer, (Peer, str)) else list(peer):
             announce(self.agent, one, request_key, ids.tolist())
 
-    def checksums(self, block_ids: Any, *, num_tokens: int | None = None, layers: Any = None) -> Checksums:
+    def checksums(self, block_ids: BlockIds, *, num_tokens: int | None = None, layers: Layers = None) -> Checksums:
         """Checksums of this rank's blocks (all its heads), for a receiver's ``pull(..., expected=...)``."""
         ids = as_index_array(block_ids, "block_ids", self.spec.num_blocks)
         return checksum.compute(self.region, self.spec, ids, num_tokens=num_tokens, layers=layers)

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Sequence
+
+import numpy as np
 
 from ..backends.base import Backend, MapsPeerMemory
 from ..errors import ConfigError
@@ -20,6 +23,11 @@ from ..memory import Region, RemoteRegion
 from ..peer import Peer
 from ..spec import KVCacheSpec
 from .ranks import HeadRoute
+
+#: block ids: int[n] on the host (a sequence of ints or an integer array)
+BlockIds = Sequence[int] | np.ndarray
+#: layers: one id, ids, a range or a slice; None: every layer
+Layers = int | Sequence[int] | np.ndarray | range | slice | None
 
 
 class Strategy(str, Enum):
@@ -64,8 +72,9 @@ def choose_route(heads: HeadRoute, local: Region, local_spec: KVCacheSpec, devic
     """The route for ``heads`` between the local cache (``local``, laid out by ``local_spec``, on ``device``;
     -1: host) and ``peer``'s cache ``region`` (laid out by ``spec``) over ``backend``: ``wanted``, or with
     AUTO the fastest strategy that fits. ConfigError when a wanted strategy cannot work here."""
-    maps = isinstance(backend, MapsPeerMemory) and wanted in (Strategy.AUTO, Strategy.KERNEL)
-    mapped = backend.map_remote(peer, region.index, device) if maps else None
+    mapped = None
+    if isinstance(backend, MapsPeerMemory) and wanted in (Strategy.AUTO, Strategy.KERNEL):
+        mapped = backend.map_remote(peer, region.index, device)
     direct = same_fragments(local_spec, heads.local_heads, spec, heads.remote_heads)
     if wanted is Strategy.KERNEL and mapped is None:
         raise ConfigError(f"strategy 'kernel' needs a backend that maps peer memory; {backend.caps.name} "

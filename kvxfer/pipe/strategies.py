@@ -10,7 +10,7 @@ from ..backends.base import Op
 from ..descs import Descs
 from ..errors import ConfigError, KvxferError
 from ..handle import TransferState
-from ..memory import Region
+from ..memory import Region, RemoteRegion
 from ..peer import Peer
 from ..spec import KVCacheSpec
 from .launcher import Launcher
@@ -76,7 +76,7 @@ class Strategies:
         """Whole blocks as fragments, and a partly filled last block row by row (so nothing past ``tokens``
         is written)."""
         heads, full = route.heads, tokens // self.spec.block_size
-        sides: list[tuple[Region | object, KVCacheSpec, np.ndarray, tuple[int, int]]] = [
+        sides: list[tuple[Region | RemoteRegion, KVCacheSpec, np.ndarray, tuple[int, int]]] = [
             (self.region, self.spec, local_ids, heads.local_heads),
             (route.region, route.spec, remote_ids, heads.remote_heads)]
         descs = []

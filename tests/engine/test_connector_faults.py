@@ -35,6 +35,7 @@ def _sides(tmp: Path, name: str) -> tuple[Side, Side, bytes]:
     return prefill, decode, ready
 
 
+@pytest.mark.slow  # tens of seconds on a loaded 2-core machine (several processes, torch)
 def test_killed_decode_lets_the_lease_expire(tmp_path: Path) -> None:
     prefill, decode, ready = _sides(tmp_path, "killed")
     try:
@@ -48,6 +49,7 @@ def test_killed_decode_lets_the_lease_expire(tmp_path: Path) -> None:
         decode.close()
 
 
+@pytest.mark.slow  # tens of seconds on a loaded 2-core machine (several processes, torch)
 def test_stopped_decode_refuses_stale_blocks(tmp_path: Path) -> None:
     prefill, decode, ready = _sides(tmp_path, "stopped")
     try:

@@ -110,6 +110,7 @@ def test_streamed_push_equals_aggregated(cluster: Any, reference: dict, p_tp: in
         assert drain["drained"] and drain["free"] == drain["total"] and drain["released"] == 0
 
 
+@pytest.mark.slow  # tens of seconds on a loaded 2-core machine (several processes, torch)
 def test_push_fills_every_replica_when_decode_tp_exceeds_kv_heads(tmp_path: Path, reference: dict) -> None:
     """Prefill TP 1 -> decode TP 4 of a model with 2 KV heads: decode ranks (0, 1) both hold head 0 and (2, 3)
     head 1, and each rank attends with its own copy, so the tokens match only if the push filled every replica

@@ -78,6 +78,7 @@ def _spawn(size: int, tmp_path: Path) -> dict[int, dict[str, Any]]:
     return collected
 
 
+@pytest.mark.slow  # tens of seconds on a loaded 2-core machine (several processes, torch)
 def test_tp2_gloo_matches_tp1(tmp_path: Path) -> None:
     ranks = _spawn(2, tmp_path)
     for name, config in CONFIGS.items():

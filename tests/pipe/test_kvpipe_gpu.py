@@ -10,13 +10,13 @@ import pytest
 
 import kvxfer
 from kvxfer import KVPipe, TransferState
-from tests.test_pipe import make_spec, write_sequence
+from tests.helpers import make_spec, write_sequence
 
 TOKENS, HEADS, PARTS, SEED = 45, 8, 2, 5
 
 
 def sequence() -> np.ndarray:
-    from tests.test_pipe import DIM, LAYERS
+    from tests.helpers import DIM, LAYERS
 
     rng = np.random.default_rng(SEED)
     return rng.standard_normal((LAYERS, PARTS, TOKENS, HEADS, DIM)).astype(np.float32)
