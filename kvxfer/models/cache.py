@@ -24,7 +24,7 @@ from ..errors import ConfigError
 log = logging.getLogger("kvxfer.models")
 
 #: Bumped whenever a converted directory's contents change; older directories are rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER = "kvxfer-model.json"
 #: Temp entries of dead processes older than this are removed by the next conversion.
 STALE_AFTER_S = 3600.0

@@ -87,11 +87,17 @@ def gguf_config(gguf: GGUFFile, name: str) -> ModelConfig:
         intermediate_size=int(gguf.field("llama.feed_forward_length")),
         num_layers=int(gguf.field("llama.block_count")), num_heads=heads,
         num_kv_heads=int(gguf.field("llama.attention.head_count_kv", heads)), head_dim=head_dim,
-        rope_theta=float(gguf.field("llama.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(gguf.field("llama.attention.layer_norm_rms_epsilon")),
+        rope_theta=_float32(gguf.field("llama.rope.freq_base", 10000.0)),
+        rms_norm_eps=_float32(gguf.field("llama.attention.layer_norm_rms_epsilon")),
         max_position=int(gguf.field("llama.context_length")),
         tie_word_embeddings="output.weight" not in tensor_names,
         eos_token_ids=_eos_ids(gguf), dtype="float32", name=name)
+
+
+def _float32(value: float) -> float:
+    """A float32 metadata value as the shortest decimal that rounds to it (1e-05, not 9.999999747378752e-06): the
+    value the model was configured with before llama.cpp stored it as float32."""
+    return float(np.format_float_positional(np.float32(value), unique=True, trim="-"))
 
 
 def _eos_ids(gguf: GGUFFile) -> tuple[int, ...]:

@@ -53,6 +53,7 @@ def test_conversion_fills_the_cache_directory(smol_cache: dict[str, Any]) -> Non
     assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
             config.vocab_size, config.intermediate_size) == (30, 576, 9, 3, 64, 49152, 1536)
     assert config.tie_word_embeddings and config.rope_theta == 100000.0 and config.eos_token_ids == (2,)
+    assert config.rms_norm_eps == 1e-05 and config.max_position == 8192
     assert json.loads((directory / MARKER).read_text())["name"] == "SmolLM2-135M-Instruct"
     assert bundle.tokenizer.eos_token_ids == (2,) and bundle.tokenizer.token_to_id("<|im_end|>") == 2
 
