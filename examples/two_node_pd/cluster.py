@@ -76,6 +76,10 @@ class Cluster:
         self.client = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="node-b-client",
                                                             initializer=_enter_netns, initargs=(b.netns,))
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # the agents' side channels listen on the nodes' addresses: they require a shared secret there
+        self.token_file = self.workdir / "agent.token"
+        self.token_file.write_text(os.urandom(16).hex() + "\n")
+        self.token_file.chmod(0o600)
 
     # -- processes ------------------------------------------------------------------------------------------------
 
@@ -125,7 +129,8 @@ class Cluster:
 
     def start_worker(self, name: str, role: str, node: Node) -> None:
         argv = [sys.executable, "-m", "kvxfer.cli", "worker", "--role", role, "--model", self.model, "--name", name,
-                "--host", node.address, "--backends", "ucx", "--router-timeout", "600", *self.worker_args]
+                "--host", node.address, "--backends", "ucx", "--router-timeout", "600",
+                "--token-file", str(self.token_file), *self.worker_args]
         if self.discovery:
             url = self.discovery_url
             if name in self.relayed:
