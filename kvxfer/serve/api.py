@@ -85,6 +85,11 @@ def _extra(params: GenerationParams, timing: dict[str, float | str | bool] | Non
     return extra
 
 
+def _cached(timing: dict[str, float | str | bool] | None) -> int:
+    value = (timing or {}).get("cached_tokens", 0)
+    return int(value) if isinstance(value, (int, float)) else 0
+
+
 def _finish_reason(event_finish: str | None, stopped: bool) -> str | None:
     if stopped:
         return "stop"
@@ -167,7 +172,7 @@ def create_app(router: Router, served: ServedModel) -> FastAPI:
                 router.abort(flight.rid, "failure")
         _done(flight, endpoint, finish)
         body = response(params.kind, flight.rid, int(time.time()), served.name, out.text, finish,
-                        usage(flight.num_prompt_tokens, out.num_tokens), _extra(params, timing, out))
+                        usage(flight.num_prompt_tokens, out.num_tokens, _cached(timing)), _extra(params, timing, out))
         return Response(json.dumps(body), media_type="application/json")
 
     async def _stream(flight: Flight, params: GenerationParams, endpoint: str) -> AsyncIterator[bytes]:
@@ -196,7 +201,7 @@ def create_app(router: Router, served: ServedModel) -> FastAPI:
                 if text or finish is not None:
                     yield writer.text(text, finish, _extra(params, timing, out) if finish is not None else None)
             if finish is not None and params.include_usage:
-                yield writer.usage(usage(flight.num_prompt_tokens, out.num_tokens))
+                yield writer.usage(usage(flight.num_prompt_tokens, out.num_tokens, _cached(timing)))
             yield writer.DONE
         finally:  # also on client disconnect (the generator is cancelled or closed)
             if finish is None:

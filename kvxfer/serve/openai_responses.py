@@ -8,13 +8,16 @@ from typing import Literal
 Kind = Literal["chat", "completion"]
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, object]:
+    """OpenAI's usage object; ``prompt_tokens_details.cached_tokens``: prompt tokens the decode worker found in its
+    prefix cache (as vLLM reports them)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def response(kind: Kind, rid: str, created: int, model: str, text: str, finish: str | None,
-             usage_: dict[str, int], timing: dict[str, object] | None) -> dict[str, object]:
+             usage_: dict[str, object], timing: dict[str, object] | None) -> dict[str, object]:
     """A complete (non-streaming) response; ``timing`` (the TTFT breakdown) as a top-level ``kvxfer`` field."""
     if kind == "chat":
         choice: dict[str, object] = {"index": 0, "message": {"role": "assistant", "content": text},
@@ -63,7 +66,7 @@ class ChunkWriter:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         return self._event([choice], {"kvxfer": timing} if timing is not None else None)
 
-    def usage(self, usage_: dict[str, int]) -> bytes:
+    def usage(self, usage_: dict[str, object]) -> bytes:
         """The final usage chunk (``stream_options.include_usage``): no choices."""
         return self._event([], {"usage": usage_})
 

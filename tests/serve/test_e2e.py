@@ -62,6 +62,7 @@ def test_disaggregated_output_equals_aggregated_token_for_token(tiny_serve: Serv
     assert local["kvxfer"]["disaggregated"] is False
     assert remote["kvxfer"]["disaggregated"] is True and remote["kvxfer"]["kv_bytes"] > 0
     assert remote["kvxfer"]["cached_tokens"] == 0 < again["kvxfer"]["cached_tokens"]
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == again["kvxfer"]["cached_tokens"]
     assert again["kvxfer"]["kv_bytes"] < remote["kvxfer"]["kv_bytes"]  # only the uncached tail moved
     assert len(local["kvxfer"]["token_ids"]) == 12
     assert local["kvxfer"]["token_ids"] == remote["kvxfer"]["token_ids"] == again["kvxfer"]["token_ids"]
