@@ -18,7 +18,7 @@ from kvxfer.engine import (
     Request,
     SamplingParams,
 )
-from kvxfer.models import Detokenizer, load_model
+from kvxfer.models import Detokenizer, Tokenizer, load_model
 from kvxfer.models.cache import MARKER
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -126,3 +126,14 @@ def test_local_directory_of_links_loads(smol_cache: dict[str, Any], tmp_path: Pa
     assert bundle.name == "my-smol" and bundle.config.replace(name="x") == smol_cache["bundle"].config.replace(
         name="x")
     assert bundle.tokenizer.apply_chat_template(FRANCE) == smol_cache["bundle"].tokenizer.apply_chat_template(FRANCE)
+
+
+def test_a_tokenizer_saved_by_transformers_loads(hf_reference: tuple[Any, Any], tmp_path: Path) -> None:
+    theirs = hf_reference[1]
+    theirs.save_pretrained(str(tmp_path))
+    ours = Tokenizer.from_directory(tmp_path)
+    assert 2 in ours.eos_token_ids
+    for text in STRINGS:
+        assert ours.encode(text) == theirs.encode(text), text
+    assert ours.apply_chat_template(FRANCE) == theirs.apply_chat_template(FRANCE, add_generation_prompt=True,
+                                                                          tokenize=False)
