@@ -118,10 +118,7 @@ class _Body:
     _SCHEMA: ClassVar[dict[str, Check]] = {}
 
     def to_wire(self) -> dict[str, Any]:
-        wire: dict[str, Any] = {}
-        for item in dataclasses.fields(self):  # type: ignore[arg-type]
-            wire[item.name] = _to_wire(getattr(self, item.name))
-        return wire
+        return {name: _to_wire(getattr(self, name)) for name in self._SCHEMA}  # the schema names every field
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> Any:
@@ -138,9 +135,13 @@ class _Body:
 
 
 def _to_wire(value: Any) -> Any:
+    if isinstance(value, (int, float, str, bytes)) or value is None:
+        return value
     if isinstance(value, _Body):
         return value.to_wire()
     if isinstance(value, (list, tuple)):
+        if not value or isinstance(value[0], (int, bytes)):  # token ids, rank infos: flat
+            return list(value)
         return [_to_wire(v) for v in value]
     if isinstance(value, dict):
         return {k: _to_wire(v) for k, v in value.items()}

@@ -133,3 +133,11 @@ def _until(condition: object, timeout: float = 10.0) -> None:
     while not condition():  # type: ignore[operator]
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.01)
+
+
+def test_every_schema_names_every_field() -> None:
+    import dataclasses
+
+    for cls in (*p.TYPES.values(), p.Sampling, p.PeerInfo):
+        assert list(cls._SCHEMA) == [f.name for f in dataclasses.fields(cls)] or \
+            set(cls._SCHEMA) == {f.name for f in dataclasses.fields(cls)}, cls  # to_wire walks the schema
