@@ -51,6 +51,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker")
     serve.add_argument("--max-batch", type=int, default=None, help="requests per worker batch")
     serve.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks per worker")
+    serve.add_argument("--threads", type=int, default=None,
+                       help="torch threads per CPU worker (default: the cores divided among the CPU workers)")
 
     router = commands.add_parser("router", help="the OpenAI-compatible router alone; workers connect to --control")
     _serving_arguments(router, 8000)

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -59,8 +60,9 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def devices(count: int, requested: str | None) -> list[str]:
-    """The device of each of ``count`` workers: ``requested`` for all, else cuda:(i mod n) with n GPUs, else cpu."""
+def devices(count: int, requested: str | None, tp: int = 1) -> list[str]:
+    """The device of each of ``count`` workers: ``requested`` for all, else with n GPUs worker i on cuda:(i x tp mod
+    n) (a TP worker's rank r uses the next devices: cuda:K+r), else cpu."""
     if requested:
         return [requested] * count
     try:
@@ -69,25 +71,38 @@ def devices(count: int, requested: str | None) -> list[str]:
         gpus = torch.cuda.device_count()
     except ImportError:
         gpus = 0
-    return [f"cuda:{i % gpus}" if gpus else "cpu" for i in range(count)]
+    return [f"cuda:{(i * tp) % gpus}" if gpus else "cpu" for i in range(count)]
+
+
+def cpu_threads(args: argparse.Namespace, devices_: list[str]) -> int | None:
+    """torch threads per CPU worker: ``--threads``, else the cores shared among the CPU workers (spinning threads
+    of several workers on the same cores slow everyone down)."""
+    if getattr(args, "threads", None):
+        return int(args.threads)
+    on_cpu = sum(device == "cpu" for device in devices_) * max(getattr(args, "tp", None) or 1, 1)
+    return max(1, (os.cpu_count() or 1) // on_cpu) if on_cpu else None
 
 
 def start_workers(args: argparse.Namespace, control: str) -> list[WorkerProcess]:
     """Start the worker subprocesses of ``kvxfer serve``."""
     roles = ["prefill"] * args.prefill + ["decode"] * args.decode + ["agg"] * args.agg
     extra: list[str] = []
-    for flag in ("dtype", "num_blocks", "max_batch", "tp"):
+    for flag in ("dtype", "num_blocks", "max_batch", "tp", "discovery"):
         value = getattr(args, flag, None)
         if value is not None:
             extra += [f"--{flag.replace('_', '-')}", str(value)]
     if getattr(args, "random_weights", False):
         extra.append("--random-weights")
+    placed = devices(len(roles), args.device, getattr(args, "tp", None) or 1)
+    threads = cpu_threads(args, placed)
     workers, counters = [], {"prefill": 0, "decode": 0, "agg": 0}
-    for role, device in zip(roles, devices(len(roles), args.device)):
+    for role, device in zip(roles, placed):
         name = f"{role}-{counters[role]}"
         counters[role] += 1
         command = [sys.executable, "-m", "kvxfer.cli", "worker", "--role", role, "--model", args.model,
                    "--device", device, "--router", control, "--name", name, *extra]
+        if device == "cpu" and threads is not None:
+            command += ["--threads", str(threads)]
         logger.info("serve: starting %s", " ".join(command))
         process = subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         workers.append(WorkerProcess(name, role, device, process))
