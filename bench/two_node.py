@@ -203,7 +203,8 @@ def faults(cluster: Cluster, topology: Topology, prompt_tokens: int) -> dict[str
     stopped = time.monotonic()
     cluster.wait_workers({"prefill-a"}, 60.0, absent=True)
     result["etcd_cut_to_removal_s"] = time.monotonic() - stopped
-    result["removed_by"] = "lease" if "discovery lease expired" in cluster.log("router", 50000) else "heartbeat"
+    result["removed_by"] = "lease" if any("router: worker prefill-a" in line and "discovery" in line for line in
+                                          cluster.log("router", 50000).splitlines()) else "heartbeat"
     send("etcd_cut_0")
     relay.send_signal(signal.SIGCONT)
     resumed = time.monotonic()
