@@ -136,6 +136,7 @@ class Worker:
         self.register = Register(self.name, args.role, self.model_name, args.block_size, args.num_blocks,
                                  kv_bytes_per_token(spec), rank_info, args.max_batch, args.device)
         self.link: Any = None
+        self._register_pending = False
         self.discovery: Any = None
 
     def _build_loop(self, args: argparse.Namespace, model: Any, cache: Any) -> Any:
@@ -168,7 +169,9 @@ class Worker:
 
     def _on_connect(self) -> None:
         """(Re)connected to the router: (re)register (a router that restarted knows nothing of this worker)."""
-        if self.link is not None:
+        if self.link is None:  # connected before run() stored the link: run() sends it
+            self._register_pending = True
+        else:
             self.link.send(self.register)
 
     def _send(self, message: Any) -> bool:
@@ -189,7 +192,7 @@ class Worker:
         self.link = WorkerLink(router, self.name, self.loop.post, on_connect=self._on_connect)
         if self.discovery is not None:
             self.discovery.start()
-        if self.link.connected:  # connected before self.link was set: the callback could not send
+        if self._register_pending:  # connected before self.link was set: the callback could not send
             self.link.send(self.register)
         self.loop.start()
         logger.warning("worker %s: %s on %s, model %s, agent %s, router %s", self.name, self.args.role,

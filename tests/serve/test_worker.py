@@ -48,6 +48,14 @@ class FakeRouter:
         self.processes[name] = process
         return process
 
+    def restart(self) -> None:
+        """A new router socket on the same address (the old one closed): what a restarted router looks like."""
+        address = self.link.address
+        self.link.close()
+        with self._cond:
+            self.messages.clear()
+        self.link = RouterLink(address, self._on_message)
+
     def log(self, name: str) -> str:
         return (self.directory / f"{name}.log").read_text(errors="replace")[-4000:]
 
@@ -244,3 +252,13 @@ def test_exits_non_zero_without_a_router(router: FakeRouter) -> None:
     assert process.wait(60) == 2 and "--tp" in router.log("bad")
     process = router.spawn("agg", "nowhere", router="")  # neither --router nor --discovery
     assert process.wait(60) == 2 and "--discovery" in router.log("nowhere")
+
+
+def test_a_restarted_router_gets_a_new_register(router: FakeRouter) -> None:
+    process = router.spawn("agg", "a0", "--router-timeout", "30")
+    first = router.register("a0")
+    router.restart()
+    assert router.register("a0") == first  # the worker registered again on the new connection
+    router.send("a0", generate("after", PROMPTS["r1"]))
+    assert router.stream("a0", "after")[0] == reference({"after": PROMPTS["r1"]})["after"]
+    assert process.poll() is None
