@@ -170,7 +170,7 @@ class PeerInfo(_Body):
     """A worker as the others need it: its name, role and one encoded RankInfo per TP rank."""
 
     _SCHEMA: ClassVar[dict[str, Check]] = {"name": _str(), "role": _str(choices=ROLES),
-                                           "rank_info": _list(_bytes(MAX_SMALL_NBYTES), 64, 1)}
+                                           "rank_info": _list(_bytes(MAX_SMALL_NBYTES), 64)}  # agg: none
     name: str
     role: str
     rank_info: tuple[bytes, ...]

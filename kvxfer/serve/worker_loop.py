@@ -191,7 +191,8 @@ class Loop:
         listed = {peer.name for peer in message.peers}
         self._unconnected = {name: info for name, info in self._unconnected.items() if name in listed}
         for peer in message.peers:
-            if peer.role == self.peer_role and self._peer_infos.get(peer.name) != peer.rank_info:
+            if (peer.role == self.peer_role and peer.rank_info
+                    and self._peer_infos.get(peer.name) != peer.rank_info):
                 self._unconnected[peer.name] = peer.rank_info
         self.retry_peers()
 
