@@ -4,6 +4,7 @@ same GGUF (tokenizer ids, chat template text, greedy tokens)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from kvxfer.engine import (
     Request,
     SamplingParams,
 )
+from kvxfer.errors import ConfigError
 from kvxfer.models import Detokenizer, Tokenizer, load_model
 from kvxfer.models.cache import MARKER
 
@@ -137,3 +139,15 @@ def test_a_tokenizer_saved_by_transformers_loads(hf_reference: tuple[Any, Any], 
         assert ours.encode(text) == theirs.encode(text), text
     assert ours.apply_chat_template(FRANCE) == theirs.apply_chat_template(FRANCE, add_generation_prompt=True,
                                                                           tokenize=False)
+
+
+def test_shape_only_copy_serves_with_random_weights(smol_cache: dict[str, Any], tmp_path: Path) -> None:
+    source = smol_cache["bundle"].directory
+    target = tmp_path / "SmolLM2-135M-Instruct"
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.safetensors"))
+    bundle = load_model("smollm2", cache_dir=tmp_path, random_weights=True)
+    assert bundle.directory == target.resolve() and bundle.random_weights
+    assert bundle.name == "SmolLM2-135M-Instruct" and bundle.config == smol_cache["bundle"].config
+    assert not (target / "model.safetensors").exists()  # the marker made it complete: nothing was converted
+    with pytest.raises(ConfigError, match="random_weights=True"):
+        load_model("smollm2", cache_dir=tmp_path)
