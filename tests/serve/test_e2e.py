@@ -137,3 +137,47 @@ def test_kvxfer_demo_answers_and_reports_the_kv_moved(capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert "answer:" in out and "TTFT:" in out and "KV transfer" in out
     assert "prefill-0 -> decode-0" in out and "KV moved: 0 bytes" not in out
+
+
+def child_pids(pid: int, name: str) -> list[int]:
+    """Processes started by ``pid`` whose command line carries ``--name NAME``."""
+    found = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        if b"--name" in argv and argv[argv.index(b"--name") + 1] == name.encode():
+            found.append(int(child))
+    return found
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_real_prefill_worker_under_load_leaves_no_request_hanging(server_dir: Path) -> None:
+    import concurrent.futures
+    import os
+
+    server = launch(["serve", "--model", "tiny-random", "--prefill", "2", "--decode", "1", "--port", "0",
+                     "--num-blocks", "512"], server_dir / "kill-real.log")
+    try:
+        (victim,) = child_pids(server.process.pid, "prefill-0")
+
+        def ask(index: int) -> httpx.Response:
+            return server.post("/v1/completions", {"model": "tiny-random", "prompt": f"{index} " + LONG * 2,
+                                                   "max_tokens": 8, "ignore_eos": True,
+                                                   "kvxfer": {"prefill": "remote", "timing": True}})
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            futures = [pool.submit(ask, i) for i in range(24)]
+            time.sleep(0.3)
+            os.kill(victim, signal.SIGKILL)
+            replies = [f.result(timeout=120) for f in futures]
+        statuses = [r.status_code for r in replies]
+        assert set(statuses) <= {200, 500, 503}, statuses
+        assert statuses.count(200) >= 12, statuses
+        for reply in replies:
+            if reply.status_code != 200:
+                assert reply.json()["error"]["code"] and reply.json()["error"]["message"]
+        assert {w["name"] for w in server.workers_info()} == {"prefill-1", "decode-0"}
+        assert server.http.get("/kvxfer/workers").json()["in_flight"] == 0
+        assert server.metric("kvxfer_prefill_requeues_total") >= 1  # prefill-0's requests went to prefill-1
+        after = generate(server, LONG, "remote")  # the survivors still serve
+        assert after["kvxfer"]["prefill_worker"] == "prefill-1"
+    finally:
+        server.stop()
