@@ -104,20 +104,21 @@ def tcp_stream(topology: Topology, nbytes: int = 256 << 20) -> dict[str, Any]:
 # -- kvxfer agent-level pull across the link ---------------------------------------------------------------------
 
 
-def side_server(listen: str, nbytes: int) -> None:
-    """Node A: export a pool; print the side channel address; serve until stdin closes."""
+def side_server(listen: str, nbytes: int, token: str) -> None:
+    """Node A: export a pool; print the side channel address (which requires ``token``); serve until stdin
+    closes."""
     import numpy as np
 
     import kvxfer
 
-    with kvxfer.Agent("bench-a", backends=["ucx"], listen=listen) as agent:
+    with kvxfer.Agent("bench-a", backends=["ucx"], listen=listen, token=token) as agent:
         pool = np.frombuffer(np.random.default_rng(1).bytes(nbytes), dtype=np.uint8).copy()
         agent.register(pool, name="kv")
         print(agent.listen_address, flush=True)
         sys.stdin.read()
 
 
-def side_client(address: str, nbytes: int, repeats: int) -> None:
+def side_client(address: str, nbytes: int, repeats: int, token: str) -> None:
     """Node B: pull the whole pool in fragments of each size (random order), ``repeats`` times; JSON lines."""
     import numpy as np
 
@@ -126,7 +127,7 @@ def side_client(address: str, nbytes: int, repeats: int) -> None:
     with kvxfer.Agent("bench-b", backends=["ucx"], timeouts=kvxfer.Timeouts(transfer=300.0)) as agent:
         local = np.zeros(nbytes, dtype=np.uint8)
         region = agent.register(local, name="kv")
-        peer = agent.connect_to(address)
+        peer = agent.connect_to(address, token=token)
         remote = peer.region("kv")
         for fragment in FRAGMENTS:
             count = nbytes // fragment
@@ -148,9 +149,11 @@ def side_client(address: str, nbytes: int, repeats: int) -> None:
 
 def kvxfer_pull(topology: Topology, nbytes: int, repeats: int) -> list[dict[str, Any]]:
     me = [sys.executable, str(Path(__file__).resolve())]
+    token = os.urandom(16).hex()  # the side channel listens on a node address: it requires a secret
     server = subprocess.Popen(topology.a.command([*me, "--side", "server", "--listen", f"{topology.a.address}:0",
                                                   "--nbytes", str(nbytes)]),
-                              env=ucx_env(topology.a), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                              env=dict(ucx_env(topology.a), BENCH_TOKEN=token), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None
         address = server.stdout.readline().strip()
@@ -263,10 +266,10 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.side == "server":
-        side_server(args.listen, args.nbytes)
+        side_server(args.listen, args.nbytes, os.environ["BENCH_TOKEN"])
         return 0
     if args.side == "client":
-        side_client(args.address, args.nbytes, args.repeats)
+        side_client(args.address, args.nbytes, args.repeats, os.environ["BENCH_TOKEN"])
         return 0
     sections = set(args.sections.split(","))
     date = datetime.datetime.now(datetime.timezone.utc)
