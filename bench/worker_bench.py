@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvxfer.serve import protocol as p  # noqa: E402
-from tests.serve.test_worker import FakeRouter  # noqa: E402
+from kvxfer.serve import protocol as p
+from tests.serve.test_worker import FakeRouter
 
 
 def cpu_seconds(pid: int) -> float:

@@ -236,9 +236,8 @@ class Worker:
 
 def run_worker(args: argparse.Namespace) -> int:
     """Run a worker from parsed :func:`add_worker_arguments` options; returns the process exit code."""
-    from .worker_tp import join_group, spawn_followers, stop_followers
-
     from ..tuning import keep_freed_memory
+    from .worker_tp import join_group, spawn_followers, stop_followers
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not keep_freed_memory():
