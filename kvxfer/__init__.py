@@ -14,6 +14,7 @@ from .errors import (AdmissionRejectedError, BackendError, BackendUnavailableErr
                      RequeueLimitError, TransferCancelledError, TransferError, TransferTimeoutError, UcxStatusError,
                      UsageError)
 from .handle import Handle, Notification, Timeouts, TransferHandle, TransferState
+from .limits import Limits
 from .memory import MemoryKind, Region, RemoteRegion
 from .peer import Peer
 from .pipe import KVPipe, PipeHandle
@@ -51,6 +52,7 @@ __all__ = [
     "KvxferError",
     "LayoutMismatchError",
     "LeaseLostError",
+    "Limits",
     "MemoryKind",
     "Notification",
     "OutOfBlocksError",

@@ -8,6 +8,7 @@ DOCUMENTED = {
     "TransferCancelledError", "TransferError", "TransferHandle", "TransferPlan", "TransferState",
     "TransferTimeoutError", "UsageError", "KVPipe", "__version__",
     "Handle", "PipeHandle",  # every handle kvxfer returns, and the protocol they share
+    "Limits",  # Agent(limits=...): bounds on what peers may make an agent hold
     "EngineTimeoutError", "LeaseLostError", "OutOfBlocksError", "UcxStatusError",  # every exception, errors.py
     "AdmissionRejectedError", "QueueFullError", "RequeueLimitError",  # the serving layer's, errors.py too
 }

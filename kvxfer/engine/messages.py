@@ -109,7 +109,10 @@ class _Message:
                 continue  # an optional field: its default (None)
             value = body[field.name]
             convert = cls._FROM_WIRE.get(field.name)
-            values[field.name] = convert(value) if convert else tuple(value) if isinstance(value, list) else value
+            try:
+                values[field.name] = convert(value) if convert else tuple(value) if isinstance(value, list) else value
+            except (KvxferError, TypeError, ValueError) as error:  # a peer's field that no converter can read
+                raise HandshakeError(f"{cls.KIND}: invalid field {field.name!r}: {error}") from error
         try:
             return cls(**values)
         except (KvxferError, TypeError, ValueError) as error:
