@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..models import Tokenizer
 from .metrics import CONTENT_TYPE
 from .openai_responses import ChunkWriter, response, usage
-from .openai_schema import ApiError, GenerationParams, parse_generation, parse_json
+from .openai_schema import MAX_BODY_BYTES, ApiError, GenerationParams, parse_generation, parse_json
 from .protocol import Sampling
 from .router import Router
 from .router_flight import Flight, TokensEvent
@@ -47,6 +47,21 @@ class ServedModel:
 def error_response(error: ApiError) -> JSONResponse:
     headers = {"Retry-After": str(max(1, round(error.retry_after_s)))} if error.retry_after_s else None
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+async def _read_body(request: Request) -> bytes:
+    """The request body, refused (413) as soon as it grows past MAX_BODY_BYTES (declared or streamed)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {MAX_BODY_BYTES}",
+                       code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body exceeds the limit of {MAX_BODY_BYTES} bytes", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _prompt(served: ServedModel, params: GenerationParams) -> list[int]:
@@ -123,7 +138,7 @@ def create_app(router: Router, served: ServedModel) -> FastAPI:
     async def generate(request: Request, kind: str) -> Response:
         endpoint = "chat" if kind == "chat" else "completions"
         try:
-            body = parse_json(await request.body())
+            body = parse_json(await _read_body(request))
             params = parse_generation(body, kind, request.headers, served.tokenizer.vocab_size)  # type: ignore
             if params.model not in names:
                 raise ApiError(404, f"The model `{params.model}` does not exist (served: {served.name})",

@@ -349,6 +349,11 @@ class Router:
                 self.metrics.itl.observe((now - flight.last_token_at) / len(message.token_ids))
             flight.last_token_at = now
             flight.num_generated += len(message.token_ids)
+            if flight.num_generated > flight.sampling.max_tokens:  # bounds the request's event queue too
+                self._fail(flight, ApiError(502, f"worker {sender!r} sent {flight.num_generated} tokens for "
+                                                 f"max_tokens={flight.sampling.max_tokens}", code="worker_protocol",
+                                            kind="server_error"), "failure")
+                return
             self.metrics.generation_tokens.inc(len(message.token_ids))
         if message.finish == "error":
             self._fail(flight, ApiError(500, f"worker {sender!r} failed the request", code="worker_error",

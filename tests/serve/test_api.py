@@ -115,3 +115,8 @@ def test_the_openai_client_raises_on_errors(null_cluster: Server) -> None:
 def test_unknown_path_is_an_error_object(null_cluster: Server) -> None:
     reply = null_cluster.http.get("/v1/nothing")
     assert reply.status_code == 404 and reply.json()["error"]["code"] == "not_found"
+
+
+def test_an_oversized_body_is_refused_with_413(null_cluster: Server) -> None:
+    reply = null_cluster.http.post("/v1/completions", content=b"x" * (9 << 20))
+    assert reply.status_code == 413 and reply.json()["error"]["code"] == "body_too_large"
