@@ -27,6 +27,7 @@ from .protocol import (Abort, AnyMessage, Decode, Error, Generate, Load, Message
                        Register, Sampling, Shutdown, Tokens)
 from .queue import PrefillQueue
 from .router_flight import Flight, TokensEvent
+from .router_placement import kv_bytes_per_token, link_rates, placement, rejection, worker_state
 from .router_workers import HEARTBEAT_TIMEOUT_S, WorkerEntry, WorkerRegistry
 
 if TYPE_CHECKING:
@@ -110,17 +111,19 @@ class Router:
                            kind="service_unavailable", retry_after_s=1.0)
         block_size = self.registry.block_size() or self.config.block_size
         hashes = tuple(block_hashes(prompt, block_size))
-        workers = [self._state(w) for w in self.registry.workers.values()
+        workers = [worker_state(w) for w in self.registry.workers.values()
                    if prefill_mode != "remote" or w.role != "agg"]  # forced remote: KV goes to a decode worker
         cached = {w.name: self.prefix_index.matched_blocks(w.name, hashes) for w in workers}
         rid = f"{self._id_prefix}-{next(self._ids)}"
         request = policy.RouteRequest(rid, len(prompt), hashes, priority,  # type: ignore[arg-type]
-                                      self._kv_bytes_per_token())
-        decision = policy.route(self.config, request, workers, cached, self._links(), len(self.queue),
+                                      kv_bytes_per_token(self.registry))
+        decision = policy.route(self.config, request, workers, cached, link_rates(self.registry), len(self.queue),
                                 self.queue.queued_tokens)
         if not decision.admitted or decision.decode is None:
-            self._reject(decision)
-        prefill, reason = self._placement(decision, prefill_mode, workers, len(prompt))
+            self.metrics.rejections.labels(decision.rejection or "no_worker").inc()
+            raise rejection(decision)
+        prefill, reason = placement(self.config, self.registry, decision, prefill_mode, workers, len(prompt),
+                                    len(self.queue))
         flight = Flight(rid, tuple(prompt), sampling, priority, decision.decode, prefill, hashes,  # type: ignore
                         time.time() + (timeout_s or self.request_timeout_s), arrival=arrival,
                         predicted_cached_tokens=decision.cached_tokens, predicted_ttft_s=decision.predicted_ttft_s)
@@ -157,60 +160,6 @@ class Router:
         flight = self.flights.get(rid)
         if flight is not None:
             self._finish(flight, cause)
-
-    # -- decisions ----------------------------------------------------------------------------------------------
-
-    def _state(self, entry: WorkerEntry) -> policy.WorkerState:
-        load = entry.load
-        backlog = 0.0
-        if load is not None and load.decode_tokens_per_s > 0:
-            backlog = load.waiting / max(load.decode_tokens_per_s, 1e-9)
-        return policy.WorkerState(entry.name, entry.role, entry.info.block_size,  # type: ignore[arg-type]
-                                  entry.free_blocks, entry.active_blocks, entry.queued_prefill_tokens,
-                                  load.prefill_tokens_per_s if load else 0.0, backlog)
-
-    def _links(self) -> dict[tuple[str, str], policy.LinkRate]:
-        links = {}
-        for entry in self.registry.workers.values():
-            if entry.load is not None:
-                for peer, (rate, latency) in entry.load.links.items():
-                    links[(peer, entry.name)] = policy.LinkRate(rate, latency)
-        return links
-
-    def _kv_bytes_per_token(self) -> int:
-        for entry in self.registry.workers.values():
-            return entry.info.kv_bytes_per_token
-        return 0
-
-    def _reject(self, decision: policy.Decision) -> None:
-        if decision.rejection == "overload":
-            self.metrics.rejections.labels("overload").inc()
-            raise ApiError(429, f"rejected early: {decision.reason}", code="rate_limit_exceeded",
-                           kind="rate_limit_error", retry_after_s=decision.retry_after_s)
-        self.metrics.rejections.labels("no_worker").inc()
-        raise ApiError(503, f"no worker can take the request: {decision.reason}", code="no_worker",
-                       kind="service_unavailable", retry_after_s=decision.retry_after_s or 1.0)
-
-    def _placement(self, decision: policy.Decision, mode: str, workers: list[policy.WorkerState],
-                   num_tokens: int) -> tuple[str | None, str]:
-        """Where the prefill runs (a prefill worker's name or None) and a short reason for the metrics."""
-        if mode == "local":
-            return None, "forced"
-        if mode == "remote":
-            chosen = policy.choose_prefill(workers)
-            if chosen is None:
-                raise ApiError(503, "kvxfer.prefill=remote but no prefill worker is registered",
-                               code="no_prefill_worker", kind="service_unavailable", retry_after_s=1.0)
-            return chosen.name, "forced"
-        if decision.prefill is not None:
-            return decision.prefill, "long_prompt"
-        if num_tokens - decision.cached_tokens <= self.config.max_local_prefill_length:
-            return None, "short_prompt"
-        if self.registry.workers[decision.decode].role == "agg":  # type: ignore[index]
-            return None, "agg_worker"
-        if len(self.queue) >= self.config.max_prefill_queue_size:
-            return None, "queue_full"
-        return None, "no_prefill_worker"
 
     # -- dispatch -------------------------------------------------------------------------------------------------
 
