@@ -159,7 +159,8 @@ def kvxfer_pull(topology: Topology, nbytes: int, repeats: int) -> list[dict[str,
         address = server.stdout.readline().strip()
         client = subprocess.run(topology.b.command([*me, "--side", "client", "--address", address, "--nbytes",
                                                     str(nbytes), "--repeats", str(repeats)]),
-                                check=False, env=ucx_env(topology.b), capture_output=True,
+                                check=False, env=dict(ucx_env(topology.b), BENCH_TOKEN=token),
+                                capture_output=True,
                                 text=True, timeout=600)
     finally:
         server.kill()
