@@ -113,12 +113,15 @@ def _finish_reason(event_finish: str | None, stopped: bool) -> str | None:
 
 async def _next_event(flight: Flight) -> TokensEvent:
     """The next event of ``flight``; an ApiError event is raised. The router's deadline sweep guarantees an end."""
-    remaining = flight.deadline_s - time.time() + 5.0
-    try:
-        event = await asyncio.wait_for(flight.events.get(), timeout=max(remaining, 0.1))
-    except asyncio.TimeoutError as error:
-        raise ApiError(504, f"request {flight.rid}: no answer before its deadline", code="deadline_exceeded",
-                       kind="server_error") from error
+    if not flight.events.empty():  # the common case while tokens stream: no timer, no task
+        event = flight.events.get_nowait()
+    else:
+        remaining = flight.deadline_s - time.time() + 5.0
+        try:
+            event = await asyncio.wait_for(flight.events.get(), timeout=max(remaining, 0.1))
+        except asyncio.TimeoutError as error:
+            raise ApiError(504, f"request {flight.rid}: no answer before its deadline", code="deadline_exceeded",
+                           kind="server_error") from error
     if isinstance(event, ApiError):
         raise event
     return event
