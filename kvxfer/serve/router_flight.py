@@ -62,8 +62,8 @@ class Flight:
         """The TTFT breakdown reported to the client: queue, prefill, transfer, first_step (seconds), ttft,
         router overhead, KV bytes moved and where the prefill ran."""
         worker = worker_timing or {}
-        if self.prefill is not None:
-            queue = self.queue_wait_s + self.prefill_timing.get("queue_s", 0.0)
+        if self.prefill is not None:  # the router's queue, the prefill worker's, the decode worker's (blocks)
+            queue = self.queue_wait_s + self.prefill_timing.get("queue_s", 0.0) + worker.get("queue_s", 0.0)
             prefill = self.prefill_timing.get("prefill_s", 0.0)
         else:  # queue_wait_s > 0: it waited for a prefill pool that went away
             queue = self.queue_wait_s + worker.get("queue_s", 0.0)
