@@ -320,9 +320,8 @@ class Router:
         if worker is not None:
             worker.in_flight_prefills.discard(message.rid)
             worker.clear_pending(message.rid)
-        if flight is None or flight.prefill != sender:
-            if flight is None:
-                self._send(sender, Abort(message.rid))  # release its lease now, not when it lapses
+        if flight is None or flight.prefill != sender or flight.phase != "prefilling":  # ended, or requeued
+            self._send(sender, Abort(message.rid))  # release its lease now, not when it lapses
             return
         flight.prefill_timing = dict(message.timing or {})
         flight.phase = "decoding"
@@ -389,7 +388,8 @@ class Router:
             flight = self.flights.get(rid)
             if flight is None:
                 continue
-            flight.sent_to.discard(entry.name)
+            if not keep_registered:  # a restarted worker that registered again still gets the abort
+                flight.sent_to.discard(entry.name)
             if flight.prefill == entry.name and flight.phase == "prefilling":
                 try:
                     self.queue.requeue(flight, flight.priority, flight.num_prompt_tokens)  # type: ignore[arg-type]
