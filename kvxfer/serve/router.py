@@ -400,6 +400,8 @@ class Router:
                     continue
                 self.metrics.requeues.inc()
                 flight.phase, flight.requeued, flight.queued_at = "queued", True, time.perf_counter()
+                if keep_registered:  # registered again: whatever it still runs of this prefill is not wanted
+                    self._send(entry.name, Abort(flight.rid))
             else:
                 self._fail(flight, ApiError(503, f"worker {entry.name!r} ({entry.role}) died during the request",
                                             code="worker_lost", kind="service_unavailable"), "failure")
