@@ -152,7 +152,9 @@ class Router:
         """Discovery says ``name``'s record is gone (lease expired): drop it like a worker that missed heartbeats."""
         entry = self.registry.workers.get(name)
         if entry is not None:
-            logger.warning("router: worker %s (%s) lost: its discovery lease expired", name, entry.role)
+            level = logging.WARNING if entry.requests else logging.INFO  # a clean stop deregisters with nothing left
+            logger.log(level, "router: worker %s (%s) dropped: its discovery record is gone (lease expired or "
+                       "deregistered), %d requests in flight", name, entry.role, len(entry.requests))
             self._worker_lost(entry)
 
     def abort(self, rid: str, cause: str) -> None:
