@@ -11,8 +11,8 @@ from .errors import ConfigError, DescriptorError, UsageError
 
 if TYPE_CHECKING:
     from .agent import Agent
-    from .peer import Peer
     from .backends.base import Backend, Op
+    from .peer import Peer
 
 
 class RegionTable:
@@ -71,7 +71,7 @@ class TransferPlan:
     ``local`` / ``remote`` are the coalesced pairs a backend moves. Build with :meth:`Agent.plan`.
     """
 
-    def __init__(self, agent: "Agent", peer: "Peer", backend: "Backend", local: Descs, remote: Descs,
+    def __init__(self, agent: Agent, peer: Peer, backend: Backend, local: Descs, remote: Descs,
                  coalesce: bool = True) -> None:
         self.agent = agent
         self.peer = peer
@@ -93,7 +93,7 @@ class TransferPlan:
         """Number of coalesced pairs the backend moves."""
         return len(self.local)
 
-    def select(self, local_idx: Any, remote_idx: Any) -> "TransferPlan":
+    def select(self, local_idx: Any, remote_idx: Any) -> TransferPlan:
         """A plan pairing ``prepared_local[local_idx[k]]`` with ``prepared_remote[remote_idx[k]]``.
 
         ``local_idx``, ``remote_idx``: int[n] host arrays of equal length. Entries are checked for range and
@@ -109,7 +109,7 @@ class TransferPlan:
         self.backend.prepare(plan)
         return plan
 
-    def check_destination(self, op: "Op | str") -> None:
+    def check_destination(self, op: Op | str) -> None:
         """DescriptorError if the destination side of ``op`` (an Op, or "read" / "write") writes a byte twice
         (checked once per op)."""
         key = str(op)  # an Op's str is its value
@@ -123,7 +123,7 @@ class TransferPlan:
             check_no_overlap(self.remote, "remote_descs (destination of a write)")
         self._checked_ops.add(key)
 
-    def check_owner(self, agent: "Agent") -> None:
+    def check_owner(self, agent: Agent) -> None:
         """UsageError unless this plan was built by ``agent`` for a peer that is still connected."""
         if agent is not self.agent:
             raise UsageError(f"plan was built by agent {self.agent.name!r}, not {agent.name!r}")

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -121,7 +122,7 @@ class KVCacheSpec:
         # Sufficient condition for no two indices sharing an element: sorted by stride, each stride exceeds the
         # largest offset reachable by the axes inside it.
         reach = 0
-        for stride, size in sorted((s, n) for s, n in zip(strides, self.shape) if n > 1):
+        for stride, size in sorted((s, n) for s, n in zip(strides, self.shape, strict=True) if n > 1):
             if stride <= reach:
                 raise ConfigError(f"KVCacheSpec.strides {strides} overlap for shape {self.shape} (axes {AXES})")
             reach += (size - 1) * stride
@@ -170,7 +171,7 @@ class KVCacheSpec:
     def nbytes(self) -> int:
         """Bytes from the region start to one past the last element this spec addresses (computed once: specs are
         immutable, and every kernel launch checks its regions against it)."""
-        reach = sum((n - 1) * s for n, s in zip(self.shape, self.element_strides))
+        reach = sum((n - 1) * s for n, s in zip(self.shape, self.element_strides, strict=True))
         return (self.offset + reach + 1) * self.itemsize
 
     @property
@@ -188,7 +189,7 @@ class KVCacheSpec:
         head = self.tp_rank // replicas
         return head, head + 1
 
-    def replace(self, **changes: Any) -> "KVCacheSpec":
+    def replace(self, **changes: Any) -> KVCacheSpec:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -265,7 +266,8 @@ class KVCacheSpec:
         s_layer, s_block, s_kv, s_head, s_token, _ = self.byte_strides
         offsets = (self.offset * self.itemsize + int(block[0]) * s_block
                    + layer_ids[:, None, None, None] * s_layer + part_ids[None, :, None, None] * s_kv
-                   + np.arange(h0, h1)[None, None, :, None] * s_head + np.arange(num_tokens)[None, None, None, :] * s_token)
+                   + np.arange(h0, h1)[None, None, :, None] * s_head
+                   + np.arange(num_tokens)[None, None, None, :] * s_token)
         return offsets.ravel(), self.head_dim * self.itemsize
 
     def _local_heads(self, heads: tuple[int, int] | None) -> tuple[int, int]:

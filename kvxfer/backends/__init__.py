@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..environment import read as read_env
 from ..errors import BackendUnavailableError, ConfigError
@@ -77,4 +77,4 @@ def create_all(requested: Sequence[str | Backend] | None, context: BackendContex
     return created
 
 
-__all__ = ["Backend", "BackendContext", "DEFAULT", "FACTORIES", "backend_class", "create_all", "unavailable_reason"]
+__all__ = ["DEFAULT", "FACTORIES", "Backend", "BackendContext", "backend_class", "create_all", "unavailable_reason"]

@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..errors import BackendUnavailableError, ConfigError, KvxferError
 from . import commands
@@ -66,8 +67,8 @@ def _kv(args: argparse.Namespace) -> int:
                      only_rank=args.only_rank, dims=dims)
     if setup.on_gpu and _gpu_missing(args):
         return 0
-    _emit(args, {f"KV request through KVPipe ({args.backend})": kv.run(setup, repeats=args.repeats, profile=args.profile,
-                                                                       decode_processes=args.decode_processes)})
+    rows = kv.run(setup, repeats=args.repeats, profile=args.profile, decode_processes=args.decode_processes)
+    _emit(args, {f"KV request through KVPipe ({args.backend})": rows})
     return 0
 
 

@@ -236,7 +236,8 @@ def run(setup: Setup, repeats: int = 20, profile: bool = False,
                 start = time.monotonic() + 0.01
                 for conn, _ in decode:
                     conn.send(("go", start))
-                answers = [_receive(conn, process, f"decode-{rank}") for rank, (conn, process) in zip(ranks, decode)]
+                answers = [_receive(conn, process, f"decode-{rank}")
+                           for rank, (conn, process) in zip(ranks, decode, strict=True)]
                 samples.append((max(a[0] for a in answers) - start, max(a[1] for a in answers),
                                 sum(a[2] for a in answers)))
             strategy, nbytes = answers[0][3], samples[-1][2]
@@ -249,7 +250,8 @@ def run(setup: Setup, repeats: int = 20, profile: bool = False,
         if report:
             print(report)
         return [{"model": setup.model, "tokens": setup.tokens, "p_tp": setup.p_tp, "d_tp": setup.d_tp,
-                 "ranks": len(ranks), "decode": "processes" if not decode_here else "one process", "blocks": f"{p_spec0.block_size}->{d_spec0.block_size}",
+                 "ranks": len(ranks), "decode": "processes" if not decode_here else "one process",
+                 "blocks": f"{p_spec0.block_size}->{d_spec0.block_size}",
                  "layout": f"{p_spec0.layout.value}->{d_spec0.layout.value}", "strategy": strategy,
                  "fragment_B": _piece(setup), "fragments": nbytes // _piece(setup),
                  "MiB": nbytes / 2**20, "ms": request * 1e3,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, deque
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import ConfigError, OutOfBlocksError, UsageError
 

@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from ..pipe.checksum import Checksums
 from ..errors import HandshakeError, KvxferError
+from ..pipe.checksum import Checksums
 from ..spec import KVCacheSpec
 from .request import Request, SamplingParams
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -161,7 +161,7 @@ class Model(nn.Module):
 
     @classmethod
     def from_weights(cls, config: ModelConfig, weights: WeightStore, tp: TensorParallel | None = None,
-                     device: torch.device | str = "cpu") -> "Model":
+                     device: torch.device | str = "cpu") -> Model:
         """Build and load this rank's shard of ``weights`` (HF names)."""
         model = cls(config, tp, device)
         tp = model.tp
@@ -184,7 +184,7 @@ class Model(nn.Module):
 
     @classmethod
     def random(cls, config: ModelConfig, seed: int = 0, tp: TensorParallel | None = None,
-               device: torch.device | str = "cpu") -> "Model":
+               device: torch.device | str = "cpu") -> Model:
         """Seeded random weights (:func:`random_weights`); every rank with the same seed holds one model's shards."""
         return cls.from_weights(config, WeightStore(random_weights(config, seed)), tp, device)
 

@@ -119,7 +119,7 @@ class ModelRunner:
         tokens = sample(logits, [s.request.sampling for s in seqs],
                         [request_seed(s.request_id, s.request.sampling) for s in seqs],
                         [len(s.output_token_ids) for s in seqs])
-        for index, seq, token in zip(finishing, seqs, tokens):
+        for index, seq, token in zip(finishing, seqs, tokens, strict=True):
             seq.append(token, self.model.config.eos_token_ids, self.max_sequence_tokens)
             results[index] = token
         return results

@@ -27,14 +27,14 @@ _SOURCE = Path(__file__).with_name("csrc") / "kv_copy.cu"
 
 
 #: Tables kept on a device by upload_plan, per plan (dropped with the plan).
-_UPLOADED: "weakref.WeakKeyDictionary[KVCopyPlan, dict[int, Any]]" = weakref.WeakKeyDictionary()
+_UPLOADED: weakref.WeakKeyDictionary[KVCopyPlan, dict[int, Any]] = weakref.WeakKeyDictionary()
 #: (compiled entry, launch shape) per (tables' launch key, device, vector width, tuning): plans of one template
 #: share it. Cleared when full.
 _LAUNCHES: dict[tuple, tuple[Any, LaunchShape]] = {}
 _MAX_LAUNCHES = 1024
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module(device: int, defines: tuple[str, ...]) -> Any:
     """One compile per device and set of -D options (tunings that differ only at launch share it)."""
     cupy = cupy_module()
@@ -42,7 +42,7 @@ def _module(device: int, defines: tuple[str, ...]) -> Any:
         return cupy.RawModule(code=_SOURCE.read_text(), options=("--std=c++17", *defines))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel(entry: str, device: int, tuning: KernelTuning = DEFAULT_TUNING) -> Any:
     """The compiled ``entry`` (e.g. ``kvxfer_rows_v16``) on ``device`` (compiled once per device and tuning)."""
     cupy = cupy_module()
@@ -50,7 +50,7 @@ def kernel(entry: str, device: int, tuning: KernelTuning = DEFAULT_TUNING) -> An
         return _module(device, tuning.defines()).get_function(entry)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def resident_ctas(entry: str, device: int, tuning: KernelTuning = DEFAULT_TUNING) -> int:
     """CTAs of one entry that fit on the whole GPU at once (limited by registers and threads per SM)."""
     cupy = cupy_module()

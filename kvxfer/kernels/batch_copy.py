@@ -38,7 +38,7 @@ def split_pieces(sources: np.ndarray, destinations: np.ndarray, sizes: np.ndarra
     return table
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(device: int) -> Any:
     cupy = cupy_module()
     with cupy.cuda.Device(device):
@@ -49,7 +49,7 @@ def _kernel(device: int) -> Any:
 CTAS_PER_SM = 8
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _multiprocessors(device: int) -> int:
     return int(cupy_module().cuda.runtime.getDeviceProperties(device)["multiProcessorCount"])
 

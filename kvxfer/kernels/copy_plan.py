@@ -26,8 +26,7 @@ import numpy as np
 
 from ..errors import ConfigError, DescriptorError, LayoutMismatchError
 from ..spec import KVCacheSpec, KVLayout, as_index_array, selection_ids
-from .tables import (MAX_BOX_BYTES, MAX_VECTOR_BYTES, KernelTables, TableTemplate,  # noqa: F401 (re-exported)
-                     kernel_tables)
+from .tables import MAX_BOX_BYTES, MAX_VECTOR_BYTES, KernelTables, TableTemplate, kernel_tables  # noqa: F401 (re-exported)
 
 #: Templates kept (least recently created dropped first); a pipe needs one or two per peer route.
 MAX_TEMPLATES = 64
@@ -201,11 +200,11 @@ def staging_spec(cache_spec: KVCacheSpec, num_tokens: int, *, num_layers: int | 
 
 
 def _check_compatible(src: KVCacheSpec, dst: KVCacheSpec) -> None:
-    for field in ("head_dim", "dtype", "num_kv_parts"):
-        if getattr(src, field) != getattr(dst, field):
+    for name in ("head_dim", "dtype", "num_kv_parts"):
+        if getattr(src, name) != getattr(dst, name):
             raise LayoutMismatchError(
-                f"src_spec and dst_spec must have the same {field}: src {getattr(src, field)!r}, "
-                f"dst {getattr(dst, field)!r}")
+                f"src_spec and dst_spec must have the same {name}: src {getattr(src, name)!r}, "
+                f"dst {getattr(dst, name)!r}")
 
 
 def _num_tokens(num_tokens: int | None, src: KVCacheSpec, dst: KVCacheSpec, src_ids: np.ndarray,

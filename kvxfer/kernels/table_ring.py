@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -98,7 +99,7 @@ class TableRing:
             return _Slot(cupy, capacity)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def table_ring(device: int) -> TableRing:
     """The ring of ``device`` (one per process and device)."""
     return TableRing(device)

@@ -83,7 +83,7 @@ class KernelTables:
                 self.alignment, self.max_count, self.contiguous, self.narrow)
 
 
-def kernel_tables(plan: "KVCopyPlan") -> KernelTables:
+def kernel_tables(plan: KVCopyPlan) -> KernelTables:
     """Segments (runs of tokens inside one source and one destination block) and layer-part offsets, in bytes.
 
     Computed from scratch from the plan's fields: the definition :class:`TableTemplate` reproduces.
@@ -106,7 +106,7 @@ def kernel_tables(plan: "KVCopyPlan") -> KernelTables:
     max_count = int(form.counts.max()) if form.counts.size else 0
     check_kernel_limits(len(starts) * len(part_src), max_count * form.unit_rows * form.row)
     reach = [(max_count - 1) * unit + (form.unit_rows - 1) * rows + form.row
-             for unit, rows in zip(form.unit_strides, form.row_strides)]
+             for unit, rows in zip(form.unit_strides, form.row_strides, strict=True)]
     return KernelTables(table=table, segment_tokens=counts, num_segments=len(starts), num_layer_parts=len(part_src),
                         unit_rows=form.unit_rows, row_nbytes=form.row, src_base=src_base, dst_base=dst_base,
                         src_unit_stride=form.unit_strides[0], src_row_stride=form.row_strides[0],
@@ -190,7 +190,7 @@ class TableTemplate:
         self._kept = 0
         self._runs: _Runs | None = None
 
-    def describes(self, plan: "KVCopyPlan") -> bool:
+    def describes(self, plan: KVCopyPlan) -> bool:
         """True if ``plan`` has this template's specs, layers, parts and heads, and int64 block id arrays."""
         return (plan.src_layers is self.src_layers and plan.dst_layers is self.dst_layers and plan.parts is self.parts
                 and plan.src_heads == self.src_heads and plan.dst_heads == self.dst_heads
@@ -232,7 +232,7 @@ class TableTemplate:
         table[2 * n:3 * n] = shape.units if uniform else counts
         table[3 * n:] = self._parts
         reach = [(max_count - 1) * unit + (shape.unit_rows - 1) * rows + shape.row
-                 for unit, rows in zip(shape.unit_strides, shape.row_strides)]
+                 for unit, rows in zip(shape.unit_strides, shape.row_strides, strict=True)]
         fields = dict(num_segments=n, num_layer_parts=self._num_layer_parts, unit_rows=shape.unit_rows,
                       row_nbytes=shape.row, src_base=self._bases[0], dst_base=self._bases[1],
                       src_unit_stride=shape.unit_strides[0], src_row_stride=shape.row_strides[0],
@@ -290,4 +290,4 @@ def _base(spec: KVCacheSpec, first_head: int) -> int:
 
 def _spec_strides(spec: KVCacheSpec) -> list[int]:
     """The byte strides of the dimensions the spec has more than one of (block, layer, ...; not head_dim)."""
-    return [stride for stride, size in zip(spec.byte_strides[:5], spec.shape[:5]) if size > 1]
+    return [stride for stride, size in zip(spec.byte_strides[:5], spec.shape[:5], strict=True) if size > 1]

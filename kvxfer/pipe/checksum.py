@@ -37,13 +37,13 @@ class Checksums:
         return data
 
     @classmethod
-    def decode(cls, data: bytes) -> "Checksums":
+    def decode(cls, data: bytes) -> Checksums:
         """Inverse of :meth:`encode`; HandshakeError for anything else."""
         try:
             unit, first, tokens, shape, raw = msgpack.unpackb(data, raw=False)
             values = np.frombuffer(raw, dtype="<u4").reshape(shape).astype(np.uint32)
             return cls(values, int(unit), int(first), int(tokens))
-        except Exception as error:
+        except (TypeError, ValueError, msgpack.UnpackException) as error:
             raise HandshakeError(f"checksums are malformed: {error}") from None
 
 

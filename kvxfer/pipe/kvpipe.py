@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -134,7 +134,7 @@ class KVPipe:
             raise DescriptorError("local_block_ids must not repeat (they are written)")
         if op is Op.WRITE and has_repeats(remote, int(remote.max()) + 1 if remote.size else 0):
             raise DescriptorError("remote_block_ids must not repeat (they are written)")
-        nbytes = sum(self._route_nbytes(r, t, len(layer_ids)) for r, t in zip(routes, tokens))
+        nbytes = sum(self._route_nbytes(r, t, len(layer_ids)) for r, t in zip(routes, tokens, strict=True))
         limit = self.agent.timeouts.transfer if timeout is None else timeout
         request = PipeRequest(op, local_ids, remote, tokens, notify, layer_ids, routes, self._strategies,
                               decode_expected(expected), lease, stream_key)

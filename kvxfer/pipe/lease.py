@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,7 +40,7 @@ class Lease:
     block_ids: np.ndarray
     ttl: float
     expires_at: float
-    on_end: Callable[["Lease", str], None] | None = field(default=None, repr=False)
+    on_end: Callable[[Lease, str], None] | None = field(default=None, repr=False)
 
 
 class ExpiryStep(Step):
@@ -61,7 +62,7 @@ class Leases:
     """Both roles of one agent: leases it granted (sender) and leases it holds (receiver). An agent service:
     get it with ``Leases.of(agent)``; its timer thread (renewals, expiry) stops when the agent closes."""
 
-    def __init__(self, agent: "Agent") -> None:
+    def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self._lock = threading.Lock()
         self._granted: dict[bytes, Lease] = {}
@@ -72,7 +73,7 @@ class Leases:
         self._thread.start()
 
     @classmethod
-    def of(cls, agent: "Agent") -> "Leases":
+    def of(cls, agent: Agent) -> Leases:
         """The lease keeper of ``agent`` (its service, created on first use)."""
         return agent.service(cls)
 

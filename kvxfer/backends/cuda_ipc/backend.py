@@ -16,7 +16,8 @@ import logging
 import sys
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import numpy as np
@@ -88,7 +89,7 @@ class CudaIpcBackend(Backend):
         self._imports = Imports()
         self._peers: dict[str, Any] = {}  # uid -> Peer
         self._lost: dict[str, str] = {}  # uid -> why
-        self._plans: "weakref.WeakKeyDictionary[TransferPlan, _PlanState]" = weakref.WeakKeyDictionary()
+        self._plans: weakref.WeakKeyDictionary[TransferPlan, _PlanState] = weakref.WeakKeyDictionary()
         self._streams: dict[int, Any] = {}
         self._pending: set[IpcRequest] = set()
         self._wake = threading.Condition()
@@ -119,14 +120,14 @@ class CudaIpcBackend(Backend):
 
     # ---- regions -----------------------------------------------------------------------------------------------
 
-    def register(self, region: "Region") -> bytes:
+    def register(self, region: Region) -> bytes:
         export = export_region(region.addr, region.nbytes, region.device)
         if self._home is None:
             self._home = region.device
         self._exports[region.index] = export
         return export.key
 
-    def deregister(self, region: "Region") -> None:
+    def deregister(self, region: Region) -> None:
         export = self._exports.pop(region.index, None)
         if export is not None:
             export.close()
@@ -139,11 +140,11 @@ class CudaIpcBackend(Backend):
 
     # ---- peers -------------------------------------------------------------------------------------------------
 
-    def connect(self, peer: "Peer") -> None:
+    def connect(self, peer: Peer) -> None:
         assert self._mailbox is not None and self.context is not None
         try:
             address, secret = msgpack.unpackb(peer.meta.backends[self.caps.wire], raw=False)
-        except Exception as error:
+        except (KeyError, TypeError, ValueError, msgpack.UnpackException) as error:
             raise PeerDisconnectedError(f"cuda_ipc: bad backend info from {peer.name!r}: {error}", peer.name) from None
         if peer.meta.uid != self.context.agent_uid:
             self._mailbox.open(peer.meta.uid, peer.name, address.decode(), secret,
@@ -151,7 +152,7 @@ class CudaIpcBackend(Backend):
         self._peers[peer.meta.uid] = (peer, address.decode(), secret)
         self._lost.pop(peer.meta.uid, None)
 
-    def disconnect(self, peer: "Peer") -> None:
+    def disconnect(self, peer: Peer) -> None:
         assert self._mailbox is not None
         self._drain(peer.meta.uid)
         self._imports.close_peer(peer.meta.uid)
@@ -171,7 +172,7 @@ class CudaIpcBackend(Backend):
         assert self.context is not None
         try:
             return self._opened.wait(handle, alive, self.context.timeouts.transfer)
-        except Exception as error:  # a handle that will not open: wait for the sender's "done" instead
+        except Exception as error:  # noqa: BLE001 a handle that will not open (any CUDA/cupy error): wait for "done"
             logger.warning("cuda_ipc: a peer's copy event cannot be waited on here (%s); notifications from it wait "
                            "for the copy's completion message", error)
             return None
@@ -187,14 +188,14 @@ class CudaIpcBackend(Backend):
 
     # ---- plans and transfers -----------------------------------------------------------------------------------
 
-    def prepare(self, plan: "TransferPlan") -> None:
+    def prepare(self, plan: TransferPlan) -> None:
         self._state(plan)
 
-    def plan_state(self, plan: "TransferPlan") -> "_PlanState":
+    def plan_state(self, plan: TransferPlan) -> _PlanState:
         """What :meth:`prepare` built for ``plan`` (its strategy, tables, device): for benchmarks and tests."""
         return self._plans[plan]
 
-    def map_remote(self, peer: "Peer", region_index: int, device: int) -> int | None:
+    def map_remote(self, peer: Peer, region_index: int, device: int) -> int | None:
         assert self.context is not None
         meta = next((r for r in peer.meta.regions if r.index == region_index), None)
         if meta is None or device < 0:
@@ -202,11 +203,14 @@ class CudaIpcBackend(Backend):
         if peer.meta.pid == self.context.pid:
             return meta.addr
         _, address, secret = self._peers[peer.meta.uid]
-        fetch = lambda index: self._mailbox.fetch_fds(address, secret, self.context.agent_uid, index,
-                                                      self.context.timeouts.connect)
+        mailbox, context = self._mailbox, self.context
+
+        def fetch(index: int) -> tuple[list[int], Any]:
+            return mailbox.fetch_fds(address, secret, context.agent_uid, index, context.timeouts.connect)
+
         return self._imports.local_base(peer.meta.uid, region_index, device, meta.keys[self.caps.wire], fetch)
 
-    def _state(self, plan: "TransferPlan") -> _PlanState:
+    def _state(self, plan: TransferPlan) -> _PlanState:
         state = self._plans.get(plan)
         if state is not None:
             return state
@@ -237,7 +241,7 @@ class CudaIpcBackend(Backend):
                 stream = self._streams[device] = cupy_module().cuda.Stream(non_blocking=True)
         return stream
 
-    def post(self, op: Op, plan: "TransferPlan", notify: bytes | None) -> IpcRequest:
+    def post(self, op: Op, plan: TransferPlan, notify: bytes | None) -> IpcRequest:
         from ...devices import cupy_module
         from ...kernels import batch_copy
 
@@ -284,7 +288,7 @@ class CudaIpcBackend(Backend):
         if driver.memcpy_batch(destinations, sources, sizes, stream):
             return
         copy_default = 4  # cudaMemcpyDefault: direction from the unified addresses
-        for source, destination, size in zip(sources, destinations, sizes):
+        for source, destination, size in zip(sources, destinations, sizes, strict=True):
             cupy.cuda.runtime.memcpyAsync(destination, source, size, copy_default, stream)
 
     def poll(self, request: Request) -> TransferState:
@@ -333,7 +337,7 @@ class CudaIpcBackend(Backend):
         request.finished.set()
         self._pending.discard(request)
 
-    def send_notification(self, peer: "Peer", payload: bytes) -> None:
+    def send_notification(self, peer: Peer, payload: bytes) -> None:
         assert self._mailbox is not None and self.context is not None
         if peer.meta.uid == self.context.agent_uid:
             self.context.deliver(Notification(self.context.agent_name, payload))
@@ -353,7 +357,7 @@ class CudaIpcBackend(Backend):
             try:
                 request.event.synchronize()
                 self._complete(request)
-            except Exception as error:  # a CUDA error ends that transfer, not the thread
+            except Exception as error:  # noqa: BLE001 a CUDA error ends that transfer, not the thread
                 if request.noted:
                     self._send_done(request, landed=False)
                 with request.lock:

@@ -144,7 +144,7 @@ def map_vmm(fds: list[int], sizes: list[int], devices: list[int]) -> VmmMapping:
     va = int(check(driver.cuMemAddressReserve(total, 0, 0, 0), "cuMemAddressReserve"))
     offset = 0
     try:
-        for fd, size in zip(fds, sizes):
+        for fd, size in zip(fds, sizes, strict=True):
             handle = check(driver.cuMemImportFromShareableHandle(fd, _posix_fd_type()),
                            "cuMemImportFromShareableHandle")
             try:
@@ -214,5 +214,5 @@ class VmmAllocation:
     def __del__(self) -> None:
         try:
             self.free()
-        except Exception:  # interpreter shutdown: the driver may be gone already
+        except Exception:  # noqa: BLE001 __del__ cannot report (at interpreter shutdown the driver may be gone)
             pass

@@ -14,7 +14,8 @@ import secrets
 import socket
 import struct
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 
@@ -133,7 +134,7 @@ class Mailbox:
         while not self._closed.is_set():
             try:
                 connection, _ = self._server.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -173,7 +174,7 @@ class Mailbox:
                             notes.ready(bytes(message[2]))
                     elif message[0] == "done":
                         notes.done(int(message[1]), bool(message[2]))
-            except Exception as error:  # a broken or hostile client ends its own connection, nothing else
+            except Exception as error:  # noqa: BLE001 a broken or hostile client ends its own connection only
                 logger.debug("cuda_ipc mailbox: connection ended: %s", error)
             if peer_uid is not None and not self._closed.is_set():
                 self._on_lost(peer_uid, peer_name, "its connection closed (process ended?)")

@@ -7,14 +7,18 @@ by the mailbox. Import: opened lazily, once per (peer region, local device), clo
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 
 from ...errors import BackendError, RegistrationError
 from . import driver
+
+logger = logging.getLogger("kvxfer")
 
 LEGACY, VMM = "legacy", "vmm"
 
@@ -77,7 +81,7 @@ class Imports:
             return self._bases[slot]
         try:
             mode, *fields = msgpack.unpackb(key, raw=False)
-        except Exception as error:
+        except (TypeError, ValueError, msgpack.UnpackException) as error:
             raise BackendError(f"cuda_ipc: undecodable key for peer region {region_index}: {error}") from None
         driver.use_device(device)
         if mode == LEGACY:
@@ -104,8 +108,8 @@ class Imports:
         for close in self._closers.pop(peer_uid, []):
             try:
                 close()
-            except Exception:  # a peer that died may leave handles the driver already dropped
-                pass
+            except BackendError as error:  # a peer that died may leave handles the driver already dropped
+                logger.debug("cuda_ipc: unmapping a region of peer %s failed: %s", peer_uid, error)
         self._bases = {k: v for k, v in self._bases.items() if k[0] != peer_uid}
         self._legacy = {k: v for k, v in self._legacy.items() if k[0] != peer_uid}
 
