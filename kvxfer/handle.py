@@ -6,15 +6,17 @@ import threading
 import time
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from .errors import ConfigError, KvxferError, TransferCancelledError, TransferError, TransferTimeoutError, UsageError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+    from .agent import Agent
     from .backends.base import Backend, Op, Request
 
 
@@ -194,8 +196,8 @@ class TransferHandle(Handle):
     _first_slice = 1e-6
     _max_slice = _MAX_SLEEP
 
-    def __init__(self, agent: Any, backend: Backend, request: Request, op: Op, nbytes: int,
-                 deadline: float, on_final: Any = None, strategy: str = "direct",
+    def __init__(self, agent: Agent, backend: Backend, request: Request, op: Op, nbytes: int,
+                 deadline: float, on_final: Callable[[TransferHandle], None] | None = None, strategy: str = "direct",
                  regions: tuple[int, ...] = ()) -> None:
         self._agent = agent
         self._backend = backend

@@ -33,10 +33,10 @@ def backend_class(name: str) -> type[Backend]:
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise BackendUnavailableError(f"backend {name!r} cannot be imported: {error}") from None
-    try:
-        return getattr(module, class_name)
-    except AttributeError:
-        raise BackendUnavailableError(f"backend {name!r}: {module_name} has no {class_name}") from None
+    backend = getattr(module, class_name, None)
+    if not (isinstance(backend, type) and issubclass(backend, Backend)):
+        raise BackendUnavailableError(f"backend {name!r}: {module_name} has no Backend class {class_name}")
+    return backend
 
 
 def unavailable_reason(name: str) -> str | None:

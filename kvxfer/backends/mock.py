@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendError, ConfigError
 from ..handle import TransferState
-from .base import BackendCaps, Op
+from .base import BackendCaps, Op, Scope
 from .local import LocalBackend, LocalRequest
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class Fault:
 class MockBackend(LocalBackend):
     """A local backend that asks ``on_post`` what fault, if any, to inject into each transfer."""
 
-    caps = BackendCaps(name="mock", wire="local", memory_kinds=LocalBackend.caps.memory_kinds, scope="process",
+    caps = BackendCaps(name="mock", wire="local", memory_kinds=LocalBackend.caps.memory_kinds, scope=Scope.PROCESS,
                        can_cancel=True, preference=100)
 
     def __init__(self, on_post: Callable[[Op, TransferPlan, bytes | None], Fault | None] | None = None) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..devices import Array
 from ..errors import ConfigError
 
 KINDS = ("host", "cuda")
@@ -153,7 +154,7 @@ class Pool:
         if kind not in KINDS:
             raise ConfigError(f"memory kind must be one of {KINDS}, got {kind!r}")
         self.kind, self.nbytes, self.device = kind, nbytes, device
-        self.array = device_random(nbytes, device, seed) if kind == "cuda" else _host_random(nbytes, seed)
+        self.array: Array = device_random(nbytes, device, seed) if kind == "cuda" else _host_random(nbytes, seed)
 
     @property
     def label(self) -> str:

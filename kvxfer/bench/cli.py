@@ -60,7 +60,12 @@ def _ipc(args: argparse.Namespace) -> int:
 def _kv(args: argparse.Namespace) -> int:
     from . import kv
 
-    dims = tuple(int(x) for x in args.dims.split(",")) if args.dims else None
+    dims = None
+    if args.dims:
+        values = [int(x) for x in args.dims.split(",")]
+        if len(values) != 3:
+            raise ConfigError(f"--dims must be three numbers L,H,D (layers, KV heads, head_dim), got {args.dims!r}")
+        dims = (values[0], values[1], values[2])
     setup = kv.Setup(model=args.model, tokens=args.tokens, block_size=args.block_size,
                      d_block_size=args.d_block_size, layout=args.layout, d_layout=args.d_layout, p_tp=args.p_tp,
                      d_tp=args.d_tp, backend=args.backend, p_gpu=args.p_gpu, d_gpu=args.d_gpu,

@@ -21,7 +21,7 @@ import numpy as np
 from ..agent import Agent
 from ..descs import Descs
 from ..errors import ConfigError, PeerDisconnectedError
-from ..spec import KVCacheSpec
+from ..spec import KVCacheSpec, KVLayout
 
 MODELS = {"llama-3.1-8b": (32, 8, 128), "llama-3.1-70b": (80, 8, 128), "qwen3-32b": (64, 8, 128)}
 
@@ -53,7 +53,7 @@ class Setup:
         layout = self.layout if side == "p" else (self.d_layout or self.layout)
         blocks = 2 * -(-self.tokens // block)
         return KVCacheSpec(num_layers=layers, num_blocks=blocks, block_size=block, num_kv_heads=max(heads // tp, 1),
-                           head_dim=dim, dtype="bfloat16", layout=layout, tp_rank=rank, tp_size=tp,
+                           head_dim=dim, dtype="bfloat16", layout=KVLayout.parse(layout), tp_rank=rank, tp_size=tp,
                            total_kv_heads=heads, model=self.model)
 
     @property
@@ -63,8 +63,9 @@ class Setup:
 
 def _allocate(spec: KVCacheSpec, device: int | None, fill: bool) -> Any:
     if device is None:
-        data = np.frombuffer(np.random.default_rng(0).bytes(spec.nbytes), np.uint8) if fill else None
-        return data.copy() if fill else np.ones(spec.nbytes, np.uint8)
+        if not fill:
+            return np.ones(spec.nbytes, np.uint8)
+        return np.frombuffer(np.random.default_rng(0).bytes(spec.nbytes), np.uint8).copy()
     import cupy
 
     with cupy.cuda.Device(device):

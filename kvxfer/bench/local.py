@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,11 +18,12 @@ import numpy as np
 
 from ..agent import Agent
 from ..descs import Descs
+from ..plan import TransferPlan
 from ..spec import KVCacheSpec
 
 # Llama-3.1-70B at TP8: 80 layers, 1 KV head per rank, head_dim 128, bf16, 16-token blocks; 4k tokens = 256 blocks.
-SEVENTY_B_TP8 = dict(num_layers=80, block_size=16, num_kv_heads=1, head_dim=128, dtype="bfloat16", tp_size=8,
-                     total_kv_heads=8)
+SEVENTY_B_TP8 = functools.partial(KVCacheSpec, num_layers=80, block_size=16, num_kv_heads=1, head_dim=128,
+                                  dtype="bfloat16", tp_size=8, total_kv_heads=8)
 
 
 def _median_seconds(action: Callable[[], Any], repeats: int) -> tuple[float, float]:
@@ -45,7 +47,7 @@ def _agents(nbytes: int) -> tuple[Agent, Agent, np.ndarray, np.ndarray, Any]:
 
 def plan_and_post(repeats: int = 50, cache_blocks: int = 1024, request_blocks: int = 256) -> list[dict[str, Any]]:
     """Median and p99 milliseconds of descriptor building, plan building, select and post."""
-    spec = KVCacheSpec(num_blocks=cache_blocks, **SEVENTY_B_TP8)
+    spec = SEVENTY_B_TP8(num_blocks=cache_blocks)
     source_agent, destination_agent, _, _, peer = _agents(spec.nbytes)
     rng = np.random.default_rng(1)
     local_ids = rng.permutation(cache_blocks)[:request_blocks]
@@ -106,7 +108,11 @@ def bandwidth(total_nbytes: int = 256 << 20, smallest: int = 4 << 10, largest: i
             plan = destination_agent.plan(Descs.from_ranges(destination_agent.regions[0], slots, size), peer,
                                           Descs.from_ranges(peer.region("kv"), slots[::-1].copy(), size))
             destination_agent.read(plan).wait()  # warm-up; also checks the plan once
-            seconds, _ = _median_seconds(lambda plan=plan: destination_agent.read(plan).wait(), repeats)
+
+            def read(plan: TransferPlan = plan) -> None:
+                destination_agent.read(plan).wait()
+
+            seconds, _ = _median_seconds(read, repeats)
             moved = len(slots) * size
             rows.append({"fragment_bytes": size, "fragments": len(slots), "pairs": len(plan),
                          "GB/s": moved / seconds / 1e9, "numpy_GB/s": total_nbytes / ceiling / 1e9,

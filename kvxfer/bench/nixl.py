@@ -157,8 +157,10 @@ def _serve(connection: Any, name: str, kinds: list[str], nbytes: int, device: in
             if command == "close":
                 connection.send(None)
                 return
-            method = {"connect": side.connect, "case": side.run_case,
-                      "digest": lambda kind, offsets, width: side.pools[kind].digest(offsets, width)}[command]
+            methods: dict[str, Callable[..., Any]] = {
+                "connect": side.connect, "case": side.run_case,
+                "digest": lambda kind, offsets, width: side.pools[kind].digest(offsets, width)}
+            method = methods[command]
             connection.send(method(*args))
         except Exception:  # noqa: BLE001 the child reports any failure to its parent, which raises it
             connection.send(RuntimeError(traceback.format_exc()))

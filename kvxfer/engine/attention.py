@@ -38,7 +38,7 @@ class AttentionBatch:
     def build(cls, block_tables: list[list[int]], query_lens: list[int], context_lens: list[int], block_size: int,
               device: torch.device) -> AttentionBatch:
         """Compute slots and padded tables from per-sequence block id lists (host ints)."""
-        slots = []
+        slots: list[int] = []
         for blocks, query_len, context_len in zip(block_tables, query_lens, context_lens, strict=True):
             positions = range(context_len - query_len, context_len)
             slots.extend(blocks[p // block_size] * block_size + p % block_size for p in positions)

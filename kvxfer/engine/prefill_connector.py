@@ -16,7 +16,7 @@ import torch
 
 from ..agent import Agent
 from ..errors import ConfigError, KvxferError, TransferTimeoutError
-from ..pipe import KVPipe, checksum
+from ..pipe import KVPipe, LayerStream, checksum
 from ..pipe.lease import Lease, Leases
 from ..pipe.ranks import rank_pairs
 from .connector import Connector, routes_of
@@ -189,6 +189,7 @@ class PrefillConnector(Connector):
         def allocated(request_id: str, block_ids: tuple[int, ...], num_cached: int) -> None:
             handle = pipe.push(block_ids[start // size:], wanted.block_ids, num_tokens=num_tokens,
                                stream_layers=True, timeout=self.timeout)
+            assert isinstance(handle, LayerStream)  # what a push with stream_layers returns
             state["handle"], state["feeder"] = handle, _LayerFeeder(handle, self.engine.cache.device)
 
         began = time.perf_counter()
@@ -291,11 +292,12 @@ class _LayerFeeder:
     """Marks layers ready on a streaming push. On a GPU only once the layer's K/V writes completed: the pipe
     copies on its own stream, so a thread waits on an event recorded after each layer (compute keeps going)."""
 
-    def __init__(self, handle: Any, device: torch.device) -> None:
-        self.handle, self.error = handle, None
+    def __init__(self, handle: LayerStream, device: torch.device) -> None:
+        self.handle = handle
+        self.error: KvxferError | None = None
         self.cuda = device.type == "cuda"
         if self.cuda:
-            self._queue: queue.SimpleQueue = queue.SimpleQueue()
+            self._queue: queue.SimpleQueue[tuple[int, torch.cuda.Event] | None] = queue.SimpleQueue()
             self._thread = threading.Thread(target=self._run, name="kvxfer-layer-feeder", daemon=True)
             self._thread.start()
 

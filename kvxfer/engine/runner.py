@@ -88,7 +88,11 @@ class ModelRunner:
         sampled token per entry, None where the sequence still has tokens to compute (chunked prefill).
         """
         device = self.model.device
-        token_ids, positions, tables, query_lens, context_lens = [], [], [], [], []
+        token_ids: list[int] = []
+        positions: list[int] = []
+        tables: list[list[int]] = []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
         for seq, count in work:
             start = seq.num_computed
             token_ids.extend(seq.token_ids[start:start + count])

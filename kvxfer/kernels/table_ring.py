@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ class _Slot:
 
     __slots__ = ("capacity", "device", "device_arg", "event", "host", "host_ptr", "pinned")
 
-    def __init__(self, cupy: Any, capacity: int) -> None:
+    def __init__(self, cupy: ModuleType, capacity: int) -> None:
         self.capacity = capacity
         self.pinned = cupy.cuda.alloc_pinned_memory(capacity * 8)
         self.host = np.frombuffer(self.pinned, dtype=np.int64, count=capacity)
@@ -50,7 +51,7 @@ class TableRing:
         self._next = 0
         self._lock = threading.Lock()
 
-    def launch(self, cupy: Any, function: Any, shape: LaunchShape, pointers: tuple[Any, Any], table: np.ndarray,
+    def launch(self, cupy: ModuleType, function: Any, shape: LaunchShape, pointers: tuple[Any, Any], table: np.ndarray,
                stream: Any, stream_context: Callable[[], Any]) -> None:
         """Upload ``table`` (int64[n], host) and launch ``function`` with it on ``stream`` (anything with ``.ptr``).
 
@@ -75,7 +76,7 @@ class TableRing:
             finally:  # whatever was queued reads the slot until this event
                 slot.event.record(stream)
 
-    def _take(self, cupy: Any, entries: int, stream_context: Callable[[], Any]) -> _Slot | None:
+    def _take(self, cupy: ModuleType, entries: int, stream_context: Callable[[], Any]) -> _Slot | None:
         """A slot whose last launch completed, holding ``entries`` at least; None if every slot is in flight."""
         count = len(self.slots)
         for step in range(count):
@@ -94,7 +95,7 @@ class TableRing:
         return slot
 
     @staticmethod
-    def _new_slot(cupy: Any, capacity: int, stream_context: Callable[[], Any]) -> _Slot:
+    def _new_slot(cupy: ModuleType, capacity: int, stream_context: Callable[[], Any]) -> _Slot:
         with stream_context():  # the pool hands out memory in this stream's order
             return _Slot(cupy, capacity)
 

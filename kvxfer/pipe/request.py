@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,7 +79,7 @@ class PipeRequest:
         self.strategies.staging.give_back(self.staging)
 
 
-def decode_expected(expected: dict[str, Checksums | bytes] | None) -> dict[str, Checksums] | None:
+def decode_expected(expected: Mapping[str, Checksums | bytes] | None) -> dict[str, Checksums] | None:
     """``expected`` with encoded checksums decoded; ConfigError unless it maps peer names to checksums."""
     if expected is None:
         return None

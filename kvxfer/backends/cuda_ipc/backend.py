@@ -17,6 +17,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -26,7 +27,7 @@ from ... import environment
 from ...errors import BackendError, ConfigError, KvxferError, PeerDisconnectedError, TransferError
 from ...handle import Notification, TransferState
 from ...memory import MemoryKind
-from ..base import Backend, BackendCaps, Op, Request
+from ..base import Backend, BackendCaps, BackendContext, Op, Request, Scope
 from . import driver
 from .events import EventRing, OpenedEvents
 from .mailbox import Mailbox
@@ -68,7 +69,8 @@ class _PlanState:
 class CudaIpcBackend(Backend):
     """Same-host GPU<->GPU transfers across processes (``strategy``: "auto", "kernel" or "copy")."""
 
-    caps = BackendCaps(name="cuda_ipc", wire="cuda_ipc", memory_kinds=frozenset({MemoryKind.CUDA}), scope="host",
+    caps = BackendCaps(name="cuda_ipc", wire="cuda_ipc", memory_kinds=frozenset({MemoryKind.CUDA}),
+                       scope=Scope.HOST,
                        can_cancel=True, preference=50)
 
     def __init__(self, strategy: str = "auto", early_notify: bool | None = None) -> None:
@@ -87,7 +89,7 @@ class CudaIpcBackend(Backend):
         self._home: int | None = None
         self._exports: dict[int, Export] = {}
         self._imports = Imports()
-        self._peers: dict[str, Any] = {}  # uid -> Peer
+        self._peers: dict[str, tuple[Peer, str, bytes]] = {}  # uid -> (peer, mailbox address, secret)
         self._lost: dict[str, str] = {}  # uid -> why
         self._plans: weakref.WeakKeyDictionary[TransferPlan, _PlanState] = weakref.WeakKeyDictionary()
         self._streams: dict[int, Any] = {}
@@ -109,14 +111,15 @@ class CudaIpcBackend(Backend):
             return str(error)
         return None
 
-    def attach(self, context: Any) -> None:
+    def attach(self, context: BackendContext) -> None:
         super().attach(context)
         self._mailbox = Mailbox(context.agent_uid, self._on_note, self._on_lost, self._fds_of, self._await_event)
         threading.Thread(target=self._progress, name=f"kvxfer-ipc-{context.agent_name}", daemon=True).start()
 
     def info(self) -> bytes:
         assert self._mailbox is not None
-        return msgpack.packb([self._mailbox.address.encode(), self._mailbox.secret], use_bin_type=True)
+        info: bytes = msgpack.packb([self._mailbox.address.encode(), self._mailbox.secret], use_bin_type=True)
+        return info
 
     # ---- regions -----------------------------------------------------------------------------------------------
 
@@ -132,7 +135,7 @@ class CudaIpcBackend(Backend):
         if export is not None:
             export.close()
 
-    def _fds_of(self, region_index: int) -> tuple[list[int], list]:
+    def _fds_of(self, region_index: int) -> tuple[list[int], list[int]]:
         export = self._exports.get(region_index)
         if export is None or not export.fds:
             return [], []
@@ -204,6 +207,7 @@ class CudaIpcBackend(Backend):
             return meta.addr
         _, address, secret = self._peers[peer.meta.uid]
         mailbox, context = self._mailbox, self.context
+        assert mailbox is not None
 
         def fetch(index: int) -> tuple[list[int], Any]:
             return mailbox.fetch_fds(address, secret, context.agent_uid, index, context.timeouts.connect)
@@ -222,6 +226,7 @@ class CudaIpcBackend(Backend):
         for index in plan.remote_regions:  # same process: map_remote returns the peer's own pointer (no import)
             meta = next(r for r in plan.peer.meta.regions if r.index == index)
             base = self.map_remote(plan.peer, index, device)
+            assert base is not None  # the region is the peer's and the device a real one
             shift[plan.remote.region == index] = np.uint64((base - meta.addr) % 2**64)
         remote = plan.remote.addr + shift  # wraps modulo 2**64 like the pointer arithmetic it stands for
         strategy = self.strategy
@@ -248,6 +253,7 @@ class CudaIpcBackend(Backend):
         if plan.peer.meta.uid in self._lost:
             raise PeerDisconnectedError(f"peer {plan.peer.name!r} is gone: {self._lost[plan.peer.meta.uid]}",
                                         plan.peer.name)
+        assert self.context is not None
         state = self._state(plan)
         cupy = cupy_module()
         sources, destinations = (state.remote, state.local) if op is Op.READ else (state.local, state.remote)
@@ -273,6 +279,7 @@ class CudaIpcBackend(Backend):
         request = IpcRequest(plan.nbytes, event, plan.peer.meta.uid, notify, state.strategy)
         if early:
             try:  # the peer delivers it once the event completes; meanwhile the copy runs
+                assert self._mailbox is not None and notify is not None
                 self._mailbox.send_note_after(plan.peer.meta.uid, handle, notify, request.sequence)
                 request.noted = True
             except PeerDisconnectedError:
@@ -283,7 +290,8 @@ class CudaIpcBackend(Backend):
         return request
 
     @staticmethod
-    def _copy_engine(cupy: Any, sources: list[int], destinations: list[int], sizes: list[int], stream: int) -> None:
+    def _copy_engine(cupy: ModuleType, sources: list[int], destinations: list[int], sizes: list[int],
+                     stream: int) -> None:
         """Copy-engine copies: one cuMemcpyBatchAsync where the driver has it, else one memcpyAsync per run."""
         if driver.memcpy_batch(destinations, sources, sizes, stream):
             return

@@ -7,6 +7,7 @@ by the mailbox. Import: opened lazily, once per (peer region, local device), clo
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -90,7 +91,7 @@ class Imports:
             if opened is None:  # one allocation may back several regions: open its handle once
                 opened = driver.open_legacy(handle)
                 self._legacy[(peer_uid, handle, device)] = opened
-                self._closers.setdefault(peer_uid, []).append(lambda d=device, p=opened: _close_legacy(d, p))
+                self._closers.setdefault(peer_uid, []).append(functools.partial(_close_legacy, device, opened))
             base = opened + offset
         elif mode == VMM:
             offset = int(fields[0])
