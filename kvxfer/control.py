@@ -14,11 +14,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import astuple, dataclass
 from enum import Enum
-from typing import Any, ClassVar, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias, TypeVar
 
 import msgpack
 
 from .errors import HandshakeError, KvxferError
+
+if TYPE_CHECKING:
+    from .peer import Peer
 
 logger = logging.getLogger("kvxfer")
 
@@ -181,7 +184,7 @@ MessageT = TypeVar("MessageT", LeaseMessage, LayersReady, BlocksExpired, PushOut
 class Sender(Protocol):
     """Sends a payload to a peer by name (``Agent.notify``)."""
 
-    def __call__(self, peer: Any, payload: bytes) -> None: ...
+    def __call__(self, peer: Peer | str, payload: bytes) -> None: ...
 
 
 class ControlChannel:
@@ -195,7 +198,7 @@ class ControlChannel:
         self._lock = threading.Lock()
         self._handlers: dict[type[Message], list[Callable[[str, Any], None]]] = {}
 
-    def send(self, peer: Any, message: Message) -> None:
+    def send(self, peer: Peer | str, message: Message) -> None:
         """Send ``message`` to ``peer`` (a Peer or its name); kvxfer errors of the send propagate."""
         self._send(peer, encode(message))
 

@@ -12,7 +12,7 @@ import ctypes
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import BackendError, ConfigError
 from ..handle import TransferState
@@ -70,7 +70,7 @@ class MockBackend(LocalBackend):
         self.on_post = on_post
         self.posted = 0
 
-    def post(self, op: Op, plan: TransferPlan, notify: bytes | None, fault: Any = None) -> LocalRequest:
+    def post(self, op: Op, plan: TransferPlan, notify: bytes | None, fault: Fault | None = None) -> LocalRequest:
         self.posted += 1
         fault = self.on_post(op, plan, notify) if self.on_post else None
         if fault is not None and not isinstance(fault, Fault):

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..devices import cupy_module
+from ..devices import Stream, cupy_module
 
 PIECE_NBYTES = 64 << 10
 THREADS = 256
@@ -61,7 +61,7 @@ def to_device(table: np.ndarray, device: int) -> Any:
         return cupy.asarray(table)
 
 
-def launch(device_table: Any, device: int, stream: Any, ctas_per_sm: int = CTAS_PER_SM) -> None:
+def launch(device_table: Any, device: int, stream: Stream, ctas_per_sm: int = CTAS_PER_SM) -> None:
     """Copy every piece of ``device_table`` (from :func:`to_device`) with one launch on ``stream``."""
     count = int(device_table.shape[1])
     if count == 0:

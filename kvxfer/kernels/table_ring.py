@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..devices import Stream
 from .launch import LaunchShape
 
 #: Slots per device: launches whose tables may be in flight at once before calls fall back to the pool.
@@ -52,7 +53,7 @@ class TableRing:
         self._lock = threading.Lock()
 
     def launch(self, cupy: ModuleType, function: Any, shape: LaunchShape, pointers: tuple[Any, Any], table: np.ndarray,
-               stream: Any, stream_context: Callable[[], Any]) -> None:
+               stream: Stream, stream_context: Callable[[], Any]) -> None:
         """Upload ``table`` (int64[n], host) and launch ``function`` with it on ``stream`` (anything with ``.ptr``).
 
         ``pointers``: the (src, dst) kernel arguments; ``stream_context()``: ``stream`` as a cupy stream to enter,

@@ -16,13 +16,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..control import LeaseMessage, LeaseVerb
 from ..errors import ConfigError, KvxferError, LeaseLostError
 from ..handle import TransferState
+from ..spec import BlockIds
 from .steps import Step
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ class Leases:
 
     # ---- sender ------------------------------------------------------------------------------------------------
 
-    def grant(self, key: bytes, peer: str, block_ids: Any, ttl: float = 10.0,
+    def grant(self, key: bytes, peer: str, block_ids: BlockIds, ttl: float = 10.0,
               on_end: Callable[[Lease, str], None] | None = None) -> Lease:
         """Hold ``block_ids`` for ``peer`` for ``ttl`` seconds past the last renewal."""
         if not isinstance(key, bytes) or not key:
