@@ -20,7 +20,7 @@ _FIRST_SLEEP = 50e-6
 _MAX_SLEEP = 1e-3
 
 
-async def wait(handle: "AnyHandle", timeout: float | None = None) -> "AnyHandle":
+async def wait(handle: AnyHandle, timeout: float | None = None) -> AnyHandle:
     """Await any handle kvxfer returns (a TransferHandle, a KVPipe's PipeHandle) like its ``wait`` (same default
     timeout, same errors)."""
     limit = handle.default_timeout if timeout is None else timeout
@@ -34,7 +34,7 @@ async def wait(handle: "AnyHandle", timeout: float | None = None) -> "AnyHandle"
     return handle.result()
 
 
-async def notifications(agent: "Agent", timeout: float = 0.0) -> "list[Notification]":
+async def notifications(agent: Agent, timeout: float = 0.0) -> list[Notification]:
     """Await at least one notification for up to ``timeout`` seconds; returns what arrived (maybe nothing)."""
     give_up = time.monotonic() + timeout
     sleep = _FIRST_SLEEP

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import astuple, dataclass
 from enum import Enum
-from typing import Any, Callable, ClassVar, Protocol, TypeVar, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias, TypeVar
 
 import msgpack
 
 from .errors import HandshakeError, KvxferError
+
+if TYPE_CHECKING:
+    from .peer import Peer
 
 logger = logging.getLogger("kvxfer")
 
@@ -56,7 +60,7 @@ class LeaseMessage:
     key: bytes
 
     @classmethod
-    def from_fields(cls, fields: list[Any]) -> "LeaseMessage":
+    def from_fields(cls, fields: list[Any]) -> LeaseMessage:
         """Validated message from decoded fields ``[verb, key]``."""
         verb, key = fields
         try:
@@ -79,7 +83,7 @@ class LayersReady:
     layers: tuple[int, ...]
 
     @classmethod
-    def from_fields(cls, fields: list[Any]) -> "LayersReady":
+    def from_fields(cls, fields: list[Any]) -> LayersReady:
         """Validated message from decoded fields ``[key, [layer ids]]``."""
         key, layers = fields
         if not isinstance(layers, list) or not all(type(x) is int and 0 <= x < MAX_LAYER for x in layers):
@@ -99,7 +103,7 @@ class BlocksExpired:
     key: bytes
 
     @classmethod
-    def from_fields(cls, fields: list[Any]) -> "BlocksExpired":
+    def from_fields(cls, fields: list[Any]) -> BlocksExpired:
         """Validated message from decoded fields ``[key]``."""
         (key,) = fields
         return cls(_key(key, "key"))
@@ -121,7 +125,7 @@ class PushOutcome:
     token_time: float
 
     @classmethod
-    def from_fields(cls, fields: list[Any]) -> "PushOutcome":
+    def from_fields(cls, fields: list[Any]) -> PushOutcome:
         """Validated message from decoded fields ``[request_id, ok, token, token_time]``."""
         request_id, ok, token, token_time = fields
         if not isinstance(request_id, str) or len(request_id) > MAX_TEXT:
@@ -136,7 +140,7 @@ class PushOutcome:
         return list(astuple(self))
 
 
-Message = Union[LeaseMessage, LayersReady, BlocksExpired, PushOutcome]
+Message: TypeAlias = LeaseMessage | LayersReady | BlocksExpired | PushOutcome
 MESSAGE_TYPES: dict[str, type[Message]] = {t.KIND: t for t in (LeaseMessage, LayersReady, BlocksExpired,
                                                               PushOutcome)}
 
@@ -180,7 +184,7 @@ MessageT = TypeVar("MessageT", LeaseMessage, LayersReady, BlocksExpired, PushOut
 class Sender(Protocol):
     """Sends a payload to a peer by name (``Agent.notify``)."""
 
-    def __call__(self, peer: Any, payload: bytes) -> None: ...
+    def __call__(self, peer: Peer | str, payload: bytes) -> None: ...
 
 
 class ControlChannel:
@@ -194,7 +198,7 @@ class ControlChannel:
         self._lock = threading.Lock()
         self._handlers: dict[type[Message], list[Callable[[str, Any], None]]] = {}
 
-    def send(self, peer: Any, message: Message) -> None:
+    def send(self, peer: Peer | str, message: Message) -> None:
         """Send ``message`` to ``peer`` (a Peer or its name); kvxfer errors of the send propagate."""
         self._send(peer, encode(message))
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from .agent import Agent
 from .descs import Descs
+from .handle import Notification
 from .spec import KVCacheSpec
 
 
@@ -28,7 +29,9 @@ def run(tokens: int = 2048, block_size: int = 16, backend: str = "local", repeat
             Agent("decode", backends=[backend]) as decode:
         prefill.register(prefill_cache, name="kv")
         local = decode.register(decode_cache, name="kv")
-        peer = decode.connect_to(prefill.listen_address)
+        address = prefill.listen_address
+        assert address is not None  # the agent was made with listen=
+        peer = decode.connect_to(address)
         start = time.perf_counter()
         plan = decode.plan(Descs.from_blocks(local, spec, decode_ids), peer,
                            Descs.from_blocks(peer.region("kv"), spec, prefill_ids))
@@ -39,7 +42,8 @@ def run(tokens: int = 2048, block_size: int = 16, backend: str = "local", repeat
             start = time.perf_counter()
             decode.read(plan, notify=f"req-{attempt}".encode()).wait()
             seconds.append(time.perf_counter() - start)
-        notes, give_up = [], time.monotonic() + 5.0  # the last one may still be on its way when wait() returns
+        notes: list[Notification] = []
+        give_up = time.monotonic() + 5.0  # the last one may still be on its way when wait() returns
         while len(notes) < repeats and time.monotonic() < give_up:
             notes += prefill.notifications(timeout=give_up - time.monotonic())
         exact = bool(np.array_equal(decode_cache[:, decode_ids], prefill_cache[:, prefill_ids]))

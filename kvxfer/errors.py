@@ -6,7 +6,10 @@ that generic callers can catch them the usual way; timeouts derive from ``Timeou
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .handle import Handle
 
 
 class KvxferError(Exception):
@@ -52,7 +55,7 @@ class PeerDisconnectedError(PeerError):
 class TransferError(KvxferError):
     """A transfer failed; ``handle`` is the TransferHandle (if any), ``backend`` the backend name."""
 
-    def __init__(self, message: str, handle: Any = None, backend: str | None = None) -> None:
+    def __init__(self, message: str, handle: Handle | None = None, backend: str | None = None) -> None:
         super().__init__(message)
         self.handle = handle
         self.backend = backend

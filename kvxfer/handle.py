@@ -6,15 +6,17 @@ import threading
 import time
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from .errors import ConfigError, KvxferError, TransferCancelledError, TransferError, TransferTimeoutError, UsageError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+    from .agent import Agent
     from .backends.base import Backend, Op, Request
 
 
@@ -194,8 +196,8 @@ class TransferHandle(Handle):
     _first_slice = 1e-6
     _max_slice = _MAX_SLEEP
 
-    def __init__(self, agent: Any, backend: "Backend", request: "Request", op: "Op", nbytes: int,
-                 deadline: float, on_final: Any = None, strategy: str = "direct",
+    def __init__(self, agent: Agent, backend: Backend, request: Request, op: Op, nbytes: int,
+                 deadline: float, on_final: Callable[[TransferHandle], None] | None = None, strategy: str = "direct",
                  regions: tuple[int, ...] = ()) -> None:
         self._agent = agent
         self._backend = backend
@@ -233,7 +235,7 @@ class TransferHandle(Handle):
                 state = self._backend.poll(self._request)
             except KvxferError as error:
                 return self._finish(TransferState.FAILED, error)
-            except Exception as error:  # a backend bug must still end the transfer, not hang the caller
+            except Exception as error:  # noqa: BLE001 a backend bug must still end the transfer, not hang the caller
                 failure = TransferError(f"backend {self.backend} failed while polling: {error}", self, self.backend)
                 failure.__cause__ = error
                 return self._finish(TransferState.FAILED, failure)
@@ -283,7 +285,8 @@ class TransferHandle(Handle):
             raise UsageError("this TransferHandle was released")
 
     def __del__(self) -> None:
-        if not getattr(self, "_released", True) and getattr(self, "_state", TransferState.DONE) is TransferState.PENDING:
+        pending = getattr(self, "_state", TransferState.DONE) is TransferState.PENDING
+        if not getattr(self, "_released", True) and pending:
             warnings.warn(f"TransferHandle of {self.nbytes} bytes dropped while still pending; wait() or release() it",
                           ResourceWarning, stacklevel=2)
 

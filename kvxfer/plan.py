@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -11,21 +12,23 @@ from .errors import ConfigError, DescriptorError, UsageError
 
 if TYPE_CHECKING:
     from .agent import Agent
-    from .peer import Peer
     from .backends.base import Backend, Op
+    from .memory import MemoryKind, Region
+    from .peer import Peer
 
 
 class RegionTable:
     """Sorted region indices with their spans, to check many descriptors against many regions at once."""
 
-    def __init__(self, indices: Any, addrs: Any, nbytes: Any, kinds: Any = None) -> None:
+    def __init__(self, indices: Sequence[int], addrs: Sequence[int], nbytes: Sequence[int],
+                 kinds: Sequence[MemoryKind] | None = None) -> None:
         order = np.argsort(np.asarray(indices, dtype=np.int64))
         self.indices = np.asarray(indices, dtype=np.int64)[order]
         self.addr = np.asarray(addrs, dtype=np.uint64)[order]
         self.end = self.addr + np.asarray(nbytes, dtype=np.uint64)[order]
         self.kinds = None if kinds is None else [kinds[i] for i in order]
 
-    def check(self, descs: Descs, argument: str, owner: str) -> set:
+    def check(self, descs: Descs, argument: str, owner: str) -> set[MemoryKind]:
         """DescriptorError naming the first descriptor of ``descs`` that is not inside a registered region;
         otherwise the set of memory kinds the descriptors' regions live in."""
         if not len(self.indices):
@@ -71,7 +74,7 @@ class TransferPlan:
     ``local`` / ``remote`` are the coalesced pairs a backend moves. Build with :meth:`Agent.plan`.
     """
 
-    def __init__(self, agent: "Agent", peer: "Peer", backend: "Backend", local: Descs, remote: Descs,
+    def __init__(self, agent: Agent, peer: Peer, backend: Backend, local: Descs, remote: Descs,
                  coalesce: bool = True) -> None:
         self.agent = agent
         self.peer = peer
@@ -85,7 +88,7 @@ class TransferPlan:
         self.on_device = bool((self.local.device >= 0).any() or (self.remote.device >= 0).any())
         self._checked_ops: set[str] = set()
 
-    def local_regions_objects(self) -> list:
+    def local_regions_objects(self) -> list[Region]:
         """The local Region objects this plan touches."""
         return [self.agent.region_at(i) for i in self.local_regions]
 
@@ -93,7 +96,7 @@ class TransferPlan:
         """Number of coalesced pairs the backend moves."""
         return len(self.local)
 
-    def select(self, local_idx: Any, remote_idx: Any) -> "TransferPlan":
+    def select(self, local_idx: Sequence[int] | np.ndarray, remote_idx: Sequence[int] | np.ndarray) -> TransferPlan:
         """A plan pairing ``prepared_local[local_idx[k]]`` with ``prepared_remote[remote_idx[k]]``.
 
         ``local_idx``, ``remote_idx``: int[n] host arrays of equal length. Entries are checked for range and
@@ -109,7 +112,7 @@ class TransferPlan:
         self.backend.prepare(plan)
         return plan
 
-    def check_destination(self, op: "Op | str") -> None:
+    def check_destination(self, op: Op | str) -> None:
         """DescriptorError if the destination side of ``op`` (an Op, or "read" / "write") writes a byte twice
         (checked once per op)."""
         key = str(op)  # an Op's str is its value
@@ -123,7 +126,7 @@ class TransferPlan:
             check_no_overlap(self.remote, "remote_descs (destination of a write)")
         self._checked_ops.add(key)
 
-    def check_owner(self, agent: "Agent") -> None:
+    def check_owner(self, agent: Agent) -> None:
         """UsageError unless this plan was built by ``agent`` for a peer that is still connected."""
         if agent is not self.agent:
             raise UsageError(f"plan was built by agent {self.agent.name!r}, not {agent.name!r}")
@@ -155,7 +158,7 @@ def check_pair_sizes(local: Descs, remote: Descs) -> None:
                               f"{int(remote.nbytes[i])}")
 
 
-def _indices(values: Any, argument: str, descs: Descs) -> np.ndarray:
+def _indices(values: Sequence[int] | np.ndarray, argument: str, descs: Descs) -> np.ndarray:
     array = np.asarray(values)
     if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
         raise DescriptorError(f"{argument} must be a 1-D integer array, got shape {array.shape} dtype {array.dtype}")

@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Sequence
+from typing import Any, TypeAlias
 
 import numpy as np
 
 from .errors import ConfigError
+
+#: Block ids: int[n] on the host, a sequence of ints or an integer array.
+BlockIds: TypeAlias = Sequence[int] | np.ndarray
+#: A selection of layers or K/V parts: one id, ids (int[n], host), a range or a slice; None: all of them.
+Selection: TypeAlias = int | Sequence[int] | np.ndarray | range | slice | None
 
 #: The logical axes of every spec, in the order strides are given.
 AXES = ("layer", "block", "kv", "head", "token", "dim")
@@ -42,6 +48,14 @@ class KVLayout(str, Enum):
 
     NHD = "NHD"
     HND = "HND"
+
+    @classmethod
+    def parse(cls, value: KVLayout | str) -> KVLayout:
+        """``value`` as a KVLayout; ConfigError for anything else."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(f"KVCacheSpec.layout must be 'NHD' or 'HND', got {value!r}") from None
 
 
 def _positive(name: str, value: Any, minimum: int = 1) -> None:
@@ -84,10 +98,7 @@ class KVCacheSpec:
             raise ConfigError(f"KVCacheSpec.tp_rank must be < tp_size={self.tp_size}, got {self.tp_rank}")
         if self.dtype not in DTYPE_SIZES:
             raise ConfigError(f"KVCacheSpec.dtype must be one of {sorted(DTYPE_SIZES)}, got {self.dtype!r}")
-        try:
-            object.__setattr__(self, "layout", KVLayout(self.layout))
-        except ValueError:
-            raise ConfigError(f"KVCacheSpec.layout must be 'NHD' or 'HND', got {self.layout!r}") from None
+        object.__setattr__(self, "layout", KVLayout.parse(self.layout))
         if self.num_kv_parts not in (1, 2):
             raise ConfigError(f"KVCacheSpec.num_kv_parts must be 1 (MLA) or 2 (K and V), got {self.num_kv_parts!r}")
         self._check_heads()
@@ -121,7 +132,7 @@ class KVCacheSpec:
         # Sufficient condition for no two indices sharing an element: sorted by stride, each stride exceeds the
         # largest offset reachable by the axes inside it.
         reach = 0
-        for stride, size in sorted((s, n) for s, n in zip(strides, self.shape) if n > 1):
+        for stride, size in sorted((s, n) for s, n in zip(strides, self.shape, strict=True) if n > 1):
             if stride <= reach:
                 raise ConfigError(f"KVCacheSpec.strides {strides} overlap for shape {self.shape} (axes {AXES})")
             reach += (size - 1) * stride
@@ -170,7 +181,7 @@ class KVCacheSpec:
     def nbytes(self) -> int:
         """Bytes from the region start to one past the last element this spec addresses (computed once: specs are
         immutable, and every kernel launch checks its regions against it)."""
-        reach = sum((n - 1) * s for n, s in zip(self.shape, self.element_strides))
+        reach = sum((n - 1) * s for n, s in zip(self.shape, self.element_strides, strict=True))
         return (self.offset + reach + 1) * self.itemsize
 
     @property
@@ -188,7 +199,7 @@ class KVCacheSpec:
         head = self.tp_rank // replicas
         return head, head + 1
 
-    def replace(self, **changes: Any) -> "KVCacheSpec":
+    def replace(self, **changes: Any) -> KVCacheSpec:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -217,7 +228,7 @@ class KVCacheSpec:
         h0, h1 = self._local_heads(heads)
         _, _, _, s_head, s_token, _ = self.element_strides
         run = self.head_dim
-        outer = []
+        outer: list[tuple[int, int]] = []
         for stride, size in sorted([(s_head, h1 - h0), (s_token, self.block_size)]):
             if size == 1:
                 continue
@@ -230,8 +241,8 @@ class KVCacheSpec:
             offsets = (offsets[None, :] + np.arange(size, dtype=np.int64)[:, None] * stride).ravel()
         return np.sort(offsets) * self.itemsize, run * self.itemsize
 
-    def block_offsets(self, block_ids: Any, *, layers: Any = None, heads: tuple[int, int] | None = None,
-                      parts: Sequence[int] | None = None, start: int = 0) -> tuple[np.ndarray, int]:
+    def block_offsets(self, block_ids: BlockIds, *, layers: Selection = None, heads: tuple[int, int] | None = None,
+                      parts: Selection = None, start: int = 0) -> tuple[np.ndarray, int]:
         """Byte offsets (from the region start) of every contiguous piece of the given blocks.
 
         ``block_ids``: int[n] host array of block indices. ``layers``: int[m], a range or slice (default all).
@@ -252,8 +263,8 @@ class KVCacheSpec:
         inner = (part_ids[:, None] * s_kv + pieces[None, :]).ravel().astype(dtype)
         return outer_sum(outer.ravel(), inner), piece_nbytes
 
-    def row_offsets(self, block_id: int, num_tokens: int, *, layers: Any = None, heads: tuple[int, int] | None = None,
-                    parts: Sequence[int] | None = None) -> tuple[np.ndarray, int]:
+    def row_offsets(self, block_id: int, num_tokens: int, *, layers: Selection = None,
+                    heads: tuple[int, int] | None = None, parts: Selection = None) -> tuple[np.ndarray, int]:
         """Byte offsets of the head_dim rows of tokens ``[0, num_tokens)`` of one block (a partly filled last
         block). Order: layer, part, head, token. Returns (offsets: int64[k], row nbytes)."""
         block = as_index_array([block_id], "block_id", self.num_blocks)
@@ -265,7 +276,8 @@ class KVCacheSpec:
         s_layer, s_block, s_kv, s_head, s_token, _ = self.byte_strides
         offsets = (self.offset * self.itemsize + int(block[0]) * s_block
                    + layer_ids[:, None, None, None] * s_layer + part_ids[None, :, None, None] * s_kv
-                   + np.arange(h0, h1)[None, None, :, None] * s_head + np.arange(num_tokens)[None, None, None, :] * s_token)
+                   + np.arange(h0, h1)[None, None, :, None] * s_head
+                   + np.arange(num_tokens)[None, None, None, :] * s_token)
         return offsets.ravel(), self.head_dim * self.itemsize
 
     def _local_heads(self, heads: tuple[int, int] | None) -> tuple[int, int]:
@@ -284,14 +296,15 @@ def outer_sum(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
     time, ~25x slower than a loop over the short axis writing strided columns.
     """
     if inner.size > 8 and inner.size >= outer.size:
-        return (outer[:, None] + inner[None, :]).ravel()
+        summed: np.ndarray = (outer[:, None] + inner[None, :]).ravel()
+        return summed
     result = np.empty((outer.size, inner.size), dtype=outer.dtype)
     for column in range(inner.size):
         np.add(outer, inner[column], out=result[:, column])
     return result.ravel()
 
 
-def selection_ids(selection: Any, count: int) -> Any:
+def selection_ids(selection: Selection, count: int) -> int | Sequence[int] | np.ndarray:
     """``None`` (all of ``count``), a slice or a range as an int64 array; anything else unchanged (checked later
     by :func:`as_index_array`)."""
     if selection is None:
@@ -309,7 +322,7 @@ def has_repeats(ids: np.ndarray, upper: int) -> bool:
     return bool(ids.size) and int(np.bincount(ids, minlength=upper).max()) > 1
 
 
-def as_index_array(values: Any, argument: str, upper: int) -> np.ndarray:
+def as_index_array(values: int | Sequence[int] | np.ndarray, argument: str, upper: int) -> np.ndarray:
     """``values`` as an int64[n] host array with every entry in ``[0, upper)``; DescriptorError otherwise."""
     from .errors import DescriptorError
 

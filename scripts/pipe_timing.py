@@ -14,8 +14,7 @@ import time
 
 import numpy as np
 
-from kvxfer import Agent, KVPipe
-from kvxfer import kernels
+from kvxfer import Agent, KVPipe, kernels
 from kvxfer.bench.kv import Setup, _prefill_rank
 
 
@@ -60,12 +59,12 @@ def main() -> None:
         stream = cupy.cuda.Stream(non_blocking=True)
         for attempt in range(args.repeats + 3):
             handle = timed("pipe.pull (returns)", lambda: pipe.pull(d_ids, p_ids))
-            timed("pipe wait", lambda: handle.wait(timeout=30))
+            timed("pipe wait", lambda handle=handle: handle.wait(timeout=30))
             plan = timed("plan_kv_copy", lambda: kernels.plan_kv_copy(
                 remote_spec, spec, p_ids, d_ids, src_heads=route.heads.remote_heads,
                 dst_heads=route.heads.local_heads))
-            timed("kernel_tables", lambda: plan.tables)
-            timed("copy_kv_pointers", lambda: kernels.copy_kv_pointers(
+            timed("kernel_tables", lambda plan=plan: plan.tables)
+            timed("copy_kv_pointers", lambda plan=plan: kernels.copy_kv_pointers(
                 route.mapped, route.region.nbytes, region.addr, region.nbytes, plan, device=device, stream=stream))
             event = timed("event create+record", lambda: _record(cupy, stream))
             timed("event synchronize", event.synchronize)

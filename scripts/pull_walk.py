@@ -27,7 +27,7 @@ import numpy as np
 import kvxfer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from import_graph import reaches  # noqa: E402
+from import_graph import reaches
 
 REACHES = reaches()
 

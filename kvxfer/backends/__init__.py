@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..environment import read as read_env
 from ..errors import BackendUnavailableError, ConfigError
@@ -33,10 +33,10 @@ def backend_class(name: str) -> type[Backend]:
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise BackendUnavailableError(f"backend {name!r} cannot be imported: {error}") from None
-    try:
-        return getattr(module, class_name)
-    except AttributeError:
-        raise BackendUnavailableError(f"backend {name!r}: {module_name} has no {class_name}") from None
+    backend = getattr(module, class_name, None)
+    if not (isinstance(backend, type) and issubclass(backend, Backend)):
+        raise BackendUnavailableError(f"backend {name!r}: {module_name} has no Backend class {class_name}")
+    return backend
 
 
 def unavailable_reason(name: str) -> str | None:
@@ -77,4 +77,4 @@ def create_all(requested: Sequence[str | Backend] | None, context: BackendContex
     return created
 
 
-__all__ = ["Backend", "BackendContext", "DEFAULT", "FACTORIES", "backend_class", "create_all", "unavailable_reason"]
+__all__ = ["DEFAULT", "FACTORIES", "Backend", "BackendContext", "backend_class", "create_all", "unavailable_reason"]

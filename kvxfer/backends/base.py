@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 from ..errors import ConfigError, KvxferError
 from ..handle import Notification, Timeouts, TransferState
@@ -40,7 +41,7 @@ class Op(str, Enum):
         return format(self.value, spec)
 
     @classmethod
-    def parse(cls, value: "Op | str") -> "Op":
+    def parse(cls, value: Op | str) -> Op:
         """``value`` as an Op; ConfigError for anything else."""
         try:
             return cls(value)
@@ -86,7 +87,7 @@ class BackendCaps:
             raise ConfigError(f"BackendCaps.scope must be one of {[s.value for s in Scope]}, "
                               f"got {self.scope!r}") from None
 
-    def reaches(self, meta: "AgentMetadata", host_id: str, pid: int) -> bool:
+    def reaches(self, meta: AgentMetadata, host_id: str, pid: int) -> bool:
         """True if a backend with these caps, in process ``pid`` of host ``host_id``, can move bytes with the
         agent of ``meta`` (by scope and what the peer speaks)."""
         if self.wire not in meta.backends:
@@ -147,30 +148,32 @@ class Backend(ABC):
         return b""
 
     @abstractmethod
-    def register(self, region: "Region") -> bytes:
+    def register(self, region: Region) -> bytes:
         """Make ``region`` reachable; return its public key for the metadata (b"" if none)."""
 
     @abstractmethod
-    def deregister(self, region: "Region") -> None:
+    def deregister(self, region: Region) -> None:
         """Undo :meth:`register`. The agent calls it only when no transfer uses the region."""
 
-    def busy(self, region: "Region") -> bool:
+    def busy(self, region: Region) -> bool:
         """True while this backend still uses ``region`` for a peer's transfer (deregister must wait)."""
         return False
 
     @abstractmethod
-    def connect(self, peer: "Peer") -> None:
+    def connect(self, peer: Peer) -> None:
         """Prepare to move bytes to/from ``peer`` (its metadata is ``peer.meta``)."""
 
-    def disconnect(self, peer: "Peer") -> None:
-        """Forget ``peer``; transfers still in flight with it fail."""
+    def disconnect(self, peer: Peer) -> None:
+        """Forget ``peer``; transfers still in flight with it fail. Default: nothing to forget."""
+        return None
 
-    def prepare(self, plan: "TransferPlan") -> None:
+    def prepare(self, plan: TransferPlan) -> None:
         """Called once per plan when it is built (may take time: open peer handles, build tables), so that
-        :meth:`post` stays cheap."""
+        :meth:`post` stays cheap. Default: nothing to prepare."""
+        return None
 
     @abstractmethod
-    def post(self, op: Op, plan: "TransferPlan", notify: bytes | None) -> Request:
+    def post(self, op: Op, plan: TransferPlan, notify: bytes | None) -> Request:
         """Start moving ``plan``'s bytes; never blocks. ``notify`` reaches the peer after all the data."""
 
     @abstractmethod
@@ -182,7 +185,7 @@ class Backend(ABC):
         """Stop the request (see ``caps.can_cancel`` for what is guaranteed)."""
 
     @abstractmethod
-    def send_notification(self, peer: "Peer", payload: bytes) -> None:
+    def send_notification(self, peer: Peer, payload: bytes) -> None:
         """Send a standalone message to ``peer``."""
 
     def idle_wait(self, request: Request, seconds: float) -> None:
@@ -190,7 +193,8 @@ class Backend(ABC):
         time.sleep(seconds)
 
     def close(self) -> None:
-        """Release everything; called once, last."""
+        """Release everything; called once, last. Default: nothing to release."""
+        return None
 
 
 @runtime_checkable
@@ -198,6 +202,6 @@ class MapsPeerMemory(Protocol):
     """An optional ability, for the pipe's kernel strategy: a backend that maps a peer's memory into this process
     (local: the same process; cuda_ipc: IPC handles) so kernels read or write peer blocks in place."""
 
-    def map_remote(self, peer: "Peer", region_index: int, device: int) -> int | None:
+    def map_remote(self, peer: Peer, region_index: int, device: int) -> int | None:
         """Where the first byte of the peer's region ``region_index`` can be dereferenced by code of this process
         running on ``device`` (-1: the CPU), or None when it cannot be mapped there."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import ctypes
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING
 
 from ..errors import BackendError, ConfigError
 from ..handle import TransferState
-from .base import BackendCaps, Op
+from .base import BackendCaps, Op, Scope
 from .local import LocalBackend, LocalRequest
 
 if TYPE_CHECKING:
@@ -38,22 +39,22 @@ class Fault:
             raise ConfigError(f"Fault.kind must be one of {_FAULT_KINDS}, got {self.kind!r}")
 
     @classmethod
-    def delay(cls, seconds: float) -> "Fault":
+    def delay(cls, seconds: float) -> Fault:
         """Start moving bytes only after ``seconds``."""
         return cls("delay", seconds=seconds)
 
     @classmethod
-    def fail(cls, message: str = "injected failure") -> "Fault":
+    def fail(cls, message: str = "injected failure") -> Fault:
         """Fail without moving a byte."""
         return cls("fail", message=message)
 
     @classmethod
-    def drop(cls) -> "Fault":
+    def drop(cls) -> Fault:
         """Never complete, never move a byte."""
         return cls("drop")
 
     @classmethod
-    def corrupt(cls, nbytes: int = 1) -> "Fault":
+    def corrupt(cls, nbytes: int = 1) -> Fault:
         """Move the bytes, then flip ``nbytes`` of them at the destination."""
         return cls("corrupt", nbytes=nbytes)
 
@@ -61,15 +62,15 @@ class Fault:
 class MockBackend(LocalBackend):
     """A local backend that asks ``on_post`` what fault, if any, to inject into each transfer."""
 
-    caps = BackendCaps(name="mock", wire="local", memory_kinds=LocalBackend.caps.memory_kinds, scope="process",
+    caps = BackendCaps(name="mock", wire="local", memory_kinds=LocalBackend.caps.memory_kinds, scope=Scope.PROCESS,
                        can_cancel=True, preference=100)
 
-    def __init__(self, on_post: Callable[[Op, "TransferPlan", bytes | None], Fault | None] | None = None) -> None:
+    def __init__(self, on_post: Callable[[Op, TransferPlan, bytes | None], Fault | None] | None = None) -> None:
         super().__init__()
         self.on_post = on_post
         self.posted = 0
 
-    def post(self, op: Op, plan: "TransferPlan", notify: bytes | None, fault: Any = None) -> LocalRequest:
+    def post(self, op: Op, plan: TransferPlan, notify: bytes | None, fault: Fault | None = None) -> LocalRequest:
         self.posted += 1
         fault = self.on_post(op, plan, notify) if self.on_post else None
         if fault is not None and not isinstance(fault, Fault):

@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
+from ..devices import Array
 from ..errors import ConfigError
 
 KINDS = ("host", "cuda")
@@ -152,7 +154,7 @@ class Pool:
         if kind not in KINDS:
             raise ConfigError(f"memory kind must be one of {KINDS}, got {kind!r}")
         self.kind, self.nbytes, self.device = kind, nbytes, device
-        self.array = device_random(nbytes, device, seed) if kind == "cuda" else _host_random(nbytes, seed)
+        self.array: Array = device_random(nbytes, device, seed) if kind == "cuda" else _host_random(nbytes, seed)
 
     @property
     def label(self) -> str:

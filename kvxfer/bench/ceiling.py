@@ -12,13 +12,16 @@ after two warm-up copies.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
 import socket
 import subprocess
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +62,7 @@ def _cupy() -> Any:
     return cupy_module()
 
 
-def _event_seconds(cupy: Any, device: int, launch: Callable[[Any], None], repeats: int) -> list[float]:
+def _event_seconds(cupy: ModuleType, device: int, launch: Callable[[Any], None], repeats: int) -> list[float]:
     """GPU seconds of ``launch(stream)`` per call, with CUDA events on a stream of ``device``."""
     with cupy.cuda.Device(device):
         stream = cupy.cuda.Stream(non_blocking=True)
@@ -211,8 +214,8 @@ def measure_all(host_nbytes: int = 256 << 20, device_nbytes: int = 1 << 30, repe
         for memory in ("host", "cuda") if cuda_available() else ("host",):
             for size in perftest_sizes:
                 for op in ("WRITE", "READ"):
-                    steps.append((f"ucx_perftest {op} {size} B {memory}",
-                                  lambda s=size, o=op, m=memory: perftest(s, o, m)))
+                    run_perftest = functools.partial(perftest, size, op, memory)
+                    steps.append((f"ucx_perftest {op} {size} B {memory}", run_perftest))
     for name, step in steps:
         if progress:
             progress(name)

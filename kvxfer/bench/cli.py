@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..errors import BackendUnavailableError, ConfigError, KvxferError
 from . import commands
@@ -59,15 +60,20 @@ def _ipc(args: argparse.Namespace) -> int:
 def _kv(args: argparse.Namespace) -> int:
     from . import kv
 
-    dims = tuple(int(x) for x in args.dims.split(",")) if args.dims else None
+    dims = None
+    if args.dims:
+        values = [int(x) for x in args.dims.split(",")]
+        if len(values) != 3:
+            raise ConfigError(f"--dims must be three numbers L,H,D (layers, KV heads, head_dim), got {args.dims!r}")
+        dims = (values[0], values[1], values[2])
     setup = kv.Setup(model=args.model, tokens=args.tokens, block_size=args.block_size,
                      d_block_size=args.d_block_size, layout=args.layout, d_layout=args.d_layout, p_tp=args.p_tp,
                      d_tp=args.d_tp, backend=args.backend, p_gpu=args.p_gpu, d_gpu=args.d_gpu,
                      only_rank=args.only_rank, dims=dims)
     if setup.on_gpu and _gpu_missing(args):
         return 0
-    _emit(args, {f"KV request through KVPipe ({args.backend})": kv.run(setup, repeats=args.repeats, profile=args.profile,
-                                                                       decode_processes=args.decode_processes)})
+    rows = kv.run(setup, repeats=args.repeats, profile=args.profile, decode_processes=args.decode_processes)
+    _emit(args, {f"KV request through KVPipe ({args.backend})": rows})
     return 0
 
 

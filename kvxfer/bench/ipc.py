@@ -10,14 +10,24 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
 from ..descs import Descs
 from ..spec import KVCacheSpec
 
-LLAMA_8B = dict(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16")
+
+class ModelShape(TypedDict):
+    """KVCacheSpec arguments that describe a model's KV cache (the rest describe one engine's cache)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+
+LLAMA_8B = ModelShape(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16")
 
 
 def _prefill(conn: Any, device: int, nbytes: int, strategy: str) -> None:
@@ -149,6 +159,7 @@ def run(source: int = 0, target: int = 1, tokens: int = 4096, block_size: int = 
                         raise RuntimeError(f"notification mismatch: {notes}")
                     seconds.append(arrived - start)
                 median = float(np.median(seconds[2:]))
+                assert isinstance(plan.backend, CudaIpcBackend)  # the only backend this agent has
                 state = plan.backend.plan_state(plan)
                 kernel = _kernel_seconds(state, target) if state.strategy == "kernel" else float("nan")
                 rows.append({"workload": name, "fragment_bytes": int(local.nbytes[0]), "fragments": len(local),

@@ -28,7 +28,9 @@ import argparse
 import statistics
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +38,7 @@ from .. import kernels
 from ..errors import BackendUnavailableError
 from ..kernels import _cuda
 from ..kernels.launch import DEFAULT_TUNING, RUN_TUNING, KernelTuning
-from ..spec import KVCacheSpec
+from ..spec import KVCacheSpec, KVLayout
 from .report import print_table, write_json
 
 #: Fragment (source box) size in KiB -> block size giving it with 8 heads x 128 x bf16.
@@ -75,7 +77,7 @@ extern "C" __global__ void kvxfer_bench_fill(unsigned int* words, unsigned long 
 
 def run(num_tokens: int | None = None, fragments_kib: Sequence[int] = (4, 32, 2048), repeats: int = 20,
         warmup: int = 3, device: int = 0, *, gib: float = 2.0, num_layers: int = 32,
-        variant_ops: dict[str, Sequence[str]] | None = None) -> list[dict[str, Any]]:
+        variant_ops: Mapping[str, Sequence[str]] | None = None) -> list[dict[str, Any]]:
     """Measure every operation at every fragment size; returns one dict per row (see COLUMNS).
 
     ``num_tokens`` (default: ``gib`` GiB of the Llama-shaped cache, a multiple of 1024) tokens per row;
@@ -103,7 +105,7 @@ def run(num_tokens: int | None = None, fragments_kib: Sequence[int] = (4, 32, 20
 class _Timer:
     """GPU-only timings of queued work on one stream, and the memcpy ceiling of ``payload`` bytes."""
 
-    def __init__(self, cupy: Any, payload: int, repeats: int, warmup: int) -> None:
+    def __init__(self, cupy: ModuleType, payload: int, repeats: int, warmup: int) -> None:
         self.cupy, self.repeats, self.warmup = cupy, repeats, warmup
         self.stream = cupy.cuda.Stream(non_blocking=True)
         helpers = cupy.RawModule(code=_HELPERS)
@@ -160,14 +162,14 @@ class _Timer:
 class _Bench:
     """The buffers and plans of one fragment size, and their rows."""
 
-    def __init__(self, cupy: Any, timer: _Timer, device: int, num_tokens: int, block_size: int,
+    def __init__(self, cupy: ModuleType, timer: _Timer, device: int, num_tokens: int, block_size: int,
                  num_layers: int) -> None:
         self.cupy, self.timer, self.device, self.tokens = cupy, timer, device, num_tokens
         rng = np.random.default_rng(block_size)
         blocks = -(-num_tokens // block_size)
         self.hnd = KVCacheSpec(num_layers=num_layers, num_blocks=blocks * 2, block_size=block_size, num_kv_heads=8,
-                               head_dim=128, layout="HND")
-        self.nhd = self.hnd.replace(layout="NHD")
+                               head_dim=128, layout=KVLayout.HND)
+        self.nhd = self.hnd.replace(layout=KVLayout.NHD)
         self.ranks = [self.hnd.replace(num_kv_heads=4, tp_size=2, tp_rank=r) for r in range(2)]
         self.staging = kernels.staging_spec(self.hnd, num_tokens)
         self.ids = [rng.permutation(self.hnd.num_blocks)[:blocks] for _ in range(3)]
@@ -193,7 +195,7 @@ class _Bench:
             "HND->NHD": [("hnd", "nhd", self._plan(hnd, self.nhd, ids[1], ids[0]))],
         }
 
-    def rows(self, variant_ops: dict[str, Sequence[str]]) -> list[dict[str, Any]]:
+    def rows(self, variant_ops: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:
         operations = self.operations()
         out = [self._row(name, calls, None, "default") for name, calls in operations.items()]
         for name, labels in variant_ops.items():

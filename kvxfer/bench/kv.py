@@ -21,7 +21,7 @@ import numpy as np
 from ..agent import Agent
 from ..descs import Descs
 from ..errors import ConfigError, PeerDisconnectedError
-from ..spec import KVCacheSpec
+from ..spec import KVCacheSpec, KVLayout
 
 MODELS = {"llama-3.1-8b": (32, 8, 128), "llama-3.1-70b": (80, 8, 128), "qwen3-32b": (64, 8, 128)}
 
@@ -53,7 +53,7 @@ class Setup:
         layout = self.layout if side == "p" else (self.d_layout or self.layout)
         blocks = 2 * -(-self.tokens // block)
         return KVCacheSpec(num_layers=layers, num_blocks=blocks, block_size=block, num_kv_heads=max(heads // tp, 1),
-                           head_dim=dim, dtype="bfloat16", layout=layout, tp_rank=rank, tp_size=tp,
+                           head_dim=dim, dtype="bfloat16", layout=KVLayout.parse(layout), tp_rank=rank, tp_size=tp,
                            total_kv_heads=heads, model=self.model)
 
     @property
@@ -63,8 +63,9 @@ class Setup:
 
 def _allocate(spec: KVCacheSpec, device: int | None, fill: bool) -> Any:
     if device is None:
-        data = np.frombuffer(np.random.default_rng(0).bytes(spec.nbytes), np.uint8) if fill else None
-        return data.copy() if fill else np.ones(spec.nbytes, np.uint8)
+        if not fill:
+            return np.ones(spec.nbytes, np.uint8)
+        return np.frombuffer(np.random.default_rng(0).bytes(spec.nbytes), np.uint8).copy()
     import cupy
 
     with cupy.cuda.Device(device):
@@ -236,7 +237,8 @@ def run(setup: Setup, repeats: int = 20, profile: bool = False,
                 start = time.monotonic() + 0.01
                 for conn, _ in decode:
                     conn.send(("go", start))
-                answers = [_receive(conn, process, f"decode-{rank}") for rank, (conn, process) in zip(ranks, decode)]
+                answers = [_receive(conn, process, f"decode-{rank}")
+                           for rank, (conn, process) in zip(ranks, decode, strict=True)]
                 samples.append((max(a[0] for a in answers) - start, max(a[1] for a in answers),
                                 sum(a[2] for a in answers)))
             strategy, nbytes = answers[0][3], samples[-1][2]
@@ -249,7 +251,8 @@ def run(setup: Setup, repeats: int = 20, profile: bool = False,
         if report:
             print(report)
         return [{"model": setup.model, "tokens": setup.tokens, "p_tp": setup.p_tp, "d_tp": setup.d_tp,
-                 "ranks": len(ranks), "decode": "processes" if not decode_here else "one process", "blocks": f"{p_spec0.block_size}->{d_spec0.block_size}",
+                 "ranks": len(ranks), "decode": "processes" if not decode_here else "one process",
+                 "blocks": f"{p_spec0.block_size}->{d_spec0.block_size}",
                  "layout": f"{p_spec0.layout.value}->{d_spec0.layout.value}", "strategy": strategy,
                  "fragment_B": _piece(setup), "fragments": nbytes // _piece(setup),
                  "MiB": nbytes / 2**20, "ms": request * 1e3,

@@ -9,18 +9,21 @@
 
 from __future__ import annotations
 
+import functools
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from ..agent import Agent
 from ..descs import Descs
+from ..plan import TransferPlan
 from ..spec import KVCacheSpec
 
 # Llama-3.1-70B at TP8: 80 layers, 1 KV head per rank, head_dim 128, bf16, 16-token blocks; 4k tokens = 256 blocks.
-SEVENTY_B_TP8 = dict(num_layers=80, block_size=16, num_kv_heads=1, head_dim=128, dtype="bfloat16", tp_size=8,
-                     total_kv_heads=8)
+SEVENTY_B_TP8 = functools.partial(KVCacheSpec, num_layers=80, block_size=16, num_kv_heads=1, head_dim=128,
+                                  dtype="bfloat16", tp_size=8, total_kv_heads=8)
 
 
 def _median_seconds(action: Callable[[], Any], repeats: int) -> tuple[float, float]:
@@ -44,22 +47,29 @@ def _agents(nbytes: int) -> tuple[Agent, Agent, np.ndarray, np.ndarray, Any]:
 
 def plan_and_post(repeats: int = 50, cache_blocks: int = 1024, request_blocks: int = 256) -> list[dict[str, Any]]:
     """Median and p99 milliseconds of descriptor building, plan building, select and post."""
-    spec = KVCacheSpec(num_blocks=cache_blocks, **SEVENTY_B_TP8)
+    spec = SEVENTY_B_TP8(num_blocks=cache_blocks)
     source_agent, destination_agent, _, _, peer = _agents(spec.nbytes)
     rng = np.random.default_rng(1)
-    local_ids, remote_ids = rng.permutation(cache_blocks)[:request_blocks], rng.permutation(cache_blocks)[:request_blocks]
+    local_ids = rng.permutation(cache_blocks)[:request_blocks]
+    remote_ids = rng.permutation(cache_blocks)[:request_blocks]
     local_region, remote_region = destination_agent.regions[0], peer.region("kv")
     rows = []
     with source_agent, destination_agent:
-        build = lambda: (Descs.from_blocks(local_region, spec, local_ids), Descs.from_blocks(remote_region, spec, remote_ids))
+        def build() -> tuple[Descs, Descs]:
+            return Descs.from_blocks(local_region, spec, local_ids), Descs.from_blocks(remote_region, spec, remote_ids)
+
         local, remote = build()
         rows.append(_row("descs (both sides)", len(local), *_median_seconds(build, repeats)))
-        rows.append(_row("plan", len(local), *_median_seconds(lambda: destination_agent.plan(local, peer, remote), repeats)))
+        planning = _median_seconds(lambda: destination_agent.plan(local, peer, remote), repeats)
+        rows.append(_row("plan", len(local), *planning))
         every = np.arange(cache_blocks)
         prepared = destination_agent.plan(Descs.from_blocks(local_region, spec, every), peer,
                                           Descs.from_blocks(remote_region, spec, every))
         layer = np.arange(spec.num_layers)[:, None, None] * cache_blocks * 2
-        rows_of = lambda ids: (layer + ids[None, :, None] * 2 + np.arange(2)[None, None, :]).ravel()
+
+        def rows_of(ids: np.ndarray) -> np.ndarray:
+            return (layer + ids[None, :, None] * 2 + np.arange(2)[None, None, :]).ravel()
+
         local_rows, remote_rows = rows_of(local_ids), rows_of(remote_ids)
         rows.append(_row("select", len(local_rows),
                          *_median_seconds(lambda: prepared.select(local_rows, remote_rows), repeats)))
@@ -98,7 +108,11 @@ def bandwidth(total_nbytes: int = 256 << 20, smallest: int = 4 << 10, largest: i
             plan = destination_agent.plan(Descs.from_ranges(destination_agent.regions[0], slots, size), peer,
                                           Descs.from_ranges(peer.region("kv"), slots[::-1].copy(), size))
             destination_agent.read(plan).wait()  # warm-up; also checks the plan once
-            seconds, _ = _median_seconds(lambda: destination_agent.read(plan).wait(), repeats)
+
+            def read(plan: TransferPlan = plan) -> None:
+                destination_agent.read(plan).wait()
+
+            seconds, _ = _median_seconds(read, repeats)
             moved = len(slots) * size
             rows.append({"fragment_bytes": size, "fragments": len(slots), "pairs": len(plan),
                          "GB/s": moved / seconds / 1e9, "numpy_GB/s": total_nbytes / ceiling / 1e9,

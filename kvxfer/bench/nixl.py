@@ -15,8 +15,9 @@ import multiprocessing
 import os
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +46,7 @@ class _Side:
         self.pools = {kind: Pool(kind, nbytes, device, seed + i) for i, kind in enumerate(kinds)}
         self.addresses = {kind: (_pointer(pool), pool.device if kind == "cuda" else 0)
                           for kind, pool in self.pools.items()}
-        for kind, pool in self.pools.items():
+        for kind in self.pools:
             address, device_id = self.addresses[kind]
             self.agent.register_memory([(address, nbytes, device_id, "")], _MEMORY_TYPE[kind])
         self.remote_name = ""
@@ -134,7 +135,7 @@ class _Side:
                         raise RuntimeError("NIXL transfer ended in state ERR")
             if time.monotonic() > give_up:
                 raise TimeoutError(f"NIXL transfer not DONE within {timeout} s")
-        return list(zip(started, posted, done))
+        return list(zip(started, posted, done, strict=True))
 
 
 def _pointer(pool: Pool) -> int:
@@ -147,7 +148,7 @@ def _serve(connection: Any, name: str, kinds: list[str], nbytes: int, device: in
     try:
         side = _Side(name, kinds, nbytes, device, seed)
         connection.send(side.hello())
-    except Exception:
+    except Exception:  # noqa: BLE001 the child reports any failure to its parent, which raises it
         connection.send(RuntimeError(traceback.format_exc()))
         return
     while True:
@@ -156,10 +157,12 @@ def _serve(connection: Any, name: str, kinds: list[str], nbytes: int, device: in
             if command == "close":
                 connection.send(None)
                 return
-            method = {"connect": side.connect, "case": side.run_case,
-                      "digest": lambda kind, offsets, width: side.pools[kind].digest(offsets, width)}[command]
+            methods: dict[str, Callable[..., Any]] = {
+                "connect": side.connect, "case": side.run_case,
+                "digest": lambda kind, offsets, width: side.pools[kind].digest(offsets, width)}
+            method = methods[command]
             connection.send(method(*args))
-        except Exception:
+        except Exception:  # noqa: BLE001 the child reports any failure to its parent, which raises it
             connection.send(RuntimeError(traceback.format_exc()))
 
 
@@ -231,7 +234,7 @@ def compare(config: Any, cases: list[Case], result: Any, limits: Any,
             result.rows.append(row)
             if on_row:
                 on_row(work, row)
-    except Exception as error:  # NIXL failing must not lose the kvxfer rows measured already
+    except Exception as error:  # noqa: BLE001 NIXL failing must not lose the kvxfer rows measured already
         result.notes.append(f"--compare nixl failed: {type(error).__name__}: {str(error)[-1000:]}")
     finally:
         for child in reversed(children):

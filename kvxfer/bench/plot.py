@@ -4,7 +4,8 @@ batch / threads, and the ceilings of the run as dashed gray lines (one per ceili
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..errors import BackendUnavailableError
 
@@ -45,7 +46,7 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str, title: str = "kvxfer-b
         points.sort()
         axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=label)
     for label, points in sorted(limits.items()):
-        sizes, values = zip(*sorted(set(points)))
+        sizes, values = zip(*sorted(set(points)), strict=True)
         if len(set(values)) == 1:
             sizes = (min(sizes), max(sizes))
             values = (values[0], values[0])

@@ -11,11 +11,15 @@ import contextlib
 import csv
 import datetime
 import json
+import logging
 import math
 import os
 import platform
 import sys
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+logger = logging.getLogger("kvxfer")
 
 SCHEMA = "kvxfer-bench/1"
 
@@ -43,7 +47,8 @@ def _devices() -> list[str]:
             name = cupy.cuda.runtime.getDeviceProperties(index)["name"]
             names.append(name.decode() if isinstance(name, bytes) else str(name))
         return names
-    except Exception:  # describing the machine must never fail a run
+    except Exception as error:  # noqa: BLE001 describing the machine must never fail a run
+        logger.debug("bench: no GPU names (%s)", error)
         return []
 
 
@@ -71,9 +76,9 @@ def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[st
     except ImportError:
         widths = [max(len(c), *(len(_cell(r.get(c, ""))) for r in rows)) for c in columns]
         print(title)
-        print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+        print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
         for row in rows:
-            print("  ".join(_cell(row.get(c, "")).rjust(w) for c, w in zip(columns, widths)))
+            print("  ".join(_cell(row.get(c, "")).rjust(w) for c, w in zip(columns, widths, strict=True)))
         return
     table = Table(title=title)
     for column in columns:

@@ -20,8 +20,9 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -146,7 +147,7 @@ async def _one(client: Any, url: str, model: str, prompt: list[int], osl: int, t
         record.end = time.perf_counter()
         if record.output_tokens == 0:  # a server without usage: fall back to counting text chunks
             record.output_tokens = record.chunks
-    except Exception as error:  # any client-side failure is one failed request, never the whole run
+    except Exception as error:  # noqa: BLE001 any client-side failure is one failed request, not the run
         record.error = f"{type(error).__name__}: {error}"
     return record
 

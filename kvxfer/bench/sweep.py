@@ -5,20 +5,22 @@ for the in-process ``local`` backend, or a target started by hand on another hos
 repetition and per thread: *prep* = building both sides' Descs and the plan, *post* = ``agent.read``/``write``
 returning, *completion* = post to ``wait()`` returning; the request time is the wall time from the first post to
 the last completion over all threads. As in nixlbench, each thread's request is prepared once and posted every
-repetition; prep is timed ``repeats`` times on its own. After warm-up, ``repeats`` repetitions give median and p99; GB/s (1e9 B/s) is
-bytes / median request time. Each row carries a ceiling measured in the same run and the ratio to it: one
-contiguous copy of the row's bytes on its memory path (memcpy, device/peer copy, pinned h2d/d2h; ``--ceiling
-perftest``: ucx_perftest at the row's fragment size for ucx host rows), and a byte check: sampled windows are overwritten with fresh random bytes on the initiator, one
-more transfer runs, and both sides' blake2b digests of the windows must match.
+repetition; prep is timed ``repeats`` times on its own. After warm-up, ``repeats`` repetitions give median and p99;
+GB/s (1e9 B/s) is bytes / median request time. Each row carries a ceiling measured in the same run and the ratio
+to it: one contiguous copy of the row's bytes on its memory path (memcpy, device/peer copy, pinned h2d/d2h; ``--ceiling
+perftest``: ucx_perftest at the row's fragment size for ucx host rows), and a byte check: sampled windows are
+overwritten with fresh random bytes on the initiator, one more transfer runs, and both sides' blake2b digests of
+the windows must match.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -186,7 +188,7 @@ class _Initiator:
                     times = [transfer(plans[0], None)]
                 else:
                     barrier = threading.Barrier(case.threads)
-                    times = list(crew.map(lambda plan: transfer(plan, barrier), plans))
+                    times = list(crew.map(lambda plan, barrier=barrier: transfer(plan, barrier), plans))
                 if repetition >= config.warmup:
                     posts += [posted - start for start, posted, _ in times]
                     completions += [done - posted for _, posted, done in times]

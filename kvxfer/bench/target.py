@@ -17,9 +17,11 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import msgpack
+import numpy as np
 
 from ..agent import Agent
 from ..errors import ConfigError, PeerError
@@ -133,7 +135,7 @@ class TargetLink:
         raise PeerError(f"benchmark target {self.peer.name!r} sent no {kind!r} answer within {self.timeout} s",
                         self.peer.name)
 
-    def digest(self, region: str, offsets: Sequence[int], width: int) -> str:
+    def digest(self, region: str, offsets: Sequence[int] | np.ndarray, width: int) -> str:
         """The target's blake2b of windows ``[offsets[i], +width)`` of its pool ``region``."""
         request_id = next(self._ids)
         self.agent.notify(self.peer, _pack({"type": "digest", "id": request_id, "region": region,

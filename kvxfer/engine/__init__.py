@@ -11,8 +11,8 @@ from .config import PRESETS, CacheConfig, ModelConfig
 from .decode import DecodeEngine, Reservation
 from .decode_connector import Admission, DecodeConnector
 from .kv_cache import KVCache
-from .model import Model, load_hf
 from .messages import KVReady, KVWanted, RankInfo
+from .model import Model, load_hf
 from .parallel import TensorParallel, init_tensor_parallel
 from .prefill import PrefillEngine, PrefillResult
 from .prefill_connector import PrefillConnector, PushResult

@@ -36,10 +36,10 @@ class AttentionBatch:
 
     @classmethod
     def build(cls, block_tables: list[list[int]], query_lens: list[int], context_lens: list[int], block_size: int,
-              device: torch.device) -> "AttentionBatch":
+              device: torch.device) -> AttentionBatch:
         """Compute slots and padded tables from per-sequence block id lists (host ints)."""
-        slots = []
-        for blocks, query_len, context_len in zip(block_tables, query_lens, context_lens):
+        slots: list[int] = []
+        for blocks, query_len, context_len in zip(block_tables, query_lens, context_lens, strict=True):
             positions = range(context_len - query_len, context_len)
             slots.extend(blocks[p // block_size] * block_size + p % block_size for p in positions)
         width = max(len(blocks) for blocks in block_tables)
@@ -81,7 +81,7 @@ def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, b
     if batch.is_decode:
         return _decode_attention(q, keys, values, batch, scale)
     outputs, start = [], 0
-    for index, (query_len, context_len) in enumerate(zip(batch.query_lens, batch.context_lens)):
+    for index, (query_len, context_len) in enumerate(zip(batch.query_lens, batch.context_lens, strict=True)):
         num_blocks = -(-context_len // keys.shape[1])
         blocks = batch.block_tables[index, :num_blocks]
         k = keys[blocks].flatten(0, 1)[:context_len]

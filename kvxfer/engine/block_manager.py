@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, deque
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import ConfigError, OutOfBlocksError, UsageError
 
@@ -131,6 +131,7 @@ class BlockManager:
         while first > 0 and self._hash[block_ids[first - 1]] is None:
             first -= 1
         previous = self._hash[block_ids[first - 1]] if first else _ROOT
+        assert previous is not None  # the loop above stopped at a hashed block (or the root)
         tokens = token_ids[first * self.block_size:num_full * self.block_size]
         for index, digest in enumerate(block_hashes(tokens, self.block_size, previous), start=first):
             block = block_ids[index]
@@ -145,7 +146,8 @@ class BlockManager:
                 raise UsageError(f"BlockManager.free: block {block} has no reference to drop (double free)")
             self._refs[block] -= 1
             if self._refs[block] == 0:
-                if self._hash[block] is not None and self._by_hash.get(self._hash[block]) == block:
+                digest = self._hash[block]
+                if digest is not None and self._by_hash.get(digest) == block:
                     self._cached[block] = None
                 else:
                     self._hash[block] = None

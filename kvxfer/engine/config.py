@@ -73,12 +73,12 @@ class ModelConfig:
     def torch_dtype(self) -> torch.dtype:
         return TORCH_DTYPES[self.dtype]
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def preset(cls, name: str, **changes: Any) -> "ModelConfig":
+    def preset(cls, name: str, **changes: Any) -> ModelConfig:
         """``tiny`` (3 layers, hidden 64: CPU tests) or ``small`` (~108M parameters: GPU runs), with overrides."""
         if name not in PRESETS:
             raise ConfigError(f"ModelConfig.preset: name must be one of {sorted(PRESETS)}, got {name!r}")
@@ -97,7 +97,7 @@ class ModelConfig:
         """A ``LlamaForCausalLM`` config.json dict (readable by transformers 4.x and 5.x)."""
         rope: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling is not None:
-            rope.update(dict(zip(LLAMA3_ROPE_KEYS, self.rope_scaling)), rope_type="llama3")
+            rope.update(dict(zip(LLAMA3_ROPE_KEYS, self.rope_scaling, strict=True)), rope_type="llama3")
         eos = list(self.eos_token_ids)
         return {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab_size,
@@ -113,7 +113,7 @@ class ModelConfig:
         }
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], *, name: str = "", dtype: str | None = None) -> "ModelConfig":
+    def from_hf(cls, hf: dict[str, Any], *, name: str = "", dtype: str | None = None) -> ModelConfig:
         """Read a Llama config.json dict. Unsupported features (biases, other rope types) raise ConfigError."""
         if hf.get("model_type", "llama") not in ("llama", "mistral") or hf.get("attention_bias") \
                 or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu" or hf.get("sliding_window"):

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -74,9 +75,9 @@ class Connector:
         """What the other side's ranks need to reach this rank (send it to them; see :meth:`connect`)."""
         return RankInfo(self.role, self.agent.name, self.agent.metadata(), self.spec)
 
-    def _connect_group(self, infos: Sequence[RankInfo], role: str) -> str:
+    def _connect_group(self, group: Sequence[RankInfo | bytes], role: str) -> str:
         """Connect to every rank of a peer group (rank order); returns the group's name (its rank 0's agent)."""
-        infos = [RankInfo.decode(i) if isinstance(i, (bytes, bytearray)) else i for i in infos]
+        infos = [RankInfo.decode(i) if isinstance(i, (bytes, bytearray)) else i for i in group]
         if not infos:
             raise ConfigError(f"{self.role} connector: connect needs the {role} group's RankInfo list, got none")
         size = len(infos)

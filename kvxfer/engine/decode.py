@@ -172,7 +172,7 @@ class DecodeEngine:
             self.num_decode_steps += 1
             self.num_decode_tokens += len(work)
             self.decode_s += time.perf_counter() - began
-        for (seq, _), token in zip(work, sampled):
+        for (seq, _), token in zip(work, sampled, strict=True):
             if token is None:
                 continue
             if not decoding:

@@ -6,16 +6,17 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from ..agent import Agent
-from ..pipe.checksum import Checksums
 from ..errors import ConfigError, KvxferError, TransferError
 from ..handle import TransferState
-from ..pipe.lease import Leases
 from ..pipe import KVPipe
+from ..pipe.checksum import Checksums
 from ..pipe.handle import PipeHandle
+from ..pipe.lease import Leases
 from .connector import MAX_REMEMBERED, Connector, group_specs, routes_of
 from .decode import DecodeEngine, Reservation
 from .messages import KVReady, KVWanted, RankInfo
@@ -141,7 +142,7 @@ class DecodeConnector(Connector):
             raise TransferError(f"KVReady {ready.request.request_id!r} carries no checksums and this decode "
                                 "connector verifies (give the PrefillConnector verify=True)")
         expected = {}
-        for agent, data in zip(ready.prefill_agents, ready.checksums):
+        for agent, data in zip(ready.prefill_agents, ready.checksums, strict=True):
             sums = Checksums.decode(data)
             if sums.unit_tokens != size or sums.num_tokens != len(ready.request.prompt_token_ids):
                 raise TransferError(f"KVReady {ready.request.request_id!r}: checksums of {agent} cover "

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgpack
 
-from ..pipe.checksum import Checksums
 from ..errors import HandshakeError, KvxferError
+from ..pipe.checksum import Checksums
 from ..spec import KVCacheSpec
 from .request import Request, SamplingParams
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 FORMAT_VERSION = 1
 MAX_MESSAGE_NBYTES = 64 << 20
@@ -86,7 +89,7 @@ class _Message:
         return msgpack.packb([self.KIND, FORMAT_VERSION, body], use_bin_type=True)
 
     @classmethod
-    def decode(cls, data: bytes) -> Any:
+    def decode(cls, data: bytes) -> Self:
         """Parse :meth:`encode`'s bytes (HandshakeError when they are not a valid message of this kind)."""
         size = len(data) if isinstance(data, (bytes, bytearray)) else None
         if size is None or size > MAX_MESSAGE_NBYTES:

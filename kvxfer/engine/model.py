@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable
+from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,9 @@ class RMSNorm(nn.Module):
 
 class Rotary(nn.Module):
     """RoPE in the "rotate half" convention, with optional Llama-3 frequency scaling."""
+
+    cos: torch.Tensor  # buffers (register_buffer), [max positions, head_dim]
+    sin: torch.Tensor
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -157,11 +161,11 @@ class Model(nn.Module):
 
     @property
     def num_local_kv_heads(self) -> int:
-        return self.layers[0].self_attn.num_kv_heads
+        return cast(DecoderLayer, self.layers[0]).self_attn.num_kv_heads
 
     @classmethod
     def from_weights(cls, config: ModelConfig, weights: WeightStore, tp: TensorParallel | None = None,
-                     device: torch.device | str = "cpu") -> "Model":
+                     device: torch.device | str = "cpu") -> Model:
         """Build and load this rank's shard of ``weights`` (HF names)."""
         model = cls(config, tp, device)
         tp = model.tp
@@ -184,7 +188,7 @@ class Model(nn.Module):
 
     @classmethod
     def random(cls, config: ModelConfig, seed: int = 0, tp: TensorParallel | None = None,
-               device: torch.device | str = "cpu") -> "Model":
+               device: torch.device | str = "cpu") -> Model:
         """Seeded random weights (:func:`random_weights`); every rank with the same seed holds one model's shards."""
         return cls.from_weights(config, WeightStore(random_weights(config, seed)), tp, device)
 
@@ -198,7 +202,7 @@ class Model(nn.Module):
         stream: a GPU consumer records an event before reading).
         """
         hidden = self.embed_tokens(token_ids)
-        for index, layer in enumerate(self.layers):
+        for index, layer in enumerate(cast("list[DecoderLayer]", self.layers)):
             attn = layer.self_attn(layer.input_layernorm(hidden), positions, self.rotary, cache, batch)
             hidden = hidden + attn
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))

@@ -5,8 +5,8 @@ the blocks until released (so a decode engine can pull them).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..errors import UsageError
 from ..spec import KVCacheSpec
@@ -136,7 +136,7 @@ class PrefillEngine:
                              f"(held: {sorted(self._held)[:8]})")
         self.runner.free(seq)
 
-    def __enter__(self) -> "PrefillEngine":
+    def __enter__(self) -> PrefillEngine:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -8,16 +8,16 @@ import functools
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from ..pipe import checksum
 from ..agent import Agent
 from ..errors import ConfigError, KvxferError, TransferTimeoutError
+from ..pipe import KVPipe, LayerStream, checksum
 from ..pipe.lease import Lease, Leases
-from ..pipe import KVPipe
 from ..pipe.ranks import rank_pairs
 from .connector import Connector, routes_of
 from .messages import KVReady, KVWanted, RankInfo, lease_key_for
@@ -101,7 +101,7 @@ class PrefillConnector(Connector):
         groups = [self.group(name) for name in decode]
         results = self.engine.prefill_batch(list(requests), on_layer_done)
         readies = []
-        for request, group, result in zip(requests, groups, results):
+        for request, group, result in zip(requests, groups, results, strict=True):
             self._serial += 1
             base = f"{request.request_id}#{self._serial}".encode()
             sums = self._checksums(result.block_ids, len(request.prompt_token_ids)) if self.verify else None
@@ -110,7 +110,7 @@ class PrefillConnector(Connector):
             keys = tuple(lease_key_for(base, rank) for rank in readers)
             with self._lock:
                 self._held[request.request_id] = _Held(request.request_id, len(readers), lease_keys=keys)
-            for rank, key in zip(readers, keys):
+            for rank, key in zip(readers, keys, strict=True):
                 self._leases.grant(key, group[rank].agent_name, result.block_ids, self.lease_ttl,
                                    on_end=functools.partial(self._lease_ended, request.request_id))
             readies.append(KVReady(
@@ -189,6 +189,7 @@ class PrefillConnector(Connector):
         def allocated(request_id: str, block_ids: tuple[int, ...], num_cached: int) -> None:
             handle = pipe.push(block_ids[start // size:], wanted.block_ids, num_tokens=num_tokens,
                                stream_layers=True, timeout=self.timeout)
+            assert isinstance(handle, LayerStream)  # what a push with stream_layers returns
             state["handle"], state["feeder"] = handle, _LayerFeeder(handle, self.engine.cache.device)
 
         began = time.perf_counter()
@@ -270,9 +271,9 @@ class PrefillConnector(Connector):
         for held in items:
             if held.aborted and held.pending > 0:
                 self._expire(held)
-        agreed = self._agree(flags + [int(give_up)])
+        agreed = self._agree([*flags, int(give_up)])
         freed = []
-        for held, count in zip(items, agreed):
+        for held, count in zip(items, agreed, strict=False):
             if count == self.tp.size:
                 self.engine.release(held.request_id)
                 with self._lock:
@@ -291,11 +292,12 @@ class _LayerFeeder:
     """Marks layers ready on a streaming push. On a GPU only once the layer's K/V writes completed: the pipe
     copies on its own stream, so a thread waits on an event recorded after each layer (compute keeps going)."""
 
-    def __init__(self, handle: Any, device: torch.device) -> None:
-        self.handle, self.error = handle, None
+    def __init__(self, handle: LayerStream, device: torch.device) -> None:
+        self.handle = handle
+        self.error: KvxferError | None = None
         self.cuda = device.type == "cuda"
         if self.cuda:
-            self._queue: queue.SimpleQueue = queue.SimpleQueue()
+            self._queue: queue.SimpleQueue[tuple[int, torch.cuda.Event] | None] = queue.SimpleQueue()
             self._thread = threading.Thread(target=self._run, name="kvxfer-layer-feeder", daemon=True)
             self._thread.start()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -99,7 +100,7 @@ class Sequence:
         elif len(self.output_token_ids) >= sampling.max_tokens or self.num_tokens >= max_position:
             self.finish_reason = FinishReason.LENGTH
 
-    def output(self) -> "RequestOutput":
+    def output(self) -> RequestOutput:
         return RequestOutput(
             request_id=self.request_id, prompt_token_ids=self.request.prompt_token_ids,
             output_token_ids=tuple(self.output_token_ids), finish_reason=self.finish_reason,
@@ -128,4 +129,4 @@ class RequestOutput:
     @property
     def inter_token_s(self) -> list[float]:
         """Seconds between consecutive output tokens."""
-        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+        return [b - a for a, b in itertools.pairwise(self.token_times)]

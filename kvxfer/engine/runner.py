@@ -88,7 +88,11 @@ class ModelRunner:
         sampled token per entry, None where the sequence still has tokens to compute (chunked prefill).
         """
         device = self.model.device
-        token_ids, positions, tables, query_lens, context_lens = [], [], [], [], []
+        token_ids: list[int] = []
+        positions: list[int] = []
+        tables: list[list[int]] = []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
         for seq, count in work:
             start = seq.num_computed
             token_ids.extend(seq.token_ids[start:start + count])
@@ -119,7 +123,7 @@ class ModelRunner:
         tokens = sample(logits, [s.request.sampling for s in seqs],
                         [request_seed(s.request_id, s.request.sampling) for s in seqs],
                         [len(s.output_token_ids) for s in seqs])
-        for index, seq, token in zip(finishing, seqs, tokens):
+        for index, seq, token in zip(finishing, seqs, tokens, strict=True):
             seq.append(token, self.model.config.eos_token_ids, self.max_sequence_tokens)
             results[index] = token
         return results

@@ -27,7 +27,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
     softmax(logits / temperature), restricted to the smallest set of top tokens whose probability reaches top_p.
     """
     tokens = logits.argmax(dim=-1).tolist()
-    for row, (param, seed, step) in enumerate(zip(params, seeds, steps)):
+    for row, (param, seed, step) in enumerate(zip(params, seeds, steps, strict=True)):
         if param.temperature == 0:
             continue
         probs = (logits[row].float().cpu() / param.temperature).softmax(dim=-1)

@@ -15,15 +15,14 @@ Importing this package imports neither cupy nor torch.
 
 from __future__ import annotations
 
-from typing import Any
-
+from ..devices import Array, Stream
 from ..errors import ConfigError, DescriptorError
-from ..spec import KVCacheSpec
+from ..spec import BlockIds, KVCacheSpec, Selection
 from . import reference
 from .copy_plan import KVCopyPlan, plan_kv_copy, staging_spec
 
 
-def copy_kv(src: Any, dst: Any, plan: KVCopyPlan, *, stream: Any = None) -> None:
+def copy_kv(src: Array, dst: Array, plan: KVCopyPlan, *, stream: Stream = None) -> None:
     """Run ``plan``: read ``src`` (laid out by ``plan.src_spec``), write ``dst`` (by ``plan.dst_spec``).
 
     ``src``/``dst``: whole C-contiguous buffers, both host (numpy / torch CPU) or both CUDA (cupy / torch CUDA, one
@@ -46,14 +45,14 @@ def copy_kv(src: Any, dst: Any, plan: KVCopyPlan, *, stream: Any = None) -> None
         return
     if stream is not None:
         raise ConfigError("stream applies to CUDA arrays only; src and dst are host arrays")
-    source, target = reference.host_bytes(src, "src"), reference.host_bytes(dst, "dst")
+    src_bytes, dst_bytes = reference.host_bytes(src, "src"), reference.host_bytes(dst, "dst")
     _check_itemsizes(plan, _host_itemsize(src), _host_itemsize(dst))
-    check_no_alias(plan, source.ctypes.data, target.ctypes.data)
+    check_no_alias(plan, src_bytes.ctypes.data, dst_bytes.ctypes.data)
     reference.copy_kv(src, dst, plan)
 
 
 def copy_kv_pointers(src_ptr: int, src_nbytes: int, dst_ptr: int, dst_nbytes: int, plan: KVCopyPlan, *,
-                     device: int, stream: Any = None) -> None:
+                     device: int, stream: Stream = None) -> None:
     """Run ``plan`` on raw device pointers with one kernel launch on ``device`` (the NVLink/IPC path).
 
     ``src_ptr``/``dst_ptr``: starts of the src/dst regions (``spec.offset`` counts from them), ``*_nbytes`` their
@@ -72,10 +71,11 @@ def upload_plan(plan: KVCopyPlan, device: int = 0) -> KVCopyPlan:
     return _cuda.upload_plan(plan, device)
 
 
-def copy_blocks(src: Any, src_spec: KVCacheSpec, src_block_ids: Any, dst: Any, dst_spec: KVCacheSpec,
-                dst_block_ids: Any, *, num_tokens: int | None = None, src_layers: Any = None, dst_layers: Any = None,
-                src_heads: tuple[int, int] | None = None, dst_heads: tuple[int, int] | None = None,
-                parts: Any = None, stream: Any = None) -> KVCopyPlan:
+def copy_blocks(src: Array, src_spec: KVCacheSpec, src_block_ids: BlockIds, dst: Array, dst_spec: KVCacheSpec,
+                dst_block_ids: BlockIds, *, num_tokens: int | None = None, src_layers: Selection = None,
+                dst_layers: Selection = None, src_heads: tuple[int, int] | None = None,
+                dst_heads: tuple[int, int] | None = None, parts: Selection = None,
+                stream: Stream = None) -> KVCopyPlan:
     """Copy tokens of blocks ``src_block_ids`` (int[n], host) of cache ``src`` into blocks ``dst_block_ids`` of ``dst``.
 
     The caches may differ in layout, block size and TP head slice (see :func:`plan_kv_copy` for the arguments).
@@ -88,10 +88,10 @@ def copy_blocks(src: Any, src_spec: KVCacheSpec, src_block_ids: Any, dst: Any, d
     return plan
 
 
-def gather_blocks(cache: Any, cache_spec: KVCacheSpec, block_ids: Any, staging: Any,
-                  staging_layout: KVCacheSpec | None = None, *, num_tokens: int | None = None, layers: Any = None,
-                  heads: tuple[int, int] | None = None, staging_layers: Any = None,
-                  staging_heads: tuple[int, int] | None = None, stream: Any = None) -> KVCacheSpec:
+def gather_blocks(cache: Array, cache_spec: KVCacheSpec, block_ids: BlockIds, staging: Array,
+                  staging_layout: KVCacheSpec | None = None, *, num_tokens: int | None = None,
+                  layers: Selection = None, heads: tuple[int, int] | None = None, staging_layers: Selection = None,
+                  staging_heads: tuple[int, int] | None = None, stream: Stream = None) -> KVCacheSpec:
     """Copy tokens of the paged ``cache``'s blocks ``block_ids`` (int[n], host) into the contiguous ``staging``.
 
     ``staging_layout`` defaults to ``staging_spec(cache_spec, num_tokens, heads=heads)``; ``num_tokens`` to
@@ -107,10 +107,10 @@ def gather_blocks(cache: Any, cache_spec: KVCacheSpec, block_ids: Any, staging: 
     return layout
 
 
-def scatter_blocks(staging: Any, staging_layout: KVCacheSpec | None, cache: Any, cache_spec: KVCacheSpec,
-                   block_ids: Any, *, num_tokens: int | None = None, layers: Any = None,
-                   heads: tuple[int, int] | None = None, staging_layers: Any = None,
-                   staging_heads: tuple[int, int] | None = None, stream: Any = None) -> KVCacheSpec:
+def scatter_blocks(staging: Array, staging_layout: KVCacheSpec | None, cache: Array, cache_spec: KVCacheSpec,
+                   block_ids: BlockIds, *, num_tokens: int | None = None, layers: Selection = None,
+                   heads: tuple[int, int] | None = None, staging_layers: Selection = None,
+                   staging_heads: tuple[int, int] | None = None, stream: Stream = None) -> KVCacheSpec:
     """Copy tokens from the contiguous ``staging`` into blocks ``block_ids`` (int[n], host) of the paged ``cache``.
 
     The inverse of :func:`gather_blocks` with the same arguments; ``heads`` are the cache's local heads to fill
@@ -159,14 +159,14 @@ def check_no_alias(plan: KVCopyPlan, src_addr: int, dst_addr: int) -> None:
         "overlap with different specs; copy through a separate buffer")
 
 
-def _host_itemsize(array: Any) -> int:
+def _host_itemsize(array: Array) -> int:
     """Bytes per element of a numpy array or torch CPU tensor (host_bytes accepted it)."""
     if type(array).__module__.startswith("torch"):
         return int(array.element_size())
     return int(array.dtype.itemsize)
 
 
-def _is_cuda(array: Any) -> bool:
+def _is_cuda(array: Array) -> bool:
     if type(array).__module__.startswith("torch"):
         return bool(array.device.type == "cuda")
     return hasattr(array, "__cuda_array_interface__")

@@ -11,11 +11,13 @@ import dataclasses
 import functools
 import weakref
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from ..devices import cupy_module
+from ..devices import Array, Stream
+from ..devices import cupy_module as cupy_module  # looked up here: tests emulate the GPU by replacing it
 from ..errors import ConfigError
 from ..memory import MemoryKind, Region
 from .copy_plan import KVCopyPlan
@@ -27,14 +29,14 @@ _SOURCE = Path(__file__).with_name("csrc") / "kv_copy.cu"
 
 
 #: Tables kept on a device by upload_plan, per plan (dropped with the plan).
-_UPLOADED: "weakref.WeakKeyDictionary[KVCopyPlan, dict[int, Any]]" = weakref.WeakKeyDictionary()
+_UPLOADED: weakref.WeakKeyDictionary[KVCopyPlan, dict[int, Any]] = weakref.WeakKeyDictionary()
 #: (compiled entry, launch shape) per (tables' launch key, device, vector width, tuning): plans of one template
 #: share it. Cleared when full.
-_LAUNCHES: dict[tuple, tuple[Any, LaunchShape]] = {}
+_LAUNCHES: dict[tuple[tuple[int | bool, ...], int, int, KernelTuning], tuple[Any, LaunchShape]] = {}
 _MAX_LAUNCHES = 1024
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module(device: int, defines: tuple[str, ...]) -> Any:
     """One compile per device and set of -D options (tunings that differ only at launch share it)."""
     cupy = cupy_module()
@@ -42,7 +44,7 @@ def _module(device: int, defines: tuple[str, ...]) -> Any:
         return cupy.RawModule(code=_SOURCE.read_text(), options=("--std=c++17", *defines))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel(entry: str, device: int, tuning: KernelTuning = DEFAULT_TUNING) -> Any:
     """The compiled ``entry`` (e.g. ``kvxfer_rows_v16``) on ``device`` (compiled once per device and tuning)."""
     cupy = cupy_module()
@@ -50,7 +52,7 @@ def kernel(entry: str, device: int, tuning: KernelTuning = DEFAULT_TUNING) -> An
         return _module(device, tuning.defines()).get_function(entry)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def resident_ctas(entry: str, device: int, tuning: KernelTuning = DEFAULT_TUNING) -> int:
     """CTAs of one entry that fit on the whole GPU at once (limited by registers and threads per SM)."""
     cupy = cupy_module()
@@ -63,7 +65,7 @@ def resident_ctas(entry: str, device: int, tuning: KernelTuning = DEFAULT_TUNING
     return int(properties["multiProcessorCount"]) * per_sm
 
 
-def cuda_region(array: Any, argument: str) -> Region:
+def cuda_region(array: Array, argument: str) -> Region:
     """The device memory of a cupy array or torch CUDA tensor (whole, C-contiguous)."""
     region = Region.from_array(array)
     if region.kind is not MemoryKind.CUDA:
@@ -71,7 +73,7 @@ def cuda_region(array: Any, argument: str) -> Region:
     return region
 
 
-def copy_kv(src: Any, dst: Any, plan: KVCopyPlan, *, stream: Any = None,
+def copy_kv(src: Array, dst: Array, plan: KVCopyPlan, *, stream: Stream = None,
             tuning: KernelTuning | None = None) -> None:
     """Run ``plan`` from ``src`` to ``dst`` (cupy arrays or torch CUDA tensors on one device) on ``stream``."""
     source, target = cuda_region(src, "src"), cuda_region(dst, "dst")
@@ -87,7 +89,7 @@ def copy_kv(src: Any, dst: Any, plan: KVCopyPlan, *, stream: Any = None,
 
 
 def copy_kv_pointers(src_ptr: int, src_nbytes: int, dst_ptr: int, dst_nbytes: int, plan: KVCopyPlan, *,
-                     device: int, stream: Any = None, tuning: KernelTuning | None = None) -> None:
+                     device: int, stream: Stream = None, tuning: KernelTuning | None = None) -> None:
     """Run ``plan`` between raw device pointers, launching on ``device``.
 
     ``src_ptr``/``dst_ptr`` are region starts (``spec.offset`` counts from them) and may be IPC-mapped peer
@@ -179,7 +181,7 @@ class _RawStream:
         return 0, self.ptr
 
 
-def _launch_stream(cupy: Any, stream: Any, device: int) -> Any:
+def _launch_stream(cupy: ModuleType, stream: Stream, device: int) -> Any:
     """``stream`` as an object with ``.ptr`` (a cupy stream as is; ints and torch streams wrapped)."""
     if stream is None:
         return cupy.cuda.get_current_stream()
@@ -193,7 +195,7 @@ def _launch_stream(cupy: Any, stream: Any, device: int) -> Any:
                       f"got {type(stream).__name__}")
 
 
-def _cupy_stream(cupy: Any, stream: Any, device: int) -> Any:
+def _cupy_stream(cupy: ModuleType, stream: Stream, device: int) -> Any:
     """A cupy stream object for ``stream`` (from :func:`_launch_stream`), to enter as cupy's current stream."""
     if not isinstance(stream, _RawStream):
         return stream
@@ -201,7 +203,7 @@ def _cupy_stream(cupy: Any, stream: Any, device: int) -> Any:
 
 
 @functools.lru_cache(maxsize=64)
-def _external_stream(cupy: Any, pointer: int, device: int) -> Any:
+def _external_stream(cupy: ModuleType, pointer: int, device: int) -> Any:
     if pointer == 0:
         return cupy.cuda.Stream.null
     from_external = getattr(cupy.cuda.Stream, "from_external", None)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..devices import cupy_module
+from ..devices import Stream, cupy_module
 
 PIECE_NBYTES = 64 << 10
 THREADS = 256
@@ -38,7 +38,7 @@ def split_pieces(sources: np.ndarray, destinations: np.ndarray, sizes: np.ndarra
     return table
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(device: int) -> Any:
     cupy = cupy_module()
     with cupy.cuda.Device(device):
@@ -49,7 +49,7 @@ def _kernel(device: int) -> Any:
 CTAS_PER_SM = 8
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _multiprocessors(device: int) -> int:
     return int(cupy_module().cuda.runtime.getDeviceProperties(device)["multiProcessorCount"])
 
@@ -61,7 +61,7 @@ def to_device(table: np.ndarray, device: int) -> Any:
         return cupy.asarray(table)
 
 
-def launch(device_table: Any, device: int, stream: Any, ctas_per_sm: int = CTAS_PER_SM) -> None:
+def launch(device_table: Any, device: int, stream: Stream, ctas_per_sm: int = CTAS_PER_SM) -> None:
     """Copy every piece of ``device_table`` (from :func:`to_device`) with one launch on ``stream``."""
     count = int(device_table.shape[1])
     if count == 0:

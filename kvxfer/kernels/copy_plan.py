@@ -19,20 +19,22 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeAlias
 
 import numpy as np
 
 from ..errors import ConfigError, DescriptorError, LayoutMismatchError
-from ..spec import KVCacheSpec, KVLayout, as_index_array, selection_ids
-from .tables import (MAX_BOX_BYTES, MAX_VECTOR_BYTES, KernelTables, TableTemplate,  # noqa: F401 (re-exported)
-                     kernel_tables)
+from ..spec import BlockIds, KVCacheSpec, KVLayout, Selection, as_index_array, selection_ids
+from .tables import MAX_BOX_BYTES, MAX_VECTOR_BYTES, KernelTables, TableTemplate, kernel_tables  # noqa: F401 (re-exported)
 
 #: Templates kept (least recently created dropped first); a pipe needs one or two per peer route.
 MAX_TEMPLATES = 64
 
-_TEMPLATES: dict[tuple, TableTemplate] = {}
+#: specs, layer / part selections and head ranges of a plan (see _template_key)
+_TemplateKey: TypeAlias = tuple[Hashable, ...]
+_TEMPLATES: dict[_TemplateKey, TableTemplate] = {}
 _TEMPLATES_LOCK = threading.Lock()
 
 
@@ -79,10 +81,10 @@ class KVCopyPlan:
         return kernel_tables(self)
 
 
-def plan_kv_copy(src_spec: KVCacheSpec, dst_spec: KVCacheSpec, src_block_ids: Any, dst_block_ids: Any, *,
-                 num_tokens: int | None = None, src_layers: Any = None, dst_layers: Any = None,
+def plan_kv_copy(src_spec: KVCacheSpec, dst_spec: KVCacheSpec, src_block_ids: BlockIds, dst_block_ids: BlockIds,
+                 *, num_tokens: int | None = None, src_layers: Selection = None, dst_layers: Selection = None,
                  src_heads: tuple[int, int] | None = None, dst_heads: tuple[int, int] | None = None,
-                 parts: Any = None) -> KVCopyPlan:
+                 parts: Selection = None) -> KVCopyPlan:
     """Validate and plan a copy of tokens ``[0, num_tokens)`` from ``src_spec``'s blocks to ``dst_spec``'s.
 
     ``src_block_ids``/``dst_block_ids``: int[n] host arrays, exactly ``ceil(num_tokens / block_size)`` ids per
@@ -110,8 +112,9 @@ def plan_kv_copy(src_spec: KVCacheSpec, dst_spec: KVCacheSpec, src_block_ids: An
                       template.parts, template.src_heads, template.dst_heads, template)
 
 
-def _template(src_spec: KVCacheSpec, dst_spec: KVCacheSpec, src_layers: Any, dst_layers: Any, parts: Any,
-              src_heads: Any, dst_heads: Any, key: tuple | None) -> TableTemplate:
+def _template(src_spec: KVCacheSpec, dst_spec: KVCacheSpec, src_layers: Selection, dst_layers: Selection,
+              parts: Selection, src_heads: tuple[int, int] | None, dst_heads: tuple[int, int] | None,
+              key: _TemplateKey | None) -> TableTemplate:
     """Validate the arguments other than block ids and build their template (cached under ``key`` unless None)."""
     layers_src = as_index_array(selection_ids(src_layers, src_spec.num_layers), "src_layers", src_spec.num_layers)
     layers_dst = as_index_array(layers_src if dst_layers is None else selection_ids(dst_layers, dst_spec.num_layers),
@@ -141,8 +144,9 @@ class _Uncacheable(Exception):
     """An argument of a type the template key does not cover (its plans get a template of their own)."""
 
 
-def _template_key(src_spec: KVCacheSpec, dst_spec: KVCacheSpec, src_layers: Any, dst_layers: Any, parts: Any,
-                  src_heads: Any, dst_heads: Any) -> tuple | None:
+def _template_key(src_spec: KVCacheSpec, dst_spec: KVCacheSpec, src_layers: Selection, dst_layers: Selection,
+                  parts: Selection, src_heads: tuple[int, int] | None,
+                  dst_heads: tuple[int, int] | None) -> _TemplateKey | None:
     """A hashable key of the arguments besides block ids and num_tokens; equal keys plan the same copy. None for
     arguments of types the key does not cover (invalid ones among them: they then fail in the full checks)."""
     try:
@@ -154,7 +158,7 @@ def _template_key(src_spec: KVCacheSpec, dst_spec: KVCacheSpec, src_layers: Any,
     return key
 
 
-def _selection_key(selection: Any) -> Any:
+def _selection_key(selection: Selection) -> Hashable:
     if selection is None or isinstance(selection, range):
         return selection
     if isinstance(selection, slice):
@@ -169,7 +173,7 @@ def _selection_key(selection: Any) -> Any:
     return array.dtype.str, array.shape, array.tobytes()
 
 
-def _heads_key(heads: Any) -> tuple[int, int] | None:
+def _heads_key(heads: tuple[int, int] | None) -> tuple[int, int] | None:
     if heads is None:
         return None
     if type(heads) is tuple and len(heads) == 2 and type(heads[0]) is int and type(heads[1]) is int:
@@ -196,16 +200,16 @@ def staging_spec(cache_spec: KVCacheSpec, num_tokens: int, *, num_layers: int | 
     h0, h1 = _head_range(heads, cache_spec, "heads")
     return KVCacheSpec(num_layers=cache_spec.num_layers if num_layers is None else num_layers, num_blocks=1,
                        block_size=num_tokens, num_kv_heads=h1 - h0, head_dim=cache_spec.head_dim,
-                       dtype=cache_spec.dtype, layout=layout, num_kv_parts=cache_spec.num_kv_parts, offset=offset,
-                       model=cache_spec.model)
+                       dtype=cache_spec.dtype, layout=KVLayout.parse(layout), num_kv_parts=cache_spec.num_kv_parts,
+                       offset=offset, model=cache_spec.model)
 
 
 def _check_compatible(src: KVCacheSpec, dst: KVCacheSpec) -> None:
-    for field in ("head_dim", "dtype", "num_kv_parts"):
-        if getattr(src, field) != getattr(dst, field):
+    for name in ("head_dim", "dtype", "num_kv_parts"):
+        if getattr(src, name) != getattr(dst, name):
             raise LayoutMismatchError(
-                f"src_spec and dst_spec must have the same {field}: src {getattr(src, field)!r}, "
-                f"dst {getattr(dst, field)!r}")
+                f"src_spec and dst_spec must have the same {name}: src {getattr(src, name)!r}, "
+                f"dst {getattr(dst, name)!r}")
 
 
 def _num_tokens(num_tokens: int | None, src: KVCacheSpec, dst: KVCacheSpec, src_ids: np.ndarray,
@@ -224,7 +228,7 @@ def _num_tokens(num_tokens: int | None, src: KVCacheSpec, dst: KVCacheSpec, src_
     return int(num_tokens)
 
 
-def _index_array(values: Any, argument: str, upper: int) -> np.ndarray:
+def _index_array(values: BlockIds, argument: str, upper: int) -> np.ndarray:
     """``as_index_array``, with a shortcut for what pipes pass (int64[n] arrays in range): two reductions."""
     if type(values) is np.ndarray and values.dtype is _INT64 and values.ndim == 1 and values.size \
             and values.min() >= 0 and values.max() < upper:

@@ -7,18 +7,22 @@ assignment moves every (layer, part, token, head) row.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..devices import Array
 from ..errors import ConfigError
 from ..spec import KVCacheSpec
 from .copy_plan import KVCopyPlan
 
+if TYPE_CHECKING:
+    import torch
+
 _UINT_OF_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
-def host_bytes(array: Any, argument: str, *, writeable: bool = False) -> np.ndarray:
+def host_bytes(array: Array, argument: str, *, writeable: bool = False) -> np.ndarray:
     """A uint8[nbytes] view of a C-contiguous host array (numpy, or a torch CPU tensor). No copy."""
     if type(array).__module__.startswith("torch"):
         if array.device.type != "cpu":
@@ -45,7 +49,7 @@ def element_view(data: np.ndarray, spec: KVCacheSpec, argument: str, *, writeabl
                                            writeable=writeable)
 
 
-def copy_kv(src: Any, dst: Any, plan: KVCopyPlan) -> None:
+def copy_kv(src: Array, dst: Array, plan: KVCopyPlan) -> None:
     """Run ``plan`` on host arrays: ``src`` laid out by ``plan.src_spec``, ``dst`` by ``plan.dst_spec``.
 
     ``src``/``dst``: whole C-contiguous host buffers (numpy arrays or torch CPU tensors of any dtype). Only the
@@ -68,7 +72,7 @@ def _row_index(plan: KVCopyPlan, side: str) -> tuple[np.ndarray, ...]:
             np.arange(h0, h1, dtype=np.int64)[None, None, None, :], slots[None, None, :, None])
 
 
-def _torch_uint8() -> Any:
+def _torch_uint8() -> torch.dtype:
     import torch  # only reached with a torch tensor in hand, so torch is already imported
 
     return torch.uint8

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
+from ..devices import Stream
 from .launch import LaunchShape
 
 #: Slots per device: launches whose tables may be in flight at once before calls fall back to the pool.
@@ -29,7 +32,7 @@ class _Slot:
 
     __slots__ = ("capacity", "device", "device_arg", "event", "host", "host_ptr", "pinned")
 
-    def __init__(self, cupy: Any, capacity: int) -> None:
+    def __init__(self, cupy: ModuleType, capacity: int) -> None:
         self.capacity = capacity
         self.pinned = cupy.cuda.alloc_pinned_memory(capacity * 8)
         self.host = np.frombuffer(self.pinned, dtype=np.int64, count=capacity)
@@ -49,8 +52,8 @@ class TableRing:
         self._next = 0
         self._lock = threading.Lock()
 
-    def launch(self, cupy: Any, function: Any, shape: LaunchShape, pointers: tuple[Any, Any], table: np.ndarray,
-               stream: Any, stream_context: Callable[[], Any]) -> None:
+    def launch(self, cupy: ModuleType, function: Any, shape: LaunchShape, pointers: tuple[Any, Any], table: np.ndarray,
+               stream: Stream, stream_context: Callable[[], Any]) -> None:
         """Upload ``table`` (int64[n], host) and launch ``function`` with it on ``stream`` (anything with ``.ptr``).
 
         ``pointers``: the (src, dst) kernel arguments; ``stream_context()``: ``stream`` as a cupy stream to enter,
@@ -74,7 +77,7 @@ class TableRing:
             finally:  # whatever was queued reads the slot until this event
                 slot.event.record(stream)
 
-    def _take(self, cupy: Any, entries: int, stream_context: Callable[[], Any]) -> _Slot | None:
+    def _take(self, cupy: ModuleType, entries: int, stream_context: Callable[[], Any]) -> _Slot | None:
         """A slot whose last launch completed, holding ``entries`` at least; None if every slot is in flight."""
         count = len(self.slots)
         for step in range(count):
@@ -93,12 +96,12 @@ class TableRing:
         return slot
 
     @staticmethod
-    def _new_slot(cupy: Any, capacity: int, stream_context: Callable[[], Any]) -> _Slot:
+    def _new_slot(cupy: ModuleType, capacity: int, stream_context: Callable[[], Any]) -> _Slot:
         with stream_context():  # the pool hands out memory in this stream's order
             return _Slot(cupy, capacity)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def table_ring(device: int) -> TableRing:
     """The ring of ``device`` (one per process and device)."""
     return TableRing(device)

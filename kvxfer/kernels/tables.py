@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 
@@ -76,14 +76,14 @@ class KernelTables:
         """Bytes of the largest box."""
         return self.max_count * self.unit_rows * self.row_nbytes
 
-    def launch_key(self) -> tuple:
+    def launch_key(self) -> tuple[int | bool, ...]:
         """Every field but the two arrays: equal keys mean equal launch shapes (launchers cache by it)."""
         return (self.num_segments, self.num_layer_parts, self.unit_rows, self.row_nbytes, self.src_base,
                 self.dst_base, self.src_unit_stride, self.src_row_stride, self.dst_unit_stride, self.dst_row_stride,
                 self.alignment, self.max_count, self.contiguous, self.narrow)
 
 
-def kernel_tables(plan: "KVCopyPlan") -> KernelTables:
+def kernel_tables(plan: KVCopyPlan) -> KernelTables:
     """Segments (runs of tokens inside one source and one destination block) and layer-part offsets, in bytes.
 
     Computed from scratch from the plan's fields: the definition :class:`TableTemplate` reproduces.
@@ -106,13 +106,32 @@ def kernel_tables(plan: "KVCopyPlan") -> KernelTables:
     max_count = int(form.counts.max()) if form.counts.size else 0
     check_kernel_limits(len(starts) * len(part_src), max_count * form.unit_rows * form.row)
     reach = [(max_count - 1) * unit + (form.unit_rows - 1) * rows + form.row
-             for unit, rows in zip(form.unit_strides, form.row_strides)]
+             for unit, rows in zip(form.unit_strides, form.row_strides, strict=True)]
     return KernelTables(table=table, segment_tokens=counts, num_segments=len(starts), num_layer_parts=len(part_src),
                         unit_rows=form.unit_rows, row_nbytes=form.row, src_base=src_base, dst_base=dst_base,
                         src_unit_stride=form.unit_strides[0], src_row_stride=form.row_strides[0],
                         dst_unit_stride=form.unit_strides[1], dst_row_stride=form.row_strides[1],
                         alignment=functools.reduce(math.gcd, used), max_count=max_count,
                         contiguous=form.contiguous, narrow=max(reach, default=0) < 2**31)
+
+
+class _Fields(TypedDict):
+    """The scalar fields of :class:`KernelTables`, by name."""
+
+    num_segments: int
+    num_layer_parts: int
+    unit_rows: int
+    row_nbytes: int
+    src_base: int
+    dst_base: int
+    src_unit_stride: int
+    src_row_stride: int
+    dst_unit_stride: int
+    dst_row_stride: int
+    alignment: int
+    max_count: int
+    contiguous: bool
+    narrow: bool
 
 
 class _Runs:
@@ -147,7 +166,8 @@ class _Length:
     ``*_index``/``*_offset``: block index and byte offset inside the block of each segment (None: the identity /
     all zero, the common case of one segment per block)."""
 
-    def __init__(self, runs: _Runs, num_segments: int, counts: np.ndarray, table: np.ndarray, fields: dict) -> None:
+    def __init__(self, runs: _Runs, num_segments: int, counts: np.ndarray, table: np.ndarray,
+                 fields: _Fields) -> None:
         n = num_segments
         self.num_segments, self.counts, self.table, self.fields = n, counts, table, fields
         counts.setflags(write=False)
@@ -190,7 +210,7 @@ class TableTemplate:
         self._kept = 0
         self._runs: _Runs | None = None
 
-    def describes(self, plan: "KVCopyPlan") -> bool:
+    def describes(self, plan: KVCopyPlan) -> bool:
         """True if ``plan`` has this template's specs, layers, parts and heads, and int64 block id arrays."""
         return (plan.src_layers is self.src_layers and plan.dst_layers is self.dst_layers and plan.parts is self.parts
                 and plan.src_heads == self.src_heads and plan.dst_heads == self.dst_heads
@@ -223,17 +243,18 @@ class TableTemplate:
         else:
             first, uniform, most_tokens = last, n == 1, last
         shape, alignment = self._shape(first if uniform else None)
-        max_count = shape.units if uniform else most_tokens
+        units = shape.units if uniform else None  # every box the same count of units
+        max_count = most_tokens if units is None else units
         check_kernel_limits(n * self._num_layer_parts, max_count * shape.unit_rows * shape.row)
         counts = runs.counts[:n].copy()
         if n:
             counts[n - 1] = last
         table = np.empty(3 * n + len(self._parts), dtype=np.int64)
-        table[2 * n:3 * n] = shape.units if uniform else counts
+        table[2 * n:3 * n] = counts if units is None else units
         table[3 * n:] = self._parts
         reach = [(max_count - 1) * unit + (shape.unit_rows - 1) * rows + shape.row
-                 for unit, rows in zip(shape.unit_strides, shape.row_strides)]
-        fields = dict(num_segments=n, num_layer_parts=self._num_layer_parts, unit_rows=shape.unit_rows,
+                 for unit, rows in zip(shape.unit_strides, shape.row_strides, strict=True)]
+        fields = _Fields(num_segments=n, num_layer_parts=self._num_layer_parts, unit_rows=shape.unit_rows,
                       row_nbytes=shape.row, src_base=self._bases[0], dst_base=self._bases[1],
                       src_unit_stride=shape.unit_strides[0], src_row_stride=shape.row_strides[0],
                       dst_unit_stride=shape.unit_strides[1], dst_row_stride=shape.row_strides[1],
@@ -290,4 +311,4 @@ def _base(spec: KVCacheSpec, first_head: int) -> int:
 
 def _spec_strides(spec: KVCacheSpec) -> list[int]:
     """The byte strides of the dimensions the spec has more than one of (block, layer, ...; not head_dim)."""
-    return [stride for stride, size in zip(spec.byte_strides[:5], spec.shape[:5]) if size > 1]
+    return [stride for stride, size in zip(spec.byte_strides[:5], spec.shape[:5], strict=True) if size > 1]

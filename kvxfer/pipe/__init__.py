@@ -20,6 +20,7 @@ from .route import Route, Strategy
 StreamingPush = LayerStream  # its former name
 
 __all__ = [
+    "STRATEGIES",
     "Checksums",
     "HeadRoute",
     "KVPipe",
@@ -30,7 +31,6 @@ __all__ = [
     "Leases",
     "PipeHandle",
     "Route",
-    "STRATEGIES",
     "Strategy",
     "StreamingPush",
     "check_compatible",

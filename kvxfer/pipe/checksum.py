@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import msgpack
 import numpy as np
 
 from ..errors import HandshakeError, TransferError
 from ..memory import MemoryKind, Region
-from ..spec import KVCacheSpec, KVLayout
+from ..spec import BlockIds, KVCacheSpec, KVLayout, Selection
+
+if TYPE_CHECKING:
+    from ..kernels import KVCopyPlan
 
 
 @dataclass(frozen=True)
@@ -37,18 +40,19 @@ class Checksums:
         return data
 
     @classmethod
-    def decode(cls, data: bytes) -> "Checksums":
+    def decode(cls, data: bytes) -> Checksums:
         """Inverse of :meth:`encode`; HandshakeError for anything else."""
         try:
             unit, first, tokens, shape, raw = msgpack.unpackb(data, raw=False)
             values = np.frombuffer(raw, dtype="<u4").reshape(shape).astype(np.uint32)
             return cls(values, int(unit), int(first), int(tokens))
-        except Exception as error:
+        except (TypeError, ValueError, msgpack.UnpackException) as error:
             raise HandshakeError(f"checksums are malformed: {error}") from None
 
 
-def compute(region: Region, spec: KVCacheSpec, block_ids: Any, *, num_tokens: int | None = None,
-            unit_tokens: int | None = None, heads: tuple[int, int] | None = None, layers: Any = None) -> Checksums:
+def compute(region: Region, spec: KVCacheSpec, block_ids: BlockIds, *, num_tokens: int | None = None,
+            unit_tokens: int | None = None, heads: tuple[int, int] | None = None,
+            layers: Selection = None) -> Checksums:
     """Checksums of ``num_tokens`` tokens in blocks ``block_ids`` (int[n], host) of the cache in ``region``.
 
     ``heads``: local head range (default all); ``unit_tokens`` defaults to the spec's block size.
@@ -92,7 +96,7 @@ def verify(expected: Checksums, actual: Checksums, who: str) -> None:
                             f"({len(mismatch)} chunk-heads differ)")
 
 
-def _gather_to_host(region: Region, stage: KVCacheSpec, plan: Any) -> np.ndarray:
+def _gather_to_host(region: Region, stage: KVCacheSpec, plan: KVCopyPlan) -> np.ndarray:
     from .. import kernels  # lazy: `import kvxfer` loads no kernel planner
 
     if region.kind is MemoryKind.HOST:

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
-from ..errors import (DescriptorError, KvxferError, TransferCancelledError, TransferError, TransferTimeoutError,
-                      UsageError)
+from ..errors import (
+    DescriptorError,
+    KvxferError,
+    TransferCancelledError,
+    TransferError,
+    TransferTimeoutError,
+    UsageError,
+)
 from ..handle import Handle, TransferState
 from ..spec import as_index_array, selection_ids
 from .request import PipeRequest
@@ -63,7 +69,7 @@ class PipeHandle(Handle):
                 return self._state
             states = [step.poll() for step in self._steps]
             self._last_states = states
-            failed = next((s for s, state in zip(self._steps, states) if state.final and
+            failed = next((s for s, state in zip(self._steps, states, strict=True) if state.final and
                            state is not TransferState.DONE), None)
             if failed is not None:
                 self._abort(TransferState.FAILED, failed.error or TransferError("a step of the transfer failed"))
@@ -107,7 +113,9 @@ class PipeHandle(Handle):
         """Wait up to ``seconds`` for an unfinished step to progress (each step knows how to sleep until it does);
         :meth:`poll` afterwards says where the request stands."""
         with self._lock:
-            busy = [step for step, state in zip(self._steps, self._last_states) if state is not TransferState.DONE]
+            # before the first poll there are no states yet: nothing counts as busy
+            busy = [step for step, state in zip(self._steps, self._last_states, strict=False)
+                    if state is not TransferState.DONE]
         (busy[0] if busy else Step()).block(seconds)
 
     def cancel(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -91,7 +91,7 @@ class KVPipe:
     def pull(self, local_block_ids: BlockIds, remote_block_ids: BlockIds, notify: bytes | None = None, *,
              num_tokens: int | None = None, layers: Layers = None, timeout: float | None = None,
              lease: bytes | None = None, renew_every: float = 1.0,
-             expected: dict[str, Checksums | bytes] | None = None, stream_layers: bool = False,
+             expected: Mapping[str, Checksums | bytes] | None = None, stream_layers: bool = False,
              stream_key: bytes | None = None) -> PipeHandle:
         """Fill local blocks ``local_block_ids`` (int[n], host; sequence order) with the tokens of the peers'
         blocks ``remote_block_ids`` (int[m], host). ``notify`` reaches every peer of the request after the data.
@@ -118,7 +118,7 @@ class KVPipe:
 
     def _request(self, op: Op, local_ids: BlockIds, remote_ids: BlockIds, notify: bytes | None, num_tokens: int | None,
                  layers: Layers, timeout: float | None, stream_layers: bool = False, lease: bytes | None = None,
-                 renew_every: float = 1.0, expected: dict[str, Checksums | bytes] | None = None,
+                 renew_every: float = 1.0, expected: Mapping[str, Checksums | bytes] | None = None,
                  stream_key: bytes | None = None) -> PipeHandle:
         if notify is not None and not isinstance(notify, (bytes, bytearray)):
             raise ConfigError(f"notify must be bytes or None, got {type(notify).__name__}")
@@ -134,7 +134,7 @@ class KVPipe:
             raise DescriptorError("local_block_ids must not repeat (they are written)")
         if op is Op.WRITE and has_repeats(remote, int(remote.max()) + 1 if remote.size else 0):
             raise DescriptorError("remote_block_ids must not repeat (they are written)")
-        nbytes = sum(self._route_nbytes(r, t, len(layer_ids)) for r, t in zip(routes, tokens))
+        nbytes = sum(self._route_nbytes(r, t, len(layer_ids)) for r, t in zip(routes, tokens, strict=True))
         limit = self.agent.timeouts.transfer if timeout is None else timeout
         request = PipeRequest(op, local_ids, remote, tokens, notify, layer_ids, routes, self._strategies,
                               decode_expected(expected), lease, stream_key)

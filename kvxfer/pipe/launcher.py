@@ -25,7 +25,7 @@ class Launcher:
         self._executor: ThreadPoolExecutor | None = None
         self._stream: Any = None  # cupy.cuda.Stream
 
-    def launch(self, plan: "KVCopyPlan", source: Span, target: Span) -> Step:
+    def launch(self, plan: KVCopyPlan, source: Span, target: Span) -> Step:
         """Start copying by ``plan`` from ``source`` to ``target``; the returned step says when it is done."""
         from .. import kernels  # lazy: `import kvxfer` loads no kernel planner
 
@@ -51,7 +51,7 @@ class Launcher:
             self._executor.shutdown(wait=True)
 
 
-def _host_copy(plan: "KVCopyPlan", source: Span, target: Span) -> None:
+def _host_copy(plan: KVCopyPlan, source: Span, target: Span) -> None:
     from .. import kernels  # lazy: `import kvxfer` loads no kernel planner
 
     source_view = Region.from_ptr(source[0], source[1], MemoryKind.HOST).as_numpy()

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..control import MAX_KEY, MAX_LAYER, LayersReady
 from ..errors import ConfigError
@@ -24,7 +25,7 @@ logger = logging.getLogger("kvxfer")
 MAX_UNCLAIMED = 1024  # keys announced before their pull, buffered at most
 
 
-def announce(agent: "Agent", peer: "Peer | str", key: bytes, layers: list[int]) -> None:
+def announce(agent: Agent, peer: Peer | str, key: bytes, layers: list[int]) -> None:
     """Tell ``peer`` that ``layers`` of request ``key`` are computed and may be pulled."""
     if not isinstance(key, bytes) or not 0 < len(key) <= MAX_KEY:
         raise ConfigError(f"request key must be 1 to {MAX_KEY} bytes, got {key!r}")
@@ -56,14 +57,14 @@ class LayerBoard:
     """One agent's layer announcements by request key: buffered until a pull listens (at most
     ``MAX_UNCLAIMED`` keys, each for the agent's transfer timeout), dropped when that pull ends."""
 
-    def __init__(self, agent: "Agent") -> None:
+    def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self._lock = threading.Lock()
         self._boards: dict[bytes, _Board] = {}
         agent.control.on(LayersReady, self._on_message)
 
     @classmethod
-    def of(cls, agent: "Agent") -> "LayerBoard":
+    def of(cls, agent: Agent) -> LayerBoard:
         """The board of ``agent`` (its service, created on first use)."""
         return agent.service(cls)
 

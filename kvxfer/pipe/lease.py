@@ -14,14 +14,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..control import LeaseMessage, LeaseVerb
 from ..errors import ConfigError, KvxferError, LeaseLostError
 from ..handle import TransferState
+from ..spec import BlockIds
 from .steps import Step
 
 if TYPE_CHECKING:
@@ -39,7 +41,7 @@ class Lease:
     block_ids: np.ndarray
     ttl: float
     expires_at: float
-    on_end: Callable[["Lease", str], None] | None = field(default=None, repr=False)
+    on_end: Callable[[Lease, str], None] | None = field(default=None, repr=False)
 
 
 class ExpiryStep(Step):
@@ -61,7 +63,7 @@ class Leases:
     """Both roles of one agent: leases it granted (sender) and leases it holds (receiver). An agent service:
     get it with ``Leases.of(agent)``; its timer thread (renewals, expiry) stops when the agent closes."""
 
-    def __init__(self, agent: "Agent") -> None:
+    def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self._lock = threading.Lock()
         self._granted: dict[bytes, Lease] = {}
@@ -72,13 +74,13 @@ class Leases:
         self._thread.start()
 
     @classmethod
-    def of(cls, agent: "Agent") -> "Leases":
+    def of(cls, agent: Agent) -> Leases:
         """The lease keeper of ``agent`` (its service, created on first use)."""
         return agent.service(cls)
 
     # ---- sender ------------------------------------------------------------------------------------------------
 
-    def grant(self, key: bytes, peer: str, block_ids: Any, ttl: float = 10.0,
+    def grant(self, key: bytes, peer: str, block_ids: BlockIds, ttl: float = 10.0,
               on_end: Callable[[Lease, str], None] | None = None) -> Lease:
         """Hold ``block_ids`` for ``peer`` for ``ttl`` seconds past the last renewal."""
         if not isinstance(key, bytes) or not key:

@@ -3,8 +3,8 @@ other (and for replicated heads: TP larger than the model's KV heads, MLA's sing
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ..errors import LayoutMismatchError
 from ..spec import KVCacheSpec

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -50,7 +50,7 @@ class PipeRequest:
 
     def steps(self, layers: np.ndarray) -> list[Step]:
         """Post the steps that move ``layers`` (int64[k], host) on every route."""
-        made = [step for route, tokens in zip(self.routes, self.tokens)
+        made = [step for route, tokens in zip(self.routes, self.tokens, strict=True)
                 for step in self.strategies.steps(self.op, route, self.local, self.remote, tokens, layers)]
         self.staging.extend(step.staging for step in made if isinstance(step, StagedStep))
         return made
@@ -58,7 +58,7 @@ class PipeRequest:
     def finish(self) -> None:
         """Every step is done: verify checksums (TransferError on mismatch), then notify every peer."""
         agent, region, spec = self.strategies.agent, self.strategies.region, self.strategies.spec
-        for route, tokens in zip(self.routes, self.tokens):
+        for route, tokens in zip(self.routes, self.tokens, strict=True):
             wanted = (self.expected or {}).get(route.peer.name)
             if wanted is not None:
                 actual = checksum.compute(region, spec, self.local, num_tokens=tokens, unit_tokens=wanted.unit_tokens,
@@ -79,7 +79,7 @@ class PipeRequest:
         self.strategies.staging.give_back(self.staging)
 
 
-def decode_expected(expected: dict[str, Checksums | bytes] | None) -> dict[str, Checksums] | None:
+def decode_expected(expected: Mapping[str, Checksums | bytes] | None) -> dict[str, Checksums] | None:
     """``expected`` with encoded checksums decoded; ConfigError unless it maps peer names to checksums."""
     if expected is None:
         return None

@@ -11,9 +11,9 @@ Per rank pair (a route) the pipe picks how bytes move:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Sequence
 
 import numpy as np
 
@@ -45,7 +45,7 @@ class Strategy(str, Enum):
         return format(self.value, spec)
 
     @classmethod
-    def parse(cls, value: "Strategy | str") -> "Strategy":
+    def parse(cls, value: Strategy | str) -> Strategy:
         """``value`` as a Strategy; ConfigError for anything else."""
         try:
             return cls(value)

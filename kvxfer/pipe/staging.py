@@ -25,7 +25,7 @@ class StagingPool:
     """Staging regions of one pipe, registered with ``agent`` on ``device`` (-1: host memory); sizes are powers of
     two of at least 1 MiB, and a buffer is reused by any request that fits."""
 
-    def __init__(self, agent: "Agent", device: int) -> None:
+    def __init__(self, agent: Agent, device: int) -> None:
         self.agent, self.device = agent, device
         self._lock = threading.Lock()
         self._free: list[Region] = []

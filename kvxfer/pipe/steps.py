@@ -69,7 +69,7 @@ class EventStep(Step):
 class FutureStep(Step):
     """Host work running on a thread."""
 
-    def __init__(self, future: "Future[None]") -> None:
+    def __init__(self, future: Future[None]) -> None:
         self.future = future
 
     def poll(self) -> TransferState:

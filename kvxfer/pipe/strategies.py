@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -56,7 +57,7 @@ class Strategies:
     ``spec``) and a peer's: kernel launches through ``launcher``, transfers through the agent, staging buffers
     from ``staging``."""
 
-    def __init__(self, agent: "Agent", region: Region, spec: KVCacheSpec, launcher: Launcher,
+    def __init__(self, agent: Agent, region: Region, spec: KVCacheSpec, launcher: Launcher,
                  staging: StagingPool) -> None:
         self.agent, self.region, self.spec = agent, region, spec
         self.launcher, self.staging = launcher, staging

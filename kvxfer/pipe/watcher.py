@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
 
 from .handle import PipeHandle
+
+logger = logging.getLogger("kvxfer")
 
 
 class Watcher:
@@ -14,7 +17,7 @@ class Watcher:
     the first :meth:`watch`."""
 
     def __init__(self) -> None:
-        self._watched: "weakref.WeakSet[PipeHandle]" = weakref.WeakSet()
+        self._watched: weakref.WeakSet[PipeHandle] = weakref.WeakSet()
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
 
@@ -31,7 +34,8 @@ class Watcher:
             for handle in list(self._watched):
                 try:
                     busy |= not handle.released and not handle.poll().final
-                except Exception:  # the owner sees any error when it polls; the watcher must go on for the others
+                except Exception as error:  # noqa: BLE001 the owner sees it when it polls; the thread goes on
+                    logger.debug("pipe watcher: dropped a handle whose poll raised %r", error)
                     self._watched.discard(handle)
             time.sleep(50e-6 if busy else 1e-3)
 

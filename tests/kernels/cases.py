@@ -33,7 +33,7 @@ def random_spec(rng: np.random.Generator, *, num_layers: int, num_blocks: int, b
     for axis in order:
         strides[axis] = reach + int(rng.integers(0, 3))
         reach = strides[axis] * sizes[axis]
-    fields["strides"] = tuple(strides[a] for a in ("layer", "block", "kv", "head", "token")) + (1,)
+    fields["strides"] = (*(strides[a] for a in ("layer", "block", "kv", "head", "token")), 1)
     return KVCacheSpec(**fields)
 
 
@@ -79,7 +79,7 @@ def naive_copy(src: np.ndarray, dst: np.ndarray, plan: KVCopyPlan) -> None:
     """The copy, one element at a time, straight from the plan's definition (slow: small cases only)."""
     s, d = plan.src_spec, plan.dst_spec
     size = s.itemsize
-    for i, (layer_s, layer_d) in enumerate(zip(plan.src_layers, plan.dst_layers)):
+    for layer_s, layer_d in zip(plan.src_layers, plan.dst_layers, strict=True):
         for part in plan.parts:
             for token in range(plan.num_tokens):
                 block_s, slot_s = plan.src_block_ids[token // s.block_size], token % s.block_size
@@ -92,4 +92,4 @@ def naive_copy(src: np.ndarray, dst: np.ndarray, plan: KVCopyPlan) -> None:
 
 
 def _element(spec: KVCacheSpec, *index: int) -> int:
-    return spec.offset + sum(int(i) * st for i, st in zip(index, spec.element_strides))
+    return spec.offset + sum(int(i) * st for i, st in zip(index, spec.element_strides, strict=True))

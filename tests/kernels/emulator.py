@@ -5,8 +5,9 @@ from __future__ import annotations
 import ctypes
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import kvxfer.kernels as kernels
 from kvxfer.kernels.launch import DEFAULT_TUNING, KernelTuning, LaunchShape

@@ -9,8 +9,9 @@ from __future__ import annotations
 import ctypes
 import json
 import types
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -52,7 +53,7 @@ class Stream:
     def __init__(self, ptr: int = 0) -> None:
         self.ptr = ptr
 
-    def __enter__(self) -> "Stream":
+    def __enter__(self) -> Stream:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -188,7 +189,7 @@ def test_every_row_launches_and_copies_the_right_bytes(bench_cupy: BenchCupy, tm
     original = bench._Bench._row
 
     def checked_row(self: Any, name: str, calls: list, tuning: KernelTuning, label: str) -> dict:
-        for src, dst, _ in calls:
+        for _, dst, _ in calls:
             self.memory[dst].host[:] = 0
         row = original(self, name, calls, tuning, label)
         expected = {dst: np.zeros_like(self.memory[dst].host) for _, dst, _ in calls}
@@ -217,7 +218,7 @@ def test_every_row_launches_and_copies_the_right_bytes(bench_cupy: BenchCupy, tm
                                                                           "kvxfer_run_v16") for i in spins)
     assert {item[1] for item in queue if item[0] != "kvxfer_bench_fill"} == {1000}
     verdicts = bench.summary(rows)
-    assert [v["variant"] for v in verdicts][0] == "default" and all(v["rows"] > 0 for v in verdicts)
+    assert verdicts[0]["variant"] == "default" and all(v["rows"] > 0 for v in verdicts)
 
 
 def test_quick_mode_and_json(bench_cupy: BenchCupy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -19,8 +19,8 @@ def _pairs(count: int, dims: list[tuple[int, int, int]], row: int) -> list[tuple
     """(src byte, dst byte) of every byte of a box: ``dims`` outermost first, then ``row`` contiguous bytes."""
     out = []
     for index in itertools.product(*(range(size) for size, _, _ in dims)):
-        src = sum(i * s for i, (_, s, _) in zip(index, dims))
-        dst = sum(i * d for i, (_, _, d) in zip(index, dims))
+        src = sum(i * s for i, (_, s, _) in zip(index, dims, strict=True))
+        dst = sum(i * d for i, (_, _, d) in zip(index, dims, strict=True))
         out += [(src + b, dst + b) for b in range(row)]
     return out
 
@@ -37,7 +37,7 @@ def test_folded_box_moves_the_same_bytes(counts: list[int], heads: int, row: int
              "padded": ((heads * row + pad, row), (row, block * row + pad))}[layout]
     (s_token, s_head), (d_token, d_head) = sides
     form = box_form(np.array(counts), [(heads, s_head, d_head)], row, (s_token, d_token))
-    for count, units in zip(counts, form.counts):
+    for count, units in zip(counts, form.counts, strict=True):
         expected = _pairs(count, [(count, s_token, d_token), (heads, s_head, d_head)], row)
         folded = _pairs(int(units), [(int(units), *form.unit_strides), (form.unit_rows, *form.row_strides)],
                         form.row)

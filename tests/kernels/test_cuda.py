@@ -261,7 +261,7 @@ def test_requests_queued_behind_busy_work_keep_their_own_tables(cupy: Any) -> No
         plans.append(plan)
     stream.synchronize()
     assert len({id(plan._template) for plan in plans}) == 1
-    for plan, out in zip(plans, outputs):
+    for plan, out in zip(plans, outputs, strict=True):
         expected = np.zeros(spec.nbytes, dtype=np.uint8)
         reference.copy_kv(src_host, expected, plan)
         np.testing.assert_array_equal(cupy.asnumpy(out), expected)

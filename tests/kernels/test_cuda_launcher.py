@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import ctypes
 import types
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -55,7 +56,7 @@ class HostBuffer(np.ndarray):
 class FakeEvent:
     """An event whose completion the test decides (``FakeCupy.events_done``)."""
 
-    def __init__(self, outer: "FakeCupy") -> None:
+    def __init__(self, outer: FakeCupy) -> None:
         self.outer, self.streams = outer, []
 
     @property
@@ -70,7 +71,7 @@ class FakeStream:
     def __init__(self, ptr: int, device: int = 0) -> None:
         self.ptr, self.device_id = ptr, device
 
-    def __enter__(self) -> "FakeStream":
+    def __enter__(self) -> FakeStream:
         FakeCupy.current.append(self)
         return self
 
@@ -87,7 +88,7 @@ FakeStream.__module__ = "cupy.cuda.stream"
 class FakeCupy:
     """Just the parts of cupy that _cuda.py touches."""
 
-    current: list[FakeStream] = []
+    current: ClassVar[list[FakeStream]] = []
     int64 = np.int64
 
     def __init__(self, lib: ctypes.CDLL) -> None:
@@ -243,7 +244,7 @@ def test_cupy_14_streams_come_from_stream_protocol(fake_cupy: FakeCupy) -> None:
     wrapped: list[int] = []
 
     def from_external(handle: Any) -> FakeStream:
-        version, pointer = handle.__cuda_stream__()
+        _, pointer = handle.__cuda_stream__()
         wrapped.append(pointer)
         return FakeStream(pointer)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import types
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -87,11 +88,11 @@ def test_tp_split_then_merge_with_block_size_change_round_trips() -> None:
                           tp_rank=r, tp_size=2) for r in range(2)]
     source = _cache(prefill, 3)
     ranks = [np.zeros(d.nbytes, dtype=np.uint8) for d in decode]
-    for spec, memory in zip(decode, ranks):
+    for spec, memory in zip(decode, ranks, strict=True):
         h0, h1 = spec.head_range()
         kernels.copy_blocks(source, prefill, [5, 1, 6], memory, spec, [4, 0], num_tokens=40, src_heads=(h0, h1))
     merged = np.zeros_like(source)
-    for spec, memory in zip(decode, ranks):
+    for spec, memory in zip(decode, ranks, strict=True):
         kernels.copy_blocks(memory, spec, [4, 0], merged, prefill, [2, 3, 7], num_tokens=40,
                             dst_heads=spec.head_range())
     view_src, view_out = (reference.element_view(m, prefill, "x") for m in (source, merged))
@@ -154,8 +155,8 @@ def test_bad_buffers() -> None:
         kernels.copy_kv(good, good.copy(), "plan")  # type: ignore[arg-type]
 
     class FakeDeviceArray:
-        __cuda_array_interface__ = {"data": (1 << 20, False), "shape": (spec.nbytes,), "typestr": "|u1",
-                                    "version": 3}
+        __cuda_array_interface__: ClassVar[dict[str, object]] = {
+            "data": (1 << 20, False), "shape": (spec.nbytes,), "typestr": "|u1", "version": 3}
 
     with pytest.raises(ConfigError, match="both be host or both CUDA"):
         kernels.copy_kv(good, FakeDeviceArray(), plan)

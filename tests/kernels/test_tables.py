@@ -92,7 +92,7 @@ def test_head_slices_of_tp_ranks_share_nothing_but_are_each_cached() -> None:
     ranks = [SPEC.replace(num_kv_heads=4, tp_size=2, tp_rank=r) for r in range(2)]
     rng = np.random.default_rng(0)
     for _ in range(3):
-        for r, rank in enumerate(ranks):
+        for rank in ranks:
             heads = rank.head_range()
             plan = plan_kv_copy(SPEC, rank, rng.permutation(64)[:4], rng.permutation(64)[:4], src_heads=heads)
             assert_same_tables(plan.tables, kernel_tables(plan))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
@@ -15,7 +14,7 @@ from tests.helpers import Cluster, pipe_agents
 
 
 def test_verify_mode_catches_corruption():
-    prefill, decode, source, target, peer, prefill_region = pipe_agents(Fault.corrupt(4))
+    prefill, decode, _, _, peer, prefill_region = pipe_agents(Fault.corrupt(4))
     with prefill, decode:
         expected = {"p": compute(prefill_region, SPEC, [1, 2]).encode()}
         pipe = KVPipe(decode, SPEC, peer, SPEC, strategy="direct")
@@ -29,7 +28,7 @@ def test_verify_mode_accepts_correct_data_across_layouts(p_tp, d_tp, p_block, d_
     cluster = Cluster(p_tp, d_tp, 8, p_block, d_block, "HND", "NHD", tokens=40)
     try:
         expected = {agent.name: compute(agent.regions[0], spec, cluster.p_ids, num_tokens=40)
-                    for agent, spec in zip(cluster.prefill, cluster.p_specs)}
+                    for agent, spec in zip(cluster.prefill, cluster.p_specs, strict=True)}
         for rank in range(d_tp):
             pipe = cluster.pipe(rank, strategy="staged")
             pipe.pull(cluster.d_ids, cluster.p_ids, num_tokens=40, expected=expected).wait(timeout=10)

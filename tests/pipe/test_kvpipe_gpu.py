@@ -43,7 +43,8 @@ def prefill_rank(conn, spec, block_ids, device, backend):
     (1, 1, 16, 16, "HND", "HND", "direct"),
     (2, 1, 16, 32, "HND", "NHD", "staged"),
 ])
-@pytest.mark.parametrize("source", [pytest.param(0, marks=pytest.mark.gpu), pytest.param(1, marks=pytest.mark.multi_gpu)])
+@pytest.mark.parametrize("source", [pytest.param(0, marks=pytest.mark.gpu),
+                                    pytest.param(1, marks=pytest.mark.multi_gpu)])
 def test_pull_over_cuda_ipc(source, p_tp, d_tp, p_block, d_block, p_layout, d_layout, strategy):
     import cupy
 

@@ -15,7 +15,7 @@ from tests.helpers import pipe_agents
 
 
 def test_expired_lease_fails_the_receiver_and_frees_the_blocks():
-    prefill, decode, source, target, peer, _ = pipe_agents(Fault.delay(1.0))
+    prefill, decode, _, target, peer, _ = pipe_agents(Fault.delay(1.0))
     ended = []
     with prefill, decode:
         Leases.of(prefill).grant(b"req-1", "d", [1, 2], ttl=0.3, on_end=lambda lease, why: ended.append(why))
@@ -45,7 +45,7 @@ def test_renewed_lease_outlives_a_slow_transfer_and_is_released_after_it():
 
 
 def test_pull_after_the_lease_expired_is_refused():
-    prefill, decode, source, target, peer, _ = pipe_agents()
+    prefill, decode, _, _, peer, _ = pipe_agents()
     ended = []
     with prefill, decode:
         Leases.of(prefill).grant(b"late", "d", [1, 2], ttl=0.05, on_end=lambda lease, why: ended.append(why))

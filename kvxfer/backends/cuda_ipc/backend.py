@@ -16,7 +16,9 @@ import logging
 import sys
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import numpy as np
@@ -25,7 +27,7 @@ from ... import environment
 from ...errors import BackendError, ConfigError, KvxferError, PeerDisconnectedError, TransferError
 from ...handle import Notification, TransferState
 from ...memory import MemoryKind
-from ..base import Backend, BackendCaps, Op, Request
+from ..base import Backend, BackendCaps, BackendContext, Op, Request, Scope
 from . import driver
 from .events import EventRing, OpenedEvents
 from .mailbox import Mailbox
@@ -67,7 +69,8 @@ class _PlanState:
 class CudaIpcBackend(Backend):
     """Same-host GPU<->GPU transfers across processes (``strategy``: "auto", "kernel" or "copy")."""
 
-    caps = BackendCaps(name="cuda_ipc", wire="cuda_ipc", memory_kinds=frozenset({MemoryKind.CUDA}), scope="host",
+    caps = BackendCaps(name="cuda_ipc", wire="cuda_ipc", memory_kinds=frozenset({MemoryKind.CUDA}),
+                       scope=Scope.HOST,
                        can_cancel=True, preference=50)
 
     def __init__(self, strategy: str = "auto", early_notify: bool | None = None) -> None:
@@ -86,9 +89,9 @@ class CudaIpcBackend(Backend):
         self._home: int | None = None
         self._exports: dict[int, Export] = {}
         self._imports = Imports()
-        self._peers: dict[str, Any] = {}  # uid -> Peer
+        self._peers: dict[str, tuple[Peer, str, bytes]] = {}  # uid -> (peer, mailbox address, secret)
         self._lost: dict[str, str] = {}  # uid -> why
-        self._plans: "weakref.WeakKeyDictionary[TransferPlan, _PlanState]" = weakref.WeakKeyDictionary()
+        self._plans: weakref.WeakKeyDictionary[TransferPlan, _PlanState] = weakref.WeakKeyDictionary()
         self._streams: dict[int, Any] = {}
         self._pending: set[IpcRequest] = set()
         self._wake = threading.Condition()
@@ -108,30 +111,31 @@ class CudaIpcBackend(Backend):
             return str(error)
         return None
 
-    def attach(self, context: Any) -> None:
+    def attach(self, context: BackendContext) -> None:
         super().attach(context)
         self._mailbox = Mailbox(context.agent_uid, self._on_note, self._on_lost, self._fds_of, self._await_event)
         threading.Thread(target=self._progress, name=f"kvxfer-ipc-{context.agent_name}", daemon=True).start()
 
     def info(self) -> bytes:
         assert self._mailbox is not None
-        return msgpack.packb([self._mailbox.address.encode(), self._mailbox.secret], use_bin_type=True)
+        info: bytes = msgpack.packb([self._mailbox.address.encode(), self._mailbox.secret], use_bin_type=True)
+        return info
 
     # ---- regions -----------------------------------------------------------------------------------------------
 
-    def register(self, region: "Region") -> bytes:
+    def register(self, region: Region) -> bytes:
         export = export_region(region.addr, region.nbytes, region.device)
         if self._home is None:
             self._home = region.device
         self._exports[region.index] = export
         return export.key
 
-    def deregister(self, region: "Region") -> None:
+    def deregister(self, region: Region) -> None:
         export = self._exports.pop(region.index, None)
         if export is not None:
             export.close()
 
-    def _fds_of(self, region_index: int) -> tuple[list[int], list]:
+    def _fds_of(self, region_index: int) -> tuple[list[int], list[int]]:
         export = self._exports.get(region_index)
         if export is None or not export.fds:
             return [], []
@@ -139,11 +143,11 @@ class CudaIpcBackend(Backend):
 
     # ---- peers -------------------------------------------------------------------------------------------------
 
-    def connect(self, peer: "Peer") -> None:
+    def connect(self, peer: Peer) -> None:
         assert self._mailbox is not None and self.context is not None
         try:
             address, secret = msgpack.unpackb(peer.meta.backends[self.caps.wire], raw=False)
-        except Exception as error:
+        except (KeyError, TypeError, ValueError, msgpack.UnpackException) as error:
             raise PeerDisconnectedError(f"cuda_ipc: bad backend info from {peer.name!r}: {error}", peer.name) from None
         if peer.meta.uid != self.context.agent_uid:
             self._mailbox.open(peer.meta.uid, peer.name, address.decode(), secret,
@@ -151,7 +155,7 @@ class CudaIpcBackend(Backend):
         self._peers[peer.meta.uid] = (peer, address.decode(), secret)
         self._lost.pop(peer.meta.uid, None)
 
-    def disconnect(self, peer: "Peer") -> None:
+    def disconnect(self, peer: Peer) -> None:
         assert self._mailbox is not None
         self._drain(peer.meta.uid)
         self._imports.close_peer(peer.meta.uid)
@@ -171,7 +175,7 @@ class CudaIpcBackend(Backend):
         assert self.context is not None
         try:
             return self._opened.wait(handle, alive, self.context.timeouts.transfer)
-        except Exception as error:  # a handle that will not open: wait for the sender's "done" instead
+        except Exception as error:  # noqa: BLE001 a handle that will not open (any CUDA/cupy error): wait for "done"
             logger.warning("cuda_ipc: a peer's copy event cannot be waited on here (%s); notifications from it wait "
                            "for the copy's completion message", error)
             return None
@@ -187,14 +191,14 @@ class CudaIpcBackend(Backend):
 
     # ---- plans and transfers -----------------------------------------------------------------------------------
 
-    def prepare(self, plan: "TransferPlan") -> None:
+    def prepare(self, plan: TransferPlan) -> None:
         self._state(plan)
 
-    def plan_state(self, plan: "TransferPlan") -> "_PlanState":
+    def plan_state(self, plan: TransferPlan) -> _PlanState:
         """What :meth:`prepare` built for ``plan`` (its strategy, tables, device): for benchmarks and tests."""
         return self._plans[plan]
 
-    def map_remote(self, peer: "Peer", region_index: int, device: int) -> int | None:
+    def map_remote(self, peer: Peer, region_index: int, device: int) -> int | None:
         assert self.context is not None
         meta = next((r for r in peer.meta.regions if r.index == region_index), None)
         if meta is None or device < 0:
@@ -202,11 +206,15 @@ class CudaIpcBackend(Backend):
         if peer.meta.pid == self.context.pid:
             return meta.addr
         _, address, secret = self._peers[peer.meta.uid]
-        fetch = lambda index: self._mailbox.fetch_fds(address, secret, self.context.agent_uid, index,
-                                                      self.context.timeouts.connect)
+        mailbox, context = self._mailbox, self.context
+        assert mailbox is not None
+
+        def fetch(index: int) -> tuple[list[int], Any]:
+            return mailbox.fetch_fds(address, secret, context.agent_uid, index, context.timeouts.connect)
+
         return self._imports.local_base(peer.meta.uid, region_index, device, meta.keys[self.caps.wire], fetch)
 
-    def _state(self, plan: "TransferPlan") -> _PlanState:
+    def _state(self, plan: TransferPlan) -> _PlanState:
         state = self._plans.get(plan)
         if state is not None:
             return state
@@ -218,6 +226,7 @@ class CudaIpcBackend(Backend):
         for index in plan.remote_regions:  # same process: map_remote returns the peer's own pointer (no import)
             meta = next(r for r in plan.peer.meta.regions if r.index == index)
             base = self.map_remote(plan.peer, index, device)
+            assert base is not None  # the region is the peer's and the device a real one
             shift[plan.remote.region == index] = np.uint64((base - meta.addr) % 2**64)
         remote = plan.remote.addr + shift  # wraps modulo 2**64 like the pointer arithmetic it stands for
         strategy = self.strategy
@@ -237,13 +246,14 @@ class CudaIpcBackend(Backend):
                 stream = self._streams[device] = cupy_module().cuda.Stream(non_blocking=True)
         return stream
 
-    def post(self, op: Op, plan: "TransferPlan", notify: bytes | None) -> IpcRequest:
+    def post(self, op: Op, plan: TransferPlan, notify: bytes | None) -> IpcRequest:
         from ...devices import cupy_module
         from ...kernels import batch_copy
 
         if plan.peer.meta.uid in self._lost:
             raise PeerDisconnectedError(f"peer {plan.peer.name!r} is gone: {self._lost[plan.peer.meta.uid]}",
                                         plan.peer.name)
+        assert self.context is not None
         state = self._state(plan)
         cupy = cupy_module()
         sources, destinations = (state.remote, state.local) if op is Op.READ else (state.local, state.remote)
@@ -269,6 +279,7 @@ class CudaIpcBackend(Backend):
         request = IpcRequest(plan.nbytes, event, plan.peer.meta.uid, notify, state.strategy)
         if early:
             try:  # the peer delivers it once the event completes; meanwhile the copy runs
+                assert self._mailbox is not None and notify is not None
                 self._mailbox.send_note_after(plan.peer.meta.uid, handle, notify, request.sequence)
                 request.noted = True
             except PeerDisconnectedError:
@@ -279,12 +290,13 @@ class CudaIpcBackend(Backend):
         return request
 
     @staticmethod
-    def _copy_engine(cupy: Any, sources: list[int], destinations: list[int], sizes: list[int], stream: int) -> None:
+    def _copy_engine(cupy: ModuleType, sources: list[int], destinations: list[int], sizes: list[int],
+                     stream: int) -> None:
         """Copy-engine copies: one cuMemcpyBatchAsync where the driver has it, else one memcpyAsync per run."""
         if driver.memcpy_batch(destinations, sources, sizes, stream):
             return
         copy_default = 4  # cudaMemcpyDefault: direction from the unified addresses
-        for source, destination, size in zip(sources, destinations, sizes):
+        for source, destination, size in zip(sources, destinations, sizes, strict=True):
             cupy.cuda.runtime.memcpyAsync(destination, source, size, copy_default, stream)
 
     def poll(self, request: Request) -> TransferState:
@@ -333,7 +345,7 @@ class CudaIpcBackend(Backend):
         request.finished.set()
         self._pending.discard(request)
 
-    def send_notification(self, peer: "Peer", payload: bytes) -> None:
+    def send_notification(self, peer: Peer, payload: bytes) -> None:
         assert self._mailbox is not None and self.context is not None
         if peer.meta.uid == self.context.agent_uid:
             self.context.deliver(Notification(self.context.agent_name, payload))
@@ -353,7 +365,7 @@ class CudaIpcBackend(Backend):
             try:
                 request.event.synchronize()
                 self._complete(request)
-            except Exception as error:  # a CUDA error ends that transfer, not the thread
+            except Exception as error:  # noqa: BLE001 a CUDA error ends that transfer, not the thread
                 if request.noted:
                     self._send_done(request, landed=False)
                 with request.lock:

@@ -139,12 +139,17 @@ class VmmMapping:
 
 def map_vmm(fds: list[int], sizes: list[int], devices: list[int]) -> VmmMapping:
     """Import ``fds`` (closed here) and map them back to back; grant read/write access to ``devices``."""
+    if len(fds) != len(sizes) or any(size <= 0 for size in sizes):  # what a peer sent: checked before use
+        for fd in fds:
+            os.close(fd)
+        raise BackendError(f"cuda_ipc: a peer sent {len(fds)} file descriptors for chunk sizes {sizes[:8]}",
+                           backend="cuda_ipc")
     driver = cu()
     total = sum(sizes)
     va = int(check(driver.cuMemAddressReserve(total, 0, 0, 0), "cuMemAddressReserve"))
     offset = 0
     try:
-        for fd, size in zip(fds, sizes):
+        for fd, size in zip(fds, sizes, strict=True):
             handle = check(driver.cuMemImportFromShareableHandle(fd, _posix_fd_type()),
                            "cuMemImportFromShareableHandle")
             try:
@@ -214,5 +219,5 @@ class VmmAllocation:
     def __del__(self) -> None:
         try:
             self.free()
-        except Exception:  # interpreter shutdown: the driver may be gone already
+        except Exception:  # noqa: BLE001 __del__ cannot report (at interpreter shutdown the driver may be gone)
             pass

@@ -14,7 +14,8 @@ import secrets
 import socket
 import struct
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 
@@ -25,7 +26,7 @@ _MAX_FRAME = 1 << 20
 _MAX_FDS = 4096
 
 
-def _send(sock: socket.socket, message: list, fds: list[int] | None = None) -> None:
+def _send(sock: socket.socket, message: list[Any], fds: list[int] | None = None) -> None:
     body = msgpack.packb(message, use_bin_type=True)
     frame = struct.pack("!I", len(body)) + body
     if fds:
@@ -34,7 +35,7 @@ def _send(sock: socket.socket, message: list, fds: list[int] | None = None) -> N
         sock.sendall(frame)
 
 
-def _recv(sock: socket.socket, with_fds: bool = False) -> tuple[list | None, list[int]]:
+def _recv(sock: socket.socket, with_fds: bool = False) -> tuple[list[Any] | None, list[int]]:
     """One frame (None at end of stream) and any file descriptors that came with it."""
     fds: list[int] = []
     if with_fds:
@@ -69,7 +70,7 @@ class _Notes:
 
     def __init__(self, deliver: Callable[[bytes], None]) -> None:
         self._deliver = deliver
-        self._held: list[list] = []  # [sequence or None, payload, ready]
+        self._held: list[list[Any]] = []  # [sequence or None, payload, ready]
 
     @property
     def held(self) -> bool:
@@ -112,7 +113,7 @@ class Mailbox:
     """Receives notifications and fd requests; sends notifications; watches peers' connections."""
 
     def __init__(self, uid: str, on_note: Callable[[str, bytes], None], on_lost: Callable[[str, str, str], None],
-                 fds_of: Callable[[int], tuple[list[int], list]],
+                 fds_of: Callable[[int], tuple[list[int], list[int]]],
                  await_event: Callable[[bytes, Callable[[], bool]], bool | None] | None = None) -> None:
         self.address = f"\0kvxfer-ipc-{uid}-{os.getpid()}"
         self.secret = secrets.token_bytes(16)
@@ -133,7 +134,7 @@ class Mailbox:
         while not self._closed.is_set():
             try:
                 connection, _ = self._server.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -173,7 +174,7 @@ class Mailbox:
                             notes.ready(bytes(message[2]))
                     elif message[0] == "done":
                         notes.done(int(message[1]), bool(message[2]))
-            except Exception as error:  # a broken or hostile client ends its own connection, nothing else
+            except Exception as error:  # noqa: BLE001 a broken or hostile client ends its own connection only
                 logger.debug("cuda_ipc mailbox: connection ended: %s", error)
             if peer_uid is not None and not self._closed.is_set():
                 self._on_lost(peer_uid, peer_name, "its connection closed (process ended?)")
@@ -221,7 +222,7 @@ class Mailbox:
         """Tell the peer the copy behind notification ``sequence`` completed (``landed``) or failed."""
         self._send_to(peer_uid, ["done", sequence, landed])
 
-    def _send_to(self, peer_uid: str, message: list) -> None:
+    def _send_to(self, peer_uid: str, message: list[Any]) -> None:
         sock = self._outgoing.get(peer_uid)
         if sock is None:
             raise PeerDisconnectedError("cuda_ipc: no open connection to the peer")

@@ -7,14 +7,19 @@ by the mailbox. Import: opened lazily, once per (peer region, local device), clo
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 
 from ...errors import BackendError, RegistrationError
 from . import driver
+
+logger = logging.getLogger("kvxfer")
 
 LEGACY, VMM = "legacy", "vmm"
 
@@ -77,7 +82,7 @@ class Imports:
             return self._bases[slot]
         try:
             mode, *fields = msgpack.unpackb(key, raw=False)
-        except Exception as error:
+        except (TypeError, ValueError, msgpack.UnpackException) as error:
             raise BackendError(f"cuda_ipc: undecodable key for peer region {region_index}: {error}") from None
         driver.use_device(device)
         if mode == LEGACY:
@@ -86,7 +91,7 @@ class Imports:
             if opened is None:  # one allocation may back several regions: open its handle once
                 opened = driver.open_legacy(handle)
                 self._legacy[(peer_uid, handle, device)] = opened
-                self._closers.setdefault(peer_uid, []).append(lambda d=device, p=opened: _close_legacy(d, p))
+                self._closers.setdefault(peer_uid, []).append(functools.partial(_close_legacy, device, opened))
             base = opened + offset
         elif mode == VMM:
             offset = int(fields[0])
@@ -104,8 +109,8 @@ class Imports:
         for close in self._closers.pop(peer_uid, []):
             try:
                 close()
-            except Exception:  # a peer that died may leave handles the driver already dropped
-                pass
+            except BackendError as error:  # a peer that died may leave handles the driver already dropped
+                logger.debug("cuda_ipc: unmapping a region of peer %s failed: %s", peer_uid, error)
         self._bases = {k: v for k, v in self._bases.items() if k[0] != peer_uid}
         self._legacy = {k: v for k, v in self._legacy.items() if k[0] != peer_uid}
 
