@@ -40,8 +40,17 @@ def _serve(connection: Any, role: str, device: str, options: dict[str, Any]) -> 
     import torch
 
     import kvxfer
-    from kvxfer.engine import (CacheConfig, DecodeConnector, DecodeEngine, KVReady, KVWanted, Model, ModelConfig,
-                               PrefillConnector, PrefillEngine)
+    from kvxfer.engine import (
+        CacheConfig,
+        DecodeConnector,
+        DecodeEngine,
+        KVReady,
+        KVWanted,
+        Model,
+        ModelConfig,
+        PrefillConnector,
+        PrefillEngine,
+    )
     from kvxfer.engine.messages import request_from_wire
 
     if device.startswith("cuda"):
@@ -54,8 +63,9 @@ def _serve(connection: Any, role: str, device: str, options: dict[str, Any]) -> 
         engine: Any = PrefillEngine(model, CacheConfig(num_blocks=options["prefill_blocks"], block_size=BLOCK))
         connector: Any = PrefillConnector(engine, agent, lease_ttl=30.0)
     else:
-        engine = DecodeEngine(model, CacheConfig(num_blocks=options["decode_blocks"], block_size=BLOCK),
-                              max_batch_size=64)
+        engine = DecodeEngine(
+            model, CacheConfig(num_blocks=options["decode_blocks"], block_size=BLOCK), max_batch_size=64
+        )
         connector = DecodeConnector(engine, agent, timeout=60.0)
     connection.send(connector.info().encode())
     group = None
@@ -96,8 +106,7 @@ def _serve(connection: Any, role: str, device: str, options: dict[str, Any]) -> 
             elif command == "decode":
                 tokens, seconds = engine.num_decode_tokens, engine.decode_s
                 engine.run(timeout_s=300)
-                answer = (engine.num_decode_tokens - tokens, engine.decode_s - seconds,
-                          connector.pipe(group).strategy)
+                answer = (engine.num_decode_tokens - tokens, engine.decode_s - seconds, connector.pipe(group).strategy)
             elif command == "ceiling":
                 answer = _copy_ceiling(device, args[0], args[1])
             else:
@@ -176,9 +185,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = ModelConfig.preset(args.preset)
     batches = sorted(set(args.batch))
     per_request = -(-(args.tokens + args.decode_tokens) // BLOCK)
-    options = {"preset": args.preset, "dtype": args.dtype, "backend": "ucx" if smoke else "cuda_ipc",
-               "prefill_blocks": 2 * per_request + 8, "decode_blocks": (max(batches) + 2) * per_request + 8,
-               "threads": 2 if smoke else 8, "environ": {"UCX_MEM_MMAP_HOOK_MODE": "none"} if smoke else {}}
+    options = {
+        "preset": args.preset,
+        "dtype": args.dtype,
+        "backend": "ucx" if smoke else "cuda_ipc",
+        "prefill_blocks": 2 * per_request + 8,
+        "decode_blocks": (max(batches) + 2) * per_request + 8,
+        "threads": 2 if smoke else 8,
+        "environ": {"UCX_MEM_MMAP_HOOK_MODE": "none"} if smoke else {},
+    }
     started = time.perf_counter()
     prefill, decode = Side("prefill", p_device, options), Side("decode", d_device, options)
     try:
@@ -229,19 +244,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     push_prefill_s = statistics.median(p[0] for p in pushes)
     tail_s = statistics.median(p[1] for p in pushes)
     return {
-        "device": _device_name(smoke), "gpus": gpus, "prefill_device": p_device, "decode_device": d_device,
-        "preset": args.preset, "dtype": args.dtype, "tokens": args.tokens, "block_size": BLOCK,
-        "strategy": strategy, "kv_bytes": kv_bytes, "rounds": args.rounds,
-        "prefill_ms": 1e3 * prefill_s, "transfer_ms": 1e3 * transfer_s,
+        "device": _device_name(smoke),
+        "gpus": gpus,
+        "prefill_device": p_device,
+        "decode_device": d_device,
+        "preset": args.preset,
+        "dtype": args.dtype,
+        "tokens": args.tokens,
+        "block_size": BLOCK,
+        "strategy": strategy,
+        "kv_bytes": kv_bytes,
+        "rounds": args.rounds,
+        "prefill_ms": 1e3 * prefill_s,
+        "transfer_ms": 1e3 * transfer_s,
         "ttft_ms": 1e3 * (prefill_s + transfer_s),
         "transfer_pct_of_ttft": 100 * transfer_s / (prefill_s + transfer_s),
-        "transfer_gbps": kv_bytes / transfer_s / 1e9, "ceiling_gbps": kv_bytes / ceiling_s / 1e9,
+        "transfer_gbps": kv_bytes / transfer_s / 1e9,
+        "ceiling_gbps": kv_bytes / ceiling_s / 1e9,
         "transfer_vs_ceiling": ceiling_s / transfer_s,
         "receive_wall_ms": 1e3 * statistics.median(r[2] for r in rounds),
-        "push_prefill_ms": 1e3 * push_prefill_s, "push_tail_ms": 1e3 * tail_s,
+        "push_prefill_ms": 1e3 * push_prefill_s,
+        "push_tail_ms": 1e3 * tail_s,
         "push_tail_pct_of_ttft": 100 * tail_s / (push_prefill_s + tail_s),
-        "decode_tokens_per_s": decode_rates, "decode_tokens": args.decode_tokens,
-        "raw": {"pull": rounds, "push": pushes}, "seconds": time.perf_counter() - started,
+        "decode_tokens_per_s": decode_rates,
+        "decode_tokens": args.decode_tokens,
+        "raw": {"pull": rounds, "push": pushes},
+        "seconds": time.perf_counter() - started,
     }
 
 
@@ -262,19 +290,32 @@ def _device_name(smoke: bool) -> str:
 def table(result: dict[str, Any]) -> str:
     rates = result["decode_tokens_per_s"]
     rows = [
-        ("device", f"{result['device']} x{max(result['gpus'], 1)} ({result['prefill_device']} -> "
-                   f"{result['decode_device']}, {result['strategy']})"),
-        ("model", f"{result['preset']} {result['dtype']}, {result['tokens']}-token prompt, "
-                  f"{result['kv_bytes'] / 2**20:.1f} MiB KV"),
+        (
+            "device",
+            f"{result['device']} x{max(result['gpus'], 1)} ({result['prefill_device']} -> "
+            f"{result['decode_device']}, {result['strategy']})",
+        ),
+        (
+            "model",
+            f"{result['preset']} {result['dtype']}, {result['tokens']}-token prompt, "
+            f"{result['kv_bytes'] / 2**20:.1f} MiB KV",
+        ),
         ("prefill", f"{result['prefill_ms']:.2f} ms"),
-        ("KV transfer (pull)", f"{result['transfer_ms']:.3f} ms  {result['transfer_gbps']:.1f} GB/s  "
-                               f"({result['transfer_vs_ceiling']:.2f} x one-buffer copy "
-                               f"{result['ceiling_gbps']:.1f} GB/s)"),
-        ("transfer / TTFT", f"{result['transfer_pct_of_ttft']:.2f} %  (target <= 3 %; TTFT "
-                            f"{result['ttft_ms']:.2f} ms)"),
+        (
+            "KV transfer (pull)",
+            f"{result['transfer_ms']:.3f} ms  {result['transfer_gbps']:.1f} GB/s  "
+            f"({result['transfer_vs_ceiling']:.2f} x one-buffer copy "
+            f"{result['ceiling_gbps']:.1f} GB/s)",
+        ),
+        (
+            "transfer / TTFT",
+            f"{result['transfer_pct_of_ttft']:.2f} %  (target <= 3 %; TTFT {result['ttft_ms']:.2f} ms)",
+        ),
         ("streamed push tail", f"{result['push_tail_ms']:.3f} ms = {result['push_tail_pct_of_ttft']:.2f} % of TTFT"),
-    ] + [(f"decode batch {b}", f"{rate:.0f} tokens/s ({rate / int(b):.1f} per sequence)")
-         for b, rate in sorted(rates.items(), key=lambda item: int(item[0]))]
+    ] + [
+        (f"decode batch {b}", f"{rate:.0f} tokens/s ({rate / int(b):.1f} per sequence)")
+        for b, rate in sorted(rates.items(), key=lambda item: int(item[0]))
+    ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -291,8 +332,14 @@ def main() -> int:
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU over UCX (checks the script)")
     args = parser.parse_args()
     if args.cpu_smoke:
-        args.preset, args.dtype, args.tokens, args.batch, args.decode_tokens, args.rounds = \
-            "tiny", "float32", 256, [1, 4], 8, 3
+        args.preset, args.dtype, args.tokens, args.batch, args.decode_tokens, args.rounds = (
+            "tiny",
+            "float32",
+            256,
+            [1, 4],
+            8,
+            3,
+        )
     result = run(args)
     if args.json:
         with open(args.json, "w") as handle:

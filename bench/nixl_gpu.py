@@ -43,15 +43,29 @@ def workloads(spec: KVCacheSpec, tokens: int) -> list[tuple[str, np.ndarray, np.
     local_ids, remote_ids = rng.permutation(spec.num_blocks)[:blocks], rng.permutation(spec.num_blocks)[:blocks]
     local, piece = spec.block_offsets(local_ids)
     remote, _ = spec.block_offsets(remote_ids)
-    pairs = [Descs(o.astype(np.uint64), np.full(len(o), piece, np.uint64), np.zeros(len(o), np.int32),
-                   np.zeros(len(o), np.int32), None) for o in (local, remote)]
+    pairs = [
+        Descs(
+            o.astype(np.uint64),
+            np.full(len(o), piece, np.uint64),
+            np.zeros(len(o), np.int32),
+            np.zeros(len(o), np.int32),
+            None,
+        )
+        for o in (local, remote)
+    ]
     merged_local, merged_remote = coalesce_pairs(*pairs)
     result = [("llama-8b kv", merged_local.addr, merged_remote.addr, merged_local.nbytes)]
     moved = int(merged_local.nbytes.sum())
     for size in (4 << 10, 2 << 20):
         count = moved // size
-        result.append((f"{size // 1024} KiB fragments", rng.permutation(spec.nbytes // size)[:count] * size,
-                       rng.permutation(spec.nbytes // size)[:count] * size, np.full(count, size)))
+        result.append(
+            (
+                f"{size // 1024} KiB fragments",
+                rng.permutation(spec.nbytes // size)[:count] * size,
+                rng.permutation(spec.nbytes // size)[:count] * size,
+                np.full(count, size),
+            )
+        )
     return result
 
 
@@ -74,6 +88,7 @@ def run(source: int, target: int, tokens: int, block_size: int, repeats: int) ->
         remote_name = agent.add_remote_agent(meta)
         ceiling = ceiling_gbps(source, target)
         for name, local, remote, sizes in workloads(spec, tokens):
+
             def descs(base: int, offsets: np.ndarray, device: int) -> np.ndarray:
                 table = np.zeros((len(offsets), 3), dtype=np.uint64)
                 table[:, 0] = np.uint64(base) + np.asarray(offsets, np.uint64)
@@ -97,9 +112,18 @@ def run(source: int, target: int, tokens: int, block_size: int, repeats: int) ->
             agent.release_xfer_handle(handle)
             median = float(np.median(seconds[2:]))
             nbytes = int(np.sum(sizes))
-            rows.append({"workload": name, "fragment_bytes": int(sizes[0]), "fragments": len(sizes),
-                         "MiB": nbytes / 2**20, "ms": median * 1e3, "GB/s": nbytes / median / 1e9,
-                         "ceiling_GB/s": ceiling, "ratio": nbytes / median / 1e9 / ceiling})
+            rows.append(
+                {
+                    "workload": name,
+                    "fragment_bytes": int(sizes[0]),
+                    "fragments": len(sizes),
+                    "MiB": nbytes / 2**20,
+                    "ms": median * 1e3,
+                    "GB/s": nbytes / median / 1e9,
+                    "ceiling_GB/s": ceiling,
+                    "ratio": nbytes / median / 1e9 / ceiling,
+                }
+            )
     finally:
         conn.send("exit")
         process.join(30)

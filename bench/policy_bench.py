@@ -43,15 +43,42 @@ BLOCK_SIZE = 16
 KV_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 2  # SmolLM2-135M: K and V, 30 layers, 3 KV heads of 64, bf16
 
 
-def build_cluster(rng: random.Random, num_prefill: int, num_decode: int) -> tuple[list[WorkerState],
-                                                                                  dict[tuple[str, str], LinkRate]]:
-    workers = [WorkerState(f"prefill-{i}", "prefill", BLOCK_SIZE, rng.randrange(2000, 8000), rng.randrange(0, 2000),
-                           rng.randrange(0, 20_000), rng.uniform(5_000, 20_000), 0.0) for i in range(num_prefill)]
-    workers += [WorkerState(f"decode-{i}", "decode", BLOCK_SIZE, rng.randrange(500, 8000), rng.randrange(0, 6000),
-                            rng.randrange(0, 4000), rng.uniform(2_000, 8_000), rng.uniform(0.0, 0.2))
-                for i in range(num_decode)]
-    links = {(p.name, d.name): LinkRate(rng.uniform(1e9, 40e9), rng.uniform(1e-5, 1e-4))
-             for p in workers if p.role == "prefill" for d in workers if d.role == "decode"}
+def build_cluster(
+    rng: random.Random, num_prefill: int, num_decode: int
+) -> tuple[list[WorkerState], dict[tuple[str, str], LinkRate]]:
+    workers = [
+        WorkerState(
+            f"prefill-{i}",
+            "prefill",
+            BLOCK_SIZE,
+            rng.randrange(2000, 8000),
+            rng.randrange(0, 2000),
+            rng.randrange(0, 20_000),
+            rng.uniform(5_000, 20_000),
+            0.0,
+        )
+        for i in range(num_prefill)
+    ]
+    workers += [
+        WorkerState(
+            f"decode-{i}",
+            "decode",
+            BLOCK_SIZE,
+            rng.randrange(500, 8000),
+            rng.randrange(0, 6000),
+            rng.randrange(0, 4000),
+            rng.uniform(2_000, 8_000),
+            rng.uniform(0.0, 0.2),
+        )
+        for i in range(num_decode)
+    ]
+    links = {
+        (p.name, d.name): LinkRate(rng.uniform(1e9, 40e9), rng.uniform(1e-5, 1e-4))
+        for p in workers
+        if p.role == "prefill"
+        for d in workers
+        if d.role == "decode"
+    }
     return workers, links
 
 
@@ -62,8 +89,15 @@ def build_requests(rng: random.Random, count: int, tokens: int) -> list[RouteReq
     for number in range(count):
         prompt = rng.choice(systems) + [rng.randrange(50_000) for _ in range(tokens - tokens // 2)]
         hashes = tuple(block_hashes(prompt, BLOCK_SIZE))
-        requests.append(RouteRequest(f"req-{number}", len(prompt), hashes, rng.choice(priorities),  # type: ignore[arg-type]
-                                     KV_BYTES_PER_TOKEN))
+        requests.append(
+            RouteRequest(
+                f"req-{number}",
+                len(prompt),
+                hashes,
+                rng.choice(priorities),  # type: ignore[arg-type]
+                KV_BYTES_PER_TOKEN,
+            )
+        )
     return requests
 
 
@@ -80,8 +114,13 @@ def time_loop(repeats: int, run: Callable[[], tuple[int, float]]) -> dict[str, o
         count, seconds = run()
         rates.append(count / seconds)
         cpu_rates.append(count / max(time.process_time() - cpu, 1e-9))
-    return {"median_per_s": statistics.median(rates), "best_per_s": max(rates), "runs_per_s": rates,
-            "median_per_cpu_s": statistics.median(cpu_rates), "best_per_cpu_s": max(cpu_rates)}
+    return {
+        "median_per_s": statistics.median(rates),
+        "best_per_s": max(rates),
+        "runs_per_s": rates,
+        "median_per_cpu_s": statistics.median(cpu_rates),
+        "best_per_cpu_s": max(cpu_rates),
+    }
 
 
 def calibration_us() -> float:
@@ -124,8 +163,7 @@ def main() -> None:
         for number in range(decisions):
             slot = number % len(requests)
             req = requests[slot]
-            decision = route(cfg, req, workers, index.matched(names, req.block_hashes), links, queue_sizes[slot],
-                             4000)
+            decision = route(cfg, req, workers, index.matched(names, req.block_hashes), links, queue_sizes[slot], 4000)
             if decision.decode is not None:
                 index.record(decision.decode, req.block_hashes)
                 if decision.prefill is not None:
@@ -144,27 +182,47 @@ def main() -> None:
         decision = route(cfg, req, workers, overlaps[slot], links, queue_sizes[slot], 4000)
         key = "rejected" if not decision.admitted else ("remote" if decision.disaggregated else "local")
         outcomes[key] = outcomes.get(key, 0) + 1
-    results = {"route": time_loop(args.repeats, route_only),
-               "route_with_index": time_loop(args.repeats, route_with_index),
-               "block_hashes": time_loop(args.repeats, hashing)}
+    results = {
+        "route": time_loop(args.repeats, route_only),
+        "route_with_index": time_loop(args.repeats, route_with_index),
+        "block_hashes": time_loop(args.repeats, hashing),
+    }
     today = datetime.date.today().isoformat()
     report = {
-        "benchmark": "policy_bench", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "benchmark": "policy_bench",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(), "processor": platform.processor(),
-                    "load_average_1_5_15_min": list(os.getloadavg()),
-                    "note": "shared machine: other processes ran at the same time; see the load average"},
-        "setup": {"prefill_workers": args.prefill, "decode_workers": args.decode, "prompt_tokens": args.tokens,
-                  "block_size": BLOCK_SIZE, "blocks_per_prompt": args.tokens // BLOCK_SIZE,
-                  "index_entries": len(index), "index_bound": args.index_entries, "decisions_per_run": decisions,
-                  "repeats": args.repeats, "outcomes_of_2000_requests": outcomes, "config": cfg.to_mapping()},
-        "results": results, "target_decisions_per_s": 20_000,
+        "machine": {
+            "platform": platform.platform(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "processor": platform.processor(),
+            "load_average_1_5_15_min": list(os.getloadavg()),
+            "note": "shared machine: other processes ran at the same time; see the load average",
+        },
+        "setup": {
+            "prefill_workers": args.prefill,
+            "decode_workers": args.decode,
+            "prompt_tokens": args.tokens,
+            "block_size": BLOCK_SIZE,
+            "blocks_per_prompt": args.tokens // BLOCK_SIZE,
+            "index_entries": len(index),
+            "index_bound": args.index_entries,
+            "decisions_per_run": decisions,
+            "repeats": args.repeats,
+            "outcomes_of_2000_requests": outcomes,
+            "config": cfg.to_mapping(),
+        },
+        "results": results,
+        "target_decisions_per_s": 20_000,
         "calibration_sum_range_1000_us": {"before": calibration_before, "after": calibration_us()},
     }
     for name, numbers in results.items():
-        print(f"{name:18s} median {numbers['median_per_s']:>10,.0f}/s  best {numbers['best_per_s']:>10,.0f}/s  "
-              f"per CPU second: median {numbers['median_per_cpu_s']:>10,.0f}  best {numbers['best_per_cpu_s']:>10,.0f}")
+        print(
+            f"{name:18s} median {numbers['median_per_s']:>10,.0f}/s  best {numbers['best_per_s']:>10,.0f}/s  "
+            f"per CPU second: median {numbers['median_per_cpu_s']:>10,.0f}  best {numbers['best_per_cpu_s']:>10,.0f}"
+        )
     print(f"calibration sum(range(1000)): {report['calibration_sum_range_1000_us']} us")
     print(f"outcomes: {outcomes}")
     path = args.json or Path(__file__).resolve().parent / "results" / f"policy_bench_{today}.json"

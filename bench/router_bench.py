@@ -43,10 +43,16 @@ def baseline_server(port: int) -> None:
         json.loads(await request.body())
 
         async def chunks():  # type: ignore[no-untyped-def]
-            body = {"id": "cmpl-0", "object": "text_completion", "created": 0, "model": "baseline",
-                    "choices": [{"index": 0, "text": "x", "logprobs": None, "finish_reason": "length"}]}
+            body = {
+                "id": "cmpl-0",
+                "object": "text_completion",
+                "created": 0,
+                "model": "baseline",
+                "choices": [{"index": 0, "text": "x", "logprobs": None, "finish_reason": "length"}],
+            }
             yield b"data: " + json.dumps(body).encode() + b"\n\n"
             yield b"data: [DONE]\n\n"
+
         return StreamingResponse(chunks(), media_type="text/event-stream")
 
     from kvxfer.serve.launcher import bind  # the router's listening socket, options included (TCP_NODELAY)
@@ -72,8 +78,9 @@ def wait_http(url: str, timeout_s: float = 60.0) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-async def measure(router_url: str, baseline_url: str, requests: int,
-                  concurrency: int) -> tuple[list[float], list[float], list[dict]]:
+async def measure(
+    router_url: str, baseline_url: str, requests: int, concurrency: int
+) -> tuple[list[float], list[float], list[dict]]:
     """Client TTFT (seconds) through the router and through the baseline, interleaved request by request (so load
     from other processes on the machine hits both alike), and the router's own breakdowns."""
     body = {"model": "tiny-random", "prompt": PROMPT, "max_tokens": 1, "stream": True, "kvxfer": {"timing": True}}
@@ -81,8 +88,11 @@ async def measure(router_url: str, baseline_url: str, requests: int,
     direct: list[float] = []
     breakdowns: list[dict] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=router_url, timeout=30.0, limits=limits) as router, \
-            httpx.AsyncClient(base_url=baseline_url, timeout=30.0, limits=limits) as baseline:
+    async with (
+        httpx.AsyncClient(base_url=router_url, timeout=30.0, limits=limits) as router,
+        httpx.AsyncClient(base_url=baseline_url, timeout=30.0, limits=limits) as baseline,
+    ):
+
         async def one(client: httpx.AsyncClient, into: list[float]) -> None:
             start = time.perf_counter()
             async with client.stream("POST", "/v1/completions", json=body) as reply:
@@ -109,14 +119,19 @@ async def measure(router_url: str, baseline_url: str, requests: int,
                 pending.pop()
                 await one(baseline, direct)
                 await one(router, routed)
+
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return routed, direct, breakdowns
 
 
 def stats(values: list[float]) -> dict[str, float]:
     array = np.asarray(values) * 1e3
-    return {"p50_ms": float(np.percentile(array, 50)), "p99_ms": float(np.percentile(array, 99)),
-            "mean_ms": float(array.mean()), "n": len(values)}
+    return {
+        "p50_ms": float(np.percentile(array, 50)),
+        "p99_ms": float(np.percentile(array, 99)),
+        "mean_ms": float(array.mean()),
+        "n": len(values),
+    }
 
 
 def main() -> int:
@@ -134,8 +149,12 @@ def main() -> int:
     children: list[subprocess.Popen[bytes]] = []
     try:
         with open(log, "wb") as out:
-            router = subprocess.Popen([sys.executable, "-m", "kvxfer.cli", "router", "--model", "tiny-random",
-                                       "--port", "0"], stdout=out, stderr=subprocess.STDOUT, env=env)
+            router = subprocess.Popen(
+                [sys.executable, "-m", "kvxfer.cli", "router", "--model", "tiny-random", "--port", "0"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
         children.append(router)
         give_up = time.monotonic() + 120
         while not (match := READY.search(log.read_text())) and time.monotonic() < give_up:
@@ -143,8 +162,23 @@ def main() -> int:
         if match is None:
             raise RuntimeError(f"router did not start: {log.read_text()[-2000:]}")
         router_url, control = match.group(1), match.group(2)
-        children.append(subprocess.Popen([sys.executable, "-m", "kvxfer.serve.router_null_worker", "--router",
-                                          control, "--name", "null-0", "--role", "agg", "--max-batch", "1024"]))
+        children.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "kvxfer.serve.router_null_worker",
+                    "--router",
+                    control,
+                    "--name",
+                    "null-0",
+                    "--role",
+                    "agg",
+                    "--max-batch",
+                    "1024",
+                ]
+            )
+        )
         port = free_port()
         children.append(subprocess.Popen([sys.executable, __file__, "--baseline-server", str(port)]))
         baseline_url = f"http://127.0.0.1:{port}"
@@ -154,27 +188,37 @@ def main() -> int:
         runs = []
         for concurrency in args.concurrency:
             routed, base, breakdowns = asyncio.run(measure(router_url, baseline_url, args.requests, concurrency))
-            run = {"concurrency": concurrency, "baseline_ttft": stats(base), "router_ttft": stats(routed),
-                   "router_internal_ttft": stats([b["ttft_s"] for b in breakdowns]),
-                   "router_dispatch": stats([b["router_s"] for b in breakdowns])}
+            run = {
+                "concurrency": concurrency,
+                "baseline_ttft": stats(base),
+                "router_ttft": stats(routed),
+                "router_internal_ttft": stats([b["ttft_s"] for b in breakdowns]),
+                "router_dispatch": stats([b["router_s"] for b in breakdowns]),
+            }
             run["added_ttft_p50_ms"] = run["router_ttft"]["p50_ms"] - run["baseline_ttft"]["p50_ms"]
             run["added_ttft_p99_ms"] = run["router_ttft"]["p99_ms"] - run["baseline_ttft"]["p99_ms"]
             runs.append(run)
-            print(f"concurrency {concurrency}: client TTFT p50 {run['router_ttft']['p50_ms']:.3f} ms via the router "
-                  f"vs {run['baseline_ttft']['p50_ms']:.3f} ms direct -> added p50 {run['added_ttft_p50_ms']:.3f} ms, "
-                  f"p99 {run['added_ttft_p99_ms']:.3f} ms; inside the router: arrival->first token p50 "
-                  f"{run['router_internal_ttft']['p50_ms']:.3f} ms, arrival->dispatch p50 "
-                  f"{run['router_dispatch']['p50_ms']:.3f} ms")
-        result = {"bench": "router_overhead", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                  "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                              "python": platform.python_version()},
-                  "command": " ".join([sys.executable, *sys.argv]), "requests": args.requests,
-                  "target_added_ttft_p50_ms": 1.0, "runs": runs,
-                  "load_average": os.getloadavg(),
-                  "method": "client-side time to the first SSE content chunk, streaming completions with max_tokens=1; "
-                            "router = kvxfer router + one null worker (zmq, answers at once); baseline = FastAPI + "
-                            "uvicorn (same listening socket options) answering the first chunk at once; requests "
-                            "alternate baseline/router; added = router - baseline percentiles"}
+            print(
+                f"concurrency {concurrency}: client TTFT p50 {run['router_ttft']['p50_ms']:.3f} ms via the router "
+                f"vs {run['baseline_ttft']['p50_ms']:.3f} ms direct -> added p50 {run['added_ttft_p50_ms']:.3f} ms, "
+                f"p99 {run['added_ttft_p99_ms']:.3f} ms; inside the router: arrival->first token p50 "
+                f"{run['router_internal_ttft']['p50_ms']:.3f} ms, arrival->dispatch p50 "
+                f"{run['router_dispatch']['p50_ms']:.3f} ms"
+            )
+        result = {
+            "bench": "router_overhead",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+            "command": " ".join([sys.executable, *sys.argv]),
+            "requests": args.requests,
+            "target_added_ttft_p50_ms": 1.0,
+            "runs": runs,
+            "load_average": os.getloadavg(),
+            "method": "client-side time to the first SSE content chunk, streaming completions with max_tokens=1; "
+            "router = kvxfer router + one null worker (zmq, answers at once); baseline = FastAPI + "
+            "uvicorn (same listening socket options) answering the first chunk at once; requests "
+            "alternate baseline/router; added = router - baseline percentiles",
+        }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")

@@ -35,8 +35,18 @@ def _free_port() -> int:
 
 
 def _start(args: argparse.Namespace, layout: dict[str, int], port: int, log: Any) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "kvxfer.cli", "serve", "--model", args.model, "--host", "127.0.0.1",
-               "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "kvxfer.cli",
+        "serve",
+        "--model",
+        args.model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     for role in ("prefill", "decode", "agg"):
         command += [f"--{role}", str(layout.get(role, 0))]
     if args.random_weights:
@@ -114,17 +124,26 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 model = _wait_healthy(url, process, args.startup_timeout)
                 for isl, osl in mixes:
-                    specs = [serve.LoadSpec(concurrency=c, num_requests=max(args.requests, c), isl=isl, osl=osl)
-                             for c in concurrencies]
-                    for row in serve.run(url, model, specs, slo_ttft_s=args.slo_ttft_ms / 1e3,
-                                         slo_itl_s=args.slo_itl_ms / 1e3):
+                    specs = [
+                        serve.LoadSpec(concurrency=c, num_requests=max(args.requests, c), isl=isl, osl=osl)
+                        for c in concurrencies
+                    ]
+                    for row in serve.run(
+                        url, model, specs, slo_ttft_s=args.slo_ttft_ms / 1e3, slo_itl_s=args.slo_itl_ms / 1e3
+                    ):
                         rows.append({"layout": name, **row})
                         print_table(f"{name} ISL {isl} OSL {osl}", [rows[-1]])
             finally:
                 _stop(process)
     if args.json:
-        write_json(args.json, {"subcommand": "serve_compare", "tables": {"serving": rows},
-                               "config": {k: v for k, v in vars(args).items() if k not in ("json", "plot")}})
+        write_json(
+            args.json,
+            {
+                "subcommand": "serve_compare",
+                "tables": {"serving": rows},
+                "config": {k: v for k, v in vars(args).items() if k not in ("json", "plot")},
+            },
+        )
     if args.plot:
         _plot(rows, args.plot)
     return 0 if rows and all(row["completed"] for row in rows) else 1
@@ -139,8 +158,9 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
     figure, axes = plt.subplots(1, 3, figsize=(15, 4))
     keys = sorted({(row["layout"], row["isl"], row["osl"]) for row in rows})
     for layout, isl, osl in keys:
-        points = sorted((r for r in rows if (r["layout"], r["isl"], r["osl"]) == (layout, isl, osl)),
-                        key=lambda r: r["concurrency"])
+        points = sorted(
+            (r for r in rows if (r["layout"], r["isl"], r["osl"]) == (layout, isl, osl)), key=lambda r: r["concurrency"]
+        )
         label = f"{layout} {isl}/{osl}"
         x = [r["concurrency"] for r in points]
         axes[0].plot(x, [r.get("ttft_ms_p50") for r in points], marker="o", label=label)

@@ -44,8 +44,14 @@ TOTAL = 128 << 20
 
 
 def ucx_env(node: Node) -> dict[str, str]:
-    return dict(os.environ, UCX_TLS="tcp", UCX_NET_DEVICES=node.device, KVXFER_HOST_ID=f"bench-{node.label}",
-                KVXFER_UCX_CMA="off", UCX_MEM_MMAP_HOOK_MODE="none")
+    return dict(
+        os.environ,
+        UCX_TLS="tcp",
+        UCX_NET_DEVICES=node.device,
+        KVXFER_HOST_ID=f"bench-{node.label}",
+        KVXFER_UCX_CMA="off",
+        UCX_MEM_MMAP_HOOK_MODE="none",
+    )
 
 
 def perftest(topology: Topology, size: int, test: str) -> dict[str, Any]:
@@ -60,15 +66,40 @@ def perftest(topology: Topology, size: int, test: str) -> dict[str, Any]:
     port = 13337
     server_env = dict(env, **{k: v for k, v in ucx_env(topology.a).items() if k.startswith("UCX_")})
     client_env = dict(env, **{k: v for k, v in ucx_env(topology.b).items() if k.startswith("UCX_")})
-    server = subprocess.Popen(topology.a.command([binary, "-p", str(port)]), env=server_env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        topology.a.command([binary, "-p", str(port)]),
+        env=server_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     iterations = max(20, TOTAL // size)
     extra = ["-O", "32"] if test == "ucp_get" else []
     try:
         time.sleep(0.5)
-        client = subprocess.run(topology.b.command([binary, topology.a.address, "-p", str(port), "-t", test, *extra,
-                                                    "-s", str(size), "-n", str(iterations), "-w", "10"]),
-                                check=False, env=client_env, capture_output=True, text=True, timeout=300)
+        client = subprocess.run(
+            topology.b.command(
+                [
+                    binary,
+                    topology.a.address,
+                    "-p",
+                    str(port),
+                    "-t",
+                    test,
+                    *extra,
+                    "-s",
+                    str(size),
+                    "-n",
+                    str(iterations),
+                    "-w",
+                    "10",
+                ]
+            ),
+            check=False,
+            env=client_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         server.kill()
         server.wait()
@@ -76,24 +107,37 @@ def perftest(topology: Topology, size: int, test: str) -> dict[str, Any]:
     if not final:
         return {"test": test, "nbytes": size, "error": (client.stdout + client.stderr)[-500:]}
     # perftest's MB/s columns are MiB/s; the 6th is the overall average over all iterations
-    return {"test": f"{test} {' '.join(extra)}".strip(), "nbytes": size, "iterations": iterations,
-            "gbps": float(final.group(6)) * (1 << 20) / 1e9}
+    return {
+        "test": f"{test} {' '.join(extra)}".strip(),
+        "nbytes": size,
+        "iterations": iterations,
+        "gbps": float(final.group(6)) * (1 << 20) / 1e9,
+    }
 
 
 def tcp_stream(topology: Topology, nbytes: int = 256 << 20) -> dict[str, Any]:
     """One TCP stream of ``nbytes`` from node A to node B (Python sockets, 4 MiB writes): the link's plain rate."""
     port = 13339
-    code = ("import socket,sys,time;s=socket.create_server(({host!r},{port}));c,_=s.accept();b=bytes(4<<20);"
-            "n={n};sent=0\nwhile sent<n: sent+=c.send(b[:min(len(b),n-sent)])\nc.close()")
-    server = subprocess.Popen(topology.a.command([sys.executable, "-c", code.format(host=topology.a.address,
-                                                                                   port=port, n=nbytes)]))
-    reader = ("import socket,time,sys\nfor i in range(50):\n try:\n  c=socket.create_connection(({host!r},{port}))"
-              "\n  break\n except OSError: time.sleep(0.1)\nt=time.perf_counter();n=0\nwhile True:\n d=c.recv(4<<20)"
-              "\n if not d: break\n n+=len(d)\nprint(n, time.perf_counter()-t)")
+    code = (
+        "import socket,sys,time;s=socket.create_server(({host!r},{port}));c,_=s.accept();b=bytes(4<<20);"
+        "n={n};sent=0\nwhile sent<n: sent+=c.send(b[:min(len(b),n-sent)])\nc.close()"
+    )
+    server = subprocess.Popen(
+        topology.a.command([sys.executable, "-c", code.format(host=topology.a.address, port=port, n=nbytes)])
+    )
+    reader = (
+        "import socket,time,sys\nfor i in range(50):\n try:\n  c=socket.create_connection(({host!r},{port}))"
+        "\n  break\n except OSError: time.sleep(0.1)\nt=time.perf_counter();n=0\nwhile True:\n d=c.recv(4<<20)"
+        "\n if not d: break\n n+=len(d)\nprint(n, time.perf_counter()-t)"
+    )
     try:
-        out = subprocess.run(topology.b.command([sys.executable, "-c", reader.format(host=topology.a.address,
-                                                                                    port=port)]),
-                             check=True, capture_output=True, text=True, timeout=300).stdout.split()
+        out = subprocess.run(
+            topology.b.command([sys.executable, "-c", reader.format(host=topology.a.address, port=port)]),
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        ).stdout.split()
     finally:
         server.kill()
         server.wait()
@@ -133,8 +177,11 @@ def side_client(address: str, nbytes: int, repeats: int, token: str) -> None:
             count = nbytes // fragment
             rng = np.random.default_rng(fragment)
             offsets = rng.permutation(count).astype(np.int64) * fragment
-            plan = agent.plan(kvxfer.Descs.from_ranges(region, offsets, fragment), peer,
-                              kvxfer.Descs.from_ranges(remote, offsets, fragment))
+            plan = agent.plan(
+                kvxfer.Descs.from_ranges(region, offsets, fragment),
+                peer,
+                kvxfer.Descs.from_ranges(remote, offsets, fragment),
+            )
             times = []
             for _ in range(repeats):
                 began = time.perf_counter()
@@ -142,26 +189,45 @@ def side_client(address: str, nbytes: int, repeats: int, token: str) -> None:
                 times.append(time.perf_counter() - began)
             transports = ",".join(f"{t}/{d}" for t, d in peer.backends[0].transports(peer))
             times.sort()
-            print(json.dumps({"fragment": fragment, "nbytes": count * fragment, "median_s": times[len(times) // 2],
-                              "gbps": count * fragment / times[len(times) // 2] / 1e9, "repeats": repeats,
-                              "transports": transports, "path": plan.backend.data_path(plan)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "fragment": fragment,
+                        "nbytes": count * fragment,
+                        "median_s": times[len(times) // 2],
+                        "gbps": count * fragment / times[len(times) // 2] / 1e9,
+                        "repeats": repeats,
+                        "transports": transports,
+                        "path": plan.backend.data_path(plan),
+                    }
+                ),
+                flush=True,
+            )
 
 
 def kvxfer_pull(topology: Topology, nbytes: int, repeats: int) -> list[dict[str, Any]]:
     me = [sys.executable, str(Path(__file__).resolve())]
     token = os.urandom(16).hex()  # the side channel listens on a node address: it requires a secret
-    server = subprocess.Popen(topology.a.command([*me, "--side", "server", "--listen", f"{topology.a.address}:0",
-                                                  "--nbytes", str(nbytes)]),
-                              env=dict(ucx_env(topology.a), BENCH_TOKEN=token), stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        topology.a.command([*me, "--side", "server", "--listen", f"{topology.a.address}:0", "--nbytes", str(nbytes)]),
+        env=dict(ucx_env(topology.a), BENCH_TOKEN=token),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert server.stdout is not None
         address = server.stdout.readline().strip()
-        client = subprocess.run(topology.b.command([*me, "--side", "client", "--address", address, "--nbytes",
-                                                    str(nbytes), "--repeats", str(repeats)]),
-                                check=False, env=dict(ucx_env(topology.b), BENCH_TOKEN=token),
-                                capture_output=True,
-                                text=True, timeout=600)
+        client = subprocess.run(
+            topology.b.command(
+                [*me, "--side", "client", "--address", address, "--nbytes", str(nbytes), "--repeats", str(repeats)]
+            ),
+            check=False,
+            env=dict(ucx_env(topology.b), BENCH_TOKEN=token),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     finally:
         server.kill()
         server.wait()
@@ -192,10 +258,17 @@ def faults(cluster: Cluster, topology: Topology, prompt_tokens: int) -> dict[str
     def send(tag: str, tokens: int = 600, prefill: str = "auto") -> None:
         began = time.monotonic()
         try:
-            answer = cluster.chat(prompt_of(tokens, len(outcomes) + 2000), max_tokens=4, prefill=prefill,
-                                  timeout_s=30.0, max_retries=2)
-            outcomes.append({"tag": tag, "ok": True, "s": time.monotonic() - began,
-                             "prefill_worker": answer["timing"].get("prefill_worker")})
+            answer = cluster.chat(
+                prompt_of(tokens, len(outcomes) + 2000), max_tokens=4, prefill=prefill, timeout_s=30.0, max_retries=2
+            )
+            outcomes.append(
+                {
+                    "tag": tag,
+                    "ok": True,
+                    "s": time.monotonic() - began,
+                    "prefill_worker": answer["timing"].get("prefill_worker"),
+                }
+            )
         except Exception as error:  # noqa: BLE001 - a lost request is the measurement, kept with its reason
             outcomes.append({"tag": tag, "ok": False, "s": time.monotonic() - began, "error": repr(error)[:300]})
 
@@ -207,8 +280,14 @@ def faults(cluster: Cluster, topology: Topology, prompt_tokens: int) -> dict[str
     stopped = time.monotonic()
     cluster.wait_workers({"prefill-a"}, 60.0, absent=True)
     result["etcd_cut_to_removal_s"] = time.monotonic() - stopped
-    result["removed_by"] = "lease" if any("router: worker prefill-a" in line and "discovery" in line for line in
-                                          cluster.log("router", 50000).splitlines()) else "heartbeat"
+    result["removed_by"] = (
+        "lease"
+        if any(
+            "router: worker prefill-a" in line and "discovery" in line
+            for line in cluster.log("router", 50000).splitlines()
+        )
+        else "heartbeat"
+    )
     send("etcd_cut_0")
     relay.send_signal(signal.SIGCONT)
     resumed = time.monotonic()
@@ -274,22 +353,29 @@ def main() -> int:
         return 0
     sections = set(args.sections.split(","))
     date = datetime.datetime.now(datetime.timezone.utc)
-    report: dict[str, Any] = {"machine": f"{platform.node()} ({os.cpu_count()} cores, {platform.machine()})",
-                              "date": date.isoformat(timespec="seconds"),
-                              "command": " ".join([Path(sys.executable).name, *sys.argv]), "gbps": "1e9 B/s"}
+    report: dict[str, Any] = {
+        "machine": f"{platform.node()} ({os.cpu_count()} cores, {platform.machine()})",
+        "date": date.isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "gbps": "1e9 B/s",
+    }
     with Topology.create(args.mode) as topology:
         report["topology"] = topology.describe()
         print(report["topology"], flush=True)
         if "perftest" in sections:
             report["tcp_stream"] = tcp_stream(topology)
-            report["perftest"] = [perftest(topology, size, test) for test in ("ucp_get", "ucp_put_bw")
-                                  for size in FRAGMENTS]
+            report["perftest"] = [
+                perftest(topology, size, test) for test in ("ucp_get", "ucp_put_bw") for size in FRAGMENTS
+            ]
             print("tcp", report["tcp_stream"], "\nperftest", report["perftest"], flush=True)
         if "kvxfer" in sections:
             report["kvxfer_read"] = kvxfer_pull(topology, args.nbytes, args.repeats)
             print("kvxfer", report["kvxfer_read"], flush=True)
-            ceiling = {row["nbytes"]: row.get("gbps") for row in report.get("perftest", [])
-                       if row["test"].startswith("ucp_get")}
+            ceiling = {
+                row["nbytes"]: row.get("gbps")
+                for row in report.get("perftest", [])
+                if row["test"].startswith("ucp_get")
+            }
             for row in report["kvxfer_read"]:
                 if ceiling.get(row["fragment"]):
                     row["ratio_to_perftest_get"] = row["gbps"] / ceiling[row["fragment"]]
@@ -297,8 +383,14 @@ def main() -> int:
             missing = discovery_supported()
             report["discovery"] = "static --router" if missing else "etcd"
             workdir = Path(tempfile.mkdtemp(prefix="kvxfer-bench-two-node-"))
-            cluster = Cluster(topology, workdir, discovery=not missing, lease_ttl_s=args.lease_ttl,
-                              worker_args=("--transfer-timeout", "5"), relayed=("prefill-a",))
+            cluster = Cluster(
+                topology,
+                workdir,
+                discovery=not missing,
+                lease_ttl_s=args.lease_ttl,
+                worker_args=("--transfer-timeout", "5"),
+                relayed=("prefill-a",),
+            )
             try:
                 cluster.start()
                 if "serve" in sections:

@@ -96,20 +96,30 @@ def main() -> None:
                     backend = UcxBackend(UcxConfig(**PATHS[path]))
                     if variant == "unchecked":
                         backend.check_one_sided = lambda link, plan: None  # type: ignore[method-assign]
-                    agent = kvxfer.Agent(f"bench-{path}-{size}-{variant}", backends=[backend],
-                                         timeouts=kvxfer.Timeouts(transfer=120.0))
+                    agent = kvxfer.Agent(
+                        f"bench-{path}-{size}-{variant}", backends=[backend], timeouts=kvxfer.Timeouts(transfer=120.0)
+                    )
                     with agent:
                         local = np.ones(pool, dtype=np.uint8)
                         region = agent.register(local, name="buf")
                         peer = agent.connect(metas["off" if variant == "target-checked" else "same-uid"])
-                        plan = agent.plan(kvxfer.Descs.from_ranges(region, local_offsets, size), peer,
-                                          kvxfer.Descs.from_ranges(peer.region("buf"), remote_offsets, size))
+                        plan = agent.plan(
+                            kvxfer.Descs.from_ranges(region, local_offsets, size),
+                            peer,
+                            kvxfer.Descs.from_ranges(peer.region("buf"), remote_offsets, size),
+                        )
                         strategy = backend.data_path(plan)
                         for op in ("WRITE", "READ"):
                             seconds = _time(agent, op, plan, args.repeats)
-                            row = {"path": path, "fragment": size, "op": op, "variant": variant,
-                                   "data_path": strategy, "seconds": seconds,
-                                   "gbps": round(count * size / seconds / 1e9, 3)}
+                            row = {
+                                "path": path,
+                                "fragment": size,
+                                "op": op,
+                                "variant": variant,
+                                "data_path": strategy,
+                                "seconds": seconds,
+                                "gbps": round(count * size / seconds / 1e9, 3),
+                            }
                             results.append(row)
                             print(json.dumps(row), flush=True)
     finally:
@@ -122,12 +132,19 @@ def main() -> None:
             if process.is_alive():
                 process.kill()
     date = datetime.date.today().isoformat()
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"ucx_enforcement_{date}.json")
-    document = {"benchmark": "ucx_enforcement", "date": date, "command": " ".join([sys.executable, *sys.argv]),
-                "machine": {"host": socket.gethostname(), "cpus": os.cpu_count(), "platform": platform.platform()},
-                "total_bytes": args.total, "repeats": args.repeats, "results": results,
-                "note": "GB/s = 1e9 B/s; median of repeats; shared 2-core machine, noisy (other jobs ran)"}
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"ucx_enforcement_{date}.json"
+    )
+    document = {
+        "benchmark": "ucx_enforcement",
+        "date": date,
+        "command": " ".join([sys.executable, *sys.argv]),
+        "machine": {"host": socket.gethostname(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "total_bytes": args.total,
+        "repeats": args.repeats,
+        "results": results,
+        "note": "GB/s = 1e9 B/s; median of repeats; shared 2-core machine, noisy (other jobs ran)",
+    }
     with open(out, "w", encoding="utf-8") as file:
         json.dump(document, file, indent=1)
     print(out)

@@ -44,8 +44,9 @@ class Child:
         context = multiprocessing.get_context("spawn")
         self.connection, child = context.Pipe()
         environ = ENVIRON if device < 0 else {}
-        self.process = context.Process(target=serve, args=(child, system, name, pool_nbytes, settings, environ,
-                                                           device), daemon=True)
+        self.process = context.Process(
+            target=serve, args=(child, system, name, pool_nbytes, settings, environ, device), daemon=True
+        )
         self.process.start()
         self.metadata = self.answer(120)
 
@@ -82,8 +83,9 @@ def workload(sizes: list[int], total: int, seed: int) -> dict[int, tuple[np.ndar
     return work
 
 
-def run_system(label: str, work: dict, pool_nbytes: int, repeats: int, pingpongs: int,
-               devices: tuple[int, int] = (-1, -1)) -> dict[str, Any]:
+def run_system(
+    label: str, work: dict, pool_nbytes: int, repeats: int, pingpongs: int, devices: tuple[int, int] = (-1, -1)
+) -> dict[str, Any]:
     """Time ``work`` with system ``label``; ``devices``: (initiator, target) CUDA devices, -1 for host memory."""
     system, settings = SYSTEMS[label]
     target = Child(system, f"{label}-target", pool_nbytes, settings, devices[1])
@@ -97,22 +99,32 @@ def run_system(label: str, work: dict, pool_nbytes: int, repeats: int, pingpongs
             entry = {"path": path, "nbytes": int(len(local_offsets) * size)}
             for op in ("READ", "WRITE"):
                 times = initiator.call("time", str(size), op, repeats)
-                entry[op] = {"best_gbps": entry["nbytes"] / min(times) / 1e9,
-                             "median_gbps": entry["nbytes"] / float(np.median(times)) / 1e9}
+                entry[op] = {
+                    "best_gbps": entry["nbytes"] / min(times) / 1e9,
+                    "median_gbps": entry["nbytes"] / float(np.median(times)) / 1e9,
+                }
             result["sizes"][size] = entry
-            print(f"  {label:11s} {size >> 10:>6} KiB  {path:7s} READ {entry['READ']['median_gbps']:6.2f}  "
-                  f"WRITE {entry['WRITE']['median_gbps']:6.2f} GB/s", flush=True)
+            print(
+                f"  {label:11s} {size >> 10:>6} KiB  {path:7s} READ {entry['READ']['median_gbps']:6.2f}  "
+                f"WRITE {entry['WRITE']['median_gbps']:6.2f} GB/s",
+                flush=True,
+            )
         block = np.zeros(1, dtype=np.int64)
         initiator.call("prepare", "pp", 4096, block, block)
         target.call("prepare", "pp", 4096, block, block)
         target.call("pong", "pp", pingpongs + 100)
         round_trips = np.array(initiator.call("ping", "pp", pingpongs + 100)[100:]) * 1e6
         single = np.array(initiator.call("time", "pp", "WRITE", pingpongs)) * 1e6
-        result["latency_us"] = {"round_trip_4k_p50": float(np.percentile(round_trips, 50)),
-                                "round_trip_4k_p99": float(np.percentile(round_trips, 99)),
-                                "write_4k_p50": float(np.percentile(single, 50))}
-        print(f"  {label:11s} 4 KiB round trip p50 {result['latency_us']['round_trip_4k_p50']:.1f} us, "
-              f"write p50 {result['latency_us']['write_4k_p50']:.1f} us", flush=True)
+        result["latency_us"] = {
+            "round_trip_4k_p50": float(np.percentile(round_trips, 50)),
+            "round_trip_4k_p99": float(np.percentile(round_trips, 99)),
+            "write_4k_p50": float(np.percentile(single, 50)),
+        }
+        print(
+            f"  {label:11s} 4 KiB round trip p50 {result['latency_us']['round_trip_4k_p50']:.1f} us, "
+            f"write p50 {result['latency_us']['write_4k_p50']:.1f} us",
+            flush=True,
+        )
         return result
     finally:
         initiator.close()
@@ -131,23 +143,31 @@ def perftest(sizes: list[int], total: int, cuda: bool = False) -> dict[int, dict
         results[size] = {}
         for op, test in (("WRITE", "ucp_put_bw"), ("READ", "ucp_get")):
             port = _free_port()
-            server = subprocess.Popen([binary, "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL)
+            server = subprocess.Popen(
+                [binary, "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
             try:
                 time.sleep(0.5)
                 iterations = max(20, min(100000, 4 * total // size))
                 memory = ["-m", "cuda"] if cuda else []
-                output = subprocess.run([binary, "127.0.0.1", "-p", str(port), "-t", test, "-s", str(size), "-n",
-                                         str(iterations)] + memory, env=env, capture_output=True, text=True,
-                                        timeout=300)
+                output = subprocess.run(
+                    [binary, "127.0.0.1", "-p", str(port), "-t", test, "-s", str(size), "-n", str(iterations)] + memory,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
                 final = re.search(r"Final:\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)", output.stdout)
                 # ucx_perftest's "MB/s" are MiB/s (UCS_MBYTE = 2**20)
                 results[size][op] = float(final.group(5)) * (1 << 20) / 1e9 if final else float("nan")
             finally:
                 server.kill()
                 server.wait()
-        print(f"  perftest    {size >> 10:>6} KiB          READ {results[size]['READ']:6.2f}  "
-              f"WRITE {results[size]['WRITE']:6.2f} GB/s", flush=True)
+        print(
+            f"  perftest    {size >> 10:>6} KiB          READ {results[size]['READ']:6.2f}  "
+            f"WRITE {results[size]['WRITE']:6.2f} GB/s",
+            flush=True,
+        )
     return results
 
 
@@ -181,16 +201,17 @@ def table(report: dict[str, Any]) -> str:
             if report.get("perftest"):
                 row.append(f"{ceiling:.2f}")
             row.append(f"{values['kvxfer'] / ceiling:.2f}" if ceiling and "kvxfer" in values else "-")
-            row.append(f"{values['kvxfer'] / values['nixl']:.2f}" if "nixl" in values and "kvxfer" in values
-                       else "-")
+            row.append(f"{values['kvxfer'] / values['nixl']:.2f}" if "nixl" in values and "kvxfer" in values else "-")
             rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
     for system in systems:
         latency = report["systems"][system].get("latency_us", {})
-        lines.append(f"{system}: 4 KiB round trip p50 {latency.get('round_trip_4k_p50', float('nan')):.1f} us, "
-                     f"4 KiB write p50 {latency.get('write_4k_p50', float('nan')):.1f} us; lanes "
-                     f"{report['systems'][system].get('lanes')}")
+        lines.append(
+            f"{system}: 4 KiB round trip p50 {latency.get('round_trip_4k_p50', float('nan')):.1f} us, "
+            f"4 KiB write p50 {latency.get('write_4k_p50', float('nan')):.1f} us; lanes "
+            f"{report['systems'][system].get('lanes')}"
+        )
     return "\n".join(lines)
 
 
@@ -210,10 +231,16 @@ def main() -> None:
     pool_nbytes = max(2 * args.total, 2 * max(sizes))
     devices = (-1, -1) if args.memory == "host" else (0, 1 if _gpu_count() > 1 else 0)
     report: dict[str, Any] = {
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "date": datetime.datetime.now().isoformat(),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "date": datetime.datetime.now().isoformat(),
         "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
-        "total_nbytes": args.total, "repeats": args.repeats, "sizes": sizes, "memory": args.memory,
-        "devices": devices, "systems": {}}
+        "total_nbytes": args.total,
+        "repeats": args.repeats,
+        "sizes": sizes,
+        "memory": args.memory,
+        "devices": devices,
+        "systems": {},
+    }
     for label in args.systems:
         print(f"{label}:", flush=True)
         try:
@@ -225,8 +252,9 @@ def main() -> None:
         print("ucx_perftest:", flush=True)
         report["perftest"] = perftest(sizes, args.total, cuda=args.memory == "cuda")
     stem = "ucx_host" if args.memory == "host" else "ucx_cuda"
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"{stem}_{datetime.date.today().isoformat()}.json")
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"{stem}_{datetime.date.today().isoformat()}.json"
+    )
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as file:
         json.dump(report, file, indent=1, default=str)

@@ -23,8 +23,9 @@ class KvxferSide:
         from kvxfer.backends.ucx.config import UcxConfig
 
         self.kvxfer = kvxfer
-        self.agent = kvxfer.Agent(name, backends=[UcxBackend(UcxConfig(**settings))],
-                                  timeouts=kvxfer.Timeouts(transfer=300.0))
+        self.agent = kvxfer.Agent(
+            name, backends=[UcxBackend(UcxConfig(**settings))], timeouts=kvxfer.Timeouts(transfer=300.0)
+        )
         self.pool = _pool(pool_nbytes, device)
         self.region = self.agent.register(self.pool, name="pool")
         self.device = device
@@ -43,8 +44,11 @@ class KvxferSide:
 
     def prepare(self, key: str, fragment: int, local_offsets: np.ndarray, remote_offsets: np.ndarray) -> str:
         Descs = self.kvxfer.Descs
-        plan = self.agent.plan(Descs.from_ranges(self.region, local_offsets, fragment), self.peer,
-                               Descs.from_ranges(self.peer.region("pool"), remote_offsets, fragment))
+        plan = self.agent.plan(
+            Descs.from_ranges(self.region, local_offsets, fragment),
+            self.peer,
+            Descs.from_ranges(self.peer.region("pool"), remote_offsets, fragment),
+        )
         self.plans[key] = plan
         return plan.backend.data_path(plan)
 
@@ -101,8 +105,9 @@ class NixlSide:
     def _handle(self, key: str, op: str, notify: bytes | None) -> Any:
         if (key, op) not in self.handles:
             local_side, remote_side, index = self.prepared[key]
-            self.handles[(key, op)] = self.agent.make_prepped_xfer(op, local_side, index, remote_side, index,
-                                                                   notify or b"")
+            self.handles[(key, op)] = self.agent.make_prepped_xfer(
+                op, local_side, index, remote_side, index, notify or b""
+            )
         return self.handles[(key, op)]
 
     def run(self, key: str, op: str, notify: bytes | None = None) -> float:
@@ -153,8 +158,15 @@ def _nixl_descs(base: int, offsets: np.ndarray, fragment: int, device: int) -> n
 SIDES = {"kvxfer": KvxferSide, "nixl": NixlSide}
 
 
-def serve(connection: Any, system: str, name: str, pool_nbytes: int, settings: dict[str, Any],
-          environ: dict[str, str], device: int = -1) -> None:
+def serve(
+    connection: Any,
+    system: str,
+    name: str,
+    pool_nbytes: int,
+    settings: dict[str, Any],
+    environ: dict[str, str],
+    device: int = -1,
+) -> None:
     """Child-process loop: build the side, then run commands from the orchestrator until "close"."""
     os.environ.update(environ)
     try:

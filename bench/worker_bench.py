@@ -46,8 +46,9 @@ def make_engine(args: argparse.Namespace) -> object:
 
     keep_freed_memory()  # as the worker does
     torch.set_num_threads(args.threads)
-    return DecodeEngine(load_model(args.model).build(device=args.device), CacheConfig(num_blocks=512),
-                        max_num_batched_tokens=2048)
+    return DecodeEngine(
+        load_model(args.model).build(device=args.device), CacheConfig(num_blocks=512), max_num_batched_tokens=2048
+    )
 
 
 def engine_alone(engine: object, args: argparse.Namespace, prompts: list[list[int]], run: int) -> dict:
@@ -57,8 +58,10 @@ def engine_alone(engine: object, args: argparse.Namespace, prompts: list[list[in
     began, cpu = time.perf_counter(), cpu_seconds(os.getpid())
     engine.generate([Request(f"e{run}-{i}", prompt, params) for i, prompt in enumerate(prompts)])  # type: ignore
     tokens = len(prompts) * args.max_tokens
-    return {"tokens_per_s": tokens / (time.perf_counter() - began),
-            "tokens_per_cpu_s": tokens / (cpu_seconds(os.getpid()) - cpu)}
+    return {
+        "tokens_per_s": tokens / (time.perf_counter() - began),
+        "tokens_per_cpu_s": tokens / (cpu_seconds(os.getpid()) - cpu),
+    }
 
 
 def through_worker(router: FakeRouter, args: argparse.Namespace, prompts: list[list[int]], run: int) -> dict:
@@ -73,8 +76,13 @@ def through_worker(router: FakeRouter, args: argparse.Namespace, prompts: list[l
     elapsed = time.perf_counter() - began
     cpu = cpu_seconds(pid) - cpu
     loads = sum(1 for m in router.messages["a0"][-2000:] if isinstance(m, p.Load))
-    return {"tokens_per_s": tokens / elapsed, "tokens_per_cpu_s": tokens / cpu, "frames": router.link.num_received - frames_before,
-            "approx_heartbeats": min(loads, int(elapsed / 0.25) + 1), "tokens": tokens}
+    return {
+        "tokens_per_s": tokens / elapsed,
+        "tokens_per_cpu_s": tokens / cpu,
+        "frames": router.link.num_received - frames_before,
+        "approx_heartbeats": min(loads, int(elapsed / 0.25) + 1),
+        "tokens": tokens,
+    }
 
 
 def disaggregated(router: FakeRouter, args: argparse.Namespace, prompt: list[int]) -> dict:
@@ -90,8 +98,9 @@ def disaggregated(router: FakeRouter, args: argparse.Namespace, prompt: list[int
         router.send("p0", p.Prefill(rid, tuple(prompt_run), sampling, "d0", time.time() + 600))
         ready = router.wait_for("p0", lambda m, rid=rid: isinstance(m, p.Prefilled) and m.rid == rid)
         assert isinstance(ready, p.Prefilled)
-        router.send("d0", p.Decode(rid, tuple(prompt_run), sampling, ready.kv_ready, ready.first_token,
-                                   time.time() + 600))
+        router.send(
+            "d0", p.Decode(rid, tuple(prompt_run), sampling, ready.kv_ready, ready.first_token, time.time() + 600)
+        )
         _, _, timing, _ = router.stream("d0", rid)
         results.append({"prefill": ready.timing, "decode": timing})
     links = router.load("d0", lambda m: bool(m.links)).links
@@ -111,10 +120,12 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     prompts = [[(7 * i + j) % 250 + 1 for j in range(args.prompt_tokens)] for i in range(args.requests)]
-    result: dict = {"command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                    "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                "load_average": os.getloadavg()},
-                    "args": vars(args)}
+    result: dict = {
+        "command": " ".join(sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
+        "args": vars(args),
+    }
     with tempfile.TemporaryDirectory() as directory:
         router = FakeRouter(Path(directory))
         try:
@@ -129,11 +140,11 @@ def main() -> None:
             for key in ("tokens_per_s", "tokens_per_cpu_s"):
                 result[f"engine_{key}_median"] = statistics.median(r[key] for r in alone)
                 result[f"worker_{key}_median"] = statistics.median(r[key] for r in runs)
-                result[f"worker_over_engine_{key}"] = (result[f"worker_{key}_median"]
-                                                       / result[f"engine_{key}_median"])
+                result[f"worker_over_engine_{key}"] = result[f"worker_{key}_median"] / result[f"engine_{key}_median"]
             result["decode_steps_per_run"] = args.max_tokens
             result["token_frames_per_step_median"] = statistics.median(
-                (r["frames"] - r["approx_heartbeats"]) / args.max_tokens for r in runs)
+                (r["frames"] - r["approx_heartbeats"]) / args.max_tokens for r in runs
+            )
             if args.disagg:
                 router.spawn("prefill", "p0", "--device", args.device, "--threads", str(args.threads))
                 router.spawn("decode", "d0", "--device", args.device, "--threads", str(args.threads))
@@ -143,8 +154,12 @@ def main() -> None:
     result["machine"]["load_average_after"] = os.getloadavg()
     out = Path(args.out or Path(__file__).parent / "results" / f"worker_bench_{datetime.date.today()}.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k not in ("worker_runs", "engine_runs", "disaggregated",
-                                                                  "args")}, indent=1))
+    print(
+        json.dumps(
+            {k: v for k, v in result.items() if k not in ("worker_runs", "engine_runs", "disaggregated", "args")},
+            indent=1,
+        )
+    )
     print("written", out)
 
 

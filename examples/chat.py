@@ -18,8 +18,14 @@ import openai
 
 def ask(client: openai.OpenAI, model: str, history: list[dict[str, str]], max_tokens: int) -> str:
     """Stream one answer to stdout; returns its text."""
-    stream = client.chat.completions.create(model=model, messages=history, max_tokens=max_tokens, temperature=0,
-                                            stream=True, extra_body={"kvxfer": {"timing": True}})
+    stream = client.chat.completions.create(
+        model=model,
+        messages=history,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        extra_body={"kvxfer": {"timing": True}},
+    )
     text, timing = [], None
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
@@ -28,10 +34,12 @@ def ask(client: openai.OpenAI, model: str, history: list[dict[str, str]], max_to
         timing = (chunk.model_extra or {}).get("kvxfer", timing)
     print()
     if timing:
-        print(f"  [TTFT {timing['ttft_s'] * 1e3:.1f} ms = queue {timing['queue_s'] * 1e3:.1f} + prefill "
-              f"{timing['prefill_s'] * 1e3:.1f} ({timing['prefill_worker']}) + KV transfer "
-              f"{timing['transfer_s'] * 1e3:.1f} ms ({timing['kv_bytes'] / 1024:.1f} KiB) + first step "
-              f"{timing['first_step_s'] * 1e3:.1f} ms; decode on {timing['decode_worker']}]")
+        print(
+            f"  [TTFT {timing['ttft_s'] * 1e3:.1f} ms = queue {timing['queue_s'] * 1e3:.1f} + prefill "
+            f"{timing['prefill_s'] * 1e3:.1f} ({timing['prefill_worker']}) + KV transfer "
+            f"{timing['transfer_s'] * 1e3:.1f} ms ({timing['kv_bytes'] / 1024:.1f} KiB) + first step "
+            f"{timing['first_step_s'] * 1e3:.1f} ms; decode on {timing['decode_worker']}]"
+        )
     return "".join(text)
 
 

@@ -27,8 +27,24 @@ READY = re.compile(r"ready on (http://[0-9.]+:\d+)")
 
 def start_serve(model: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "kvxfer.cli", "serve", "--model", model, "--prefill", "1",
-                                    "--decode", "1", "--port", "0"], stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kvxfer.cli",
+                "serve",
+                "--model",
+                model,
+                "--prefill",
+                "1",
+                "--decode",
+                "1",
+                "--port",
+                "0",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     give_up = time.monotonic() + 600
     while time.monotonic() < give_up and process.poll() is None:
         match = READY.search(log.read_text(errors="replace"))
@@ -51,9 +67,23 @@ def main() -> int:
                 process, url = start_serve(args.model, Path(directory) / f"serve-{index}.log")
                 processes.append(process)
                 urls.append(url)
-            processes.append(subprocess.Popen([os.environ.get("VLLM_ROUTER", "vllm-router"), "--host", "127.0.0.1",
-                                               "--port", str(args.port), "--policy", "round_robin", "--worker-urls",
-                                               *urls], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            processes.append(
+                subprocess.Popen(
+                    [
+                        os.environ.get("VLLM_ROUTER", "vllm-router"),
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(args.port),
+                        "--policy",
+                        "round_robin",
+                        "--worker-urls",
+                        *urls,
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
             front = f"http://127.0.0.1:{args.port}"
             give_up = time.monotonic() + 60
             while time.monotonic() < give_up:
@@ -65,15 +95,20 @@ def main() -> int:
             client = openai.OpenAI(base_url=f"{front}/v1", api_key="unused", max_retries=0, timeout=120)
             model = httpx.get(f"{urls[0]}/v1/models").json()["data"][0]["id"]
             for index in range(4):
-                reply = client.completions.create(model=model, prompt=f"Request {index} through two routers:",
-                                                  max_tokens=8, temperature=0)
+                reply = client.completions.create(
+                    model=model, prompt=f"Request {index} through two routers:", max_tokens=8, temperature=0
+                )
                 print(f"completion {index}: {reply.choices[0].text!r} ({reply.choices[0].finish_reason})")
-            stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hello!"}],
-                                                    max_tokens=16, stream=True)
+            stream = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "Hello!"}], max_tokens=16, stream=True
+            )
             print("chat (streamed):", "".join(c.choices[0].delta.content or "" for c in stream if c.choices))
             for url in urls:
-                served = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
-                          if line.startswith("kvxfer_requests_total")]
+                served = [
+                    line
+                    for line in httpx.get(f"{url}/metrics").text.splitlines()
+                    if line.startswith("kvxfer_requests_total")
+                ]
                 print(f"{url}: {served}")
         finally:
             for process in reversed(processes):

@@ -8,11 +8,29 @@ from typing import TYPE_CHECKING, Any
 
 from .agent import Agent
 from .descs import Descs
-from .errors import (AdmissionRejectedError, BackendError, BackendUnavailableError, ConfigError, DescriptorError,
-                     EngineTimeoutError, HandshakeError, KvxferError, LayoutMismatchError, LeaseLostError,
-                     OutOfBlocksError, PeerDisconnectedError, PeerError, QueueFullError, RegistrationError,
-                     RequeueLimitError, TransferCancelledError, TransferError, TransferTimeoutError, UcxStatusError,
-                     UsageError)
+from .errors import (
+    AdmissionRejectedError,
+    BackendError,
+    BackendUnavailableError,
+    ConfigError,
+    DescriptorError,
+    EngineTimeoutError,
+    HandshakeError,
+    KvxferError,
+    LayoutMismatchError,
+    LeaseLostError,
+    OutOfBlocksError,
+    PeerDisconnectedError,
+    PeerError,
+    QueueFullError,
+    RegistrationError,
+    RequeueLimitError,
+    TransferCancelledError,
+    TransferError,
+    TransferTimeoutError,
+    UcxStatusError,
+    UsageError,
+)
 from .handle import Handle, Notification, Timeouts, TransferHandle, TransferState
 from .limits import Limits
 from .memory import MemoryKind, Region, RemoteRegion
@@ -34,6 +52,7 @@ def __getattr__(name: str) -> Any:
 
         return importlib.import_module(".aio", __name__)
     raise AttributeError(f"module 'kvxfer' has no attribute {name!r}")
+
 
 __all__ = [
     "AdmissionRejectedError",

@@ -14,17 +14,29 @@ def _serving_arguments(command: argparse.ArgumentParser, default_port: int) -> N
     command.add_argument("--model", required=True, help="tiny-random, smollm2 (SmolLM2-135M-Instruct) or an HF dir")
     command.add_argument("--host", default="127.0.0.1")
     command.add_argument("--port", type=int, default=default_port, help="HTTP port (0: any free port)")
-    command.add_argument("--control", default="tcp://127.0.0.1:0",
-                         help="zmq address the router binds for its workers (port 0: any; printed when ready)")
+    command.add_argument(
+        "--control",
+        default="tcp://127.0.0.1:0",
+        help="zmq address the router binds for its workers (port 0: any; printed when ready)",
+    )
     command.add_argument("--policy", default=None, help="routing policy thresholds (.yaml / .json)")
     command.add_argument("--request-timeout", type=float, default=300.0, help="total deadline of a request (s)")
-    command.add_argument("--drain-timeout", type=float, default=30.0,
-                         help="on SIGINT/SIGTERM, how long requests in flight may finish (s)")
-    command.add_argument("--ready-timeout", type=float, default=600.0,
-                         help="how long to wait for every worker to register (s)")
+    command.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGINT/SIGTERM, how long requests in flight may finish (s)",
+    )
+    command.add_argument(
+        "--ready-timeout", type=float, default=600.0, help="how long to wait for every worker to register (s)"
+    )
     command.add_argument("--log-level", default="warning", help="uvicorn's log level")
-    command.add_argument("--discovery", default=None, help="etcd://host:port[/cluster]: publish the control address "
-                         "in etcd and drop workers whose lease expires (default: embedded)")
+    command.add_argument(
+        "--discovery",
+        default=None,
+        help="etcd://host:port[/cluster]: publish the control address "
+        "in etcd and drop workers whose lease expires (default: embedded)",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,15 +63,20 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker")
     serve.add_argument("--max-batch", type=int, default=None, help="requests per worker batch")
     serve.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks per worker")
-    serve.add_argument("--threads", type=int, default=None,
-                       help="torch threads per CPU worker (default: the cores divided among the CPU workers)")
+    serve.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per CPU worker (default: the cores divided among the CPU workers)",
+    )
 
     router = commands.add_parser("router", help="the OpenAI-compatible router alone; workers connect to --control")
     _serving_arguments(router, 8000)
     router.set_defaults(random_weights=False)
 
-    commands.add_parser("worker", help="one prefill / decode / agg worker (its options: `kvxfer worker -h`)",
-                        add_help=False)
+    commands.add_parser(
+        "worker", help="one prefill / decode / agg worker (its options: `kvxfer worker -h`)", add_help=False
+    )
     return root
 
 

@@ -130,8 +130,12 @@ class PushOutcome:
         request_id, ok, token, token_time = fields
         if not isinstance(request_id, str) or len(request_id) > MAX_TEXT:
             raise HandshakeError(f"push message: request_id must be a string of <= {MAX_TEXT} characters")
-        if type(ok) is not bool or type(token) is not int or not isinstance(token_time, (int, float)) \
-                or isinstance(token_time, bool):
+        if (
+            type(ok) is not bool
+            or type(token) is not int
+            or not isinstance(token_time, (int, float))
+            or isinstance(token_time, bool)
+        ):
             raise HandshakeError("push message: expected ok: bool, token: int, token_time: float")
         return cls(request_id, ok, token, float(token_time))
 
@@ -141,8 +145,7 @@ class PushOutcome:
 
 
 Message: TypeAlias = LeaseMessage | LayersReady | BlocksExpired | PushOutcome
-MESSAGE_TYPES: dict[str, type[Message]] = {t.KIND: t for t in (LeaseMessage, LayersReady, BlocksExpired,
-                                                              PushOutcome)}
+MESSAGE_TYPES: dict[str, type[Message]] = {t.KIND: t for t in (LeaseMessage, LayersReady, BlocksExpired, PushOutcome)}
 
 
 def encode(message: Message) -> bytes:
@@ -158,8 +161,15 @@ def decode(payload: bytes) -> Message:
     if len(payload) > _MAX_MESSAGE:
         raise HandshakeError(f"control message of {len(payload)} bytes exceeds {_MAX_MESSAGE}")
     try:
-        decoded = msgpack.unpackb(payload[len(PREFIX):], raw=False, max_bin_len=MAX_KEY, max_str_len=MAX_TEXT,
-                                  max_array_len=MAX_LAYER, max_map_len=0, max_ext_len=0)
+        decoded = msgpack.unpackb(
+            payload[len(PREFIX) :],
+            raw=False,
+            max_bin_len=MAX_KEY,
+            max_str_len=MAX_TEXT,
+            max_array_len=MAX_LAYER,
+            max_map_len=0,
+            max_ext_len=0,
+        )
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as error:
         raise HandshakeError(f"control message is not msgpack: {type(error).__name__} {error}") from None
     if not isinstance(decoded, list) or len(decoded) != 3:
@@ -219,8 +229,7 @@ class ControlChannel:
         try:
             message = decode(payload)
         except HandshakeError as error:
-            logger.warning("agent %s: malformed control message from %s ignored: %s", self.agent_name, peer_name,
-                           error)
+            logger.warning("agent %s: malformed control message from %s ignored: %s", self.agent_name, peer_name, error)
             return
         with self._lock:
             handlers = list(self._handlers.get(type(message), []))
@@ -230,8 +239,13 @@ class ControlChannel:
             try:
                 handler(peer_name, message)
             except KvxferError as error:  # a handler's failure must not break the delivering backend thread
-                logger.warning("agent %s: handling a %s message from %s failed: %s", self.agent_name, message.KIND,
-                               peer_name, error)
+                logger.warning(
+                    "agent %s: handling a %s message from %s failed: %s",
+                    self.agent_name,
+                    message.KIND,
+                    peer_name,
+                    error,
+                )
 
     def close(self) -> None:
         """Forget every handler."""

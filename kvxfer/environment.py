@@ -12,26 +12,26 @@ from .errors import ConfigError
 #: name -> what it does. Reading a name not listed here is a bug.
 VARIABLES = {
     "KVXFER_HOST_ID": "Override the host identity peers compare to decide same-host paths (default: hostname + "
-                      "kernel boot id).",
+    "kernel boot id).",
     "KVXFER_BACKENDS": "Comma-separated backends an Agent creates when none are given (default: all available).",
     "KVXFER_LOG_LEVEL": "Log level of the 'kvxfer' logger set by the command-line tools (default WARNING).",
     "KVXFER_CACHE_DIR": "Cache of converted models (default ~/.cache/kvxfer).",
     "KVXFER_CUDA_IPC_EARLY_NOTIFY": "cuda_ipc: send a notification with the copy's launch, delivered by the peer "
-                                    "once the copy's interprocess event completes (1, default), or after "
-                                    "completion (0).",
+    "once the copy's interprocess event completes (1, default), or after "
+    "completion (0).",
     "KVXFER_UCX_LIB": "Path of a libucp.so to use instead of the libucx wheel's (e.g. a system UCX with verbs).",
     "KVXFER_UCX_ERROR_MODE": "UCX endpoint error handling: auto (none on one host, peer across hosts), peer, none.",
     "KVXFER_UCX_CMA": "Same-host host memory through batched process_vm_readv/writev: auto or off.",
     "KVXFER_UCX_CMA_INLINE": "Cross-memory bytes a UCX post copies on the posting thread; all of a transfer up to "
-                             "this size (8388608).",
+    "this size (8388608).",
     "KVXFER_UCX_CMA_THREADS": "Copy threads of the UCX cross-memory path; 0: one fewer than the cores, 1 to 2 (0).",
     "KVXFER_UCX_STAGE_BELOW": "On the UCX path, host fragments averaging fewer bytes than this are staged (32768).",
     "KVXFER_UCX_STAGE_CHUNK": "Bytes per staged UCX message (4194304).",
     "KVXFER_UCX_STAGE_INFLIGHT": "Staged UCX messages in flight per transfer (4).",
     "KVXFER_UCX_LIVENESS_INTERVAL": "Seconds between liveness checks of same-host UCX peers without a pidfd (0.2).",
     "KVXFER_UCX_ONE_SIDED": "Who may reach this agent's regions one-sidedly over UCX: same-uid (same-host peers of "
-                            "our uid, checked against our export table) or off (target-checked staged messages only; "
-                            "RDMA keys still allowed).",
+    "our uid, checked against our export table) or off (target-checked staged messages only; "
+    "RDMA keys still allowed).",
 }
 
 

@@ -158,8 +158,9 @@ class Handle(ABC):
 
     def timeout_error(self, limit: float) -> TransferTimeoutError:
         """The error of a wait that ran out after ``limit`` seconds."""
-        return TransferTimeoutError(f"wait timed out after {limit} s; the transfer is still in flight", self,
-                                    self.backend)
+        return TransferTimeoutError(
+            f"wait timed out after {limit} s; the transfer is still in flight", self, self.backend
+        )
 
     def release(self) -> None:
         """Free the handle; cancels it first if it is still in flight."""
@@ -196,9 +197,18 @@ class TransferHandle(Handle):
     _first_slice = 1e-6
     _max_slice = _MAX_SLEEP
 
-    def __init__(self, agent: Agent, backend: Backend, request: Request, op: Op, nbytes: int,
-                 deadline: float, on_final: Callable[[TransferHandle], None] | None = None, strategy: str = "direct",
-                 regions: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        backend: Backend,
+        request: Request,
+        op: Op,
+        nbytes: int,
+        deadline: float,
+        on_final: Callable[[TransferHandle], None] | None = None,
+        strategy: str = "direct",
+        regions: tuple[int, ...] = (),
+    ) -> None:
         self._agent = agent
         self._backend = backend
         self._request = request
@@ -242,8 +252,12 @@ class TransferHandle(Handle):
             if state is TransferState.PENDING:
                 if time.monotonic() > self.deadline:
                     self._backend.cancel(self._request)
-                    return self._finish(TransferState.FAILED, TransferTimeoutError(
-                        f"transfer of {self.nbytes} bytes missed its deadline", self, self.backend))
+                    return self._finish(
+                        TransferState.FAILED,
+                        TransferTimeoutError(
+                            f"transfer of {self.nbytes} bytes missed its deadline", self, self.backend
+                        ),
+                    )
                 return state
             reason: KvxferError | None = getattr(self._request, "error", None)
             if state is TransferState.FAILED and reason is None:
@@ -267,8 +281,9 @@ class TransferHandle(Handle):
             self._backend.cancel(self._request)
             state = self._backend.poll(self._request)
             if state in (TransferState.PENDING, TransferState.CANCELLED):
-                self._finish(TransferState.CANCELLED,
-                             TransferCancelledError("transfer was cancelled", self, self.backend))
+                self._finish(
+                    TransferState.CANCELLED, TransferCancelledError("transfer was cancelled", self, self.backend)
+                )
             else:  # it ended before the cancel reached it: report how it really ended
                 self._finish(state, getattr(self._request, "error", None))
 
@@ -287,8 +302,11 @@ class TransferHandle(Handle):
     def __del__(self) -> None:
         pending = getattr(self, "_state", TransferState.DONE) is TransferState.PENDING
         if not getattr(self, "_released", True) and pending:
-            warnings.warn(f"TransferHandle of {self.nbytes} bytes dropped while still pending; wait() or release() it",
-                          ResourceWarning, stacklevel=2)
+            warnings.warn(
+                f"TransferHandle of {self.nbytes} bytes dropped while still pending; wait() or release() it",
+                ResourceWarning,
+                stacklevel=2,
+            )
 
     def __repr__(self) -> str:
         return f"TransferHandle({self.op}, {self.nbytes} bytes, {self.backend}, {self._state.value})"

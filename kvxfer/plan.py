@@ -20,8 +20,13 @@ if TYPE_CHECKING:
 class RegionTable:
     """Sorted region indices with their spans, to check many descriptors against many regions at once."""
 
-    def __init__(self, indices: Sequence[int], addrs: Sequence[int], nbytes: Sequence[int],
-                 kinds: Sequence[MemoryKind] | None = None) -> None:
+    def __init__(
+        self,
+        indices: Sequence[int],
+        addrs: Sequence[int],
+        nbytes: Sequence[int],
+        kinds: Sequence[MemoryKind] | None = None,
+    ) -> None:
         order = np.argsort(np.asarray(indices, dtype=np.int64))
         self.indices = np.asarray(indices, dtype=np.int64)[order]
         self.addr = np.asarray(addrs, dtype=np.uint64)[order]
@@ -50,10 +55,10 @@ class RegionTable:
             why = "names an unknown or deregistered region" if not known[i] else "lies outside its region"
             raise DescriptorError(
                 f"{argument}[{i}] (addr {int(descs.addr[i]):#x}, nbytes {int(descs.nbytes[i])}, region "
-                f"{int(descs.region[i])}) {why} of {owner}")
+                f"{int(descs.region[i])}) {why} of {owner}"
+            )
         used = np.flatnonzero(np.bincount(position.ravel(), minlength=len(self.indices)))
         return {self.kinds[int(p)] for p in used} if self.kinds is not None else set()
-
 
     def _inside_one(self, descs: Descs) -> bool:
         """True if every descriptor lies inside the only region (False: check piece by piece, to name the first)."""
@@ -74,8 +79,9 @@ class TransferPlan:
     ``local`` / ``remote`` are the coalesced pairs a backend moves. Build with :meth:`Agent.plan`.
     """
 
-    def __init__(self, agent: Agent, peer: Peer, backend: Backend, local: Descs, remote: Descs,
-                 coalesce: bool = True) -> None:
+    def __init__(
+        self, agent: Agent, peer: Peer, backend: Backend, local: Descs, remote: Descs, coalesce: bool = True
+    ) -> None:
         self.agent = agent
         self.peer = peer
         self.backend = backend
@@ -102,8 +108,10 @@ class TransferPlan:
         ``local_idx``, ``remote_idx``: int[n] host arrays of equal length. Entries are checked for range and
         equal sizes; the regions were validated when this plan was built.
         """
-        local_ids, remote_ids = _indices(local_idx, "local_idx", self.prepared_local), \
-            _indices(remote_idx, "remote_idx", self.prepared_remote)
+        local_ids, remote_ids = (
+            _indices(local_idx, "local_idx", self.prepared_local),
+            _indices(remote_idx, "remote_idx", self.prepared_remote),
+        )
         if local_ids.shape != remote_ids.shape:
             raise DescriptorError(f"local_idx has {local_ids.size} entries, remote_idx has {remote_ids.size}")
         local, remote = self.prepared_local[local_ids], self.prepared_remote[remote_ids]
@@ -134,8 +142,10 @@ class TransferPlan:
             raise UsageError(f"plan's peer {self.peer.name!r} is disconnected; connect again and rebuild the plan")
 
     def __repr__(self) -> str:
-        return (f"TransferPlan(peer={self.peer.name!r}, backend={self.backend.caps.name}, pairs={len(self)}, "
-                f"nbytes={self.nbytes})")
+        return (
+            f"TransferPlan(peer={self.peer.name!r}, backend={self.backend.caps.name}, pairs={len(self)}, "
+            f"nbytes={self.nbytes})"
+        )
 
 
 def _unique_regions(descs: Descs) -> tuple[int, ...]:
@@ -154,8 +164,9 @@ def check_pair_sizes(local: Descs, remote: Descs) -> None:
     differ = local.nbytes != remote.nbytes
     if differ.any():
         i = int(np.flatnonzero(differ)[0])
-        raise DescriptorError(f"descriptor pair {i}: local nbytes {int(local.nbytes[i])} != remote nbytes "
-                              f"{int(remote.nbytes[i])}")
+        raise DescriptorError(
+            f"descriptor pair {i}: local nbytes {int(local.nbytes[i])} != remote nbytes {int(remote.nbytes[i])}"
+        )
 
 
 def _indices(values: Sequence[int] | np.ndarray, argument: str, descs: Descs) -> np.ndarray:

@@ -59,8 +59,12 @@ class RegionRegistry:
         with self._lock:
             if self._table is None:
                 regions = [self._regions[i] for i in sorted(self._regions)]
-                self._table = RegionTable([r.index for r in regions], [r.addr for r in regions],
-                                          [r.nbytes for r in regions], [r.kind for r in regions])
+                self._table = RegionTable(
+                    [r.index for r in regions],
+                    [r.addr for r in regions],
+                    [r.nbytes for r in regions],
+                    [r.kind for r in regions],
+                )
             return self._table
 
     def check_live(self, indices: Iterable[int]) -> None:

@@ -116,11 +116,13 @@ class KVCacheSpec:
             if total % self.tp_size or self.num_kv_heads != total // self.tp_size:
                 raise ConfigError(
                     f"KVCacheSpec.num_kv_heads must be total_kv_heads/tp_size = {total}/{self.tp_size}, "
-                    f"got {self.num_kv_heads}")
+                    f"got {self.num_kv_heads}"
+                )
         elif self.tp_size % total or self.num_kv_heads != 1:
             raise ConfigError(
                 f"KVCacheSpec: with tp_size={self.tp_size} > total_kv_heads={total}, tp_size must be a multiple "
-                f"of total_kv_heads and num_kv_heads must be 1 (replicated), got num_kv_heads={self.num_kv_heads}")
+                f"of total_kv_heads and num_kv_heads must be 1 (replicated), got num_kv_heads={self.num_kv_heads}"
+            )
 
     def _check_strides(self, strides: tuple[int, ...]) -> None:
         if len(strides) != len(AXES):
@@ -147,8 +149,7 @@ class KVCacheSpec:
     @property
     def shape(self) -> tuple[int, int, int, int, int, int]:
         """Logical sizes over :data:`AXES`."""
-        return (self.num_layers, self.num_blocks, self.num_kv_parts, self.num_kv_heads, self.block_size,
-                self.head_dim)
+        return (self.num_layers, self.num_blocks, self.num_kv_parts, self.num_kv_heads, self.block_size, self.head_dim)
 
     @property
     def tensor_shape(self) -> tuple[int, ...]:
@@ -215,8 +216,10 @@ class KVCacheSpec:
         """
         if itemsize is None or itemsize == 1 or itemsize == self.itemsize:
             return
-        raise ConfigError(f"{argument}: KVCacheSpec dtype {self.dtype!r} has {self.itemsize}-byte elements, "
-                          f"{where} holds {itemsize}-byte elements (use an array of that dtype, or of uint8)")
+        raise ConfigError(
+            f"{argument}: KVCacheSpec dtype {self.dtype!r} has {self.itemsize}-byte elements, "
+            f"{where} holds {itemsize}-byte elements (use an array of that dtype, or of uint8)"
+        )
 
     # ---- block -> byte offsets ---------------------------------------------------------------------------------
 
@@ -241,8 +244,15 @@ class KVCacheSpec:
             offsets = (offsets[None, :] + np.arange(size, dtype=np.int64)[:, None] * stride).ravel()
         return np.sort(offsets) * self.itemsize, run * self.itemsize
 
-    def block_offsets(self, block_ids: BlockIds, *, layers: Selection = None, heads: tuple[int, int] | None = None,
-                      parts: Selection = None, start: int = 0) -> tuple[np.ndarray, int]:
+    def block_offsets(
+        self,
+        block_ids: BlockIds,
+        *,
+        layers: Selection = None,
+        heads: tuple[int, int] | None = None,
+        parts: Selection = None,
+        start: int = 0,
+    ) -> tuple[np.ndarray, int]:
         """Byte offsets (from the region start) of every contiguous piece of the given blocks.
 
         ``block_ids``: int[n] host array of block indices. ``layers``: int[m], a range or slice (default all).
@@ -263,8 +273,15 @@ class KVCacheSpec:
         inner = (part_ids[:, None] * s_kv + pieces[None, :]).ravel().astype(dtype)
         return outer_sum(outer.ravel(), inner), piece_nbytes
 
-    def row_offsets(self, block_id: int, num_tokens: int, *, layers: Selection = None,
-                    heads: tuple[int, int] | None = None, parts: Selection = None) -> tuple[np.ndarray, int]:
+    def row_offsets(
+        self,
+        block_id: int,
+        num_tokens: int,
+        *,
+        layers: Selection = None,
+        heads: tuple[int, int] | None = None,
+        parts: Selection = None,
+    ) -> tuple[np.ndarray, int]:
         """Byte offsets of the head_dim rows of tokens ``[0, num_tokens)`` of one block (a partly filled last
         block). Order: layer, part, head, token. Returns (offsets: int64[k], row nbytes)."""
         block = as_index_array([block_id], "block_id", self.num_blocks)
@@ -274,10 +291,14 @@ class KVCacheSpec:
         if not 0 <= num_tokens <= self.block_size:
             raise ConfigError(f"num_tokens must lie in [0, {self.block_size}], got {num_tokens}")
         s_layer, s_block, s_kv, s_head, s_token, _ = self.byte_strides
-        offsets = (self.offset * self.itemsize + int(block[0]) * s_block
-                   + layer_ids[:, None, None, None] * s_layer + part_ids[None, :, None, None] * s_kv
-                   + np.arange(h0, h1)[None, None, :, None] * s_head
-                   + np.arange(num_tokens)[None, None, None, :] * s_token)
+        offsets = (
+            self.offset * self.itemsize
+            + int(block[0]) * s_block
+            + layer_ids[:, None, None, None] * s_layer
+            + part_ids[None, :, None, None] * s_kv
+            + np.arange(h0, h1)[None, None, :, None] * s_head
+            + np.arange(num_tokens)[None, None, None, :] * s_token
+        )
         return offsets.ravel(), self.head_dim * self.itemsize
 
     def _local_heads(self, heads: tuple[int, int] | None) -> tuple[int, int]:

@@ -34,6 +34,9 @@ def keep_freed_memory(trim_nbytes: int = 256 << 20, mmap_threshold: int = 64 << 
         logger.info("keep_freed_memory: no mallopt in this C library; unchanged")
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    results = [mallopt(_M_MMAP_THRESHOLD, mmap_threshold), mallopt(_M_TRIM_THRESHOLD, trim_nbytes),
-               mallopt(_M_TOP_PAD, top_pad)]
+    results = [
+        mallopt(_M_MMAP_THRESHOLD, mmap_threshold),
+        mallopt(_M_TRIM_THRESHOLD, trim_nbytes),
+        mallopt(_M_TOP_PAD, top_pad),
+    ]
     return all(result == 1 for result in results)

@@ -32,14 +32,15 @@ def module_name(path: Path) -> str:
 def _resolve(current: str, is_package: bool, level: int, target: str | None) -> str:
     base = current.split(".") if is_package else current.split(".")[:-1]
     if level > 1:
-        base = base[:-(level - 1)]
+        base = base[: -(level - 1)]
     return ".".join(base + ([target] if target else []))
 
 
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def imports(path: Path, modules: set[str]) -> tuple[set[str], set[str]]:

@@ -39,8 +39,8 @@ def main() -> None:
     meta = conn.recv()
     spec, remote_spec = setup.spec("d", 0), setup.spec("p", 0)
     rng = np.random.default_rng(1)
-    p_ids = rng.permutation(remote_spec.num_blocks)[:args.tokens // 16]
-    d_ids = rng.permutation(spec.num_blocks)[:args.tokens // 16]
+    p_ids = rng.permutation(remote_spec.num_blocks)[: args.tokens // 16]
+    d_ids = rng.permutation(spec.num_blocks)[: args.tokens // 16]
     cupy.cuda.Device(device).use()
     cache = cupy.zeros(spec.nbytes, dtype=cupy.uint8)
     phases: dict[str, list[float]] = {}
@@ -60,12 +60,24 @@ def main() -> None:
         for attempt in range(args.repeats + 3):
             handle = timed("pipe.pull (returns)", lambda: pipe.pull(d_ids, p_ids))
             timed("pipe wait", lambda handle=handle: handle.wait(timeout=30))
-            plan = timed("plan_kv_copy", lambda: kernels.plan_kv_copy(
-                remote_spec, spec, p_ids, d_ids, src_heads=route.heads.remote_heads,
-                dst_heads=route.heads.local_heads))
+            plan = timed(
+                "plan_kv_copy",
+                lambda: kernels.plan_kv_copy(
+                    remote_spec,
+                    spec,
+                    p_ids,
+                    d_ids,
+                    src_heads=route.heads.remote_heads,
+                    dst_heads=route.heads.local_heads,
+                ),
+            )
             timed("kernel_tables", lambda plan=plan: plan.tables)
-            timed("copy_kv_pointers", lambda plan=plan: kernels.copy_kv_pointers(
-                route.mapped, route.region.nbytes, region.addr, region.nbytes, plan, device=device, stream=stream))
+            timed(
+                "copy_kv_pointers",
+                lambda plan=plan: kernels.copy_kv_pointers(
+                    route.mapped, route.region.nbytes, region.addr, region.nbytes, plan, device=device, stream=stream
+                ),
+            )
             event = timed("event create+record", lambda: _record(cupy, stream))
             timed("event synchronize", event.synchronize)
             timed("agent.notify", lambda: agent.notify(peer, b"x"))

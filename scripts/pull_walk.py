@@ -31,6 +31,7 @@ from import_graph import reaches
 
 REACHES = reaches()
 
+
 class Walk:
     """Rooms entered and climbs back, recorded by a profile hook."""
 
@@ -60,8 +61,12 @@ class Walk:
                     self.entries[room] += 1
                     if room not in self.rooms:
                         self.rooms.append(room)
-                    if here is not None and here != "kvxfer.kernels" and not _reaches(here, room) \
-                            and not _overrides(frame, here):
+                    if (
+                        here is not None
+                        and here != "kvxfer.kernels"
+                        and not _reaches(here, room)
+                        and not _overrides(frame, here)
+                    ):
                         self.climbs.append((here, room))
             self.stack.append(room)
         elif event == "return" and self.stack:
@@ -82,8 +87,9 @@ def _overrides(frame: FrameType, caller: str) -> bool:
     method such as ``Handle.wait`` calling the subclass's ``poll``): dispatch, not a climb."""
     owner = frame.f_locals.get("self")
     name = frame.f_code.co_name
-    return owner is not None and any(klass.__module__ == caller and name in vars(klass)
-                                     for klass in type(owner).__mro__[1:])
+    return owner is not None and any(
+        klass.__module__ == caller and name in vars(klass) for klass in type(owner).__mro__[1:]
+    )
 
 
 def run(strategy: str) -> dict[str, Any]:
@@ -91,8 +97,15 @@ def run(strategy: str) -> dict[str, Any]:
     layers, blocks, dim = 2, 8, 4
 
     def make(block: int, layout: str) -> kvxfer.KVCacheSpec:
-        return kvxfer.KVCacheSpec(num_layers=layers, num_blocks=blocks, block_size=block, num_kv_heads=2,
-                                  head_dim=dim, dtype="float32", layout=layout)
+        return kvxfer.KVCacheSpec(
+            num_layers=layers,
+            num_blocks=blocks,
+            block_size=block,
+            num_kv_heads=2,
+            head_dim=dim,
+            dtype="float32",
+            layout=layout,
+        )
 
     prefill_spec = make(4, "HND")
     decode_spec = make(4 if strategy == "direct" else 2, "HND" if strategy == "direct" else "NHD")
@@ -121,9 +134,13 @@ def run(strategy: str) -> dict[str, Any]:
 
 
 def _summary(walk: Walk) -> dict[str, Any]:
-    return {"rooms": len(walk.rooms), "climbs_back": len(walk.climbs), "walk": walk.rooms,
-            "climbs": [f"{a} -> {b}" for a, b in walk.climbs],
-            "reentered": {room: count for room, count in walk.entries.items() if count > 1}}
+    return {
+        "rooms": len(walk.rooms),
+        "climbs_back": len(walk.climbs),
+        "walk": walk.rooms,
+        "climbs": [f"{a} -> {b}" for a, b in walk.climbs],
+        "reentered": {room: count for room, count in walk.entries.items() if count > 1},
+    }
 
 
 def main() -> None:
@@ -135,8 +152,10 @@ def main() -> None:
     for strategy in ("kernel", "direct", "staged"):
         # threads race (the pipe's watcher may finish a request before the waiter does): keep the longest walks
         runs = [run(strategy) for _ in range(args.repeats)]
-        results[strategy] = {name: max((r[name] for r in runs), key=lambda w: (w["climbs_back"], w["rooms"]))
-                             for name in ("pull", "wait")}
+        results[strategy] = {
+            name: max((r[name] for r in runs), key=lambda w: (w["climbs_back"], w["rooms"]))
+            for name in ("pull", "wait")
+        }
     if args.json:
         print(json.dumps(results, indent=2))
         return

@@ -60,14 +60,25 @@ LAYERS, DIM, BLOCKS = 2, 4, 12
 def logical(cache: np.ndarray, spec: KVCacheSpec) -> np.ndarray:
     """[layer, block, part, head, token, dim] view of a cache buffer."""
     flat = cache.reshape(-1)
-    return as_strided(flat[spec.offset:], spec.shape, tuple(s * flat.itemsize for s in spec.element_strides))
+    return as_strided(flat[spec.offset :], spec.shape, tuple(s * flat.itemsize for s in spec.element_strides))
 
 
 def make_spec(tp_rank, tp_size, heads, block_size, layout, parts=2):
     local = max(heads // tp_size, 1)
-    return KVCacheSpec(num_layers=LAYERS, num_blocks=BLOCKS, block_size=block_size, num_kv_heads=local,
-                       head_dim=DIM, dtype="float32", layout=layout, tp_rank=tp_rank, tp_size=tp_size,
-                       total_kv_heads=heads, num_kv_parts=parts, model="m")
+    return KVCacheSpec(
+        num_layers=LAYERS,
+        num_blocks=BLOCKS,
+        block_size=block_size,
+        num_kv_heads=local,
+        head_dim=DIM,
+        dtype="float32",
+        layout=layout,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        total_kv_heads=heads,
+        num_kv_parts=parts,
+        model="m",
+    )
 
 
 def write_sequence(cache, spec, block_ids, sequence):
@@ -81,15 +92,16 @@ def write_sequence(cache, spec, block_ids, sequence):
 class Cluster:
     """Prefill ranks and decode ranks as agents of this process, prefill caches filled from one sequence."""
 
-    def __init__(self, p_tp, d_tp, heads, p_block, d_block, p_layout, d_layout, tokens, parts=2, seed=0,
-                 backend="local"):
+    def __init__(
+        self, p_tp, d_tp, heads, p_block, d_block, p_layout, d_layout, tokens, parts=2, seed=0, backend="local"
+    ):
         rng = np.random.default_rng(seed)
         self.sequence = rng.standard_normal((LAYERS, parts, tokens, heads, DIM)).astype(np.float32)
         self.tokens = tokens
         self.p_specs = [make_spec(r, p_tp, heads, p_block, p_layout, parts) for r in range(p_tp)]
         self.d_specs = [make_spec(r, d_tp, heads, d_block, d_layout, parts) for r in range(d_tp)]
-        self.p_ids = rng.permutation(BLOCKS)[:-(-tokens // p_block)]
-        self.d_ids = rng.permutation(BLOCKS)[:-(-tokens // d_block)]
+        self.p_ids = rng.permutation(BLOCKS)[: -(-tokens // p_block)]
+        self.d_ids = rng.permutation(BLOCKS)[: -(-tokens // d_block)]
         self.prefill = [kvxfer.Agent(f"p{r}", backends=[backend]) for r in range(p_tp)]
         self.decode = [kvxfer.Agent(f"d{r}", backends=[backend]) for r in range(d_tp)]
         self.p_caches, self.d_caches = [], []
@@ -129,8 +141,10 @@ def run_pull(cluster, strategy="auto", notify=b"done"):
 
 def announcers(cluster):
     """A pipe on every prefill rank towards decode rank 0, to announce ready layers with."""
-    return [KVPipe(agent, spec, agent.connect(cluster.decode[0].metadata()), cluster.d_specs[0])
-            for agent, spec in zip(cluster.prefill, cluster.p_specs)]
+    return [
+        KVPipe(agent, spec, agent.connect(cluster.decode[0].metadata()), cluster.d_specs[0])
+        for agent, spec in zip(cluster.prefill, cluster.p_specs)
+    ]
 
 
 def wait_until(check, seconds=5.0):

@@ -5,8 +5,18 @@ import numpy as np
 import pytest
 
 import kvxfer
-from kvxfer import (BackendUnavailableError, ConfigError, Descs, DescriptorError, HandshakeError, KVCacheSpec,
-                    PeerError, RegistrationError, TransferState, UsageError)
+from kvxfer import (
+    BackendUnavailableError,
+    ConfigError,
+    Descs,
+    DescriptorError,
+    HandshakeError,
+    KVCacheSpec,
+    PeerError,
+    RegistrationError,
+    TransferState,
+    UsageError,
+)
 from kvxfer.backends.local import LocalBackend
 from kvxfer.metadata import AgentMetadata
 from tests.helpers import agent_pair, random_bytes
@@ -25,9 +35,9 @@ def test_read_and_write_move_exact_bytes_and_notify_after_data():
         handle = dst_agent.read(plan, notify=b"req-1")
         assert handle.wait() is handle and handle.state is TransferState.DONE
         for offset in offsets:
-            assert np.array_equal(dst[offset:offset + 4096], src[offset:offset + 4096])
+            assert np.array_equal(dst[offset : offset + 4096], src[offset : offset + 4096])
         untouched = np.setdiff1d(np.arange(16) * 4096, offsets)
-        assert all(not dst[o:o + 4096].any() for o in untouched)
+        assert all(not dst[o : o + 4096].any() for o in untouched)
         notes = src_agent.notifications(timeout=2)
         assert [(n.peer_name, n.payload) for n in notes] == [("dst", b"req-1")]
         # write: push fresh local bytes into the peer
@@ -47,8 +57,9 @@ def test_kv_blocks_between_agents_and_select():
         local = decode.register(target, name="kv")
         peer = decode.connect(prefill.metadata())
         all_blocks = np.arange(spec.num_blocks)
-        plan = decode.plan(Descs.from_blocks(local, spec, all_blocks), peer,
-                           Descs.from_blocks(peer.region("kv"), spec, all_blocks))
+        plan = decode.plan(
+            Descs.from_blocks(local, spec, all_blocks), peer, Descs.from_blocks(peer.region("kv"), spec, all_blocks)
+        )
         assert len(plan) == 1  # a whole contiguous cache coalesces to one pair
         # per request: blocks 5, 9, 2 of the peer into local blocks 0, 1, 2 (descs are (layer, block, part))
         per_block = 2 * spec.num_layers
@@ -152,16 +163,20 @@ class HostScopedLocal(LocalBackend):
 
 def test_host_scope_reaches_only_peers_with_our_host_id(monkeypatch):
     monkeypatch.setenv("KVXFER_HOST_ID", "node-a")
-    with kvxfer.Agent("src", backends=[HostScopedLocal()]) as src_agent, \
-            kvxfer.Agent("dst", backends=[HostScopedLocal()], host_id="node-b") as dst_agent:
+    with (
+        kvxfer.Agent("src", backends=[HostScopedLocal()]) as src_agent,
+        kvxfer.Agent("dst", backends=[HostScopedLocal()], host_id="node-b") as dst_agent,
+    ):
         assert (src_agent.host_id, dst_agent.host_id) == ("node-a", "node-b")
         src_agent.register(random_bytes(4096), name="buf")
         with pytest.raises(HandshakeError, match="no backend reaches peer 'src'") as caught:
             dst_agent.connect(src_agent.metadata())
         assert "'node-a'" in str(caught.value) and caught.value.peer_name == "src"
         assert not dst_agent.peers
-    with kvxfer.Agent("src", backends=[HostScopedLocal()], host_id="node-a") as src_agent, \
-            kvxfer.Agent("dst", backends=[HostScopedLocal()]) as dst_agent:
+    with (
+        kvxfer.Agent("src", backends=[HostScopedLocal()], host_id="node-a") as src_agent,
+        kvxfer.Agent("dst", backends=[HostScopedLocal()]) as dst_agent,
+    ):
         source, destination = random_bytes(1 << 16), np.zeros(1 << 16, np.uint8)
         src_agent.register(source, name="buf")
         local = dst_agent.register(destination, name="buf")
@@ -189,7 +204,8 @@ def test_notification_is_observed_only_after_all_the_data(op):
     data, empty = random_bytes(fragment * count, 6), np.zeros(fragment * count, np.uint8)
     mine, theirs = (data, empty) if op == "write" else (empty, data)
     (source, source_ids), (destination, destination_ids) = (
-        ((mine, local_ids), (theirs, remote_ids)) if op == "write" else ((theirs, remote_ids), (mine, local_ids)))
+        ((mine, local_ids), (theirs, remote_ids)) if op == "write" else ((theirs, remote_ids), (mine, local_ids))
+    )
     expected = np.zeros_like(destination)
     expected.reshape(count, fragment)[destination_ids] = source.reshape(count, fragment)[source_ids]
     handles, posted, arrived, seen = [], threading.Event(), threading.Event(), []
@@ -201,14 +217,19 @@ def test_notification_is_observed_only_after_all_the_data(op):
             theirs[:] = 0  # "your blocks were read": the target may reuse them at once
         arrived.set()
 
-    with kvxfer.Agent("initiator", backends=["local"]) as initiator, \
-            kvxfer.Agent("target", backends=["local"]) as target:
+    with (
+        kvxfer.Agent("initiator", backends=["local"]) as initiator,
+        kvxfer.Agent("target", backends=["local"]) as target,
+    ):
         local = initiator.register(mine, name="buf")
         target.register(theirs, name="buf")
         target.subscribe(b"order:", observe)
         peer = initiator.connect(target.metadata())
-        plan = initiator.plan(ranges(local, local_ids * fragment, fragment), peer,
-                              ranges(peer.region("buf"), remote_ids * fragment, fragment))
+        plan = initiator.plan(
+            ranges(local, local_ids * fragment, fragment),
+            peer,
+            ranges(peer.region("buf"), remote_ids * fragment, fragment),
+        )
         assert len(plan) == count  # nothing coalesced: every fragment is its own copy
         handles.append(getattr(initiator, op)(plan, notify=b"order:1"))
         posted.set()

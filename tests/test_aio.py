@@ -3,8 +3,17 @@ import asyncio
 import numpy as np
 import pytest
 
-from kvxfer import (Agent, Descs, KVCacheSpec, KVPipe, PipeHandle, TransferCancelledError, TransferState,
-                    TransferTimeoutError, aio)
+from kvxfer import (
+    Agent,
+    Descs,
+    KVCacheSpec,
+    KVPipe,
+    PipeHandle,
+    TransferCancelledError,
+    TransferState,
+    TransferTimeoutError,
+    aio,
+)
 from kvxfer.backends.mock import Fault
 from tests.helpers import agent_pair
 
@@ -13,8 +22,11 @@ def test_await_transfer_and_notification():
     src_agent, dst_agent, src, dst, peer = agent_pair(1 << 16)
 
     async def main():
-        plan = dst_agent.plan(Descs.from_ranges(dst_agent.regions[0], [0], 1 << 16), peer,
-                              Descs.from_ranges(peer.region("buf"), [0], 1 << 16))
+        plan = dst_agent.plan(
+            Descs.from_ranges(dst_agent.regions[0], [0], 1 << 16),
+            peer,
+            Descs.from_ranges(peer.region("buf"), [0], 1 << 16),
+        )
         handle = await aio.wait(dst_agent.read(plan, notify=b"n"))
         return handle, await aio.notifications(src_agent, timeout=2)
 
@@ -29,8 +41,9 @@ def test_await_cancelled_transfer_raises():
     dst_agent._backends[0].on_post = lambda *a: Fault.delay(1.0)
 
     async def main():
-        plan = dst_agent.plan(Descs.from_ranges(dst_agent.regions[0], [0], 64), peer,
-                              Descs.from_ranges(peer.region("buf"), [0], 64))
+        plan = dst_agent.plan(
+            Descs.from_ranges(dst_agent.regions[0], [0], 64), peer, Descs.from_ranges(peer.region("buf"), [0], 64)
+        )
         handle = dst_agent.read(plan)
         asyncio.get_running_loop().call_later(0.05, handle.cancel)
         await aio.wait(handle)

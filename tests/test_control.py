@@ -8,13 +8,29 @@ import msgpack
 import pytest
 
 import kvxfer
-from kvxfer.control import (PREFIX, VERSION, BlocksExpired, ControlChannel, LayersReady, LeaseMessage, LeaseVerb,
-                            PushOutcome, decode, encode)
+from kvxfer.control import (
+    PREFIX,
+    VERSION,
+    BlocksExpired,
+    ControlChannel,
+    LayersReady,
+    LeaseMessage,
+    LeaseVerb,
+    PushOutcome,
+    decode,
+    encode,
+)
 from kvxfer.errors import ConfigError, HandshakeError
 
-MESSAGES = [LeaseMessage(LeaseVerb.RENEW, b"lease-1"), LeaseMessage(LeaseVerb.EXPIRED, b"k"),
-            LayersReady(b"req", (0, 3, 65535)), LayersReady(b"req", ()), BlocksExpired(b"req-7:0"),
-            PushOutcome("req-7", True, 42, 1234.5), PushOutcome("", False, -1, 0.0)]
+MESSAGES = [
+    LeaseMessage(LeaseVerb.RENEW, b"lease-1"),
+    LeaseMessage(LeaseVerb.EXPIRED, b"k"),
+    LayersReady(b"req", (0, 3, 65535)),
+    LayersReady(b"req", ()),
+    BlocksExpired(b"req-7:0"),
+    PushOutcome("req-7", True, 42, 1234.5),
+    PushOutcome("", False, -1, 0.0),
+]
 
 
 @pytest.mark.parametrize("message", MESSAGES, ids=lambda m: type(m).__name__)
@@ -28,17 +44,34 @@ def raw(*items):
     return PREFIX + msgpack.packb(list(items), use_bin_type=True)
 
 
-@pytest.mark.parametrize("payload", [
-    b"kvx", PREFIX, PREFIX + b"\xc1", PREFIX + msgpack.packb({"a": 1}),
-    raw(VERSION, "lease"), raw(VERSION + 1, "lease", ["renew", b"k"]), raw("1", "lease", ["renew", b"k"]),
-    raw(VERSION, "nope", []), raw(VERSION, 7, []), raw(VERSION, "lease", "renew"),
-    raw(VERSION, "lease", ["renew"]), raw(VERSION, "lease", ["evict", b"k"]), raw(VERSION, "lease", ["renew", "k"]),
-    raw(VERSION, "lease", ["renew", b""]), raw(VERSION, "lease", ["renew", b"k" * 1025]),
-    raw(VERSION, "layers", [b"k", [1 << 16]]), raw(VERSION, "layers", [b"k", [-1]]),
-    raw(VERSION, "layers", [b"k", [True]]), raw(VERSION, "layers", [b"k", 3]),
-    raw(VERSION, "conn.expired", []), raw(VERSION, "conn.pushed", ["r", 1, 2, 3.0]),
-    raw(VERSION, "conn.pushed", ["r", True, 2.5, 3.0]), raw(VERSION, "conn.pushed", ["r" * 2000, True, 2, 3.0]),
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"kvx",
+        PREFIX,
+        PREFIX + b"\xc1",
+        PREFIX + msgpack.packb({"a": 1}),
+        raw(VERSION, "lease"),
+        raw(VERSION + 1, "lease", ["renew", b"k"]),
+        raw("1", "lease", ["renew", b"k"]),
+        raw(VERSION, "nope", []),
+        raw(VERSION, 7, []),
+        raw(VERSION, "lease", "renew"),
+        raw(VERSION, "lease", ["renew"]),
+        raw(VERSION, "lease", ["evict", b"k"]),
+        raw(VERSION, "lease", ["renew", "k"]),
+        raw(VERSION, "lease", ["renew", b""]),
+        raw(VERSION, "lease", ["renew", b"k" * 1025]),
+        raw(VERSION, "layers", [b"k", [1 << 16]]),
+        raw(VERSION, "layers", [b"k", [-1]]),
+        raw(VERSION, "layers", [b"k", [True]]),
+        raw(VERSION, "layers", [b"k", 3]),
+        raw(VERSION, "conn.expired", []),
+        raw(VERSION, "conn.pushed", ["r", 1, 2, 3.0]),
+        raw(VERSION, "conn.pushed", ["r", True, 2.5, 3.0]),
+        raw(VERSION, "conn.pushed", ["r" * 2000, True, 2, 3.0]),
+    ],
+)
 def test_malformed_payloads_raise_handshake_error(payload):
     with pytest.raises(HandshakeError):
         decode(payload)

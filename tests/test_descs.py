@@ -23,17 +23,20 @@ def test_from_ranges_and_indexing(agent):
         descs[[3]]
 
 
-@pytest.mark.parametrize("offsets, nbytes, match", [
-    ([990], [11], "outside region"),
-    ([-1], [1], "offsets must be >= 0"),
-    ([0], [0], "nbytes must be > 0"),
-    ([0], [-5], "nbytes must be > 0"),
-    ([2**62], [2**62], "outside region"),
-    (np.array([2**63 + 5], dtype=np.uint64), [1], "overflows"),
-    ([0, 1], [1, 2, 3], "one per offset"),
-    ([[0]], [1], "1-D"),
-    ([0.5], [1], "integer"),
-])
+@pytest.mark.parametrize(
+    "offsets, nbytes, match",
+    [
+        ([990], [11], "outside region"),
+        ([-1], [1], "offsets must be >= 0"),
+        ([0], [0], "nbytes must be > 0"),
+        ([0], [-5], "nbytes must be > 0"),
+        ([2**62], [2**62], "outside region"),
+        (np.array([2**63 + 5], dtype=np.uint64), [1], "overflows"),
+        ([0, 1], [1, 2, 3], "one per offset"),
+        ([[0]], [1], "1-D"),
+        ([0.5], [1], "integer"),
+    ],
+)
 def test_from_ranges_rejects_bad_spans(agent, offsets, nbytes, match):
     region = agent.register(np.zeros(1000, np.uint8), name="r")
     with pytest.raises(DescriptorError, match=match):
@@ -85,18 +88,27 @@ def test_from_blocks_refuses_a_region_of_another_element_size():
         target = np.full(BF16.nbytes // 4, -7.0, np.float32)
         local = decode.register(target, name="kv")
         peer = decode.connect(prefill.metadata())
-        with pytest.raises(ConfigError, match=r"^spec: KVCacheSpec dtype 'bfloat16' has 2-byte elements, region 'kv' "
-                                              r"holds 4-byte elements"):
-            decode.read(decode.plan(Descs.from_blocks(local, BF16, [0, 1]), peer,
-                                    Descs.from_blocks(peer.region("kv"), BF16, [2, 3]))).wait()
+        with pytest.raises(
+            ConfigError,
+            match=r"^spec: KVCacheSpec dtype 'bfloat16' has 2-byte elements, region 'kv' "
+            r"holds 4-byte elements",
+        ):
+            decode.read(
+                decode.plan(
+                    Descs.from_blocks(local, BF16, [0, 1]), peer, Descs.from_blocks(peer.region("kv"), BF16, [2, 3])
+                )
+            ).wait()
         assert (target == -7.0).all()
 
 
 @pytest.mark.parametrize("storage", ["uint8", "uint16", "pointer"])
 def test_from_blocks_accepts_bytes_same_size_elements_and_raw_pointers(agent, storage):
     backing = np.zeros(BF16.nbytes, np.uint8)
-    array = {"uint8": backing, "uint16": backing.view(np.uint16),
-             "pointer": kvxfer.Region.from_ptr(backing.ctypes.data, backing.nbytes, owner=backing)}[storage]
+    array = {
+        "uint8": backing,
+        "uint16": backing.view(np.uint16),
+        "pointer": kvxfer.Region.from_ptr(backing.ctypes.data, backing.nbytes, owner=backing),
+    }[storage]
     region = agent.register(array, name="kv")
     assert region.itemsize == {"uint8": 1, "uint16": 2, "pointer": None}[storage]
     assert Descs.from_blocks(region, BF16, [1, 3]).total_nbytes == 2 * BF16.num_layers * BF16.block_nbytes

@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 
 import kvxfer
-from kvxfer import (BackendError, Descs, Timeouts, TransferCancelledError, TransferState, TransferTimeoutError,
-                    UsageError)
+from kvxfer import (
+    BackendError,
+    Descs,
+    Timeouts,
+    TransferCancelledError,
+    TransferState,
+    TransferTimeoutError,
+    UsageError,
+)
 from kvxfer.backends.mock import Fault, MockBackend
 from tests.helpers import agent_pair
 
@@ -63,8 +70,11 @@ def test_cancel_mid_copy_lands_nothing_after_it_returns():
     peer = dst_agent.connect(src_agent.metadata())
     with src_agent, dst_agent:
         offsets = np.arange(0, 256 << 20, 4096)
-        plan = dst_agent.plan(Descs.from_ranges(dst_agent.regions[0], offsets[::-1], 4096), peer,
-                              Descs.from_ranges(peer.region("buf"), offsets[::-1], 4096))
+        plan = dst_agent.plan(
+            Descs.from_ranges(dst_agent.regions[0], offsets[::-1], 4096),
+            peer,
+            Descs.from_ranges(peer.region("buf"), offsets[::-1], 4096),
+        )
         handle = dst_agent.read(plan)
         while not dst[-1]:  # the first chunk (the region's tail: offsets run backwards) has landed
             time.sleep(1e-4)

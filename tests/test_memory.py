@@ -28,8 +28,7 @@ class FakeCudaArray:
     device = types.SimpleNamespace(id=0)
 
     def __init__(self, typestr, count):
-        self.__cuda_array_interface__ = {"data": (1 << 20, False), "shape": (count,), "typestr": typestr,
-                                         "version": 3}
+        self.__cuda_array_interface__ = {"data": (1 << 20, False), "shape": (count,), "typestr": typestr, "version": 3}
 
 
 def test_from_numpy_torch_bytearray_and_pointer():
@@ -62,12 +61,15 @@ def test_region_keeps_its_owner_alive():
     assert ref() is None
 
 
-@pytest.mark.parametrize("bad, match", [
-    (np.ones((4, 4))[:, ::2], "contiguous"),
-    (torch.ones(4, 4).t(), "contiguous"),
-    (object(), "cannot register"),
-    (np.ones(0), "nbytes must be > 0"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.ones((4, 4))[:, ::2], "contiguous"),
+        (torch.ones(4, 4).t(), "contiguous"),
+        (object(), "cannot register"),
+        (np.ones(0), "nbytes must be > 0"),
+    ],
+)
 def test_bad_arrays(bad, match):
     with pytest.raises(ConfigError, match=match):
         Region.from_array(bad)
@@ -84,18 +86,31 @@ def test_bad_pointers():
         Region.from_ptr(4096, 10, "disk")
 
 
-@pytest.mark.parametrize("make, itemsize", [
-    (lambda: np.zeros(8, np.float32), 4),
-    (lambda: np.zeros(8, np.uint16), 2),
-    (lambda: np.zeros(8, np.uint8), 1),
-    (lambda: torch.zeros(8, dtype=torch.bfloat16), 2),
-    (lambda: torch.zeros(8, dtype=torch.float64), 8),
-    (lambda: bytearray(8), 1),
-    (lambda: OnlyDlpack(np.zeros(8, np.float32)), 4),
-    (lambda: FakeCudaArray("<f4", 8), 4),
-    (lambda: FakeCudaArray("<u2", 8), 2),
-], ids=["float32", "uint16", "uint8", "torch-bfloat16", "torch-float64", "bytearray", "dlpack-float32", "cuda-f4",
-        "cuda-u2"])
+@pytest.mark.parametrize(
+    "make, itemsize",
+    [
+        (lambda: np.zeros(8, np.float32), 4),
+        (lambda: np.zeros(8, np.uint16), 2),
+        (lambda: np.zeros(8, np.uint8), 1),
+        (lambda: torch.zeros(8, dtype=torch.bfloat16), 2),
+        (lambda: torch.zeros(8, dtype=torch.float64), 8),
+        (lambda: bytearray(8), 1),
+        (lambda: OnlyDlpack(np.zeros(8, np.float32)), 4),
+        (lambda: FakeCudaArray("<f4", 8), 4),
+        (lambda: FakeCudaArray("<u2", 8), 2),
+    ],
+    ids=[
+        "float32",
+        "uint16",
+        "uint8",
+        "torch-bfloat16",
+        "torch-float64",
+        "bytearray",
+        "dlpack-float32",
+        "cuda-f4",
+        "cuda-u2",
+    ],
+)
 def test_region_records_the_element_size_of_its_array(make, itemsize):
     assert Region.from_array(make()).itemsize == itemsize
 

@@ -11,10 +11,13 @@ from kvxfer.metadata import FORMAT_VERSION, MAX_METADATA_NBYTES, AgentMetadata, 
 
 
 def sample() -> AgentMetadata:
-    regions = (RegionMeta("kv", 0, 4096, 1 << 20, MemoryKind.HOST, -1, {"local": b""}),
-               RegionMeta("kv-gpu", 3, 1 << 40, 1 << 30, MemoryKind.CUDA, 1, {"ucx": b"\x01\x02"}))
-    return AgentMetadata("prefill-0", "ab" * 16, "host/boot", 1234, "llama", {"local": b"", "ucx": b"addr"}, regions,
-                         "127.0.0.1:5000")
+    regions = (
+        RegionMeta("kv", 0, 4096, 1 << 20, MemoryKind.HOST, -1, {"local": b""}),
+        RegionMeta("kv-gpu", 3, 1 << 40, 1 << 30, MemoryKind.CUDA, 1, {"ucx": b"\x01\x02"}),
+    )
+    return AgentMetadata(
+        "prefill-0", "ab" * 16, "host/boot", 1234, "llama", {"local": b"", "ucx": b"addr"}, regions, "127.0.0.1:5000"
+    )
 
 
 def test_round_trip():
@@ -49,8 +52,10 @@ def test_truncated_corrupted_oversized_and_wrong_version():
 
 
 def test_incompatible_peer_is_refused():
-    with kvxfer.Agent("x", backends=["local"], compat="llama") as a, \
-            kvxfer.Agent("y", backends=["local"], compat="qwen") as b:
+    with (
+        kvxfer.Agent("x", backends=["local"], compat="llama") as a,
+        kvxfer.Agent("y", backends=["local"], compat="qwen") as b,
+    ):
         with pytest.raises(HandshakeError, match="compat"):
             b.connect(a.metadata())
 
@@ -78,9 +83,11 @@ def test_mutated_metadata_only_ever_raises_handshake_error(data):
     assert isinstance(decoded, AgentMetadata)
 
 
-json_like = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.text(max_size=20) | st.binary(max_size=20),
-                         lambda children: st.lists(children, max_size=5)
-                         | st.dictionaries(st.text(max_size=10), children, max_size=5), max_leaves=30)
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=20) | st.binary(max_size=20),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    max_leaves=30,
+)
 
 
 @settings(max_examples=300, deadline=None)

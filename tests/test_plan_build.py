@@ -23,19 +23,30 @@ def _reference_coalesce(local: Descs, remote: Descs) -> tuple[np.ndarray, np.nda
     for i in range(len(local)):
         if runs:
             j = runs[-1][-1]
-            if (int(local.addr[j]) + int(local.nbytes[j]) == int(local.addr[i])
-                    and int(remote.addr[j]) + int(remote.nbytes[j]) == int(remote.addr[i])
-                    and local.region[j] == local.region[i] and remote.region[j] == remote.region[i]):
+            if (
+                int(local.addr[j]) + int(local.nbytes[j]) == int(local.addr[i])
+                and int(remote.addr[j]) + int(remote.nbytes[j]) == int(remote.addr[i])
+                and local.region[j] == local.region[i]
+                and remote.region[j] == remote.region[i]
+            ):
                 runs[-1].append(i)
                 continue
         runs.append([i])
-    return (np.array([local.addr[r[0]] for r in runs], np.uint64), np.array([remote.addr[r[0]] for r in runs], np.uint64),
-            np.array([sum(int(local.nbytes[k]) for k in r) for r in runs], np.uint64))
+    return (
+        np.array([local.addr[r[0]] for r in runs], np.uint64),
+        np.array([remote.addr[r[0]] for r in runs], np.uint64),
+        np.array([sum(int(local.nbytes[k]) for k in r) for r in runs], np.uint64),
+    )
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 3), st.booleans(), st.booleans(), st.integers(0, 1), st.integers(0, 1)),
-                min_size=1, max_size=40))
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 3), st.booleans(), st.booleans(), st.integers(0, 1), st.integers(0, 1)),
+        min_size=1,
+        max_size=40,
+    )
+)
 def test_coalesce_matches_the_reference(steps: list[tuple[int, bool, bool, int, int]]) -> None:
     local_addr, remote_addr, sizes, local_region, remote_region = [], [], [], [], []
     la, ra = 1 << 20, 1 << 30
@@ -70,8 +81,9 @@ def test_outer_sum_is_a_broadcast_add(outer_n: int, inner_n: int) -> None:
 
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
 def test_block_offsets_with_a_start_are_addresses(layout: str) -> None:
-    spec = KVCacheSpec(num_layers=3, num_blocks=10, block_size=4, num_kv_heads=4, head_dim=8, dtype="float16",
-                       layout=layout)
+    spec = KVCacheSpec(
+        num_layers=3, num_blocks=10, block_size=4, num_kv_heads=4, head_dim=8, dtype="float16", layout=layout
+    )
     ids = [7, 2, 9]
     offsets, piece = spec.block_offsets(ids, heads=(1, 3))
     addresses, same_piece = spec.block_offsets(ids, heads=(1, 3), start=1 << 40)
@@ -84,8 +96,9 @@ def test_region_table_fast_path_still_refuses_what_lies_outside() -> None:
     inside = Descs(np.array([1 << 20, (1 << 20) + 4096]), np.array([4096, 4096]), np.zeros(2), np.zeros(2), "p")
     assert table.check(inside, "d", "me") == set()
     for addr, nbytes in (((1 << 20) - 1, 4096), ((1 << 20) + (1 << 16) - 4095, 4096), (1 << 20, 2**64 - 1)):
-        bad = Descs(np.array([1 << 20, addr], np.uint64), np.array([4096, nbytes], np.uint64), np.zeros(2),
-                    np.zeros(2), "p")
+        bad = Descs(
+            np.array([1 << 20, addr], np.uint64), np.array([4096, nbytes], np.uint64), np.zeros(2), np.zeros(2), "p"
+        )
         with pytest.raises(DescriptorError, match=r"d\[1\]"):
             table.check(bad, "d", "me")
     other = Descs(np.array([1 << 20]), np.array([16]), np.zeros(1), np.array([3]), "p")

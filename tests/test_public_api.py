@@ -2,15 +2,45 @@ import kvxfer
 
 # The names DESIGN.md §3 documents (plus the types they mention). Changing this list is an API change.
 DOCUMENTED = {
-    "Agent", "BackendError", "BackendUnavailableError", "ConfigError", "Descs", "DescriptorError", "HandshakeError",
-    "KVCacheSpec", "KVLayout", "KvxferError", "LayoutMismatchError", "MemoryKind", "Notification", "Peer",
-    "PeerDisconnectedError", "PeerError", "Region", "RegistrationError", "RemoteRegion", "Timeouts",
-    "TransferCancelledError", "TransferError", "TransferHandle", "TransferPlan", "TransferState",
-    "TransferTimeoutError", "UsageError", "KVPipe", "__version__",
-    "Handle", "PipeHandle",  # every handle kvxfer returns, and the protocol they share
+    "Agent",
+    "BackendError",
+    "BackendUnavailableError",
+    "ConfigError",
+    "Descs",
+    "DescriptorError",
+    "HandshakeError",
+    "KVCacheSpec",
+    "KVLayout",
+    "KvxferError",
+    "LayoutMismatchError",
+    "MemoryKind",
+    "Notification",
+    "Peer",
+    "PeerDisconnectedError",
+    "PeerError",
+    "Region",
+    "RegistrationError",
+    "RemoteRegion",
+    "Timeouts",
+    "TransferCancelledError",
+    "TransferError",
+    "TransferHandle",
+    "TransferPlan",
+    "TransferState",
+    "TransferTimeoutError",
+    "UsageError",
+    "KVPipe",
+    "__version__",
+    "Handle",
+    "PipeHandle",  # every handle kvxfer returns, and the protocol they share
     "Limits",  # Agent(limits=...): bounds on what peers may make an agent hold
-    "EngineTimeoutError", "LeaseLostError", "OutOfBlocksError", "UcxStatusError",  # every exception, errors.py
-    "AdmissionRejectedError", "QueueFullError", "RequeueLimitError",  # the serving layer's, errors.py too
+    "EngineTimeoutError",
+    "LeaseLostError",
+    "OutOfBlocksError",
+    "UcxStatusError",  # every exception, errors.py
+    "AdmissionRejectedError",
+    "QueueFullError",
+    "RequeueLimitError",  # the serving layer's, errors.py too
 }
 
 
@@ -39,8 +69,10 @@ def test_import_needs_only_numpy_and_msgpack():
     import subprocess
     import sys
 
-    code = ("import sys, kvxfer; heavy = {'torch', 'cupy', 'cffi', 'fastapi', 'cuda'} & set(sys.modules); "
-            "print(sorted(heavy))")
+    code = (
+        "import sys, kvxfer; heavy = {'torch', 'cupy', 'cffi', 'fastapi', 'cuda'} & set(sys.modules); "
+        "print(sorted(heavy))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
 
@@ -77,8 +109,10 @@ def test_import_loads_neither_asyncio_nor_kernel_planners():
     import subprocess
     import sys
 
-    code = ("import sys, kvxfer; print(sorted(m for m in sys.modules if m == 'asyncio' or m.startswith("
-            "('kvxfer.kernels', 'kvxfer.aio'))))")
+    code = (
+        "import sys, kvxfer; print(sorted(m for m in sys.modules if m == 'asyncio' or m.startswith("
+        "('kvxfer.kernels', 'kvxfer.aio'))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
     code = "import kvxfer, sys; kvxfer.aio.wait; from kvxfer import aio; print('asyncio' in sys.modules)"

@@ -9,8 +9,10 @@ from kvxfer.sidechannel import fetch_metadata, parse_address
 
 
 def test_connect_to_over_the_side_channel_with_token():
-    with kvxfer.Agent("p", backends=["local"], listen="127.0.0.1:0", token="s3cret") as prefill, \
-            kvxfer.Agent("d", backends=["local"]) as decode:
+    with (
+        kvxfer.Agent("p", backends=["local"], listen="127.0.0.1:0", token="s3cret") as prefill,
+        kvxfer.Agent("d", backends=["local"]) as decode,
+    ):
         prefill.register(np.ones(128, np.uint8), name="kv")
         address = prefill.listen_address
         assert address.startswith("127.0.0.1:") and not address.endswith(":0")

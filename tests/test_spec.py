@@ -8,7 +8,7 @@ from kvxfer import ConfigError, DescriptorError, KVCacheSpec
 def logical_view(spec: KVCacheSpec) -> np.ndarray:
     """Element indices of the cache, viewed through the spec's strides over (layer, block, kv, head, token, dim)."""
     flat = np.arange(spec.nbytes // spec.itemsize, dtype=np.int64)
-    return as_strided(flat[spec.offset:], spec.shape, tuple(s * 8 for s in spec.element_strides))
+    return as_strided(flat[spec.offset :], spec.shape, tuple(s * 8 for s in spec.element_strides))
 
 
 def covered(spec: KVCacheSpec, offsets: np.ndarray, piece: int) -> np.ndarray:
@@ -19,15 +19,18 @@ def covered(spec: KVCacheSpec, offsets: np.ndarray, piece: int) -> np.ndarray:
 VLLM_LAYER = dict(num_layers=1, num_blocks=10, block_size=16, num_kv_heads=4, head_dim=8)
 
 
-@pytest.mark.parametrize("spec", [
-    KVCacheSpec(3, 10, 16, 4, 8, layout="HND"),
-    KVCacheSpec(3, 10, 16, 4, 8, layout="NHD", dtype="float32"),
-    KVCacheSpec(2, 10, 1, 4, 8, layout="NHD", dtype="float8_e4m3fn"),
-    # vLLM per layer: [2, num_blocks, block_size, heads, dim]
-    KVCacheSpec(**VLLM_LAYER, strides=(0 + 2 * 10 * 16 * 4 * 8, 16 * 4 * 8, 10 * 16 * 4 * 8, 8, 4 * 8, 1)),
-    # one tensor [num_layers, 2, num_blocks, heads, block_size, dim] with a leading offset
-    KVCacheSpec(3, 10, 16, 4, 8, strides=(2 * 10 * 512, 512, 10 * 512, 128, 8, 1), offset=7),
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        KVCacheSpec(3, 10, 16, 4, 8, layout="HND"),
+        KVCacheSpec(3, 10, 16, 4, 8, layout="NHD", dtype="float32"),
+        KVCacheSpec(2, 10, 1, 4, 8, layout="NHD", dtype="float8_e4m3fn"),
+        # vLLM per layer: [2, num_blocks, block_size, heads, dim]
+        KVCacheSpec(**VLLM_LAYER, strides=(0 + 2 * 10 * 16 * 4 * 8, 16 * 4 * 8, 10 * 16 * 4 * 8, 8, 4 * 8, 1)),
+        # one tensor [num_layers, 2, num_blocks, heads, block_size, dim] with a leading offset
+        KVCacheSpec(3, 10, 16, 4, 8, strides=(2 * 10 * 512, 512, 10 * 512, 128, 8, 1), offset=7),
+    ],
+)
 @pytest.mark.parametrize("heads", [None, (1, 3), (0, 1)])
 def test_block_offsets_cover_exactly_the_selected_elements(spec, heads):
     view = logical_view(spec)
@@ -68,16 +71,19 @@ def test_tp_head_ranges_including_replication():
         KVCacheSpec(1, 1, 1, 3, 8, tp_size=2, total_kv_heads=8)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(dtype="bfloat17"), "dtype"),
-    (dict(layout="HDN"), "layout"),
-    (dict(num_blocks=0), "num_blocks"),
-    (dict(tp_rank=2, tp_size=2), "tp_rank"),
-    (dict(num_kv_parts=3), "num_kv_parts"),
-    (dict(strides=(1, 1, 1, 1, 1, 1)), "overlap"),
-    (dict(strides=(4096, 256, 128, 32, 8, 2)), "contiguous"),
-    (dict(strides=(1, 2, 3)), "6 strides"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(dtype="bfloat17"), "dtype"),
+        (dict(layout="HDN"), "layout"),
+        (dict(num_blocks=0), "num_blocks"),
+        (dict(tp_rank=2, tp_size=2), "tp_rank"),
+        (dict(num_kv_parts=3), "num_kv_parts"),
+        (dict(strides=(1, 1, 1, 1, 1, 1)), "overlap"),
+        (dict(strides=(4096, 256, 128, 32, 8, 2)), "contiguous"),
+        (dict(strides=(1, 2, 3)), "6 strides"),
+    ],
+)
 def test_bad_specs_raise_config_error(kwargs, match):
     base = dict(num_layers=2, num_blocks=4, block_size=4, num_kv_heads=2, head_dim=8)
     with pytest.raises(ConfigError, match=match):

@@ -58,9 +58,17 @@ class Cluster:
     lease lapsed; False: static ``--router`` addresses (etcd is still started, unused). ``relayed``: workers that
     reach etcd through a :mod:`tcp_relay` process (``relay-<name>``; SIGSTOP it to cut only that worker off etcd)."""
 
-    def __init__(self, topology: Topology, workdir: Path, model: str = "tiny-random", discovery: bool = True,
-                 lease_ttl_s: float = 3.0, cluster: str = "demo", worker_args: tuple[str, ...] = (),
-                 relayed: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        workdir: Path,
+        model: str = "tiny-random",
+        discovery: bool = True,
+        lease_ttl_s: float = 3.0,
+        cluster: str = "demo",
+        worker_args: tuple[str, ...] = (),
+        relayed: tuple[str, ...] = (),
+    ) -> None:
         self.topology, self.workdir, self.model = topology, workdir, model
         self.discovery, self.lease_ttl_s, self.worker_args = discovery, lease_ttl_s, worker_args
         self.relayed, self.cluster = relayed, cluster
@@ -73,8 +81,9 @@ class Cluster:
         self.discovery_url = f"etcd://{a.address}:{self.etcd_port}/{cluster}"
         self.url = f"http://{b.address}:{self.http_port}"
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.client = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="node-b-client",
-                                                            initializer=_enter_netns, initargs=(b.netns,))
+        self.client = concurrent.futures.ThreadPoolExecutor(
+            8, thread_name_prefix="node-b-client", initializer=_enter_netns, initargs=(b.netns,)
+        )
         self.workdir.mkdir(parents=True, exist_ok=True)
         # the agents' side channels listen on the nodes' addresses: they require a shared secret there
         self.token_file = self.workdir / "agent.token"
@@ -87,16 +96,28 @@ class Cluster:
         """What a process of ``node`` needs: UCX over TCP on the node's device only, and a host id per node so
         kvxfer does not take same-host shortcuts (cross-memory attach) between two "hosts" of one machine."""
         env = dict(os.environ)
-        env.update({"UCX_TLS": "tcp", "UCX_NET_DEVICES": node.device, "KVXFER_HOST_ID": f"two-node-{node.label}",
-                    "KVXFER_UCX_CMA": "off", "UCX_MEM_MMAP_HOOK_MODE": "none", "PYTHONUNBUFFERED": "1"})
+        env.update(
+            {
+                "UCX_TLS": "tcp",
+                "UCX_NET_DEVICES": node.device,
+                "KVXFER_HOST_ID": f"two-node-{node.label}",
+                "KVXFER_UCX_CMA": "off",
+                "UCX_MEM_MMAP_HOOK_MODE": "none",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         return env
 
     def spawn(self, name: str, node: Node, argv: list[str]) -> subprocess.Popen[bytes]:
         """Start ``argv`` inside ``node``, its output in ``<workdir>/<name>.log``."""
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it)
-        process = subprocess.Popen(node.command(argv), stdout=log, stderr=subprocess.STDOUT,
-                                   env=self.environment(node),
-                                   preexec_fn=_die_with_parent)  # noqa: PLW1509 (one prctl call, no locks)
+        process = subprocess.Popen(
+            node.command(argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.environment(node),
+            preexec_fn=_die_with_parent,
+        )  # noqa: PLW1509 (one prctl call, no locks)
         log.close()
         self.processes[name] = process
         return process
@@ -112,34 +133,88 @@ class Cluster:
         a = self.topology.a
         client = f"http://{a.address}:{self.etcd_port}"
         peer = f"http://127.0.0.1:{self.etcd_peer_port}"
-        self.spawn("etcd", a, [etcd, "--name", "node-a", "--data-dir", str(self.workdir / "etcd-data"),
-                               "--listen-client-urls", client, "--advertise-client-urls", client,
-                               "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                               "--initial-cluster", f"node-a={peer}"])
+        self.spawn(
+            "etcd",
+            a,
+            [
+                etcd,
+                "--name",
+                "node-a",
+                "--data-dir",
+                str(self.workdir / "etcd-data"),
+                "--listen-client-urls",
+                client,
+                "--advertise-client-urls",
+                client,
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                f"node-a={peer}",
+            ],
+        )
         self.wait(lambda: self.in_b(_etcd_up, client), 30.0, "etcd did not answer", "etcd")
 
     def start_router(self) -> None:
-        argv = [sys.executable, "-m", "kvxfer.cli", "router", "--model", self.model, "--host", self.topology.b.address,
-                "--port", str(self.http_port), "--control", self.control, "--log-level", "warning",
-                "--policy", str(Path(__file__).resolve().parent / "policy.yaml")]
+        argv = [
+            sys.executable,
+            "-m",
+            "kvxfer.cli",
+            "router",
+            "--model",
+            self.model,
+            "--host",
+            self.topology.b.address,
+            "--port",
+            str(self.http_port),
+            "--control",
+            self.control,
+            "--log-level",
+            "warning",
+            "--policy",
+            str(Path(__file__).resolve().parent / "policy.yaml"),
+        ]
         if self.discovery:
             argv += ["--discovery", self.discovery_url]
         self.spawn("router", self.topology.b, argv)
         self.wait(lambda: READY.search(self.log("router")) is not None, 120.0, "the router did not start", "router")
 
     def start_worker(self, name: str, role: str, node: Node) -> None:
-        argv = [sys.executable, "-m", "kvxfer.cli", "worker", "--role", role, "--model", self.model, "--name", name,
-                "--host", node.address, "--backends", "ucx", "--router-timeout", "600",
-                "--token-file", str(self.token_file), *self.worker_args]
+        argv = [
+            sys.executable,
+            "-m",
+            "kvxfer.cli",
+            "worker",
+            "--role",
+            role,
+            "--model",
+            self.model,
+            "--name",
+            name,
+            "--host",
+            node.address,
+            "--backends",
+            "ucx",
+            "--router-timeout",
+            "600",
+            "--token-file",
+            str(self.token_file),
+            *self.worker_args,
+        ]
         if self.discovery:
             url = self.discovery_url
             if name in self.relayed:
                 port = free_port()
                 relay = Path(__file__).resolve().parent / "tcp_relay.py"
-                self.spawn(f"relay-{name}", node, [sys.executable, str(relay), f"127.0.0.1:{port}",
-                                                   f"{self.topology.a.address}:{self.etcd_port}"])
-                self.wait(lambda: "relay" in self.log(f"relay-{name}"), 30.0, "the relay did not start",
-                          f"relay-{name}")
+                self.spawn(
+                    f"relay-{name}",
+                    node,
+                    [sys.executable, str(relay), f"127.0.0.1:{port}", f"{self.topology.a.address}:{self.etcd_port}"],
+                )
+                self.wait(
+                    lambda: "relay" in self.log(f"relay-{name}"), 30.0, "the relay did not start", f"relay-{name}"
+                )
                 url = f"etcd://127.0.0.1:{port}/{self.cluster}"
             argv += ["--discovery", url, "--discovery-ttl", str(self.lease_ttl_s)]
         else:
@@ -170,8 +245,9 @@ class Cluster:
 
     def close(self) -> None:
         """Stop every process (workers first, then the router, then etcd). Idempotent."""
-        for name in sorted(self.processes, key=lambda n: ("etcd", "router").index(n) + 1 if n in ("etcd", "router")
-                           else 0):  # workers (and relays) first
+        for name in sorted(
+            self.processes, key=lambda n: ("etcd", "router").index(n) + 1 if n in ("etcd", "router") else 0
+        ):  # workers (and relays) first
             self.stop(name, timeout_s=10.0)
         self.client.shutdown(wait=False, cancel_futures=True)
 
@@ -207,22 +283,37 @@ class Cluster:
                 return time.monotonic() - began
             time.sleep(0.05)
         logs = "\n".join(f"--- {n}:\n{self.log(n, 1500)}" for n in sorted(self.processes))
-        raise RuntimeError(f"workers {sorted(names)} still {'present' if absent else 'missing'} after "
-                           f"{timeout_s:.0f} s\n{logs}")
+        raise RuntimeError(
+            f"workers {sorted(names)} still {'present' if absent else 'missing'} after {timeout_s:.0f} s\n{logs}"
+        )
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of the router's ``/metrics`` samples called ``name`` whose labels include ``labels``."""
         text = self.in_b(_get_text, f"{self.url}/metrics")
         wanted = [f'{key}="{value}"' for key, value in labels.items()]
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{")
-                   and all(label in line for label in wanted))
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name)
+            and line[len(name) : len(name) + 1] in (" ", "{")
+            and all(label in line for label in wanted)
+        )
 
-    def chat(self, prompt: str, max_tokens: int = 16, prefill: str = "remote", timeout_s: float = 60.0,
-             max_retries: int = 2) -> dict[str, Any]:
+    def chat(
+        self, prompt: str, max_tokens: int = 16, prefill: str = "remote", timeout_s: float = 60.0, max_retries: int = 2
+    ) -> dict[str, Any]:
         """One chat completion with the openai client from node B; the answer text and the TTFT breakdown."""
-        return self.in_b(_chat, self.url, self.model, prompt, max_tokens, prefill, timeout_s, max_retries,
-                         timeout_s=timeout_s * (max_retries + 1) + 30)
+        return self.in_b(
+            _chat,
+            self.url,
+            self.model,
+            prompt,
+            max_tokens,
+            prefill,
+            timeout_s,
+            max_retries,
+            timeout_s=timeout_s * (max_retries + 1) + 30,
+        )
 
 
 def _etcd_up(client: str) -> bool:
@@ -246,16 +337,24 @@ def _get_text(url: str) -> str:
     return httpx.get(url, timeout=10.0).text
 
 
-def _chat(url: str, model: str, prompt: str, max_tokens: int, prefill: str, timeout_s: float,
-          max_retries: int) -> dict[str, Any]:
+def _chat(
+    url: str, model: str, prompt: str, max_tokens: int, prefill: str, timeout_s: float, max_retries: int
+) -> dict[str, Any]:
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=timeout_s, max_retries=max_retries)
     try:
         answer = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0.0,
-            extra_body={"kvxfer": {"timing": True, "prefill": prefill}})
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=max_tokens,
+            temperature=0.0,
+            extra_body={"kvxfer": {"timing": True, "prefill": prefill}},
+        )
     finally:
         client.close()
-    return {"text": answer.choices[0].message.content, "finish": answer.choices[0].finish_reason,
-            "timing": (answer.model_extra or {}).get("kvxfer", {})}
+    return {
+        "text": answer.choices[0].message.content,
+        "finish": answer.choices[0].finish_reason,
+        "timing": (answer.model_extra or {}).get("kvxfer", {}),
+    }

@@ -114,8 +114,12 @@ class Topology:
         machine's other traffic included)."""
         args = ["-n", self.a.netns] if self.a.netns else []
         stats = json.loads(_ip(*args, "-s", "-j", "link", "show", "dev", self.a.device))[0]["stats64"]
-        return {"tx_bytes": stats["tx"]["bytes"], "rx_bytes": stats["rx"]["bytes"],
-                "tx_packets": stats["tx"]["packets"], "rx_packets": stats["rx"]["packets"]}
+        return {
+            "tx_bytes": stats["tx"]["bytes"],
+            "rx_bytes": stats["rx"]["bytes"],
+            "tx_packets": stats["tx"]["packets"],
+            "rx_packets": stats["rx"]["packets"],
+        }
 
     def set_link(self, up: bool) -> None:
         """Cut (``up=False``) or restore the link between the nodes (namespaces only: loopback cannot be cut
@@ -135,13 +139,32 @@ class Topology:
         if rate_mbit is None:
             subprocess.run([*tc, "del", "dev", self.a.device, "root"], check=False, capture_output=True, timeout=10)
             return
-        subprocess.run([*tc, "replace", "dev", self.a.device, "root", "tbf", "rate", f"{rate_mbit}mbit", "burst",
-                        "64kb", "latency", "2s"], check=True, capture_output=True, timeout=10)
+        subprocess.run(
+            [
+                *tc,
+                "replace",
+                "dev",
+                self.a.device,
+                "root",
+                "tbf",
+                "rate",
+                f"{rate_mbit}mbit",
+                "burst",
+                "64kb",
+                "latency",
+                "2s",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
 
     def describe(self) -> str:
         if self.mode == "netns":
-            return (f"network namespaces {self.a.netns} ({self.a.address} on {self.a.device}) <-veth-> "
-                    f"{self.b.netns} ({self.b.address} on {self.b.device})")
+            return (
+                f"network namespaces {self.a.netns} ({self.a.address} on {self.a.device}) <-veth-> "
+                f"{self.b.netns} ({self.b.address} on {self.b.device})"
+            )
         return f"loopback {self.a.address} <-> {self.b.address} ({self.fallback_reason})"
 
     def close(self) -> None:

@@ -33,8 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cluster import Cluster
 from topology import Topology
 
-PROMPT = ("Disaggregated serving splits the prompt's prefill from the decode of new tokens so that each runs on "
-          "hardware sized for it; the KV cache computed by prefill has to travel to the decode worker. ")
+PROMPT = (
+    "Disaggregated serving splits the prompt's prefill from the decode of new tokens so that each runs on "
+    "hardware sized for it; the KV cache computed by prefill has to travel to the decode worker. "
+)
 
 
 def prompt_of(num_tokens: int, index: int) -> str:
@@ -67,19 +69,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvxfer-two-node-"))
     missing = "" if args.static else discovery_supported()
     if missing:
-        print(f"two_node_pd: no --discovery option in {missing} here: workers get a static --router instead", flush=True)
+        print(
+            f"two_node_pd: no --discovery option in {missing} here: workers get a static --router instead", flush=True
+        )
         args.static = True
     with Topology.create(args.mode) as topology:
         print(f"two_node_pd: {topology.mode}: {topology.describe()}", flush=True)
-        cluster = Cluster(topology, workdir, model=args.model, discovery=not args.static,
-                          lease_ttl_s=args.lease_ttl)
+        cluster = Cluster(topology, workdir, model=args.model, discovery=not args.static, lease_ttl_s=args.lease_ttl)
         try:
             began = time.monotonic()
             cluster.start()
-            print(f"two_node_pd: etcd + prefill-a on node A, router + decode-b on node B: ready in "
-                  f"{time.monotonic() - began:.1f} s (discovery: "
-                  f"{cluster.discovery_url if cluster.discovery else 'static --router'}; logs in {workdir})",
-                  flush=True)
+            print(
+                f"two_node_pd: etcd + prefill-a on node A, router + decode-b on node B: ready in "
+                f"{time.monotonic() - began:.1f} s (discovery: "
+                f"{cluster.discovery_url if cluster.discovery else 'static --router'}; logs in {workdir})",
+                flush=True,
+            )
             before = topology.counters()
             metric_before = cluster.metric("kvxfer_kv_transfer_bytes_total")
             answers = []
@@ -88,12 +93,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 timing = answer["timing"]
                 answers.append(answer)
                 print(f"\n[{index}] answer: {answer['text']!r} ({answer['finish']})")
-                print(f"    prefill on {timing.get('prefill_worker')}, decode on {timing.get('decode_worker')}; "
-                      f"TTFT {timing.get('ttft_s', 0) * 1e3:.1f} ms = queue {timing.get('queue_s', 0) * 1e3:.1f} "
-                      f"+ prefill {timing.get('prefill_s', 0) * 1e3:.1f} + transfer "
-                      f"{timing.get('transfer_s', 0) * 1e3:.1f} + first step {timing.get('first_step_s', 0) * 1e3:.1f} "
-                      f"ms (router {timing.get('router_s', 0) * 1e3:.2f} ms); KV {timing.get('kv_bytes', 0):,} B",
-                      flush=True)
+                print(
+                    f"    prefill on {timing.get('prefill_worker')}, decode on {timing.get('decode_worker')}; "
+                    f"TTFT {timing.get('ttft_s', 0) * 1e3:.1f} ms = queue {timing.get('queue_s', 0) * 1e3:.1f} "
+                    f"+ prefill {timing.get('prefill_s', 0) * 1e3:.1f} + transfer "
+                    f"{timing.get('transfer_s', 0) * 1e3:.1f} + first step {timing.get('first_step_s', 0) * 1e3:.1f} "
+                    f"ms (router {timing.get('router_s', 0) * 1e3:.2f} ms); KV {timing.get('kv_bytes', 0):,} B",
+                    flush=True,
+                )
             after = topology.counters()
             kv_metric = cluster.metric("kvxfer_kv_transfer_bytes_total") - metric_before
         finally:
@@ -102,17 +109,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kv_reported = sum(int(a["timing"].get("kv_bytes", 0)) for a in answers)
     transfer_s = sum(float(a["timing"].get("transfer_s", 0.0)) for a in answers)
     link = topology.a.device if topology.mode == "netns" else "lo (all of this machine's loopback traffic)"
-    print(f"\nKV pulled by decode-b: {kv_reported:,} B in {len(answers)} requests (router metric "
-          f"kvxfer_kv_transfer_bytes_total +{kv_metric:,.0f}); {link}: {crossed:,} B crossed "
-          f"(tx {after['tx_bytes'] - before['tx_bytes']:,}, rx {after['rx_bytes'] - before['rx_bytes']:,}: KV + "
-          f"control + etcd)", flush=True)
-    ok = (len(answers) == args.requests and all(a["timing"].get("disaggregated") for a in answers)
-          and kv_reported > 0 and crossed >= kv_reported)
-    report = {"mode": topology.mode, "topology": topology.describe(), "discovery": not args.static,
-              "requests": len(answers), "answers": [a["text"] for a in answers],
-              "timings": [a["timing"] for a in answers], "kv_bytes": kv_reported, "kv_metric_bytes": kv_metric,
-              "kv_transfer_s": transfer_s, "link_bytes": crossed, "link_counters_before": before,
-              "link_counters_after": after, "ok": ok, "logs": str(workdir)}
+    print(
+        f"\nKV pulled by decode-b: {kv_reported:,} B in {len(answers)} requests (router metric "
+        f"kvxfer_kv_transfer_bytes_total +{kv_metric:,.0f}); {link}: {crossed:,} B crossed "
+        f"(tx {after['tx_bytes'] - before['tx_bytes']:,}, rx {after['rx_bytes'] - before['rx_bytes']:,}: KV + "
+        f"control + etcd)",
+        flush=True,
+    )
+    ok = (
+        len(answers) == args.requests
+        and all(a["timing"].get("disaggregated") for a in answers)
+        and kv_reported > 0
+        and crossed >= kv_reported
+    )
+    report = {
+        "mode": topology.mode,
+        "topology": topology.describe(),
+        "discovery": not args.static,
+        "requests": len(answers),
+        "answers": [a["text"] for a in answers],
+        "timings": [a["timing"] for a in answers],
+        "kv_bytes": kv_reported,
+        "kv_metric_bytes": kv_metric,
+        "kv_transfer_s": transfer_s,
+        "link_bytes": crossed,
+        "link_counters_before": before,
+        "link_counters_after": after,
+        "ok": ok,
+        "logs": str(workdir),
+    }
     print(f"two_node_pd: {'OK' if ok else 'FAILED'} ({topology.mode})", flush=True)
     return report
 

@@ -62,14 +62,18 @@ def create_all(requested: Sequence[str | Backend] | None, context: BackendContex
             reason = unavailable_reason(item)
             if reason is not None:
                 if explicit:
-                    raise BackendUnavailableError(f"backend {item!r} is unavailable: {reason}; available: "
-                                                  f"{[n for n in FACTORIES if unavailable_reason(n) is None]}")
+                    raise BackendUnavailableError(
+                        f"backend {item!r} is unavailable: {reason}; available: "
+                        f"{[n for n in FACTORIES if unavailable_reason(n) is None]}"
+                    )
                 logger.debug("backend %s skipped: %s", item, reason)
                 continue
             backend = backend_class(item)()
         if any(b.caps.wire == backend.caps.wire for b in created):
-            raise ConfigError(f"backends {[b.caps.name for b in created]} and {backend.caps.name!r} speak the same "
-                              f"wire protocol {backend.caps.wire!r}; give one of them")
+            raise ConfigError(
+                f"backends {[b.caps.name for b in created]} and {backend.caps.name!r} speak the same "
+                f"wire protocol {backend.caps.wire!r}; give one of them"
+            )
         backend.attach(context)
         created.append(backend)
     if not created:

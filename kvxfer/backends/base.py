@@ -84,8 +84,9 @@ class BackendCaps:
         try:
             object.__setattr__(self, "scope", Scope(self.scope))
         except ValueError:
-            raise ConfigError(f"BackendCaps.scope must be one of {[s.value for s in Scope]}, "
-                              f"got {self.scope!r}") from None
+            raise ConfigError(
+                f"BackendCaps.scope must be one of {[s.value for s in Scope]}, got {self.scope!r}"
+            ) from None
 
     def reaches(self, meta: AgentMetadata, host_id: str, pid: int) -> bool:
         """True if a backend with these caps, in process ``pid`` of host ``host_id``, can move bytes with the

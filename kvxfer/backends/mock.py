@@ -62,8 +62,14 @@ class Fault:
 class MockBackend(LocalBackend):
     """A local backend that asks ``on_post`` what fault, if any, to inject into each transfer."""
 
-    caps = BackendCaps(name="mock", wire="local", memory_kinds=LocalBackend.caps.memory_kinds, scope=Scope.PROCESS,
-                       can_cancel=True, preference=100)
+    caps = BackendCaps(
+        name="mock",
+        wire="local",
+        memory_kinds=LocalBackend.caps.memory_kinds,
+        scope=Scope.PROCESS,
+        can_cancel=True,
+        preference=100,
+    )
 
     def __init__(self, on_post: Callable[[Op, TransferPlan, bytes | None], Fault | None] | None = None) -> None:
         super().__init__()
@@ -105,8 +111,9 @@ class MockBackend(LocalBackend):
             from ..devices import cupy_module
 
             cupy = cupy_module()
-            span = cupy.ndarray((size,), cupy.uint8, cupy.cuda.MemoryPointer(
-                cupy.cuda.UnownedMemory(destination, size, None), 0))
+            span = cupy.ndarray(
+                (size,), cupy.uint8, cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(destination, size, None), 0)
+            )
             span ^= 0xFF
             cupy.cuda.runtime.deviceSynchronize()
         else:

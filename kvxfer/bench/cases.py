@@ -22,8 +22,19 @@ from ..errors import ConfigError
 
 KINDS = ("host", "cuda")
 OPS = ("READ", "WRITE")
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
-          "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1 << 10,
+    "KB": 1 << 10,
+    "KIB": 1 << 10,
+    "M": 1 << 20,
+    "MB": 1 << 20,
+    "MIB": 1 << 20,
+    "G": 1 << 30,
+    "GB": 1 << 30,
+    "GIB": 1 << 30,
+}
 #: Widest window of one sampled fragment that the byte check compares.
 VERIFY_WINDOW = 64 << 10
 
@@ -51,8 +62,9 @@ class Case:
     @property
     def seed(self) -> int:
         """A seed that depends on the work only (not on the backend): kvxfer and NIXL move the same slots."""
-        return zlib.crc32(f"{self.initiator}:{self.target}:{self.op}:{self.fragment}:{self.batch}:"
-                          f"{self.threads}".encode())
+        return zlib.crc32(
+            f"{self.initiator}:{self.target}:{self.op}:{self.fragment}:{self.batch}:{self.threads}".encode()
+        )
 
     def offsets(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(initiator offsets, target offsets): per thread, int64[batch] byte offsets into a pool of ``nbytes``."""
@@ -68,7 +80,7 @@ def parse_bytes(text: str | int) -> int:
         return text
     cleaned = str(text).strip().upper()
     number = cleaned.rstrip("KMGIB")
-    unit = cleaned[len(number):]
+    unit = cleaned[len(number) :]
     try:
         value = int(float(number) * _UNITS[unit])
     except (KeyError, ValueError):
@@ -119,19 +131,32 @@ def parse_memory(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def expand(backends: Sequence[str], memory: Sequence[tuple[str, str]], ops: Sequence[str], sizes: Sequence[int],
-           batches: Sequence[int], threads: Sequence[int]) -> list[Case]:
+def expand(
+    backends: Sequence[str],
+    memory: Sequence[tuple[str, str]],
+    ops: Sequence[str],
+    sizes: Sequence[int],
+    batches: Sequence[int],
+    threads: Sequence[int],
+) -> list[Case]:
     """Every combination, in the order a sweep runs them (fragment size innermost, so a plot line fills in order)."""
     for op in ops:
         if op not in OPS:
             raise ConfigError(f"op must be one of {OPS}, got {op!r}")
-    return [Case(backend, initiator, target, op, size, batch, count)
-            for backend in backends for initiator, target in memory for op in ops for batch in batches
-            for count in threads for size in sizes]
+    return [
+        Case(backend, initiator, target, op, size, batch, count)
+        for backend in backends
+        for initiator, target in memory
+        for op in ops
+        for batch in batches
+        for count in threads
+        for size in sizes
+    ]
 
 
-def sample_windows(case: Case, local: Sequence[np.ndarray], remote: Sequence[np.ndarray], samples: int,
-                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+def sample_windows(
+    case: Case, local: Sequence[np.ndarray], remote: Sequence[np.ndarray], samples: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Windows to check after a run: (initiator offsets, target offsets) int64[k] and the window width.
 
     The k fragments are drawn at random, and the window at a random place inside each (the same place on both
@@ -158,7 +183,7 @@ class Pool:
 
     @property
     def label(self) -> str:
-        """"host" or "cuda:N"."""
+        """ "host" or "cuda:N"."""
         return "host" if self.kind == "host" else f"cuda:{self.device}"
 
     def _indices(self, offsets: np.ndarray, width: int) -> np.ndarray:
@@ -199,11 +224,11 @@ def device_random(nbytes: int, device: int, seed: int) -> Any:
     cupy = cupy_module()
     with cupy.cuda.Device(device):
         data = cupy.full(nbytes, 0x5A, dtype=cupy.uint8)
-        words = data[:nbytes // 4 * 4].view(cupy.uint32)
+        words = data[: nbytes // 4 * 4].view(cupy.uint32)
         state = cupy.random.RandomState(seed)
         step = 16 << 20
         for start in range(0, words.size, step):
-            part = words[start:start + step]
+            part = words[start : start + step]
             # uniform 32-bit words from float64 samples: random_sample takes a dtype on every cupy version
             part[:] = (state.random_sample(part.size, dtype=cupy.float64) * 4294967296.0).astype(cupy.uint32)
         data[data == 0] = 1

@@ -33,8 +33,16 @@ WARMUP = 2
 
 def _row(name: str, path: str, nbytes: int, seconds: list[float], timer: str) -> dict[str, Any]:
     median = float(np.median(seconds))
-    return {"ceiling": name, "path": path, "op": "copy", "nbytes": nbytes, "gbps": nbytes / median / 1e9,
-            "median_us": median * 1e6, "p99_us": float(np.percentile(seconds, 99)) * 1e6, "timer": timer}
+    return {
+        "ceiling": name,
+        "path": path,
+        "op": "copy",
+        "nbytes": nbytes,
+        "gbps": nbytes / median / 1e9,
+        "median_us": median * 1e6,
+        "p99_us": float(np.percentile(seconds, 99)) * 1e6,
+        "timer": timer,
+    }
 
 
 def _host_seconds(action: Callable[[], Any], repeats: int) -> list[float]:
@@ -52,8 +60,9 @@ def memcpy(nbytes: int, repeats: int = 10) -> dict[str, Any]:
     """numpy.copyto of ``nbytes`` between two host buffers (random source, touched destination)."""
     source = np.frombuffer(np.random.default_rng(0).bytes(nbytes), dtype=np.uint8)
     destination = np.ones(nbytes, dtype=np.uint8)
-    return _row("memcpy", "host->host", nbytes, _host_seconds(lambda: np.copyto(destination, source), repeats),
-                "perf_counter")
+    return _row(
+        "memcpy", "host->host", nbytes, _host_seconds(lambda: np.copyto(destination, source), repeats), "perf_counter"
+    )
 
 
 def _cupy() -> Any:
@@ -88,18 +97,34 @@ def device_copy(nbytes: int, source: int = 0, destination: int | None = None, re
     if source == destination:
         kind = cupy.cuda.runtime.memcpyDeviceToDevice
         launch = lambda s: cupy.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, nbytes, kind, s.ptr)  # noqa
-        return _row("device copy", f"cuda:{source}->cuda:{source}", nbytes,
-                    _event_seconds(cupy, source, launch, repeats), "cuda events")
+        return _row(
+            "device copy",
+            f"cuda:{source}->cuda:{source}",
+            nbytes,
+            _event_seconds(cupy, source, launch, repeats),
+            "cuda events",
+        )
     with cupy.cuda.Device(destination):
         if cupy.cuda.runtime.deviceCanAccessPeer(destination, source):
             try:
                 cupy.cuda.runtime.deviceEnablePeerAccess(source)
             except cupy.cuda.runtime.CUDARuntimeError:
                 pass  # already enabled by an earlier call
-    launch = lambda s: cupy.cuda.runtime.memcpyPeerAsync(dst.data.ptr, destination, src.data.ptr, source,  # noqa
-                                                         nbytes, s.ptr)
-    return _row("peer copy", f"cuda:{source}->cuda:{destination}", nbytes,
-                _event_seconds(cupy, destination, launch, repeats), "cuda events")
+    launch = lambda s: cupy.cuda.runtime.memcpyPeerAsync(
+        dst.data.ptr,
+        destination,
+        src.data.ptr,
+        source,  # noqa
+        nbytes,
+        s.ptr,
+    )
+    return _row(
+        "peer copy",
+        f"cuda:{source}->cuda:{destination}",
+        nbytes,
+        _event_seconds(cupy, destination, launch, repeats),
+        "cuda events",
+    )
 
 
 def pinned(nbytes: int, device: int = 0, to_device: bool = True, repeats: int = 10) -> dict[str, Any]:
@@ -158,8 +183,9 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def perftest(size: int, op: str = "WRITE", memory: str = "host", total: int = 256 << 20,
-             timeout: float = 120.0) -> dict[str, Any]:
+def perftest(
+    size: int, op: str = "WRITE", memory: str = "host", total: int = 256 << 20, timeout: float = 120.0
+) -> dict[str, Any]:
     """ucx_perftest bandwidth of ``size``-byte messages between two local processes (``ucp_put_bw`` for WRITE,
     ``ucp_get`` for READ); ``memory``: "host" or "cuda" (perftest's ``-m``). BackendUnavailableError if absent."""
     found = perftest_binary()
@@ -170,13 +196,31 @@ def perftest(size: int, op: str = "WRITE", memory: str = "host", total: int = 25
     iterations = int(min(100_000, max(20, total // size)))
     for _attempt in range(5):  # the server may not listen yet on the first try
         port = _free_port()
-        server = subprocess.Popen([binary, "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [binary, "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         try:
             time.sleep(0.3)
-            client = subprocess.run([binary, "127.0.0.1", "-p", str(port), "-t", test, "-s", str(size), "-n",
-                                     str(iterations), "-m", f"{memory},{memory}"], env=env, capture_output=True,
-                                    text=True, timeout=timeout)
+            client = subprocess.run(
+                [
+                    binary,
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "-t",
+                    test,
+                    "-s",
+                    str(size),
+                    "-n",
+                    str(iterations),
+                    "-m",
+                    f"{memory},{memory}",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
         finally:
             server.kill()
             server.wait()
@@ -184,14 +228,26 @@ def perftest(size: int, op: str = "WRITE", memory: str = "host", total: int = 25
         if final:
             # perftest's "MB/s" column is MiB/s (UCS_MBYTE = 2**20)
             gbps = float(final.group(5)) * (1 << 20) / 1e9
-            return {"ceiling": f"ucx_perftest {test}", "path": f"{memory}->{memory}", "op": op, "nbytes": size,
-                    "gbps": gbps, "median_us": size / gbps / 1e3, "p99_us": None, "timer": "ucx_perftest"}
+            return {
+                "ceiling": f"ucx_perftest {test}",
+                "path": f"{memory}->{memory}",
+                "op": op,
+                "nbytes": size,
+                "gbps": gbps,
+                "median_us": size / gbps / 1e3,
+                "p99_us": None,
+                "timer": "ucx_perftest",
+            }
     raise BackendUnavailableError(f"ucx_perftest {test} -s {size} gave no result: {client.stderr.strip()[-300:]}")
 
 
-def measure_all(host_nbytes: int = 256 << 20, device_nbytes: int = 1 << 30, repeats: int = 10,
-                perftest_sizes: tuple[int, ...] = (4 << 10, 64 << 10, 1 << 20, 64 << 20),
-                progress: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+def measure_all(
+    host_nbytes: int = 256 << 20,
+    device_nbytes: int = 1 << 30,
+    repeats: int = 10,
+    perftest_sizes: tuple[int, ...] = (4 << 10, 64 << 10, 1 << 20, 64 << 20),
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[dict[str, Any]], list[str]]:
     """Every ceiling this machine has: (rows, reasons for the ones skipped)."""
     from ..devices import cuda_available, device_count
 

@@ -1,9 +1,9 @@
 """The `kvxfer-bench` command: one subcommand per kind of measurement (docs/bench.md describes each).
 
-    kvxfer-bench sweep --backend ucx --memory host:host --sizes 4K-64M --batch 16 --plot sweep.png --json sweep.json
-    kvxfer-bench target --backend ucx --listen 0.0.0.0:5555 --memory host,cuda   # by hand, on the other host
-    kvxfer-bench serve --url http://127.0.0.1:8000 --model M --isl 2000 --osl 200 --concurrency 1,4,16
-    kvxfer-bench ceiling | kernels | kv | ipc | local
+kvxfer-bench sweep --backend ucx --memory host:host --sizes 4K-64M --batch 16 --plot sweep.png --json sweep.json
+kvxfer-bench target --backend ucx --listen 0.0.0.0:5555 --memory host,cuda   # by hand, on the other host
+kvxfer-bench serve --url http://127.0.0.1:8000 --model M --isl 2000 --osl 200 --concurrency 1,4,16
+kvxfer-bench ceiling | kernels | kv | ipc | local
 """
 
 from __future__ import annotations
@@ -25,9 +25,12 @@ def _local(args: argparse.Namespace) -> int:
         from ..tuning import keep_freed_memory
 
         keep_freed_memory()
-    tables = {"plan / select / post": local.plan_and_post(repeats=args.repeats),
-              "local backend vs numpy copy": local.bandwidth(total_nbytes=args.total_mib << 20,
-                                                             repeats=max(3, args.repeats // 10))}
+    tables = {
+        "plan / select / post": local.plan_and_post(repeats=args.repeats),
+        "local backend vs numpy copy": local.bandwidth(
+            total_nbytes=args.total_mib << 20, repeats=max(3, args.repeats // 10)
+        ),
+    }
     _emit(args, tables)
     return 0
 
@@ -51,8 +54,14 @@ def _ipc(args: argparse.Namespace) -> int:
         return 0
     from . import ipc
 
-    rows = ipc.run(source=args.source, target=args.target, tokens=args.tokens, block_size=args.block_size,
-                   strategy=args.strategy, repeats=args.repeats)
+    rows = ipc.run(
+        source=args.source,
+        target=args.target,
+        tokens=args.tokens,
+        block_size=args.block_size,
+        strategy=args.strategy,
+        repeats=args.repeats,
+    )
     _emit(args, {f"cuda_ipc GPU{args.source} -> GPU{args.target} (pull, until the notification arrives)": rows})
     return 0
 
@@ -66,10 +75,21 @@ def _kv(args: argparse.Namespace) -> int:
         if len(values) != 3:
             raise ConfigError(f"--dims must be three numbers L,H,D (layers, KV heads, head_dim), got {args.dims!r}")
         dims = (values[0], values[1], values[2])
-    setup = kv.Setup(model=args.model, tokens=args.tokens, block_size=args.block_size,
-                     d_block_size=args.d_block_size, layout=args.layout, d_layout=args.d_layout, p_tp=args.p_tp,
-                     d_tp=args.d_tp, backend=args.backend, p_gpu=args.p_gpu, d_gpu=args.d_gpu,
-                     only_rank=args.only_rank, dims=dims)
+    setup = kv.Setup(
+        model=args.model,
+        tokens=args.tokens,
+        block_size=args.block_size,
+        d_block_size=args.d_block_size,
+        layout=args.layout,
+        d_layout=args.d_layout,
+        p_tp=args.p_tp,
+        d_tp=args.d_tp,
+        backend=args.backend,
+        p_gpu=args.p_gpu,
+        d_gpu=args.d_gpu,
+        only_rank=args.only_rank,
+        dims=dims,
+    )
     if setup.on_gpu and _gpu_missing(args):
         return 0
     rows = kv.run(setup, repeats=args.repeats, profile=args.profile, decode_processes=args.decode_processes)
@@ -80,11 +100,25 @@ def _kv(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from . import serve
 
-    specs = [serve.LoadSpec(concurrency=c, num_requests=max(args.requests, c), isl=args.isl, osl=args.osl,
-                            seed=args.seed, timeout_s=args.timeout)
-             for c in _int_list(args.concurrency, "--concurrency")]
-    rows = serve.run(args.url, args.model, specs, slo_ttft_s=args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else None,
-                     slo_itl_s=args.slo_itl_ms / 1e3 if args.slo_itl_ms else None, warmup=args.warmup)
+    specs = [
+        serve.LoadSpec(
+            concurrency=c,
+            num_requests=max(args.requests, c),
+            isl=args.isl,
+            osl=args.osl,
+            seed=args.seed,
+            timeout_s=args.timeout,
+        )
+        for c in _int_list(args.concurrency, "--concurrency")
+    ]
+    rows = serve.run(
+        args.url,
+        args.model,
+        specs,
+        slo_ttft_s=args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else None,
+        slo_itl_s=args.slo_itl_ms / 1e3 if args.slo_itl_ms else None,
+        warmup=args.warmup,
+    )
     _emit(args, {f"serving {args.url} (ISL {args.isl} / OSL {args.osl}, aiperf metric definitions)": rows})
     return 0 if all(row["completed"] for row in rows) else 1
 
@@ -110,8 +144,9 @@ def _emit(args: argparse.Namespace, tables: dict[str, list[dict]]) -> None:
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
-    root = argparse.ArgumentParser(prog="kvxfer-bench", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    root = argparse.ArgumentParser(
+        prog="kvxfer-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     subcommands = root.add_subparsers(dest="command", required=True)
     _sweep_parser(subcommands)
     _target_parser(subcommands)
@@ -124,8 +159,11 @@ def parser() -> argparse.ArgumentParser:
     local = subcommands.add_parser("local", help="plan/post costs and local-backend GB/s on host memory")
     local.add_argument("--repeats", type=int, default=50)
     local.add_argument("--total-mib", type=int, default=256, help="bytes moved per bandwidth row (MiB)")
-    local.add_argument("--keep-freed-memory", action="store_true",
-                       help="call kvxfer.tuning.keep_freed_memory() first (as the serve workers do)")
+    local.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="call kvxfer.tuning.keep_freed_memory() first (as the serve workers do)",
+    )
     local.set_defaults(run=_local)
     ipc = subcommands.add_parser("ipc", help="GPU->GPU between two processes through the CUDA IPC backend")
     ipc.add_argument("--source", type=int, default=0, help="GPU of the prefill (source) process")
@@ -151,8 +189,11 @@ def parser() -> argparse.ArgumentParser:
     kv.add_argument("--d-gpu", type=int, default=1)
     kv.add_argument("--repeats", type=int, default=20)
     kv.add_argument("--profile", action="store_true", help="print where decode rank 0's host time went")
-    kv.add_argument("--decode-processes", action="store_true",
-                    help="each decode rank in a process of its own (they share --d-gpu: kernels time-slice)")
+    kv.add_argument(
+        "--decode-processes",
+        action="store_true",
+        help="each decode rank in a process of its own (they share --d-gpu: kernels time-slice)",
+    )
     kv.set_defaults(run=_kv)
     _serve_parser(subcommands)
     for name, sub in subcommands.choices.items():
@@ -164,12 +205,17 @@ def parser() -> argparse.ArgumentParser:
 
 def _sweep_parser(subcommands: Any) -> None:
     sweep = subcommands.add_parser(
-        "sweep", help="GB/s and latency: backend x memory x op x fragment size x batch x threads",
+        "sweep",
+        help="GB/s and latency: backend x memory x op x fragment size x batch x threads",
         description="Initiator (this process) against a target process the tool starts (or --peer). Columns follow "
-                    "nixlbench: block size, batch size, GB/s (1e9), avg latency, prep/post/completion avg and p99.")
+        "nixlbench: block size, batch size, GB/s (1e9), avg latency, prep/post/completion avg and p99.",
+    )
     sweep.add_argument("--backend", default="ucx", help="comma list of backends: local, ucx, cuda_ipc (default ucx)")
-    sweep.add_argument("--memory", default="host:host",
-                       help="comma list of initiator:target memory kinds (host, cuda) or 'all' (default host:host)")
+    sweep.add_argument(
+        "--memory",
+        default="host:host",
+        help="comma list of initiator:target memory kinds (host, cuda) or 'all' (default host:host)",
+    )
     sweep.add_argument("--op", default="READ,WRITE", help="READ, WRITE or both (default READ,WRITE)")
     sweep.add_argument("--sizes", default="4K-64M", help="fragment sizes: a doubling range 4K-64M or a list 4K,2M")
     sweep.add_argument("--batch", default="16", help="fragments per request, comma list (default 16)")
@@ -181,14 +227,22 @@ def _sweep_parser(subcommands: Any) -> None:
     sweep.add_argument("--token", help="the side-channel token the --peer target requires")
     sweep.add_argument("--initiator-gpu", type=int, default=0, help="GPU of the initiator's cuda memory")
     sweep.add_argument("--target-gpu", type=int, help="GPU of the target's cuda memory (default 1 if present, else 0)")
-    sweep.add_argument("--ceiling", default="copy", choices=["copy", "perftest"],
-                       help="copy: contiguous copy of the same bytes on the memory path; perftest: ucx_perftest "
-                            "per fragment size for ucx host rows")
+    sweep.add_argument(
+        "--ceiling",
+        default="copy",
+        choices=["copy", "perftest"],
+        help="copy: contiguous copy of the same bytes on the memory path; perftest: ucx_perftest "
+        "per fragment size for ucx host rows",
+    )
     sweep.add_argument("--ceiling-bytes", help="bytes of the copy ceiling (default: each row's own request bytes)")
     sweep.add_argument("--max-request", default="1G", help="skip cases moving more bytes per repetition (1G)")
     sweep.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per transfer (default 120)")
-    sweep.add_argument("--compare", action="append", choices=["nixl"],
-                       help="also run NIXL on the same work (skipped with a note when NIXL is not installed)")
+    sweep.add_argument(
+        "--compare",
+        action="append",
+        choices=["nixl"],
+        help="also run NIXL on the same work (skipped with a note when NIXL is not installed)",
+    )
     sweep.add_argument("--plot", help="write GB/s vs fragment size (log-log) to this PNG")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
     sweep.set_defaults(run=commands.sweep)
@@ -209,10 +263,12 @@ def _target_parser(subcommands: Any) -> None:
 
 def _serve_parser(subcommands: Any) -> None:
     serve = subcommands.add_parser(
-        "serve", help="TTFT / ITL / throughput / goodput of an OpenAI-compatible endpoint (aiperf's definitions)",
+        "serve",
+        help="TTFT / ITL / throughput / goodput of an OpenAI-compatible endpoint (aiperf's definitions)",
         description="Streams /v1/completions requests of exactly ISL prompt token ids and OSL output tokens "
-                    "(ignore_eos) at each concurrency; reports aiperf's metrics (kvxfer/bench/serve.py says how each "
-                    "is defined) and, when the server reports it, kvxfer's TTFT breakdown.")
+        "(ignore_eos) at each concurrency; reports aiperf's metrics (kvxfer/bench/serve.py says how each "
+        "is defined) and, when the server reports it, kvxfer's TTFT breakdown.",
+    )
     serve.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
     serve.add_argument("--model", required=True, help="model id, as /v1/models lists it")
     serve.add_argument("--concurrency", default="1,4,16", help="comma list of requests in flight (1,4,16)")
@@ -229,15 +285,18 @@ def _serve_parser(subcommands: Any) -> None:
 
 def _kernels_parser(subcommands: Any) -> None:
     kernels = subcommands.add_parser(
-        "kernels", help="gather/scatter/re-tile kernels' GB/s on one GPU (python -m kvxfer.bench.kernels)",
+        "kernels",
+        help="gather/scatter/re-tile kernels' GB/s on one GPU (python -m kvxfer.bench.kernels)",
         description="Runs kvxfer.bench.kernels with the arguments that follow (--quick, --json PATH, --gib G, "
-                    "--repeats N, --fragments KIB ...); says so and exits 0 without a GPU.")
+        "--repeats N, --fragments KIB ...); says so and exits 0 without a GPU.",
+    )
     kernels.set_defaults(run=commands.kernels)
 
 
 def _ceiling_parser(subcommands: Any) -> None:
-    ceiling = subcommands.add_parser("ceiling", help="raw ceilings: memcpy, device/peer copy, pinned h2d/d2h, "
-                                                     "ucx_perftest")
+    ceiling = subcommands.add_parser(
+        "ceiling", help="raw ceilings: memcpy, device/peer copy, pinned h2d/d2h, ucx_perftest"
+    )
     ceiling.add_argument("--host-bytes", default="256M", help="bytes of the memcpy (default 256M)")
     ceiling.add_argument("--device-bytes", default="1G", help="bytes of the GPU copies (default 1G)")
     ceiling.add_argument("--repeats", type=int, default=10)

@@ -12,9 +12,26 @@ from .cases import parse_bytes, parse_ints, parse_memory, parse_sizes
 from .report import print_table, progress, write_csv, write_json
 
 #: The sweep's terminal table (every ROW_KEYS column goes to --json / --csv).
-SWEEP_TABLE = ("system", "backend", "initiator", "target", "op", "block_size", "batch_size", "threads", "gbps",
-               "avg_lat_us", "p99_us", "prep_avg_us", "post_avg_us", "completion_avg_us", "completion_p99_us",
-               "ceiling_gbps", "ratio", "verified")
+SWEEP_TABLE = (
+    "system",
+    "backend",
+    "initiator",
+    "target",
+    "op",
+    "block_size",
+    "batch_size",
+    "threads",
+    "gbps",
+    "avg_lat_us",
+    "p99_us",
+    "prep_avg_us",
+    "post_avg_us",
+    "completion_avg_us",
+    "completion_p99_us",
+    "ceiling_gbps",
+    "ratio",
+    "verified",
+)
 CEILING_TABLE = ("ceiling", "path", "op", "nbytes", "gbps", "median_us", "p99_us", "timer")
 
 
@@ -37,16 +54,29 @@ def sweep_config(args: argparse.Namespace) -> Any:
         raise ConfigError(f"--backend must name backends of {sorted(FACTORIES)}, got {args.backend!r}")
     memory = parse_memory(args.memory)
     if args.repeats < 1 or args.warmup < 0 or args.verify < 0:
-        raise ConfigError(f"--repeats must be >= 1, --warmup and --verify >= 0; got {args.repeats}, "
-                          f"{args.warmup}, {args.verify}")
+        raise ConfigError(
+            f"--repeats must be >= 1, --warmup and --verify >= 0; got {args.repeats}, {args.warmup}, {args.verify}"
+        )
     return SweepConfig(
-        backends=backends, memory=tuple(memory), ops=tuple(op.strip().upper() for op in args.op.split(",")),
-        sizes=tuple(parse_sizes(args.sizes)), batches=tuple(parse_ints(args.batch, "--batch")),
-        threads=tuple(parse_ints(args.threads, "--threads")), warmup=args.warmup, repeats=args.repeats,
-        verify=args.verify, peer=args.peer, token=args.token, initiator_gpu=args.initiator_gpu,
+        backends=backends,
+        memory=tuple(memory),
+        ops=tuple(op.strip().upper() for op in args.op.split(",")),
+        sizes=tuple(parse_sizes(args.sizes)),
+        batches=tuple(parse_ints(args.batch, "--batch")),
+        threads=tuple(parse_ints(args.threads, "--threads")),
+        warmup=args.warmup,
+        repeats=args.repeats,
+        verify=args.verify,
+        peer=args.peer,
+        token=args.token,
+        initiator_gpu=args.initiator_gpu,
         target_gpu=_default_target_gpu(memory) if args.target_gpu is None else args.target_gpu,
-        ceiling=args.ceiling, ceiling_nbytes=parse_bytes(args.ceiling_bytes) if args.ceiling_bytes else None,
-        timeout=args.timeout, compare=tuple(args.compare or ()), max_request=parse_bytes(args.max_request))
+        ceiling=args.ceiling,
+        ceiling_nbytes=parse_bytes(args.ceiling_bytes) if args.ceiling_bytes else None,
+        timeout=args.timeout,
+        compare=tuple(args.compare or ()),
+        max_request=parse_bytes(args.max_request),
+    )
 
 
 def sweep(args: argparse.Namespace) -> int:
@@ -62,13 +92,20 @@ def sweep(args: argparse.Namespace) -> int:
         result = engine.run(config, lambda case, row: advance(f"{row['system']} {case.op} {case.fragment} B"))
     kvxfer_rows = [r for r in result.rows if r["system"] == "kvxfer"]
     columns = list(SWEEP_TABLE) + (["nixl_gbps", "vs_nixl"] if "nixl" in config.compare else [])
-    print_table("kvxfer-bench sweep (GB/s = 1e9 B/s from the median request; times in us)",
-                result.rows if any(r["system"] == "nixl" for r in result.rows) else kvxfer_rows, columns)
+    print_table(
+        "kvxfer-bench sweep (GB/s = 1e9 B/s from the median request; times in us)",
+        result.rows if any(r["system"] == "nixl" for r in result.rows) else kvxfer_rows,
+        columns,
+    )
     print_table("ceilings measured in this run", result.ceilings, CEILING_TABLE)
     for note in result.notes:
         print(f"note: {note}")
-    document = {"subcommand": "sweep", "config": dataclasses.asdict(config), "notes": result.notes,
-                "tables": {"sweep": result.rows, "ceilings": result.ceilings}}
+    document = {
+        "subcommand": "sweep",
+        "config": dataclasses.asdict(config),
+        "notes": result.notes,
+        "tables": {"sweep": result.rows, "ceilings": result.ceilings},
+    }
     _write(args, document)
     if args.plot:
         from .plot import plot_sweep
@@ -97,8 +134,15 @@ def target(args: argparse.Namespace) -> int:
     from .target import Target
 
     kinds = [kind.strip() for kind in args.memory.split(",") if kind.strip()]
-    server = Target(args.backend, kinds, parse_bytes(args.nbytes), device=args.device, listen=args.listen,
-                    token=args.token, parent_pid=args.parent_pid)
+    server = Target(
+        args.backend,
+        kinds,
+        parse_bytes(args.nbytes),
+        device=args.device,
+        listen=args.listen,
+        token=args.token,
+        parent_pid=args.parent_pid,
+    )
     try:
         print(server.describe() + "; Ctrl-C to stop", flush=True)
         server.serve(once=args.once)

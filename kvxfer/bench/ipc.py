@@ -105,17 +105,33 @@ def _kernel_variants(agent: Any, workload: tuple, peer: Any, device: int, ceilin
     rows = []
     for piece in (16 << 10, 64 << 10, 256 << 10):
         state.tables[Op.READ] = batch_copy.to_device(
-            batch_copy.split_pieces(state.remote, state.local, state.sizes, piece), device)
+            batch_copy.split_pieces(state.remote, state.local, state.sizes, piece), device
+        )
         for ctas in (4, 8, 16):
             seconds = _kernel_seconds(state, device, ctas_per_sm=ctas)
-            rows.append({"workload": f"{name} kernel only", "fragment_bytes": piece, "strategy": f"{ctas} CTAs/SM",
-                         "kernel_ms": seconds * 1e3, "kernel_GB/s": plan.nbytes / seconds / 1e9,
-                         "ceiling_GB/s": ceiling, "ratio": plan.nbytes / seconds / 1e9 / ceiling})
+            rows.append(
+                {
+                    "workload": f"{name} kernel only",
+                    "fragment_bytes": piece,
+                    "strategy": f"{ctas} CTAs/SM",
+                    "kernel_ms": seconds * 1e3,
+                    "kernel_GB/s": plan.nbytes / seconds / 1e9,
+                    "ceiling_GB/s": ceiling,
+                    "ratio": plan.nbytes / seconds / 1e9 / ceiling,
+                }
+            )
     return rows
 
 
-def run(source: int = 0, target: int = 1, tokens: int = 4096, block_size: int = 16, strategy: str = "auto",
-        fragment_sizes: tuple[int, ...] = (4 << 10, 2 << 20), repeats: int = 20) -> list[dict[str, Any]]:
+def run(
+    source: int = 0,
+    target: int = 1,
+    tokens: int = 4096,
+    block_size: int = 16,
+    strategy: str = "auto",
+    fragment_sizes: tuple[int, ...] = (4 << 10, 2 << 20),
+    repeats: int = 20,
+) -> list[dict[str, Any]]:
     """One row per workload: Llama-8B request, plus raw fragments of each size in ``fragment_sizes``."""
     import cupy
 
@@ -137,15 +153,23 @@ def run(source: int = 0, target: int = 1, tokens: int = 4096, block_size: int = 
             region = agent.register(cache, name="kv")
             peer = agent.connect(conn.recv())
             rng = np.random.default_rng(1)
-            workloads = [("llama-8b kv", Descs.from_blocks(region, spec, rng.permutation(spec.num_blocks)[:blocks]),
-                          Descs.from_blocks(peer.region("kv"), spec, rng.permutation(spec.num_blocks)[:blocks]))]
+            workloads = [
+                (
+                    "llama-8b kv",
+                    Descs.from_blocks(region, spec, rng.permutation(spec.num_blocks)[:blocks]),
+                    Descs.from_blocks(peer.region("kv"), spec, rng.permutation(spec.num_blocks)[:blocks]),
+                )
+            ]
             moved = workloads[0][1].total_nbytes
             for size in fragment_sizes:
                 count = moved // size
-                workloads.append((f"{size // 1024} KiB fragments",
-                                  Descs.from_ranges(region, rng.permutation(spec.nbytes // size)[:count] * size, size),
-                                  Descs.from_ranges(peer.region("kv"),
-                                                    rng.permutation(spec.nbytes // size)[:count] * size, size)))
+                workloads.append(
+                    (
+                        f"{size // 1024} KiB fragments",
+                        Descs.from_ranges(region, rng.permutation(spec.nbytes // size)[:count] * size, size),
+                        Descs.from_ranges(peer.region("kv"), rng.permutation(spec.nbytes // size)[:count] * size, size),
+                    )
+                )
             ceiling = ceiling_gbps(source, target)
             for name, local, remote in workloads:
                 plan = agent.plan(local, peer, remote)
@@ -162,11 +186,21 @@ def run(source: int = 0, target: int = 1, tokens: int = 4096, block_size: int = 
                 assert isinstance(plan.backend, CudaIpcBackend)  # the only backend this agent has
                 state = plan.backend.plan_state(plan)
                 kernel = _kernel_seconds(state, target) if state.strategy == "kernel" else float("nan")
-                rows.append({"workload": name, "fragment_bytes": int(local.nbytes[0]), "fragments": len(local),
-                             "MiB": plan.nbytes / 2**20, "strategy": state.strategy, "ms": median * 1e3,
-                             "kernel_ms": kernel * 1e3, "GB/s": plan.nbytes / median / 1e9,
-                             "kernel_GB/s": plan.nbytes / kernel / 1e9, "ceiling_GB/s": ceiling,
-                             "ratio": plan.nbytes / median / 1e9 / ceiling})
+                rows.append(
+                    {
+                        "workload": name,
+                        "fragment_bytes": int(local.nbytes[0]),
+                        "fragments": len(local),
+                        "MiB": plan.nbytes / 2**20,
+                        "strategy": state.strategy,
+                        "ms": median * 1e3,
+                        "kernel_ms": kernel * 1e3,
+                        "GB/s": plan.nbytes / median / 1e9,
+                        "kernel_GB/s": plan.nbytes / kernel / 1e9,
+                        "ceiling_GB/s": ceiling,
+                        "ratio": plan.nbytes / median / 1e9 / ceiling,
+                    }
+                )
             rows += _kernel_variants(agent, workloads[0], peer, target, ceiling)
     finally:
         conn.send("exit")

@@ -55,10 +55,12 @@ VARIANTS = {
     "no run entry": KernelTuning(runs=False),
     "cs hints": KernelTuning(streaming=True),
 }
-VARIANT_OPS = {"gather": ("per-box grid", "threads 128", "unroll 8"),
-               "NHD->HND": ("per-box grid", "threads 128"),
-               "tp split 1->2": ("no run entry", "run: 128 x unroll 8", "run: 512 threads", "unroll 8"),
-               "tp merge 2->1": ("run: 128 x unroll 8", "unroll 8")}
+VARIANT_OPS = {
+    "gather": ("per-box grid", "threads 128", "unroll 8"),
+    "NHD->HND": ("per-box grid", "threads 128"),
+    "tp split 1->2": ("no run entry", "run: 128 x unroll 8", "run: 512 threads", "unroll 8"),
+    "tp merge 2->1": ("run: 128 x unroll 8", "unroll 8"),
+}
 QUICK_VARIANT_OPS = {"gather": ("1 wave",), "tp split 1->2": ("no run entry",)}
 COLUMNS = ("op", "fragment_kib", "variant", "entry", "gbps", "ceiling_gbps", "ratio", "target", "host_us", "late")
 _HELPERS = r"""
@@ -75,9 +77,17 @@ extern "C" __global__ void kvxfer_bench_fill(unsigned int* words, unsigned long 
 """
 
 
-def run(num_tokens: int | None = None, fragments_kib: Sequence[int] = (4, 32, 2048), repeats: int = 20,
-        warmup: int = 3, device: int = 0, *, gib: float = 2.0, num_layers: int = 32,
-        variant_ops: Mapping[str, Sequence[str]] | None = None) -> list[dict[str, Any]]:
+def run(
+    num_tokens: int | None = None,
+    fragments_kib: Sequence[int] = (4, 32, 2048),
+    repeats: int = 20,
+    warmup: int = 3,
+    device: int = 0,
+    *,
+    gib: float = 2.0,
+    num_layers: int = 32,
+    variant_ops: Mapping[str, Sequence[str]] | None = None,
+) -> list[dict[str, Any]]:
     """Measure every operation at every fragment size; returns one dict per row (see COLUMNS).
 
     ``num_tokens`` (default: ``gib`` GiB of the Llama-shaped cache, a multiple of 1024) tokens per row;
@@ -95,8 +105,10 @@ def run(num_tokens: int | None = None, fragments_kib: Sequence[int] = (4, 32, 20
         timer.warm_clocks(0.5)
         for fragment in fragments_kib:
             bench = _Bench(cupy, timer, device, num_tokens, BLOCK_SIZE_OF_FRAGMENT[fragment], num_layers)
-            rows += [dict(fragment_kib=fragment, **row)
-                     for row in bench.rows(VARIANT_OPS if variant_ops is None else variant_ops)]
+            rows += [
+                dict(fragment_kib=fragment, **row)
+                for row in bench.rows(VARIANT_OPS if variant_ops is None else variant_ops)
+            ]
             del bench
             cupy.get_default_memory_pool().free_all_blocks()
     return rows
@@ -122,8 +134,13 @@ class _Timer:
     def memcpy(self) -> None:
         """One device-to-device copy of the ceiling buffers on the stream."""
         runtime = self.cupy.cuda.runtime
-        runtime.memcpyAsync(self.copy_dst.data.ptr, self.copy_src.data.ptr, self.copy_src.nbytes,
-                            runtime.memcpyDeviceToDevice, self.stream.ptr)
+        runtime.memcpyAsync(
+            self.copy_dst.data.ptr,
+            self.copy_src.data.ptr,
+            self.copy_src.nbytes,
+            runtime.memcpyDeviceToDevice,
+            self.stream.ptr,
+        )
 
     def warm_clocks(self, seconds: float) -> None:
         """Keep the GPU busy with copies for ``seconds`` so clocks are up before the first row."""
@@ -162,20 +179,34 @@ class _Timer:
 class _Bench:
     """The buffers and plans of one fragment size, and their rows."""
 
-    def __init__(self, cupy: ModuleType, timer: _Timer, device: int, num_tokens: int, block_size: int,
-                 num_layers: int) -> None:
+    def __init__(
+        self, cupy: ModuleType, timer: _Timer, device: int, num_tokens: int, block_size: int, num_layers: int
+    ) -> None:
         self.cupy, self.timer, self.device, self.tokens = cupy, timer, device, num_tokens
         rng = np.random.default_rng(block_size)
         blocks = -(-num_tokens // block_size)
-        self.hnd = KVCacheSpec(num_layers=num_layers, num_blocks=blocks * 2, block_size=block_size, num_kv_heads=8,
-                               head_dim=128, layout=KVLayout.HND)
+        self.hnd = KVCacheSpec(
+            num_layers=num_layers,
+            num_blocks=blocks * 2,
+            block_size=block_size,
+            num_kv_heads=8,
+            head_dim=128,
+            layout=KVLayout.HND,
+        )
         self.nhd = self.hnd.replace(layout=KVLayout.NHD)
         self.ranks = [self.hnd.replace(num_kv_heads=4, tp_size=2, tp_rank=r) for r in range(2)]
         self.staging = kernels.staging_spec(self.hnd, num_tokens)
         self.ids = [rng.permutation(self.hnd.num_blocks)[:blocks] for _ in range(3)]
-        self.memory = {name: timer.filled(spec.nbytes) for name, spec in
-                       (("hnd", self.hnd), ("nhd", self.nhd), ("staging", self.staging), ("rank0", self.ranks[0]),
-                        ("rank1", self.ranks[1]))}
+        self.memory = {
+            name: timer.filled(spec.nbytes)
+            for name, spec in (
+                ("hnd", self.hnd),
+                ("nhd", self.nhd),
+                ("staging", self.staging),
+                ("rank0", self.ranks[0]),
+                ("rank1", self.ranks[1]),
+            )
+        }
 
     def _plan(self, src: KVCacheSpec, dst: KVCacheSpec, src_ids: Any, dst_ids: Any, **heads: Any) -> Any:
         plan = kernels.plan_kv_copy(src, dst, src_ids, dst_ids, num_tokens=self.tokens, **heads)
@@ -187,10 +218,14 @@ class _Bench:
         return {
             "gather": [("hnd", "staging", self._plan(hnd, self.staging, ids[0], [0]))],
             "scatter": [("staging", "hnd", self._plan(self.staging, hnd, [0], ids[1]))],
-            "tp split 1->2": [("hnd", f"rank{r}", self._plan(hnd, rank, ids[0], ids[1], src_heads=rank.head_range()))
-                              for r, rank in enumerate(self.ranks)],
-            "tp merge 2->1": [(f"rank{r}", "hnd", self._plan(rank, hnd, ids[1], ids[2], dst_heads=rank.head_range()))
-                              for r, rank in enumerate(self.ranks)],
+            "tp split 1->2": [
+                ("hnd", f"rank{r}", self._plan(hnd, rank, ids[0], ids[1], src_heads=rank.head_range()))
+                for r, rank in enumerate(self.ranks)
+            ],
+            "tp merge 2->1": [
+                (f"rank{r}", "hnd", self._plan(rank, hnd, ids[1], ids[2], dst_heads=rank.head_range()))
+                for r, rank in enumerate(self.ranks)
+            ],
             "NHD->HND": [("nhd", "hnd", self._plan(self.nhd, hnd, ids[0], ids[2]))],
             "HND->NHD": [("hnd", "nhd", self._plan(hnd, self.nhd, ids[1], ids[0]))],
         }
@@ -200,20 +235,28 @@ class _Bench:
         out = [self._row(name, calls, None, "default") for name, calls in operations.items()]
         for name, labels in variant_ops.items():
             out += [self._row(name, operations[name], VARIANTS[label], label) for label in labels]
-        fresh = [(s, d, kernels.plan_kv_copy(p.src_spec, p.dst_spec, p.src_block_ids, p.dst_block_ids,
-                                             num_tokens=p.num_tokens)) for s, d, p in operations["gather"]]
+        fresh = [
+            (
+                s,
+                d,
+                kernels.plan_kv_copy(p.src_spec, p.dst_spec, p.src_block_ids, p.dst_block_ids, num_tokens=p.num_tokens),
+            )
+            for s, d, p in operations["gather"]
+        ]
         out.append(self._row("gather", fresh, None, "upload/call"))
         return out
 
     def _row(self, name: str, calls: list[tuple[str, str, Any]], tuning: KernelTuning | None, label: str) -> dict:
         memory, stream = self.memory, self.timer.stream
-        pointers = [(memory[s].data.ptr, memory[s].nbytes, memory[d].data.ptr, memory[d].nbytes, plan)
-                    for s, d, plan in calls]
+        pointers = [
+            (memory[s].data.ptr, memory[s].nbytes, memory[d].data.ptr, memory[d].nbytes, plan) for s, d, plan in calls
+        ]
 
         def launch() -> None:
             for src, src_nbytes, dst, dst_nbytes, plan in pointers:
-                _cuda.copy_kv_pointers(src, src_nbytes, dst, dst_nbytes, plan, device=self.device, stream=stream,
-                                       tuning=tuning)
+                _cuda.copy_kv_pointers(
+                    src, src_nbytes, dst, dst_nbytes, plan, device=self.device, stream=stream, tuning=tuning
+                )
 
         payload = sum(plan.nbytes for _, _, plan in calls)
         kernel = self.timer.time(launch)
@@ -222,10 +265,19 @@ class _Bench:
         first = pointers[0]
         entry = _cuda.launch_of(first[4], first[0], first[2], self.device, tuning).entry
         fragment = self.hnd.block_nbytes // self.hnd.num_kv_parts
-        return dict(op=name, variant=label, entry=entry.replace("kvxfer_", ""), payload_mib=payload / 2**20,
-                    gbps=gbps, ceiling_gbps=ceiling_gbps, ratio=gbps / ceiling_gbps,
-                    target=0.92 if fragment >= 16 << 10 else 0.85, host_us=kernel["host"] * 1e6,
-                    late=kernel["late"] + ceiling["late"], gpu_us=kernel["seconds"] * 1e6)
+        return dict(
+            op=name,
+            variant=label,
+            entry=entry.replace("kvxfer_", ""),
+            payload_mib=payload / 2**20,
+            gbps=gbps,
+            ceiling_gbps=ceiling_gbps,
+            ratio=gbps / ceiling_gbps,
+            target=0.92 if fragment >= 16 << 10 else 0.85,
+            host_us=kernel["host"] * 1e6,
+            late=kernel["late"] + ceiling["late"],
+            gpu_us=kernel["seconds"] * 1e6,
+        )
 
 
 def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -235,26 +287,40 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for label in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == label]
         gains = [r["ratio"] - default[(r["op"], r["fragment_kib"])] for r in mine]
-        out.append(dict(variant=label, rows=len(mine), worst_margin=min(r["ratio"] - r["target"] for r in mine),
-                        mean_gain_vs_default=statistics.mean(gains),
-                        meets_targets=all(r["ratio"] >= r["target"] for r in mine)))
+        out.append(
+            dict(
+                variant=label,
+                rows=len(mine),
+                worst_margin=min(r["ratio"] - r["target"] for r in mine),
+                mean_gain_vs_default=statistics.mean(gains),
+                meets_targets=all(r["ratio"] >= r["target"] for r in mine),
+            )
+        )
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; print the rows, then a per-variant summary; optionally write JSON."""
-    parser = argparse.ArgumentParser(prog="python -m kvxfer.bench.kernels", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m kvxfer.bench.kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", help="write rows and environment to this JSON file")
-    parser.add_argument("--quick", action="store_true",
-                        help="32 KiB fragments, 1 GiB rows, two variants, 10 repeats (about 20 s)")
+    parser.add_argument(
+        "--quick", action="store_true", help="32 KiB fragments, 1 GiB rows, two variants, 10 repeats (about 20 s)"
+    )
     parser.add_argument("--gib", type=float, default=2.0, help="payload per row in GiB (default 2)")
     parser.add_argument("--tokens", type=int, default=None, help="tokens per row instead of --gib")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", type=int, default=0)
-    parser.add_argument("--fragments", type=int, nargs="+", default=None, choices=sorted(BLOCK_SIZE_OF_FRAGMENT),
-                        help="fragment sizes in KiB (default 4 32 2048)")
+    parser.add_argument(
+        "--fragments",
+        type=int,
+        nargs="+",
+        default=None,
+        choices=sorted(BLOCK_SIZE_OF_FRAGMENT),
+        help="fragment sizes in KiB (default 4 32 2048)",
+    )
     args = parser.parse_args(argv)
     fragments = args.fragments or ([32] if args.quick else [4, 32, 2048])
     gib, repeats = (1.0, min(args.repeats, 10)) if args.quick else (args.gib, args.repeats)
@@ -266,18 +332,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             write_json(args.json, {"subcommand": "kernels", "skipped": str(error), "rows": []})
         return 0
-    rows = run(args.tokens, fragments, repeats, args.warmup, args.device, gib=gib,
-               variant_ops=QUICK_VARIANT_OPS if args.quick else None)
+    rows = run(
+        args.tokens,
+        fragments,
+        repeats,
+        args.warmup,
+        args.device,
+        gib=gib,
+        variant_ops=QUICK_VARIANT_OPS if args.quick else None,
+    )
     verdicts = summary(rows)
     if args.json:
         cupy = _cuda.cupy_module()
         name = cupy.cuda.runtime.getDeviceProperties(args.device)["name"]
-        write_json(args.json, {"subcommand": "kernels", "device": name.decode() if isinstance(name, bytes) else name,
-                               "method": {"gib": gib, "repeats": repeats, "warmup": args.warmup,
-                                          "default_tuning": repr(DEFAULT_TUNING)},
-                               "rows": rows, "summary": verdicts, "seconds": time.perf_counter() - started})
-    print_table("KV copy kernels vs device memcpy of the same bytes (GB/s = read + write, GPU time only)", rows,
-                COLUMNS)
+        write_json(
+            args.json,
+            {
+                "subcommand": "kernels",
+                "device": name.decode() if isinstance(name, bytes) else name,
+                "method": {
+                    "gib": gib,
+                    "repeats": repeats,
+                    "warmup": args.warmup,
+                    "default_tuning": repr(DEFAULT_TUNING),
+                },
+                "rows": rows,
+                "summary": verdicts,
+                "seconds": time.perf_counter() - started,
+            },
+        )
+    print_table(
+        "KV copy kernels vs device memcpy of the same bytes (GB/s = read + write, GPU time only)", rows, COLUMNS
+    )
     print_table(f"Per variant (default = {DEFAULT_TUNING}, run entries {RUN_TUNING})", verdicts)
     return 0
 

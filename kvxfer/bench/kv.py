@@ -52,9 +52,19 @@ class Setup:
         block = self.block_size if side == "p" else (self.d_block_size or self.block_size)
         layout = self.layout if side == "p" else (self.d_layout or self.layout)
         blocks = 2 * -(-self.tokens // block)
-        return KVCacheSpec(num_layers=layers, num_blocks=blocks, block_size=block, num_kv_heads=max(heads // tp, 1),
-                           head_dim=dim, dtype="bfloat16", layout=KVLayout.parse(layout), tp_rank=rank, tp_size=tp,
-                           total_kv_heads=heads, model=self.model)
+        return KVCacheSpec(
+            num_layers=layers,
+            num_blocks=blocks,
+            block_size=block,
+            num_kv_heads=max(heads // tp, 1),
+            head_dim=dim,
+            dtype="bfloat16",
+            layout=KVLayout.parse(layout),
+            tp_rank=rank,
+            tp_size=tp,
+            total_kv_heads=heads,
+            model=self.model,
+        )
 
     @property
     def on_gpu(self) -> bool:
@@ -90,8 +100,9 @@ def _receive(conn: Any, process: Any, name: str) -> Any:
         return conn.recv()
     except EOFError:
         process.join(5)
-        raise PeerDisconnectedError(f"{name} exited (code {process.exitcode}) before answering; its traceback is "
-                                    "above", name) from None
+        raise PeerDisconnectedError(
+            f"{name} exited (code {process.exitcode}) before answering; its traceback is above", name
+        ) from None
 
 
 def _goodbye(conn: Any, message: Any) -> None:
@@ -190,8 +201,7 @@ def _decode_rank(conn: Any, setup: Setup, rank: int, metas: list[bytes], ids: tu
         decode.close()
 
 
-def run(setup: Setup, repeats: int = 20, profile: bool = False,
-        decode_processes: bool = False) -> list[dict[str, Any]]:
+def run(setup: Setup, repeats: int = 20, profile: bool = False, decode_processes: bool = False) -> list[dict[str, Any]]:
     """Median ms and GB/s of one request (all decode ranks) and of the contiguous ceiling. With ``profile``, decode
     rank 0 (all ranks, in one process) prints where its host time went; see the module docstring for where ranks
     run."""
@@ -209,8 +219,10 @@ def run(setup: Setup, repeats: int = 20, profile: bool = False,
         prefill.append(_start(context, _prefill_rank, (setup, rank)))
     metas += [_receive(conn, process, f"prefill-{rank}") for rank, (conn, process) in enumerate(prefill)]
     rng = np.random.default_rng(1)
-    ids = (rng.permutation(p_spec0.num_blocks)[:-(-setup.tokens // p_spec0.block_size)],
-           rng.permutation(d_spec0.num_blocks)[:-(-setup.tokens // d_spec0.block_size)])
+    ids = (
+        rng.permutation(p_spec0.num_blocks)[: -(-setup.tokens // p_spec0.block_size)],
+        rng.permutation(d_spec0.num_blocks)[: -(-setup.tokens // d_spec0.block_size)],
+    )
     ranks = list(range(setup.d_tp)) if setup.only_rank is None else [setup.only_rank]
     decode: list[Any] = []
     try:
@@ -237,10 +249,13 @@ def run(setup: Setup, repeats: int = 20, profile: bool = False,
                 start = time.monotonic() + 0.01
                 for conn, _ in decode:
                     conn.send(("go", start))
-                answers = [_receive(conn, process, f"decode-{rank}")
-                           for rank, (conn, process) in zip(ranks, decode, strict=True)]
-                samples.append((max(a[0] for a in answers) - start, max(a[1] for a in answers),
-                                sum(a[2] for a in answers)))
+                answers = [
+                    _receive(conn, process, f"decode-{rank}")
+                    for rank, (conn, process) in zip(ranks, decode, strict=True)
+                ]
+                samples.append(
+                    (max(a[0] for a in answers) - start, max(a[1] for a in answers), sum(a[2] for a in answers))
+                )
             strategy, nbytes = answers[0][3], samples[-1][2]
             decode[0][0].send(("ceiling", nbytes, repeats))
             ceiling = decode[0][0].recv()
@@ -250,14 +265,27 @@ def run(setup: Setup, repeats: int = 20, profile: bool = False,
         request = float(np.median([s[0] for s in samples[2:]]))
         if report:
             print(report)
-        return [{"model": setup.model, "tokens": setup.tokens, "p_tp": setup.p_tp, "d_tp": setup.d_tp,
-                 "ranks": len(ranks), "decode": "processes" if not decode_here else "one process",
-                 "blocks": f"{p_spec0.block_size}->{d_spec0.block_size}",
-                 "layout": f"{p_spec0.layout.value}->{d_spec0.layout.value}", "strategy": strategy,
-                 "fragment_B": _piece(setup), "fragments": nbytes // _piece(setup),
-                 "MiB": nbytes / 2**20, "ms": request * 1e3,
-                 "post_ms": float(np.median([s[1] for s in samples[2:]])) * 1e3, "GB/s": nbytes / request / 1e9,
-                 "ceiling_GB/s": nbytes / ceiling / 1e9, "ratio": ceiling / request}]
+        return [
+            {
+                "model": setup.model,
+                "tokens": setup.tokens,
+                "p_tp": setup.p_tp,
+                "d_tp": setup.d_tp,
+                "ranks": len(ranks),
+                "decode": "processes" if not decode_here else "one process",
+                "blocks": f"{p_spec0.block_size}->{d_spec0.block_size}",
+                "layout": f"{p_spec0.layout.value}->{d_spec0.layout.value}",
+                "strategy": strategy,
+                "fragment_B": _piece(setup),
+                "fragments": nbytes // _piece(setup),
+                "MiB": nbytes / 2**20,
+                "ms": request * 1e3,
+                "post_ms": float(np.median([s[1] for s in samples[2:]])) * 1e3,
+                "GB/s": nbytes / request / 1e9,
+                "ceiling_GB/s": nbytes / ceiling / 1e9,
+                "ratio": ceiling / request,
+            }
+        ]
     finally:
         for item in decode:
             if isinstance(item, _Rank):

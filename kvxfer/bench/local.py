@@ -22,8 +22,16 @@ from ..plan import TransferPlan
 from ..spec import KVCacheSpec
 
 # Llama-3.1-70B at TP8: 80 layers, 1 KV head per rank, head_dim 128, bf16, 16-token blocks; 4k tokens = 256 blocks.
-SEVENTY_B_TP8 = functools.partial(KVCacheSpec, num_layers=80, block_size=16, num_kv_heads=1, head_dim=128,
-                                  dtype="bfloat16", tp_size=8, total_kv_heads=8)
+SEVENTY_B_TP8 = functools.partial(
+    KVCacheSpec,
+    num_layers=80,
+    block_size=16,
+    num_kv_heads=1,
+    head_dim=128,
+    dtype="bfloat16",
+    tp_size=8,
+    total_kv_heads=8,
+)
 
 
 def _median_seconds(action: Callable[[], Any], repeats: int) -> tuple[float, float]:
@@ -55,6 +63,7 @@ def plan_and_post(repeats: int = 50, cache_blocks: int = 1024, request_blocks: i
     local_region, remote_region = destination_agent.regions[0], peer.region("kv")
     rows = []
     with source_agent, destination_agent:
+
         def build() -> tuple[Descs, Descs]:
             return Descs.from_blocks(local_region, spec, local_ids), Descs.from_blocks(remote_region, spec, remote_ids)
 
@@ -63,16 +72,18 @@ def plan_and_post(repeats: int = 50, cache_blocks: int = 1024, request_blocks: i
         planning = _median_seconds(lambda: destination_agent.plan(local, peer, remote), repeats)
         rows.append(_row("plan", len(local), *planning))
         every = np.arange(cache_blocks)
-        prepared = destination_agent.plan(Descs.from_blocks(local_region, spec, every), peer,
-                                          Descs.from_blocks(remote_region, spec, every))
+        prepared = destination_agent.plan(
+            Descs.from_blocks(local_region, spec, every), peer, Descs.from_blocks(remote_region, spec, every)
+        )
         layer = np.arange(spec.num_layers)[:, None, None] * cache_blocks * 2
 
         def rows_of(ids: np.ndarray) -> np.ndarray:
             return (layer + ids[None, :, None] * 2 + np.arange(2)[None, None, :]).ravel()
 
         local_rows, remote_rows = rows_of(local_ids), rows_of(remote_ids)
-        rows.append(_row("select", len(local_rows),
-                         *_median_seconds(lambda: prepared.select(local_rows, remote_rows), repeats)))
+        rows.append(
+            _row("select", len(local_rows), *_median_seconds(lambda: prepared.select(local_rows, remote_rows), repeats))
+        )
         request = prepared.select(local_rows, remote_rows)
         request.check_destination("read")
         # Posting a stream of requests (what an engine does per layer or per request) measures post's own cost;
@@ -95,8 +106,9 @@ def _row(step: str, descriptors: int, median: float, p99: float) -> dict[str, An
     return {"step": step, "descriptors": descriptors, "median_ms": median * 1e3, "p99_ms": p99 * 1e3}
 
 
-def bandwidth(total_nbytes: int = 256 << 20, smallest: int = 4 << 10, largest: int = 64 << 20,
-              repeats: int = 5) -> list[dict[str, Any]]:
+def bandwidth(
+    total_nbytes: int = 256 << 20, smallest: int = 4 << 10, largest: int = 64 << 20, repeats: int = 5
+) -> list[dict[str, Any]]:
     """GB/s (1e9 B/s) of the local backend per fragment size, beside numpy.copyto of the same bytes."""
     source_agent, destination_agent, source, destination, peer = _agents(total_nbytes)
     rows = []
@@ -105,8 +117,11 @@ def bandwidth(total_nbytes: int = 256 << 20, smallest: int = 4 << 10, largest: i
         size = smallest
         while size <= min(largest, total_nbytes):
             slots = np.random.default_rng(size).permutation(total_nbytes // size) * size
-            plan = destination_agent.plan(Descs.from_ranges(destination_agent.regions[0], slots, size), peer,
-                                          Descs.from_ranges(peer.region("kv"), slots[::-1].copy(), size))
+            plan = destination_agent.plan(
+                Descs.from_ranges(destination_agent.regions[0], slots, size),
+                peer,
+                Descs.from_ranges(peer.region("kv"), slots[::-1].copy(), size),
+            )
             destination_agent.read(plan).wait()  # warm-up; also checks the plan once
 
             def read(plan: TransferPlan = plan) -> None:
@@ -114,8 +129,15 @@ def bandwidth(total_nbytes: int = 256 << 20, smallest: int = 4 << 10, largest: i
 
             seconds, _ = _median_seconds(read, repeats)
             moved = len(slots) * size
-            rows.append({"fragment_bytes": size, "fragments": len(slots), "pairs": len(plan),
-                         "GB/s": moved / seconds / 1e9, "numpy_GB/s": total_nbytes / ceiling / 1e9,
-                         "ratio": (moved / seconds) / (total_nbytes / ceiling)})
+            rows.append(
+                {
+                    "fragment_bytes": size,
+                    "fragments": len(slots),
+                    "pairs": len(plan),
+                    "GB/s": moved / seconds / 1e9,
+                    "numpy_GB/s": total_nbytes / ceiling / 1e9,
+                    "ratio": (moved / seconds) / (total_nbytes / ceiling),
+                }
+            )
             size *= 2
     return rows

@@ -44,8 +44,9 @@ class _Side:
         use_device(kinds, device)
         self.agent = nixl_agent(name, nixl_agent_config(backends=["UCX"]))
         self.pools = {kind: Pool(kind, nbytes, device, seed + i) for i, kind in enumerate(kinds)}
-        self.addresses = {kind: (_pointer(pool), pool.device if kind == "cuda" else 0)
-                          for kind, pool in self.pools.items()}
+        self.addresses = {
+            kind: (_pointer(pool), pool.device if kind == "cuda" else 0) for kind, pool in self.pools.items()
+        }
         for kind in self.pools:
             address, device_id = self.addresses[kind]
             self.agent.register_memory([(address, nbytes, device_id, "")], _MEMORY_TYPE[kind])
@@ -70,11 +71,15 @@ class _Side:
         """(handle, local dlist, remote dlist, seconds) of one prepared request."""
         began = time.perf_counter()
         local_side = self.agent.prep_xfer_dlist(
-            "NIXL_INIT_AGENT", self._descs(self.addresses[case.initiator], local, case.fragment),
-            _MEMORY_TYPE[case.initiator])
+            "NIXL_INIT_AGENT",
+            self._descs(self.addresses[case.initiator], local, case.fragment),
+            _MEMORY_TYPE[case.initiator],
+        )
         remote_side = self.agent.prep_xfer_dlist(
-            self.remote_name, self._descs(self.remote_addresses[case.target], remote, case.fragment),
-            _MEMORY_TYPE[case.target])
+            self.remote_name,
+            self._descs(self.remote_addresses[case.target], remote, case.fragment),
+            _MEMORY_TYPE[case.target],
+        )
         index = np.arange(case.batch, dtype=np.int32)
         handle = self.agent.make_prepped_xfer(case.op, local_side, index, remote_side, index)
         return handle, local_side, remote_side, time.perf_counter() - began
@@ -113,8 +118,9 @@ class _Side:
             self._release(prepared)
         return result
 
-    def _repetition(self, prepared: list[tuple[Any, Any, Any, float]],
-                    timeout: float) -> list[tuple[float, float, float]]:
+    def _repetition(
+        self, prepared: list[tuple[Any, Any, Any, float]], timeout: float
+    ) -> list[tuple[float, float, float]]:
         """(start, posted, done) per request: all posted back to back, then polled together."""
         started, posted = [], []
         for handle, *_ in prepared:
@@ -158,8 +164,10 @@ def _serve(connection: Any, name: str, kinds: list[str], nbytes: int, device: in
                 connection.send(None)
                 return
             methods: dict[str, Callable[..., Any]] = {
-                "connect": side.connect, "case": side.run_case,
-                "digest": lambda kind, offsets, width: side.pools[kind].digest(offsets, width)}
+                "connect": side.connect,
+                "case": side.run_case,
+                "digest": lambda kind, offsets, width: side.pools[kind].digest(offsets, width),
+            }
             method = methods[command]
             connection.send(method(*args))
         except Exception:  # noqa: BLE001 the child reports any failure to its parent, which raises it
@@ -200,8 +208,13 @@ class _Child:
             self.process.join(10)
 
 
-def compare(config: Any, cases: list[Case], result: Any, limits: Any,
-            on_row: Callable[[Case, dict[str, Any]], None] | None = None) -> None:
+def compare(
+    config: Any,
+    cases: list[Case],
+    result: Any,
+    limits: Any,
+    on_row: Callable[[Case, dict[str, Any]], None] | None = None,
+) -> None:
     """Append NIXL rows for the work of ``cases`` to ``result`` and fill nixl_gbps / vs_nixl of kvxfer rows.
 
     Skipped with a note (never an error) when NIXL is absent or the target is a ``--peer``."""
@@ -225,8 +238,14 @@ def compare(config: Any, cases: list[Case], result: Any, limits: Any,
         for work in works:
             timings = initiator.call("case", work, config.warmup, config.repeats, config.verify, config.timeout)
             row = timing_row(work, timings["prep"], timings["post"], timings["completion"], timings["request"])
-            row.update(system="nixl", backend="nixl-ucx", peer="loopback", initiator=initiator.labels[work.initiator],
-                       target=target.labels[work.target], path="nixl")
+            row.update(
+                system="nixl",
+                backend="nixl-ucx",
+                peer="loopback",
+                initiator=initiator.labels[work.initiator],
+                target=target.labels[work.target],
+                path="nixl",
+            )
             if "verify" in timings:
                 digest, windows, width = timings["verify"]
                 row["verified"] = digest == target.call("digest", work.target, windows, width)

@@ -51,8 +51,7 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str, title: str = "kvxfer-b
             sizes = (min(sizes), max(sizes))
             values = (values[0], values[0])
         axes.plot(sizes, values, linestyle="--", color="gray", linewidth=1)
-        axes.annotate(f"ceiling: {label}", (sizes[-1], values[-1]), fontsize=7, color="gray", ha="right",
-                      va="bottom")
+        axes.annotate(f"ceiling: {label}", (sizes[-1], values[-1]), fontsize=7, color="gray", ha="right", va="bottom")
     axes.set_xscale("log", base=2)
     axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: _size_label(value)))
     axes.set_yscale("log")

@@ -28,10 +28,16 @@ def environment() -> dict[str, Any]:
     """Where and when a run happened, stored beside its numbers."""
     from .. import __version__
 
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "host": platform.node(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "kvxfer": __version__, "command": " ".join(sys.argv),
-            "devices": _devices()}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "kvxfer": __version__,
+        "command": " ".join(sys.argv),
+        "devices": _devices(),
+    }
 
 
 def _devices() -> list[str]:
@@ -100,8 +106,15 @@ def progress(total: int, description: str, enabled: bool = True) -> Iterator[Cal
     if not enabled:
         yield lambda label: None
         return
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[label]}"), console=Console(stderr=True), transient=False)
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[label]}"),
+        console=Console(stderr=True),
+        transient=False,
+    )
     task = bar.add_task(description, total=total, label="")
     with bar:
         yield lambda label: bar.update(task, advance=1, label=label)
@@ -120,8 +133,13 @@ def _finite(value: Any) -> Any:
 def write_json(path: str, document: dict[str, Any]) -> None:
     """Write ``document`` in the shared envelope (schema, environment) as indented, strict JSON."""
     with open(path, "w", encoding="utf-8") as file:
-        json.dump(_finite({"schema": SCHEMA, "environment": environment(), **document}), file, indent=2,
-                  default=str, allow_nan=False)
+        json.dump(
+            _finite({"schema": SCHEMA, "environment": environment(), **document}),
+            file,
+            indent=2,
+            default=str,
+            allow_nan=False,
+        )
 
 
 def write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:

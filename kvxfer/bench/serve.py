@@ -48,8 +48,9 @@ class LoadSpec:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"LoadSpec.{name} must be an int >= 1, got {value!r}")
         if not 0 <= self.vocab_low < self.vocab_high:
-            raise ConfigError(f"LoadSpec vocab range must satisfy 0 <= low < high, got {self.vocab_low}, "
-                              f"{self.vocab_high}")
+            raise ConfigError(
+                f"LoadSpec vocab range must satisfy 0 <= low < high, got {self.vocab_low}, {self.vocab_high}"
+            )
         if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
             raise ConfigError(f"LoadSpec.timeout_s must be a finite number > 0, got {self.timeout_s!r}")
 
@@ -94,32 +95,49 @@ def prompts(spec: LoadSpec) -> list[list[int]]:
     return [row.tolist() for row in ids]
 
 
-def summarize(records: Sequence[RequestRecord], *, slo_ttft_s: float | None = None,
-              slo_itl_s: float | None = None) -> dict[str, Any]:
+def summarize(
+    records: Sequence[RequestRecord], *, slo_ttft_s: float | None = None, slo_itl_s: float | None = None
+) -> dict[str, Any]:
     """aiperf-style statistics of one load point (times in ms, rates per second)."""
     done = [r for r in records if r.ok]
-    summary: dict[str, Any] = {"requests": len(records), "completed": len(done),
-                               "errors": len(records) - len(done)}
+    summary: dict[str, Any] = {"requests": len(records), "completed": len(done), "errors": len(records) - len(done)}
     if not done:
         return summary
     begin = min(r.start for r in records)
     finish = max(r.end for r in done if r.end is not None)
     duration = max(finish - begin, 1e-9)
     itls = [r.itl_s for r in done if r.itl_s is not None]
-    for name, values in (("ttft_ms", [r.ttft_s for r in done]), ("itl_ms", itls),
-                         ("latency_ms", [r.latency_s for r in done])):
+    for name, values in (
+        ("ttft_ms", [r.ttft_s for r in done]),
+        ("itl_ms", itls),
+        ("latency_ms", [r.latency_s for r in done]),
+    ):
         if values:
             array = np.asarray(values) * 1e3
-            summary.update({f"{name}_avg": float(array.mean()), f"{name}_p50": float(np.percentile(array, 50)),
-                            f"{name}_p90": float(np.percentile(array, 90)),
-                            f"{name}_p99": float(np.percentile(array, 99))})
+            summary.update(
+                {
+                    f"{name}_avg": float(array.mean()),
+                    f"{name}_p50": float(np.percentile(array, 50)),
+                    f"{name}_p90": float(np.percentile(array, 90)),
+                    f"{name}_p99": float(np.percentile(array, 99)),
+                }
+            )
     output_tokens = sum(r.output_tokens for r in done)
-    summary.update({"duration_s": duration, "output_tokens": output_tokens,
-                    "output_tokens_per_s": output_tokens / duration, "requests_per_s": len(done) / duration,
-                    "tokens_per_s_per_user": float(np.mean([1.0 / x for x in itls if x > 0])) if itls else None})
-    good = [r for r in done
-            if (slo_ttft_s is None or r.ttft_s <= slo_ttft_s)
-            and (slo_itl_s is None or (r.itl_s is not None and r.itl_s <= slo_itl_s))]
+    summary.update(
+        {
+            "duration_s": duration,
+            "output_tokens": output_tokens,
+            "output_tokens_per_s": output_tokens / duration,
+            "requests_per_s": len(done) / duration,
+            "tokens_per_s_per_user": float(np.mean([1.0 / x for x in itls if x > 0])) if itls else None,
+        }
+    )
+    good = [
+        r
+        for r in done
+        if (slo_ttft_s is None or r.ttft_s <= slo_ttft_s)
+        and (slo_itl_s is None or (r.itl_s is not None and r.itl_s <= slo_itl_s))
+    ]
     summary["goodput_requests_per_s"] = len(good) / duration
     summary["slo_met_fraction"] = len(good) / len(done)
     timings = [r.server_timing for r in done if r.server_timing]
@@ -130,10 +148,18 @@ def summarize(records: Sequence[RequestRecord], *, slo_ttft_s: float | None = No
     return summary
 
 
-async def _one(client: Any, url: str, model: str, prompt: list[int], osl: int, timeout_s: float,
-               timing: bool) -> RequestRecord:
-    body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": osl, "stream": True,
-                            "temperature": 0.0, "ignore_eos": True, "stream_options": {"include_usage": True}}
+async def _one(
+    client: Any, url: str, model: str, prompt: list[int], osl: int, timeout_s: float, timing: bool
+) -> RequestRecord:
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": osl,
+        "stream": True,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     if timing:
         body["kvxfer"] = {"timing": True}
     record = RequestRecord(start=time.perf_counter())
@@ -187,20 +213,36 @@ async def _load(url: str, model: str, spec: LoadSpec, timing: bool) -> list[Requ
             for prompt in next_prompt:  # the shared iterator hands each prompt to exactly one user
                 records.append(await _one(client, url, model, prompt, spec.osl, spec.timeout_s, timing))
 
-        await asyncio.wait_for(asyncio.gather(*(user() for _ in range(spec.concurrency))),
-                               timeout=spec.timeout_s * (1 + spec.num_requests / spec.concurrency))
+        await asyncio.wait_for(
+            asyncio.gather(*(user() for _ in range(spec.concurrency))),
+            timeout=spec.timeout_s * (1 + spec.num_requests / spec.concurrency),
+        )
     return records
 
 
-def run(url: str, model: str, specs: Sequence[LoadSpec], *, slo_ttft_s: float | None = None,
-        slo_itl_s: float | None = None, warmup: int = 2, timing: bool = True) -> list[dict[str, Any]]:
+def run(
+    url: str,
+    model: str,
+    specs: Sequence[LoadSpec],
+    *,
+    slo_ttft_s: float | None = None,
+    slo_itl_s: float | None = None,
+    warmup: int = 2,
+    timing: bool = True,
+) -> list[dict[str, Any]]:
     """One row per load point: the spec and its :func:`summarize` statistics."""
     url = url.rstrip("/")
     rows = []
     for spec in specs:
         if warmup:
-            warm = LoadSpec(concurrency=1, num_requests=warmup, isl=spec.isl, osl=min(spec.osl, 8),
-                            seed=spec.seed + 10_000, timeout_s=spec.timeout_s)
+            warm = LoadSpec(
+                concurrency=1,
+                num_requests=warmup,
+                isl=spec.isl,
+                osl=min(spec.osl, 8),
+                seed=spec.seed + 10_000,
+                timeout_s=spec.timeout_s,
+            )
             asyncio.run(_load(url, model, warm, timing=False))
         records = asyncio.run(_load(url, model, spec, timing))
         row: dict[str, Any] = {"concurrency": spec.concurrency, "isl": spec.isl, "osl": spec.osl}

@@ -33,10 +33,35 @@ from .cases import Case, Pool, expand, sample_windows, use_device
 from .target import TargetLink, TargetRunner
 
 #: Keys of every sweep row, in table order (the JSON schema: tests pin it; add keys at the end only).
-ROW_KEYS = ("system", "backend", "peer", "initiator", "target", "op", "block_size", "batch_size", "threads",
-            "request_bytes", "gbps", "avg_lat_us", "median_us", "p99_us", "prep_avg_us", "prep_p99_us",
-            "post_avg_us", "post_p99_us", "completion_avg_us", "completion_p99_us", "path", "ceiling",
-            "ceiling_gbps", "ratio", "verified", "nixl_gbps", "vs_nixl")
+ROW_KEYS = (
+    "system",
+    "backend",
+    "peer",
+    "initiator",
+    "target",
+    "op",
+    "block_size",
+    "batch_size",
+    "threads",
+    "request_bytes",
+    "gbps",
+    "avg_lat_us",
+    "median_us",
+    "p99_us",
+    "prep_avg_us",
+    "prep_p99_us",
+    "post_avg_us",
+    "post_p99_us",
+    "completion_avg_us",
+    "completion_p99_us",
+    "path",
+    "ceiling",
+    "ceiling_gbps",
+    "ratio",
+    "verified",
+    "nixl_gbps",
+    "vs_nixl",
+)
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -65,8 +90,11 @@ class SweepConfig:
 
     def cases(self) -> list[Case]:
         """The grid, without cases over ``max_request`` bytes."""
-        return [c for c in expand(self.backends, self.memory, self.ops, self.sizes, self.batches, self.threads)
-                if c.nbytes <= self.max_request]
+        return [
+            c
+            for c in expand(self.backends, self.memory, self.ops, self.sizes, self.batches, self.threads)
+            if c.nbytes <= self.max_request
+        ]
 
 
 @dataclass
@@ -88,15 +116,23 @@ def empty_row() -> dict[str, Any]:
     return dict.fromkeys(ROW_KEYS)
 
 
-def timing_row(case: Case, prep: list[float], post: list[float], completion: list[float],
-               request: list[float]) -> dict[str, Any]:
+def timing_row(
+    case: Case, prep: list[float], post: list[float], completion: list[float], request: list[float]
+) -> dict[str, Any]:
     """The timing columns of a row from per-repetition seconds (shared by kvxfer and NIXL rows)."""
     median = float(np.median(request))
     row = empty_row()
-    row.update(op=case.op, block_size=case.fragment, batch_size=case.batch, threads=case.threads,
-               request_bytes=case.nbytes, gbps=case.nbytes / median / 1e9,
-               avg_lat_us=float(np.mean(request)) / case.batch * 1e6, median_us=median * 1e6,
-               p99_us=float(np.percentile(request, 99)) * 1e6)
+    row.update(
+        op=case.op,
+        block_size=case.fragment,
+        batch_size=case.batch,
+        threads=case.threads,
+        request_bytes=case.nbytes,
+        gbps=case.nbytes / median / 1e9,
+        avg_lat_us=float(np.mean(request)) / case.batch * 1e6,
+        median_us=median * 1e6,
+        p99_us=float(np.percentile(request, 99)) * 1e6,
+    )
     for name, values in (("prep", prep), ("post", post), ("completion", completion)):
         row[f"{name}_avg_us"], row[f"{name}_p99_us"] = _stats(values) if values else (None, None)
     return row
@@ -149,11 +185,15 @@ class _Initiator:
     def check_target(self, case: Case) -> None:
         region = self.link.regions.get(case.target)
         if region is None:
-            raise ConfigError(f"the target has no {case.target!r} memory: it offers {sorted(self.link.regions)}; "
-                              f"start it with --memory {case.target}")
+            raise ConfigError(
+                f"the target has no {case.target!r} memory: it offers {sorted(self.link.regions)}; "
+                f"start it with --memory {case.target}"
+            )
         if region["nbytes"] < case.nbytes:
-            raise ConfigError(f"the target's {case.target!r} pool has {region['nbytes']} bytes; case {case} needs "
-                              f"{case.nbytes}: start it with --nbytes {case.nbytes} or more")
+            raise ConfigError(
+                f"the target's {case.target!r} pool has {region['nbytes']} bytes; case {case} needs "
+                f"{case.nbytes}: start it with --nbytes {case.nbytes} or more"
+            )
 
     def measure(self, case: Case) -> dict[str, Any]:
         """One row: warm-up, repetitions, byte check."""
@@ -165,8 +205,11 @@ class _Initiator:
 
         def prepare(thread: int) -> tuple[Any, float]:
             start = time.perf_counter()
-            plan = agent.plan(Descs.from_ranges(local_region, local_offsets[thread], case.fragment), peer,
-                              Descs.from_ranges(remote_region, remote_offsets[thread], case.fragment))
+            plan = agent.plan(
+                Descs.from_ranges(local_region, local_offsets[thread], case.fragment),
+                peer,
+                Descs.from_ranges(remote_region, remote_offsets[thread], case.fragment),
+            )
             return plan, time.perf_counter() - start
 
         def transfer(plan: Any, barrier: threading.Barrier | None) -> tuple[float, float, float]:
@@ -195,10 +238,14 @@ class _Initiator:
                     requests.append(max(t[2] for t in times) - min(t[0] for t in times))
         row = timing_row(case, prep, posts, completions, requests)
         data_path = getattr(plans[0].backend, "data_path", None)
-        row.update(system="kvxfer", backend=case.backend, initiator=self.pools[case.initiator].label,
-                   target=self.link.regions[case.target]["label"],
-                   path=data_path(plans[0]) if callable(data_path) else case.backend,
-                   verified=self.verify(case, plans, local_offsets, remote_offsets) if config.verify else None)
+        row.update(
+            system="kvxfer",
+            backend=case.backend,
+            initiator=self.pools[case.initiator].label,
+            target=self.link.regions[case.target]["label"],
+            path=data_path(plans[0]) if callable(data_path) else case.backend,
+            verified=self.verify(case, plans, local_offsets, remote_offsets) if config.verify else None,
+        )
         return row
 
     def verify(self, case: Case, plans: list[Any], local: list[np.ndarray], remote: list[np.ndarray]) -> bool:
@@ -223,8 +270,9 @@ def run(config: SweepConfig, on_row: Callable[[Case, dict[str, Any]], None] | No
     """Measure every case of ``config``; ``on_row(case, row)`` after each (progress)."""
     result = SweepResult()
     cases = config.cases()
-    dropped = len(expand(config.backends, config.memory, config.ops, config.sizes, config.batches,
-                         config.threads)) - len(cases)
+    dropped = len(
+        expand(config.backends, config.memory, config.ops, config.sizes, config.batches, config.threads)
+    ) - len(cases)
     if dropped:
         result.notes.append(f"{dropped} case(s) over --max-request {config.max_request} bytes skipped")
     if not cases:
@@ -244,16 +292,24 @@ def run(config: SweepConfig, on_row: Callable[[Case, dict[str, Any]], None] | No
     return result
 
 
-def _run_backend(backend: str, cases: list[Case], config: SweepConfig, limits: Ceilings, local_peer: bool,
-                 on_row: Callable[[Case, dict[str, Any]], None] | None, notes: list[str]) -> list[dict[str, Any]]:
+def _run_backend(
+    backend: str,
+    cases: list[Case],
+    config: SweepConfig,
+    limits: Ceilings,
+    local_peer: bool,
+    on_row: Callable[[Case, dict[str, Any]], None] | None,
+    notes: list[str],
+) -> list[dict[str, Any]]:
     nbytes = max(c.nbytes for c in cases)
     runner = None
     if config.peer is None:
         runner = TargetRunner(backend, sorted({c.target for c in cases}), nbytes, config.target_gpu)
     rows = []
     try:
-        initiator = _Initiator(backend, sorted({c.initiator for c in cases}), nbytes, config,
-                               config.peer or runner.address)  # type: ignore[union-attr]
+        initiator = _Initiator(
+            backend, sorted({c.initiator for c in cases}), nbytes, config, config.peer or runner.address
+        )  # type: ignore[union-attr]
         try:
             for case in cases:
                 try:

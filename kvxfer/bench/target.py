@@ -40,7 +40,7 @@ def _pack(message: dict[str, Any]) -> bytes:
 def _unpack(payload: bytes) -> dict[str, Any] | None:
     if not payload.startswith(PREFIX):
         return None
-    message = msgpack.unpackb(payload[len(PREFIX):], raw=False)
+    message = msgpack.unpackb(payload[len(PREFIX) :], raw=False)
     return message if isinstance(message, dict) else None
 
 
@@ -51,9 +51,19 @@ class Target:
     tool started must not outlive it).
     """
 
-    def __init__(self, backend: str, kinds: Sequence[str], nbytes: int, *, device: int = 0,
-                 listen: str = "127.0.0.1:0", token: str | None = None, seed: int = 7,
-                 name: str = "kvxfer-bench-target", parent_pid: int | None = None) -> None:
+    def __init__(
+        self,
+        backend: str,
+        kinds: Sequence[str],
+        nbytes: int,
+        *,
+        device: int = 0,
+        listen: str = "127.0.0.1:0",
+        token: str | None = None,
+        seed: int = 7,
+        name: str = "kvxfer-bench-target",
+        parent_pid: int | None = None,
+    ) -> None:
         if not kinds:
             raise ConfigError("a target needs at least one memory kind, got none")
         use_device(kinds, device)
@@ -71,7 +81,7 @@ class Target:
 
     @property
     def address(self) -> str:
-        """"host:port" of the side channel."""
+        """ "host:port" of the side channel."""
         return str(self.agent.listen_address)
 
     def describe(self) -> str:
@@ -97,8 +107,12 @@ class Target:
             self.agent.notify(peer, _pack({"type": "ready", "regions": regions, "pid": os.getpid()}))
         elif kind == "digest":
             pool = self.pools[message["region"]]
-            self.agent.notify(sender, _pack({"type": "digest", "id": message["id"],
-                                             "digest": pool.digest(message["offsets"], message["width"])}))
+            self.agent.notify(
+                sender,
+                _pack(
+                    {"type": "digest", "id": message["id"], "digest": pool.digest(message["offsets"], message["width"])}
+                ),
+            )
         elif kind == "bye":
             if sender in self.agent.peers:
                 self.agent.disconnect(sender)
@@ -132,14 +146,25 @@ class TargetLink:
                 message = _unpack(note.payload)
                 if message and message.get("type") == kind and message.get("id") == request_id:
                     return message
-        raise PeerError(f"benchmark target {self.peer.name!r} sent no {kind!r} answer within {self.timeout} s",
-                        self.peer.name)
+        raise PeerError(
+            f"benchmark target {self.peer.name!r} sent no {kind!r} answer within {self.timeout} s", self.peer.name
+        )
 
     def digest(self, region: str, offsets: Sequence[int] | np.ndarray, width: int) -> str:
         """The target's blake2b of windows ``[offsets[i], +width)`` of its pool ``region``."""
         request_id = next(self._ids)
-        self.agent.notify(self.peer, _pack({"type": "digest", "id": request_id, "region": region,
-                                            "offsets": [int(o) for o in offsets], "width": int(width)}))
+        self.agent.notify(
+            self.peer,
+            _pack(
+                {
+                    "type": "digest",
+                    "id": request_id,
+                    "region": region,
+                    "offsets": [int(o) for o in offsets],
+                    "width": int(width),
+                }
+            ),
+        )
         return str(self._receive("digest", request_id)["digest"])
 
     def close(self, stop_target: bool) -> None:
@@ -153,8 +178,9 @@ class TargetLink:
 class TargetRunner:
     """A target this tool starts: a child process (`kvxfer-bench target`), or a thread for ``local``."""
 
-    def __init__(self, backend: str, kinds: Sequence[str], nbytes: int, device: int = 0,
-                 timeout: float = CONTROL_TIMEOUT) -> None:
+    def __init__(
+        self, backend: str, kinds: Sequence[str], nbytes: int, device: int = 0, timeout: float = CONTROL_TIMEOUT
+    ) -> None:
         self.process: subprocess.Popen | None = None
         self.target: Target | None = None
         self.thread: threading.Thread | None = None
@@ -164,12 +190,26 @@ class TargetRunner:
             self.thread.start()
             self.address = self.target.address
             return
-        command = [sys.executable, "-m", "kvxfer.bench.cli", "target", "--backend", backend, "--memory",
-                   ",".join(kinds), "--nbytes", str(nbytes), "--device", str(device), "--listen", "127.0.0.1:0",
-                   "--parent-pid", str(os.getpid())]
+        command = [
+            sys.executable,
+            "-m",
+            "kvxfer.bench.cli",
+            "target",
+            "--backend",
+            backend,
+            "--memory",
+            ",".join(kinds),
+            "--nbytes",
+            str(nbytes),
+            "--device",
+            str(device),
+            "--listen",
+            "127.0.0.1:0",
+            "--parent-pid",
+            str(os.getpid()),
+        ]
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root,
-                                                                         os.environ.get("PYTHONPATH")])))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
         self.address = self._read_address(timeout)
 
@@ -198,10 +238,13 @@ class TargetRunner:
             code = None
         self.close(timeout=5.0)
         if code is None:
-            raise PeerError(f"benchmark target process did not start listening within {timeout} s",
-                            "kvxfer-bench-target")
-        raise PeerError(f"benchmark target process exited with code {code} before listening; see its messages "
-                        "above", "kvxfer-bench-target")
+            raise PeerError(
+                f"benchmark target process did not start listening within {timeout} s", "kvxfer-bench-target"
+            )
+        raise PeerError(
+            f"benchmark target process exited with code {code} before listening; see its messages above",
+            "kvxfer-bench-target",
+        )
 
     def close(self, timeout: float = 30.0) -> None:
         """Wait for the target to exit after its ``exit`` message; kill it past ``timeout``."""

@@ -35,8 +35,14 @@ class AttentionBatch:
         return all(n == 1 for n in self.query_lens)
 
     @classmethod
-    def build(cls, block_tables: list[list[int]], query_lens: list[int], context_lens: list[int], block_size: int,
-              device: torch.device) -> AttentionBatch:
+    def build(
+        cls,
+        block_tables: list[list[int]],
+        query_lens: list[int],
+        context_lens: list[int],
+        block_size: int,
+        device: torch.device,
+    ) -> AttentionBatch:
         """Compute slots and padded tables from per-sequence block id lists (host ints)."""
         slots: list[int] = []
         for blocks, query_len, context_len in zip(block_tables, query_lens, context_lens, strict=True):
@@ -44,10 +50,13 @@ class AttentionBatch:
             slots.extend(blocks[p // block_size] * block_size + p % block_size for p in positions)
         width = max(len(blocks) for blocks in block_tables)
         padded = [blocks + [0] * (width - len(blocks)) for blocks in block_tables]
-        return cls(slots=torch.tensor(slots, dtype=torch.int64, device=device),
-                   block_tables=torch.tensor(padded, dtype=torch.int64, device=device),
-                   query_lens=list(query_lens), context_lens=list(context_lens),
-                   context_lens_tensor=torch.tensor(context_lens, dtype=torch.int64, device=device))
+        return cls(
+            slots=torch.tensor(slots, dtype=torch.int64, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int64, device=device),
+            query_lens=list(query_lens),
+            context_lens=list(context_lens),
+            context_lens_tensor=torch.tensor(context_lens, dtype=torch.int64, device=device),
+        )
 
 
 def _grouped(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -55,8 +64,9 @@ def _grouped(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return q.unflatten(-2, (num_kv_heads, q.shape[-2] // num_kv_heads))
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                     num_past: int = 0) -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, num_past: int = 0
+) -> torch.Tensor:
     """Attention of ``n`` queries at positions ``num_past .. num_past+n-1`` over keys ``0 .. t-1``, causally.
 
     q: [n, num_heads, D]; k, v: [t, num_kv_heads, D] with ``t = num_past + n``; any float dtype, one device.
@@ -71,8 +81,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return out.flatten(1, 2).to(q.dtype)
 
 
-def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: AttentionBatch,
-                    scale: float) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: AttentionBatch, scale: float
+) -> torch.Tensor:
     """Attention of a batch's new tokens over their sequences' cached tokens (the new tokens already written).
 
     q: [num_tokens, num_heads, D]. keys, values: [num_blocks, block_size, num_kv_heads, D] views of one layer of
@@ -86,13 +97,14 @@ def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, b
         blocks = batch.block_tables[index, :num_blocks]
         k = keys[blocks].flatten(0, 1)[:context_len]
         v = values[blocks].flatten(0, 1)[:context_len]
-        outputs.append(causal_attention(q[start:start + query_len], k, v, scale, context_len - query_len))
+        outputs.append(causal_attention(q[start : start + query_len], k, v, scale, context_len - query_len))
         start += query_len
     return torch.cat(outputs)
 
 
-def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: AttentionBatch,
-                      scale: float) -> torch.Tensor:
+def _decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: AttentionBatch, scale: float
+) -> torch.Tensor:
     """One query per sequence, sequences of different lengths: gather padded tables, mask past each length."""
     k = keys[batch.block_tables].flatten(1, 2)  # [b, max_blocks * block_size, kv_heads, D]
     v = values[batch.block_tables].flatten(1, 2)

@@ -25,7 +25,7 @@ def block_hashes(token_ids: Sequence[int], block_size: int, previous: bytes = _R
     hashes = []
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         digest = hashlib.blake2b(previous, digest_size=16)
-        digest.update(b",".join(str(int(t)).encode() for t in token_ids[start:start + block_size]))
+        digest.update(b",".join(str(int(t)).encode() for t in token_ids[start : start + block_size]))
         previous = digest.digest()
         hashes.append(previous)
     return hashes
@@ -77,7 +77,7 @@ class BlockManager:
             return []
         limit = len(token_ids) if max_tokens is None else min(max_tokens, len(token_ids))
         matched = []
-        for digest in block_hashes(token_ids[:limit - limit % self.block_size], self.block_size):
+        for digest in block_hashes(token_ids[: limit - limit % self.block_size], self.block_size):
             block = self._by_hash.get(digest)
             if block is None:
                 break
@@ -93,9 +93,12 @@ class BlockManager:
         revived = sum(1 for block in prefix if self._refs[block] == 0)
         available = self.num_free - revived
         if num_blocks > available:
-            raise OutOfBlocksError(f"KV cache: need {num_blocks} free blocks, {available} available "
-                                   f"({self.num_blocks} in all, {self.num_blocks - self.num_free} in use)",
-                                   needed=num_blocks, available=available)
+            raise OutOfBlocksError(
+                f"KV cache: need {num_blocks} free blocks, {available} available "
+                f"({self.num_blocks} in all, {self.num_blocks - self.num_free} in use)",
+                needed=num_blocks,
+                available=available,
+            )
         for block in prefix:
             if self._refs[block] == 0:
                 del self._cached[block]
@@ -132,7 +135,7 @@ class BlockManager:
             first -= 1
         previous = self._hash[block_ids[first - 1]] if first else _ROOT
         assert previous is not None  # the loop above stopped at a hashed block (or the root)
-        tokens = token_ids[first * self.block_size:num_full * self.block_size]
+        tokens = token_ids[first * self.block_size : num_full * self.block_size]
         for index, digest in enumerate(block_hashes(tokens, self.block_size, previous), start=first):
             block = block_ids[index]
             self._hash[block] = digest

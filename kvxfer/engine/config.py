@@ -49,20 +49,30 @@ class ModelConfig:
     name: str = ""
 
     def __post_init__(self) -> None:
-        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                      "max_position"):
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "max_position",
+        ):
             _positive("ModelConfig", field, getattr(self, field))
         if self.head_dim == 0:
             if self.hidden_size % self.num_heads:
-                raise ConfigError(f"ModelConfig.hidden_size={self.hidden_size} must be a multiple of "
-                                  f"num_heads={self.num_heads} when head_dim is not given")
+                raise ConfigError(
+                    f"ModelConfig.hidden_size={self.hidden_size} must be a multiple of "
+                    f"num_heads={self.num_heads} when head_dim is not given"
+                )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         _positive("ModelConfig", "head_dim", self.head_dim)
         if self.head_dim % 2:
             raise ConfigError(f"ModelConfig.head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
-                              f"num_kv_heads={self.num_kv_heads}")
+            raise ConfigError(
+                f"ModelConfig.num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
         if self.dtype not in TORCH_DTYPES:
             raise ConfigError(f"ModelConfig.dtype must be one of {sorted(TORCH_DTYPES)}, got {self.dtype!r}")
         if self.rope_scaling is not None and len(self.rope_scaling) != len(LLAMA3_ROPE_KEYS):
@@ -100,14 +110,24 @@ class ModelConfig:
             rope.update(dict(zip(LLAMA3_ROPE_KEYS, self.rope_scaling, strict=True)), rope_type="llama3")
         eos = list(self.eos_token_ids)
         return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim, "hidden_act": "silu",
-            "max_position_embeddings": self.max_position, "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta, "rope_parameters": rope,
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": rope,
             "rope_scaling": None if self.rope_scaling is None else dict(rope),
-            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": False, "mlp_bias": False,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": False,
+            "mlp_bias": False,
             "eos_token_id": (eos[0] if len(eos) == 1 else eos) if eos else None,
             "torch_dtype": self.dtype,
         }
@@ -115,11 +135,18 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], *, name: str = "", dtype: str | None = None) -> ModelConfig:
         """Read a Llama config.json dict. Unsupported features (biases, other rope types) raise ConfigError."""
-        if hf.get("model_type", "llama") not in ("llama", "mistral") or hf.get("attention_bias") \
-                or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu" or hf.get("sliding_window"):
-            raise ConfigError(f"config.json: expected a bias-free SiLU Llama model without sliding window, got "
-                              f"model_type={hf.get('model_type')!r} attention_bias={hf.get('attention_bias')!r} "
-                              f"hidden_act={hf.get('hidden_act')!r} sliding_window={hf.get('sliding_window')!r}")
+        if (
+            hf.get("model_type", "llama") not in ("llama", "mistral")
+            or hf.get("attention_bias")
+            or hf.get("mlp_bias")
+            or hf.get("hidden_act", "silu") != "silu"
+            or hf.get("sliding_window")
+        ):
+            raise ConfigError(
+                f"config.json: expected a bias-free SiLU Llama model without sliding window, got "
+                f"model_type={hf.get('model_type')!r} attention_bias={hf.get('attention_bias')!r} "
+                f"hidden_act={hf.get('hidden_act')!r} sliding_window={hf.get('sliding_window')!r}"
+            )
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
         kind = rope.get("rope_type", rope.get("type", "default"))
@@ -130,23 +157,49 @@ class ModelConfig:
         eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
         heads = int(hf["num_attention_heads"])
         return cls(
-            vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
-            intermediate_size=int(hf["intermediate_size"]), num_layers=int(hf["num_hidden_layers"]),
-            num_heads=heads, num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(hf.get("head_dim") or 0), rope_theta=theta, rope_scaling=scaling,  # type: ignore[arg-type]
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or 0),
+            rope_theta=theta,
+            rope_scaling=scaling,  # type: ignore[arg-type]
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
             max_position=int(hf.get("max_position_embeddings", 8192)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), eos_token_ids=eos_ids,
-            dtype=dtype or str(hf.get("torch_dtype") or hf.get("dtype") or "float32"), name=name)
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            eos_token_ids=eos_ids,
+            dtype=dtype or str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
+            name=name,
+        )
 
 
 PRESETS = {
-    "tiny": ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
-                        num_kv_heads=2, max_position=2048, name="kvxfer-tiny"),
+    "tiny": ModelConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position=2048,
+        name="kvxfer-tiny",
+    ),
     # ~108M parameters, head_dim 128 like Llama-3 (so KV fragments have realistic sizes); bfloat16 on GPUs.
-    "small": ModelConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2048, num_layers=8, num_heads=8,
-                         num_kv_heads=4, max_position=16384, tie_word_embeddings=True, dtype="bfloat16",
-                         rope_theta=500000.0, name="kvxfer-small"),
+    "small": ModelConfig(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2048,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=4,
+        max_position=16384,
+        tie_word_embeddings=True,
+        dtype="bfloat16",
+        rope_theta=500000.0,
+        name="kvxfer-small",
+    ),
 }
 
 

@@ -83,8 +83,10 @@ class Connector:
         size = len(infos)
         for index, info in enumerate(infos):
             if info.role != role or info.spec.tp_rank != index or info.spec.tp_size != size:
-                raise ConfigError(f"{self.role} connector: entry {index} must be the {role} rank {index} of {size}, "
-                                  f"got role {info.role!r} rank {info.spec.tp_rank} of {info.spec.tp_size}")
+                raise ConfigError(
+                    f"{self.role} connector: entry {index} must be the {role} rank {index} of {size}, "
+                    f"got role {info.role!r} rank {info.spec.tp_rank} of {info.spec.tp_size}"
+                )
             check_compatible(self.spec, info.spec)  # model, dtype, heads, layers: before any byte moves
         for info in infos:
             if self._connected.get(info.agent_name) != info.metadata:
@@ -104,8 +106,9 @@ class Connector:
         try:
             return self._groups[name]
         except KeyError:
-            raise ConfigError(f"{self.role} connector: unknown peer group {name!r}; connected: "
-                              f"{sorted(self._groups)}") from None
+            raise ConfigError(
+                f"{self.role} connector: unknown peer group {name!r}; connected: {sorted(self._groups)}"
+            ) from None
 
     # ---- agreement across the TP group -------------------------------------------------------------------------
 
@@ -140,8 +143,9 @@ class Connector:
         self._note(peer, "expired", [message.key])
 
     def _on_push_outcome(self, peer: str, message: PushOutcome) -> None:
-        self._note(peer, "pushed" if message.ok else "push-failed",
-                   [message.request_id, message.token, message.token_time])
+        self._note(
+            peer, "pushed" if message.ok else "push-failed", [message.request_id, message.token, message.token_time]
+        )
 
     def _note(self, peer: str, verb: str, fields: list[Any]) -> None:
         logger.warning("%s connector %s: unexpected note %r from %s", self.role, self.agent.name, verb, peer)

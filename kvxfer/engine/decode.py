@@ -38,7 +38,7 @@ class Reservation:
     @property
     def fill_block_ids(self) -> tuple[int, ...]:
         """The blocks a connector must fill (for prompt tokens ``num_cached_tokens`` onwards)."""
-        return self.block_ids[self.num_cached_tokens // self.block_size:]
+        return self.block_ids[self.num_cached_tokens // self.block_size :]
 
 
 class DecodeEngine:
@@ -48,8 +48,14 @@ class DecodeEngine:
     running requests, ``max_num_batched_tokens`` the prompt tokens of one prefill step (longer prompts are chunked).
     """
 
-    def __init__(self, model: Model, cache_config: CacheConfig | None = None, *, max_batch_size: int = 64,
-                 max_num_batched_tokens: int = 4096) -> None:
+    def __init__(
+        self,
+        model: Model,
+        cache_config: CacheConfig | None = None,
+        *,
+        max_batch_size: int = 64,
+        max_num_batched_tokens: int = 4096,
+    ) -> None:
         self.runner = ModelRunner(model, cache_config or CacheConfig())
         self.max_batch_size, self.max_num_batched_tokens = max_batch_size, max_num_batched_tokens
         self._waiting: deque[Sequence] = deque()
@@ -164,8 +170,10 @@ class DecodeEngine:
         if decoding:
             work = self._schedule_decode()
         if not work and self._waiting and not self._running and not self._reserved:
-            raise OutOfBlocksError(f"DecodeEngine: {len(self._waiting)} waiting request(s) fit in no free blocks "
-                                   f"({self.num_free_blocks} free)")
+            raise OutOfBlocksError(
+                f"DecodeEngine: {len(self._waiting)} waiting request(s) fit in no free blocks "
+                f"({self.num_free_blocks} free)"
+            )
         began = time.perf_counter()
         sampled = self.runner.step(work) if work else []
         if decoding and work:
@@ -232,8 +240,10 @@ class DecodeEngine:
         outputs: list[RequestOutput] = []
         while self.has_unfinished:
             if time.monotonic() > deadline:
-                raise EngineTimeoutError(f"DecodeEngine.run: {len(self._waiting) + len(self._running)} request(s) "
-                                         f"unfinished after timeout_s={timeout_s}")
+                raise EngineTimeoutError(
+                    f"DecodeEngine.run: {len(self._waiting) + len(self._running)} request(s) "
+                    f"unfinished after timeout_s={timeout_s}"
+                )
             outputs.extend(self.step())
         return outputs
 

@@ -70,8 +70,16 @@ class DecodeConnector(Connector):
 
     role = "decode"
 
-    def __init__(self, engine: DecodeEngine, agent: Agent, *, region: str = "kv", strategy: str = "auto",
-                 timeout: float = 60.0, verify: bool = False) -> None:
+    def __init__(
+        self,
+        engine: DecodeEngine,
+        agent: Agent,
+        *,
+        region: str = "kv",
+        strategy: str = "auto",
+        timeout: float = 60.0,
+        verify: bool = False,
+    ) -> None:
         if not timeout > 0:
             raise ConfigError(f"DecodeConnector: timeout must be > 0, got {timeout}")
         super().__init__(engine, agent, region)
@@ -86,8 +94,14 @@ class DecodeConnector(Connector):
         name = self._connect_group(prefill, "prefill")
         if name not in self._pipes:
             group = self.group(name)
-            self._pipes[name] = KVPipe(self.agent, self.spec, [i.agent_name for i in group],
-                                       [i.spec for i in group], local_region=self.region_name, strategy=self.strategy)
+            self._pipes[name] = KVPipe(
+                self.agent,
+                self.spec,
+                [i.agent_name for i in group],
+                [i.spec for i in group],
+                local_region=self.region_name,
+                strategy=self.strategy,
+            )
         return name
 
     def pipe(self, prefill: str) -> KVPipe:
@@ -111,8 +125,10 @@ class DecodeConnector(Connector):
         group, pipe = self.group(name), self.pipe(name)
         size = group[0].spec.block_size
         if len(ready.block_ids) != -(-len(ready.request.prompt_token_ids) // size):
-            raise ConfigError(f"KVReady {ready.request.request_id!r}: {len(ready.block_ids)} prefill blocks for "
-                              f"{len(ready.request.prompt_token_ids)} tokens in blocks of {size}")
+            raise ConfigError(
+                f"KVReady {ready.request.request_id!r}: {len(ready.block_ids)} prefill blocks for "
+                f"{len(ready.request.prompt_token_ids)} tokens in blocks of {size}"
+            )
         pending = self._reserve(ready.request, size)
         pending.first_token, pending.lease_key = ready.first_token, ready.lease_for(self.tp.rank)
         self._pending[ready.request.request_id] = pending
@@ -123,10 +139,15 @@ class DecodeConnector(Connector):
             return pending.reservation
         try:
             expected = self._expected(ready, pending.start, size) if self.verify else None
-            pending.handle = pipe.pull(pending.local_block_ids, ready.block_ids[pending.start // size:],
-                                       num_tokens=len(ready.request.prompt_token_ids) - pending.start,
-                                       lease=pending.lease_key, renew_every=ready.lease_ttl / 4, timeout=self.timeout,
-                                       expected=expected)
+            pending.handle = pipe.pull(
+                pending.local_block_ids,
+                ready.block_ids[pending.start // size :],
+                num_tokens=len(ready.request.prompt_token_ids) - pending.start,
+                lease=pending.lease_key,
+                renew_every=ready.lease_ttl / 4,
+                timeout=self.timeout,
+                expected=expected,
+            )
         except KvxferError as error:
             pending.error = f"{type(error).__name__}: {error}"
             leases = Leases.of(self.agent)  # tell the prefill ranks now rather than let the lease run out
@@ -139,16 +160,20 @@ class DecodeConnector(Connector):
         """The prefill ranks' checksums of the tokens pulled (``start`` onwards, a multiple of their block size
         ``size``): the units before ``start`` are dropped."""
         if ready.checksums is None:
-            raise TransferError(f"KVReady {ready.request.request_id!r} carries no checksums and this decode "
-                                "connector verifies (give the PrefillConnector verify=True)")
+            raise TransferError(
+                f"KVReady {ready.request.request_id!r} carries no checksums and this decode "
+                "connector verifies (give the PrefillConnector verify=True)"
+            )
         expected = {}
         for agent, data in zip(ready.prefill_agents, ready.checksums, strict=True):
             sums = Checksums.decode(data)
             if sums.unit_tokens != size or sums.num_tokens != len(ready.request.prompt_token_ids):
-                raise TransferError(f"KVReady {ready.request.request_id!r}: checksums of {agent} cover "
-                                    f"{sums.num_tokens} tokens in units of {sums.unit_tokens}, expected "
-                                    f"{len(ready.request.prompt_token_ids)} in units of {size}")
-            expected[agent] = Checksums(sums.values[start // size:], size, sums.first_head, sums.num_tokens - start)
+                raise TransferError(
+                    f"KVReady {ready.request.request_id!r}: checksums of {agent} cover "
+                    f"{sums.num_tokens} tokens in units of {sums.unit_tokens}, expected "
+                    f"{len(ready.request.prompt_token_ids)} in units of {size}"
+                )
+            expected[agent] = Checksums(sums.values[start // size :], size, sums.first_head, sums.num_tokens - start)
         return expected
 
     # ---- push mode ---------------------------------------------------------------------------------------------
@@ -161,8 +186,9 @@ class DecodeConnector(Connector):
         group = self.group(prefill)
         pending = self._reserve(request, group[0].spec.block_size)
         mine = group_specs(self.spec, self.tp.size)
-        pending.sources = {info.agent_name for info in group
-                           if self.tp.rank in routes_of(info.spec, mine, every_replica=True)}
+        pending.sources = {
+            info.agent_name for info in group if self.tp.rank in routes_of(info.spec, mine, every_replica=True)
+        }
         self._pending[request.request_id] = pending
         return KVWanted(request, tuple(pending.local_block_ids), pending.start, self.group_agents)
 
@@ -205,8 +231,9 @@ class DecodeConnector(Connector):
 
     def _block(self, deadline: float) -> None:
         """Sleep until a pending pull may have progressed (its handle blocks on the copy), at most 1 ms."""
-        handle = next((p.handle for p in self._pending.values() if p.handle is not None and not p.handle.state.final),
-                      None)
+        handle = next(
+            (p.handle for p in self._pending.values() if p.handle is not None and not p.handle.state.final), None
+        )
         seconds = max(min(deadline - time.monotonic(), 1e-3), 0.0)
         if handle is None:
             time.sleep(min(seconds, 2e-4))
@@ -286,8 +313,15 @@ class DecodeConnector(Connector):
             self._expired.pop(pending.lease_key, None)  # type: ignore[arg-type]
         error = None if ok else pending.error or "another rank of the decode group failed"
         transferred = len(pending.request.prompt_token_ids) - pending.start
-        return Admission(request_id, ok, error, pending.reservation.num_cached_tokens, pending.start, transferred,
-                         (pending.ended or time.monotonic()) - pending.began)
+        return Admission(
+            request_id,
+            ok,
+            error,
+            pending.reservation.num_cached_tokens,
+            pending.start,
+            transferred,
+            (pending.ended or time.monotonic()) - pending.began,
+        )
 
     # ---- notes -------------------------------------------------------------------------------------------------
 

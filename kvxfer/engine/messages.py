@@ -93,19 +93,24 @@ class _Message:
         """Parse :meth:`encode`'s bytes (HandshakeError when they are not a valid message of this kind)."""
         size = len(data) if isinstance(data, (bytes, bytearray)) else None
         if size is None or size > MAX_MESSAGE_NBYTES:
-            raise HandshakeError(f"{cls.KIND}: expected bytes of at most {MAX_MESSAGE_NBYTES}, got "
-                                 f"{type(data).__name__} of {size} bytes")
+            raise HandshakeError(
+                f"{cls.KIND}: expected bytes of at most {MAX_MESSAGE_NBYTES}, got {type(data).__name__} of {size} bytes"
+            )
         try:
             kind, version, body = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
         except Exception as error:
             raise HandshakeError(f"{cls.KIND}: undecodable message: {error}") from error
         if kind != cls.KIND or version != FORMAT_VERSION or not isinstance(body, dict):
-            raise HandshakeError(f"{cls.KIND}: expected a {cls.KIND!r} message of version {FORMAT_VERSION}, got "
-                                 f"{kind!r} version {version!r}")
+            raise HandshakeError(
+                f"{cls.KIND}: expected a {cls.KIND!r} message of version {FORMAT_VERSION}, got "
+                f"{kind!r} version {version!r}"
+            )
         names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
         if not set(names) - cls._OPTIONAL <= set(body) <= set(names):
-            raise HandshakeError(f"{cls.KIND}: fields must be {sorted(names)} (optional: {sorted(cls._OPTIONAL)}), "
-                                 f"got {sorted(map(str, body))}")
+            raise HandshakeError(
+                f"{cls.KIND}: fields must be {sorted(names)} (optional: {sorted(cls._OPTIONAL)}), "
+                f"got {sorted(map(str, body))}"
+            )
         values = {}
         for field in dataclasses.fields(cls):  # type: ignore[arg-type]
             if field.name not in body:
@@ -127,6 +132,7 @@ def _int_tuple(name: str) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, int) and v >= 0 for v in value):
             raise HandshakeError(f"message: {name} must be a list of ints >= 0")
         return tuple(value)
+
     return convert
 
 
@@ -143,6 +149,7 @@ def _str_tuple(name: str) -> Any:
         if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
             raise HandshakeError(f"message: {name} must be a non-empty list of non-empty strings")
         return tuple(value)
+
     return convert
 
 
@@ -162,8 +169,10 @@ class RankInfo(_Message):
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode") or not isinstance(self.metadata, bytes):
-            raise HandshakeError(f"RankInfo: role must be 'prefill' or 'decode' and metadata bytes, got "
-                                 f"{self.role!r} and {type(self.metadata).__name__}")
+            raise HandshakeError(
+                f"RankInfo: role must be 'prefill' or 'decode' and metadata bytes, got "
+                f"{self.role!r} and {type(self.metadata).__name__}"
+            )
 
 
 @dataclass(frozen=True)
@@ -179,9 +188,12 @@ class KVReady(_Message):
 
     KIND: ClassVar[str] = "kvxfer-kv-ready"
     _TO_WIRE: ClassVar[dict[str, Any]] = {"request": request_to_wire}
-    _FROM_WIRE: ClassVar[dict[str, Any]] = {"request": request_from_wire, "block_ids": _int_tuple("block_ids"),
-                                            "prefill_agents": _str_tuple("prefill_agents"),
-                                            "checksums": _checksum_tuple}
+    _FROM_WIRE: ClassVar[dict[str, Any]] = {
+        "request": request_from_wire,
+        "block_ids": _int_tuple("block_ids"),
+        "prefill_agents": _str_tuple("prefill_agents"),
+        "checksums": _checksum_tuple,
+    }
     _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"checksums"})
 
     request: Request
@@ -196,14 +208,20 @@ class KVReady(_Message):
     checksums: tuple[bytes, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.checksums is not None and (not isinstance(self.checksums, tuple)
-                                           or len(self.checksums) != len(self.prefill_agents)
-                                           or not all(isinstance(c, bytes) for c in self.checksums)):
-            raise HandshakeError(f"KVReady: checksums must be None or a tuple of bytes per prefill rank "
-                                 f"({len(self.prefill_agents)}), got {self.checksums!r:.80}")
+        if self.checksums is not None and (
+            not isinstance(self.checksums, tuple)
+            or len(self.checksums) != len(self.prefill_agents)
+            or not all(isinstance(c, bytes) for c in self.checksums)
+        ):
+            raise HandshakeError(
+                f"KVReady: checksums must be None or a tuple of bytes per prefill rank "
+                f"({len(self.prefill_agents)}), got {self.checksums!r:.80}"
+            )
         if not isinstance(self.lease_key, bytes) or not self.lease_key or not self.lease_ttl > 0:
-            raise HandshakeError(f"KVReady: lease_key must be non-empty bytes and lease_ttl > 0, got "
-                                 f"{self.lease_key!r}, {self.lease_ttl!r}")
+            raise HandshakeError(
+                f"KVReady: lease_key must be non-empty bytes and lease_ttl > 0, got "
+                f"{self.lease_key!r}, {self.lease_ttl!r}"
+            )
         prompt = len(self.request.prompt_token_ids)
         if not self.block_ids or len(self.block_ids) > prompt:
             raise HandshakeError(f"KVReady: {len(self.block_ids)} block ids for a prompt of {prompt} tokens")
@@ -221,8 +239,11 @@ class KVWanted(_Message):
 
     KIND: ClassVar[str] = "kvxfer-kv-wanted"
     _TO_WIRE: ClassVar[dict[str, Any]] = {"request": request_to_wire}
-    _FROM_WIRE: ClassVar[dict[str, Any]] = {"request": request_from_wire, "block_ids": _int_tuple("block_ids"),
-                                            "decode_agents": _str_tuple("decode_agents")}
+    _FROM_WIRE: ClassVar[dict[str, Any]] = {
+        "request": request_from_wire,
+        "block_ids": _int_tuple("block_ids"),
+        "decode_agents": _str_tuple("decode_agents"),
+    }
 
     request: Request
     block_ids: tuple[int, ...]
@@ -232,8 +253,10 @@ class KVWanted(_Message):
     def __post_init__(self) -> None:
         prompt = len(self.request.prompt_token_ids)
         if not isinstance(self.start_token, int) or not 0 <= self.start_token < prompt or not self.block_ids:
-            raise HandshakeError(f"KVWanted: start_token must lie in [0, {prompt}) with blocks to fill, got "
-                                 f"{self.start_token!r} and {len(self.block_ids)} blocks")
+            raise HandshakeError(
+                f"KVWanted: start_token must lie in [0, {prompt}) with blocks to fill, got "
+                f"{self.start_token!r} and {len(self.block_ids)} blocks"
+            )
 
 
 def lease_key_for(base: bytes, decode_rank: int) -> bytes:

@@ -96,14 +96,20 @@ class Attention(nn.Module):
         self.v_proj = _linear(self.num_kv_heads * dim, config.hidden_size, dtype)
         self.o_proj = _linear(config.hidden_size, self.num_heads * dim, dtype)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, cache: KVCache | None,
-                batch: AttentionBatch | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: Rotary,
+        cache: KVCache | None,
+        batch: AttentionBatch | None,
+    ) -> torch.Tensor:
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k)
-        scale = self.head_dim ** -0.5
+        scale = self.head_dim**-0.5
         if cache is None or batch is None:
             out = causal_attention(q, k, v, scale)
         else:
@@ -164,16 +170,28 @@ class Model(nn.Module):
         return cast(DecoderLayer, self.layers[0]).self_attn.num_kv_heads
 
     @classmethod
-    def from_weights(cls, config: ModelConfig, weights: WeightStore, tp: TensorParallel | None = None,
-                     device: torch.device | str = "cpu") -> Model:
+    def from_weights(
+        cls,
+        config: ModelConfig,
+        weights: WeightStore,
+        tp: TensorParallel | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Model:
         """Build and load this rank's shard of ``weights`` (HF names)."""
         model = cls(config, tp, device)
         tp = model.tp
         q_rows = [h * config.head_dim for h in tp.split(config.num_heads, "num_heads")]
         kv_rows = [h * config.head_dim for h in tp.kv_head_range(config.num_kv_heads)]
         mlp_rows = list(tp.split(config.intermediate_size, "intermediate_size"))
-        shards = {"q_proj": (0, q_rows), "k_proj": (0, kv_rows), "v_proj": (0, kv_rows), "o_proj": (1, q_rows),
-                  "gate_proj": (0, mlp_rows), "up_proj": (0, mlp_rows), "down_proj": (1, mlp_rows)}
+        shards = {
+            "q_proj": (0, q_rows),
+            "k_proj": (0, kv_rows),
+            "v_proj": (0, kv_rows),
+            "o_proj": (1, q_rows),
+            "gate_proj": (0, mlp_rows),
+            "up_proj": (0, mlp_rows),
+            "down_proj": (1, mlp_rows),
+        }
         for name, parameter in model.named_parameters():
             hf_name = name if name.startswith("lm_head") else "model." + name
             if hf_name == "lm_head.weight" and config.tie_word_embeddings:
@@ -181,19 +199,28 @@ class Model(nn.Module):
             dim, (start, end) = shards.get(name.split(".")[-2], (None, (0, None)))
             tensor = weights.get(hf_name, dim, start, end) if dim is not None else weights.get(hf_name)
             if tuple(tensor.shape) != tuple(parameter.shape):
-                raise ConfigError(f"weights[{hf_name!r}]: expected shape {tuple(parameter.shape)} for this rank, "
-                                  f"got {tuple(tensor.shape)}")
+                raise ConfigError(
+                    f"weights[{hf_name!r}]: expected shape {tuple(parameter.shape)} for this rank, "
+                    f"got {tuple(tensor.shape)}"
+                )
             parameter.copy_(tensor.to(parameter.dtype))
         return model
 
     @classmethod
-    def random(cls, config: ModelConfig, seed: int = 0, tp: TensorParallel | None = None,
-               device: torch.device | str = "cpu") -> Model:
+    def random(
+        cls, config: ModelConfig, seed: int = 0, tp: TensorParallel | None = None, device: torch.device | str = "cpu"
+    ) -> Model:
         """Seeded random weights (:func:`random_weights`); every rank with the same seed holds one model's shards."""
         return cls.from_weights(config, WeightStore(random_weights(config, seed)), tp, device)
 
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                batch: AttentionBatch | None = None, on_layer_done: LayerCallback | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        batch: AttentionBatch | None = None,
+        on_layer_done: LayerCallback | None = None,
+    ) -> torch.Tensor:
         """Final hidden states [n, hidden] of ``n`` tokens (token_ids, positions: int64[n] on the model's device).
 
         With ``cache`` and ``batch`` the tokens' K/V are written into the paged cache and attention reads it;
@@ -224,15 +251,22 @@ class Model(nn.Module):
         """This model's weights by HF name (TP size 1 only): what :func:`save_hf` writes."""
         if self.tp.size != 1:
             raise ConfigError(f"Model.hf_weights: needs the full model (tp size 1), got tp size {self.tp.size}")
-        weights = {("" if name.startswith("lm_head") else "model.") + name: p.detach().clone()
-                   for name, p in self.named_parameters()}
+        weights = {
+            ("" if name.startswith("lm_head") else "model.") + name: p.detach().clone()
+            for name, p in self.named_parameters()
+        }
         if self.config.tie_word_embeddings:
             del weights["lm_head.weight"]
         return weights
 
 
-def load_hf(directory: str | os.PathLike, *, tp: TensorParallel | None = None, device: torch.device | str = "cpu",
-            dtype: str | None = None) -> Model:
+def load_hf(
+    directory: str | os.PathLike,
+    *,
+    tp: TensorParallel | None = None,
+    device: torch.device | str = "cpu",
+    dtype: str | None = None,
+) -> Model:
     """Load a local HF-style Llama directory (config.json + *.safetensors); each rank reads only its shard."""
     config = read_config(directory, dtype=dtype)
     return Model.from_weights(config, WeightStore(directory=directory), tp, device)

@@ -41,8 +41,10 @@ class TensorParallel:
         if num_kv_heads >= self.size:
             return self.split(num_kv_heads, "num_kv_heads")
         if self.size % num_kv_heads:
-            raise ConfigError(f"tensor parallel size {self.size} > num_kv_heads={num_kv_heads} must be a multiple "
-                              f"of it (each KV head is replicated on size/num_kv_heads ranks)")
+            raise ConfigError(
+                f"tensor parallel size {self.size} > num_kv_heads={num_kv_heads} must be a multiple "
+                f"of it (each KV head is replicated on size/num_kv_heads ranks)"
+            )
         head = self.rank // (self.size // num_kv_heads)
         return head, head + 1
 
@@ -53,8 +55,9 @@ class TensorParallel:
         return tensor
 
 
-def init_tensor_parallel(rank: int, size: int, init_method: str, *, backend: str | None = None,
-                         timeout_s: float = 120.0) -> TensorParallel:
+def init_tensor_parallel(
+    rank: int, size: int, init_method: str, *, backend: str | None = None, timeout_s: float = 120.0
+) -> TensorParallel:
     """Join a new default process group (gloo on CPU, NCCL when CUDA is available) and describe this rank.
 
     ``init_method`` is a torch.distributed URL ("tcp://127.0.0.1:29500", "file:///tmp/store"). Prefill and decode
@@ -64,6 +67,7 @@ def init_tensor_parallel(rank: int, size: int, init_method: str, *, backend: str
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend, init_method=init_method, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=timeout_s)
+    )
     return TensorParallel(rank=rank, size=size)

@@ -68,13 +68,21 @@ class PrefillEngine:
         """Requests whose blocks are held (prefilled, not yet released)."""
         return list(self._held)
 
-    def prefill(self, request: Request, on_layer_done: LayerCallback | None = None,
-                on_allocated: AllocationCallback | None = None) -> PrefillResult:
+    def prefill(
+        self,
+        request: Request,
+        on_layer_done: LayerCallback | None = None,
+        on_allocated: AllocationCallback | None = None,
+    ) -> PrefillResult:
         """Compute one prompt (reusing cached prefix blocks); see :meth:`prefill_batch`."""
         return self.prefill_batch([request], on_layer_done, on_allocated)[0]
 
-    def prefill_batch(self, requests: list[Request], on_layer_done: LayerCallback | None = None,
-                      on_allocated: AllocationCallback | None = None) -> list[PrefillResult]:
+    def prefill_batch(
+        self,
+        requests: list[Request],
+        on_layer_done: LayerCallback | None = None,
+        on_allocated: AllocationCallback | None = None,
+    ) -> list[PrefillResult]:
         """Compute several prompts in shared forward passes; their blocks are held until :meth:`release`.
 
         ``on_layer_done(layer)`` is called, in layer order, during the last forward pass: when it is called for
@@ -108,19 +116,25 @@ class PrefillEngine:
         results = []
         for seq in seqs:
             self._held[seq.request_id] = seq
-            results.append(PrefillResult(
-                request_id=seq.request_id, first_token=seq.token_ids[-1], block_ids=tuple(seq.block_ids),
-                num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
-                num_computed_tokens=seq.num_computed_tokens, first_token_time=seq.token_times[-1],
-                prefill_s=elapsed))
+            results.append(
+                PrefillResult(
+                    request_id=seq.request_id,
+                    first_token=seq.token_ids[-1],
+                    block_ids=tuple(seq.block_ids),
+                    num_prompt_tokens=seq.num_prompt_tokens,
+                    num_cached_tokens=seq.num_cached_tokens,
+                    num_computed_tokens=seq.num_computed_tokens,
+                    first_token_time=seq.token_times[-1],
+                    prefill_s=elapsed,
+                )
+            )
         return results
 
     def _compute(self, seqs: list[Sequence], on_layer_done: LayerCallback | None) -> None:
         limit = self.chunk_size or max(seq.num_tokens for seq in seqs)
         while True:
             # A sequence is done once its first token was sampled (it then has one token more than computed).
-            work = [(seq, min(limit, seq.num_tokens - seq.num_computed)) for seq in seqs
-                    if not seq.output_token_ids]
+            work = [(seq, min(limit, seq.num_tokens - seq.num_computed)) for seq in seqs if not seq.output_token_ids]
             if not work:
                 return
             last = all(seq.num_computed + count == seq.num_tokens for seq, count in work)
@@ -132,8 +146,9 @@ class PrefillEngine:
         prefix cache until evicted."""
         seq = self._held.pop(request_id, None)
         if seq is None:
-            raise UsageError(f"PrefillEngine.release: request {request_id!r} holds no blocks "
-                             f"(held: {sorted(self._held)[:8]})")
+            raise UsageError(
+                f"PrefillEngine.release: request {request_id!r} holds no blocks (held: {sorted(self._held)[:8]})"
+            )
         self.runner.free(seq)
 
     def __enter__(self) -> PrefillEngine:
@@ -142,4 +157,3 @@ class PrefillEngine:
     def __exit__(self, *exc: object) -> None:
         for request_id in list(self._held):
             self.release(request_id)
-

@@ -61,8 +61,17 @@ class PrefillConnector(Connector):
 
     role = "prefill"
 
-    def __init__(self, engine: PrefillEngine, agent: Agent, *, lease_ttl: float = 10.0, region: str = "kv",
-                 strategy: str = "auto", timeout: float = 60.0, verify: bool = False) -> None:
+    def __init__(
+        self,
+        engine: PrefillEngine,
+        agent: Agent,
+        *,
+        lease_ttl: float = 10.0,
+        region: str = "kv",
+        strategy: str = "auto",
+        timeout: float = 60.0,
+        verify: bool = False,
+    ) -> None:
         if not lease_ttl > 0 or not timeout > 0:
             raise ConfigError(f"PrefillConnector: lease_ttl and timeout must be > 0, got {lease_ttl}, {timeout}")
         super().__init__(engine, agent, region)
@@ -91,13 +100,16 @@ class PrefillConnector(Connector):
         reads from this rank). Returns the message for the decode ranks (send it any way you like)."""
         return self.prefill_batch([request], [decode], on_layer_done)[0]
 
-    def prefill_batch(self, requests: Sequence[Request], decode: Sequence[str],
-                      on_layer_done: LayerCallback | None = None) -> list[KVReady]:
+    def prefill_batch(
+        self, requests: Sequence[Request], decode: Sequence[str], on_layer_done: LayerCallback | None = None
+    ) -> list[KVReady]:
         """:meth:`prefill` for several requests in shared forward passes (PrefillEngine.prefill_batch: all or
         nothing, OutOfBlocksError admits none); ``decode[i]`` is the decode group of ``requests[i]``."""
         if len(decode) != len(requests):
-            raise ConfigError(f"PrefillConnector.prefill_batch: one decode group per request, got {len(decode)} "
-                              f"for {len(requests)} requests")
+            raise ConfigError(
+                f"PrefillConnector.prefill_batch: one decode group per request, got {len(decode)} "
+                f"for {len(requests)} requests"
+            )
         groups = [self.group(name) for name in decode]
         results = self.engine.prefill_batch(list(requests), on_layer_done)
         readies = []
@@ -105,19 +117,38 @@ class PrefillConnector(Connector):
             self._serial += 1
             base = f"{request.request_id}#{self._serial}".encode()
             sums = self._checksums(result.block_ids, len(request.prompt_token_ids)) if self.verify else None
-            readers = sorted({d for p, d, _ in rank_pairs(self.tp.size, len(group), self.spec.total_kv_heads or 1)
-                              if p == self.tp.rank})
+            readers = sorted(
+                {
+                    d
+                    for p, d, _ in rank_pairs(self.tp.size, len(group), self.spec.total_kv_heads or 1)
+                    if p == self.tp.rank
+                }
+            )
             keys = tuple(lease_key_for(base, rank) for rank in readers)
             with self._lock:
                 self._held[request.request_id] = _Held(request.request_id, len(readers), lease_keys=keys)
             for rank, key in zip(readers, keys, strict=True):
-                self._leases.grant(key, group[rank].agent_name, result.block_ids, self.lease_ttl,
-                                   on_end=functools.partial(self._lease_ended, request.request_id))
-            readies.append(KVReady(
-                request=request, first_token=result.first_token, first_token_time=result.first_token_time,
-                block_ids=result.block_ids, prefill_agents=self.group_agents, lease_key=base,
-                lease_ttl=self.lease_ttl, num_cached_tokens=result.num_cached_tokens,
-                num_computed_tokens=result.num_computed_tokens, checksums=sums))
+                self._leases.grant(
+                    key,
+                    group[rank].agent_name,
+                    result.block_ids,
+                    self.lease_ttl,
+                    on_end=functools.partial(self._lease_ended, request.request_id),
+                )
+            readies.append(
+                KVReady(
+                    request=request,
+                    first_token=result.first_token,
+                    first_token_time=result.first_token_time,
+                    block_ids=result.block_ids,
+                    prefill_agents=self.group_agents,
+                    lease_key=base,
+                    lease_ttl=self.lease_ttl,
+                    num_cached_tokens=result.num_cached_tokens,
+                    num_computed_tokens=result.num_computed_tokens,
+                    checksums=sums,
+                )
+            )
         return readies
 
     def abort(self, request_id: str) -> bool:
@@ -180,22 +211,29 @@ class PrefillConnector(Connector):
         group = self.group(name)  # decode ranks that replicate a head each get their copy (KVPipe.write_routes)
         request, start, size = wanted.request, wanted.start_token, self.spec.block_size
         if start % size:
-            raise ConfigError(f"KVWanted.start_token must be a multiple of the prefill block size {size}, "
-                              f"got {start}")
+            raise ConfigError(f"KVWanted.start_token must be a multiple of the prefill block size {size}, got {start}")
         pipe = self._pipe(name)
         num_tokens = len(request.prompt_token_ids) - start
         state: dict[str, Any] = {}
 
         def allocated(request_id: str, block_ids: tuple[int, ...], num_cached: int) -> None:
-            handle = pipe.push(block_ids[start // size:], wanted.block_ids, num_tokens=num_tokens,
-                               stream_layers=True, timeout=self.timeout)
+            handle = pipe.push(
+                block_ids[start // size :],
+                wanted.block_ids,
+                num_tokens=num_tokens,
+                stream_layers=True,
+                timeout=self.timeout,
+            )
             assert isinstance(handle, LayerStream)  # what a push with stream_layers returns
             state["handle"], state["feeder"] = handle, _LayerFeeder(handle, self.engine.cache.device)
 
         began = time.perf_counter()
         try:
-            result = self.engine.prefill(request, (lambda layer: state["feeder"](layer)) if stream_layers else None,
-                                         on_allocated=allocated if stream_layers else None)
+            result = self.engine.prefill(
+                request,
+                (lambda layer: state["feeder"](layer)) if stream_layers else None,
+                on_allocated=allocated if stream_layers else None,
+            )
         except BaseException:
             if "handle" in state:
                 state["feeder"].finish(self.timeout)
@@ -210,8 +248,9 @@ class PrefillConnector(Connector):
             error = state["feeder"].error
         else:
             try:
-                handle = pipe.push(result.block_ids[start // size:], wanted.block_ids, num_tokens=num_tokens,
-                                   timeout=self.timeout)
+                handle = pipe.push(
+                    result.block_ids[start // size :], wanted.block_ids, num_tokens=num_tokens, timeout=self.timeout
+                )
             except KvxferError as failure:
                 handle, error = None, failure
         try:
@@ -225,11 +264,22 @@ class PrefillConnector(Connector):
         finished = time.perf_counter()
         with self._lock:
             self._held[request.request_id] = _Held(request.request_id, 0)
-        self._tell(group, "pushed" if error is None else "push-failed", request.request_id, result.first_token,
-                   result.first_token_time)
-        return PushResult(request.request_id, result.first_token, error is None,
-                          None if error is None else f"{type(error).__name__}: {error}", num_tokens,
-                          computed - began, finished - computed)
+        self._tell(
+            group,
+            "pushed" if error is None else "push-failed",
+            request.request_id,
+            result.first_token,
+            result.first_token_time,
+        )
+        return PushResult(
+            request.request_id,
+            result.first_token,
+            error is None,
+            None if error is None else f"{type(error).__name__}: {error}",
+            num_tokens,
+            computed - began,
+            finished - computed,
+        )
 
     def _tell(self, group: list[RankInfo], verb: str, request_id: str, token: int, token_time: float) -> None:
         """A note to the decode ranks this rank pushes to, every replica included (each decode rank counts one
@@ -241,8 +291,14 @@ class PrefillConnector(Connector):
         pipe = self._pipes.get(name)
         if pipe is None:
             group = self.group(name)
-            pipe = KVPipe(self.agent, self.spec, [i.agent_name for i in group], [i.spec for i in group],
-                          local_region=self.region_name, strategy=self.strategy)
+            pipe = KVPipe(
+                self.agent,
+                self.spec,
+                [i.agent_name for i in group],
+                [i.spec for i in group],
+                local_region=self.region_name,
+                strategy=self.strategy,
+            )
             self._pipes[name] = pipe
         return pipe
 

@@ -88,7 +88,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     def append(self, token: int, eos_token_ids: tuple[int, ...], max_position: int) -> None:
         """Add a generated token and decide whether the sequence is finished."""
@@ -102,10 +102,15 @@ class Sequence:
 
     def output(self) -> RequestOutput:
         return RequestOutput(
-            request_id=self.request_id, prompt_token_ids=self.request.prompt_token_ids,
-            output_token_ids=tuple(self.output_token_ids), finish_reason=self.finish_reason,
-            num_cached_tokens=self.num_cached_tokens, num_computed_tokens=self.num_computed_tokens,
-            arrival_time=self.request.arrival_time, token_times=tuple(self.token_times))
+            request_id=self.request_id,
+            prompt_token_ids=self.request.prompt_token_ids,
+            output_token_ids=tuple(self.output_token_ids),
+            finish_reason=self.finish_reason,
+            num_cached_tokens=self.num_cached_tokens,
+            num_computed_tokens=self.num_computed_tokens,
+            arrival_time=self.request.arrival_time,
+            token_times=tuple(self.token_times),
+        )
 
 
 @dataclass(frozen=True)

@@ -29,13 +29,20 @@ class ModelRunner:
         self.model, self.cache_config = model, cache_config
         config, tp = model.config, model.tp
         self.spec = KVCacheSpec(
-            num_layers=config.num_layers, num_blocks=cache_config.num_blocks, block_size=cache_config.block_size,
-            num_kv_heads=model.num_local_kv_heads, head_dim=config.head_dim, dtype=config.dtype,
-            layout=cache_config.layout, tp_rank=tp.rank, tp_size=tp.size, total_kv_heads=config.num_kv_heads,
-            model=config.name)
+            num_layers=config.num_layers,
+            num_blocks=cache_config.num_blocks,
+            block_size=cache_config.block_size,
+            num_kv_heads=model.num_local_kv_heads,
+            head_dim=config.head_dim,
+            dtype=config.dtype,
+            layout=cache_config.layout,
+            tp_rank=tp.rank,
+            tp_size=tp.size,
+            total_kv_heads=config.num_kv_heads,
+            model=config.name,
+        )
         self.cache = KVCache(self.spec, model.device)
-        self.blocks = BlockManager(cache_config.num_blocks, cache_config.block_size,
-                                   cache_config.enable_prefix_caching)
+        self.blocks = BlockManager(cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
         self.num_computed_tokens = 0
 
     @property
@@ -69,9 +76,11 @@ class ModelRunner:
         length = len(request.prompt_token_ids) + 1
         limit = self.max_sequence_tokens
         if length > limit:
-            raise ConfigError(f"request {request.request_id!r}: prompt of {length - 1} tokens must be shorter than "
-                              f"{limit} (max_position {self.model.config.max_position}, cache "
-                              f"{self.cache_config.num_blocks} x {self.block_size} tokens)")
+            raise ConfigError(
+                f"request {request.request_id!r}: prompt of {length - 1} tokens must be shorter than "
+                f"{limit} (max_position {self.model.config.max_position}, cache "
+                f"{self.cache_config.num_blocks} x {self.block_size} tokens)"
+            )
 
     def free(self, seq: Sequence) -> None:
         """Return a sequence's blocks (cached prefixes stay findable until evicted)."""
@@ -80,8 +89,7 @@ class ModelRunner:
         seq.num_computed = 0
 
     @torch.inference_mode()
-    def step(self, work: list[tuple[Sequence, int]],
-             on_layer_done: LayerCallback | None = None) -> list[int | None]:
+    def step(self, work: list[tuple[Sequence, int]], on_layer_done: LayerCallback | None = None) -> list[int | None]:
         """Compute the next ``count`` tokens of each (sequence, count); blocks must already cover them.
 
         A sequence whose tokens are now all computed gets one sampled token appended (and may finish). Returns the
@@ -95,15 +103,19 @@ class ModelRunner:
         context_lens: list[int] = []
         for seq, count in work:
             start = seq.num_computed
-            token_ids.extend(seq.token_ids[start:start + count])
+            token_ids.extend(seq.token_ids[start : start + count])
             positions.extend(range(start, start + count))
             tables.append(seq.block_ids)
             query_lens.append(count)
             context_lens.append(start + count)
         batch = AttentionBatch.build(tables, query_lens, context_lens, self.block_size, device)
-        hidden = self.model(torch.tensor(token_ids, dtype=torch.int64, device=device),
-                            torch.tensor(positions, dtype=torch.int64, device=device), self.cache, batch,
-                            on_layer_done)
+        hidden = self.model(
+            torch.tensor(token_ids, dtype=torch.int64, device=device),
+            torch.tensor(positions, dtype=torch.int64, device=device),
+            self.cache,
+            batch,
+            on_layer_done,
+        )
         last_rows, finishing = [], []
         end = 0
         for index, (seq, count) in enumerate(work):
@@ -120,9 +132,12 @@ class ModelRunner:
             return results
         logits = self.model.logits(hidden[last_rows])
         seqs = [work[i][0] for i in finishing]
-        tokens = sample(logits, [s.request.sampling for s in seqs],
-                        [request_seed(s.request_id, s.request.sampling) for s in seqs],
-                        [len(s.output_token_ids) for s in seqs])
+        tokens = sample(
+            logits,
+            [s.request.sampling for s in seqs],
+            [request_seed(s.request_id, s.request.sampling) for s in seqs],
+            [len(s.output_token_ids) for s in seqs],
+        )
         for index, seq, token in zip(finishing, seqs, tokens, strict=True):
             seq.append(token, self.model.config.eos_token_ids, self.max_sequence_tokens)
             results[index] = token

@@ -33,8 +33,10 @@ def copy_kv(src: Array, dst: Array, plan: KVCopyPlan, *, stream: Stream = None) 
         raise ConfigError(f"plan must be a KVCopyPlan (from plan_kv_copy), got {type(plan).__name__}")
     on_cuda = _is_cuda(src), _is_cuda(dst)
     if on_cuda[0] != on_cuda[1]:
-        raise ConfigError(f"src and dst must both be host or both CUDA arrays, got src "
-                          f"{'CUDA' if on_cuda[0] else 'host'} and dst {'CUDA' if on_cuda[1] else 'host'}")
+        raise ConfigError(
+            f"src and dst must both be host or both CUDA arrays, got src "
+            f"{'CUDA' if on_cuda[0] else 'host'} and dst {'CUDA' if on_cuda[1] else 'host'}"
+        )
     if on_cuda[0]:
         from . import _cuda
 
@@ -51,8 +53,16 @@ def copy_kv(src: Array, dst: Array, plan: KVCopyPlan, *, stream: Stream = None) 
     reference.copy_kv(src, dst, plan)
 
 
-def copy_kv_pointers(src_ptr: int, src_nbytes: int, dst_ptr: int, dst_nbytes: int, plan: KVCopyPlan, *,
-                     device: int, stream: Stream = None) -> None:
+def copy_kv_pointers(
+    src_ptr: int,
+    src_nbytes: int,
+    dst_ptr: int,
+    dst_nbytes: int,
+    plan: KVCopyPlan,
+    *,
+    device: int,
+    stream: Stream = None,
+) -> None:
     """Run ``plan`` on raw device pointers with one kernel launch on ``device`` (the NVLink/IPC path).
 
     ``src_ptr``/``dst_ptr``: starts of the src/dst regions (``spec.offset`` counts from them), ``*_nbytes`` their
@@ -71,27 +81,57 @@ def upload_plan(plan: KVCopyPlan, device: int = 0) -> KVCopyPlan:
     return _cuda.upload_plan(plan, device)
 
 
-def copy_blocks(src: Array, src_spec: KVCacheSpec, src_block_ids: BlockIds, dst: Array, dst_spec: KVCacheSpec,
-                dst_block_ids: BlockIds, *, num_tokens: int | None = None, src_layers: Selection = None,
-                dst_layers: Selection = None, src_heads: tuple[int, int] | None = None,
-                dst_heads: tuple[int, int] | None = None, parts: Selection = None,
-                stream: Stream = None) -> KVCopyPlan:
+def copy_blocks(
+    src: Array,
+    src_spec: KVCacheSpec,
+    src_block_ids: BlockIds,
+    dst: Array,
+    dst_spec: KVCacheSpec,
+    dst_block_ids: BlockIds,
+    *,
+    num_tokens: int | None = None,
+    src_layers: Selection = None,
+    dst_layers: Selection = None,
+    src_heads: tuple[int, int] | None = None,
+    dst_heads: tuple[int, int] | None = None,
+    parts: Selection = None,
+    stream: Stream = None,
+) -> KVCopyPlan:
     """Copy tokens of blocks ``src_block_ids`` (int[n], host) of cache ``src`` into blocks ``dst_block_ids`` of ``dst``.
 
     The caches may differ in layout, block size and TP head slice (see :func:`plan_kv_copy` for the arguments).
     Returns the plan, which :func:`copy_kv` can run again.
     """
-    plan = plan_kv_copy(src_spec, dst_spec, src_block_ids, dst_block_ids, num_tokens=num_tokens,
-                        src_layers=src_layers, dst_layers=dst_layers, src_heads=src_heads, dst_heads=dst_heads,
-                        parts=parts)
+    plan = plan_kv_copy(
+        src_spec,
+        dst_spec,
+        src_block_ids,
+        dst_block_ids,
+        num_tokens=num_tokens,
+        src_layers=src_layers,
+        dst_layers=dst_layers,
+        src_heads=src_heads,
+        dst_heads=dst_heads,
+        parts=parts,
+    )
     copy_kv(src, dst, plan, stream=stream)
     return plan
 
 
-def gather_blocks(cache: Array, cache_spec: KVCacheSpec, block_ids: BlockIds, staging: Array,
-                  staging_layout: KVCacheSpec | None = None, *, num_tokens: int | None = None,
-                  layers: Selection = None, heads: tuple[int, int] | None = None, staging_layers: Selection = None,
-                  staging_heads: tuple[int, int] | None = None, stream: Stream = None) -> KVCacheSpec:
+def gather_blocks(
+    cache: Array,
+    cache_spec: KVCacheSpec,
+    block_ids: BlockIds,
+    staging: Array,
+    staging_layout: KVCacheSpec | None = None,
+    *,
+    num_tokens: int | None = None,
+    layers: Selection = None,
+    heads: tuple[int, int] | None = None,
+    staging_layers: Selection = None,
+    staging_heads: tuple[int, int] | None = None,
+    stream: Stream = None,
+) -> KVCacheSpec:
     """Copy tokens of the paged ``cache``'s blocks ``block_ids`` (int[n], host) into the contiguous ``staging``.
 
     ``staging_layout`` defaults to ``staging_spec(cache_spec, num_tokens, heads=heads)``; ``num_tokens`` to
@@ -102,15 +142,37 @@ def gather_blocks(cache: Array, cache_spec: KVCacheSpec, block_ids: BlockIds, st
     """
     tokens = len(block_ids) * cache_spec.block_size if num_tokens is None else num_tokens
     layout = staging_layout if staging_layout is not None else staging_spec(cache_spec, tokens, heads=heads)
-    copy_blocks(cache, cache_spec, block_ids, staging, layout, [0] if tokens else [], num_tokens=tokens,
-                src_layers=layers, dst_layers=staging_layers, src_heads=heads, dst_heads=staging_heads, stream=stream)
+    copy_blocks(
+        cache,
+        cache_spec,
+        block_ids,
+        staging,
+        layout,
+        [0] if tokens else [],
+        num_tokens=tokens,
+        src_layers=layers,
+        dst_layers=staging_layers,
+        src_heads=heads,
+        dst_heads=staging_heads,
+        stream=stream,
+    )
     return layout
 
 
-def scatter_blocks(staging: Array, staging_layout: KVCacheSpec | None, cache: Array, cache_spec: KVCacheSpec,
-                   block_ids: BlockIds, *, num_tokens: int | None = None, layers: Selection = None,
-                   heads: tuple[int, int] | None = None, staging_layers: Selection = None,
-                   staging_heads: tuple[int, int] | None = None, stream: Stream = None) -> KVCacheSpec:
+def scatter_blocks(
+    staging: Array,
+    staging_layout: KVCacheSpec | None,
+    cache: Array,
+    cache_spec: KVCacheSpec,
+    block_ids: BlockIds,
+    *,
+    num_tokens: int | None = None,
+    layers: Selection = None,
+    heads: tuple[int, int] | None = None,
+    staging_layers: Selection = None,
+    staging_heads: tuple[int, int] | None = None,
+    stream: Stream = None,
+) -> KVCacheSpec:
     """Copy tokens from the contiguous ``staging`` into blocks ``block_ids`` (int[n], host) of the paged ``cache``.
 
     The inverse of :func:`gather_blocks` with the same arguments; ``heads`` are the cache's local heads to fill
@@ -122,9 +184,20 @@ def scatter_blocks(staging: Array, staging_layout: KVCacheSpec | None, cache: Ar
         if staging_layout is not None:
             tokens = min(tokens, staging_layout.block_size)
     layout = staging_layout if staging_layout is not None else staging_spec(cache_spec, tokens, heads=heads)
-    copy_blocks(staging, layout, [0] if tokens else [], cache, cache_spec, block_ids, num_tokens=tokens,
-                src_layers=layers if staging_layers is None else staging_layers, dst_layers=layers,
-                src_heads=staging_heads, dst_heads=heads, stream=stream)
+    copy_blocks(
+        staging,
+        layout,
+        [0] if tokens else [],
+        cache,
+        cache_spec,
+        block_ids,
+        num_tokens=tokens,
+        src_layers=layers if staging_layers is None else staging_layers,
+        dst_layers=layers,
+        src_heads=staging_heads,
+        dst_heads=heads,
+        stream=stream,
+    )
     return layout
 
 
@@ -152,11 +225,14 @@ def check_no_alias(plan: KVCopyPlan, src_addr: int, dst_addr: int) -> None:
         heads = plan.src_heads[0] < plan.dst_heads[1] and plan.dst_heads[0] < plan.src_heads[1]
         if not (blocks and layers and heads):
             return
-        raise DescriptorError(f"copy within one cache reads and writes the same blocks {sorted(blocks)[:8]} of "
-                              f"layers {sorted(layers)[:8]}; source and destination must not overlap")
+        raise DescriptorError(
+            f"copy within one cache reads and writes the same blocks {sorted(blocks)[:8]} of "
+            f"layers {sorted(layers)[:8]}; source and destination must not overlap"
+        )
     raise DescriptorError(
         f"src bytes [{src_range[0]:#x}, {src_range[1]:#x}) and dst bytes [{dst_range[0]:#x}, {dst_range[1]:#x}) "
-        "overlap with different specs; copy through a separate buffer")
+        "overlap with different specs; copy through a separate buffer"
+    )
 
 
 def _host_itemsize(array: Array) -> int:

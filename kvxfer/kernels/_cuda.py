@@ -73,23 +73,36 @@ def cuda_region(array: Array, argument: str) -> Region:
     return region
 
 
-def copy_kv(src: Array, dst: Array, plan: KVCopyPlan, *, stream: Stream = None,
-            tuning: KernelTuning | None = None) -> None:
+def copy_kv(
+    src: Array, dst: Array, plan: KVCopyPlan, *, stream: Stream = None, tuning: KernelTuning | None = None
+) -> None:
     """Run ``plan`` from ``src`` to ``dst`` (cupy arrays or torch CUDA tensors on one device) on ``stream``."""
     source, target = cuda_region(src, "src"), cuda_region(dst, "dst")
     if source.device != target.device:
-        raise ConfigError(f"src is on device {source.device} and dst on {target.device}; copy_kv_pointers "
-                          "launches on a chosen device and reads or writes peer memory")
+        raise ConfigError(
+            f"src is on device {source.device} and dst on {target.device}; copy_kv_pointers "
+            "launches on a chosen device and reads or writes peer memory"
+        )
     if stream is None and type(dst).__module__.startswith("torch"):
         import torch  # already imported: dst is a torch tensor
 
         stream = torch.cuda.current_stream(target.device).cuda_stream
-    copy_kv_pointers(source.addr, source.nbytes, target.addr, target.nbytes, plan, device=target.device,
-                     stream=stream, tuning=tuning)
+    copy_kv_pointers(
+        source.addr, source.nbytes, target.addr, target.nbytes, plan, device=target.device, stream=stream, tuning=tuning
+    )
 
 
-def copy_kv_pointers(src_ptr: int, src_nbytes: int, dst_ptr: int, dst_nbytes: int, plan: KVCopyPlan, *,
-                     device: int, stream: Stream = None, tuning: KernelTuning | None = None) -> None:
+def copy_kv_pointers(
+    src_ptr: int,
+    src_nbytes: int,
+    dst_ptr: int,
+    dst_nbytes: int,
+    plan: KVCopyPlan,
+    *,
+    device: int,
+    stream: Stream = None,
+    tuning: KernelTuning | None = None,
+) -> None:
     """Run ``plan`` between raw device pointers, launching on ``device``.
 
     ``src_ptr``/``dst_ptr`` are region starts (``spec.offset`` counts from them) and may be IPC-mapped peer
@@ -115,8 +128,15 @@ def copy_kv_pointers(src_ptr: int, src_nbytes: int, dst_ptr: int, dst_nbytes: in
         if table is not None:
             function((shape.num_ctas,), (shape.threads,), (*pointers, table, *shape.scalars), stream=launch_stream)
         else:
-            _table_ring(device).launch(cupy, function, shape, pointers, tables.table, launch_stream,
-                                       lambda: _cupy_stream(cupy, launch_stream, device))
+            _table_ring(device).launch(
+                cupy,
+                function,
+                shape,
+                pointers,
+                tables.table,
+                launch_stream,
+                lambda: _cupy_stream(cupy, launch_stream, device),
+            )
 
 
 def upload_plan(plan: KVCopyPlan, device: int) -> KVCopyPlan:
@@ -134,19 +154,22 @@ def upload_plan(plan: KVCopyPlan, device: int) -> KVCopyPlan:
     return plan
 
 
-def launch_of(plan: KVCopyPlan, src_ptr: int, dst_ptr: int, device: int,
-              tuning: KernelTuning | None = None) -> LaunchShape:
+def launch_of(
+    plan: KVCopyPlan, src_ptr: int, dst_ptr: int, device: int, tuning: KernelTuning | None = None
+) -> LaunchShape:
     """The launch :func:`copy_kv_pointers` makes for these pointers (entry, grid, arguments)."""
     tuning = default_tuning(plan.tables.contiguous) if tuning is None else tuning
     with cupy_module().cuda.Device(device):
         shape = _launch(plan.tables, int(src_ptr), int(dst_ptr), device, tuning)[1]
     # The cached shape is shared by plans of one layout; its addresses are those of the call that made it.
-    return dataclasses.replace(shape, src_addr=int(src_ptr) + plan.tables.src_base,
-                               dst_addr=int(dst_ptr) + plan.tables.dst_base)
+    return dataclasses.replace(
+        shape, src_addr=int(src_ptr) + plan.tables.src_base, dst_addr=int(dst_ptr) + plan.tables.dst_base
+    )
 
 
-def _launch(tables: KernelTables, src_ptr: int, dst_ptr: int, device: int,
-            tuning: KernelTuning) -> tuple[Any, LaunchShape]:
+def _launch(
+    tables: KernelTables, src_ptr: int, dst_ptr: int, device: int, tuning: KernelTuning
+) -> tuple[Any, LaunchShape]:
     """(compiled entry, launch shape) of ``tables`` at this alignment, computed once per (device, vector, tuning)."""
     key = (tables.launch_key(), device, vector_bytes(tables, src_ptr, dst_ptr), tuning)
     cached = _LAUNCHES.get(key)
@@ -191,8 +214,9 @@ def _launch_stream(cupy: ModuleType, stream: Stream, device: int) -> Any:
         return _RawStream(int(stream))
     if hasattr(stream, "cuda_stream"):  # torch.cuda.Stream
         return _RawStream(int(stream.cuda_stream))
-    raise ConfigError(f"stream must be a cupy Stream, a torch.cuda.Stream or a cudaStream_t int, "
-                      f"got {type(stream).__name__}")
+    raise ConfigError(
+        f"stream must be a cupy Stream, a torch.cuda.Stream or a cudaStream_t int, got {type(stream).__name__}"
+    )
 
 
 def _cupy_stream(cupy: ModuleType, stream: Stream, device: int) -> Any:

@@ -20,8 +20,9 @@ THREADS = 256
 _SOURCE = Path(__file__).with_name("csrc") / "batch_copy.cu"
 
 
-def split_pieces(sources: np.ndarray, destinations: np.ndarray, sizes: np.ndarray,
-                 piece: int = PIECE_NBYTES) -> np.ndarray:
+def split_pieces(
+    sources: np.ndarray, destinations: np.ndarray, sizes: np.ndarray, piece: int = PIECE_NBYTES
+) -> np.ndarray:
     """uint64[3, m] table (sources, destinations, sizes) with every span cut into pieces of <= ``piece`` bytes.
 
     ``sources``, ``destinations``, ``sizes``: uint64[n] host arrays. Vectorized: no loop per span.
@@ -69,5 +70,6 @@ def launch(device_table: Any, device: int, stream: Stream, ctas_per_sm: int = CT
     cupy = cupy_module()
     with cupy.cuda.Device(device):
         grid = min(count, _multiprocessors(device) * ctas_per_sm)
-        _kernel(device)((grid,), (THREADS,), (device_table[0], device_table[1], device_table[2], np.int64(count)),
-                        stream=stream)
+        _kernel(device)(
+            (grid,), (THREADS,), (device_table[0], device_table[1], device_table[2], np.int64(count)), stream=stream
+        )

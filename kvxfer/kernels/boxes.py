@@ -39,8 +39,9 @@ class BoxForm(BoxShape):
     counts: np.ndarray
 
 
-def box_form(counts: np.ndarray, inner: list[tuple[int, int, int]], row: int,
-             count_strides: tuple[int, int]) -> BoxForm:
+def box_form(
+    counts: np.ndarray, inner: list[tuple[int, int, int]], row: int, count_strides: tuple[int, int]
+) -> BoxForm:
     """Fold a box's dimensions: segment ``i`` copies ``counts[i]`` x ``inner`` x ``row`` contiguous bytes.
 
     ``inner``: the fixed dimensions below the counted one, outermost first, as (size, src stride, dst stride);
@@ -55,8 +56,9 @@ def box_form(counts: np.ndarray, inner: list[tuple[int, int, int]], row: int,
     return BoxForm(shape.units, shape.unit_rows, shape.row, shape.unit_strides, shape.row_strides, box_counts)
 
 
-def box_shape(uniform_count: int | None, inner: list[tuple[int, int, int]], row: int,
-              count_strides: tuple[int, int]) -> BoxShape:
+def box_shape(
+    uniform_count: int | None, inner: list[tuple[int, int, int]], row: int, count_strides: tuple[int, int]
+) -> BoxShape:
     """The folding of :func:`box_form` for counts that all equal ``uniform_count`` (None: counts that differ).
 
     Depends on the counts only through that: planning caches it per block-size pair and count.
@@ -74,8 +76,13 @@ def box_shape(uniform_count: int | None, inner: list[tuple[int, int, int]], row:
     (units, *unit_strides), (rows, *row_strides) = dims
     if rows == 1:
         row_strides = [row, row]
-    return BoxShape(units if uniform_count is not None else None, rows, row, (unit_strides[0], unit_strides[1]),
-                    (row_strides[0], row_strides[1]))
+    return BoxShape(
+        units if uniform_count is not None else None,
+        rows,
+        row,
+        (unit_strides[0], unit_strides[1]),
+        (row_strides[0], row_strides[1]),
+    )
 
 
 def _fold(dims: list[tuple[int, int, int]], row: int) -> list[tuple[int, int, int]]:
@@ -90,8 +97,15 @@ def _fold(dims: list[tuple[int, int, int]], row: int) -> list[tuple[int, int, in
             dims.remove(folded)
             row *= folded[0]
             continue
-        pair = next(((i, j) for i in range(len(dims)) for j in range(len(dims)) if i != j
-                     and dims[i][1] == dims[j][0] * dims[j][1] and dims[i][2] == dims[j][0] * dims[j][2]), None)
+        pair = next(
+            (
+                (i, j)
+                for i in range(len(dims))
+                for j in range(len(dims))
+                if i != j and dims[i][1] == dims[j][0] * dims[j][1] and dims[i][2] == dims[j][0] * dims[j][2]
+            ),
+            None,
+        )
         if pair is None:
             return [*dims, (row, row, row)]
         outer, inner_dim = dims[pair[0]], dims[pair[1]]
@@ -99,16 +113,16 @@ def _fold(dims: list[tuple[int, int, int]], row: int) -> list[tuple[int, int, in
         del dims[max(pair)]
 
 
-def segment_runs(num_tokens: int, src_block_size: int, dst_block_size: int,
-                 most: int) -> tuple[np.ndarray, np.ndarray]:
+def segment_runs(num_tokens: int, src_block_size: int, dst_block_size: int, most: int) -> tuple[np.ndarray, np.ndarray]:
     """(starts, counts), int64[n] each: the runs of tokens ``[0, num_tokens)`` inside one block of each side, cut
     into runs of at most ``most`` tokens."""
     small, large = sorted((src_block_size, dst_block_size))
     if large % small == 0:  # every block boundary of one side is one of the other's (the usual case)
         starts = np.arange(0, num_tokens, small, dtype=np.int64)
     else:
-        starts = np.union1d(np.arange(0, num_tokens, small, dtype=np.int64),
-                            np.arange(0, num_tokens, large, dtype=np.int64))
+        starts = np.union1d(
+            np.arange(0, num_tokens, small, dtype=np.int64), np.arange(0, num_tokens, large, dtype=np.int64)
+        )
     counts = np.diff(np.append(starts, num_tokens))
     return _cut(starts, counts, most)
 

@@ -69,8 +69,7 @@ class KVCopyPlan:
     def nbytes(self) -> int:
         """Payload bytes moved (read once, written once)."""
         spec = self.src_spec
-        return (len(self.src_layers) * len(self.parts) * self.num_tokens * self.num_heads * spec.head_dim
-                * spec.itemsize)
+        return len(self.src_layers) * len(self.parts) * self.num_tokens * self.num_heads * spec.head_dim * spec.itemsize
 
     @functools.cached_property
     def tables(self) -> KernelTables:
@@ -81,10 +80,19 @@ class KVCopyPlan:
         return kernel_tables(self)
 
 
-def plan_kv_copy(src_spec: KVCacheSpec, dst_spec: KVCacheSpec, src_block_ids: BlockIds, dst_block_ids: BlockIds,
-                 *, num_tokens: int | None = None, src_layers: Selection = None, dst_layers: Selection = None,
-                 src_heads: tuple[int, int] | None = None, dst_heads: tuple[int, int] | None = None,
-                 parts: Selection = None) -> KVCopyPlan:
+def plan_kv_copy(
+    src_spec: KVCacheSpec,
+    dst_spec: KVCacheSpec,
+    src_block_ids: BlockIds,
+    dst_block_ids: BlockIds,
+    *,
+    num_tokens: int | None = None,
+    src_layers: Selection = None,
+    dst_layers: Selection = None,
+    src_heads: tuple[int, int] | None = None,
+    dst_heads: tuple[int, int] | None = None,
+    parts: Selection = None,
+) -> KVCopyPlan:
     """Validate and plan a copy of tokens ``[0, num_tokens)`` from ``src_spec``'s blocks to ``dst_spec``'s.
 
     ``src_block_ids``/``dst_block_ids``: int[n] host arrays, exactly ``ceil(num_tokens / block_size)`` ids per
@@ -108,20 +116,42 @@ def plan_kv_copy(src_spec: KVCacheSpec, dst_spec: KVCacheSpec, src_block_ids: Bl
     _check_unique(dst_ids, "dst_block_ids")
     if template is None:
         template = _template(src_spec, dst_spec, src_layers, dst_layers, parts, src_heads, dst_heads, key)
-    return KVCopyPlan(src_spec, dst_spec, src_ids, dst_ids, tokens, template.src_layers, template.dst_layers,
-                      template.parts, template.src_heads, template.dst_heads, template)
+    return KVCopyPlan(
+        src_spec,
+        dst_spec,
+        src_ids,
+        dst_ids,
+        tokens,
+        template.src_layers,
+        template.dst_layers,
+        template.parts,
+        template.src_heads,
+        template.dst_heads,
+        template,
+    )
 
 
-def _template(src_spec: KVCacheSpec, dst_spec: KVCacheSpec, src_layers: Selection, dst_layers: Selection,
-              parts: Selection, src_heads: tuple[int, int] | None, dst_heads: tuple[int, int] | None,
-              key: _TemplateKey | None) -> TableTemplate:
+def _template(
+    src_spec: KVCacheSpec,
+    dst_spec: KVCacheSpec,
+    src_layers: Selection,
+    dst_layers: Selection,
+    parts: Selection,
+    src_heads: tuple[int, int] | None,
+    dst_heads: tuple[int, int] | None,
+    key: _TemplateKey | None,
+) -> TableTemplate:
     """Validate the arguments other than block ids and build their template (cached under ``key`` unless None)."""
     layers_src = as_index_array(selection_ids(src_layers, src_spec.num_layers), "src_layers", src_spec.num_layers)
-    layers_dst = as_index_array(layers_src if dst_layers is None else selection_ids(dst_layers, dst_spec.num_layers),
-                                "dst_layers", dst_spec.num_layers)
+    layers_dst = as_index_array(
+        layers_src if dst_layers is None else selection_ids(dst_layers, dst_spec.num_layers),
+        "dst_layers",
+        dst_spec.num_layers,
+    )
     if layers_src.shape != layers_dst.shape:
-        raise DescriptorError(f"dst_layers must pair with src_layers: expected {layers_src.size} layers, "
-                              f"got {layers_dst.size}")
+        raise DescriptorError(
+            f"dst_layers must pair with src_layers: expected {layers_src.size} layers, got {layers_dst.size}"
+        )
     _check_unique(layers_dst, "dst_layers")
     part_ids = as_index_array(selection_ids(parts, src_spec.num_kv_parts), "parts", src_spec.num_kv_parts)
     _check_unique(part_ids, "parts")
@@ -130,7 +160,8 @@ def _template(src_spec: KVCacheSpec, dst_spec: KVCacheSpec, src_layers: Selectio
     if heads_src[1] - heads_src[0] != heads_dst[1] - heads_dst[0]:
         raise LayoutMismatchError(
             f"src_heads {heads_src} and dst_heads {heads_dst} must hold as many heads; pass head ranges computed "
-            "from head_range() for a TP split or merge")
+            "from head_range() for a TP split or merge"
+        )
     template = TableTemplate(src_spec, dst_spec, layers_src, layers_dst, part_ids, heads_src, heads_dst)
     if key is not None:
         with _TEMPLATES_LOCK:
@@ -144,14 +175,27 @@ class _Uncacheable(Exception):
     """An argument of a type the template key does not cover (its plans get a template of their own)."""
 
 
-def _template_key(src_spec: KVCacheSpec, dst_spec: KVCacheSpec, src_layers: Selection, dst_layers: Selection,
-                  parts: Selection, src_heads: tuple[int, int] | None,
-                  dst_heads: tuple[int, int] | None) -> _TemplateKey | None:
+def _template_key(
+    src_spec: KVCacheSpec,
+    dst_spec: KVCacheSpec,
+    src_layers: Selection,
+    dst_layers: Selection,
+    parts: Selection,
+    src_heads: tuple[int, int] | None,
+    dst_heads: tuple[int, int] | None,
+) -> _TemplateKey | None:
     """A hashable key of the arguments besides block ids and num_tokens; equal keys plan the same copy. None for
     arguments of types the key does not cover (invalid ones among them: they then fail in the full checks)."""
     try:
-        key = (src_spec, dst_spec, _selection_key(src_layers), _selection_key(dst_layers), _selection_key(parts),
-               _heads_key(src_heads), _heads_key(dst_heads))
+        key = (
+            src_spec,
+            dst_spec,
+            _selection_key(src_layers),
+            _selection_key(dst_layers),
+            _selection_key(parts),
+            _heads_key(src_heads),
+            _heads_key(dst_heads),
+        )
         hash(key)
     except (_Uncacheable, TypeError, ValueError):
         return None
@@ -178,15 +222,24 @@ def _heads_key(heads: tuple[int, int] | None) -> tuple[int, int] | None:
         return None
     if type(heads) is tuple and len(heads) == 2 and type(heads[0]) is int and type(heads[1]) is int:
         return heads
-    if not isinstance(heads, (tuple, list)) or len(heads) != 2 or \
-            not all(isinstance(h, (int, np.integer)) for h in heads):
+    if (
+        not isinstance(heads, (tuple, list))
+        or len(heads) != 2
+        or not all(isinstance(h, (int, np.integer)) for h in heads)
+    ):
         raise _Uncacheable
     return int(heads[0]), int(heads[1])
 
 
-def staging_spec(cache_spec: KVCacheSpec, num_tokens: int, *, num_layers: int | None = None,
-                 heads: tuple[int, int] | None = None, layout: KVLayout | str = KVLayout.HND,
-                 offset: int = 0) -> KVCacheSpec:
+def staging_spec(
+    cache_spec: KVCacheSpec,
+    num_tokens: int,
+    *,
+    num_layers: int | None = None,
+    heads: tuple[int, int] | None = None,
+    layout: KVLayout | str = KVLayout.HND,
+    offset: int = 0,
+) -> KVCacheSpec:
     """The spec of a contiguous staging buffer for ``num_tokens`` tokens of ``cache_spec``'s cache.
 
     One block of ``num_tokens`` tokens, C-contiguous ``[num_layers, 1, num_kv_parts, heads, num_tokens, head_dim]``
@@ -198,10 +251,18 @@ def staging_spec(cache_spec: KVCacheSpec, num_tokens: int, *, num_layers: int | 
     if not isinstance(cache_spec, KVCacheSpec):
         raise ConfigError(f"cache_spec must be a KVCacheSpec, got {type(cache_spec).__name__}")
     h0, h1 = _head_range(heads, cache_spec, "heads")
-    return KVCacheSpec(num_layers=cache_spec.num_layers if num_layers is None else num_layers, num_blocks=1,
-                       block_size=num_tokens, num_kv_heads=h1 - h0, head_dim=cache_spec.head_dim,
-                       dtype=cache_spec.dtype, layout=KVLayout.parse(layout), num_kv_parts=cache_spec.num_kv_parts,
-                       offset=offset, model=cache_spec.model)
+    return KVCacheSpec(
+        num_layers=cache_spec.num_layers if num_layers is None else num_layers,
+        num_blocks=1,
+        block_size=num_tokens,
+        num_kv_heads=h1 - h0,
+        head_dim=cache_spec.head_dim,
+        dtype=cache_spec.dtype,
+        layout=KVLayout.parse(layout),
+        num_kv_parts=cache_spec.num_kv_parts,
+        offset=offset,
+        model=cache_spec.model,
+    )
 
 
 def _check_compatible(src: KVCacheSpec, dst: KVCacheSpec) -> None:
@@ -209,29 +270,39 @@ def _check_compatible(src: KVCacheSpec, dst: KVCacheSpec) -> None:
         if getattr(src, name) != getattr(dst, name):
             raise LayoutMismatchError(
                 f"src_spec and dst_spec must have the same {name}: src {getattr(src, name)!r}, "
-                f"dst {getattr(dst, name)!r}")
+                f"dst {getattr(dst, name)!r}"
+            )
 
 
-def _num_tokens(num_tokens: int | None, src: KVCacheSpec, dst: KVCacheSpec, src_ids: np.ndarray,
-                dst_ids: np.ndarray) -> int:
+def _num_tokens(
+    num_tokens: int | None, src: KVCacheSpec, dst: KVCacheSpec, src_ids: np.ndarray, dst_ids: np.ndarray
+) -> int:
     if num_tokens is None:
         num_tokens = min(src_ids.size * src.block_size, dst_ids.size * dst.block_size)
     if not isinstance(num_tokens, (int, np.integer)) or isinstance(num_tokens, bool) or num_tokens < 0:
         raise ConfigError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
-    for argument, ids, block_size in (("src_block_ids", src_ids, src.block_size),
-                                      ("dst_block_ids", dst_ids, dst.block_size)):
+    for argument, ids, block_size in (
+        ("src_block_ids", src_ids, src.block_size),
+        ("dst_block_ids", dst_ids, dst.block_size),
+    ):
         expected = -(-int(num_tokens) // block_size)
         if ids.size != expected:
             raise DescriptorError(
-                f"{argument}: {num_tokens} tokens in blocks of {block_size} need {expected} block ids, "
-                f"got {ids.size}")
+                f"{argument}: {num_tokens} tokens in blocks of {block_size} need {expected} block ids, got {ids.size}"
+            )
     return int(num_tokens)
 
 
 def _index_array(values: BlockIds, argument: str, upper: int) -> np.ndarray:
     """``as_index_array``, with a shortcut for what pipes pass (int64[n] arrays in range): two reductions."""
-    if type(values) is np.ndarray and values.dtype is _INT64 and values.ndim == 1 and values.size \
-            and values.min() >= 0 and values.max() < upper:
+    if (
+        type(values) is np.ndarray
+        and values.dtype is _INT64
+        and values.ndim == 1
+        and values.size
+        and values.min() >= 0
+        and values.max() < upper
+    ):
         return values
     return as_index_array(values, argument, upper)  # converts, or raises its errors
 
@@ -246,8 +317,10 @@ def _check_unique(ids: np.ndarray, argument: str) -> None:
     same = ordered[1:] == ordered[:-1]
     if same.any():
         repeated = np.flatnonzero(same)
-        raise DescriptorError(f"{argument} must not repeat (each destination is written once), "
-                              f"got {int(ordered[repeated[0]])} more than once")
+        raise DescriptorError(
+            f"{argument} must not repeat (each destination is written once), "
+            f"got {int(ordered[repeated[0]])} more than once"
+        )
 
 
 def _head_range(heads: tuple[int, int] | None, spec: KVCacheSpec, argument: str) -> tuple[int, int]:

@@ -56,9 +56,13 @@ class KernelTuning:
 
     def defines(self) -> tuple[str, ...]:
         """The -D options of this tuning (``waves`` and ``runs`` are launch-time only)."""
-        return (f"-DKVXFER_THREADS={self.threads}", f"-DKVXFER_UNROLL={self.unroll}",
-                f"-DKVXFER_PREFETCH={int(self.prefetch)}", f"-DKVXFER_MIN_CTAS={self.ctas_per_sm}",
-                f"-DKVXFER_STREAMING={int(self.streaming)}")
+        return (
+            f"-DKVXFER_THREADS={self.threads}",
+            f"-DKVXFER_UNROLL={self.unroll}",
+            f"-DKVXFER_PREFETCH={int(self.prefetch)}",
+            f"-DKVXFER_MIN_CTAS={self.ctas_per_sm}",
+            f"-DKVXFER_STREAMING={int(self.streaming)}",
+        )
 
 
 #: What calls use unless they pass a tuning, chosen per kernel entry from the H200 run of 2026-11-22
@@ -110,8 +114,9 @@ def entry_name(tables: KernelTables, vector: int, tuning: KernelTuning) -> str:
     return f"kvxfer_rows_v{vector}" if tables.narrow else f"kvxfer_rows_wide_v{vector}"
 
 
-def launch_shape(tables: KernelTables, src_addr: int, dst_addr: int, tuning: KernelTuning,
-                 max_ctas: int | None = None) -> LaunchShape:
+def launch_shape(
+    tables: KernelTables, src_addr: int, dst_addr: int, tuning: KernelTuning, max_ctas: int | None = None
+) -> LaunchShape:
     """Kernel arguments for regions starting at ``src_addr``/``dst_addr`` (device pointers as ints).
 
     The vector width is the widest power of two (<= 16) dividing both addresses and ``tables.alignment``. Small
@@ -132,12 +137,32 @@ def launch_shape(tables: KernelTables, src_addr: int, dst_addr: int, tuning: Ker
     row_mul, row_shr = fast_divisor(row_vectors)
     rows_mul, rows_shr = fast_divisor(tables.unit_rows)
     i32, i64, u32 = np.int32, np.int64, np.uint32
-    scalars = (i32(tables.num_segments), i32(tables.num_layer_parts), u32(seg_mul), u32(seg_shr),
-               i32(tables.unit_rows), i32(row_vectors), i64(tables.src_unit_stride), i64(tables.src_row_stride),
-               i64(tables.dst_unit_stride), i64(tables.dst_row_stride), u32(row_mul), u32(row_shr), u32(rows_mul),
-               u32(rows_shr), i32(group.bit_length() - 1))
-    return LaunchShape(entry_name(tables, vector, tuning), vector, num_ctas, tuning.threads,
-                       src_addr + tables.src_base, dst_addr + tables.dst_base, scalars)
+    scalars = (
+        i32(tables.num_segments),
+        i32(tables.num_layer_parts),
+        u32(seg_mul),
+        u32(seg_shr),
+        i32(tables.unit_rows),
+        i32(row_vectors),
+        i64(tables.src_unit_stride),
+        i64(tables.src_row_stride),
+        i64(tables.dst_unit_stride),
+        i64(tables.dst_row_stride),
+        u32(row_mul),
+        u32(row_shr),
+        u32(rows_mul),
+        u32(rows_shr),
+        i32(group.bit_length() - 1),
+    )
+    return LaunchShape(
+        entry_name(tables, vector, tuning),
+        vector,
+        num_ctas,
+        tuning.threads,
+        src_addr + tables.src_base,
+        dst_addr + tables.dst_base,
+        scalars,
+    )
 
 
 def fast_divisor(divisor: int) -> tuple[int, int]:

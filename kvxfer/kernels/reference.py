@@ -44,9 +44,8 @@ def element_view(data: np.ndarray, spec: KVCacheSpec, argument: str, *, writeabl
     spec.check_fits(data.nbytes, argument=argument)
     itemsize = spec.itemsize
     usable = data[: data.nbytes - data.nbytes % itemsize]
-    elements = usable.view(_UINT_OF_SIZE[itemsize])[spec.offset:]
-    return np.lib.stride_tricks.as_strided(elements, shape=spec.shape, strides=spec.byte_strides,
-                                           writeable=writeable)
+    elements = usable.view(_UINT_OF_SIZE[itemsize])[spec.offset :]
+    return np.lib.stride_tricks.as_strided(elements, shape=spec.shape, strides=spec.byte_strides, writeable=writeable)
 
 
 def copy_kv(src: Array, dst: Array, plan: KVCopyPlan) -> None:
@@ -68,8 +67,13 @@ def _row_index(plan: KVCopyPlan, side: str) -> tuple[np.ndarray, ...]:
     slots = tokens % spec.block_size
     h0, h1 = getattr(plan, f"{side}_heads")
     layers = getattr(plan, f"{side}_layers")
-    return (layers[:, None, None, None], blocks[None, None, :, None], plan.parts[None, :, None, None],
-            np.arange(h0, h1, dtype=np.int64)[None, None, None, :], slots[None, None, :, None])
+    return (
+        layers[:, None, None, None],
+        blocks[None, None, :, None],
+        plan.parts[None, :, None, None],
+        np.arange(h0, h1, dtype=np.int64)[None, None, None, :],
+        slots[None, None, :, None],
+    )
 
 
 def _torch_uint8() -> torch.dtype:

@@ -52,8 +52,16 @@ class TableRing:
         self._next = 0
         self._lock = threading.Lock()
 
-    def launch(self, cupy: ModuleType, function: Any, shape: LaunchShape, pointers: tuple[Any, Any], table: np.ndarray,
-               stream: Stream, stream_context: Callable[[], Any]) -> None:
+    def launch(
+        self,
+        cupy: ModuleType,
+        function: Any,
+        shape: LaunchShape,
+        pointers: tuple[Any, Any],
+        table: np.ndarray,
+        stream: Stream,
+        stream_context: Callable[[], Any],
+    ) -> None:
         """Upload ``table`` (int64[n], host) and launch ``function`` with it on ``stream`` (anything with ``.ptr``).
 
         ``pointers``: the (src, dst) kernel arguments; ``stream_context()``: ``stream`` as a cupy stream to enter,
@@ -69,10 +77,11 @@ class TableRing:
                     device_table.set(table, stream=pool_stream)
                 function(grid, block, (*pointers, device_table, *shape.scalars), stream=stream)
                 return
-            slot.host[:table.size] = table
+            slot.host[: table.size] = table
             try:
-                cupy.cuda.runtime.memcpyAsync(int(slot.device_arg), slot.host_ptr, table.nbytes,
-                                              cupy.cuda.runtime.memcpyHostToDevice, stream.ptr)
+                cupy.cuda.runtime.memcpyAsync(
+                    int(slot.device_arg), slot.host_ptr, table.nbytes, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr
+                )
                 function(grid, block, (*pointers, slot.device_arg, *shape.scalars), stream=stream)
             finally:  # whatever was queued reads the slot until this event
                 slot.event.record(stream)
@@ -86,8 +95,7 @@ class TableRing:
             if slot.event.done:
                 self._next = (index + 1) % count
                 if slot.capacity < entries:
-                    slot = self.slots[index] = self._new_slot(cupy, max(entries, 2 * slot.capacity),
-                                                              stream_context)
+                    slot = self.slots[index] = self._new_slot(cupy, max(entries, 2 * slot.capacity), stream_context)
                 return slot
         if count >= MAX_SLOTS:
             return None

@@ -78,9 +78,22 @@ class KernelTables:
 
     def launch_key(self) -> tuple[int | bool, ...]:
         """Every field but the two arrays: equal keys mean equal launch shapes (launchers cache by it)."""
-        return (self.num_segments, self.num_layer_parts, self.unit_rows, self.row_nbytes, self.src_base,
-                self.dst_base, self.src_unit_stride, self.src_row_stride, self.dst_unit_stride, self.dst_row_stride,
-                self.alignment, self.max_count, self.contiguous, self.narrow)
+        return (
+            self.num_segments,
+            self.num_layer_parts,
+            self.unit_rows,
+            self.row_nbytes,
+            self.src_base,
+            self.dst_base,
+            self.src_unit_stride,
+            self.src_row_stride,
+            self.dst_unit_stride,
+            self.dst_row_stride,
+            self.alignment,
+            self.max_count,
+            self.contiguous,
+            self.narrow,
+        )
 
 
 def kernel_tables(plan: KVCopyPlan) -> KernelTables:
@@ -92,8 +105,9 @@ def kernel_tables(plan: KVCopyPlan) -> KernelTables:
     s_layer, s_block, s_kv, s_head, s_token, _ = src.byte_strides
     d_layer, d_block, d_kv, d_head, d_token, _ = dst.byte_strides
     heads, row = plan.num_heads, src.head_dim * src.itemsize
-    starts, counts = segment_runs(plan.num_tokens, src.block_size, dst.block_size,
-                                  max(1, MAX_BOX_BYTES // (heads * row)))
+    starts, counts = segment_runs(
+        plan.num_tokens, src.block_size, dst.block_size, max(1, MAX_BOX_BYTES // (heads * row))
+    )
     segment_src = plan.src_block_ids[starts // src.block_size] * s_block + (starts % src.block_size) * s_token
     segment_dst = plan.dst_block_ids[starts // dst.block_size] * d_block + (starts % dst.block_size) * d_token
     part_src = (plan.src_layers[:, None] * s_layer + plan.parts[None, :] * s_kv).ravel()
@@ -105,14 +119,28 @@ def kernel_tables(plan: KVCopyPlan) -> KernelTables:
     used += _spec_strides(src) + _spec_strides(dst)
     max_count = int(form.counts.max()) if form.counts.size else 0
     check_kernel_limits(len(starts) * len(part_src), max_count * form.unit_rows * form.row)
-    reach = [(max_count - 1) * unit + (form.unit_rows - 1) * rows + form.row
-             for unit, rows in zip(form.unit_strides, form.row_strides, strict=True)]
-    return KernelTables(table=table, segment_tokens=counts, num_segments=len(starts), num_layer_parts=len(part_src),
-                        unit_rows=form.unit_rows, row_nbytes=form.row, src_base=src_base, dst_base=dst_base,
-                        src_unit_stride=form.unit_strides[0], src_row_stride=form.row_strides[0],
-                        dst_unit_stride=form.unit_strides[1], dst_row_stride=form.row_strides[1],
-                        alignment=functools.reduce(math.gcd, used), max_count=max_count,
-                        contiguous=form.contiguous, narrow=max(reach, default=0) < 2**31)
+    reach = [
+        (max_count - 1) * unit + (form.unit_rows - 1) * rows + form.row
+        for unit, rows in zip(form.unit_strides, form.row_strides, strict=True)
+    ]
+    return KernelTables(
+        table=table,
+        segment_tokens=counts,
+        num_segments=len(starts),
+        num_layer_parts=len(part_src),
+        unit_rows=form.unit_rows,
+        row_nbytes=form.row,
+        src_base=src_base,
+        dst_base=dst_base,
+        src_unit_stride=form.unit_strides[0],
+        src_row_stride=form.row_strides[0],
+        dst_unit_stride=form.unit_strides[1],
+        dst_row_stride=form.row_strides[1],
+        alignment=functools.reduce(math.gcd, used),
+        max_count=max_count,
+        contiguous=form.contiguous,
+        narrow=max(reach, default=0) < 2**31,
+    )
 
 
 class _Fields(TypedDict):
@@ -142,8 +170,7 @@ class _Runs:
     holding its last token early (and drops the runs after it).
     """
 
-    def __init__(self, capacity: int, block_sizes: tuple[int, int], token_strides: tuple[int, int],
-                 most: int) -> None:
+    def __init__(self, capacity: int, block_sizes: tuple[int, int], token_strides: tuple[int, int], most: int) -> None:
         self.capacity = capacity
         self.starts, self.counts = segment_runs(capacity, *block_sizes, most)
         self.src_index, self.dst_index = self.starts // block_sizes[0], self.starts // block_sizes[1]
@@ -154,10 +181,12 @@ class _Runs:
         self.prefix_max = np.maximum.accumulate(self.counts)
         self.first_differing = _first_false(self.counts == self.counts[0])
         identity = np.arange(len(self.starts))
-        self.src_identity, self.dst_identity = (_first_false(index == identity)
-                                                for index in (self.src_index, self.dst_index))
-        self.src_aligned, self.dst_aligned = (_first_false(offset == 0)
-                                              for offset in (self.src_offset, self.dst_offset))
+        self.src_identity, self.dst_identity = (
+            _first_false(index == identity) for index in (self.src_index, self.dst_index)
+        )
+        self.src_aligned, self.dst_aligned = (
+            _first_false(offset == 0) for offset in (self.src_offset, self.dst_offset)
+        )
 
 
 class _Length:
@@ -166,8 +195,7 @@ class _Length:
     ``*_index``/``*_offset``: block index and byte offset inside the block of each segment (None: the identity /
     all zero, the common case of one segment per block)."""
 
-    def __init__(self, runs: _Runs, num_segments: int, counts: np.ndarray, table: np.ndarray,
-                 fields: _Fields) -> None:
+    def __init__(self, runs: _Runs, num_segments: int, counts: np.ndarray, table: np.ndarray, fields: _Fields) -> None:
         n = num_segments
         self.num_segments, self.counts, self.table, self.fields = n, counts, table, fields
         counts.setflags(write=False)
@@ -186,8 +214,16 @@ class TableTemplate:
     ``src_heads``/``dst_heads``: local head ranges of equal length.
     """
 
-    def __init__(self, src_spec: KVCacheSpec, dst_spec: KVCacheSpec, src_layers: np.ndarray, dst_layers: np.ndarray,
-                 parts: np.ndarray, src_heads: tuple[int, int], dst_heads: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        src_spec: KVCacheSpec,
+        dst_spec: KVCacheSpec,
+        src_layers: np.ndarray,
+        dst_layers: np.ndarray,
+        parts: np.ndarray,
+        src_heads: tuple[int, int],
+        dst_heads: tuple[int, int],
+    ) -> None:
         self.src_spec, self.dst_spec, self.src_heads, self.dst_heads = src_spec, dst_spec, src_heads, dst_heads
         # Copies: plans share them, and a caller's array may change after planning.
         self.src_layers, self.dst_layers, self.parts = (_frozen(a) for a in (src_layers, dst_layers, parts))
@@ -212,12 +248,19 @@ class TableTemplate:
 
     def describes(self, plan: KVCopyPlan) -> bool:
         """True if ``plan`` has this template's specs, layers, parts and heads, and int64 block id arrays."""
-        return (plan.src_layers is self.src_layers and plan.dst_layers is self.dst_layers and plan.parts is self.parts
-                and plan.src_heads == self.src_heads and plan.dst_heads == self.dst_heads
-                and (plan.src_spec is self.src_spec or plan.src_spec == self.src_spec)
-                and (plan.dst_spec is self.dst_spec or plan.dst_spec == self.dst_spec)
-                and all(isinstance(ids, np.ndarray) and ids.dtype == np.int64 and ids.ndim == 1
-                        for ids in (plan.src_block_ids, plan.dst_block_ids)))
+        return (
+            plan.src_layers is self.src_layers
+            and plan.dst_layers is self.dst_layers
+            and plan.parts is self.parts
+            and plan.src_heads == self.src_heads
+            and plan.dst_heads == self.dst_heads
+            and (plan.src_spec is self.src_spec or plan.src_spec == self.src_spec)
+            and (plan.dst_spec is self.dst_spec or plan.dst_spec == self.dst_spec)
+            and all(
+                isinstance(ids, np.ndarray) and ids.dtype == np.int64 and ids.ndim == 1
+                for ids in (plan.src_block_ids, plan.dst_block_ids)
+            )
+        )
 
     def tables(self, src_ids: np.ndarray, dst_ids: np.ndarray, num_tokens: int) -> KernelTables:
         """``kernel_tables`` of a plan of this template with these block ids (int64, validated) and tokens."""
@@ -226,7 +269,7 @@ class TableTemplate:
             length = self._length(num_tokens)
         table, n = length.table.copy(), length.num_segments
         _fill(table[:n], src_ids, length.src_index, self._block_strides[0], length.src_offset)
-        _fill(table[n:2 * n], dst_ids, length.dst_index, self._block_strides[1], length.dst_offset)
+        _fill(table[n : 2 * n], dst_ids, length.dst_index, self._block_strides[1], length.dst_offset)
         return KernelTables(table=table, segment_tokens=length.counts, **length.fields)
 
     def _length(self, num_tokens: int) -> _Length:
@@ -250,16 +293,28 @@ class TableTemplate:
         if n:
             counts[n - 1] = last
         table = np.empty(3 * n + len(self._parts), dtype=np.int64)
-        table[2 * n:3 * n] = counts if units is None else units
-        table[3 * n:] = self._parts
-        reach = [(max_count - 1) * unit + (shape.unit_rows - 1) * rows + shape.row
-                 for unit, rows in zip(shape.unit_strides, shape.row_strides, strict=True)]
-        fields = _Fields(num_segments=n, num_layer_parts=self._num_layer_parts, unit_rows=shape.unit_rows,
-                      row_nbytes=shape.row, src_base=self._bases[0], dst_base=self._bases[1],
-                      src_unit_stride=shape.unit_strides[0], src_row_stride=shape.row_strides[0],
-                      dst_unit_stride=shape.unit_strides[1], dst_row_stride=shape.row_strides[1],
-                      alignment=alignment, max_count=max_count, contiguous=shape.contiguous,
-                      narrow=max(reach) < 2**31)
+        table[2 * n : 3 * n] = counts if units is None else units
+        table[3 * n :] = self._parts
+        reach = [
+            (max_count - 1) * unit + (shape.unit_rows - 1) * rows + shape.row
+            for unit, rows in zip(shape.unit_strides, shape.row_strides, strict=True)
+        ]
+        fields = _Fields(
+            num_segments=n,
+            num_layer_parts=self._num_layer_parts,
+            unit_rows=shape.unit_rows,
+            row_nbytes=shape.row,
+            src_base=self._bases[0],
+            dst_base=self._bases[1],
+            src_unit_stride=shape.unit_strides[0],
+            src_row_stride=shape.row_strides[0],
+            dst_unit_stride=shape.unit_strides[1],
+            dst_row_stride=shape.row_strides[1],
+            alignment=alignment,
+            max_count=max_count,
+            contiguous=shape.contiguous,
+            narrow=max(reach) < 2**31,
+        )
         length = _Length(runs, n, counts, table, fields)
         if self._kept + table.size > MAX_KEPT_ENTRIES:
             self._lengths, self._kept = {}, 0
@@ -279,8 +334,14 @@ class TableTemplate:
         cached = self._shapes.get(uniform_count)
         if cached is None:
             shape = box_shape(uniform_count, self._inner, self._row, self._token_strides)
-            used = [shape.row, *shape.unit_strides, *shape.row_strides, *self._bases, MAX_VECTOR_BYTES,
-                    *self._strides_used]
+            used = [
+                shape.row,
+                *shape.unit_strides,
+                *shape.row_strides,
+                *self._bases,
+                MAX_VECTOR_BYTES,
+                *self._strides_used,
+            ]
             cached = shape, functools.reduce(math.gcd, used)
             if len(self._shapes) < 64:  # one per distinct short request length at most
                 self._shapes[uniform_count] = cached

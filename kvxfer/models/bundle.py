@@ -40,8 +40,9 @@ class ModelBundle:
     random_weights: bool = False
     seed: int = 0
 
-    def build(self, device: torch.device | str = "cpu", dtype: str | None = None,
-              tp: TensorParallel | None = None) -> Model:
+    def build(
+        self, device: torch.device | str = "cpu", dtype: str | None = None, tp: TensorParallel | None = None
+    ) -> Model:
         """The engine model of this rank (``tp`` None: the whole model) on ``device``; ``dtype`` ("float32",
         "bfloat16", "float16") overrides the stored one. Each rank reads only its shard of the weights."""
         if self.random_weights:
@@ -68,8 +69,13 @@ def known_models() -> list[str]:
     return sorted(_builtin_sources())
 
 
-def load_model(model: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None, *,
-               random_weights: bool = False, seed: int = 0) -> ModelBundle:
+def load_model(
+    model: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    random_weights: bool = False,
+    seed: int = 0,
+) -> ModelBundle:
     """Resolve ``model``: ``"tiny-random"``, ``"smollm2"`` / ``"SmolLM2-135M-Instruct"`` (converted once into the
     cache directory, see :mod:`kvxfer.models.cache`), or the path of a local Hugging Face Llama directory.
     Weights are not read here; :meth:`ModelBundle.build` reads them.
@@ -86,18 +92,30 @@ def load_model(model: str | os.PathLike[str], cache_dir: str | os.PathLike[str] 
     else:
         directory = Path(key).expanduser()
         if not directory.is_dir():
-            raise ConfigError(f"model {key!r}: expected one of {known_models()} or a local model directory "
-                              f"(config.json, *.safetensors, tokenizer.json), got neither")
+            raise ConfigError(
+                f"model {key!r}: expected one of {known_models()} or a local model directory "
+                f"(config.json, *.safetensors, tokenizer.json), got neither"
+            )
     directory = directory.resolve()
     if not random_weights and not any(directory.glob("*.safetensors")):
-        raise ConfigError(f"model {key!r}: directory {directory} must hold *.safetensors weights, found none; pass "
-                          f"random_weights=True (kvxfer worker --random-weights) for seeded random weights of its "
-                          f"shape")
+        raise ConfigError(
+            f"model {key!r}: directory {directory} must hold *.safetensors weights, found none; pass "
+            f"random_weights=True (kvxfer worker --random-weights) for seeded random weights of its "
+            f"shape"
+        )
     config = read_config(directory)
     tokenizer = Tokenizer.from_directory(directory)
     if tokenizer.vocab_size > config.vocab_size:
-        raise ConfigError(f"model {key!r}: tokenizer vocabulary must fit the model's vocab_size={config.vocab_size}, "
-                          f"got {tokenizer.vocab_size} tokens")
+        raise ConfigError(
+            f"model {key!r}: tokenizer vocabulary must fit the model's vocab_size={config.vocab_size}, "
+            f"got {tokenizer.vocab_size} tokens"
+        )
     log.debug("model %s loaded from %s", config.name, directory)
-    return ModelBundle(name=config.name, directory=directory, config=config, tokenizer=tokenizer,
-                       random_weights=bool(random_weights), seed=int(seed))
+    return ModelBundle(
+        name=config.name,
+        directory=directory,
+        config=config,
+        tokenizer=tokenizer,
+        random_weights=bool(random_weights),
+        seed=int(seed),
+    )

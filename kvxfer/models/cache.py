@@ -72,8 +72,7 @@ def publish(final: Path, build: Callable[[Path], dict[str, Any]]) -> Path:
         if temp.exists():
             shutil.rmtree(temp, ignore_errors=True)
     if read_marker(final) is None:
-        raise ConfigError(f"model cache {final}: expected a complete directory after conversion, "
-                          f"found no {MARKER}")
+        raise ConfigError(f"model cache {final}: expected a complete directory after conversion, found no {MARKER}")
     return final
 
 

@@ -38,8 +38,9 @@ class ChatTemplate:
             raise ConfigError(f"chat template: expected a non-empty jinja2 string, got {source!r:.80}")
         if len(source) > MAX_TEMPLATE_CHARS:
             raise ConfigError(f"chat template: expected at most {MAX_TEMPLATE_CHARS} characters, got {len(source)}")
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                    extensions=[jinja2.ext.loopcontrols])
+        environment = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+        )
         environment.filters["tojson"] = _tojson
         environment.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
         try:
@@ -53,8 +54,12 @@ class ChatTemplate:
         """The prompt text of ``messages`` (ConfigError for malformed messages or a failing template)."""
         checked = validate_messages(messages)
         try:
-            return self._template.render(messages=checked, add_generation_prompt=bool(add_generation_prompt),
-                                         bos_token=self.bos_token, eos_token=self.eos_token)
+            return self._template.render(
+                messages=checked,
+                add_generation_prompt=bool(add_generation_prompt),
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
         except ConfigError:
             raise
         except jinja2.TemplateError as error:  # includes sandbox SecurityError

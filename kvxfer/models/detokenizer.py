@@ -35,8 +35,7 @@ class Detokenizer:
     def push(self, token_id: int) -> str:
         """Add one generated id; the new complete text (possibly "")."""
         self._ids.append(int(token_id))
-        if len(self._ids) - self._read < MAX_PENDING_TOKENS and \
-                self.tokenizer.decode(self._ids).endswith(REPLACEMENT):
+        if len(self._ids) - self._read < MAX_PENDING_TOKENS and self.tokenizer.decode(self._ids).endswith(REPLACEMENT):
             return ""
         return self._emit()
 
@@ -45,14 +44,14 @@ class Detokenizer:
         return self._emit() if self._read < len(self._ids) else ""
 
     def _emit(self) -> str:
-        context = self.tokenizer.decode(self._ids[:self._read]) if self._read else ""
+        context = self.tokenizer.decode(self._ids[: self._read]) if self._read else ""
         full = self.tokenizer.decode(self._ids)
         # Text is appended, except by tokenizers that clean up across token boundaries: then the common prefix.
         cut = len(context) if full.startswith(context) else len(os.path.commonprefix([context, full]))
         delta = full[cut:]
         self._read = len(self._ids)
         if self._read > CONTEXT_TOKENS:  # keep a short context window, drop older tokens
-            del self._ids[:self._read - CONTEXT_TOKENS]
+            del self._ids[: self._read - CONTEXT_TOKENS]
             self._read = CONTEXT_TOKENS
         self.text += delta
         return delta

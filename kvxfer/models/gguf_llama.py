@@ -28,14 +28,21 @@ log = logging.getLogger("kvxfer.models")
 
 #: GGUF tensor name (after ``blk.N.``) -> HF name (after ``model.layers.N.``).
 LAYER_TENSORS = {
-    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                  "output.weight": "lm_head.weight"}
+GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 
 #: llama.cpp pre-tokenizer names whose split we reproduce: GPT-2's regex, with single digits split first or not.
 DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "codeshell")
@@ -79,19 +86,26 @@ def gguf_config(gguf: GGUFFile, name: str) -> ModelConfig:
     head_dim = int(gguf.field("llama.attention.key_length", hidden // heads))
     rotary = int(gguf.field("llama.rope.dimension_count", head_dim))
     if rotary != head_dim:
-        raise ConfigError(f"{gguf.path.name}: partial rotary must not be used: rope.dimension_count={rotary}, "
-                          f"head_dim={head_dim}")
+        raise ConfigError(
+            f"{gguf.path.name}: partial rotary must not be used: rope.dimension_count={rotary}, head_dim={head_dim}"
+        )
     tokens = gguf.field("tokenizer.ggml.tokens")
     return ModelConfig(
-        vocab_size=int(gguf.field("llama.vocab_size", len(tokens))), hidden_size=hidden,
+        vocab_size=int(gguf.field("llama.vocab_size", len(tokens))),
+        hidden_size=hidden,
         intermediate_size=int(gguf.field("llama.feed_forward_length")),
-        num_layers=int(gguf.field("llama.block_count")), num_heads=heads,
-        num_kv_heads=int(gguf.field("llama.attention.head_count_kv", heads)), head_dim=head_dim,
+        num_layers=int(gguf.field("llama.block_count")),
+        num_heads=heads,
+        num_kv_heads=int(gguf.field("llama.attention.head_count_kv", heads)),
+        head_dim=head_dim,
         rope_theta=_float32(gguf.field("llama.rope.freq_base", 10000.0)),
         rms_norm_eps=_float32(gguf.field("llama.attention.layer_norm_rms_epsilon")),
         max_position=int(gguf.field("llama.context_length")),
         tie_word_embeddings="output.weight" not in tensor_names,
-        eos_token_ids=_eos_ids(gguf), dtype="float32", name=name)
+        eos_token_ids=_eos_ids(gguf),
+        dtype="float32",
+        name=name,
+    )
 
 
 def _float32(value: float) -> float:
@@ -144,24 +158,40 @@ def gguf_tokenizer(gguf: GGUFFile) -> Tokenizer:
     if kind != "gpt2":
         raise ConfigError(f"{gguf.path.name}: tokenizer.ggml.model must be 'gpt2' (byte-level BPE), got {kind!r}")
     if pre not in DIGIT_SPLIT_PRE + PLAIN_GPT2_PRE:
-        raise ConfigError(f"{gguf.path.name}: tokenizer.ggml.pre must be one of "
-                          f"{DIGIT_SPLIT_PRE + PLAIN_GPT2_PRE}, got {pre!r}")
+        raise ConfigError(
+            f"{gguf.path.name}: tokenizer.ggml.pre must be one of {DIGIT_SPLIT_PRE + PLAIN_GPT2_PRE}, got {pre!r}"
+        )
     tokens = [str(token) for token in gguf.field("tokenizer.ggml.tokens")]
     types = list(gguf.field("tokenizer.ggml.token_type", [1] * len(tokens)))
     alphabet = set(byte_to_unicode().values())
     spelling = byte_to_unicode()
-    vocab = {(token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode("utf-8"))): index
-             for index, token in enumerate(tokens)}
+    vocab = {
+        (token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode("utf-8"))): index
+        for index, token in enumerate(tokens)
+    }
     merges = [tuple(str(merge).split(" ", 1)) for merge in gguf.field("tokenizer.ggml.merges")]
     backend = BackendTokenizer(models.BPE(vocab=vocab, merges=merges))  # type: ignore[arg-type]
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                             if pre in DIGIT_SPLIT_PRE else byte_level)
+    backend.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if pre in DIGIT_SPLIT_PRE
+        else byte_level
+    )
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(token, special=True, normalized=False)
-                                for token, kind in zip(tokens, types) if kind == CONTROL_TOKEN])
-    backend.add_tokens([AddedToken(token, special=False, normalized=False)
-                        for token, kind in zip(tokens, types) if kind == USER_DEFINED_TOKEN])
+    backend.add_special_tokens(
+        [
+            AddedToken(token, special=True, normalized=False)
+            for token, kind in zip(tokens, types)
+            if kind == CONTROL_TOKEN
+        ]
+    )
+    backend.add_tokens(
+        [
+            AddedToken(token, special=False, normalized=False)
+            for token, kind in zip(tokens, types)
+            if kind == USER_DEFINED_TOKEN
+        ]
+    )
 
     def token(key: str) -> str | None:
         index = gguf.field(f"tokenizer.ggml.{key}_token_id", None)
@@ -169,11 +199,17 @@ def gguf_tokenizer(gguf: GGUFFile) -> Tokenizer:
 
     bos = token("bos")
     if gguf.field("tokenizer.ggml.add_bos_token", False) and bos is not None:
-        backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                               special_tokens=[(bos, vocab[bos])])
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+        )
     template = gguf.field("tokenizer.chat_template", None)
-    return Tokenizer(backend, eos_token_ids=_eos_ids(gguf), chat_template=None if template is None else str(template),
-                     bos_token=bos, eos_token=token("eos"))
+    return Tokenizer(
+        backend,
+        eos_token_ids=_eos_ids(gguf),
+        chat_template=None if template is None else str(template),
+        bos_token=bos,
+        eos_token=token("eos"),
+    )
 
 
 def convert_gguf(path: Path, directory: Path, *, name: str) -> ModelConfig:
@@ -183,12 +219,15 @@ def convert_gguf(path: Path, directory: Path, *, name: str) -> ModelConfig:
     config = gguf_config(gguf, name)
     tokenizer = gguf_tokenizer(gguf)
     if tokenizer.vocab_size > config.vocab_size:
-        raise ConfigError(f"{path.name}: the tokenizer's {tokenizer.vocab_size} tokens must fit vocab_size "
-                          f"{config.vocab_size}")
+        raise ConfigError(
+            f"{path.name}: the tokenizer's {tokenizer.vocab_size} tokens must fit vocab_size {config.vocab_size}"
+        )
     save_hf(directory, config, gguf_weights(gguf, config))
     tokenizer.save(directory)
-    generation = {"eos_token_id": list(config.eos_token_ids),
-                  "bos_token_id": gguf.field("tokenizer.ggml.bos_token_id", None)}
+    generation = {
+        "eos_token_id": list(config.eos_token_ids),
+        "bos_token_id": gguf.field("tokenizer.ggml.bos_token_id", None),
+    }
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
     log.info("converted %s into %s (%d parameters)", path.name, directory, config.num_parameters())
     return config

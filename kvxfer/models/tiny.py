@@ -33,8 +33,9 @@ CHAT_TEMPLATE = (
 
 def byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from the 256 byte values to printable characters (what byte-level BPE stores)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     mapping, extra = {}, 0
     for byte in range(256):
         if byte in printable:
@@ -47,8 +48,9 @@ def byte_to_unicode() -> dict[int, str]:
 
 def tiny_config() -> ModelConfig:
     """The ``tiny`` preset with this tokenizer's vocabulary; ``<|im_end|>`` and ``<|endoftext|>`` end a reply."""
-    return PRESETS["tiny"].replace(vocab_size=256 + len(SPECIAL_TOKENS), eos_token_ids=(IM_END_ID, ENDOFTEXT_ID),
-                                   name=NAME)
+    return PRESETS["tiny"].replace(
+        vocab_size=256 + len(SPECIAL_TOKENS), eos_token_ids=(IM_END_ID, ENDOFTEXT_ID), name=NAME
+    )
 
 
 def byte_tokenizer() -> Tokenizer:
@@ -58,8 +60,13 @@ def byte_tokenizer() -> Tokenizer:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS])
-    return Tokenizer(backend, eos_token_ids=(IM_END_ID, ENDOFTEXT_ID), chat_template=CHAT_TEMPLATE,
-                     bos_token=None, eos_token="<|im_end|>")
+    return Tokenizer(
+        backend,
+        eos_token_ids=(IM_END_ID, ENDOFTEXT_ID),
+        chat_template=CHAT_TEMPLATE,
+        bos_token=None,
+        eos_token="<|im_end|>",
+    )
 
 
 def write_tiny_random(directory: Path) -> dict[str, Any]:
@@ -70,5 +77,6 @@ def write_tiny_random(directory: Path) -> dict[str, Any]:
     tokenizer = byte_tokenizer()
     tokenizer.save(directory)
     (directory / "generation_config.json").write_text(
-        json.dumps({"eos_token_id": [IM_END_ID, ENDOFTEXT_ID]}), encoding="utf-8")
+        json.dumps({"eos_token_id": [IM_END_ID, ENDOFTEXT_ID]}), encoding="utf-8"
+    )
     return {"name": NAME, "source": f"random weights, seed {SEED}, engine preset 'tiny'"}

@@ -69,8 +69,15 @@ class Tokenizer:
     primary one); ``bos_token`` / ``eos_token`` are the strings the chat template sees.
     """
 
-    def __init__(self, backend: BackendTokenizer, *, eos_token_ids: Iterable[int], chat_template: str | None = None,
-                 bos_token: str | None = None, eos_token: str | None = None) -> None:
+    def __init__(
+        self,
+        backend: BackendTokenizer,
+        *,
+        eos_token_ids: Iterable[int],
+        chat_template: str | None = None,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+    ) -> None:
         self.backend = backend
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(int(t) for t in eos_token_ids))
@@ -79,7 +86,8 @@ class Tokenizer:
                 raise ConfigError(f"Tokenizer: eos token id must lie in [0, {self.vocab_size}), got {token_id}")
         self.bos_token, self.eos_token = bos_token, eos_token
         self.chat_template: ChatTemplate | None = (
-            None if chat_template is None else ChatTemplate(chat_template, bos_token=bos_token, eos_token=eos_token))
+            None if chat_template is None else ChatTemplate(chat_template, bos_token=bos_token, eos_token=eos_token)
+        )
 
     # ---- loading and saving --------------------------------------------------------------------------------------
 
@@ -96,8 +104,11 @@ class Tokenizer:
             raise ConfigError(f"{file}: not a valid tokenizers file: {error}") from error
         settings = _read_json(path / "tokenizer_config.json")
         template_file = path / "chat_template.jinja"
-        template = (template_file.read_text(encoding="utf-8") if template_file.is_file()
-                    else _template_from_config(settings.get("chat_template")))
+        template = (
+            template_file.read_text(encoding="utf-8")
+            if template_file.is_file()
+            else _template_from_config(settings.get("chat_template"))
+        )
         bos, eos = _token_string(settings.get("bos_token")), _token_string(settings.get("eos_token"))
         eos_ids = _ids(_read_json(path / "generation_config.json").get("eos_token_id"))
         eos_ids += _ids(_read_json(path / "config.json").get("eos_token_id"))
@@ -111,13 +122,18 @@ class Tokenizer:
         ``directory`` (a Hugging Face ``PreTrainedTokenizerFast`` can load them too)."""
         path = Path(directory)
         self.backend.save(str(path / "tokenizer.json"))
-        settings: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
-                                    "eos_token": self.eos_token, "clean_up_tokenization_spaces": False}
+        settings: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "clean_up_tokenization_spaces": False,
+        }
         if self.chat_template is not None:
             (path / "chat_template.jinja").write_text(self.chat_template.source, encoding="utf-8")
             settings["chat_template"] = self.chat_template.source
-        (path / "tokenizer_config.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False),
-                                                   encoding="utf-8")
+        (path / "tokenizer_config.json").write_text(
+            json.dumps(settings, indent=2, ensure_ascii=False), encoding="utf-8"
+        )
 
     # ---- use -----------------------------------------------------------------------------------------------------
 
@@ -130,8 +146,7 @@ class Tokenizer:
         if not isinstance(text, str):
             raise ConfigError(f"Tokenizer.encode: text must be a str, got {type(text).__name__}")
         if len(text) > MAX_TEXT_CHARS:
-            raise ConfigError(f"Tokenizer.encode: text must have at most {MAX_TEXT_CHARS} characters, "
-                              f"got {len(text)}")
+            raise ConfigError(f"Tokenizer.encode: text must have at most {MAX_TEXT_CHARS} characters, got {len(text)}")
         if self.bos_token and text.startswith(self.bos_token):
             add_special_tokens = False
         return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
@@ -146,8 +161,10 @@ class Tokenizer:
         """The prompt text for ``messages`` (``[{"role": "user", "content": "..."}]``) through the model's template;
         with ``add_generation_prompt`` it ends where the assistant's reply begins. Encode it with :meth:`encode`."""
         if self.chat_template is None:
-            raise ConfigError("Tokenizer.apply_chat_template: this model has no chat template "
-                              "(chat_template.jinja or tokenizer_config.json's chat_template)")
+            raise ConfigError(
+                "Tokenizer.apply_chat_template: this model has no chat template "
+                "(chat_template.jinja or tokenizer_config.json's chat_template)"
+            )
         return self.chat_template.render(messages, add_generation_prompt)
 
     def token_to_id(self, token: str) -> int | None:
@@ -156,5 +173,7 @@ class Tokenizer:
         return None if token_id is None else int(token_id)
 
     def __repr__(self) -> str:
-        return (f"Tokenizer(vocab_size={self.vocab_size}, eos_token_ids={self.eos_token_ids}, "
-                f"chat_template={'yes' if self.chat_template else 'no'})")
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, eos_token_ids={self.eos_token_ids}, "
+            f"chat_template={'yes' if self.chat_template else 'no'})"
+        )

@@ -35,8 +35,16 @@ class Checksums:
 
     def encode(self) -> bytes:
         """msgpack bytes, to hand to the receiving process."""
-        data: bytes = msgpack.packb([self.unit_tokens, self.first_head, self.num_tokens, list(self.values.shape),
-                                     self.values.astype("<u4").tobytes()], use_bin_type=True)
+        data: bytes = msgpack.packb(
+            [
+                self.unit_tokens,
+                self.first_head,
+                self.num_tokens,
+                list(self.values.shape),
+                self.values.astype("<u4").tobytes(),
+            ],
+            use_bin_type=True,
+        )
         return data
 
     @classmethod
@@ -50,9 +58,16 @@ class Checksums:
             raise HandshakeError(f"checksums are malformed: {error}") from None
 
 
-def compute(region: Region, spec: KVCacheSpec, block_ids: BlockIds, *, num_tokens: int | None = None,
-            unit_tokens: int | None = None, heads: tuple[int, int] | None = None,
-            layers: Selection = None) -> Checksums:
+def compute(
+    region: Region,
+    spec: KVCacheSpec,
+    block_ids: BlockIds,
+    *,
+    num_tokens: int | None = None,
+    unit_tokens: int | None = None,
+    heads: tuple[int, int] | None = None,
+    layers: Selection = None,
+) -> Checksums:
     """Checksums of ``num_tokens`` tokens in blocks ``block_ids`` (int[n], host) of the cache in ``region``.
 
     ``heads``: local head range (default all); ``unit_tokens`` defaults to the spec's block size.
@@ -65,8 +80,16 @@ def compute(region: Region, spec: KVCacheSpec, block_ids: BlockIds, *, num_token
     h0, h1 = (0, spec.num_kv_heads) if heads is None else heads
     layer_ids = np.arange(spec.num_layers) if layers is None else np.asarray(layers, dtype=np.int64)
     stage = kernels.staging_spec(spec, tokens, num_layers=len(layer_ids), heads=(h0, h1), layout=KVLayout.NHD)
-    plan = kernels.plan_kv_copy(spec, stage, ids, [0], num_tokens=tokens, src_layers=layer_ids,
-                                dst_layers=np.arange(len(layer_ids)), src_heads=(h0, h1))
+    plan = kernels.plan_kv_copy(
+        spec,
+        stage,
+        ids,
+        [0],
+        num_tokens=tokens,
+        src_layers=layer_ids,
+        dst_layers=np.arange(len(layer_ids)),
+        src_heads=(h0, h1),
+    )
     canonical = _gather_to_host(region, stage, plan)
     # [layer, part, token, head, dim] -> [unit, head, layer, part, token-in-unit, dim], tokens padded with zeros
     shape = (len(layer_ids), spec.num_kv_parts, tokens, h1 - h0, spec.head_dim * spec.itemsize)
@@ -84,16 +107,24 @@ def verify(expected: Checksums, actual: Checksums, who: str) -> None:
     """TransferError naming the first (chunk, head) whose checksum differs."""
     offset = actual.first_head - expected.first_head
     heads = actual.values.shape[1]
-    if expected.unit_tokens != actual.unit_tokens or offset < 0 or offset + heads > expected.values.shape[1] \
-            or expected.values.shape[0] != actual.values.shape[0]:
-        raise TransferError(f"checksums from {who} do not cover what arrived (units {expected.values.shape}, "
-                            f"heads from {expected.first_head}; got {actual.values.shape} from {actual.first_head})")
-    mismatch = np.argwhere(expected.values[:, offset:offset + heads] != actual.values)
+    if (
+        expected.unit_tokens != actual.unit_tokens
+        or offset < 0
+        or offset + heads > expected.values.shape[1]
+        or expected.values.shape[0] != actual.values.shape[0]
+    ):
+        raise TransferError(
+            f"checksums from {who} do not cover what arrived (units {expected.values.shape}, "
+            f"heads from {expected.first_head}; got {actual.values.shape} from {actual.first_head})"
+        )
+    mismatch = np.argwhere(expected.values[:, offset : offset + heads] != actual.values)
     if len(mismatch):
         unit, head = (int(x) for x in mismatch[0])
-        raise TransferError(f"checksum mismatch for data from {who}: tokens [{unit * actual.unit_tokens}, "
-                            f"{(unit + 1) * actual.unit_tokens}) of head {actual.first_head + head} "
-                            f"({len(mismatch)} chunk-heads differ)")
+        raise TransferError(
+            f"checksum mismatch for data from {who}: tokens [{unit * actual.unit_tokens}, "
+            f"{(unit + 1) * actual.unit_tokens}) of head {actual.first_head + head} "
+            f"({len(mismatch)} chunk-heads differ)"
+        )
 
 
 def _gather_to_host(region: Region, stage: KVCacheSpec, plan: KVCopyPlan) -> np.ndarray:
@@ -108,7 +139,14 @@ def _gather_to_host(region: Region, stage: KVCacheSpec, plan: KVCopyPlan) -> np.
     cupy = cupy_module()
     with cupy.cuda.Device(region.device):
         out = cupy.empty(stage.nbytes, dtype=cupy.uint8)
-        kernels.copy_kv_pointers(region.addr, region.nbytes, out.data.ptr, out.nbytes, plan, device=region.device,
-                                 stream=cupy.cuda.get_current_stream())
+        kernels.copy_kv_pointers(
+            region.addr,
+            region.nbytes,
+            out.data.ptr,
+            out.nbytes,
+            plan,
+            device=region.device,
+            stream=cupy.cuda.get_current_stream(),
+        )
         host: np.ndarray = cupy.asnumpy(out)
         return host

@@ -33,8 +33,15 @@ class PipeHandle(Handle):
     """The handle of one pipe request (pull or push): a :class:`~kvxfer.Handle` over every step. ``strategy``
     names how each rank pair moves its bytes."""
 
-    def __init__(self, steps: list[Step], deadline: float, default_timeout: float, strategy: str,
-                 nbytes: int, request: PipeRequest | None = None) -> None:
+    def __init__(
+        self,
+        steps: list[Step],
+        deadline: float,
+        default_timeout: float,
+        strategy: str,
+        nbytes: int,
+        request: PipeRequest | None = None,
+    ) -> None:
         self._steps = list(steps)
         self._lock = threading.RLock()
         self._state = TransferState.PENDING
@@ -69,15 +76,23 @@ class PipeHandle(Handle):
                 return self._state
             states = [step.poll() for step in self._steps]
             self._last_states = states
-            failed = next((s for s, state in zip(self._steps, states, strict=True) if state.final and
-                           state is not TransferState.DONE), None)
+            failed = next(
+                (
+                    s
+                    for s, state in zip(self._steps, states, strict=True)
+                    if state.final and state is not TransferState.DONE
+                ),
+                None,
+            )
             if failed is not None:
                 self._abort(TransferState.FAILED, failed.error or TransferError("a step of the transfer failed"))
             elif all(state is TransferState.DONE for state in states) and not self._more_to_come():
                 self._complete()
             elif time.monotonic() > self.deadline:
-                self._abort(TransferState.FAILED, TransferTimeoutError(
-                    f"KV transfer of {self.nbytes} bytes missed its deadline", self))
+                self._abort(
+                    TransferState.FAILED,
+                    TransferTimeoutError(f"KV transfer of {self.nbytes} bytes missed its deadline", self),
+                )
             return self._state
 
     def _complete(self) -> None:
@@ -114,8 +129,11 @@ class PipeHandle(Handle):
         :meth:`poll` afterwards says where the request stands."""
         with self._lock:
             # before the first poll there are no states yet: nothing counts as busy
-            busy = [step for step, state in zip(self._steps, self._last_states, strict=False)
-                    if state is not TransferState.DONE]
+            busy = [
+                step
+                for step, state in zip(self._steps, self._last_states, strict=False)
+                if state is not TransferState.DONE
+            ]
         (busy[0] if busy else Step()).block(seconds)
 
     def cancel(self) -> None:
@@ -132,8 +150,9 @@ class LayerStream(PipeHandle):
     """A push or pull whose layers move as they are marked ready (push: by the caller; pull: by the peers'
     announcements)."""
 
-    def __init__(self, request: PipeRequest, steps: list[Step], deadline: float, limit: float, strategy: str,
-                 nbytes: int) -> None:
+    def __init__(
+        self, request: PipeRequest, steps: list[Step], deadline: float, limit: float, strategy: str, nbytes: int
+    ) -> None:
         self._pending_layers = set(int(x) for x in request.layers)
         super().__init__(steps, deadline, limit, strategy, nbytes, request)
 
@@ -151,8 +170,9 @@ class LayerStream(PipeHandle):
         with self._lock:
             fresh = [int(x) for x in chosen if int(x) in self._pending_layers]
             if len(fresh) != len(chosen):
-                raise DescriptorError(f"layers {sorted(set(chosen.tolist()) - set(fresh))} are not awaited by this "
-                                      f"request")
+                raise DescriptorError(
+                    f"layers {sorted(set(chosen.tolist()) - set(fresh))} are not awaited by this request"
+                )
             if self.poll().final:  # a failed or cancelled request posts nothing more
                 raise UsageError(f"this request is already {self.state.value}")
             self.add(request.steps(np.asarray(fresh, dtype=np.int64)))

@@ -49,9 +49,17 @@ class KVPipe:
     equal length, e.g. every prefill rank of a TP group). ``strategy``: a :class:`Strategy` or its name.
     """
 
-    def __init__(self, agent: Agent, local_spec: KVCacheSpec, peer: Peer | str | Sequence[Peer | str],
-                 remote_spec: KVCacheSpec | Sequence[KVCacheSpec], *, local_region: str = "kv",
-                 remote_region: str = "kv", strategy: Strategy | str = "auto") -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        local_spec: KVCacheSpec,
+        peer: Peer | str | Sequence[Peer | str],
+        remote_spec: KVCacheSpec | Sequence[KVCacheSpec],
+        *,
+        local_region: str = "kv",
+        remote_region: str = "kv",
+        strategy: Strategy | str = "auto",
+    ) -> None:
         wanted = Strategy.parse(strategy)
         peers = [peer] if isinstance(peer, (Peer, str)) else list(peer)
         specs = [remote_spec] if isinstance(remote_spec, KVCacheSpec) else list(remote_spec)
@@ -62,18 +70,28 @@ class KVPipe:
         local_spec.check_fits(self.region.nbytes, argument=f"region {local_region!r}")
         local_spec.check_itemsize(self.region.itemsize, "local_spec", f"region {local_region!r}")
         self.device = self.region.device if self.region.kind is MemoryKind.CUDA else -1
-        self.routes = [self._route(head, agent.peer(peers[head.remote]), specs[head.remote], remote_region, wanted)
-                       for head in route_heads(local_spec, specs)]
+        self.routes = [
+            self._route(head, agent.peer(peers[head.remote]), specs[head.remote], remote_region, wanted)
+            for head in route_heads(local_spec, specs)
+        ]
         # A push must fill every replica of a replicated head; a pull reads one of them.
-        self.write_routes = [self._route(head, agent.peer(peers[head.remote]), specs[head.remote], remote_region,
-                                         wanted) for head in route_heads(local_spec, specs, every_replica=True)]
+        self.write_routes = [
+            self._route(head, agent.peer(peers[head.remote]), specs[head.remote], remote_region, wanted)
+            for head in route_heads(local_spec, specs, every_replica=True)
+        ]
         self._launcher = Launcher(self.device)
         self._staging = StagingPool(agent, self.device)
         self._strategies = Strategies(agent, self.region, local_spec, self._launcher, self._staging)
         self._watcher = Watcher()
         for route in self.routes:
-            logger.info("pipe %s <- %s heads %s: %s (%s)", agent.name, route.peer.name, route.heads.global_heads,
-                        route.strategy, route.reason)
+            logger.info(
+                "pipe %s <- %s heads %s: %s (%s)",
+                agent.name,
+                route.peer.name,
+                route.heads.global_heads,
+                route.strategy,
+                route.reason,
+            )
 
     def _route(self, heads: HeadRoute, peer: Peer, spec: KVCacheSpec, region_name: str, wanted: Strategy) -> Route:
         region = peer.region(region_name)
@@ -88,11 +106,21 @@ class KVPipe:
 
     # ---- requests ----------------------------------------------------------------------------------------------
 
-    def pull(self, local_block_ids: BlockIds, remote_block_ids: BlockIds, notify: bytes | None = None, *,
-             num_tokens: int | None = None, layers: Layers = None, timeout: float | None = None,
-             lease: bytes | None = None, renew_every: float = 1.0,
-             expected: Mapping[str, Checksums | bytes] | None = None, stream_layers: bool = False,
-             stream_key: bytes | None = None) -> PipeHandle:
+    def pull(
+        self,
+        local_block_ids: BlockIds,
+        remote_block_ids: BlockIds,
+        notify: bytes | None = None,
+        *,
+        num_tokens: int | None = None,
+        layers: Layers = None,
+        timeout: float | None = None,
+        lease: bytes | None = None,
+        renew_every: float = 1.0,
+        expected: Mapping[str, Checksums | bytes] | None = None,
+        stream_layers: bool = False,
+        stream_key: bytes | None = None,
+    ) -> PipeHandle:
         """Fill local blocks ``local_block_ids`` (int[n], host; sequence order) with the tokens of the peers'
         blocks ``remote_block_ids`` (int[m], host). ``notify`` reaches every peer of the request after the data.
         ``layers`` (ids or range) narrows the request; ``num_tokens`` defaults to what the blocks hold.
@@ -104,22 +132,53 @@ class KVPipe:
             raise ConfigError("a streamed pull needs both stream_layers=True and a stream_key")
         if stream_key is not None and (not isinstance(stream_key, bytes) or not 0 < len(stream_key) <= MAX_KEY):
             raise ConfigError(f"stream_key must be 1 to {MAX_KEY} bytes, got {stream_key!r}")
-        return self._request(Op.READ, local_block_ids, remote_block_ids, notify, num_tokens, layers, timeout,
-                             stream_layers, lease=lease, renew_every=renew_every, expected=expected,
-                             stream_key=stream_key)
+        return self._request(
+            Op.READ,
+            local_block_ids,
+            remote_block_ids,
+            notify,
+            num_tokens,
+            layers,
+            timeout,
+            stream_layers,
+            lease=lease,
+            renew_every=renew_every,
+            expected=expected,
+            stream_key=stream_key,
+        )
 
-    def push(self, local_block_ids: BlockIds, remote_block_ids: BlockIds, notify: bytes | None = None, *,
-             num_tokens: int | None = None, layers: Layers = None, timeout: float | None = None,
-             stream_layers: bool = False) -> PipeHandle:
+    def push(
+        self,
+        local_block_ids: BlockIds,
+        remote_block_ids: BlockIds,
+        notify: bytes | None = None,
+        *,
+        num_tokens: int | None = None,
+        layers: Layers = None,
+        timeout: float | None = None,
+        stream_layers: bool = False,
+    ) -> PipeHandle:
         """Write local blocks into the peers' blocks. With ``stream_layers``, nothing moves until
         ``handle.ready(layers)`` says which layers are computed; the request ends when every layer was readied."""
-        return self._request(Op.WRITE, local_block_ids, remote_block_ids, notify, num_tokens, layers, timeout,
-                             stream_layers)
+        return self._request(
+            Op.WRITE, local_block_ids, remote_block_ids, notify, num_tokens, layers, timeout, stream_layers
+        )
 
-    def _request(self, op: Op, local_ids: BlockIds, remote_ids: BlockIds, notify: bytes | None, num_tokens: int | None,
-                 layers: Layers, timeout: float | None, stream_layers: bool = False, lease: bytes | None = None,
-                 renew_every: float = 1.0, expected: Mapping[str, Checksums | bytes] | None = None,
-                 stream_key: bytes | None = None) -> PipeHandle:
+    def _request(
+        self,
+        op: Op,
+        local_ids: BlockIds,
+        remote_ids: BlockIds,
+        notify: bytes | None,
+        num_tokens: int | None,
+        layers: Layers,
+        timeout: float | None,
+        stream_layers: bool = False,
+        lease: bytes | None = None,
+        renew_every: float = 1.0,
+        expected: Mapping[str, Checksums | bytes] | None = None,
+        stream_key: bytes | None = None,
+    ) -> PipeHandle:
         if notify is not None and not isinstance(notify, (bytes, bytearray)):
             raise ConfigError(f"notify must be bytes or None, got {type(notify).__name__}")
         local_ids = as_index_array(local_ids, "local_block_ids", self.spec.num_blocks)
@@ -127,8 +186,10 @@ class KVPipe:
         if has_repeats(layer_ids, self.spec.num_layers):
             raise DescriptorError("layers must not repeat")
         routes = self.routes if op is Op.READ else self.write_routes
-        tokens = [self._tokens(local_ids, as_index_array(remote_ids, "remote_block_ids", r.spec.num_blocks), r,
-                               num_tokens) for r in routes]
+        tokens = [
+            self._tokens(local_ids, as_index_array(remote_ids, "remote_block_ids", r.spec.num_blocks), r, num_tokens)
+            for r in routes
+        ]
         remote = as_index_array(remote_ids, "remote_block_ids", min(r.spec.num_blocks for r in routes))
         if op is Op.READ and has_repeats(local_ids, self.spec.num_blocks):
             raise DescriptorError("local_block_ids must not repeat (they are written)")
@@ -136,8 +197,19 @@ class KVPipe:
             raise DescriptorError("remote_block_ids must not repeat (they are written)")
         nbytes = sum(self._route_nbytes(r, t, len(layer_ids)) for r, t in zip(routes, tokens, strict=True))
         limit = self.agent.timeouts.transfer if timeout is None else timeout
-        request = PipeRequest(op, local_ids, remote, tokens, notify, layer_ids, routes, self._strategies,
-                              decode_expected(expected), lease, stream_key)
+        request = PipeRequest(
+            op,
+            local_ids,
+            remote,
+            tokens,
+            notify,
+            layer_ids,
+            routes,
+            self._strategies,
+            decode_expected(expected),
+            lease,
+            stream_key,
+        )
         if stream_key is not None and stream_key in LayerBoard.of(self.agent).listened:
             raise ConfigError(f"a pull already streams request key {stream_key!r}")
         steps = [] if stream_layers else request.steps(layer_ids)
@@ -163,8 +235,10 @@ class KVPipe:
         tokens = capacity if num_tokens is None else int(num_tokens)
         for ids, spec, side in ((local_ids, self.spec, "local"), (remote_ids, route.spec, "remote")):
             if len(ids) != -(-tokens // spec.block_size):
-                raise DescriptorError(f"{side}_block_ids: {tokens} tokens in blocks of {spec.block_size} need "
-                                      f"{-(-tokens // spec.block_size)} ids, got {len(ids)}")
+                raise DescriptorError(
+                    f"{side}_block_ids: {tokens} tokens in blocks of {spec.block_size} need "
+                    f"{-(-tokens // spec.block_size)} ids, got {len(ids)}"
+                )
         return tokens
 
     def _route_nbytes(self, route: Route, tokens: int, layers: int) -> int:

@@ -36,8 +36,9 @@ class Launcher:
             with cupy.cuda.Device(self.device):
                 if self._stream is None:
                     self._stream = cupy.cuda.Stream(non_blocking=True)
-                kernels.copy_kv_pointers(source[0], source[1], target[0], target[1], plan, device=self.device,
-                                         stream=self._stream)
+                kernels.copy_kv_pointers(
+                    source[0], source[1], target[0], target[1], plan, device=self.device, stream=self._stream
+                )
                 event = cupy.cuda.Event(block=False, disable_timing=True)
                 event.record(self._stream)
             return EventStep(event)

@@ -120,6 +120,7 @@ class LayerBoard:
         stale = time.monotonic() - self.agent.timeouts.transfer
         for index, (created, key) in enumerate(unclaimed):
             if created < stale or index < len(unclaimed) - MAX_UNCLAIMED + 1:
-                logger.warning("agent %s: layer announcements for %r dropped: no pull claimed them",
-                               self.agent.name, key)
+                logger.warning(
+                    "agent %s: layer announcements for %r dropped: no pull claimed them", self.agent.name, key
+                )
                 del self._boards[key]

@@ -80,8 +80,14 @@ class Leases:
 
     # ---- sender ------------------------------------------------------------------------------------------------
 
-    def grant(self, key: bytes, peer: str, block_ids: BlockIds, ttl: float = 10.0,
-              on_end: Callable[[Lease, str], None] | None = None) -> Lease:
+    def grant(
+        self,
+        key: bytes,
+        peer: str,
+        block_ids: BlockIds,
+        ttl: float = 10.0,
+        on_end: Callable[[Lease, str], None] | None = None,
+    ) -> Lease:
         """Hold ``block_ids`` for ``peer`` for ``ttl`` seconds past the last renewal."""
         if not isinstance(key, bytes) or not key:
             raise ConfigError(f"lease key must be non-empty bytes, got {key!r}")
@@ -137,8 +143,9 @@ class Leases:
         try:
             self.agent.control.send(peer, LeaseMessage(verb, key))
         except KvxferError as error:
-            logger.warning("agent %s: cannot send lease %s for %r to %s: %s", self.agent.name, verb.value, key, peer,
-                           error)
+            logger.warning(
+                "agent %s: cannot send lease %s for %r to %s: %s", self.agent.name, verb.value, key, peer, error
+            )
 
     def _on_message(self, peer_name: str, message: LeaseMessage) -> None:
         verb, key = message.verb, message.key

@@ -28,10 +28,14 @@ class HeadRoute:
 
 def check_compatible(local: KVCacheSpec, remote: KVCacheSpec) -> None:
     """LayoutMismatchError unless the two caches hold the same model's KV (layouts and block sizes may differ)."""
-    checks = [("model", local.model, remote.model), ("dtype", local.dtype, remote.dtype),
-              ("head_dim", local.head_dim, remote.head_dim), ("num_layers", local.num_layers, remote.num_layers),
-              ("total_kv_heads", local.total_kv_heads, remote.total_kv_heads),
-              ("num_kv_parts", local.num_kv_parts, remote.num_kv_parts)]
+    checks = [
+        ("model", local.model, remote.model),
+        ("dtype", local.dtype, remote.dtype),
+        ("head_dim", local.head_dim, remote.head_dim),
+        ("num_layers", local.num_layers, remote.num_layers),
+        ("total_kv_heads", local.total_kv_heads, remote.total_kv_heads),
+        ("num_kv_parts", local.num_kv_parts, remote.num_kv_parts),
+    ]
     for field, mine, theirs in checks:
         if field == "model" and (not mine or not theirs):
             continue  # an unnamed model is not checked
@@ -39,8 +43,9 @@ def check_compatible(local: KVCacheSpec, remote: KVCacheSpec) -> None:
             raise LayoutMismatchError(f"KV caches do not match: local {field}={mine!r}, remote {field}={theirs!r}")
     sizes = sorted((local.tp_size, remote.tp_size))
     if sizes[1] % sizes[0]:
-        raise LayoutMismatchError(f"TP sizes must divide one another, got local {local.tp_size} and remote "
-                                  f"{remote.tp_size}")
+        raise LayoutMismatchError(
+            f"TP sizes must divide one another, got local {local.tp_size} and remote {remote.tp_size}"
+        )
 
 
 def route_heads(local: KVCacheSpec, remotes: Sequence[KVCacheSpec], every_replica: bool = False) -> list[HeadRoute]:
@@ -65,17 +70,23 @@ def route_heads(local: KVCacheSpec, remotes: Sequence[KVCacheSpec], every_replic
         covered += high - low
     if covered != g1 - g0:
         have = sorted(holders)
-        raise LayoutMismatchError(f"remote ranks hold heads {have}; they do not cover this rank's heads [{g0}, {g1})"
-                                  " exactly once (pass every remote rank that holds them)")
+        raise LayoutMismatchError(
+            f"remote ranks hold heads {have}; they do not cover this rank's heads [{g0}, {g1})"
+            " exactly once (pass every remote rank that holds them)"
+        )
     return routes
 
 
 def rank_pairs(prefill_tp: int, decode_tp: int, total_kv_heads: int) -> list[tuple[int, int, tuple[int, int]]]:
     """(prefill rank, decode rank, global heads) for every route of a prefill TP -> decode TP transfer."""
+
     def spec(rank: int, size: int) -> KVCacheSpec:
         heads = max(total_kv_heads // size, 1)
         return KVCacheSpec(1, 1, 1, heads, 1, tp_rank=rank, tp_size=size, total_kv_heads=total_kv_heads)
 
     prefill = [spec(r, prefill_tp) for r in range(prefill_tp)]
-    return [(route.remote, d, route.global_heads) for d in range(decode_tp)
-            for route in route_heads(spec(d, decode_tp), prefill)]
+    return [
+        (route.remote, d, route.global_heads)
+        for d in range(decode_tp)
+        for route in route_heads(spec(d, decode_tp), prefill)
+    ]

@@ -50,8 +50,11 @@ class PipeRequest:
 
     def steps(self, layers: np.ndarray) -> list[Step]:
         """Post the steps that move ``layers`` (int64[k], host) on every route."""
-        made = [step for route, tokens in zip(self.routes, self.tokens, strict=True)
-                for step in self.strategies.steps(self.op, route, self.local, self.remote, tokens, layers)]
+        made = [
+            step
+            for route, tokens in zip(self.routes, self.tokens, strict=True)
+            for step in self.strategies.steps(self.op, route, self.local, self.remote, tokens, layers)
+        ]
         self.staging.extend(step.staging for step in made if isinstance(step, StagedStep))
         return made
 
@@ -61,8 +64,15 @@ class PipeRequest:
         for route, tokens in zip(self.routes, self.tokens, strict=True):
             wanted = (self.expected or {}).get(route.peer.name)
             if wanted is not None:
-                actual = checksum.compute(region, spec, self.local, num_tokens=tokens, unit_tokens=wanted.unit_tokens,
-                                          heads=route.heads.local_heads, layers=self.layers)
+                actual = checksum.compute(
+                    region,
+                    spec,
+                    self.local,
+                    num_tokens=tokens,
+                    unit_tokens=wanted.unit_tokens,
+                    heads=route.heads.local_heads,
+                    layers=self.layers,
+                )
                 checksum.verify(wanted, actual, route.peer.name)
         if self.notify is not None:
             for name in self.peers:
@@ -85,5 +95,6 @@ def decode_expected(expected: Mapping[str, Checksums | bytes] | None) -> dict[st
         return None
     if not isinstance(expected, dict):
         raise ConfigError(f"expected must map peer names to Checksums, got {type(expected).__name__}")
-    return {name: value if isinstance(value, Checksums) else Checksums.decode(value)
-            for name, value in expected.items()}
+    return {
+        name: value if isinstance(value, Checksums) else Checksums.decode(value) for name, value in expected.items()
+    }

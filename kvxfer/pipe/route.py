@@ -67,8 +67,17 @@ class Route:
     mapped: int | None  # where the peer region starts in this process (kernel strategy), else None
 
 
-def choose_route(heads: HeadRoute, local: Region, local_spec: KVCacheSpec, device: int, peer: Peer,
-                 spec: KVCacheSpec, region: RemoteRegion, backend: Backend, wanted: Strategy) -> Route:
+def choose_route(
+    heads: HeadRoute,
+    local: Region,
+    local_spec: KVCacheSpec,
+    device: int,
+    peer: Peer,
+    spec: KVCacheSpec,
+    region: RemoteRegion,
+    backend: Backend,
+    wanted: Strategy,
+) -> Route:
     """The route for ``heads`` between the local cache (``local``, laid out by ``local_spec``, on ``device``;
     -1: host) and ``peer``'s cache ``region`` (laid out by ``spec``) over ``backend``: ``wanted``, or with
     AUTO the fastest strategy that fits. ConfigError when a wanted strategy cannot work here."""
@@ -77,28 +86,49 @@ def choose_route(heads: HeadRoute, local: Region, local_spec: KVCacheSpec, devic
         mapped = backend.map_remote(peer, region.index, device)
     direct = same_fragments(local_spec, heads.local_heads, spec, heads.remote_heads)
     if wanted is Strategy.KERNEL and mapped is None:
-        raise ConfigError(f"strategy 'kernel' needs a backend that maps peer memory; {backend.caps.name} "
-                          f"cannot for peer {peer.name!r}")
+        raise ConfigError(
+            f"strategy 'kernel' needs a backend that maps peer memory; {backend.caps.name} "
+            f"cannot for peer {peer.name!r}"
+        )
     if wanted is Strategy.DIRECT and not direct:
-        raise ConfigError(f"strategy 'direct' needs the same fragments on both sides; the two caches cut heads "
-                          f"{heads.global_heads} differently (block size, layout or head slice; use 'staged')")
+        raise ConfigError(
+            f"strategy 'direct' needs the same fragments on both sides; the two caches cut heads "
+            f"{heads.global_heads} differently (block size, layout or head slice; use 'staged')"
+        )
     piece = spec.fragments(heads.remote_heads)[1]
     if wanted is not Strategy.AUTO:
         return Route(heads, peer, spec, region, backend, wanted, "requested", mapped)
     if mapped is not None and (device >= 0 or not direct):  # on the CPU a memcpy beats the reference
-        return Route(heads, peer, spec, region, backend, Strategy.KERNEL,
-                     f"{backend.caps.name} maps peer memory: one launch moves and re-tiles every fragment", mapped)
+        return Route(
+            heads,
+            peer,
+            spec,
+            region,
+            backend,
+            Strategy.KERNEL,
+            f"{backend.caps.name} maps peer memory: one launch moves and re-tiles every fragment",
+            mapped,
+        )
     if direct:
-        return Route(heads, peer, spec, region, backend, Strategy.DIRECT,
-                     f"fragments of {piece} B match on both sides", None)
-    return Route(heads, peer, spec, region, backend, Strategy.STAGED,
-                 f"block size or layout differ ({spec.block_size}/{spec.layout.value} there, "
-                 f"{local_spec.block_size}/{local_spec.layout.value} here): fragments of {piece} B re-tiled locally",
-                 None)
+        return Route(
+            heads, peer, spec, region, backend, Strategy.DIRECT, f"fragments of {piece} B match on both sides", None
+        )
+    return Route(
+        heads,
+        peer,
+        spec,
+        region,
+        backend,
+        Strategy.STAGED,
+        f"block size or layout differ ({spec.block_size}/{spec.layout.value} there, "
+        f"{local_spec.block_size}/{local_spec.layout.value} here): fragments of {piece} B re-tiled locally",
+        None,
+    )
 
 
-def same_fragments(local: KVCacheSpec, local_heads: tuple[int, int], remote: KVCacheSpec,
-                   remote_heads: tuple[int, int]) -> bool:
+def same_fragments(
+    local: KVCacheSpec, local_heads: tuple[int, int], remote: KVCacheSpec, remote_heads: tuple[int, int]
+) -> bool:
     """True when both sides cut the route's heads into identical pieces, in the same byte order."""
     if local.block_size != remote.block_size:
         return False

@@ -72,7 +72,15 @@ def staging_spec_for(remote: KVCacheSpec, heads: tuple[int, int], num_blocks: in
     layers, in the peer's own order: [layers, blocks, parts, heads x tokens in the peer's in-box order, dim]."""
     _, _, _, s_head, s_token, _ = remote.element_strides
     count = heads[1] - heads[0]
-    return KVCacheSpec(num_layers=num_layers, num_blocks=num_blocks, block_size=remote.block_size,
-                       num_kv_heads=count, head_dim=remote.head_dim, dtype=remote.dtype,
-                       layout=KVLayout.HND if s_head > s_token else KVLayout.NHD, num_kv_parts=remote.num_kv_parts,
-                       model=remote.model, total_kv_heads=count)
+    return KVCacheSpec(
+        num_layers=num_layers,
+        num_blocks=num_blocks,
+        block_size=remote.block_size,
+        num_kv_heads=count,
+        head_dim=remote.head_dim,
+        dtype=remote.dtype,
+        layout=KVLayout.HND if s_head > s_token else KVLayout.NHD,
+        num_kv_parts=remote.num_kv_parts,
+        model=remote.model,
+        total_kv_heads=count,
+    )

@@ -57,13 +57,15 @@ class Strategies:
     ``spec``) and a peer's: kernel launches through ``launcher``, transfers through the agent, staging buffers
     from ``staging``."""
 
-    def __init__(self, agent: Agent, region: Region, spec: KVCacheSpec, launcher: Launcher,
-                 staging: StagingPool) -> None:
+    def __init__(
+        self, agent: Agent, region: Region, spec: KVCacheSpec, launcher: Launcher, staging: StagingPool
+    ) -> None:
         self.agent, self.region, self.spec = agent, region, spec
         self.launcher, self.staging = launcher, staging
 
-    def steps(self, op: Op, route: Route, local_ids: np.ndarray, remote_ids: np.ndarray, tokens: int,
-              layers: np.ndarray) -> list[Step]:
+    def steps(
+        self, op: Op, route: Route, local_ids: np.ndarray, remote_ids: np.ndarray, tokens: int, layers: np.ndarray
+    ) -> list[Step]:
         """The steps that move ``tokens`` tokens of ``layers`` for one route (READ: pull, WRITE: push)."""
         if route.strategy is Strategy.KERNEL:
             return [self._kernel(op, route, local_ids, remote_ids, tokens, layers)]
@@ -72,41 +74,62 @@ class Strategies:
             return [TransferStep(self.agent.read(plan) if op is Op.READ else self.agent.write(plan))]
         return [self._staged(op, route, local_ids, remote_ids, tokens, layers)]
 
-    def _direct_descs(self, route: Route, local_ids: np.ndarray, remote_ids: np.ndarray, tokens: int,
-                      layers: np.ndarray) -> tuple[Descs, Peer, Descs]:
+    def _direct_descs(
+        self, route: Route, local_ids: np.ndarray, remote_ids: np.ndarray, tokens: int, layers: np.ndarray
+    ) -> tuple[Descs, Peer, Descs]:
         """Whole blocks as fragments, and a partly filled last block row by row (so nothing past ``tokens``
         is written)."""
         heads, full = route.heads, tokens // self.spec.block_size
         sides: list[tuple[Region | RemoteRegion, KVCacheSpec, np.ndarray, tuple[int, int]]] = [
             (self.region, self.spec, local_ids, heads.local_heads),
-            (route.region, route.spec, remote_ids, heads.remote_heads)]
+            (route.region, route.spec, remote_ids, heads.remote_heads),
+        ]
         descs = []
         for region, spec, ids, head_range in sides:
             parts = [Descs.from_blocks(region, spec, ids[:full], layers=layers, heads=head_range)] if full else []
             if tokens % spec.block_size:
-                offsets, row = spec.row_offsets(int(ids[full]), tokens % spec.block_size, layers=layers,
-                                                heads=head_range)
+                offsets, row = spec.row_offsets(
+                    int(ids[full]), tokens % spec.block_size, layers=layers, heads=head_range
+                )
                 parts.append(Descs.from_ranges(region, offsets, row))
             descs.append(Descs.concat(parts))
         return descs[0], route.peer, descs[1]
 
-    def _kernel(self, op: Op, route: Route, local_ids: np.ndarray, remote_ids: np.ndarray, tokens: int,
-                layers: np.ndarray) -> Step:
+    def _kernel(
+        self, op: Op, route: Route, local_ids: np.ndarray, remote_ids: np.ndarray, tokens: int, layers: np.ndarray
+    ) -> Step:
         from .. import kernels  # lazy: `import kvxfer` loads no kernel planner
 
         heads, here = route.heads, (self.region.addr, self.region.nbytes)
         assert route.mapped is not None  # a kernel route maps the peer region (route.choose_route)
         there = (route.mapped, route.region.nbytes)
         if op is Op.READ:
-            plan = kernels.plan_kv_copy(route.spec, self.spec, remote_ids, local_ids, num_tokens=tokens,
-                                        src_layers=layers, src_heads=heads.remote_heads, dst_heads=heads.local_heads)
+            plan = kernels.plan_kv_copy(
+                route.spec,
+                self.spec,
+                remote_ids,
+                local_ids,
+                num_tokens=tokens,
+                src_layers=layers,
+                src_heads=heads.remote_heads,
+                dst_heads=heads.local_heads,
+            )
             return self.launcher.launch(plan, there, here)
-        plan = kernels.plan_kv_copy(self.spec, route.spec, local_ids, remote_ids, num_tokens=tokens,
-                                    src_layers=layers, src_heads=heads.local_heads, dst_heads=heads.remote_heads)
+        plan = kernels.plan_kv_copy(
+            self.spec,
+            route.spec,
+            local_ids,
+            remote_ids,
+            num_tokens=tokens,
+            src_layers=layers,
+            src_heads=heads.local_heads,
+            dst_heads=heads.remote_heads,
+        )
         return self.launcher.launch(plan, here, there)
 
-    def _staged(self, op: Op, route: Route, local_ids: np.ndarray, remote_ids: np.ndarray, tokens: int,
-                layers: np.ndarray) -> Step:
+    def _staged(
+        self, op: Op, route: Route, local_ids: np.ndarray, remote_ids: np.ndarray, tokens: int, layers: np.ndarray
+    ) -> Step:
         from .. import kernels  # lazy: `import kvxfer` loads no kernel planner
 
         heads = route.heads
@@ -114,8 +137,10 @@ class Strategies:
         remote = Descs.from_blocks(route.region, route.spec, remote_ids, layers=layers, heads=heads.remote_heads)
         piece = int(remote.nbytes[0])
         if len(remote) * piece != stage_spec.nbytes:
-            raise ConfigError(f"cannot stage peer {route.peer.name!r}: its fragments ({len(remote)} x {piece} B) do "
-                              f"not tile a staging buffer of {stage_spec.nbytes} B")
+            raise ConfigError(
+                f"cannot stage peer {route.peer.name!r}: its fragments ({len(remote)} x {piece} B) do "
+                f"not tile a staging buffer of {stage_spec.nbytes} B"
+            )
         staging = self.staging.acquire(stage_spec.nbytes)
         local = Descs.from_ranges(staging, np.arange(len(remote), dtype=np.int64) * piece, piece)
         plan = self.agent.plan(local, route.peer, remote)
@@ -123,13 +148,31 @@ class Strategies:
         stage_heads = (0, heads.num_heads)
         here, buffer = (self.region.addr, self.region.nbytes), (staging.addr, staging.nbytes)
         if op is Op.READ:
-            retile = kernels.plan_kv_copy(stage_spec, self.spec, stage_ids, local_ids, num_tokens=tokens,
-                                          src_layers=stage_layers, dst_layers=layers, src_heads=stage_heads,
-                                          dst_heads=heads.local_heads)
-            return StagedStep(TransferStep(self.agent.read(plan)),
-                              lambda: self.launcher.launch(retile, buffer, here), staging)
-        gather = kernels.plan_kv_copy(self.spec, stage_spec, local_ids, stage_ids, num_tokens=tokens,
-                                      src_layers=layers, dst_layers=stage_layers, src_heads=heads.local_heads,
-                                      dst_heads=stage_heads)
-        return StagedStep(self.launcher.launch(gather, here, buffer), lambda: TransferStep(self.agent.write(plan)),
-                          staging)
+            retile = kernels.plan_kv_copy(
+                stage_spec,
+                self.spec,
+                stage_ids,
+                local_ids,
+                num_tokens=tokens,
+                src_layers=stage_layers,
+                dst_layers=layers,
+                src_heads=stage_heads,
+                dst_heads=heads.local_heads,
+            )
+            return StagedStep(
+                TransferStep(self.agent.read(plan)), lambda: self.launcher.launch(retile, buffer, here), staging
+            )
+        gather = kernels.plan_kv_copy(
+            self.spec,
+            stage_spec,
+            local_ids,
+            stage_ids,
+            num_tokens=tokens,
+            src_layers=layers,
+            dst_layers=stage_layers,
+            src_heads=heads.local_heads,
+            dst_heads=stage_heads,
+        )
+        return StagedStep(
+            self.launcher.launch(gather, here, buffer), lambda: TransferStep(self.agent.write(plan)), staging
+        )

@@ -53,8 +53,9 @@ async def _read_body(request: Request) -> bytes:
     """The request body, refused (413) as soon as it grows past MAX_BODY_BYTES (declared or streamed)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {MAX_BODY_BYTES}",
-                       code="body_too_large")
+        raise ApiError(
+            413, f"request body of {declared} bytes exceeds the limit of {MAX_BODY_BYTES}", code="body_too_large"
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -76,21 +77,37 @@ def _prompt(served: ServedModel, params: GenerationParams) -> list[int]:
 def _sampling(served: ServedModel, params: GenerationParams, num_prompt: int) -> Sampling:
     room = served.context_length - num_prompt
     if room < 1:
-        raise ApiError(400, f"the prompt has {num_prompt} tokens; this model's context is {served.context_length}",
-                       param="messages" if params.kind == "chat" else "prompt", code="context_length_exceeded")
+        raise ApiError(
+            400,
+            f"the prompt has {num_prompt} tokens; this model's context is {served.context_length}",
+            param="messages" if params.kind == "chat" else "prompt",
+            code="context_length_exceeded",
+        )
     max_tokens = params.max_tokens
     if max_tokens is None:
         max_tokens = room if params.kind == "chat" else min(room, COMPLETION_DEFAULT_MAX_TOKENS)
     elif max_tokens > room:
-        raise ApiError(400, f"max_tokens={max_tokens} + {num_prompt} prompt tokens exceed this model's context of "
-                       f"{served.context_length} tokens", param="max_tokens", code="context_length_exceeded")
+        raise ApiError(
+            400,
+            f"max_tokens={max_tokens} + {num_prompt} prompt tokens exceed this model's context of "
+            f"{served.context_length} tokens",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     seed = None if params.seed is None else params.seed % (1 << 63)
-    return Sampling(max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p, seed=seed,
-                    stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos)
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        seed=seed,
+        stop_token_ids=params.stop_token_ids,
+        ignore_eos=params.ignore_eos,
+    )
 
 
-def _extra(params: GenerationParams, timing: dict[str, float | str | bool] | None,
-           out: OutputText) -> dict[str, object] | None:
+def _extra(
+    params: GenerationParams, timing: dict[str, float | str | bool] | None, out: OutputText
+) -> dict[str, object] | None:
     """The response's ``kvxfer`` field: the TTFT breakdown and/or the generated token ids, when asked for."""
     if not params.timing and not params.return_token_ids:
         return None
@@ -120,8 +137,12 @@ async def _next_event(flight: Flight) -> TokensEvent:
         try:
             event = await asyncio.wait_for(flight.events.get(), timeout=max(remaining, 0.1))
         except asyncio.TimeoutError as error:
-            raise ApiError(504, f"request {flight.rid}: no answer before its deadline", code="deadline_exceeded",
-                           kind="server_error") from error
+            raise ApiError(
+                504,
+                f"request {flight.rid}: no answer before its deadline",
+                code="deadline_exceeded",
+                kind="server_error",
+            ) from error
     if isinstance(event, ApiError):
         raise event
     return event
@@ -135,8 +156,13 @@ def create_app(router: Router, served: ServedModel) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                                       code="not_found" if exc.status_code == 404 else None))
+        return error_response(
+            ApiError(
+                exc.status_code,
+                f"{request.method} {request.url.path}: {exc.detail}",
+                code="not_found" if exc.status_code == 404 else None,
+            )
+        )
 
     async def generate(request: Request, kind: str) -> Response:
         endpoint = "chat" if kind == "chat" else "completions"
@@ -144,8 +170,12 @@ def create_app(router: Router, served: ServedModel) -> FastAPI:
             body = parse_json(await _read_body(request))
             params = parse_generation(body, kind, request.headers, served.tokenizer.vocab_size)  # type: ignore
             if params.model not in names:
-                raise ApiError(404, f"The model `{params.model}` does not exist (served: {served.name})",
-                               param="model", code="model_not_found")
+                raise ApiError(
+                    404,
+                    f"The model `{params.model}` does not exist (served: {served.name})",
+                    param="model",
+                    code="model_not_found",
+                )
             prompt = _prompt(served, params)
             sampling = _sampling(served, params, len(prompt))
             flight = router.submit(prompt, sampling, params.priority, params.prefill)
@@ -154,8 +184,11 @@ def create_app(router: Router, served: ServedModel) -> FastAPI:
             metrics.requests.labels(endpoint, outcome).inc()
             return error_response(error)
         if params.stream:
-            return StreamingResponse(_stream(flight, params, endpoint), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                _stream(flight, params, endpoint),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         return await _complete(request, flight, params, endpoint)
 
     def _done(flight: Flight, endpoint: str, outcome: str) -> None:
@@ -189,8 +222,16 @@ def create_app(router: Router, served: ServedModel) -> FastAPI:
             if not completed:
                 router.abort(flight.rid, "failure")
         _done(flight, endpoint, finish)
-        body = response(params.kind, flight.rid, int(time.time()), served.name, out.text, finish,
-                        usage(flight.num_prompt_tokens, out.num_tokens, _cached(timing)), _extra(params, timing, out))
+        body = response(
+            params.kind,
+            flight.rid,
+            int(time.time()),
+            served.name,
+            out.text,
+            finish,
+            usage(flight.num_prompt_tokens, out.num_tokens, _cached(timing)),
+            _extra(params, timing, out),
+        )
         return Response(json.dumps(body), media_type="application/json")
 
     async def _stream(flight: Flight, params: GenerationParams, endpoint: str) -> AsyncIterator[bytes]:
@@ -236,15 +277,30 @@ def create_app(router: Router, served: ServedModel) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, object]:
-        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": served.created,
-                                            "owned_by": "kvxfer", "max_model_len": served.context_length}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": served.name,
+                    "object": "model",
+                    "created": served.created,
+                    "owned_by": "kvxfer",
+                    "max_model_len": served.context_length,
+                }
+            ],
+        }
 
     @app.get("/health")
     async def health() -> JSONResponse:
         ready = router.ready() and not router.draining
-        return JSONResponse({"status": "ok" if ready else "unavailable", "draining": router.draining,
-                             "workers": {role: router.registry.count(role) for role in ("prefill", "decode", "agg")}},
-                            status_code=200 if ready else 503)
+        return JSONResponse(
+            {
+                "status": "ok" if ready else "unavailable",
+                "draining": router.draining,
+                "workers": {role: router.registry.count(role) for role in ("prefill", "decode", "agg")},
+            },
+            status_code=200 if ready else 503,
+        )
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -253,8 +309,10 @@ def create_app(router: Router, served: ServedModel) -> FastAPI:
 
     @app.get("/kvxfer/workers")
     async def workers() -> dict[str, object]:
-        return {"workers": [w.snapshot() for w in router.registry.workers.values()],
-                "queue": {"size": len(router.queue), "tokens": router.queue.queued_tokens},
-                "in_flight": len(router.flights)}
+        return {
+            "workers": [w.snapshot() for w in router.registry.workers.values()],
+            "queue": {"size": len(router.queue), "tokens": router.queue.queued_tokens},
+            "in_flight": len(router.flights),
+        }
 
     return app

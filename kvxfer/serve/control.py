@@ -182,8 +182,13 @@ class WorkerLink(_Link):
     """A worker's end: a DEALER with routing id ``identity`` connected to ``router`` ("tcp://host:port").
     ``on_message(message)`` for every valid message; ``on_connect()`` after every (re)connection."""
 
-    def __init__(self, router: str, identity: str, on_message: Callable[[AnyMessage], None],
-                 on_connect: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        router: str,
+        identity: str,
+        on_message: Callable[[AnyMessage], None],
+        on_connect: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(zmq.DEALER, identity)
         self._on_message, self._on_connect = on_message, on_connect
         self._socket.setsockopt(zmq.ROUTING_ID, identity.encode()[:255])

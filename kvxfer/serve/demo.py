@@ -18,9 +18,25 @@ START_TIMEOUT_S = 900.0  # the first run fetches and converts SmolLM2 once
 
 def _start(model: str, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "kvxfer.cli", "serve", "--model", model, "--prefill", "1",
-                                 "--decode", "1", "--port", "0"], stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kvxfer.cli",
+                "serve",
+                "--model",
+                model,
+                "--prefill",
+                "1",
+                "--decode",
+                "1",
+                "--port",
+                "0",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
 
 
 def _wait_ready(server: subprocess.Popen[bytes], log: Path) -> tuple[str, str] | None:
@@ -39,32 +55,45 @@ def main(model: str = "smollm2", question: str = "What is the capital of France?
 
     with tempfile.TemporaryDirectory(prefix="kvxfer-demo-") as directory:
         log = Path(directory) / "serve.log"
-        print(f"kvxfer demo: starting `kvxfer serve --model {model} --prefill 1 --decode 1` "
-              "(the first run converts the model once) ...", flush=True)
+        print(
+            f"kvxfer demo: starting `kvxfer serve --model {model} --prefill 1 --decode 1` "
+            "(the first run converts the model once) ...",
+            flush=True,
+        )
         server = _start(model, log)
         try:
             ready = _wait_ready(server, log)
             if ready is None:
-                print(f"kvxfer demo: the server did not start:\n{log.read_text(errors='replace')[-3000:]}",
-                      file=sys.stderr)
+                print(
+                    f"kvxfer demo: the server did not start:\n{log.read_text(errors='replace')[-3000:]}",
+                    file=sys.stderr,
+                )
                 return 1
             url, served = ready
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300.0)
             reply = client.chat.completions.create(
-                model=served, messages=[{"role": "user", "content": question}], max_tokens=max_tokens,
-                temperature=0, extra_body={"kvxfer": {"timing": True, "prefill": "remote"}})
+                model=served,
+                messages=[{"role": "user", "content": question}],
+                max_tokens=max_tokens,
+                temperature=0,
+                extra_body={"kvxfer": {"timing": True, "prefill": "remote"}},
+            )
             answer = (reply.choices[0].message.content or "").strip()
             timing = (reply.model_extra or {}).get("kvxfer", {})
             print(f"  server:   {url} ({served}; router + prefill-0 + decode-0, CPU unless GPUs are present)")
             print(f"  question: {question}")
             print(f"  answer:   {answer}")
-            print(f"  TTFT:     {timing.get('ttft_s', 0) * 1e3:.1f} ms = queue {timing.get('queue_s', 0) * 1e3:.1f}"
-                  f" + prefill {timing.get('prefill_s', 0) * 1e3:.1f} ({timing.get('prefill_worker')}) + KV transfer"
-                  f" {timing.get('transfer_s', 0) * 1e3:.1f} + first step {timing.get('first_step_s', 0) * 1e3:.1f}"
-                  f" ms (+ router {timing.get('router_s', 0) * 1e3:.2f} ms)")
-            print(f"  KV moved: {timing.get('kv_bytes', 0):,} bytes {timing.get('prefill_worker')} -> "
-                  f"{timing.get('decode_worker')}; {reply.usage.prompt_tokens if reply.usage else '?'} prompt "
-                  f"tokens, {reply.usage.completion_tokens if reply.usage else '?'} generated")
+            print(
+                f"  TTFT:     {timing.get('ttft_s', 0) * 1e3:.1f} ms = queue {timing.get('queue_s', 0) * 1e3:.1f}"
+                f" + prefill {timing.get('prefill_s', 0) * 1e3:.1f} ({timing.get('prefill_worker')}) + KV transfer"
+                f" {timing.get('transfer_s', 0) * 1e3:.1f} + first step {timing.get('first_step_s', 0) * 1e3:.1f}"
+                f" ms (+ router {timing.get('router_s', 0) * 1e3:.2f} ms)"
+            )
+            print(
+                f"  KV moved: {timing.get('kv_bytes', 0):,} bytes {timing.get('prefill_worker')} -> "
+                f"{timing.get('decode_worker')}; {reply.usage.prompt_tokens if reply.usage else '?'} prompt "
+                f"tokens, {reply.usage.completion_tokens if reply.usage else '?'} generated"
+            )
             return 0 if answer and timing.get("kv_bytes", 0) > 0 else 1
         finally:
             server.send_signal(signal.SIGTERM)

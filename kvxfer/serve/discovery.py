@@ -59,17 +59,27 @@ class WorkerRecord:
             raise ConfigError(f"WorkerRecord.payload: expected bytes, got {type(self.payload).__name__}")
         for key, value in self.attributes.items():
             if not isinstance(key, str) or not isinstance(value, (str, int, float, bool)):
-                raise ConfigError(f"WorkerRecord.attributes[{key!r}]: expected str -> str/int/float/bool, "
-                                  f"got {value!r}")
+                raise ConfigError(
+                    f"WorkerRecord.attributes[{key!r}]: expected str -> str/int/float/bool, got {value!r}"
+                )
 
     def encode(self) -> bytes:
         """JSON bytes (readable with ``etcdctl get``); the payload in base64."""
-        data = json.dumps({"v": 1, "name": self.name, "role": self.role, "model": self.model,
-                           "attributes": dict(self.attributes),
-                           "payload": base64.b64encode(self.payload).decode()}, sort_keys=True).encode()
+        data = json.dumps(
+            {
+                "v": 1,
+                "name": self.name,
+                "role": self.role,
+                "model": self.model,
+                "attributes": dict(self.attributes),
+                "payload": base64.b64encode(self.payload).decode(),
+            },
+            sort_keys=True,
+        ).encode()
         if len(data) > MAX_RECORD_NBYTES:
-            raise ConfigError(f"WorkerRecord {self.name!r}: encoded size expected <= {MAX_RECORD_NBYTES}, "
-                              f"got {len(data)}")
+            raise ConfigError(
+                f"WorkerRecord {self.name!r}: encoded size expected <= {MAX_RECORD_NBYTES}, got {len(data)}"
+            )
         return data
 
     @classmethod
@@ -84,8 +94,13 @@ class WorkerRecord:
             attributes = obj.get("attributes", {})
             if not isinstance(attributes, dict):
                 raise ConfigError(f"WorkerRecord.attributes: expected an object, got {attributes!r}")
-            return cls(obj["name"], obj["role"], obj["model"], attributes,
-                       base64.b64decode(obj.get("payload", ""), validate=True))
+            return cls(
+                obj["name"],
+                obj["role"],
+                obj["model"],
+                attributes,
+                base64.b64decode(obj.get("payload", ""), validate=True),
+            )
         except (ValueError, KeyError, TypeError) as error:  # JSON, base64, missing field: one kind of bad record
             if isinstance(error, ConfigError):
                 raise
@@ -224,8 +239,9 @@ class EmbeddedDiscovery(Discovery):
             self._check_open()
             old = self._records.get(record.name)
             if old is None and len(self._records) >= self._max_records:
-                raise UsageError(f"EmbeddedDiscovery: {self._max_records} records registered already; "
-                                 f"refusing {record.name!r}")
+                raise UsageError(
+                    f"EmbeddedDiscovery: {self._max_records} records registered already; refusing {record.name!r}"
+                )
             self._records[record.name] = (record, ttl_s, self._clock() + ttl_s)
             if old is None or old[0] != record:
                 self._publish(DiscoveryEvent("add" if old is None else "update", record.name, record))

@@ -61,20 +61,25 @@ class EtcdGateway:
         try:
             response = self._client.post(f"/v3/{path}", json=body)
         except httpx.HTTPError as error:
-            raise PeerDisconnectedError(f"etcd at {self.base_url}: {path} failed: {error!r}",
-                                        peer_name=self.base_url) from error
+            raise PeerDisconnectedError(
+                f"etcd at {self.base_url}: {path} failed: {error!r}", peer_name=self.base_url
+            ) from error
         if response.status_code != 200:
-            raise PeerError(f"etcd at {self.base_url}: {path} answered {response.status_code}: "
-                            f"{response.text[:300]}", peer_name=self.base_url)
+            raise PeerError(
+                f"etcd at {self.base_url}: {path} answered {response.status_code}: {response.text[:300]}",
+                peer_name=self.base_url,
+            )
         text = response.text.strip().splitlines()
         try:
             answer = json.loads(text[0]) if text else {}
         except ValueError as error:
-            raise PeerError(f"etcd at {self.base_url}: {path}: undecodable answer {text[0][:200]!r}",
-                            peer_name=self.base_url) from error
+            raise PeerError(
+                f"etcd at {self.base_url}: {path}: undecodable answer {text[0][:200]!r}", peer_name=self.base_url
+            ) from error
         if not isinstance(answer, dict):
-            raise PeerError(f"etcd at {self.base_url}: {path}: expected a JSON object, got {text[:1]!r}",
-                            peer_name=self.base_url)
+            raise PeerError(
+                f"etcd at {self.base_url}: {path}: expected a JSON object, got {text[:1]!r}", peer_name=self.base_url
+            )
         return answer.get("result", answer) if path == "lease/keepalive" else answer
 
     def grant(self, ttl_s: int) -> tuple[int, int]:
@@ -106,24 +111,32 @@ class EtcdGateway:
         """(revision, [(key, value), ...]) of every key under ``prefix``."""
         answer = self.call("kv/range", {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix))})
         try:
-            pairs = [(base64.b64decode(kv["key"]), base64.b64decode(kv.get("value", "")))
-                     for kv in answer.get("kvs", [])]
+            pairs = [
+                (base64.b64decode(kv["key"]), base64.b64decode(kv.get("value", ""))) for kv in answer.get("kvs", [])
+            ]
             return int(answer["header"]["revision"]), pairs
         except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise PeerError(f"etcd at {self.base_url}: malformed range answer: {error!r}",
-                            peer_name=self.base_url) from error
+            raise PeerError(
+                f"etcd at {self.base_url}: malformed range answer: {error!r}", peer_name=self.base_url
+            ) from error
 
     @contextmanager
     def watch(self, prefix: bytes, start_revision: int, read_timeout_s: float) -> Iterator[Iterator[dict[str, Any]]]:
         """A stream of watch results (``{"events": [...], "header": ...}``) from ``start_revision``; it ends with
         :class:`httpx.ReadTimeout` after ``read_timeout_s`` without a message."""
-        body = {"create_request": {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix)),
-                                   "start_revision": str(start_revision)}}
+        body = {
+            "create_request": {
+                "key": _b64(prefix),
+                "range_end": _b64(prefix_end(prefix)),
+                "start_revision": str(start_revision),
+            }
+        }
         timeout = httpx.Timeout(self.timeout_s, read=read_timeout_s)
         with self._client.stream("POST", "/v3/watch", json=body, timeout=timeout) as response:
             if response.status_code != 200:
-                raise PeerError(f"etcd at {self.base_url}: watch answered {response.status_code}",
-                                peer_name=self.base_url)
+                raise PeerError(
+                    f"etcd at {self.base_url}: watch answered {response.status_code}", peer_name=self.base_url
+                )
             yield (json.loads(line).get("result", {}) for line in response.iter_lines() if line.strip())
 
 
@@ -150,8 +163,9 @@ class _Keeper(threading.Thread):
 class EtcdDiscovery(Discovery):
     """Discovery records in etcd under ``prefix``, each bound to a kept-alive lease (see the module docstring)."""
 
-    def __init__(self, base_url: str, prefix: str = DEFAULT_PREFIX, timeout_s: float = 5.0,
-                 watch_read_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, base_url: str, prefix: str = DEFAULT_PREFIX, timeout_s: float = 5.0, watch_read_timeout_s: float = 5.0
+    ) -> None:
         self.gateway = EtcdGateway(base_url, timeout_s)
         self.prefix = prefix.encode()
         self.watch_read_timeout_s = watch_read_timeout_s
@@ -188,8 +202,9 @@ class EtcdDiscovery(Discovery):
 
     def register(self, record: WorkerRecord, ttl_s: float) -> None:
         if not ttl_s >= 1:
-            raise ConfigError(f"EtcdDiscovery.register: ttl_s expected >= 1 (etcd leases are whole seconds), "
-                              f"got {ttl_s!r}")
+            raise ConfigError(
+                f"EtcdDiscovery.register: ttl_s expected >= 1 (etcd leases are whole seconds), got {ttl_s!r}"
+            )
         ttl = int(-(-ttl_s // 1))
         with self._lock:
             if self._closed:
@@ -236,8 +251,9 @@ class EtcdDiscovery(Discovery):
         watch = DiscoveryWatch(max_pending)
         for name in sorted(known):
             watch.push(DiscoveryEvent("add", name, known[name]))
-        thread = threading.Thread(target=self._follow, args=(watch, revision, known), daemon=True,
-                                  name="kvxfer-etcd-watch")
+        thread = threading.Thread(
+            target=self._follow, args=(watch, revision, known), daemon=True, name="kvxfer-etcd-watch"
+        )
         with self._lock:
             if self._closed:
                 raise UsageError("EtcdDiscovery is closed")
@@ -316,7 +332,7 @@ class EtcdDiscovery(Discovery):
         key = base64.b64decode(event.get("kv", {}).get("key", ""))
         if not key.startswith(self.prefix):
             return
-        name = key[len(self.prefix):].decode(errors="replace")
+        name = key[len(self.prefix) :].decode(errors="replace")
         if event.get("type") == "DELETE":
             if name in known:
                 watch.push(DiscoveryEvent("remove", name, known.pop(name)))

@@ -80,8 +80,12 @@ class DiscoveryTarget:
         from .discovery_etcd import EtcdDiscovery
 
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return EtcdDiscovery(f"http://{host}:{self.port}", self.prefix(kind), timeout_s=ETCD_TIMEOUT_S,
-                             watch_read_timeout_s=WATCH_READ_TIMEOUT_S)
+        return EtcdDiscovery(
+            f"http://{host}:{self.port}",
+            self.prefix(kind),
+            timeout_s=ETCD_TIMEOUT_S,
+            watch_read_timeout_s=WATCH_READ_TIMEOUT_S,
+        )
 
     @classmethod
     def parse(cls, url: str) -> DiscoveryTarget:
@@ -103,9 +107,13 @@ def worker_record(register: Register, side_channel: str | None) -> WorkerRecord:
     """The record a worker publishes: ``register``'s fields as attributes (+ ``side_channel``, the agent's
     listen address) and the encoded ``register`` message as the payload."""
     attributes: dict[str, str | int | float | bool] = {
-        "block_size": register.block_size, "num_blocks": register.num_blocks, "max_batch": register.max_batch,
-        "kv_bytes_per_token": register.kv_bytes_per_token, "device": register.device,
-        "side_channel": side_channel or ""}
+        "block_size": register.block_size,
+        "num_blocks": register.num_blocks,
+        "max_batch": register.max_batch,
+        "kv_bytes_per_token": register.kv_bytes_per_token,
+        "device": register.device,
+        "side_channel": side_channel or "",
+    }
     return WorkerRecord(register.name, register.role, register.model, attributes, register.encode())
 
 
@@ -141,13 +149,19 @@ class _Lease:
                     self.discovery.register(self.record, self.ttl_s)
                     self.registrations += 1
                     self.registered.set()
-                    logger.info("discovery: %s %s registered (lease ttl %.0f s, put %d)", self.record.role,
-                                self.record.name, self.ttl_s, self.registrations)
+                    logger.info(
+                        "discovery: %s %s registered (lease ttl %.0f s, put %d)",
+                        self.record.role,
+                        self.record.name,
+                        self.ttl_s,
+                        self.registrations,
+                    )
             except ETCD_FAILURES as error:
                 self.failures += 1
                 if self.failures == 1 or self.failures % 20 == 0:
-                    logger.warning("discovery: etcd unreachable for %s (%d failures): %s", self.record.name,
-                                   self.failures, error)
+                    logger.warning(
+                        "discovery: etcd unreachable for %s (%d failures): %s", self.record.name, self.failures, error
+                    )
                 self._stop.wait(RETRY_S)
                 continue
             self._stop.wait(self.ttl_s)
@@ -155,8 +169,9 @@ class _Lease:
     def _missing(self) -> bool:
         if any(record.name == self.record.name for record in self.discovery.list()):
             return False
-        logger.warning("discovery: the record of %s vanished while its lease was kept alive: registering again",
-                       self.record.name)
+        logger.warning(
+            "discovery: the record of %s vanished while its lease was kept alive: registering again", self.record.name
+        )
         return True
 
     def close(self) -> None:
@@ -192,9 +207,11 @@ class WorkerDiscoveryLink:
                     return control
                 seen.append(f"{record.name} ({record.model}, control={control!r})")
             if time.monotonic() >= give_up:
-                raise ConfigError(f"discovery: no router for model {model!r} under "
-                                  f"{self.target.prefix('router')} at {self.target.host}:{self.target.port} "
-                                  f"within {timeout_s:.0f} s; seen: {seen or 'nothing'}")
+                raise ConfigError(
+                    f"discovery: no router for model {model!r} under "
+                    f"{self.target.prefix('router')} at {self.target.host}:{self.target.port} "
+                    f"within {timeout_s:.0f} s; seen: {seen or 'nothing'}"
+                )
             time.sleep(RETRY_S)
 
     def start(self) -> None:
@@ -213,13 +230,24 @@ class RouterDiscoveryLink:
     reports workers whose records disappear to ``on_worker_gone(name)`` — on ``loop`` (call_soon_threadsafe) when
     one is given, else on the watch thread. ``max_pending``: the watch's bound (past it, a listing rebuilds)."""
 
-    def __init__(self, url: str, control: str, model: str, on_worker_gone: Callable[[str], None],
-                 loop: asyncio.AbstractEventLoop | None = None, name: str = "router", ttl_s: float = LEASE_TTL_S,
-                 grace_s: float = GRACE_S, max_pending: int = 4096) -> None:
+    def __init__(
+        self,
+        url: str,
+        control: str,
+        model: str,
+        on_worker_gone: Callable[[str], None],
+        loop: asyncio.AbstractEventLoop | None = None,
+        name: str = "router",
+        ttl_s: float = LEASE_TTL_S,
+        grace_s: float = GRACE_S,
+        max_pending: int = 4096,
+    ) -> None:
         host = urlsplit(control).hostname or ""
         if host in ("0.0.0.0", "::", "*", ""):
-            raise ConfigError(f"--discovery: the router's control address {control!r} is a wildcard; bind "
-                              f"--control to the address workers reach (e.g. tcp://10.0.0.5:7100)")
+            raise ConfigError(
+                f"--discovery: the router's control address {control!r} is a wildcard; bind "
+                f"--control to the address workers reach (e.g. tcp://10.0.0.5:7100)"
+            )
         self.target = DiscoveryTarget.parse(url)
         self.workers = self.target.open("workers")
         self.routers = self.target.open("router")

@@ -99,8 +99,23 @@ def start_workers(args: argparse.Namespace, control: str) -> list[WorkerProcess]
     for role, device in zip(roles, placed):
         name = f"{role}-{counters[role]}"
         counters[role] += 1
-        command = [sys.executable, "-m", "kvxfer.cli", "worker", "--role", role, "--model", args.model,
-                   "--device", device, "--router", control, "--name", name, *extra]
+        command = [
+            sys.executable,
+            "-m",
+            "kvxfer.cli",
+            "worker",
+            "--role",
+            role,
+            "--model",
+            args.model,
+            "--device",
+            device,
+            "--router",
+            control,
+            "--name",
+            name,
+            *extra,
+        ]
         if device == "cpu" and threads is not None:
             command += ["--threads", str(threads)]
         logger.info("serve: starting %s", " ".join(command))
@@ -166,19 +181,33 @@ async def run(args: argparse.Namespace, spawn_workers: bool) -> int:
     aliases = frozenset({args.model, str(bundle.directory)})
     served = ServedModel(bundle.name, bundle.tokenizer, bundle.config.max_position, aliases)
     config = PolicyConfig.from_file(args.policy) if args.policy else PolicyConfig()
-    router = Router(bundle.name, args.control, config, request_timeout_s=args.request_timeout, aliases=aliases,
-                    vocab_size=bundle.tokenizer.vocab_size)
+    router = Router(
+        bundle.name,
+        args.control,
+        config,
+        request_timeout_s=args.request_timeout,
+        aliases=aliases,
+        vocab_size=bundle.tokenizer.vocab_size,
+    )
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     control = await router.start()
     if getattr(args, "discovery", None):
         from .discovery_link import RouterDiscoveryLink
 
-        router.discovery = RouterDiscoveryLink(args.discovery, control, bundle.name, router.worker_gone,
-                                               loop=asyncio.get_running_loop())
+        router.discovery = RouterDiscoveryLink(
+            args.discovery, control, bundle.name, router.worker_gone, loop=asyncio.get_running_loop()
+        )
         router.discovery.start()
-    server = _Server(uvicorn.Config(create_app(router, served), lifespan="off", access_log=False,
-                                    log_level=args.log_level.lower(), timeout_graceful_shutdown=5))
+    server = _Server(
+        uvicorn.Config(
+            create_app(router, served),
+            lifespan="off",
+            access_log=False,
+            log_level=args.log_level.lower(),
+            timeout_graceful_shutdown=5,
+        )
+    )
     server_task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -192,8 +221,11 @@ async def run(args: argparse.Namespace, spawn_workers: bool) -> int:
         status = 1
     else:
         roles = ", ".join(f"{w.name}@{w.device}" for w in workers) or "none yet (they connect to the control URL)"
-        print(f"kvxfer {'serve' if spawn_workers else 'router'}: ready on http://{host}:{port} model={bundle.name} "
-              f"control={control} workers: {roles}", flush=True)
+        print(
+            f"kvxfer {'serve' if spawn_workers else 'router'}: ready on http://{host}:{port} model={bundle.name} "
+            f"control={control} workers: {roles}",
+            flush=True,
+        )
         stop_task = loop.create_task(stop.wait())
         await asyncio.wait({stop_task, server_task}, return_when=asyncio.FIRST_COMPLETED)
         stop_task.cancel()

@@ -17,45 +17,67 @@ class RouterMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("kvxfer_requests", "Finished requests by endpoint and outcome "
-                                "(stop, length, abort, error, rejected, invalid)", ["endpoint", "outcome"],
-                                registry=r)
-        self.rejections = Counter("kvxfer_rejections", "Requests refused before any work, by reason", ["reason"],
-                                  registry=r)
-        self.ttft = Histogram("kvxfer_ttft_seconds", "Time to first token seen by the router", registry=r,
-                              buckets=LATENCY_BUCKETS)
-        self.ttft_part = Histogram("kvxfer_ttft_part_seconds", "TTFT broken down: queue, prefill, transfer, "
-                                   "first_step", ["part"], registry=r, buckets=LATENCY_BUCKETS)
+        self.requests = Counter(
+            "kvxfer_requests",
+            "Finished requests by endpoint and outcome (stop, length, abort, error, rejected, invalid)",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
+        self.rejections = Counter(
+            "kvxfer_rejections", "Requests refused before any work, by reason", ["reason"], registry=r
+        )
+        self.ttft = Histogram(
+            "kvxfer_ttft_seconds", "Time to first token seen by the router", registry=r, buckets=LATENCY_BUCKETS
+        )
+        self.ttft_part = Histogram(
+            "kvxfer_ttft_part_seconds",
+            "TTFT broken down: queue, prefill, transfer, first_step",
+            ["part"],
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
         self.itl = Histogram("kvxfer_itl_seconds", "Inter-token latency", registry=r, buckets=LATENCY_BUCKETS)
-        self.e2e = Histogram("kvxfer_e2e_seconds", "End-to-end request latency", registry=r,
-                             buckets=LATENCY_BUCKETS)
-        self.router_overhead = Histogram("kvxfer_router_overhead_seconds", "Router time from request arrival to "
-                                         "the dispatch of its first message to a worker", registry=r,
-                                         buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.1))
+        self.e2e = Histogram("kvxfer_e2e_seconds", "End-to-end request latency", registry=r, buckets=LATENCY_BUCKETS)
+        self.router_overhead = Histogram(
+            "kvxfer_router_overhead_seconds",
+            "Router time from request arrival to the dispatch of its first message to a worker",
+            registry=r,
+            buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.1),
+        )
         self.prompt_tokens = Counter("kvxfer_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("kvxfer_generation_tokens", "Tokens generated", registry=r)
-        self.queue_depth = Gauge("kvxfer_prefill_queue_depth", "Requests waiting in the prefill queue",
-                                 ["priority"], registry=r)
-        self.queue_tokens = Gauge("kvxfer_prefill_queue_tokens", "Prompt tokens waiting in the prefill queue",
-                                  registry=r)
+        self.queue_depth = Gauge(
+            "kvxfer_prefill_queue_depth", "Requests waiting in the prefill queue", ["priority"], registry=r
+        )
+        self.queue_tokens = Gauge(
+            "kvxfer_prefill_queue_tokens", "Prompt tokens waiting in the prefill queue", registry=r
+        )
         self.in_flight = Gauge("kvxfer_requests_in_flight", "Requests admitted and not finished", registry=r)
         self.pool = Gauge("kvxfer_workers", "Registered live workers by role", ["role"], registry=r)
-        self.free_blocks = Gauge("kvxfer_worker_free_blocks", "Free KV blocks a worker last reported",
-                                 ["worker", "role"], registry=r)
-        self.active_blocks = Gauge("kvxfer_worker_active_blocks", "Active KV blocks a worker last reported",
-                                   ["worker", "role"], registry=r)
+        self.free_blocks = Gauge(
+            "kvxfer_worker_free_blocks", "Free KV blocks a worker last reported", ["worker", "role"], registry=r
+        )
+        self.active_blocks = Gauge(
+            "kvxfer_worker_active_blocks", "Active KV blocks a worker last reported", ["worker", "role"], registry=r
+        )
         self.kv_bytes = Counter("kvxfer_kv_transfer_bytes", "KV bytes moved prefill -> decode", registry=r)
-        self.kv_seconds = Histogram("kvxfer_kv_transfer_seconds", "KV transfer time per request", registry=r,
-                                    buckets=LATENCY_BUCKETS)
-        self.decisions = Counter("kvxfer_disaggregation_decisions", "Prefill placement per admitted request "
-                                 "(remote = a prefill worker, local = the decode worker)", ["prefill", "reason"],
-                                 registry=r)
-        self.requeues = Counter("kvxfer_prefill_requeues", "Prefill requests requeued after a worker died",
-                                registry=r)
-        self.worker_losses = Counter("kvxfer_worker_losses", "Workers dropped (heartbeat lost)", ["role"],
-                                     registry=r)
-        self.aborts = Counter("kvxfer_aborts", "Aborts sent to workers by cause (disconnect, stop, deadline, "
-                              "failure)", ["cause"], registry=r)
+        self.kv_seconds = Histogram(
+            "kvxfer_kv_transfer_seconds", "KV transfer time per request", registry=r, buckets=LATENCY_BUCKETS
+        )
+        self.decisions = Counter(
+            "kvxfer_disaggregation_decisions",
+            "Prefill placement per admitted request (remote = a prefill worker, local = the decode worker)",
+            ["prefill", "reason"],
+            registry=r,
+        )
+        self.requeues = Counter("kvxfer_prefill_requeues", "Prefill requests requeued after a worker died", registry=r)
+        self.worker_losses = Counter("kvxfer_worker_losses", "Workers dropped (heartbeat lost)", ["role"], registry=r)
+        self.aborts = Counter(
+            "kvxfer_aborts",
+            "Aborts sent to workers by cause (disconnect, stop, deadline, failure)",
+            ["cause"],
+            registry=r,
+        )
 
     def observe_ttft(self, ttft_s: float, timing: dict[str, float]) -> None:
         """Record one request's TTFT and its parts (those the workers reported)."""

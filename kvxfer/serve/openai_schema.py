@@ -25,8 +25,15 @@ ROLES = ("system", "user", "assistant", "developer", "tool")
 class ApiError(Exception):
     """An error answered to the client as an OpenAI-style error object with HTTP ``status``."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error", retry_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -72,8 +79,9 @@ class GenerationParams:
 def parse_json(raw: bytes) -> dict[str, object]:
     """Decode a request body: a JSON object of at most MAX_BODY_BYTES, else ApiError 400/413."""
     if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body of {len(raw)} bytes exceeds the limit of {MAX_BODY_BYTES}",
-                       code="body_too_large")
+        raise ApiError(
+            413, f"request body of {len(raw)} bytes exceeds the limit of {MAX_BODY_BYTES}", code="body_too_large"
+        )
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
@@ -194,8 +202,9 @@ def _messages(body: Mapping[str, object]) -> list[dict[str, str]]:
     return out
 
 
-def parse_generation(body: Mapping[str, object], kind: Literal["chat", "completion"], headers: Mapping[str, str],
-                     vocab_size: int) -> GenerationParams:
+def parse_generation(
+    body: Mapping[str, object], kind: Literal["chat", "completion"], headers: Mapping[str, str], vocab_size: int
+) -> GenerationParams:
     """Validate a completions (``kind="completion"``) or chat completions body; raise ApiError 400 on a bad field."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -220,8 +229,11 @@ def parse_generation(body: Mapping[str, object], kind: Literal["chat", "completi
         elif isinstance(prompt, list) and prompt:
             params.prompt_token_ids = list(_token_ids(prompt, "prompt", vocab_size))
         else:
-            raise bad("prompt", "expected a non-empty string or list of token ids (one prompt)",
-                      "invalid_type" if prompt is not None else "missing")
+            raise bad(
+                "prompt",
+                "expected a non-empty string or list of token ids (one prompt)",
+                "invalid_type" if prompt is not None else "missing",
+            )
     max_tokens = _integer(body, "max_tokens", 1, 1 << 30)
     params.max_tokens = max_tokens if max_tokens is not None else params.max_tokens
     params.temperature = _number(body, "temperature", 1.0, 0.0, 2.0)

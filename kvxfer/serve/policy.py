@@ -79,8 +79,10 @@ class RouteRequest:
         if self.priority not in PRIORITIES:
             raise ConfigError(f"RouteRequest.priority: expected one of {PRIORITIES}, got {self.priority!r}")
         if self.num_prompt_tokens < 0 or self.kv_bytes_per_token < 0:
-            raise ConfigError(f"RouteRequest: expected num_prompt_tokens, kv_bytes_per_token >= 0, got "
-                              f"{self.num_prompt_tokens}, {self.kv_bytes_per_token}")
+            raise ConfigError(
+                f"RouteRequest: expected num_prompt_tokens, kv_bytes_per_token >= 0, got "
+                f"{self.num_prompt_tokens}, {self.kv_bytes_per_token}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,16 +154,21 @@ def transfer_time(cfg: PolicyConfig, num_tokens: int, kv_bytes_per_token: int, l
     return link.latency_s + num_tokens * kv_bytes_per_token / link.bytes_per_s
 
 
-def should_prefill_remotely(cfg: PolicyConfig, num_prompt_tokens: int, cached_tokens: int, queue_size: int,
-                            prefill_available: bool) -> bool:
+def should_prefill_remotely(
+    cfg: PolicyConfig, num_prompt_tokens: int, cached_tokens: int, queue_size: int, prefill_available: bool
+) -> bool:
     """Conditional disaggregation: True when the uncached prompt exceeds ``max_local_prefill_length``, the prefill
     queue holds fewer than ``max_prefill_queue_size`` requests and a live prefill worker exists."""
-    return (num_prompt_tokens - cached_tokens > cfg.max_local_prefill_length
-            and queue_size < cfg.max_prefill_queue_size and prefill_available)
+    return (
+        num_prompt_tokens - cached_tokens > cfg.max_local_prefill_length
+        and queue_size < cfg.max_prefill_queue_size
+        and prefill_available
+    )
 
 
-def decode_cost(cfg: PolicyConfig, worker: WorkerState, uncached_blocks: int, prompt_blocks: int,
-                transfer_s: float) -> float:
+def decode_cost(
+    cfg: PolicyConfig, worker: WorkerState, uncached_blocks: int, prompt_blocks: int, transfer_s: float
+) -> float:
     """Cost of decoding on ``worker`` (lower is better); each term is roughly in [0, 1] before its weight: the
     uncached fraction of the prompt's blocks, the worker's block utilisation, the transfer time as a share of the
     TTFT SLO."""
@@ -175,15 +182,24 @@ def choose_prefill(workers: Sequence[WorkerState]) -> WorkerState | None:
     """The live prefill worker with the fewest queued prefill tokens (ties: smallest name); None if there is none."""
     best: WorkerState | None = None
     for worker in workers:
-        if worker.role == "prefill" and worker.alive and (
-                best is None or (worker.queued_prefill_tokens, worker.name) < (best.queued_prefill_tokens, best.name)):
+        if (
+            worker.role == "prefill"
+            and worker.alive
+            and (best is None or (worker.queued_prefill_tokens, worker.name) < (best.queued_prefill_tokens, best.name))
+        ):
             best = worker
     return best
 
 
-def choose_decode(cfg: PolicyConfig, req: RouteRequest, workers: Sequence[WorkerState],
-                  cached_blocks: Mapping[str, int], links: Mapping[tuple[str, str], LinkRate],
-                  prefill: WorkerState | None, queue_size: int) -> DecodeChoice | None:
+def choose_decode(
+    cfg: PolicyConfig,
+    req: RouteRequest,
+    workers: Sequence[WorkerState],
+    cached_blocks: Mapping[str, int],
+    links: Mapping[tuple[str, str], LinkRate],
+    prefill: WorkerState | None,
+    queue_size: int,
+) -> DecodeChoice | None:
     """The live decode/agg worker with room for the uncached prompt and the lowest :func:`decode_cost`; for each,
     whether it would prefill remotely (only role "decode" takes remote KV) decides if a transfer is priced. Ties go
     to the smallest name. None when no worker qualifies."""
@@ -200,8 +216,9 @@ def choose_decode(cfg: PolicyConfig, req: RouteRequest, workers: Sequence[Worker
         uncached_blocks = -(-uncached // size)
         if uncached_blocks > worker.free_blocks:
             continue
-        remote = worker.role == "decode" and should_prefill_remotely(cfg, tokens, cached, queue_size,
-                                                                     prefill is not None)
+        remote = worker.role == "decode" and should_prefill_remotely(
+            cfg, tokens, cached, queue_size, prefill is not None
+        )
         transfer_s = 0.0
         if remote and prefill is not None:
             transfer_s = transfer_time(cfg, uncached, req.kv_bytes_per_token, links.get((prefill.name, worker.name)))
@@ -218,8 +235,15 @@ def prefill_rate(cfg: PolicyConfig, worker: WorkerState) -> float:
     return worker.prefill_tokens_per_s if worker.prefill_tokens_per_s > 0 else cfg.default_prefill_tokens_per_s
 
 
-def predict_ttft(cfg: PolicyConfig, req: RouteRequest, choice: DecodeChoice, prefill: WorkerState | None,
-                 prefill_cached_tokens: int = 0, queued_tokens: int = 0, pool_rate: float = 0.0) -> TTFTEstimate:
+def predict_ttft(
+    cfg: PolicyConfig,
+    req: RouteRequest,
+    choice: DecodeChoice,
+    prefill: WorkerState | None,
+    prefill_cached_tokens: int = 0,
+    queued_tokens: int = 0,
+    pool_rate: float = 0.0,
+) -> TTFTEstimate:
     """Predicted TTFT of ``req`` decoded on ``choice``. Local prefill: the decode worker's queued prefill tokens and
     the uncached prompt at its rate. Remote: the router queue's ``queued_tokens`` drained at ``pool_rate`` (the
     prefill pool's tokens/s), then ``prefill``'s own queue and the prompt it does not cache at its rate, then the
@@ -244,15 +268,27 @@ def admit(cfg: PolicyConfig, priority: Priority, predicted_ttft_s: float) -> Adm
     factor = cfg.low_priority_reject_factor if priority == "low" else cfg.normal_priority_reject_factor
     limit = cfg.ttft_slo_s * factor
     if predicted_ttft_s <= limit:
-        return Admission(True, None, f"{priority} priority admitted: predicted TTFT {predicted_ttft_s:.3f} s <= "
-                                     f"{limit:.3f} s")
+        return Admission(
+            True, None, f"{priority} priority admitted: predicted TTFT {predicted_ttft_s:.3f} s <= {limit:.3f} s"
+        )
     retry = min(max(predicted_ttft_s - limit, cfg.retry_after_min_s), cfg.retry_after_max_s)
-    return Admission(False, retry, f"{priority} priority rejected early: predicted TTFT {predicted_ttft_s:.3f} s > "
-                                   f"{limit:.3f} s (SLO {cfg.ttft_slo_s:g} s x {factor:g})")
+    return Admission(
+        False,
+        retry,
+        f"{priority} priority rejected early: predicted TTFT {predicted_ttft_s:.3f} s > "
+        f"{limit:.3f} s (SLO {cfg.ttft_slo_s:g} s x {factor:g})",
+    )
 
 
-def route(cfg: PolicyConfig, req: RouteRequest, workers: Sequence[WorkerState], cached_blocks: Mapping[str, int],
-          links: Mapping[tuple[str, str], LinkRate], queue_size: int, queued_tokens: int = 0) -> Decision:
+def route(
+    cfg: PolicyConfig,
+    req: RouteRequest,
+    workers: Sequence[WorkerState],
+    cached_blocks: Mapping[str, int],
+    links: Mapping[tuple[str, str], LinkRate],
+    queue_size: int,
+    queued_tokens: int = 0,
+) -> Decision:
     """Compose the rules into one decision for ``req``.
 
     ``cached_blocks``: prompt blocks each worker probably caches (``PrefixIndex.matched_blocks``), by name; ``links``:
@@ -262,33 +298,55 @@ def route(cfg: PolicyConfig, req: RouteRequest, workers: Sequence[WorkerState], 
     prefill = choose_prefill(workers)
     choice = choose_decode(cfg, req, workers, cached_blocks, links, prefill, queue_size)
     if choice is None:
-        return Decision(False, None, None, False, 0.0, 0.0, cfg.retry_after_min_s,
-                        "no live decode/agg worker with room for the prompt", rejection="no_worker")
+        return Decision(
+            False,
+            None,
+            None,
+            False,
+            0.0,
+            0.0,
+            cfg.retry_after_min_s,
+            "no live decode/agg worker with room for the prompt",
+            rejection="no_worker",
+        )
     remote_prefill = prefill if choice.remote else None
     pool_rate, prefill_cached = 0.0, 0
     if remote_prefill is not None:
         pool_rate = sum(prefill_rate(cfg, w) for w in workers if w.role == "prefill" and w.alive)
-        prefill_cached = cached_prompt_tokens(req.num_prompt_tokens, cached_blocks.get(remote_prefill.name, 0),
-                                              remote_prefill.block_size)
+        prefill_cached = cached_prompt_tokens(
+            req.num_prompt_tokens, cached_blocks.get(remote_prefill.name, 0), remote_prefill.block_size
+        )
     estimate = predict_ttft(cfg, req, choice, remote_prefill, prefill_cached, queued_tokens, pool_rate)
     ttft = estimate.total_s
     admission = admit(cfg, req.priority, ttft)
     where = _placement_reason(cfg, req, choice, remote_prefill, queue_size)
-    return Decision(admission.admitted, choice.worker.name, remote_prefill.name if remote_prefill else None,
-                    remote_prefill is not None, ttft, choice.transfer_s, admission.retry_after_s,
-                    f"{admission.reason}; {where}", choice.cached_tokens,
-                    None if admission.admitted else "overload", estimate)
+    return Decision(
+        admission.admitted,
+        choice.worker.name,
+        remote_prefill.name if remote_prefill else None,
+        remote_prefill is not None,
+        ttft,
+        choice.transfer_s,
+        admission.retry_after_s,
+        f"{admission.reason}; {where}",
+        choice.cached_tokens,
+        None if admission.admitted else "overload",
+        estimate,
+    )
 
 
-def _placement_reason(cfg: PolicyConfig, req: RouteRequest, choice: DecodeChoice, prefill: WorkerState | None,
-                      queue_size: int) -> str:
+def _placement_reason(
+    cfg: PolicyConfig, req: RouteRequest, choice: DecodeChoice, prefill: WorkerState | None, queue_size: int
+) -> str:
     decode = choice.worker.name
     uncached = req.num_prompt_tokens - choice.cached_tokens
     head = f"decode on {decode} (cost {choice.cost:.3f}, {choice.cached_tokens} prompt tokens cached)"
     limit = cfg.max_local_prefill_length
     if prefill is not None:
-        return (f"{head}; remote prefill on {prefill.name}: {uncached} uncached tokens > max_local_prefill_length "
-                f"{limit}, expected transfer {choice.transfer_s * 1e3:.2f} ms")
+        return (
+            f"{head}; remote prefill on {prefill.name}: {uncached} uncached tokens > max_local_prefill_length "
+            f"{limit}, expected transfer {choice.transfer_s * 1e3:.2f} ms"
+        )
     if uncached <= limit:
         why = f"{uncached} uncached tokens <= max_local_prefill_length {limit}"
     elif choice.worker.role == "agg":
@@ -300,6 +358,24 @@ def _placement_reason(cfg: PolicyConfig, req: RouteRequest, choice: DecodeChoice
     return f"{head}; local prefill: {why}"
 
 
-__all__ = ["Admission", "Decision", "DecodeChoice", "LinkRate", "PolicyConfig", "Priority", "RouteRequest",
-           "TTFTEstimate", "WorkerState", "admit", "cached_prompt_tokens", "choose_decode", "choose_prefill",
-           "decode_cost", "predict_ttft", "prefill_rate", "route", "should_prefill_remotely", "transfer_time"]
+__all__ = [
+    "Admission",
+    "Decision",
+    "DecodeChoice",
+    "LinkRate",
+    "PolicyConfig",
+    "Priority",
+    "RouteRequest",
+    "TTFTEstimate",
+    "WorkerState",
+    "admit",
+    "cached_prompt_tokens",
+    "choose_decode",
+    "choose_prefill",
+    "decode_cost",
+    "predict_ttft",
+    "prefill_rate",
+    "route",
+    "should_prefill_remotely",
+    "transfer_time",
+]

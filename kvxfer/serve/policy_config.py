@@ -18,15 +18,36 @@ from ..errors import ConfigError
 
 SECTIONS: dict[str, tuple[str, ...]] = {
     "disaggregation": ("max_local_prefill_length", "max_prefill_queue_size"),
-    "routing": ("block_size", "cache_weight", "load_weight", "transfer_weight", "default_link_bytes_per_s",
-                "default_link_latency_s"),
-    "admission": ("enable_early_rejection", "ttft_slo_s", "low_priority_reject_factor",
-                  "normal_priority_reject_factor", "retry_after_min_s", "retry_after_max_s",
-                  "default_prefill_tokens_per_s"),
+    "routing": (
+        "block_size",
+        "cache_weight",
+        "load_weight",
+        "transfer_weight",
+        "default_link_bytes_per_s",
+        "default_link_latency_s",
+    ),
+    "admission": (
+        "enable_early_rejection",
+        "ttft_slo_s",
+        "low_priority_reject_factor",
+        "normal_priority_reject_factor",
+        "retry_after_min_s",
+        "retry_after_max_s",
+        "default_prefill_tokens_per_s",
+    ),
 }
 # Fields that must be > 0 (the others must be >= 0).
-_POSITIVE = frozenset({"block_size", "default_link_bytes_per_s", "ttft_slo_s", "low_priority_reject_factor",
-                       "normal_priority_reject_factor", "retry_after_max_s", "default_prefill_tokens_per_s"})
+_POSITIVE = frozenset(
+    {
+        "block_size",
+        "default_link_bytes_per_s",
+        "ttft_slo_s",
+        "low_priority_reject_factor",
+        "normal_priority_reject_factor",
+        "retry_after_max_s",
+        "default_prefill_tokens_per_s",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +91,15 @@ class PolicyConfig:
             if field.type == "float" and isinstance(value, int):
                 object.__setattr__(self, field.name, float(value))  # ints from YAML/JSON: one type per field
         if self.retry_after_min_s > self.retry_after_max_s:
-            raise ConfigError(f"PolicyConfig.retry_after_min_s: expected <= retry_after_max_s "
-                              f"({self.retry_after_max_s}), got {self.retry_after_min_s}")
+            raise ConfigError(
+                f"PolicyConfig.retry_after_min_s: expected <= retry_after_max_s "
+                f"({self.retry_after_max_s}), got {self.retry_after_min_s}"
+            )
         if self.normal_priority_reject_factor < self.low_priority_reject_factor:
-            raise ConfigError(f"PolicyConfig.normal_priority_reject_factor: expected >= low_priority_reject_factor "
-                              f"({self.low_priority_reject_factor}), got {self.normal_priority_reject_factor}")
+            raise ConfigError(
+                f"PolicyConfig.normal_priority_reject_factor: expected >= low_priority_reject_factor "
+                f"({self.low_priority_reject_factor}), got {self.normal_priority_reject_factor}"
+            )
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, object]) -> PolicyConfig:
@@ -88,14 +113,16 @@ class PolicyConfig:
                     raise ConfigError(f"PolicyConfig.{key}: expected a mapping (section), got {value!r}")
                 for sub_key, sub_value in value.items():
                     if sub_key not in SECTIONS[key]:
-                        raise ConfigError(f"PolicyConfig.{key}.{sub_key}: unknown key; expected one of "
-                                          f"{', '.join(SECTIONS[key])}")
+                        raise ConfigError(
+                            f"PolicyConfig.{key}.{sub_key}: unknown key; expected one of {', '.join(SECTIONS[key])}"
+                        )
                     _put(flat, sub_key, sub_value)
             elif key in _NAMES:
                 _put(flat, str(key), value)
             else:
-                raise ConfigError(f"PolicyConfig.{key}: unknown key; expected one of "
-                                  f"{', '.join(sorted(_NAMES | SECTIONS.keys()))}")
+                raise ConfigError(
+                    f"PolicyConfig.{key}: unknown key; expected one of {', '.join(sorted(_NAMES | SECTIONS.keys()))}"
+                )
         return cls(**flat)  # type: ignore[arg-type]  # values were type-checked in __post_init__
 
     @classmethod

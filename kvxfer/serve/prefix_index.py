@@ -35,7 +35,7 @@ def block_hashes(token_ids: Sequence[int], block_size: int, previous: bytes = RO
     hashes = []
     for start in range(0, count, block_size):
         digest = blake2b(previous, digest_size=16)
-        digest.update(b",".join(texts[start:start + block_size]))
+        digest.update(b",".join(texts[start : start + block_size]))
         previous = digest.digest()
         hashes.append(previous)
     return hashes

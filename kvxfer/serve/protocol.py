@@ -34,8 +34,9 @@ Check = Callable[[Any, str], Any]
 
 
 def _fail(name: str, expected: str, value: Any) -> HandshakeError:
-    return HandshakeError(f"control message: field {name!r} must be {expected}, got {type(value).__name__} "
-                          f"{value!r:.60}")
+    return HandshakeError(
+        f"control message: field {name!r} must be {expected}, got {type(value).__name__} {value!r:.60}"
+    )
 
 
 def _int(low: int = 0, high: int = (1 << 63) - 1) -> Check:
@@ -43,6 +44,7 @@ def _int(low: int = 0, high: int = (1 << 63) - 1) -> Check:
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise _fail(name, f"an int in [{low}, {high}]", value)
         return value
+
     return check
 
 
@@ -51,6 +53,7 @@ def _float(low: float = 0.0, high: float = float("inf")) -> Check:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
             raise _fail(name, f"a number in [{low}, {high}]", value)
         return float(value)
+
     return check
 
 
@@ -59,6 +62,7 @@ def _str(max_len: int = MAX_NAME, choices: tuple[str, ...] = ()) -> Check:
         if not isinstance(value, str) or not 0 < len(value) <= max_len or (choices and value not in choices):
             raise _fail(name, f"one of {choices}" if choices else f"a string of 1..{max_len} characters", value)
         return value
+
     return check
 
 
@@ -67,6 +71,7 @@ def _bytes(max_len: int) -> Check:
         if not isinstance(value, bytes) or not 0 < len(value) <= max_len:
             raise _fail(name, f"bytes of 1..{max_len}", value)
         return value
+
     return check
 
 
@@ -79,6 +84,7 @@ def _bool(value: Any, name: str) -> bool:
 def _optional(inner: Check) -> Check:
     def check(value: Any, name: str) -> Any:
         return None if value is None else inner(value, name)
+
     return check
 
 
@@ -87,6 +93,7 @@ def _list(inner: Check, max_len: int, min_len: int = 0) -> Check:
         if not isinstance(value, (list, tuple)) or not min_len <= len(value) <= max_len:
             raise _fail(name, f"a list of {min_len}..{max_len} items", value)
         return tuple(inner(item, f"{name}[]") for item in value)
+
     return check
 
 
@@ -95,6 +102,7 @@ def _map(inner: Check, max_len: int = 32) -> Check:
         if not isinstance(value, dict) or len(value) > max_len:
             raise _fail(name, f"a map of at most {max_len} entries", value)
         return {_str()(key, f"{name} key"): inner(item, f"{name}.{key}") for key, item in value.items()}
+
     return check
 
 
@@ -109,6 +117,7 @@ def _nested(cls: type[_Body]) -> Check:
         if not isinstance(value, dict):
             raise _fail(name, f"a {cls.__name__} map", value)
         return cls.from_wire(value)
+
     return check
 
 
@@ -123,8 +132,11 @@ class _Body:
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> Any:
         values: dict[str, Any] = {}
-        defaults = {f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+        defaults = {
+            f.name
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        }
         for name, check in cls._SCHEMA.items():
             if name not in wire:
                 if name in defaults:
@@ -153,9 +165,13 @@ class Sampling(_Body):
     """Sampling parameters (the engine's SamplingParams without torch): greedy when ``temperature`` is 0."""
 
     _SCHEMA: ClassVar[dict[str, Check]] = {
-        "max_tokens": _int(1, 1 << 20), "temperature": _float(0.0, 100.0), "top_p": _float(1e-9, 1.0),
-        "seed": _optional(_int(0, (1 << 63) - 1)), "stop_token_ids": _list(_int(), 1024),
-        "ignore_eos": _bool}
+        "max_tokens": _int(1, 1 << 20),
+        "temperature": _float(0.0, 100.0),
+        "top_p": _float(1e-9, 1.0),
+        "seed": _optional(_int(0, (1 << 63) - 1)),
+        "stop_token_ids": _list(_int(), 1024),
+        "ignore_eos": _bool,
+    }
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -169,8 +185,11 @@ class Sampling(_Body):
 class PeerInfo(_Body):
     """A worker as the others need it: its name, role and one encoded RankInfo per TP rank."""
 
-    _SCHEMA: ClassVar[dict[str, Check]] = {"name": _str(), "role": _str(choices=ROLES),
-                                           "rank_info": _list(_bytes(MAX_SMALL_NBYTES), 64)}  # agg: none
+    _SCHEMA: ClassVar[dict[str, Check]] = {
+        "name": _str(),
+        "role": _str(choices=ROLES),
+        "rank_info": _list(_bytes(MAX_SMALL_NBYTES), 64),
+    }  # agg: none
     name: str
     role: str
     rank_info: tuple[bytes, ...]
@@ -197,9 +216,16 @@ _TIMING = _optional(_map(_float(0.0), 32))
 class Register(Message):
     TYPE: ClassVar[str] = "register"
     _SCHEMA: ClassVar[dict[str, Check]] = {
-        "name": _str(), "role": _str(choices=ROLES), "model": _str(), "block_size": _int(1, 1 << 20),
-        "num_blocks": _int(1, 1 << 40), "kv_bytes_per_token": _int(1, 1 << 40),
-        "rank_info": _list(_bytes(MAX_SMALL_NBYTES // 2), 64), "max_batch": _int(1, 1 << 20), "device": _str()}
+        "name": _str(),
+        "role": _str(choices=ROLES),
+        "model": _str(),
+        "block_size": _int(1, 1 << 20),
+        "num_blocks": _int(1, 1 << 40),
+        "kv_bytes_per_token": _int(1, 1 << 40),
+        "rank_info": _list(_bytes(MAX_SMALL_NBYTES // 2), 64),
+        "max_batch": _int(1, 1 << 20),
+        "device": _str(),
+    }
     name: str
     role: str
     model: str
@@ -217,9 +243,15 @@ class Load(Message):
 
     TYPE: ClassVar[str] = "load"
     _SCHEMA: ClassVar[dict[str, Check]] = {
-        "free_blocks": _int(), "active_blocks": _int(), "running": _int(), "waiting": _int(),
-        "queued_prefill_tokens": _int(), "prefill_tokens_per_s": _float(), "decode_tokens_per_s": _float(),
-        "links": _map(_pair, MAX_ENTRIES)}
+        "free_blocks": _int(),
+        "active_blocks": _int(),
+        "running": _int(),
+        "waiting": _int(),
+        "queued_prefill_tokens": _int(),
+        "prefill_tokens_per_s": _float(),
+        "decode_tokens_per_s": _float(),
+        "links": _map(_pair, MAX_ENTRIES),
+    }
     free_blocks: int
     active_blocks: int
     running: int
@@ -236,8 +268,12 @@ class Tokens(Message):
     queue_s, prefill_s, transfer_s, kv_bytes, first_step_s (seconds; kv_bytes a count)."""
 
     TYPE: ClassVar[str] = "tokens"
-    _SCHEMA: ClassVar[dict[str, Check]] = {"rid": _RID, "token_ids": _TOKENS,
-                                           "finish": _optional(_str(choices=FINISH_REASONS)), "timing": _TIMING}
+    _SCHEMA: ClassVar[dict[str, Check]] = {
+        "rid": _RID,
+        "token_ids": _TOKENS,
+        "finish": _optional(_str(choices=FINISH_REASONS)),
+        "timing": _TIMING,
+    }
     rid: str
     token_ids: tuple[int, ...]
     finish: str | None = None
@@ -258,8 +294,12 @@ class TokensBatch(Message):
 class Prefilled(Message):
     TYPE: ClassVar[str] = "prefilled"
     MAX_NBYTES: ClassVar[int] = MAX_MESSAGE_NBYTES
-    _SCHEMA: ClassVar[dict[str, Check]] = {"rid": _RID, "kv_ready": _bytes(MAX_MESSAGE_NBYTES - 4096),
-                                           "first_token": _int(0, (1 << 31) - 1), "timing": _TIMING}
+    _SCHEMA: ClassVar[dict[str, Check]] = {
+        "rid": _RID,
+        "kv_ready": _bytes(MAX_MESSAGE_NBYTES - 4096),
+        "first_token": _int(0, (1 << 31) - 1),
+        "timing": _TIMING,
+    }
     rid: str
     kv_ready: bytes
     first_token: int
@@ -288,8 +328,12 @@ class Peers(Message):
 @dataclass(frozen=True)
 class Generate(Message):
     TYPE: ClassVar[str] = "generate"
-    _SCHEMA: ClassVar[dict[str, Check]] = {"rid": _RID, "prompt_token_ids": _PROMPT, "sampling": _nested(Sampling),
-                                           "deadline_s": _float()}
+    _SCHEMA: ClassVar[dict[str, Check]] = {
+        "rid": _RID,
+        "prompt_token_ids": _PROMPT,
+        "sampling": _nested(Sampling),
+        "deadline_s": _float(),
+    }
     rid: str
     prompt_token_ids: tuple[int, ...]
     sampling: Sampling
@@ -311,8 +355,11 @@ class Prefill(Message):
 class Decode(Message):
     TYPE: ClassVar[str] = "decode"
     MAX_NBYTES: ClassVar[int] = MAX_MESSAGE_NBYTES
-    _SCHEMA: ClassVar[dict[str, Check]] = {**Generate._SCHEMA, "kv_ready": Prefilled._SCHEMA["kv_ready"],
-                                           "first_token": _int(0, (1 << 31) - 1)}
+    _SCHEMA: ClassVar[dict[str, Check]] = {
+        **Generate._SCHEMA,
+        "kv_ready": Prefilled._SCHEMA["kv_ready"],
+        "first_token": _int(0, (1 << 31) - 1),
+    }
     rid: str
     prompt_token_ids: tuple[int, ...]
     sampling: Sampling
@@ -335,10 +382,26 @@ class Shutdown(Message):
     drain_s: float = 10.0
 
 
-AnyMessage = (Register | Load | Tokens | TokensBatch | Prefilled | Error | Peers | Generate | Prefill | Decode | Abort
-              | Shutdown)
-TYPES: dict[str, type[Message]] = {cls.TYPE: cls for cls in (Register, Load, Tokens, TokensBatch, Prefilled, Error,
-                                                            Peers, Generate, Prefill, Decode, Abort, Shutdown)}
+AnyMessage = (
+    Register | Load | Tokens | TokensBatch | Prefilled | Error | Peers | Generate | Prefill | Decode | Abort | Shutdown
+)
+TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Register,
+        Load,
+        Tokens,
+        TokensBatch,
+        Prefilled,
+        Error,
+        Peers,
+        Generate,
+        Prefill,
+        Decode,
+        Abort,
+        Shutdown,
+    )
+}
 
 
 def decode(frame: bytes) -> AnyMessage:
@@ -349,15 +412,23 @@ def decode(frame: bytes) -> AnyMessage:
     if size > MAX_MESSAGE_NBYTES:
         raise HandshakeError(f"control message: {size} bytes exceed the cap of {MAX_MESSAGE_NBYTES}")
     try:
-        body = msgpack.unpackb(bytes(frame), raw=False, strict_map_key=True, max_bin_len=MAX_MESSAGE_NBYTES,
-                               max_str_len=MAX_SMALL_NBYTES, max_array_len=MAX_TOKENS_PER_MESSAGE,
-                               max_map_len=MAX_ENTRIES, max_ext_len=0)
+        body = msgpack.unpackb(
+            bytes(frame),
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=MAX_MESSAGE_NBYTES,
+            max_str_len=MAX_SMALL_NBYTES,
+            max_array_len=MAX_TOKENS_PER_MESSAGE,
+            max_map_len=MAX_ENTRIES,
+            max_ext_len=0,
+        )
     except Exception as error:  # msgpack raises many types (ValueError, ExtraData, StackError, ...): all mean bad
         raise HandshakeError(f"control message: undecodable msgpack: {type(error).__name__}: {error}") from error
     if not isinstance(body, dict) or body.get("v") != VERSION:
         version = body.get("v") if isinstance(body, dict) else None
-        raise HandshakeError(f"control message: expected a map with v={VERSION}, got {type(body).__name__} "
-                             f"v={version!r:.20}")
+        raise HandshakeError(
+            f"control message: expected a map with v={VERSION}, got {type(body).__name__} v={version!r:.20}"
+        )
     kind = body.get("t")
     cls = TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:

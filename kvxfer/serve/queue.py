@@ -51,11 +51,19 @@ class PrefillQueue(Generic[T]):
     Not thread-safe.
     """
 
-    def __init__(self, max_size: int, key: Callable[[T], str] = default_key, requeue_headroom: int | None = None,
-                 max_requeue_memory: int = 65536) -> None:
+    def __init__(
+        self,
+        max_size: int,
+        key: Callable[[T], str] = default_key,
+        requeue_headroom: int | None = None,
+        max_requeue_memory: int = 65536,
+    ) -> None:
         headroom = max_size if requeue_headroom is None else requeue_headroom
-        for name, value in (("max_size", max_size), ("requeue_headroom", headroom),
-                            ("max_requeue_memory", max_requeue_memory)):
+        for name, value in (
+            ("max_size", max_size),
+            ("requeue_headroom", headroom),
+            ("max_requeue_memory", max_requeue_memory),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"PrefillQueue.{name}: expected an int >= 0, got {value!r}")
         self.max_size, self.requeue_headroom, self.max_requeue_memory = max_size, headroom, max_requeue_memory
@@ -87,8 +95,11 @@ class PrefillQueue(Generic[T]):
     def put(self, item: T, priority: Priority = "normal", num_tokens: int = 0) -> None:
         """Queue ``item`` at the tail of its class; :class:`QueueFullError` when ``max_size`` requests wait."""
         if len(self._where) >= self.max_size:
-            raise QueueFullError(f"prefill queue full: {len(self._where)} requests waiting (max_size "
-                                 f"{self.max_size})", limit=self.max_size, size=len(self._where))
+            raise QueueFullError(
+                f"prefill queue full: {len(self._where)} requests waiting (max_size {self.max_size})",
+                limit=self.max_size,
+                size=len(self._where),
+            )
         self._insert(self._entry(item, priority, num_tokens), last=True)
 
     def requeue(self, item: T, priority: Priority = "normal", num_tokens: int = 0) -> None:
@@ -99,9 +110,12 @@ class PrefillQueue(Generic[T]):
             raise RequeueLimitError(f"request {entry.request_id!r} was requeued once already", entry.request_id)
         limit = self.max_size + self.requeue_headroom
         if len(self._where) >= limit:
-            raise QueueFullError(f"prefill queue full: cannot requeue {entry.request_id!r}, {len(self._where)} "
-                                 f"requests waiting (max_size + requeue_headroom = {limit})", limit=limit,
-                                 size=len(self._where))
+            raise QueueFullError(
+                f"prefill queue full: cannot requeue {entry.request_id!r}, {len(self._where)} "
+                f"requests waiting (max_size + requeue_headroom = {limit})",
+                limit=limit,
+                size=len(self._where),
+            )
         self._insert(entry, last=False)
         self._requeued[entry.request_id] = None
         if len(self._requeued) > self.max_requeue_memory:

@@ -23,8 +23,22 @@ from .metrics import RouterMetrics
 from .openai_schema import ApiError
 from .policy_config import PolicyConfig
 from .prefix_index import PrefixIndex, block_hashes
-from .protocol import (Abort, AnyMessage, Decode, Error, Generate, Load, Message, Peers, Prefill, Prefilled,
-                       Register, Sampling, Shutdown, Tokens)
+from .protocol import (
+    Abort,
+    AnyMessage,
+    Decode,
+    Error,
+    Generate,
+    Load,
+    Message,
+    Peers,
+    Prefill,
+    Prefilled,
+    Register,
+    Sampling,
+    Shutdown,
+    Tokens,
+)
 from .queue import PrefillQueue
 from .router_flight import Flight, TokensEvent
 from .router_placement import kv_bytes_per_token, link_rates, placement, rejection, worker_state
@@ -40,10 +54,17 @@ SWEEP_S = 0.1
 class Router:
     """Routes requests of one model to its registered workers (see the module docstring)."""
 
-    def __init__(self, model: str, control: str = "tcp://127.0.0.1:0", config: PolicyConfig | None = None,
-                 metrics: RouterMetrics | None = None, request_timeout_s: float = 300.0,
-                 heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S, aliases: frozenset[str] = frozenset(),
-                 vocab_size: int = 0) -> None:
+    def __init__(
+        self,
+        model: str,
+        control: str = "tcp://127.0.0.1:0",
+        config: PolicyConfig | None = None,
+        metrics: RouterMetrics | None = None,
+        request_timeout_s: float = 300.0,
+        heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
+        aliases: frozenset[str] = frozenset(),
+        vocab_size: int = 0,
+    ) -> None:
         self.model = model
         self.vocab_size = vocab_size
         self.control = control
@@ -83,8 +104,11 @@ class Router:
         while self.flights and time.monotonic() < give_up:
             await asyncio.sleep(0.05)
         for flight in list(self.flights.values()):
-            self._fail(flight, ApiError(503, "the server is shutting down", code="shutting_down",
-                                        kind="service_unavailable"), "failure")
+            self._fail(
+                flight,
+                ApiError(503, "the server is shutting down", code="shutting_down", kind="service_unavailable"),
+                "failure",
+            )
         for entry in list(self.registry.workers.values()):
             self._send(entry.name, Shutdown(drain_s=1.0))
         if self._sweeper is not None:
@@ -96,44 +120,79 @@ class Router:
 
     def ready(self, min_decode: int = 1, min_prefill: int = 0) -> bool:
         """True when enough workers registered (decode counts decode and agg workers)."""
-        return (len(self.registry.by_role("decode", "agg")) >= min_decode
-                and self.registry.count("prefill") >= min_prefill)
+        return (
+            len(self.registry.by_role("decode", "agg")) >= min_decode and self.registry.count("prefill") >= min_prefill
+        )
 
     # -- requests ---------------------------------------------------------------------------------------------
 
-    def submit(self, prompt: list[int], sampling: Sampling, priority: str = "normal", prefill_mode: str = "auto",
-               timeout_s: float | None = None) -> Flight:
+    def submit(
+        self,
+        prompt: list[int],
+        sampling: Sampling,
+        priority: str = "normal",
+        prefill_mode: str = "auto",
+        timeout_s: float | None = None,
+    ) -> Flight:
         """Admit and dispatch one request, or raise ApiError (429 overload with Retry-After, 503 no worker /
         queue full / draining)."""
         arrival = time.perf_counter()
         if self.draining:
-            raise ApiError(503, "the server is draining and admits no new requests", code="draining",
-                           kind="service_unavailable", retry_after_s=1.0)
+            raise ApiError(
+                503,
+                "the server is draining and admits no new requests",
+                code="draining",
+                kind="service_unavailable",
+                retry_after_s=1.0,
+            )
         block_size = self.registry.block_size() or self.config.block_size
         hashes = tuple(block_hashes(prompt, block_size))
-        workers = [worker_state(w) for w in self.registry.workers.values()
-                   if prefill_mode != "remote" or w.role != "agg"]  # forced remote: KV goes to a decode worker
+        workers = [
+            worker_state(w) for w in self.registry.workers.values() if prefill_mode != "remote" or w.role != "agg"
+        ]  # forced remote: KV goes to a decode worker
         cached = {w.name: self.prefix_index.matched_blocks(w.name, hashes) for w in workers}
         rid = f"{self._id_prefix}-{next(self._ids)}"
-        request = policy.RouteRequest(rid, len(prompt), hashes, priority,  # type: ignore[arg-type]
-                                      kv_bytes_per_token(self.registry))
-        decision = policy.route(self.config, request, workers, cached, link_rates(self.registry), len(self.queue),
-                                self.queue.queued_tokens)
+        request = policy.RouteRequest(
+            rid,
+            len(prompt),
+            hashes,
+            priority,  # type: ignore[arg-type]
+            kv_bytes_per_token(self.registry),
+        )
+        decision = policy.route(
+            self.config, request, workers, cached, link_rates(self.registry), len(self.queue), self.queue.queued_tokens
+        )
         if not decision.admitted or decision.decode is None:
             self.metrics.rejections.labels(decision.rejection or "no_worker").inc()
             raise rejection(decision)
-        prefill, reason = placement(self.config, self.registry, decision, prefill_mode, workers, len(prompt),
-                                    len(self.queue))
-        flight = Flight(rid, tuple(prompt), sampling, priority, decision.decode, prefill, hashes,  # type: ignore
-                        time.time() + (timeout_s or self.request_timeout_s), arrival=arrival,
-                        predicted_cached_tokens=decision.cached_tokens, predicted_ttft_s=decision.predicted_ttft_s)
+        prefill, reason = placement(
+            self.config, self.registry, decision, prefill_mode, workers, len(prompt), len(self.queue)
+        )
+        flight = Flight(
+            rid,
+            tuple(prompt),
+            sampling,
+            priority,
+            decision.decode,
+            prefill,
+            hashes,  # type: ignore
+            time.time() + (timeout_s or self.request_timeout_s),
+            arrival=arrival,
+            predicted_cached_tokens=decision.cached_tokens,
+            predicted_ttft_s=decision.predicted_ttft_s,
+        )
         if prefill is not None:
             try:
                 self.queue.put(flight, request.priority, len(prompt))
             except QueueFullError as error:
                 self.metrics.rejections.labels("queue_full").inc()
-                raise ApiError(503, f"prefill queue full: {error}", code="queue_full", kind="service_unavailable",
-                               retry_after_s=self.config.retry_after_min_s) from error
+                raise ApiError(
+                    503,
+                    f"prefill queue full: {error}",
+                    code="queue_full",
+                    kind="service_unavailable",
+                    retry_after_s=self.config.retry_after_min_s,
+                ) from error
             flight.queued_at = arrival
         self.flights[rid] = flight
         self.registry.workers[flight.decode].requests.add(rid)
@@ -153,8 +212,14 @@ class Router:
         entry = self.registry.workers.get(name)
         if entry is not None:
             level = logging.WARNING if entry.requests else logging.INFO  # a clean stop deregisters with nothing left
-            logger.log(level, "router: worker %s (%s) dropped: its discovery record is gone (lease expired or "
-                       "deregistered), %d requests in flight", name, entry.role, len(entry.requests))
+            logger.log(
+                level,
+                "router: worker %s (%s) dropped: its discovery record is gone (lease expired or "
+                "deregistered), %d requests in flight",
+                name,
+                entry.role,
+                len(entry.requests),
+            )
             self._worker_lost(entry)
 
     def abort(self, rid: str, cause: str) -> None:
@@ -174,8 +239,13 @@ class Router:
             self.metrics.router_overhead.observe(flight.dispatched_at - flight.arrival)
         flight.sent_to.add(worker)
         if not self._send(worker, message):
-            self._fail(flight, ApiError(503, f"worker {worker!r} is unreachable", code="worker_unreachable",
-                                        kind="service_unavailable"), "failure")
+            self._fail(
+                flight,
+                ApiError(
+                    503, f"worker {worker!r} is unreachable", code="worker_unreachable", kind="service_unavailable"
+                ),
+                "failure",
+            )
 
     def _dispatch_prefills(self) -> None:
         """Hand queued prefills to prefill workers with capacity (the one with fewest queued tokens first); when no
@@ -193,8 +263,14 @@ class Router:
             if flight.rid not in self.flights:
                 continue
             named = self.registry.workers.get(flight.prefill or "")
-            worker = named if named in ready else min(ready, key=lambda w: (
-                w.load.queued_prefill_tokens if w.load else 0, len(w.in_flight_prefills), w.name))
+            worker = (
+                named
+                if named in ready
+                else min(
+                    ready,
+                    key=lambda w: (w.load.queued_prefill_tokens if w.load else 0, len(w.in_flight_prefills), w.name),
+                )
+            )
             flight.prefill, flight.phase = worker.name, "prefilling"
             now = time.perf_counter()
             flight.queue_wait_s += now - (flight.queued_at or now)
@@ -202,8 +278,11 @@ class Router:
             worker.add_pending(flight.rid, flight.num_prompt_tokens)
             worker.requests.add(flight.rid)
             self.prefix_index.record(worker.name, flight.block_hashes)
-            self._dispatch_first(flight, worker.name, Prefill(flight.rid, flight.prompt, flight.sampling,
-                                                              flight.decode, flight.deadline_s))
+            self._dispatch_first(
+                flight,
+                worker.name,
+                Prefill(flight.rid, flight.prompt, flight.sampling, flight.decode, flight.deadline_s),
+            )
 
     def _prefill_locally(self, flight: Flight | None) -> None:
         """A queued request whose prefill pool is gone: its decode worker prefills it (``generate``)."""
@@ -211,16 +290,22 @@ class Router:
             return
         decode = self.registry.workers.get(flight.decode)
         if decode is None:
-            self._fail(flight, ApiError(503, f"decode worker {flight.decode!r} is gone", code="worker_lost",
-                                        kind="service_unavailable"), "failure")
+            self._fail(
+                flight,
+                ApiError(
+                    503, f"decode worker {flight.decode!r} is gone", code="worker_lost", kind="service_unavailable"
+                ),
+                "failure",
+            )
             return
         now = time.perf_counter()
         flight.queue_wait_s += now - (flight.queued_at or now)
         flight.prefill, flight.phase = None, "decoding"
         self.metrics.decisions.labels("local", "no_prefill_worker").inc()
         decode.add_pending(flight.rid, flight.num_prompt_tokens)
-        self._dispatch_first(flight, decode.name, Generate(flight.rid, flight.prompt, flight.sampling,
-                                                           flight.deadline_s))
+        self._dispatch_first(
+            flight, decode.name, Generate(flight.rid, flight.prompt, flight.sampling, flight.deadline_s)
+        )
 
     # -- messages from workers (link thread -> loop) ---------------------------------------------------------------
 
@@ -272,8 +357,13 @@ class Router:
         if isinstance(entry, str):
             logger.warning("router: %s", entry)
             return
-        logger.info("router: worker %s (%s, %s, %d blocks) registered", message.name, message.role, message.device,
-                    message.num_blocks)
+        logger.info(
+            "router: worker %s (%s, %s, %d blocks) registered",
+            message.name,
+            message.role,
+            message.device,
+            message.num_blocks,
+        )
         self._broadcast_peers()
         self._dispatch_prefills()
 
@@ -291,8 +381,9 @@ class Router:
                 if entry is not None:
                     entry.clear_pending(flight.rid)
                 timing = flight.breakdown(message.timing, now)
-                self.metrics.observe_ttft(now - flight.arrival, {k: v for k, v in timing.items()
-                                                                 if isinstance(v, float)})
+                self.metrics.observe_ttft(
+                    now - flight.arrival, {k: v for k, v in timing.items() if isinstance(v, float)}
+                )
                 if flight.prefill is not None and timing["kv_bytes"]:
                     self.metrics.kv_bytes.inc(float(timing["kv_bytes"]))
                     self.metrics.kv_seconds.observe(float(timing["transfer_s"]))
@@ -301,14 +392,25 @@ class Router:
             flight.last_token_at = now
             flight.num_generated += len(message.token_ids)
             if flight.num_generated > flight.sampling.max_tokens:  # bounds the request's event queue too
-                self._fail(flight, ApiError(502, f"worker {sender!r} sent {flight.num_generated} tokens for "
-                                                 f"max_tokens={flight.sampling.max_tokens}", code="worker_protocol",
-                                            kind="server_error"), "failure")
+                self._fail(
+                    flight,
+                    ApiError(
+                        502,
+                        f"worker {sender!r} sent {flight.num_generated} tokens for "
+                        f"max_tokens={flight.sampling.max_tokens}",
+                        code="worker_protocol",
+                        kind="server_error",
+                    ),
+                    "failure",
+                )
                 return
             self.metrics.generation_tokens.inc(len(message.token_ids))
         if message.finish == "error":
-            self._fail(flight, ApiError(500, f"worker {sender!r} failed the request", code="worker_error",
-                                        kind="server_error"), "failure")
+            self._fail(
+                flight,
+                ApiError(500, f"worker {sender!r} failed the request", code="worker_error", kind="server_error"),
+                "failure",
+            )
             return
         flight.events.put_nowait(TokensEvent(message.token_ids, message.finish, timing))
         if message.finish is not None:
@@ -328,10 +430,22 @@ class Router:
         flight.prefill_timing = dict(message.timing or {})
         flight.phase = "decoding"
         flight.sent_to.add(flight.decode)
-        if not self._send(flight.decode, Decode(flight.rid, flight.prompt, flight.sampling, message.kv_ready,
-                                                message.first_token, flight.deadline_s)):
-            self._fail(flight, ApiError(503, f"decode worker {flight.decode!r} is unreachable",
-                                        code="worker_unreachable", kind="service_unavailable"), "failure")
+        if not self._send(
+            flight.decode,
+            Decode(
+                flight.rid, flight.prompt, flight.sampling, message.kv_ready, message.first_token, flight.deadline_s
+            ),
+        ):
+            self._fail(
+                flight,
+                ApiError(
+                    503,
+                    f"decode worker {flight.decode!r} is unreachable",
+                    code="worker_unreachable",
+                    kind="service_unavailable",
+                ),
+                "failure",
+            )
         self._dispatch_prefills()
 
     def _on_error(self, sender: str, message: Error) -> None:
@@ -346,9 +460,16 @@ class Router:
         flight.sent_to.discard(sender)
         status = {"bad_request": 400, "overloaded": 503, "draining": 503, "deadline": 504}.get(message.code, 500)
         leg = "prefill" if sender == flight.prefill and flight.phase == "prefilling" else "decode"
-        self._fail(flight, ApiError(status, f"{leg} worker {sender!r}: {message.code}: {message.message}",
-                                    code=message.code, kind="server_error" if status >= 500 else
-                                    "invalid_request_error"), "failure")
+        self._fail(
+            flight,
+            ApiError(
+                status,
+                f"{leg} worker {sender!r}: {message.code}: {message.message}",
+                code=message.code,
+                kind="server_error" if status >= 500 else "invalid_request_error",
+            ),
+            "failure",
+        )
         self._dispatch_prefills()
 
     # -- endings ------------------------------------------------------------------------------------------------
@@ -396,17 +517,32 @@ class Router:
                 try:
                     self.queue.requeue(flight, flight.priority, flight.num_prompt_tokens)  # type: ignore[arg-type]
                 except (RequeueLimitError, QueueFullError) as error:
-                    self._fail(flight, ApiError(503, f"prefill worker {entry.name!r} died and the request was "
-                                                     f"requeued once already: {error}", code="prefill_worker_lost",
-                                                kind="service_unavailable"), "failure")
+                    self._fail(
+                        flight,
+                        ApiError(
+                            503,
+                            f"prefill worker {entry.name!r} died and the request was requeued once already: {error}",
+                            code="prefill_worker_lost",
+                            kind="service_unavailable",
+                        ),
+                        "failure",
+                    )
                     continue
                 self.metrics.requeues.inc()
                 flight.phase, flight.requeued, flight.queued_at = "queued", True, time.perf_counter()
                 if keep_registered:  # registered again: whatever it still runs of this prefill is not wanted
                     self._send(entry.name, Abort(flight.rid))
             else:
-                self._fail(flight, ApiError(503, f"worker {entry.name!r} ({entry.role}) died during the request",
-                                            code="worker_lost", kind="service_unavailable"), "failure")
+                self._fail(
+                    flight,
+                    ApiError(
+                        503,
+                        f"worker {entry.name!r} ({entry.role}) died during the request",
+                        code="worker_lost",
+                        kind="service_unavailable",
+                    ),
+                    "failure",
+                )
         self._broadcast_peers()
         self._dispatch_prefills()
 
@@ -431,13 +567,25 @@ class Router:
     def sweep_once(self) -> None:
         """Drop silent workers, fail requests past their deadline, refresh the gauges."""
         for entry in self.registry.expire():
-            logger.warning("router: worker %s (%s) lost: no heartbeat for %.1f s", entry.name, entry.role,
-                           self.registry.heartbeat_timeout_s)
+            logger.warning(
+                "router: worker %s (%s) lost: no heartbeat for %.1f s",
+                entry.name,
+                entry.role,
+                self.registry.heartbeat_timeout_s,
+            )
             self._worker_lost(entry)
         now = time.time()
         for flight in [f for f in self.flights.values() if f.deadline_s < now]:
-            self._fail(flight, ApiError(504, f"request {flight.rid} ran past its deadline (phase {flight.phase})",
-                                        code="deadline_exceeded", kind="server_error"), "deadline")
+            self._fail(
+                flight,
+                ApiError(
+                    504,
+                    f"request {flight.rid} ran past its deadline (phase {flight.phase})",
+                    code="deadline_exceeded",
+                    kind="server_error",
+                ),
+                "deadline",
+            )
         self._dispatch_prefills()
         self.refresh_gauges()
 

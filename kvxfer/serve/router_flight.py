@@ -69,11 +69,18 @@ class Flight:
             queue = self.queue_wait_s + worker.get("queue_s", 0.0)
             prefill = worker.get("prefill_s", 0.0)
         router = (self.dispatched_at - self.arrival) if self.dispatched_at is not None else 0.0
-        return {"ttft_s": now - self.arrival, "queue_s": queue, "prefill_s": prefill,
-                "transfer_s": worker.get("transfer_s", 0.0), "first_step_s": worker.get("first_step_s", 0.0),
-                "router_s": router, "kv_bytes": int(worker.get("kv_bytes", 0)),
-                "prefill_worker": self.prefill or self.decode, "decode_worker": self.decode,
-                "disaggregated": self.prefill is not None,
-                "cached_tokens": int(worker.get("cached_tokens", 0)),
-                "predicted_cached_tokens": self.predicted_cached_tokens,
-                "predicted_ttft_s": self.predicted_ttft_s}
+        return {
+            "ttft_s": now - self.arrival,
+            "queue_s": queue,
+            "prefill_s": prefill,
+            "transfer_s": worker.get("transfer_s", 0.0),
+            "first_step_s": worker.get("first_step_s", 0.0),
+            "router_s": router,
+            "kv_bytes": int(worker.get("kv_bytes", 0)),
+            "prefill_worker": self.prefill or self.decode,
+            "decode_worker": self.decode,
+            "disaggregated": self.prefill is not None,
+            "cached_tokens": int(worker.get("cached_tokens", 0)),
+            "predicted_cached_tokens": self.predicted_cached_tokens,
+            "predicted_ttft_s": self.predicted_ttft_s,
+        }

@@ -19,8 +19,7 @@ import threading
 import time
 
 from .control import WorkerLink
-from .protocol import (Abort, AnyMessage, Decode, Generate, Load, Message, Prefill, Prefilled, Register, Shutdown,
-                       Tokens)
+from .protocol import Abort, AnyMessage, Decode, Generate, Load, Message, Prefill, Prefilled, Register, Shutdown, Tokens
 
 LOAD_INTERVAL_S = 0.25
 
@@ -29,8 +28,18 @@ class NullWorker:
     """The worker end of the protocol with instant answers, or paced ones: prefills (``Prefill``, and the prefill
     part of ``Generate``) run one at a time taking ``prefill_delay_s`` each; tokens come ``token_delay_s`` apart."""
 
-    def __init__(self, router: str, name: str, role: str, model: str, block_size: int = 16, num_blocks: int = 4096,
-                 token_delay_s: float = 0.0, max_batch: int = 64, prefill_delay_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        router: str,
+        name: str,
+        role: str,
+        model: str,
+        block_size: int = 16,
+        num_blocks: int = 4096,
+        token_delay_s: float = 0.0,
+        max_batch: int = 64,
+        prefill_delay_s: float = 0.0,
+    ) -> None:
         self.name, self.role, self.model = name, role, model
         self.block_size, self.num_blocks, self.max_batch = block_size, num_blocks, max_batch
         self.token_delay_s, self.prefill_delay_s = token_delay_s, prefill_delay_s
@@ -48,8 +57,19 @@ class NullWorker:
             self.link.send(message)
 
     def _register(self) -> None:
-        self._send(Register(self.name, self.role, self.model, self.block_size, self.num_blocks, 64,
-                            (b"null-rank-info",), self.max_batch, "null"))
+        self._send(
+            Register(
+                self.name,
+                self.role,
+                self.model,
+                self.block_size,
+                self.num_blocks,
+                64,
+                (b"null-rank-info",),
+                self.max_batch,
+                "null",
+            )
+        )
 
     def _blocks(self, rid: str, num_tokens: int) -> None:
         with self.lock:
@@ -99,8 +119,13 @@ class NullWorker:
 
     def _generate(self, message: Generate | Decode) -> None:
         prompt, rid = message.prompt_token_ids, message.rid
-        timing = {"queue_s": 0.0, "prefill_s": 0.0, "first_step_s": 0.0, "transfer_s": 0.0,
-                  "kv_bytes": 64.0 * len(prompt) if isinstance(message, Decode) else 0.0}
+        timing = {
+            "queue_s": 0.0,
+            "prefill_s": 0.0,
+            "first_step_s": 0.0,
+            "transfer_s": 0.0,
+            "kv_bytes": 64.0 * len(prompt) if isinstance(message, Decode) else 0.0,
+        }
         count = message.sampling.max_tokens
         for index in range(count):
             if rid not in self.held:
@@ -139,8 +164,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-delay", type=float, default=0.0, help="seconds between tokens")
     parser.add_argument("--prefill-delay", type=float, default=0.0, help="seconds per prefill (one at a time)")
     args = parser.parse_args(argv)
-    worker = NullWorker(args.router, args.name, args.role, args.model, args.block_size, args.num_blocks,
-                        args.token_delay, args.max_batch, args.prefill_delay)
+    worker = NullWorker(
+        args.router,
+        args.name,
+        args.role,
+        args.model,
+        args.block_size,
+        args.num_blocks,
+        args.token_delay,
+        args.max_batch,
+        args.prefill_delay,
+    )
     return worker.run()
 
 

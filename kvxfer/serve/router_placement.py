@@ -16,9 +16,16 @@ def worker_state(entry: WorkerEntry) -> policy.WorkerState:
     backlog = 0.0
     if load is not None and load.decode_tokens_per_s > 0:
         backlog = load.waiting / load.decode_tokens_per_s
-    return policy.WorkerState(entry.name, entry.role, entry.info.block_size,  # type: ignore[arg-type]
-                              entry.free_blocks, entry.active_blocks, entry.queued_prefill_tokens,
-                              load.prefill_tokens_per_s if load else 0.0, backlog)
+    return policy.WorkerState(
+        entry.name,
+        entry.role,
+        entry.info.block_size,  # type: ignore[arg-type]
+        entry.free_blocks,
+        entry.active_blocks,
+        entry.queued_prefill_tokens,
+        load.prefill_tokens_per_s if load else 0.0,
+        backlog,
+    )
 
 
 def link_rates(registry: WorkerRegistry) -> dict[tuple[str, str], policy.LinkRate]:
@@ -41,14 +48,31 @@ def kv_bytes_per_token(registry: WorkerRegistry) -> int:
 def rejection(decision: policy.Decision) -> ApiError:
     """The answer to a request the policy did not admit: 429 + Retry-After (overload), else 503 (no worker)."""
     if decision.rejection == "overload":
-        return ApiError(429, f"rejected early: {decision.reason}", code="rate_limit_exceeded",
-                        kind="rate_limit_error", retry_after_s=decision.retry_after_s)
-    return ApiError(503, f"no worker can take the request: {decision.reason}", code="no_worker",
-                    kind="service_unavailable", retry_after_s=decision.retry_after_s or 1.0)
+        return ApiError(
+            429,
+            f"rejected early: {decision.reason}",
+            code="rate_limit_exceeded",
+            kind="rate_limit_error",
+            retry_after_s=decision.retry_after_s,
+        )
+    return ApiError(
+        503,
+        f"no worker can take the request: {decision.reason}",
+        code="no_worker",
+        kind="service_unavailable",
+        retry_after_s=decision.retry_after_s or 1.0,
+    )
 
 
-def placement(config: PolicyConfig, registry: WorkerRegistry, decision: policy.Decision, mode: str,
-              workers: list[policy.WorkerState], num_tokens: int, queue_size: int) -> tuple[str | None, str]:
+def placement(
+    config: PolicyConfig,
+    registry: WorkerRegistry,
+    decision: policy.Decision,
+    mode: str,
+    workers: list[policy.WorkerState],
+    num_tokens: int,
+    queue_size: int,
+) -> tuple[str | None, str]:
     """Where the prefill runs (a prefill worker's name, or None: the decode worker) and a short reason for the
     metrics; ``mode`` "local" / "remote" overrides the policy (the request's ``kvxfer.prefill``)."""
     if mode == "local":
@@ -56,8 +80,13 @@ def placement(config: PolicyConfig, registry: WorkerRegistry, decision: policy.D
     if mode == "remote":
         chosen = policy.choose_prefill(workers)
         if chosen is None:
-            raise ApiError(503, "kvxfer.prefill=remote but no prefill worker is registered",
-                           code="no_prefill_worker", kind="service_unavailable", retry_after_s=1.0)
+            raise ApiError(
+                503,
+                "kvxfer.prefill=remote but no prefill worker is registered",
+                code="no_prefill_worker",
+                kind="service_unavailable",
+                retry_after_s=1.0,
+            )
         return chosen.name, "forced"
     if decision.prefill is not None:
         return decision.prefill, "long_prompt"

@@ -32,7 +32,7 @@ class OutputText:
             self.token_ids.append(token_id)
         found = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
         if found:  # a match cannot begin in text already sent: that text was held back while it could
-            out, self._pending, self.stopped = self._pending[:min(found)], "", True
+            out, self._pending, self.stopped = self._pending[: min(found)], "", True
             self.text += out
             return out, True
         split = len(self._pending) - self._hold

@@ -65,23 +65,33 @@ class WorkerEntry:
     def snapshot(self) -> dict[str, object]:
         """A JSON-able summary (for ``/kvxfer/workers``)."""
         load = self.load
-        return {"name": self.name, "role": self.role, "device": self.info.device, "model": self.info.model,
-                "block_size": self.info.block_size, "num_blocks": self.info.num_blocks,
-                "free_blocks": self.free_blocks, "active_blocks": self.active_blocks,
-                "running": load.running if load else 0, "waiting": load.waiting if load else 0,
-                "queued_prefill_tokens": self.queued_prefill_tokens,
-                "prefill_tokens_per_s": load.prefill_tokens_per_s if load else 0.0,
-                "decode_tokens_per_s": load.decode_tokens_per_s if load else 0.0,
-                "links": {peer: list(rate) for peer, rate in (load.links if load else {}).items()},
-                "in_flight": len(self.requests), "in_flight_prefills": len(self.in_flight_prefills),
-                "last_seen_s_ago": round(time.monotonic() - self.last_seen, 3)}
+        return {
+            "name": self.name,
+            "role": self.role,
+            "device": self.info.device,
+            "model": self.info.model,
+            "block_size": self.info.block_size,
+            "num_blocks": self.info.num_blocks,
+            "free_blocks": self.free_blocks,
+            "active_blocks": self.active_blocks,
+            "running": load.running if load else 0,
+            "waiting": load.waiting if load else 0,
+            "queued_prefill_tokens": self.queued_prefill_tokens,
+            "prefill_tokens_per_s": load.prefill_tokens_per_s if load else 0.0,
+            "decode_tokens_per_s": load.decode_tokens_per_s if load else 0.0,
+            "links": {peer: list(rate) for peer, rate in (load.links if load else {}).items()},
+            "in_flight": len(self.requests),
+            "in_flight_prefills": len(self.in_flight_prefills),
+            "last_seen_s_ago": round(time.monotonic() - self.last_seen, 3),
+        }
 
 
 class WorkerRegistry:
     """Registered workers by name; ``version`` changes whenever membership does (to re-send ``peers``)."""
 
-    def __init__(self, models: frozenset[str], heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
-                 max_workers: int = 1024) -> None:
+    def __init__(
+        self, models: frozenset[str], heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S, max_workers: int = 1024
+    ) -> None:
         self.models = models  # the names a worker may register the served model under
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.max_workers = max_workers
@@ -136,8 +146,9 @@ class WorkerRegistry:
 
     def peers(self) -> tuple[PeerInfo, ...]:
         """Every worker as the others need it (the ``peers`` message)."""
-        return tuple(PeerInfo(w.name, w.role, w.info.rank_info) for w in self.workers.values()
-                     if w.info.rank_info)  # agg workers move no KV: they have no agent to connect to
+        return tuple(
+            PeerInfo(w.name, w.role, w.info.rank_info) for w in self.workers.values() if w.info.rank_info
+        )  # agg workers move no KV: they have no agent to connect to
 
     def block_size(self) -> int | None:
         """The block size of the decode-capable workers (they must agree for prefix hashes to match)."""

@@ -43,12 +43,19 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     """The worker's options (``kvxfer worker`` and ``python -m kvxfer.serve.worker``)."""
     parser.add_argument("--role", required=True, choices=("prefill", "decode", "agg"))
     parser.add_argument("--model", required=True, help="load_model name or directory, or preset:<engine preset>")
-    parser.add_argument("--router", default=None,
-                        help="the router's control address, e.g. tcp://127.0.0.1:7100 (or found through --discovery)")
-    parser.add_argument("--discovery", default=None,
-                        help="etcd://host:port[/cluster]: publish this worker under a lease and find the router there")
-    parser.add_argument("--discovery-ttl", type=float, default=3.0,
-                        help="seconds the etcd lease outlives the last keepalive")
+    parser.add_argument(
+        "--router",
+        default=None,
+        help="the router's control address, e.g. tcp://127.0.0.1:7100 (or found through --discovery)",
+    )
+    parser.add_argument(
+        "--discovery",
+        default=None,
+        help="etcd://host:port[/cluster]: publish this worker under a lease and find the router there",
+    )
+    parser.add_argument(
+        "--discovery-ttl", type=float, default=3.0, help="seconds the etcd lease outlives the last keepalive"
+    )
     parser.add_argument("--name", default=None, help="unique worker name (default: <role>-<pid>)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel ranks (processes over torch.distributed)")
@@ -65,20 +72,40 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-s", type=float, default=10.0, help="seconds SIGTERM lets running requests finish")
     parser.add_argument("--router-timeout", type=float, default=5.0, help="exit 3 after this long without the router")
     parser.add_argument("--seed", type=int, default=0, help="weights seed of preset:<name> models")
-    parser.add_argument("--random-weights", action="store_true",
-                        help="the model's shape and tokenizer with seeded random weights (load_model(random_weights))")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="the model's shape and tokenizer with seeded random weights (load_model(random_weights))",
+    )
     parser.add_argument("--cache-dir", default=None, help="kvxfer.models cache directory")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (0: torch's default; 1 is best when several CPU workers share a host)")
-    parser.add_argument("--token-file", default=None,
-                        help="file holding the shared secret the agent's side channel requires (multi-host)")
-    parser.add_argument("--allow-unauthenticated", action="store_true",
-                        help="serve the side channel on a non-loopback --host without a token (trusted networks)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default; 1 is best when several CPU workers share a host)",
+    )
+    parser.add_argument(
+        "--token-file",
+        default=None,
+        help="file holding the shared secret the agent's side channel requires (multi-host)",
+    )
+    parser.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve the side channel on a non-loopback --host without a token (trusted networks)",
+    )
     parser.add_argument("--log-level", default="WARNING")
 
 
-def build_model(spec: str, device: str, dtype: str | None, seed: int, random_weights: bool = False,
-                cache_dir: str | None = None, tp: Any = None) -> tuple[str, Any]:
+def build_model(
+    spec: str,
+    device: str,
+    dtype: str | None,
+    seed: int,
+    random_weights: bool = False,
+    cache_dir: str | None = None,
+    tp: Any = None,
+) -> tuple[str, Any]:
     """(served model name, kvxfer.engine.Model of this TP rank) for ``--model``."""
     from ..engine import Model, ModelConfig
 
@@ -119,8 +146,9 @@ class Worker:
         self.args, self.rank = args, rank
         self.name = args.name or f"{args.role}-{os.getpid()}"
         self.device = rank_device(args.device, rank)
-        self.model_name, model = build_model(args.model, self.device, args.dtype, args.seed, args.random_weights,
-                                             args.cache_dir, tp)
+        self.model_name, model = build_model(
+            args.model, self.device, args.dtype, args.seed, args.random_weights, args.cache_dir, tp
+        )
         cache = CacheConfig(num_blocks=args.num_blocks, block_size=args.block_size)
         self.agent: Any = None
         self.connector: Any = None
@@ -133,8 +161,17 @@ class Worker:
                 rank_info = gather_rank_info(rank_info[0], size)
         if size > 1:
             self.loop.sync, self.loop.leader = make_sync(control), rank == 0
-        self.register = Register(self.name, args.role, self.model_name, args.block_size, args.num_blocks,
-                                 kv_bytes_per_token(spec), rank_info, args.max_batch, args.device)
+        self.register = Register(
+            self.name,
+            args.role,
+            self.model_name,
+            args.block_size,
+            args.num_blocks,
+            kv_bytes_per_token(spec),
+            rank_info,
+            args.max_batch,
+            args.device,
+        )
         self.link: Any = None
         self._register_pending = False
         self.discovery: Any = None
@@ -155,14 +192,24 @@ class Worker:
             backends = args.backends.split(",") if args.backends else None
             agent_name = self.name if self.rank == 0 else f"{self.name}.r{self.rank}"
             token = Path(args.token_file).read_text().strip() if args.token_file else None
-            self.agent = kvxfer.Agent(agent_name, backends=backends, listen=f"{args.host}:0", token=token,
-                                      allow_unauthenticated=args.allow_unauthenticated)
+            self.agent = kvxfer.Agent(
+                agent_name,
+                backends=backends,
+                listen=f"{args.host}:0",
+                token=token,
+                allow_unauthenticated=args.allow_unauthenticated,
+            )
         if args.role == "prefill":
             self.connector = PrefillConnector(PrefillEngine(model, cache), self.agent, lease_ttl=args.lease_ttl)
-            return PrefillLoop(self.name, self._send, self.connector, max_queue=args.max_queue,
-                               max_batch=args.max_batch, max_batch_tokens=args.max_batch_tokens)
-        engine = DecodeEngine(model, cache, max_batch_size=args.max_batch,
-                              max_num_batched_tokens=args.max_batch_tokens)
+            return PrefillLoop(
+                self.name,
+                self._send,
+                self.connector,
+                max_queue=args.max_queue,
+                max_batch=args.max_batch,
+                max_batch_tokens=args.max_batch_tokens,
+            )
+        engine = DecodeEngine(model, cache, max_batch_size=args.max_batch, max_num_batched_tokens=args.max_batch_tokens)
         if args.role == "decode":
             self.connector = DecodeConnector(engine, self.agent, timeout=args.transfer_timeout)
         return DecodeLoop(self.name, self._send, engine, self.connector, kv_bytes_per_token(engine.spec))
@@ -185,9 +232,11 @@ class Worker:
         if self.args.discovery:
             from .discovery_link import WorkerDiscoveryLink, worker_record
 
-            self.discovery = WorkerDiscoveryLink(self.args.discovery, worker_record(
-                self.register, self.agent.listen_address if self.agent is not None else None),
-                self.args.discovery_ttl)
+            self.discovery = WorkerDiscoveryLink(
+                self.args.discovery,
+                worker_record(self.register, self.agent.listen_address if self.agent is not None else None),
+                self.args.discovery_ttl,
+            )
             router = router or self.discovery.find_router(timeout_s=max(self.args.router_timeout, 30.0))
         self.link = WorkerLink(router, self.name, self.loop.post, on_connect=self._on_connect)
         if self.discovery is not None:
@@ -195,8 +244,15 @@ class Worker:
         if self._register_pending:  # connected before self.link was set: the callback could not send
             self.link.send(self.register)
         self.loop.start()
-        logger.warning("worker %s: %s on %s, model %s, agent %s, router %s", self.name, self.args.role,
-                       self.args.device, self.model_name, self.agent.listen_address if self.agent else None, router)
+        logger.warning(
+            "worker %s: %s on %s, model %s, agent %s, router %s",
+            self.name,
+            self.args.role,
+            self.args.device,
+            self.model_name,
+            self.agent.listen_address if self.agent else None,
+            router,
+        )
         code = EXIT_OK
         next_beat = time.monotonic()
         while self.loop.alive:
@@ -205,8 +261,12 @@ class Worker:
                     self.link.send(self.loop.load)
                 next_beat = time.monotonic() + HEARTBEAT_S
             if self.link.disconnected_s > self.args.router_timeout:
-                logger.error("worker %s: no router at %s for %.1f s: aborting everything and exiting", self.name,
-                             router, self.args.router_timeout)
+                logger.error(
+                    "worker %s: no router at %s for %.1f s: aborting everything and exiting",
+                    self.name,
+                    router,
+                    self.args.router_timeout,
+                )
                 self.loop.stop()
                 code = EXIT_ROUTER_LOST
                 break

@@ -35,9 +35,14 @@ MAX_DEFERRED = 1024  # decode requests waiting for free blocks before their pull
 
 def sampling_params(sampling: protocol.Sampling) -> SamplingParams:
     """The engine's SamplingParams for a protocol Sampling."""
-    return SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-                          seed=sampling.seed, ignore_eos=sampling.ignore_eos,
-                          stop_token_ids=sampling.stop_token_ids)
+    return SamplingParams(
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        seed=sampling.seed,
+        ignore_eos=sampling.ignore_eos,
+        stop_token_ids=sampling.stop_token_ids,
+    )
 
 
 @dataclass
@@ -58,8 +63,9 @@ class DecodeLoop(Loop):
 
     peer_role = "prefill"
 
-    def __init__(self, name: str, send: Send, engine: DecodeEngine, connector: DecodeConnector | None,
-                 kv_bytes_per_token: int) -> None:
+    def __init__(
+        self, name: str, send: Send, engine: DecodeEngine, connector: DecodeConnector | None, kv_bytes_per_token: int
+    ) -> None:
         super().__init__(name, send)
         self.engine, self.connector, self.kv_bytes_per_token = engine, connector, kv_bytes_per_token
         self._active: dict[str, _Active] = {}
@@ -97,16 +103,26 @@ class DecodeLoop(Loop):
         except KvxferError as error:
             self.send(Error(message.rid, "bad_request", f"kv_ready: {error}"))
             return
-        if (ready.request.request_id != message.rid or ready.request.prompt_token_ids != message.prompt_token_ids
-                or ready.first_token != message.first_token):
-            self.send(Error(message.rid, "bad_request", "kv_ready does not match the request's id, prompt or "
-                                                        "first token"))
+        if (
+            ready.request.request_id != message.rid
+            or ready.request.prompt_token_ids != message.prompt_token_ids
+            or ready.first_token != message.first_token
+        ):
+            self.send(
+                Error(message.rid, "bad_request", "kv_ready does not match the request's id, prompt or first token")
+            )
             return
         if ready.prefill_agents[0] not in self.group_peers and self._unconnected:
             self.retry_peers()
         if ready.prefill_agents[0] not in self.group_peers:
-            self.send(Error(message.rid, "unknown_peer", f"worker {self.name} is not connected to the prefill "
-                                                         f"group {ready.prefill_agents[0]!r} (no peers message?)"))
+            self.send(
+                Error(
+                    message.rid,
+                    "unknown_peer",
+                    f"worker {self.name} is not connected to the prefill "
+                    f"group {ready.prefill_agents[0]!r} (no peers message?)",
+                )
+            )
             return
         if len(self._deferred) >= MAX_DEFERRED:
             self.send(Error(message.rid, "overloaded", f"worker {self.name}: {MAX_DEFERRED} pulls wait for blocks"))
@@ -184,17 +200,29 @@ class DecodeLoop(Loop):
             reason = output.finish_reason.value if output.finish_reason is not None else "stop"
             self._emit(active, output.output_token_ids, reason, output.token_times, output.num_cached_tokens)
 
-    def _emit(self, active: _Active, output: tuple[int, ...] | list[int], finish: str | None,
-              token_times: tuple[float, ...] | list[float], cached: int) -> None:
+    def _emit(
+        self,
+        active: _Active,
+        output: tuple[int, ...] | list[int],
+        finish: str | None,
+        token_times: tuple[float, ...] | list[float],
+        cached: int,
+    ) -> None:
         timing = None
         if active.sent == 0 and output:
             if not active.remote:
                 first = active.first_scheduled or active.received
-                timing = {"queue_s": max(first - active.received, 0.0), "prefill_s": max(token_times[0] - first, 0.0),
-                          "transfer_s": 0.0, "kv_bytes": 0.0, "first_step_s": 0.0, "cached_tokens": float(cached)}
+                timing = {
+                    "queue_s": max(first - active.received, 0.0),
+                    "prefill_s": max(token_times[0] - first, 0.0),
+                    "transfer_s": 0.0,
+                    "kv_bytes": 0.0,
+                    "first_step_s": 0.0,
+                    "cached_tokens": float(cached),
+                }
             else:
                 timing = {**active.timing, "first_step_s": max(time.time() - active.transfer_ended, 0.0)}
-        self.emit(Tokens(active.rid, tuple(output[active.sent:]), finish, timing))
+        self.emit(Tokens(active.rid, tuple(output[active.sent :]), finish, timing))
         active.sent = len(output)
 
     def _admitted(self, admission: Admission) -> None:
@@ -215,8 +243,12 @@ class DecodeLoop(Loop):
         peer = self._prefill_of(rid)
         if peer is not None:
             self.links.record(peer, nbytes, admission.transfer_s)
-        active.timing.update(transfer_s=admission.transfer_s, kv_bytes=float(nbytes), prefill_s=0.0,
-                             cached_tokens=float(admission.num_cached_tokens))
+        active.timing.update(
+            transfer_s=admission.transfer_s,
+            kv_bytes=float(nbytes),
+            prefill_s=0.0,
+            cached_tokens=float(admission.num_cached_tokens),
+        )
         active.transfer_ended = time.time()
         seq = self.engine.sequences.get(rid)
         if seq is not None:  # else it finished at admission (one token): the next step returns its output
@@ -249,7 +281,7 @@ class DecodeLoop(Loop):
         elif not active.pulling:
             output = self._abort_engine(rid)
         if code == "abort":
-            rest = () if output is None else tuple(output.output_token_ids[active.sent:])
+            rest = () if output is None else tuple(output.output_token_ids[active.sent :])
             self.emit(Tokens(rid, rest, "abort"))
         else:
             self.send(Error(rid, code, message))
@@ -281,11 +313,20 @@ class DecodeLoop(Loop):
         engine = self.engine
         free = engine.num_free_blocks
         pulling = set(self.connector.pending_request_ids) if self.connector is not None else set()
-        waiting = [seq for rid, seq in engine.sequences.items()
-                   if rid not in pulling and seq.num_computed < seq.num_prompt_tokens]
+        waiting = [
+            seq
+            for rid, seq in engine.sequences.items()
+            if rid not in pulling and seq.num_computed < seq.num_prompt_tokens
+        ]
         decode_rate = engine.num_decode_tokens / engine.decode_s if engine.decode_s > 0 else 0.0
         links = {self.group_peers.get(group, group): rate for group, rate in self.links.snapshot().items()}
-        return Load(free_blocks=free, active_blocks=engine.runner.blocks.num_blocks - free,
-                    running=engine.num_running, waiting=engine.num_waiting + len(self._deferred),
-                    queued_prefill_tokens=sum(seq.num_prompt_tokens - seq.num_computed for seq in waiting),
-                    prefill_tokens_per_s=self.prefill_rate.value, decode_tokens_per_s=decode_rate, links=links)
+        return Load(
+            free_blocks=free,
+            active_blocks=engine.runner.blocks.num_blocks - free,
+            running=engine.num_running,
+            waiting=engine.num_waiting + len(self._deferred),
+            queued_prefill_tokens=sum(seq.num_prompt_tokens - seq.num_computed for seq in waiting),
+            prefill_tokens_per_s=self.prefill_rate.value,
+            decode_tokens_per_s=decode_rate,
+            links=links,
+        )

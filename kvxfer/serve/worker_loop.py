@@ -132,8 +132,11 @@ class Loop:
                 messages: list[AnyMessage] = []
                 if self.leader:
                     messages = self._take_inbox(0.0 if busy else POLL_WAIT_S if self.polling() else IDLE_WAIT_S)
-                stop = self._stop.is_set() or (self._drain_until is not None and not messages and (
-                    not self.has_work() or time.monotonic() > self._drain_until))
+                stop = self._stop.is_set() or (
+                    self._drain_until is not None
+                    and not messages
+                    and (not self.has_work() or time.monotonic() > self._drain_until)
+                )
                 now = time.time()
                 if self.sync is not None:  # every TP rank makes the leader's decisions, in the same order
                     messages, now, stop = self.sync(messages, now, stop)
@@ -191,8 +194,7 @@ class Loop:
         listed = {peer.name for peer in message.peers}
         self._unconnected = {name: info for name, info in self._unconnected.items() if name in listed}
         for peer in message.peers:
-            if (peer.role == self.peer_role and peer.rank_info
-                    and self._peer_infos.get(peer.name) != peer.rank_info):
+            if peer.role == self.peer_role and peer.rank_info and self._peer_infos.get(peer.name) != peer.rank_info:
                 self._unconnected[peer.name] = peer.rank_info
         self.retry_peers()
 
@@ -223,7 +225,7 @@ class Loop:
     def _flush(self) -> None:
         items, self._tokens = self._tokens, []
         for start in range(0, len(items), TOKENS_PER_FRAME):
-            chunk = items[start:start + TOKENS_PER_FRAME]
+            chunk = items[start : start + TOKENS_PER_FRAME]
             self._send(chunk[0] if len(chunk) == 1 else TokensBatch(tuple(chunk)))
 
     def send(self, message: Message) -> bool:

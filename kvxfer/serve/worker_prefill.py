@@ -38,8 +38,16 @@ class PrefillLoop(Loop):
 
     peer_role = "decode"
 
-    def __init__(self, name: str, send: Send, connector: PrefillConnector, *, max_queue: int = 256,
-                 max_batch: int = 16, max_batch_tokens: int = 4096) -> None:
+    def __init__(
+        self,
+        name: str,
+        send: Send,
+        connector: PrefillConnector,
+        *,
+        max_queue: int = 256,
+        max_batch: int = 16,
+        max_batch_tokens: int = 4096,
+    ) -> None:
         super().__init__(name, send)
         self.connector = connector
         self.max_queue, self.max_batch, self.max_batch_tokens = max_queue, max_batch, max_batch_tokens
@@ -83,8 +91,9 @@ class PrefillLoop(Loop):
             return False
         began = time.time()
         try:
-            readies = self.connector.prefill_batch([q.request for q in batch],
-                                                   [self.peer_groups[q.decode] for q in batch])
+            readies = self.connector.prefill_batch(
+                [q.request for q in batch], [self.peer_groups[q.decode] for q in batch]
+            )
         except OutOfBlocksError:
             if len(batch) > 1:  # all or nothing: try the head alone next time
                 self._queue.extendleft(reversed(batch[1:]))
@@ -98,8 +107,11 @@ class PrefillLoop(Loop):
         self.rate.record(sum(r.num_computed_tokens for r in readies), elapsed)
         for queued, ready in zip(batch, readies):
             self._deadlines[queued.request.request_id] = queued.deadline
-            timing = {"queue_s": max(began - queued.received, 0.0), "prefill_s": elapsed,
-                      "cached_tokens": float(ready.num_cached_tokens)}
+            timing = {
+                "queue_s": max(began - queued.received, 0.0),
+                "prefill_s": elapsed,
+                "cached_tokens": float(ready.num_cached_tokens),
+            }
             self.send(Prefilled(queued.request.request_id, ready.encode(), ready.first_token, timing))
             self.num_prefilled += 1
         return True
@@ -117,8 +129,13 @@ class PrefillLoop(Loop):
             if queued.decode not in self.peer_groups and self._unconnected:
                 self.retry_peers()
             if queued.decode not in self.peer_groups:
-                self.send(Error(queued.request.request_id, "unknown_peer",
-                                f"prefill worker {self.name} is not connected to decode worker {queued.decode!r}"))
+                self.send(
+                    Error(
+                        queued.request.request_id,
+                        "unknown_peer",
+                        f"prefill worker {self.name} is not connected to decode worker {queued.decode!r}",
+                    )
+                )
                 continue
             batch.append(queued)
             tokens += size
@@ -153,7 +170,13 @@ class PrefillLoop(Loop):
     def snapshot(self) -> Load:
         engine = self.connector.engine
         free = engine.num_free_blocks
-        return Load(free_blocks=free, active_blocks=engine.runner.blocks.num_blocks - free,
-                    running=len(self._deadlines), waiting=len(self._queue),
-                    queued_prefill_tokens=sum(len(q.request.prompt_token_ids) for q in self._queue),
-                    prefill_tokens_per_s=self.rate.value, decode_tokens_per_s=0.0, links={})
+        return Load(
+            free_blocks=free,
+            active_blocks=engine.runner.blocks.num_blocks - free,
+            running=len(self._deadlines),
+            waiting=len(self._queue),
+            queued_prefill_tokens=sum(len(q.request.prompt_token_ids) for q in self._queue),
+            prefill_tokens_per_s=self.rate.value,
+            decode_tokens_per_s=0.0,
+            links={},
+        )

@@ -75,9 +75,15 @@ def spawn_followers(args: argparse.Namespace) -> tuple[str, list[Any], tempfile.
     directory = tempfile.TemporaryDirectory(prefix="kvxfer-worker-tp-")
     init_method = f"file://{Path(directory.name) / 'store'}"
     context = multiprocessing.get_context("spawn")
-    followers = [context.Process(target=follower_main, args=(rank, args, init_method, os.getpid()),
-                                 name=f"kvxfer-worker-{args.name}-r{rank}", daemon=True)
-                 for rank in range(1, args.tp)]
+    followers = [
+        context.Process(
+            target=follower_main,
+            args=(rank, args, init_method, os.getpid()),
+            name=f"kvxfer-worker-{args.name}-r{rank}",
+            daemon=True,
+        )
+        for rank in range(1, args.tp)
+    ]
     for process in followers:
         process.start()
     return init_method, followers, directory

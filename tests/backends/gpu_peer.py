@@ -54,8 +54,11 @@ def serve(conn, backend: str, device: int, nbytes: int, memory: str, seed: int) 
     elif memory == "vmm":
         allocation = VmmAllocation(nbytes, device)
         region = kvxfer.Region.from_ptr(allocation.ptr, nbytes, "cuda", device, owner=allocation)
-        view = cupy.ndarray((nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(
-            cupy.cuda.UnownedMemory(allocation.ptr, nbytes, allocation), 0))
+        view = cupy.ndarray(
+            (nbytes,),
+            cupy.uint8,
+            cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(allocation.ptr, nbytes, allocation), 0),
+        )
     else:
         view = cupy.empty(nbytes, dtype=cupy.uint8)
         region = view
@@ -74,18 +77,21 @@ def serve(conn, backend: str, device: int, nbytes: int, memory: str, seed: int) 
                 conn.send(None)
             elif command == "spin_write":
                 seconds, offsets, size, notify = args
-                plan = agent.plan(kvxfer.Descs.from_ranges(mine, offsets, size), peer,
-                                  kvxfer.Descs.from_ranges(peer.region("kv"), offsets, size))
+                plan = agent.plan(
+                    kvxfer.Descs.from_ranges(mine, offsets, size),
+                    peer,
+                    kvxfer.Descs.from_ranges(peer.region("kv"), offsets, size),
+                )
                 agent.write(plan).wait(30)  # warm: mapped, tables up
                 spin_stream(cupy, device, plan.backend._stream(device), seconds)
                 agent.write(plan, notify=notify)
                 conn.send(None)
             elif command == "digest":
                 offset, size = args
-                conn.send(hashlib.sha256(view[offset:offset + size].get().tobytes()).hexdigest())
+                conn.send(hashlib.sha256(view[offset : offset + size].get().tobytes()).hexdigest())
             elif command == "bytes":
                 offset, size = args
-                conn.send(view[offset:offset + size].get().tobytes())
+                conn.send(view[offset : offset + size].get().tobytes())
             elif command == "notes":
                 conn.send([n.payload for n in agent.notifications(timeout=args[0])])
     conn.send("bye")

@@ -57,8 +57,9 @@ def block_bytes(array_bytes: bytes, ids) -> bytes:
 
 @pytest.mark.parametrize("strategy", ["kernel", "copy"])
 @pytest.mark.parametrize("memory", ["legacy", "vmm", "torch-vmm"])
-@pytest.mark.parametrize("devices", [pytest.param((0, 0), marks=pytest.mark.gpu),
-                                     pytest.param((0, 1), marks=pytest.mark.multi_gpu)])
+@pytest.mark.parametrize(
+    "devices", [pytest.param((0, 0), marks=pytest.mark.gpu), pytest.param((0, 1), marks=pytest.mark.multi_gpu)]
+)
 def test_read_and_write_random_blocks_byte_exact(devices, memory, strategy):
     import cupy
 
@@ -73,8 +74,9 @@ def test_read_and_write_random_blocks_byte_exact(devices, memory, strategy):
             remote.ask("connect", agent.metadata())
             rng = np.random.default_rng(3)
             remote_ids, local_ids = rng.permutation(64)[:20], rng.permutation(64)[:20]
-            plan = agent.plan(Descs.from_blocks(region, SPEC, local_ids), peer,
-                              Descs.from_blocks(peer.region("kv"), SPEC, remote_ids))
+            plan = agent.plan(
+                Descs.from_blocks(region, SPEC, local_ids), peer, Descs.from_blocks(peer.region("kv"), SPEC, remote_ids)
+            )
             handle = agent.read(plan, notify=b"read-done")
             handle.wait(timeout=30)
             assert handle.state is TransferState.DONE
@@ -88,8 +90,11 @@ def test_read_and_write_random_blocks_byte_exact(devices, memory, strategy):
             with cupy.cuda.Device(devices[0]):
                 cache[:] = cupy.random.default_rng(5).integers(1, 256, SPEC.nbytes, dtype=cupy.uint8)
             targets = rng.permutation(64)[:9]
-            plan = agent.plan(Descs.from_blocks(region, SPEC, local_ids[:9]), peer,
-                              Descs.from_blocks(peer.region("kv"), SPEC, targets))
+            plan = agent.plan(
+                Descs.from_blocks(region, SPEC, local_ids[:9]),
+                peer,
+                Descs.from_blocks(peer.region("kv"), SPEC, targets),
+            )
             agent.write(plan, notify=b"write-done").wait(timeout=30)
             assert remote.ask("notes", 10) == [b"write-done"]
             after = remote.ask("bytes", 0, SPEC.nbytes)
@@ -100,8 +105,9 @@ def test_read_and_write_random_blocks_byte_exact(devices, memory, strategy):
         remote.close()
 
 
-@pytest.mark.parametrize("devices", [pytest.param((0, 0), marks=pytest.mark.gpu),
-                                     pytest.param((0, 1), marks=pytest.mark.multi_gpu)])
+@pytest.mark.parametrize(
+    "devices", [pytest.param((0, 0), marks=pytest.mark.gpu), pytest.param((0, 1), marks=pytest.mark.multi_gpu)]
+)
 def test_peer_killed_mid_transfer_fails_within_the_deadline(devices):
     """A read queued behind a 3 s kernel is in flight for sure when the peer is SIGKILLed: it must end FAILED
     (TransferError caused by the lost peer) well before its deadline, and the survivor's GPU keeps working."""
@@ -119,8 +125,9 @@ def test_peer_killed_mid_transfer_fails_within_the_deadline(devices):
             region = agent.register(cache, name="kv")
             peer = agent.connect(remote.ask("meta"))
             offsets = np.random.default_rng(0).permutation(nbytes // 4096) * 4096
-            plan = agent.plan(Descs.from_ranges(region, offsets, 4096), peer,
-                              Descs.from_ranges(peer.region("kv"), offsets, 4096))
+            plan = agent.plan(
+                Descs.from_ranges(region, offsets, 4096), peer, Descs.from_ranges(peer.region("kv"), offsets, 4096)
+            )
             agent.read(plan).wait(timeout=30)  # warm: peer memory mapped, tables uploaded
             spin_stream(cupy, devices[0], backend._stream(devices[0]), 3.0)
             handle = agent.read(plan, notify=b"late")
@@ -142,8 +149,9 @@ def test_peer_killed_mid_transfer_fails_within_the_deadline(devices):
 
 
 @pytest.mark.parametrize("early", [True, False])
-@pytest.mark.parametrize("devices", [pytest.param((0, 0), marks=pytest.mark.gpu),
-                                     pytest.param((0, 1), marks=pytest.mark.multi_gpu)])
+@pytest.mark.parametrize(
+    "devices", [pytest.param((0, 0), marks=pytest.mark.gpu), pytest.param((0, 1), marks=pytest.mark.multi_gpu)]
+)
 def test_notification_is_delivered_only_after_the_data(devices, early):
     """A write queued behind a 1.5 s kernel: its notification (sent with the launch when ``early``; the peer waits
     on our event, on its own GPU in the two-GPU case) must not be delivered while the kernel runs, and once
@@ -162,7 +170,9 @@ def test_notification_is_delivered_only_after_the_data(devices, early):
             region = agent.register(cache, name="kv")
             peer = agent.connect(remote.ask("meta"))
             ids = np.random.default_rng(2).permutation(64)[:16]
-            plan = agent.plan(Descs.from_blocks(region, SPEC, ids), peer, Descs.from_blocks(peer.region("kv"), SPEC, ids))
+            plan = agent.plan(
+                Descs.from_blocks(region, SPEC, ids), peer, Descs.from_blocks(peer.region("kv"), SPEC, ids)
+            )
             agent.write(plan).wait(timeout=30)  # warm
             spin_stream(cupy, devices[0], backend._stream(devices[0]), 1.5)
             handle = agent.write(plan, notify=b"landed")

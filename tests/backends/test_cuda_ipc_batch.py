@@ -68,19 +68,23 @@ def fake(monkeypatch):
         monkeypatch.setattr(driver, "_BATCH_UNSUPPORTED", [])
         runtime = FakeRuntime()
         return fake_driver, SimpleNamespace(cuda=SimpleNamespace(runtime=runtime)), runtime
+
     return install
 
 
 def test_one_batch_call_queues_every_run(fake):
     fake_driver, cupy, runtime = fake()
     CudaIpcBackend._copy_engine(cupy, [10, 20, 30], [110, 120, 130], [4 << 20, 8 << 20, 4 << 20], 77)
-    assert fake_driver.batches == [([110, 120, 130], [10, 20, 30], [4 << 20, 8 << 20, 4 << 20], "stream-order",
-                                    "stream:77")]
+    assert fake_driver.batches == [
+        ([110, 120, 130], [10, 20, 30], [4 << 20, 8 << 20, 4 << 20], "stream-order", "stream:77")
+    ]
     assert runtime.copies == []
 
 
-@pytest.mark.parametrize("kwargs", [dict(has_batch=False), dict(answer=CUresult.CUDA_ERROR_NOT_SUPPORTED),
-                                    dict(answer=CUresult.CUDA_ERROR_NOT_FOUND)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(has_batch=False), dict(answer=CUresult.CUDA_ERROR_NOT_SUPPORTED), dict(answer=CUresult.CUDA_ERROR_NOT_FOUND)],
+)
 def test_without_batch_support_one_copy_per_run_and_remembered(fake, kwargs):
     fake_driver, cupy, runtime = fake(**kwargs)
     for _ in range(2):

@@ -19,8 +19,9 @@ class Receiver:
     def __init__(self, outcomes: dict[bytes, bool | None]) -> None:
         self.outcomes, self.notes, self.lost = outcomes, [], []
         self.arrived = threading.Condition()
-        self.mailbox = Mailbox(uuid.uuid4().hex, self._note, lambda *lost: self.lost.append(lost), lambda _index: ([], []),
-                               self._await)
+        self.mailbox = Mailbox(
+            uuid.uuid4().hex, self._note, lambda *lost: self.lost.append(lost), lambda _index: ([], []), self._await
+        )
 
     def _await(self, handle: bytes, alive) -> bool | None:
         assert alive(), "the sender's connection should be open"
@@ -42,8 +43,9 @@ def pair():
     outcomes: dict[bytes, bool | None] = {}
     receiver = Receiver(outcomes)
     sender = Mailbox(uuid.uuid4().hex, lambda *a: None, lambda *a: None, lambda _index: ([], []))
-    sender.open("receiver-uid", "receiver", receiver.mailbox.address, receiver.mailbox.secret,
-                ("sender-uid", "sender"), 5.0)
+    sender.open(
+        "receiver-uid", "receiver", receiver.mailbox.address, receiver.mailbox.secret, ("sender-uid", "sender"), 5.0
+    )
     try:
         yield sender, receiver, outcomes
     finally:
@@ -81,9 +83,9 @@ def test_a_note_whose_event_cannot_be_waited_on_waits_for_done_and_holds_later_o
 def test_notes_of_failed_or_orphaned_copies_are_dropped(pair) -> None:
     sender, receiver, outcomes = pair
     outcomes.update({b"dead": False, b"held": None, b"ok": True})
-    sender.send_note_after("receiver-uid", b"dead", b"sender-died", 1)   # the event says: never completes
+    sender.send_note_after("receiver-uid", b"dead", b"sender-died", 1)  # the event says: never completes
     sender.send_note_after("receiver-uid", b"held", b"copy-failed", 2)
-    sender.send_note_after("receiver-uid", b"ok", b"fine", 3)            # held behind 2, needs its own done
+    sender.send_note_after("receiver-uid", b"ok", b"fine", 3)  # held behind 2, needs its own done
     sender.send_done("receiver-uid", 2, landed=False)
     sender.send_done("receiver-uid", 3)
     assert receiver.wait_for(1) == [("sender", b"fine")]

@@ -9,9 +9,14 @@ import kvxfer
 from kvxfer import Descs, TransferState
 
 
-@pytest.mark.parametrize("devices", [pytest.param((0, 0), marks=pytest.mark.gpu),
-                                     pytest.param((0, 1), marks=pytest.mark.multi_gpu),
-                                     pytest.param(("host", 0), marks=pytest.mark.gpu)])
+@pytest.mark.parametrize(
+    "devices",
+    [
+        pytest.param((0, 0), marks=pytest.mark.gpu),
+        pytest.param((0, 1), marks=pytest.mark.multi_gpu),
+        pytest.param(("host", 0), marks=pytest.mark.gpu),
+    ],
+)
 def test_local_copies_with_cuda_memory(devices):
     import cupy
 
@@ -30,14 +35,17 @@ def test_local_copies_with_cuda_memory(devices):
         region = b.register(target, name="buf")
         peer = b.connect(a.metadata())
         offsets = np.random.default_rng(1).permutation(nbytes // 4096)[:300] * 4096
-        plan = b.plan(Descs.from_ranges(region, offsets, 4096), peer,
-                      Descs.from_ranges(peer.region("buf"), offsets[::-1].copy(), 4096))
+        plan = b.plan(
+            Descs.from_ranges(region, offsets, 4096),
+            peer,
+            Descs.from_ranges(peer.region("buf"), offsets[::-1].copy(), 4096),
+        )
         handle = b.read(plan, notify=b"n")
         handle.wait(timeout=30)
         assert handle.state is TransferState.DONE
         got = target.get()
         for mine, theirs in zip(offsets, offsets[::-1]):
-            assert np.array_equal(got[mine:mine + 4096], expected[theirs:theirs + 4096])
+            assert np.array_equal(got[mine : mine + 4096], expected[theirs : theirs + 4096])
         untouched = np.setdiff1d(np.arange(nbytes // 4096), offsets // 4096)
         assert not got.reshape(-1, 4096)[untouched].any()
         assert a.notifications(timeout=2)[0].payload == b"n"

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvxfer.bench.cases import (Case, Pool, expand, parse_bytes, parse_ints, parse_memory, parse_sizes,
-                                sample_windows)
+from kvxfer.bench.cases import Case, Pool, expand, parse_bytes, parse_ints, parse_memory, parse_sizes, sample_windows
 from kvxfer.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(30)

@@ -18,13 +18,49 @@ from kvxfer.bench.sweep import ROW_KEYS
 pytestmark = pytest.mark.timeout(120)
 
 #: The sweep row schema, spelled out: changing it breaks readers of recorded results (append keys at the end).
-SWEEP_ROW = ("system", "backend", "peer", "initiator", "target", "op", "block_size", "batch_size", "threads",
-             "request_bytes", "gbps", "avg_lat_us", "median_us", "p99_us", "prep_avg_us", "prep_p99_us",
-             "post_avg_us", "post_p99_us", "completion_avg_us", "completion_p99_us", "path", "ceiling",
-             "ceiling_gbps", "ratio", "verified", "nixl_gbps", "vs_nixl")
+SWEEP_ROW = (
+    "system",
+    "backend",
+    "peer",
+    "initiator",
+    "target",
+    "op",
+    "block_size",
+    "batch_size",
+    "threads",
+    "request_bytes",
+    "gbps",
+    "avg_lat_us",
+    "median_us",
+    "p99_us",
+    "prep_avg_us",
+    "prep_p99_us",
+    "post_avg_us",
+    "post_p99_us",
+    "completion_avg_us",
+    "completion_p99_us",
+    "path",
+    "ceiling",
+    "ceiling_gbps",
+    "ratio",
+    "verified",
+    "nixl_gbps",
+    "vs_nixl",
+)
 CEILING_ROW = ("ceiling", "path", "op", "nbytes", "gbps", "median_us", "p99_us", "timer")
-TINY = ["--sizes", "4K,16K", "--batch", "2", "--warmup", "1", "--repeats", "2", "--ceiling-bytes", "1M",
-        "--no-progress"]
+TINY = [
+    "--sizes",
+    "4K,16K",
+    "--batch",
+    "2",
+    "--warmup",
+    "1",
+    "--repeats",
+    "2",
+    "--ceiling-bytes",
+    "1M",
+    "--no-progress",
+]
 
 
 def _sweep(tmp_path, *extra: str) -> tuple[int, dict]:
@@ -39,8 +75,9 @@ def test_row_keys_are_the_documented_schema() -> None:
 
 def test_local_sweep_writes_json_csv_and_plot(tmp_path, capsys) -> None:
     plot, table = tmp_path / "sweep.png", tmp_path / "sweep.csv"
-    code, document = _sweep(tmp_path, "--backend", "local", "--threads", "1,2", "--plot", str(plot),
-                            "--csv", str(table))
+    code, document = _sweep(
+        tmp_path, "--backend", "local", "--threads", "1,2", "--plot", str(plot), "--csv", str(table)
+    )
     assert code == 0
     assert set(document) == {"schema", "environment", "subcommand", "config", "notes", "tables"}
     assert document["schema"] == "kvxfer-bench/1" and document["subcommand"] == "sweep"
@@ -58,7 +95,7 @@ def test_local_sweep_writes_json_csv_and_plot(tmp_path, capsys) -> None:
     assert plot.stat().st_size > 1000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with table.open() as file:
         header = next(csv.reader(file))
-    assert header[0] == "table" and header[1:len(SWEEP_ROW) + 1] == list(SWEEP_ROW)
+    assert header[0] == "table" and header[1 : len(SWEEP_ROW) + 1] == list(SWEEP_ROW)
     assert "block_size" in capsys.readouterr().out
 
 
@@ -110,9 +147,12 @@ def test_ucx_sweep_between_two_processes(tmp_path) -> None:
 
 @pytest.mark.ucx
 def test_ucx_sweep_against_a_target_started_by_hand(tmp_path) -> None:
-    target = subprocess.Popen([sys.executable, "-m", "kvxfer.bench.cli", "target", "--nbytes", "1M", "--once"],
-                              stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(
-                                  os.path.dirname(os.path.abspath(__file__)))))
+    target = subprocess.Popen(
+        [sys.executable, "-m", "kvxfer.bench.cli", "target", "--nbytes", "1M", "--once"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
     try:
         line = target.stdout.readline()
         assert " listening on " in line, line
@@ -148,8 +188,10 @@ def test_ceiling_runs_ucx_perftest_when_present(tmp_path) -> None:
     if perftest_binary() is None:
         pytest.skip("ucx_perftest is not shipped here")
     out = tmp_path / "ceiling.json"
-    assert cli.main(["ceiling", "--host-bytes", "1M", "--repeats", "2", "--perftest-sizes", "64K", "--json",
-                     str(out)]) == 0
+    assert (
+        cli.main(["ceiling", "--host-bytes", "1M", "--repeats", "2", "--perftest-sizes", "64K", "--json", str(out)])
+        == 0
+    )
     perftest = [r for r in json.loads(out.read_text())["tables"]["ceilings"] if r["timer"] == "ucx_perftest"]
     assert sorted(r["op"] for r in perftest) == ["READ", "WRITE"] and all(r["gbps"] > 0 for r in perftest)
 
@@ -170,8 +212,22 @@ def test_kernels_without_a_gpu_is_skipped_with_a_message(tmp_path, capsys) -> No
 
 def test_default_ceiling_is_a_contiguous_copy_of_each_rows_bytes(tmp_path) -> None:
     out = tmp_path / "sweep.json"
-    arguments = ["sweep", "--backend", "local", "--op", "READ", "--sizes", "4K,64K", "--batch", "3", "--repeats",
-                 "2", "--no-progress", "--json", str(out)]
+    arguments = [
+        "sweep",
+        "--backend",
+        "local",
+        "--op",
+        "READ",
+        "--sizes",
+        "4K,64K",
+        "--batch",
+        "3",
+        "--repeats",
+        "2",
+        "--no-progress",
+        "--json",
+        str(out),
+    ]
     assert cli.main(arguments) == 0
     document = json.loads(out.read_text())
     copies = {c["nbytes"]: c["gbps"] for c in document["tables"]["ceilings"]}
@@ -186,8 +242,7 @@ def test_perftest_ceiling_for_ucx_rows(tmp_path) -> None:
 
     if perftest_binary() is None:
         pytest.skip("ucx_perftest is not shipped here")
-    code, document = _sweep(tmp_path, "--backend", "ucx", "--op", "WRITE", "--sizes", "64K", "--ceiling",
-                            "perftest")
+    code, document = _sweep(tmp_path, "--backend", "ucx", "--op", "WRITE", "--sizes", "64K", "--ceiling", "perftest")
     assert code == 0
     [row] = document["tables"]["sweep"]
     assert row["ceiling"] == "ucx_perftest ucp_put_bw host->host" and row["ceiling_gbps"] > 0
@@ -197,11 +252,31 @@ def test_gpu_check_command_lines_still_parse() -> None:
     """scripts/gpu-check.sh runs these exact argument lists."""
     ipc = cli.parser().parse_args(["ipc", "--json", "x.json"])
     assert ipc.command == "ipc" and ipc.json == "x.json" and ipc.source == 0 and ipc.target == 1
-    kv = cli.parser().parse_args(["kv", "--model", "llama-3.1-8b", "--tokens", "4096", "--block-size", "16",
-                                  "--p-tp", "1", "--d-tp", "2", "--json", "kv.json"])
-    assert (kv.model, kv.tokens, kv.block_size, kv.p_tp, kv.d_tp, kv.json) == ("llama-3.1-8b", 4096, 16, 1, 2,
-                                                                               "kv.json")
-
+    kv = cli.parser().parse_args(
+        [
+            "kv",
+            "--model",
+            "llama-3.1-8b",
+            "--tokens",
+            "4096",
+            "--block-size",
+            "16",
+            "--p-tp",
+            "1",
+            "--d-tp",
+            "2",
+            "--json",
+            "kv.json",
+        ]
+    )
+    assert (kv.model, kv.tokens, kv.block_size, kv.p_tp, kv.d_tp, kv.json) == (
+        "llama-3.1-8b",
+        4096,
+        16,
+        1,
+        2,
+        "kv.json",
+    )
 
 
 def test_plot_subcommand_redraws_a_recorded_sweep(tmp_path) -> None:
@@ -211,7 +286,6 @@ def test_plot_subcommand_redraws_a_recorded_sweep(tmp_path) -> None:
     assert cli.main(["plot", str(tmp_path / "sweep.json"), str(image)]) == 0
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.stat().st_size > 1000
     assert cli.main(["plot", str(tmp_path / "missing.json"), str(image)]) == 2
-
 
 
 def test_a_case_that_fails_is_noted_and_the_other_rows_are_kept(tmp_path, monkeypatch, capsys) -> None:
@@ -237,12 +311,22 @@ def test_a_case_that_fails_is_noted_and_the_other_rows_are_kept(tmp_path, monkey
 def test_target_killed_mid_sweep_fails_the_rest_without_a_hang(tmp_path) -> None:
     from kvxfer.bench import sweep
 
-    target = subprocess.Popen([sys.executable, "-m", "kvxfer.bench.cli", "target", "--nbytes", "1M"],
-                              stdout=subprocess.PIPE, text=True)
+    target = subprocess.Popen(
+        [sys.executable, "-m", "kvxfer.bench.cli", "target", "--nbytes", "1M"], stdout=subprocess.PIPE, text=True
+    )
     try:
         address = target.stdout.readline().split(" listening on ")[1].split(";")[0]
-        config = sweep.SweepConfig(backends=("ucx",), ops=("WRITE",), sizes=(4096, 8192, 16384), batches=(2,),
-                                   repeats=2, warmup=0, peer=address, timeout=10.0, ceiling_nbytes=1 << 20)
+        config = sweep.SweepConfig(
+            backends=("ucx",),
+            ops=("WRITE",),
+            sizes=(4096, 8192, 16384),
+            batches=(2,),
+            repeats=2,
+            warmup=0,
+            peer=address,
+            timeout=10.0,
+            ceiling_nbytes=1 << 20,
+        )
         began = time.monotonic()
         result = sweep.run(config, on_row=lambda case, row: target.kill())
         assert time.monotonic() - began < 60
@@ -268,8 +352,12 @@ def test_gpu_subcommands_without_cupy_are_skipped_with_a_message(command, tmp_pa
 
 def test_kv_on_host_memory_is_not_skipped_without_cupy(monkeypatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "cupy", None)
-    assert cli.main(["kv", "--backend", "local", "--model", "custom", "--dims", "2,2,16", "--tokens", "64",
-                     "--repeats", "2"]) == 0
+    assert (
+        cli.main(
+            ["kv", "--backend", "local", "--model", "custom", "--dims", "2,2,16", "--tokens", "64", "--repeats", "2"]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "skipped" not in printed and "KV request through KVPipe (local)" in printed
 
@@ -277,8 +365,12 @@ def test_kv_on_host_memory_is_not_skipped_without_cupy(monkeypatch, capsys) -> N
 def test_kv_prefill_process_that_dies_is_an_error_not_a_hang(monkeypatch, capsys) -> None:
     monkeypatch.setenv("KVXFER_UCX_LIB", "/nonexistent/libucp.so")  # the spawned prefill cannot create its agent
     began = time.monotonic()
-    assert cli.main(["kv", "--backend", "ucx-host", "--model", "custom", "--dims", "2,2,16", "--tokens", "64",
-                     "--repeats", "1"]) == 2
+    assert (
+        cli.main(
+            ["kv", "--backend", "ucx-host", "--model", "custom", "--dims", "2,2,16", "--tokens", "64", "--repeats", "1"]
+        )
+        == 2
+    )
     assert time.monotonic() - began < 60
     assert "kvxfer-bench kv: error: prefill-0 exited (code 1) before answering" in capsys.readouterr().err
 
@@ -289,11 +381,17 @@ def test_local_subcommand_reports_plan_post_and_bandwidth_rows(tmp_path) -> None
     document = json.loads(out.read_text())
     assert document["subcommand"] == "local"
     steps, bandwidth = document["tables"]["plan / select / post"], document["tables"]["local backend vs numpy copy"]
-    assert [row["step"] for row in steps] == ["descs (both sides)", "plan", "select", "post, back to back",
-                                              "post, after an idle wait"]
+    assert [row["step"] for row in steps] == [
+        "descs (both sides)",
+        "plan",
+        "select",
+        "post, back to back",
+        "post, after an idle wait",
+    ]
     assert all(row["descriptors"] > 0 and row["p99_ms"] >= row["median_ms"] > 0 for row in steps)
     assert [row["fragment_bytes"] for row in bandwidth] == [4096 << i for i in range(9)]  # 4 KiB ... 1 MiB
     for row in bandwidth:
         assert row["fragments"] * row["fragment_bytes"] == 1 << 20
-        assert row["GB/s"] > 0 and row["numpy_GB/s"] > 0 and row["ratio"] == pytest.approx(
-            row["GB/s"] / row["numpy_GB/s"])
+        assert (
+            row["GB/s"] > 0 and row["numpy_GB/s"] > 0 and row["ratio"] == pytest.approx(row["GB/s"] / row["numpy_GB/s"])
+        )

@@ -39,8 +39,11 @@ def _app(step_s: float, fail_every: int) -> object:
             for i in range(n):
                 await asyncio.sleep(step_s)
                 yield "data: " + json.dumps({"choices": [{"index": 0, "text": f"t{i}"}]}) + "\n\n"
-            final = {"choices": [], "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": n},
-                     "kvxfer": {"timing": {"queue_s": 0.001, "prefill_s": 0.002, "transfer_s": 0.0005}}}
+            final = {
+                "choices": [],
+                "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": n},
+                "kvxfer": {"timing": {"queue_s": 0.001, "prefill_s": 0.002, "transfer_s": 0.0005}},
+            }
             yield "data: " + json.dumps(final) + "\n\n"
             yield "data: [DONE]\n\n"
 
@@ -100,8 +103,29 @@ def test_failed_requests_are_counted_not_fatal(server: tuple[str, dict]) -> None
 def test_cli_writes_json(server: tuple[str, dict], tmp_path) -> None:  # type: ignore[no-untyped-def]
     url, _ = server
     out = tmp_path / "serve.json"
-    code = bench_main(["serve", "--url", url, "--model", "m", "--concurrency", "2", "--requests", "4", "--isl", "8",
-                       "--osl", "3", "--warmup", "0", "--slo-ttft-ms", "0.000001", "--json", str(out)])
+    code = bench_main(
+        [
+            "serve",
+            "--url",
+            url,
+            "--model",
+            "m",
+            "--concurrency",
+            "2",
+            "--requests",
+            "4",
+            "--isl",
+            "8",
+            "--osl",
+            "3",
+            "--warmup",
+            "0",
+            "--slo-ttft-ms",
+            "0.000001",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     document = json.loads(out.read_text())
     (rows,) = document["tables"].values()
@@ -111,9 +135,11 @@ def test_cli_writes_json(server: tuple[str, dict], tmp_path) -> None:  # type: i
 
 
 def test_summarize_follows_aiperf_definitions() -> None:
-    records = [serve.RequestRecord(start=0.0, first_token=0.1, end=1.1, output_tokens=11),
-               serve.RequestRecord(start=0.5, first_token=0.9, end=1.9, output_tokens=6),
-               serve.RequestRecord(start=1.0, error="boom")]
+    records = [
+        serve.RequestRecord(start=0.0, first_token=0.1, end=1.1, output_tokens=11),
+        serve.RequestRecord(start=0.5, first_token=0.9, end=1.9, output_tokens=6),
+        serve.RequestRecord(start=1.0, error="boom"),
+    ]
     summary = serve.summarize(records, slo_ttft_s=0.2)
     assert summary["completed"] == 2 and summary["errors"] == 1
     assert summary["duration_s"] == pytest.approx(1.9)

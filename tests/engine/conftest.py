@@ -32,7 +32,7 @@ def dense_greedy(tiny_model: Model) -> Callable[[list[int], int], list[int]]:
             tokens = list(prompt)
             for _ in range(num_tokens):
                 tokens.append(int(tiny_model.dense_logits(tokens)[-1].argmax()))
-            cache[key] = tokens[len(prompt):]
+            cache[key] = tokens[len(prompt) :]
         return cache[key]
 
     return run

@@ -18,8 +18,15 @@ from typing import Any
 COMMAND_TIMEOUT = 120.0
 
 SYSTEM = list(range(100, 140))  # a 40-token shared prefix
-PROMPTS = [SYSTEM + [1, 2, 3], SYSTEM + [5] * 9, list(range(3, 30)), SYSTEM[:20] + [7] * 5, [9, 8, 7],
-           SYSTEM + [7] * 30, list(range(60, 77))]
+PROMPTS = [
+    SYSTEM + [1, 2, 3],
+    SYSTEM + [5] * 9,
+    list(range(3, 30)),
+    SYSTEM[:20] + [7] * 5,
+    [9, 8, 7],
+    SYSTEM + [7] * 30,
+    list(range(60, 77)),
+]
 MAX_TOKENS = 8
 
 
@@ -42,8 +49,16 @@ def prefix_hit(index: int, block_size: int) -> int:
 
 def _setup(role: str, rank: int, world: int, device: str, options: dict[str, Any]) -> Any:
     import kvxfer
-    from kvxfer.engine import (CacheConfig, DecodeConnector, DecodeEngine, Model, ModelConfig, PrefillConnector,
-                               PrefillEngine, TensorParallel)
+    from kvxfer.engine import (
+        CacheConfig,
+        DecodeConnector,
+        DecodeEngine,
+        Model,
+        ModelConfig,
+        PrefillConnector,
+        PrefillEngine,
+        TensorParallel,
+    )
 
     size = options[f"{role}_tp"]
     if rank >= size:
@@ -77,7 +92,7 @@ def _serve(connector: Any, readies: list[bytes], batch: int) -> dict[str, Any]:
     engine = connector.engine
     outputs = []
     for start in range(0, len(readies), batch):
-        for ready in readies[start:start + batch]:
+        for ready in readies[start : start + batch]:
             connector.receive(ready)
         admissions.extend(connector.wait())
         outputs.extend(engine.step())
@@ -87,15 +102,20 @@ def _serve(connector: Any, readies: list[bytes], batch: int) -> dict[str, Any]:
 
 def _decode_report(connector: Any, admissions: list[Any], outputs: list[Any]) -> dict[str, Any]:
     engine = connector.engine
-    return {"admissions": [(a.request_id, a.admitted, a.error, a.num_cached_tokens, a.start_token,
-                            a.num_transferred_tokens) for a in admissions],
-            "tokens": {o.request_id: list(o.output_token_ids) for o in outputs},
-            "free": engine.num_free_blocks, "total": engine.spec.num_blocks, "pending": connector.pending_request_ids,
-            "strategy": connector.pipe(connector.groups[0]).strategy}
+    return {
+        "admissions": [
+            (a.request_id, a.admitted, a.error, a.num_cached_tokens, a.start_token, a.num_transferred_tokens)
+            for a in admissions
+        ],
+        "tokens": {o.request_id: list(o.output_token_ids) for o in outputs},
+        "free": engine.num_free_blocks,
+        "total": engine.spec.num_blocks,
+        "pending": connector.pending_request_ids,
+        "strategy": connector.pipe(connector.groups[0]).strategy,
+    }
 
 
-def _command(state: dict[str, Any], role: str, rank: int, world: int, device: str, command: str,
-             args: tuple) -> Any:
+def _command(state: dict[str, Any], role: str, rank: int, world: int, device: str, command: str, args: tuple) -> Any:
     connector = state.get("connector")
     if command == "setup":
         state["connector"] = _setup(role, rank, world, device, args[0])
@@ -122,9 +142,15 @@ def _command(state: dict[str, Any], role: str, rank: int, world: int, device: st
     if command == "drain":
         ok = connector.drain(args[0])
         engine = connector.engine
-        return {"drained": ok, "free": engine.num_free_blocks, "total": engine.spec.num_blocks,
-                "computed": engine.runner.num_computed_tokens, "released": connector.num_released,
-                "expired": connector.num_expired, "held": connector.held_request_ids}
+        return {
+            "drained": ok,
+            "free": engine.num_free_blocks,
+            "total": engine.spec.num_blocks,
+            "computed": engine.runner.num_computed_tokens,
+            "released": connector.num_released,
+            "expired": connector.num_expired,
+            "held": connector.held_request_ids,
+        }
     if command == "teardown":
         connector.close()
         connector.agent.close()
@@ -145,8 +171,9 @@ def _worker(connection: Any, role: str, rank: int, world: int, store: str, devic
         torch.cuda.set_device(device)
         where = f"cuda:{device}"
     if world > 1:
-        init_tensor_parallel(rank, world, f"file://{store}", backend="nccl" if device >= 0 else "gloo",
-                             timeout_s=COMMAND_TIMEOUT)
+        init_tensor_parallel(
+            rank, world, f"file://{store}", backend="nccl" if device >= 0 else "gloo", timeout_s=COMMAND_TIMEOUT
+        )
     connection.send(os.getpid())
     state: dict[str, Any] = {}
     while True:
@@ -163,8 +190,9 @@ def _worker(connection: Any, role: str, rank: int, world: int, store: str, devic
 class Side:
     """The ``world`` worker processes of one side ("prefill" or "decode")."""
 
-    def __init__(self, role: str, world: int, tmp: Path, devices: list[int] | None = None,
-                 environ: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, role: str, world: int, tmp: Path, devices: list[int] | None = None, environ: dict[str, str] | None = None
+    ) -> None:
         context = multiprocessing.get_context("spawn")
         # Host memory needs no UCX mmap hooks (faster start); NCCL must never use NVLink multicast (NVLS).
         env = {"UCX_MEM_MMAP_HOOK_MODE": "none"} if devices is None else {"NCCL_NVLS_ENABLE": "0"}
@@ -173,8 +201,9 @@ class Side:
         for rank in range(world):
             mine, theirs = context.Pipe()
             device = -1 if devices is None else devices[rank % len(devices)]
-            process = context.Process(target=_worker, args=(theirs, role, rank, world, str(tmp / f"{role}-store"),
-                                                            device, env), daemon=True)
+            process = context.Process(
+                target=_worker, args=(theirs, role, rank, world, str(tmp / f"{role}-store"), device, env), daemon=True
+            )
             process.start()
             theirs.close()
             self.connections.append(mine)

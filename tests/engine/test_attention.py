@@ -18,8 +18,12 @@ HEADS, KV_HEADS, DIM, LENGTHS = 4, 2, 8, (1, 5, 16, 17, 40)
 def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """SDPA over one whole sequence: q [t, H, D], k/v [t, Hkv, D] -> [t, H, D]."""
     group = q.shape[1] // k.shape[1]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.repeat_interleave(group, 1).transpose(0, 1),
-                                         v.repeat_interleave(group, 1).transpose(0, 1), is_causal=True)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.repeat_interleave(group, 1).transpose(0, 1),
+        v.repeat_interleave(group, 1).transpose(0, 1),
+        is_causal=True,
+    )
     return out.transpose(0, 1)
 
 
@@ -29,8 +33,15 @@ def filled(request: pytest.FixtureRequest) -> tuple:
     layout, block_size = request.param
     generator = torch.Generator().manual_seed(7)
     needed = [-(-n // block_size) for n in LENGTHS]
-    spec = KVCacheSpec(num_layers=2, num_blocks=sum(needed) + 3, block_size=block_size, num_kv_heads=KV_HEADS,
-                       head_dim=DIM, dtype="float32", layout=layout)
+    spec = KVCacheSpec(
+        num_layers=2,
+        num_blocks=sum(needed) + 3,
+        block_size=block_size,
+        num_kv_heads=KV_HEADS,
+        head_dim=DIM,
+        dtype="float32",
+        layout=layout,
+    )
     cache = KVCache(spec)
     order = torch.randperm(spec.num_blocks, generator=generator).tolist()
     tables, seqs = [], []
@@ -48,7 +59,7 @@ def _run(cache: KVCache, tables: list[list[int]], seqs: list[tuple], query_lens:
     batch = AttentionBatch.build(tables, query_lens, list(LENGTHS), cache.block_size, torch.device("cpu"))
     q = torch.cat([s[0][-n:] for s, n in zip(seqs, query_lens)])
     keys, values = cache.layer(1)
-    out = paged_attention(q, keys, values, batch, DIM ** -0.5)
+    out = paged_attention(q, keys, values, batch, DIM**-0.5)
     return list(out.split(query_lens))
 
 
@@ -76,6 +87,6 @@ def test_batched_decode_over_different_lengths(filled: tuple) -> None:
 def test_dense_causal_attention_matches_sdpa() -> None:
     generator = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(9, h, DIM, generator=generator) for h in (HEADS, KV_HEADS, KV_HEADS))
-    torch.testing.assert_close(causal_attention(q, k, v, DIM ** -0.5), _reference(q, k, v), rtol=1e-5, atol=1e-5)
-    tail = causal_attention(q[-3:], k, v, DIM ** -0.5, num_past=6)
+    torch.testing.assert_close(causal_attention(q, k, v, DIM**-0.5), _reference(q, k, v), rtol=1e-5, atol=1e-5)
+    tail = causal_attention(q[-3:], k, v, DIM**-0.5, num_past=6)
     torch.testing.assert_close(tail, _reference(q, k, v)[-3:], rtol=1e-5, atol=1e-5)

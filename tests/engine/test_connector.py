@@ -15,8 +15,20 @@ torch = pytest.importorskip("torch")
 import kvxfer  # noqa: E402
 from kvxfer.backends.mock import Fault, MockBackend  # noqa: E402
 from kvxfer.engine import (  # noqa: E402
-    CacheConfig, DecodeConnector, DecodeEngine, KVReady, KVWanted, Model, ModelConfig, OutOfBlocksError,
-    PrefillConnector, PrefillEngine, RankInfo, Request, SamplingParams)
+    CacheConfig,
+    DecodeConnector,
+    DecodeEngine,
+    KVReady,
+    KVWanted,
+    Model,
+    ModelConfig,
+    OutOfBlocksError,
+    PrefillConnector,
+    PrefillEngine,
+    RankInfo,
+    Request,
+    SamplingParams,
+)
 from kvxfer.pipe.checksum import Checksums  # noqa: E402
 from kvxfer.engine.messages import FORMAT_VERSION  # noqa: E402
 from kvxfer.errors import ConfigError, HandshakeError, LayoutMismatchError  # noqa: E402
@@ -24,8 +36,14 @@ from kvxfer.errors import ConfigError, HandshakeError, LayoutMismatchError  # no
 pytestmark = pytest.mark.timeout(60)
 
 SYSTEM = list(range(100, 140))  # a 40-token shared prefix
-PROMPTS = [SYSTEM + [1, 2, 3], SYSTEM + [5] * 9, list(range(3, 30)), SYSTEM[:20] + [7] * 5, [9, 8, 7],
-           SYSTEM + [7] * 30]
+PROMPTS = [
+    SYSTEM + [1, 2, 3],
+    SYSTEM + [5] * 9,
+    list(range(3, 30)),
+    SYSTEM[:20] + [7] * 5,
+    [9, 8, 7],
+    SYSTEM + [7] * 30,
+]
 
 
 def _requests(max_tokens: int = 6) -> list[Request]:
@@ -41,21 +59,33 @@ def aggregated(tiny_model: Model) -> dict[str, tuple[int, ...]]:
 class Pair:
     """A prefill and a decode connector in this process, connected both ways."""
 
-    def __init__(self, model: Model, p_cache: dict, d_cache: dict, p_backend: Any = "local",
-                 d_backend: Any = "local", lease_ttl: float = 10.0, timeout: float = 30.0,
-                 verify: tuple[bool, bool] = (False, False)) -> None:
+    def __init__(
+        self,
+        model: Model,
+        p_cache: dict,
+        d_cache: dict,
+        p_backend: Any = "local",
+        d_backend: Any = "local",
+        lease_ttl: float = 10.0,
+        timeout: float = 30.0,
+        verify: tuple[bool, bool] = (False, False),
+    ) -> None:
         self.p_agent = kvxfer.Agent("p0", backends=[p_backend])
         self.d_agent = kvxfer.Agent("d0", backends=[d_backend])
-        self.prefill = PrefillConnector(PrefillEngine(model, CacheConfig(**p_cache)), self.p_agent,
-                                        lease_ttl=lease_ttl, verify=verify[0])
-        self.decode = DecodeConnector(DecodeEngine(model, CacheConfig(**d_cache)), self.d_agent, timeout=timeout,
-                                      verify=verify[1])
+        self.prefill = PrefillConnector(
+            PrefillEngine(model, CacheConfig(**p_cache)), self.p_agent, lease_ttl=lease_ttl, verify=verify[0]
+        )
+        self.decode = DecodeConnector(
+            DecodeEngine(model, CacheConfig(**d_cache)), self.d_agent, timeout=timeout, verify=verify[1]
+        )
         self.to_decode = self.prefill.connect([self.decode.info().encode()])
         self.to_prefill = self.decode.connect([self.prefill.info()])
 
     def free_everywhere(self) -> bool:
-        return (self.prefill.engine.num_free_blocks == self.prefill.spec.num_blocks
-                and self.decode.engine.num_free_blocks == self.decode.spec.num_blocks)
+        return (
+            self.prefill.engine.num_free_blocks == self.prefill.spec.num_blocks
+            and self.decode.engine.num_free_blocks == self.decode.spec.num_blocks
+        )
 
     def close(self) -> None:
         self.prefill.close()
@@ -77,12 +107,16 @@ def pair_factory(tiny_model: Model) -> Any:
         pair.close()
 
 
-@pytest.mark.parametrize("p_cache, d_cache", [
-    (dict(block_size=16, layout="HND"), dict(block_size=16, layout="HND")),
-    (dict(block_size=16, layout="HND"), dict(block_size=8, layout="NHD")),  # cached 40 -> start 32: scratch
-    (dict(block_size=4, layout="NHD"), dict(block_size=16, layout="HND")),
-    (dict(block_size=32, layout="NHD"), dict(block_size=8, layout="HND")),
-], ids=["16-16", "16-8", "4-16", "32-8"])
+@pytest.mark.parametrize(
+    "p_cache, d_cache",
+    [
+        (dict(block_size=16, layout="HND"), dict(block_size=16, layout="HND")),
+        (dict(block_size=16, layout="HND"), dict(block_size=8, layout="NHD")),  # cached 40 -> start 32: scratch
+        (dict(block_size=4, layout="NHD"), dict(block_size=16, layout="HND")),
+        (dict(block_size=32, layout="NHD"), dict(block_size=8, layout="HND")),
+    ],
+    ids=["16-16", "16-8", "4-16", "32-8"],
+)
 def test_pull_equals_aggregated(pair_factory: Any, aggregated: dict, p_cache: dict, d_cache: dict) -> None:
     pair = pair_factory(dict(num_blocks=64, **p_cache), dict(num_blocks=96, **d_cache))
     outputs, admissions, readies = [], [], []
@@ -132,14 +166,16 @@ def test_streamed_push_moves_layers_while_computing(pair_factory: Any) -> None:
     block = wanted.block_ids[0]
     original = pair.prefill.engine.runner.model.forward
 
-    def spying_forward(token_ids: Any, positions: Any, cache: Any = None, batch: Any = None,
-                       on_layer_done: Any = None) -> Any:
+    def spying_forward(
+        token_ids: Any, positions: Any, cache: Any = None, batch: Any = None, on_layer_done: Any = None
+    ) -> Any:
         def spy(layer: int) -> None:
             on_layer_done(layer)
             deadline = time.monotonic() + 5
             while not keys(layer)[0][block].any() and time.monotonic() < deadline:
                 time.sleep(1e-3)  # the push of this layer runs on the pipe's threads
             seen.append((layer, sum(bool(keys(n)[0][block].any()) for n in range(len(original.__self__.layers)))))
+
         return original(token_ids, positions, cache, batch, spy if on_layer_done else None)
 
     pair.prefill.engine.runner.model.forward = spying_forward  # type: ignore[method-assign]
@@ -164,8 +200,9 @@ def test_lease_expires_when_the_decode_comes_too_late(pair_factory: Any) -> None
 
 
 def test_lease_expires_during_a_slow_pull(pair_factory: Any) -> None:
-    pair = pair_factory(p_backend=MockBackend(), d_backend=MockBackend(on_post=lambda *a: Fault.delay(1.0)),
-                        lease_ttl=0.3)
+    pair = pair_factory(
+        p_backend=MockBackend(), d_backend=MockBackend(on_post=lambda *a: Fault.delay(1.0)), lease_ttl=0.3
+    )
     ready = pair.prefill.prefill(Request("slow", SYSTEM + [1]), pair.to_decode)
     rare = dataclasses.replace(ready, lease_ttl=100.0)  # a decode that renews far too rarely
     pair.decode.receive(rare)
@@ -176,8 +213,7 @@ def test_lease_expires_during_a_slow_pull(pair_factory: Any) -> None:
 
 
 def test_stuck_pull_times_out_and_releases_the_lease(pair_factory: Any) -> None:
-    pair = pair_factory(p_backend=MockBackend(), d_backend=MockBackend(on_post=lambda *a: Fault.drop()),
-                        timeout=0.5)
+    pair = pair_factory(p_backend=MockBackend(), d_backend=MockBackend(on_post=lambda *a: Fault.drop()), timeout=0.5)
     pair.decode.receive(pair.prefill.prefill(Request("stuck", SYSTEM), pair.to_decode))
     [admission] = pair.decode.wait()
     assert not admission.admitted and "Timeout" in admission.error
@@ -240,11 +276,15 @@ def test_connect_checks_the_other_group(pair_factory: Any, tiny_config: ModelCon
         pair.prefill.prefill(Request("u", [1, 2]), "nobody")
 
 
-@pytest.mark.parametrize("p_cache, d_cache", [
-    (dict(block_size=16, layout="HND"), dict(block_size=16, layout="HND")),
-    (dict(block_size=16, layout="HND"), dict(block_size=8, layout="NHD")),  # cached 40 -> start 32 on prompt 1
-    (dict(block_size=4, layout="NHD"), dict(block_size=16, layout="HND")),
-], ids=["16-16", "16-8", "4-16"])
+@pytest.mark.parametrize(
+    "p_cache, d_cache",
+    [
+        (dict(block_size=16, layout="HND"), dict(block_size=16, layout="HND")),
+        (dict(block_size=16, layout="HND"), dict(block_size=8, layout="NHD")),  # cached 40 -> start 32 on prompt 1
+        (dict(block_size=4, layout="NHD"), dict(block_size=16, layout="HND")),
+    ],
+    ids=["16-16", "16-8", "4-16"],
+)
 def test_verified_pull_equals_aggregated(pair_factory: Any, aggregated: dict, p_cache: dict, d_cache: dict) -> None:
     pair = pair_factory(dict(num_blocks=64, **p_cache), dict(num_blocks=96, **d_cache), verify=(True, True))
     outputs, admissions, readies = [], [], []
@@ -334,10 +374,14 @@ def test_kv_ready_checksums_on_the_wire() -> None:
         KVReady.decode(msgpack.packb([kind, version, body], use_bin_type=True))
 
 
-@pytest.mark.parametrize("change, match", [(dict(num_kv_heads=4), "total_kv_heads"),
-                                           (dict(num_layers=2), "num_layers")], ids=["kv_heads", "layers"])
-def test_connect_refuses_another_models_kv_before_connecting(pair_factory: Any, tiny_config: ModelConfig,
-                                                             change: dict, match: str) -> None:
+@pytest.mark.parametrize(
+    "change, match",
+    [(dict(num_kv_heads=4), "total_kv_heads"), (dict(num_layers=2), "num_layers")],
+    ids=["kv_heads", "layers"],
+)
+def test_connect_refuses_another_models_kv_before_connecting(
+    pair_factory: Any, tiny_config: ModelConfig, change: dict, match: str
+) -> None:
     pair = pair_factory()
     other = Model.random(tiny_config.replace(**change), seed=1)  # the same model name: only the KV shape differs
     with kvxfer.Agent("x0", backends=["local"]) as agent:

@@ -19,8 +19,14 @@ from .connector_cluster import Side  # noqa: E402
 pytestmark = [pytest.mark.ucx, pytest.mark.timeout(120)]
 
 TTL = 0.5
-OPTIONS = {"backend": "ucx", "prefill_tp": 1, "decode_tp": 1, "lease_ttl": TTL,
-           "prefill_cache": dict(num_blocks=16, block_size=16), "decode_cache": dict(num_blocks=16, block_size=8)}
+OPTIONS = {
+    "backend": "ucx",
+    "prefill_tp": 1,
+    "decode_tp": 1,
+    "lease_ttl": TTL,
+    "prefill_cache": dict(num_blocks=16, block_size=16),
+    "decode_cache": dict(num_blocks=16, block_size=8),
+}
 REQUEST = Request("victim", list(range(100, 140)), SamplingParams(max_tokens=4))
 
 

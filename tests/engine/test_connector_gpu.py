@@ -62,8 +62,9 @@ def _check(reference: dict, results: list, reports: list, drains: list, push: bo
     if push:
         assert all(ok for rank in results for _, ok, _, _ in rank), results
     else:
-        assert [KVReady.decode(r).num_cached_tokens for r in results[0]] == \
-            [prefix_hit(i, p_block) for i in range(len(PROMPTS))]
+        assert [KVReady.decode(r).num_cached_tokens for r in results[0]] == [
+            prefix_hit(i, p_block) for i in range(len(PROMPTS))
+        ]
     for drain in drains:
         assert drain["drained"] and drain["free"] == drain["total"] and drain["expired"] == 0
 
@@ -72,9 +73,14 @@ def _check(reference: dict, results: list, reports: list, drains: list, push: bo
 @pytest.mark.parametrize("push", [False, True], ids=["pull", "push"])
 def test_one_gpu_two_processes(tmp_path: Path, gpu_reference: dict, push: bool) -> None:
     prefill, decode = Side("prefill", 1, tmp_path, devices=[0]), Side("decode", 1, tmp_path, devices=[0])
-    options = {"name": "g1", "backend": "cuda_ipc", "prefill_tp": 1, "decode_tp": 1,
-               "prefill_cache": dict(num_blocks=48, block_size=16, layout="HND"),
-               "decode_cache": dict(num_blocks=96, block_size=8, layout="NHD")}
+    options = {
+        "name": "g1",
+        "backend": "cuda_ipc",
+        "prefill_tp": 1,
+        "decode_tp": 1,
+        "prefill_cache": dict(num_blocks=48, block_size=16, layout="HND"),
+        "decode_cache": dict(num_blocks=96, block_size=8, layout="NHD"),
+    }
     try:
         _check(gpu_reference, *_run(prefill, decode, options, push), push, 16)
     finally:
@@ -88,9 +94,14 @@ def test_tp_pairs_across_gpus(tmp_path: Path, gpu_reference: dict, p_tp: int, d_
     # Rank r of each side runs on GPU r; with TP 1 the prefill is on GPU 0 and the decode on GPU 1.
     prefill = Side("prefill", p_tp, tmp_path, devices=[0, 1])
     decode = Side("decode", d_tp, tmp_path, devices=[1, 0] if d_tp == 1 else [0, 1])
-    options = {"name": f"m{p_tp}{d_tp}", "backend": "cuda_ipc", "prefill_tp": p_tp, "decode_tp": d_tp,
-               "prefill_cache": dict(num_blocks=48, block_size=16, layout="HND"),
-               "decode_cache": dict(num_blocks=96, block_size=16 if d_tp == 2 else 8, layout="NHD")}
+    options = {
+        "name": f"m{p_tp}{d_tp}",
+        "backend": "cuda_ipc",
+        "prefill_tp": p_tp,
+        "decode_tp": d_tp,
+        "prefill_cache": dict(num_blocks=48, block_size=16, layout="HND"),
+        "decode_cache": dict(num_blocks=96, block_size=16 if d_tp == 2 else 8, layout="NHD"),
+    }
     try:
         _check(gpu_reference, *_run(prefill, decode, options, push=False), False, 16)
     finally:

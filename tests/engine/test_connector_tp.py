@@ -49,8 +49,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def test_disaggregated_equals_aggregated(cluster: Any, reference: dict, p_tp: int, d_tp: int) -> None:
     prefill, decode = cluster
     p_cache, d_cache, batch = COMBOS[(p_tp, d_tp)]
-    options = {"name": f"{p_tp}x{d_tp}", "backend": "ucx", "prefill_tp": p_tp, "decode_tp": d_tp,
-               "prefill_cache": dict(num_blocks=48, **p_cache), "decode_cache": dict(num_blocks=96, **d_cache)}
+    options = {
+        "name": f"{p_tp}x{d_tp}",
+        "backend": "ucx",
+        "prefill_tp": p_tp,
+        "decode_tp": d_tp,
+        "prefill_cache": dict(num_blocks=48, **p_cache),
+        "decode_cache": dict(num_blocks=96, **d_cache),
+    }
     p_infos = prefill.call("setup", options)[:p_tp]
     d_infos = decode.call("setup", options)[:d_tp]
     try:
@@ -88,8 +94,14 @@ def test_disaggregated_equals_aggregated(cluster: Any, reference: dict, p_tp: in
 @pytest.mark.parametrize("p_tp, d_tp", [(2, 1), (1, 2)])
 def test_streamed_push_equals_aggregated(cluster: Any, reference: dict, p_tp: int, d_tp: int) -> None:
     prefill, decode = cluster
-    options = {"name": f"push{p_tp}x{d_tp}", "backend": "ucx", "prefill_tp": p_tp, "decode_tp": d_tp,
-               "prefill_cache": dict(num_blocks=48, block_size=16), "decode_cache": dict(num_blocks=96, block_size=8)}
+    options = {
+        "name": f"push{p_tp}x{d_tp}",
+        "backend": "ucx",
+        "prefill_tp": p_tp,
+        "decode_tp": d_tp,
+        "prefill_cache": dict(num_blocks=48, block_size=16),
+        "decode_cache": dict(num_blocks=96, block_size=8),
+    }
     p_infos = prefill.call("setup", options)[:p_tp]
     d_infos = decode.call("setup", options)[:d_tp]
     try:
@@ -116,9 +128,14 @@ def test_push_fills_every_replica_when_decode_tp_exceeds_kv_heads(tmp_path: Path
     head 1, and each rank attends with its own copy, so the tokens match only if the push filled every replica
     (and each replica's rank got the prefill's note)."""
     prefill, decode = Side("prefill", 1, tmp_path), Side("decode", 4, tmp_path)
-    options = {"name": "push1x4", "backend": "ucx", "prefill_tp": 1, "decode_tp": 4,
-               "prefill_cache": dict(num_blocks=48, block_size=16, layout="HND"),
-               "decode_cache": dict(num_blocks=96, block_size=8, layout="NHD")}
+    options = {
+        "name": "push1x4",
+        "backend": "ucx",
+        "prefill_tp": 1,
+        "decode_tp": 4,
+        "prefill_cache": dict(num_blocks=48, block_size=16, layout="HND"),
+        "decode_cache": dict(num_blocks=96, block_size=8, layout="NHD"),
+    }
     try:
         p_infos = prefill.call("setup", options)
         d_infos = decode.call("setup", options)

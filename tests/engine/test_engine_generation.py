@@ -12,8 +12,18 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from kvxfer.engine import (  # noqa: E402
-    CacheConfig, DecodeEngine, FinishReason, Model, ModelConfig, OutOfBlocksError, PrefillEngine, PrefillResult,
-    Request, Reservation, SamplingParams)
+    CacheConfig,
+    DecodeEngine,
+    FinishReason,
+    Model,
+    ModelConfig,
+    OutOfBlocksError,
+    PrefillEngine,
+    PrefillResult,
+    Request,
+    Reservation,
+    SamplingParams,
+)
 from kvxfer.errors import ConfigError, UsageError  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -31,11 +41,15 @@ def _no_leaks(engine: PrefillEngine | DecodeEngine) -> None:
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("block_size,budget", [(1, 4096), (16, 4096), (16, 7)], ids=["bs1", "bs16", "bs16-chunked"])
-def test_greedy_paged_equals_dense_recompute(tiny_model: Model, dense_greedy: Callable, make_prompts: Callable,
-                                             layout: str, block_size: int, budget: int) -> None:
+def test_greedy_paged_equals_dense_recompute(
+    tiny_model: Model, dense_greedy: Callable, make_prompts: Callable, layout: str, block_size: int, budget: int
+) -> None:
     prompts = make_prompts(4, seed=1) + [SYSTEM + [1, 2, 3], SYSTEM + [9] * 20]
-    engine = DecodeEngine(tiny_model, CacheConfig(num_blocks=512 // block_size, block_size=block_size,
-                                                  layout=layout), max_num_batched_tokens=budget)
+    engine = DecodeEngine(
+        tiny_model,
+        CacheConfig(num_blocks=512 // block_size, block_size=block_size, layout=layout),
+        max_num_batched_tokens=budget,
+    )
     outputs = engine.generate(_requests(prompts, max_tokens=10))
     for prompt, output in zip(prompts, outputs):
         assert list(output.output_token_ids) == dense_greedy(prompt, 10)
@@ -75,8 +89,12 @@ def test_prefix_cache_hit_skips_recomputation(tiny_model: Model, dense_greedy: C
 def test_decode_engine_reuses_prefix_of_earlier_requests(tiny_model: Model, dense_greedy: Callable) -> None:
     engine = DecodeEngine(tiny_model, CacheConfig(num_blocks=64, block_size=8))
     first = engine.generate(_requests([SYSTEM + [5]]))[0]
-    later = engine.generate([Request("x", SYSTEM + [6, 6], SamplingParams(max_tokens=8)),
-                             Request("y", SYSTEM + [4] * 9, SamplingParams(max_tokens=8))])
+    later = engine.generate(
+        [
+            Request("x", SYSTEM + [6, 6], SamplingParams(max_tokens=8)),
+            Request("y", SYSTEM + [4] * 9, SamplingParams(max_tokens=8)),
+        ]
+    )
     assert first.num_cached_tokens == 0 and [o.num_cached_tokens for o in later] == [32, 32]
     assert [o.num_computed_tokens for o in later] == [2 + 7, 9 + 7]  # uncached prompt tokens + decode inputs
     assert list(later[1].output_token_ids) == dense_greedy(SYSTEM + [4] * 9, 8)
@@ -98,8 +116,9 @@ def _transfer(prefill: PrefillEngine, result: PrefillResult, decode: DecodeEngin
 
 
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_p": 0.9, "seed": 11}], ids=["greedy", "seeded"])
-def test_admit_externally_filled_kv_equals_aggregated(tiny_model: Model, make_prompts: Callable,
-                                                       sampling: dict) -> None:
+def test_admit_externally_filled_kv_equals_aggregated(
+    tiny_model: Model, make_prompts: Callable, sampling: dict
+) -> None:
     prompts = make_prompts(3, seed=2) + [SYSTEM + [1] * 5, SYSTEM + [2] * 17]
     requests = _requests(prompts, max_tokens=9, **sampling)
     aggregated = DecodeEngine(tiny_model, CacheConfig(num_blocks=64, block_size=16)).generate(requests)
@@ -136,8 +155,9 @@ def test_on_layer_done_streams_layers_of_the_last_pass(tiny_model: Model) -> Non
     assert seen == [(layer, True, True) for layer in range(num_layers)]
 
 
-def test_preemption_recomputes_and_still_matches(tiny_model: Model, dense_greedy: Callable,
-                                                 make_prompts: Callable) -> None:
+def test_preemption_recomputes_and_still_matches(
+    tiny_model: Model, dense_greedy: Callable, make_prompts: Callable
+) -> None:
     prompts = make_prompts(4, seed=3, low=8, high=12)
     engine = DecodeEngine(tiny_model, CacheConfig(num_blocks=12, block_size=4))
     outputs = engine.generate(_requests(prompts, max_tokens=14))
@@ -152,12 +172,13 @@ def test_stop_conditions(tiny_config: ModelConfig, dense_greedy: Callable) -> No
     eos_model = Model.random(tiny_config.replace(eos_token_ids=(expected[2],)), seed=1)
     engine = DecodeEngine(eos_model, CacheConfig(num_blocks=16, block_size=4))
     out = engine.generate([Request("eos", prompt, SamplingParams(max_tokens=6))])[0]
-    assert list(out.output_token_ids) == expected[:expected.index(expected[2]) + 1]
+    assert list(out.output_token_ids) == expected[: expected.index(expected[2]) + 1]
     assert out.finish_reason is FinishReason.STOP
     ignoring = engine.generate([Request("ign", prompt, SamplingParams(max_tokens=6, ignore_eos=True))])[0]
     assert list(ignoring.output_token_ids) == expected and ignoring.finish_reason is FinishReason.LENGTH
-    stop = engine.generate([Request("stop", prompt, SamplingParams(max_tokens=6, stop_token_ids=(expected[1],),
-                                                                   ignore_eos=True))])[0]
+    stop = engine.generate(
+        [Request("stop", prompt, SamplingParams(max_tokens=6, stop_token_ids=(expected[1],), ignore_eos=True))]
+    )[0]
     assert stop.output_token_ids[-1] == expected[1] and stop.finish_reason is FinishReason.STOP
     one = Request("one", prompt, SamplingParams(max_tokens=1))
     engine.reserve(one)
@@ -215,8 +236,9 @@ def test_import_kvxfer_does_not_import_torch() -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_engines_match_cpu_dense_reference(tiny_config: ModelConfig, dense_greedy: Callable,
-                                               make_prompts: Callable) -> None:
+def test_gpu_engines_match_cpu_dense_reference(
+    tiny_config: ModelConfig, dense_greedy: Callable, make_prompts: Callable
+) -> None:
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA device")
     model = Model.random(tiny_config, seed=1, device="cuda")

@@ -11,8 +11,20 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from kvxfer.engine import (  # noqa: E402
-    AttentionBatch, CacheConfig, Model, ModelConfig, ModelRunner, PrefillEngine, Request, TensorParallel, WeightStore,
-    load_hf, random_weights, read_config, save_hf)
+    AttentionBatch,
+    CacheConfig,
+    Model,
+    ModelConfig,
+    ModelRunner,
+    PrefillEngine,
+    Request,
+    TensorParallel,
+    WeightStore,
+    load_hf,
+    random_weights,
+    read_config,
+    save_hf,
+)
 from kvxfer.errors import ConfigError  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -21,8 +33,14 @@ TOKENS = list(range(5, 230, 3))  # 75 tokens
 
 CONFIGS = {
     "plain": ModelConfig.preset("tiny"),
-    "tied-llama3-rope": ModelConfig.preset("tiny", tie_word_embeddings=True, rope_theta=500000.0,
-                                           rope_scaling=(8.0, 1.0, 4.0, 32), num_kv_heads=1, head_dim=32),
+    "tied-llama3-rope": ModelConfig.preset(
+        "tiny",
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        rope_scaling=(8.0, 1.0, 4.0, 32),
+        num_kv_heads=1,
+        head_dim=32,
+    ),
 }
 
 
@@ -58,9 +76,17 @@ def test_logits_match_transformers(tmp_path: Path, name: str) -> None:
 
 def test_loads_a_checkpoint_written_by_transformers(tmp_path: Path) -> None:
     hf_config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=3, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        eos_token_id=[7, 9])
+        vocab_size=128,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        eos_token_id=[7, 9],
+    )
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(hf_config).eval()
     hf.save_pretrained(tmp_path)
@@ -98,13 +124,13 @@ def test_tensor_parallel_ranks_read_their_shards(tmp_path: Path) -> None:
         k = weights["model.layers.1.self_attn.k_proj.weight"]
         o = weights["model.layers.1.self_attn.o_proj.weight"]
         down = weights["model.layers.1.mlp.down_proj.weight"]
-        assert torch.equal(attn.q_proj.weight, q[rank * 2 * dim:(rank + 1) * 2 * dim])
-        assert torch.equal(attn.k_proj.weight, k[rank * dim:(rank + 1) * dim])
-        assert torch.equal(attn.o_proj.weight, o[:, rank * 2 * dim:(rank + 1) * 2 * dim])
-        assert torch.equal(mlp.down_proj.weight, down[:, rank * 64:(rank + 1) * 64])
+        assert torch.equal(attn.q_proj.weight, q[rank * 2 * dim : (rank + 1) * 2 * dim])
+        assert torch.equal(attn.k_proj.weight, k[rank * dim : (rank + 1) * dim])
+        assert torch.equal(attn.o_proj.weight, o[:, rank * 2 * dim : (rank + 1) * 2 * dim])
+        assert torch.equal(mlp.down_proj.weight, down[:, rank * 64 : (rank + 1) * 64])
     replicated = Model.from_weights(config, store, TensorParallel(rank=3, size=4))
     k = weights["model.layers.0.self_attn.k_proj.weight"]
-    assert torch.equal(replicated.layers[0].self_attn.k_proj.weight, k[dim:2 * dim])  # ranks 2, 3 share head 1
+    assert torch.equal(replicated.layers[0].self_attn.k_proj.weight, k[dim : 2 * dim])  # ranks 2, 3 share head 1
 
 
 def test_checkpoint_errors_name_the_problem(tmp_path: Path) -> None:

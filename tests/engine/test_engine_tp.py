@@ -13,7 +13,15 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from kvxfer.engine import (  # noqa: E402
-    CacheConfig, DecodeEngine, Model, ModelConfig, PrefillEngine, Request, SamplingParams, init_tensor_parallel)
+    CacheConfig,
+    DecodeEngine,
+    Model,
+    ModelConfig,
+    PrefillEngine,
+    Request,
+    SamplingParams,
+    init_tensor_parallel,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -32,14 +40,22 @@ def _run(config: ModelConfig, tp: Any = None) -> dict[str, Any]:
     outputs = decode.generate([Request(f"r{i}", p, SamplingParams(max_tokens=10)) for i, p in enumerate(PROMPTS)])
     prefill = PrefillEngine(model, CacheConfig(num_blocks=16, block_size=8, layout="NHD"), chunk_size=16)
     result = prefill.prefill(Request("p", PREFILL_PROMPT))
-    kv = [torch.stack(prefill.cache.read(layer, list(result.block_ids), len(PREFILL_PROMPT))).numpy()
-          for layer in range(config.num_layers)]  # each [2, tokens, local kv heads, head_dim]
+    kv = [
+        torch.stack(prefill.cache.read(layer, list(result.block_ids), len(PREFILL_PROMPT))).numpy()
+        for layer in range(config.num_layers)
+    ]  # each [2, tokens, local kv heads, head_dim]
     prefill.release("p")
     spec = prefill.spec
-    return {"tokens": [list(o.output_token_ids) for o in outputs], "first_token": result.first_token,
-            "block_ids": result.block_ids, "kv": kv, "heads": spec.head_range(), "num_kv_heads": spec.num_kv_heads,
-            "tp": (spec.tp_rank, spec.tp_size, spec.total_kv_heads),
-            "free": (decode.num_free_blocks, prefill.num_free_blocks)}
+    return {
+        "tokens": [list(o.output_token_ids) for o in outputs],
+        "first_token": result.first_token,
+        "block_ids": result.block_ids,
+        "kv": kv,
+        "heads": spec.head_range(),
+        "num_kv_heads": spec.num_kv_heads,
+        "tp": (spec.tp_rank, spec.tp_size, spec.total_kv_heads),
+        "free": (decode.num_free_blocks, prefill.num_free_blocks),
+    }
 
 
 def _worker(rank: int, size: int, init_file: str, results: Any) -> None:
@@ -57,8 +73,9 @@ def _worker(rank: int, size: int, init_file: str, results: Any) -> None:
 def _spawn(size: int, tmp_path: Path) -> dict[int, dict[str, Any]]:
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    processes = [context.Process(target=_worker, args=(rank, size, str(tmp_path / "store"), results))
-                 for rank in range(size)]
+    processes = [
+        context.Process(target=_worker, args=(rank, size, str(tmp_path / "store"), results)) for rank in range(size)
+    ]
     for process in processes:
         process.start()
     collected: dict[int, Any] = {}
@@ -94,5 +111,6 @@ def test_tp2_gloo_matches_tp1(tmp_path: Path) -> None:
             assert got["num_kv_heads"] == h1 - h0 == 1
             assert (h0, h1) == ((rank, rank + 1) if name == "split" else (0, 1))
             for layer, (mine, full) in enumerate(zip(got["kv"], reference["kv"])):
-                np.testing.assert_allclose(mine, full[:, :, h0:h1], rtol=1e-5, atol=1e-5,
-                                           err_msg=f"{name} rank {rank} layer {layer}")
+                np.testing.assert_allclose(
+                    mine, full[:, :, h0:h1], rtol=1e-5, atol=1e-5, err_msg=f"{name} rank {rank} layer {layer}"
+                )

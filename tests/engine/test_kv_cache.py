@@ -17,8 +17,16 @@ LAYERS, BLOCKS, HEADS, DIM = 2, 5, 3, 4
 
 
 def _spec(layout: str, block_size: int, strides: tuple[int, ...] | None = None) -> KVCacheSpec:
-    return KVCacheSpec(num_layers=LAYERS, num_blocks=BLOCKS, block_size=block_size, num_kv_heads=HEADS,
-                       head_dim=DIM, dtype="float32", layout=layout, strides=strides)
+    return KVCacheSpec(
+        num_layers=LAYERS,
+        num_blocks=BLOCKS,
+        block_size=block_size,
+        num_kv_heads=HEADS,
+        head_dim=DIM,
+        dtype="float32",
+        layout=layout,
+        strides=strides,
+    )
 
 
 def _vllm_strides(block_size: int) -> tuple[int, ...]:
@@ -32,7 +40,7 @@ def _vllm_strides(block_size: int) -> tuple[int, ...]:
 def _bytes_of_block(cache: KVCache, layer: int, block: int, part: int) -> np.ndarray:
     offsets, piece = cache.spec.block_offsets([block], layers=[layer], parts=[part])
     raw = cache.tensor.contiguous().view(torch.uint8).numpy().ravel()
-    return np.concatenate([raw[o:o + piece] for o in offsets]).view(np.float32)
+    return np.concatenate([raw[o : o + piece] for o in offsets]).view(np.float32)
 
 
 @pytest.mark.parametrize("layout,strides", [("HND", False), ("NHD", False), ("NHD", True)])
@@ -69,7 +77,8 @@ def test_read_follows_block_table_order() -> None:
 
 
 def test_rejects_single_part_specs() -> None:
-    spec = KVCacheSpec(num_layers=1, num_blocks=2, block_size=2, num_kv_heads=1, head_dim=4, dtype="float32",
-                       num_kv_parts=1)
+    spec = KVCacheSpec(
+        num_layers=1, num_blocks=2, block_size=2, num_kv_heads=1, head_dim=4, dtype="float32", num_kv_parts=1
+    )
     with pytest.raises(ConfigError, match="num_kv_parts"):
         KVCache(spec)

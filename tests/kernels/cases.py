@@ -13,21 +13,44 @@ from kvxfer.spec import KVCacheSpec
 DTYPE_OF_SIZE = {1: "float8_e4m3fn", 2: "bfloat16", 4: "float32", 8: "float64"}
 
 
-def random_spec(rng: np.random.Generator, *, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                head_dim: int, itemsize: int, num_kv_parts: int = 2, layout: str | None = None,
-                padded: bool | None = None, offset: int | None = None, total_kv_heads: int | None = None,
-                tp_size: int = 1, tp_rank: int = 0) -> KVCacheSpec:
+def random_spec(
+    rng: np.random.Generator,
+    *,
+    num_layers: int,
+    num_blocks: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    itemsize: int,
+    num_kv_parts: int = 2,
+    layout: str | None = None,
+    padded: bool | None = None,
+    offset: int | None = None,
+    total_kv_heads: int | None = None,
+    tp_size: int = 1,
+    tp_rank: int = 0,
+) -> KVCacheSpec:
     """A spec in NHD, HND, or (``padded``) explicit strides: a random order of the outer axes, random padding."""
     layout = layout or str(rng.choice(["NHD", "HND"]))
     padded = bool(rng.integers(0, 2)) if padded is None else padded
     offset = int(rng.integers(0, 4)) if offset is None else offset
-    fields = dict(num_layers=num_layers, num_blocks=num_blocks, block_size=block_size, num_kv_heads=num_kv_heads,
-                  head_dim=head_dim, dtype=DTYPE_OF_SIZE[itemsize], layout=layout, num_kv_parts=num_kv_parts,
-                  offset=offset, total_kv_heads=total_kv_heads, tp_size=tp_size, tp_rank=tp_rank)
+    fields = dict(
+        num_layers=num_layers,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        dtype=DTYPE_OF_SIZE[itemsize],
+        layout=layout,
+        num_kv_parts=num_kv_parts,
+        offset=offset,
+        total_kv_heads=total_kv_heads,
+        tp_size=tp_size,
+        tp_rank=tp_rank,
+    )
     if not padded:
         return KVCacheSpec(**fields)
-    sizes = {"layer": num_layers, "block": num_blocks, "kv": num_kv_parts, "head": num_kv_heads,
-             "token": block_size}
+    sizes = {"layer": num_layers, "block": num_blocks, "kv": num_kv_parts, "head": num_kv_heads, "token": block_size}
     order = list(rng.permutation(list(sizes)))  # innermost first, all outside head_dim
     strides, reach = {}, head_dim
     for axis in order:
@@ -46,9 +69,17 @@ class Case:
     dst: np.ndarray
 
 
-def random_case(rng: np.random.Generator, *, src_spec: KVCacheSpec, dst_spec: KVCacheSpec, num_tokens: int,
-                num_heads: int | None = None, layer_subset: bool = True, part_subset: bool = True,
-                slack: int = 8) -> Case:
+def random_case(
+    rng: np.random.Generator,
+    *,
+    src_spec: KVCacheSpec,
+    dst_spec: KVCacheSpec,
+    num_tokens: int,
+    num_heads: int | None = None,
+    layer_subset: bool = True,
+    part_subset: bool = True,
+    slack: int = 8,
+) -> Case:
     """Random non-contiguous block ids, layers, parts and head ranges for ``num_tokens`` tokens."""
     n_src = -(-num_tokens // src_spec.block_size)
     n_dst = -(-num_tokens // dst_spec.block_size)
@@ -58,13 +89,26 @@ def random_case(rng: np.random.Generator, *, src_spec: KVCacheSpec, dst_spec: KV
     count = int(rng.integers(1, layers + 1)) if layer_subset else layers
     src_layers = rng.permutation(layers)[:count]
     dst_layers = rng.permutation(dst_spec.num_layers)[:count]
-    parts = rng.permutation(src_spec.num_kv_parts)[: int(rng.integers(1, src_spec.num_kv_parts + 1))] \
-        if part_subset else None
+    parts = (
+        rng.permutation(src_spec.num_kv_parts)[: int(rng.integers(1, src_spec.num_kv_parts + 1))]
+        if part_subset
+        else None
+    )
     heads = num_heads or int(rng.integers(1, min(src_spec.num_kv_heads, dst_spec.num_kv_heads) + 1))
     h0 = int(rng.integers(0, src_spec.num_kv_heads - heads + 1))
     g0 = int(rng.integers(0, dst_spec.num_kv_heads - heads + 1))
-    plan = plan_kv_copy(src_spec, dst_spec, src_ids, dst_ids, num_tokens=num_tokens, src_layers=src_layers,
-                        dst_layers=dst_layers, src_heads=(h0, h0 + heads), dst_heads=(g0, g0 + heads), parts=parts)
+    plan = plan_kv_copy(
+        src_spec,
+        dst_spec,
+        src_ids,
+        dst_ids,
+        num_tokens=num_tokens,
+        src_layers=src_layers,
+        dst_layers=dst_layers,
+        src_heads=(h0, h0 + heads),
+        dst_heads=(g0, g0 + heads),
+        parts=parts,
+    )
     src = random_bytes(rng, src_spec.nbytes + int(rng.integers(0, slack)))
     dst = random_bytes(rng, dst_spec.nbytes + int(rng.integers(0, slack)))
     return Case(plan, src, dst)
@@ -88,7 +132,7 @@ def naive_copy(src: np.ndarray, dst: np.ndarray, plan: KVCopyPlan) -> None:
                     for dim in range(s.head_dim):
                         a = _element(s, layer_s, block_s, part, plan.src_heads[0] + head, slot_s, dim) * size
                         b = _element(d, layer_d, block_d, part, plan.dst_heads[0] + head, slot_d, dim) * size
-                        dst[b:b + size] = src[a:a + size]
+                        dst[b : b + size] = src[a : a + size]
 
 
 def _element(spec: KVCacheSpec, *index: int) -> int:

@@ -16,10 +16,33 @@ _HERE = Path(__file__).parent
 _CSRC = Path(kernels.__file__).parent / "csrc"
 
 _c = ctypes
-_ARGTYPES = [_c.c_char_p, _c.c_int, _c.c_int, _c.c_void_p, _c.c_void_p, _c.c_void_p, _c.c_void_p, _c.c_void_p,
-             _c.c_void_p, _c.c_void_p, _c.c_int, _c.c_int, _c.c_uint, _c.c_uint, _c.c_int, _c.c_int,
-             _c.c_longlong, _c.c_longlong, _c.c_longlong, _c.c_longlong, _c.c_uint, _c.c_uint, _c.c_uint,
-             _c.c_uint, _c.c_int]
+_ARGTYPES = [
+    _c.c_char_p,
+    _c.c_int,
+    _c.c_int,
+    _c.c_void_p,
+    _c.c_void_p,
+    _c.c_void_p,
+    _c.c_void_p,
+    _c.c_void_p,
+    _c.c_void_p,
+    _c.c_void_p,
+    _c.c_int,
+    _c.c_int,
+    _c.c_uint,
+    _c.c_uint,
+    _c.c_int,
+    _c.c_int,
+    _c.c_longlong,
+    _c.c_longlong,
+    _c.c_longlong,
+    _c.c_longlong,
+    _c.c_uint,
+    _c.c_uint,
+    _c.c_uint,
+    _c.c_uint,
+    _c.c_int,
+]
 
 
 def build(directory: Path, tuning: KernelTuning = DEFAULT_TUNING) -> ctypes.CDLL | None:
@@ -28,9 +51,22 @@ def build(directory: Path, tuning: KernelTuning = DEFAULT_TUNING) -> ctypes.CDLL
     if compiler is None:
         return None
     library = directory / "libkv_copy_host.so"
-    command = [compiler, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Werror", "-Wno-unknown-pragmas",
-               *tuning.defines(), f"-I{_CSRC}", f"-I{_HERE}",
-               str(_HERE / "host_harness.cpp"), "-o", str(library)]
+    command = [
+        compiler,
+        "-std=c++17",
+        "-O1",
+        "-shared",
+        "-fPIC",
+        "-Wall",
+        "-Werror",
+        "-Wno-unknown-pragmas",
+        *tuning.defines(),
+        f"-I{_CSRC}",
+        f"-I{_HERE}",
+        str(_HERE / "host_harness.cpp"),
+        "-o",
+        str(library),
+    ]
     subprocess.run(command, check=True, capture_output=True, timeout=120)
     lib = ctypes.CDLL(str(library))
     lib.kvxfer_emulate.argtypes = _ARGTYPES
@@ -38,18 +74,52 @@ def build(directory: Path, tuning: KernelTuning = DEFAULT_TUNING) -> ctypes.CDLL
     return lib
 
 
-def launch(lib: ctypes.CDLL, entry: str, num_ctas: int, threads: int, src: int, dst: int,
-           read_span: tuple[int, int], write_span: tuple[int, int], table: int, scalars: Sequence[Any]) -> int:
+def launch(
+    lib: ctypes.CDLL,
+    entry: str,
+    num_ctas: int,
+    threads: int,
+    src: int,
+    dst: int,
+    read_span: tuple[int, int],
+    write_span: tuple[int, int],
+    table: int,
+    scalars: Sequence[Any],
+) -> int:
     """Run one launch serially; returns the number of out-of-bounds or misaligned accesses."""
-    result = int(lib.kvxfer_emulate(entry.encode(), num_ctas, threads, src, dst, read_span[0], read_span[1],
-                                    write_span[0], write_span[1], table, *(int(x) for x in scalars)))
+    result = int(
+        lib.kvxfer_emulate(
+            entry.encode(),
+            num_ctas,
+            threads,
+            src,
+            dst,
+            read_span[0],
+            read_span[1],
+            write_span[0],
+            write_span[1],
+            table,
+            *(int(x) for x in scalars),
+        )
+    )
     if result < 0:
         raise ValueError(f"emulation refused {entry!r} with {threads} threads (code {result})")
     return result
 
 
-def launch_shape(lib: ctypes.CDLL, shape: LaunchShape, read_span: tuple[int, int], write_span: tuple[int, int],
-                 table: int) -> int:
+def launch_shape(
+    lib: ctypes.CDLL, shape: LaunchShape, read_span: tuple[int, int], write_span: tuple[int, int], table: int
+) -> int:
     """:func:`launch` with the entry, grid and arguments of ``shape``."""
-    return launch(lib, shape.entry, shape.num_ctas, shape.threads, shape.src_addr, shape.dst_addr, read_span,
-                  write_span, table, shape.scalars)
+    return launch(
+        lib,
+        shape.entry,
+        shape.num_ctas,
+        shape.threads,
+        shape.src_addr,
+        shape.dst_addr,
+        read_span,
+        write_span,
+        table,
+        shape.scalars,
+    )

@@ -113,11 +113,18 @@ class BenchCupy:
                 return Kernel(name, self.defines)
 
         runtime = types.SimpleNamespace(
-            memcpyDeviceToDevice=3, deviceSynchronize=lambda: None,
-            getDeviceProperties=lambda device: {"name": b"emulated", "regsPerMultiprocessor": 65536,
-                                                "maxThreadsPerMultiProcessor": 2048, "multiProcessorCount": 2,
-                                                "maxBlocksPerMultiProcessor": 32},
-            memcpyAsync=self.memcpy, memcpyHostToDevice=1)
+            memcpyDeviceToDevice=3,
+            deviceSynchronize=lambda: None,
+            getDeviceProperties=lambda device: {
+                "name": b"emulated",
+                "regsPerMultiprocessor": 65536,
+                "maxThreadsPerMultiProcessor": 2048,
+                "multiProcessorCount": 2,
+                "maxBlocksPerMultiProcessor": 32,
+            },
+            memcpyAsync=self.memcpy,
+            memcpyHostToDevice=1,
+        )
         streams = iter(range(1000, 2000))
 
         def new_stream(non_blocking: bool = False) -> Stream:
@@ -125,10 +132,16 @@ class BenchCupy:
 
         new_stream.null = Stream(0)  # type: ignore[attr-defined]
         self.RawModule = RawModule
-        self.cuda = types.SimpleNamespace(Device=Device, Stream=new_stream, Event=Event, runtime=runtime,
-                                          get_current_stream=lambda: Stream(0),
-                                          get_elapsed_time=lambda start, end: 1.0,
-                                          alloc_pinned_memory=host_buffer, alloc=host_buffer)
+        self.cuda = types.SimpleNamespace(
+            Device=Device,
+            Stream=new_stream,
+            Event=Event,
+            runtime=runtime,
+            get_current_stream=lambda: Stream(0),
+            get_elapsed_time=lambda start, end: 1.0,
+            alloc_pinned_memory=host_buffer,
+            alloc=host_buffer,
+        )
         self.pool = types.SimpleNamespace(free_all_blocks=lambda: None)
 
     def get_default_memory_pool(self) -> Any:
@@ -160,15 +173,21 @@ class BenchCupy:
         src, dst, table, *scalars = args
         span = (0, 2**63)
         table_ptr = int(table) if isinstance(table, np.integer) else table.data.ptr  # table slot or array
-        assert emulation.launch(lib, kernel.name, grid[0], block[0], int(src), int(dst), span, span, table_ptr,
-                                scalars) == 0
+        assert (
+            emulation.launch(lib, kernel.name, grid[0], block[0], int(src), int(dst), span, span, table_ptr, scalars)
+            == 0
+        )
 
 
 def _tuning_of(defines: tuple[str, ...]) -> KernelTuning:
     values = dict(d[2:].split("=") for d in defines)
-    return KernelTuning(unroll=int(values["KVXFER_UNROLL"]), threads=int(values["KVXFER_THREADS"]),
-                        prefetch=values["KVXFER_PREFETCH"] == "1", min_ctas=int(values["KVXFER_MIN_CTAS"]),
-                        streaming=values["KVXFER_STREAMING"] == "1")
+    return KernelTuning(
+        unroll=int(values["KVXFER_UNROLL"]),
+        threads=int(values["KVXFER_THREADS"]),
+        prefetch=values["KVXFER_PREFETCH"] == "1",
+        min_ctas=int(values["KVXFER_MIN_CTAS"]),
+        streaming=values["KVXFER_STREAMING"] == "1",
+    )
 
 
 @pytest.fixture
@@ -183,8 +202,9 @@ def bench_cupy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Benc
     _cuda.clear_caches()
 
 
-def test_every_row_launches_and_copies_the_right_bytes(bench_cupy: BenchCupy, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_row_launches_and_copies_the_right_bytes(
+    bench_cupy: BenchCupy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     checked = []
     original = bench._Bench._row
 
@@ -214,15 +234,17 @@ def test_every_row_launches_and_copies_the_right_bytes(bench_cupy: BenchCupy, tm
     # each timed repeat: spin, start event, the launch(es), end event; all on the timer's stream
     queue = bench_cupy.queue
     spins = [i for i, item in enumerate(queue) if item[0] == "kvxfer_bench_spin"]
-    assert spins and all(queue[i + 1][0] == "event" and queue[i + 2][0] in ("memcpy", "kvxfer_rows_v16",
-                                                                          "kvxfer_run_v16") for i in spins)
+    assert spins and all(
+        queue[i + 1][0] == "event" and queue[i + 2][0] in ("memcpy", "kvxfer_rows_v16", "kvxfer_run_v16") for i in spins
+    )
     assert {item[1] for item in queue if item[0] != "kvxfer_bench_fill"} == {1000}
     verdicts = bench.summary(rows)
     assert verdicts[0]["variant"] == "default" and all(v["rows"] > 0 for v in verdicts)
 
 
-def test_quick_mode_and_json(bench_cupy: BenchCupy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                             capsys: pytest.CaptureFixture) -> None:
+def test_quick_mode_and_json(
+    bench_cupy: BenchCupy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.setattr(bench._Timer, "warm_clocks", lambda self, seconds: self.memcpy())
     out = tmp_path / "kernels.json"
     assert bench.main(["--quick", "--tokens", "64", "--json", str(out), "--repeats", "2"]) == 0
@@ -234,8 +256,9 @@ def test_quick_mode_and_json(bench_cupy: BenchCupy, tmp_path: Path, monkeypatch:
     assert "Per variant" in capsys.readouterr().out
 
 
-def test_without_a_gpu_main_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                    capsys: pytest.CaptureFixture) -> None:
+def test_without_a_gpu_main_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     from kvxfer.errors import BackendUnavailableError
 
     def unavailable() -> None:

@@ -26,21 +26,30 @@ def _pairs(count: int, dims: list[tuple[int, int, int]], row: int) -> list[tuple
 
 
 @settings(max_examples=300, deadline=None)
-@given(counts=st.lists(st.integers(1, 4), min_size=1, max_size=3), heads=st.integers(1, 3),
-       row=st.sampled_from([1, 2, 4]), layout=st.sampled_from(["NHD", "HND", "mixed", "padded"]),
-       block=st.integers(1, 4), pad=st.integers(0, 2))
-def test_folded_box_moves_the_same_bytes(counts: list[int], heads: int, row: int, layout: str, block: int,
-                                         pad: int) -> None:
+@given(
+    counts=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    heads=st.integers(1, 3),
+    row=st.sampled_from([1, 2, 4]),
+    layout=st.sampled_from(["NHD", "HND", "mixed", "padded"]),
+    block=st.integers(1, 4),
+    pad=st.integers(0, 2),
+)
+def test_folded_box_moves_the_same_bytes(
+    counts: list[int], heads: int, row: int, layout: str, block: int, pad: int
+) -> None:
     block = max(block, max(counts))
     nhd, hnd = (heads * row, row), (row, block * row)  # (token stride, head stride)
-    sides = {"NHD": (nhd, nhd), "HND": (hnd, hnd), "mixed": (nhd, hnd),
-             "padded": ((heads * row + pad, row), (row, block * row + pad))}[layout]
+    sides = {
+        "NHD": (nhd, nhd),
+        "HND": (hnd, hnd),
+        "mixed": (nhd, hnd),
+        "padded": ((heads * row + pad, row), (row, block * row + pad)),
+    }[layout]
     (s_token, s_head), (d_token, d_head) = sides
     form = box_form(np.array(counts), [(heads, s_head, d_head)], row, (s_token, d_token))
     for count, units in zip(counts, form.counts, strict=True):
         expected = _pairs(count, [(count, s_token, d_token), (heads, s_head, d_head)], row)
-        folded = _pairs(int(units), [(int(units), *form.unit_strides), (form.unit_rows, *form.row_strides)],
-                        form.row)
+        folded = _pairs(int(units), [(int(units), *form.unit_strides), (form.unit_rows, *form.row_strides)], form.row)
         assert sorted(folded) == sorted(expected)
         assert len(set(b for _, b in folded)) == len(folded)  # each destination byte once
     if form.contiguous:

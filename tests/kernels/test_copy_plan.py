@@ -29,38 +29,44 @@ def test_default_plan_covers_everything() -> None:
     assert plan.nbytes == 4 * 2 * 32 * 8 * 64 * 2
 
 
-@pytest.mark.parametrize("change, error", [
-    (dict(head_dim=128), LayoutMismatchError),
-    (dict(dtype="float16"), LayoutMismatchError),
-    (dict(dtype="float32"), LayoutMismatchError),
-    (dict(num_kv_parts=1), LayoutMismatchError),
-    (dict(num_kv_heads=4, total_kv_heads=None), LayoutMismatchError),  # default head ranges differ in size
-])
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        (dict(head_dim=128), LayoutMismatchError),
+        (dict(dtype="float16"), LayoutMismatchError),
+        (dict(dtype="float32"), LayoutMismatchError),
+        (dict(num_kv_parts=1), LayoutMismatchError),
+        (dict(num_kv_heads=4, total_kv_heads=None), LayoutMismatchError),  # default head ranges differ in size
+    ],
+)
 def test_incompatible_specs(change: dict, error: type) -> None:
     with pytest.raises(error):
         plan_kv_copy(SPEC, SPEC.replace(**change), [0], [0])
 
 
-@pytest.mark.parametrize("kwargs, error, words", [
-    (dict(src_block_ids=[16]), DescriptorError, "[0, 16)"),
-    (dict(dst_block_ids=[-1]), DescriptorError, "[0, 16)"),
-    (dict(src_block_ids=[[0]]), DescriptorError, "1-D"),
-    (dict(src_block_ids=[0.5]), DescriptorError, "integers"),
-    (dict(src_block_ids=[0, 1], dst_block_ids=[0, 1], num_tokens=16), DescriptorError, "need 1"),
-    (dict(src_block_ids=[0, 1], dst_block_ids=[0, 1], num_tokens=40), DescriptorError, "need 3"),
-    (dict(src_block_ids=[0, 1], dst_block_ids=[5, 5]), DescriptorError, "repeat"),
-    (dict(src_layers=[0, 1], dst_layers=[2, 2]), DescriptorError, "repeat"),
-    (dict(src_layers=[0, 1], dst_layers=[2]), DescriptorError, "pair"),
-    (dict(src_layers=[4]), DescriptorError, "src_layers"),
-    (dict(parts=[0, 0]), DescriptorError, "repeat"),
-    (dict(parts=[2]), DescriptorError, "parts"),
-    (dict(src_heads=(0, 4), dst_heads=(0, 3)), LayoutMismatchError, "as many heads"),
-    (dict(src_heads=(4, 9), dst_heads=(0, 5)), ConfigError, "src_heads"),
-    (dict(src_heads=(2, 2), dst_heads=(0, 0)), ConfigError, "src_heads"),
-    (dict(src_heads="ab"), ConfigError, "pair"),
-    (dict(num_tokens=-1), ConfigError, "num_tokens"),
-    (dict(num_tokens=2.0), ConfigError, "num_tokens"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(src_block_ids=[16]), DescriptorError, "[0, 16)"),
+        (dict(dst_block_ids=[-1]), DescriptorError, "[0, 16)"),
+        (dict(src_block_ids=[[0]]), DescriptorError, "1-D"),
+        (dict(src_block_ids=[0.5]), DescriptorError, "integers"),
+        (dict(src_block_ids=[0, 1], dst_block_ids=[0, 1], num_tokens=16), DescriptorError, "need 1"),
+        (dict(src_block_ids=[0, 1], dst_block_ids=[0, 1], num_tokens=40), DescriptorError, "need 3"),
+        (dict(src_block_ids=[0, 1], dst_block_ids=[5, 5]), DescriptorError, "repeat"),
+        (dict(src_layers=[0, 1], dst_layers=[2, 2]), DescriptorError, "repeat"),
+        (dict(src_layers=[0, 1], dst_layers=[2]), DescriptorError, "pair"),
+        (dict(src_layers=[4]), DescriptorError, "src_layers"),
+        (dict(parts=[0, 0]), DescriptorError, "repeat"),
+        (dict(parts=[2]), DescriptorError, "parts"),
+        (dict(src_heads=(0, 4), dst_heads=(0, 3)), LayoutMismatchError, "as many heads"),
+        (dict(src_heads=(4, 9), dst_heads=(0, 5)), ConfigError, "src_heads"),
+        (dict(src_heads=(2, 2), dst_heads=(0, 0)), ConfigError, "src_heads"),
+        (dict(src_heads="ab"), ConfigError, "pair"),
+        (dict(num_tokens=-1), ConfigError, "num_tokens"),
+        (dict(num_tokens=2.0), ConfigError, "num_tokens"),
+    ],
+)
 def test_bad_arguments(kwargs: dict, error: type, words: str) -> None:
     arguments = dict(src_block_ids=[0], dst_block_ids=[1]) | kwargs
     src_ids, dst_ids = arguments.pop("src_block_ids"), arguments.pop("dst_block_ids")
@@ -86,8 +92,13 @@ def test_segments_are_maximal_runs_inside_one_block_per_side(tokens: int, src_bl
     src = SPEC.replace(block_size=src_block, num_blocks=256, layout="HND")
     dst = SPEC.replace(block_size=dst_block, num_blocks=256)
     n_src, n_dst = -(-tokens // src_block), -(-tokens // dst_block)
-    plan = plan_kv_copy(src, dst, np.arange(n_src)[::-1], np.arange(n_dst) * 2 % 256 if n_dst <= 128
-                        else np.arange(n_dst), num_tokens=tokens)
+    plan = plan_kv_copy(
+        src,
+        dst,
+        np.arange(n_src)[::-1],
+        np.arange(n_dst) * 2 % 256 if n_dst <= 128 else np.arange(n_dst),
+        num_tokens=tokens,
+    )
     tables = plan.tables
     counts = tables.segment_tokens
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
@@ -104,8 +115,8 @@ def _execute_tables(plan: KVCopyPlan, src: np.ndarray, dst: np.ndarray) -> None:
     """The kernel's walk over its tables, in NumPy: per (layer-part, segment) box, count x unit_rows rows."""
     t = plan.tables
     n = t.num_segments
-    seg_src, seg_dst, seg_count = t.table[:n], t.table[n:2 * n], t.table[2 * n:3 * n]
-    part_src, part_dst = t.table[3 * n:3 * n + t.num_layer_parts], t.table[3 * n + t.num_layer_parts:]
+    seg_src, seg_dst, seg_count = t.table[:n], t.table[n : 2 * n], t.table[2 * n : 3 * n]
+    part_src, part_dst = t.table[3 * n : 3 * n + t.num_layer_parts], t.table[3 * n + t.num_layer_parts :]
     column = np.arange(t.row_nbytes)
     for lp in range(t.num_layer_parts):
         for s in range(n):
@@ -122,12 +133,26 @@ def _execute_tables(plan: KVCopyPlan, src: np.ndarray, dst: np.ndarray) -> None:
 def test_kernel_tables_describe_the_reference_copy(seed: int) -> None:
     rng = np.random.default_rng(seed)
     itemsize, head_dim, parts = int(rng.choice([1, 2, 4, 8])), int(rng.integers(1, 9)), int(rng.integers(1, 3))
-    src_spec = random_spec(rng, num_layers=3, num_blocks=8, block_size=int(rng.integers(1, 7)),
-                           num_kv_heads=int(rng.integers(1, 5)), head_dim=head_dim, itemsize=itemsize,
-                           num_kv_parts=parts)
-    dst_spec = random_spec(rng, num_layers=3, num_blocks=10, block_size=int(rng.integers(1, 7)),
-                           num_kv_heads=int(rng.integers(1, 5)), head_dim=head_dim, itemsize=itemsize,
-                           num_kv_parts=parts)
+    src_spec = random_spec(
+        rng,
+        num_layers=3,
+        num_blocks=8,
+        block_size=int(rng.integers(1, 7)),
+        num_kv_heads=int(rng.integers(1, 5)),
+        head_dim=head_dim,
+        itemsize=itemsize,
+        num_kv_parts=parts,
+    )
+    dst_spec = random_spec(
+        rng,
+        num_layers=3,
+        num_blocks=10,
+        block_size=int(rng.integers(1, 7)),
+        num_kv_heads=int(rng.integers(1, 5)),
+        head_dim=head_dim,
+        itemsize=itemsize,
+        num_kv_parts=parts,
+    )
     capacity = min(8 * src_spec.block_size, 10 * dst_spec.block_size)
     case = random_case(rng, src_spec=src_spec, dst_spec=dst_spec, num_tokens=int(rng.integers(0, capacity + 1)))
     expected, actual = case.dst.copy(), case.dst.copy()
@@ -146,16 +171,19 @@ def test_heads_merge_into_one_row_when_adjacent_on_both_sides() -> None:
     assert hnd.unit_rows == 8 and hnd.row_nbytes == 128 and hnd.max_count == 15
 
 
-@pytest.mark.parametrize("case, expected", [
-    # (unit count, unit rows, row bytes, contiguous); SPEC: 16-token blocks, 8 heads x 64 x bf16 (128 B rows)
-    ("NHD full heads -> NHD, partial block", (16, 1, 8 * 128, True)),
-    ("HND -> HND same block size, whole blocks", (1, 1, 8 * 16 * 128, True)),
-    ("HND -> HND TP half, whole blocks", (1, 1, 4 * 16 * 128, True)),
-    ("HND -> HND staging, whole blocks", (8, 1, 16 * 128, False)),
-    ("HND -> HND staging, partial block", (16, 8, 128, False)),
-    ("NHD -> HND, whole blocks", (16, 8, 128, False)),
-    ("NHD -> NHD staging, partial block", (16, 1, 8 * 128, True)),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        # (unit count, unit rows, row bytes, contiguous); SPEC: 16-token blocks, 8 heads x 64 x bf16 (128 B rows)
+        ("NHD full heads -> NHD, partial block", (16, 1, 8 * 128, True)),
+        ("HND -> HND same block size, whole blocks", (1, 1, 8 * 16 * 128, True)),
+        ("HND -> HND TP half, whole blocks", (1, 1, 4 * 16 * 128, True)),
+        ("HND -> HND staging, whole blocks", (8, 1, 16 * 128, False)),
+        ("HND -> HND staging, partial block", (16, 8, 128, False)),
+        ("NHD -> HND, whole blocks", (16, 8, 128, False)),
+        ("NHD -> NHD staging, partial block", (16, 1, 8 * 128, True)),
+    ],
+)
 def test_box_forms_fold_what_is_contiguous_on_both_sides(case: str, expected: tuple) -> None:
     hnd, nhd = SPEC.replace(layout="HND"), SPEC
     half = hnd.replace(num_kv_heads=4, tp_size=2, tp_rank=1)
@@ -166,8 +194,9 @@ def test_box_forms_fold_what_is_contiguous_on_both_sides(case: str, expected: tu
         "HND -> HND staging, whole blocks": lambda: plan_kv_copy(hnd, staging_spec(hnd, 32), [0, 1], [0]),
         "HND -> HND staging, partial block": lambda: plan_kv_copy(hnd, staging_spec(hnd, 31), [0, 1], [0]),
         "NHD -> HND, whole blocks": lambda: plan_kv_copy(nhd, hnd, [0, 1], [5, 3]),
-        "NHD -> NHD staging, partial block": lambda: plan_kv_copy(nhd, staging_spec(nhd, 31, layout="NHD"),
-                                                                  [0, 1], [0]),
+        "NHD -> NHD staging, partial block": lambda: plan_kv_copy(
+            nhd, staging_spec(nhd, 31, layout="NHD"), [0, 1], [0]
+        ),
     }
     plan = plans[case]()
     t = plan.tables
@@ -184,8 +213,14 @@ def test_box_forms_fold_what_is_contiguous_on_both_sides(case: str, expected: tu
 
 def test_boxes_reaching_past_2_gib_are_wide() -> None:
     # Token axis outermost: one box's tokens lie a whole layer-block grid apart (> 2 GiB here).
-    big = KVCacheSpec(num_layers=2, num_blocks=4, block_size=4, num_kv_heads=1, head_dim=64,
-                      strides=(4 * 2 * 64, 2 * 64, 64, 64, 2**30, 1))
+    big = KVCacheSpec(
+        num_layers=2,
+        num_blocks=4,
+        block_size=4,
+        num_kv_heads=1,
+        head_dim=64,
+        strides=(4 * 2 * 64, 2 * 64, 64, 64, 2**30, 1),
+    )
     plan = plan_kv_copy(big, staging_spec(big, 7), [0, 2], [0], num_tokens=7)
     assert not plan.tables.narrow and plan.tables.unit_rows == 1 and plan.tables.max_count == 4
     assert launch_shape(plan.tables, 0, 0, DEFAULT_TUNING).entry == "kvxfer_rows_wide_v16"

@@ -28,13 +28,34 @@ def cupy() -> Any:
     return pytest.importorskip("cupy")
 
 
-def _rank_spec(rng: np.random.Generator, layout: str, tp_size: int, rank: int, *, block_size: int, num_blocks: int,
-               itemsize: int, head_dim: int, layers: int) -> KVCacheSpec:
+def _rank_spec(
+    rng: np.random.Generator,
+    layout: str,
+    tp_size: int,
+    rank: int,
+    *,
+    block_size: int,
+    num_blocks: int,
+    itemsize: int,
+    head_dim: int,
+    layers: int,
+) -> KVCacheSpec:
     padded = layout == "padded"
-    return random_spec(rng, num_layers=layers, num_blocks=num_blocks, block_size=block_size,
-                       num_kv_heads=TOTAL_HEADS // tp_size, head_dim=head_dim, itemsize=itemsize,
-                       layout=None if padded else layout, padded=padded, offset=None if padded else 0,
-                       total_kv_heads=TOTAL_HEADS, tp_size=tp_size, tp_rank=rank)
+    return random_spec(
+        rng,
+        num_layers=layers,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        num_kv_heads=TOTAL_HEADS // tp_size,
+        head_dim=head_dim,
+        itemsize=itemsize,
+        layout=None if padded else layout,
+        padded=padded,
+        offset=None if padded else 0,
+        total_kv_heads=TOTAL_HEADS,
+        tp_size=tp_size,
+        tp_rank=rank,
+    )
 
 
 def _head_overlap(src: KVCacheSpec, dst: KVCacheSpec) -> tuple[tuple[int, int], tuple[int, int]] | None:
@@ -45,18 +66,49 @@ def _head_overlap(src: KVCacheSpec, dst: KVCacheSpec) -> tuple[tuple[int, int], 
     return (low - a0, high - a0), (low - b0, high - b0)
 
 
-def _check_retile(cupy: Any, seed: int, layouts: tuple[str, str], itemsize: int, block_size: int,
-                  tp_pair: tuple[int, int], block_change: bool) -> None:
+def _check_retile(
+    cupy: Any,
+    seed: int,
+    layouts: tuple[str, str],
+    itemsize: int,
+    block_size: int,
+    tp_pair: tuple[int, int],
+    block_change: bool,
+) -> None:
     rng = np.random.default_rng(seed)
     head_dim = 64
     dst_block = block_size if not block_change else (block_size * 2 if block_size < 64 else block_size // 4)
     tokens = int(rng.integers(1, 3 * max(block_size, dst_block) + 2))
     layers = 3
     n_src, n_dst = -(-tokens // block_size), -(-tokens // dst_block)
-    senders = [_rank_spec(rng, layouts[0], tp_pair[0], r, block_size=block_size, num_blocks=n_src + 3,
-                          itemsize=itemsize, head_dim=head_dim, layers=layers) for r in range(tp_pair[0])]
-    receivers = [_rank_spec(rng, layouts[1], tp_pair[1], r, block_size=dst_block, num_blocks=n_dst + 3,
-                            itemsize=itemsize, head_dim=head_dim, layers=layers) for r in range(tp_pair[1])]
+    senders = [
+        _rank_spec(
+            rng,
+            layouts[0],
+            tp_pair[0],
+            r,
+            block_size=block_size,
+            num_blocks=n_src + 3,
+            itemsize=itemsize,
+            head_dim=head_dim,
+            layers=layers,
+        )
+        for r in range(tp_pair[0])
+    ]
+    receivers = [
+        _rank_spec(
+            rng,
+            layouts[1],
+            tp_pair[1],
+            r,
+            block_size=dst_block,
+            num_blocks=n_dst + 3,
+            itemsize=itemsize,
+            head_dim=head_dim,
+            layers=layers,
+        )
+        for r in range(tp_pair[1])
+    ]
     host_src = [random_bytes(rng, s.nbytes) for s in senders]
     host_dst = [random_bytes(rng, s.nbytes) for s in receivers]
     device_src = [cupy.asarray(b) for b in host_src]
@@ -68,8 +120,9 @@ def _check_retile(cupy: Any, seed: int, layouts: tuple[str, str], itemsize: int,
             heads = _head_overlap(sender, receiver)
             if heads is None:
                 continue
-            plan = kernels.plan_kv_copy(sender, receiver, src_ids[i], dst_ids[j], num_tokens=tokens,
-                                        src_heads=heads[0], dst_heads=heads[1])
+            plan = kernels.plan_kv_copy(
+                sender, receiver, src_ids[i], dst_ids[j], num_tokens=tokens, src_heads=heads[0], dst_heads=heads[1]
+            )
             reference.copy_kv(host_src[i], host_dst[j], plan)
             kernels.copy_kv(device_src[i], device_dst[j], plan)
     cupy.cuda.get_current_stream().synchronize()
@@ -95,15 +148,30 @@ def test_random_shapes_and_alignments_match_reference(cupy: Any, seed: int) -> N
     itemsize = int(rng.choice([1, 2, 4, 8]))
     head_dim = int(rng.choice([1, 3, 8, 40, 64, 128, 192]))
     parts, layers = int(rng.integers(1, 3)), int(rng.integers(1, 5))
-    src_spec = random_spec(rng, num_layers=layers, num_blocks=int(rng.integers(4, 40)),
-                           block_size=int(rng.choice([1, 3, 16, 64])), num_kv_heads=int(rng.integers(1, 9)),
-                           head_dim=head_dim, itemsize=itemsize, num_kv_parts=parts)
-    dst_spec = random_spec(rng, num_layers=layers, num_blocks=int(rng.integers(8, 40)),
-                           block_size=int(rng.choice([1, 5, 16, 32])), num_kv_heads=int(rng.integers(1, 9)),
-                           head_dim=head_dim, itemsize=itemsize, num_kv_parts=parts)
+    src_spec = random_spec(
+        rng,
+        num_layers=layers,
+        num_blocks=int(rng.integers(4, 40)),
+        block_size=int(rng.choice([1, 3, 16, 64])),
+        num_kv_heads=int(rng.integers(1, 9)),
+        head_dim=head_dim,
+        itemsize=itemsize,
+        num_kv_parts=parts,
+    )
+    dst_spec = random_spec(
+        rng,
+        num_layers=layers,
+        num_blocks=int(rng.integers(8, 40)),
+        block_size=int(rng.choice([1, 5, 16, 32])),
+        num_kv_heads=int(rng.integers(1, 9)),
+        head_dim=head_dim,
+        itemsize=itemsize,
+        num_kv_parts=parts,
+    )
     capacity = min(src_spec.num_blocks * src_spec.block_size, dst_spec.num_blocks * dst_spec.block_size)
-    case = random_case(rng, src_spec=src_spec, dst_spec=dst_spec, num_tokens=int(rng.integers(1, capacity + 1)),
-                       slack=64)
+    case = random_case(
+        rng, src_spec=src_spec, dst_spec=dst_spec, num_tokens=int(rng.integers(1, capacity + 1)), slack=64
+    )
     shift_src = int(rng.integers(0, 2)) * int(rng.integers(1, 16))
     src = cupy.asarray(case.src)
     dst = cupy.asarray(case.dst)
@@ -111,8 +179,8 @@ def test_random_shapes_and_alignments_match_reference(cupy: Any, seed: int) -> N
     reference.copy_kv(case.src, expected, case.plan)
     if shift_src:  # run from an unaligned start: same bytes, base moved by shift_src
         moved = cupy.zeros(case.src.nbytes + 16, dtype=cupy.uint8)
-        moved[shift_src:shift_src + case.src.nbytes] = src
-        src = moved[shift_src:shift_src + case.src.nbytes]
+        moved[shift_src : shift_src + case.src.nbytes] = src
+        src = moved[shift_src : shift_src + case.src.nbytes]
     kernels.copy_kv(src, dst, case.plan, stream=[None, 0][seed % 2])
     cupy.cuda.runtime.deviceSynchronize()
     np.testing.assert_array_equal(cupy.asnumpy(dst), expected)
@@ -149,8 +217,9 @@ def test_torch_tensors_on_a_side_stream() -> None:
 def test_cupy_stream_pointer_entry_and_uploaded_plan(cupy: Any) -> None:
     rng = np.random.default_rng(5)
     src_spec, dst_spec = _llama_like("NHD"), _llama_like("HND", num_blocks=32, block_size=32)
-    plan = kernels.upload_plan(kernels.plan_kv_copy(src_spec, dst_spec, rng.permutation(64)[:20],
-                                                    rng.permutation(32)[:10]), device=0)
+    plan = kernels.upload_plan(
+        kernels.plan_kv_copy(src_spec, dst_spec, rng.permutation(64)[:20], rng.permutation(32)[:10]), device=0
+    )
     src_host, dst_host = random_bytes(rng, src_spec.nbytes), random_bytes(rng, dst_spec.nbytes)
     expected = dst_host.copy()
     reference.copy_kv(src_host, expected, plan)
@@ -165,8 +234,7 @@ def test_cupy_stream_pointer_entry_and_uploaded_plan(cupy: Any) -> None:
 
 
 def test_gather_scatter_round_trip_fp8_and_mla(cupy: Any) -> None:
-    fp8 = KVCacheSpec(num_layers=3, num_blocks=16, block_size=64, num_kv_heads=4, head_dim=128,
-                      dtype="float8_e4m3fn")
+    fp8 = KVCacheSpec(num_layers=3, num_blocks=16, block_size=64, num_kv_heads=4, head_dim=128, dtype="float8_e4m3fn")
     mla = KVCacheSpec(num_layers=3, num_blocks=16, block_size=64, num_kv_heads=1, head_dim=576, num_kv_parts=1)
     for spec in (fp8, mla):
         original = cupy.asarray(random_bytes(np.random.default_rng(9), spec.nbytes))
@@ -187,16 +255,21 @@ def _entry_plans() -> dict[str, kernels.KVCopyPlan]:
     hnd, nhd = _llama_like("HND"), _llama_like("NHD")
     half = hnd.replace(num_kv_heads=4, tp_size=2, tp_rank=1)
     return {
-        "run: NHD -> NHD, partial block": kernels.plan_kv_copy(nhd, nhd, rng.permutation(64)[:7],
-                                                               rng.permutation(64)[:7], num_tokens=100),
-        "run: HND -> HND TP half, whole blocks": kernels.plan_kv_copy(hnd, half, rng.permutation(64)[:8],
-                                                                      rng.permutation(64)[:8], src_heads=(4, 8)),
-        "rows: HND gather, whole blocks": kernels.plan_kv_copy(hnd, kernels.staging_spec(hnd, 64 * 16),
-                                                               rng.permutation(64), [0]),
-        "rows: HND gather, partial block": kernels.plan_kv_copy(hnd, kernels.staging_spec(hnd, 1000),
-                                                                rng.permutation(64)[:63], [0]),
-        "rows: NHD -> HND": kernels.plan_kv_copy(nhd, hnd, rng.permutation(64)[:9], rng.permutation(64)[:9],
-                                                 num_tokens=140),
+        "run: NHD -> NHD, partial block": kernels.plan_kv_copy(
+            nhd, nhd, rng.permutation(64)[:7], rng.permutation(64)[:7], num_tokens=100
+        ),
+        "run: HND -> HND TP half, whole blocks": kernels.plan_kv_copy(
+            hnd, half, rng.permutation(64)[:8], rng.permutation(64)[:8], src_heads=(4, 8)
+        ),
+        "rows: HND gather, whole blocks": kernels.plan_kv_copy(
+            hnd, kernels.staging_spec(hnd, 64 * 16), rng.permutation(64), [0]
+        ),
+        "rows: HND gather, partial block": kernels.plan_kv_copy(
+            hnd, kernels.staging_spec(hnd, 1000), rng.permutation(64)[:63], [0]
+        ),
+        "rows: NHD -> HND": kernels.plan_kv_copy(
+            nhd, hnd, rng.permutation(64)[:9], rng.permutation(64)[:9], num_tokens=140
+        ),
     }
 
 
@@ -214,9 +287,18 @@ def test_every_entry_and_tuning_gives_the_same_bytes(cupy: Any, name: str) -> No
     dst = cupy.asarray(poison)
     form = name.split(":")[0]  # "run" or "rows"
     assert _cuda.launch_of(plan, src.data.ptr, dst.data.ptr, 0).entry == f"kvxfer_{form}_v16"
-    tunings = [KernelTuning(), KernelTuning(waves=1.0), KernelTuning(waves=0.01), KernelTuning(waves=4.0),
-               KernelTuning(waves=1.0, prefetch=False), KernelTuning(unroll=8), KernelTuning(unroll=2),
-               KernelTuning(threads=128), KernelTuning(runs=False), KernelTuning(streaming=True)]
+    tunings = [
+        KernelTuning(),
+        KernelTuning(waves=1.0),
+        KernelTuning(waves=0.01),
+        KernelTuning(waves=4.0),
+        KernelTuning(waves=1.0, prefetch=False),
+        KernelTuning(unroll=8),
+        KernelTuning(unroll=2),
+        KernelTuning(threads=128),
+        KernelTuning(runs=False),
+        KernelTuning(streaming=True),
+    ]
     for tuning in tunings:
         dst = cupy.asarray(poison)
         _cuda.copy_kv(src, dst, plan, tuning=tuning)
@@ -226,9 +308,16 @@ def test_every_entry_and_tuning_gives_the_same_bytes(cupy: Any, name: str) -> No
     shape = _cuda.launch_of(plan, src.data.ptr, dst.data.ptr, 0, KernelTuning(runs=False))
     wide = _cuda.kernel(shape.entry.replace("rows_v", "rows_wide_v"), 0)
     table = cupy.asarray(plan.tables.table)
-    wide((shape.num_ctas,), (shape.threads,), (np.uint64(src.data.ptr + plan.tables.src_base),
-                                                np.uint64(dst.data.ptr + plan.tables.dst_base), table,
-                                                *shape.scalars))
+    wide(
+        (shape.num_ctas,),
+        (shape.threads,),
+        (
+            np.uint64(src.data.ptr + plan.tables.src_base),
+            np.uint64(dst.data.ptr + plan.tables.dst_base),
+            table,
+            *shape.scalars,
+        ),
+    )
     cupy.cuda.runtime.deviceSynchronize()
     np.testing.assert_array_equal(cupy.asnumpy(dst), expected, err_msg="rows_wide")
 
@@ -254,10 +343,16 @@ def test_requests_queued_behind_busy_work_keep_their_own_tables(cupy: Any) -> No
     for out in outputs:
         tokens = int(rng.integers(1, 64 * 16 + 1))
         blocks = -(-tokens // 16)
-        plan = kernels.plan_kv_copy(spec, spec, rng.permutation(128)[:blocks], rng.permutation(128)[:blocks],
-                                    num_tokens=tokens, src_layers=[3, 0, 2], dst_heads=(0, 8))
-        kernels.copy_kv_pointers(src.data.ptr, src.nbytes, out.data.ptr, out.nbytes, plan, device=0,
-                                 stream=stream)
+        plan = kernels.plan_kv_copy(
+            spec,
+            spec,
+            rng.permutation(128)[:blocks],
+            rng.permutation(128)[:blocks],
+            num_tokens=tokens,
+            src_layers=[3, 0, 2],
+            dst_heads=(0, 8),
+        )
+        kernels.copy_kv_pointers(src.data.ptr, src.nbytes, out.data.ptr, out.nbytes, plan, device=0, stream=stream)
         plans.append(plan)
     stream.synchronize()
     assert len({id(plan._template) for plan in plans}) == 1

@@ -24,8 +24,23 @@ from tests.kernels.cases import random_bytes, random_case, random_spec
 
 pytestmark = pytest.mark.timeout(120)
 
-_C_TYPES = (np.int32, np.int32, np.uint32, np.uint32, np.int32, np.int32, np.int64, np.int64, np.int64, np.int64,
-            np.uint32, np.uint32, np.uint32, np.uint32, np.int32)
+_C_TYPES = (
+    np.int32,
+    np.int32,
+    np.uint32,
+    np.uint32,
+    np.int32,
+    np.int32,
+    np.int64,
+    np.int64,
+    np.int64,
+    np.int64,
+    np.uint32,
+    np.uint32,
+    np.uint32,
+    np.uint32,
+    np.int32,
+)
 
 
 class FakeDeviceArray:
@@ -38,8 +53,12 @@ class FakeDeviceArray:
 
     @property
     def __cuda_array_interface__(self) -> dict:
-        return {"data": (self.host.ctypes.data, False), "shape": self.host.shape, "typestr": self.host.dtype.str,
-                "version": 3}
+        return {
+            "data": (self.host.ctypes.data, False),
+            "shape": self.host.shape,
+            "typestr": self.host.dtype.str,
+            "version": 3,
+        }
 
     def set(self, values: np.ndarray, stream: Any = None) -> None:
         self.host[...] = values
@@ -127,16 +146,27 @@ class FakeCupy:
             def get_function(self, name: str) -> Kernel:
                 return Kernel(name)
 
-        properties = {"regsPerMultiprocessor": 65536, "maxThreadsPerMultiProcessor": 2048,
-                      "multiProcessorCount": 2, "maxBlocksPerMultiProcessor": 32}
-        runtime = types.SimpleNamespace(getDeviceProperties=lambda device: properties, memcpyHostToDevice=1,
-                                        memcpyAsync=self.memcpy)
+        properties = {
+            "regsPerMultiprocessor": 65536,
+            "maxThreadsPerMultiProcessor": 2048,
+            "multiProcessorCount": 2,
+            "maxBlocksPerMultiProcessor": 32,
+        }
+        runtime = types.SimpleNamespace(
+            getDeviceProperties=lambda device: properties, memcpyHostToDevice=1, memcpyAsync=self.memcpy
+        )
         self.RawModule = RawModule
         stream_class = types.SimpleNamespace(null=FakeStream(0))
-        self.cuda = types.SimpleNamespace(Device=Device, ExternalStream=FakeStream, Stream=stream_class,
-                                          runtime=runtime, get_current_stream=lambda: FakeCupy.current[-1],
-                                          alloc_pinned_memory=self.host_buffer, alloc=self.device_buffer,
-                                          Event=self.event)
+        self.cuda = types.SimpleNamespace(
+            Device=Device,
+            ExternalStream=FakeStream,
+            Stream=stream_class,
+            runtime=runtime,
+            get_current_stream=lambda: FakeCupy.current[-1],
+            alloc_pinned_memory=self.host_buffer,
+            alloc=self.device_buffer,
+            Event=self.event,
+        )
 
     def host_buffer(self, nbytes: int) -> HostBuffer:
         return np.zeros(nbytes, dtype=np.uint8).view(HostBuffer)
@@ -174,8 +204,9 @@ class FakeCupy:
         self.launches.append((int(entry.rsplit("_v", 1)[1]), grid[0], stream.ptr, entry))
         span = (0, 2**63)  # bounds are checked by the emulation tests; here: the launcher's plumbing
         table_ptr = int(table) if isinstance(table, np.integer) else table.host.ctypes.data  # slot or array
-        violations = emulation.launch(self.lib, entry, grid[0], block[0], int(src), int(dst), span, span, table_ptr,
-                                      scalars)
+        violations = emulation.launch(
+            self.lib, entry, grid[0], block[0], int(src), int(dst), span, span, table_ptr, scalars
+        )
         assert violations == 0
 
 
@@ -191,11 +222,27 @@ def fake_cupy(emulator: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> Iterato
 def test_public_functions_launch_once_per_call_and_match_reference(fake_cupy: FakeCupy) -> None:
     rng = np.random.default_rng(1)
     for seed in range(12):
-        src_spec = random_spec(rng, num_layers=3, num_blocks=12, block_size=int(rng.choice([1, 4, 16])),
-                               num_kv_heads=4, head_dim=int(rng.choice([8, 64])), itemsize=2)
-        dst_spec = random_spec(rng, num_layers=3, num_blocks=14, block_size=int(rng.choice([2, 8, 32])),
-                               num_kv_heads=2, head_dim=src_spec.head_dim, itemsize=2, total_kv_heads=4, tp_size=2,
-                               tp_rank=1)
+        src_spec = random_spec(
+            rng,
+            num_layers=3,
+            num_blocks=12,
+            block_size=int(rng.choice([1, 4, 16])),
+            num_kv_heads=4,
+            head_dim=int(rng.choice([8, 64])),
+            itemsize=2,
+        )
+        dst_spec = random_spec(
+            rng,
+            num_layers=3,
+            num_blocks=14,
+            block_size=int(rng.choice([2, 8, 32])),
+            num_kv_heads=2,
+            head_dim=src_spec.head_dim,
+            itemsize=2,
+            total_kv_heads=4,
+            tp_size=2,
+            tp_rank=1,
+        )
         capacity = min(12 * src_spec.block_size, 14 * dst_spec.block_size)
         case = random_case(rng, src_spec=src_spec, dst_spec=dst_spec, num_tokens=int(rng.integers(1, capacity + 1)))
         expected = case.dst.copy()
@@ -223,8 +270,10 @@ def test_streams_per_box_grid_and_grid_cap(fake_cupy: FakeCupy) -> None:
     plan = kernels.plan_kv_copy(spec, staging, np.arange(64)[::-1], [0])
     one_wave = 2 * min(65536 // (40 * 32 * 8), 2048 // 256)  # resident CTAs of the fake 2-SM device
     chosen = default_tuning(plan.tables.contiguous)  # calls without a tuning take the per-entry default
-    assert all(launch[0] == 16 and launch[1] == (plan.tables.num_boxes if chosen.waves is None else one_wave)
-               for launch in fake_cupy.launches)
+    assert all(
+        launch[0] == 16 and launch[1] == (plan.tables.num_boxes if chosen.waves is None else one_wave)
+        for launch in fake_cupy.launches
+    )
     expected = np.zeros(staging.nbytes, dtype=np.uint8)
     reference.copy_kv(cache.host, expected, plan)
     np.testing.assert_array_equal(out.host, expected)
@@ -294,7 +343,8 @@ def test_uploaded_plan_is_reused_and_pointer_entry_checks_sizes(fake_cupy: FakeC
 
 
 def test_table_slots_are_reused_only_after_their_launch_and_fall_back_when_all_are_in_flight(
-        fake_cupy: FakeCupy) -> None:
+    fake_cupy: FakeCupy,
+) -> None:
     from kvxfer.kernels import table_ring
 
     spec = KVCacheSpec(num_layers=2, num_blocks=64, block_size=4, num_kv_heads=2, head_dim=8)
@@ -305,12 +355,12 @@ def test_table_slots_are_reused_only_after_their_launch_and_fall_back_when_all_a
 
     def request(tokens: int, on: KVCacheSpec = spec) -> None:  # a pipe's pull: a plan of one template, new ids
         blocks, half = -(-tokens // on.block_size), on.num_blocks // 2
-        plan = kernels.plan_kv_copy(on, on, rng.permutation(half)[:blocks], half + rng.permutation(half)[:blocks],
-                                    num_tokens=tokens)
+        plan = kernels.plan_kv_copy(
+            on, on, rng.permutation(half)[:blocks], half + rng.permutation(half)[:blocks], num_tokens=tokens
+        )
         src, dst = buffers[on]
         reference.copy_kv(src, expected[on], plan)
-        kernels.copy_kv_pointers(src.ctypes.data, src.nbytes, dst.ctypes.data, dst.nbytes, plan, device=0,
-                                 stream=7)
+        kernels.copy_kv_pointers(src.ctypes.data, src.nbytes, dst.ctypes.data, dst.nbytes, plan, device=0, stream=7)
 
     ring = _cuda._table_ring(0)
     for tokens in (13, 40, 9):

@@ -22,17 +22,51 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @settings(max_examples=120, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), itemsize=st.sampled_from([1, 2, 4, 8]), head_dim=st.integers(1, 5),
-       parts=st.integers(1, 2), layers=st.integers(1, 3), src_block=st.integers(1, 5), dst_block=st.integers(1, 5),
-       src_heads=st.integers(1, 3), dst_heads=st.integers(1, 3), fraction=st.floats(0, 1))
-def test_reference_equals_naive_per_element_copy(seed: int, itemsize: int, head_dim: int, parts: int, layers: int,
-                                                 src_block: int, dst_block: int, src_heads: int, dst_heads: int,
-                                                 fraction: float) -> None:
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    itemsize=st.sampled_from([1, 2, 4, 8]),
+    head_dim=st.integers(1, 5),
+    parts=st.integers(1, 2),
+    layers=st.integers(1, 3),
+    src_block=st.integers(1, 5),
+    dst_block=st.integers(1, 5),
+    src_heads=st.integers(1, 3),
+    dst_heads=st.integers(1, 3),
+    fraction=st.floats(0, 1),
+)
+def test_reference_equals_naive_per_element_copy(
+    seed: int,
+    itemsize: int,
+    head_dim: int,
+    parts: int,
+    layers: int,
+    src_block: int,
+    dst_block: int,
+    src_heads: int,
+    dst_heads: int,
+    fraction: float,
+) -> None:
     rng = np.random.default_rng(seed)
-    src_spec = random_spec(rng, num_layers=layers, num_blocks=5, block_size=src_block, num_kv_heads=src_heads,
-                           head_dim=head_dim, itemsize=itemsize, num_kv_parts=parts)
-    dst_spec = random_spec(rng, num_layers=layers + 1, num_blocks=6, block_size=dst_block, num_kv_heads=dst_heads,
-                           head_dim=head_dim, itemsize=itemsize, num_kv_parts=parts)
+    src_spec = random_spec(
+        rng,
+        num_layers=layers,
+        num_blocks=5,
+        block_size=src_block,
+        num_kv_heads=src_heads,
+        head_dim=head_dim,
+        itemsize=itemsize,
+        num_kv_parts=parts,
+    )
+    dst_spec = random_spec(
+        rng,
+        num_layers=layers + 1,
+        num_blocks=6,
+        block_size=dst_block,
+        num_kv_heads=dst_heads,
+        head_dim=head_dim,
+        itemsize=itemsize,
+        num_kv_parts=parts,
+    )
     tokens = int(fraction * min(5 * src_block, 6 * dst_block))
     case = random_case(rng, src_spec=src_spec, dst_spec=dst_spec, num_tokens=tokens)
     expected, actual = case.dst.copy(), case.dst.copy()
@@ -50,8 +84,16 @@ def _cache(spec: KVCacheSpec, seed: int) -> np.ndarray:
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("itemsize, parts", [(2, 2), (1, 2), (2, 1), (4, 2)])  # bf16, fp8, MLA, fp32
 def test_gather_then_scatter_restores_the_blocks(layout: str, itemsize: int, parts: int) -> None:
-    spec = KVCacheSpec(num_layers=3, num_blocks=12, block_size=4, num_kv_heads=2, head_dim=8,
-                       dtype=DTYPE_OF_SIZE[itemsize], layout=layout, num_kv_parts=parts)
+    spec = KVCacheSpec(
+        num_layers=3,
+        num_blocks=12,
+        block_size=4,
+        num_kv_heads=2,
+        head_dim=8,
+        dtype=DTYPE_OF_SIZE[itemsize],
+        layout=layout,
+        num_kv_parts=parts,
+    )
     original = _cache(spec, 1)
     blocks = [7, 2, 9]
     layout_of_staging = kernels.staging_spec(spec, 10)
@@ -72,8 +114,9 @@ def test_gather_then_scatter_restores_the_blocks(layout: str, itemsize: int, par
 
 
 def test_staging_layout_is_layer_part_head_token_dim() -> None:
-    spec = KVCacheSpec(num_layers=2, num_blocks=4, block_size=2, num_kv_heads=3, head_dim=2, dtype="int16",
-                       layout="NHD")
+    spec = KVCacheSpec(
+        num_layers=2, num_blocks=4, block_size=2, num_kv_heads=3, head_dim=2, dtype="int16", layout="NHD"
+    )
     cache = np.arange(spec.nbytes // 2, dtype=np.int16)
     staging = np.zeros(2 * 2 * 2 * 3 * 2, dtype=np.int16)  # 2 layers, 2 parts, 2 heads, 3 tokens, dim 2
     kernels.gather_blocks(cache, spec, [3, 1], staging, num_tokens=3, heads=(1, 3))
@@ -84,8 +127,12 @@ def test_staging_layout_is_layer_part_head_token_dim() -> None:
 
 def test_tp_split_then_merge_with_block_size_change_round_trips() -> None:
     prefill = KVCacheSpec(num_layers=2, num_blocks=8, block_size=16, num_kv_heads=8, head_dim=16, layout="NHD")
-    decode = [KVCacheSpec(num_layers=2, num_blocks=6, block_size=32, num_kv_heads=4, head_dim=16, layout="HND",
-                          tp_rank=r, tp_size=2) for r in range(2)]
+    decode = [
+        KVCacheSpec(
+            num_layers=2, num_blocks=6, block_size=32, num_kv_heads=4, head_dim=16, layout="HND", tp_rank=r, tp_size=2
+        )
+        for r in range(2)
+    ]
     source = _cache(prefill, 3)
     ranks = [np.zeros(d.nbytes, dtype=np.uint8) for d in decode]
     for spec, memory in zip(decode, ranks, strict=True):
@@ -93,8 +140,9 @@ def test_tp_split_then_merge_with_block_size_change_round_trips() -> None:
         kernels.copy_blocks(source, prefill, [5, 1, 6], memory, spec, [4, 0], num_tokens=40, src_heads=(h0, h1))
     merged = np.zeros_like(source)
     for spec, memory in zip(decode, ranks, strict=True):
-        kernels.copy_blocks(memory, spec, [4, 0], merged, prefill, [2, 3, 7], num_tokens=40,
-                            dst_heads=spec.head_range())
+        kernels.copy_blocks(
+            memory, spec, [4, 0], merged, prefill, [2, 3, 7], num_tokens=40, dst_heads=spec.head_range()
+        )
     view_src, view_out = (reference.element_view(m, prefill, "x") for m in (source, merged))
     np.testing.assert_array_equal(view_out[:, [2, 3]], view_src[:, [5, 1]])
     np.testing.assert_array_equal(view_out[:, 7, :, :, :8], view_src[:, 6, :, :, :8])
@@ -156,7 +204,11 @@ def test_bad_buffers() -> None:
 
     class FakeDeviceArray:
         __cuda_array_interface__: ClassVar[dict[str, object]] = {
-            "data": (1 << 20, False), "shape": (spec.nbytes,), "typestr": "|u1", "version": 3}
+            "data": (1 << 20, False),
+            "shape": (spec.nbytes,),
+            "typestr": "|u1",
+            "version": 3,
+        }
 
     with pytest.raises(ConfigError, match="both be host or both CUDA"):
         kernels.copy_kv(good, FakeDeviceArray(), plan)
@@ -167,8 +219,11 @@ def test_arrays_of_another_element_size_than_the_spec_are_refused_before_anythin
     plan = kernels.plan_kv_copy(spec, spec, [0], [1])
     source = random_bytes(np.random.default_rng(6), spec.nbytes)
     wide = np.full(spec.nbytes // 4, -7.0, dtype=np.float32)
-    with pytest.raises(ConfigError, match=r"^dst: KVCacheSpec dtype 'bfloat16' has 2-byte elements, the dst array "
-                                          r"holds 4-byte elements"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^dst: KVCacheSpec dtype 'bfloat16' has 2-byte elements, the dst array "
+        r"holds 4-byte elements",
+    ):
         kernels.copy_kv(source, wide, plan)
     assert (wide == -7.0).all()
     target = np.zeros(spec.nbytes, dtype=np.uint8)
@@ -183,12 +238,17 @@ def test_arrays_of_another_element_size_than_the_spec_are_refused_before_anythin
         device = types.SimpleNamespace(id=0)
 
         def __init__(self, address: int, typestr: str, count: int) -> None:
-            self.__cuda_array_interface__ = {"data": (address, False), "shape": (count,), "typestr": typestr,
-                                             "version": 3}
+            self.__cuda_array_interface__ = {
+                "data": (address, False),
+                "shape": (count,),
+                "typestr": typestr,
+                "version": 3,
+            }
 
     with pytest.raises(ConfigError, match=r"^src: .* the src array holds 4-byte elements"):
-        kernels.copy_kv(FakeDeviceArray(1 << 20, "<f4", spec.nbytes // 4), FakeDeviceArray(1 << 30, "|u1", spec.nbytes),
-                        plan)
+        kernels.copy_kv(
+            FakeDeviceArray(1 << 20, "<f4", spec.nbytes // 4), FakeDeviceArray(1 << 30, "|u1", spec.nbytes), plan
+        )
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])

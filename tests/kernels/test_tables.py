@@ -53,21 +53,43 @@ def test_template_tables_equal_fresh_tables(seed: int) -> None:
     itemsize, head_dim, parts = int(rng.choice([1, 2, 4])), int(rng.choice([1, 8, 64, 256])), int(rng.integers(1, 3))
     heads = int(rng.integers(1, 5))
     blocks = [int(rng.choice([1, 3, 4, 16, 64, 256])) for _ in range(2)]
-    src_spec, dst_spec = (random_spec(rng, num_layers=3, num_blocks=40, block_size=b, num_kv_heads=heads,
-                                      head_dim=head_dim, itemsize=itemsize, num_kv_parts=parts) for b in blocks)
+    src_spec, dst_spec = (
+        random_spec(
+            rng,
+            num_layers=3,
+            num_blocks=40,
+            block_size=b,
+            num_kv_heads=heads,
+            head_dim=head_dim,
+            itemsize=itemsize,
+            num_kv_parts=parts,
+        )
+        for b in blocks
+    )
     moved = int(rng.integers(1, heads + 1))
     h0, g0 = int(rng.integers(0, heads - moved + 1)), int(rng.integers(0, heads - moved + 1))
     layers = rng.permutation(3)[: int(rng.integers(1, 4))]
-    options = dict(src_layers=layers, dst_layers=rng.permutation(3)[: len(layers)], src_heads=(h0, h0 + moved),
-                   dst_heads=(g0, g0 + moved), parts=[parts - 1] if rng.integers(0, 2) else None)
+    options = dict(
+        src_layers=layers,
+        dst_layers=rng.permutation(3)[: len(layers)],
+        src_heads=(h0, h0 + moved),
+        dst_heads=(g0, g0 + moved),
+        parts=[parts - 1] if rng.integers(0, 2) else None,
+    )
     capacity = min(40 * src_spec.block_size, 40 * dst_spec.block_size)
     # Token counts that start small, grow past the template's runs, come back and hit the edges.
     counts = [int(rng.integers(1, capacity + 1)) for _ in range(6)]
     counts += [0, 1, capacity, capacity // 2, min(blocks[0], capacity), counts[0]]
     templates = set()
     for tokens in counts:
-        plan = plan_kv_copy(src_spec, dst_spec, _random_ids(rng, src_spec, tokens, False),
-                            _random_ids(rng, dst_spec, tokens, True), num_tokens=tokens, **options)
+        plan = plan_kv_copy(
+            src_spec,
+            dst_spec,
+            _random_ids(rng, src_spec, tokens, False),
+            _random_ids(rng, dst_spec, tokens, True),
+            num_tokens=tokens,
+            **options,
+        )
         templates.add(id(plan._template))
         assert_same_tables(plan.tables, kernel_tables(plan))
     assert len(templates) == 1
@@ -77,11 +99,16 @@ def test_template_tables_equal_fresh_tables(seed: int) -> None:
 def test_block_size_changes_and_cut_runs(tokens: int) -> None:
     rng = np.random.default_rng(tokens)
     big = SPEC.replace(block_size=256, num_blocks=8)
-    for src, dst in [(SPEC, SPEC.replace(block_size=48)), (big, SPEC), (SPEC.replace(block_size=5), big),
-                     (big, staging_spec(big, tokens))]:
+    for src, dst in [
+        (SPEC, SPEC.replace(block_size=48)),
+        (big, SPEC),
+        (SPEC.replace(block_size=5), big),
+        (big, staging_spec(big, tokens)),
+    ]:
         for _ in range(3):  # the first plan builds the template, the others reuse it
-            plan = plan_kv_copy(src, dst, _random_ids(rng, src, tokens, False), _random_ids(rng, dst, tokens, True),
-                                num_tokens=tokens)
+            plan = plan_kv_copy(
+                src, dst, _random_ids(rng, src, tokens, False), _random_ids(rng, dst, tokens, True), num_tokens=tokens
+            )
             assert_same_tables(plan.tables, kernel_tables(plan))
             assert plan.tables.max_count * plan.tables.unit_rows * plan.tables.row_nbytes <= MAX_BOX_BYTES
     # one cached template per (src, dst) pair, whatever the token count
@@ -119,19 +146,22 @@ def test_replaced_plans_fall_back_to_fresh_tables() -> None:
     assert other.tables.unit_rows != plan.tables.unit_rows
 
 
-@pytest.mark.parametrize("kwargs, error, words", [
-    (dict(src_block_ids=[64]), DescriptorError, "[0, 64)"),
-    (dict(dst_block_ids=[-1]), DescriptorError, "[0, 64)"),
-    (dict(src_block_ids=[[0]]), DescriptorError, "1-D"),
-    (dict(src_block_ids=[0.5]), DescriptorError, "integers"),
-    (dict(src_block_ids=[0, 1], dst_block_ids=[0, 1], num_tokens=16), DescriptorError, "need 1"),
-    (dict(src_block_ids=[0, 1], dst_block_ids=[5, 5]), DescriptorError, "repeat"),
-    (dict(num_tokens=-1), ConfigError, "num_tokens"),
-    (dict(src_layers=[1.0, 2.0]), DescriptorError, "integers"),
-    (dict(src_layers=[1, 2], dst_layers=[2, 2]), DescriptorError, "repeat"),
-    (dict(src_heads=(0, 4), dst_heads=(0, 3)), LayoutMismatchError, "as many heads"),
-    (dict(src_heads=(0.0, 4), dst_heads=(0, 4)), None, None),  # not a key type: planned from scratch, valid
-])
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(src_block_ids=[64]), DescriptorError, "[0, 64)"),
+        (dict(dst_block_ids=[-1]), DescriptorError, "[0, 64)"),
+        (dict(src_block_ids=[[0]]), DescriptorError, "1-D"),
+        (dict(src_block_ids=[0.5]), DescriptorError, "integers"),
+        (dict(src_block_ids=[0, 1], dst_block_ids=[0, 1], num_tokens=16), DescriptorError, "need 1"),
+        (dict(src_block_ids=[0, 1], dst_block_ids=[5, 5]), DescriptorError, "repeat"),
+        (dict(num_tokens=-1), ConfigError, "num_tokens"),
+        (dict(src_layers=[1.0, 2.0]), DescriptorError, "integers"),
+        (dict(src_layers=[1, 2], dst_layers=[2, 2]), DescriptorError, "repeat"),
+        (dict(src_heads=(0, 4), dst_heads=(0, 3)), LayoutMismatchError, "as many heads"),
+        (dict(src_heads=(0.0, 4), dst_heads=(0, 4)), None, None),  # not a key type: planned from scratch, valid
+    ],
+)
 def test_warm_cache_raises_what_a_fresh_plan_raises(kwargs: dict, error: type | None, words: str | None) -> None:
     arguments = dict(src_block_ids=[0], dst_block_ids=[1], src_layers=[1, 2]) | kwargs
     src_ids, dst_ids = arguments.pop("src_block_ids"), arguments.pop("dst_block_ids")
@@ -158,8 +188,9 @@ def test_template_plans_copy_like_fresh_ones() -> None:
     for tokens in (40, 37, 40):
         src_ids, dst_ids = rng.permutation(64)[: -(-tokens // 16)], rng.permutation(128)[: -(-tokens // 8)]
         plan = plan_kv_copy(SPEC, nhd, src_ids, dst_ids, num_tokens=tokens, src_layers=[3, 1], dst_layers=[0, 2])
-        fresh = KVCopyPlan(SPEC, nhd, src_ids, dst_ids, tokens, np.array([3, 1]), np.array([0, 2]), np.arange(2),
-                           (0, 8), (0, 8))
+        fresh = KVCopyPlan(
+            SPEC, nhd, src_ids, dst_ids, tokens, np.array([3, 1]), np.array([0, 2]), np.arange(2), (0, 8), (0, 8)
+        )
         assert fresh._template is None and plan._template is not None
         expected, actual = np.zeros(nhd.nbytes, np.uint8), np.zeros(nhd.nbytes, np.uint8)
         reference.copy_kv(src, expected, fresh)

@@ -26,6 +26,7 @@ def _writer(payload: str) -> Any:
     def build(directory: Path) -> dict[str, Any]:
         (directory / "data.txt").write_text(payload)
         return {"payload": payload}
+
     return build
 
 
@@ -80,8 +81,10 @@ def test_a_failed_build_leaves_nothing(tmp_path: Path) -> None:
 
 def test_two_processes_building_at_once(tmp_path: Path) -> None:
     code = "import sys; from kvxfer.models import load_model; print(load_model('tiny-random', sys.argv[1]).directory)"
-    processes = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-                 for _ in range(2)]
+    processes = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outputs = [process.communicate(timeout=120)[0].strip() for process in processes]
     assert [process.returncode for process in processes] == [0, 0]
     assert outputs == [str((tmp_path / "tiny-random").resolve())] * 2
@@ -90,11 +93,15 @@ def test_two_processes_building_at_once(tmp_path: Path) -> None:
 
 
 def test_stale_temp_dirs_of_dead_processes_are_swept(tmp_path: Path) -> None:
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                              check=True, timeout=60)
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True, timeout=60
+    )
     dead = int(finished.stdout)
-    stale, recent, living = (tmp_path / f".tmp-model-{dead}-aaaa", tmp_path / f".tmp-other-{dead}-bbbb",
-                             tmp_path / f".old-model-{os.getpid()}-cccc")
+    stale, recent, living = (
+        tmp_path / f".tmp-model-{dead}-aaaa",
+        tmp_path / f".tmp-other-{dead}-bbbb",
+        tmp_path / f".old-model-{os.getpid()}-cccc",
+    )
     for entry in (stale, recent, living):
         entry.mkdir()
         (entry / "model.safetensors").write_text("partial")

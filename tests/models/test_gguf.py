@@ -17,8 +17,18 @@ from kvxfer.models.tiny import byte_to_unicode
 
 gguf = pytest.importorskip("gguf")
 
-CONFIG = ModelConfig(vocab_size=264, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
-                     rope_theta=50000.0, rms_norm_eps=1e-6, max_position=512, tie_word_embeddings=True)
+CONFIG = ModelConfig(
+    vocab_size=264,
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    rope_theta=50000.0,
+    rms_norm_eps=1e-6,
+    max_position=512,
+    tie_word_embeddings=True,
+)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["h e", "l l", "he ll", "Ġ w"]
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -26,8 +36,11 @@ TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] 
 
 def llama_cpp_permute(weights: np.ndarray, num_heads: int) -> np.ndarray:
     """convert_hf_to_gguf.py's LlamaModel.permute (the forward transformation)."""
-    return (weights.reshape(num_heads, 2, weights.shape[0] // num_heads // 2, *weights.shape[1:])
-            .swapaxes(1, 2).reshape(weights.shape))
+    return (
+        weights.reshape(num_heads, 2, weights.shape[0] // num_heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def _tokens() -> list[str]:
@@ -70,8 +83,11 @@ def write_gguf(path: Path, weights: dict[str, torch.Tensor], rope_scaling: str |
             elif rest == "self_attn.k_proj.weight":
                 array = llama_cpp_permute(array, CONFIG.num_kv_heads)
         else:
-            gguf_name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                         "lm_head.weight": "output.weight"}[name]
+            gguf_name = {
+                "model.embed_tokens.weight": "token_embd.weight",
+                "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight",
+            }[name]
         writer.add_tensor(gguf_name, np.ascontiguousarray(array))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

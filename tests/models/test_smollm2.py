@@ -26,8 +26,14 @@ from kvxfer.models.cache import MARKER
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
-STRINGS = ["Hello world!", "  leading spaces,\ttabs\n\nand newlines", "naïve café — 世界 🌍", "It's 2024: 12345 + 7",
-           "<|im_start|>user\nHi<|im_end|>\n", "def f(x):\n    return x ** 2  # code"]
+STRINGS = [
+    "Hello world!",
+    "  leading spaces,\ttabs\n\nand newlines",
+    "naïve café — 世界 🌍",
+    "It's 2024: 12345 + 7",
+    "<|im_start|>user\nHi<|im_end|>\n",
+    "def f(x):\n    return x ** 2  # code",
+]
 
 
 def _engine_greedy(model: Model, prompt: list[int], max_tokens: int) -> tuple[list[int], FinishReason | None]:
@@ -40,7 +46,7 @@ def _hf_greedy(model: Any, prompt: list[int], max_tokens: int) -> list[int]:
     with torch.inference_mode():
         ids = torch.tensor([prompt])
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def test_conversion_fills_the_cache_directory(smol_cache: dict[str, Any]) -> None:
@@ -48,12 +54,26 @@ def test_conversion_fills_the_cache_directory(smol_cache: dict[str, Any]) -> Non
     directory = cache / "SmolLM2-135M-Instruct"
     assert bundle.directory == directory.resolve() and bundle.name == "SmolLM2-135M-Instruct"
     names = {p.name for p in directory.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-            "generation_config.json", MARKER} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        MARKER,
+    } <= names
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temp directories left
     config = bundle.config
-    assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
-            config.vocab_size, config.intermediate_size) == (30, 576, 9, 3, 64, 49152, 1536)
+    assert (
+        config.num_layers,
+        config.hidden_size,
+        config.num_heads,
+        config.num_kv_heads,
+        config.head_dim,
+        config.vocab_size,
+        config.intermediate_size,
+    ) == (30, 576, 9, 3, 64, 49152, 1536)
     assert config.tie_word_embeddings and config.rope_theta == 100000.0 and config.eos_token_ids == (2,)
     assert config.rms_norm_eps == 1e-05 and config.max_position == 8192
     assert json.loads((directory / MARKER).read_text())["name"] == "SmolLM2-135M-Instruct"
@@ -80,19 +100,22 @@ def test_tokenizer_ids_match_transformers(smol_cache: dict[str, Any], hf_referen
 
 def test_chat_template_matches_transformers(smol_cache: dict[str, Any], hf_reference: tuple[Any, Any]) -> None:
     ours, (_, theirs) = smol_cache["bundle"].tokenizer, hf_reference
-    conversations = [FRANCE, [{"role": "system", "content": "Answer in French."}] + FRANCE,
-                     FRANCE + [{"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Italy?"}]]
+    conversations = [
+        FRANCE,
+        [{"role": "system", "content": "Answer in French."}] + FRANCE,
+        FRANCE + [{"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Italy?"}],
+    ]
     for messages in conversations:
         for generation_prompt in (True, False):
             text = ours.apply_chat_template(messages, add_generation_prompt=generation_prompt)
-            assert text == theirs.apply_chat_template(messages, add_generation_prompt=generation_prompt,
-                                                      tokenize=False)
+            assert text == theirs.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
     assert ours.apply_chat_template(FRANCE).startswith("<|im_start|>system\nYou are a helpful AI assistant")
     assert ours.apply_chat_template(FRANCE).endswith("<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_greedy_tokens_match_transformers(smol_cache: dict[str, Any], smol_model: Model,
-                                          hf_reference: tuple[Any, Any]) -> None:
+def test_greedy_tokens_match_transformers(
+    smol_cache: dict[str, Any], smol_model: Model, hf_reference: tuple[Any, Any]
+) -> None:
     tokenizer, (hf_model, _) = smol_cache["bundle"].tokenizer, hf_reference
     prompt = tokenizer.encode(tokenizer.apply_chat_template(FRANCE))
     ours, finish = _engine_greedy(smol_model, prompt, 20)
@@ -125,8 +148,7 @@ def test_local_directory_of_links_loads(smol_cache: dict[str, Any], tmp_path: Pa
     for file in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         (local / file).symlink_to(source / file)  # no chat_template.jinja: the config's template is used
     bundle = load_model(local)
-    assert bundle.name == "my-smol" and bundle.config.replace(name="x") == smol_cache["bundle"].config.replace(
-        name="x")
+    assert bundle.name == "my-smol" and bundle.config.replace(name="x") == smol_cache["bundle"].config.replace(name="x")
     assert bundle.tokenizer.apply_chat_template(FRANCE) == smol_cache["bundle"].tokenizer.apply_chat_template(FRANCE)
 
 
@@ -137,8 +159,9 @@ def test_a_tokenizer_saved_by_transformers_loads(hf_reference: tuple[Any, Any], 
     assert 2 in ours.eos_token_ids
     for text in STRINGS:
         assert ours.encode(text) == theirs.encode(text), text
-    assert ours.apply_chat_template(FRANCE) == theirs.apply_chat_template(FRANCE, add_generation_prompt=True,
-                                                                          tokenize=False)
+    assert ours.apply_chat_template(FRANCE) == theirs.apply_chat_template(
+        FRANCE, add_generation_prompt=True, tokenize=False
+    )
 
 
 def test_shape_only_copy_serves_with_random_weights(smol_cache: dict[str, Any], tmp_path: Path) -> None:

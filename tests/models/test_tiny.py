@@ -30,11 +30,14 @@ def test_two_cache_dirs_hold_identical_weights(tmp_path: Path) -> None:
 
 def test_another_process_builds_the_same_weights(tmp_path: Path) -> None:
     here = load_model("tiny-random", cache_dir=tmp_path / "here")
-    code = ("import sys, hashlib; from kvxfer.models import load_model; "
-            "d = load_model('tiny-random', cache_dir=sys.argv[1]).directory; "
-            "print(hashlib.sha256((d / 'model.safetensors').read_bytes()).hexdigest())")
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "there")], capture_output=True, text=True,
-                            timeout=120, check=True)
+    code = (
+        "import sys, hashlib; from kvxfer.models import load_model; "
+        "d = load_model('tiny-random', cache_dir=sys.argv[1]).directory; "
+        "print(hashlib.sha256((d / 'model.safetensors').read_bytes()).hexdigest())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "there")], capture_output=True, text=True, timeout=120, check=True
+    )
     assert result.stdout.strip() == _digest(here.directory)
 
 

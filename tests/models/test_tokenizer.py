@@ -28,8 +28,10 @@ def test_byte_tokenizer_round_trips_and_specials(tmp_path: Path) -> None:
 def test_chat_template(tmp_path: Path) -> None:
     tokenizer = load_model("tiny-random", cache_dir=tmp_path).tokenizer
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
-    assert tokenizer.apply_chat_template(messages) == \
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        tokenizer.apply_chat_template(messages)
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert tokenizer.apply_chat_template(messages, add_generation_prompt=False).endswith("Hi?<|im_end|>\n")
     with pytest.raises(ConfigError, match=r"messages\[0\]\.content"):
         tokenizer.apply_chat_template([{"role": "user", "content": 3}])  # type: ignore[dict-item]
@@ -86,8 +88,11 @@ def test_chat_template_is_sandboxed() -> None:
 
 
 def test_chat_template_sees_special_tokens_and_tojson() -> None:
-    template = ChatTemplate("{{ bos_token }}{% for m in messages %}{{ m | tojson }}{% endfor %}{{ eos_token }}",
-                            bos_token="<s>", eos_token="</s>")
+    template = ChatTemplate(
+        "{{ bos_token }}{% for m in messages %}{{ m | tojson }}{% endfor %}{{ eos_token }}",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
     assert template.render([{"role": "user", "content": "é<>"}]) == '<s>{"role": "user", "content": "é<>"}</s>'
 
 
@@ -96,7 +101,9 @@ def test_tokenizer_files_round_trip(tmp_path: Path) -> None:
     loaded = Tokenizer.from_directory(tmp_path)
     assert loaded.eos_token_ids == (258,)  # from tokenizer_config.json's eos_token (no generation_config here)
     assert loaded.encode("<|im_start|>hé") == [257, 104, 195, 169]
-    assert loaded.apply_chat_template([{"role": "user", "content": "x"}]) == \
-        "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        loaded.apply_chat_template([{"role": "user", "content": "x"}])
+        == "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
+    )
     with pytest.raises(ConfigError, match="tokenizer.json"):
         Tokenizer.from_directory(tmp_path / "missing")

@@ -27,8 +27,10 @@ def test_verify_mode_catches_corruption():
 def test_verify_mode_accepts_correct_data_across_layouts(p_tp, d_tp, p_block, d_block):
     cluster = Cluster(p_tp, d_tp, 8, p_block, d_block, "HND", "NHD", tokens=40)
     try:
-        expected = {agent.name: compute(agent.regions[0], spec, cluster.p_ids, num_tokens=40)
-                    for agent, spec in zip(cluster.prefill, cluster.p_specs, strict=True)}
+        expected = {
+            agent.name: compute(agent.regions[0], spec, cluster.p_ids, num_tokens=40)
+            for agent, spec in zip(cluster.prefill, cluster.p_specs, strict=True)
+        }
         for rank in range(d_tp):
             pipe = cluster.pipe(rank, strategy="staged")
             pipe.pull(cluster.d_ids, cluster.p_ids, num_tokens=40, expected=expected).wait(timeout=10)

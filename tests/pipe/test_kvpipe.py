@@ -85,6 +85,7 @@ def test_push_streams_layers_as_they_become_ready():
         while handle.poll() is TransferState.PENDING and time_limit:
             time_limit -= 1
             import time
+
             time.sleep(0.01)
         assert handle.state is TransferState.PENDING  # layer 1 not ready yet: not done
         expected = cluster.expected(0)
@@ -119,8 +120,15 @@ def test_bad_requests_move_nothing():
         cluster.close()
 
 
-@pytest.mark.parametrize("change, match", [(dict(dtype="float16"), "dtype"), (dict(head_dim=8), "head_dim"),
-                                           (dict(model="other"), "model"), (dict(num_layers=3), "num_layers")])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(dtype="float16"), "dtype"),
+        (dict(head_dim=8), "head_dim"),
+        (dict(model="other"), "model"),
+        (dict(num_layers=3), "num_layers"),
+    ],
+)
 def test_incompatible_specs_are_refused_before_any_byte_moves(change, match):
     cluster = Cluster(1, 1, 8, 16, 16, "HND", "HND", tokens=16)
     try:
@@ -151,8 +159,11 @@ def test_local_spec_over_an_array_of_another_element_size_is_refused_before_any_
     cluster = Cluster(1, 1, 8, 16, 16, "HND", "HND", tokens=16)  # float32 caches
     try:
         local, remote = (specs[0].replace(dtype="bfloat16") for specs in (cluster.d_specs, cluster.p_specs))
-        with pytest.raises(ConfigError, match=r"^local_spec: KVCacheSpec dtype 'bfloat16' has 2-byte elements, "
-                                              r"region 'kv' holds 4-byte elements"):
+        with pytest.raises(
+            ConfigError,
+            match=r"^local_spec: KVCacheSpec dtype 'bfloat16' has 2-byte elements, "
+            r"region 'kv' holds 4-byte elements",
+        ):
             KVPipe(cluster.decode[0], local, cluster.peers[0], [remote])
         assert (cluster.d_caches[0] == -7).all()
     finally:
@@ -164,8 +175,11 @@ def test_bf16_spec_over_bytes_uint16_or_a_raw_pointer_pulls(storage):
     spec = make_spec(0, 1, 4, 4, "NHD").replace(dtype="bfloat16")
     source = np.random.default_rng(1).integers(0, 1 << 16, spec.tensor_shape, dtype=np.uint16)
     backing = np.zeros(spec.nbytes, np.uint8)
-    target = {"uint8": backing, "uint16": backing.view(np.uint16),
-              "pointer": kvxfer.Region.from_ptr(backing.ctypes.data, backing.nbytes, owner=backing)}[storage]
+    target = {
+        "uint8": backing,
+        "uint16": backing.view(np.uint16),
+        "pointer": kvxfer.Region.from_ptr(backing.ctypes.data, backing.nbytes, owner=backing),
+    }[storage]
     with kvxfer.Agent("p", backends=["local"]) as prefill, kvxfer.Agent("d", backends=["local"]) as decode:
         prefill.register(source, name="kv")
         decode.register(target, name="kv")
@@ -185,8 +199,9 @@ def test_pull_streams_layers_as_the_prefill_side_announces_them(strategy):
     try:
         (announcer,) = announcers(cluster)
         pipe, cache, expected = cluster.pipe(0, strategy=strategy), cluster.d_caches[0], cluster.expected(0)
-        handle = pipe.pull(cluster.d_ids, cluster.p_ids, notify=b"pulled", num_tokens=40, stream_layers=True,
-                           stream_key=b"req-7")
+        handle = pipe.pull(
+            cluster.d_ids, cluster.p_ids, notify=b"pulled", num_tokens=40, stream_layers=True, stream_key=b"req-7"
+        )
         announcer.announce("d0", b"another-request", [0, 1])  # not this pull's key: nothing moves
         settle(handle)
         assert (cache == -7).all()
@@ -222,8 +237,9 @@ def test_pull_honours_layers_announced_before_it():
         np.testing.assert_array_equal(cache, expected)
         assert board.keys == [b"narrow"]  # the ended pull's announcements are dropped
         cache[:] = -7
-        pipe.pull(cluster.d_ids, cluster.p_ids, num_tokens=33, layers=[1], stream_layers=True,
-                  stream_key=b"narrow").wait(timeout=10)
+        pipe.pull(
+            cluster.d_ids, cluster.p_ids, num_tokens=33, layers=[1], stream_layers=True, stream_key=b"narrow"
+        ).wait(timeout=10)
         np.testing.assert_array_equal(cache[1], expected[1])
         assert (cache[0] == -7).all() and board.keys == []
         pipe.close()

@@ -36,23 +36,27 @@ def prefill_rank(conn, spec, block_ids, device, backend):
     conn.send("bye")
 
 
-@pytest.mark.parametrize("p_tp, d_tp, p_block, d_block, p_layout, d_layout, strategy", [
-    (1, 2, 16, 16, "HND", "HND", "auto"),
-    (2, 1, 16, 32, "NHD", "HND", "auto"),
-    (2, 4, 32, 16, "HND", "NHD", "auto"),
-    (1, 1, 16, 16, "HND", "HND", "direct"),
-    (2, 1, 16, 32, "HND", "NHD", "staged"),
-])
-@pytest.mark.parametrize("source", [pytest.param(0, marks=pytest.mark.gpu),
-                                    pytest.param(1, marks=pytest.mark.multi_gpu)])
+@pytest.mark.parametrize(
+    "p_tp, d_tp, p_block, d_block, p_layout, d_layout, strategy",
+    [
+        (1, 2, 16, 16, "HND", "HND", "auto"),
+        (2, 1, 16, 32, "NHD", "HND", "auto"),
+        (2, 4, 32, 16, "HND", "NHD", "auto"),
+        (1, 1, 16, 16, "HND", "HND", "direct"),
+        (2, 1, 16, 32, "HND", "NHD", "staged"),
+    ],
+)
+@pytest.mark.parametrize(
+    "source", [pytest.param(0, marks=pytest.mark.gpu), pytest.param(1, marks=pytest.mark.multi_gpu)]
+)
 def test_pull_over_cuda_ipc(source, p_tp, d_tp, p_block, d_block, p_layout, d_layout, strategy):
     import cupy
 
     p_specs = [make_spec(r, p_tp, HEADS, p_block, p_layout, PARTS) for r in range(p_tp)]
     d_specs = [make_spec(r, d_tp, HEADS, d_block, d_layout, PARTS) for r in range(d_tp)]
     rng = np.random.default_rng(1)
-    p_ids = rng.permutation(p_specs[0].num_blocks)[:-(-TOKENS // p_block)]
-    d_ids = rng.permutation(d_specs[0].num_blocks)[:-(-TOKENS // d_block)]
+    p_ids = rng.permutation(p_specs[0].num_blocks)[: -(-TOKENS // p_block)]
+    d_ids = rng.permutation(d_specs[0].num_blocks)[: -(-TOKENS // d_block)]
     context = multiprocessing.get_context("spawn")
     children = []
     for spec in p_specs:

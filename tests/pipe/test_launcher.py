@@ -10,8 +10,9 @@ from kvxfer.pipe.launcher import Launcher
 
 
 def test_host_launch_copies_and_close_stops_the_thread():
-    source_spec = KVCacheSpec(num_layers=2, num_blocks=4, block_size=4, num_kv_heads=2, head_dim=4, dtype="float32",
-                              layout="HND")
+    source_spec = KVCacheSpec(
+        num_layers=2, num_blocks=4, block_size=4, num_kv_heads=2, head_dim=4, dtype="float32", layout="HND"
+    )
     target_spec = source_spec.replace(layout="NHD", block_size=2, num_blocks=8)
     source = np.random.default_rng(0).standard_normal(source_spec.tensor_shape).astype(np.float32)
     target = np.zeros(target_spec.tensor_shape, np.float32)

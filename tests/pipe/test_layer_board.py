@@ -38,10 +38,21 @@ def test_streamed_pull_whose_announcements_stop_fails_at_its_deadline():
         cluster.close()
 
 
-@pytest.mark.parametrize("body", [b"", b"\xc1", b"\x92\xa3key\x91\x00", b"\x92\xc4\x00\x91\x00",
-                                  b"\x92\xc4\x01k\x91\xff", b"\x92\xc4\x01k\x91\xc3", b"\x92\xc4\x01k\x00",
-                                  b"\x93\xc4\x01k\x91\x00\x00", b"\x91\xc4\x01k",
-                                  b"\x92\xc4\x01k\x91\xce\x00\x01\x00\x00"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"\xc1",
+        b"\x92\xa3key\x91\x00",
+        b"\x92\xc4\x00\x91\x00",
+        b"\x92\xc4\x01k\x91\xff",
+        b"\x92\xc4\x01k\x91\xc3",
+        b"\x92\xc4\x01k\x00",
+        b"\x93\xc4\x01k\x91\x00\x00",
+        b"\x91\xc4\x01k",
+        b"\x92\xc4\x01k\x91\xce\x00\x01\x00\x00",
+    ],
+)
 def test_malformed_layer_announcements_are_logged_and_ignored(body, caplog):
     """``body``: the fields of a layers control message, [key, [layer ids]], each one malformed."""
     cluster = Cluster(1, 1, 8, 16, 16, "HND", "HND", tokens=32)

@@ -12,8 +12,17 @@ from kvxfer.pipe.ranks import check_compatible, rank_pairs, route_heads
 
 
 def spec(**changes) -> KVCacheSpec:
-    values = dict(num_layers=2, num_blocks=8, block_size=16, num_kv_heads=2, head_dim=4, dtype="float32",
-                  layout="HND", total_kv_heads=2, model="m")
+    values = dict(
+        num_layers=2,
+        num_blocks=8,
+        block_size=16,
+        num_kv_heads=2,
+        head_dim=4,
+        dtype="float32",
+        layout="HND",
+        total_kv_heads=2,
+        model="m",
+    )
     values.update(changes)
     return KVCacheSpec(**values)
 
@@ -30,8 +39,11 @@ MISMATCHES = [
 ]
 
 
-@pytest.mark.parametrize("change, match", MISMATCHES,
-                         ids=["heads", "parts-tp2", "parts", "model", "dtype", "head_dim", "layers", "heads-tp3"])
+@pytest.mark.parametrize(
+    "change, match",
+    MISMATCHES,
+    ids=["heads", "parts-tp2", "parts", "model", "dtype", "head_dim", "layers", "heads-tp3"],
+)
 def test_check_compatible_refuses_another_models_kv(change, match):
     local, remote = spec(), spec(**change)
     with pytest.raises(LayoutMismatchError, match=match):
@@ -59,10 +71,18 @@ def test_tp_sizes_must_divide_one_another():
         rank_pairs(2, 3, 6)
 
 
-@pytest.mark.parametrize("change", [dict(layout="NHD"), dict(block_size=4), dict(num_blocks=3),
-                                    dict(num_kv_heads=1, tp_size=2, tp_rank=1), dict(model=""),
-                                    dict(num_kv_heads=1, tp_size=4, tp_rank=3)],
-                         ids=["layout", "block_size", "num_blocks", "tp2", "unnamed", "replicated"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(layout="NHD"),
+        dict(block_size=4),
+        dict(num_blocks=3),
+        dict(num_kv_heads=1, tp_size=2, tp_rank=1),
+        dict(model=""),
+        dict(num_kv_heads=1, tp_size=4, tp_rank=3),
+    ],
+    ids=["layout", "block_size", "num_blocks", "tp2", "unnamed", "replicated"],
+)
 def test_check_compatible_accepts_the_same_kv_laid_out_otherwise(change):
     local, remote = spec(), spec(**change)
     check_compatible(local, remote)
@@ -79,8 +99,11 @@ def _agents_with_caches(local_spec, remote_spec):
     return decode, prefill, peer, d_cache, p_cache
 
 
-@pytest.mark.parametrize("change, match", [(dict(num_kv_heads=4, total_kv_heads=4), "total_kv_heads"),
-                                           (dict(num_kv_parts=1), "num_kv_parts")], ids=["heads", "parts"])
+@pytest.mark.parametrize(
+    "change, match",
+    [(dict(num_kv_heads=4, total_kv_heads=4), "total_kv_heads"), (dict(num_kv_parts=1), "num_kv_parts")],
+    ids=["heads", "parts"],
+)
 def test_pipe_refuses_mismatched_kv_before_any_byte_moves(change, match):
     local, remote = spec(), spec(**change)
     decode, prefill, peer, d_cache, p_cache = _agents_with_caches(local, remote)

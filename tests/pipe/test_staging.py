@@ -25,8 +25,9 @@ def test_pool_rounds_up_reuses_and_deregisters():
 
 
 def test_staging_spec_keeps_the_peer_fragment_order():
-    remote = kvxfer.KVCacheSpec(num_layers=4, num_blocks=8, block_size=16, num_kv_heads=8, head_dim=4,
-                                dtype="float32", layout="NHD")
+    remote = kvxfer.KVCacheSpec(
+        num_layers=4, num_blocks=8, block_size=16, num_kv_heads=8, head_dim=4, dtype="float32", layout="NHD"
+    )
     stage = staging_spec_for(remote, (2, 6), num_blocks=3, num_layers=2)
     assert (stage.num_blocks, stage.num_layers, stage.num_kv_heads, stage.block_size) == (3, 2, 4, 16)
     assert stage.layout is kvxfer.KVLayout.NHD

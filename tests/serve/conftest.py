@@ -27,15 +27,42 @@ class Server:
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.http = httpx.Client(base_url=url, timeout=60.0)
 
-    def start_null_worker(self, name: str, role: str, token_delay: float = 0.0, max_batch: int = 64,
-                          num_blocks: int = 4096, prefill_delay: float = 0.0) -> subprocess.Popen[bytes]:
+    def start_null_worker(
+        self,
+        name: str,
+        role: str,
+        token_delay: float = 0.0,
+        max_batch: int = 64,
+        num_blocks: int = 4096,
+        prefill_delay: float = 0.0,
+    ) -> subprocess.Popen[bytes]:
         """A `router_null_worker` process (instant or paced answers, no model) connected to this router."""
         log = open(self.log.with_name(f"{self.log.stem}-{name}.log"), "wb")  # noqa: SIM115 (closed with the file)
-        process = subprocess.Popen([sys.executable, "-m", "kvxfer.serve.router_null_worker", "--router", self.control,
-                                    "--name", name, "--role", role, "--model", self.model, "--token-delay",
-                                    str(token_delay), "--max-batch", str(max_batch), "--num-blocks", str(num_blocks),
-                                    "--prefill-delay", str(prefill_delay)],
-                                   stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kvxfer.serve.router_null_worker",
+                "--router",
+                self.control,
+                "--name",
+                name,
+                "--role",
+                role,
+                "--model",
+                self.model,
+                "--token-delay",
+                str(token_delay),
+                "--max-batch",
+                str(max_batch),
+                "--num-blocks",
+                str(num_blocks),
+                "--prefill-delay",
+                str(prefill_delay),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         self.workers[name] = process
         return process
@@ -70,8 +97,9 @@ class Server:
         return total
 
     def post(self, path: str, body: dict, headers: dict[str, str] | None = None) -> httpx.Response:
-        return self.http.post(path, content=json.dumps(body),
-                              headers={"content-type": "application/json", **(headers or {})})
+        return self.http.post(
+            path, content=json.dumps(body), headers={"content-type": "application/json", **(headers or {})}
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
         """Stop the server (and its workers); its exit status."""
@@ -94,8 +122,9 @@ def launch(args: list[str], log: Path, timeout_s: float = START_TIMEOUT_S) -> Se
     """Start ``kvxfer ARGS`` (router or serve, ``--port 0``) and wait for its ready line."""
     out = open(log, "wb")  # noqa: SIM115 (the child keeps its own descriptor)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "kvxfer.cli", *args], stdout=out, stderr=subprocess.STDOUT,
-                               env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kvxfer.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env
+    )
     out.close()
     give_up = time.monotonic() + timeout_s
     while time.monotonic() < give_up:
@@ -124,8 +153,9 @@ def server_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def null_cluster(server_dir: Path) -> Iterator[Server]:
     """A router over null workers: 1 prefill, 2 decode; remote prefill above 32 uncached tokens."""
     policy = write_policy(server_dir / "policy.json", max_local_prefill_length=32, ttft_slo_s=60.0)
-    server = launch(["router", "--model", "tiny-random", "--port", "0", "--policy", str(policy)],
-                    server_dir / "router.log")
+    server = launch(
+        ["router", "--model", "tiny-random", "--port", "0", "--policy", str(policy)], server_dir / "router.log"
+    )
     try:
         for name, role in (("prefill-0", "prefill"), ("decode-0", "decode"), ("decode-1", "decode")):
             server.start_null_worker(name, role)

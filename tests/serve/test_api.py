@@ -25,8 +25,9 @@ def test_models_and_health(null_cluster: Server) -> None:
 
 
 def test_completion_non_streaming_echoes_with_usage_and_timing(null_cluster: Server) -> None:
-    answer = client(null_cluster).completions.create(model="tiny-random", prompt="abcdef", max_tokens=4,
-                                                     extra_body={"kvxfer": {"timing": True}})
+    answer = client(null_cluster).completions.create(
+        model="tiny-random", prompt="abcdef", max_tokens=4, extra_body={"kvxfer": {"timing": True}}
+    )
     assert answer.choices[0].text == "abcd" and answer.choices[0].finish_reason == "length"
     assert answer.usage is not None and (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (6, 4)
     timing = answer.model_extra["kvxfer"]
@@ -36,8 +37,13 @@ def test_completion_non_streaming_echoes_with_usage_and_timing(null_cluster: Ser
 
 def test_chat_streaming_with_usage_and_timing_in_the_final_chunk(null_cluster: Server) -> None:
     stream = client(null_cluster).chat.completions.create(
-        model="tiny-random", messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True,
-        stream_options={"include_usage": True}, extra_body={"kvxfer": {"timing": True}})
+        model="tiny-random",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"kvxfer": {"timing": True}},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -52,8 +58,9 @@ def test_stop_string_cuts_the_text_and_is_not_sent(null_cluster: Server) -> None
     openai_client = client(null_cluster)
     answer = openai_client.completions.create(model="tiny-random", prompt="hello world", max_tokens=11, stop=["wor"])
     assert answer.choices[0].text == "hello " and answer.choices[0].finish_reason == "stop"
-    streamed = openai_client.completions.create(model="tiny-random", prompt="hello world", max_tokens=11,
-                                                stop="o w", stream=True)
+    streamed = openai_client.completions.create(
+        model="tiny-random", prompt="hello world", max_tokens=11, stop="o w", stream=True
+    )
     chunks = list(streamed)
     assert "".join(c.choices[0].text for c in chunks) == "hell"
     assert chunks[-1].choices[0].finish_reason == "stop"
@@ -65,22 +72,30 @@ def test_priority_header_and_body_are_accepted(null_cluster: Server) -> None:
     assert null_cluster.post("/v1/completions", body, headers={"x-priority": "low"}).status_code == 200
 
 
-@pytest.mark.parametrize("body, status, param, code", [
-    ({"model": "tiny-random", "prompt": "x", "max_tokens": "ten"}, 400, "max_tokens", "invalid_type"),
-    ({"model": "tiny-random", "prompt": "x", "max_tokens": 10_000_000}, 400, "max_tokens",
-     "context_length_exceeded"),
-    ({"model": "tiny-random", "prompt": "x", "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
-    ({"model": "gpt-17", "prompt": "x"}, 404, "model", "model_not_found"),
-    ({"model": "tiny-random", "prompt": ""}, 400, "prompt", "invalid_value"),
-    ({"model": "tiny-random", "prompt": "x", "n": 2}, 400, "n", "unsupported_value"),
-    ({"model": "tiny-random", "prompt": "x", "temperature": 7}, 400, "temperature", "invalid_value"),
-    ({"model": "tiny-random", "prompt": "x", "stop": [1, 2]}, 400, "stop", "invalid_type"),
-    ({"model": "tiny-random", "prompt": "x", "priority": "urgent"}, 400, "priority", "invalid_value"),
-    ({"model": "tiny-random", "prompt": "x", "kvxfer": {"oops": 1}}, 400, "kvxfer", "invalid_value"),
-    ({"prompt": "x"}, 400, "model", "missing"),
-])
-def test_bad_completion_bodies_get_openai_error_objects(null_cluster: Server, body: dict, status: int, param: str,
-                                                        code: str) -> None:
+@pytest.mark.parametrize(
+    "body, status, param, code",
+    [
+        ({"model": "tiny-random", "prompt": "x", "max_tokens": "ten"}, 400, "max_tokens", "invalid_type"),
+        (
+            {"model": "tiny-random", "prompt": "x", "max_tokens": 10_000_000},
+            400,
+            "max_tokens",
+            "context_length_exceeded",
+        ),
+        ({"model": "tiny-random", "prompt": "x", "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+        ({"model": "gpt-17", "prompt": "x"}, 404, "model", "model_not_found"),
+        ({"model": "tiny-random", "prompt": ""}, 400, "prompt", "invalid_value"),
+        ({"model": "tiny-random", "prompt": "x", "n": 2}, 400, "n", "unsupported_value"),
+        ({"model": "tiny-random", "prompt": "x", "temperature": 7}, 400, "temperature", "invalid_value"),
+        ({"model": "tiny-random", "prompt": "x", "stop": [1, 2]}, 400, "stop", "invalid_type"),
+        ({"model": "tiny-random", "prompt": "x", "priority": "urgent"}, 400, "priority", "invalid_value"),
+        ({"model": "tiny-random", "prompt": "x", "kvxfer": {"oops": 1}}, 400, "kvxfer", "invalid_value"),
+        ({"prompt": "x"}, 400, "model", "missing"),
+    ],
+)
+def test_bad_completion_bodies_get_openai_error_objects(
+    null_cluster: Server, body: dict, status: int, param: str, code: str
+) -> None:
     reply = null_cluster.post("/v1/completions", body)
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
@@ -88,12 +103,15 @@ def test_bad_completion_bodies_get_openai_error_objects(null_cluster: Server, bo
     assert error["type"] and error["message"]
 
 
-@pytest.mark.parametrize("messages, param", [
-    ([], "messages"),
-    ("hello", "messages"),
-    ([{"role": "wizard", "content": "x"}], "messages[0].role"),
-    ([{"role": "user", "content": 5}], "messages[0].content"),
-])
+@pytest.mark.parametrize(
+    "messages, param",
+    [
+        ([], "messages"),
+        ("hello", "messages"),
+        ([{"role": "wizard", "content": "x"}], "messages[0].role"),
+        ([{"role": "user", "content": 5}], "messages[0].content"),
+    ],
+)
 def test_bad_chat_bodies_get_openai_error_objects(null_cluster: Server, messages: object, param: str) -> None:
     reply = null_cluster.post("/v1/chat/completions", {"model": "tiny-random", "messages": messages})
     assert reply.status_code == 400 and reply.json()["error"]["param"] == param

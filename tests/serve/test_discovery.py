@@ -41,9 +41,15 @@ def test_record_round_trip_and_validation() -> None:
         WorkerRecord("w", "", "m")
     with pytest.raises(ConfigError, match="attributes"):
         WorkerRecord("w", "decode", "m", {"nested": [1, 2]})  # type: ignore[dict-item]
-    for bad in [b"not json", b"[1]", b'{"v": 2, "name": "w"}', b'{"v": 1, "name": "w", "role": "d"}',
-                b'{"v": 1, "name": "w", "role": "d", "model": "m", "payload": "%%%"}',
-                b'{"v": 1, "name": 5, "role": "d", "model": "m"}', b"x" * (2 << 20)]:
+    for bad in [
+        b"not json",
+        b"[1]",
+        b'{"v": 2, "name": "w"}',
+        b'{"v": 1, "name": "w", "role": "d"}',
+        b'{"v": 1, "name": "w", "role": "d", "model": "m", "payload": "%%%"}',
+        b'{"v": 1, "name": 5, "role": "d", "model": "m"}',
+        b"x" * (2 << 20),
+    ]:
         with pytest.raises(ConfigError):
             WorkerRecord.decode(bad)
 

@@ -22,8 +22,10 @@ from kvxfer.serve.discovery import DiscoveryEvent, DiscoveryWatch, WorkerRecord
 from kvxfer.serve.discovery_etcd import EtcdDiscovery, EtcdGateway, prefix_end
 
 ETCD = shutil.which("etcd")
-pytestmark = [pytest.mark.skipif(ETCD is None, reason="etcd binary not found (Debian: apt-get install etcd-server)"),
-              pytest.mark.timeout(90)]
+pytestmark = [
+    pytest.mark.skipif(ETCD is None, reason="etcd binary not found (Debian: apt-get install etcd-server)"),
+    pytest.mark.timeout(90),
+]
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -46,10 +48,26 @@ class Etcd:
         peer = f"http://127.0.0.1:{self.peer_port}"
         log = open(self.directory / "etcd.log", "ab")  # noqa: SIM115  (the process owns it)
         self.process = subprocess.Popen(
-            [str(ETCD), "--name", "test", "--data-dir", str(self.directory / "data"),
-             "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
-             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"test={peer}"], stdout=log, stderr=log)
+            [
+                str(ETCD),
+                "--name",
+                "test",
+                "--data-dir",
+                str(self.directory / "data"),
+                "--listen-client-urls",
+                self.url,
+                "--advertise-client-urls",
+                self.url,
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                f"test={peer}",
+            ],
+            stdout=log,
+            stderr=log,
+        )
         log.close()
         deadline = time.monotonic() + 30.0
         while time.monotonic() < deadline:
@@ -195,8 +213,10 @@ def test_stopped_keepalive_expires_in_process(etcd: Etcd) -> None:
 def test_etcd_restarted_empty_workers_register_again(etcd: Etcd) -> None:
     """etcd loses everything (restart on an empty data dir): the keepalive finds its lease gone and registers
     again; a watcher that lived through the outage follows the new store (it sees a later deregistration)."""
-    with EtcdDiscovery(etcd.url, watch_read_timeout_s=1.0) as worker_side, \
-            EtcdDiscovery(etcd.url, watch_read_timeout_s=1.0) as router_side:
+    with (
+        EtcdDiscovery(etcd.url, watch_read_timeout_s=1.0) as worker_side,
+        EtcdDiscovery(etcd.url, watch_read_timeout_s=1.0) as router_side,
+    ):
         worker_side.register(record("d5"), ttl_s=2)
         watch = router_side.watch()
         assert next_event(watch, 5.0).kind == "add"

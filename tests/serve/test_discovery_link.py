@@ -23,8 +23,10 @@ from kvxfer.serve.discovery_link import (
 from kvxfer.serve.protocol import Register
 from tests.serve.test_discovery_etcd import ETCD, Etcd
 
-pytestmark = [pytest.mark.skipif(ETCD is None, reason="etcd binary not found (Debian: apt-get install etcd-server)"),
-              pytest.mark.timeout(90)]
+pytestmark = [
+    pytest.mark.skipif(ETCD is None, reason="etcd binary not found (Debian: apt-get install etcd-server)"),
+    pytest.mark.timeout(90),
+]
 
 
 @pytest.fixture
@@ -70,8 +72,14 @@ def test_discovery_url() -> None:
     assert DiscoveryTarget.parse("etcd://10.0.0.1:2379") == DiscoveryTarget("10.0.0.1", 2379, "default")
     target = DiscoveryTarget.parse("etcd://etcd.local:2379/prod-1")
     assert target.cluster == "prod-1" and target.url("workers") == "etcd://etcd.local:2379/kvxfer/prod-1/workers/"
-    for bad in ("http://h:2379", "etcd://h", "etcd://h:99999", "etcd://h:2379/a/b", "etcd://h:2379/x?y=1",
-                "etcd://:2379"):
+    for bad in (
+        "http://h:2379",
+        "etcd://h",
+        "etcd://h:99999",
+        "etcd://h:2379/a/b",
+        "etcd://h:2379/x?y=1",
+        "etcd://:2379",
+    ):
         with pytest.raises(ConfigError):
             DiscoveryTarget.parse(bad)
 

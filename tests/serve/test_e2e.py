@@ -23,8 +23,24 @@ SHORT = "Hi!"
 @pytest.fixture(scope="module")
 def tiny_serve(server_dir: Path) -> Iterator[Server]:
     policy = write_policy(server_dir / "e2e.json", max_local_prefill_length=64, ttft_slo_s=60.0)
-    server = launch(["serve", "--model", "tiny-random", "--prefill", "1", "--decode", "1", "--port", "0", "--policy",
-                     str(policy), "--num-blocks", "256"], server_dir / "serve.log")
+    server = launch(
+        [
+            "serve",
+            "--model",
+            "tiny-random",
+            "--prefill",
+            "1",
+            "--decode",
+            "1",
+            "--port",
+            "0",
+            "--policy",
+            str(policy),
+            "--num-blocks",
+            "256",
+        ],
+        server_dir / "serve.log",
+    )
     try:
         yield server
     finally:
@@ -36,20 +52,34 @@ def client(server: Server) -> openai.OpenAI:
 
 
 def generate(server: Server, prompt: str, mode: str, max_tokens: int = 12) -> dict:
-    reply = server.post("/v1/completions", {"model": "tiny-random", "prompt": prompt, "max_tokens": max_tokens,
-                                            "temperature": 0, "ignore_eos": True,
-                                            "kvxfer": {"timing": True, "token_ids": True, "prefill": mode}})
+    reply = server.post(
+        "/v1/completions",
+        {
+            "model": "tiny-random",
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "kvxfer": {"timing": True, "token_ids": True, "prefill": mode},
+        },
+    )
     assert reply.status_code == 200, reply.text
     return reply.json()
 
 
 def test_streaming_and_non_streaming_chat_agree(tiny_serve: Server) -> None:
     messages = [{"role": "user", "content": "Tell me about KV caches."}]
-    answer = client(tiny_serve).chat.completions.create(model="tiny-random", messages=messages, max_tokens=10,
-                                                        temperature=0, extra_body={"ignore_eos": True})
-    stream = client(tiny_serve).chat.completions.create(model="tiny-random", messages=messages, max_tokens=10,
-                                                        temperature=0, stream=True,
-                                                        extra_body={"ignore_eos": True})
+    answer = client(tiny_serve).chat.completions.create(
+        model="tiny-random", messages=messages, max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+    )
+    stream = client(tiny_serve).chat.completions.create(
+        model="tiny-random",
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert answer.choices[0].message.content == streamed
     assert answer.usage is not None and answer.usage.completion_tokens == 10
@@ -67,8 +97,10 @@ def test_disaggregated_output_equals_aggregated_token_for_token(tiny_serve: Serv
     assert len(local["kvxfer"]["token_ids"]) == 12
     assert local["kvxfer"]["token_ids"] == remote["kvxfer"]["token_ids"] == again["kvxfer"]["token_ids"]
     other = generate(tiny_serve, LONG + "and a different tail", "remote")
-    assert other["kvxfer"]["token_ids"] == generate(tiny_serve, LONG + "and a different tail", "local")["kvxfer"][
-        "token_ids"]
+    assert (
+        other["kvxfer"]["token_ids"]
+        == generate(tiny_serve, LONG + "and a different tail", "local")["kvxfer"]["token_ids"]
+    )
 
 
 def test_conditional_disaggregation_both_branches(tiny_serve: Server) -> None:
@@ -76,8 +108,10 @@ def test_conditional_disaggregation_both_branches(tiny_serve: Server) -> None:
     short = generate(tiny_serve, SHORT, "auto")["kvxfer"]
     long = generate(tiny_serve, "A fresh long prompt, never seen before by any worker. " * 4, "auto")["kvxfer"]
     assert short["disaggregated"] is False and short["prefill_worker"] == "decode-0"
-    assert long["disaggregated"] is True and (long["prefill_worker"], long["decode_worker"]) == ("prefill-0",
-                                                                                                 "decode-0")
+    assert long["disaggregated"] is True and (long["prefill_worker"], long["decode_worker"]) == (
+        "prefill-0",
+        "decode-0",
+    )
     assert tiny_serve.metric("kvxfer_disaggregation_decisions_total", prefill="remote") == remote_before + 1
     assert tiny_serve.metric("kvxfer_ttft_part_seconds_count", part="transfer") >= 1
 
@@ -89,10 +123,18 @@ def free_blocks(server: Server) -> dict[str, int]:
 def test_client_disconnect_mid_stream_frees_kv_on_both_sides(tiny_serve: Server) -> None:
     time.sleep(0.6)  # a fresh load report from every worker
     before = free_blocks(tiny_serve)
-    body = {"model": "tiny-random", "prompt": "Disconnect me please. " * 10, "max_tokens": 1500, "stream": True,
-            "ignore_eos": True, "kvxfer": {"prefill": "remote"}}
-    with httpx.Client(base_url=tiny_serve.url, timeout=60) as http, \
-            http.stream("POST", "/v1/completions", json=body) as reply:
+    body = {
+        "model": "tiny-random",
+        "prompt": "Disconnect me please. " * 10,
+        "max_tokens": 1500,
+        "stream": True,
+        "ignore_eos": True,
+        "kvxfer": {"prefill": "remote"},
+    }
+    with (
+        httpx.Client(base_url=tiny_serve.url, timeout=60) as http,
+        http.stream("POST", "/v1/completions", json=body) as reply,
+    ):
         assert reply.status_code == 200
         lines = reply.iter_lines()  # kept open: closing the iterator would close the connection
         for _ in range(3):
@@ -108,11 +150,22 @@ def test_client_disconnect_mid_stream_frees_kv_on_both_sides(tiny_serve: Server)
 
 @pytest.mark.slow
 def test_agg_worker_output_and_sigint_drain(server_dir: Path, tiny_serve: Server) -> None:
-    server = launch(["serve", "--model", "tiny-random", "--prefill", "1", "--agg", "1", "--decode", "0", "--port",
-                     "0"], server_dir / "sigint.log")
+    server = launch(
+        ["serve", "--model", "tiny-random", "--prefill", "1", "--agg", "1", "--decode", "0", "--port", "0"],
+        server_dir / "sigint.log",
+    )
     try:
-        reply = server.post("/v1/completions", {"model": "tiny-random", "prompt": LONG, "max_tokens": 12,
-                                                "temperature": 0, "ignore_eos": True, "kvxfer": {"token_ids": True}})
+        reply = server.post(
+            "/v1/completions",
+            {
+                "model": "tiny-random",
+                "prompt": LONG,
+                "max_tokens": 12,
+                "temperature": 0,
+                "ignore_eos": True,
+                "kvxfer": {"token_ids": True},
+            },
+        )
         assert reply.status_code == 200
         agg_ids = reply.json()["kvxfer"]["token_ids"]  # an agg worker always prefills locally
         assert agg_ids == generate(tiny_serve, LONG, "remote")["kvxfer"]["token_ids"]
@@ -154,15 +207,25 @@ def test_sigkill_of_a_real_prefill_worker_under_load_leaves_no_request_hanging(s
     import concurrent.futures
     import os
 
-    server = launch(["serve", "--model", "tiny-random", "--prefill", "2", "--decode", "1", "--port", "0",
-                     "--num-blocks", "512"], server_dir / "kill-real.log")
+    server = launch(
+        ["serve", "--model", "tiny-random", "--prefill", "2", "--decode", "1", "--port", "0", "--num-blocks", "512"],
+        server_dir / "kill-real.log",
+    )
     try:
         (victim,) = child_pids(server.process.pid, "prefill-0")
 
         def ask(index: int) -> httpx.Response:
-            return server.post("/v1/completions", {"model": "tiny-random", "prompt": f"{index} " + LONG * 2,
-                                                   "max_tokens": 8, "ignore_eos": True,
-                                                   "kvxfer": {"prefill": "remote", "timing": True}})
+            return server.post(
+                "/v1/completions",
+                {
+                    "model": "tiny-random",
+                    "prompt": f"{index} " + LONG * 2,
+                    "max_tokens": 8,
+                    "ignore_eos": True,
+                    "kvxfer": {"prefill": "remote", "timing": True},
+                },
+            )
+
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
             futures = [pool.submit(ask, i) for i in range(24)]
             time.sleep(0.3)

@@ -27,8 +27,17 @@ from kvxfer.serve.policy import (
 CFG = PolicyConfig()
 
 
-def worker(name: str, role: str = "decode", free: int = 1000, active: int = 0, queued: int = 0,
-           rate: float = 1000.0, backlog: float = 0.0, alive: bool = True, block_size: int = 16) -> WorkerState:
+def worker(
+    name: str,
+    role: str = "decode",
+    free: int = 1000,
+    active: int = 0,
+    queued: int = 0,
+    rate: float = 1000.0,
+    backlog: float = 0.0,
+    alive: bool = True,
+    block_size: int = 16,
+) -> WorkerState:
     return WorkerState(name, role, block_size, free, active, queued, rate, backlog, alive)  # type: ignore[arg-type]
 
 
@@ -38,9 +47,17 @@ def request(tokens: int, priority: str = "normal", kv: int = 1000) -> RouteReque
 
 # --- conditional disaggregation -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("prompt", "cached", "expected"), [
-    (256, 0, False), (257, 0, True), (300, 44, False), (300, 43, True), (0, 0, False),
-])
+
+@pytest.mark.parametrize(
+    ("prompt", "cached", "expected"),
+    [
+        (256, 0, False),
+        (257, 0, True),
+        (300, 44, False),
+        (300, 43, True),
+        (0, 0, False),
+    ],
+)
 def test_remote_only_beyond_max_local_prefill_length(prompt: int, cached: int, expected: bool) -> None:
     assert should_prefill_remotely(CFG, prompt, cached, 0, True) is expected
 
@@ -55,14 +72,25 @@ def test_remote_needs_a_live_prefill_worker() -> None:
     assert not should_prefill_remotely(PolicyConfig(max_prefill_queue_size=0), 1000, 0, 0, True)
 
 
-@pytest.mark.parametrize(("prompt", "blocks", "expected"), [
-    (100, 0, 0), (100, 3, 48), (100, 99, 96), (97, 99, 96), (96, 99, 80), (1, 5, 0), (0, 5, 0), (17, 1, 16),
-])
+@pytest.mark.parametrize(
+    ("prompt", "blocks", "expected"),
+    [
+        (100, 0, 0),
+        (100, 3, 48),
+        (100, 99, 96),
+        (97, 99, 96),
+        (96, 99, 80),
+        (1, 5, 0),
+        (0, 5, 0),
+        (17, 1, 16),
+    ],
+)
 def test_cached_tokens_whole_blocks_leaving_one_token(prompt: int, blocks: int, expected: int) -> None:
     assert cached_prompt_tokens(prompt, blocks, 16) == expected
 
 
 # --- transfer and cost ----------------------------------------------------------------------------------------
+
 
 def test_transfer_time_uses_measured_link_or_default() -> None:
     assert transfer_time(CFG, 0, 1000, None) == 0.0
@@ -82,9 +110,14 @@ def test_decode_cost_terms_and_weights() -> None:
 
 # --- prefill choice -------------------------------------------------------------------------------------------
 
+
 def test_prefill_choice_fewest_queued_tokens_skipping_dead_and_others() -> None:
-    workers = [worker("p0", "prefill", queued=50), worker("p1", "prefill", queued=10),
-               worker("p2", "prefill", queued=0, alive=False), worker("d0", queued=0)]
+    workers = [
+        worker("p0", "prefill", queued=50),
+        worker("p1", "prefill", queued=10),
+        worker("p2", "prefill", queued=0, alive=False),
+        worker("d0", queued=0),
+    ]
     assert choose_prefill(workers).name == "p1"  # type: ignore[union-attr]
     tie = [worker("pb", "prefill", queued=5), worker("pa", "prefill", queued=5)]
     assert choose_prefill(tie).name == "pa"  # type: ignore[union-attr]
@@ -92,6 +125,7 @@ def test_prefill_choice_fewest_queued_tokens_skipping_dead_and_others() -> None:
 
 
 # --- decode choice --------------------------------------------------------------------------------------------
+
 
 def test_decode_choice_prefers_cached_prefix_then_load() -> None:
     workers = [worker("d0", active=0), worker("d1", active=100)]
@@ -137,14 +171,22 @@ def test_agg_worker_always_prefills_locally() -> None:
 
 # --- TTFT prediction and admission ----------------------------------------------------------------------------
 
+
 def test_predict_ttft_local_and_remote() -> None:
     decode = worker("d", queued=500, rate=1000.0, backlog=0.25)
     local = predict_ttft(CFG, request(1000), DecodeChoice(decode, 200, False, 0.0, 0.0), None)
     assert (local.queue_s, local.prefill_s, local.transfer_s, local.decode_backlog_s) == (0.5, 0.8, 0.0, 0.25)
     assert local.total_s == pytest.approx(1.55)
     prefill = worker("p", "prefill", queued=2000, rate=4000.0)
-    remote = predict_ttft(CFG, request(1000), DecodeChoice(decode, 0, True, 0.1, 0.0), prefill,
-                          prefill_cached_tokens=200, queued_tokens=8000, pool_rate=8000.0)
+    remote = predict_ttft(
+        CFG,
+        request(1000),
+        DecodeChoice(decode, 0, True, 0.1, 0.0),
+        prefill,
+        prefill_cached_tokens=200,
+        queued_tokens=8000,
+        pool_rate=8000.0,
+    )
     assert remote.queue_s == pytest.approx(0.5 + 1.0)
     assert remote.prefill_s == pytest.approx(0.2)
     assert remote.total_s == pytest.approx(1.5 + 0.2 + 0.1 + 0.25)
@@ -152,11 +194,18 @@ def test_predict_ttft_local_and_remote() -> None:
     assert unmeasured.prefill_s == pytest.approx(1000 / CFG.default_prefill_tokens_per_s)
 
 
-@pytest.mark.parametrize(("priority", "ttft", "admitted"), [
-    ("low", 0.999, True), ("low", 1.0, True), ("low", 1.001, False),
-    ("normal", 1.5, True), ("normal", 3.0, True), ("normal", 3.001, False),
-    ("high", 1e6, True),
-])
+@pytest.mark.parametrize(
+    ("priority", "ttft", "admitted"),
+    [
+        ("low", 0.999, True),
+        ("low", 1.0, True),
+        ("low", 1.001, False),
+        ("normal", 1.5, True),
+        ("normal", 3.0, True),
+        ("normal", 3.001, False),
+        ("high", 1e6, True),
+    ],
+)
 def test_admission_by_priority_around_the_slo(priority: str, ttft: float, admitted: bool) -> None:
     result = admit(CFG, priority, ttft)  # type: ignore[arg-type]
     assert result.admitted is admitted
@@ -177,9 +226,14 @@ def test_early_rejection_can_be_turned_off() -> None:
 
 # --- route ----------------------------------------------------------------------------------------------------
 
+
 def cluster() -> list[WorkerState]:
-    return [worker("p0", "prefill", queued=100, rate=10000.0), worker("p1", "prefill", queued=0, rate=10000.0),
-            worker("d0", rate=2000.0), worker("d1", active=500, rate=2000.0)]
+    return [
+        worker("p0", "prefill", queued=100, rate=10000.0),
+        worker("p1", "prefill", queued=0, rate=10000.0),
+        worker("d0", rate=2000.0),
+        worker("d1", active=500, rate=2000.0),
+    ]
 
 
 def test_route_short_prompt_local() -> None:
@@ -238,27 +292,41 @@ def test_bad_requests_and_workers() -> None:
 
 
 worker_states = st.builds(
-    WorkerState, name=st.sampled_from(["a", "b", "c", "d", "e", "f"]), role=st.sampled_from(["prefill", "decode", "agg"]),
-    block_size=st.sampled_from([1, 16]), free_blocks=st.integers(0, 300), active_blocks=st.integers(0, 300),
-    queued_prefill_tokens=st.integers(0, 10**6), prefill_tokens_per_s=st.floats(0, 1e6),
-    decode_backlog_s=st.floats(0, 100), alive=st.booleans())
+    WorkerState,
+    name=st.sampled_from(["a", "b", "c", "d", "e", "f"]),
+    role=st.sampled_from(["prefill", "decode", "agg"]),
+    block_size=st.sampled_from([1, 16]),
+    free_blocks=st.integers(0, 300),
+    active_blocks=st.integers(0, 300),
+    queued_prefill_tokens=st.integers(0, 10**6),
+    prefill_tokens_per_s=st.floats(0, 1e6),
+    decode_backlog_s=st.floats(0, 100),
+    alive=st.booleans(),
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(workers=st.lists(worker_states, max_size=8), tokens=st.integers(0, 4000),
-       priority=st.sampled_from(["high", "normal", "low"]), queue_size=st.integers(0, 100),
-       cached=st.dictionaries(st.sampled_from(["a", "b", "c", "d", "e", "f"]), st.integers(0, 300)))
-def test_route_never_picks_a_dead_or_full_worker(workers: list[WorkerState], tokens: int, priority: str,
-                                                 queue_size: int, cached: dict[str, int]) -> None:
+@given(
+    workers=st.lists(worker_states, max_size=8),
+    tokens=st.integers(0, 4000),
+    priority=st.sampled_from(["high", "normal", "low"]),
+    queue_size=st.integers(0, 100),
+    cached=st.dictionaries(st.sampled_from(["a", "b", "c", "d", "e", "f"]), st.integers(0, 300)),
+)
+def test_route_never_picks_a_dead_or_full_worker(
+    workers: list[WorkerState], tokens: int, priority: str, queue_size: int, cached: dict[str, int]
+) -> None:
     decision = route(CFG, request(tokens, priority), workers, cached, {}, queue_size)
     if decision.decode is None:
         assert not decision.admitted and decision.rejection == "no_worker"
         return
     chosen = [w for w in workers if w.name == decision.decode and w.role != "prefill" and w.alive]
     assert chosen, decision
-    assert any(-(-(tokens - decision.cached_tokens) // w.block_size) <= w.free_blocks
-               and decision.cached_tokens == cached_prompt_tokens(tokens, cached.get(w.name, 0), w.block_size)
-               for w in chosen)
+    assert any(
+        -(-(tokens - decision.cached_tokens) // w.block_size) <= w.free_blocks
+        and decision.cached_tokens == cached_prompt_tokens(tokens, cached.get(w.name, 0), w.block_size)
+        for w in chosen
+    )
     if decision.prefill is not None:
         assert any(w.name == decision.prefill and w.role == "prefill" and w.alive for w in workers)
         assert decision.disaggregated and tokens - decision.cached_tokens > CFG.max_local_prefill_length

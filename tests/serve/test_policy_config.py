@@ -22,9 +22,11 @@ def test_defaults_match_the_plan() -> None:
 
 def test_yaml_file_sectioned(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
-    path.write_text("disaggregation:\n  max_local_prefill_length: 512\n  max_prefill_queue_size: 8\n"
-                    "routing:\n  cache_weight: 2.5\n"
-                    "admission:\n  ttft_slo_s: 2\n  enable_early_rejection: false\n")
+    path.write_text(
+        "disaggregation:\n  max_local_prefill_length: 512\n  max_prefill_queue_size: 8\n"
+        "routing:\n  cache_weight: 2.5\n"
+        "admission:\n  ttft_slo_s: 2\n  enable_early_rejection: false\n"
+    )
     cfg = PolicyConfig.from_file(path)
     assert (cfg.max_local_prefill_length, cfg.max_prefill_queue_size, cfg.cache_weight) == (512, 8, 2.5)
     assert cfg.ttft_slo_s == 2.0 and isinstance(cfg.ttft_slo_s, float)
@@ -52,24 +54,27 @@ def test_example_file_loads() -> None:
     assert cfg.max_local_prefill_length == 256
 
 
-@pytest.mark.parametrize(("data", "needle"), [
-    ({"max_local_prefill_lenght": 10}, "max_local_prefill_lenght: unknown key"),
-    ({"routing": {"max_local_prefill_length": 10}}, "routing.max_local_prefill_length: unknown key"),
-    ({"routing": 3}, "routing: expected a mapping"),
-    ({"max_local_prefill_length": 1.5}, "max_local_prefill_length: expected an int, got 1.5"),
-    ({"max_local_prefill_length": "256"}, "expected an int, got '256'"),
-    ({"max_prefill_queue_size": True}, "max_prefill_queue_size: expected an int, got True"),
-    ({"cache_weight": "heavy"}, "cache_weight: expected a number, got 'heavy'"),
-    ({"cache_weight": -0.5}, "cache_weight: expected >= 0, got -0.5"),
-    ({"max_local_prefill_length": -1}, "max_local_prefill_length: expected >= 0, got -1"),
-    ({"ttft_slo_s": 0}, "ttft_slo_s: expected > 0, got 0"),
-    ({"block_size": 0}, "block_size: expected > 0, got 0"),
-    ({"ttft_slo_s": float("inf")}, "ttft_slo_s: expected a finite number"),
-    ({"enable_early_rejection": "yes"}, "enable_early_rejection: expected a bool, got 'yes'"),
-    ({"retry_after_min_s": 10, "retry_after_max_s": 5}, "retry_after_min_s: expected <= retry_after_max_s"),
-    ({"low_priority_reject_factor": 4.0}, "normal_priority_reject_factor: expected >= low_priority_reject_factor"),
-    ({"cache_weight": 1.0, "routing": {"cache_weight": 2.0}}, "cache_weight: given twice"),
-])
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({"max_local_prefill_lenght": 10}, "max_local_prefill_lenght: unknown key"),
+        ({"routing": {"max_local_prefill_length": 10}}, "routing.max_local_prefill_length: unknown key"),
+        ({"routing": 3}, "routing: expected a mapping"),
+        ({"max_local_prefill_length": 1.5}, "max_local_prefill_length: expected an int, got 1.5"),
+        ({"max_local_prefill_length": "256"}, "expected an int, got '256'"),
+        ({"max_prefill_queue_size": True}, "max_prefill_queue_size: expected an int, got True"),
+        ({"cache_weight": "heavy"}, "cache_weight: expected a number, got 'heavy'"),
+        ({"cache_weight": -0.5}, "cache_weight: expected >= 0, got -0.5"),
+        ({"max_local_prefill_length": -1}, "max_local_prefill_length: expected >= 0, got -1"),
+        ({"ttft_slo_s": 0}, "ttft_slo_s: expected > 0, got 0"),
+        ({"block_size": 0}, "block_size: expected > 0, got 0"),
+        ({"ttft_slo_s": float("inf")}, "ttft_slo_s: expected a finite number"),
+        ({"enable_early_rejection": "yes"}, "enable_early_rejection: expected a bool, got 'yes'"),
+        ({"retry_after_min_s": 10, "retry_after_max_s": 5}, "retry_after_min_s: expected <= retry_after_max_s"),
+        ({"low_priority_reject_factor": 4.0}, "normal_priority_reject_factor: expected >= low_priority_reject_factor"),
+        ({"cache_weight": 1.0, "routing": {"cache_weight": 2.0}}, "cache_weight: given twice"),
+    ],
+)
 def test_bad_config_names_key_expected_actual(data: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError) as info:
         PolicyConfig.from_mapping(data)

@@ -25,8 +25,16 @@ def test_block_hashes_equal_the_engines() -> None:
         assert block_hashes(tokens, block_size) == engine.block_hashes(tokens, block_size)
     numpy = pytest.importorskip("numpy")
     tokens = [rng.randrange(150_000) for _ in range(256)]
-    for variant in (tokens, numpy.array(tokens), numpy.array(tokens, dtype=numpy.int32), [300_000 + t for t in tokens],
-                    [-t for t in tokens], [float(t) for t in tokens], [str(t) for t in tokens], [True, False] * 64):
+    for variant in (
+        tokens,
+        numpy.array(tokens),
+        numpy.array(tokens, dtype=numpy.int32),
+        [300_000 + t for t in tokens],
+        [-t for t in tokens],
+        [float(t) for t in tokens],
+        [str(t) for t in tokens],
+        [True, False] * 64,
+    ):
         assert block_hashes(variant, 16) == engine.block_hashes(variant, 16)  # type: ignore[arg-type]
     tokens = list(range(64))
     start = b"\x01" * 16
@@ -82,8 +90,12 @@ def test_bad_arguments() -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(bound=st.integers(1, 40), records=st.lists(st.tuples(st.sampled_from(["w0", "w1", "w2"]), st.integers(0, 5),
-                                                            st.integers(0, 12)), max_size=30))
+@given(
+    bound=st.integers(1, 40),
+    records=st.lists(
+        st.tuples(st.sampled_from(["w0", "w1", "w2"]), st.integers(0, 5), st.integers(0, 12)), max_size=30
+    ),
+)
 def test_matched_blocks_agrees_with_a_linear_scan(bound: int, records: list[tuple[str, int, int]]) -> None:
     """Whatever was evicted, binary search finds what a block-by-block scan of the kept entries finds."""
     chains = {seed: chain(seed, 12) for seed in range(6)}
@@ -94,7 +106,7 @@ def test_matched_blocks_agrees_with_a_linear_scan(bound: int, records: list[tupl
     for name in ("w0", "w1", "w2"):
         for hashes in chains.values():
             linear = 0
-            while linear < len(hashes) and index.matched_blocks(name, hashes[:linear + 1]) == linear + 1:
+            while linear < len(hashes) and index.matched_blocks(name, hashes[: linear + 1]) == linear + 1:
                 linear += 1
             assert index.matched_blocks(name, hashes) == linear
 
@@ -104,12 +116,15 @@ def test_eviction_order_matches_a_reference_lru_over_many_records() -> None:
     eviction takes the oldest stamp first and, within a stamp, the chain's tail first."""
     rng = random.Random(11)
     roots = [chain(seed, 8) for seed in range(6)]
-    chains = [root[:cut] + block_hashes(list(range(seed, seed + 8)), 4, root[cut - 1] if cut else b"x")
-              for root in roots for cut, seed in ((0, 1), (3, 2), (8, 3))]
+    chains = [
+        root[:cut] + block_hashes(list(range(seed, seed + 8)), 4, root[cut - 1] if cut else b"x")
+        for root in roots
+        for cut, seed in ((0, 1), (3, 2), (8, 3))
+    ]
     index = PrefixIndex(max_entries=40)
     model: dict[tuple[str, bytes], tuple[int, int]] = {}
     for stamp in range(1, 3001):
-        name, hashes = rng.choice(["w0", "w1", "w2"]), rng.choice(chains)[:rng.randrange(1, 11)]
+        name, hashes = rng.choice(["w0", "w1", "w2"]), rng.choice(chains)[: rng.randrange(1, 11)]
         if rng.random() < 0.01:
             index.forget(name)
             model = {key: value for key, value in model.items() if key[0] != name}

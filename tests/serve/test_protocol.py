@@ -38,21 +38,40 @@ def _frame(**body: object) -> bytes:
     return msgpack.packb({"v": 1, **body}, use_bin_type=True)
 
 
-@pytest.mark.parametrize("frame", [
-    b"", b"\xc1", b"garbage", msgpack.packb([1, 2]), msgpack.packb({"v": 2, "t": "abort", "rid": "x"}),
-    _frame(t="nope"), _frame(t="abort"), _frame(t="abort", rid=""), _frame(t="abort", rid=5),
-    _frame(t="generate", rid="r", prompt_token_ids=[], sampling={}, deadline_s=1.0),
-    _frame(t="generate", rid="r", prompt_token_ids=[-1], sampling={}, deadline_s=1.0),
-    _frame(t="generate", rid="r", prompt_token_ids=[1], sampling={"max_tokens": 0}, deadline_s=1.0),
-    _frame(t="generate", rid="r", prompt_token_ids=[1], sampling={"temperature": float("nan")}, deadline_s=1.0),
-    _frame(t="generate", rid="r", prompt_token_ids=[True], sampling={}, deadline_s=1.0),
-    _frame(t="tokens", rid="r", token_ids=[1], finish="weird"),
-    _frame(t="load", free_blocks=1, active_blocks=1, running=1, waiting=1, queued_prefill_tokens=1,
-           prefill_tokens_per_s=1.0, decode_tokens_per_s=1.0, links={"p": [1.0]}),
-    _frame(t="peers", peers=[{"name": "x", "role": "boss", "rank_info": [b"x"]}]),
-    _frame(t="shutdown", drain_s=-1.0),
-    _frame(t="abort", rid="x" * 10_000),
-])
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"",
+        b"\xc1",
+        b"garbage",
+        msgpack.packb([1, 2]),
+        msgpack.packb({"v": 2, "t": "abort", "rid": "x"}),
+        _frame(t="nope"),
+        _frame(t="abort"),
+        _frame(t="abort", rid=""),
+        _frame(t="abort", rid=5),
+        _frame(t="generate", rid="r", prompt_token_ids=[], sampling={}, deadline_s=1.0),
+        _frame(t="generate", rid="r", prompt_token_ids=[-1], sampling={}, deadline_s=1.0),
+        _frame(t="generate", rid="r", prompt_token_ids=[1], sampling={"max_tokens": 0}, deadline_s=1.0),
+        _frame(t="generate", rid="r", prompt_token_ids=[1], sampling={"temperature": float("nan")}, deadline_s=1.0),
+        _frame(t="generate", rid="r", prompt_token_ids=[True], sampling={}, deadline_s=1.0),
+        _frame(t="tokens", rid="r", token_ids=[1], finish="weird"),
+        _frame(
+            t="load",
+            free_blocks=1,
+            active_blocks=1,
+            running=1,
+            waiting=1,
+            queued_prefill_tokens=1,
+            prefill_tokens_per_s=1.0,
+            decode_tokens_per_s=1.0,
+            links={"p": [1.0]},
+        ),
+        _frame(t="peers", peers=[{"name": "x", "role": "boss", "rank_info": [b"x"]}]),
+        _frame(t="shutdown", drain_s=-1.0),
+        _frame(t="abort", rid="x" * 10_000),
+    ],
+)
 def test_bad_frames_raise_handshake_error(frame: bytes) -> None:
     with pytest.raises(HandshakeError):
         p.decode(frame)
@@ -83,15 +102,46 @@ def test_fuzz_bytes(data: bytes) -> None:
         pass
 
 
-_values = st.recursive(st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1) | st.floats() | st.text(max_size=8)
-                       | st.binary(max_size=8), lambda inner: st.lists(inner, max_size=4)
-                       | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=12)
+_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(1 << 63), (1 << 64) - 1)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.sampled_from(sorted(p.TYPES)), st.dictionaries(st.sampled_from(
-    ["rid", "token_ids", "finish", "timing", "sampling", "prompt_token_ids", "deadline_s", "items", "peers",
-     "links", "kv_ready", "first_token", "drain_s", "name", "role", "rank_info"]), _values, max_size=8))
+@given(
+    st.sampled_from(sorted(p.TYPES)),
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "rid",
+                "token_ids",
+                "finish",
+                "timing",
+                "sampling",
+                "prompt_token_ids",
+                "deadline_s",
+                "items",
+                "peers",
+                "links",
+                "kv_ready",
+                "first_token",
+                "drain_s",
+                "name",
+                "role",
+                "rank_info",
+            ]
+        ),
+        _values,
+        max_size=8,
+    ),
+)
 def test_fuzz_structured(kind: str, body: dict) -> None:
     try:
         message = p.decode(_frame(t=kind, **body))
@@ -105,8 +155,10 @@ def test_link_round_trip_and_bad_frames() -> None:
 
     at_router: list = []
     at_worker: list = []
-    with (RouterLink("tcp://127.0.0.1:0", lambda identity, m: at_router.append((identity, m))) as router,
-          WorkerLink(router.address, "w0", at_worker.append) as worker):
+    with (
+        RouterLink("tcp://127.0.0.1:0", lambda identity, m: at_router.append((identity, m))) as router,
+        WorkerLink(router.address, "w0", at_worker.append) as worker,
+    ):
         worker.send(SAMPLES[0])
         worker.send(SAMPLES[4])
         _until(lambda: len(at_router) == 3)
@@ -139,5 +191,6 @@ def test_every_schema_names_every_field() -> None:
     import dataclasses
 
     for cls in (*p.TYPES.values(), p.Sampling, p.PeerInfo):
-        assert list(cls._SCHEMA) == [f.name for f in dataclasses.fields(cls)] or \
-            set(cls._SCHEMA) == {f.name for f in dataclasses.fields(cls)}, cls  # to_wire walks the schema
+        assert list(cls._SCHEMA) == [f.name for f in dataclasses.fields(cls)] or set(cls._SCHEMA) == {
+            f.name for f in dataclasses.fields(cls)
+        }, cls  # to_wire walks the schema

@@ -30,8 +30,14 @@ class Flight:  # the router's shape: the id is `rid`
 
 def test_priority_classes_fifo_within() -> None:
     queue: PrefillQueue[Item] = PrefillQueue(10)
-    for name, priority in [("n1", "normal"), ("l1", "low"), ("h1", "high"), ("n2", "normal"), ("h2", "high"),
-                           ("l2", "low")]:
+    for name, priority in [
+        ("n1", "normal"),
+        ("l1", "low"),
+        ("h1", "high"),
+        ("n2", "normal"),
+        ("h2", "high"),
+        ("l2", "low"),
+    ]:
         queue.put(Item(name), priority, 10)  # type: ignore[arg-type]
     assert queue.by_priority() == {"high": 2, "normal": 2, "low": 2}
     assert [entry.request_id for entry in queue] == ["h1", "h2", "n1", "n2", "l1", "l2"]
@@ -120,18 +126,30 @@ def test_duplicate_ids_bad_arguments_and_keys() -> None:
     keyed: PrefillQueue[tuple[str, int]] = PrefillQueue(5, key=lambda item: item[0])
     keyed.put(("x", 1), "low", 3)
     entry = keyed.pop_entry()
-    assert entry is not None and (entry.request_id, entry.item, entry.priority, entry.num_tokens) == \
-        ("x", ("x", 1), "low", 3)
+    assert entry is not None and (entry.request_id, entry.item, entry.priority, entry.num_tokens) == (
+        "x",
+        ("x", 1),
+        "low",
+        3,
+    )
 
 
-operations = st.lists(st.tuples(st.sampled_from(["put", "pop", "remove", "requeue"]), st.integers(0, 30),
-                                st.sampled_from(["high", "normal", "low"]), st.integers(0, 1000)), max_size=120)
+operations = st.lists(
+    st.tuples(
+        st.sampled_from(["put", "pop", "remove", "requeue"]),
+        st.integers(0, 30),
+        st.sampled_from(["high", "normal", "low"]),
+        st.integers(0, 1000),
+    ),
+    max_size=120,
+)
 
 
 @settings(max_examples=200, deadline=None)
 @given(max_size=st.integers(0, 8), headroom=st.integers(0, 4), ops=operations)
-def test_queue_never_exceeds_its_bound_and_counts_stay_exact(max_size: int, headroom: int,
-                                                            ops: list[tuple[str, int, str, int]]) -> None:
+def test_queue_never_exceeds_its_bound_and_counts_stay_exact(
+    max_size: int, headroom: int, ops: list[tuple[str, int, str, int]]
+) -> None:
     queue: PrefillQueue[Item] = PrefillQueue(max_size, requeue_headroom=headroom)
     model: dict[str, int] = {}  # request id -> tokens, what must be queued
     for op, number, priority, tokens in ops:

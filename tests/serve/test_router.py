@@ -18,14 +18,15 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def complete(server: Server, prompt: str, max_tokens: int = 2, **extra: object) -> httpx.Response:
-    return server.post("/v1/completions", {"model": "tiny-random", "prompt": prompt, "max_tokens": max_tokens,
-                                           "kvxfer": {"timing": True}, **extra})
+    return server.post(
+        "/v1/completions",
+        {"model": "tiny-random", "prompt": prompt, "max_tokens": max_tokens, "kvxfer": {"timing": True}, **extra},
+    )
 
 
 def test_short_prompt_prefills_locally_long_prompt_remotely(null_cluster: Server) -> None:
     local_before = null_cluster.metric("kvxfer_disaggregation_decisions_total", prefill="local", reason="short_prompt")
-    remote_before = null_cluster.metric("kvxfer_disaggregation_decisions_total", prefill="remote",
-                                        reason="long_prompt")
+    remote_before = null_cluster.metric("kvxfer_disaggregation_decisions_total", prefill="remote", reason="long_prompt")
     short = complete(null_cluster, "short prompt").json()["kvxfer"]
     prompt = "a long prompt that is well over thirty-two tokens, byte by byte " * 2
     long = complete(null_cluster, prompt).json()
@@ -35,10 +36,14 @@ def test_short_prompt_prefills_locally_long_prompt_remotely(null_cluster: Server
     assert timing["kv_bytes"] > 0  # the null decode worker reports 64 bytes per prompt token
     # the null prefill worker answers the prompt's last token, the decode worker echoes on from the prompt's second
     assert long["choices"][0]["text"] == prompt[-1] + prompt[1]
-    assert null_cluster.metric("kvxfer_disaggregation_decisions_total", prefill="local",
-                               reason="short_prompt") == local_before + 1
-    assert null_cluster.metric("kvxfer_disaggregation_decisions_total", prefill="remote",
-                               reason="long_prompt") == remote_before + 1
+    assert (
+        null_cluster.metric("kvxfer_disaggregation_decisions_total", prefill="local", reason="short_prompt")
+        == local_before + 1
+    )
+    assert (
+        null_cluster.metric("kvxfer_disaggregation_decisions_total", prefill="remote", reason="long_prompt")
+        == remote_before + 1
+    )
     assert null_cluster.metric("kvxfer_kv_transfer_bytes_total") > 0
 
 
@@ -60,8 +65,10 @@ def test_a_client_disconnect_aborts_the_request_and_frees_its_blocks(server_dir:
         server.wait_workers({"decode-slow"})
         free = server.worker("decode-slow")["free_blocks"]
         body = {"model": "tiny-random", "prompt": "x" * 100, "max_tokens": 1500, "stream": True}
-        with httpx.Client(base_url=server.url, timeout=30) as http, \
-                http.stream("POST", "/v1/completions", json=body) as reply:
+        with (
+            httpx.Client(base_url=server.url, timeout=30) as http,
+            http.stream("POST", "/v1/completions", json=body) as reply,
+        ):
             lines = reply.iter_lines()
             assert next(line for line in lines if line.startswith("data:"))
             time.sleep(0.6)  # the worker's next load report shows the blocks held
@@ -80,10 +87,17 @@ def test_a_client_disconnect_aborts_the_request_and_frees_its_blocks(server_dir:
 def slow_cluster(server_dir: Path) -> Iterator[Server]:
     """A router over a slow prefill worker (0.4 s a prefill, one at a time, one in flight) and a slow decode worker
     (0.25 s a local prefill, one at a time); a prefill queue of 4; a TTFT SLO of 1 s."""
-    policy = write_policy(server_dir / "slow.json", max_local_prefill_length=16, max_prefill_queue_size=4,
-                          ttft_slo_s=1.0, default_prefill_tokens_per_s=400.0, retry_after_min_s=2.0)
-    server = launch(["router", "--model", "tiny-random", "--port", "0", "--policy", str(policy)],
-                    server_dir / "slow.log")
+    policy = write_policy(
+        server_dir / "slow.json",
+        max_local_prefill_length=16,
+        max_prefill_queue_size=4,
+        ttft_slo_s=1.0,
+        default_prefill_tokens_per_s=400.0,
+        retry_after_min_s=2.0,
+    )
+    server = launch(
+        ["router", "--model", "tiny-random", "--port", "0", "--policy", str(policy)], server_dir / "slow.log"
+    )
     try:
         server.start_null_worker("prefill-0", "prefill", prefill_delay=0.4, max_batch=1)
         server.start_null_worker("decode-0", "decode", prefill_delay=0.25)
@@ -96,8 +110,12 @@ def slow_cluster(server_dir: Path) -> Iterator[Server]:
 def test_a_full_prefill_queue_answers_503_with_retry_after(slow_cluster: Server) -> None:
     prompt = "p" * 40
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        replies = list(pool.map(lambda i: complete(slow_cluster, prompt + str(i), priority="high",
-                                                   kvxfer={"prefill": "remote"}), range(12)))
+        replies = list(
+            pool.map(
+                lambda i: complete(slow_cluster, prompt + str(i), priority="high", kvxfer={"prefill": "remote"}),
+                range(12),
+            )
+        )
     statuses = sorted(r.status_code for r in replies)
     assert statuses.count(200) >= 5 and statuses.count(503) >= 1, statuses
     refused = next(r for r in replies if r.status_code == 503)
@@ -108,8 +126,10 @@ def test_a_full_prefill_queue_answers_503_with_retry_after(slow_cluster: Server)
 @pytest.mark.slow
 def test_overload_rejects_low_priority_early_and_serves_high_priority(slow_cluster: Server) -> None:
     prompt = "q" * 200  # 0.5 s of predicted prefill at 400 tokens/s: a queue of two breaks the 1 s SLO
+
     def send(index: int) -> httpx.Response:
         return complete(slow_cluster, str(index) + prompt, priority="high" if index % 2 else "low")
+
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
         replies = list(pool.map(send, range(20)))
     low = [r.status_code for i, r in enumerate(replies) if i % 2 == 0]
@@ -124,16 +144,18 @@ def test_overload_rejects_low_priority_early_and_serves_high_priority(slow_clust
 @pytest.mark.slow
 def test_sigkill_of_a_prefill_worker_under_load_requeues_and_nothing_hangs(server_dir: Path) -> None:
     policy = write_policy(server_dir / "kill.json", max_local_prefill_length=16, ttft_slo_s=60.0)
-    server = launch(["router", "--model", "tiny-random", "--port", "0", "--policy", str(policy)],
-                    server_dir / "kill.log")
+    server = launch(
+        ["router", "--model", "tiny-random", "--port", "0", "--policy", str(policy)], server_dir / "kill.log"
+    )
     try:
         victim = server.start_null_worker("prefill-0", "prefill", prefill_delay=0.3, max_batch=2)
         server.start_null_worker("prefill-1", "prefill", prefill_delay=0.3, max_batch=2)
         server.start_null_worker("decode-0", "decode")
         server.wait_workers({"prefill-0", "prefill-1", "decode-0"})
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            futures = [pool.submit(complete, server, "r" * 64 + str(i), 4, kvxfer={"prefill": "remote"})
-                       for i in range(16)]
+            futures = [
+                pool.submit(complete, server, "r" * 64 + str(i), 4, kvxfer={"prefill": "remote"}) for i in range(16)
+            ]
             time.sleep(0.5)
             victim.send_signal(signal.SIGKILL)
             replies = [f.result(timeout=60) for f in futures]
@@ -152,8 +174,9 @@ def test_sigkill_of_a_prefill_worker_under_load_requeues_and_nothing_hangs(serve
 
 
 def test_sigterm_drains_and_exits_zero(server_dir: Path) -> None:
-    server = launch(["router", "--model", "tiny-random", "--port", "0", "--drain-timeout", "10"],
-                    server_dir / "drain.log")
+    server = launch(
+        ["router", "--model", "tiny-random", "--port", "0", "--drain-timeout", "10"], server_dir / "drain.log"
+    )
     try:
         server.start_null_worker("decode-0", "decode", token_delay=0.02)
         server.wait_workers({"decode-0"})
@@ -173,8 +196,9 @@ def test_sigterm_drains_and_exits_zero(server_dir: Path) -> None:
 @pytest.mark.slow
 def test_requests_queued_for_a_lost_prefill_pool_fall_back_to_local_prefill(server_dir: Path) -> None:
     policy = write_policy(server_dir / "fallback.json", max_local_prefill_length=16, ttft_slo_s=60.0)
-    server = launch(["router", "--model", "tiny-random", "--port", "0", "--policy", str(policy)],
-                    server_dir / "fallback.log")
+    server = launch(
+        ["router", "--model", "tiny-random", "--port", "0", "--policy", str(policy)], server_dir / "fallback.log"
+    )
     try:
         victim = server.start_null_worker("prefill-0", "prefill", prefill_delay=0.5, max_batch=1)
         server.start_null_worker("decode-0", "decode")
@@ -186,7 +210,6 @@ def test_requests_queued_for_a_lost_prefill_pool_fall_back_to_local_prefill(serv
             replies = [f.result(timeout=60) for f in futures]
         assert [r.status_code for r in replies] == [200] * 6
         assert sum(not r.json()["kvxfer"]["disaggregated"] for r in replies) >= 4  # prefilled by decode-0
-        assert server.metric("kvxfer_disaggregation_decisions_total", prefill="local",
-                             reason="no_prefill_worker") >= 4
+        assert server.metric("kvxfer_disaggregation_decisions_total", prefill="local", reason="no_prefill_worker") >= 4
     finally:
         server.stop()

@@ -8,8 +8,18 @@ import time
 import pytest
 
 from kvxfer.serve.openai_schema import ApiError
-from kvxfer.serve.protocol import Abort, Decode, Error, Generate, Message, Prefill, Prefilled, Register, Sampling, \
-    Tokens
+from kvxfer.serve.protocol import (
+    Abort,
+    Decode,
+    Error,
+    Generate,
+    Message,
+    Prefill,
+    Prefilled,
+    Register,
+    Sampling,
+    Tokens,
+)
 from kvxfer.serve.router import Router
 from kvxfer.serve.router_flight import TokensEvent
 
@@ -48,7 +58,7 @@ def test_remote_prefill_walk_prefill_then_decode_then_tokens() -> None:
     flight = router.submit(PROMPT, Sampling(max_tokens=2), prefill_mode="remote")
     assert [(n, type(m)) for n, m in link.sent] == [("prefill-0", Prefill)]
     router._handle("prefill-0", Prefilled(flight.rid, b"ready", 7, {"prefill_s": 0.5, "queue_s": 0.1}))
-    (name, decode), = link.of(Decode)
+    ((name, decode),) = link.of(Decode)
     assert name == "decode-0" and decode.first_token == 7 and decode.kv_ready == b"ready"
     router._handle("decode-0", Tokens(flight.rid, (7,), None, {"transfer_s": 0.2, "kv_bytes": 640.0}))
     router._handle("decode-0", Tokens(flight.rid, (8,), "length"))

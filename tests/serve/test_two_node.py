@@ -16,10 +16,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "two_node_pd" / "two_node_pd.py"
-pytestmark = [pytest.mark.skipif(shutil.which("etcd") is None,
-                                 reason="etcd binary not found (Debian: apt-get install etcd-server)"),
-              pytest.mark.skipif(sys.platform != "linux", reason="the demo uses Linux network namespaces"),
-              pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("etcd") is None, reason="etcd binary not found (Debian: apt-get install etcd-server)"
+    ),
+    pytest.mark.skipif(sys.platform != "linux", reason="the demo uses Linux network namespaces"),
+    pytest.mark.slow,
+    pytest.mark.timeout(300),
+]
 
 
 def namespaces_of(pid: int) -> list[str]:
@@ -50,9 +54,25 @@ def descendants(pid: int) -> list[int]:
 
 def test_demo_moves_kv_between_the_nodes_and_cleans_up(tmp_path: Path) -> None:
     report_path = tmp_path / "report.json"
-    process = subprocess.Popen([sys.executable, str(SCRIPT), "--requests", "2", "--prompt-tokens", "600",
-                                "--max-tokens", "4", "--workdir", str(tmp_path / "work"), "--json", str(report_path)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--requests",
+            "2",
+            "--prompt-tokens",
+            "600",
+            "--max-tokens",
+            "4",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--json",
+            str(report_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     out, _ = process.communicate(timeout=280)
     assert process.returncode == 0, out[-4000:]
     report = json.loads(report_path.read_text())
@@ -70,8 +90,12 @@ def test_demo_moves_kv_between_the_nodes_and_cleans_up(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="checks namespace cleanup, which needs root")
 def test_demo_stopped_half_way_removes_namespaces_and_processes(tmp_path: Path) -> None:
-    process = subprocess.Popen([sys.executable, str(SCRIPT), "--requests", "50", "--workdir", str(tmp_path)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--requests", "50", "--workdir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     give_up = time.monotonic() + 120
     children: list[int] = []
     while len(children) < 4 and time.monotonic() < give_up:  # etcd, router and both workers started
@@ -83,6 +107,9 @@ def test_demo_stopped_half_way_removes_namespaces_and_processes(tmp_path: Path) 
     assert process.returncode != 0
     assert namespaces_of(process.pid) == []
     time.sleep(1.0)
-    alive = [pid for pid in children if os.path.exists(f"/proc/{pid}")
-             and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]
+    alive = [
+        pid
+        for pid in children
+        if os.path.exists(f"/proc/{pid}") and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    ]
     assert alive == [], alive

@@ -24,10 +24,14 @@ from cluster import Cluster
 from topology import Topology
 from two_node_pd import discovery_supported, prompt_of
 
-pytestmark = [pytest.mark.skipif(shutil.which("etcd") is None,
-                                 reason="etcd binary not found (Debian: apt-get install etcd-server)"),
-              pytest.mark.skipif(sys.platform != "linux", reason="Linux only (network namespaces, prctl)"),
-              pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("etcd") is None, reason="etcd binary not found (Debian: apt-get install etcd-server)"
+    ),
+    pytest.mark.skipif(sys.platform != "linux", reason="Linux only (network namespaces, prctl)"),
+    pytest.mark.slow,
+    pytest.mark.timeout(300),
+]
 TTL_S = 5.0  # above this machine's scheduling hiccups under load (2 cores shared by many jobs)
 
 
@@ -37,8 +41,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if missing:
         pytest.skip(f"no --discovery option in {missing} yet")
     with Topology.create("auto") as topology:
-        nodes = Cluster(topology, tmp_path_factory.mktemp("two-node"), lease_ttl_s=TTL_S,
-                        worker_args=("--transfer-timeout", "5"), relayed=("prefill-a",))
+        nodes = Cluster(
+            topology,
+            tmp_path_factory.mktemp("two-node"),
+            lease_ttl_s=TTL_S,
+            worker_args=("--transfer-timeout", "5"),
+            relayed=("prefill-a",),
+        )
         try:
             nodes.start()
             yield nodes
@@ -70,8 +79,10 @@ def test_worker_cut_off_etcd_is_dropped_when_its_lease_lapses_and_rejoins(cluste
     relay.send_signal(signal.SIGSTOP)
     try:
         cluster.wait_workers({"prefill-a"}, 20.0, absent=True)
-        assert any("router: worker prefill-a" in line and "discovery" in line
-                   for line in cluster.log("router", 20000).splitlines()), cluster.log("router")
+        assert any(
+            "router: worker prefill-a" in line and "discovery" in line
+            for line in cluster.log("router", 20000).splitlines()
+        ), cluster.log("router")
         assert cluster.metric("kvxfer_worker_losses_total") >= losses + 1
         answer = cluster.chat(prompt_of(400, 1), max_tokens=4, prefill="auto")  # node B alone serves meanwhile
         assert answer["timing"]["prefill_worker"] == "decode-b"

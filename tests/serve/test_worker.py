@@ -39,12 +39,30 @@ class FakeRouter:
             self._cond.notify_all()
 
     def spawn(self, role: str, name: str, *extra: str, router: str | None = None) -> subprocess.Popen:
-        command = [sys.executable, "-m", "kvxfer.serve.worker", "--role", role, "--model", MODEL, "--router",
-                   self.link.address if router is None else router, "--name", name, "--num-blocks", "64",
-                   "--log-level", "INFO", "--threads", "1", *extra]
+        command = [
+            sys.executable,
+            "-m",
+            "kvxfer.serve.worker",
+            "--role",
+            role,
+            "--model",
+            MODEL,
+            "--router",
+            self.link.address if router is None else router,
+            "--name",
+            name,
+            "--num-blocks",
+            "64",
+            "--log-level",
+            "INFO",
+            "--threads",
+            "1",
+            *extra,
+        ]
         with open(self.directory / f"{name}.log", "wb") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                       env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONFAULTHANDLER": "1"}
+            )
         self.processes[name] = process
         return process
 
@@ -59,8 +77,9 @@ class FakeRouter:
     def log(self, name: str) -> str:
         return (self.directory / f"{name}.log").read_text(errors="replace")[-4000:]
 
-    def wait_for(self, name: str, condition: Callable[[p.Message], bool], timeout: float = WAIT_S,
-                 start: int = 0) -> p.Message:
+    def wait_for(
+        self, name: str, condition: Callable[[p.Message], bool], timeout: float = WAIT_S, start: int = 0
+    ) -> p.Message:
         """The first message from ``name`` at index >= ``start`` that satisfies ``condition``."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -71,8 +90,7 @@ class FakeRouter:
                 left = deadline - time.monotonic()
                 process = self.processes.get(name)
                 if left <= 0 or (process is not None and process.poll() is not None and not self._cond.wait(0.2)):
-                    raise AssertionError(f"no matching message from {name} within {timeout} s; log:\n"
-                                         f"{self.log(name)}")
+                    raise AssertionError(f"no matching message from {name} within {timeout} s; log:\n{self.log(name)}")
                 self._cond.wait(min(left, 0.1))
 
     def count(self, name: str) -> int:
@@ -100,9 +118,12 @@ class FakeRouter:
         deadline = time.monotonic() + timeout
         index = 0
         while True:
-            message = self.wait_for(name, lambda m: getattr(m, "rid", None) == rid
-                                    and isinstance(m, (p.Tokens, p.Error)), timeout=deadline - time.monotonic(),
-                                    start=index)
+            message = self.wait_for(
+                name,
+                lambda m: getattr(m, "rid", None) == rid and isinstance(m, (p.Tokens, p.Error)),
+                timeout=deadline - time.monotonic(),
+                start=index,
+            )
             index = self.messages[name].index(message, index) + 1
             if isinstance(message, p.Error):
                 return tokens, f"error:{message.code}", timing, seen
@@ -128,10 +149,10 @@ def router(tmp_path: Path) -> Any:
     fake.close()
 
 
-def generate(rid: str, prompt: list[int], max_tokens: int = 8, deadline_s: float = 60.0,
-             **sampling: Any) -> p.Generate:
-    return p.Generate(rid, tuple(prompt), p.Sampling(max_tokens=max_tokens, ignore_eos=True, **sampling),
-                      time.time() + deadline_s)
+def generate(rid: str, prompt: list[int], max_tokens: int = 8, deadline_s: float = 60.0, **sampling: Any) -> p.Generate:
+    return p.Generate(
+        rid, tuple(prompt), p.Sampling(max_tokens=max_tokens, ignore_eos=True, **sampling), time.time() + deadline_s
+    )
 
 
 def reference(prompts: dict[str, list[int]], max_tokens: int = 8, **sampling: Any) -> dict[str, list[int]]:
@@ -171,7 +192,7 @@ def test_agg_register_load_and_streams_equal_the_engine(router: FakeRouter) -> N
     stop = expected["r1"][2]
     router.send("a0", generate("st", PROMPTS["r1"], stop_token_ids=(stop,)))
     tokens, finish, _, _ = router.stream("a0", "st")
-    assert (tokens, finish) == (expected["r1"][:expected["r1"].index(stop) + 1], "stop")
+    assert (tokens, finish) == (expected["r1"][: expected["r1"].index(stop) + 1], "stop")
     mark = router.count("a0")
     assert router.load("a0", lambda m: m.running == 0, start=mark).free_blocks == 64  # every block back
 

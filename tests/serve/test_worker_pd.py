@@ -30,8 +30,9 @@ def pair(tmp_path: Path) -> Any:
     fake.close()
 
 
-def disaggregated(router: FakeRouter, rid: str, prompt: list[int], max_tokens: int = 8,
-                  deadline_s: float = 60.0) -> tuple[list[int], str, dict, p.Prefilled]:
+def disaggregated(
+    router: FakeRouter, rid: str, prompt: list[int], max_tokens: int = 8, deadline_s: float = 60.0
+) -> tuple[list[int], str, dict, p.Prefilled]:
     sampling = p.Sampling(max_tokens=max_tokens, ignore_eos=True)
     deadline = time.time() + deadline_s
     router.send("p0", p.Prefill(rid, tuple(prompt), sampling, "d0", deadline))
@@ -87,8 +88,7 @@ def test_abort_mid_decode_frees_blocks_on_both_sides(pair: FakeRouter) -> None:
     assert pair.stream("p0", "b")[1] == "abort"
     mark = {name: pair.count(name) for name in ("p0", "d0")}
     for name in ("p0", "d0"):
-        load = pair.load(name, lambda m, name=name: m.free_blocks == initial[name] and m.running == 0,
-                         start=mark[name])
+        load = pair.load(name, lambda m, name=name: m.free_blocks == initial[name] and m.running == 0, start=mark[name])
         assert load.active_blocks == 0
 
 
@@ -124,8 +124,7 @@ def test_concurrent_requests_batch_on_both_sides(pair: FakeRouter) -> None:
         assert isinstance(ready, p.Prefilled)
         pair.send("d0", p.Decode(rid, tuple(prompt), sampling, ready.kv_ready, ready.first_token, deadline))
     expected = reference(prompts, max_tokens=10)
-    assert {rid: pair.stream("d0", rid)[:2] for rid in prompts} == {rid: (expected[rid], "length")
-                                                                    for rid in prompts}
+    assert {rid: pair.stream("d0", rid)[:2] for rid in prompts} == {rid: (expected[rid], "length") for rid in prompts}
 
 
 @pytest.mark.gpu
@@ -140,8 +139,7 @@ def test_disaggregated_equals_aggregated_on_gpu(tmp_path: Path) -> None:
         fake.send("p0", peers)
         fake.send("d0", peers)
         for rid, prompt in PROMPTS.items():
-            fake.send("a0", p.Generate(rid, tuple(prompt), p.Sampling(max_tokens=8, ignore_eos=True),
-                                       time.time() + 60))
+            fake.send("a0", p.Generate(rid, tuple(prompt), p.Sampling(max_tokens=8, ignore_eos=True), time.time() + 60))
             agg = fake.stream("a0", rid)[:2]
             assert disaggregated(fake, rid, prompt)[:2] == agg and agg[1] == "length"
     finally:

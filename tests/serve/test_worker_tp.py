@@ -20,7 +20,9 @@ def test_agg_tp2_equals_the_engine(tmp_path: Path) -> None:
     try:
         process = router.spawn("agg", "a0", "--tp", "2")
         register = router.register("a0")
-        assert register.rank_info == () and register.kv_bytes_per_token == 3 * 2 * 2 * 16 * 4  # layers K/V heads dim f32
+        assert (
+            register.rank_info == () and register.kv_bytes_per_token == 3 * 2 * 2 * 16 * 4
+        )  # layers K/V heads dim f32
         free = router.load("a0").free_blocks
         for rid, prompt in PROMPTS.items():
             router.send("a0", generate(rid, prompt))
@@ -89,8 +91,9 @@ def test_disaggregated_tp2_equals_aggregated_tp2_on_gpus(tmp_path: Path) -> None
             router.send("p0", p.Prefill(rid, tuple(prompt), sampling, "d0", time.time() + 60))
             ready = router.wait_for("p0", lambda m, rid=rid: isinstance(m, (p.Prefilled, p.Error)) and m.rid == rid)
             assert isinstance(ready, p.Prefilled), ready
-            router.send("d0", p.Decode(rid, tuple(prompt), sampling, ready.kv_ready, ready.first_token,
-                                       time.time() + 60))
+            router.send(
+                "d0", p.Decode(rid, tuple(prompt), sampling, ready.kv_ready, ready.first_token, time.time() + 60)
+            )
             assert router.stream("d0", rid)[:2] == agg and agg[1] == "length"
     finally:
         router.close()

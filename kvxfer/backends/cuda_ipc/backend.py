@@ -69,9 +69,14 @@ class _PlanState:
 class CudaIpcBackend(Backend):
     """Same-host GPU<->GPU transfers across processes (``strategy``: "auto", "kernel" or "copy")."""
 
-    caps = BackendCaps(name="cuda_ipc", wire="cuda_ipc", memory_kinds=frozenset({MemoryKind.CUDA}),
-                       scope=Scope.HOST,
-                       can_cancel=True, preference=50)
+    caps = BackendCaps(
+        name="cuda_ipc",
+        wire="cuda_ipc",
+        memory_kinds=frozenset({MemoryKind.CUDA}),
+        scope=Scope.HOST,
+        can_cancel=True,
+        preference=50,
+    )
 
     def __init__(self, strategy: str = "auto", early_notify: bool | None = None) -> None:
         super().__init__()
@@ -150,8 +155,14 @@ class CudaIpcBackend(Backend):
         except (KeyError, TypeError, ValueError, msgpack.UnpackException) as error:
             raise PeerDisconnectedError(f"cuda_ipc: bad backend info from {peer.name!r}: {error}", peer.name) from None
         if peer.meta.uid != self.context.agent_uid:
-            self._mailbox.open(peer.meta.uid, peer.name, address.decode(), secret,
-                               (self.context.agent_uid, self.context.agent_name), self.context.timeouts.connect)
+            self._mailbox.open(
+                peer.meta.uid,
+                peer.name,
+                address.decode(),
+                secret,
+                (self.context.agent_uid, self.context.agent_name),
+                self.context.timeouts.connect,
+            )
         self._peers[peer.meta.uid] = (peer, address.decode(), secret)
         self._lost.pop(peer.meta.uid, None)
 
@@ -176,8 +187,11 @@ class CudaIpcBackend(Backend):
         try:
             return self._opened.wait(handle, alive, self.context.timeouts.transfer)
         except Exception as error:  # noqa: BLE001 a handle that will not open (any CUDA/cupy error): wait for "done"
-            logger.warning("cuda_ipc: a peer's copy event cannot be waited on here (%s); notifications from it wait "
-                           "for the copy's completion message", error)
+            logger.warning(
+                "cuda_ipc: a peer's copy event cannot be waited on here (%s); notifications from it wait "
+                "for the copy's completion message",
+                error,
+            )
             return None
 
     def _on_note(self, peer_name: str, payload: bytes) -> None:
@@ -251,8 +265,9 @@ class CudaIpcBackend(Backend):
         from ...kernels import batch_copy
 
         if plan.peer.meta.uid in self._lost:
-            raise PeerDisconnectedError(f"peer {plan.peer.name!r} is gone: {self._lost[plan.peer.meta.uid]}",
-                                        plan.peer.name)
+            raise PeerDisconnectedError(
+                f"peer {plan.peer.name!r} is gone: {self._lost[plan.peer.meta.uid]}", plan.peer.name
+            )
         assert self.context is not None
         state = self._state(plan)
         cupy = cupy_module()
@@ -263,7 +278,8 @@ class CudaIpcBackend(Backend):
                 table = state.tables.get(op)
                 if table is None:
                     table = state.tables[op] = batch_copy.to_device(
-                        batch_copy.split_pieces(sources, destinations, state.sizes), state.device)
+                        batch_copy.split_pieces(sources, destinations, state.sizes), state.device
+                    )
                 batch_copy.launch(table, state.device, stream)
             else:
                 self._copy_engine(cupy, sources.tolist(), destinations.tolist(), state.sizes.tolist(), stream.ptr)
@@ -290,8 +306,9 @@ class CudaIpcBackend(Backend):
         return request
 
     @staticmethod
-    def _copy_engine(cupy: ModuleType, sources: list[int], destinations: list[int], sizes: list[int],
-                     stream: int) -> None:
+    def _copy_engine(
+        cupy: ModuleType, sources: list[int], destinations: list[int], sizes: list[int], stream: int
+    ) -> None:
         """Copy-engine copies: one cuMemcpyBatchAsync where the driver has it, else one memcpyAsync per run."""
         if driver.memcpy_batch(destinations, sources, sizes, stream):
             return

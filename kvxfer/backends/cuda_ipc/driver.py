@@ -31,8 +31,9 @@ def check(result: Any, call: str) -> Any:
     status, *values = result if isinstance(result, tuple) else (result,)
     if status != driver.CUresult.CUDA_SUCCESS:
         _, text = driver.cuGetErrorString(status)
-        raise BackendError(f"{call} failed: {status.name} ({text.decode() if isinstance(text, bytes) else text})",
-                           backend="cuda_ipc")
+        raise BackendError(
+            f"{call} failed: {status.name} ({text.decode() if isinstance(text, bytes) else text})", backend="cuda_ipc"
+        )
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
@@ -41,8 +42,10 @@ def check(result: Any, call: str) -> Any:
 def use_device(device: int) -> None:
     """Make ``device``'s primary context current on this thread (cupy and the runtime share it)."""
     cupy_module().cuda.runtime.setDevice(device)
-    check(cu().cuCtxSetCurrent(check(cu().cuDevicePrimaryCtxRetain(device), "cuDevicePrimaryCtxRetain")),
-          "cuCtxSetCurrent")
+    check(
+        cu().cuCtxSetCurrent(check(cu().cuDevicePrimaryCtxRetain(device), "cuDevicePrimaryCtxRetain")),
+        "cuCtxSetCurrent",
+    )
 
 
 def address_range(ptr: int) -> tuple[int, int]:
@@ -93,8 +96,16 @@ def memcpy_batch(destinations: list[int], sources: list[int], sizes: list[int], 
         return False
     attributes = driver.CUmemcpyAttributes()
     attributes.srcAccessOrder = driver.CUmemcpySrcAccessOrder.CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
-    result = call([driver.CUdeviceptr(d) for d in destinations], [driver.CUdeviceptr(s) for s in sources],
-                  list(sizes), len(sizes), [attributes], [0], 1, driver.CUstream(stream))
+    result = call(
+        [driver.CUdeviceptr(d) for d in destinations],
+        [driver.CUdeviceptr(s) for s in sources],
+        list(sizes),
+        len(sizes),
+        [attributes],
+        [0],
+        1,
+        driver.CUstream(stream),
+    )
     status = result[0] if isinstance(result, tuple) else result
     missing = (driver.CUresult.CUDA_ERROR_NOT_SUPPORTED, driver.CUresult.CUDA_ERROR_NOT_FOUND)
     if status in missing:  # an older driver: nothing was queued
@@ -113,13 +124,18 @@ def export_vmm_fd(ptr: int) -> int:
     driver = cu()
     handle = check(driver.cuMemRetainAllocationHandle(ptr), "cuMemRetainAllocationHandle")
     try:
-        properties = check(driver.cuMemGetAllocationPropertiesFromHandle(handle),
-                           "cuMemGetAllocationPropertiesFromHandle")
+        properties = check(
+            driver.cuMemGetAllocationPropertiesFromHandle(handle), "cuMemGetAllocationPropertiesFromHandle"
+        )
         if not int(properties.requestedHandleTypes) & int(_posix_fd_type()):
-            raise BackendError("this VMM allocation was created without CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR "
-                               "and cannot be shared with another process", backend="cuda_ipc")
-        return int(check(driver.cuMemExportToShareableHandle(handle, _posix_fd_type(), 0),
-                         "cuMemExportToShareableHandle"))
+            raise BackendError(
+                "this VMM allocation was created without CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR "
+                "and cannot be shared with another process",
+                backend="cuda_ipc",
+            )
+        return int(
+            check(driver.cuMemExportToShareableHandle(handle, _posix_fd_type(), 0), "cuMemExportToShareableHandle")
+        )
     finally:
         check(driver.cuMemRelease(handle), "cuMemRelease")
 
@@ -142,16 +158,18 @@ def map_vmm(fds: list[int], sizes: list[int], devices: list[int]) -> VmmMapping:
     if len(fds) != len(sizes) or any(size <= 0 for size in sizes):  # what a peer sent: checked before use
         for fd in fds:
             os.close(fd)
-        raise BackendError(f"cuda_ipc: a peer sent {len(fds)} file descriptors for chunk sizes {sizes[:8]}",
-                           backend="cuda_ipc")
+        raise BackendError(
+            f"cuda_ipc: a peer sent {len(fds)} file descriptors for chunk sizes {sizes[:8]}", backend="cuda_ipc"
+        )
     driver = cu()
     total = sum(sizes)
     va = int(check(driver.cuMemAddressReserve(total, 0, 0, 0), "cuMemAddressReserve"))
     offset = 0
     try:
         for fd, size in zip(fds, sizes, strict=True):
-            handle = check(driver.cuMemImportFromShareableHandle(fd, _posix_fd_type()),
-                           "cuMemImportFromShareableHandle")
+            handle = check(
+                driver.cuMemImportFromShareableHandle(fd, _posix_fd_type()), "cuMemImportFromShareableHandle"
+            )
             try:
                 check(driver.cuMemMap(va + offset, size, 0, handle, 0), "cuMemMap")
             finally:
@@ -192,9 +210,14 @@ class VmmAllocation:
         properties.location.type = driver.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
         properties.location.id = device
         properties.requestedHandleTypes = _posix_fd_type()
-        granularity = int(check(driver.cuMemGetAllocationGranularity(
-            properties, driver.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM),
-            "cuMemGetAllocationGranularity"))
+        granularity = int(
+            check(
+                driver.cuMemGetAllocationGranularity(
+                    properties, driver.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
+                ),
+                "cuMemGetAllocationGranularity",
+            )
+        )
         self.nbytes = -(-nbytes // granularity) * granularity
         self.device = device
         self._handle = check(driver.cuMemCreate(self.nbytes, properties, 0), "cuMemCreate")

@@ -25,7 +25,7 @@ from .driver import check, cu, use_device
 logger = logging.getLogger("kvxfer")
 
 RING = 64
-_YIELD_FOR = 0.002      # seconds of yielding between queries before napping
+_YIELD_FOR = 0.002  # seconds of yielding between queries before napping
 _NAP = 0.0001
 _LIVENESS_EVERY = 0.001
 

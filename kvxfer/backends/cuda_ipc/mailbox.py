@@ -112,9 +112,14 @@ def _open(sock: socket.socket) -> bool:
 class Mailbox:
     """Receives notifications and fd requests; sends notifications; watches peers' connections."""
 
-    def __init__(self, uid: str, on_note: Callable[[str, bytes], None], on_lost: Callable[[str, str, str], None],
-                 fds_of: Callable[[int], tuple[list[int], list[int]]],
-                 await_event: Callable[[bytes, Callable[[], bool]], bool | None] | None = None) -> None:
+    def __init__(
+        self,
+        uid: str,
+        on_note: Callable[[str, bytes], None],
+        on_lost: Callable[[str, str, str], None],
+        fds_of: Callable[[int], tuple[list[int], list[int]]],
+        await_event: Callable[[bytes, Callable[[], bool]], bool | None] | None = None,
+    ) -> None:
         self.address = f"\0kvxfer-ipc-{uid}-{os.getpid()}"
         self.secret = secrets.token_bytes(16)
         self._on_note, self._on_lost, self._fds_of = on_note, on_lost, fds_of
@@ -191,8 +196,9 @@ class Mailbox:
             raise PeerDisconnectedError(f"cuda_ipc: peer mailbox unreachable: {error}") from None
         return sock
 
-    def open(self, peer_uid: str, peer_name: str, address: str, secret: bytes, me: tuple[str, str],
-             timeout: float) -> None:
+    def open(
+        self, peer_uid: str, peer_name: str, address: str, secret: bytes, me: tuple[str, str], timeout: float
+    ) -> None:
         """Keep a connection to a peer's mailbox; its end reports the peer lost. ``me``: (uid, name)."""
         sock = self._dial(address, timeout)
         _send(sock, ["hello", secret, me[0], me[1]])
@@ -232,8 +238,9 @@ class Mailbox:
         except OSError as error:
             raise PeerDisconnectedError(f"cuda_ipc: sending to the peer failed: {error}") from None
 
-    def fetch_fds(self, address: str, secret: bytes, my_uid: str, region_index: int,
-                  timeout: float) -> tuple[list[int], Any]:
+    def fetch_fds(
+        self, address: str, secret: bytes, my_uid: str, region_index: int, timeout: float
+    ) -> tuple[list[int], Any]:
         """File descriptors (and chunk sizes) of a peer region's VMM allocation."""
         with self._dial(address, timeout) as sock:
             _send(sock, ["fds", secret, my_uid, region_index])

@@ -74,8 +74,14 @@ class Imports:
         self._closers: dict[str, list[Callable[[], None]]] = {}
         self._legacy: dict[tuple[str, bytes, int], int] = {}
 
-    def local_base(self, peer_uid: str, region_index: int, device: int, key: bytes,
-                   fetch_fds: Callable[[int], tuple[list[int], Any]]) -> int:
+    def local_base(
+        self,
+        peer_uid: str,
+        region_index: int,
+        device: int,
+        key: bytes,
+        fetch_fds: Callable[[int], tuple[list[int], Any]],
+    ) -> int:
         """Map the peer region (once) and return where its first byte is in this process."""
         slot = (peer_uid, region_index, device)
         if slot in self._bases:
