@@ -95,7 +95,7 @@ class UcxBackend(Backend):
         self.device_server = DeviceServer(self)
         self.staging = BufferPool(self.config.stage_chunk, 4 * self.config.stage_inflight)
         self.worker = Worker(self.library, self.ucp.handle, context.agent_name, self.responder.on_message,
-                             self.staging)
+                             self.staging, self.responder.too_large, self.responder.on_refused)
         self.cma = CrossMemory(self.library, threads=self.config.cma_threads or copy_threads())
         self._token = np.frombuffer(os.urandom(16), dtype=np.uint8).copy()
         self.progress = ProgressThread(self, f"kvxfer-ucx-{context.agent_name}")

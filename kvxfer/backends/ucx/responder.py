@@ -15,7 +15,9 @@ import numpy as np
 from ...errors import KvxferError
 from ...handle import Notification
 from .gather import check_spans, gather, scatter
-from .wire import Header, Kind, unpack_descs
+from .wire import Header, Kind, descs_nbytes, unpack_descs
+
+MAX_CHUNK_FRAGMENTS = 1 << 16  # staged.MAX_CHUNK_FRAGMENTS (not imported: staged imports transfer, which is heavy)
 
 if TYPE_CHECKING:
     from .backend import UcxBackend
@@ -26,7 +28,7 @@ _log = logging.getLogger("kvxfer.ucx")
 
 def pack_notification(sender: str, payload: bytes) -> bytes:
     """NOTIFY payload: u16 name length, the sender's agent name (utf-8), the notification bytes."""
-    name = sender.encode()[:1024]
+    name = sender.encode()[:_NAME_MAX]
     return _NAME.pack(len(name)) + name + payload
 
 
@@ -41,11 +43,41 @@ def unpack_notification(data: Any) -> tuple[str, bytes]:
     return raw[_NAME.size:_NAME.size + length].decode(errors="replace"), raw[_NAME.size + length:]
 
 
+#: Default cap on a notification's payload when the agent's context carries no ``limits`` (kvxfer.limits).
+NOTIFICATION_NBYTES = 16 << 20
+_NAME_MAX = 1024
+
+
 class Responder:
     """Handles every message our worker receives (called under the worker lock, maybe inside a UCX callback)."""
 
     def __init__(self, backend: "UcxBackend") -> None:
         self.backend = backend
+        limits = getattr(backend.context, "limits", None)
+        self.notification_nbytes = int(getattr(limits, "notification_nbytes", NOTIFICATION_NBYTES))
+        # staged chunks: descriptors + one chunk of a peer configured like us, with room for a 4x larger one
+        chunk = max(4 * backend.config.stage_chunk, 64 << 20)
+        self.message_nbytes = descs_nbytes(MAX_CHUNK_FRAGMENTS) + chunk
+
+    def too_large(self, head: bytes, length: int) -> str | None:
+        """Why a message of ``length`` payload bytes with header ``head`` is refused before it is received (the
+        receiver would allocate ``length`` bytes for it), or None."""
+        header = Header.decode(head)
+        if header is None:
+            return None  # dropped unread by on_message
+        if header.kind is Kind.NOTIFY:
+            limit = self.notification_nbytes + _NAME.size + _NAME_MAX
+        else:
+            limit = self.message_nbytes
+        if length > limit:
+            return f"{header.kind.name} of {length} bytes exceeds the {limit}-byte cap"
+        return None
+
+    def on_refused(self, head: bytes, reason: str, reply_ep: int) -> None:
+        """A message refused by :meth:`too_large`: staged requests are answered FAIL (the sender stops waiting)."""
+        header = Header.decode(head)
+        if header is not None:
+            self.refuse(header, reply_ep, reason)
 
     def on_message(self, head: bytes, data: Any, reply_ep: int) -> None:
         header = Header.decode(head)

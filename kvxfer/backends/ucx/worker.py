@@ -40,12 +40,15 @@ class Worker:
     """One UCP worker, its address (bytes for the metadata) and its wakeup file descriptor."""
 
     def __init__(self, library: UcxLibrary, context_handle: Any, name: str, on_message: MessageHandler,
-                 buffers: BufferPool) -> None:
+                 buffers: BufferPool, refuse: Callable[[bytes, int], str | None] = lambda _head, _length: None,
+                 on_refused: Callable[[bytes, str, int], None] = lambda _head, _reason, _reply_ep: None) -> None:
         self.library = library
         self._buffers = buffers
         ffi, lib = library.ffi, library.lib
         self.lock = threading.Lock()
         self._on_message = on_message
+        self._refuse, self._on_refused = refuse, on_refused  # size caps per message kind, checked before receiving
+        self.refused = 0  # messages refused by those caps
         params = ffi.new("ucp_worker_params_t *")
         self._name = ffi.new("char[]", name.encode()[:63])
         params.field_mask = cdef.UCP_WORKER_PARAM_FIELD_THREAD_MODE | cdef.UCP_WORKER_PARAM_FIELD_NAME
@@ -233,6 +236,12 @@ class Worker:
         attributes = int(recv.recv_attr)
         reply_ep = int(ffi.cast("uintptr_t", recv.reply_ep)) if attributes & cdef.UCP_AM_RECV_ATTR_FIELD_REPLY_EP else 0
         head = bytes(ffi.buffer(header, header_length)) if header_length else b""
+        refusal = self._refuse(head, length)
+        if refusal is not None:  # too large for its kind: never allocated, never received (UCX drops the data)
+            self.refused += 1
+            _log.warning("ucx: refused a %d-byte message: %s", length, refusal)
+            self._on_refused(head, refusal, reply_ep)
+            return cdef.UCS_OK
         if attributes & cdef.UCP_AM_RECV_ATTR_FLAG_RNDV:
             self.forms["rndv"] += 1
             buffer = self._buffers.take(length)
