@@ -95,7 +95,8 @@ class UcxBackend(Backend):
         self.device_server = DeviceServer(self)
         self.staging = BufferPool(self.config.stage_chunk, 4 * self.config.stage_inflight)
         self.worker = Worker(self.library, self.ucp.handle, context.agent_name, self.responder.on_message,
-                             self.staging, self.responder.too_large, self.responder.on_refused)
+                             self.staging, self.responder.too_large, self.responder.on_refused,
+                             self.responder.placement)
         self.cma = CrossMemory(self.library, threads=self.config.cma_threads or copy_threads())
         self._token = np.frombuffer(os.urandom(16), dtype=np.uint8).copy()
         self.progress = ProgressThread(self, f"kvxfer-ucx-{context.agent_name}")
@@ -366,6 +367,17 @@ class UcxBackend(Backend):
     def expect_replies(self, request: UcxRequest) -> None:
         """Route ACK/DATA/FAIL messages for ``request.id`` to it."""
         self._awaiting[request.id] = request
+    def reply_placement(self, header: Header, length: int) -> int:
+        """Where the DATA answer ``header`` (``length`` bytes) of one of our staged chunks may land directly: the
+        chunk's one local span (0: a pooled buffer). Under the worker lock, inside a UCX callback."""
+        request = self._awaiting.get(header.transfer)
+        return request.placement(header, length) if request is not None else 0  # type: ignore[attr-defined]
+
+    def busy(self, region: "Region") -> bool:
+        """True while a UCX send reads from, or a receive lands in, ``region`` directly (deregister waits)."""
+        with self.worker.lock:
+            return self.worker.touches(region.addr, region.nbytes)
+
     def route_reply(self, header: Header, data: Any) -> None:
         """An answer to one of our staged chunks (under the worker lock)."""
         request = self._awaiting.get(header.transfer)

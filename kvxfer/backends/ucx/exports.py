@@ -130,4 +130,3 @@ class ExportView:
         return generation
 
 
-__all__ = ["ExportTable", "ExportView", "CmaError", "MAX_EXPORTS", "spans_outside"]

@@ -36,18 +36,33 @@ EndpointErrorHandler = Callable[[int], None]
 _log = logging.getLogger("kvxfer.ucx")
 
 
+class UserSpan(tuple):
+    """``(addr, nbytes)`` of registered memory a send reads from or a rendezvous receive lands in directly (no
+    pooled buffer): while one is in flight its region is busy (:meth:`Worker.touches`)."""
+
+    @property
+    def addr(self) -> int:
+        return int(self[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self[1])
+
+
 class Worker:
     """One UCP worker, its address (bytes for the metadata) and its wakeup file descriptor."""
 
     def __init__(self, library: UcxLibrary, context_handle: Any, name: str, on_message: MessageHandler,
                  buffers: BufferPool, refuse: Callable[[bytes, int], str | None] = lambda _head, _length: None,
-                 on_refused: Callable[[bytes, str, int], None] = lambda _head, _reason, _reply_ep: None) -> None:
+                 on_refused: Callable[[bytes, str, int], None] = lambda _head, _reason, _reply_ep: None,
+                 placement: Callable[[bytes, int], int] = lambda _head, _length: 0) -> None:
         self.library = library
         self._buffers = buffers
         ffi, lib = library.ffi, library.lib
         self.lock = threading.Lock()
         self._on_message = on_message
         self._refuse, self._on_refused = refuse, on_refused  # size caps per message kind, checked before receiving
+        self._placement = placement  # where a rendezvous payload may land directly (0: a pooled buffer)
         self.refused = 0  # messages refused by those caps
         params = ffi.new("ucp_worker_params_t *")
         self._name = ffi.new("char[]", name.encode()[:63])
@@ -64,8 +79,8 @@ class Worker:
         efd = ffi.new("int *")
         check(library, lib.ucp_worker_get_efd(self.handle, efd), "ucp_worker_get_efd")
         self.efd = int(efd[0])
-        self._receives: list[tuple[int, bytes, np.ndarray, int]] = []  # rendezvous receives: request, header,
-        # buffer (exactly the message's size), reply ep
+        self._receives: list[tuple[int, bytes, np.ndarray | UserSpan, int]] = []  # rendezvous receives: request,
+        # header, buffer (exactly the message's size; or the registered span it lands in), reply ep
         self._sends: list[tuple[int, Any, SendDone | None, int]] = []  # sends in flight: request, keepalive, done,
         # endpoint (int ucp_ep_h)
         self.abandoned = 0  # sends given up on because their peer process is gone (see abandon_sends)
@@ -244,9 +259,10 @@ class Worker:
             return cdef.UCS_OK
         if attributes & cdef.UCP_AM_RECV_ATTR_FLAG_RNDV:
             self.forms["rndv"] += 1
-            buffer = self._buffers.take(length)
-            request = self.library.lib.ucp_am_recv_data_nbx(self.handle, data, buffer.ctypes.data, length,
-                                                           self._recv_param)
+            place = self._placement(head, length)  # checked by the responder: a span of a registered region
+            buffer: np.ndarray | UserSpan = UserSpan((place, length)) if place else self._buffers.take(length)
+            target = place or buffer.ctypes.data  # type: ignore[union-attr]
+            request = self.library.lib.ucp_am_recv_data_nbx(self.handle, data, target, length, self._recv_param)
             status = pointer_status(request)
             if status == cdef.UCS_INPROGRESS:
                 self._receives.append((request, head, buffer, reply_ep))
@@ -279,11 +295,20 @@ class Worker:
         self._receives = pending
         return done
 
-    def _hand_on(self, head: bytes, buffer: np.ndarray, reply_ep: int) -> None:
+    def _hand_on(self, head: bytes, buffer: np.ndarray | UserSpan, reply_ep: int) -> None:
+        if isinstance(buffer, UserSpan):
+            self._on_message(head, None, reply_ep)  # None: the payload already landed where placement said
+            return
         try:
             self._on_message(head, memoryview(buffer), reply_ep)
         finally:
             self._buffers.give(buffer)  # handlers copy what they keep
+
+    def touches(self, addr: int, nbytes: int) -> bool:
+        """True while a send reads from, or a rendezvous receive lands in, ``[addr, addr + nbytes)``."""
+        spans = [entry[1] for entry in self._sends] + [entry[2] for entry in self._receives]
+        return any(isinstance(span, UserSpan) and span.addr < addr + nbytes and addr < span.addr + span.nbytes
+                   for span in spans)
 
     def _on_callback_error(self, exc_type: Any, exc: BaseException | None, _traceback: Any) -> int:
         _log.error("ucx: active-message handler raised %s: %s", getattr(exc_type, "__name__", exc_type), exc)
