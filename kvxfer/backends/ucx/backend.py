@@ -71,8 +71,9 @@ class UcxBackend(Backend):
         self._awaiting: dict[int, UcxRequest] = {}
         self._outbox: deque[Callable[[], None]] = deque()
         self._batches: "weakref.WeakKeyDictionary[TransferPlan, list]" = weakref.WeakKeyDictionary()
-        # plan -> (link, peer export-table generation) it was last checked against (exports.py)
-        self._checked: "weakref.WeakKeyDictionary[TransferPlan, tuple[Link, int]]" = weakref.WeakKeyDictionary()
+        # plan -> (link serial, peer export-table generation) it was last checked against (exports.py); never the
+        # link itself: a value that reaches its key (link -> lost error -> traceback -> plan) would pin both forever
+        self._checked: "weakref.WeakKeyDictionary[TransferPlan, tuple[int, int]]" = weakref.WeakKeyDictionary()
         self.exports = ExportTable()
         self._ids = itertools.count(1)
         self._last_liveness = self._quiet_since = 0.0
@@ -262,10 +263,10 @@ class UcxBackend(Backend):
             return  # RDMA: the hardware checks the remote keys
         try:
             generation = view.generation()
-            if self._checked.get(plan) != (link, generation):
+            if self._checked.get(plan) != (link.serial, generation):
                 remote = plan.remote
                 view.check(remote.addr, remote.nbytes, remote.region)
-                self._checked[plan] = (link, generation)
+                self._checked[plan] = (link.serial, generation)
         except CmaError as error:
             if error.errno == errno.ESRCH:
                 with self.worker.lock:
