@@ -5,7 +5,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 rounds=${1:-10}
-select=${2:-"cancel_after or stopped_peer or default_deadline or sigkill"}
+select=${2:-"cancel_after or shm-staged and (stopped_peer_times_out or default_deadline)"}
 python=${PYTHON:-/work/main/.venv/bin/python}
 log=${LOG:-/tmp/ucx_stress.log}
 hog=""
