@@ -6,6 +6,12 @@ its remote descriptors, send it as one SCATTER message (UCX uses rendezvous, i.e
 target checks every descriptor against its registered regions, scatters, and answers ACK. READ: send the remote
 descriptors as GATHER; the target gathers and answers DATA; we scatter into local memory. Up to
 ``KVXFER_UCX_STAGE_INFLIGHT`` chunks are in flight per transfer.
+
+This is also the path to a peer whose memory may not be reached one-sidedly (``link.one_sided_ok`` false: a peer
+across hosts without RDMA, or one that set ``KVXFER_UCX_ONE_SIDED=off``), for fragments of any size: fragments
+longer than a chunk are cut into chunk-sized spans (:class:`Spans`), and a chunk of one span goes without copies:
+SCATTER_SPAN / GATHER_SPAN carry its descriptor in the message header, the target checks it before receiving,
+and the rendezvous payload lands straight in the target's span (WRITE) or in ours (the DATA answer of a READ).
 """
 
 from __future__ import annotations

@@ -206,17 +206,19 @@ class Worker:
     def abandon_sends(self, ep: int) -> int:
         """Give up on the sends in flight on endpoint ``ep`` (an int ucp_ep_h) whose peer process is gone: no one
         will ever read their buffers, and in none error mode UCX never completes them. Each request is released
-        (UCX frees it if it ever completes), its buffer dropped (not returned to a pool) and its ``on_done`` not
-        called (the transfers were failed when the peer was lost). Caller holds :attr:`lock`. Returns how many."""
+        (UCX frees it if it ever completes) and its ``on_done(UCS_ERR_CANCELED)`` called, which returns a pooled
+        buffer to its pool (no one reads it any more: reusing it beats a fresh multi-MiB allocation, which the
+        allocator may never give back). Caller holds :attr:`lock`. Returns how many."""
         free = self.library.lib.ucp_request_free
-        keep, dropped = [], 0
+        keep, gone = [], []
         for entry in self._sends:
-            if entry[3] == ep:
-                free(entry[0])
-                dropped += 1
-            else:
-                keep.append(entry)
+            (gone if entry[3] == ep else keep).append(entry)
         self._sends = keep
+        for request, _keepalive, on_done, _ep in gone:
+            free(request)
+            if on_done is not None:
+                on_done(cdef.UCS_ERR_CANCELED)
+        dropped = len(gone)
         self.abandoned += dropped
         return dropped
 
