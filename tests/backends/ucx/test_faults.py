@@ -117,7 +117,7 @@ def test_stopped_peer_fails_by_deadline_and_recovers(path: str) -> None:
             peer = agent.connect(sleeper.metadata)
             plan, offsets = _plan(agent, region, peer, fragments=1024)
             agent.write(plan).wait(30)
-            sleeper.kill(signal.SIGSTOP)
+            sleeper.stop()
             try:
                 began = time.monotonic()
                 handle = agent.write(plan, timeout=1.0)
@@ -141,7 +141,7 @@ def test_stopped_peer_does_not_block_cross_memory_transfers() -> None:
         with RemoteAgent("target", REGION_NBYTES) as sleeper:
             peer = agent.connect(sleeper.metadata)
             plan, offsets = _plan(agent, region, peer, fragments=1024)
-            sleeper.kill(signal.SIGSTOP)
+            sleeper.stop()
             try:
                 agent.write(plan).wait(DEADLINE)
             finally:
@@ -179,7 +179,7 @@ def test_stopped_peer_times_out_at_its_deadline_and_stays_connected(path: str) -
             plan, _offsets = _plan(agent, region, peer, fragments=1024)
             agent.write(plan).wait(30)
             lost: list = []
-            sleeper.kill(signal.SIGSTOP)
+            sleeper.stop()
             try:
                 for attempt in range(2):  # the second shows the first left the link usable, not lost
                     began = time.monotonic()
@@ -210,7 +210,7 @@ def test_default_deadline_times_out_a_stopped_peer_and_keeps_it_connected(path: 
             peer = agent.connect(sleeper.metadata)
             plan, _offsets = _plan(agent, region, peer, fragments=1024)
             _warm(agent, plan)
-            sleeper.kill(signal.SIGSTOP)
+            sleeper.stop()
             try:
                 for attempt in range(4):
                     handle = agent.write(plan)  # the default deadline: Timeouts.transfer
@@ -234,7 +234,7 @@ def test_cancel_after_the_backend_deadline_marks_a_stopped_peer_lost(path: str) 
             peer = agent.connect(sleeper.metadata)
             plan, _offsets = _plan(agent, region, peer, fragments=1024)
             _warm(agent, plan)
-            sleeper.kill(signal.SIGSTOP)
+            sleeper.stop()
             try:
                 handle = agent.write(plan, timeout=10 * backend_deadline)  # the handle outlives the backend's
                 with pytest.raises(TransferTimeoutError, match="still in flight"):
