@@ -294,6 +294,8 @@ class Worker:
                 self._hand_on(head, buffer, reply_ep)
             else:
                 _log.warning("ucx: rendezvous receive failed: %s", self.library.status_text(status))
+                if not isinstance(buffer, UserSpan):
+                    self._buffers.give(buffer)  # UCX is done with it: back to the pool, not to the allocator
         self._receives = pending
         return done
 
