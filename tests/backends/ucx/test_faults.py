@@ -71,6 +71,7 @@ def _check_healthy(agent, local, region, path: str) -> None:
         peer = agent.connect(fresh.metadata)
         assert peer.connected
         plan, offsets = _plan(agent, region, peer, fragments=256)
+        _warm(agent, plan)  # a fresh peer under a short backend deadline on a loaded machine (see _warm)
         agent.write(plan, notify=b"again").wait(30)
         assert fresh.call("digest", offsets[::-1].copy(), FRAGMENT) == digest(local, offsets, FRAGMENT)
         assert fresh.call("notes", 5.0) == [(agent.name, b"again")]
