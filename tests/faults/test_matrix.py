@@ -67,8 +67,11 @@ def test_soak() -> None:
     survivors = {path: Survivor(path) for path in UCX_PATHS}
     trials: dict[str, list] = {path: [] for path in UCX_PATHS}
     try:
-        for path, survivor in survivors.items():
-            survivor.trial(signal.SIGKILL, "WRITE", rng)  # baseline
+        for survivor in survivors.values():
+            survivor.trial(signal.SIGKILL, "WRITE", rng)  # warm-up
+        for survivor in survivors.values():  # fds, threads and RSS are the process's: baselines after all warm-ups
+            survivor.baseline = None
+            survivor.baseline = survivor.settle()
         for _ in range(total):
             path = str(rng.choice(list(UCX_PATHS)))
             sig = SIGNALS[int(rng.integers(2))]

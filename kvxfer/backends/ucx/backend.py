@@ -71,8 +71,9 @@ class UcxBackend(Backend):
         self._awaiting: dict[int, UcxRequest] = {}
         self._outbox: deque[Callable[[], None]] = deque()
         self._batches: "weakref.WeakKeyDictionary[TransferPlan, list]" = weakref.WeakKeyDictionary()
-        # plan -> (link, peer export-table generation) it was last checked against (exports.py)
-        self._checked: "weakref.WeakKeyDictionary[TransferPlan, tuple[Link, int]]" = weakref.WeakKeyDictionary()
+        # plan -> (link serial, peer export-table generation) it was last checked against (exports.py); never the
+        # link itself: a value that reaches its key (link -> lost error -> traceback -> plan) would pin both forever
+        self._checked: "weakref.WeakKeyDictionary[TransferPlan, tuple[int, int]]" = weakref.WeakKeyDictionary()
         self.exports = ExportTable()
         self._ids = itertools.count(1)
         self._last_liveness = self._quiet_since = 0.0
@@ -95,7 +96,8 @@ class UcxBackend(Backend):
         self.device_server = DeviceServer(self)
         self.staging = BufferPool(self.config.stage_chunk, 4 * self.config.stage_inflight)
         self.worker = Worker(self.library, self.ucp.handle, context.agent_name, self.responder.on_message,
-                             self.staging)
+                             self.staging, self.responder.too_large, self.responder.on_refused,
+                             self.responder.placement)
         self.cma = CrossMemory(self.library, threads=self.config.cma_threads or copy_threads())
         self._token = np.frombuffer(os.urandom(16), dtype=np.uint8).copy()
         self.progress = ProgressThread(self, f"kvxfer-ucx-{context.agent_name}")
@@ -261,10 +263,10 @@ class UcxBackend(Backend):
             return  # RDMA: the hardware checks the remote keys
         try:
             generation = view.generation()
-            if self._checked.get(plan) != (link, generation):
+            if self._checked.get(plan) != (link.serial, generation):
                 remote = plan.remote
                 view.check(remote.addr, remote.nbytes, remote.region)
-                self._checked[plan] = (link, generation)
+                self._checked[plan] = (link.serial, generation)
         except CmaError as error:
             if error.errno == errno.ESRCH:
                 with self.worker.lock:
@@ -366,6 +368,17 @@ class UcxBackend(Backend):
     def expect_replies(self, request: UcxRequest) -> None:
         """Route ACK/DATA/FAIL messages for ``request.id`` to it."""
         self._awaiting[request.id] = request
+    def reply_placement(self, header: Header, length: int) -> int:
+        """Where the DATA answer ``header`` (``length`` bytes) of one of our staged chunks may land directly: the
+        chunk's one local span (0: a pooled buffer). Under the worker lock, inside a UCX callback."""
+        request = self._awaiting.get(header.transfer)
+        return request.placement(header, length) if request is not None else 0  # type: ignore[attr-defined]
+
+    def busy(self, region: "Region") -> bool:
+        """True while a UCX send reads from, or a receive lands in, ``region`` directly (deregister waits)."""
+        with self.worker.lock:
+            return self.worker.touches(region.addr, region.nbytes)
+
     def route_reply(self, header: Header, data: Any) -> None:
         """An answer to one of our staged chunks (under the worker lock)."""
         request = self._awaiting.get(header.transfer)

@@ -46,6 +46,10 @@ class DeviceStagedTransfer(StagedTransfer):
         """Bytes per chunk: one GPU slot."""
         return self.backend.device_slot_nbytes
 
+    def placement(self, header: Header, length: int) -> int:
+        """Device chunks move by put into slots: DATA answers carry no payload to place."""
+        return 0
+
     def start(self) -> None:
         with self.backend.worker.lock:
             try:  # allocated and registered on first use, under the worker lock like every registration

@@ -78,12 +78,14 @@ class ExportView:
 
     def __init__(self, cma: CrossMemory, pid: int, address: int, peer: str) -> None:
         self._cma, self._pid, self._address, self._peer = cma, pid, address, peer
-        self._buffer = np.zeros(_HEAD + 3 * MAX_EXPORTS, dtype=np.uint64)
+        self._buffer = np.zeros(_HEAD + 3 * 16, dtype=np.uint64)  # grown to the peer's table as needed
         self._generation = -1
         self._regions: dict[int, tuple[int, int]] = {}
         self.reads = 0  # table reads (tests, benchmarks)
 
     def _read(self, words: int) -> None:
+        if words > self._buffer.size:
+            self._buffer = np.zeros(words, dtype=np.uint64)
         nbytes = 8 * words
         local = self._buffer[:words]
         batch = Batch(_merged(np.array([local.ctypes.data], np.uint64), np.array([nbytes], np.uint64)),
@@ -130,4 +132,3 @@ class ExportView:
         return generation
 
 
-__all__ = ["ExportTable", "ExportView", "CmaError", "MAX_EXPORTS", "spans_outside"]

@@ -10,6 +10,7 @@ ESRCH, and every transfer's deadline.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import select
@@ -32,6 +33,7 @@ _SHARED_MEMORY = {"sysv", "posix", "cma", "xpmem", "knem", "cuda_ipc", "rocm_ipc
 # wherever the initiator says.
 RDMA_TRANSPORTS = {"rc_verbs", "rc_mlx5", "dc_mlx5", "ud_verbs", "ud_mlx5", "rc_x", "dc_x", "srd"}
 _log = logging.getLogger("kvxfer.ucx")
+_SERIALS = itertools.count(1)
 
 
 def error_mode(local_policy: str, remote_policy: str, same_host: bool) -> str:
@@ -52,6 +54,7 @@ class Link:
         # Nothing from the metadata reaches libucp unless it matches the digest the peer put in its UCX info.
         info.verify([(region.index, region.keys["ucx"]) for region in peer.meta.regions if region.keys.get("ucx")],
                     peer.name)
+        self.serial = next(_SERIALS)  # unique per link in this process (caches key on it, never on the link)
         self.name = peer.name
         self.uid = peer.meta.uid
         self.peer = peer

@@ -15,7 +15,9 @@ import numpy as np
 from ...errors import KvxferError
 from ...handle import Notification
 from .gather import check_spans, gather, scatter
-from .wire import Header, Kind, unpack_descs
+from .wire import Header, Kind, descs_nbytes, unpack_descs, unpack_span
+
+MAX_CHUNK_FRAGMENTS = 1 << 16  # staged.MAX_CHUNK_FRAGMENTS (not imported: staged imports transfer, which is heavy)
 
 if TYPE_CHECKING:
     from .backend import UcxBackend
@@ -26,7 +28,7 @@ _log = logging.getLogger("kvxfer.ucx")
 
 def pack_notification(sender: str, payload: bytes) -> bytes:
     """NOTIFY payload: u16 name length, the sender's agent name (utf-8), the notification bytes."""
-    name = sender.encode()[:1024]
+    name = sender.encode()[:_NAME_MAX]
     return _NAME.pack(len(name)) + name + payload
 
 
@@ -41,11 +43,70 @@ def unpack_notification(data: Any) -> tuple[str, bytes]:
     return raw[_NAME.size:_NAME.size + length].decode(errors="replace"), raw[_NAME.size + length:]
 
 
+#: Default cap on a notification's payload when the agent's context carries no ``limits`` (kvxfer.limits).
+NOTIFICATION_NBYTES = 16 << 20
+_NAME_MAX = 1024
+
+
 class Responder:
     """Handles every message our worker receives (called under the worker lock, maybe inside a UCX callback)."""
 
     def __init__(self, backend: "UcxBackend") -> None:
         self.backend = backend
+        limits = getattr(backend.context, "limits", None)
+        self.notification_nbytes = int(getattr(limits, "notification_nbytes", NOTIFICATION_NBYTES))
+        # staged chunks: descriptors + one chunk of a peer configured like us, with room for a 4x larger one
+        chunk = max(4 * backend.config.stage_chunk, 64 << 20)
+        self.message_nbytes = descs_nbytes(MAX_CHUNK_FRAGMENTS) + chunk
+
+    def too_large(self, head: bytes, length: int) -> str | None:
+        """Why a message of ``length`` payload bytes with header ``head`` is refused before it is received (the
+        receiver would allocate ``length`` bytes for it, or write it into our memory), or None."""
+        header = Header.decode(head)
+        if header is None:
+            return None  # dropped unread by on_message
+        if header.kind is Kind.SCATTER_SPAN:
+            try:
+                self._span(header, length)
+            except ValueError as error:
+                return str(error)
+            return None
+        if header.kind is Kind.NOTIFY:
+            limit = self.notification_nbytes + _NAME.size + _NAME_MAX
+        else:
+            limit = self.message_nbytes
+        if length > limit:
+            return f"{header.kind.name} of {length} bytes exceeds the {limit}-byte cap"
+        return None
+
+    def _span(self, header: Header, length: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The one descriptor of a SCATTER_SPAN / GATHER_SPAN, checked against our registered host regions (and,
+        when ``length`` is given, against the payload's length); ValueError saying why not."""
+        addr, nbytes, region = unpack_span(header.tail)
+        if length is not None and length != int(nbytes[0]):
+            raise ValueError(f"{header.kind.name} carries {length} bytes for a {int(nbytes[0])}-byte span")
+        reason = check_spans(addr, nbytes, region, self.backend.host_view)
+        if reason is not None:
+            raise ValueError(reason)
+        return addr, nbytes, region
+
+    def placement(self, head: bytes, length: int) -> int:
+        """Where a rendezvous payload may be received directly (0: into a pooled buffer): the checked span of a
+        SCATTER_SPAN (too_large ran first), or the local span a DATA answer of one of our transfers fills."""
+        header = Header.decode(head)
+        if header is None:
+            return 0
+        if header.kind is Kind.SCATTER_SPAN:
+            return int(self._span(header, length)[0][0])
+        if header.kind is Kind.DATA:
+            return self.backend.reply_placement(header, length)
+        return 0
+
+    def on_refused(self, head: bytes, reason: str, reply_ep: int) -> None:
+        """A message refused by :meth:`too_large`: staged requests are answered FAIL (the sender stops waiting)."""
+        header = Header.decode(head)
+        if header is not None:
+            self.refuse(header, reply_ep, reason)
 
     def on_message(self, head: bytes, data: Any, reply_ep: int) -> None:
         header = Header.decode(head)
@@ -61,6 +122,16 @@ class Responder:
                 self._scatter(header, data, reply_ep)
             elif header.kind is Kind.GATHER:
                 self._gather(header, data, reply_ep)
+            elif header.kind is Kind.SCATTER_SPAN:
+                if data is not None:  # an eager payload (a rendezvous one landed in place already)
+                    addr, nbytes, region = self._span(header, len(data))
+                    scatter(np.frombuffer(data, dtype=np.uint8), addr, nbytes, region, self.backend.host_view)
+                self.reply(reply_ep, Header(Kind.ACK, header.transfer, header.chunk))
+            elif header.kind is Kind.GATHER_SPAN:
+                addr, nbytes, region = self._span(header, None)
+                out = self.backend.staging.take(int(nbytes[0]))
+                gather(out, addr, nbytes, region, self.backend.host_view)
+                self.reply(reply_ep, Header(Kind.DATA, header.transfer, header.chunk), out, pooled=True)
             elif header.kind in (Kind.DSCATTER, Kind.DGATHER):
                 self.backend.device_server.accept(header, data, reply_ep)
             elif header.kind is Kind.DCOMMIT:
@@ -94,7 +165,8 @@ class Responder:
         self.reply(reply_ep, Header(Kind.DATA, header.transfer, header.chunk), out, pooled=True)
 
     def refuse(self, header: Header, reply_ep: int, reason: str) -> None:
-        if header.kind in (Kind.SCATTER, Kind.GATHER, Kind.DSCATTER, Kind.DGATHER, Kind.DCOMMIT):
+        if header.kind in (Kind.SCATTER, Kind.GATHER, Kind.DSCATTER, Kind.DGATHER, Kind.DCOMMIT, Kind.SCATTER_SPAN,
+                           Kind.GATHER_SPAN):
             self.reply(reply_ep, Header(Kind.FAIL, header.transfer, header.chunk),
                         np.frombuffer(reason.encode()[:1000], dtype=np.uint8).copy())
 

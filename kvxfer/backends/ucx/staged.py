@@ -6,6 +6,12 @@ its remote descriptors, send it as one SCATTER message (UCX uses rendezvous, i.e
 target checks every descriptor against its registered regions, scatters, and answers ACK. READ: send the remote
 descriptors as GATHER; the target gathers and answers DATA; we scatter into local memory. Up to
 ``KVXFER_UCX_STAGE_INFLIGHT`` chunks are in flight per transfer.
+
+This is also the path to a peer whose memory may not be reached one-sidedly (``link.one_sided_ok`` false: a peer
+across hosts without RDMA, or one that set ``KVXFER_UCX_ONE_SIDED=off``), for fragments of any size: fragments
+longer than a chunk are cut into chunk-sized spans (:class:`Spans`), and a chunk of one span goes without copies:
+SCATTER_SPAN / GATHER_SPAN carry its descriptor in the message header, the target checks it before receiving,
+and the rendezvous payload lands straight in the target's span (WRITE) or in ours (the DATA answer of a READ).
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from ..base import Op
 from . import cdef
 from .gather import gather, scatter
 from .transfer import UcxRequest
-from .wire import Header, Kind, descs_nbytes, pack_descs
+from .wire import Header, Kind, descs_nbytes, pack_descs, pack_span
+from .worker import UserSpan
 
 if TYPE_CHECKING:
     from ...plan import TransferPlan
@@ -102,6 +109,9 @@ class StagedTransfer(UcxRequest):
         start, stop = self.bounds[chunk]
         spans = self.spans
         count = stop - start
+        if count == 1:  # one span (large fragments): no gather, no scatter; the target checks it and receives
+            self._send_span(chunk, start)  # straight into it (WRITE), or we receive its bytes into ours (READ)
+            return
         header_nbytes = descs_nbytes(count)
         if self.op is Op.WRITE:
             data_nbytes = int(spans.nbytes[start:stop].sum(dtype=np.uint64))
@@ -117,8 +127,36 @@ class StagedTransfer(UcxRequest):
         self.backend.worker.send(self.link.ep.handle, header, buffer.ctypes.data, buffer.size, keepalive=buffer,
                                  reply=True, on_done=lambda status: self._sent(buffer, status))
 
-    def _sent(self, buffer: np.ndarray, status: int) -> None:
+    def _send_span(self, chunk: int, index: int) -> None:
+        spans = self.spans
+        nbytes = int(spans.nbytes[index])
+        tail = pack_span(int(spans.remote_addr[index]), nbytes, int(spans.remote_region[index]))
         if self.op is Op.WRITE:
+            addr = int(spans.local_addr[index])
+            base, view = self.backend.host_view(int(spans.local_region[index]))
+            if not (base <= addr and addr + nbytes <= base + view.size):
+                raise ValueError(f"local span {addr:#x} +{nbytes} lies outside its region")
+            header = Header(Kind.SCATTER_SPAN, self.id, chunk, 1, tail).encode()
+            self.backend.worker.send(self.link.ep.handle, header, addr, nbytes, keepalive=UserSpan((addr, nbytes)),
+                                     reply=True, on_done=lambda status: self._sent(None, status))
+        else:
+            header = Header(Kind.GATHER_SPAN, self.id, chunk, 1, tail).encode()
+            self.backend.worker.send(self.link.ep.handle, header, reply=True,
+                                     on_done=lambda status: self._sent(None, status))
+
+    def placement(self, header: Header, length: int) -> int:
+        """Where the DATA answer of a one-span chunk may land directly: that local span (0: a pooled buffer)."""
+        chunk = header.chunk
+        if (header.kind is not Kind.DATA or self.state.final or self.stopped or not 0 <= chunk < self.next_chunk
+                or self.answered[chunk]):
+            return 0
+        start, stop = self.bounds[chunk]
+        if stop - start != 1 or length != int(self.spans.nbytes[start]):
+            return 0
+        return int(self.spans.local_addr[start])
+
+    def _sent(self, buffer: np.ndarray | None, status: int) -> None:
+        if self.op is Op.WRITE and buffer is not None:
             self.backend.staging.give(buffer)
         if status != cdef.UCS_OK and not self.state.final:
             self.fail(f"sending a chunk failed: {self.backend.library.status_text(status)}")
@@ -132,7 +170,7 @@ class StagedTransfer(UcxRequest):
             reason = bytes(data).decode(errors="replace")[:500]
             self.fail(f"the peer refused chunk {header.chunk}: {reason}")
             return
-        if header.kind is Kind.DATA:
+        if header.kind is Kind.DATA and data is not None:  # None: it landed in place (placement)
             start, stop = self.bounds[header.chunk]
             spans = self.spans
             payload = np.frombuffer(data, dtype=np.uint8)

@@ -96,6 +96,8 @@ class Kind(IntEnum):
     DGATHER = 8   # payload: descriptors (CUDA) + stage record; the target gathers, puts into the slot; DATA
     GRANT = 9     # payload: the target's stage record: put the chunk there, then send DCOMMIT
     DCOMMIT = 10  # payload: the requester's stage record; the target scatters its granted slot; ACK
+    SCATTER_SPAN = 11  # tail: one descriptor; payload: its bytes, received straight into it; ACK or FAIL
+    GATHER_SPAN = 12   # tail: one descriptor; answered by DATA (received straight into the requester's span) or FAIL
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,23 @@ class Stage:
                              f"bytes, mode {mode}")
         body = rest[_STAGE.size:].tobytes()
         return cls(slot, body[:rkey_length], bool(mode), body[rkey_length:])
+
+
+_SPAN = struct.Struct("<QQi")
+
+
+def pack_span(addr: int, nbytes: int, region: int) -> bytes:
+    """One descriptor for a header tail (SCATTER_SPAN / GATHER_SPAN)."""
+    return _SPAN.pack(addr, nbytes, region)
+
+
+def unpack_span(tail: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(addr uint64[1], nbytes uint64[1], region int32[1]) from a header tail; ValueError if it is not one."""
+    if len(tail) != _SPAN.size:
+        raise ValueError(f"a span descriptor of {len(tail)} bytes (expected {_SPAN.size})")
+    addr, nbytes, region = _SPAN.unpack(tail)
+    return (np.array([addr], dtype=np.uint64), np.array([nbytes], dtype=np.uint64),
+            np.array([region], dtype=np.int32))
 
 
 def descs_nbytes(count: int) -> int:

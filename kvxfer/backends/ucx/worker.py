@@ -36,16 +36,34 @@ EndpointErrorHandler = Callable[[int], None]
 _log = logging.getLogger("kvxfer.ucx")
 
 
+class UserSpan(tuple):
+    """``(addr, nbytes)`` of registered memory a send reads from or a rendezvous receive lands in directly (no
+    pooled buffer): while one is in flight its region is busy (:meth:`Worker.touches`)."""
+
+    @property
+    def addr(self) -> int:
+        return int(self[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self[1])
+
+
 class Worker:
     """One UCP worker, its address (bytes for the metadata) and its wakeup file descriptor."""
 
     def __init__(self, library: UcxLibrary, context_handle: Any, name: str, on_message: MessageHandler,
-                 buffers: BufferPool) -> None:
+                 buffers: BufferPool, refuse: Callable[[bytes, int], str | None] = lambda _head, _length: None,
+                 on_refused: Callable[[bytes, str, int], None] = lambda _head, _reason, _reply_ep: None,
+                 placement: Callable[[bytes, int], int] = lambda _head, _length: 0) -> None:
         self.library = library
         self._buffers = buffers
         ffi, lib = library.ffi, library.lib
         self.lock = threading.Lock()
         self._on_message = on_message
+        self._refuse, self._on_refused = refuse, on_refused  # size caps per message kind, checked before receiving
+        self._placement = placement  # where a rendezvous payload may land directly (0: a pooled buffer)
+        self.refused = 0  # messages refused by those caps
         params = ffi.new("ucp_worker_params_t *")
         self._name = ffi.new("char[]", name.encode()[:63])
         params.field_mask = cdef.UCP_WORKER_PARAM_FIELD_THREAD_MODE | cdef.UCP_WORKER_PARAM_FIELD_NAME
@@ -61,8 +79,8 @@ class Worker:
         efd = ffi.new("int *")
         check(library, lib.ucp_worker_get_efd(self.handle, efd), "ucp_worker_get_efd")
         self.efd = int(efd[0])
-        self._receives: list[tuple[int, bytes, np.ndarray, int]] = []  # rendezvous receives: request, header,
-        # buffer (exactly the message's size), reply ep
+        self._receives: list[tuple[int, bytes, np.ndarray | UserSpan, int]] = []  # rendezvous receives: request,
+        # header, buffer (exactly the message's size; or the registered span it lands in), reply ep
         self._sends: list[tuple[int, Any, SendDone | None, int]] = []  # sends in flight: request, keepalive, done,
         # endpoint (int ucp_ep_h)
         self.abandoned = 0  # sends given up on because their peer process is gone (see abandon_sends)
@@ -188,17 +206,19 @@ class Worker:
     def abandon_sends(self, ep: int) -> int:
         """Give up on the sends in flight on endpoint ``ep`` (an int ucp_ep_h) whose peer process is gone: no one
         will ever read their buffers, and in none error mode UCX never completes them. Each request is released
-        (UCX frees it if it ever completes), its buffer dropped (not returned to a pool) and its ``on_done`` not
-        called (the transfers were failed when the peer was lost). Caller holds :attr:`lock`. Returns how many."""
+        (UCX frees it if it ever completes) and its ``on_done(UCS_ERR_CANCELED)`` called, which returns a pooled
+        buffer to its pool (no one reads it any more: reusing it beats a fresh multi-MiB allocation, which the
+        allocator may never give back). Caller holds :attr:`lock`. Returns how many."""
         free = self.library.lib.ucp_request_free
-        keep, dropped = [], 0
+        keep, gone = [], []
         for entry in self._sends:
-            if entry[3] == ep:
-                free(entry[0])
-                dropped += 1
-            else:
-                keep.append(entry)
+            (gone if entry[3] == ep else keep).append(entry)
         self._sends = keep
+        for request, _keepalive, on_done, _ep in gone:
+            free(request)
+            if on_done is not None:
+                on_done(cdef.UCS_ERR_CANCELED)
+        dropped = len(gone)
         self.abandoned += dropped
         return dropped
 
@@ -233,11 +253,18 @@ class Worker:
         attributes = int(recv.recv_attr)
         reply_ep = int(ffi.cast("uintptr_t", recv.reply_ep)) if attributes & cdef.UCP_AM_RECV_ATTR_FIELD_REPLY_EP else 0
         head = bytes(ffi.buffer(header, header_length)) if header_length else b""
+        refusal = self._refuse(head, length)
+        if refusal is not None:  # too large for its kind: never allocated, never received (UCX drops the data)
+            self.refused += 1
+            _log.warning("ucx: refused a %d-byte message: %s", length, refusal)
+            self._on_refused(head, refusal, reply_ep)
+            return cdef.UCS_OK
         if attributes & cdef.UCP_AM_RECV_ATTR_FLAG_RNDV:
             self.forms["rndv"] += 1
-            buffer = self._buffers.take(length)
-            request = self.library.lib.ucp_am_recv_data_nbx(self.handle, data, buffer.ctypes.data, length,
-                                                           self._recv_param)
+            place = self._placement(head, length)  # checked by the responder: a span of a registered region
+            buffer: np.ndarray | UserSpan = UserSpan((place, length)) if place else self._buffers.take(length)
+            target = place or buffer.ctypes.data  # type: ignore[union-attr]
+            request = self.library.lib.ucp_am_recv_data_nbx(self.handle, data, target, length, self._recv_param)
             status = pointer_status(request)
             if status == cdef.UCS_INPROGRESS:
                 self._receives.append((request, head, buffer, reply_ep))
@@ -267,14 +294,25 @@ class Worker:
                 self._hand_on(head, buffer, reply_ep)
             else:
                 _log.warning("ucx: rendezvous receive failed: %s", self.library.status_text(status))
+                if not isinstance(buffer, UserSpan):
+                    self._buffers.give(buffer)  # UCX is done with it: back to the pool, not to the allocator
         self._receives = pending
         return done
 
-    def _hand_on(self, head: bytes, buffer: np.ndarray, reply_ep: int) -> None:
+    def _hand_on(self, head: bytes, buffer: np.ndarray | UserSpan, reply_ep: int) -> None:
+        if isinstance(buffer, UserSpan):
+            self._on_message(head, None, reply_ep)  # None: the payload already landed where placement said
+            return
         try:
             self._on_message(head, memoryview(buffer), reply_ep)
         finally:
             self._buffers.give(buffer)  # handlers copy what they keep
+
+    def touches(self, addr: int, nbytes: int) -> bool:
+        """True while a send reads from, or a rendezvous receive lands in, ``[addr, addr + nbytes)``."""
+        spans = [entry[1] for entry in self._sends] + [entry[2] for entry in self._receives]
+        return any(isinstance(span, UserSpan) and span.addr < addr + nbytes and addr < span.addr + span.nbytes
+                   for span in spans)
 
     def _on_callback_error(self, exc_type: Any, exc: BaseException | None, _traceback: Any) -> int:
         _log.error("ucx: active-message handler raised %s: %s", getattr(exc_type, "__name__", exc_type), exc)

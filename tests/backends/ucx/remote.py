@@ -11,6 +11,7 @@ import hashlib
 import multiprocessing
 import os
 import signal
+import time
 from typing import Any
 
 import numpy as np
@@ -154,6 +155,25 @@ class RemoteAgent:
         """Send ``sig`` to the child."""
         if self.process.pid is not None and self.process.is_alive():
             os.kill(self.process.pid, sig)
+
+    def stop(self, seconds: float = 10.0) -> None:
+        """SIGSTOP the child and return once every one of its threads is stopped (kill() only queues the signal:
+        on a loaded machine a thread may run on for a while, e.g. answer one more message)."""
+        self.kill(signal.SIGSTOP)
+        pid = self.process.pid
+        give_up = time.monotonic() + seconds
+        while time.monotonic() < give_up:
+            states = []
+            for task in os.listdir(f"/proc/{pid}/task"):
+                try:
+                    with open(f"/proc/{pid}/task/{task}/stat", encoding="ascii") as file:
+                        states.append(file.read().rsplit(")", 1)[1].split()[0])
+                except OSError:
+                    continue
+            if states and all(state in "Tt" for state in states):
+                return
+            time.sleep(0.001)
+        raise TimeoutError(f"remote agent {self.name!r} (pid {pid}) did not stop within {seconds} s")
 
     def close(self) -> None:
         """Ask the child to quit; kill it if it does not within a few seconds."""

@@ -46,12 +46,18 @@ def target(request):
         yield remote
 
 
+def _expected(mode: str, path: str, how: str) -> str:
+    if how == "one-span" and mode == "same-uid" and path == "shm-staged":
+        return "direct"  # one fragment is never staged when one-sided access is allowed
+    return EXPECTED[mode][path]
+
+
 def _forged(metadata: bytes, how: str) -> bytes:
     meta = AgentMetadata.decode(metadata)
     regions = []
     for region in meta.regions:
         if region.name == "buf":
-            if how == "size":
+            if how in ("size", "one-span"):
                 region = dataclasses.replace(region, nbytes=2 * region.nbytes)
             else:
                 region = dataclasses.replace(region, addr=region.addr + region.nbytes)
@@ -60,7 +66,11 @@ def _forged(metadata: bytes, how: str) -> bytes:
 
 
 def _plans(agent, region, peer, how: str, path: str):
-    """(fragments that touch the canary, what the target must still hold there: None) per op."""
+    """A plan whose remote spans run past the real region (size), or lie wholly outside it (addr)."""
+    if how == "one-span":  # one large fragment across the end: the checked path sends it as one span
+        fragment = 256 << 10
+        return agent.plan(kvxfer.Descs.from_ranges(region, [0], fragment), peer,
+                          kvxfer.Descs.from_ranges(peer.region("buf"), [REGION - fragment // 2], fragment)), fragment
     if path == "shm-staged":  # >= 128 small fragments, the last ones past the real end
         fragment, count = 4096, 256
         remote = np.arange(count, dtype=np.int64) * fragment + (REGION - 128 * fragment if how == "size" else 0)
@@ -73,7 +83,7 @@ def _plans(agent, region, peer, how: str, path: str):
                       kvxfer.Descs.from_ranges(peer.region("buf"), remote, fragment)), fragment
 
 
-@pytest.mark.parametrize("how", ["size", "addr"])
+@pytest.mark.parametrize("how", ["size", "addr", "one-span"])
 @pytest.mark.parametrize("path", list(PATHS))
 def test_a_forged_region_moves_nothing_outside_the_export(target: RemoteAgent, path: str, how: str) -> None:
     agent = kvxfer.Agent(f"liar-{path}-{how}", backends=[UcxBackend(PATHS[path])],
@@ -85,7 +95,7 @@ def test_a_forged_region_moves_nothing_outside_the_export(target: RemoteAgent, p
         peer = agent.connect(_forged(target.metadata, how))
         inside = target.call("digest", [0], REGION)
         plan, _fragment = _plans(agent, region, peer, how, path)
-        assert agent._backends[0].data_path(plan) == EXPECTED[target.mode][path]
+        assert agent._backends[0].data_path(plan) == _expected(target.mode, path, how)
         with pytest.raises(KvxferError):
             agent.write(plan).wait(10)
         assert target.call("canary"), "the target's unexported bytes changed"

@@ -53,12 +53,25 @@ def _wait_for(condition, seconds: float) -> bool:
     return condition()
 
 
+def _warm(agent, plan) -> None:
+    """The first transfer to a fresh peer pays page faults and connection set-up; with a short backend deadline
+    a loaded machine can make it miss that deadline. Warm-up is not what these tests check: retry it."""
+    for attempt in range(5):
+        try:
+            agent.write(plan).wait(30)
+            return
+        except TransferTimeoutError:
+            if attempt == 4:
+                raise
+
+
 def _check_healthy(agent, local, region, path: str) -> None:
     """The survivor reconnects to a fresh process under the old name and moves bytes exactly."""
     with RemoteAgent("target", REGION_NBYTES) as fresh:
         peer = agent.connect(fresh.metadata)
         assert peer.connected
         plan, offsets = _plan(agent, region, peer, fragments=256)
+        _warm(agent, plan)  # a fresh peer under a short backend deadline on a loaded machine (see _warm)
         agent.write(plan, notify=b"again").wait(30)
         assert fresh.call("digest", offsets[::-1].copy(), FRAGMENT) == digest(local, offsets, FRAGMENT)
         assert fresh.call("notes", 5.0) == [(agent.name, b"again")]
@@ -105,7 +118,7 @@ def test_stopped_peer_fails_by_deadline_and_recovers(path: str) -> None:
             peer = agent.connect(sleeper.metadata)
             plan, offsets = _plan(agent, region, peer, fragments=1024)
             agent.write(plan).wait(30)
-            sleeper.kill(signal.SIGSTOP)
+            sleeper.stop()
             try:
                 began = time.monotonic()
                 handle = agent.write(plan, timeout=1.0)
@@ -129,7 +142,7 @@ def test_stopped_peer_does_not_block_cross_memory_transfers() -> None:
         with RemoteAgent("target", REGION_NBYTES) as sleeper:
             peer = agent.connect(sleeper.metadata)
             plan, offsets = _plan(agent, region, peer, fragments=1024)
-            sleeper.kill(signal.SIGSTOP)
+            sleeper.stop()
             try:
                 agent.write(plan).wait(DEADLINE)
             finally:
@@ -167,7 +180,7 @@ def test_stopped_peer_times_out_at_its_deadline_and_stays_connected(path: str) -
             plan, _offsets = _plan(agent, region, peer, fragments=1024)
             agent.write(plan).wait(30)
             lost: list = []
-            sleeper.kill(signal.SIGSTOP)
+            sleeper.stop()
             try:
                 for attempt in range(2):  # the second shows the first left the link usable, not lost
                     began = time.monotonic()
@@ -197,8 +210,8 @@ def test_default_deadline_times_out_a_stopped_peer_and_keeps_it_connected(path: 
         with RemoteAgent("target", REGION_NBYTES) as sleeper:
             peer = agent.connect(sleeper.metadata)
             plan, _offsets = _plan(agent, region, peer, fragments=1024)
-            agent.write(plan).wait(30)
-            sleeper.kill(signal.SIGSTOP)
+            _warm(agent, plan)
+            sleeper.stop()
             try:
                 for attempt in range(4):
                     handle = agent.write(plan)  # the default deadline: Timeouts.transfer
@@ -221,8 +234,8 @@ def test_cancel_after_the_backend_deadline_marks_a_stopped_peer_lost(path: str) 
         with RemoteAgent("target", REGION_NBYTES) as sleeper:
             peer = agent.connect(sleeper.metadata)
             plan, _offsets = _plan(agent, region, peer, fragments=1024)
-            agent.write(plan).wait(30)
-            sleeper.kill(signal.SIGSTOP)
+            _warm(agent, plan)
+            sleeper.stop()
             try:
                 handle = agent.write(plan, timeout=10 * backend_deadline)  # the handle outlives the backend's
                 with pytest.raises(TransferTimeoutError, match="still in flight"):

@@ -146,3 +146,34 @@ def test_staged_cuda_target_killed_mid_transfer_fails_within_deadline(op: str) -
                 agent.write(plan, notify=b"after").wait(30)
                 assert fresh.call("digest", offsets, fragment) == digest(cupy.asnumpy(local), offsets, fragment)
                 assert fresh.call("notes", 10.0) == [("staged-survivor", b"after")]
+
+
+@pytest.mark.parametrize("fragment", [4 << 10, 24 << 20])
+def test_cuda_to_a_target_refusing_one_sided_access_goes_staged(fragment: int) -> None:
+    """A target with KVXFER_UCX_ONE_SIDED=off (issue 14 item 1): CUDA memory moves only through GPU staging slots,
+    which the target checks; fragments larger than a slot are cut into slot-sized spans. Byte-exact both ways."""
+    cupy = pytest.importorskip("cupy")
+    nbytes = 64 << 20
+    with RemoteAgent("strict-gpu", nbytes, device=0, environ={"KVXFER_UCX_ONE_SIDED": "off"}) as remote:
+        cupy.cuda.Device(0).use()
+        local = cupy.zeros(nbytes, dtype=cupy.uint8)
+        staging = np.empty(nbytes, dtype=np.uint8)
+        random_fill(staging, seed=3)
+        local.set(staging)
+        with kvxfer.Agent("gpu-initiator", backends=["ucx"]) as agent:
+            region = agent.register(local, name="buf")
+            peer = agent.connect(remote.metadata)
+            count = min(256, nbytes // fragment // 2)
+            offsets = np.arange(count, dtype=np.int64) * fragment
+            plan = agent.plan(kvxfer.Descs.from_ranges(region, offsets, fragment), peer,
+                              kvxfer.Descs.from_ranges(peer.region("buf"), offsets[::-1].copy(),
+                                                       fragment))
+            assert plan.backend.data_path(plan) == "staged"
+            agent.write(plan).wait(60)
+            assert remote.call("digest", offsets[::-1].copy(), fragment) == digest(cupy.asnumpy(local), offsets,
+                                                                                    fragment)
+            remote.call("fill", 5)
+            local.fill(0)
+            agent.read(plan).wait(60)
+            assert digest(cupy.asnumpy(local), offsets, fragment) == remote.call("digest", offsets[::-1].copy(),
+                                                                                 fragment)
