@@ -276,19 +276,26 @@ def check_connector_message(case: tuple[Any, bytes]) -> None:
 # ---- runs -----------------------------------------------------------------------------------------------------
 
 def _fuzz(strategy: Any, check: Callable[[Any], None], examples: int) -> int:
+    """Run ``check`` on ``examples`` cases, in rounds of at most _ROUND (hypothesis's own bookkeeping grows with the
+    examples of one run, ~20 KiB each here; kvxfer's checks keep nothing, see test_checks_keep_no_memory)."""
     count = [0]
-
-    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(strategy)
-    def run(case: Any) -> None:
-        count[0] += 1
-        check(case)
-
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    run()
+    for start in range(0, examples, _ROUND):
+
+        @settings(max_examples=min(_ROUND, examples - start), deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(strategy)
+        def run(case: Any) -> None:
+            count[0] += 1
+            check(case)
+
+        run()
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kib < 256 << 10, f"peak RSS grew by {grown_kib} KiB while fuzzing"
     return count[0]
+
+
+_ROUND = 2500
 
 
 CASES = {
@@ -397,3 +404,31 @@ def test_side_channel_server_survives_hostile_requests_on_real_sockets():
         except PeerError as error:  # pragma: no cover - the assertion below explains it
             pytest.fail(f"the server stopped serving after hostile requests: {error}")
         assert AgentMetadata.decode(body).name == "p"
+
+
+def test_checks_keep_no_memory():
+    """The same hostile cases checked three times: what kvxfer holds afterwards does not grow (bounded memory)."""
+    import gc
+    import tracemalloc
+
+    samples: list[Any] = []
+    for name in ("metadata", "sidechannel-reply", "signed-envelope"):
+        strategy, check = CASES[name]
+
+        @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(strategy)
+        def collect(case: Any) -> None:
+            samples.append((check, case))
+
+        collect()
+    tracemalloc.start()
+    try:
+        held = []
+        for _ in range(3):
+            for check, case in samples:
+                check(case)
+            gc.collect()
+            held.append(tracemalloc.get_traced_memory()[0])
+    finally:
+        tracemalloc.stop()
+    assert held[2] - held[1] < 64 << 10, f"memory held grew by {held[2] - held[1]} bytes over one pass"
