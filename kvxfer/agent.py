@@ -197,7 +197,7 @@ class Agent:
         if meta.compat != self.compat:
             raise HandshakeError(f"peer {meta.name!r} is incompatible: compat {meta.compat!r} != ours "
                                  f"{self.compat!r}", meta.name)
-        check_not_replayed(meta, self)
+        meta = check_not_replayed(meta, self)
         with self._lock:
             old = self._peers.get(meta.name)
             if old is not None:

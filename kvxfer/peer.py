@@ -32,10 +32,12 @@ def _published(agent: "Agent") -> AgentMetadata | None:
         return None
 
 
-def check_not_replayed(meta: AgentMetadata, me: "Agent") -> None:
-    """HandshakeError when ``meta`` claims to come from this process — our (host id, pid), or a backend address of
-    one of our agents — but is not exactly what that live agent publishes: same uid, name, backend addresses, and
-    every region it lists registered there with the same index, name, span, kind and device."""
+def check_not_replayed(meta: AgentMetadata, me: "Agent") -> AgentMetadata:
+    """The metadata to connect with. When ``meta`` claims to come from this process — our (host id, pid), or a
+    backend address of one of our agents — it must name a live agent here by uid and name, and list only regions
+    that agent registered, with the same index, name, span, kind, device and keys (HandshakeError otherwise); what
+    is returned then is that agent's current metadata, so backends never see a same-process claim, only the truth
+    (which also refreshes backend information that changed since ``meta`` was taken)."""
     live = {uid: published for uid, agent in list(_PROCESS_AGENTS.items())
             if not agent.closed and (published := _published(agent)) is not None}
     addresses = {(wire, info): uid for uid, published in live.items()
@@ -43,15 +45,16 @@ def check_not_replayed(meta: AgentMetadata, me: "Agent") -> None:
     claimed = {addresses[(wire, info)] for wire, info in meta.backends.items() if (wire, info) in addresses}
     ours = meta.pid == me.pid and meta.host_id in {p.host_id for p in live.values()} | {me.host_id}
     if not ours and not claimed:
-        return
+        return meta
     real = live.get(meta.uid)
     why = None
     if real is None:
         why = f"no live agent of this process has uid {meta.uid!r}"
     elif claimed - {meta.uid}:
         why = "it carries the backend address of another agent of this process"
-    elif (meta.name, meta.host_id, meta.pid, meta.backends) != (real.name, real.host_id, real.pid, real.backends):
-        why = f"its name, host, pid or backend addresses differ from agent {real.name!r}'s"
+    elif (meta.name, meta.host_id, meta.pid, set(meta.backends)) != \
+            (real.name, real.host_id, real.pid, set(real.backends)):
+        why = f"its name, host, pid or backends differ from agent {real.name!r}'s"
     else:
         registered = {r.index: r for r in real.regions}
         for region in meta.regions:
@@ -60,9 +63,10 @@ def check_not_replayed(meta: AgentMetadata, me: "Agent") -> None:
                     (region.name, region.addr, region.nbytes, region.kind, region.device, region.keys):
                 why = f"its region {region.name!r} (index {region.index}) is not what agent {real.name!r} registered"
                 break
-    if why is not None:
+    if why is not None or real is None:
         raise HandshakeError(f"metadata of {meta.name!r} claims to come from this process (pid {me.pid}) but {why}; "
                              "refused (replayed or forged metadata)", meta.name)
+    return real
 
 
 class Peer:

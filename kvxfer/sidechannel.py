@@ -285,21 +285,27 @@ def fetch_metadata(address: str, token: str | None, timeout: float) -> bytes:
         with socket.create_connection((host, port), timeout=max(timeout, 1e-3)) as sock:
             sock.settimeout(max(deadline - time.monotonic(), 1e-3))
             sock.sendall(HELLO + nonce + hello_proof(key, nonce))
-            status = _recv_exact(sock, 2, deadline)
-            (length,) = struct.unpack("!I", _recv_exact(sock, 4, deadline))
-            if status == b"NO":
-                reason = _recv_exact(sock, min(length, _MAX_REASON_NBYTES), deadline)
-                raise HandshakeError(f"side channel {address} refused: {reason.decode(errors='replace')}")
-            if status != b"OK":
-                raise HandshakeError(f"side channel {address} answered with an unknown status {status!r}")
-            if length > MAX_METADATA_NBYTES:
-                raise HandshakeError(f"side channel {address} sent {length} bytes, over the metadata cap")
-            body = _recv_exact(sock, length, deadline)
-            mac = _recv_exact(sock, MAC_NBYTES, deadline)
+            return read_reply(sock, address, key, nonce, deadline)
     except TimeoutError:
         raise PeerError(f"side channel {address} unreachable: no complete answer within {timeout} s") from None
     except (OSError, ConnectionError) as error:
         raise PeerError(f"side channel {address} unreachable: {error}") from error
+
+
+def read_reply(sock: socket.socket, address: str, key: bytes, nonce: bytes, deadline: float) -> bytes:
+    """The metadata in the server's reply on ``sock``, authenticated when ``key`` is not empty (HandshakeError for
+    a refusal, a malformed or an unauthenticated reply; OSError / TimeoutError from the socket)."""
+    status = _recv_exact(sock, 2, deadline)
+    (length,) = struct.unpack("!I", _recv_exact(sock, 4, deadline))
+    if status == b"NO":
+        reason = _recv_exact(sock, min(length, _MAX_REASON_NBYTES), deadline)
+        raise HandshakeError(f"side channel {address} refused: {reason.decode(errors='replace')}")
+    if status != b"OK":
+        raise HandshakeError(f"side channel {address} answered with an unknown status {status!r}")
+    if length > MAX_METADATA_NBYTES:
+        raise HandshakeError(f"side channel {address} sent {length} bytes, over the metadata cap")
+    body = _recv_exact(sock, length, deadline)
+    mac = _recv_exact(sock, MAC_NBYTES, deadline)
     if key and not same(mac, reply_mac(key, nonce, body)):
         raise HandshakeError(f"side channel {address} did not prove it holds the token: its answer does not "
                              "authenticate")

@@ -52,7 +52,7 @@ def _run(body: str, timeout: float = 120) -> str:
 def test_local_backend_checks_descriptors_against_what_the_target_registered():
     _run("""
         import kvxfer.agent
-        kvxfer.agent.check_not_replayed = lambda meta, me: None  # as if a forgery slipped past connect's check
+        kvxfer.agent.check_not_replayed = lambda meta, me: meta  # as if a forgery slipped past connect's check
         whole = np.zeros(2 * MiB, np.uint8)
         canary = whole[MiB:]
         canary[:] = 7
@@ -100,6 +100,10 @@ def test_self_replay_with_another_name_and_uid_is_refused():
                 assert target.connect(sibling.metadata()).name == "sibling"
                 refused(lambda: target.connect(forge(sibling.metadata(), uid=target.uid)), HandshakeError,
                         "differ from agent")
+                stale = sibling.metadata()
+                sibling.register(np.zeros(64, np.uint8), name="later")  # backend info may change meanwhile
+                peer = target.connect(stale)
+                assert sorted(r.name for r in peer.regions) == ["later", "region0"]  # connected with the truth
             refused(lambda: target.connect(forge(served, uid="1" * 32)), HandshakeError, "no live agent")
     """)
 

@@ -193,3 +193,28 @@ def test_legitimate_requests_are_served_while_200_stalled_clients_hold_connectio
 @pytest.mark.slow
 def test_legitimate_requests_are_served_while_2000_stalled_clients_hold_connections():
     _crowd_test(2000, 64, 200)
+
+
+def test_a_large_answer_reaches_a_slow_reader_whole():
+    from kvxfer.sidechannel import HELLO, SideChannelServer
+
+    body = bytes(range(256)) * (12 << 10)  # 3 MiB: more than a socket buffer, so it goes out in pieces
+    server = SideChannelServer("127.0.0.1:0", lambda: body, token="s3cret")
+    try:
+        assert fetch_metadata(server.address, "s3cret", 10.0) == body
+        host, port = parse_address(server.address)
+        with socket.create_connection((host, port), timeout=5) as slow:
+            slow.sendall(HELLO + bytes(48))  # a bad proof: refused, whatever the pace
+            assert slow.recv(2) == b"NO"
+        with socket.create_connection((host, port), timeout=5) as slow:
+            from kvxfer.signature import hello_proof
+
+            nonce = bytes(16)
+            slow.sendall(HELLO + nonce + hello_proof(b"s3cret", nonce))
+            received = b""
+            while chunk := slow.recv(65536):
+                received += chunk
+                time.sleep(0.001)
+            assert received[:2] == b"OK" and received[6:-32] == body
+    finally:
+        server.close()
