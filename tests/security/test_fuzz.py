@@ -311,11 +311,8 @@ SLOW_EXAMPLES = {"metadata": 55_000, "sidechannel-request": 25_000, "sidechannel
                  "signed-envelope": 10_000, "connector-message": 15_000}
 
 
-# engine/messages.py: spec_from_wire lets TypeError / ValueError out of KVCacheSpec(...) for a mutated "spec"
-# (strides ":" or false); asked of its owner in /work/requests/house.md. Remove both marks once it is fixed (the
-# strict one below then fails, as a reminder).
-_CONNECTOR_BUG = pytest.mark.xfail(raises=(TypeError, ValueError), strict=False,
-                                   reason="engine/messages.py spec_from_wire: foreign exceptions (requested fix)")
+# Mutated connector messages whose "spec" no converter can read (strides ":" or false): once foreign TypeError /
+# ValueError escaped engine/messages.py; now every field's conversion failure is a HandshakeError.
 _SPEC_BUG_SAMPLES = [
     b"\x93\xabkvxfer-rank\x01\x84\xa4role\xa7prefill\xaaagent_name\xa2p0\xa8metadata\xc4\x04meta\xa4spec\x8e"
     b"\xaanum_layers\x02\xaanum_blocks\x08\xaablock_size\x04\xacnum_kv_heads\x02\xa8head_dim\x08\xa5dtype\xa7"
@@ -323,7 +320,6 @@ _SPEC_BUG_SAMPLES = [
     b"strides" + strides + b"\xa6offset\x00\xa5model\xa0" for strides in (b"\xa1:", b"\xc2")]
 
 
-@pytest.mark.xfail(strict=True, reason="engine/messages.py spec_from_wire: foreign exceptions (requested fix)")
 def test_connector_messages_with_a_mangled_spec_raise_handshake_error():
     from kvxfer.engine.messages import RankInfo
 
@@ -332,7 +328,7 @@ def test_connector_messages_with_a_mangled_spec_raise_handshake_error():
             RankInfo.decode(sample)
 
 
-_NAMES = [pytest.param(n, marks=_CONNECTOR_BUG) if n == "connector-message" else n for n in sorted(CASES)]
+_NAMES = sorted(CASES)
 
 
 @pytest.mark.parametrize("name", _NAMES)
