@@ -112,7 +112,7 @@ def _serve(connection: Any, role: str, device: str, options: dict[str, Any]) -> 
             else:
                 raise ValueError(f"unknown command {command!r}")
             connection.send(answer)
-        except Exception as error:  # report to the driver, which stops the run
+        except Exception as error:  # noqa: BLE001 the worker loop must not die: report to the driver, which stops the run
             connection.send(RuntimeError(f"{role}: {error!r}"))
 
 
@@ -157,7 +157,7 @@ class Side:
     def close(self) -> None:
         try:
             self("quit", timeout=30)
-        except Exception:
+        except (OSError, EOFError, RuntimeError):  # no answer, pipe gone, or its close failed: killed below
             pass
         self.process.join(10)
         if self.process.is_alive():

@@ -89,15 +89,15 @@ def run(source: int, target: int, tokens: int, block_size: int, repeats: int) ->
         ceiling = ceiling_gbps(source, target)
         for name, local, remote, sizes in workloads(spec, tokens):
 
-            def descs(base: int, offsets: np.ndarray, device: int) -> np.ndarray:
+            def descs(base: int, offsets: np.ndarray, lengths: np.ndarray, device: int) -> np.ndarray:
                 table = np.zeros((len(offsets), 3), dtype=np.uint64)
                 table[:, 0] = np.uint64(base) + np.asarray(offsets, np.uint64)
-                table[:, 1] = np.asarray(sizes, np.uint64)
+                table[:, 1] = np.asarray(lengths, np.uint64)
                 table[:, 2] = device
                 return table
 
-            local_side = agent.prep_xfer_dlist("NIXL_INIT_AGENT", descs(cache.data.ptr, local, target), "VRAM")
-            remote_side = agent.prep_xfer_dlist(remote_name, descs(remote_base, remote, source), "VRAM")
+            local_side = agent.prep_xfer_dlist("NIXL_INIT_AGENT", descs(cache.data.ptr, local, sizes, target), "VRAM")
+            remote_side = agent.prep_xfer_dlist(remote_name, descs(remote_base, remote, sizes, source), "VRAM")
             index = np.arange(len(local), dtype=np.int32)
             handle = agent.make_prepped_xfer("READ", local_side, index, remote_side, index, b"")
             seconds = []

@@ -32,12 +32,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples" / "two_node_pd"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "two_node_pd"))
 
 from cluster import Cluster
 from topology import Node, Topology
 from two_node_pd import discovery_supported, prompt_of
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FRAGMENTS = (16 << 10, 256 << 10, 4 << 20)
 TOTAL = 128 << 20

@@ -2,12 +2,13 @@
 
 The engine alone: ``DecodeEngine.generate`` of ``--requests`` prompts x ``--max-tokens`` tokens in this process.
 Through the worker: an ``agg`` worker subprocess driven by a RouterLink in this process (the fake router of the
-tests): every request sent at once as ``generate``, tokens counted as they stream back. Runs alternate (engine, worker, engine, ...) so both see the same machine load; rates are given per wall second
-and per CPU second of the process doing the work (the worker's from /proc). Both on ``--device``
-with ``--model`` (tiny-random by default: the model is tiny, so the worker's own overhead — scheduling loop,
-msgpack, zmq, the token batches — is what the ratio shows). Also reported: the frames the worker sent per decode
-step (TokensBatch coalescing) and, with ``--disagg``, one prefill + one decode worker's TTFT parts and the pipe's
-measured link rate. Each variant is the median of ``--repeats`` runs. Writes ``bench/results/worker_bench_<date>.json``.
+tests): every request sent at once as ``generate``, tokens counted as they stream back. Runs alternate (engine,
+worker, engine, ...) so both see the same machine load; rates are given per wall second and per CPU second of the
+process doing the work (the worker's from /proc). Both on ``--device`` with ``--model`` (tiny-random by default: the
+model is tiny, so the worker's own overhead — scheduling loop, msgpack, zmq, the token batches — is what the ratio
+shows). Also reported: the frames the worker sent per decode step (TokensBatch coalescing) and, with ``--disagg``,
+one prefill + one decode worker's TTFT parts and the pipe's measured link rate. Each variant is the median of
+``--repeats`` runs. Writes ``bench/results/worker_bench_<date>.json``.
 
     python bench/worker_bench.py [--requests 16 --max-tokens 64 --disagg]
 """
@@ -70,7 +71,7 @@ def through_worker(router: FakeRouter, args: argparse.Namespace, prompts: list[l
     pid = router.processes["a0"].pid
     began, cpu = time.perf_counter(), cpu_seconds(pid)
     rids = [f"w{run}-{i}" for i in range(len(prompts))]
-    for rid, prompt in zip(rids, prompts):
+    for rid, prompt in zip(rids, prompts, strict=True):
         router.send("a0", p.Generate(rid, tuple(prompt), sampling, time.time() + 600))
     tokens = sum(len(router.stream("a0", rid, timeout=600)[0]) for rid in rids)
     elapsed = time.perf_counter() - began
@@ -94,7 +95,7 @@ def disaggregated(router: FakeRouter, args: argparse.Namespace, prompt: list[int
     results = []
     for run in range(args.repeats):
         rid = f"d{run}"
-        prompt_run = [run + 1] + prompt  # a new first token each run: no prefix-cache hit
+        prompt_run = [run + 1, *prompt]  # a new first token each run: no prefix-cache hit
         router.send("p0", p.Prefill(rid, tuple(prompt_run), sampling, "d0", time.time() + 600))
         ready = router.wait_for("p0", lambda m, rid=rid: isinstance(m, p.Prefilled) and m.rid == rid)
         assert isinstance(ready, p.Prefilled)

@@ -110,14 +110,14 @@ class Cluster:
 
     def spawn(self, name: str, node: Node, argv: list[str]) -> subprocess.Popen[bytes]:
         """Start ``argv`` inside ``node``, its output in ``<workdir>/<name>.log``."""
-        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it)
+        log = open(self.workdir / f"{name}.log", "ab")
         process = subprocess.Popen(
             node.command(argv),
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.environment(node),
             preexec_fn=_die_with_parent,
-        )  # noqa: PLW1509 (one prctl call, no locks)
+        )
         log.close()
         self.processes[name] = process
         return process

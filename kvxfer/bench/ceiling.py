@@ -96,12 +96,15 @@ def device_copy(nbytes: int, source: int = 0, destination: int | None = None, re
         dst = cupy.ones(nbytes, dtype=cupy.uint8)
     if source == destination:
         kind = cupy.cuda.runtime.memcpyDeviceToDevice
-        launch = lambda s: cupy.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, nbytes, kind, s.ptr)  # noqa
+
+        def copy_local(s: Any) -> None:
+            cupy.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, nbytes, kind, s.ptr)
+
         return _row(
             "device copy",
             f"cuda:{source}->cuda:{source}",
             nbytes,
-            _event_seconds(cupy, source, launch, repeats),
+            _event_seconds(cupy, source, copy_local, repeats),
             "cuda events",
         )
     with cupy.cuda.Device(destination):
@@ -110,19 +113,15 @@ def device_copy(nbytes: int, source: int = 0, destination: int | None = None, re
                 cupy.cuda.runtime.deviceEnablePeerAccess(source)
             except cupy.cuda.runtime.CUDARuntimeError:
                 pass  # already enabled by an earlier call
-    launch = lambda s: cupy.cuda.runtime.memcpyPeerAsync(
-        dst.data.ptr,
-        destination,
-        src.data.ptr,
-        source,  # noqa
-        nbytes,
-        s.ptr,
-    )
+
+    def copy_peer(s: Any) -> None:
+        cupy.cuda.runtime.memcpyPeerAsync(dst.data.ptr, destination, src.data.ptr, source, nbytes, s.ptr)
+
     return _row(
         "peer copy",
         f"cuda:{source}->cuda:{destination}",
         nbytes,
-        _event_seconds(cupy, destination, launch, repeats),
+        _event_seconds(cupy, destination, copy_peer, repeats),
         "cuda events",
     )
 

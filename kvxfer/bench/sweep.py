@@ -303,13 +303,13 @@ def _run_backend(
 ) -> list[dict[str, Any]]:
     nbytes = max(c.nbytes for c in cases)
     runner = None
-    if config.peer is None:
+    address = config.peer
+    if address is None:
         runner = TargetRunner(backend, sorted({c.target for c in cases}), nbytes, config.target_gpu)
+        address = runner.address
     rows = []
     try:
-        initiator = _Initiator(
-            backend, sorted({c.initiator for c in cases}), nbytes, config, config.peer or runner.address
-        )  # type: ignore[union-attr]
+        initiator = _Initiator(backend, sorted({c.initiator for c in cases}), nbytes, config, address)
         try:
             for case in cases:
                 try:

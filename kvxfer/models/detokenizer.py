@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from .tokenizer import Tokenizer
 
 #: Tokens held back at most while the text ends in an incomplete character (a UTF-8 character is at most 4 bytes;
@@ -47,7 +45,7 @@ class Detokenizer:
         context = self.tokenizer.decode(self._ids[: self._read]) if self._read else ""
         full = self.tokenizer.decode(self._ids)
         # Text is appended, except by tokenizers that clean up across token boundaries: then the common prefix.
-        cut = len(context) if full.startswith(context) else len(os.path.commonprefix([context, full]))
+        cut = len(context) if full.startswith(context) else _common_prefix_len(context, full)
         delta = full[cut:]
         self._read = len(self._ids)
         if self._read > CONTEXT_TOKENS:  # keep a short context window, drop older tokens
@@ -55,3 +53,11 @@ class Detokenizer:
             self._read = CONTEXT_TOKENS
         self.text += delta
         return delta
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    """The number of leading characters ``a`` and ``b`` share."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):  # strict=False: the strings differ in length on purpose
+        if x != y:
+            return i
+    return min(len(a), len(b))

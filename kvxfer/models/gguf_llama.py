@@ -163,6 +163,11 @@ def gguf_tokenizer(gguf: GGUFFile) -> Tokenizer:
         )
     tokens = [str(token) for token in gguf.field("tokenizer.ggml.tokens")]
     types = list(gguf.field("tokenizer.ggml.token_type", [1] * len(tokens)))
+    if len(types) != len(tokens):
+        raise ConfigError(
+            f"{gguf.path.name}: tokenizer.ggml.token_type must have one entry per token ({len(tokens)}), "
+            f"got {len(types)}"
+        )
     alphabet = set(byte_to_unicode().values())
     spelling = byte_to_unicode()
     vocab = {
@@ -181,14 +186,14 @@ def gguf_tokenizer(gguf: GGUFFile) -> Tokenizer:
     backend.add_special_tokens(
         [
             AddedToken(token, special=True, normalized=False)
-            for token, kind in zip(tokens, types)
+            for token, kind in zip(tokens, types, strict=True)
             if kind == CONTROL_TOKEN
         ]
     )
     backend.add_tokens(
         [
             AddedToken(token, special=False, normalized=False)
-            for token, kind in zip(tokens, types)
+            for token, kind in zip(tokens, types, strict=True)
             if kind == USER_DEFINED_TOKEN
         ]
     )

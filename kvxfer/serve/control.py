@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Self
+from typing import TYPE_CHECKING
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -25,6 +25,9 @@ from zmq.utils.monitor import recv_monitor_message
 from ..errors import ConfigError, HandshakeError
 from . import protocol
 from .protocol import AnyMessage, Message, TokensBatch
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 logger = logging.getLogger("kvxfer.serve")
 

@@ -177,7 +177,7 @@ class DiscoveryWatch:
         if self._on_close is not None:
             self._on_close(self)
 
-    def __enter__(self: _Watch) -> _Watch:  # noqa: PYI019  (typing.Self needs Python 3.11)
+    def __enter__(self: _Watch) -> _Watch:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -212,7 +212,7 @@ class Discovery(ABC):
     def close(self) -> None:
         """Stop background work and close every watch."""
 
-    def __enter__(self: _Discovery) -> _Discovery:  # noqa: PYI019
+    def __enter__(self: _Discovery) -> _Discovery:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -57,7 +57,8 @@ class EtcdGateway:
         self._client.close()
 
     def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST ``body`` to ``/v3/<path>``; the decoded answer, or :class:`PeerError` / :class:`PeerDisconnectedError`."""
+        """POST ``body`` to ``/v3/<path>``; the decoded answer, or :class:`PeerError` /
+        :class:`PeerDisconnectedError`."""
         try:
             response = self._client.post(f"/v3/{path}", json=body)
         except httpx.HTTPError as error:

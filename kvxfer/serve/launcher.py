@@ -19,8 +19,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import uvicorn
 
@@ -96,7 +96,7 @@ def start_workers(args: argparse.Namespace, control: str) -> list[WorkerProcess]
     placed = devices(len(roles), args.device, getattr(args, "tp", None) or 1)
     threads = cpu_threads(args, placed)
     workers, counters = [], {"prefill": 0, "decode": 0, "agg": 0}
-    for role, device in zip(roles, placed):
+    for role, device in zip(roles, placed, strict=True):
         name = f"{role}-{counters[role]}"
         counters[role] += 1
         command = [

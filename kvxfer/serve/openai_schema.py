@@ -8,8 +8,9 @@ with a 4xx status. Nothing from a client is trusted: sizes of prompts, message l
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Literal
 
 Priority = Literal["high", "normal", "low"]
 PrefillMode = Literal["auto", "local", "remote"]

@@ -210,6 +210,14 @@ _RID = _str(MAX_NAME)
 _TOKENS = _list(_int(0, (1 << 31) - 1), MAX_TOKENS_PER_MESSAGE)
 _PROMPT = _list(_int(0, (1 << 31) - 1), MAX_TOKENS_PER_MESSAGE, 1)
 _TIMING = _optional(_map(_float(0.0), 32))
+_KV_READY = _bytes(MAX_MESSAGE_NBYTES - 4096)
+# Shared by Generate, Prefill and Decode (module-level so the subclasses need not read another class's _SCHEMA).
+_GENERATE_SCHEMA: dict[str, Check] = {
+    "rid": _RID,
+    "prompt_token_ids": _PROMPT,
+    "sampling": _nested(Sampling),
+    "deadline_s": _float(),
+}
 
 
 @dataclass(frozen=True)
@@ -296,7 +304,7 @@ class Prefilled(Message):
     MAX_NBYTES: ClassVar[int] = MAX_MESSAGE_NBYTES
     _SCHEMA: ClassVar[dict[str, Check]] = {
         "rid": _RID,
-        "kv_ready": _bytes(MAX_MESSAGE_NBYTES - 4096),
+        "kv_ready": _KV_READY,
         "first_token": _int(0, (1 << 31) - 1),
         "timing": _TIMING,
     }
@@ -328,12 +336,7 @@ class Peers(Message):
 @dataclass(frozen=True)
 class Generate(Message):
     TYPE: ClassVar[str] = "generate"
-    _SCHEMA: ClassVar[dict[str, Check]] = {
-        "rid": _RID,
-        "prompt_token_ids": _PROMPT,
-        "sampling": _nested(Sampling),
-        "deadline_s": _float(),
-    }
+    _SCHEMA: ClassVar[dict[str, Check]] = _GENERATE_SCHEMA
     rid: str
     prompt_token_ids: tuple[int, ...]
     sampling: Sampling
@@ -343,7 +346,7 @@ class Generate(Message):
 @dataclass(frozen=True)
 class Prefill(Message):
     TYPE: ClassVar[str] = "prefill"
-    _SCHEMA: ClassVar[dict[str, Check]] = {**Generate._SCHEMA, "decode": _str()}
+    _SCHEMA: ClassVar[dict[str, Check]] = {**_GENERATE_SCHEMA, "decode": _str()}
     rid: str
     prompt_token_ids: tuple[int, ...]
     sampling: Sampling
@@ -356,8 +359,8 @@ class Decode(Message):
     TYPE: ClassVar[str] = "decode"
     MAX_NBYTES: ClassVar[int] = MAX_MESSAGE_NBYTES
     _SCHEMA: ClassVar[dict[str, Check]] = {
-        **Generate._SCHEMA,
-        "kv_ready": Prefilled._SCHEMA["kv_ready"],
+        **_GENERATE_SCHEMA,
+        "kv_ready": _KV_READY,
         "first_token": _int(0, (1 << 31) - 1),
     }
     rid: str

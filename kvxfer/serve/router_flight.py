@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 from .openai_schema import ApiError
 from .protocol import Sampling
@@ -22,7 +22,7 @@ class TokensEvent:
     timing: dict[str, float | str | bool] | None = None
 
 
-Event = Union[TokensEvent, ApiError]
+Event = TokensEvent | ApiError
 
 
 @dataclass(eq=False)

@@ -3,6 +3,8 @@ rejection, and where a request's prefill runs (with a short reason for the metri
 
 from __future__ import annotations
 
+from typing import cast
+
 from . import policy
 from .openai_schema import ApiError
 from .policy_config import PolicyConfig
@@ -18,8 +20,8 @@ def worker_state(entry: WorkerEntry) -> policy.WorkerState:
         backlog = load.waiting / load.decode_tokens_per_s
     return policy.WorkerState(
         entry.name,
-        entry.role,
-        entry.info.block_size,  # type: ignore[arg-type]
+        cast("policy.Role", entry.role),  # Register's schema admits only protocol.ROLES
+        entry.info.block_size,
         entry.free_blocks,
         entry.active_blocks,
         entry.queued_prefill_tokens,

@@ -6,7 +6,7 @@ client never sees a stop string or a piece of it.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..models import Detokenizer, Tokenizer
 

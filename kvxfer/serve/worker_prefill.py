@@ -105,7 +105,7 @@ class PrefillLoop(Loop):
         self.max_batch_now = self.max_batch
         elapsed = time.time() - began
         self.rate.record(sum(r.num_computed_tokens for r in readies), elapsed)
-        for queued, ready in zip(batch, readies):
+        for queued, ready in zip(batch, readies, strict=True):
             self._deadlines[queued.request.request_id] = queued.deadline
             timing = {
                 "queue_s": max(began - queued.received, 0.0),
