@@ -105,12 +105,12 @@ class Cluster:
         self.prefill = [kvxfer.Agent(f"p{r}", backends=[backend]) for r in range(p_tp)]
         self.decode = [kvxfer.Agent(f"d{r}", backends=[backend]) for r in range(d_tp)]
         self.p_caches, self.d_caches = [], []
-        for agent, spec in zip(self.prefill, self.p_specs):
+        for agent, spec in zip(self.prefill, self.p_specs, strict=True):
             cache = np.zeros(spec.tensor_shape, np.float32)
             write_sequence(cache, spec, self.p_ids, self.sequence)
             agent.register(cache, name="kv")
             self.p_caches.append(cache)
-        for agent, spec in zip(self.decode, self.d_specs):
+        for agent, spec in zip(self.decode, self.d_specs, strict=True):
             cache = np.full(spec.tensor_shape, -7.0, np.float32)  # poison: every byte we expect must be written
             agent.register(cache, name="kv")
             self.d_caches.append(cache)
@@ -143,7 +143,7 @@ def announcers(cluster):
     """A pipe on every prefill rank towards decode rank 0, to announce ready layers with."""
     return [
         KVPipe(agent, spec, agent.connect(cluster.decode[0].metadata()), cluster.d_specs[0])
-        for agent, spec in zip(cluster.prefill, cluster.p_specs)
+        for agent, spec in zip(cluster.prefill, cluster.p_specs, strict=True)
     ]
 
 

@@ -8,8 +8,8 @@ import kvxfer
 from kvxfer import (
     BackendUnavailableError,
     ConfigError,
-    Descs,
     DescriptorError,
+    Descs,
     HandshakeError,
     KVCacheSpec,
     PeerError,
@@ -77,7 +77,7 @@ def test_kv_blocks_between_agents_and_select():
 
 
 def test_bad_input_raises_and_moves_no_byte():
-    src_agent, dst_agent, src, dst, peer = agent_pair(1 << 14)
+    src_agent, dst_agent, _src, dst, peer = agent_pair(1 << 14)
     with src_agent, dst_agent:
         local, remote = dst_agent.regions[0], peer.region("buf")
         with pytest.raises(DescriptorError, match="outside"):
@@ -139,7 +139,7 @@ def test_deregister_refused_while_in_flight_then_allowed():
 
 
 def test_explicit_unavailable_backend_names_what_is_available():
-    with pytest.raises((BackendUnavailableError, ConfigError), match="available|unknown"):
+    with pytest.raises((BackendUnavailableError, ConfigError), match=r"available|unknown"):
         kvxfer.Agent("a", backends=["warp-drive"])
 
 

@@ -37,7 +37,7 @@ def test_await_transfer_and_notification():
 
 
 def test_await_cancelled_transfer_raises():
-    src_agent, dst_agent, src, dst, peer = agent_pair(1 << 16, backend="mock")
+    src_agent, dst_agent, _src, _dst, peer = agent_pair(1 << 16, backend="mock")
     dst_agent._backends[0].on_post = lambda *a: Fault.delay(1.0)
 
     async def main():
@@ -72,7 +72,7 @@ def test_await_pipe_handle():
 
 
 def test_await_pipe_handle_times_out_like_its_wait():
-    src_agent, dst_agent, src, dst, peer = agent_pair(1 << 16, backend="mock")
+    src_agent, dst_agent, _src, _dst, _peer = agent_pair(1 << 16, backend="mock")
     dst_agent._backends[0].on_post = lambda *a: Fault.delay(1.0)
     spec = KVCacheSpec(num_layers=1, num_blocks=4, block_size=4, num_kv_heads=1, head_dim=4, dtype="float32")
     with src_agent, dst_agent:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import kvxfer
-from kvxfer import ConfigError, Descs, DescriptorError, KVCacheSpec, RegistrationError
+from kvxfer import ConfigError, DescriptorError, Descs, KVCacheSpec, RegistrationError
 from kvxfer.descs import check_no_overlap, coalesce_pairs
 
 

@@ -14,7 +14,7 @@ from kvxfer import (
     TransferTimeoutError,
     UsageError,
 )
-from kvxfer.backends.mock import Fault, MockBackend
+from kvxfer.backends.mock import Fault
 from tests.helpers import agent_pair
 
 NBYTES = 8 << 20
@@ -30,7 +30,7 @@ def mocked(fault, **kwargs):
 
 
 def test_dropped_transfer_fails_at_its_deadline():
-    src_agent, dst_agent, src, dst, plan = mocked(Fault.drop(), timeouts=Timeouts(transfer=0.2))
+    src_agent, dst_agent, _src, dst, plan = mocked(Fault.drop(), timeouts=Timeouts(transfer=0.2))
     with src_agent, dst_agent:
         handle = dst_agent.read(plan, notify=b"never")
         with pytest.raises(TransferTimeoutError, match="deadline"):
@@ -51,7 +51,7 @@ def test_wait_timeout_leaves_transfer_in_flight():
 
 
 def test_cancel_stops_bytes_landing():
-    src_agent, dst_agent, src, dst, plan = mocked(Fault.delay(0.2))
+    src_agent, dst_agent, _src, dst, plan = mocked(Fault.delay(0.2))
     with src_agent, dst_agent:
         handle = dst_agent.read(plan, notify=b"x")
         handle.cancel()
@@ -102,7 +102,7 @@ def test_injected_failure_and_corruption():
 
 
 def test_released_handle_is_unusable_and_forgotten_handle_warns_at_close():
-    src_agent, dst_agent, src, dst, plan = mocked(Fault.delay(0.2))
+    src_agent, dst_agent, _src, _dst, plan = mocked(Fault.delay(0.2))
     with src_agent:
         with dst_agent.read(plan) as handle:
             pass

@@ -123,5 +123,5 @@ def test_raw_pointer_regions_have_no_element_size():
 
 @pytest.mark.parametrize("bad", [0, -2, True, 2.0])
 def test_bad_itemsize(bad):
-    with pytest.raises(ConfigError, match="Region.itemsize"):
+    with pytest.raises(ConfigError, match=r"Region\.itemsize"):
         Region(addr=4096, nbytes=8, kind="host", itemsize=bad)

@@ -95,7 +95,7 @@ def test_without_batch_support_one_copy_per_run_and_remembered(fake, kwargs):
 
 
 def test_other_batch_failures_raise(fake):
-    fake_driver, cupy, runtime = fake(answer=CUresult.CUDA_ERROR_INVALID_VALUE)
+    _fake_driver, cupy, runtime = fake(answer=CUresult.CUDA_ERROR_INVALID_VALUE)
     with pytest.raises(BackendError, match="cuMemcpyBatchAsync"):
         CudaIpcBackend._copy_engine(cupy, [10], [110], [5], 77)
     assert runtime.copies == []

@@ -44,7 +44,7 @@ def test_local_copies_with_cuda_memory(devices):
         handle.wait(timeout=30)
         assert handle.state is TransferState.DONE
         got = target.get()
-        for mine, theirs in zip(offsets, offsets[::-1]):
+        for mine, theirs in zip(offsets, offsets[::-1], strict=True):
             assert np.array_equal(got[mine : mine + 4096], expected[theirs : theirs + 4096])
         untouched = np.setdiff1d(np.arange(nbytes // 4096), offsets // 4096)
         assert not got.reshape(-1, 4096)[untouched].any()

@@ -51,7 +51,7 @@ def test_offsets_are_distinct_shuffled_slots_and_the_same_for_every_backend() ->
         assert side.tolist() != sorted(side.tolist())  # shuffled, so fragments are not contiguous
     assert not np.array_equal(np.concatenate(local), np.concatenate(remote))
     again = Case("nixl", "host", "host", "READ", 4096, 64, 2).offsets()
-    assert all(np.array_equal(a, b) for a, b in zip(local + remote, again[0] + again[1]))
+    assert all(np.array_equal(a, b) for a, b in zip(local + remote, again[0] + again[1], strict=True))
 
 
 def test_pool_is_random_never_zero_and_scramble_changes_the_digest() -> None:
@@ -70,8 +70,8 @@ def test_sample_windows_stay_inside_paired_fragments() -> None:
     local, remote = case.offsets()
     local_windows, remote_windows, width = sample_windows(case, local, remote, 3, seed=1)
     assert width == 64 << 10 and len(local_windows) == 3
-    pairs = dict(zip(local[0].tolist(), remote[0].tolist()))
-    for start_local, start_remote in zip(local_windows.tolist(), remote_windows.tolist()):
+    pairs = dict(zip(local[0].tolist(), remote[0].tolist(), strict=True))
+    for start_local, start_remote in zip(local_windows.tolist(), remote_windows.tolist(), strict=True):
         fragment = start_local - start_local % case.fragment
         assert start_local + width <= fragment + case.fragment
         assert start_remote - pairs[fragment] == start_local - fragment

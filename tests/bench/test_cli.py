@@ -132,7 +132,7 @@ def test_compare_nixl_runs_the_same_work_when_installed(tmp_path) -> None:
     ours, theirs = [r for r in rows if r["system"] == "kvxfer"], [r for r in rows if r["system"] == "nixl"]
     assert [r["block_size"] for r in theirs] == [r["block_size"] for r in ours] == [4096, 16384]
     assert all(r["verified"] is True and r["gbps"] > 0 and tuple(r) == SWEEP_ROW for r in theirs)
-    for mine, nixl in zip(ours, theirs):
+    for mine, nixl in zip(ours, theirs, strict=True):
         assert mine["nixl_gbps"] == nixl["gbps"] and mine["vs_nixl"] == pytest.approx(mine["gbps"] / nixl["gbps"])
 
 

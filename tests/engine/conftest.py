@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from kvxfer.engine import Model, ModelConfig  # noqa: E402
+from kvxfer.engine import Model, ModelConfig
 
 
 @pytest.fixture(scope="session")

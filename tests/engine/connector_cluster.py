@@ -19,7 +19,7 @@ COMMAND_TIMEOUT = 120.0
 
 SYSTEM = list(range(100, 140))  # a 40-token shared prefix
 PROMPTS = [
-    SYSTEM + [1, 2, 3],
+    [*SYSTEM, 1, 2, 3],
     SYSTEM + [5] * 9,
     list(range(3, 30)),
     SYSTEM[:20] + [7] * 5,
@@ -41,7 +41,8 @@ def prefix_hit(index: int, block_size: int) -> int:
     blocks, at least one token left to compute)."""
     prompt, best = PROMPTS[index], 0
     for earlier in PROMPTS[:index]:
-        common = next((i for i, (a, b) in enumerate(zip(prompt, earlier)) if a != b), min(len(prompt), len(earlier)))
+        pairs = enumerate(zip(prompt, earlier, strict=False))  # prompts differ in length on purpose
+        common = next((i for i, (a, b) in pairs if a != b), min(len(prompt), len(earlier)))
         shared = min(common, len(earlier) - len(earlier) % block_size, len(prompt) - 1)
         best = max(best, shared - shared % block_size)
     return best
@@ -183,7 +184,7 @@ def _worker(connection: Any, role: str, rank: int, world: int, store: str, devic
             return
         try:
             connection.send(_command(state, role, rank, world, where, command, tuple(args)))
-        except BaseException as error:  # report, keep serving: the test decides
+        except BaseException as error:  # noqa: BLE001 report any failure (pytest outcomes too), keep serving: the test decides
             connection.send(RuntimeError(f"{role} rank {rank}: {error!r}\n{traceback.format_exc()}"))
 
 
@@ -231,7 +232,7 @@ class Side:
         os.kill(self.pids[rank], sig)
 
     def close(self) -> None:
-        for connection, process in zip(self.connections, self.processes):
+        for connection, process in zip(self.connections, self.processes, strict=True):
             if process.is_alive():
                 try:
                     os.kill(process.pid, signal.SIGCONT)

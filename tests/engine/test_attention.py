@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-import torch.nn.functional as F  # noqa: E402
+import torch.nn.functional as F
 
-from kvxfer.engine import AttentionBatch, KVCache, causal_attention, paged_attention  # noqa: E402
-from kvxfer.spec import KVCacheSpec  # noqa: E402
+from kvxfer.engine import AttentionBatch, KVCache, causal_attention, paged_attention
+from kvxfer.spec import KVCacheSpec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,7 +45,7 @@ def filled(request: pytest.FixtureRequest) -> tuple:
     cache = KVCache(spec)
     order = torch.randperm(spec.num_blocks, generator=generator).tolist()
     tables, seqs = [], []
-    for n, count in zip(LENGTHS, needed):
+    for n, count in zip(LENGTHS, needed, strict=True):
         table, order = order[:count], order[count:]
         q, k, v = (torch.randn(n, h, DIM, generator=generator) for h in (HEADS, KV_HEADS, KV_HEADS))
         slots = torch.tensor([table[t // block_size] * block_size + t % block_size for t in range(n)])
@@ -57,7 +57,7 @@ def filled(request: pytest.FixtureRequest) -> tuple:
 
 def _run(cache: KVCache, tables: list[list[int]], seqs: list[tuple], query_lens: list[int]) -> list[torch.Tensor]:
     batch = AttentionBatch.build(tables, query_lens, list(LENGTHS), cache.block_size, torch.device("cpu"))
-    q = torch.cat([s[0][-n:] for s, n in zip(seqs, query_lens)])
+    q = torch.cat([s[0][-n:] for s, n in zip(seqs, query_lens, strict=True)])
     keys, values = cache.layer(1)
     out = paged_attention(q, keys, values, batch, DIM**-0.5)
     return list(out.split(query_lens))
@@ -65,14 +65,14 @@ def _run(cache: KVCache, tables: list[list[int]], seqs: list[tuple], query_lens:
 
 def test_prefill_whole_prompts(filled: tuple) -> None:
     cache, tables, seqs = filled
-    for out, (q, k, v) in zip(_run(cache, tables, seqs, list(LENGTHS)), seqs):
+    for out, (q, k, v) in zip(_run(cache, tables, seqs, list(LENGTHS)), seqs, strict=True):
         torch.testing.assert_close(out, _reference(q, k, v), rtol=1e-5, atol=1e-5)
 
 
 def test_chunked_prefill_attends_to_cached_prefix(filled: tuple) -> None:
     cache, tables, seqs = filled
     chunks = [min(n, 7) for n in LENGTHS]
-    for out, (q, k, v), c in zip(_run(cache, tables, seqs, chunks), seqs, chunks):
+    for out, (q, k, v), c in zip(_run(cache, tables, seqs, chunks), seqs, chunks, strict=True):
         torch.testing.assert_close(out, _reference(q, k, v)[-c:], rtol=1e-5, atol=1e-5)
 
 
@@ -80,7 +80,7 @@ def test_batched_decode_over_different_lengths(filled: tuple) -> None:
     cache, tables, seqs = filled
     batch_lens = [1] * len(LENGTHS)
     assert AttentionBatch.build(tables, batch_lens, list(LENGTHS), cache.block_size, torch.device("cpu")).is_decode
-    for out, (q, k, v) in zip(_run(cache, tables, seqs, batch_lens), seqs):
+    for out, (q, k, v) in zip(_run(cache, tables, seqs, batch_lens), seqs, strict=True):
         torch.testing.assert_close(out, _reference(q, k, v)[-1:], rtol=1e-5, atol=1e-5)
 
 

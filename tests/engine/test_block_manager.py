@@ -14,9 +14,9 @@ def test_hash_chain_covers_whole_prefix_and_only_full_blocks() -> None:
     a = block_hashes(list(range(10)), 4)
     assert len(a) == 2  # tokens 8, 9 form a partial block: no hash
     assert a == block_hashes(list(range(10)), 4)
-    changed_first = block_hashes([99] + list(range(1, 10)), 4)
+    changed_first = block_hashes([99, *list(range(1, 10))], 4)
     assert changed_first[0] != a[0] and changed_first[1] != a[1]  # block 1 depends on block 0's tokens
-    changed_second = block_hashes(list(range(7)) + [99, 8, 9], 4)
+    changed_second = block_hashes([*list(range(7)), 99, 8, 9], 4)
     assert changed_second[0] == a[0] and changed_second[1] != a[1]
     assert block_hashes(list(range(4, 8)), 4, previous=a[0]) == a[1:]
 
@@ -50,9 +50,9 @@ def test_prefix_match_after_commit_and_shared_refcount() -> None:
     assert manager.match_prefix(tokens) == []  # nothing committed yet: K/V not computed
     manager.commit(blocks, tokens, num_tokens=11)
     assert manager.match_prefix(tokens) == blocks[:2]
-    assert manager.match_prefix(tokens[:8] + [500, 501, 502, 503]) == blocks[:2]
+    assert manager.match_prefix([*tokens[:8], 500, 501, 502, 503]) == blocks[:2]
     assert manager.match_prefix(tokens, max_tokens=7) == blocks[:1]  # whole blocks within the first 7 tokens
-    assert manager.match_prefix([1] + tokens[1:]) == []
+    assert manager.match_prefix([1, *tokens[1:]]) == []
     shared = manager.allocate(1, prefix=blocks[:2])
     assert shared[:2] == blocks[:2] and manager.ref_count(blocks[0]) == 2
     manager.free(blocks)

@@ -12,9 +12,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import kvxfer  # noqa: E402
-from kvxfer.backends.mock import Fault, MockBackend  # noqa: E402
-from kvxfer.engine import (  # noqa: E402
+import kvxfer
+from kvxfer.backends.mock import Fault, MockBackend
+from kvxfer.engine import (
     CacheConfig,
     DecodeConnector,
     DecodeEngine,
@@ -29,15 +29,15 @@ from kvxfer.engine import (  # noqa: E402
     Request,
     SamplingParams,
 )
-from kvxfer.pipe.checksum import Checksums  # noqa: E402
-from kvxfer.engine.messages import FORMAT_VERSION  # noqa: E402
-from kvxfer.errors import ConfigError, HandshakeError, LayoutMismatchError  # noqa: E402
+from kvxfer.engine.messages import FORMAT_VERSION
+from kvxfer.errors import ConfigError, HandshakeError, LayoutMismatchError
+from kvxfer.pipe.checksum import Checksums
 
 pytestmark = pytest.mark.timeout(60)
 
 SYSTEM = list(range(100, 140))  # a 40-token shared prefix
 PROMPTS = [
-    SYSTEM + [1, 2, 3],
+    [*SYSTEM, 1, 2, 3],
     SYSTEM + [5] * 9,
     list(range(3, 30)),
     SYSTEM[:20] + [7] * 5,
@@ -203,7 +203,7 @@ def test_lease_expires_during_a_slow_pull(pair_factory: Any) -> None:
     pair = pair_factory(
         p_backend=MockBackend(), d_backend=MockBackend(on_post=lambda *a: Fault.delay(1.0)), lease_ttl=0.3
     )
-    ready = pair.prefill.prefill(Request("slow", SYSTEM + [1]), pair.to_decode)
+    ready = pair.prefill.prefill(Request("slow", [*SYSTEM, 1]), pair.to_decode)
     rare = dataclasses.replace(ready, lease_ttl=100.0)  # a decode that renews far too rarely
     pair.decode.receive(rare)
     [admission] = pair.decode.wait()
@@ -311,7 +311,7 @@ def test_verified_pull_refuses_corrupted_blocks(pair_factory: Any) -> None:
     corrupt = MockBackend(on_post=lambda *a: Fault.corrupt(4))  # the decode's reads land with bytes flipped
     pair = pair_factory(p_backend=MockBackend(), d_backend=corrupt, verify=(True, True))
     assert pair.decode.pipe(pair.to_prefill).strategy == "direct"  # the bytes go through the mock backend
-    request = Request("bad", SYSTEM + [1, 2], SamplingParams(max_tokens=4))
+    request = Request("bad", [*SYSTEM, 1, 2], SamplingParams(max_tokens=4))
     pair.decode.receive(pair.prefill.prefill(request, pair.to_decode))
     [admission] = pair.decode.wait()
     assert corrupt.posted > 0
@@ -323,7 +323,7 @@ def test_verified_pull_refuses_corrupted_blocks(pair_factory: Any) -> None:
 def test_unverified_pull_admits_corrupted_blocks(pair_factory: Any) -> None:
     """The control of the test above: the same corruption goes unnoticed without verify."""
     pair = pair_factory(p_backend=MockBackend(), d_backend=MockBackend(on_post=lambda *a: Fault.corrupt(4)))
-    ready = pair.prefill.prefill(Request("bad", SYSTEM + [1, 2], SamplingParams(max_tokens=4)), pair.to_decode)
+    ready = pair.prefill.prefill(Request("bad", [*SYSTEM, 1, 2], SamplingParams(max_tokens=4)), pair.to_decode)
     assert ready.checksums is None
     pair.decode.receive(ready)
     assert [a.admitted for a in pair.decode.wait()] == [True]
@@ -331,7 +331,7 @@ def test_unverified_pull_admits_corrupted_blocks(pair_factory: Any) -> None:
 
 def test_verifying_decode_refuses_a_ready_without_checksums(pair_factory: Any) -> None:
     pair = pair_factory(verify=(False, True))
-    ready = pair.prefill.prefill(Request("plain", SYSTEM + [3], SamplingParams(max_tokens=2)), pair.to_decode)
+    ready = pair.prefill.prefill(Request("plain", [*SYSTEM, 3], SamplingParams(max_tokens=2)), pair.to_decode)
     pair.decode.receive(ready)
     [admission] = pair.decode.wait()
     assert not admission.admitted and "carries no checksums" in admission.error

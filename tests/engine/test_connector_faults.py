@@ -11,10 +11,10 @@ import pytest
 
 pytest.importorskip("torch")
 
-from kvxfer.engine import KVReady, Request, SamplingParams  # noqa: E402
-from kvxfer.engine.messages import request_to_wire  # noqa: E402
+from kvxfer.engine import KVReady, Request, SamplingParams
+from kvxfer.engine.messages import request_to_wire
 
-from .connector_cluster import Side  # noqa: E402
+from .connector_cluster import Side
 
 pytestmark = [pytest.mark.ucx, pytest.mark.timeout(120)]
 

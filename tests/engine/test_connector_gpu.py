@@ -13,10 +13,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kvxfer.engine import CacheConfig, DecodeEngine, KVReady, Model, ModelConfig  # noqa: E402
-from kvxfer.engine.messages import request_to_wire  # noqa: E402
+from kvxfer.engine import CacheConfig, DecodeEngine, KVReady, Model, ModelConfig
+from kvxfer.engine.messages import request_to_wire
 
-from .connector_cluster import PROMPTS, Side, prefix_hit, requests  # noqa: E402
+from .connector_cluster import PROMPTS, Side, prefix_hit, requests
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -10,10 +10,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kvxfer.engine import CacheConfig, DecodeEngine, KVReady, Model, ModelConfig, RankInfo  # noqa: E402
-from kvxfer.engine.messages import request_to_wire  # noqa: E402
+from kvxfer.engine import CacheConfig, DecodeEngine, KVReady, Model, ModelConfig, RankInfo
+from kvxfer.engine.messages import request_to_wire
 
-from .connector_cluster import PROMPTS, Side, prefix_hit, requests  # noqa: E402
+from .connector_cluster import PROMPTS, Side, prefix_hit, requests
 
 pytestmark = [pytest.mark.ucx, pytest.mark.timeout(240)]
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from kvxfer.engine import (  # noqa: E402
+from kvxfer.engine import (
     CacheConfig,
     DecodeEngine,
     FinishReason,
@@ -24,7 +24,7 @@ from kvxfer.engine import (  # noqa: E402
     Reservation,
     SamplingParams,
 )
-from kvxfer.errors import ConfigError, UsageError  # noqa: E402
+from kvxfer.errors import ConfigError, UsageError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,14 +44,14 @@ def _no_leaks(engine: PrefillEngine | DecodeEngine) -> None:
 def test_greedy_paged_equals_dense_recompute(
     tiny_model: Model, dense_greedy: Callable, make_prompts: Callable, layout: str, block_size: int, budget: int
 ) -> None:
-    prompts = make_prompts(4, seed=1) + [SYSTEM + [1, 2, 3], SYSTEM + [9] * 20]
+    prompts = [*make_prompts(4, seed=1), [*SYSTEM, 1, 2, 3], SYSTEM + [9] * 20]
     engine = DecodeEngine(
         tiny_model,
         CacheConfig(num_blocks=512 // block_size, block_size=block_size, layout=layout),
         max_num_batched_tokens=budget,
     )
     outputs = engine.generate(_requests(prompts, max_tokens=10))
-    for prompt, output in zip(prompts, outputs):
+    for prompt, output in zip(prompts, outputs, strict=True):
         assert list(output.output_token_ids) == dense_greedy(prompt, 10)
         assert output.finish_reason is FinishReason.LENGTH
         assert len(output.token_times) == 10 and list(output.token_times) == sorted(output.token_times)
@@ -82,16 +82,16 @@ def test_prefix_cache_hit_skips_recomputation(tiny_model: Model, dense_greedy: C
     engine.release("d")
     _no_leaks(engine)
     uncached = PrefillEngine(tiny_model, CacheConfig(num_blocks=32, block_size=16, enable_prefix_caching=False))
-    uncached.prefill(Request("a", SYSTEM + [1]))
-    assert uncached.prefill(Request("b", SYSTEM + [2])).num_computed_tokens == 33
+    uncached.prefill(Request("a", [*SYSTEM, 1]))
+    assert uncached.prefill(Request("b", [*SYSTEM, 2])).num_computed_tokens == 33
 
 
 def test_decode_engine_reuses_prefix_of_earlier_requests(tiny_model: Model, dense_greedy: Callable) -> None:
     engine = DecodeEngine(tiny_model, CacheConfig(num_blocks=64, block_size=8))
-    first = engine.generate(_requests([SYSTEM + [5]]))[0]
+    first = engine.generate(_requests([[*SYSTEM, 5]]))[0]
     later = engine.generate(
         [
-            Request("x", SYSTEM + [6, 6], SamplingParams(max_tokens=8)),
+            Request("x", [*SYSTEM, 6, 6], SamplingParams(max_tokens=8)),
             Request("y", SYSTEM + [4] * 9, SamplingParams(max_tokens=8)),
         ]
     )
@@ -119,7 +119,7 @@ def _transfer(prefill: PrefillEngine, result: PrefillResult, decode: DecodeEngin
 def test_admit_externally_filled_kv_equals_aggregated(
     tiny_model: Model, make_prompts: Callable, sampling: dict
 ) -> None:
-    prompts = make_prompts(3, seed=2) + [SYSTEM + [1] * 5, SYSTEM + [2] * 17]
+    prompts = [*make_prompts(3, seed=2), SYSTEM + [1] * 5, SYSTEM + [2] * 17]
     requests = _requests(prompts, max_tokens=9, **sampling)
     aggregated = DecodeEngine(tiny_model, CacheConfig(num_blocks=64, block_size=16)).generate(requests)
     prefill = PrefillEngine(tiny_model, CacheConfig(num_blocks=64, block_size=16, layout="HND"))
@@ -242,7 +242,7 @@ def test_gpu_engines_match_cpu_dense_reference(
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA device")
     model = Model.random(tiny_config, seed=1, device="cuda")
-    prompts = make_prompts(4, seed=5) + [SYSTEM + [3] * 7]
+    prompts = [*make_prompts(4, seed=5), SYSTEM + [3] * 7]
     decode = DecodeEngine(model, CacheConfig(num_blocks=64, block_size=16, layout="NHD"))
     assert decode.cache.tensor.is_cuda
     outputs = decode.generate(_requests(prompts, max_tokens=8))

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from kvxfer.engine import (  # noqa: E402
+from kvxfer.engine import (
     AttentionBatch,
     CacheConfig,
     Model,
@@ -25,7 +25,7 @@ from kvxfer.engine import (  # noqa: E402
     read_config,
     save_hf,
 )
-from kvxfer.errors import ConfigError  # noqa: E402
+from kvxfer.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -135,11 +135,11 @@ def test_tensor_parallel_ranks_read_their_shards(tmp_path: Path) -> None:
 
 def test_checkpoint_errors_name_the_problem(tmp_path: Path) -> None:
     config = ModelConfig.preset("tiny")
-    with pytest.raises(ConfigError, match="config.json"):
+    with pytest.raises(ConfigError, match=r"config\.json"):
         load_hf(tmp_path)
     weights = random_weights(config)
     del weights["model.norm.weight"]
-    with pytest.raises(ConfigError, match="model.norm.weight"):
+    with pytest.raises(ConfigError, match=r"model\.norm\.weight"):
         save_hf(tmp_path, config, weights)
     weights["model.norm.weight"] = torch.ones(3)
     with pytest.raises(ConfigError, match=r"shape \(64,\)"):

@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kvxfer.engine import (  # noqa: E402
+from kvxfer.engine import (
     CacheConfig,
     DecodeEngine,
     Model,
@@ -29,7 +29,7 @@ CONFIGS = {
     "split": ModelConfig.preset("tiny"),  # 2 KV heads over 2 ranks: one each
     "replicated": ModelConfig.preset("tiny", num_kv_heads=1),  # 1 KV head: both ranks hold it
 }
-PROMPTS = [list(range(3, 40)), list(range(100, 132)) + [5, 6], list(range(100, 132)) + [7] * 11, [9, 8, 7]]
+PROMPTS = [list(range(3, 40)), [*list(range(100, 132)), 5, 6], list(range(100, 132)) + [7] * 11, [9, 8, 7]]
 PREFILL_PROMPT = list(range(50, 95))
 
 
@@ -110,7 +110,7 @@ def test_tp2_gloo_matches_tp1(tmp_path: Path) -> None:
             h0, h1 = got["heads"]
             assert got["num_kv_heads"] == h1 - h0 == 1
             assert (h0, h1) == ((rank, rank + 1) if name == "split" else (0, 1))
-            for layer, (mine, full) in enumerate(zip(got["kv"], reference["kv"])):
+            for layer, (mine, full) in enumerate(zip(got["kv"], reference["kv"], strict=True)):
                 np.testing.assert_allclose(
                     mine, full[:, :, h0:h1], rtol=1e-5, atol=1e-5, err_msg=f"{name} rank {rank} layer {layer}"
                 )

@@ -7,9 +7,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kvxfer.engine import KVCache  # noqa: E402
-from kvxfer.errors import ConfigError  # noqa: E402
-from kvxfer.spec import KVCacheSpec  # noqa: E402
+from kvxfer.engine import KVCache
+from kvxfer.errors import ConfigError
+from kvxfer.spec import KVCacheSpec
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -102,8 +102,8 @@ def test_chat_template_matches_transformers(smol_cache: dict[str, Any], hf_refer
     ours, (_, theirs) = smol_cache["bundle"].tokenizer, hf_reference
     conversations = [
         FRANCE,
-        [{"role": "system", "content": "Answer in French."}] + FRANCE,
-        FRANCE + [{"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Italy?"}],
+        [{"role": "system", "content": "Answer in French."}, *FRANCE],
+        [*FRANCE, {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Italy?"}],
     ]
     for messages in conversations:
         for generation_prompt in (True, False):

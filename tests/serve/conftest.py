@@ -9,8 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -37,7 +37,7 @@ class Server:
         prefill_delay: float = 0.0,
     ) -> subprocess.Popen[bytes]:
         """A `router_null_worker` process (instant or paced answers, no model) connected to this router."""
-        log = open(self.log.with_name(f"{self.log.stem}-{name}.log"), "wb")  # noqa: SIM115 (closed with the file)
+        log = open(self.log.with_name(f"{self.log.stem}-{name}.log"), "wb")
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -120,7 +120,7 @@ class Server:
 
 def launch(args: list[str], log: Path, timeout_s: float = START_TIMEOUT_S) -> Server:
     """Start ``kvxfer ARGS`` (router or serve, ``--port 0``) and wait for its ready line."""
-    out = open(log, "wb")  # noqa: SIM115 (the child keeps its own descriptor)
+    out = open(log, "wb")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "kvxfer.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env

@@ -46,7 +46,7 @@ class Etcd:
 
     def start(self) -> None:
         peer = f"http://127.0.0.1:{self.peer_port}"
-        log = open(self.directory / "etcd.log", "ab")  # noqa: SIM115  (the process owns it)
+        log = open(self.directory / "etcd.log", "ab")
         self.process = subprocess.Popen(
             [
                 str(ETCD),

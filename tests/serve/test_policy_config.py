@@ -98,7 +98,7 @@ def test_bad_files(tmp_path: Path) -> None:
         PolicyConfig.from_file(top_list)
     toml = tmp_path / "policy.toml"
     toml.write_text("a = 1\n")
-    with pytest.raises(ConfigError, match="expected .json, .yaml or .yml"):
+    with pytest.raises(ConfigError, match=r"expected \.json, \.yaml or \.yml"):
         PolicyConfig.from_file(toml)
 
 

@@ -125,7 +125,7 @@ def test_a_request_past_its_deadline_fails_with_504_and_aborts_its_worker() -> N
 
 
 def test_more_tokens_than_max_tokens_fail_the_request() -> None:
-    router, link = router_with(("agg-0", "agg"))
+    router, _link = router_with(("agg-0", "agg"))
     flight = router.submit(PROMPT, Sampling(max_tokens=2))
     router._handle("agg-0", Tokens(flight.rid, (1, 2, 3), None))
     error = flight.events.get_nowait()
