@@ -83,6 +83,8 @@ class Loop:
         self.group_peers: dict[str, str] = {}  # the inverse
         self._peer_infos: dict[str, tuple[bytes, ...]] = {}
         self._unconnected: dict[str, tuple[bytes, ...]] = {}  # peers whose connection failed: retried
+        #: why the last connection attempt to a peer failed (named in unknown_peer errors)
+        self.connect_errors: dict[str, str] = {}
         self._next_retry = 0.0
 
     # ---- called from other threads -----------------------------------------------------------------------------
@@ -207,8 +209,10 @@ class Loop:
                 group = self.connect(list(rank_info))
             except (KvxferError, OSError) as error:  # a bad or unreachable peer must not stop the worker: retry later
                 logger.warning("worker %s: cannot connect to %s %s: %s", self.name, self.peer_role, name, error)
+                self.connect_errors[name] = f"{type(error).__name__}: {error}"
                 continue
             del self._unconnected[name]
+            self.connect_errors.pop(name, None)
             self._peer_infos[name] = rank_info
             self.peer_groups[name], self.group_peers[group] = group, name
 

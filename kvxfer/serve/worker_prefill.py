@@ -133,7 +133,8 @@ class PrefillLoop(Loop):
                     Error(
                         queued.request.request_id,
                         "unknown_peer",
-                        f"prefill worker {self.name} is not connected to decode worker {queued.decode!r}",
+                        f"prefill worker {self.name} is not connected to decode worker {queued.decode!r}"
+                        + (f" ({self.connect_errors[queued.decode]})" if queued.decode in self.connect_errors else ""),
                     )
                 )
                 continue
