@@ -311,8 +311,8 @@ CASES = {
     "signed-envelope": (hostile_envelopes(), check_envelope),
     "connector-message": (hostile_connector_messages(), check_connector_message),
 }
-DEFAULT_EXAMPLES = {"metadata": 600, "sidechannel-request": 500, "sidechannel-reply": 400, "signed-envelope": 300,
-                    "connector-message": 300}
+DEFAULT_EXAMPLES = {"metadata": 1500, "sidechannel-request": 800, "sidechannel-reply": 600, "signed-envelope": 400,
+                    "connector-message": 500}
 SLOW_EXAMPLES = {"metadata": 55_000, "sidechannel-request": 25_000, "sidechannel-reply": 15_000,
                  "signed-envelope": 10_000, "connector-message": 15_000}
 
