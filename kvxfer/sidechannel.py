@@ -8,7 +8,9 @@ token never reaches the decoder or a backend; the token itself never travels.
 
 The server is one thread and a selector: any number of slow clients cost it a file descriptor each, never a
 thread. It serves at most ``Limits.side_channel_connections`` connections at once (a new one beyond that evicts
-the oldest still-unanswered one, so a crowd of stalled clients cannot lock legitimate ones out) and gives each
+the oldest still-unanswered one, so a crowd of stalled clients cannot lock legitimate ones out; a round of the loop
+accepts at most half that many and reads what arrived before accepting more, so a fresh connection whose request
+trails its connect is read before newer ones can push it out) and gives each
 ``Limits.side_channel_request_seconds`` in all. The client's ``timeout`` is a total deadline too.
 """
 
@@ -34,7 +36,6 @@ logger = logging.getLogger("kvxfer")
 HELLO = b"KVX2"
 REQUEST_NBYTES = len(HELLO) + NONCE_NBYTES + MAC_NBYTES
 _MAX_REASON_NBYTES = 1024
-_ACCEPTS_PER_ROUND = 256
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -142,20 +143,21 @@ class SideChannelServer:
                 if self._connections:
                     oldest_deadline = min(c.deadline for c in self._connections.values())
                     timeout = max(0.0, min(timeout, oldest_deadline - time.monotonic()))
-                for key, mask in self._selector.select(timeout):
-                    if key.data == "accept":
-                        self._accept()
-                    elif key.data == "wake":
+                events = self._selector.select(timeout)
+                for key, mask in events:  # connections first: a request that arrived is served before new accepts
+                    if key.data == "wake":
                         return
-                    else:
+                    if key.data != "accept":
                         self._step(key.data, mask)
+                if any(key.data == "accept" for key, _ in events):
+                    self._accept()
                 self._expire()
         finally:
             for connection in list(self._connections.values()):
                 self._drop(connection)
 
     def _accept(self) -> None:
-        for _ in range(_ACCEPTS_PER_ROUND):
+        for _ in range(max(1, self._limits.side_channel_connections // 2)):
             try:
                 sock, _ = self._socket.accept()
             except (BlockingIOError, InterruptedError):

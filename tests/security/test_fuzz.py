@@ -85,7 +85,13 @@ def mutated_document(draw: Any, document: Any) -> Any:
         elif operation == "duplicate" and isinstance(container, list):
             container.append(copy.deepcopy(container[key]))
         elif operation == "grow" and isinstance(container[key], (str, bytes, list)):
-            container[key] = container[key] * draw(st.integers(2, 300))
+            # Deep copies (no aliasing), and at most ~6 MiB more per growth: enough to cross every cap kvxfer has
+            # without the test itself building gigabytes (nested growths would multiply).
+            item_nbytes = max(len(msgpack.packb(container[key], use_bin_type=True)), 1)
+            times = min(draw(st.integers(2, 300)), max(2, (6 << 20) // item_nbytes))
+            grown = container[key]
+            container[key] = [copy.deepcopy(v) for _ in range(times) for v in grown] if isinstance(grown, list) \
+                else grown * times
     return root[0]
 
 
@@ -305,8 +311,8 @@ CASES = {
     "signed-envelope": (hostile_envelopes(), check_envelope),
     "connector-message": (hostile_connector_messages(), check_connector_message),
 }
-DEFAULT_EXAMPLES = {"metadata": 600, "sidechannel-request": 500, "sidechannel-reply": 400, "signed-envelope": 300,
-                    "connector-message": 300}
+DEFAULT_EXAMPLES = {"metadata": 1500, "sidechannel-request": 800, "sidechannel-reply": 600, "signed-envelope": 400,
+                    "connector-message": 500}
 SLOW_EXAMPLES = {"metadata": 55_000, "sidechannel-request": 25_000, "sidechannel-reply": 15_000,
                  "signed-envelope": 10_000, "connector-message": 15_000}
 
