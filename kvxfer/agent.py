@@ -76,7 +76,7 @@ class Agent:
         self._regions = RegionRegistry()
         self._active: set[TransferHandle] = set()
         context = BackendContext(self.name, self.uid, self.host_id, self.pid, self.timeouts, self._deliver,
-                                 self._peer_lost)
+                                 self._peer_lost, limits=self.limits)
         self._backends = backend_registry.create_all(backends, context)
         self._closed = False
         enroll(self)

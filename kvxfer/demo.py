@@ -55,7 +55,7 @@ def run(tokens: int = 2048, block_size: int = 16, backend: str = "local", repeat
         notes: list[Notification] = []
         give_up = time.monotonic() + 5.0  # the last one may still be on its way when wait() returns
         while len(notes) < repeats and time.monotonic() < give_up:
-            notes += prefill.notifications(timeout=give_up - time.monotonic())
+            notes += prefill.notifications(timeout=max(give_up - time.monotonic(), 0.0))
         exact = bool(np.array_equal(decode_cache[:, decode_ids], prefill_cache[:, prefill_ids]))
         untouched = not np.delete(decode_cache, decode_ids, axis=1).any()
         return {

@@ -12,6 +12,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, ClassVar
 
 from .errors import ConfigError, KvxferError, TransferCancelledError, TransferError, TransferTimeoutError, UsageError
+from .limits import check_timeout
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -133,9 +134,9 @@ class Handle(ABC):
         goes on until its own deadline or :meth:`cancel`), the error when it FAILED, and TransferCancelledError
         when it was cancelled.
         """
-        limit = self._default_timeout if timeout is None else timeout
-        if limit < 0:
-            raise ConfigError(f"timeout must be >= 0, got {timeout}")
+        # A string, a bool, NaN (a deadline that never fires), infinity or a negative number is a ConfigError.
+        checked = check_timeout(timeout)
+        limit = self._default_timeout if checked is None else checked
         give_up = time.monotonic() + limit
         spin_until = time.monotonic() + self._spin_seconds
         pause = self._first_slice

@@ -119,3 +119,18 @@ def test_unclosed_agent_warns():
     with pytest.warns(ResourceWarning, match="not closed"):
         kvxfer.Agent("leak", backends=["local"])
         gc.collect()
+
+
+@pytest.mark.parametrize("timeout", ["x", float("nan"), -1, True, float("inf")])
+def test_wait_refuses_a_timeout_that_is_not_a_finite_number_of_seconds(timeout):
+    with kvxfer.Agent("a", backends=["local"]) as a, kvxfer.Agent("b", backends=["local"]) as b:
+        a.register(np.arange(64, dtype=np.uint8), name="kv")
+        destination = np.zeros(64, np.uint8)
+        local = b.register(destination, name="kv")
+        peer = b.connect(a.metadata())
+        remote = kvxfer.Descs.from_ranges(peer.region("kv"), [0], 64)
+        handle = b.read(b.plan(kvxfer.Descs.from_ranges(local, [0], 64), peer, remote))
+        with pytest.raises(kvxfer.ConfigError, match="timeout"):
+            handle.wait(timeout=timeout)
+        handle.wait(timeout=5.0)  # the refused wait left the transfer alone
+        assert destination.tolist() == list(range(64))

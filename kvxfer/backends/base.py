@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 from ..errors import ConfigError, KvxferError
 from ..handle import Notification, Timeouts, TransferState
+from ..limits import Limits
 from ..memory import MemoryKind
 
 if TYPE_CHECKING:
@@ -116,6 +117,8 @@ class BackendContext:
     deliver: Callable[[Notification], None]
     peer_lost: Callable[[str, BaseException], None]
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("kvxfer"))
+    #: the agent's bounds: backends cap what peers send (notification sizes) before allocating for it
+    limits: Limits = field(default_factory=Limits)
 
 
 class Request:
