@@ -20,7 +20,6 @@ import numpy as np
 
 import kvxfer
 from kvxfer.errors import KvxferError
-
 from tests.backends.ucx.remote import RemoteAgent, random_fill
 
 DEADLINE = 1.0  # every transfer's handle deadline (s); a final state must come within DEADLINE + 1 s

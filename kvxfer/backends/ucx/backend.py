@@ -3,7 +3,8 @@
 One UCP context and worker per backend (i.e. per agent). The worker is used under one lock by the caller's
 thread (post, poll) and the progress thread (everything else). Data paths per transfer: cross-memory attach for
 same-host host memory, staged messages for small host fragments otherwise, GPU slots for small device fragments
-(one kernel + one get/put per chunk), one put/get per fragment for the rest (see transfer.py). docs/backends.md explains the choices and their measurements.
+(one kernel + one get/put per chunk), one put/get per fragment for the rest (see transfer.py). docs/backends.md
+explains the choices and their measurements.
 """
 
 from __future__ import annotations
@@ -15,27 +16,28 @@ import os
 import time
 import weakref
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...errors import DescriptorError, PeerDisconnectedError, TransferCancelledError
-from ...handle import TransferState
 from ...devices import cuda_available
+from ...errors import DescriptorError, PeerDisconnectedError, TransferCancelledError, UsageError
+from ...handle import TransferState
 from ...memory import MemoryKind
-from ..base import Backend, BackendCaps, Op, Request
+from ..base import Backend, BackendCaps, BackendContext, Op, Request, Scope
 from .cma import CmaError, CrossMemory, copy_threads, plan_batches
-from .device_slots import DeviceSlots, check_device_spans
-from .device_serve import DeviceServer
 from .config import UcxConfig
 from .context import Context
+from .device_serve import DeviceServer
+from .device_slots import DeviceSlots, check_device_spans
 from .exports import ExportTable
 from .library import load_library, ucx_available
 from .link import Link
 from .links import Links
+from .pool import BufferPool
 from .progress import ProgressThread
 from .responder import Responder, pack_notification
-from .pool import BufferPool
 from .transfer import CmaTransfer, UcxRequest, new_request
 from .wire import Header, Kind, WorkerInfo, keys_digest
 from .worker import Worker
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
     from ...memory import Region
     from ...peer import Peer
     from ...plan import TransferPlan
+    from .staged import StagedTransfer
 
 _log = logging.getLogger("kvxfer.ucx")
 STAGE_MIN_FRAGMENTS = 128
@@ -57,7 +60,7 @@ class UcxBackend(Backend):
     """UCP one-sided transfers (see the module docstring). ``config`` defaults to the KVXFER_UCX_* variables."""
 
     caps = BackendCaps(name="ucx", wire="ucx", memory_kinds=frozenset({MemoryKind.HOST, MemoryKind.CUDA}),
-                       scope="network", can_cancel=False, preference=10)
+                       scope=Scope.NETWORK, can_cancel=False, preference=10)
 
     def __init__(self, config: UcxConfig | None = None) -> None:
         super().__init__()
@@ -68,12 +71,12 @@ class UcxBackend(Backend):
         self._slots: dict[tuple[str, int], DeviceSlots] = {}
         self._abandoned: dict[tuple[int, int], tuple[DeviceSlots, int]] = {}
         self._active: dict[int, UcxRequest] = {}
-        self._awaiting: dict[int, UcxRequest] = {}
+        self._awaiting: dict[int, StagedTransfer] = {}
         self._outbox: deque[Callable[[], None]] = deque()
-        self._batches: "weakref.WeakKeyDictionary[TransferPlan, list]" = weakref.WeakKeyDictionary()
+        self._batches: weakref.WeakKeyDictionary[TransferPlan, list] = weakref.WeakKeyDictionary()
         # plan -> (link serial, peer export-table generation) it was last checked against (exports.py); never the
         # link itself: a value that reaches its key (link -> lost error -> traceback -> plan) would pin both forever
-        self._checked: "weakref.WeakKeyDictionary[TransferPlan, tuple[int, int]]" = weakref.WeakKeyDictionary()
+        self._checked: weakref.WeakKeyDictionary[TransferPlan, tuple[int, int]] = weakref.WeakKeyDictionary()
         self.exports = ExportTable()
         self._ids = itertools.count(1)
         self._last_liveness = self._quiet_since = 0.0
@@ -86,7 +89,7 @@ class UcxBackend(Backend):
 
     # ---- lifetime ----------------------------------------------------------------------------------------------
 
-    def attach(self, context: Any) -> None:
+    def attach(self, context: BackendContext) -> None:
         super().attach(context)
         self.timeouts = context.timeouts
         self.library = load_library(self.config)
@@ -104,6 +107,13 @@ class UcxBackend(Backend):
         self.progress.start()
         _log.info("ucx: libucp %s from %s (%s); error policy %s, cma %s", self.library.version_string,
                   self.library.path, self.library.source, self.config.error_mode, self.config.cma)
+
+    def attached_context(self) -> BackendContext:
+        """The owning agent's context; UsageError before :meth:`attach`."""
+        context = self.context
+        if context is None:
+            raise UsageError("the ucx backend is used before an agent attached it")
+        return context
 
     def info(self) -> bytes:
         keys = [(index, memh.packed_rkey) for index, memh in list(self._memhs.items())]
@@ -139,7 +149,7 @@ class UcxBackend(Backend):
 
     # ---- regions -----------------------------------------------------------------------------------------------
 
-    def register(self, region: "Region") -> bytes:
+    def register(self, region: Region) -> bytes:
         with self.worker.lock:
             memh = self.ucp.map(region.addr, region.nbytes, region.kind is MemoryKind.CUDA)
             self._memhs[region.index] = memh
@@ -153,7 +163,7 @@ class UcxBackend(Backend):
                     self.cuda_device = region.device  # the progress thread makes this device current
         return memh.packed_rkey
 
-    def deregister(self, region: "Region") -> None:
+    def deregister(self, region: Region) -> None:
         with self.worker.lock:
             self.exports.remove(region.index)
             self._views.pop(region.index, None)
@@ -208,17 +218,17 @@ class UcxBackend(Backend):
 
     # ---- peers -------------------------------------------------------------------------------------------------
 
-    def connect(self, peer: "Peer") -> None:
+    def connect(self, peer: Peer) -> None:
         self.links.connect(peer)
 
-    def disconnect(self, peer: "Peer") -> None:
+    def disconnect(self, peer: Peer) -> None:
         self.links.disconnect(peer)
 
-    def transports(self, peer: "Peer") -> list[tuple[str, str]]:
+    def transports(self, peer: Peer) -> list[tuple[str, str]]:
         """(transport, device) per UCX lane to ``peer``, e.g. [("sysv", "memory"), ("cma", "memory")]."""
         return list(self.links.get(peer).transports)
 
-    def data_path(self, plan: "TransferPlan") -> str:
+    def data_path(self, plan: TransferPlan) -> str:
         """How a post of ``plan`` moves its bytes: "cma", "staged" or "direct" (see transfer.py). A peer whose
         memory may not be reached one-sidedly (link.one_sided_ok) gets staged messages only, which it checks."""
         link = self.links.get(plan.peer)
@@ -243,7 +253,7 @@ class UcxBackend(Backend):
         return "staged" if small and len(plan) >= STAGE_MIN_FRAGMENTS else "direct"
 
     @staticmethod
-    def _device_stage_refusal(plan: "TransferPlan") -> str | None:
+    def _device_stage_refusal(plan: TransferPlan) -> str | None:
         """Why ``plan`` (CUDA memory) cannot go through GPU staging slots at all; None if it can."""
         local, remote = plan.local, plan.remote
         if (local.device < 0).any() or (remote.device < 0).any():
@@ -254,7 +264,7 @@ class UcxBackend(Backend):
             return "CUDA is not available here"
         return None
 
-    def check_one_sided(self, link: Link, plan: "TransferPlan") -> None:
+    def check_one_sided(self, link: Link, plan: TransferPlan) -> None:
         """Before a one-sided post (cma, direct) to a same-host peer: every remote span must lie in a region the
         peer exports now (its export table, read through a cross-memory call; exports.py). DescriptorError if not,
         PeerDisconnectedError if its process is gone."""
@@ -275,7 +285,7 @@ class UcxBackend(Backend):
                 raise PeerDisconnectedError(f"ucx: peer {link.name!r} is gone", link.name) from error
             raise DescriptorError(f"cannot read peer {link.name!r}'s export table: {error}") from error
 
-    def _stage_on_device(self, plan: "TransferPlan") -> bool:
+    def _stage_on_device(self, plan: TransferPlan) -> bool:
         local, remote = plan.local, plan.remote
         if len(plan) < STAGE_MIN_FRAGMENTS or plan.nbytes >= self.config.stage_below * len(plan):
             return False
@@ -291,7 +301,7 @@ class UcxBackend(Backend):
     def next_transfer_id(self) -> int:
         """A new transfer id (unique within this backend)."""
         return next(self._ids)
-    def cma_batches(self, plan: "TransferPlan") -> list:
+    def cma_batches(self, plan: TransferPlan) -> list:
         """The cross-memory batches of ``plan`` (computed once per plan: plans are posted many times)."""
         batches = self._batches.get(plan)
         if batches is None:
@@ -300,7 +310,7 @@ class UcxBackend(Backend):
             self._batches[plan] = batches
         return batches
 
-    def post(self, op: Op, plan: "TransferPlan", notify: bytes | None) -> Request:
+    def post(self, op: Op, plan: TransferPlan, notify: bytes | None) -> Request:
         link = self.links.get(plan.peer)
         strategy = self.data_path(plan)
         if strategy != "staged":
@@ -365,16 +375,16 @@ class UcxBackend(Backend):
         self._awaiting.pop(request.id, None)
         request.link.requests.discard(request)
 
-    def expect_replies(self, request: UcxRequest) -> None:
+    def expect_replies(self, request: StagedTransfer) -> None:
         """Route ACK/DATA/FAIL messages for ``request.id`` to it."""
         self._awaiting[request.id] = request
     def reply_placement(self, header: Header, length: int) -> int:
         """Where the DATA answer ``header`` (``length`` bytes) of one of our staged chunks may land directly: the
         chunk's one local span (0: a pooled buffer). Under the worker lock, inside a UCX callback."""
         request = self._awaiting.get(header.transfer)
-        return request.placement(header, length) if request is not None else 0  # type: ignore[attr-defined]
+        return request.placement(header, length) if request is not None else 0
 
-    def busy(self, region: "Region") -> bool:
+    def busy(self, region: Region) -> bool:
         """True while a UCX send reads from, or a receive lands in, ``region`` directly (deregister waits)."""
         with self.worker.lock:
             return self.worker.touches(region.addr, region.nbytes)
@@ -391,14 +401,14 @@ class UcxBackend(Backend):
 
     # ---- notifications -----------------------------------------------------------------------------------------
 
-    def send_notification(self, peer: "Peer", payload: bytes) -> None:
+    def send_notification(self, peer: Peer, payload: bytes) -> None:
         with self.worker.lock:
             self.send_notify(self.links.get(peer), payload, None)
         self.wake()
 
     def send_notify(self, link: Link, payload: bytes, on_done: Callable[[int], None] | None) -> None:
         """Send a NOTIFY message carrying our agent name (under the worker lock)."""
-        body = np.frombuffer(pack_notification(self.context.agent_name, payload), dtype=np.uint8)
+        body = np.frombuffer(pack_notification(self.attached_context().agent_name, payload), dtype=np.uint8)
         self.worker.send(link.ep.handle, Header(Kind.NOTIFY).encode(), body.ctypes.data, body.size, keepalive=body,
                          on_done=on_done)
 
@@ -421,7 +431,7 @@ class UcxBackend(Backend):
                 return
             try:
                 work()
-            except Exception as error:  # an agent callback failing must not stop progress
+            except Exception as error:  # noqa: BLE001 an agent callback failing must not stop progress; logged
                 _log.exception("ucx: callback failed: %s", error)
 
     def progress_round(self) -> float | None:
@@ -440,6 +450,7 @@ class UcxBackend(Backend):
             if events or self._outbox or not self.worker.arm():
                 self._quiet_since = now
                 return None
-            if self.worker.receiving or self.device_server.busy:  # rendezvous receives progress without events: spin a while, then nap
+            # rendezvous receives progress without events: spin a while, then nap
+            if self.worker.receiving or self.device_server.busy:
                 return None if now - self._quiet_since < 0.002 else 0.001
             return 0.005 if self._active or self.worker.busy else self.config.liveness_interval

@@ -20,8 +20,9 @@ import errno
 import os
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -109,7 +110,7 @@ class CmaJob:
     ``on_done(job)`` runs once, on the thread that finishes the last batch (or the one that fails), with no lock
     held; not after :meth:`stop` when nothing was running (whoever stops also ends the transfer)."""
 
-    def __init__(self, pid: int, write: bool, batches: list[Batch], on_done: Callable[["CmaJob"], None]) -> None:
+    def __init__(self, pid: int, write: bool, batches: list[Batch], on_done: Callable[[CmaJob], None]) -> None:
         self.pid, self.write, self.batches = pid, write, batches
         self._lock = threading.Lock()
         self._on_done = on_done
@@ -164,7 +165,7 @@ class CrossMemory:
     def __init__(self, library: UcxLibrary, threads: int) -> None:
         self._ffi, self._libc = library.ffi, library.libc
         self.threads = threads
-        self._queue: "queue.SimpleQueue[CmaJob | None]" = queue.SimpleQueue()  # cheap to put (C), unlike a pool
+        self._queue: queue.SimpleQueue[CmaJob | None] = queue.SimpleQueue()  # cheap to put (C), unlike a pool
         self._workers: list[threading.Thread] = []
         self._pool_lock = threading.Lock()
         self._closed = False
@@ -192,7 +193,7 @@ class CrossMemory:
         error: BaseException | None = None
         try:
             self.run(job.pid, job.write, batch)
-        except Exception as failure:  # CmaError; anything else still ends the job instead of hanging it
+        except Exception as failure:  # noqa: BLE001 CmaError; anything else still ends the job (as its error), never hangs it
             error = failure
         job.batch_done(error)
         return batch.nbytes

@@ -18,8 +18,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from ...environment import snapshot
 from ...errors import ConfigError
@@ -65,7 +65,7 @@ class UcxConfig:
             raise ConfigError(f"KVXFER_UCX_LIVENESS_INTERVAL must be in (0, 60], got {self.liveness_interval}")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "UcxConfig":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> UcxConfig:
         """Settings from ``environ`` (default: the process environment, read through kvxfer.environment);
         unset variables keep their defaults."""
         env = snapshot("KVXFER_UCX_") if environ is None else environ

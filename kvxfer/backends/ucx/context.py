@@ -32,7 +32,7 @@ class Context:
             lib.ucp_config_release(config[0])
         self.handle: Any = handle[0]
 
-    def map(self, addr: int, nbytes: int, cuda: bool) -> "MemoryHandle":
+    def map(self, addr: int, nbytes: int, cuda: bool) -> MemoryHandle:
         """Register ``[addr, addr + nbytes)`` (host, or CUDA device memory when ``cuda``)."""
         return MemoryHandle(self, addr, nbytes, cuda)
 

@@ -55,19 +55,19 @@ def _packed(slot: int, nbytes: np.ndarray) -> np.ndarray:
 class _Block:
     """One registered device allocation cut into slots."""
 
-    def __init__(self, context: "Context", device: int, slot_nbytes: int, count: int) -> None:
+    def __init__(self, context: Context, device: int, slot_nbytes: int, count: int) -> None:
         cupy = cupy_module()
         with cupy.cuda.Device(device):
             self.memory = cupy.empty(slot_nbytes * count, dtype=cupy.uint8)
         self.base = int(self.memory.data.ptr)
-        self.memh: "MemoryHandle" = context.map(self.base, slot_nbytes * count, True)
+        self.memh: MemoryHandle = context.map(self.base, slot_nbytes * count, True)
         self.slots = [self.base + i * slot_nbytes for i in range(count)]
 
 
 class DeviceSlots:
     """Fixed-size registered GPU buffers on one device. Used under the worker lock only."""
 
-    def __init__(self, context: "Context", device: int, slot_nbytes: int, count: int) -> None:
+    def __init__(self, context: Context, device: int, slot_nbytes: int, count: int) -> None:
         self.context, self.device, self.slot_nbytes, self.count = context, device, slot_nbytes, count
         self._blocks: list[_Block] = []
         self._free: list[int] = []

@@ -33,11 +33,11 @@ if TYPE_CHECKING:
 class DeviceStagedTransfer(StagedTransfer):
     """Chunks of device fragments through GPU slots, answered one by one by the target."""
 
-    def __init__(self, backend: "UcxBackend", link: "Link", op: Op, plan: "TransferPlan",
+    def __init__(self, backend: UcxBackend, link: Link, op: Op, plan: TransferPlan,
                  notify: bytes | None) -> None:
         super().__init__(backend, link, op, plan, notify)
         self.slots: dict[int, int] = {}  # chunk -> slot, while the chunk is unanswered
-        self.pool: "DeviceSlots | None" = None
+        self.pool: DeviceSlots | None = None
         self.flushes: dict[int, int] = {}  # chunk -> flush request after its put (WRITE)
         self._put_param = backend.library.ffi.new("ucp_request_param_t *")
         self._put_param.op_attr_mask = cdef.UCP_OP_ATTR_FIELD_MEMH
@@ -54,7 +54,7 @@ class DeviceStagedTransfer(StagedTransfer):
         with self.backend.worker.lock:
             try:  # allocated and registered on first use, under the worker lock like every registration
                 self.pool = self.backend.device_slots("ask", int(self.plan.local.device[0]))
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 CUDA or UCX registration failure: ends this transfer as failed
                 self.fail(f"no GPU staging slots: {error}")
                 return
             self.backend.expect_replies(self)
@@ -138,8 +138,9 @@ class DeviceStagedTransfer(StagedTransfer):
             if status == cdef.UCS_INPROGRESS:
                 continue
             del self.flushes[chunk]
-            if status != cdef.UCS_OK or self.link.ep.failed_status is not None:
-                failed = status if status != cdef.UCS_OK else self.link.ep.failed_status
+            ep_failed = self.link.ep.failed_status
+            if status != cdef.UCS_OK or ep_failed is not None:
+                failed = status if status != cdef.UCS_OK or ep_failed is None else ep_failed
                 self.fail(f"chunk {chunk}: flush after the put failed: {self.backend.library.status_text(failed)}")
                 return
             self._commit(chunk)
@@ -173,7 +174,7 @@ class DeviceStagedTransfer(StagedTransfer):
             spans = self.spans
             try:
                 self.pool.scatter(slot, spans.local_addr[start:stop], spans.nbytes[start:stop])
-            except Exception as error:  # a CUDA error must still end the transfer
+            except Exception as error:  # noqa: BLE001 a CUDA error (cupy's own types) must still end the transfer
                 self.pool.give(slot)
                 self.fail(f"chunk {chunk}: scattering the staged bytes failed: {error}")
                 return

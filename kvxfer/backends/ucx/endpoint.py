@@ -5,7 +5,8 @@ Every method is called with the worker's lock held.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import cdef
 from .library import UcxLibrary, UcxStatusError, check, pointer_status
@@ -77,7 +78,7 @@ class Endpoint:
         operation = lib.ucp_put_nbx if write else lib.ucp_get_nbx
         free = lib.ucp_request_free
         floor = 2**64 + cdef.UCS_ERR_LAST
-        for local_addr, remote_addr, size, rkey, memh in zip(local, remote, nbytes, rkeys, memhs):
+        for local_addr, remote_addr, size, rkey, memh in zip(local, remote, nbytes, rkeys, memhs, strict=True):
             param.memh = memh
             request = operation(ep, local_addr, size, remote_addr, rkey, param)
             if request:

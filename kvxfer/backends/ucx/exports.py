@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import DescriptorError
-from .cma import Batch, CmaError, CrossMemory, _merged
+from .cma import Batch, CrossMemory, _merged
 
 MAX_EXPORTS = 4096
 _HEAD = 2

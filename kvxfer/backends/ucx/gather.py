@@ -8,7 +8,8 @@ are checked against the regions first; ``clip`` is never relied on.
 
 from __future__ import annotations
 
-from typing import Callable
+import itertools
+from collections.abc import Callable
 
 import numpy as np
 
@@ -57,7 +58,7 @@ def _copy(packed: np.ndarray, addr: np.ndarray, nbytes: np.ndarray, region: np.n
     # runs of consecutive spans in one region occupy one contiguous stretch of ``packed``
     cuts = np.flatnonzero(region[1:] != region[:-1]) + 1
     bounds = [0, *cuts.tolist(), len(sizes)]
-    for first, stop in zip(bounds[:-1], bounds[1:]):
+    for first, stop in itertools.pairwise(bounds):
         if first == stop:
             continue
         base, view = lookup(int(region[first]))
@@ -88,7 +89,7 @@ def _copy_run(packed: np.ndarray, view: np.ndarray, offsets: np.ndarray, sizes: 
 
 def _copy_spans(packed: np.ndarray, view: np.ndarray, offsets: np.ndarray, sizes: np.ndarray,
                 positions: np.ndarray, into_packed: bool) -> None:
-    for offset, size, position in zip(offsets.tolist(), sizes.tolist(), positions.tolist()):
+    for offset, size, position in zip(offsets.tolist(), sizes.tolist(), positions.tolist(), strict=True):
         if into_packed:
             packed[position:position + size] = view[offset:offset + size]
         else:

@@ -49,7 +49,7 @@ def error_mode(local_policy: str, remote_policy: str, same_host: bool) -> str:
 class Link:
     """One connected peer. Methods that touch UCX are called under the worker lock."""
 
-    def __init__(self, peer: "Peer", info: WorkerInfo, worker: Worker, local_policy: str, same_host: bool,
+    def __init__(self, peer: Peer, info: WorkerInfo, worker: Worker, local_policy: str, same_host: bool,
                  cma: CrossMemory | None, on_error: Any) -> None:
         # Nothing from the metadata reaches libucp unless it matches the digest the peer put in its UCX info.
         info.verify([(region.index, region.keys["ucx"]) for region in peer.meta.regions if region.keys.get("ucx")],

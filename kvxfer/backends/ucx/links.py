@@ -56,16 +56,17 @@ class _Closing:
 class Links:
     """Links by peer name. Methods marked "locked" are called with the worker lock held."""
 
-    def __init__(self, backend: "UcxBackend") -> None:
+    def __init__(self, backend: UcxBackend) -> None:
         self._backend = backend
         self._links: dict[str, Link] = {}
         self._closing: list[_Closing] = []  # lost links' endpoints still closing, or with sends in flight
 
-    def connect(self, peer: "Peer") -> Link:
+    def connect(self, peer: Peer) -> Link:
         """A new link to ``peer``, replacing any older one of that name."""
         backend = self._backend
         info = WorkerInfo.decode(peer.meta.backends["ucx"], peer.name)
-        same_host = peer.meta.host_id == backend.context.host_id
+        context = backend.attached_context()
+        same_host = peer.meta.host_id == context.host_id
         with backend.worker.lock:
             old = self._links.pop(peer.name, None)
             if old is not None:
@@ -74,7 +75,7 @@ class Links:
                         self._on_endpoint_error)
             link.cma_enabled = backend.config.cma != "off"
             self._links[peer.name] = link
-        _log.info("ucx: %s -> %s (%s): %s", backend.context.agent_name, peer.name,
+        _log.info("ucx: %s -> %s (%s): %s", context.agent_name, peer.name,
                   "same host" if same_host else "other host", link.describe())
         if same_host and link.on_tcp_only():
             _log.warning("ucx: same-host peer %s is reached over tcp (%s): shared memory was not chosen%s",
@@ -83,7 +84,7 @@ class Links:
             _log.info("ucx: no cross-memory path to %s: %s", peer.name, link.cma_reason)
         return link
 
-    def disconnect(self, peer: "Peer") -> None:
+    def disconnect(self, peer: Peer) -> None:
         """Forget ``peer`` (the agent asked: no peer-lost report)."""
         with self._backend.worker.lock:
             link = self._links.get(peer.name)
@@ -91,7 +92,7 @@ class Links:
                 del self._links[peer.name]
                 self.lose(link, "disconnected", None, report=False)
 
-    def get(self, peer: "Peer") -> Link:
+    def get(self, peer: Peer) -> Link:
         """The live link to ``peer``; PeerDisconnectedError when there is none."""
         link = self._links.get(peer.name)
         if link is None or link.uid != peer.meta.uid:
@@ -111,7 +112,7 @@ class Links:
             request.fail(str(link.lost), link.lost)
         self._close(link)
         if report and self._links.get(link.name) is link:
-            lost, agent = link.lost, self._backend.context
+            lost, agent = link.lost, self._backend.attached_context()
             self._backend.post_outbox(lambda: agent.peer_lost(link.name, lost))
 
     def _close(self, link: Link) -> None:

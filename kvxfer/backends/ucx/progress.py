@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .backend import UcxBackend
+    from .link import Link
 
 _log = logging.getLogger("kvxfer.ucx")
 
@@ -24,7 +25,7 @@ _log = logging.getLogger("kvxfer.ucx")
 class ProgressThread:
     """One daemon thread per backend; :meth:`wake` asks it for a round; :meth:`stop` ends it."""
 
-    def __init__(self, backend: "UcxBackend", name: str) -> None:
+    def __init__(self, backend: UcxBackend, name: str) -> None:
         self._backend = backend
         self._stopping = False
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -57,12 +58,12 @@ class ProgressThread:
         poller = select.poll()
         poller.register(backend.worker.efd, select.POLLIN)
         poller.register(self._wake_fd, select.POLLIN)
-        watched: dict[int, object] = {}
+        watched: dict[int, Link] = {}
         self._device: int | None = None
         while not self._stopping:
             try:
                 sleep = backend.progress_round()
-            except Exception as error:  # never let the thread die: transfers would hang until their deadlines
+            except Exception as error:  # noqa: BLE001 the thread must not die: transfers would hang until their deadlines
                 _log.exception("ucx: progress round failed: %s", error)
                 sleep = 0.01
             backend.flush_outbox()
@@ -90,10 +91,10 @@ class ProgressThread:
             from ...devices import cupy_module
 
             cupy_module().cuda.runtime.setDevice(device)
-        except Exception as error:  # no cupy: UCX falls back to the primary context it retains itself
+        except Exception as error:  # noqa: BLE001 no cupy or a CUDA error: UCX falls back to the primary context; logged
             _log.warning("ucx: progress thread could not select CUDA device %d: %s", device, error)
 
-    def _sync_watches(self, poller: select.poll, watched: dict[int, object]) -> dict[int, object]:
+    def _sync_watches(self, poller: select.poll, watched: dict[int, Link]) -> dict[int, Link]:
         current = self._backend.links.watched_processes()
         for fd in set(watched) - set(current):
             try:

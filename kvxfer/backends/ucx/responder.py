@@ -51,7 +51,7 @@ _NAME_MAX = 1024
 class Responder:
     """Handles every message our worker receives (called under the worker lock, maybe inside a UCX callback)."""
 
-    def __init__(self, backend: "UcxBackend") -> None:
+    def __init__(self, backend: UcxBackend) -> None:
         self.backend = backend
         limits = getattr(backend.context, "limits", None)
         self.notification_nbytes = int(getattr(limits, "notification_nbytes", NOTIFICATION_NBYTES))
@@ -116,7 +116,7 @@ class Responder:
         try:
             if header.kind is Kind.NOTIFY:
                 sender, payload = unpack_notification(data)
-                deliver = self.backend.context.deliver
+                deliver = self.backend.attached_context().deliver
                 self.backend.post_outbox(lambda: deliver(Notification(sender, payload)))
             elif header.kind is Kind.SCATTER:
                 self._scatter(header, data, reply_ep)
@@ -177,10 +177,11 @@ class Responder:
         worker, staging = self.backend.worker, self.backend.staging
         ep = self.backend.library.ffi.cast("ucp_ep_h", reply_ep)
         encoded = header.encode()
+        pooled_buffer = payload if pooled else None  # back to the staging pool once UCX is done with it
 
         def send() -> None:
             addr, size = (payload.ctypes.data, payload.size) if payload is not None and payload.size else (0, 0)
-            done = (lambda _status: staging.give(payload)) if pooled else None
+            done = (lambda _status: staging.give(pooled_buffer)) if pooled_buffer is not None else None
             try:
                 worker.send(ep, encoded, addr, size, keepalive=payload, on_done=done)
             except KvxferError as error:

@@ -40,7 +40,7 @@ class Spans:
     """A plan's fragment pairs with fragments longer than a chunk cut into chunk-sized pieces (uint64 addresses
     and sizes, int32 region indices); the plan's own arrays when none is."""
 
-    def __init__(self, plan: "TransferPlan", piece: int) -> None:
+    def __init__(self, plan: TransferPlan, piece: int) -> None:
         local, remote = plan.local, plan.remote
         sizes = local.nbytes.astype(np.uint64)
         self.local_addr, self.remote_addr, self.nbytes = local.addr, remote.addr, sizes
@@ -74,7 +74,7 @@ class StagedTransfer(UcxRequest):
 
     strategy = "staged"
 
-    def __init__(self, backend: "UcxBackend", link: "Link", op: Op, plan: "TransferPlan",
+    def __init__(self, backend: UcxBackend, link: Link, op: Op, plan: TransferPlan,
                  notify: bytes | None) -> None:
         super().__init__(backend, link, op, plan, notify)
         self.spans = Spans(plan, self.chunk_nbytes())

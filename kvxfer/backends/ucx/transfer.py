@@ -37,7 +37,7 @@ class UcxRequest(Request):
 
     strategy = "?"
 
-    def __init__(self, backend: "UcxBackend", link: "Link", op: Op, plan: "TransferPlan",
+    def __init__(self, backend: UcxBackend, link: Link, op: Op, plan: TransferPlan,
                  notify: bytes | None) -> None:
         super().__init__(plan.nbytes)
         self.backend, self.link, self.op, self.plan, self.notify = backend, link, op, plan, notify
@@ -123,7 +123,7 @@ class CmaTransfer(UcxRequest):
                 for batch in batches:
                     if not self.stopped:
                         backend.cma.run(self.link.pid, self.op is Op.WRITE, batch)
-            except Exception as failure:  # CmaError; anything else must still end the transfer
+            except Exception as failure:  # noqa: BLE001 CmaError; anything else must still end the transfer (as its error)
                 self.copy_error = failure
             self.copied = True
             self._copied(None)
@@ -216,14 +216,15 @@ class DirectTransfer(UcxRequest):
         self._flush = 0
         # In none error mode a flush may report OK for puts to a peer that died meanwhile; so check the process.
         peer_gone = self.link.mode == "none" and self.link.process_verified and self.link.process_gone()
-        if status == cdef.UCS_OK and self.link.ep.failed_status is None and not peer_gone:
+        ep_failed = self.link.ep.failed_status
+        if status == cdef.UCS_OK and ep_failed is None and not peer_gone:
             self.data_done()
         elif peer_gone:
             self.backend.links.lose(self.link, f"its process (pid {self.link.pid}) exited", None)
             self.fail("the peer process exited during the transfer")
         else:
             # A flush can report OK while the endpoint already failed (none error mode): trust neither alone.
-            failed = self.link.ep.failed_status if status == cdef.UCS_OK else status
+            failed = status if status != cdef.UCS_OK or ep_failed is None else ep_failed
             self.fail(f"endpoint flush failed: {self.backend.library.status_text(failed)}")
 
     def halt(self) -> None:
@@ -234,7 +235,7 @@ class DirectTransfer(UcxRequest):
             self._flush = 0
 
 
-def new_request(backend: "UcxBackend", link: "Link", op: Op, plan: "TransferPlan", notify: bytes | None,
+def new_request(backend: UcxBackend, link: Link, op: Op, plan: TransferPlan, notify: bytes | None,
                 strategy: str) -> UcxRequest:
     """The request class for ``strategy`` ("cma", "direct" or "staged")."""
     if strategy == "cma":

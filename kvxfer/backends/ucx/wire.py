@@ -63,7 +63,7 @@ class WorkerInfo:
                           self.digest) + self.address
 
     @classmethod
-    def decode(cls, data: bytes, peer_name: str) -> "WorkerInfo":
+    def decode(cls, data: bytes, peer_name: str) -> WorkerInfo:
         """Parse a peer's blob; HandshakeError if it is not one."""
         if len(data) <= _INFO.size or len(data) > _INFO.size + MAX_WORKER_ADDRESS:
             raise HandshakeError(f"peer {peer_name!r}: UCX info of {len(data)} bytes is malformed", peer_name)
@@ -116,7 +116,7 @@ class Header:
                             self.count) + self.tail[:MAX_TAIL]
 
     @classmethod
-    def decode(cls, data: bytes) -> "Header | None":
+    def decode(cls, data: bytes) -> Header | None:
         """The header, or None if ``data`` is not one of ours (dropped by the caller)."""
         if len(data) < _HEADER.size or len(data) > _HEADER.size + MAX_TAIL:
             return None
@@ -146,7 +146,7 @@ class Stage:
         return np.frombuffer(head + self.rkey + self.address, dtype=np.uint8)
 
     @classmethod
-    def unpack(cls, rest: np.ndarray) -> "Stage":
+    def unpack(cls, rest: np.ndarray) -> Stage:
         """The record from the bytes after the descriptors; ValueError if malformed."""
         if rest.size < _STAGE.size:
             raise ValueError(f"stage record of {rest.size} bytes is too short")

@@ -16,7 +16,8 @@ import itertools
 import logging
 import threading
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,7 @@ _PROGRESS_BURST = 64
 MessageHandler = Callable[[bytes, Any, int], None]
 SendDone = Callable[[int], None]
 EndpointErrorHandler = Callable[[int], None]
+_Send = tuple[int, Any, SendDone | None, int]  # a send in flight: request, keepalive, on_done, ucp_ep_h
 
 _log = logging.getLogger("kvxfer.ucx")
 
@@ -81,8 +83,7 @@ class Worker:
         self.efd = int(efd[0])
         self._receives: list[tuple[int, bytes, np.ndarray | UserSpan, int]] = []  # rendezvous receives: request,
         # header, buffer (exactly the message's size; or the registered span it lands in), reply ep
-        self._sends: list[tuple[int, Any, SendDone | None, int]] = []  # sends in flight: request, keepalive, done,
-        # endpoint (int ucp_ep_h)
+        self._sends: list[_Send] = []  # sends in flight
         self.abandoned = 0  # sends given up on because their peer process is gone (see abandon_sends)
         self._deferred: list[Callable[[], None]] = []
         self.forms: Counter[str] = Counter()  # messages received per form: "plain", "data", "rndv"
@@ -183,7 +184,8 @@ class Worker:
 
     def _reap_sends(self) -> int:
         lib = self.library.lib
-        still, finished = [], []
+        still: list[tuple[_Send, int]] = []
+        finished: list[tuple[_Send, int]] = []
         for entry in self._sends:
             status = lib.ucp_request_check_status(entry[0])
             (still if status == cdef.UCS_INPROGRESS else finished).append((entry, status))
@@ -210,7 +212,8 @@ class Worker:
         buffer to its pool (no one reads it any more: reusing it beats a fresh multi-MiB allocation, which the
         allocator may never give back). Caller holds :attr:`lock`. Returns how many."""
         free = self.library.lib.ucp_request_free
-        keep, gone = [], []
+        keep: list[_Send] = []
+        gone: list[_Send] = []
         for entry in self._sends:
             (gone if entry[3] == ep else keep).append(entry)
         self._sends = keep
@@ -304,7 +307,7 @@ class Worker:
             self._on_message(head, None, reply_ep)  # None: the payload already landed where placement said
             return
         try:
-            self._on_message(head, memoryview(buffer), reply_ep)
+            self._on_message(head, buffer.data, reply_ep)  # .data: the array's memoryview
         finally:
             self._buffers.give(buffer)  # handlers copy what they keep
 

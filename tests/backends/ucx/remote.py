@@ -110,7 +110,7 @@ def _serve(connection: Any, name: str, nbytes: int, device: int, environ: dict[s
                     connection.send(dict(agent._backends[0].worker.forms))
                 else:
                     connection.send(ValueError(f"unknown command {command!r}"))
-            except Exception as error:  # report, keep serving: the test decides
+            except Exception as error:  # noqa: BLE001 sent to the parent, keep serving: the test decides
                 connection.send(error)
 
 
@@ -124,7 +124,8 @@ class RemoteAgent:
         # Skipping UCX's mmap hooks makes the child's library load ~400 ms faster; host transfers do not need them.
         env = {"UCX_MEM_MMAP_HOOK_MODE": "none"} if device < 0 else {}
         env.update(environ or {})
-        self.process = context.Process(target=_serve, args=(child, name, nbytes, device, env, canary, backend), daemon=True)
+        self.process = context.Process(target=_serve, args=(child, name, nbytes, device, env, canary, backend),
+                                       daemon=True)
         self.process.start()
         child.close()
         self.name, self.nbytes = name, nbytes
@@ -192,7 +193,7 @@ class RemoteAgent:
         if not self.process.is_alive():
             self.process.close()  # its sentinel pipes now, not whenever the object is collected
 
-    def __enter__(self) -> "RemoteAgent":
+    def __enter__(self) -> RemoteAgent:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -147,18 +147,18 @@ def test_gather_then_scatter_matches_a_loop(data) -> None:
     sizes = np.array([unit * data.draw(st.integers(1, max(1, 4096 // unit))) for _ in range(count)], np.uint64)
     region = np.array([data.draw(st.integers(0, 1)) for _ in range(count)], dtype=np.int32)
     shift = np.array([data.draw(st.integers(0, 4096 - int(s))) // unit * unit for s in sizes], dtype=np.uint64)
-    addr = np.array([table[int(r)][0] + 4096 * s for r, s in zip(region, slots)], np.uint64) + shift
+    addr = np.array([table[int(r)][0] + 4096 * s for r, s in zip(region, slots, strict=True)], np.uint64) + shift
     assert check_spans(addr, sizes, region, lookup) is None
     packed = np.zeros(int(sizes.sum()), dtype=np.uint8)
     gather(packed, addr, sizes, region, lookup)
     expected = b"".join(table[int(r)][1][int(a) - table[int(r)][0]:][:int(s)].tobytes()
-                        for a, s, r in zip(addr, sizes, region))
+                        for a, s, r in zip(addr, sizes, region, strict=True))
     assert packed.tobytes() == expected
     for _base, array in table.values():
         array[:] = 0
     scatter(packed, addr, sizes, region, lookup)
     assert b"".join(table[int(r)][1][int(a) - table[int(r)][0]:][:int(s)].tobytes()
-                    for a, s, r in zip(addr, sizes, region)) == expected
+                    for a, s, r in zip(addr, sizes, region, strict=True)) == expected
     assert sum(int(a.astype(bool).sum()) for _b, a in table.values()) <= int(sizes.sum())
 
 
@@ -191,6 +191,6 @@ def test_cross_memory_batches_move_every_byte_to_its_place(count: int, seed: int
             target[int(a):int(a) + int(n)] = stream[position:position + int(n)]
             position += int(n)
     expected = np.zeros_like(source)
-    for a, b in zip(local, remote):
+    for a, b in zip(local, remote, strict=True):
         expected[int(b):int(b) + size] = source[int(a):int(a) + size]
     assert (target == expected).all()

@@ -12,7 +12,7 @@ REGIONS = {0: (0x10000, 1 << 20, 0), 1: (0x200000, 1 << 20, 0), 2: (0x900000, 1 
 
 
 def _spans(*items: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    addr, nbytes, region = zip(*items)
+    addr, nbytes, region = zip(*items, strict=True)
     return (np.array(addr, dtype=np.uint64), np.array(nbytes, dtype=np.uint64), np.array(region, dtype=np.int32))
 
 
@@ -83,7 +83,7 @@ class _Pool:
         return b"key-%x" % slot
 
     def scatter(self, slot: int, addr, nbytes) -> None:
-        self.scattered.extend(zip(addr.tolist(), nbytes.tolist()))
+        self.scattered.extend(zip(addr.tolist(), nbytes.tolist(), strict=True))
 
 
 class _Backend:
