@@ -8,7 +8,8 @@ import threading
 import time
 import uuid
 import warnings
-from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
 
 from . import backends as backend_registry
 from .backends.base import Backend, BackendContext, Op
@@ -16,8 +17,16 @@ from .control import PREFIX as CONTROL_PREFIX
 from .control import ControlChannel
 from .descs import Descs
 from .environment import host_id as default_host_id
-from .errors import (BackendUnavailableError, ConfigError, DescriptorError, HandshakeError, KvxferError, PeerError,
-                     RegistrationError, UsageError)
+from .errors import (
+    BackendUnavailableError,
+    ConfigError,
+    DescriptorError,
+    HandshakeError,
+    KvxferError,
+    PeerError,
+    RegistrationError,
+    UsageError,
+)
 from .handle import Notification, Timeouts, TransferHandle
 from .inbox import Inbox
 from .limits import Limits, check_timeout
@@ -99,7 +108,7 @@ class Agent:
         with self._lock:
             if region.registered:
                 raise RegistrationError(f"region {region.name!r} is already registered with agent "
-                                        f"{region._agent.name!r}")
+                                        f"{region.agent.name!r}")
             for other in self._regions.all():
                 if other.kind is region.kind and other.addr < region.end and region.addr < other.end:
                     raise RegistrationError(f"[{region.addr:#x}, +{region.nbytes}) overlaps region {other.name!r} "
@@ -110,14 +119,14 @@ class Agent:
             try:
                 for backend in self._backends:
                     if region.kind in backend.caps.memory_kinds:
-                        region._backend_keys[backend.caps.wire] = backend.register(region)
+                        region.set_backend_key(backend.caps.wire, backend.register(region))
                         done.append(backend)
             except Exception as error:
                 for backend in done:
                     backend.deregister(region)
                 self._regions.remove(index)
                 raise RegistrationError(f"registering {region.name!r} with backend failed: {error}") from error
-            region._agent = self
+            region.bind(self)
         return region
 
     def deregister(self, region: Region, timeout: float = 0.0) -> None:
@@ -127,7 +136,7 @@ class Agent:
         self._deregister(region, timeout, force=False)
 
     def _deregister(self, region: Region, timeout: float, force: bool) -> None:
-        if not isinstance(region, Region) or region._agent is not self:
+        if not isinstance(region, Region) or region.agent is not self:
             raise RegistrationError(f"region {getattr(region, 'name', region)!r} is not registered with agent "
                                     f"{self.name!r}")
         give_up = time.monotonic() + timeout
@@ -145,7 +154,7 @@ class Agent:
                 if region.kind in backend.caps.memory_kinds:
                     backend.deregister(region)
             self._regions.remove(region.index)
-            region._agent = None
+            region.bind(None)
 
     @property
     def regions(self) -> list[Region]:
@@ -171,7 +180,7 @@ class Agent:
         if token is not None:
             return sign_metadata(self.metadata(), token)
         with self._lock:
-            regions = tuple(RegionMeta(r.name, r.index, r.addr, r.nbytes, r.kind, r.device, dict(r._backend_keys))
+            regions = tuple(RegionMeta(r.name, r.index, r.addr, r.nbytes, r.kind, r.device, r.backend_keys)
                             for r in self._regions.all())
             meta = AgentMetadata(self.name, self.uid, self.host_id, self.pid, self.compat,
                                  {b.caps.wire: b.info() for b in self._backends}, regions, self.listen_address)
@@ -181,6 +190,12 @@ class Agent:
     def listen_address(self) -> str | None:
         """"host:port" of the side channel, or None when not listening."""
         return self._side_channel.address if self._side_channel else None
+
+    @property
+    def side_channel(self) -> SideChannelServer | None:
+        """The side-channel server (None when not listening); its counters (``shed``, ``open_connections``) are
+        for diagnostics and benchmarks."""
+        return self._side_channel
 
     def connect(self, metadata: bytes, token: str | None = None) -> Peer:
         """Connect to the agent whose :meth:`metadata` this is; reconnecting replaces the old Peer.
@@ -416,8 +431,9 @@ class Agent:
         for service in reversed(list(self._services.values())):
             service.close()
         self.control.close()
-        if getattr(self, "_side_channel", None):
-            self._side_channel.close()
+        side_channel = getattr(self, "_side_channel", None)  # absent when __init__ failed before it
+        if side_channel is not None:
+            side_channel.close()
         for peer in list(self._peers.values()):
             self.disconnect(peer)
         for region in self._regions.all():
@@ -432,7 +448,7 @@ class Agent:
         """True after :meth:`close`."""
         return self._closed
 
-    def __enter__(self) -> "Agent":
+    def __enter__(self) -> Agent:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,7 @@ class Descs:
     Build with :meth:`from_ranges` or :meth:`from_blocks`; index with ints, slices or int arrays.
     """
 
-    __slots__ = ("addr", "nbytes", "device", "region", "space")
+    __slots__ = ("addr", "device", "nbytes", "region", "space")
 
     def __init__(self, addr: np.ndarray, nbytes: np.ndarray, device: np.ndarray, region: np.ndarray,
                  space: Any) -> None:
@@ -39,7 +40,7 @@ class Descs:
     # ---- builders ----------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_ranges(cls, region: Region | RemoteRegion, offsets: Any, nbytes: Any) -> "Descs":
+    def from_ranges(cls, region: Region | RemoteRegion, offsets: Any, nbytes: Any) -> Descs:
         """Spans ``[offsets[i], offsets[i] + nbytes[i])`` of one region.
 
         ``offsets``: int64[n] host array of byte offsets from the region start; ``nbytes``: an int or int64[n].
@@ -64,7 +65,7 @@ class Descs:
 
     @classmethod
     def from_blocks(cls, region: Region | RemoteRegion, spec: KVCacheSpec, block_ids: Any, *, layers: Any = None,
-                    heads: tuple[int, int] | None = None, parts: Any = None) -> "Descs":
+                    heads: tuple[int, int] | None = None, parts: Any = None) -> Descs:
         """The contiguous pieces of KV blocks ``block_ids`` (int[n], host) of a cache laid out by ``spec``.
 
         ``layers`` (ids, range or slice), ``heads`` (local head range) and ``parts`` (0 = K, 1 = V) narrow the
@@ -83,13 +84,13 @@ class Descs:
                    np.full(n, region.index, dtype=np.int32), space)
 
     @classmethod
-    def _of_region(cls, region: Region | RemoteRegion, space: Any, offsets: np.ndarray, sizes: np.ndarray) -> "Descs":
+    def _of_region(cls, region: Region | RemoteRegion, space: Any, offsets: np.ndarray, sizes: np.ndarray) -> Descs:
         n = offsets.shape[0]
         return cls(offsets.astype(np.uint64) + np.uint64(region.addr), sizes.astype(np.uint64),
                    np.full(n, region.device, dtype=np.int32), np.full(n, region.index, dtype=np.int32), space)
 
     @classmethod
-    def concat(cls, parts: Iterable["Descs"]) -> "Descs":
+    def concat(cls, parts: Iterable[Descs]) -> Descs:
         """One list of all of ``parts`` (which must share an owner)."""
         items = list(parts)
         if not items:
@@ -97,15 +98,15 @@ class Descs:
         spaces = {id(d.space) for d in items}
         if len(spaces) != 1:
             raise DescriptorError("Descs.concat: all parts must describe regions of one agent or one peer")
-        return cls(*(np.concatenate([getattr(d, f) for d in items]) for f in ("addr", "nbytes", "device", "region")),
-                   items[0].space)
+        return cls(np.concatenate([d.addr for d in items]), np.concatenate([d.nbytes for d in items]),
+                   np.concatenate([d.device for d in items]), np.concatenate([d.region for d in items]), items[0].space)
 
     # ---- views -------------------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
         return int(self.addr.shape[0])
 
-    def __getitem__(self, index: Any) -> "Descs":
+    def __getitem__(self, index: Any) -> Descs:
         if isinstance(index, (int, np.integer)) and not isinstance(index, bool):
             n = len(self)
             if not -n <= int(index) < n:
@@ -197,7 +198,7 @@ def _space_of(region: Region | RemoteRegion) -> Any:
     if isinstance(region, Region):
         if not region.registered:
             raise RegistrationError(f"region {region.name!r} is not registered with an agent")
-        return region._agent
+        return region.agent
     raise DescriptorError(f"region must be a Region or RemoteRegion, got {type(region).__name__}")
 
 

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from typing import Callable
+from collections.abc import Callable
 
 from .handle import Notification
 from .limits import Limits

@@ -71,18 +71,36 @@ class Region:
         return self._agent is not None
 
     @property
+    def agent(self) -> Any:
+        """The agent that holds this region registered, or None."""
+        return self._agent
+
+    @property
+    def backend_keys(self) -> dict[str, bytes]:
+        """A copy of what each backend returned when it registered this region, by backend wire name."""
+        return dict(self._backend_keys)
+
+    def set_backend_key(self, wire: str, key: bytes) -> None:
+        """Record what the backend with wire name ``wire`` returned when it registered this region."""
+        self._backend_keys[wire] = key
+
+    def bind(self, agent: Any) -> None:
+        """Mark this region as registered with ``agent`` (None: deregistered); called by the agent."""
+        self._agent = agent
+
+    @property
     def end(self) -> int:
         """One past the last byte."""
         return self.addr + self.nbytes
 
     @classmethod
     def from_ptr(cls, ptr: int, nbytes: int, kind: MemoryKind | str = MemoryKind.HOST, device: int = -1,
-                 owner: Any = None) -> "Region":
+                 owner: Any = None) -> Region:
         """A region over raw memory the caller keeps alive (or passes as ``owner``)."""
         return cls(addr=ptr, nbytes=nbytes, kind=_memory_kind(kind), device=device, owner=owner)
 
     @classmethod
-    def from_array(cls, array: Any) -> "Region":
+    def from_array(cls, array: Any) -> Region:
         """A region spanning a C-contiguous array; the array is kept alive as the owner."""
         if isinstance(array, Region):
             return array
@@ -108,7 +126,7 @@ class Region:
         if self.kind is not MemoryKind.HOST:
             raise ConfigError(f"region {self.name!r}: as_numpy needs host memory, it is on {self.kind.value}")
         buffer = (ctypes.c_uint8 * self.nbytes).from_address(self.addr)
-        view = np.frombuffer(buffer, dtype=np.uint8)
+        view = np.frombuffer(memoryview(buffer), dtype=np.uint8)
         return view
 
 
@@ -123,7 +141,8 @@ def _contiguous_nbytes(shape: tuple[int, ...], strides: tuple[int, ...] | None, 
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if strides is not None:
         expected = itemsize
-        for size, stride in zip(reversed(shape), reversed(strides)):
+        # strict=False: shape and strides come from a third-party interface dict, not checked to match here
+        for size, stride in zip(reversed(shape), reversed(strides), strict=False):
             if size > 1 and stride != expected:
                 raise ConfigError(f"array must be C-contiguous to register; shape {shape} has strides {strides}")
             expected *= size
@@ -204,7 +223,7 @@ def _from_torch(array: Any) -> Region | None:
 
 
 def _from_dlpack(array: Any) -> Region:
-    device_type, device_id = array.__dlpack_device__()
+    device_type, _device_id = array.__dlpack_device__()
     if device_type in (_DLPACK_CPU, _DLPACK_CUDA_HOST):
         view = np.from_dlpack(array)
         region = Region.from_array(view)

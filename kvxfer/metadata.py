@@ -60,7 +60,7 @@ class AgentMetadata:
         return data
 
     @classmethod
-    def decode(cls, data: Any, max_nbytes: int = MAX_METADATA_NBYTES) -> "AgentMetadata":
+    def decode(cls, data: Any, max_nbytes: int = MAX_METADATA_NBYTES) -> AgentMetadata:
         """Parse and check ``data``; raises HandshakeError for anything but well-formed current metadata."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise HandshakeError(f"metadata must be bytes, got {type(data).__name__}")
@@ -70,18 +70,21 @@ class AgentMetadata:
             document = msgpack.unpackb(
                 bytes(data), raw=False, strict_map_key=True, use_list=True, max_str_len=MAX_KEY_NBYTES,
                 max_bin_len=MAX_KEY_NBYTES, max_array_len=MAX_REGIONS, max_map_len=1024, max_ext_len=0)
-        except Exception as error:  # msgpack signals malformed input with many exception types
+        except (ValueError, TypeError, msgpack.exceptions.UnpackException) as error:
+            # msgpack signals malformed input with ValueError (FormatError, StackError, ExtraData, bad UTF-8, a
+            # limit exceeded), UnpackException (OutOfData, BufferFull) or TypeError
             raise HandshakeError(f"metadata is not valid msgpack: {type(error).__name__}: {error}") from None
         try:
             return _parse(document)
         except HandshakeError:
             raise
-        except Exception as error:  # defensive: a shape the checks below did not foresee is still bad input
+        except (TypeError, ValueError, LookupError, ArithmeticError, AttributeError) as error:
+            # defensive: a shape the checks below did not foresee (e.g. sorting mixed str/bytes keys) is bad input
             raise HandshakeError(f"metadata is malformed: {type(error).__name__}: {error}") from None
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise HandshakeError(f"metadata field {what} has type {type(value).__name__}")
     return value
 

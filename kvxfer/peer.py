@@ -17,22 +17,22 @@ if TYPE_CHECKING:
 # The agents alive in this process, by uid (weak: a dropped agent disappears). Metadata that claims to come from
 # this process is checked against them, so an agent's own metadata, replayed with a region pointed elsewhere, cannot
 # make it copy into memory it never exported.
-_PROCESS_AGENTS: "weakref.WeakValueDictionary[str, Agent]" = weakref.WeakValueDictionary()
+_PROCESS_AGENTS: weakref.WeakValueDictionary[str, Agent] = weakref.WeakValueDictionary()
 
 
-def enroll(agent: "Agent") -> None:
+def enroll(agent: Agent) -> None:
     """Record ``agent`` as alive in this process (the Agent constructor calls it)."""
     _PROCESS_AGENTS[agent.uid] = agent
 
 
-def _published(agent: "Agent") -> AgentMetadata | None:
+def _published(agent: Agent) -> AgentMetadata | None:
     try:
         return AgentMetadata.decode(agent.metadata())
     except KvxferError:  # closed meanwhile
         return None
 
 
-def check_not_replayed(meta: AgentMetadata, me: "Agent") -> AgentMetadata:
+def check_not_replayed(meta: AgentMetadata, me: Agent) -> AgentMetadata:
     """The metadata to connect with. When ``meta`` claims to come from this process — our (host id, pid), or a
     backend address of one of our agents — it must name a live agent here by uid and name, and list only regions
     that agent registered, with the same index, name, span, kind, device and keys (HandshakeError otherwise); what
@@ -72,7 +72,7 @@ def check_not_replayed(meta: AgentMetadata, me: "Agent") -> AgentMetadata:
 class Peer:
     """A connected remote agent: its name, metadata, regions, and the backends that can reach it."""
 
-    def __init__(self, meta: AgentMetadata, backends: "list[Backend]") -> None:
+    def __init__(self, meta: AgentMetadata, backends: list[Backend]) -> None:
         self.meta = meta
         self.name = meta.name
         self.backends = backends

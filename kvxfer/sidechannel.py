@@ -24,7 +24,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import ConfigError, HandshakeError, PeerError
 from .limits import Limits
@@ -72,7 +72,7 @@ def answer(request: bytes, key: bytes, get_metadata: Callable[[], bytes]) -> byt
         return _refusal(b"bad token")
     try:
         metadata = get_metadata()
-    except Exception as error:  # e.g. the agent closed while answering: tell the client, keep serving
+    except Exception as error:  # noqa: BLE001 e.g. the agent closed while answering: tell the client, keep serving
         return _refusal(f"server error: {type(error).__name__}: {error}".encode())
     return b"OK" + struct.pack("!I", len(metadata)) + metadata + reply_mac(key, nonce, metadata)
 

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import BackendError, PeerDisconnectedError, PeerError
+from ..errors import BackendError, PeerDisconnectedError, PeerError, UsageError
 from ..handle import Notification, TransferState
 from ..memory import MemoryKind
 from ..plan import RegionTable
-from .base import Backend, BackendCaps, Op, Request
+from .base import Backend, BackendCaps, BackendContext, Op, Request, Scope
 
 if TYPE_CHECKING:
     from ..descs import Descs
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from ..plan import TransferPlan
 
 # Same-process agents find each other's backends here by agent uid (weak: a closed agent simply disappears).
-_LIVE: "weakref.WeakValueDictionary[str, LocalBackend]" = weakref.WeakValueDictionary()
+_LIVE: weakref.WeakValueDictionary[str, LocalBackend] = weakref.WeakValueDictionary()
 
 # Bound the work done between cancellation checks: cancel() waits at most for one chunk.
 _CHUNK_PAIRS = 1024
@@ -40,8 +40,8 @@ _CHUNK_NBYTES = 16 << 20
 class LocalRequest(Request):
     """A queued same-process copy, split into chunks that the worker threads copy."""
 
-    def __init__(self, plan: "TransferPlan", sources: np.ndarray, destinations: np.ndarray,
-                 target: "LocalBackend", notify: bytes | None, fault: Any = None) -> None:
+    def __init__(self, plan: TransferPlan, sources: np.ndarray, destinations: np.ndarray,
+                 target: LocalBackend, notify: bytes | None, fault: Any = None) -> None:
         super().__init__(plan.nbytes)
         self.cond = threading.Condition()
         self.cancelled = False
@@ -56,14 +56,15 @@ class LocalRequest(Request):
         self.released = False
         self.finished = threading.Event()  # set once final: waiters block on it instead of sleeping
         # Both sides' Region objects: their memory outlives a forced deregister while the copy runs.
-        self.keepalive = [target._regions.get(i) for i in plan.remote_regions] + plan.local_regions_objects()
+        self.keepalive: list[Region | None] = [*(target.region(i) for i in plan.remote_regions),
+                                               *plan.local_regions_objects()]
 
 
 class LocalBackend(Backend):
     """Copies between regions of agents in this process, with a few worker threads."""
 
     caps = BackendCaps(name="local", wire="local", memory_kinds=frozenset({MemoryKind.HOST, MemoryKind.CUDA}),
-                       scope="process", can_cancel=True, preference=100)
+                       scope=Scope.PROCESS, can_cancel=True, preference=100)
 
     def __init__(self, threads: int | None = None) -> None:
         super().__init__()
@@ -76,65 +77,82 @@ class LocalBackend(Backend):
         self._workers: list[threading.Thread] = []
         self._closed = False
 
-    def attach(self, context: Any) -> None:
+    def attach(self, context: BackendContext) -> None:
         super().attach(context)
         _LIVE[context.agent_uid] = self
 
+    @property
+    def attached_context(self) -> BackendContext:
+        """The owning agent's context; UsageError if no agent ever attached this backend."""
+        if self.context is None:
+            raise UsageError("the local backend was never attached to an agent")
+        return self.context
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran."""
+        return self._closed
+
+    def region(self, index: int) -> Region | None:
+        """This agent's region registered with the backend at ``index``, or None."""
+        return self._regions.get(index)
+
     # ---- regions and peers -------------------------------------------------------------------------------------
 
-    def register(self, region: "Region") -> bytes:
+    def register(self, region: Region) -> bytes:
         with self._pins_lock:
             self._regions[region.index] = region
             self._table = None
         return b""
 
-    def deregister(self, region: "Region") -> None:
+    def deregister(self, region: Region) -> None:
         with self._pins_lock:
             self._regions.pop(region.index, None)
             self._table = None
 
-    def busy(self, region: "Region") -> bool:
+    def busy(self, region: Region) -> bool:
         return self._pins[region.index] > 0
 
-    def connect(self, peer: "Peer") -> None:
+    def connect(self, peer: Peer) -> None:
         self._target(peer)
 
-    def _target(self, peer: "Peer") -> "LocalBackend":
+    def _target(self, peer: Peer) -> LocalBackend:
         target = _LIVE.get(peer.meta.uid)
-        if target is None or target._closed:
+        if target is None or target.closed:
             raise PeerDisconnectedError(f"peer {peer.name!r} is not a live agent of this process", peer.name)
         return target
 
-    def map_remote(self, peer: "Peer", region_index: int, device: int) -> int | None:
-        region = self._target(peer)._regions.get(region_index)
+    def map_remote(self, peer: Peer, region_index: int, device: int) -> int | None:
+        region = self._target(peer).region(region_index)
         if region is None:
             raise PeerError(f"peer {peer.name!r} has no region at index {region_index}", peer.name)
         return region.addr  # same process: the peer's pointers are ours
 
-    def _admit(self, descs: "Descs", indices: tuple[int, ...]) -> None:
+    def admit(self, descs: Descs, indices: tuple[int, ...]) -> None:
         """Pin this agent's regions ``indices`` for a peer's transfer, once every descriptor of ``descs`` lies
         inside a region this agent really registered: a peer's copy of our metadata is only a claim."""
-        assert self.context is not None
+        agent_name = self.attached_context.agent_name
         with self._pins_lock:
             missing = [i for i in indices if i not in self._regions]
             if missing:
-                raise PeerError(f"peer region index {missing[0]} is no longer registered", self.context.agent_name)
+                raise PeerError(f"peer region index {missing[0]} is no longer registered", agent_name)
             if self._table is None:
                 regions = list(self._regions.values())
                 self._table = RegionTable([r.index for r in regions], [r.addr for r in regions],
                                           [r.nbytes for r in regions])
-            self._table.check(descs, "remote_descs", f"agent {self.context.agent_name!r} as it registered them")
+            self._table.check(descs, "remote_descs", f"agent {agent_name!r} as it registered them")
             self._pins.update(indices)
 
-    def _unpin(self, indices: tuple[int, ...]) -> None:
+    def unpin(self, indices: tuple[int, ...]) -> None:
+        """Release the pins :meth:`admit` took on ``indices``."""
         with self._pins_lock:
             self._pins.subtract(indices)
 
     # ---- transfers ---------------------------------------------------------------------------------------------
 
-    def post(self, op: Op, plan: "TransferPlan", notify: bytes | None, fault: Any = None) -> LocalRequest:
+    def post(self, op: Op, plan: TransferPlan, notify: bytes | None, fault: Any = None) -> LocalRequest:
         target = self._target(plan.peer)
-        target._admit(plan.remote, plan.remote_regions)
+        target.admit(plan.remote, plan.remote_regions)
         local, remote = plan.local.addr, plan.remote.addr
         sources, destinations = (remote, local) if op is Op.READ else (local, remote)
         request = LocalRequest(plan, sources, destinations, target, notify, fault)
@@ -156,15 +174,15 @@ class LocalBackend(Backend):
                 request.state = TransferState.CANCELLED
         self._release(request)
 
-    def send_notification(self, peer: "Peer", payload: bytes) -> None:
-        self._target(peer).context.deliver(Notification(self.context.agent_name, payload))
+    def send_notification(self, peer: Peer, payload: bytes) -> None:
+        self._target(peer).attached_context.deliver(Notification(self.attached_context.agent_name, payload))
 
     def _release(self, request: LocalRequest) -> None:
         with request.cond:
             if request.released:
                 return
             request.released = True
-        request.target._unpin(request.remote_regions)
+        request.target.unpin(request.remote_regions)
         request.finished.set()
 
     def idle_wait(self, request: Request, seconds: float) -> None:
@@ -183,7 +201,7 @@ class LocalBackend(Backend):
 
     def _start_workers(self) -> None:
         for i in range(self.threads):
-            worker = threading.Thread(target=self._work, name=f"kvxfer-local-{self.context.agent_name}-{i}",
+            worker = threading.Thread(target=self._work, name=f"kvxfer-local-{self.attached_context.agent_name}-{i}",
                                       daemon=True)
             worker.start()
             self._workers.append(worker)
@@ -200,7 +218,7 @@ class LocalBackend(Backend):
                     self._begin(request)
                 else:
                     self._copy_chunk(request, start, stop, device)
-            except Exception as error:  # a failed copy fails its transfer, never the worker
+            except Exception as error:  # noqa: BLE001 a failed copy fails its transfer (converted to BackendError), never the worker
                 self._fail(request, error)
 
     def _begin(self, request: LocalRequest) -> None:
@@ -213,7 +231,7 @@ class LocalBackend(Backend):
         for start, stop in bounds:
             self._jobs.put((request, start, stop))
 
-    def _copy_chunk(self, request: LocalRequest, start: int, stop: int, device: "_DeviceCopier") -> None:
+    def _copy_chunk(self, request: LocalRequest, start: int, stop: int, device: _DeviceCopier) -> None:
         with request.cond:
             if request.cancelled or request.state.final:
                 return
@@ -237,7 +255,7 @@ class LocalBackend(Backend):
         if finished:
             self._release(request)
             if request.notify is not None:
-                request.target.context.deliver(Notification(self.context.agent_name, request.notify))
+                request.target.attached_context.deliver(Notification(self.attached_context.agent_name, request.notify))
 
     def _apply_fault_before(self, request: LocalRequest) -> bool:
         """Hook for the mock backend: False means the request must not move bytes."""
@@ -269,7 +287,7 @@ def _chunks(sizes: np.ndarray) -> list[tuple[int, int]]:
 
 def _host_copy(sources: np.ndarray, destinations: np.ndarray, sizes: np.ndarray) -> None:
     memmove = ctypes.memmove
-    for source, destination, size in zip(sources.tolist(), destinations.tolist(), sizes.tolist()):
+    for source, destination, size in zip(sources.tolist(), destinations.tolist(), sizes.tolist(), strict=True):
         memmove(destination, source, size)
 
 
@@ -286,6 +304,6 @@ class _DeviceCopier:
         if self._stream is None:
             self._stream = cupy.cuda.Stream(non_blocking=True)
         copy_default = 4  # cudaMemcpyDefault: direction inferred from unified addresses
-        for source, destination, size in zip(sources.tolist(), destinations.tolist(), sizes.tolist()):
+        for source, destination, size in zip(sources.tolist(), destinations.tolist(), sizes.tolist(), strict=True):
             cupy.cuda.runtime.memcpyAsync(destination, source, size, copy_default, self._stream.ptr)
         self._stream.synchronize()
