@@ -1,10 +1,11 @@
 """Side-channel service while a crowd of stalled clients holds connections (issue 14 item 8).
 
 An agent serves its metadata on 127.0.0.1 (``--cap`` connections at once, 5 s per request). First ``--requests``
-legitimate ``fetch_metadata`` calls alone (the baseline, one every ``--pace`` s), then the same while another process holds ``--clients``
-connections that each drip one byte of a request every ``--interval`` seconds and reconnect when shed (the
-slow-loris attack of the issue: 2,000 clients, a byte every 4 s). Reports latency percentiles, failures, how many
-connections the server shed, its threads and open connections, and the load average (the machine may be shared).
+legitimate ``fetch_metadata`` calls alone (the baseline, one every ``--pace`` s), then the same while another
+process holds ``--clients`` connections that each drip one byte of a request every ``--interval`` seconds and
+reconnect when shed (the slow-loris attack of the issue: 2,000 clients, a byte every 4 s). Reports latency
+percentiles, failures, how many connections the server shed, its threads and open connections, and the load
+average (the machine may be shared).
 
     python3 bench/sidechannel_crowd.py --json bench/results/sidechannel_crowd_cpu_2026-12-07.json
 """
@@ -72,7 +73,8 @@ def main() -> None:
         try:
             connected = int(crowd.stdout.readline().split()[1])
             time.sleep(args.interval * 1.5)  # let the drip and the shedding reach a steady state
-            server = agent._side_channel
+            server = agent.side_channel
+            assert server is not None  # the agent listens
             shed_before = server.shed
             under_attack = _latencies(address, args.requests, args.pace)
             state = {"crowd_connected": connected, "open_connections": server.open_connections,

@@ -1,7 +1,7 @@
 """A crowd of stalled side-channel clients, as a separate process: ``python -m tests.security.slow_clients HOST
 PORT COUNT INTERVAL SECONDS``. Holds COUNT connections that each send one byte of a request every INTERVAL seconds
-(and reconnect at the next tick when the server drops them) for SECONDS, then exits. Prints "ready" once all are connected the first
-time, and at the end "reconnects N".
+(and reconnect at the next tick when the server drops them) for SECONDS, then exits. Prints "ready" once all are
+connected the first time, and at the end "reconnects N".
 """
 
 from __future__ import annotations

@@ -414,15 +414,18 @@ def test_checks_keep_no_memory():
     import tracemalloc
 
     samples: list[Any] = []
+    found: list[Any] = []  # one strategy's cases; @given refuses default arguments, so none binds ``check``
     for name in ("metadata", "sidechannel-reply", "signed-envelope"):
         strategy, check = CASES[name]
 
         @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(strategy)
         def collect(case: Any) -> None:
-            samples.append((check, case))
+            found.append(case)
 
         collect()
+        samples.extend([(check, case) for case in found])
+        found.clear()
     tracemalloc.start()
     try:
         held = []

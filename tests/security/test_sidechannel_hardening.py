@@ -62,7 +62,7 @@ def test_a_dripping_server_cannot_stretch_the_client_deadline():
     try:
         with kvxfer.Agent("d", backends=["local"]) as decode:
             start = time.monotonic()
-            with pytest.raises(PeerError, match="within 1.0 s"):
+            with pytest.raises(PeerError, match=r"within 1\.0 s"):
                 decode.connect_to(address, timeout=1.0)
             elapsed = time.monotonic() - start
         assert elapsed < 4.0, f"a 1 s total deadline took {elapsed:.1f} s (per-recv deadlines would take ~20 s)"
