@@ -46,8 +46,11 @@ def main() -> None:
                 sink = me.register(np.zeros(nbytes, np.uint8), name=f"d{fragment}-{count}")
                 peer = me.connect(target.metadata())
                 offsets = np.arange(count, dtype=np.int64) * 2 * fragment
-                plan = me.plan(kvxfer.Descs.from_ranges(sink, offsets, fragment), peer,
-                               kvxfer.Descs.from_ranges(peer.region(source.name), offsets, fragment))
+                plan = me.plan(
+                    kvxfer.Descs.from_ranges(sink, offsets, fragment),
+                    peer,
+                    kvxfer.Descs.from_ranges(peer.region(source.name), offsets, fragment),
+                )
                 times: dict[str, list[float]] = {"checked": [], "unchecked": []}
                 for _ in range(args.repeats):
                     for setting in ("checked", "unchecked"):
@@ -63,22 +66,33 @@ def main() -> None:
                     table.check(plan.remote, "remote_descs", "target")
                 check_us = (time.perf_counter() - start) / 100 * 1e6
                 medians = {k: statistics.median(v) for k, v in times.items()}
-                rows.append({"fragment_bytes": fragment, "fragments": count, "nbytes": fragment * count,
-                             "checked_us": medians["checked"] * 1e6, "unchecked_us": medians["unchecked"] * 1e6,
-                             "checked_GBps": fragment * count / medians["checked"] / 1e9,
-                             "unchecked_GBps": fragment * count / medians["unchecked"] / 1e9,
-                             "overhead_pct": (medians["checked"] / medians["unchecked"] - 1) * 100,
-                             "check_alone_us": check_us})
+                rows.append(
+                    {
+                        "fragment_bytes": fragment,
+                        "fragments": count,
+                        "nbytes": fragment * count,
+                        "checked_us": medians["checked"] * 1e6,
+                        "unchecked_us": medians["unchecked"] * 1e6,
+                        "checked_GBps": fragment * count / medians["checked"] / 1e9,
+                        "unchecked_GBps": fragment * count / medians["unchecked"] / 1e9,
+                        "overhead_pct": (medians["checked"] / medians["unchecked"] - 1) * 100,
+                        "check_alone_us": check_us,
+                    }
+                )
                 print(json.dumps(rows[-1]))
                 me.disconnect(peer)
                 me.deregister(sink)
                 target.deregister(source)
-    result = {"environment": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                              "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-                              "machine": {"cpus": os.cpu_count(), "arch": platform.machine(),
-                                          "python": platform.python_version()},
-                              "load_average": os.getloadavg()},
-              "repeats": args.repeats, "rows": rows}
+    result = {
+        "environment": {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+            "machine": {"cpus": os.cpu_count(), "arch": platform.machine(), "python": platform.python_version()},
+            "load_average": os.getloadavg(),
+        },
+        "repeats": args.repeats,
+        "rows": rows,
+    }
     if args.json:
         with open(args.json, "w", encoding="utf-8") as file:
             file.write(json.dumps(result, indent=2) + "\n")

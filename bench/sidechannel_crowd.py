@@ -45,9 +45,14 @@ def _latencies(address: str, count: int, pace: float) -> dict[str, Any]:
             continue
         seconds.append(time.perf_counter() - start)
     values = np.array(seconds) * 1e3
-    return {"requests": count, "failures": failures, "p50_ms": float(np.percentile(values, 50)),
-            "p99_ms": float(np.percentile(values, 99)), "max_ms": float(values.max()),
-            "mean_ms": float(values.mean())}
+    return {
+        "requests": count,
+        "failures": failures,
+        "p50_ms": float(np.percentile(values, 50)),
+        "p99_ms": float(np.percentile(values, 99)),
+        "max_ms": float(values.max()),
+        "mean_ms": float(values.mean()),
+    }
 
 
 def main() -> None:
@@ -56,8 +61,13 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=4.0)
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--cap", type=int, default=Limits().side_channel_connections)
-    parser.add_argument("--pace", type=float, default=0.01, help="seconds between legitimate requests (so the "
-                        "measurement spans several of the crowd's ticks and its reconnects)")
+    parser.add_argument(
+        "--pace",
+        type=float,
+        default=0.01,
+        help="seconds between legitimate requests (so the "
+        "measurement spans several of the crowd's ticks and its reconnects)",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     limits = Limits(side_channel_connections=args.cap)
@@ -67,9 +77,22 @@ def main() -> None:
         baseline = _latencies(address, args.requests, args.pace)
         host, port = address.rsplit(":", 1)
         threads_before = threading.active_count()
-        crowd = subprocess.Popen([sys.executable, "-m", "tests.security.slow_clients", host, port, str(args.clients),
-                                  str(args.interval), "3600"], stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                                 env=dict(os.environ, PYTHONPATH=ROOT))
+        crowd = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.security.slow_clients",
+                host,
+                port,
+                str(args.clients),
+                str(args.interval),
+                "3600",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=ROOT),
+        )
         try:
             connected = int(crowd.stdout.readline().split()[1])
             time.sleep(args.interval * 1.5)  # let the drip and the shedding reach a steady state
@@ -77,21 +100,33 @@ def main() -> None:
             assert server is not None  # the agent listens
             shed_before = server.shed
             under_attack = _latencies(address, args.requests, args.pace)
-            state = {"crowd_connected": connected, "open_connections": server.open_connections,
-                     "shed_during_measurement": server.shed - shed_before, "server_threads_added":
-                     threading.active_count() - threads_before, "crowd_alive": crowd.poll() is None}
+            state = {
+                "crowd_connected": connected,
+                "open_connections": server.open_connections,
+                "shed_during_measurement": server.shed - shed_before,
+                "server_threads_added": threading.active_count() - threads_before,
+                "crowd_alive": crowd.poll() is None,
+            }
         finally:
             crowd.kill()
             crowd.communicate()
     result = {
-        "environment": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-                        "machine": {"cpus": os.cpu_count(), "arch": platform.machine(),
-                                    "python": platform.python_version()},
-                        "load_average": os.getloadavg()},
-        "settings": {"clients": args.clients, "interval_s": args.interval, "cap": args.cap, "pace_s": args.pace,
-                     "request_seconds": limits.side_channel_request_seconds},
-        "baseline": baseline, "under_attack": under_attack, **state,
+        "environment": {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+            "machine": {"cpus": os.cpu_count(), "arch": platform.machine(), "python": platform.python_version()},
+            "load_average": os.getloadavg(),
+        },
+        "settings": {
+            "clients": args.clients,
+            "interval_s": args.interval,
+            "cap": args.cap,
+            "pace_s": args.pace,
+            "request_seconds": limits.side_channel_request_seconds,
+        },
+        "baseline": baseline,
+        "under_attack": under_attack,
+        **state,
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -63,10 +63,19 @@ class Agent:
     hold (:class:`~kvxfer.limits.Limits`).
     """
 
-    def __init__(self, name: str, backends: Sequence[str | Backend] | None = None, *,
-                 timeouts: Timeouts | None = None, listen: str | None = None, token: str | None = None,
-                 compat: str = "", host_id: str | None = None, limits: Limits | None = None,
-                 allow_unauthenticated: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        backends: Sequence[str | Backend] | None = None,
+        *,
+        timeouts: Timeouts | None = None,
+        listen: str | None = None,
+        token: str | None = None,
+        compat: str = "",
+        host_id: str | None = None,
+        limits: Limits | None = None,
+        allow_unauthenticated: bool = False,
+    ) -> None:
         _check_arguments(name, timeouts, listen, token, compat, host_id, limits)
         self.name = name
         self.uid = uuid.uuid4().hex
@@ -84,14 +93,23 @@ class Agent:
         self._inbox = Inbox(name, self.limits)
         self._regions = RegionRegistry()
         self._active: set[TransferHandle] = set()
-        context = BackendContext(self.name, self.uid, self.host_id, self.pid, self.timeouts, self._deliver,
-                                 self._peer_lost, limits=self.limits)
+        context = BackendContext(
+            self.name,
+            self.uid,
+            self.host_id,
+            self.pid,
+            self.timeouts,
+            self._deliver,
+            self._peer_lost,
+            limits=self.limits,
+        )
         self._backends = backend_registry.create_all(backends, context)
         self._closed = False
         enroll(self)
         try:
-            self._side_channel = SideChannelServer(listen, self.metadata, token, self.limits,
-                                                   allow_unauthenticated) if listen else None
+            self._side_channel = (
+                SideChannelServer(listen, self.metadata, token, self.limits, allow_unauthenticated) if listen else None
+            )
         except Exception:
             self.close()
             raise
@@ -107,13 +125,16 @@ class Agent:
             check_writable(region.addr, region.nbytes)  # a peer may write into it; a READ lands in it
         with self._lock:
             if region.registered:
-                raise RegistrationError(f"region {region.name!r} is already registered with agent "
-                                        f"{region.agent.name!r}")
+                raise RegistrationError(
+                    f"region {region.name!r} is already registered with agent {region.agent.name!r}"
+                )
             for other in self._regions.all():
                 if other.kind is region.kind and other.addr < region.end and region.addr < other.end:
-                    raise RegistrationError(f"[{region.addr:#x}, +{region.nbytes}) overlaps region {other.name!r} "
-                                            f"[{other.addr:#x}, +{other.nbytes}) already registered with agent "
-                                            f"{self.name!r}: register one region and describe parts with Descs")
+                    raise RegistrationError(
+                        f"[{region.addr:#x}, +{region.nbytes}) overlaps region {other.name!r} "
+                        f"[{other.addr:#x}, +{other.nbytes}) already registered with agent "
+                        f"{self.name!r}: register one region and describe parts with Descs"
+                    )
             index = self._regions.add(region, name)
             done: list[Backend] = []
             try:
@@ -137,17 +158,24 @@ class Agent:
 
     def _deregister(self, region: Region, timeout: float, force: bool) -> None:
         if not isinstance(region, Region) or region.agent is not self:
-            raise RegistrationError(f"region {getattr(region, 'name', region)!r} is not registered with agent "
-                                    f"{self.name!r}")
+            raise RegistrationError(
+                f"region {getattr(region, 'name', region)!r} is not registered with agent {self.name!r}"
+            )
         give_up = time.monotonic() + timeout
         while self._busy_with(region.index):
             if time.monotonic() >= give_up:
                 if force:
-                    logger.warning("agent %s: region %s deregistered while a peer's transfer still uses it; the "
-                                   "memory stays alive until that transfer ends", self.name, region.name)
+                    logger.warning(
+                        "agent %s: region %s deregistered while a peer's transfer still uses it; the "
+                        "memory stays alive until that transfer ends",
+                        self.name,
+                        region.name,
+                    )
                     break
-                raise RegistrationError(f"region {region.name!r} is in use by a transfer in flight; wait for it, "
-                                        "cancel it, or pass a timeout")
+                raise RegistrationError(
+                    f"region {region.name!r} is in use by a transfer in flight; wait for it, "
+                    "cancel it, or pass a timeout"
+                )
             time.sleep(1e-3)
         with self._lock:
             for backend in self._backends:
@@ -180,15 +208,25 @@ class Agent:
         if token is not None:
             return sign_metadata(self.metadata(), token)
         with self._lock:
-            regions = tuple(RegionMeta(r.name, r.index, r.addr, r.nbytes, r.kind, r.device, r.backend_keys)
-                            for r in self._regions.all())
-            meta = AgentMetadata(self.name, self.uid, self.host_id, self.pid, self.compat,
-                                 {b.caps.wire: b.info() for b in self._backends}, regions, self.listen_address)
+            regions = tuple(
+                RegionMeta(r.name, r.index, r.addr, r.nbytes, r.kind, r.device, r.backend_keys)
+                for r in self._regions.all()
+            )
+            meta = AgentMetadata(
+                self.name,
+                self.uid,
+                self.host_id,
+                self.pid,
+                self.compat,
+                {b.caps.wire: b.info() for b in self._backends},
+                regions,
+                self.listen_address,
+            )
         return meta.encode()
 
     @property
     def listen_address(self) -> str | None:
-        """"host:port" of the side channel, or None when not listening."""
+        """ "host:port" of the side channel, or None when not listening."""
         return self._side_channel.address if self._side_channel else None
 
     @property
@@ -210,8 +248,9 @@ class Agent:
             raise HandshakeError("metadata is signed: pass the token that verifies it, connect(meta, token=...)")
         meta = AgentMetadata.decode(metadata)
         if meta.compat != self.compat:
-            raise HandshakeError(f"peer {meta.name!r} is incompatible: compat {meta.compat!r} != ours "
-                                 f"{self.compat!r}", meta.name)
+            raise HandshakeError(
+                f"peer {meta.name!r} is incompatible: compat {meta.compat!r} != ours {self.compat!r}", meta.name
+            )
         meta = check_not_replayed(meta, self)
         with self._lock:
             old = self._peers.get(meta.name)
@@ -223,14 +262,22 @@ class Agent:
                     try:
                         backend.connect(peer)
                     except KvxferError as error:
-                        logger.warning("agent %s: backend %s could not connect to %s: %s", self.name,
-                                       backend.caps.name, meta.name, error)
+                        logger.warning(
+                            "agent %s: backend %s could not connect to %s: %s",
+                            self.name,
+                            backend.caps.name,
+                            meta.name,
+                            error,
+                        )
                         continue
                     peer.backends.append(backend)
             if not peer.backends:
-                raise HandshakeError(f"no backend reaches peer {meta.name!r}: ours "
-                                     f"{[b.caps.name for b in self._backends]}, it speaks {sorted(meta.backends)} "
-                                     f"(host {meta.host_id!r}, pid {meta.pid})", meta.name)
+                raise HandshakeError(
+                    f"no backend reaches peer {meta.name!r}: ours "
+                    f"{[b.caps.name for b in self._backends]}, it speaks {sorted(meta.backends)} "
+                    f"(host {meta.host_id!r}, pid {meta.pid})",
+                    meta.name,
+                )
             self._peers[meta.name] = peer
         logger.info("agent %s connected to %s via %s", self.name, meta.name, [b.caps.name for b in peer.backends])
         return peer
@@ -280,11 +327,15 @@ class Agent:
             if not isinstance(descs, Descs):
                 raise DescriptorError(f"{argument} must be a Descs, got {type(descs).__name__}")
         if local_descs.space is not self:
-            raise DescriptorError(f"local_descs describe regions of {getattr(local_descs.space, 'name', '?')!r}, "
-                                  f"not of agent {self.name!r}")
+            raise DescriptorError(
+                f"local_descs describe regions of {getattr(local_descs.space, 'name', '?')!r}, "
+                f"not of agent {self.name!r}"
+            )
         if remote_descs.space is not peer:
-            raise DescriptorError(f"remote_descs describe regions of {getattr(remote_descs.space, 'name', '?')!r}, "
-                                  f"not of peer {peer.name!r}")
+            raise DescriptorError(
+                f"remote_descs describe regions of {getattr(remote_descs.space, 'name', '?')!r}, "
+                f"not of peer {peer.name!r}"
+            )
         check_pair_sizes(local_descs, remote_descs)
         local_kinds = self._regions.table().check(local_descs, "local_descs", f"agent {self.name!r}")
         remote_kinds = peer.table.check(remote_descs, "remote_descs", f"peer {peer.name!r}")
@@ -302,7 +353,8 @@ class Agent:
                 return backend
         raise BackendUnavailableError(
             f"no backend moves {sorted(str(a.value) + '->' + str(b.value) for a, b in pairs)} with peer "
-            f"{peer.name!r}; reachable: {[b.caps.name for b in peer.backends]}")
+            f"{peer.name!r}; reachable: {[b.caps.name for b in peer.backends]}"
+        )
 
     def read(self, plan: TransferPlan, notify: bytes | None = None, timeout: float | None = None) -> TransferHandle:
         """Pull the peer's bytes into local memory. ``notify`` reaches the peer after the data moved."""
@@ -320,15 +372,17 @@ class Agent:
         if notify is not None and not isinstance(notify, (bytes, bytearray)):
             raise ConfigError(f"notify must be bytes or None, got {type(notify).__name__}")
         if notify is not None and len(notify) > self.limits.notification_nbytes:
-            raise ConfigError(f"notify of {len(notify)} bytes is over Limits.notification_nbytes = "
-                              f"{self.limits.notification_nbytes}")
+            raise ConfigError(
+                f"notify of {len(notify)} bytes is over Limits.notification_nbytes = {self.limits.notification_nbytes}"
+            )
         limit = check_timeout(timeout)
         plan.check_destination(op)
         self._regions.check_live(plan.local_regions)
         deadline = time.monotonic() + (self.timeouts.transfer if limit is None else limit)
         request = plan.backend.post(op, plan, None if notify is None else bytes(notify))
-        handle = TransferHandle(self, plan.backend, request, op, plan.nbytes, deadline, self._on_final,
-                                regions=plan.local_regions)
+        handle = TransferHandle(
+            self, plan.backend, request, op, plan.nbytes, deadline, self._on_final, regions=plan.local_regions
+        )
         self._regions.pin(plan.local_regions)
         self._active.add(handle)
         return handle
@@ -357,8 +411,10 @@ class Agent:
         if not isinstance(payload, (bytes, bytearray)):
             raise ConfigError(f"payload must be bytes, got {type(payload).__name__}")
         if len(payload) > self.limits.notification_nbytes:
-            raise ConfigError(f"payload of {len(payload)} bytes is over Limits.notification_nbytes = "
-                              f"{self.limits.notification_nbytes}")
+            raise ConfigError(
+                f"payload of {len(payload)} bytes is over Limits.notification_nbytes = "
+                f"{self.limits.notification_nbytes}"
+            )
         if not peer.connected:
             raise PeerError(f"peer {peer.name!r} is disconnected ({peer.lost_reason})", peer.name)
         peer.backends[0].send_notification(peer, bytes(payload))
@@ -371,8 +427,10 @@ class Agent:
         if not isinstance(prefix, bytes) or not prefix:
             raise ConfigError(f"prefix must be non-empty bytes, got {prefix!r}")
         if prefix.startswith(CONTROL_PREFIX) or CONTROL_PREFIX.startswith(prefix):
-            raise ConfigError(f"prefix {prefix!r} overlaps kvxfer's control messages ({CONTROL_PREFIX!r}); use "
-                              "agent.control for those")
+            raise ConfigError(
+                f"prefix {prefix!r} overlaps kvxfer's control messages ({CONTROL_PREFIX!r}); use "
+                "agent.control for those"
+            )
         if not callable(callback):
             raise ConfigError(f"callback must be callable, got {type(callback).__name__}")
         self._inbox.subscribe(prefix, callback)
@@ -421,8 +479,11 @@ class Agent:
         give_up = time.monotonic() + self.timeouts.close
         pending = [h for h in list(self._active) if not h.poll().final]  # poll() may shrink the set
         if pending:
-            warnings.warn(f"Agent {self.name!r} closed with {len(pending)} transfer(s) never waited or released",
-                          ResourceWarning, stacklevel=2)
+            warnings.warn(
+                f"Agent {self.name!r} closed with {len(pending)} transfer(s) never waited or released",
+                ResourceWarning,
+                stacklevel=2,
+            )
         for handle in pending:
             while not handle.poll().final and time.monotonic() < give_up:
                 time.sleep(1e-3)
@@ -456,29 +517,38 @@ class Agent:
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
-            warnings.warn(f"Agent {self.name!r} was not closed; use it as a context manager or call close()",
-                          ResourceWarning, stacklevel=2)
+            warnings.warn(
+                f"Agent {self.name!r} was not closed; use it as a context manager or call close()",
+                ResourceWarning,
+                stacklevel=2,
+            )
 
     def __repr__(self) -> str:
         return f"Agent({self.name!r}, backends={[b.caps.name for b in self._backends]}, peers={sorted(self._peers)})"
 
 
-def _check_arguments(name: Any, timeouts: Any, listen: Any, token: Any, compat: Any, host_id: Any,
-                     limits: Any) -> None:
+def _check_arguments(name: Any, timeouts: Any, listen: Any, token: Any, compat: Any, host_id: Any, limits: Any) -> None:
     """ConfigError naming the first bad argument of Agent()."""
-    for argument, value, optional, longest in (("name", name, False, 256), ("compat", compat, False, 256),
-                                               ("host_id", host_id, True, 256), ("listen", listen, True, 256),
-                                               ("token", token, True, 4096)):
+    for argument, value, optional, longest in (
+        ("name", name, False, 256),
+        ("compat", compat, False, 256),
+        ("host_id", host_id, True, 256),
+        ("listen", listen, True, 256),
+        ("token", token, True, 4096),
+    ):
         if value is None and optional:
             continue
         if not isinstance(value, str) or len(value) > longest or (argument != "compat" and not value):
             what = "a string" if argument == "compat" else "a non-empty string"
-            raise ConfigError(f"{argument} must be {what} of <= {longest} characters{' or None' if optional else ''}"
-                              f", got {value!r}")
+            raise ConfigError(
+                f"{argument} must be {what} of <= {longest} characters{' or None' if optional else ''}, got {value!r}"
+            )
     if timeouts is not None and not isinstance(timeouts, Timeouts):
         raise ConfigError(f"timeouts must be a kvxfer.Timeouts or None, got {type(timeouts).__name__}")
     if limits is not None and not isinstance(limits, Limits):
         raise ConfigError(f"limits must be a kvxfer.limits.Limits or None, got {type(limits).__name__}")
     if token is not None and listen is None:
-        raise ConfigError("token= protects the side channel, which needs listen=; pass connect_to(address, "
-                          "token=...) to present a token to a peer")
+        raise ConfigError(
+            "token= protects the side channel, which needs listen=; pass connect_to(address, "
+            "token=...) to present a token to a peer"
+        )

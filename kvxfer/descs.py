@@ -25,8 +25,9 @@ class Descs:
 
     __slots__ = ("addr", "device", "nbytes", "region", "space")
 
-    def __init__(self, addr: np.ndarray, nbytes: np.ndarray, device: np.ndarray, region: np.ndarray,
-                 space: Any) -> None:
+    def __init__(
+        self, addr: np.ndarray, nbytes: np.ndarray, device: np.ndarray, region: np.ndarray, space: Any
+    ) -> None:
         self.addr = np.asarray(addr, dtype=np.uint64)
         self.nbytes = np.asarray(nbytes, dtype=np.uint64)
         self.device = np.asarray(device, dtype=np.int32)
@@ -35,7 +36,8 @@ class Descs:
         n = len(self.addr)
         if not (self.addr.ndim == 1 and all(a.shape == (n,) for a in (self.nbytes, self.device, self.region))):
             raise DescriptorError(
-                f"Descs arrays must be 1-D of one length, got {[a.shape for a in (self.addr, self.nbytes)]}")
+                f"Descs arrays must be 1-D of one length, got {[a.shape for a in (self.addr, self.nbytes)]}"
+            )
 
     # ---- builders ----------------------------------------------------------------------------------------------
 
@@ -60,12 +62,21 @@ class Descs:
                 i = int(outside[0])
                 raise DescriptorError(
                     f"descriptor {i} (offset {int(offsets_array[i])}, nbytes {int(sizes[i])}) lies outside region "
-                    f"{region.name!r} of {region.nbytes} bytes")
+                    f"{region.name!r} of {region.nbytes} bytes"
+                )
         return cls._of_region(region, space, offsets_array, sizes)
 
     @classmethod
-    def from_blocks(cls, region: Region | RemoteRegion, spec: KVCacheSpec, block_ids: Any, *, layers: Any = None,
-                    heads: tuple[int, int] | None = None, parts: Any = None) -> Descs:
+    def from_blocks(
+        cls,
+        region: Region | RemoteRegion,
+        spec: KVCacheSpec,
+        block_ids: Any,
+        *,
+        layers: Any = None,
+        heads: tuple[int, int] | None = None,
+        parts: Any = None,
+    ) -> Descs:
         """The contiguous pieces of KV blocks ``block_ids`` (int[n], host) of a cache laid out by ``spec``.
 
         ``layers`` (ids, range or slice), ``heads`` (local head range) and ``parts`` (0 = K, 1 = V) narrow the
@@ -77,17 +88,26 @@ class Descs:
         if region.addr == 0:  # start=0 would mean offsets; a region at address 0 exists only in tests of raw ptrs
             offsets, piece_nbytes = spec.block_offsets(block_ids, layers=layers, heads=heads, parts=parts)
             return cls._of_region(region, space, offsets, np.full(offsets.shape, piece_nbytes, dtype=np.int64))
-        addr, piece_nbytes = spec.block_offsets(block_ids, layers=layers, heads=heads, parts=parts,
-                                                start=region.addr)
+        addr, piece_nbytes = spec.block_offsets(block_ids, layers=layers, heads=heads, parts=parts, start=region.addr)
         n = addr.shape[0]
-        return cls(addr, np.full(n, piece_nbytes, dtype=np.uint64), np.full(n, region.device, dtype=np.int32),
-                   np.full(n, region.index, dtype=np.int32), space)
+        return cls(
+            addr,
+            np.full(n, piece_nbytes, dtype=np.uint64),
+            np.full(n, region.device, dtype=np.int32),
+            np.full(n, region.index, dtype=np.int32),
+            space,
+        )
 
     @classmethod
     def _of_region(cls, region: Region | RemoteRegion, space: Any, offsets: np.ndarray, sizes: np.ndarray) -> Descs:
         n = offsets.shape[0]
-        return cls(offsets.astype(np.uint64) + np.uint64(region.addr), sizes.astype(np.uint64),
-                   np.full(n, region.device, dtype=np.int32), np.full(n, region.index, dtype=np.int32), space)
+        return cls(
+            offsets.astype(np.uint64) + np.uint64(region.addr),
+            sizes.astype(np.uint64),
+            np.full(n, region.device, dtype=np.int32),
+            np.full(n, region.index, dtype=np.int32),
+            space,
+        )
 
     @classmethod
     def concat(cls, parts: Iterable[Descs]) -> Descs:
@@ -98,8 +118,13 @@ class Descs:
         spaces = {id(d.space) for d in items}
         if len(spaces) != 1:
             raise DescriptorError("Descs.concat: all parts must describe regions of one agent or one peer")
-        return cls(np.concatenate([d.addr for d in items]), np.concatenate([d.nbytes for d in items]),
-                   np.concatenate([d.device for d in items]), np.concatenate([d.region for d in items]), items[0].space)
+        return cls(
+            np.concatenate([d.addr for d in items]),
+            np.concatenate([d.nbytes for d in items]),
+            np.concatenate([d.device for d in items]),
+            np.concatenate([d.region for d in items]),
+            items[0].space,
+        )
 
     # ---- views -------------------------------------------------------------------------------------------------
 
@@ -117,8 +142,11 @@ class Descs:
             index = np.asarray(index)
             if index.dtype.kind not in "iub":
                 raise DescriptorError(f"Descs index must be ints, a slice or a bool mask, got dtype {index.dtype}")
-            if index.dtype.kind != "b" and index.size and (int(index.min()) < -len(self)
-                                                            or int(index.max()) >= len(self)):
+            if (
+                index.dtype.kind != "b"
+                and index.size
+                and (int(index.min()) < -len(self) or int(index.max()) >= len(self))
+            ):
                 raise DescriptorError(f"Descs index out of range for {len(self)} descriptors")
         return Descs(self.addr[index], self.nbytes[index], self.device[index], self.region[index], self.space)
 
@@ -158,9 +186,10 @@ def coalesce_pairs(local: Descs, remote: Descs) -> tuple[Descs, Descs]:
         last = np.empty_like(starts)
         last[:-1], last[-1] = starts[1:] - 1, n - 1
         merged = local.addr[last] + sizes[last] - local_addr
-    return (Descs(local_addr, merged, _take(local.device, starts), _take(local.region, starts), local.space),
-            Descs(remote.addr[starts], merged, _take(remote.device, starts), _take(remote.region, starts),
-                  remote.space))
+    return (
+        Descs(local_addr, merged, _take(local.device, starts), _take(local.region, starts), local.space),
+        Descs(remote.addr[starts], merged, _take(remote.device, starts), _take(remote.region, starts), remote.space),
+    )
 
 
 def _uniform(values: np.ndarray) -> bool:
@@ -189,7 +218,8 @@ def check_no_overlap(descs: Descs, argument: str) -> None:
             i = int(clash[0])
             raise DescriptorError(
                 f"{argument}: destination spans overlap (at address {int(addr[i + 1]):#x}); one transfer may not "
-                "write a byte twice (duplicate destination blocks?)")
+                "write a byte twice (duplicate destination blocks?)"
+            )
 
 
 def _space_of(region: Region | RemoteRegion) -> Any:

@@ -55,8 +55,10 @@ class Inbox:
         with self._ready:
             if self._closed:
                 return
-            if len(self._notes) >= self._limits.queued_notifications or \
-                    self._nbytes + payload_nbytes > self._limits.queued_notification_nbytes:
+            if (
+                len(self._notes) >= self._limits.queued_notifications
+                or self._nbytes + payload_nbytes > self._limits.queued_notification_nbytes
+            ):
                 self._drop(notification, "queue full")
                 return
             self._notes.append(notification)
@@ -86,7 +88,15 @@ class Inbox:
         now = time.monotonic()
         if now - self._last_log >= _LOG_EVERY_SECONDS:  # a flood must not flood the log too
             self._last_log = now
-            logger.warning("agent %s: dropped a notification of %d bytes from %r (%s; dropped so far: %s; limits: "
-                           "%d bytes each, %d queued, %d bytes queued)", self._owner, len(notification.payload),
-                           notification.peer_name, reason, dict(self.dropped), self._limits.notification_nbytes,
-                           self._limits.queued_notifications, self._limits.queued_notification_nbytes)
+            logger.warning(
+                "agent %s: dropped a notification of %d bytes from %r (%s; dropped so far: %s; limits: "
+                "%d bytes each, %d queued, %d bytes queued)",
+                self._owner,
+                len(notification.payload),
+                notification.peer_name,
+                reason,
+                dict(self.dropped),
+                self._limits.notification_nbytes,
+                self._limits.queued_notifications,
+                self._limits.queued_notification_nbytes,
+            )

@@ -50,8 +50,12 @@ class Limits:
     metadata_max_age: float = 600.0
 
     def __post_init__(self) -> None:
-        for name in ("notification_nbytes", "queued_notifications", "queued_notification_nbytes",
-                     "side_channel_connections"):
+        for name in (
+            "notification_nbytes",
+            "queued_notifications",
+            "queued_notification_nbytes",
+            "side_channel_connections",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"Limits.{name} must be an int >= 1, got {value!r}")

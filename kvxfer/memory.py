@@ -53,8 +53,9 @@ class Region:
             raise ConfigError("Region.nbytes must be > 0, got 0")
         if self.addr == 0:
             raise ConfigError("Region.addr must not be NULL")
-        if self.itemsize is not None and (not isinstance(self.itemsize, (int, np.integer))
-                                          or isinstance(self.itemsize, bool) or self.itemsize < 1):
+        if self.itemsize is not None and (
+            not isinstance(self.itemsize, (int, np.integer)) or isinstance(self.itemsize, bool) or self.itemsize < 1
+        ):
             raise ConfigError(f"Region.itemsize must be None or an int >= 1, got {self.itemsize!r}")
         if self.addr + self.nbytes > 2**64:
             raise ConfigError(f"Region [{self.addr:#x}, +{self.nbytes}) overflows a 64-bit address")
@@ -94,8 +95,9 @@ class Region:
         return self.addr + self.nbytes
 
     @classmethod
-    def from_ptr(cls, ptr: int, nbytes: int, kind: MemoryKind | str = MemoryKind.HOST, device: int = -1,
-                 owner: Any = None) -> Region:
+    def from_ptr(
+        cls, ptr: int, nbytes: int, kind: MemoryKind | str = MemoryKind.HOST, device: int = -1, owner: Any = None
+    ) -> Region:
         """A region over raw memory the caller keeps alive (or passes as ``owner``)."""
         return cls(addr=ptr, nbytes=nbytes, kind=_memory_kind(kind), device=device, owner=owner)
 
@@ -119,7 +121,8 @@ class Region:
             return cls.from_array(np.frombuffer(array, dtype=np.uint8))
         raise ConfigError(
             f"array: cannot register {type(array).__name__}: expected a numpy/torch/cupy array, an object with "
-            "__array_interface__, __cuda_array_interface__ or __dlpack__, or Region.from_ptr(...)")
+            "__array_interface__, __cuda_array_interface__ or __dlpack__, or Region.from_ptr(...)"
+        )
 
     def as_numpy(self) -> np.ndarray:
         """A uint8[nbytes] host view of a host region (the region keeps its owner alive)."""
@@ -154,14 +157,18 @@ def _from_interface(owner: Any, interface: dict, kind: MemoryKind, device: int) 
     if readonly:
         # A peer may WRITE into any registered region, and a READ lands in it: read-only memory (an immutable
         # bytes object, a read-only mmap) would be mutated or fault.
-        raise ConfigError(f"array: cannot register read-only memory ({type(owner).__name__} is not writeable); "
-                          "register a writeable copy")
+        raise ConfigError(
+            f"array: cannot register read-only memory ({type(owner).__name__} is not writeable); "
+            "register a writeable copy"
+        )
     dtype = np.dtype(interface["typestr"])
     descr = interface.get("descr")
     structured = np.dtype(descr) if isinstance(descr, list) and len(descr) > 1 else dtype
     if dtype.hasobject or structured.hasobject or (isinstance(owner, np.ndarray) and owner.dtype.hasobject):
-        raise ConfigError(f"array: cannot register an array of Python objects (dtype {getattr(owner, 'dtype', dtype)})"
-                          "; its bytes are pointers that a copy would corrupt")
+        raise ConfigError(
+            f"array: cannot register an array of Python objects (dtype {getattr(owner, 'dtype', dtype)})"
+            "; its bytes are pointers that a copy would corrupt"
+        )
     itemsize = dtype.itemsize
     nbytes = _contiguous_nbytes(tuple(interface["shape"]), interface.get("strides"), itemsize)
     return Region(addr=addr, nbytes=nbytes, kind=kind, device=device, owner=owner, itemsize=itemsize)
@@ -185,13 +192,16 @@ def check_writable(addr: int, nbytes: int) -> None:
         if low > covered:
             break
         if "w" not in permissions:
-            raise ConfigError(f"memory at {covered:#x} ({permissions}) is not writeable; cannot register "
-                              f"[{addr:#x}, +{nbytes}) (a read-only mapping?)")
+            raise ConfigError(
+                f"memory at {covered:#x} ({permissions}) is not writeable; cannot register "
+                f"[{addr:#x}, +{nbytes}) (a read-only mapping?)"
+            )
         covered = high
         if covered >= end:
             return
-    raise ConfigError(f"memory [{covered:#x}, {end:#x}) is not mapped in this process; cannot register "
-                      f"[{addr:#x}, +{nbytes})")
+    raise ConfigError(
+        f"memory [{covered:#x}, {end:#x}) is not mapped in this process; cannot register [{addr:#x}, +{nbytes})"
+    )
 
 
 def _cuda_device_of(array: Any, interface: dict) -> int:
@@ -215,8 +225,14 @@ def _from_torch(array: Any) -> Region | None:
     itemsize = array.element_size()
     nbytes = array.numel() * itemsize
     if array.device.type == "cuda":
-        return Region(addr=array.data_ptr(), nbytes=nbytes, kind=MemoryKind.CUDA, device=array.device.index,
-                      owner=array, itemsize=itemsize)
+        return Region(
+            addr=array.data_ptr(),
+            nbytes=nbytes,
+            kind=MemoryKind.CUDA,
+            device=array.device.index,
+            owner=array,
+            itemsize=itemsize,
+        )
     if array.device.type == "cpu":
         return Region(addr=array.data_ptr(), nbytes=nbytes, kind=MemoryKind.HOST, owner=array, itemsize=itemsize)
     raise ConfigError(f"array: torch device {array.device} is not supported (cpu or cuda)")

@@ -52,8 +52,16 @@ class AgentMetadata:
     def encode(self) -> bytes:
         """The versioned msgpack bytes of this metadata."""
         regions = [[r.name, r.index, r.addr, r.nbytes, r.kind.value, r.device, r.keys] for r in self.regions]
-        body = {"name": self.name, "uid": self.uid, "host": self.host_id, "pid": self.pid, "compat": self.compat,
-                "backends": self.backends, "regions": regions, "listen": self.listen}
+        body = {
+            "name": self.name,
+            "uid": self.uid,
+            "host": self.host_id,
+            "pid": self.pid,
+            "compat": self.compat,
+            "backends": self.backends,
+            "regions": regions,
+            "listen": self.listen,
+        }
         data = msgpack.packb([MAGIC, self.version, body], use_bin_type=True)
         if len(data) > MAX_METADATA_NBYTES:
             raise HandshakeError(f"metadata of {len(data)} bytes exceeds the {MAX_METADATA_NBYTES}-byte cap")
@@ -68,8 +76,16 @@ class AgentMetadata:
             raise HandshakeError(f"metadata of {len(data)} bytes exceeds the {max_nbytes}-byte cap")
         try:
             document = msgpack.unpackb(
-                bytes(data), raw=False, strict_map_key=True, use_list=True, max_str_len=MAX_KEY_NBYTES,
-                max_bin_len=MAX_KEY_NBYTES, max_array_len=MAX_REGIONS, max_map_len=1024, max_ext_len=0)
+                bytes(data),
+                raw=False,
+                strict_map_key=True,
+                use_list=True,
+                max_str_len=MAX_KEY_NBYTES,
+                max_bin_len=MAX_KEY_NBYTES,
+                max_array_len=MAX_REGIONS,
+                max_map_len=1024,
+                max_ext_len=0,
+            )
         except (ValueError, TypeError, msgpack.exceptions.UnpackException) as error:
             # msgpack signals malformed input with ValueError (FormatError, StackError, ExtraData, bad UTF-8, a
             # limit exceeded), UnpackException (OutOfData, BufferFull) or TypeError
@@ -117,8 +133,9 @@ def _parse(document: Any) -> AgentMetadata:
         raise HandshakeError("metadata does not start with the kvxfer magic")
     version = _expect(document[1], int, "version")
     if version != FORMAT_VERSION:
-        raise HandshakeError(f"metadata format version {version} is not supported (this kvxfer speaks "
-                             f"{FORMAT_VERSION})")
+        raise HandshakeError(
+            f"metadata format version {version} is not supported (this kvxfer speaks {FORMAT_VERSION})"
+        )
     body = _expect(document[2], dict, "body")
     expected = {"name", "uid", "host", "pid", "compat", "backends", "regions", "listen"}
     if set(body) != expected:
@@ -140,8 +157,17 @@ def _parse(document: Any) -> AgentMetadata:
         if nbytes == 0 or addr + nbytes > 2**64:
             raise HandshakeError(f"metadata regions[{i}] span [{addr}, +{nbytes}) is invalid")
         _uint(index, f"regions[{i}].index", 2**31)
-        regions.append(RegionMeta(_name(name, f"regions[{i}].name"), index, addr, nbytes, memory_kind, device,
-                                  _keys(keys, f"regions[{i}].keys")))
+        regions.append(
+            RegionMeta(
+                _name(name, f"regions[{i}].name"),
+                index,
+                addr,
+                nbytes,
+                memory_kind,
+                device,
+                _keys(keys, f"regions[{i}].keys"),
+            )
+        )
     names, indices = [r.name for r in regions], [r.index for r in regions]
     if len(names) != len(set(names)) or len(indices) != len(set(indices)):
         raise HandshakeError("metadata lists one region name or index twice")
@@ -149,6 +175,13 @@ def _parse(document: Any) -> AgentMetadata:
     if listen is not None:
         _name(listen, "listen")
     return AgentMetadata(
-        name=_name(body["name"], "name"), uid=_name(body["uid"], "uid"), host_id=_name(body["host"], "host"),
-        pid=_uint(body["pid"], "pid", 2**32), compat=_name(body["compat"], "compat"),
-        backends=_keys(body["backends"], "backends"), regions=tuple(regions), listen=listen, version=version)
+        name=_name(body["name"], "name"),
+        uid=_name(body["uid"], "uid"),
+        host_id=_name(body["host"], "host"),
+        pid=_uint(body["pid"], "pid", 2**32),
+        compat=_name(body["compat"], "compat"),
+        backends=_keys(body["backends"], "backends"),
+        regions=tuple(regions),
+        listen=listen,
+        version=version,
+    )

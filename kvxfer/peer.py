@@ -38,10 +38,14 @@ def check_not_replayed(meta: AgentMetadata, me: Agent) -> AgentMetadata:
     that agent registered, with the same index, name, span, kind, device and keys (HandshakeError otherwise); what
     is returned then is that agent's current metadata, so backends never see a same-process claim, only the truth
     (which also refreshes backend information that changed since ``meta`` was taken)."""
-    live = {uid: published for uid, agent in list(_PROCESS_AGENTS.items())
-            if not agent.closed and (published := _published(agent)) is not None}
-    addresses = {(wire, info): uid for uid, published in live.items()
-                 for wire, info in published.backends.items() if info}
+    live = {
+        uid: published
+        for uid, agent in list(_PROCESS_AGENTS.items())
+        if not agent.closed and (published := _published(agent)) is not None
+    }
+    addresses = {
+        (wire, info): uid for uid, published in live.items() for wire, info in published.backends.items() if info
+    }
     claimed = {addresses[(wire, info)] for wire, info in meta.backends.items() if (wire, info) in addresses}
     ours = meta.pid == me.pid and meta.host_id in {p.host_id for p in live.values()} | {me.host_id}
     if not ours and not claimed:
@@ -52,20 +56,33 @@ def check_not_replayed(meta: AgentMetadata, me: Agent) -> AgentMetadata:
         why = f"no live agent of this process has uid {meta.uid!r}"
     elif claimed - {meta.uid}:
         why = "it carries the backend address of another agent of this process"
-    elif (meta.name, meta.host_id, meta.pid, set(meta.backends)) != \
-            (real.name, real.host_id, real.pid, set(real.backends)):
+    elif (meta.name, meta.host_id, meta.pid, set(meta.backends)) != (
+        real.name,
+        real.host_id,
+        real.pid,
+        set(real.backends),
+    ):
         why = f"its name, host, pid or backends differ from agent {real.name!r}'s"
     else:
         registered = {r.index: r for r in real.regions}
         for region in meta.regions:
             own = registered.get(region.index)
-            if own is None or (own.name, own.addr, own.nbytes, own.kind, own.device, own.keys) != \
-                    (region.name, region.addr, region.nbytes, region.kind, region.device, region.keys):
+            if own is None or (own.name, own.addr, own.nbytes, own.kind, own.device, own.keys) != (
+                region.name,
+                region.addr,
+                region.nbytes,
+                region.kind,
+                region.device,
+                region.keys,
+            ):
                 why = f"its region {region.name!r} (index {region.index}) is not what agent {real.name!r} registered"
                 break
     if why is not None or real is None:
-        raise HandshakeError(f"metadata of {meta.name!r} claims to come from this process (pid {me.pid}) but {why}; "
-                             "refused (replayed or forged metadata)", meta.name)
+        raise HandshakeError(
+            f"metadata of {meta.name!r} claims to come from this process (pid {me.pid}) but {why}; "
+            "refused (replayed or forged metadata)",
+            meta.name,
+        )
     return real
 
 
@@ -78,18 +95,25 @@ class Peer:
         self.backends = backends
         self.connected = True
         self.lost_reason: str | None = None
-        self._regions = {r.name: RemoteRegion(r.name, r.index, r.addr, r.nbytes, r.kind, r.device, self, r.keys)
-                         for r in meta.regions}
-        self.table = RegionTable([r.index for r in meta.regions], [r.addr for r in meta.regions],
-                                 [r.nbytes for r in meta.regions], [r.kind for r in meta.regions])
+        self._regions = {
+            r.name: RemoteRegion(r.name, r.index, r.addr, r.nbytes, r.kind, r.device, self, r.keys)
+            for r in meta.regions
+        }
+        self.table = RegionTable(
+            [r.index for r in meta.regions],
+            [r.addr for r in meta.regions],
+            [r.nbytes for r in meta.regions],
+            [r.kind for r in meta.regions],
+        )
 
     def region(self, name: str) -> RemoteRegion:
         """The peer's region registered under ``name``."""
         try:
             return self._regions[name]
         except KeyError:
-            raise PeerError(f"peer {self.name!r} has no region named {name!r}; it has {sorted(self._regions)}",
-                            self.name) from None
+            raise PeerError(
+                f"peer {self.name!r} has no region named {name!r}; it has {sorted(self._regions)}", self.name
+            ) from None
 
     @property
     def regions(self) -> list[RemoteRegion]:

@@ -67,7 +67,7 @@ def answer(request: bytes, key: bytes, get_metadata: Callable[[], bytes]) -> byt
     """The server's whole reply to a complete ``request`` of REQUEST_NBYTES bytes (pure: fuzzed on its own)."""
     if len(request) != REQUEST_NBYTES or request[:4] != HELLO:
         return _refusal(b"not a kvxfer side-channel request (version 2)")
-    nonce, proof = request[4:4 + NONCE_NBYTES], request[4 + NONCE_NBYTES:]
+    nonce, proof = request[4 : 4 + NONCE_NBYTES], request[4 + NONCE_NBYTES :]
     if key and not same(proof, hello_proof(key, nonce)):
         return _refusal(b"bad token")
     try:
@@ -98,16 +98,24 @@ class SideChannelServer:
     ``served`` and ``shed`` count answered and evicted connections.
     """
 
-    def __init__(self, listen: str, get_metadata: Callable[[], bytes], token: str | None = None,
-                 limits: Limits | None = None, allow_unauthenticated: bool = False) -> None:
+    def __init__(
+        self,
+        listen: str,
+        get_metadata: Callable[[], bytes],
+        token: str | None = None,
+        limits: Limits | None = None,
+        allow_unauthenticated: bool = False,
+    ) -> None:
         host, port = parse_address(listen)
         self._key = token_key(token)
         if len(self._key) > 4096:
             raise ConfigError(f"token must be <= 4096 bytes, got {len(self._key)}")
         if token is None and not is_loopback(host):
             if not allow_unauthenticated:
-                raise ConfigError(f"listen={listen!r} would serve this agent's metadata to anyone who reaches it: "
-                                  "pass token= (recommended) or allow_unauthenticated=True")
+                raise ConfigError(
+                    f"listen={listen!r} would serve this agent's metadata to anyone who reaches it: "
+                    "pass token= (recommended) or allow_unauthenticated=True"
+                )
             logger.warning("side channel on %s serves metadata to anyone (allow_unauthenticated=True)", listen)
         self._limits = limits or Limits()
         self._get_metadata = get_metadata
@@ -189,7 +197,7 @@ class SideChannelServer:
         if not request:  # closed before it sent anything
             connection.sock.close()
             return True
-        if len(request) < REQUEST_NBYTES and request[:4] == HELLO[:len(request[:4])]:
+        if len(request) < REQUEST_NBYTES and request[:4] == HELLO[: len(request[:4])]:
             connection.received += request  # a plausible start: the rest comes later, in a slot
             return False
         try:
@@ -213,8 +221,10 @@ class SideChannelServer:
                     self._drop(connection)
                     return
                 connection.received += chunk
-                if len(connection.received) == REQUEST_NBYTES or connection.received[:4] != HELLO[:len(
-                        connection.received[:4])]:
+                if (
+                    len(connection.received) == REQUEST_NBYTES
+                    or connection.received[:4] != HELLO[: len(connection.received[:4])]
+                ):
                     connection.reply = memoryview(answer(bytes(connection.received), self._key, self._get_metadata))
                     self._selector.modify(connection.sock, selectors.EVENT_WRITE, connection)
             if connection.reply is not None and mask & selectors.EVENT_WRITE:
@@ -309,6 +319,7 @@ def read_reply(sock: socket.socket, address: str, key: bytes, nonce: bytes, dead
     body = _recv_exact(sock, length, deadline)
     mac = _recv_exact(sock, MAC_NBYTES, deadline)
     if key and not same(mac, reply_mac(key, nonce, body)):
-        raise HandshakeError(f"side channel {address} did not prove it holds the token: its answer does not "
-                             "authenticate")
+        raise HandshakeError(
+            f"side channel {address} did not prove it holds the token: its answer does not authenticate"
+        )
     return body

@@ -87,10 +87,12 @@ def open_metadata(envelope: object, token: str, max_age: float) -> bytes:
         raise HandshakeError(f"signed metadata must be bytes, got {type(envelope).__name__}")
     data = bytes(envelope)
     if len(data) < _ENVELOPE_HEAD.size or data[:4] != ENVELOPE_MAGIC:
-        raise HandshakeError("metadata is not signed (a token was given, so only metadata signed under it is "
-                             "accepted: Agent.metadata(token=...))")
+        raise HandshakeError(
+            "metadata is not signed (a token was given, so only metadata signed under it is "
+            "accepted: Agent.metadata(token=...))"
+        )
     _, stamp, nonce, mac = _ENVELOPE_HEAD.unpack_from(data)
-    metadata = data[_ENVELOPE_HEAD.size:]
+    metadata = data[_ENVELOPE_HEAD.size :]
     if not same(mac, _mac(key, _ENVELOPE_DOMAIN, struct.pack("!Q", stamp), nonce, metadata)):
         raise HandshakeError("signed metadata does not authenticate under this token")
     age_ns = time.time_ns() - stamp

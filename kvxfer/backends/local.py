@@ -40,8 +40,15 @@ _CHUNK_NBYTES = 16 << 20
 class LocalRequest(Request):
     """A queued same-process copy, split into chunks that the worker threads copy."""
 
-    def __init__(self, plan: TransferPlan, sources: np.ndarray, destinations: np.ndarray,
-                 target: LocalBackend, notify: bytes | None, fault: Any = None) -> None:
+    def __init__(
+        self,
+        plan: TransferPlan,
+        sources: np.ndarray,
+        destinations: np.ndarray,
+        target: LocalBackend,
+        notify: bytes | None,
+        fault: Any = None,
+    ) -> None:
         super().__init__(plan.nbytes)
         self.cond = threading.Condition()
         self.cancelled = False
@@ -56,15 +63,23 @@ class LocalRequest(Request):
         self.released = False
         self.finished = threading.Event()  # set once final: waiters block on it instead of sleeping
         # Both sides' Region objects: their memory outlives a forced deregister while the copy runs.
-        self.keepalive: list[Region | None] = [*(target.region(i) for i in plan.remote_regions),
-                                               *plan.local_regions_objects()]
+        self.keepalive: list[Region | None] = [
+            *(target.region(i) for i in plan.remote_regions),
+            *plan.local_regions_objects(),
+        ]
 
 
 class LocalBackend(Backend):
     """Copies between regions of agents in this process, with a few worker threads."""
 
-    caps = BackendCaps(name="local", wire="local", memory_kinds=frozenset({MemoryKind.HOST, MemoryKind.CUDA}),
-                       scope=Scope.PROCESS, can_cancel=True, preference=100)
+    caps = BackendCaps(
+        name="local",
+        wire="local",
+        memory_kinds=frozenset({MemoryKind.HOST, MemoryKind.CUDA}),
+        scope=Scope.PROCESS,
+        can_cancel=True,
+        preference=100,
+    )
 
     def __init__(self, threads: int | None = None) -> None:
         super().__init__()
@@ -138,8 +153,9 @@ class LocalBackend(Backend):
                 raise PeerError(f"peer region index {missing[0]} is no longer registered", agent_name)
             if self._table is None:
                 regions = list(self._regions.values())
-                self._table = RegionTable([r.index for r in regions], [r.addr for r in regions],
-                                          [r.nbytes for r in regions])
+                self._table = RegionTable(
+                    [r.index for r in regions], [r.addr for r in regions], [r.nbytes for r in regions]
+                )
             self._table.check(descs, "remote_descs", f"agent {agent_name!r} as it registered them")
             self._pins.update(indices)
 
@@ -201,8 +217,9 @@ class LocalBackend(Backend):
 
     def _start_workers(self) -> None:
         for i in range(self.threads):
-            worker = threading.Thread(target=self._work, name=f"kvxfer-local-{self.attached_context.agent_name}-{i}",
-                                      daemon=True)
+            worker = threading.Thread(
+                target=self._work, name=f"kvxfer-local-{self.attached_context.agent_name}-{i}", daemon=True
+            )
             worker.start()
             self._workers.append(worker)
 

@@ -58,7 +58,7 @@ def main(host: str, port: int, count: int, interval: float, seconds: float) -> N
             dropped = 0
             for sock, position in list(sent.items()):
                 try:
-                    sock.send(HELLO[position % len(HELLO):position % len(HELLO) + 1])
+                    sock.send(HELLO[position % len(HELLO) : position % len(HELLO) + 1])
                     sent[sock] = position + 1
                 except OSError:
                     pass

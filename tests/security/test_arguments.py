@@ -36,11 +36,15 @@ def test_bad_timeouts_at_every_call(bad):
     with source, destination:
         remote = peer.region("buf")
         local = destination.regions[0]
-        plan = destination.plan(kvxfer.Descs.from_ranges(local, [0], 64), peer,
-                                kvxfer.Descs.from_ranges(remote, [0], 64))
-        for call in (lambda: destination.read(plan, timeout=bad), lambda: destination.write(plan, timeout=bad),
-                     lambda: destination.notifications(timeout=bad),
-                     lambda: destination.connect_to("127.0.0.1:1", timeout=bad)):
+        plan = destination.plan(
+            kvxfer.Descs.from_ranges(local, [0], 64), peer, kvxfer.Descs.from_ranges(remote, [0], 64)
+        )
+        for call in (
+            lambda: destination.read(plan, timeout=bad),
+            lambda: destination.write(plan, timeout=bad),
+            lambda: destination.notifications(timeout=bad),
+            lambda: destination.connect_to("127.0.0.1:1", timeout=bad),
+        ):
             with pytest.raises(ConfigError):
                 call()
         assert not destination._active, "a refused post must not leave a transfer (or a pinned region) behind"
@@ -70,17 +74,20 @@ def test_subscribe_needs_a_callable():
                 agent.subscribe(b"x", bad)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"compat": None}, "compat"),
-    ({"compat": 3}, "compat"),
-    ({"host_id": ""}, "host_id"),
-    ({"token": "t"}, "needs listen"),
-    ({"listen": "127.0.0.1:0", "token": ""}, "token"),
-    ({"listen": 5}, "listen"),
-    ({"timeouts": 3.0}, "timeouts"),
-    ({"limits": {"notification_nbytes": 1}}, "limits"),
-    ({"listen": "0.0.0.0:0"}, "allow_unauthenticated"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"compat": None}, "compat"),
+        ({"compat": 3}, "compat"),
+        ({"host_id": ""}, "host_id"),
+        ({"token": "t"}, "needs listen"),
+        ({"listen": "127.0.0.1:0", "token": ""}, "token"),
+        ({"listen": 5}, "listen"),
+        ({"timeouts": 3.0}, "timeouts"),
+        ({"limits": {"notification_nbytes": 1}}, "limits"),
+        ({"listen": "0.0.0.0:0"}, "allow_unauthenticated"),
+    ],
+)
 def test_bad_agent_arguments(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         kvxfer.Agent("a", backends=["local"], **kwargs)
@@ -103,9 +110,17 @@ def test_listen_on_a_port_in_use_or_an_address_not_ours_is_a_config_error():
         kvxfer.Agent("a", backends=["local"], listen="192.0.2.1:0", token="t")  # TEST-NET-1: on no interface
 
 
-@pytest.mark.parametrize("field, value", [("notification_nbytes", 0), ("queued_notifications", -1),
-                                          ("side_channel_connections", 1.5), ("side_channel_request_seconds", 0),
-                                          ("metadata_max_age", math.nan), ("queued_notification_nbytes", True)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("notification_nbytes", 0),
+        ("queued_notifications", -1),
+        ("side_channel_connections", 1.5),
+        ("side_channel_request_seconds", 0),
+        ("metadata_max_age", math.nan),
+        ("queued_notification_nbytes", True),
+    ],
+)
 def test_bad_limits(field, value):
     with pytest.raises(ConfigError, match=field):
         Limits(**{field: value})

@@ -42,10 +42,17 @@ def refused(call, error, text):
 
 def _run(body: str, timeout: float = 120) -> str:
     code = PRELUDE + textwrap.dedent(body) + "\nprint('OK')\n"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                            env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
-    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), \
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        cwd=ROOT,
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), (
         f"child exited {result.returncode}\n{result.stdout}\n{result.stderr}"
+    )
     return result.stdout
 
 
@@ -110,7 +117,8 @@ def test_self_replay_with_another_name_and_uid_is_refused():
 
 @pytest.mark.ucx
 def test_ucx_self_replay_is_refused_before_the_backend_sees_it():
-    _run("""
+    _run(
+        """
         from kvxfer.backends.ucx import backend as ucx_backend
         connected = []
         original = ucx_backend.UcxBackend.connect
@@ -124,4 +132,6 @@ def test_ucx_self_replay_is_refused_before_the_backend_sees_it():
                            forge(served, name="evil", uid="0" * 32, pid=1)):
                 refused(lambda: target.connect(replay), HandshakeError, "claims to come from this process")
             assert connected == [] and (unregistered == 5).all()
-    """, timeout=180)
+    """,
+        timeout=180,
+    )

@@ -38,12 +38,20 @@ from kvxfer.signature import hello_proof, open_metadata, reply_mac, sign_metadat
 
 EDGE_INTS = [0, 1, -1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1, -(2**63)]
 leaf = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.sampled_from(EDGE_INTS),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=24), st.binary(max_size=48),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.sampled_from(EDGE_INTS),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=24),
+    st.binary(max_size=48),
     st.text(min_size=MAX_NAME_CHARS, max_size=MAX_NAME_CHARS + 8),
 )
-value = st.recursive(leaf, lambda children: st.lists(children, max_size=4)
-                     | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=10)
+value = st.recursive(
+    leaf,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=10,
+)
 
 
 def _slots(document: Any) -> list[tuple[Any, Any]]:
@@ -51,8 +59,13 @@ def _slots(document: Any) -> list[tuple[Any, Any]]:
     found, stack = [], [document]
     while stack:
         container = stack.pop()
-        keys = range(len(container)) if isinstance(container, list) else list(container) \
-            if isinstance(container, dict) else ()
+        keys = (
+            range(len(container))
+            if isinstance(container, list)
+            else list(container)
+            if isinstance(container, dict)
+            else ()
+        )
         for key in keys:
             found.append((container, key))
             stack.append(container[key])
@@ -90,8 +103,9 @@ def mutated_document(draw: Any, document: Any) -> Any:
             item_nbytes = max(len(msgpack.packb(container[key], use_bin_type=True)), 1)
             times = min(draw(st.integers(2, 300)), max(2, (6 << 20) // item_nbytes))
             grown = container[key]
-            container[key] = [copy.deepcopy(v) for _ in range(times) for v in grown] if isinstance(grown, list) \
-                else grown * times
+            container[key] = (
+                [copy.deepcopy(v) for _ in range(times) for v in grown] if isinstance(grown, list) else grown * times
+            )
     return root[0]
 
 
@@ -106,8 +120,9 @@ def mutated_bytes(draw: Any, data: bytes) -> bytes:
             buffer[position] ^= 1 << draw(st.integers(0, 7))
         elif operation == "header" and buffer:  # claim a huge array / map / str / bin here
             marker = draw(st.sampled_from([0xDC, 0xDD, 0xDE, 0xDF, 0xDA, 0xDB, 0xC5, 0xC6, 0xC9]))
-            buffer[position:position + 1] = bytes([marker]) + struct.pack("!I", draw(st.sampled_from(
-                [0, 1, 255, 65535, 2**31, 2**32 - 1])))
+            buffer[position : position + 1] = bytes([marker]) + struct.pack(
+                "!I", draw(st.sampled_from([0, 1, 255, 65535, 2**31, 2**32 - 1]))
+            )
         elif operation == "truncate":
             del buffer[position:]
         elif operation == "append":
@@ -140,11 +155,27 @@ def valid_metadata(draw: Any) -> AgentMetadata:
     regions = []
     for position in range(draw(_counts)):
         kind = draw(_kinds)
-        regions.append(RegionMeta(f"{draw(names)}#{position}", draw(_indices) // 8 * 8 + position, draw(_addrs),
-                                  draw(_sizes), kind, -1 if kind is MemoryKind.HOST else draw(_devices),
-                                  draw(_wire_infos)))
-    return AgentMetadata(draw(names), draw(_uids), draw(names), draw(_pids), draw(_compats), draw(_wire_infos),
-                         tuple(regions), draw(_listens))
+        regions.append(
+            RegionMeta(
+                f"{draw(names)}#{position}",
+                draw(_indices) // 8 * 8 + position,
+                draw(_addrs),
+                draw(_sizes),
+                kind,
+                -1 if kind is MemoryKind.HOST else draw(_devices),
+                draw(_wire_infos),
+            )
+        )
+    return AgentMetadata(
+        draw(names),
+        draw(_uids),
+        draw(names),
+        draw(_pids),
+        draw(_compats),
+        draw(_wire_infos),
+        tuple(regions),
+        draw(_listens),
+    )
 
 
 @st.composite
@@ -157,6 +188,7 @@ def hostile_metadata(draw: Any) -> bytes:
 
 
 # ---- checks ---------------------------------------------------------------------------------------------------
+
 
 class _Receiver:
     """One agent that every decodable case is also handed to, through connect()."""
@@ -194,7 +226,7 @@ def check_answer(case: tuple[bytes, bytes]) -> None:
     if status == b"OK":
         nonce = request[4:20]
         assert len(request) == 52 and request[:4] == HELLO and (not key or hello_proof(key, nonce) == request[20:])
-        assert reply[6:6 + length] == metadata and reply[6 + length:] == reply_mac(key, nonce, metadata)
+        assert reply[6 : 6 + length] == metadata and reply[6 + length :] == reply_mac(key, nonce, metadata)
     else:
         assert len(reply) == 6 + length <= 6 + 1024
 
@@ -252,13 +284,16 @@ def _connector_samples() -> list[Any]:
     from kvxfer.engine.messages import KVReady, KVWanted, RankInfo, spec_from_wire, spec_to_wire
     from kvxfer.engine.request import Request, SamplingParams
 
-    spec = kvxfer.KVCacheSpec(num_layers=2, num_blocks=8, block_size=4, num_kv_heads=2, head_dim=8,
-                              dtype="float16", layout="HND")
+    spec = kvxfer.KVCacheSpec(
+        num_layers=2, num_blocks=8, block_size=4, num_kv_heads=2, head_dim=8, dtype="float16", layout="HND"
+    )
     request = Request("r1", (1, 2, 3, 4, 5), SamplingParams(), 0.0)
     assert spec_from_wire(spec_to_wire(spec)) == spec
-    return [(RankInfo, RankInfo("prefill", "p0", b"meta", spec)),
-            (KVReady, KVReady(request, 7, 1.0, (0, 1), ("p0",), b"lease", 5.0)),
-            (KVWanted, KVWanted(request, (2, 3), 0, ("d0",)))]
+    return [
+        (RankInfo, RankInfo("prefill", "p0", b"meta", spec)),
+        (KVReady, KVReady(request, 7, 1.0, (0, 1), ("p0",), b"lease", 5.0)),
+        (KVWanted, KVWanted(request, (2, 3), 0, ("d0",))),
+    ]
 
 
 @st.composite
@@ -281,6 +316,7 @@ def check_connector_message(case: tuple[Any, bytes]) -> None:
 
 # ---- runs -----------------------------------------------------------------------------------------------------
 
+
 def _fuzz(strategy: Any, check: Callable[[Any], None], examples: int) -> int:
     """Run ``check`` on ``examples`` cases, in rounds of at most _ROUND (hypothesis's own bookkeeping grows with the
     examples of one run, ~20 KiB each here; kvxfer's checks keep nothing, see test_checks_keep_no_memory)."""
@@ -288,8 +324,12 @@ def _fuzz(strategy: Any, check: Callable[[Any], None], examples: int) -> int:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for start in range(0, examples, _ROUND):
 
-        @settings(max_examples=min(_ROUND, examples - start), deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=min(_ROUND, examples - start),
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         @given(strategy)
         def run(case: Any) -> None:
             count[0] += 1
@@ -311,10 +351,20 @@ CASES = {
     "signed-envelope": (hostile_envelopes(), check_envelope),
     "connector-message": (hostile_connector_messages(), check_connector_message),
 }
-DEFAULT_EXAMPLES = {"metadata": 1500, "sidechannel-request": 800, "sidechannel-reply": 600, "signed-envelope": 400,
-                    "connector-message": 500}
-SLOW_EXAMPLES = {"metadata": 55_000, "sidechannel-request": 25_000, "sidechannel-reply": 15_000,
-                 "signed-envelope": 10_000, "connector-message": 15_000}
+DEFAULT_EXAMPLES = {
+    "metadata": 1500,
+    "sidechannel-request": 800,
+    "sidechannel-reply": 600,
+    "signed-envelope": 400,
+    "connector-message": 500,
+}
+SLOW_EXAMPLES = {
+    "metadata": 55_000,
+    "sidechannel-request": 25_000,
+    "sidechannel-reply": 15_000,
+    "signed-envelope": 10_000,
+    "connector-message": 15_000,
+}
 
 
 # Mutated connector messages whose "spec" no converter can read (strides ":" or false): once foreign TypeError /
@@ -323,7 +373,9 @@ _SPEC_BUG_SAMPLES = [
     b"\x93\xabkvxfer-rank\x01\x84\xa4role\xa7prefill\xaaagent_name\xa2p0\xa8metadata\xc4\x04meta\xa4spec\x8e"
     b"\xaanum_layers\x02\xaanum_blocks\x08\xaablock_size\x04\xacnum_kv_heads\x02\xa8head_dim\x08\xa5dtype\xa7"
     b"float16\xa6layout\xa3HND\xa7tp_rank\x00\xa7tp_size\x01\xaetotal_kv_heads\x02\xacnum_kv_parts\x02\xa7"
-    b"strides" + strides + b"\xa6offset\x00\xa5model\xa0" for strides in (b"\xa1:", b"\xc2")]
+    b"strides" + strides + b"\xa6offset\x00\xa5model\xa0"
+    for strides in (b"\xa1:", b"\xc2")
+]
 
 
 def test_connector_messages_with_a_mangled_spec_raise_handshake_error():
@@ -380,8 +432,13 @@ def test_side_channel_server_survives_hostile_requests_on_real_sockets():
     and keeps serving legitimate clients."""
     from kvxfer.sidechannel import fetch_metadata
 
-    with kvxfer.Agent("p", backends=["local"], listen="127.0.0.1:0", token="s3cret",
-                      limits=kvxfer.limits.Limits(side_channel_request_seconds=0.5)) as prefill:
+    with kvxfer.Agent(
+        "p",
+        backends=["local"],
+        listen="127.0.0.1:0",
+        token="s3cret",
+        limits=kvxfer.limits.Limits(side_channel_request_seconds=0.5),
+    ) as prefill:
         host, port = prefill.listen_address.split(":")
 
         @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
@@ -392,7 +449,7 @@ def test_side_channel_server_survives_hostile_requests_on_real_sockets():
                 step = max(1, len(request) // pieces)
                 try:
                     for start in range(0, len(request), step):
-                        sock.sendall(request[start:start + step])
+                        sock.sendall(request[start : start + step])
                     sock.shutdown(socket.SHUT_WR)
                     sock.settimeout(3)
                     head = sock.recv(2)

@@ -67,8 +67,9 @@ def test_an_undrained_queue_is_bounded_by_count_and_bytes():
 
 
 def test_subscribed_prefixes_bypass_the_queue_but_not_the_size_cap():
-    receiver, sender, peer = _pair(Limits(notification_nbytes=1 * KiB, queued_notifications=1),
-                                   Limits(notification_nbytes=4 * KiB))
+    receiver, sender, peer = _pair(
+        Limits(notification_nbytes=1 * KiB, queued_notifications=1), Limits(notification_nbytes=4 * KiB)
+    )
     seen = []
     with receiver, sender:
         receiver.subscribe(b"ctl:", lambda note: seen.append(len(note.payload)))
@@ -103,8 +104,14 @@ def test_a_flood_from_another_process_over_ucx_stays_bounded():
     limits = Limits(notification_nbytes=2 * MiB, queued_notification_nbytes=16 * MiB)
     with kvxfer.Agent("receiver", backends=["ucx"], listen="127.0.0.1:0", limits=limits) as receiver:
         receiver.register(np.zeros(4096, np.uint8), name="kv")
-        child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+        child = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=ROOT),
+            cwd=ROOT,
+        )
         try:
             child.stdin.write(receiver.listen_address + "\n")
             child.stdin.flush()

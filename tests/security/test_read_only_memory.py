@@ -54,8 +54,13 @@ class _FakeCudaArray:
 
     def __init__(self, readonly: bool, typestr: str = "|u1") -> None:
         self.device = self._Device()
-        self.__cuda_array_interface__ = {"data": (0x7F0000000000, readonly), "shape": (64,), "typestr": typestr,
-                                         "version": 3, "strides": None}
+        self.__cuda_array_interface__ = {
+            "data": (0x7F0000000000, readonly),
+            "shape": (64,),
+            "typestr": typestr,
+            "version": 3,
+            "strides": None,
+        }
 
 
 def _read_only_numpy():
@@ -64,15 +69,25 @@ def _read_only_numpy():
     return array
 
 
-@pytest.mark.parametrize("make", [
-    _read_only_numpy,
-    lambda: np.frombuffer(bytes(8192), dtype=np.uint8),
-    lambda: np.frombuffer(memoryview(bytes(64)), dtype=np.uint8),
-    lambda: memoryview(bytes(64)),
-    lambda: _DLPackOnly(np.frombuffer(bytes(64), dtype=np.uint8)),
-    lambda: _FakeCudaArray(readonly=True),
-], ids=["numpy-non-writeable", "numpy-over-bytes", "numpy-over-readonly-memoryview", "readonly-memoryview",
-        "dlpack-readonly", "cuda-interface-readonly"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        _read_only_numpy,
+        lambda: np.frombuffer(bytes(8192), dtype=np.uint8),
+        lambda: np.frombuffer(memoryview(bytes(64)), dtype=np.uint8),
+        lambda: memoryview(bytes(64)),
+        lambda: _DLPackOnly(np.frombuffer(bytes(64), dtype=np.uint8)),
+        lambda: _FakeCudaArray(readonly=True),
+    ],
+    ids=[
+        "numpy-non-writeable",
+        "numpy-over-bytes",
+        "numpy-over-readonly-memoryview",
+        "readonly-memoryview",
+        "dlpack-readonly",
+        "cuda-interface-readonly",
+    ],
+)
 def test_read_only_arrays_are_refused(agent, make):
     with pytest.raises(ConfigError, match="read-only"):
         agent.register(make())
@@ -106,18 +121,27 @@ def test_unmapped_raw_pointer_is_refused(agent):
         agent.register(Region.from_ptr(16 << 40, 4096))  # far from anything this process maps
 
 
-@pytest.mark.parametrize("make", [
-    lambda: np.array([object()] * 8, dtype=object),
-    lambda: np.zeros(4, dtype=[("a", np.int64), ("b", object)]),
-    lambda: _FakeCudaArray(readonly=False, typestr="|O8"),
-], ids=["numpy-object", "numpy-structured-with-object", "cuda-interface-object"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: np.array([object()] * 8, dtype=object),
+        lambda: np.zeros(4, dtype=[("a", np.int64), ("b", object)]),
+        lambda: _FakeCudaArray(readonly=False, typestr="|O8"),
+    ],
+    ids=["numpy-object", "numpy-structured-with-object", "cuda-interface-object"],
+)
 def test_object_arrays_are_refused(agent, make):
     with pytest.raises(ConfigError, match="Python objects"):
         agent.register(make())
 
 
 def test_writeable_arrays_of_every_host_kind_still_register(agent):
-    buffers = [np.zeros(256, np.uint8), torch.zeros(64, dtype=torch.float32), bytearray(128),
-               _DLPackOnly(np.zeros(32, np.uint8)), np.zeros(4, dtype=[("a", np.int64), ("b", np.float32)])]
+    buffers = [
+        np.zeros(256, np.uint8),
+        torch.zeros(64, dtype=torch.float32),
+        bytearray(128),
+        _DLPackOnly(np.zeros(32, np.uint8)),
+        np.zeros(4, dtype=[("a", np.int64), ("b", np.float32)]),
+    ]
     regions = [agent.register(buffer) for buffer in buffers]
     assert [r.nbytes for r in regions] == [256, 256, 128, 32, 4 * 12]

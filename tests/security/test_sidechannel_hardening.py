@@ -26,8 +26,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def _python(code_or_module: list[str]) -> subprocess.Popen:
     environment = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.Popen([sys.executable, *code_or_module], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=environment, cwd=ROOT)
+    return subprocess.Popen(
+        [sys.executable, *code_or_module],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+        cwd=ROOT,
+    )
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -37,7 +43,8 @@ def _stop(process: subprocess.Popen) -> None:
 
 def _fake_server(reply_script: str) -> tuple[subprocess.Popen, str]:
     """A real server process that reads one request and then runs ``reply_script`` (with ``connection``)."""
-    code = textwrap.dedent(f"""
+    code = (
+        textwrap.dedent(f"""
         import socket, struct, sys, time
         server = socket.create_server(("127.0.0.1", 0))
         print(server.getsockname()[1], flush=True)
@@ -45,7 +52,10 @@ def _fake_server(reply_script: str) -> tuple[subprocess.Popen, str]:
             connection, _ = server.accept()
             connection.recv({REQUEST_NBYTES})
             try:
-        """) + textwrap.indent(textwrap.dedent(reply_script), "        ") + "\n    except OSError:\n        pass\n"
+        """)
+        + textwrap.indent(textwrap.dedent(reply_script), "        ")
+        + "\n    except OSError:\n        pass\n"
+    )
     process = _python(["-c", code])
     port = process.stdout.readline().strip()
     assert port.isdigit(), process.stderr.read()
@@ -80,8 +90,9 @@ def test_a_forged_answer_never_reaches_the_decoder_or_a_backend(monkeypatch):
     """)
     decoded = []
     original = AgentMetadata.decode
-    monkeypatch.setattr(AgentMetadata, "decode", classmethod(lambda cls, data, *a: decoded.append(1) or
-                                                               original(data, *a)))
+    monkeypatch.setattr(
+        AgentMetadata, "decode", classmethod(lambda cls, data, *a: decoded.append(1) or original(data, *a))
+    )
     try:
         with kvxfer.Agent("d", backends=["local"]) as decode:
             with pytest.raises(HandshakeError, match="did not prove it holds the token"):
@@ -92,8 +103,10 @@ def test_a_forged_answer_never_reaches_the_decoder_or_a_backend(monkeypatch):
 
 
 def test_a_server_without_the_token_cannot_pass_for_one():
-    with kvxfer.Agent("p", backends=["local"], listen="127.0.0.1:0") as impostor, \
-            kvxfer.Agent("d", backends=["local"]) as decode:
+    with (
+        kvxfer.Agent("p", backends=["local"], listen="127.0.0.1:0") as impostor,
+        kvxfer.Agent("d", backends=["local"]) as decode,
+    ):
         impostor.register(np.ones(64, np.uint8))
         with pytest.raises(HandshakeError, match="did not prove"):
             decode.connect_to(impostor.listen_address, token="s3cret")
@@ -141,8 +154,10 @@ def test_signed_metadata_for_connect():
             decode.connect(prefill.metadata(), token="s3cret")
         with pytest.raises(HandshakeError, match="pass the token"):
             decode.connect(signed)
-    with kvxfer.Agent("p", backends=["local"]) as prefill, \
-            kvxfer.Agent("d", backends=["local"], limits=Limits(metadata_max_age=0.2)) as decode:
+    with (
+        kvxfer.Agent("p", backends=["local"]) as prefill,
+        kvxfer.Agent("d", backends=["local"], limits=Limits(metadata_max_age=0.2)) as decode,
+    ):
         old = prefill.metadata(token="s3cret")
         time.sleep(0.5)
         with pytest.raises(HandshakeError, match="old"):
