@@ -51,20 +51,31 @@ def counters(agent: kvxfer.Agent) -> dict[str, int]:
     }
     for backend in agent._backends:
         if backend.caps.name == "ucx":
-            held.update({
-                "ucx_requests": len(backend._active) + len(backend._awaiting),
-                "ucx_sends": backend.worker.sends_in_flight,
-                "ucx_receives": len(backend.worker._receives),
-                "ucx_endpoints": backend.worker.watched_endpoints,
-                "ucx_closing": backend.links.closing,
-                "ucx_links": len(backend.links),
-            })
+            held.update(
+                {
+                    "ucx_requests": len(backend._active) + len(backend._awaiting),
+                    "ucx_sends": backend.worker.sends_in_flight,
+                    "ucx_receives": len(backend.worker._receives),
+                    "ucx_endpoints": backend.worker.watched_endpoints,
+                    "ucx_closing": backend.links.closing,
+                    "ucx_links": len(backend.links),
+                }
+            )
     return held
 
 
 #: counters that must come back exactly to their baseline after every trial (RSS is measured, not compared)
-EXACT = ("fds", "threads", "regions", "handles", "ucx_requests", "ucx_sends", "ucx_receives", "ucx_endpoints",
-         "ucx_closing")
+EXACT = (
+    "fds",
+    "threads",
+    "regions",
+    "handles",
+    "ucx_requests",
+    "ucx_sends",
+    "ucx_receives",
+    "ucx_endpoints",
+    "ucx_closing",
+)
 
 
 @dataclass
@@ -105,8 +116,9 @@ class Survivor:
             random_fill(self.memory, seed=1)
         # The backend's own deadline is longer than the handles' (DEADLINE, given per transfer): a slow warm-up
         # on a loaded machine is not a fault, and a stopped peer's transfers end at the handle's deadline.
-        self.agent = kvxfer.Agent(f"survivor-{path}", backends=[backend],
-                                  timeouts=kvxfer.Timeouts(transfer=30.0, close=2.0))
+        self.agent = kvxfer.Agent(
+            f"survivor-{path}", backends=[backend], timeouts=kvxfer.Timeouts(transfer=30.0, close=2.0)
+        )
         self.region = self.agent.register(self.memory, name="buf")
         self.baseline: dict[str, int] | None = None
 
@@ -132,9 +144,12 @@ class Survivor:
         backend = "cuda_ipc" if device >= 0 else "ucx"
         with RemoteAgent("victim", REGION, device=device, backend=backend) as victim:
             peer = self.agent.connect(victim.metadata)
-            offsets = rng.permutation(REGION // FRAGMENT)[:self.fragments] * FRAGMENT
-            plan = self.agent.plan(kvxfer.Descs.from_ranges(self.region, offsets, FRAGMENT), peer,
-                                   kvxfer.Descs.from_ranges(peer.region("buf"), offsets[::-1].copy(), FRAGMENT))
+            offsets = rng.permutation(REGION // FRAGMENT)[: self.fragments] * FRAGMENT
+            plan = self.agent.plan(
+                kvxfer.Descs.from_ranges(self.region, offsets, FRAGMENT),
+                peer,
+                kvxfer.Descs.from_ranges(peer.region("buf"), offsets[::-1].copy(), FRAGMENT),
+            )
             move = self.agent.write if op == "WRITE" else self.agent.read
             move(plan).wait(30)  # warm: connections, page faults
             signalled = threading.Event()
@@ -190,7 +205,12 @@ def summary(trials: list[Trial]) -> dict[str, Any]:
     leaks = [t for t in trials if t.leaks]
     rss = [t.rss_kib for t in trials]
     growth = (rss[-1] - rss[len(rss) // 4]) / max(1, len(rss) - 1 - len(rss) // 4) * 100 if len(rss) > 4 else 0.0
-    return {"trials": len(trials), "hangs": sum(t.hang for t in trials), "late": len(late), "leaks": len(leaks),
-            "leak_examples": [(t.path, t.sig, t.op, t.leaks) for t in leaks[:5]],
-            "rss_growth_kib_per_100": round(growth, 1),
-            "max_final_after_s": round(max((t.final_after for t in trials), default=0.0), 3)}
+    return {
+        "trials": len(trials),
+        "hangs": sum(t.hang for t in trials),
+        "late": len(late),
+        "leaks": len(leaks),
+        "leak_examples": [(t.path, t.sig, t.op, t.leaks) for t in leaks[:5]],
+        "rss_growth_kib_per_100": round(growth, 1),
+        "max_final_after_s": round(max((t.final_after for t in trials), default=0.0), 3),
+    }

@@ -59,8 +59,14 @@ LOST_GRACE = 0.2
 class UcxBackend(Backend):
     """UCP one-sided transfers (see the module docstring). ``config`` defaults to the KVXFER_UCX_* variables."""
 
-    caps = BackendCaps(name="ucx", wire="ucx", memory_kinds=frozenset({MemoryKind.HOST, MemoryKind.CUDA}),
-                       scope=Scope.NETWORK, can_cancel=False, preference=10)
+    caps = BackendCaps(
+        name="ucx",
+        wire="ucx",
+        memory_kinds=frozenset({MemoryKind.HOST, MemoryKind.CUDA}),
+        scope=Scope.NETWORK,
+        can_cancel=False,
+        preference=10,
+    )
 
     def __init__(self, config: UcxConfig | None = None) -> None:
         super().__init__()
@@ -98,15 +104,28 @@ class UcxBackend(Backend):
         self.links = Links(self)
         self.device_server = DeviceServer(self)
         self.staging = BufferPool(self.config.stage_chunk, 4 * self.config.stage_inflight)
-        self.worker = Worker(self.library, self.ucp.handle, context.agent_name, self.responder.on_message,
-                             self.staging, self.responder.too_large, self.responder.on_refused,
-                             self.responder.placement)
+        self.worker = Worker(
+            self.library,
+            self.ucp.handle,
+            context.agent_name,
+            self.responder.on_message,
+            self.staging,
+            self.responder.too_large,
+            self.responder.on_refused,
+            self.responder.placement,
+        )
         self.cma = CrossMemory(self.library, threads=self.config.cma_threads or copy_threads())
         self._token = np.frombuffer(os.urandom(16), dtype=np.uint8).copy()
         self.progress = ProgressThread(self, f"kvxfer-ucx-{context.agent_name}")
         self.progress.start()
-        _log.info("ucx: libucp %s from %s (%s); error policy %s, cma %s", self.library.version_string,
-                  self.library.path, self.library.source, self.config.error_mode, self.config.cma)
+        _log.info(
+            "ucx: libucp %s from %s (%s); error policy %s, cma %s",
+            self.library.version_string,
+            self.library.path,
+            self.library.source,
+            self.config.error_mode,
+            self.config.cma,
+        )
 
     def attached_context(self) -> BackendContext:
         """The owning agent's context; UsageError before :meth:`attach`."""
@@ -117,9 +136,15 @@ class UcxBackend(Backend):
 
     def info(self) -> bytes:
         keys = [(index, memh.packed_rkey) for index, memh in list(self._memhs.items())]
-        return WorkerInfo(self.worker.address, self.config.error_mode, self._token.ctypes.data, self._token.tobytes(),
-                          one_sided=self.config.one_sided != "off", exports_addr=self.exports.address,
-                          digest=keys_digest(self.worker.address, keys)).encode()
+        return WorkerInfo(
+            self.worker.address,
+            self.config.error_mode,
+            self._token.ctypes.data,
+            self._token.tobytes(),
+            one_sided=self.config.one_sided != "off",
+            exports_addr=self.exports.address,
+            digest=keys_digest(self.worker.address, keys),
+        ).encode()
 
     def close(self) -> None:
         if self._closed or self.context is None:
@@ -190,8 +215,9 @@ class UcxBackend(Backend):
         allocated and registered on first use (under the worker lock)."""
         pool = self._slots.get((role, device))
         if pool is None:
-            pool = self._slots[(role, device)] = DeviceSlots(self.ucp, device, self.device_slot_nbytes,
-                                                             self.config.stage_inflight)
+            pool = self._slots[(role, device)] = DeviceSlots(
+                self.ucp, device, self.device_slot_nbytes, self.config.stage_inflight
+            )
         return pool
 
     def abandon_slot(self, transfer: int, chunk: int, pool: DeviceSlots, slot: int) -> None:
@@ -240,8 +266,10 @@ class UcxBackend(Backend):
             reason = self._device_stage_refusal(plan)
             if reason is None:
                 return "staged"
-            raise DescriptorError(f"peer {link.name!r} accepts only target-checked (staged) transfers over its "
-                                  f"transports, and this plan cannot be staged: {reason}")
+            raise DescriptorError(
+                f"peer {link.name!r} accepts only target-checked (staged) transfers over its "
+                f"transports, and this plan cannot be staged: {reason}"
+            )
         if link.cma_ok:
             return "cma"
         if not link.one_sided_ok:
@@ -296,17 +324,18 @@ class UcxBackend(Backend):
     def process_exited(self, link: Link) -> None:
         """A watched peer process exited (called by the progress thread)."""
         self.links.process_exited(link)
+
     # ---- transfers ---------------------------------------------------------------------------------------------
 
     def next_transfer_id(self) -> int:
         """A new transfer id (unique within this backend)."""
         return next(self._ids)
+
     def cma_batches(self, plan: TransferPlan) -> list:
         """The cross-memory batches of ``plan`` (computed once per plan: plans are posted many times)."""
         batches = self._batches.get(plan)
         if batches is None:
-            batches = plan_batches(plan.local.addr, plan.remote.addr, plan.local.nbytes,
-                                   inline=self.config.cma_inline)
+            batches = plan_batches(plan.local.addr, plan.remote.addr, plan.local.nbytes, inline=self.config.cma_inline)
             self._batches[plan] = batches
         return batches
 
@@ -378,6 +407,7 @@ class UcxBackend(Backend):
     def expect_replies(self, request: StagedTransfer) -> None:
         """Route ACK/DATA/FAIL messages for ``request.id`` to it."""
         self._awaiting[request.id] = request
+
     def reply_placement(self, header: Header, length: int) -> int:
         """Where the DATA answer ``header`` (``length`` bytes) of one of our staged chunks may land directly: the
         chunk's one local span (0: a pooled buffer). Under the worker lock, inside a UCX callback."""
@@ -409,8 +439,9 @@ class UcxBackend(Backend):
     def send_notify(self, link: Link, payload: bytes, on_done: Callable[[int], None] | None) -> None:
         """Send a NOTIFY message carrying our agent name (under the worker lock)."""
         body = np.frombuffer(pack_notification(self.attached_context().agent_name, payload), dtype=np.uint8)
-        self.worker.send(link.ep.handle, Header(Kind.NOTIFY).encode(), body.ctypes.data, body.size, keepalive=body,
-                         on_done=on_done)
+        self.worker.send(
+            link.ep.handle, Header(Kind.NOTIFY).encode(), body.ctypes.data, body.size, keepalive=body, on_done=on_done
+        )
 
     # ---- progress ----------------------------------------------------------------------------------------------
 

@@ -45,8 +45,13 @@ class Batch:
 
 def copy_threads(cpus: int | None = None) -> int:
     """Default number of copy threads: the posting or waiting thread copies too, so one core fewer (1 to 2)."""
-    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+    cpus = (
+        cpus
+        if cpus is not None
+        else len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
         else os.cpu_count() or 1
+    )
     return max(1, min(2, cpus - 1))
 
 
@@ -54,8 +59,13 @@ class CmaError(OSError):
     """A cross-memory call failed; ``errno`` says why (ESRCH: the peer process is gone)."""
 
 
-def plan_batches(local_addr: np.ndarray, remote_addr: np.ndarray, nbytes: np.ndarray,
-                 batch_bytes: int = BATCH_BYTES, inline: int = INLINE_BYTES) -> list[Batch]:
+def plan_batches(
+    local_addr: np.ndarray,
+    remote_addr: np.ndarray,
+    nbytes: np.ndarray,
+    batch_bytes: int = BATCH_BYTES,
+    inline: int = INLINE_BYTES,
+) -> list[Batch]:
     """Cut fragment pairs (uint64[n] each, host) into calls; see the module docstring for the ordering.
 
     A total up to ``inline`` bytes is one call (as far as the iovec limit allows); above, calls of at most
@@ -73,14 +83,20 @@ def plan_batches(local_addr: np.ndarray, remote_addr: np.ndarray, nbytes: np.nda
         before = int(ends[start - 1]) if start else 0
         by_bytes = int(np.searchsorted(ends, before + limit, side="right"))
         stop = max(start + 1, min(start + MAX_IOV, by_bytes))
-        batches.append(Batch(_merged(local[start:stop], sizes[start:stop]),
-                             _merged(remote[start:stop], sizes[start:stop]), int(ends[stop - 1]) - before))
+        batches.append(
+            Batch(
+                _merged(local[start:stop], sizes[start:stop]),
+                _merged(remote[start:stop], sizes[start:stop]),
+                int(ends[stop - 1]) - before,
+            )
+        )
         start = stop
     return batches
 
 
-def _split(local: np.ndarray, remote: np.ndarray, sizes: np.ndarray,
-           piece: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _split(
+    local: np.ndarray, remote: np.ndarray, sizes: np.ndarray, piece: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fragments longer than ``piece`` bytes cut into pieces of ``piece`` (the last one shorter), in order."""
     if not (sizes > piece).any():
         return local, remote, sizes
@@ -174,8 +190,12 @@ class CrossMemory:
         """One system call; raises CmaError on failure or a short transfer."""
         if batch.pointers is None:
             cast = self._ffi.cast
-            batch.pointers = (cast("struct iovec *", batch.local.ctypes.data), len(batch.local),
-                              cast("struct iovec *", batch.remote.ctypes.data), len(batch.remote))
+            batch.pointers = (
+                cast("struct iovec *", batch.local.ctypes.data),
+                len(batch.local),
+                cast("struct iovec *", batch.remote.ctypes.data),
+                len(batch.remote),
+            )
         local, nlocal, remote, nremote = batch.pointers
         call = self._libc.process_vm_writev if write else self._libc.process_vm_readv
         moved = call(pid, local, nlocal, remote, nremote, 0)
@@ -222,8 +242,10 @@ class CrossMemory:
         with self._pool_lock:
             if self._closed or self._workers:
                 return
-            workers = [threading.Thread(target=self._serve, name=f"kvxfer-ucx-cma-{i}", daemon=True)
-                       for i in range(self.threads)]
+            workers = [
+                threading.Thread(target=self._serve, name=f"kvxfer-ucx-cma-{i}", daemon=True)
+                for i in range(self.threads)
+            ]
             for worker in workers:
                 worker.start()
             self._workers = workers
@@ -241,8 +263,11 @@ class CrossMemory:
         """None when ``pid`` is reachable and holds ``token`` at ``addr`` (i.e. it *is* the peer, in our pid
         namespace, and the kernel lets us attach); else why not."""
         buffer = np.zeros(len(token), dtype=np.uint8)
-        batch = Batch(_merged(np.array([buffer.ctypes.data], np.uint64), np.array([len(token)], np.uint64)),
-                      _merged(np.array([addr], np.uint64), np.array([len(token)], np.uint64)), len(token))
+        batch = Batch(
+            _merged(np.array([buffer.ctypes.data], np.uint64), np.array([len(token)], np.uint64)),
+            _merged(np.array([addr], np.uint64), np.array([len(token)], np.uint64)),
+            len(token),
+        )
         try:
             self.run(pid, False, batch)
         except CmaError as error:

@@ -52,8 +52,11 @@ class MemoryHandle:
         self._context = context
         self.addr, self.nbytes, self.cuda = addr, nbytes, cuda
         params = ffi.new("ucp_mem_map_params_t *")
-        params.field_mask = (cdef.UCP_MEM_MAP_PARAM_FIELD_ADDRESS | cdef.UCP_MEM_MAP_PARAM_FIELD_LENGTH
-                             | cdef.UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE)
+        params.field_mask = (
+            cdef.UCP_MEM_MAP_PARAM_FIELD_ADDRESS
+            | cdef.UCP_MEM_MAP_PARAM_FIELD_LENGTH
+            | cdef.UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE
+        )
         params.address = ffi.cast("void *", addr)
         params.length = nbytes
         params.memory_type = cdef.UCS_MEMORY_TYPE_CUDA if cuda else cdef.UCS_MEMORY_TYPE_HOST
@@ -62,8 +65,9 @@ class MemoryHandle:
             check(library, lib.ucp_mem_map(context.handle, params, handle), "ucp_mem_map")
         except UcxStatusError as error:
             kind = "CUDA" if cuda else "host"
-            raise RegistrationError(f"ucp_mem_map of {nbytes} bytes of {kind} memory at {addr:#x} failed: "
-                                    f"{error}") from error
+            raise RegistrationError(
+                f"ucp_mem_map of {nbytes} bytes of {kind} memory at {addr:#x} failed: {error}"
+            ) from error
         self.handle: Any = handle[0]
         buffer, size = ffi.new("void **"), ffi.new("size_t *")
         try:

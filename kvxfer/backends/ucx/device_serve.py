@@ -87,8 +87,9 @@ class DeviceServer:
         device = self.backend.check_device_spans(addr, nbytes, region)
         total = int(nbytes.sum(dtype=np.uint64))
         if total > self.backend.device_slot_nbytes:
-            raise ValueError(f"a staged chunk of {total} bytes exceeds the {self.backend.device_slot_nbytes}-byte "
-                             "slots")
+            raise ValueError(
+                f"a staged chunk of {total} bytes exceeds the {self.backend.device_slot_nbytes}-byte slots"
+            )
         if not reply_ep:
             raise ValueError("the sender gave no reply endpoint")
         self._queue.append(_Job(header, reply_ep, addr, nbytes, device, stage, total))
@@ -116,16 +117,20 @@ class DeviceServer:
             job.granted_at = time.monotonic()
             self._granted[(stage.address, job.header.transfer, job.header.chunk)] = job
             grant = Stage(job.slot, job.pool.packed_rkey(job.slot), stage.peer_mode, self.backend.worker.address)
-            self.backend.responder.reply(job.reply_ep, Header(Kind.GRANT, job.header.transfer, job.header.chunk),
-                                         grant.pack().copy())
+            self.backend.responder.reply(
+                job.reply_ep, Header(Kind.GRANT, job.header.transfer, job.header.chunk), grant.pack().copy()
+            )
             return
         lib = self.backend.library.lib
         ep = self._endpoint(stage)
         rkey = self._rkey(stage, ep)
         self._rma_param.memh = job.pool.memh(job.slot)
         job.pool.gather(job.slot, job.addr, job.nbytes)
-        self._issue(lib.ucp_put_nbx(ep.handle, job.slot, job.total, stage.slot, rkey, self._rma_param),
-                    "ucp_put_nbx", keep=False)
+        self._issue(
+            lib.ucp_put_nbx(ep.handle, job.slot, job.total, stage.slot, rkey, self._rma_param),
+            "ucp_put_nbx",
+            keep=False,
+        )
         job.request = ep.flush()
         if job.request:
             self._running.append(job)
@@ -149,8 +154,9 @@ class DeviceServer:
         if ep is None or ep.failed_status is not None:
             if ep is not None:
                 self._forget(key, ep)
-            ep = self._eps[key] = Endpoint(self.backend.worker, stage.address, stage.peer_mode, "kvxfer-stage",
-                                           lambda _status: None)
+            ep = self._eps[key] = Endpoint(
+                self.backend.worker, stage.address, stage.peer_mode, "kvxfer-stage", lambda _status: None
+            )
         return ep
 
     def _rkey(self, stage: Stage, ep: Endpoint) -> Any:
@@ -181,8 +187,11 @@ class DeviceServer:
             job = self._granted.pop(key)
             assert job.pool is not None
             job.pool.give(job.slot)
-            _log.warning("ucx: took back the staging slot granted to chunk %d of transfer %d: never committed",
-                         job.header.chunk, job.header.transfer)
+            _log.warning(
+                "ucx: took back the staging slot granted to chunk %d of transfer %d: never committed",
+                job.header.chunk,
+                job.header.transfer,
+            )
         if stale:
             self.pump()
         return len(stale)
@@ -224,8 +233,7 @@ class DeviceServer:
             answer = Kind.ACK if header.kind is Kind.DSCATTER else Kind.DATA
             responder.reply(job.reply_ep, Header(answer, header.transfer, header.chunk))
         else:
-            _log.warning("ucx: serving staged chunk %d of transfer %d failed: %s", header.chunk, header.transfer,
-                         error)
+            _log.warning("ucx: serving staged chunk %d of transfer %d failed: %s", header.chunk, header.transfer, error)
             responder.refuse(header, job.reply_ep, error)
 
     def close(self) -> None:

@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 MAX_BLOCKS = 4
 
 
-def check_device_spans(addr: np.ndarray, nbytes: np.ndarray, region: np.ndarray,
-                       regions: dict[int, tuple[int, int, int]]) -> int:
+def check_device_spans(
+    addr: np.ndarray, nbytes: np.ndarray, region: np.ndarray, regions: dict[int, tuple[int, int, int]]
+) -> int:
     """The device of spans that all lie, non-empty, in CUDA regions of ``regions`` (index -> (addr, nbytes,
     device)) on one device; ValueError saying why not."""
     if not len(addr):

@@ -33,8 +33,7 @@ if TYPE_CHECKING:
 class DeviceStagedTransfer(StagedTransfer):
     """Chunks of device fragments through GPU slots, answered one by one by the target."""
 
-    def __init__(self, backend: UcxBackend, link: Link, op: Op, plan: TransferPlan,
-                 notify: bytes | None) -> None:
+    def __init__(self, backend: UcxBackend, link: Link, op: Op, plan: TransferPlan, notify: bytes | None) -> None:
         super().__init__(backend, link, op, plan, notify)
         self.slots: dict[int, int] = {}  # chunk -> slot, while the chunk is unanswered
         self.pool: DeviceSlots | None = None
@@ -65,8 +64,13 @@ class DeviceStagedTransfer(StagedTransfer):
         if self.flushes:
             self._poll_flushes()
         limit = self.backend.config.stage_inflight
-        while (self.pool is not None and not self.state.final and not self.stopped and self.in_flight < limit
-               and self.next_chunk < len(self.bounds)):
+        while (
+            self.pool is not None
+            and not self.state.final
+            and not self.stopped
+            and self.in_flight < limit
+            and self.next_chunk < len(self.bounds)
+        ):
             slot = self.pool.take()
             if slot is None:
                 return  # every slot is busy: a later round (an answer frees one) goes on
@@ -86,16 +90,22 @@ class DeviceStagedTransfer(StagedTransfer):
         if self.op is Op.WRITE:
             self.pool.gather(slot, spans.local_addr[start:stop], spans.nbytes[start:stop])
         count = stop - start
-        stage = Stage(slot, self.pool.packed_rkey(slot), self.link.mode == "peer",
-                      self.backend.worker.address).pack()
+        stage = Stage(slot, self.pool.packed_rkey(slot), self.link.mode == "peer", self.backend.worker.address).pack()
         head_nbytes = descs_nbytes(count)
         payload = np.empty(head_nbytes + stage.size, dtype=np.uint8)
         pack_descs(payload, spans.remote_addr[start:stop], spans.nbytes[start:stop], spans.remote_region[start:stop])
         payload[head_nbytes:] = stage
         kind = Kind.DSCATTER if self.op is Op.WRITE else Kind.DGATHER
         header = Header(kind, self.id, chunk, count).encode()
-        self.backend.worker.send(self.link.ep.handle, header, payload.ctypes.data, payload.size, keepalive=payload,
-                                 reply=True, on_done=self._sent_device)
+        self.backend.worker.send(
+            self.link.ep.handle,
+            header,
+            payload.ctypes.data,
+            payload.size,
+            keepalive=payload,
+            reply=True,
+            on_done=self._sent_device,
+        )
 
     def _sent_device(self, status: int) -> None:
         if status != cdef.UCS_OK and not self.state.final:
@@ -115,12 +125,14 @@ class DeviceStagedTransfer(StagedTransfer):
                 rkey = link.slot_rkeys[grant.rkey] = link.ep.unpack_rkey(grant.rkey)
             link.ep.check_open("ucp_put_nbx")
             self._put_param.memh = self.pool.memh(slot)
-            request = self.backend.library.lib.ucp_put_nbx(link.ep.handle, slot, nbytes, grant.slot, rkey,
-                                                           self._put_param)
+            request = self.backend.library.lib.ucp_put_nbx(
+                link.ep.handle, slot, nbytes, grant.slot, rkey, self._put_param
+            )
             status = pointer_status(request)
             if status < 0:
-                raise UcxStatusError(f"ucp_put_nbx failed: {self.backend.library.status_text(status)}", status,
-                                     "ucp_put_nbx")
+                raise UcxStatusError(
+                    f"ucp_put_nbx failed: {self.backend.library.status_text(status)}", status, "ucp_put_nbx"
+                )
             if status == cdef.UCS_INPROGRESS:
                 self.backend.library.lib.ucp_request_free(request)  # the flush below observes it
             flush = link.ep.flush()
@@ -150,8 +162,15 @@ class DeviceStagedTransfer(StagedTransfer):
         stage = Stage(self.slots[chunk], b"-", self.link.mode == "peer", self.backend.worker.address).pack().copy()
         header = Header(Kind.DCOMMIT, self.id, chunk, stop - start).encode()
         try:
-            self.backend.worker.send(self.link.ep.handle, header, stage.ctypes.data, stage.size, keepalive=stage,
-                                     reply=True, on_done=self._sent_device)
+            self.backend.worker.send(
+                self.link.ep.handle,
+                header,
+                stage.ctypes.data,
+                stage.size,
+                keepalive=stage,
+                reply=True,
+                on_done=self._sent_device,
+            )
         except KvxferError as error:
             self.fail(f"chunk {chunk}: sending DCOMMIT failed: {error}", error)
 

@@ -18,8 +18,9 @@ _MAX_TRANSPORT_ENTRIES = 32
 class Endpoint:
     """``ucp_ep_create`` from a peer's worker address, with an error handler reporting to ``on_error(status)``."""
 
-    def __init__(self, worker: Worker, address: bytes, peer_mode: bool, name: str,
-                 on_error: Callable[[int], None]) -> None:
+    def __init__(
+        self, worker: Worker, address: bytes, peer_mode: bool, name: str, on_error: Callable[[int], None]
+    ) -> None:
         library = worker.library
         ffi, lib = library.ffi, library.lib
         self.library, self.worker, self.peer_mode = library, worker, peer_mode
@@ -29,8 +30,12 @@ class Endpoint:
         self._address = ffi.new("char[]", address)
         self._name = ffi.new("char[]", name.encode()[:31])
         params = ffi.new("ucp_ep_params_t *")
-        params.field_mask = (cdef.UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | cdef.UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE
-                             | cdef.UCP_EP_PARAM_FIELD_ERR_HANDLER | cdef.UCP_EP_PARAM_FIELD_NAME)
+        params.field_mask = (
+            cdef.UCP_EP_PARAM_FIELD_REMOTE_ADDRESS
+            | cdef.UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE
+            | cdef.UCP_EP_PARAM_FIELD_ERR_HANDLER
+            | cdef.UCP_EP_PARAM_FIELD_NAME
+        )
         params.address = ffi.cast("ucp_address_t *", self._address)
         params.err_mode = cdef.UCP_ERR_HANDLING_MODE_PEER if peer_mode else cdef.UCP_ERR_HANDLING_MODE_NONE
         params.err_handler.cb = worker.ep_error_callback
@@ -69,8 +74,15 @@ class Endpoint:
         """Release an unpacked key."""
         self.library.lib.ucp_rkey_destroy(rkey)
 
-    def rma(self, write: bool, local: Sequence[int], remote: Sequence[int], nbytes: Sequence[int],
-            rkeys: Sequence[Any], memhs: Sequence[Any]) -> None:
+    def rma(
+        self,
+        write: bool,
+        local: Sequence[int],
+        remote: Sequence[int],
+        nbytes: Sequence[int],
+        rkeys: Sequence[Any],
+        memhs: Sequence[Any],
+    ) -> None:
         """Issue one put (``write``) or get per fragment; requests are released at once (completion is observed
         by a later :meth:`flush`). Raises UcxStatusError on the first immediate failure."""
         self.check_open("ucp_put_nbx" if write else "ucp_get_nbx")
@@ -94,8 +106,9 @@ class Endpoint:
         request = self.library.lib.ucp_ep_flush_nbx(self.handle, self._flush_param)
         status = pointer_status(request)
         if status < 0:
-            raise UcxStatusError(f"ucp_ep_flush_nbx failed: {self.library.status_text(status)}", status,
-                                 "ucp_ep_flush_nbx")
+            raise UcxStatusError(
+                f"ucp_ep_flush_nbx failed: {self.library.status_text(status)}", status, "ucp_ep_flush_nbx"
+            )
         return 0 if status == cdef.UCS_OK else request
 
     def transports(self) -> list[tuple[str, str]]:

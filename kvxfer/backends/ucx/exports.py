@@ -68,7 +68,7 @@ class ExportTable:
             words[1] = _OVERFLOW
         else:
             rows = np.array([(i, a, n) for i, (a, n) in sorted(self._entries.items())], dtype=np.uint64)
-            words[_HEAD:_HEAD + rows.size] = rows.reshape(-1)
+            words[_HEAD : _HEAD + rows.size] = rows.reshape(-1)
             words[1] = np.uint64(len(self._entries))
         words[0] += np.uint64(1)
 
@@ -88,8 +88,11 @@ class ExportView:
             self._buffer = np.zeros(words, dtype=np.uint64)
         nbytes = 8 * words
         local = self._buffer[:words]
-        batch = Batch(_merged(np.array([local.ctypes.data], np.uint64), np.array([nbytes], np.uint64)),
-                      _merged(np.array([self._address], np.uint64), np.array([nbytes], np.uint64)), nbytes)
+        batch = Batch(
+            _merged(np.array([local.ctypes.data], np.uint64), np.array([nbytes], np.uint64)),
+            _merged(np.array([self._address], np.uint64), np.array([nbytes], np.uint64)),
+            nbytes,
+        )
         self._cma.run(self._pid, False, batch)
         self.reads += 1
 
@@ -103,12 +106,13 @@ class ExportView:
             if generation == self._generation:
                 return generation
             if count == int(_OVERFLOW) or count > MAX_EXPORTS:
-                raise DescriptorError(f"peer {self._peer!r} exports more regions than its table holds: one-sided "
-                                      "transfers are refused")
+                raise DescriptorError(
+                    f"peer {self._peer!r} exports more regions than its table holds: one-sided transfers are refused"
+                )
             self._read(_HEAD + 3 * count)
             if int(self._buffer[0]) != generation or int(self._buffer[1]) != count:
                 continue
-            rows = self._buffer[_HEAD:_HEAD + 3 * count].reshape(-1, 3)
+            rows = self._buffer[_HEAD : _HEAD + 3 * count].reshape(-1, 3)
             self._regions = {int(i): (int(a), int(n)) for i, a, n in rows.tolist()}
             self._generation = generation
             return generation
@@ -127,8 +131,8 @@ class ExportView:
             mask = region == index
             start, length = addr[mask], nbytes[mask]
             if spans_outside(start, length, base, size):
-                raise DescriptorError(f"a span lies outside what peer {self._peer!r} exports as region {index} "
-                                      f"([{base:#x}, +{size})): its metadata is stale or forged")
+                raise DescriptorError(
+                    f"a span lies outside what peer {self._peer!r} exports as region {index} "
+                    f"([{base:#x}, +{size})): its metadata is stale or forged"
+                )
         return generation
-
-

@@ -42,14 +42,19 @@ def gather(out: np.ndarray, addr: np.ndarray, nbytes: np.ndarray, region: np.nda
     _copy(out, addr, nbytes, region, lookup, into_packed=True)
 
 
-def scatter(packed: np.ndarray, addr: np.ndarray, nbytes: np.ndarray, region: np.ndarray,
-            lookup: RegionLookup) -> None:
+def scatter(packed: np.ndarray, addr: np.ndarray, nbytes: np.ndarray, region: np.ndarray, lookup: RegionLookup) -> None:
     """Copy ``packed`` (uint8[sum(nbytes)], host) out to the spans, in order."""
     _copy(packed, addr, nbytes, region, lookup, into_packed=False)
 
 
-def _copy(packed: np.ndarray, addr: np.ndarray, nbytes: np.ndarray, region: np.ndarray, lookup: RegionLookup,
-          into_packed: bool) -> None:
+def _copy(
+    packed: np.ndarray,
+    addr: np.ndarray,
+    nbytes: np.ndarray,
+    region: np.ndarray,
+    lookup: RegionLookup,
+    into_packed: bool,
+) -> None:
     sizes = nbytes.astype(np.int64)
     total = int(sizes.sum())
     if total > packed.size:
@@ -65,11 +70,10 @@ def _copy(packed: np.ndarray, addr: np.ndarray, nbytes: np.ndarray, region: np.n
         offsets = addr[first:stop].astype(np.int64) - base
         start = int(positions[first])
         run_sizes = sizes[first:stop]
-        _copy_run(packed[start:start + int(run_sizes.sum())], view, offsets, run_sizes, into_packed)
+        _copy_run(packed[start : start + int(run_sizes.sum())], view, offsets, run_sizes, into_packed)
 
 
-def _copy_run(packed: np.ndarray, view: np.ndarray, offsets: np.ndarray, sizes: np.ndarray,
-              into_packed: bool) -> None:
+def _copy_run(packed: np.ndarray, view: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, into_packed: bool) -> None:
     positions = np.cumsum(sizes) - sizes
     unit = int(np.gcd.reduce(np.concatenate((offsets, sizes, [_MAX_UNIT]))))
     total_units = packed.size // unit
@@ -79,7 +83,7 @@ def _copy_run(packed: np.ndarray, view: np.ndarray, offsets: np.ndarray, sizes: 
     counts = sizes // unit
     # the region unit of every packed unit: its span's first unit + the unit's rank within the span
     index = np.repeat(offsets // unit - positions // unit, counts) + np.arange(total_units, dtype=np.int64)
-    region_units = view[:view.size // unit * unit].view(f"V{unit}")
+    region_units = view[: view.size // unit * unit].view(f"V{unit}")
     packed_units = packed.view(f"V{unit}")
     if into_packed:
         np.take(region_units, index, out=packed_units, mode="clip")
@@ -87,10 +91,16 @@ def _copy_run(packed: np.ndarray, view: np.ndarray, offsets: np.ndarray, sizes: 
         region_units[index] = packed_units
 
 
-def _copy_spans(packed: np.ndarray, view: np.ndarray, offsets: np.ndarray, sizes: np.ndarray,
-                positions: np.ndarray, into_packed: bool) -> None:
+def _copy_spans(
+    packed: np.ndarray,
+    view: np.ndarray,
+    offsets: np.ndarray,
+    sizes: np.ndarray,
+    positions: np.ndarray,
+    into_packed: bool,
+) -> None:
     for offset, size, position in zip(offsets.tolist(), sizes.tolist(), positions.tolist(), strict=True):
         if into_packed:
-            packed[position:position + size] = view[offset:offset + size]
+            packed[position : position + size] = view[offset : offset + size]
         else:
-            view[offset:offset + size] = packed[position:position + size]
+            view[offset : offset + size] = packed[position : position + size]

@@ -59,13 +59,15 @@ def load_library(config: UcxConfig | None = None) -> UcxLibrary:
             # Two UCX builds in one process clash symbol by symbol (a wheel's libuct against a system libucs).
             if not os.path.exists(requested):
                 raise BackendUnavailableError(f"KVXFER_UCX_LIB={requested!r} does not exist")
-            raise BackendUnavailableError(f"KVXFER_UCX_LIB={requested!r}: this process already loaded libucp "
-                                          f"{_LOADED.path} ({_LOADED.source}); one process cannot use two UCX builds")
+            raise BackendUnavailableError(
+                f"KVXFER_UCX_LIB={requested!r}: this process already loaded libucp "
+                f"{_LOADED.path} ({_LOADED.source}); one process cannot use two UCX builds"
+            )
         return _LOADED
 
 
 _LOADED: UcxLibrary | None = None
-MIN_MINOR = 14     # 1.13 fails our tests (see _load); 1.14-1.21 untested
+MIN_MINOR = 14  # 1.13 fails our tests (see _load); 1.14-1.21 untested
 TESTED_MINOR = 22  # the libucx wheels' version, tested on every run
 
 
@@ -96,11 +98,14 @@ def _load(library_path: str | None) -> UcxLibrary:
     if version[0] != 1 or version[1] < MIN_MINOR:
         # Seen with Debian bookworm's 1.13.1: ucp_ep_query names no transports, large notifications over tcp are
         # lost, and a worker closed after its peer was SIGKILLed aborts the process (docs/backends.md).
-        raise BackendUnavailableError(f"libucp {'.'.join(map(str, version))} at {path} is too old; need >= "
-                                      f"1.{MIN_MINOR} (tested: 1.{TESTED_MINOR})")
+        raise BackendUnavailableError(
+            f"libucp {'.'.join(map(str, version))} at {path} is too old; need >= "
+            f"1.{MIN_MINOR} (tested: 1.{TESTED_MINOR})"
+        )
     if version[1] < TESTED_MINOR:
-        _log.warning("ucx: libucp %s at %s is older than the tested 1.%d", ".".join(map(str, version)), path,
-                     TESTED_MINOR)
+        _log.warning(
+            "ucx: libucp %s at %s is older than the tested 1.%d", ".".join(map(str, version)), path, TESTED_MINOR
+        )
     return UcxLibrary(ffi=ffi, lib=lib, libc=libc, path=os.path.realpath(path), version=version, source=source)
 
 
@@ -110,7 +115,8 @@ def _wheel_library() -> str:
     except ImportError as error:
         raise BackendUnavailableError(
             f"no UCX library: the libucx wheel is not installed ({error}); install kvxfer[ucx] "
-            "(libucx-cu12 or libucx-cu13) or point KVXFER_UCX_LIB at a libucp.so") from None
+            "(libucx-cu12 or libucx-cu13) or point KVXFER_UCX_LIB at a libucp.so"
+        ) from None
     try:
         # Preloads libucs/libuct/libucp (RTLD_LOCAL) so that libucp's own dependencies resolve from the wheel.
         libucx.load_library()

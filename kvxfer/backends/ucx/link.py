@@ -37,7 +37,7 @@ _SERIALS = itertools.count(1)
 
 
 def error_mode(local_policy: str, remote_policy: str, same_host: bool) -> str:
-    """"peer" or "none" for an endpoint between two backends with these policies (symmetric in the two)."""
+    """ "peer" or "none" for an endpoint between two backends with these policies (symmetric in the two)."""
     policies = {local_policy, remote_policy}
     if "peer" in policies:
         return "peer"
@@ -49,11 +49,20 @@ def error_mode(local_policy: str, remote_policy: str, same_host: bool) -> str:
 class Link:
     """One connected peer. Methods that touch UCX are called under the worker lock."""
 
-    def __init__(self, peer: Peer, info: WorkerInfo, worker: Worker, local_policy: str, same_host: bool,
-                 cma: CrossMemory | None, on_error: Any) -> None:
+    def __init__(
+        self,
+        peer: Peer,
+        info: WorkerInfo,
+        worker: Worker,
+        local_policy: str,
+        same_host: bool,
+        cma: CrossMemory | None,
+        on_error: Any,
+    ) -> None:
         # Nothing from the metadata reaches libucp unless it matches the digest the peer put in its UCX info.
-        info.verify([(region.index, region.keys["ucx"]) for region in peer.meta.regions if region.keys.get("ucx")],
-                    peer.name)
+        info.verify(
+            [(region.index, region.keys["ucx"]) for region in peer.meta.regions if region.keys.get("ucx")], peer.name
+        )
         self.serial = next(_SERIALS)  # unique per link in this process (caches key on it, never on the link)
         self.name = peer.name
         self.uid = peer.meta.uid
@@ -69,8 +78,11 @@ class Link:
             # pidfd first, probe second: if the probe then reads our token, the pidfd is the peer's process
             # (a pid recycled in between would fail the probe).
             self._watch_process()
-            self.cma_reason = cma.probe(self.pid, info.probe_addr, info.token) if cma is not None else \
-                "cross-memory attach unavailable"
+            self.cma_reason = (
+                cma.probe(self.pid, info.probe_addr, info.token)
+                if cma is not None
+                else "cross-memory attach unavailable"
+            )
         self.process_verified = self.cma_reason is None and same_host
         if not self.process_verified:
             self.close_watch()
@@ -81,8 +93,9 @@ class Link:
         if self.process_verified and info.one_sided and info.exports_addr and cma is not None:
             self.exports = ExportView(cma, self.pid, info.exports_addr, peer.name)
         try:
-            self.ep = Endpoint(worker, info.address, self.mode == "peer", f"{peer.name}"[:31],
-                               lambda status: on_error(self, status))
+            self.ep = Endpoint(
+                worker, info.address, self.mode == "peer", f"{peer.name}"[:31], lambda status: on_error(self, status)
+            )
         except UcxStatusError:
             self.close_watch()
             raise
@@ -144,8 +157,13 @@ class Link:
         """One line for the log: error mode, data path and UCX lanes."""
         lanes = ",".join(f"{tl}/{dev}" for tl, dev in self.transports) or "?"
         data = "cma (batched process_vm_readv/writev)" if self.cma_ok else "ucx"
-        check = ("export table" if self.exports is not None else "rdma keys" if self.rma_bounded
-                 else "target-checked messages only")
+        check = (
+            "export table"
+            if self.exports is not None
+            else "rdma keys"
+            if self.rma_bounded
+            else "target-checked messages only"
+        )
         return f"error mode {self.mode}, host data path {data}, one-sided: {check}, ucx lanes [{lanes}]"
 
     def on_tcp_only(self) -> bool:

@@ -71,15 +71,25 @@ class Links:
             old = self._links.pop(peer.name, None)
             if old is not None:
                 self.lose(old, "replaced by a new connection", None, report=False)
-            link = Link(peer, info, backend.worker, backend.config.error_mode, same_host, backend.cma,
-                        self._on_endpoint_error)
+            link = Link(
+                peer, info, backend.worker, backend.config.error_mode, same_host, backend.cma, self._on_endpoint_error
+            )
             link.cma_enabled = backend.config.cma != "off"
             self._links[peer.name] = link
-        _log.info("ucx: %s -> %s (%s): %s", context.agent_name, peer.name,
-                  "same host" if same_host else "other host", link.describe())
+        _log.info(
+            "ucx: %s -> %s (%s): %s",
+            context.agent_name,
+            peer.name,
+            "same host" if same_host else "other host",
+            link.describe(),
+        )
         if same_host and link.on_tcp_only():
-            _log.warning("ucx: same-host peer %s is reached over tcp (%s): shared memory was not chosen%s",
-                         peer.name, link.describe(), "; host data still goes through cma" if link.cma_ok else "")
+            _log.warning(
+                "ucx: same-host peer %s is reached over tcp (%s): shared memory was not chosen%s",
+                peer.name,
+                link.describe(),
+                "; host data still goes through cma" if link.cma_ok else "",
+            )
         if same_host and link.cma_reason and link.cma_enabled:
             _log.info("ucx: no cross-memory path to %s: %s", peer.name, link.cma_reason)
         return link
@@ -171,8 +181,7 @@ class Links:
                 if entry.request:
                     library.lib.ucp_request_free(entry.request)  # UCX frees it if it ever completes
                 dropped = worker.abandon_sends(entry.ep)
-                _log.debug("ucx: gave up closing an endpoint to exited pid %d (%d sends dropped)", entry.pid,
-                           dropped)
+                _log.debug("ucx: gave up closing an endpoint to exited pid %d (%d sends dropped)", entry.pid, dropped)
                 entry.close_watch()
                 continue
             still.append(entry)

@@ -40,7 +40,7 @@ def unpack_notification(data: Any) -> tuple[str, bytes]:
     (length,) = _NAME.unpack_from(raw)
     if _NAME.size + length > len(raw):
         raise ValueError("notification name runs past its end")
-    return raw[_NAME.size:_NAME.size + length].decode(errors="replace"), raw[_NAME.size + length:]
+    return raw[_NAME.size : _NAME.size + length].decode(errors="replace"), raw[_NAME.size + length :]
 
 
 #: Default cap on a notification's payload when the agent's context carries no ``limits`` (kvxfer.limits).
@@ -165,10 +165,20 @@ class Responder:
         self.reply(reply_ep, Header(Kind.DATA, header.transfer, header.chunk), out, pooled=True)
 
     def refuse(self, header: Header, reply_ep: int, reason: str) -> None:
-        if header.kind in (Kind.SCATTER, Kind.GATHER, Kind.DSCATTER, Kind.DGATHER, Kind.DCOMMIT, Kind.SCATTER_SPAN,
-                           Kind.GATHER_SPAN):
-            self.reply(reply_ep, Header(Kind.FAIL, header.transfer, header.chunk),
-                        np.frombuffer(reason.encode()[:1000], dtype=np.uint8).copy())
+        if header.kind in (
+            Kind.SCATTER,
+            Kind.GATHER,
+            Kind.DSCATTER,
+            Kind.DGATHER,
+            Kind.DCOMMIT,
+            Kind.SCATTER_SPAN,
+            Kind.GATHER_SPAN,
+        ):
+            self.reply(
+                reply_ep,
+                Header(Kind.FAIL, header.transfer, header.chunk),
+                np.frombuffer(reason.encode()[:1000], dtype=np.uint8).copy(),
+            )
 
     def reply(self, reply_ep: int, header: Header, payload: np.ndarray | None = None, pooled: bool = False) -> None:
         if not reply_ep:

@@ -74,8 +74,7 @@ class StagedTransfer(UcxRequest):
 
     strategy = "staged"
 
-    def __init__(self, backend: UcxBackend, link: Link, op: Op, plan: TransferPlan,
-                 notify: bytes | None) -> None:
+    def __init__(self, backend: UcxBackend, link: Link, op: Op, plan: TransferPlan, notify: bytes | None) -> None:
         super().__init__(backend, link, op, plan, notify)
         self.spans = Spans(plan, self.chunk_nbytes())
         self.bounds = chunk_bounds(self.spans.nbytes, self.chunk_nbytes())
@@ -95,8 +94,9 @@ class StagedTransfer(UcxRequest):
 
     def advance(self) -> None:
         limit = self.backend.config.stage_inflight
-        while (not self.state.final and not self.stopped and self.in_flight < limit
-               and self.next_chunk < len(self.bounds)):
+        while (
+            not self.state.final and not self.stopped and self.in_flight < limit and self.next_chunk < len(self.bounds)
+        ):
             chunk = self.next_chunk
             self.next_chunk += 1
             self.in_flight += 1
@@ -116,16 +116,28 @@ class StagedTransfer(UcxRequest):
         if self.op is Op.WRITE:
             data_nbytes = int(spans.nbytes[start:stop].sum(dtype=np.uint64))
             buffer = self.backend.staging.take(header_nbytes + data_nbytes)
-            gather(buffer[header_nbytes:], spans.local_addr[start:stop], spans.nbytes[start:stop],
-                   spans.local_region[start:stop], self.backend.host_view)
+            gather(
+                buffer[header_nbytes:],
+                spans.local_addr[start:stop],
+                spans.nbytes[start:stop],
+                spans.local_region[start:stop],
+                self.backend.host_view,
+            )
             kind = Kind.SCATTER
         else:
             buffer = np.empty(header_nbytes, dtype=np.uint8)
             kind = Kind.GATHER
         pack_descs(buffer, spans.remote_addr[start:stop], spans.nbytes[start:stop], spans.remote_region[start:stop])
         header = Header(kind, self.id, chunk, count).encode()
-        self.backend.worker.send(self.link.ep.handle, header, buffer.ctypes.data, buffer.size, keepalive=buffer,
-                                 reply=True, on_done=lambda status: self._sent(buffer, status))
+        self.backend.worker.send(
+            self.link.ep.handle,
+            header,
+            buffer.ctypes.data,
+            buffer.size,
+            keepalive=buffer,
+            reply=True,
+            on_done=lambda status: self._sent(buffer, status),
+        )
 
     def _send_span(self, chunk: int, index: int) -> None:
         spans = self.spans
@@ -137,18 +149,31 @@ class StagedTransfer(UcxRequest):
             if not (base <= addr and addr + nbytes <= base + view.size):
                 raise ValueError(f"local span {addr:#x} +{nbytes} lies outside its region")
             header = Header(Kind.SCATTER_SPAN, self.id, chunk, 1, tail).encode()
-            self.backend.worker.send(self.link.ep.handle, header, addr, nbytes, keepalive=UserSpan((addr, nbytes)),
-                                     reply=True, on_done=lambda status: self._sent(None, status))
+            self.backend.worker.send(
+                self.link.ep.handle,
+                header,
+                addr,
+                nbytes,
+                keepalive=UserSpan((addr, nbytes)),
+                reply=True,
+                on_done=lambda status: self._sent(None, status),
+            )
         else:
             header = Header(Kind.GATHER_SPAN, self.id, chunk, 1, tail).encode()
-            self.backend.worker.send(self.link.ep.handle, header, reply=True,
-                                     on_done=lambda status: self._sent(None, status))
+            self.backend.worker.send(
+                self.link.ep.handle, header, reply=True, on_done=lambda status: self._sent(None, status)
+            )
 
     def placement(self, header: Header, length: int) -> int:
         """Where the DATA answer of a one-span chunk may land directly: that local span (0: a pooled buffer)."""
         chunk = header.chunk
-        if (header.kind is not Kind.DATA or self.state.final or self.stopped or not 0 <= chunk < self.next_chunk
-                or self.answered[chunk]):
+        if (
+            header.kind is not Kind.DATA
+            or self.state.final
+            or self.stopped
+            or not 0 <= chunk < self.next_chunk
+            or self.answered[chunk]
+        ):
             return 0
         start, stop = self.bounds[chunk]
         if stop - start != 1 or length != int(self.spans.nbytes[start]):
@@ -163,8 +188,7 @@ class StagedTransfer(UcxRequest):
 
     def on_reply(self, header: Header, data: Any) -> None:
         """ACK / DATA / FAIL for one chunk (inside a UCX callback: ``data`` is only valid during the call)."""
-        if (self.state.final or self.stopped or not 0 <= header.chunk < self.next_chunk
-                or self.answered[header.chunk]):
+        if self.state.final or self.stopped or not 0 <= header.chunk < self.next_chunk or self.answered[header.chunk]:
             return
         if header.kind is Kind.FAIL:
             reason = bytes(data).decode(errors="replace")[:500]
@@ -178,12 +202,16 @@ class StagedTransfer(UcxRequest):
             if payload.size != expected:
                 self.fail(f"chunk {header.chunk}: peer sent {payload.size} bytes, expected {expected}")
                 return
-            scatter(payload, spans.local_addr[start:stop], spans.nbytes[start:stop], spans.local_region[start:stop],
-                    self.backend.host_view)
+            scatter(
+                payload,
+                spans.local_addr[start:stop],
+                spans.nbytes[start:stop],
+                spans.local_region[start:stop],
+                self.backend.host_view,
+            )
         self.in_flight -= 1
         self.answered[header.chunk] = True
         if self.answered.all():
             self.data_done()
         else:
             self.backend.worker.defer(self.advance)
-

@@ -32,13 +32,13 @@ if TYPE_CHECKING:
     from .backend import UcxBackend
     from .link import Link
 
+
 class UcxRequest(Request):
     """One posted transfer on one link."""
 
     strategy = "?"
 
-    def __init__(self, backend: UcxBackend, link: Link, op: Op, plan: TransferPlan,
-                 notify: bytes | None) -> None:
+    def __init__(self, backend: UcxBackend, link: Link, op: Op, plan: TransferPlan, notify: bytes | None) -> None:
         super().__init__(plan.nbytes)
         self.backend, self.link, self.op, self.plan, self.notify = backend, link, op, plan, notify
         self.id = backend.next_transfer_id()
@@ -92,8 +92,9 @@ class UcxRequest(Request):
 
     def fail(self, message: str, cause: BaseException | None = None) -> None:
         """FAILED with a BackendError saying ``message`` (``cause`` kept as ``__cause__``)."""
-        error = BackendError(f"ucx {self.strategy} {self.op.value} with peer {self.link.name!r}: {message}",
-                             backend="ucx")
+        error = BackendError(
+            f"ucx {self.strategy} {self.op.value} with peer {self.link.name!r}: {message}", backend="ucx"
+        )
         error.__cause__ = cause
         self.finish(TransferState.FAILED, error)
 
@@ -197,8 +198,9 @@ class DirectTransfer(UcxRequest):
         rkeys = self.backend.rkey_list(self.link, remote.region)
         with self.backend.worker.lock:
             try:
-                self.link.ep.rma(self.op is Op.WRITE, local.addr.tolist(), remote.addr.tolist(),
-                                 local.nbytes.tolist(), rkeys, memhs)
+                self.link.ep.rma(
+                    self.op is Op.WRITE, local.addr.tolist(), remote.addr.tolist(), local.nbytes.tolist(), rkeys, memhs
+                )
                 self._flush = self.link.ep.flush()
             except UcxStatusError as error:
                 self.fail(str(error), error)
@@ -235,8 +237,9 @@ class DirectTransfer(UcxRequest):
             self._flush = 0
 
 
-def new_request(backend: UcxBackend, link: Link, op: Op, plan: TransferPlan, notify: bytes | None,
-                strategy: str) -> UcxRequest:
+def new_request(
+    backend: UcxBackend, link: Link, op: Op, plan: TransferPlan, notify: bytes | None, strategy: str
+) -> UcxRequest:
     """The request class for ``strategy`` ("cma", "direct" or "staged")."""
     if strategy == "cma":
         return CmaTransfer(backend, link, op, plan, notify)

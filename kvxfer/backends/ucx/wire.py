@@ -58,9 +58,19 @@ class WorkerInfo:
 
     def encode(self) -> bytes:
         """The bytes for the agent metadata."""
-        return _INFO.pack(INFO_MAGIC, INFO_VERSION, ERROR_POLICIES.index(self.error_policy),
-                          FLAG_ONE_SIDED if self.one_sided else 0, self.probe_addr, self.token, self.exports_addr,
-                          self.digest) + self.address
+        return (
+            _INFO.pack(
+                INFO_MAGIC,
+                INFO_VERSION,
+                ERROR_POLICIES.index(self.error_policy),
+                FLAG_ONE_SIDED if self.one_sided else 0,
+                self.probe_addr,
+                self.token,
+                self.exports_addr,
+                self.digest,
+            )
+            + self.address
+        )
 
     @classmethod
     def decode(cls, data: bytes, peer_name: str) -> WorkerInfo:
@@ -69,35 +79,46 @@ class WorkerInfo:
             raise HandshakeError(f"peer {peer_name!r}: UCX info of {len(data)} bytes is malformed", peer_name)
         magic, version, policy, flags, probe_addr, token, exports_addr, digest = _INFO.unpack_from(data)
         if magic != INFO_MAGIC or version != INFO_VERSION or policy >= len(ERROR_POLICIES) or flags & ~FLAG_ONE_SIDED:
-            raise HandshakeError(f"peer {peer_name!r}: UCX info has magic {magic!r} version {version} policy "
-                                 f"{policy} flags {flags:#x}; expected {INFO_MAGIC!r} version {INFO_VERSION}",
-                                 peer_name)
-        return cls(bytes(data[_INFO.size:]), ERROR_POLICIES[policy], probe_addr, token, bool(flags & FLAG_ONE_SIDED),
-                   exports_addr, digest)
+            raise HandshakeError(
+                f"peer {peer_name!r}: UCX info has magic {magic!r} version {version} policy "
+                f"{policy} flags {flags:#x}; expected {INFO_MAGIC!r} version {INFO_VERSION}",
+                peer_name,
+            )
+        return cls(
+            bytes(data[_INFO.size :]),
+            ERROR_POLICIES[policy],
+            probe_addr,
+            token,
+            bool(flags & FLAG_ONE_SIDED),
+            exports_addr,
+            digest,
+        )
 
     def verify(self, keys: list[tuple[int, bytes]], peer_name: str) -> None:
         """HandshakeError unless our address and the peer's packed rkeys ``keys`` match :attr:`digest`."""
         if keys_digest(self.address, keys) != self.digest:
-            raise HandshakeError(f"peer {peer_name!r}: its UCX worker address or remote keys do not match the digest "
-                                 "in its UCX info (corrupted or altered metadata): refused before UCX sees them",
-                                 peer_name)
+            raise HandshakeError(
+                f"peer {peer_name!r}: its UCX worker address or remote keys do not match the digest "
+                "in its UCX info (corrupted or altered metadata): refused before UCX sees them",
+                peer_name,
+            )
 
 
 class Kind(IntEnum):
     """Control message kinds (one active-message id carries them all)."""
 
-    NOTIFY = 1   # tail: sender agent name; payload: the notification
+    NOTIFY = 1  # tail: sender agent name; payload: the notification
     SCATTER = 2  # payload: descriptors + bytes to write at them; answered by ACK or FAIL
     ACK = 3
-    GATHER = 4   # payload: descriptors to read; answered by DATA or FAIL
-    DATA = 5     # payload: the bytes gathered
-    FAIL = 6     # payload: utf-8 reason
+    GATHER = 4  # payload: descriptors to read; answered by DATA or FAIL
+    DATA = 5  # payload: the bytes gathered
+    FAIL = 6  # payload: utf-8 reason
     DSCATTER = 7  # payload: descriptors (CUDA) + stage record; the target reserves a slot and answers GRANT
-    DGATHER = 8   # payload: descriptors (CUDA) + stage record; the target gathers, puts into the slot; DATA
-    GRANT = 9     # payload: the target's stage record: put the chunk there, then send DCOMMIT
+    DGATHER = 8  # payload: descriptors (CUDA) + stage record; the target gathers, puts into the slot; DATA
+    GRANT = 9  # payload: the target's stage record: put the chunk there, then send DCOMMIT
     DCOMMIT = 10  # payload: the requester's stage record; the target scatters its granted slot; ACK
     SCATTER_SPAN = 11  # tail: one descriptor; payload: its bytes, received straight into it; ACK or FAIL
-    GATHER_SPAN = 12   # tail: one descriptor; answered by DATA (received straight into the requester's span) or FAIL
+    GATHER_SPAN = 12  # tail: one descriptor; answered by DATA (received straight into the requester's span) or FAIL
 
 
 @dataclass(frozen=True)
@@ -112,8 +133,10 @@ class Header:
 
     def encode(self) -> bytes:
         """Header bytes (at most 20 + MAX_TAIL)."""
-        return _HEADER.pack(MESSAGE_MAGIC, MESSAGE_VERSION, int(self.kind), self.transfer, self.chunk,
-                            self.count) + self.tail[:MAX_TAIL]
+        return (
+            _HEADER.pack(MESSAGE_MAGIC, MESSAGE_VERSION, int(self.kind), self.transfer, self.chunk, self.count)
+            + self.tail[:MAX_TAIL]
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> Header | None:
@@ -123,7 +146,7 @@ class Header:
         magic, version, kind, transfer, chunk, count = _HEADER.unpack_from(data)
         if magic != MESSAGE_MAGIC or version != MESSAGE_VERSION or kind not in Kind._value2member_map_:
             return None
-        return cls(Kind(kind), transfer, chunk, count, bytes(data[_HEADER.size:]))
+        return cls(Kind(kind), transfer, chunk, count, bytes(data[_HEADER.size :]))
 
 
 _STAGE = struct.Struct("<QIBH")  # slot address, packed rkey length, peer error mode, worker address length
@@ -150,12 +173,17 @@ class Stage:
         """The record from the bytes after the descriptors; ValueError if malformed."""
         if rest.size < _STAGE.size:
             raise ValueError(f"stage record of {rest.size} bytes is too short")
-        slot, rkey_length, mode, address_length = _STAGE.unpack(rest[:_STAGE.size].tobytes())
-        if (not 0 < rkey_length <= MAX_RKEY or not 0 < address_length <= MAX_WORKER_ADDRESS or mode > 1
-                or rest.size != _STAGE.size + rkey_length + address_length):
-            raise ValueError(f"stage record of {rest.size} bytes says key {rkey_length}, address {address_length} "
-                             f"bytes, mode {mode}")
-        body = rest[_STAGE.size:].tobytes()
+        slot, rkey_length, mode, address_length = _STAGE.unpack(rest[: _STAGE.size].tobytes())
+        if (
+            not 0 < rkey_length <= MAX_RKEY
+            or not 0 < address_length <= MAX_WORKER_ADDRESS
+            or mode > 1
+            or rest.size != _STAGE.size + rkey_length + address_length
+        ):
+            raise ValueError(
+                f"stage record of {rest.size} bytes says key {rkey_length}, address {address_length} bytes, mode {mode}"
+            )
+        body = rest[_STAGE.size :].tobytes()
         return cls(slot, body[:rkey_length], bool(mode), body[rkey_length:])
 
 
@@ -172,8 +200,7 @@ def unpack_span(tail: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if len(tail) != _SPAN.size:
         raise ValueError(f"a span descriptor of {len(tail)} bytes (expected {_SPAN.size})")
     addr, nbytes, region = _SPAN.unpack(tail)
-    return (np.array([addr], dtype=np.uint64), np.array([nbytes], dtype=np.uint64),
-            np.array([region], dtype=np.int32))
+    return (np.array([addr], dtype=np.uint64), np.array([nbytes], dtype=np.uint64), np.array([region], dtype=np.int32))
 
 
 def descs_nbytes(count: int) -> int:
@@ -185,9 +212,9 @@ def pack_descs(out: np.ndarray, addr: np.ndarray, nbytes: np.ndarray, region: np
     """Write descriptors (uint64[n], uint64[n], int32[n]) at the start of ``out`` (uint8, host); returns bytes
     used."""
     n = len(addr)
-    out[:n * 8].view(np.uint64)[:] = addr
-    out[n * 8:n * 16].view(np.uint64)[:] = nbytes
-    out[n * 16:n * 20].view(np.int32)[:] = region
+    out[: n * 8].view(np.uint64)[:] = addr
+    out[n * 8 : n * 16].view(np.uint64)[:] = nbytes
+    out[n * 16 : n * 20].view(np.int32)[:] = region
     return descs_nbytes(n)
 
 
@@ -199,8 +226,8 @@ def unpack_descs(payload: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarra
     used = descs_nbytes(count)
     if count < 0 or payload.size < used:
         raise ValueError(f"payload of {payload.size} bytes is too short for {count} descriptors")
-    head = payload[:count * 20]
-    addr = np.frombuffer(head[:count * 8].tobytes(), dtype=np.uint64)
-    nbytes = np.frombuffer(head[count * 8:count * 16].tobytes(), dtype=np.uint64)
-    region = np.frombuffer(head[count * 16:count * 20].tobytes(), dtype=np.int32)
+    head = payload[: count * 20]
+    addr = np.frombuffer(head[: count * 8].tobytes(), dtype=np.uint64)
+    nbytes = np.frombuffer(head[count * 8 : count * 16].tobytes(), dtype=np.uint64)
+    region = np.frombuffer(head[count * 16 : count * 20].tobytes(), dtype=np.int32)
     return addr, nbytes, region, payload[used:]

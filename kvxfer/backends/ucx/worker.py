@@ -54,10 +54,17 @@ class UserSpan(tuple):
 class Worker:
     """One UCP worker, its address (bytes for the metadata) and its wakeup file descriptor."""
 
-    def __init__(self, library: UcxLibrary, context_handle: Any, name: str, on_message: MessageHandler,
-                 buffers: BufferPool, refuse: Callable[[bytes, int], str | None] = lambda _head, _length: None,
-                 on_refused: Callable[[bytes, str, int], None] = lambda _head, _reason, _reply_ep: None,
-                 placement: Callable[[bytes, int], int] = lambda _head, _length: 0) -> None:
+    def __init__(
+        self,
+        library: UcxLibrary,
+        context_handle: Any,
+        name: str,
+        on_message: MessageHandler,
+        buffers: BufferPool,
+        refuse: Callable[[bytes, int], str | None] = lambda _head, _length: None,
+        on_refused: Callable[[bytes, str, int], None] = lambda _head, _reason, _reply_ep: None,
+        placement: Callable[[bytes, int], int] = lambda _head, _length: 0,
+    ) -> None:
         self.library = library
         self._buffers = buffers
         ffi, lib = library.ffi, library.lib
@@ -87,11 +94,17 @@ class Worker:
         self.abandoned = 0  # sends given up on because their peer process is gone (see abandon_sends)
         self._deferred: list[Callable[[], None]] = []
         self.forms: Counter[str] = Counter()  # messages received per form: "plain", "data", "rndv"
-        self._callback = ffi.callback("ucs_status_t(void *, const void *, size_t, void *, size_t, const void *)",
-                                      self._on_am, onerror=self._on_callback_error)
+        self._callback = ffi.callback(
+            "ucs_status_t(void *, const void *, size_t, void *, size_t, const void *)",
+            self._on_am,
+            onerror=self._on_callback_error,
+        )
         handler = ffi.new("ucp_am_handler_param_t *")
-        handler.field_mask = (cdef.UCP_AM_HANDLER_PARAM_FIELD_ID | cdef.UCP_AM_HANDLER_PARAM_FIELD_FLAGS
-                              | cdef.UCP_AM_HANDLER_PARAM_FIELD_CB)
+        handler.field_mask = (
+            cdef.UCP_AM_HANDLER_PARAM_FIELD_ID
+            | cdef.UCP_AM_HANDLER_PARAM_FIELD_FLAGS
+            | cdef.UCP_AM_HANDLER_PARAM_FIELD_CB
+        )
         handler.id = AM_ID
         handler.flags = cdef.UCP_AM_FLAG_WHOLE_MSG
         handler.cb = self._callback
@@ -161,22 +174,32 @@ class Worker:
 
     # ---- sending ----------------------------------------------------------------------------------------------
 
-    def send(self, ep: Any, header: bytes, addr: int = 0, nbytes: int = 0, keepalive: Any = None,
-             reply: bool = False, on_done: SendDone | None = None) -> None:
+    def send(
+        self,
+        ep: Any,
+        header: bytes,
+        addr: int = 0,
+        nbytes: int = 0,
+        keepalive: Any = None,
+        reply: bool = False,
+        on_done: SendDone | None = None,
+    ) -> None:
         """Send one active message on ``ep`` (a ucp_ep_h); ``[addr, addr + nbytes)`` must stay valid until
         ``on_done(status)`` (``keepalive`` is held until then). Caller holds :attr:`lock`."""
         ffi, lib = self.library.ffi, self.library.lib
         if self.handle is None or ep is None or ep == ffi.NULL or ep == 0:
             # a closed worker, or the endpoint of a link lost meanwhile: UCX would dereference NULL
-            raise UcxStatusError("ucp_am_send_nbx: the endpoint or worker is closed", cdef.UCS_ERR_NOT_CONNECTED,
-                                 "ucp_am_send_nbx")
+            raise UcxStatusError(
+                "ucp_am_send_nbx: the endpoint or worker is closed", cdef.UCS_ERR_NOT_CONNECTED, "ucp_am_send_nbx"
+            )
         param = self._send_param
         param.flags = cdef.UCP_AM_SEND_FLAG_COPY_HEADER | (cdef.UCP_AM_SEND_FLAG_REPLY if reply else 0)
         request = lib.ucp_am_send_nbx(ep, AM_ID, ffi.from_buffer(header), len(header), addr, nbytes, param)
         status = pointer_status(request)
         if status < 0:
-            raise UcxStatusError(f"ucp_am_send_nbx failed: {self.library.status_text(status)}", status,
-                                 "ucp_am_send_nbx")
+            raise UcxStatusError(
+                f"ucp_am_send_nbx failed: {self.library.status_text(status)}", status, "ucp_am_send_nbx"
+            )
         if status == cdef.UCS_INPROGRESS:
             self._sends.append((request, keepalive, on_done, int(ffi.cast("uintptr_t", ep))))
         elif on_done is not None:
@@ -274,8 +297,7 @@ class Worker:
             elif status == cdef.UCS_OK:
                 self.defer(lambda: self._hand_on(head, buffer, reply_ep))
             else:
-                _log.warning("ucx: rendezvous receive of %d bytes failed: %s", length,
-                             self.library.status_text(status))
+                _log.warning("ucx: rendezvous receive of %d bytes failed: %s", length, self.library.status_text(status))
             return cdef.UCS_OK
         # Plain and FLAG_DATA payloads: handled (copied or consumed) before we return UCS_OK, so UCX may reuse them.
         self.forms["data" if attributes & cdef.UCP_AM_RECV_ATTR_FLAG_DATA else "plain"] += 1
@@ -314,8 +336,10 @@ class Worker:
     def touches(self, addr: int, nbytes: int) -> bool:
         """True while a send reads from, or a rendezvous receive lands in, ``[addr, addr + nbytes)``."""
         spans = [entry[1] for entry in self._sends] + [entry[2] for entry in self._receives]
-        return any(isinstance(span, UserSpan) and span.addr < addr + nbytes and addr < span.addr + span.nbytes
-                   for span in spans)
+        return any(
+            isinstance(span, UserSpan) and span.addr < addr + nbytes and addr < span.addr + span.nbytes
+            for span in spans
+        )
 
     def _on_callback_error(self, exc_type: Any, exc: BaseException | None, _traceback: Any) -> int:
         _log.error("ucx: active-message handler raised %s: %s", getattr(exc_type, "__name__", exc_type), exc)

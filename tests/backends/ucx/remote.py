@@ -27,7 +27,7 @@ def digest(buffer: np.ndarray, offsets: Any, size: int) -> str:
         hasher.update(np.ascontiguousarray(buffer.reshape(-1, size)[offsets // size]).tobytes())
     else:
         for offset in offsets.tolist():
-            hasher.update(buffer[offset:offset + size].tobytes())
+            hasher.update(buffer[offset : offset + size].tobytes())
     return hasher.hexdigest()
 
 
@@ -41,8 +41,9 @@ def random_fill(buffer: np.ndarray, seed: int) -> None:
 CANARY = 0xC5
 
 
-def _serve(connection: Any, name: str, nbytes: int, device: int, environ: dict[str, str], canary: int = 0,
-           backend: str = "ucx") -> None:
+def _serve(
+    connection: Any, name: str, nbytes: int, device: int, environ: dict[str, str], canary: int = 0, backend: str = "ucx"
+) -> None:
     import faulthandler
 
     faulthandler.enable()  # a crash in UCX or CUDA prints the Python stack of every thread to stderr
@@ -70,6 +71,7 @@ def _serve(connection: Any, name: str, nbytes: int, device: int, environ: dict[s
 
             def fill(seed: int) -> None:
                 random_fill(memory, seed)
+
         region = agent.register(memory, name="buf")
         connection.send((agent.metadata(), region.addr))
         peer = None
@@ -94,7 +96,7 @@ def _serve(connection: Any, name: str, nbytes: int, device: int, environ: dict[s
                     offsets, size, timeout = args
                     notes = agent.notifications(timeout=timeout)
                     for offset in np.asarray(offsets).tolist():
-                        memory[offset:offset + size] = 0xEE
+                        memory[offset : offset + size] = 0xEE
                     connection.send([n.payload for n in notes])
                 elif command == "connect":
                     peer = agent.connect(args[0])
@@ -117,15 +119,23 @@ def _serve(connection: Any, name: str, nbytes: int, device: int, environ: dict[s
 class RemoteAgent:
     """The parent's handle on the child (a context manager; always kills the child on exit)."""
 
-    def __init__(self, name: str = "remote", nbytes: int = 1 << 20, device: int = -1,
-                 environ: dict[str, str] | None = None, canary: int = 0, backend: str = "ucx") -> None:
+    def __init__(
+        self,
+        name: str = "remote",
+        nbytes: int = 1 << 20,
+        device: int = -1,
+        environ: dict[str, str] | None = None,
+        canary: int = 0,
+        backend: str = "ucx",
+    ) -> None:
         context = multiprocessing.get_context("spawn")
         self._connection, child = context.Pipe()
         # Skipping UCX's mmap hooks makes the child's library load ~400 ms faster; host transfers do not need them.
         env = {"UCX_MEM_MMAP_HOOK_MODE": "none"} if device < 0 else {}
         env.update(environ or {})
-        self.process = context.Process(target=_serve, args=(child, name, nbytes, device, env, canary, backend),
-                                       daemon=True)
+        self.process = context.Process(
+            target=_serve, args=(child, name, nbytes, device, env, canary, backend), daemon=True
+        )
         self.process.start()
         child.close()
         self.name, self.nbytes = name, nbytes

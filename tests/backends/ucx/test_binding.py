@@ -20,9 +20,19 @@ from kvxfer.backends.ucx.link import error_mode
 from kvxfer.backends.ucx.wire import Header, Kind, WorkerInfo, descs_nbytes, pack_descs, unpack_descs
 from kvxfer.errors import ConfigError, HandshakeError
 
-STRUCTS = ["ucp_params_t", "ucp_worker_params_t", "ucp_err_handler_t", "ucp_ep_params_t", "ucp_mem_map_params_t",
-           "ucp_request_param_t", "ucp_am_handler_param_t", "ucp_am_recv_param_t", "ucp_transport_entry_t",
-           "ucp_transports_t", "ucp_ep_attr_t"]
+STRUCTS = [
+    "ucp_params_t",
+    "ucp_worker_params_t",
+    "ucp_err_handler_t",
+    "ucp_ep_params_t",
+    "ucp_mem_map_params_t",
+    "ucp_request_param_t",
+    "ucp_am_handler_param_t",
+    "ucp_am_recv_param_t",
+    "ucp_transport_entry_t",
+    "ucp_transports_t",
+    "ucp_ep_attr_t",
+]
 CONSTANTS = [name for name in dir(cdef) if name.startswith(("UCP_", "UCS_")) and isinstance(getattr(cdef, name), int)]
 
 
@@ -61,8 +71,11 @@ def test_struct_layouts_and_constants_match_the_headers(tmp_path) -> None:
         lines.append(f'printf("{name} %lld\\n", (long long)({name}));')
         expected[name] = getattr(cdef, name)
     source = tmp_path / "layout.c"
-    source.write_text("#include <stddef.h>\n#include <stdio.h>\n#include <ucp/api/ucp.h>\nint main(void) {\n"
-                      + "\n".join(lines) + "\nreturn 0;\n}\n")
+    source.write_text(
+        "#include <stddef.h>\n#include <stdio.h>\n#include <ucp/api/ucp.h>\nint main(void) {\n"
+        + "\n".join(lines)
+        + "\nreturn 0;\n}\n"
+    )
     subprocess.run([compiler, "-I", include, str(source), "-o", str(tmp_path / "layout")], check=True)
     output = subprocess.run([str(tmp_path / "layout")], check=True, capture_output=True, text=True).stdout
     actual = {key: int(value) for key, value in (line.split() for line in output.splitlines())}
@@ -100,13 +113,23 @@ def test_descriptor_payload_round_trip() -> None:
 
 
 def test_config_from_environment() -> None:
-    config = UcxConfig.from_env({"KVXFER_UCX_ERROR_MODE": "Peer", "KVXFER_UCX_CMA": "off",
-                                 "KVXFER_UCX_STAGE_BELOW": "0x1000", "KVXFER_UCX_LIB": ""})
+    config = UcxConfig.from_env(
+        {
+            "KVXFER_UCX_ERROR_MODE": "Peer",
+            "KVXFER_UCX_CMA": "off",
+            "KVXFER_UCX_STAGE_BELOW": "0x1000",
+            "KVXFER_UCX_LIB": "",
+        }
+    )
     assert (config.error_mode, config.cma, config.stage_below, config.library_path) == ("peer", "off", 4096, None)
     assert UcxConfig.from_env({}) == UcxConfig()
-    for bad in ({"KVXFER_UCX_ERROR_MODE": "sometimes"}, {"KVXFER_UCX_STAGE_CHUNK": "12"},
-                {"KVXFER_UCX_STAGE_INFLIGHT": "x"}, {"KVXFER_UCX_CMA_THREADS": "65"},
-                {"KVXFER_UCX_CMA_INLINE": "-1"}):
+    for bad in (
+        {"KVXFER_UCX_ERROR_MODE": "sometimes"},
+        {"KVXFER_UCX_STAGE_CHUNK": "12"},
+        {"KVXFER_UCX_STAGE_INFLIGHT": "x"},
+        {"KVXFER_UCX_CMA_THREADS": "65"},
+        {"KVXFER_UCX_CMA_INLINE": "-1"},
+    ):
         with pytest.raises(ConfigError):
             UcxConfig.from_env(bad)
 
@@ -151,14 +174,21 @@ def test_gather_then_scatter_matches_a_loop(data) -> None:
     assert check_spans(addr, sizes, region, lookup) is None
     packed = np.zeros(int(sizes.sum()), dtype=np.uint8)
     gather(packed, addr, sizes, region, lookup)
-    expected = b"".join(table[int(r)][1][int(a) - table[int(r)][0]:][:int(s)].tobytes()
-                        for a, s, r in zip(addr, sizes, region, strict=True))
+    expected = b"".join(
+        table[int(r)][1][int(a) - table[int(r)][0] :][: int(s)].tobytes()
+        for a, s, r in zip(addr, sizes, region, strict=True)
+    )
     assert packed.tobytes() == expected
     for _base, array in table.values():
         array[:] = 0
     scatter(packed, addr, sizes, region, lookup)
-    assert b"".join(table[int(r)][1][int(a) - table[int(r)][0]:][:int(s)].tobytes()
-                    for a, s, r in zip(addr, sizes, region, strict=True)) == expected
+    assert (
+        b"".join(
+            table[int(r)][1][int(a) - table[int(r)][0] :][: int(s)].tobytes()
+            for a, s, r in zip(addr, sizes, region, strict=True)
+        )
+        == expected
+    )
     assert sum(int(a.astype(bool).sum()) for _b, a in table.values()) <= int(sizes.sum())
 
 
@@ -185,12 +215,12 @@ def test_cross_memory_batches_move_every_byte_to_its_place(count: int, seed: int
     for batch in plan_batches(local, remote, nbytes, batch_bytes):
         assert len(batch.local) <= MAX_IOV and len(batch.remote) <= MAX_IOV
         assert int(batch.local[:, 1].sum()) == int(batch.remote[:, 1].sum()) == batch.nbytes
-        stream = np.concatenate([source[int(a):int(a) + int(n)] for a, n in batch.local])
+        stream = np.concatenate([source[int(a) : int(a) + int(n)] for a, n in batch.local])
         position = 0
         for a, n in batch.remote:  # the kernel's semantics: the two iovec streams pair up byte by byte
-            target[int(a):int(a) + int(n)] = stream[position:position + int(n)]
+            target[int(a) : int(a) + int(n)] = stream[position : position + int(n)]
             position += int(n)
     expected = np.zeros_like(source)
     for a, b in zip(local, remote, strict=True):
-        expected[int(b):int(b) + size] = source[int(a):int(a) + size]
+        expected[int(b) : int(b) + size] = source[int(a) : int(a) + size]
     assert (target == expected).all()

@@ -21,13 +21,16 @@ def test_spans_inside_regions_of_one_device_give_that_device() -> None:
     assert check_device_spans(*_spans((0x900000, 1 << 20, 2)), REGIONS) == 1
 
 
-@pytest.mark.parametrize("spans, reason", [
-    (((0x10000 - 1, 4096, 0),), "outside region 0"),
-    (((0x10000 + (1 << 20) - 4095, 4096, 0),), "outside region 0"),
-    (((0x10000, 0, 0),), "outside region 0"),
-    (((0x10000, 4096, 5),), "region 5 is not a registered CUDA region"),
-    (((0x10000, 4096, 0), (0x900000, 4096, 2)), "devices [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "spans, reason",
+    [
+        (((0x10000 - 1, 4096, 0),), "outside region 0"),
+        (((0x10000 + (1 << 20) - 4095, 4096, 0),), "outside region 0"),
+        (((0x10000, 0, 0),), "outside region 0"),
+        (((0x10000, 4096, 5),), "region 5 is not a registered CUDA region"),
+        (((0x10000, 4096, 0), (0x900000, 4096, 2)), "devices [0, 1]"),
+    ],
+)
 def test_bad_spans_are_refused(spans: tuple, reason: str) -> None:
     with pytest.raises(ValueError, match=reason.replace("[", r"\[").replace("]", r"\]")):
         check_device_spans(*_spans(*spans), REGIONS)
@@ -38,7 +41,7 @@ def test_stage_record_round_trip_after_descriptors() -> None:
     stage = Stage(0xDEAD0000, b"packed-key", True, b"worker-address").pack()
     payload = np.zeros(descs_nbytes(3) + stage.size, dtype=np.uint8)
     pack_descs(payload, addr, nbytes, region)
-    payload[descs_nbytes(3):] = stage
+    payload[descs_nbytes(3) :] = stage
     got_addr, got_nbytes, got_region, rest = unpack_descs(payload, 3)
     assert got_addr.tolist() == addr.tolist() and got_nbytes.tolist() == nbytes.tolist()
     assert got_region.tolist() == region.tolist()
@@ -99,10 +102,16 @@ class _Backend:
         self.library = type("Library", (), {"ffi": ffi})()
         self.pool, self.replies, self.deferred = _Pool(), [], []
         self.worker = type("Worker", (), {"address": b"target-address", "defer": self.deferred.append})()
-        self.responder = type("Responder", (), {
-            "reply": lambda _self, ep, header, payload=None: self.replies.append(("reply", header.kind, header.chunk)),
-            "refuse": lambda _self, header, ep, reason: self.replies.append(("refuse", header.kind, reason)),
-        })()
+        self.responder = type(
+            "Responder",
+            (),
+            {
+                "reply": lambda _self, ep, header, payload=None: self.replies.append(
+                    ("reply", header.kind, header.chunk)
+                ),
+                "refuse": lambda _self, header, ep, reason: self.replies.append(("refuse", header.kind, reason)),
+            },
+        )()
         self.timeouts = type("Timeouts", (), {"transfer": 0.0})()
         self.device_slot_nbytes = _Pool.slot_nbytes
 
@@ -118,7 +127,7 @@ def _dscatter(chunk: int) -> tuple[Header, bytes]:
     stage = Stage(0xBEEF000, b"requester-key", False, b"requester-address").pack()
     payload = np.zeros(descs_nbytes(1) + stage.size, dtype=np.uint8)
     pack_descs(payload, addr, nbytes, region)
-    payload[descs_nbytes(1):] = stage
+    payload[descs_nbytes(1) :] = stage
     return Header(Kind.DSCATTER, 7, chunk, 1), payload.tobytes()
 
 
@@ -138,7 +147,7 @@ def test_grants_wait_for_free_slots_and_uncommitted_ones_are_taken_back() -> Non
     assert backend.replies == [("reply", Kind.GRANT, 0), ("reply", Kind.GRANT, 1)]
     assert server.busy and backend.pool.free == []
     assert server.expire_grants(older_than=60.0) == 0  # fresh grants stay
-    assert server.expire_grants(older_than=0.0) == 2   # as if the deadline had passed
+    assert server.expire_grants(older_than=0.0) == 2  # as if the deadline had passed
     assert backend.replies[-1] == ("reply", Kind.GRANT, 2) and len(backend.pool.free) == 1
     commit = Stage(0xBEEF000, b"-", False, b"requester-address").pack().tobytes()
     with pytest.raises(ValueError, match="no slot was granted to chunk 0"):

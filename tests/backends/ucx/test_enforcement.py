@@ -40,8 +40,7 @@ EXPECTED = {  # target mode -> path -> the data path the backend chooses for the
 
 @pytest.fixture(scope="module", params=["same-uid", "off"])
 def target(request):
-    with RemoteAgent("target", REGION, environ={"KVXFER_UCX_ONE_SIDED": request.param},
-                     canary=CANARY_NBYTES) as remote:
+    with RemoteAgent("target", REGION, environ={"KVXFER_UCX_ONE_SIDED": request.param}, canary=CANARY_NBYTES) as remote:
         remote.mode = request.param
         yield remote
 
@@ -69,8 +68,11 @@ def _plans(agent, region, peer, how: str, path: str):
     """A plan whose remote spans run past the real region (size), or lie wholly outside it (addr)."""
     if how == "one-span":  # one large fragment across the end: the checked path sends it as one span
         fragment = 256 << 10
-        return agent.plan(kvxfer.Descs.from_ranges(region, [0], fragment), peer,
-                          kvxfer.Descs.from_ranges(peer.region("buf"), [REGION - fragment // 2], fragment)), fragment
+        return agent.plan(
+            kvxfer.Descs.from_ranges(region, [0], fragment),
+            peer,
+            kvxfer.Descs.from_ranges(peer.region("buf"), [REGION - fragment // 2], fragment),
+        ), fragment
     if path == "shm-staged":  # >= 128 small fragments, the last ones past the real end
         fragment, count = 4096, 256
         remote = np.arange(count, dtype=np.int64) * fragment + (REGION - 128 * fragment if how == "size" else 0)
@@ -79,15 +81,19 @@ def _plans(agent, region, peer, how: str, path: str):
         remote = np.arange(count, dtype=np.int64) * fragment + (REGION - fragment if how == "size" else 0)
     local = np.arange(count, dtype=np.int64) * fragment
     remote = remote[::-1].copy()  # reversed: the pairs do not coalesce into one fragment
-    return agent.plan(kvxfer.Descs.from_ranges(region, local, fragment), peer,
-                      kvxfer.Descs.from_ranges(peer.region("buf"), remote, fragment)), fragment
+    return agent.plan(
+        kvxfer.Descs.from_ranges(region, local, fragment),
+        peer,
+        kvxfer.Descs.from_ranges(peer.region("buf"), remote, fragment),
+    ), fragment
 
 
 @pytest.mark.parametrize("how", ["size", "addr", "one-span"])
 @pytest.mark.parametrize("path", list(PATHS))
 def test_a_forged_region_moves_nothing_outside_the_export(target: RemoteAgent, path: str, how: str) -> None:
-    agent = kvxfer.Agent(f"liar-{path}-{how}", backends=[UcxBackend(PATHS[path])],
-                         timeouts=kvxfer.Timeouts(transfer=5.0, close=2.0))
+    agent = kvxfer.Agent(
+        f"liar-{path}-{how}", backends=[UcxBackend(PATHS[path])], timeouts=kvxfer.Timeouts(transfer=5.0, close=2.0)
+    )
     with agent:
         local = np.zeros(4 << 20, dtype=np.uint8)
         random_fill(local, seed=5)
@@ -110,8 +116,11 @@ def test_a_forged_region_moves_nothing_outside_the_export(target: RemoteAgent, p
         honest = agent.connect(target.metadata)
         random_fill(local, seed=6)
         offsets = np.arange(64, dtype=np.int64) * 4096
-        plan = agent.plan(kvxfer.Descs.from_ranges(region, offsets, 4096), honest,
-                          kvxfer.Descs.from_ranges(honest.region("buf"), offsets[::-1].copy(), 4096))
+        plan = agent.plan(
+            kvxfer.Descs.from_ranges(region, offsets, 4096),
+            honest,
+            kvxfer.Descs.from_ranges(honest.region("buf"), offsets[::-1].copy(), 4096),
+        )
         agent.write(plan).wait(30)
         assert target.call("digest", offsets[::-1].copy(), 4096) == digest(local, offsets, 4096)
         assert target.call("canary")
@@ -128,8 +137,11 @@ def test_large_fragments_are_split_on_the_checked_path() -> None:
             region = agent.register(local, name="buf")
             peer = agent.connect(remote.metadata)
             size = 6 << 20  # six chunks each
-            plan = agent.plan(kvxfer.Descs.from_ranges(region, [0, size, 2 * size], size), peer,
-                              kvxfer.Descs.from_ranges(peer.region("buf"), [3 * size, 0, size], size))
+            plan = agent.plan(
+                kvxfer.Descs.from_ranges(region, [0, size, 2 * size], size),
+                peer,
+                kvxfer.Descs.from_ranges(peer.region("buf"), [3 * size, 0, size], size),
+            )
             assert agent._backends[0].data_path(plan) == "staged"
             agent.write(plan).wait(30)
             assert remote.call("digest", [3 * size, 0, size], size) == digest(local, [0, size, 2 * size], size)

@@ -30,8 +30,9 @@ CONFIGS = {
 
 
 def _agent(path: str, name: str, transfer: float = DEADLINE):
-    agent = kvxfer.Agent(name, backends=[UcxBackend(CONFIGS[path])],
-                         timeouts=kvxfer.Timeouts(transfer=transfer, close=2.0))
+    agent = kvxfer.Agent(
+        name, backends=[UcxBackend(CONFIGS[path])], timeouts=kvxfer.Timeouts(transfer=transfer, close=2.0)
+    )
     local = np.zeros(REGION_NBYTES, dtype=np.uint8)
     random_fill(local, seed=3)
     region = agent.register(local, name="buf")
@@ -40,8 +41,11 @@ def _agent(path: str, name: str, transfer: float = DEADLINE):
 
 def _plan(agent, region, peer, fragments: int = REGION_NBYTES // FRAGMENT):
     offsets = np.random.default_rng(1).permutation(REGION_NBYTES // FRAGMENT)[:fragments] * FRAGMENT
-    return agent.plan(kvxfer.Descs.from_ranges(region, offsets, FRAGMENT), peer,
-                      kvxfer.Descs.from_ranges(peer.region("buf"), offsets[::-1].copy(), FRAGMENT)), offsets
+    return agent.plan(
+        kvxfer.Descs.from_ranges(region, offsets, FRAGMENT),
+        peer,
+        kvxfer.Descs.from_ranges(peer.region("buf"), offsets[::-1].copy(), FRAGMENT),
+    ), offsets
 
 
 def _wait_for(condition, seconds: float) -> bool:

@@ -38,21 +38,26 @@ def test_cuda_write_and_read_between_processes(remote_device: int, fragment: int
             count = min(256, NBYTES // fragment // 2)
             local_offsets = rng.choice(NBYTES // fragment, count, replace=False) * fragment
             remote_offsets = rng.choice(NBYTES // fragment, count, replace=False) * fragment
-            plan = agent.plan(kvxfer.Descs.from_ranges(region, local_offsets, fragment), peer,
-                              kvxfer.Descs.from_ranges(peer.region("buf"), remote_offsets, fragment))
+            plan = agent.plan(
+                kvxfer.Descs.from_ranges(region, local_offsets, fragment),
+                peer,
+                kvxfer.Descs.from_ranges(peer.region("buf"), remote_offsets, fragment),
+            )
             # 256 fragments of 4 KiB are staged (small, many); larger ones go one put/get each
             assert plan.backend.data_path(plan) == ("staged" if fragment < 32 << 10 and count >= 128 else "direct")
 
             agent.write(plan, notify=b"gpu-written").wait(60)
-            assert remote.call("digest", remote_offsets, fragment) == digest(cupy.asnumpy(local), local_offsets,
-                                                                              fragment)
+            assert remote.call("digest", remote_offsets, fragment) == digest(
+                cupy.asnumpy(local), local_offsets, fragment
+            )
             assert remote.call("notes", 10.0) == [("gpu-initiator", b"gpu-written")]
 
             remote.call("fill", fragment + 1)
             local.fill(0)
             agent.read(plan, notify=b"gpu-read").wait(60)
-            assert digest(cupy.asnumpy(local), local_offsets, fragment) == remote.call("digest", remote_offsets,
-                                                                                       fragment)
+            assert digest(cupy.asnumpy(local), local_offsets, fragment) == remote.call(
+                "digest", remote_offsets, fragment
+            )
             assert remote.call("notes", 10.0) == [("gpu-initiator", b"gpu-read")]
 
 
@@ -76,8 +81,11 @@ def test_staged_cuda_fragments_reuse_slots(remote_device: int, monkeypatch: pyte
             rng = np.random.default_rng(11)
             local_offsets = rng.choice(NBYTES // fragment, count, replace=False) * fragment
             remote_offsets = rng.choice(NBYTES // fragment, count, replace=False) * fragment
-            plan = agent.plan(kvxfer.Descs.from_ranges(region, local_offsets, fragment), peer,
-                              kvxfer.Descs.from_ranges(peer.region("buf"), remote_offsets, fragment))
+            plan = agent.plan(
+                kvxfer.Descs.from_ranges(region, local_offsets, fragment),
+                peer,
+                kvxfer.Descs.from_ranges(peer.region("buf"), remote_offsets, fragment),
+            )
             assert plan.backend.data_path(plan) == "staged"
             for round_ in range(2):
                 local.set(staging if round_ == 0 else staging[::-1].copy())
@@ -115,8 +123,11 @@ def test_staged_cuda_target_killed_mid_transfer_fails_within_deadline(op: str) -
             region = agent.register(local, name="buf")
             peer = agent.connect(victim.metadata)
             offsets = np.random.default_rng(3).permutation(NBYTES // fragment)[:count] * fragment
-            plan = agent.plan(kvxfer.Descs.from_ranges(region, offsets, fragment), peer,
-                              kvxfer.Descs.from_ranges(peer.region("buf"), offsets, fragment))
+            plan = agent.plan(
+                kvxfer.Descs.from_ranges(region, offsets, fragment),
+                peer,
+                kvxfer.Descs.from_ranges(peer.region("buf"), offsets, fragment),
+            )
             assert plan.backend.data_path(plan) == "staged"
             move = agent.write if op == "write" else agent.read
             move(plan).wait(30)  # warm: slots allocated and registered on both sides
@@ -141,8 +152,11 @@ def test_staged_cuda_target_killed_mid_transfer_fails_within_deadline(op: str) -
             assert not peer.connected
             with RemoteAgent("fresh-target", NBYTES, device=0) as fresh:
                 peer = agent.connect(fresh.metadata)
-                plan = agent.plan(kvxfer.Descs.from_ranges(region, offsets, fragment), peer,
-                                  kvxfer.Descs.from_ranges(peer.region("buf"), offsets, fragment))
+                plan = agent.plan(
+                    kvxfer.Descs.from_ranges(region, offsets, fragment),
+                    peer,
+                    kvxfer.Descs.from_ranges(peer.region("buf"), offsets, fragment),
+                )
                 agent.write(plan, notify=b"after").wait(30)
                 assert fresh.call("digest", offsets, fragment) == digest(cupy.asnumpy(local), offsets, fragment)
                 assert fresh.call("notes", 10.0) == [("staged-survivor", b"after")]
@@ -165,15 +179,19 @@ def test_cuda_to_a_target_refusing_one_sided_access_goes_staged(fragment: int) -
             peer = agent.connect(remote.metadata)
             count = min(256, nbytes // fragment // 2)
             offsets = np.arange(count, dtype=np.int64) * fragment
-            plan = agent.plan(kvxfer.Descs.from_ranges(region, offsets, fragment), peer,
-                              kvxfer.Descs.from_ranges(peer.region("buf"), offsets[::-1].copy(),
-                                                       fragment))
+            plan = agent.plan(
+                kvxfer.Descs.from_ranges(region, offsets, fragment),
+                peer,
+                kvxfer.Descs.from_ranges(peer.region("buf"), offsets[::-1].copy(), fragment),
+            )
             assert plan.backend.data_path(plan) == "staged"
             agent.write(plan).wait(60)
-            assert remote.call("digest", offsets[::-1].copy(), fragment) == digest(cupy.asnumpy(local), offsets,
-                                                                                    fragment)
+            assert remote.call("digest", offsets[::-1].copy(), fragment) == digest(
+                cupy.asnumpy(local), offsets, fragment
+            )
             remote.call("fill", 5)
             local.fill(0)
             agent.read(plan).wait(60)
-            assert digest(cupy.asnumpy(local), offsets, fragment) == remote.call("digest", offsets[::-1].copy(),
-                                                                                 fragment)
+            assert digest(cupy.asnumpy(local), offsets, fragment) == remote.call(
+                "digest", offsets[::-1].copy(), fragment
+            )

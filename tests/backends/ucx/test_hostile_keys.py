@@ -48,15 +48,20 @@ def _with_ucx(meta: AgentMetadata, blob: bytes | None = None, key: bytes | None 
         backends["ucx"] = blob
     regions = meta.regions
     if key is not None:
-        regions = tuple(dataclasses.replace(r, keys={**r.keys, "ucx": key}) if r.name == "buf" else r
-                        for r in regions)
+        regions = tuple(dataclasses.replace(r, keys={**r.keys, "ucx": key}) if r.name == "buf" else r for r in regions)
     return dataclasses.replace(meta, backends=backends, regions=regions).encode()
 
 
 def _run(cases: list[bytes]) -> list[str]:
     env = {**os.environ, "UCX_MEM_MMAP_HOOK_MODE": "none"}
-    result = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps([c.hex() for c in cases]),
-                            capture_output=True, text=True, timeout=150, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", _CHILD],
+        input=json.dumps([c.hex() for c in cases]),
+        capture_output=True,
+        text=True,
+        timeout=150,
+        env=env,
+    )
     assert result.returncode == 0, f"the connecting process died ({result.returncode}): {result.stderr[-2000:]}"
     return json.loads(result.stdout.strip().splitlines()[-1])
 

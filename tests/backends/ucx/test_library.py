@@ -48,8 +48,11 @@ print(json.dumps({"problem": problem, "path": library.path, "source": library.so
 
 
 def _environ(**overrides: str) -> dict[str, str]:
-    environ = {name: value for name, value in os.environ.items()
-               if not name.startswith("KVXFER_UCX_") and name != "KVXFER_REQUIRE_UCX"}
+    environ = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("KVXFER_UCX_") and name != "KVXFER_REQUIRE_UCX"
+    }
     environ["UCX_MEM_MMAP_HOOK_MODE"] = "none"
     environ.update(overrides)
     return environ
@@ -70,9 +73,14 @@ def test_kvxfer_ucx_lib_loads_the_named_library(tmp_path: Path) -> None:
     named = tmp_path / "links" / "libucp.so"
     named.parent.mkdir()
     named.symlink_to(wheel)
-    result = subprocess.run([sys.executable, "-c", _REPORT], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120, env=_environ(KVXFER_UCX_LIB=str(named), KVXFER_UCX_CMA="off",
-                                                      KVXFER_UCX_STAGE_BELOW="0"))
+    result = subprocess.run(
+        [sys.executable, "-c", _REPORT],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_environ(KVXFER_UCX_LIB=str(named), KVXFER_UCX_CMA="off", KVXFER_UCX_STAGE_BELOW="0"),
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["problem"] is None
@@ -92,9 +100,14 @@ SYSTEM_LIBUCP = "/usr/lib/x86_64-linux-gnu/libucp.so.0"
 def test_a_system_ucx_is_used_or_refused_by_version(tmp_path: Path) -> None:
     """A distribution's UCX (built with verbs, for RDMA): too old (Debian bookworm's 1.13) -> refused as
     unavailable with the reason; new enough -> loaded and moving data."""
-    result = subprocess.run([sys.executable, "-c", _REPORT], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120, env=_environ(KVXFER_UCX_LIB=SYSTEM_LIBUCP, KVXFER_UCX_CMA="off",
-                                                      KVXFER_UCX_STAGE_BELOW="0"))
+    result = subprocess.run(
+        [sys.executable, "-c", _REPORT],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_environ(KVXFER_UCX_LIB=SYSTEM_LIBUCP, KVXFER_UCX_CMA="off", KVXFER_UCX_STAGE_BELOW="0"),
+    )
     if "too old" in result.stderr:
         assert "need >= 1.14" in result.stderr and os.path.realpath(SYSTEM_LIBUCP) in result.stderr
         return
@@ -108,16 +121,23 @@ def test_a_system_ucx_is_used_or_refused_by_version(tmp_path: Path) -> None:
 def test_a_second_ucx_build_in_one_process_is_refused() -> None:
     loaded = load_library()
     assert load_library(UcxConfig()) is loaded  # naming none: the loaded one
-    other = SYSTEM_LIBUCP if os.path.exists(SYSTEM_LIBUCP) and os.path.realpath(SYSTEM_LIBUCP) != loaded.path \
-        else __file__
+    other = (
+        SYSTEM_LIBUCP if os.path.exists(SYSTEM_LIBUCP) and os.path.realpath(SYSTEM_LIBUCP) != loaded.path else __file__
+    )
     with pytest.raises(BackendUnavailableError, match="one process cannot use two UCX builds"):
         load_library(UcxConfig(library_path=other))
 
 
 @pytest.mark.ucx
 def test_without_kvxfer_ucx_lib_the_wheel_is_loaded(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-c", _REPORT], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120, env=_environ(KVXFER_UCX_CMA="off", KVXFER_UCX_STAGE_BELOW="0"))
+    result = subprocess.run(
+        [sys.executable, "-c", _REPORT],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_environ(KVXFER_UCX_CMA="off", KVXFER_UCX_STAGE_BELOW="0"),
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["source"] == "wheel"
@@ -154,8 +174,14 @@ def test_bogus_kvxfer_ucx_lib_is_a_clear_error(tmp_path: Path, kind: str) -> Non
     else:
         bogus = tmp_path / "libdir"
         bogus.mkdir()
-    result = subprocess.run([sys.executable, "-c", _BOGUS], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120, env=_environ(KVXFER_UCX_LIB=str(bogus)))
+    result = subprocess.run(
+        [sys.executable, "-c", _BOGUS],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_environ(KVXFER_UCX_LIB=str(bogus)),
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     for message in (report["problem"], report["raised"]):
@@ -172,8 +198,14 @@ _PROBE_TEST = "tests/backends/ucx/test_binding.py::test_library_loads_and_report
 def _pytest_without_ucx(tmp_path: Path, **overrides: str) -> subprocess.CompletedProcess:
     """Run one `ucx` test in a child pytest where UCX cannot load (KVXFER_UCX_LIB names a missing file)."""
     environ = _environ(KVXFER_UCX_LIB=str(tmp_path / "missing-libucp.so"), **overrides)
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", _PROBE_TEST],
-                          cwd=REPO, capture_output=True, text=True, timeout=240, env=environ)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", _PROBE_TEST],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=environ,
+    )
 
 
 def test_missing_ucx_skips_by_default(tmp_path: Path) -> None:
