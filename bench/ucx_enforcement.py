@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 SIZES = [4 << 10, 64 << 10, 1 << 20, 16 << 20]
-PATHS = {"cma": {}, "shm": {"cma": "off"}, "tcp": {"cma": "off", "error_mode": "peer"}}
+PATHS: dict[str, dict[str, Any]] = {"cma": {}, "shm": {"cma": "off"}, "tcp": {"cma": "off", "error_mode": "peer"}}
 ENVIRON = {"UCX_MEM_MMAP_HOOK_MODE": "none"}
 
 

@@ -27,7 +27,7 @@ REGION = 8 << 20
 FRAGMENT = 4 << 10
 
 # path -> (UcxConfig settings of the survivor, fragments per transfer)
-UCX_PATHS = {
+UCX_PATHS: dict[str, tuple[dict[str, Any], int]] = {
     "cma": ({}, 1024),
     "ucx-direct": ({"cma": "off", "stage_below": 0}, 256),
     "tcp": ({"cma": "off", "error_mode": "peer", "stage_below": 0}, 256),
@@ -49,8 +49,10 @@ def counters(agent: kvxfer.Agent) -> dict[str, int]:
         "handles": len(agent._active),
         "peers": len(agent._peers),
     }
+    from kvxfer.backends.ucx import UcxBackend
+
     for backend in agent._backends:
-        if backend.caps.name == "ucx":
+        if isinstance(backend, UcxBackend):
             held.update(
                 {
                     "ucx_requests": len(backend._active) + len(backend._awaiting),

@@ -12,11 +12,24 @@ import multiprocessing
 import os
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from kvxfer.backends.base import Backend
+    from kvxfer.backends.ucx import UcxBackend
+
 COMMAND_TIMEOUT = 60.0
+
+
+def ucx_backend(backend: Backend) -> UcxBackend:
+    """``backend`` as the UcxBackend it is; TypeError when it is another backend."""
+    from kvxfer.backends.ucx import UcxBackend
+
+    if not isinstance(backend, UcxBackend):
+        raise TypeError(f"expected the ucx backend, got {type(backend).__name__}")
+    return backend
 
 
 def digest(buffer: np.ndarray, offsets: Any, size: int) -> str:
@@ -102,6 +115,8 @@ def _serve(
                     peer = agent.connect(args[0])
                     connection.send(None)
                 elif command == "notify":
+                    if peer is None:
+                        raise ValueError("notify before connect")
                     agent.notify(peer, args[0])
                     connection.send(None)
                 elif command == "canary":  # True while every unregistered byte after the region is intact
@@ -109,7 +124,7 @@ def _serve(
                 elif command == "pid":
                     connection.send(os.getpid())
                 elif command == "forms":  # active messages received, per UCX delivery form
-                    connection.send(dict(agent._backends[0].worker.forms))
+                    connection.send(dict(ucx_backend(agent._backends[0]).worker.forms))
                 else:
                     connection.send(ValueError(f"unknown command {command!r}"))
             except Exception as error:  # noqa: BLE001 sent to the parent, keep serving: the test decides
@@ -118,6 +133,8 @@ def _serve(
 
 class RemoteAgent:
     """The parent's handle on the child (a context manager; always kills the child on exit)."""
+
+    mode: str  # set by tests that parametrize the child's one-sided mode
 
     def __init__(
         self,

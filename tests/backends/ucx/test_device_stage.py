@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -61,7 +63,7 @@ def test_truncated_or_padded_stage_records_are_refused(cut: int) -> None:
 
 @pytest.mark.parametrize("field", ["rkey", "address"])
 def test_stage_records_without_key_or_address_are_refused(field: str) -> None:
-    values = {"slot": 0x1000, "rkey": b"key", "peer_mode": False, "address": b"addr"}
+    values: dict[str, Any] = {"slot": 0x1000, "rkey": b"key", "peer_mode": False, "address": b"addr"}
     values[field] = b""
     with pytest.raises(ValueError):
         Stage.unpack(Stage(**values).pack())
@@ -100,7 +102,9 @@ class _Backend:
         ffi = cffi.FFI()
         ffi.cdef(cdef.UCP_CDEF)
         self.library = type("Library", (), {"ffi": ffi})()
-        self.pool, self.replies, self.deferred = _Pool(), [], []
+        self.pool = _Pool()
+        self.replies: list[tuple[Any, ...]] = []
+        self.deferred: list[Any] = []
         self.worker = type("Worker", (), {"address": b"target-address", "defer": self.deferred.append})()
         self.responder = type(
             "Responder",

@@ -20,7 +20,7 @@ from kvxfer.backends.ucx.config import UcxConfig
 from kvxfer.errors import KvxferError
 from kvxfer.metadata import AgentMetadata
 
-from .remote import CANARY, RemoteAgent, digest, random_fill
+from .remote import CANARY, RemoteAgent, digest, random_fill, ucx_backend
 
 pytestmark = [pytest.mark.ucx, pytest.mark.timeout(180)]
 
@@ -101,7 +101,7 @@ def test_a_forged_region_moves_nothing_outside_the_export(target: RemoteAgent, p
         peer = agent.connect(_forged(target.metadata, how))
         inside = target.call("digest", [0], REGION)
         plan, _fragment = _plans(agent, region, peer, how, path)
-        assert agent._backends[0].data_path(plan) == _expected(target.mode, path, how)
+        assert ucx_backend(agent._backends[0]).data_path(plan) == _expected(target.mode, path, how)
         with pytest.raises(KvxferError):
             agent.write(plan).wait(10)
         assert target.call("canary"), "the target's unexported bytes changed"
@@ -142,7 +142,7 @@ def test_large_fragments_are_split_on_the_checked_path() -> None:
                 peer,
                 kvxfer.Descs.from_ranges(peer.region("buf"), [3 * size, 0, size], size),
             )
-            assert agent._backends[0].data_path(plan) == "staged"
+            assert ucx_backend(agent._backends[0]).data_path(plan) == "staged"
             agent.write(plan).wait(30)
             assert remote.call("digest", [3 * size, 0, size], size) == digest(local, [0, size, 2 * size], size)
             remote.call("fill", 21)

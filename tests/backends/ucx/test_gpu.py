@@ -12,7 +12,7 @@ import pytest
 
 import kvxfer
 
-from .remote import RemoteAgent, digest, random_fill
+from .remote import RemoteAgent, digest, random_fill, ucx_backend
 
 pytestmark = [pytest.mark.ucx, pytest.mark.gpu, pytest.mark.timeout(300)]
 
@@ -32,7 +32,7 @@ def test_cuda_write_and_read_between_processes(remote_device: int, fragment: int
         with kvxfer.Agent("gpu-initiator", backends=["ucx"]) as agent:
             region = agent.register(local, name="buf")
             peer = agent.connect(remote.metadata)
-            lanes = {transport for transport, _device in peer.backends[0].transports(peer)}
+            lanes = {transport for transport, _device in ucx_backend(peer.backends[0]).transports(peer)}
             assert lanes & {"cuda_ipc", "cuda_copy"}, f"no CUDA transport among the UCX lanes {lanes}"
             rng = np.random.default_rng(fragment)
             count = min(256, NBYTES // fragment // 2)
@@ -44,7 +44,9 @@ def test_cuda_write_and_read_between_processes(remote_device: int, fragment: int
                 kvxfer.Descs.from_ranges(peer.region("buf"), remote_offsets, fragment),
             )
             # 256 fragments of 4 KiB are staged (small, many); larger ones go one put/get each
-            assert plan.backend.data_path(plan) == ("staged" if fragment < 32 << 10 and count >= 128 else "direct")
+            assert ucx_backend(plan.backend).data_path(plan) == (
+                "staged" if fragment < 32 << 10 and count >= 128 else "direct"
+            )
 
             agent.write(plan, notify=b"gpu-written").wait(60)
             assert remote.call("digest", remote_offsets, fragment) == digest(
@@ -86,7 +88,7 @@ def test_staged_cuda_fragments_reuse_slots(remote_device: int, monkeypatch: pyte
                 peer,
                 kvxfer.Descs.from_ranges(peer.region("buf"), remote_offsets, fragment),
             )
-            assert plan.backend.data_path(plan) == "staged"
+            assert ucx_backend(plan.backend).data_path(plan) == "staged"
             for round_ in range(2):
                 local.set(staging if round_ == 0 else staging[::-1].copy())
                 agent.write(plan, notify=b"w%d" % round_).wait(60)
@@ -128,7 +130,7 @@ def test_staged_cuda_target_killed_mid_transfer_fails_within_deadline(op: str) -
                 peer,
                 kvxfer.Descs.from_ranges(peer.region("buf"), offsets, fragment),
             )
-            assert plan.backend.data_path(plan) == "staged"
+            assert ucx_backend(plan.backend).data_path(plan) == "staged"
             move = agent.write if op == "write" else agent.read
             move(plan).wait(30)  # warm: slots allocated and registered on both sides
             killer = threading.Timer(0.2, victim.kill, (signal.SIGKILL,))
@@ -184,7 +186,7 @@ def test_cuda_to_a_target_refusing_one_sided_access_goes_staged(fragment: int) -
                 peer,
                 kvxfer.Descs.from_ranges(peer.region("buf"), offsets[::-1].copy(), fragment),
             )
-            assert plan.backend.data_path(plan) == "staged"
+            assert ucx_backend(plan.backend).data_path(plan) == "staged"
             agent.write(plan).wait(60)
             assert remote.call("digest", offsets[::-1].copy(), fragment) == digest(
                 cupy.asnumpy(local), offsets, fragment
