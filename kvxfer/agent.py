@@ -102,6 +102,7 @@ class Agent:
             self._deliver,
             self._peer_lost,
             limits=self.limits,
+            count_dropped=self._inbox.count_dropped,
         )
         self._backends = backend_registry.create_all(backends, context)
         self._closed = False

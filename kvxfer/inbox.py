@@ -83,6 +83,11 @@ class Inbox:
             self._nbytes = 0
             self._ready.notify_all()
 
+    def count_dropped(self, reason: str) -> None:
+        """Count a notification a backend refused before it arrived here (e.g. over the size cap)."""
+        with self._ready:
+            self.dropped[reason] += 1
+
     def _drop(self, notification: Notification, reason: str) -> None:
         self.dropped[reason] += 1
         now = time.monotonic()

@@ -119,6 +119,9 @@ class BackendContext:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("kvxfer"))
     #: the agent's bounds: backends cap what peers send (notification sizes) before allocating for it
     limits: Limits = field(default_factory=Limits)
+    #: counts an incoming notification a backend refused before receiving it (reason: "oversized"), in the same
+    #: tally as the agent's own drops (Agent.dropped_notifications)
+    count_dropped: Callable[[str], None] = lambda reason: None
 
 
 class Request:

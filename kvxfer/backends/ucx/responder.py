@@ -105,8 +105,11 @@ class Responder:
     def on_refused(self, head: bytes, reason: str, reply_ep: int) -> None:
         """A message refused by :meth:`too_large`: staged requests are answered FAIL (the sender stops waiting)."""
         header = Header.decode(head)
-        if header is not None:
-            self.refuse(header, reply_ep, reason)
+        if header is None:
+            return
+        if header.kind is Kind.NOTIFY:  # counted with the agent's own notification drops
+            self.backend.attached_context().count_dropped("oversized")
+        self.refuse(header, reply_ep, reason)
 
     def on_message(self, head: bytes, data: Any, reply_ep: int) -> None:
         header = Header.decode(head)
