@@ -26,7 +26,6 @@ from .prefix_index import PrefixIndex, block_hashes
 from .protocol import (
     Abort,
     AnyMessage,
-    Decode,
     Error,
     Generate,
     Load,
@@ -40,8 +39,9 @@ from .protocol import (
     Tokens,
 )
 from .queue import PrefillQueue
-from .router_flight import Flight, TokensEvent
+from .router_flight import Flight
 from .router_placement import kv_bytes_per_token, link_rates, placement, rejection, worker_state
+from .router_replies import WorkerReplies
 from .router_workers import HEARTBEAT_TIMEOUT_S, WorkerEntry, WorkerRegistry
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ logger = logging.getLogger("kvxfer.serve")
 SWEEP_S = 0.1
 
 
-class Router:
+class Router(WorkerReplies):
     """Routes requests of one model to its registered workers (see the module docstring)."""
 
     def __init__(
@@ -345,132 +345,6 @@ class Router:
             self._on_error(sender, message)
         elif isinstance(message, Register):
             self._on_register(sender, message)
-
-    def _on_register(self, sender: str, message: Register) -> None:
-        if message.name != sender:
-            logger.warning("router: worker registered as %r from identity %r: refused", message.name, sender)
-            return
-        old = self.registry.workers.get(sender)
-        if old is not None:  # re-registration (a restarted worker): whatever it held is gone
-            self._worker_lost(old, keep_registered=True)
-        entry = self.registry.register(message)
-        if isinstance(entry, str):
-            logger.warning("router: %s", entry)
-            return
-        logger.info(
-            "router: worker %s (%s, %s, %d blocks) registered",
-            message.name,
-            message.role,
-            message.device,
-            message.num_blocks,
-        )
-        self._broadcast_peers()
-        self._dispatch_prefills()
-
-    def _on_tokens(self, sender: str, message: Tokens) -> None:
-        self.registry.touch(sender)
-        flight = self.flights.get(message.rid)
-        if flight is None or flight.decode != sender:
-            return  # late tokens of a finished or aborted request
-        now = time.perf_counter()
-        timing = None
-        if message.token_ids:
-            if flight.first_token_at is None:
-                flight.first_token_at = now
-                entry = self.registry.workers.get(sender)
-                if entry is not None:
-                    entry.clear_pending(flight.rid)
-                timing = flight.breakdown(message.timing, now)
-                self.metrics.observe_ttft(
-                    now - flight.arrival, {k: v for k, v in timing.items() if isinstance(v, float)}
-                )
-                if flight.prefill is not None and timing["kv_bytes"]:
-                    self.metrics.kv_bytes.inc(float(timing["kv_bytes"]))
-                    self.metrics.kv_seconds.observe(float(timing["transfer_s"]))
-            elif flight.last_token_at is not None:
-                self.metrics.itl.observe((now - flight.last_token_at) / len(message.token_ids))
-            flight.last_token_at = now
-            flight.num_generated += len(message.token_ids)
-            if flight.num_generated > flight.sampling.max_tokens:  # bounds the request's event queue too
-                self._fail(
-                    flight,
-                    ApiError(
-                        502,
-                        f"worker {sender!r} sent {flight.num_generated} tokens for "
-                        f"max_tokens={flight.sampling.max_tokens}",
-                        code="worker_protocol",
-                        kind="server_error",
-                    ),
-                    "failure",
-                )
-                return
-            self.metrics.generation_tokens.inc(len(message.token_ids))
-        if message.finish == "error":
-            self._fail(
-                flight,
-                ApiError(500, f"worker {sender!r} failed the request", code="worker_error", kind="server_error"),
-                "failure",
-            )
-            return
-        flight.events.put_nowait(TokensEvent(message.token_ids, message.finish, timing))
-        if message.finish is not None:
-            flight.sent_to.discard(sender)
-            self._finish(flight, None)
-
-    def _on_prefilled(self, sender: str, message: Prefilled) -> None:
-        self.registry.touch(sender)
-        flight = self.flights.get(message.rid)
-        worker = self.registry.workers.get(sender)
-        if worker is not None:
-            worker.in_flight_prefills.discard(message.rid)
-            worker.clear_pending(message.rid)
-        if flight is None or flight.prefill != sender or flight.phase != "prefilling":  # ended, or requeued
-            self._send(sender, Abort(message.rid))  # release its lease now, not when it lapses
-            return
-        flight.prefill_timing = dict(message.timing or {})
-        flight.phase = "decoding"
-        flight.sent_to.add(flight.decode)
-        if not self._send(
-            flight.decode,
-            Decode(
-                flight.rid, flight.prompt, flight.sampling, message.kv_ready, message.first_token, flight.deadline_s
-            ),
-        ):
-            self._fail(
-                flight,
-                ApiError(
-                    503,
-                    f"decode worker {flight.decode!r} is unreachable",
-                    code="worker_unreachable",
-                    kind="service_unavailable",
-                ),
-                "failure",
-            )
-        self._dispatch_prefills()
-
-    def _on_error(self, sender: str, message: Error) -> None:
-        self.registry.touch(sender)
-        worker = self.registry.workers.get(sender)
-        if worker is not None:
-            worker.in_flight_prefills.discard(message.rid)
-            worker.clear_pending(message.rid)
-        flight = self.flights.get(message.rid)
-        if flight is None or sender not in (flight.decode, flight.prefill):
-            return
-        flight.sent_to.discard(sender)
-        status = {"bad_request": 400, "overloaded": 503, "draining": 503, "deadline": 504}.get(message.code, 500)
-        leg = "prefill" if sender == flight.prefill and flight.phase == "prefilling" else "decode"
-        self._fail(
-            flight,
-            ApiError(
-                status,
-                f"{leg} worker {sender!r}: {message.code}: {message.message}",
-                code=message.code,
-                kind="server_error" if status >= 500 else "invalid_request_error",
-            ),
-            "failure",
-        )
-        self._dispatch_prefills()
 
     # -- endings ------------------------------------------------------------------------------------------------
 
