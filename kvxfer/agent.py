@@ -9,12 +9,13 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 from . import backends as backend_registry
+from .arguments import check_agent_arguments
 from .backends.base import Backend, BackendContext, Op
 from .control import PREFIX as CONTROL_PREFIX
-from .control import ControlChannel
+from .control import ControlChannel, Service, ServiceT
 from .descs import Descs
 from .environment import host_id as default_host_id
 from .errors import (
@@ -22,7 +23,6 @@ from .errors import (
     ConfigError,
     DescriptorError,
     HandshakeError,
-    KvxferError,
     PeerError,
     RegistrationError,
     UsageError,
@@ -39,16 +39,6 @@ from .sidechannel import SideChannelServer, fetch_metadata
 from .signature import is_envelope, open_metadata, sign_metadata
 
 logger = logging.getLogger("kvxfer")
-
-
-class Service(Protocol):
-    """Something an agent runs for its users (block leases, layer announcements): built by ``kind(agent)`` on
-    first :meth:`Agent.service`, closed by :meth:`Agent.close`."""
-
-    def close(self) -> None: ...
-
-
-ServiceT = TypeVar("ServiceT", bound=Service)
 
 
 class Agent:
@@ -76,7 +66,7 @@ class Agent:
         limits: Limits | None = None,
         allow_unauthenticated: bool = False,
     ) -> None:
-        _check_arguments(name, timeouts, listen, token, compat, host_id, limits)
+        check_agent_arguments(name, timeouts, listen, token, compat, host_id, limits)
         self.name = name
         self.uid = uuid.uuid4().hex
         self.timeouts = timeouts or Timeouts()
@@ -129,13 +119,7 @@ class Agent:
                 raise RegistrationError(
                     f"region {region.name!r} is already registered with agent {region.agent.name!r}"
                 )
-            for other in self._regions.all():
-                if other.kind is region.kind and other.addr < region.end and region.addr < other.end:
-                    raise RegistrationError(
-                        f"[{region.addr:#x}, +{region.nbytes}) overlaps region {other.name!r} "
-                        f"[{other.addr:#x}, +{other.nbytes}) already registered with agent "
-                        f"{self.name!r}: register one region and describe parts with Descs"
-                    )
+            self._regions.check_no_overlap(region, f"agent {self.name!r}")
             index = self._regions.add(region, name)
             done: list[Backend] = []
             try:
@@ -258,27 +242,7 @@ class Agent:
             if old is not None:
                 self.disconnect(old)
             peer = Peer(meta, [])
-            for backend in self._backends:
-                if backend.caps.reaches(peer.meta, self.host_id, self.pid):
-                    try:
-                        backend.connect(peer)
-                    except KvxferError as error:
-                        logger.warning(
-                            "agent %s: backend %s could not connect to %s: %s",
-                            self.name,
-                            backend.caps.name,
-                            meta.name,
-                            error,
-                        )
-                        continue
-                    peer.backends.append(backend)
-            if not peer.backends:
-                raise HandshakeError(
-                    f"no backend reaches peer {meta.name!r}: ours "
-                    f"{[b.caps.name for b in self._backends]}, it speaks {sorted(meta.backends)} "
-                    f"(host {meta.host_id!r}, pid {meta.pid})",
-                    meta.name,
-                )
+            peer.attach(self._backends, self.name, self.host_id, self.pid)
             self._peers[meta.name] = peer
         logger.info("agent %s connected to %s via %s", self.name, meta.name, [b.caps.name for b in peer.backends])
         return peer
@@ -526,30 +490,3 @@ class Agent:
 
     def __repr__(self) -> str:
         return f"Agent({self.name!r}, backends={[b.caps.name for b in self._backends]}, peers={sorted(self._peers)})"
-
-
-def _check_arguments(name: Any, timeouts: Any, listen: Any, token: Any, compat: Any, host_id: Any, limits: Any) -> None:
-    """ConfigError naming the first bad argument of Agent()."""
-    for argument, value, optional, longest in (
-        ("name", name, False, 256),
-        ("compat", compat, False, 256),
-        ("host_id", host_id, True, 256),
-        ("listen", listen, True, 256),
-        ("token", token, True, 4096),
-    ):
-        if value is None and optional:
-            continue
-        if not isinstance(value, str) or len(value) > longest or (argument != "compat" and not value):
-            what = "a string" if argument == "compat" else "a non-empty string"
-            raise ConfigError(
-                f"{argument} must be {what} of <= {longest} characters{' or None' if optional else ''}, got {value!r}"
-            )
-    if timeouts is not None and not isinstance(timeouts, Timeouts):
-        raise ConfigError(f"timeouts must be a kvxfer.Timeouts or None, got {type(timeouts).__name__}")
-    if limits is not None and not isinstance(limits, Limits):
-        raise ConfigError(f"limits must be a kvxfer.limits.Limits or None, got {type(limits).__name__}")
-    if token is not None and listen is None:
-        raise ConfigError(
-            "token= protects the side channel, which needs listen=; pass connect_to(address, "
-            "token=...) to present a token to a peer"
-        )

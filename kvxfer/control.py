@@ -1,4 +1,5 @@
-"""Control messages between agents: typed, versioned, validated, on one channel per agent.
+"""Control messages between agents: typed, versioned, validated, on one channel per agent; and the Service
+protocol of what an agent runs for its users over that channel (block leases, layer announcements).
 
 kvxfer's own protocols (block leases, layer announcements, the engine connectors' notes) ride on notifications
 whose payload starts with :data:`PREFIX`: msgpack ``[version, kind, [fields]]``. Every message is a frozen
@@ -251,3 +252,13 @@ class ControlChannel:
         """Forget every handler."""
         with self._lock:
             self._handlers.clear()
+
+
+class Service(Protocol):
+    """Something an agent runs for its users (block leases, layer announcements): built by ``kind(agent)`` on
+    first :meth:`Agent.service`, closed by :meth:`Agent.close`."""
+
+    def close(self) -> None: ...
+
+
+ServiceT = TypeVar("ServiceT", bound=Service)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import weakref
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .errors import HandshakeError, KvxferError, PeerError
@@ -13,6 +15,8 @@ from .plan import RegionTable
 if TYPE_CHECKING:
     from .agent import Agent
     from .backends.base import Backend
+
+logger = logging.getLogger("kvxfer")
 
 # The agents alive in this process, by uid (weak: a dropped agent disappears). Metadata that claims to come from
 # this process is checked against them, so an agent's own metadata, replayed with a region pointed elsewhere, cannot
@@ -105,6 +109,27 @@ class Peer:
             [r.nbytes for r in meta.regions],
             [r.kind for r in meta.regions],
         )
+
+    def attach(self, backends: Sequence[Backend], agent_name: str, host_id: str, pid: int) -> None:
+        """Connect every backend of ours that reaches this peer (agent ``agent_name`` in process ``pid`` on host
+        ``host_id``); HandshakeError when none does. A backend that fails to connect is logged and skipped."""
+        for backend in backends:
+            if not backend.caps.reaches(self.meta, host_id, pid):
+                continue
+            try:
+                backend.connect(self)
+            except KvxferError as error:
+                logger.warning(
+                    "agent %s: backend %s could not connect to %s: %s", agent_name, backend.caps.name, self.name, error
+                )
+                continue
+            self.backends.append(backend)
+        if not self.backends:
+            raise HandshakeError(
+                f"no backend reaches peer {self.name!r}: ours {[b.caps.name for b in backends]}, it speaks "
+                f"{sorted(self.meta.backends)} (host {self.meta.host_id!r}, pid {self.meta.pid})",
+                self.name,
+            )
 
     def region(self, name: str) -> RemoteRegion:
         """The peer's region registered under ``name``."""

@@ -36,6 +36,16 @@ class RegionRegistry:
             self._table = None
             return index
 
+    def check_no_overlap(self, region: Region, owner: str) -> None:
+        """RegistrationError if ``region`` shares a byte with a registered region of the same memory kind."""
+        for other in self.all():
+            if other.kind is region.kind and other.addr < region.end and region.addr < other.end:
+                raise RegistrationError(
+                    f"[{region.addr:#x}, +{region.nbytes}) overlaps region {other.name!r} "
+                    f"[{other.addr:#x}, +{other.nbytes}) already registered with {owner}: register one region "
+                    "and describe parts with Descs"
+                )
+
     def remove(self, index: int) -> None:
         """Forget the region at ``index``."""
         with self._lock:
