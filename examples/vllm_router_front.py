@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -22,36 +21,16 @@ from pathlib import Path
 import httpx
 import openai
 
-READY = re.compile(r"ready on (http://[0-9.]+:\d+)")
+from kvxfer.serve import demo
 
 
 def start_serve(model: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kvxfer.cli",
-                "serve",
-                "--model",
-                model,
-                "--prefill",
-                "1",
-                "--decode",
-                "1",
-                "--port",
-                "0",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    give_up = time.monotonic() + 600
-    while time.monotonic() < give_up and process.poll() is None:
-        match = READY.search(log.read_text(errors="replace"))
-        if match:
-            return process, match.group(1)
-        time.sleep(0.2)
-    raise RuntimeError(f"kvxfer serve did not start: {log.read_text(errors='replace')[-2000:]}")
+    """One `kvxfer serve` 1P1D instance (the demo's launcher) and its base URL."""
+    process = demo.start_serve(model, log)
+    ready = demo.wait_ready(process, log, timeout_s=600)
+    if ready is None:
+        raise RuntimeError(f"kvxfer serve did not start: {log.read_text(errors='replace')[-2000:]}")
+    return process, ready[0]
 
 
 def main() -> int:

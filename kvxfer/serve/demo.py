@@ -16,7 +16,8 @@ READY = re.compile(r"ready on (http://[0-9.]+:\d+) model=(\S+)")
 START_TIMEOUT_S = 900.0  # the first run fetches and converts SmolLM2 once
 
 
-def _start(model: str, log: Path) -> subprocess.Popen[bytes]:
+def start_serve(model: str, log: Path) -> subprocess.Popen[bytes]:
+    """`kvxfer serve --model MODEL --prefill 1 --decode 1 --port 0` in a subprocess, its output to ``log``."""
     with open(log, "wb") as out:
         return subprocess.Popen(
             [
@@ -39,8 +40,11 @@ def _start(model: str, log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def _wait_ready(server: subprocess.Popen[bytes], log: Path) -> tuple[str, str] | None:
-    give_up = time.monotonic() + START_TIMEOUT_S
+def wait_ready(
+    server: subprocess.Popen[bytes], log: Path, timeout_s: float = START_TIMEOUT_S
+) -> tuple[str, str] | None:
+    """(base URL, served model id) once ``server`` printed its ready line; None if it exited or ``timeout_s`` passed."""
+    give_up = time.monotonic() + timeout_s
     while time.monotonic() < give_up and server.poll() is None:
         match = READY.search(log.read_text(errors="replace"))
         if match:
@@ -60,9 +64,9 @@ def main(model: str = "smollm2", question: str = "What is the capital of France?
             "(the first run converts the model once) ...",
             flush=True,
         )
-        server = _start(model, log)
+        server = start_serve(model, log)
         try:
-            ready = _wait_ready(server, log)
+            ready = wait_ready(server, log)
             if ready is None:
                 print(
                     f"kvxfer demo: the server did not start:\n{log.read_text(errors='replace')[-3000:]}",
