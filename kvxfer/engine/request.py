@@ -15,7 +15,8 @@ class SamplingParams:
     """How to pick tokens: greedy when ``temperature`` is 0, else seeded temperature / top-p sampling.
 
     Stops after ``max_tokens`` generated tokens, or at an EOS token of the model unless ``ignore_eos``;
-    ``stop_token_ids`` adds more stop tokens. ``seed`` None derives the seed from the request id, so every engine
+    ``stop_token_ids`` adds more stop tokens; neither stops a sequence (nor is drawn) before ``min_tokens`` tokens
+    were generated. ``seed`` None derives the seed from the request id, so every engine
     and every TP rank draws the same tokens.
     """
 
@@ -25,10 +26,16 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ConfigError(f"SamplingParams.max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ConfigError(
+                f"SamplingParams.min_tokens must be an int in [0, max_tokens={self.max_tokens}], "
+                f"got {self.min_tokens!r}"
+            )
         if self.temperature < 0:
             raise ConfigError(f"SamplingParams.temperature must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
@@ -95,7 +102,8 @@ class Sequence:
         self.token_ids.append(int(token))
         self.token_times.append(time.time())
         sampling = self.request.sampling
-        if token in sampling.stop_token_ids or (not sampling.ignore_eos and token in eos_token_ids):
+        stoppable = len(self.output_token_ids) >= sampling.min_tokens
+        if stoppable and (token in sampling.stop_token_ids or (not sampling.ignore_eos and token in eos_token_ids)):
             self.finish_reason = FinishReason.STOP
         elif len(self.output_token_ids) >= sampling.max_tokens or self.num_tokens >= max_position:
             self.finish_reason = FinishReason.LENGTH

@@ -15,7 +15,7 @@ from .config import CacheConfig
 from .kv_cache import KVCache
 from .model import LayerCallback, Model
 from .request import Request, Sequence
-from .sampling import request_seed, sample
+from .sampling import request_seed, sample, suppress_stops
 
 
 class ModelRunner:
@@ -132,12 +132,9 @@ class ModelRunner:
             return results
         logits = self.model.logits(hidden[last_rows])
         seqs = [work[i][0] for i in finishing]
-        tokens = sample(
-            logits,
-            [s.request.sampling for s in seqs],
-            [request_seed(s.request_id, s.request.sampling) for s in seqs],
-            [len(s.output_token_ids) for s in seqs],
-        )
+        params, steps = [s.request.sampling for s in seqs], [len(s.output_token_ids) for s in seqs]
+        logits = suppress_stops(logits, params, steps, self.model.config.eos_token_ids)
+        tokens = sample(logits, params, [request_seed(s.request_id, s.request.sampling) for s in seqs], steps)
         for index, seq, token in zip(finishing, seqs, tokens, strict=True):
             seq.append(token, self.model.config.eos_token_ids, self.max_sequence_tokens)
             results[index] = token

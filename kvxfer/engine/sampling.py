@@ -20,6 +20,22 @@ def request_seed(request_id: str, sampling: SamplingParams) -> int:
     return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "little") >> 1
 
 
+def suppress_stops(
+    logits: torch.Tensor, params: list[SamplingParams], steps: list[int], eos_token_ids: tuple[int, ...]
+) -> torch.Tensor:
+    """Rows still under their ``min_tokens`` (``steps[i]`` = output tokens so far) cannot draw EOS or a stop token."""
+    rows = [row for row, (param, step) in enumerate(zip(params, steps, strict=True)) if step < param.min_tokens]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for row in rows:
+        banned = [t for t in (*params[row].stop_token_ids, *eos_token_ids) if 0 <= t < vocab]
+        if banned:
+            logits[row, banned] = float("-inf")
+    return logits
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int]) -> list[int]:
     """One token per row. logits: float[b, vocab] on any device; ``steps[i]`` is the index of the token drawn.
 

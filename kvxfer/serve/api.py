@@ -94,6 +94,13 @@ def _sampling(served: ServedModel, params: GenerationParams, num_prompt: int) ->
             param="max_tokens",
             code="context_length_exceeded",
         )
+    if params.min_tokens > max_tokens:
+        raise ApiError(
+            400,
+            f"min_tokens={params.min_tokens} exceeds max_tokens={max_tokens}",
+            param="min_tokens",
+            code="invalid_value",
+        )
     seed = None if params.seed is None else params.seed % (1 << 63)
     return Sampling(
         max_tokens=max_tokens,
@@ -102,6 +109,7 @@ def _sampling(served: ServedModel, params: GenerationParams, num_prompt: int) ->
         seed=seed,
         stop_token_ids=params.stop_token_ids,
         ignore_eos=params.ignore_eos,
+        min_tokens=params.min_tokens,
     )
 
 
@@ -196,7 +204,7 @@ def create_app(router: Router, served: ServedModel) -> FastAPI:
         metrics.e2e.observe(time.perf_counter() - flight.arrival)
 
     async def _complete(request: Request, flight: Flight, params: GenerationParams, endpoint: str) -> Response:
-        out = OutputText(served.tokenizer, params.stop)
+        out = OutputText(served.tokenizer, params.stop, params.min_tokens)
         timing, finish, completed = None, None, False
         try:
             while finish is None:
@@ -236,7 +244,7 @@ def create_app(router: Router, served: ServedModel) -> FastAPI:
 
     async def _stream(flight: Flight, params: GenerationParams, endpoint: str) -> AsyncIterator[bytes]:
         writer = ChunkWriter(params.kind, flight.rid, int(time.time()), served.name)
-        out = OutputText(served.tokenizer, params.stop)
+        out = OutputText(served.tokenizer, params.stop, params.min_tokens)
         timing, finish, outcome = None, None, "abort"
         try:
             first = writer.start()

@@ -63,6 +63,7 @@ class GenerationParams:
     prompt_token_ids: list[int] | None = None
     messages: list[dict[str, str]] = field(default_factory=list)
     max_tokens: int | None = None
+    min_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
@@ -237,6 +238,9 @@ def parse_generation(
             )
     max_tokens = _integer(body, "max_tokens", 1, 1 << 30)
     params.max_tokens = max_tokens if max_tokens is not None else params.max_tokens
+    params.min_tokens = _integer(body, "min_tokens", 0, 1 << 30) or 0
+    if params.max_tokens is not None and params.min_tokens > params.max_tokens:
+        raise bad("min_tokens", f"must not exceed max_tokens={params.max_tokens}, got {params.min_tokens}")
     params.temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     params.top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     if params.top_p == 0.0:

@@ -171,6 +171,7 @@ class Sampling(_Body):
         "seed": _optional(_int(0, (1 << 63) - 1)),
         "stop_token_ids": _list(_int(), 1024),
         "ignore_eos": _bool,
+        "min_tokens": _int(0, 1 << 20),
     }
 
     max_tokens: int = 16
@@ -179,6 +180,7 @@ class Sampling(_Body):
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ def sampling_params(sampling: protocol.Sampling) -> SamplingParams:
         seed=sampling.seed,
         ignore_eos=sampling.ignore_eos,
         stop_token_ids=sampling.stop_token_ids,
+        min_tokens=min(sampling.min_tokens, sampling.max_tokens),
     )
 
 

@@ -66,6 +66,16 @@ def test_stop_string_cuts_the_text_and_is_not_sent(null_cluster: Server) -> None
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_min_tokens_ignores_stop_strings_before_it(null_cluster: Server) -> None:
+    openai_client = client(null_cluster)
+    early = openai_client.completions.create(model="tiny-random", prompt="hello world", max_tokens=11, stop=["hel"])
+    assert early.choices[0].text == "" and early.choices[0].finish_reason == "stop"
+    held = openai_client.completions.create(
+        model="tiny-random", prompt="hello world", max_tokens=11, stop=["hel"], extra_body={"min_tokens": 4}
+    )
+    assert held.choices[0].text == "hello world" and held.choices[0].finish_reason == "length"
+
+
 def test_priority_header_and_body_are_accepted(null_cluster: Server) -> None:
     body = {"model": "tiny-random", "prompt": "xy", "max_tokens": 2}
     assert null_cluster.post("/v1/completions", {**body, "priority": "high"}).status_code == 200
@@ -83,6 +93,9 @@ def test_priority_header_and_body_are_accepted(null_cluster: Server) -> None:
             "context_length_exceeded",
         ),
         ({"model": "tiny-random", "prompt": "x", "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+        ({"model": "tiny-random", "prompt": "x", "max_tokens": 2, "min_tokens": 3}, 400, "min_tokens", "invalid_value"),
+        ({"model": "tiny-random", "prompt": "x", "min_tokens": 17}, 400, "min_tokens", "invalid_value"),
+        ({"model": "tiny-random", "prompt": "x", "min_tokens": -1}, 400, "min_tokens", "invalid_value"),
         ({"model": "gpt-17", "prompt": "x"}, 404, "model", "model_not_found"),
         ({"model": "tiny-random", "prompt": ""}, 400, "prompt", "invalid_value"),
         ({"model": "tiny-random", "prompt": "x", "n": 2}, 400, "n", "unsupported_value"),

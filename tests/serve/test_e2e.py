@@ -103,6 +103,20 @@ def test_disaggregated_output_equals_aggregated_token_for_token(tiny_serve: Serv
     )
 
 
+def test_min_tokens_holds_back_a_stop_token_on_both_paths(tiny_serve: Server) -> None:
+    first = generate(tiny_serve, LONG, "local", max_tokens=1)["kvxfer"]["token_ids"][0]
+    for mode in ("local", "remote"):
+        body = {"model": "tiny-random", "prompt": LONG, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+        body["stop_token_ids"] = [first]
+        plain = tiny_serve.post("/v1/completions", {**body, "kvxfer": {"token_ids": True, "prefill": mode}}).json()
+        assert plain["kvxfer"]["token_ids"] == [first] and plain["choices"][0]["finish_reason"] == "stop"
+        held = tiny_serve.post(
+            "/v1/completions", {**body, "min_tokens": 3, "kvxfer": {"token_ids": True, "prefill": mode}}
+        ).json()
+        ids = held["kvxfer"]["token_ids"]
+        assert len(ids) >= 3 and first not in ids[:3], (mode, ids)
+
+
 def test_conditional_disaggregation_both_branches(tiny_serve: Server) -> None:
     remote_before = tiny_serve.metric("kvxfer_disaggregation_decisions_total", prefill="remote")
     short = generate(tiny_serve, SHORT, "auto")["kvxfer"]
