@@ -259,7 +259,8 @@ class Agent:
         """Forget ``peer``; transfers still in flight with it fail."""
         peer = self.peer(peer)
         with self._lock:
-            for connection in peer.connections:
+            connections, peer.connections = peer.connections, []  # each closes once, even if disconnected again
+            for connection in connections:
                 connection.close()
             peer.connected = False
             peer.lost_reason = peer.lost_reason or "disconnected"

@@ -131,9 +131,9 @@ class Request(ABC):
     drives it. ``state`` starts PENDING and becomes final once (DONE, FAILED or CANCELLED); ``error`` says why it
     FAILED or was CANCELLED (a KvxferError; None: the handle supplies a generic one).
 
-    The handle serialises its own calls (one lock per handle), but the backend's threads (progress, copy workers,
-    callbacks) may finalise the request concurrently: subclasses make ``state``/``error`` changes atomic with
-    respect to :meth:`poll` and :meth:`cancel`.
+    The handle serialises its :meth:`poll` and :meth:`cancel` calls (one lock per handle), but :meth:`wait` runs
+    outside that lock, and the backend's threads (progress, copy workers, callbacks) may finalise the request
+    concurrently: subclasses make ``state``/``error`` changes atomic (first final state wins).
     """
 
     def __init__(self, nbytes: int) -> None:
@@ -149,8 +149,9 @@ class Request(ABC):
     @abstractmethod
     def cancel(self) -> None:
         """Stop the transfer: afterwards :meth:`poll` returns a final state. With ``caps.can_cancel`` no byte of
-        it lands after this returns; without, it returns once the backend issues nothing more for it. Bounded by
-        ``Timeouts.close``; raises nothing for a transfer that already ended. Called by the handle's deadline too.
+        it lands after this returns; without, it returns once the backend issues nothing more for it. Returns
+        promptly (at most ``Timeouts.close``, or the end of a launched copy that cannot be recalled); raises
+        nothing for a transfer that already ended. The handle also calls it when the transfer's deadline passes.
         """
 
     def wait(self, seconds: float) -> None:
@@ -171,9 +172,9 @@ class Connection(ABC):
         may complete later. PeerDisconnectedError when the peer is gone."""
 
     def close(self) -> None:
-        """Forget the peer (the agent disconnects it, or reconnects under the same name): transfers still in
-        flight with it end (completed or failed), resources opened for it are released. Called at most once per
-        connection; never raises for a peer already lost. Default: nothing to release."""
+        """Forget the peer (the agent disconnects it, reconnects under the same name, or closes): transfers still
+        in flight with it end (completed or failed), resources opened for it are released. Called once per
+        connection, under the agent's lock; never raises for a peer already lost. Default: nothing to release."""
         return None
 
 
@@ -184,8 +185,10 @@ class Backend(ABC):
     :meth:`attach` once; :meth:`register` / :meth:`deregister` per region; :meth:`info` whenever the agent builds
     its metadata; :meth:`connect` per peer (the agent keeps the :class:`Connection`); :meth:`post` per transfer
     (the agent keeps the :class:`Request`); :meth:`close` once, last (after every connection was closed and every
-    region deregistered). The agent calls these under its own lock except :meth:`post`, which may come from any
-    thread, concurrently with the backend's own threads; a backend protects its tables itself.
+    region deregistered). Threads: ``register``, ``deregister``, ``info``, ``connect`` and ``Connection.close``
+    come one at a time, under the agent's lock; ``post``, ``Connection.notify`` and the request's methods come
+    from any thread, concurrently with each other and with the backend's own threads: a backend protects its
+    tables itself.
 
     Notifications: an incoming notification (attached to a transfer, or standalone) goes to
     ``context.deliver(Notification(peer_name, payload))``, from any thread, only once every byte of its transfer
@@ -244,8 +247,8 @@ class Backend(ABC):
     def post(self, op: Op, plan: TransferPlan, notify: bytes | None) -> Request:
         """Start moving ``plan``'s bytes (READ: peer to local; WRITE: local to peer); never blocks on the peer or
         the data. ``plan.local`` / ``plan.remote`` are checked against both sides' region tables and sized
-        pairwise. ``notify`` (already size-checked) reaches the peer after all the data is visible there; the
-        request is DONE only once it has been sent. Raise (PeerDisconnectedError, DescriptorError, ...) when it
+        pairwise. ``notify`` (already size-checked) must reach the peer only after all the data is visible there.
+        Raise (PeerDisconnectedError, DescriptorError, ...) when it
         cannot start: nothing is pinned then."""
 
     def close(self) -> None:

@@ -258,12 +258,17 @@ def test_deregister_waits_for_a_backend_that_serves_peers():
         assert region.index not in backend.registered and region not in destination_agent.regions
 
 
-def test_reconnecting_and_closing_close_each_connection_once():
+def test_reconnecting_disconnecting_and_closing_close_each_connection_once():
     source_backend, destination_backend = Minimal(), Minimal()
-    source_agent, destination_agent, *_rest = _pair(source_backend, destination_backend)
+    source_agent, destination_agent, _source, _destination, _region, old_peer, _plan = _pair(
+        source_backend, destination_backend
+    )
     with source_agent:
         with destination_agent:
             first = destination_backend.connections[0]
             destination_agent.connect(source_agent.metadata())
             assert first.closed == 1 and len(destination_backend.connections) == 2
+            destination_agent.disconnect(old_peer)  # the stale Peer again: the new connection stays open
+            assert [c.closed for c in destination_backend.connections] == [1, 0]
+            assert destination_agent.peers["src"].connected
         assert [c.closed for c in destination_backend.connections] == [1, 1]
