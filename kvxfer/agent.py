@@ -13,7 +13,7 @@ from typing import Any
 
 from . import backends as backend_registry
 from .arguments import check_agent_arguments
-from .backends.base import Backend, BackendContext, Op
+from .backends.base import Backend, BackendContext, Op, ServesPeers, prepare_plan
 from .control import PREFIX as CONTROL_PREFIX
 from .control import ControlChannel, Service, ServiceT
 from .descs import Descs
@@ -182,7 +182,7 @@ class Agent:
         for handle in list(self._active):
             handle.poll()
         region = self._regions.get(index)
-        return self._regions.in_use(index) or any(b.busy(region) for b in self._backends)
+        return self._regions.in_use(index) or any(isinstance(b, ServesPeers) and b.busy(region) for b in self._backends)
 
     # ---- metadata and peers ------------------------------------------------------------------------------------
 
@@ -259,8 +259,9 @@ class Agent:
         """Forget ``peer``; transfers still in flight with it fail."""
         peer = self.peer(peer)
         with self._lock:
-            for backend in peer.backends:
-                backend.disconnect(peer)
+            connections, peer.connections = peer.connections, []  # each closes once, even if disconnected again
+            for connection in connections:
+                connection.close()
             peer.connected = False
             peer.lost_reason = peer.lost_reason or "disconnected"
             if self._peers.get(peer.name) is peer:
@@ -306,7 +307,7 @@ class Agent:
         remote_kinds = peer.table.check(remote_descs, "remote_descs", f"peer {peer.name!r}")
         backend = self.backend_for(peer, local_kinds, remote_kinds)
         plan = TransferPlan(self, peer, backend, local_descs, remote_descs)
-        backend.prepare(plan)
+        prepare_plan(backend, plan)
         return plan
 
     def backend_for(self, peer: Peer, local_kinds: Iterable[MemoryKind], remote_kinds: Iterable[MemoryKind]) -> Backend:
@@ -382,7 +383,7 @@ class Agent:
             )
         if not peer.connected:
             raise PeerError(f"peer {peer.name!r} is disconnected ({peer.lost_reason})", peer.name)
-        peer.backends[0].send_notification(peer, bytes(payload))
+        peer.connections[0].notify(bytes(payload))
 
     def subscribe(self, prefix: bytes, callback: Callable[[Notification], None]) -> None:
         """Hand notifications whose payload starts with ``prefix`` to ``callback(notification)`` (called from a

@@ -243,7 +243,7 @@ class TransferHandle(Handle):
             if self._state.final:
                 return self._state
             try:
-                state = self._backend.poll(self._request)
+                state = self._request.poll()
             except KvxferError as error:
                 return self._finish(TransferState.FAILED, error)
             except Exception as error:  # noqa: BLE001 a backend bug must still end the transfer, not hang the caller
@@ -252,7 +252,7 @@ class TransferHandle(Handle):
                 return self._finish(TransferState.FAILED, failure)
             if state is TransferState.PENDING:
                 if time.monotonic() > self.deadline:
-                    self._backend.cancel(self._request)
+                    self._request.cancel()
                     return self._finish(
                         TransferState.FAILED,
                         TransferTimeoutError(
@@ -260,7 +260,7 @@ class TransferHandle(Handle):
                         ),
                     )
                 return state
-            reason: KvxferError | None = getattr(self._request, "error", None)
+            reason: KvxferError | None = self._request.error
             if state is TransferState.FAILED and reason is None:
                 reason = TransferError("transfer failed", self, self.backend)
             if state is TransferState.CANCELLED and reason is None:
@@ -270,7 +270,7 @@ class TransferHandle(Handle):
     def block(self, seconds: float) -> None:
         """Wait up to ``seconds`` for the backend to progress (returns early when the transfer may be done);
         :meth:`poll` afterwards says where it stands."""
-        self._backend.idle_wait(self._request, seconds)
+        self._request.wait(seconds)
 
     def cancel(self) -> None:
         """Stop the transfer. When the backend guarantees it (``caps.can_cancel``), no byte of it lands after
@@ -279,14 +279,14 @@ class TransferHandle(Handle):
         with self._lock:
             if self._state.final:
                 return
-            self._backend.cancel(self._request)
-            state = self._backend.poll(self._request)
+            self._request.cancel()
+            state = self._request.poll()
             if state in (TransferState.PENDING, TransferState.CANCELLED):
                 self._finish(
                     TransferState.CANCELLED, TransferCancelledError("transfer was cancelled", self, self.backend)
                 )
             else:  # it ended before the cancel reached it: report how it really ended
-                self._finish(state, getattr(self._request, "error", None))
+                self._finish(state, self._request.error)
 
     def _finish(self, state: TransferState, error: KvxferError | None) -> TransferState:
         self._state = state

@@ -14,7 +14,7 @@ from .plan import RegionTable
 
 if TYPE_CHECKING:
     from .agent import Agent
-    from .backends.base import Backend
+    from .backends.base import Backend, Connection
 
 logger = logging.getLogger("kvxfer")
 
@@ -91,12 +91,14 @@ def check_not_replayed(meta: AgentMetadata, me: Agent) -> AgentMetadata:
 
 
 class Peer:
-    """A connected remote agent: its name, metadata, regions, and the backends that can reach it."""
+    """A connected remote agent: its name, metadata, regions, the backends that reach it and each one's
+    :class:`~kvxfer.backends.base.Connection` (``connections[i]`` belongs to ``backends[i]``)."""
 
     def __init__(self, meta: AgentMetadata, backends: list[Backend]) -> None:
         self.meta = meta
         self.name = meta.name
         self.backends = backends
+        self.connections: list[Connection] = []
         self.connected = True
         self.lost_reason: str | None = None
         self._regions = {
@@ -117,13 +119,14 @@ class Peer:
             if not backend.caps.reaches(self.meta, host_id, pid):
                 continue
             try:
-                backend.connect(self)
+                connection = backend.connect(self)
             except KvxferError as error:
                 logger.warning(
                     "agent %s: backend %s could not connect to %s: %s", agent_name, backend.caps.name, self.name, error
                 )
                 continue
             self.backends.append(backend)
+            self.connections.append(connection)
         if not self.backends:
             raise HandshakeError(
                 f"no backend reaches peer {self.name!r}: ours {[b.caps.name for b in backends]}, it speaks "

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .backends.base import prepare_plan
 from .descs import Descs, check_no_overlap, coalesce_pairs
 from .errors import ConfigError, DescriptorError, UsageError
 
@@ -117,7 +118,7 @@ class TransferPlan:
         local, remote = self.prepared_local[local_ids], self.prepared_remote[remote_ids]
         check_pair_sizes(local, remote)
         plan = TransferPlan(self.agent, self.peer, self.backend, local, remote)
-        self.backend.prepare(plan)
+        prepare_plan(self.backend, plan)
         return plan
 
     def check_destination(self, op: Op | str) -> None:

@@ -1,9 +1,11 @@
 """The contract every backend fulfils, and the small types passed across it.
 
-A backend moves the bytes of a plan between this agent's regions and one peer's. The agent calls, in order:
-``attach`` once; ``info`` for its metadata; ``register``/``deregister`` per region; ``connect`` per peer;
-``post`` per transfer (never blocking), then ``poll`` until final or ``cancel``; ``close`` last. Incoming
-notifications are handed to ``context.deliver`` only after the data of their transfer is visible.
+A backend moves the bytes of a plan between this agent's regions and one peer's. :class:`Backend` is the
+contract (eight methods: ``unavailable_reason``, ``attach``, ``info``, ``register``, ``deregister``, ``connect``,
+``post``, ``close``). ``connect`` returns a :class:`Connection` (``notify``, ``close``) and ``post`` a
+:class:`Request` (``poll``, ``cancel``, ``wait``). Abilities only some backends have are Protocols:
+:class:`PreparesPlans`, :class:`ServesPeers`, :class:`MapsPeerMemory`. docs/backends.md explains the contract
+for a new backend's author.
 """
 
 from __future__ import annotations
@@ -124,84 +126,164 @@ class BackendContext:
     count_dropped: Callable[[str], None] = lambda reason: None
 
 
-class Request:
-    """A backend's record of one posted transfer. Subclasses add what they need."""
+class Request(ABC):
+    """A backend's record of one posted transfer, returned by :meth:`Backend.post`; the agent's TransferHandle
+    drives it. ``state`` starts PENDING and becomes final once (DONE, FAILED or CANCELLED); ``error`` says why it
+    FAILED or was CANCELLED (a KvxferError; None: the handle supplies a generic one).
+
+    The handle serialises its :meth:`poll` and :meth:`cancel` calls (one lock per handle), but :meth:`wait` runs
+    outside that lock, and the backend's threads (progress, copy workers, callbacks) may finalise the request
+    concurrently: subclasses make ``state``/``error`` changes atomic (first final state wins).
+    """
 
     def __init__(self, nbytes: int) -> None:
         self.state = TransferState.PENDING
         self.error: KvxferError | None = None
         self.nbytes = nbytes
 
+    @abstractmethod
+    def poll(self) -> TransferState:
+        """The state now. Cheap and never blocking (microseconds): a backend may make progress here, but must not
+        wait for a lock another thread holds long. May raise a KvxferError, which fails the transfer."""
+
+    @abstractmethod
+    def cancel(self) -> None:
+        """Stop the transfer: afterwards :meth:`poll` returns a final state. With ``caps.can_cancel`` no byte of
+        it lands after this returns; without, it returns once the backend issues nothing more for it. Returns
+        promptly (at most ``Timeouts.close``, or the end of a launched copy that cannot be recalled); raises
+        nothing for a transfer that already ended. The handle also calls it when the transfer's deadline passes.
+        """
+
+    def wait(self, seconds: float) -> None:
+        """Let up to ``seconds`` pass while a waiter has nothing else to do; return early when the request may
+        be final (the caller polls afterwards). Default: sleep. Override to block on a completion event, or to
+        make progress on the waiting thread instead."""
+        time.sleep(seconds)
+
+
+class Connection(ABC):
+    """What a backend holds for one connected peer, returned by :meth:`Backend.connect`; the agent keeps it in
+    the :class:`~kvxfer.peer.Peer` until it disconnects. Methods may be called from any thread."""
+
+    @abstractmethod
+    def notify(self, payload: bytes) -> None:
+        """Send ``payload`` (at most ``Limits.notification_nbytes``, already checked) to the peer as a standalone
+        notification; it reaches the peer's ``context.deliver``. Never waits for the peer to answer: the send
+        may complete later. PeerDisconnectedError when the peer is gone."""
+
+    def close(self) -> None:
+        """Forget the peer (the agent disconnects it, reconnects under the same name, or closes): transfers still
+        in flight with it end (completed or failed), resources opened for it are released. Called once per
+        connection, under the agent's lock; never raises for a peer already lost. Default: nothing to release."""
+        return None
+
 
 class Backend(ABC):
-    """Moves bytes between this agent's registered regions and peers' regions."""
+    """Moves bytes between this agent's registered regions and peers' regions: the contract, eight methods.
+
+    Life, all calls made by one :class:`~kvxfer.agent.Agent`: :meth:`unavailable_reason` (before creating it);
+    :meth:`attach` once; :meth:`register` / :meth:`deregister` per region; :meth:`info` whenever the agent builds
+    its metadata; :meth:`connect` per peer (the agent keeps the :class:`Connection`); :meth:`post` per transfer
+    (the agent keeps the :class:`Request`); :meth:`close` once, last (after every connection was closed and every
+    region deregistered). Threads: ``register``, ``deregister``, ``info``, ``connect`` and ``Connection.close``
+    come one at a time, under the agent's lock; ``post``, ``Connection.notify`` and the request's methods come
+    from any thread, concurrently with each other and with the backend's own threads: a backend protects its
+    tables itself.
+
+    Notifications: an incoming notification (attached to a transfer, or standalone) goes to
+    ``context.deliver(Notification(peer_name, payload))``, from any thread, only once every byte of its transfer
+    is visible where it was written. A peer found dead goes to ``context.peer_lost(peer_name, error)``.
+
+    Errors: raise kvxfer errors (errors.py) carrying argument / expected / actual, and wrap native failures once,
+    in one place per backend, as BackendError (the native error as ``__cause__``). Deadlines: every wait inside a
+    backend is bounded by ``context.timeouts`` (``transfer`` for data, ``connect`` for handshakes, ``close`` for
+    draining); the handle enforces a transfer's own deadline by cancelling the request.
+
+    Optional abilities, each a Protocol below, implemented only when they apply: :class:`PreparesPlans`,
+    :class:`ServesPeers`, :class:`MapsPeerMemory`.
+    """
 
     caps: ClassVar[BackendCaps]
 
     def __init__(self) -> None:
         self.context: BackendContext | None = None
 
-    def attach(self, context: BackendContext) -> None:
-        """Called once by the agent that owns this backend, before anything else."""
-        self.context = context
-
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        """None when this backend can run here, else a one-line reason (missing library or device)."""
+        """None when this backend can run here, else a one-line reason (missing library or device). Cheap, never
+        raises, loads nothing it does not need: the registry asks every known backend."""
         return None
 
+    def attach(self, context: BackendContext) -> None:
+        """Called once by the agent that owns this backend, before anything else: keep ``context``, start what
+        the backend runs (threads, listening sockets). Raise BackendUnavailableError when it cannot start."""
+        self.context = context
+
     def info(self) -> bytes:
-        """Agent-level public information peers need to connect (e.g. a worker address); b"" if none."""
+        """Agent-level public information peers need to connect (e.g. a worker address), for the metadata; b""
+        if none. Called whenever the agent builds its metadata: it may change after :meth:`register`. A peer's
+        copy arrives as ``peer.meta.backends[caps.wire]``, untrusted."""
         return b""
 
     @abstractmethod
     def register(self, region: Region) -> bytes:
-        """Make ``region`` reachable; return its public key for the metadata (b"" if none)."""
+        """Make ``region`` (``region.index`` is already set) reachable by peers; return its public key for the
+        metadata (b"" if none; a peer's copy arrives in ``RemoteRegion.keys[caps.wire]``, untrusted). Called
+        only for regions whose kind is in ``caps.memory_kinds``. Raise on failure: the agent undoes the other
+        backends' registrations and raises RegistrationError."""
 
     @abstractmethod
     def deregister(self, region: Region) -> None:
-        """Undo :meth:`register`. The agent calls it only when no transfer uses the region."""
-
-    def busy(self, region: Region) -> bool:
-        """True while this backend still uses ``region`` for a peer's transfer (deregister must wait)."""
-        return False
+        """Undo :meth:`register`. The agent calls it once no transfer of its own uses the region and (for a
+        :class:`ServesPeers` backend) :meth:`ServesPeers.busy` says False or the agent is closing."""
 
     @abstractmethod
-    def connect(self, peer: Peer) -> None:
-        """Prepare to move bytes to/from ``peer`` (its metadata is ``peer.meta``)."""
-
-    def disconnect(self, peer: Peer) -> None:
-        """Forget ``peer``; transfers still in flight with it fail. Default: nothing to forget."""
-        return None
-
-    def prepare(self, plan: TransferPlan) -> None:
-        """Called once per plan when it is built (may take time: open peer handles, build tables), so that
-        :meth:`post` stays cheap. Default: nothing to prepare."""
-        return None
+    def connect(self, peer: Peer) -> Connection:
+        """Prepare to move bytes to and from ``peer`` (its metadata: ``peer.meta``, untrusted: check what you
+        read), within ``context.timeouts.connect``. Called only when ``caps.reaches`` the peer. Raise a
+        KvxferError when it cannot: the agent then connects the peer without this backend."""
 
     @abstractmethod
     def post(self, op: Op, plan: TransferPlan, notify: bytes | None) -> Request:
-        """Start moving ``plan``'s bytes; never blocks. ``notify`` reaches the peer after all the data."""
-
-    @abstractmethod
-    def poll(self, request: Request) -> TransferState:
-        """The request's state now; cheap."""
-
-    @abstractmethod
-    def cancel(self, request: Request) -> None:
-        """Stop the request (see ``caps.can_cancel`` for what is guaranteed)."""
-
-    @abstractmethod
-    def send_notification(self, peer: Peer, payload: bytes) -> None:
-        """Send a standalone message to ``peer``."""
-
-    def idle_wait(self, request: Request, seconds: float) -> None:
-        """Let time pass while a waiter has nothing to do; a backend may make progress here instead."""
-        time.sleep(seconds)
+        """Start moving ``plan``'s bytes (READ: peer to local; WRITE: local to peer); never blocks on the peer or
+        the data. ``plan.local`` / ``plan.remote`` are checked against both sides' region tables and sized
+        pairwise. ``notify`` (already size-checked) must reach the peer only after all the data is visible there.
+        Raise (PeerDisconnectedError, DescriptorError, ...) when it
+        cannot start: nothing is pinned then."""
 
     def close(self) -> None:
-        """Release everything; called once, last. Default: nothing to release."""
+        """Release everything (end threads within ``context.timeouts.close``, fail what is still in flight);
+        called once, last. Default: nothing to release."""
         return None
+
+
+@runtime_checkable
+class PreparesPlans(Protocol):
+    """An optional ability: a backend whose per-plan setup is slow (open peer handles, build device tables) does
+    it here, when the agent builds a plan (``Agent.plan``, ``TransferPlan.select``), so that :meth:`Backend.post`
+    stays cheap. Errors raised here reach the caller of ``plan``."""
+
+    def prepare(self, plan: TransferPlan) -> None:
+        """Build what posting ``plan`` needs; may take time (bounded by ``context.timeouts.connect``)."""
+
+
+def prepare_plan(backend: Backend, plan: TransferPlan) -> None:
+    """``backend.prepare(plan)`` when the backend :class:`PreparesPlans`; nothing otherwise. (An attribute look-up,
+    not ``isinstance``: a runtime Protocol check costs ~10 µs, and ``TransferPlan.select`` runs per request.)"""
+    prepare: Callable[[TransferPlan], None] | None = getattr(backend, "prepare", None)
+    if prepare is not None:
+        prepare(plan)
+
+
+@runtime_checkable
+class ServesPeers(Protocol):
+    """An optional ability: a backend that itself reads or writes this agent's regions for transfers a peer posted
+    (the local backend's copy threads, UCX's staged messages), which this agent holds no handle for. The agent
+    deregisters a region only once :meth:`busy` says False for it (or its deregister timeout runs out while
+    closing); a backend whose peers move bytes without it (cuda_ipc) cannot know and does not implement this."""
+
+    def busy(self, region: Region) -> bool:
+        """True while this backend still uses ``region`` for a peer's transfer. Cheap; any thread."""
 
 
 @runtime_checkable

@@ -21,7 +21,7 @@ from ..errors import BackendError, PeerDisconnectedError, PeerError, UsageError
 from ..handle import Notification, TransferState
 from ..memory import MemoryKind
 from ..plan import RegionTable
-from .base import Backend, BackendCaps, BackendContext, Op, Request, Scope
+from .base import Backend, BackendCaps, BackendContext, Connection, Op, Request, Scope
 
 if TYPE_CHECKING:
     from ..descs import Descs
@@ -67,6 +67,41 @@ class LocalRequest(Request):
             *(target.region(i) for i in plan.remote_regions),
             *plan.local_regions_objects(),
         ]
+
+    def poll(self) -> TransferState:
+        return self.state
+
+    def cancel(self) -> None:
+        with self.cond:
+            self.cancelled = True
+            while self.active:  # a chunk being copied finishes; none starts after this
+                self.cond.wait()
+            if self.state is TransferState.PENDING:
+                self.state = TransferState.CANCELLED
+        self.release()
+
+    def wait(self, seconds: float) -> None:
+        self.finished.wait(seconds)
+
+    def release(self) -> None:
+        """Once final: unpin the peer's regions and wake waiters (the first call does it)."""
+        with self.cond:
+            if self.released:
+                return
+            self.released = True
+        self.target.unpin(self.remote_regions)
+        self.finished.set()
+
+
+class LocalConnection(Connection):
+    """A peer in this process: nothing to open or close; its backend is looked up per message (it may close)."""
+
+    def __init__(self, backend: LocalBackend, peer: Peer) -> None:
+        self.backend, self.peer = backend, peer
+
+    def notify(self, payload: bytes) -> None:
+        sender = self.backend.attached_context.agent_name
+        self.backend.target(self.peer).attached_context.deliver(Notification(sender, payload))
 
 
 class LocalBackend(Backend):
@@ -126,19 +161,22 @@ class LocalBackend(Backend):
             self._table = None
 
     def busy(self, region: Region) -> bool:
+        """True while a peer's transfer pins ``region`` (the :class:`~kvxfer.backends.base.ServesPeers` ability)."""
         return self._pins[region.index] > 0
 
-    def connect(self, peer: Peer) -> None:
-        self._target(peer)
+    def connect(self, peer: Peer) -> LocalConnection:
+        self.target(peer)
+        return LocalConnection(self, peer)
 
-    def _target(self, peer: Peer) -> LocalBackend:
+    def target(self, peer: Peer) -> LocalBackend:
+        """The backend of ``peer``, an agent of this process; PeerDisconnectedError when it is gone."""
         target = _LIVE.get(peer.meta.uid)
         if target is None or target.closed:
             raise PeerDisconnectedError(f"peer {peer.name!r} is not a live agent of this process", peer.name)
         return target
 
     def map_remote(self, peer: Peer, region_index: int, device: int) -> int | None:
-        region = self._target(peer).region(region_index)
+        region = self.target(peer).region(region_index)
         if region is None:
             raise PeerError(f"peer {peer.name!r} has no region at index {region_index}", peer.name)
         return region.addr  # same process: the peer's pointers are ours
@@ -167,7 +205,7 @@ class LocalBackend(Backend):
     # ---- transfers ---------------------------------------------------------------------------------------------
 
     def post(self, op: Op, plan: TransferPlan, notify: bytes | None, fault: Any = None) -> LocalRequest:
-        target = self._target(plan.peer)
+        target = self.target(plan.peer)
         target.admit(plan.remote, plan.remote_regions)
         local, remote = plan.local.addr, plan.remote.addr
         sources, destinations = (remote, local) if op is Op.READ else (local, remote)
@@ -177,41 +215,13 @@ class LocalBackend(Backend):
         self._jobs.put((request, -1, -1))
         return request
 
-    def poll(self, request: Request) -> TransferState:
-        return request.state
-
-    def cancel(self, request: Request) -> None:
-        assert isinstance(request, LocalRequest)
-        with request.cond:
-            request.cancelled = True
-            while request.active:  # a chunk being copied finishes; none starts after this
-                request.cond.wait()
-            if request.state is TransferState.PENDING:
-                request.state = TransferState.CANCELLED
-        self._release(request)
-
-    def send_notification(self, peer: Peer, payload: bytes) -> None:
-        self._target(peer).attached_context.deliver(Notification(self.attached_context.agent_name, payload))
-
-    def _release(self, request: LocalRequest) -> None:
-        with request.cond:
-            if request.released:
-                return
-            request.released = True
-        request.target.unpin(request.remote_regions)
-        request.finished.set()
-
-    def idle_wait(self, request: Request, seconds: float) -> None:
-        assert isinstance(request, LocalRequest)
-        request.finished.wait(seconds)
-
     def _fail(self, request: LocalRequest, error: Exception) -> None:
         with request.cond:
             if request.state is TransferState.PENDING:
                 request.error = BackendError(f"local copy failed: {error}", backend=self.caps.name)
                 request.error.__cause__ = error
                 request.state = TransferState.FAILED
-        self._release(request)
+        request.release()
 
     # ---- the workers -------------------------------------------------------------------------------------------
 
@@ -241,7 +251,7 @@ class LocalBackend(Backend):
     def _begin(self, request: LocalRequest) -> None:
         if not self._apply_fault_before(request):
             if request.state.final:
-                self._release(request)
+                request.release()
             return
         bounds = _chunks(request.sizes)
         request.chunks_left = len(bounds)
@@ -270,7 +280,7 @@ class LocalBackend(Backend):
                     request.state = TransferState.DONE
                 request.cond.notify_all()
         if finished:
-            self._release(request)
+            request.release()
             if request.notify is not None:
                 request.target.attached_context.deliver(Notification(self.attached_context.agent_name, request.notify))
 

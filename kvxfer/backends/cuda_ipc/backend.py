@@ -27,7 +27,7 @@ from ... import environment
 from ...errors import BackendError, ConfigError, KvxferError, PeerDisconnectedError, TransferError
 from ...handle import Notification, TransferState
 from ...memory import MemoryKind
-from ..base import Backend, BackendCaps, BackendContext, Op, Request, Scope
+from ..base import Backend, BackendCaps, BackendContext, Connection, Op, Request, Scope
 from . import driver
 from .events import EventRing, OpenedEvents
 from .mailbox import Mailbox
@@ -49,13 +49,47 @@ _SEQUENCE = itertools.count()
 class IpcRequest(Request):
     """One launched transfer: its completion event and what to do when it fires."""
 
-    def __init__(self, nbytes: int, event: Any, peer_uid: str, notify: bytes | None, strategy: str) -> None:
+    def __init__(
+        self, backend: CudaIpcBackend, nbytes: int, event: Any, peer_uid: str, notify: bytes | None, strategy: str
+    ) -> None:
         super().__init__(nbytes)
+        self.backend = backend
         self.event, self.peer_uid, self.notify, self.strategy = event, peer_uid, notify, strategy
         self.lock = threading.Lock()
         self.finished = threading.Event()  # set once final: waiters block on it instead of sleeping
         self.sequence = next(_SEQUENCE)
         self.noted = False  # the notification already went out with the copy's event (events.py)
+
+    def poll(self) -> TransferState:
+        if self.state is TransferState.PENDING and self.event.done:
+            self.backend.complete(self)
+        return self.state
+
+    def cancel(self) -> None:
+        self.event.synchronize()  # a launched copy cannot be recalled: wait until it touches nothing more
+        if self.noted:
+            self.backend.send_done(self)  # it landed: a peer holding its notification may deliver it
+        with self.lock:
+            if self.state is TransferState.PENDING:
+                self.state = TransferState.CANCELLED
+        self.finished.set()
+        self.backend.forget(self)
+
+    def wait(self, seconds: float) -> None:
+        self.finished.wait(seconds)
+
+
+class IpcConnection(Connection):
+    """A peer on this host: its mailbox connection (none for an agent of this process) and imported memory."""
+
+    def __init__(self, backend: CudaIpcBackend, peer: Peer) -> None:
+        self.backend, self.peer = backend, peer
+
+    def notify(self, payload: bytes) -> None:
+        self.backend.notify_peer(self.peer, payload)
+
+    def close(self) -> None:
+        self.backend.forget_peer(self.peer)
 
 
 class _PlanState:
@@ -148,7 +182,7 @@ class CudaIpcBackend(Backend):
 
     # ---- peers -------------------------------------------------------------------------------------------------
 
-    def connect(self, peer: Peer) -> None:
+    def connect(self, peer: Peer) -> IpcConnection:
         assert self._mailbox is not None and self.context is not None
         try:
             address, secret = msgpack.unpackb(peer.meta.backends[self.caps.wire], raw=False)
@@ -165,8 +199,10 @@ class CudaIpcBackend(Backend):
             )
         self._peers[peer.meta.uid] = (peer, address.decode(), secret)
         self._lost.pop(peer.meta.uid, None)
+        return IpcConnection(self, peer)
 
-    def disconnect(self, peer: Peer) -> None:
+    def forget_peer(self, peer: Peer) -> None:
+        """Closing ``peer``'s connection: complete its transfers in flight, close its imports and mailbox."""
         assert self._mailbox is not None
         self._drain(peer.meta.uid)
         self._imports.close_peer(peer.meta.uid)
@@ -176,7 +212,7 @@ class CudaIpcBackend(Backend):
     def _drain(self, peer_uid: str) -> None:
         for request in [r for r in list(self._pending) if r.peer_uid == peer_uid]:
             request.event.synchronize()
-            self._complete(request)
+            self.complete(request)
 
     def _home_device(self) -> int:
         return 0 if self._home is None else self._home
@@ -292,7 +328,7 @@ class CudaIpcBackend(Backend):
             else:
                 event = cupy.cuda.Event(block=False, disable_timing=True, interprocess=False)
             event.record(stream)
-        request = IpcRequest(plan.nbytes, event, plan.peer.meta.uid, notify, state.strategy)
+        request = IpcRequest(self, plan.nbytes, event, plan.peer.meta.uid, notify, state.strategy)
         if early:
             try:  # the peer delivers it once the event completes; meanwhile the copy runs
                 assert self._mailbox is not None and notify is not None
@@ -316,13 +352,9 @@ class CudaIpcBackend(Backend):
         for source, destination, size in zip(sources, destinations, sizes, strict=True):
             cupy.cuda.runtime.memcpyAsync(destination, source, size, copy_default, stream)
 
-    def poll(self, request: Request) -> TransferState:
-        assert isinstance(request, IpcRequest)
-        if request.state is TransferState.PENDING and request.event.done:
-            self._complete(request)
-        return request.state
-
-    def _complete(self, request: IpcRequest) -> None:
+    def complete(self, request: IpcRequest) -> None:
+        """Make ``request``, whose event fired, final: send its notification (or the completion message of one
+        that left early), then DONE; FAILED when the peer went away. First caller wins."""
         with request.lock:
             if request.state is not TransferState.PENDING:
                 return
@@ -333,7 +365,7 @@ class CudaIpcBackend(Backend):
                 if request.notify is not None and not request.noted and self._mailbox is not None:
                     self._mailbox.send_note(request.peer_uid, request.notify)
                 elif request.noted and self._mailbox is not None:
-                    self._send_done(request)
+                    self.send_done(request)
                 request.state = TransferState.DONE
             except KvxferError as error:  # the transfer failed because of it: say so as a TransferError
                 request.error = TransferError(f"cuda_ipc transfer failed: {error}", backend=self.caps.name)
@@ -342,7 +374,7 @@ class CudaIpcBackend(Backend):
         request.finished.set()
         self._pending.discard(request)
 
-    def _send_done(self, request: IpcRequest, landed: bool = True) -> None:
+    def send_done(self, request: IpcRequest, landed: bool = True) -> None:
         """Completion message for a notification that already left (for a peer that cannot wait on our events);
         a few bytes, off the critical path. The notification itself went out: a peer gone by now changes nothing."""
         assert self._mailbox is not None
@@ -351,18 +383,12 @@ class CudaIpcBackend(Backend):
         except PeerDisconnectedError:
             pass
 
-    def cancel(self, request: Request) -> None:
-        assert isinstance(request, IpcRequest)
-        request.event.synchronize()  # a launched copy cannot be recalled: wait until it touches nothing more
-        if request.noted:
-            self._send_done(request)  # it landed: a peer holding its notification may deliver it
-        with request.lock:
-            if request.state is TransferState.PENDING:
-                request.state = TransferState.CANCELLED
-        request.finished.set()
+    def forget(self, request: IpcRequest) -> None:
+        """Stop tracking ``request`` (final) in the progress thread's set."""
         self._pending.discard(request)
 
-    def send_notification(self, peer: Peer, payload: bytes) -> None:
+    def notify_peer(self, peer: Peer, payload: bytes) -> None:
+        """A standalone notification to ``peer`` (its connection's ``notify``)."""
         assert self._mailbox is not None and self.context is not None
         if peer.meta.uid == self.context.agent_uid:
             self.context.deliver(Notification(self.context.agent_name, payload))
@@ -381,10 +407,10 @@ class CudaIpcBackend(Backend):
                 continue
             try:
                 request.event.synchronize()
-                self._complete(request)
+                self.complete(request)
             except Exception as error:  # noqa: BLE001 a CUDA error ends that transfer, not the thread
                 if request.noted:
-                    self._send_done(request, landed=False)
+                    self.send_done(request, landed=False)
                 with request.lock:
                     if request.state is TransferState.PENDING:
                         request.error = BackendError(f"cuda_ipc: {error}", backend=self.caps.name)
@@ -392,14 +418,10 @@ class CudaIpcBackend(Backend):
                 request.finished.set()
                 self._pending.discard(request)
 
-    def idle_wait(self, request: Request, seconds: float) -> None:
-        assert isinstance(request, IpcRequest)
-        request.finished.wait(seconds)
-
     def close(self) -> None:
         for request in list(self._pending):
             request.event.synchronize()
-            self._complete(request)
+            self.complete(request)
         self._closed = True
         with self._wake:
             self._wake.notify_all()

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...devices import cuda_available
-from ...errors import DescriptorError, PeerDisconnectedError, TransferCancelledError, UsageError
-from ...handle import TransferState
+from ...errors import DescriptorError, PeerDisconnectedError, UsageError
 from ...memory import MemoryKind
-from ..base import Backend, BackendCaps, BackendContext, Op, Request, Scope
+from ..base import Backend, BackendCaps, BackendContext, Op, Scope
 from .cma import CmaError, CrossMemory, copy_threads, plan_batches
 from .config import UcxConfig
+from .connection import UcxConnection
 from .context import Context
 from .device_serve import DeviceServer
 from .device_slots import DeviceSlots, check_device_spans
@@ -38,7 +38,7 @@ from .links import Links
 from .pool import BufferPool
 from .progress import ProgressThread
 from .responder import Responder, pack_notification
-from .transfer import CmaTransfer, UcxRequest, new_request
+from .transfer import UcxRequest, new_request
 from .wire import Header, Kind, WorkerInfo, keys_digest
 from .worker import Worker
 
@@ -50,10 +50,6 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger("kvxfer.ucx")
 STAGE_MIN_FRAGMENTS = 128
-
-
-#: Seconds past a transfer's deadline after which a cancel presumes its peer hung and marks it lost.
-LOST_GRACE = 0.2
 
 
 class UcxBackend(Backend):
@@ -244,11 +240,9 @@ class UcxBackend(Backend):
 
     # ---- peers -------------------------------------------------------------------------------------------------
 
-    def connect(self, peer: Peer) -> None:
+    def connect(self, peer: Peer) -> UcxConnection:
         self.links.connect(peer)
-
-    def disconnect(self, peer: Peer) -> None:
-        self.links.disconnect(peer)
+        return UcxConnection(self, peer)
 
     def transports(self, peer: Peer) -> list[tuple[str, str]]:
         """(transport, device) per UCX lane to ``peer``, e.g. [("sysv", "memory"), ("cma", "memory")]."""
@@ -339,7 +333,7 @@ class UcxBackend(Backend):
             self._batches[plan] = batches
         return batches
 
-    def post(self, op: Op, plan: TransferPlan, notify: bytes | None) -> Request:
+    def post(self, op: Op, plan: TransferPlan, notify: bytes | None) -> UcxRequest:
         link = self.links.get(plan.peer)
         strategy = self.data_path(plan)
         if strategy != "staged":
@@ -354,49 +348,6 @@ class UcxBackend(Backend):
             link.requests.add(request)
         request.start()
         return request
-
-    def poll(self, request: Request) -> TransferState:
-        assert isinstance(request, UcxRequest)
-        if not request.state.final and self.worker.lock.acquire(blocking=False):
-            try:  # if the progress thread holds the lock it is making progress: do not wait for it
-                self.worker.progress()
-                self.device_server.poll()
-                request.advance()
-            finally:
-                self.worker.lock.release()
-            self.flush_outbox()
-        return request.state
-
-    def idle_wait(self, request: Request, seconds: float) -> None:
-        assert isinstance(request, UcxRequest)
-        if isinstance(request, CmaTransfer):
-            if request.help():
-                return  # the waiter copied a batch instead of sleeping; the next poll sees where it stands
-            # The last batches run on copy threads (at most one batch time): yield instead of sleeping, since
-            # waking a sleeping thread costs ~50 µs here; the next poll then completes the transfer.
-            give_up = time.monotonic() + seconds
-            while request.copying and time.monotonic() < give_up:
-                os.sched_yield()
-            if not request.copying:
-                return
-        if self.poll(request) is TransferState.PENDING:
-            request.finished.wait(seconds)
-
-    def cancel(self, request: Request) -> None:
-        assert isinstance(request, UcxRequest)
-        # A handle cancels at its own deadline, microseconds before ours: only a cancel clearly past ours (the
-        # peer silent for longer than any deadline allowed) presumes it hung.
-        overdue = time.monotonic() > request.deadline + LOST_GRACE
-        with self.worker.lock:
-            request.halt()
-            if not request.state.final:
-                outstanding = request.strategy != "cma"
-                request.finish(TransferState.CANCELLED, TransferCancelledError("cancelled", backend="ucx"))
-                if overdue and outstanding:
-                    # UCX cannot abort what it issued; a peer that let the deadline pass is presumed hung.
-                    self.links.lose(request.link, "unresponsive: a transfer missed its deadline", None)
-        request.quiesce(self.timeouts.close)
-        self.flush_outbox()
 
     def retire(self, request: UcxRequest) -> None:
         """Forget a final request (under the worker lock)."""
@@ -415,7 +366,8 @@ class UcxBackend(Backend):
         return request.placement(header, length) if request is not None else 0
 
     def busy(self, region: Region) -> bool:
-        """True while a UCX send reads from, or a receive lands in, ``region`` directly (deregister waits)."""
+        """True while a UCX send reads from, or a receive lands in, ``region`` directly (deregister waits: the
+        :class:`~kvxfer.backends.base.ServesPeers` ability)."""
         with self.worker.lock:
             return self.worker.touches(region.addr, region.nbytes)
 
@@ -430,11 +382,6 @@ class UcxBackend(Backend):
             abandoned[0].recover(abandoned[1])
 
     # ---- notifications -----------------------------------------------------------------------------------------
-
-    def send_notification(self, peer: Peer, payload: bytes) -> None:
-        with self.worker.lock:
-            self.send_notify(self.links.get(peer), payload, None)
-        self.wake()
 
     def send_notify(self, link: Link, payload: bytes, on_done: Callable[[int], None] | None) -> None:
         """Send a NOTIFY message carrying our agent name (under the worker lock)."""

@@ -15,11 +15,12 @@ worker lock.
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 from typing import TYPE_CHECKING
 
-from ...errors import BackendError, KvxferError
+from ...errors import BackendError, KvxferError, TransferCancelledError
 from ...handle import TransferState
 from ..base import Op, Request
 from . import cdef
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
     from ...plan import TransferPlan
     from .backend import UcxBackend
     from .link import Link
+
+#: Seconds past a transfer's deadline after which a cancel presumes its peer hung and marks it lost.
+LOST_GRACE = 0.2
 
 
 class UcxRequest(Request):
@@ -46,6 +50,38 @@ class UcxRequest(Request):
         self.finished = threading.Event()
         self.stopped = False
         self._notifying = False
+
+    def poll(self) -> TransferState:
+        backend = self.backend
+        if not self.state.final and backend.worker.lock.acquire(blocking=False):
+            try:  # if the progress thread holds the lock it is making progress: do not wait for it
+                backend.worker.progress()
+                backend.device_server.poll()
+                self.advance()
+            finally:
+                backend.worker.lock.release()
+            backend.flush_outbox()
+        return self.state
+
+    def wait(self, seconds: float) -> None:
+        if self.poll() is TransferState.PENDING:
+            self.finished.wait(seconds)
+
+    def cancel(self) -> None:
+        backend = self.backend
+        # A handle cancels at its own deadline, microseconds before ours: only a cancel clearly past ours (the
+        # peer silent for longer than any deadline allowed) presumes it hung.
+        overdue = time.monotonic() > self.deadline + LOST_GRACE
+        with backend.worker.lock:
+            self.halt()
+            if not self.state.final:
+                outstanding = self.strategy != "cma"
+                self.finish(TransferState.CANCELLED, TransferCancelledError("cancelled", backend="ucx"))
+                if overdue and outstanding:
+                    # UCX cannot abort what it issued; a peer that let the deadline pass is presumed hung.
+                    backend.links.lose(self.link, "unresponsive: a transfer missed its deadline", None)
+        self.quiesce(backend.timeouts.close)
+        backend.flush_outbox()
 
     def start(self) -> None:
         """Begin moving bytes; called once by post(), without the worker lock."""
@@ -143,6 +179,18 @@ class CmaTransfer(UcxRequest):
     def help(self) -> bool:
         """Copy one batch on the calling thread (one that would otherwise sleep); False if none was left."""
         return self.job is not None and self.backend.cma.step(self.job) > 0
+
+    def wait(self, seconds: float) -> None:
+        if self.help():
+            return  # the waiter copied a batch instead of sleeping; the next poll sees where it stands
+        # The last batches run on copy threads (at most one batch time): yield instead of sleeping, since waking a
+        # sleeping thread costs ~50 µs here; the next poll then completes the transfer.
+        give_up = time.monotonic() + seconds
+        while self.copying and time.monotonic() < give_up:
+            os.sched_yield()
+        if not self.copying:
+            return
+        super().wait(seconds)
 
     @property
     def copying(self) -> bool:
