@@ -46,6 +46,7 @@ class DecodeEngine:
 
     ``cache.tensor`` is the KV cache to register with an agent and ``spec`` describes it. ``max_batch_size`` caps
     running requests, ``max_num_batched_tokens`` the prompt tokens of one prefill step (longer prompts are chunked).
+    ``cuda_graphs``: see :class:`ModelRunner` (None: CUDA graphs for decode steps on a GPU with one TP rank).
     """
 
     def __init__(
@@ -55,8 +56,9 @@ class DecodeEngine:
         *,
         max_batch_size: int = 64,
         max_num_batched_tokens: int = 4096,
+        cuda_graphs: bool | None = None,
     ) -> None:
-        self.runner = ModelRunner(model, cache_config or CacheConfig())
+        self.runner = ModelRunner(model, cache_config or CacheConfig(), cuda_graphs=cuda_graphs)
         self.max_batch_size, self.max_num_batched_tokens = max_batch_size, max_num_batched_tokens
         self._waiting: deque[Sequence] = deque()
         self._running: deque[Sequence] = deque()

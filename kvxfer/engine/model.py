@@ -113,7 +113,10 @@ class Attention(nn.Module):
         if cache is None or batch is None:
             out = causal_attention(q, k, v, scale)
         else:
-            cache.write(self.layer, batch.slots, k, v)
+            if batch.write_rows is None:
+                cache.write(self.layer, batch.slots, k, v)
+            else:
+                cache.write(self.layer, batch.slots, k[batch.write_rows], v[batch.write_rows])
             keys, values = cache.layer(self.layer)
             out = paged_attention(q, keys, values, batch, scale)
         return self.tp.all_reduce(self.o_proj(out.reshape(n, -1)))
