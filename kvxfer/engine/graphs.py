@@ -12,6 +12,7 @@ tests check it against the unpadded path on the CPU.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,8 @@ from ..errors import ConfigError
 from .attention import AttentionBatch
 from .kv_cache import KVCache
 from .model import Model
+
+_log = logging.getLogger(__name__)
 
 #: Batch sizes captured (a batch is padded to the next one; larger batches run eagerly).
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -52,7 +55,9 @@ class _Entry:
     batch: AttentionBatch
     token_ids: torch.Tensor
     positions: torch.Tensor
+    batch_size: int
     graph: torch.cuda.CUDAGraph | None = None
+    eager: bool = False  # its capture failed: run it eagerly from now on
     output: torch.Tensor | None = None  # float32[batch, vocab], device
 
 
@@ -82,7 +87,7 @@ class DecodeGraphs:
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None  # shared by every bucket's graph
         size = self.batch_sizes[-1] * (_FIELDS + self.widths[-1])
         self._host = torch.zeros(size, dtype=torch.int64, pin_memory=self.capture)
-        self._copied: torch.cuda.Event | None = None
+        self._copied = torch.cuda.Event() if self.capture else None  # the last copy out of the pinned buffer
 
     @property
     def max_batch_size(self) -> int:
@@ -111,12 +116,12 @@ class DecodeGraphs:
             )
         entry = self._entries.get(key) or self._new_entry(*key)
         self._fill(entry, key, token_ids, block_tables, context_lens)
-        if not self.capture:
-            entry.output = self._forward(entry)
-        elif entry.graph is None:
+        if self.capture and entry.graph is None and not entry.eager:
             self._capture(entry)
         if entry.graph is not None:
             entry.graph.replay()
+        else:
+            entry.output = self._forward(entry)
         assert entry.output is not None  # set by the forward or the capture above
         return entry.output[:n]
 
@@ -135,6 +140,7 @@ class DecodeGraphs:
             ),
             token_ids=fields[0],
             positions=fields[1],
+            batch_size=batch,
         )
         self._entries[(batch, width)] = entry
         return entry
@@ -169,8 +175,7 @@ class DecodeGraphs:
         for row, blocks in enumerate(block_tables):
             tables[row, : len(blocks)] = blocks
         entry.inputs.copy_(self._host[: entry.inputs.numel()], non_blocking=True)
-        if self.capture:
-            self._copied = torch.cuda.Event()
+        if self._copied is not None:
             self._copied.record()
 
     def _forward(self, entry: _Entry) -> torch.Tensor:
@@ -180,15 +185,22 @@ class DecodeGraphs:
     def _capture(self, entry: _Entry) -> None:
         """Warm up on a side stream, then capture (the warm-ups write the same K/V the replay writes again)."""
         device = self.cache.device
+        current = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)  # warm-ups and capture on one stream (its cuBLAS workspace exists)
-        side.wait_stream(torch.cuda.current_stream(device))
+        side.wait_stream(current)
         with torch.cuda.stream(side):
             for _ in range(_WARMUP):
                 self._forward(entry)
-        torch.cuda.current_stream(device).wait_stream(side)
+        current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: a KV transfer thread of the same process may use CUDA meanwhile
-        with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
-            entry.output = self._forward(entry)
-        entry.graph = graph
+        try:
+            # thread_local: a KV transfer thread of the same process may use CUDA meanwhile
+            with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
+                output = self._forward(entry)
+        except RuntimeError as error:  # e.g. another thread synchronized with the capturing stream
+            _log.warning("DecodeGraphs: capture of batch %d failed, running it eagerly: %s", entry.batch_size, error)
+            torch.cuda.set_stream(current)  # a failed capture_end leaves the capture stream current
+            entry.eager = True
+            return
+        entry.output, entry.graph = output, graph
         self.num_captures += 1
