@@ -57,8 +57,12 @@ def _one_mode(engine: Any, name: str, batch: int, tokens: int, vocab: int, seed:
     for request_id in ids:
         engine.add_request(Request(request_id, [rng.randrange(vocab) for _ in range(tokens)], sampling))
     began = time.perf_counter()
-    while engine.num_waiting:
-        engine.step()
+    mixed, engine.mixed_steps = engine.mixed_steps, False  # prefill only: nobody decodes before the timed steps
+    try:
+        while engine.num_waiting:
+            engine.step()
+    finally:
+        engine.mixed_steps = mixed
     prefill_s = time.perf_counter() - began
     if engine.num_running != batch:
         raise RuntimeError(f"profile {name}: {engine.num_running} requests running, expected {batch}")

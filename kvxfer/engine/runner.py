@@ -155,7 +155,10 @@ class ModelRunner:
         results: list[int | None] = [None] * len(work)
         if not finishing:
             return results
-        logits = self.model.logits(hidden[last_rows]) if logits is None else logits[last_rows]
+        if logits is None:
+            logits = self.model.logits(hidden[last_rows])
+        elif len(last_rows) < len(work):
+            logits = logits[last_rows]
         seqs = [work[i][0] for i in finishing]
         tokens = sample(
             logits,

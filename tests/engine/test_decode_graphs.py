@@ -134,6 +134,11 @@ def test_environment_variable_disables_graphs(tiny_model: Model, monkeypatch: py
 
 
 # ---- GPU: captured graphs ------------------------------------------------------------------------------------------
+# Graph and eager steps differ in shapes (padded batch and table width), so their float32 sums may differ in the
+# last bits: greedy tokens are compared exactly except after a near tie of the reference logits (top two within
+# TIE), where the sequences may part ways legitimately.
+
+TIE = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -142,11 +147,22 @@ def gpu_model() -> Model:
     return Model.random(config, seed=1, device="cuda")
 
 
+def _assert_same_greedy(model: Model, prompt: list[int], got: tuple[int, ...], want: tuple[int, ...]) -> None:
+    """Equal token for token, or parted at a near tie of the dense reference's logits."""
+    assert len(got) == len(want)
+    for index, (a, b) in enumerate(zip(got, want, strict=True)):
+        if a == b:
+            continue
+        logits = model.dense_logits([*prompt, *want[:index]])[-1]
+        assert abs(float(logits[a] - logits[b])) < TIE, f"token {index}: {a} != {b} without a near tie"
+        return
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 3, 32])
 def test_graph_replay_equals_eager(gpu_model: Model, make_prompts: Callable, batch: int) -> None:
-    """Greedy tokens through captured graphs equal eager ones; sequences grow across 4-token blocks (and across
-    table width buckets) while replaying."""
+    """Greedy tokens through captured graphs equal eager ones (batch 3 runs padded to 4); sequences grow across
+    4-token blocks and table width buckets while replaying."""
     prompts = make_prompts(batch, seed=batch, low=2, high=20)
     outputs, engines = [], []
     for cuda_graphs in (True, False):
@@ -157,18 +173,22 @@ def test_graph_replay_equals_eager(gpu_model: Model, make_prompts: Callable, bat
         engines.append(engine)
         assert engine.num_free_blocks == engine.spec.num_blocks
     graphs = engines[0].runner.graphs
-    assert graphs is not None and graphs.capture and graphs.num_captures >= 1
+    assert graphs is not None and graphs.capture and graphs.num_captures >= 2
     assert engines[1].runner.graphs is None
-    assert outputs[0] == outputs[1]
+    for prompt, got, want in zip(prompts, outputs[0], outputs[1], strict=True):
+        _assert_same_greedy(gpu_model, prompt, got, want)
 
 
 @pytest.mark.gpu
 def test_graph_logits_equal_eager_across_block_boundaries(gpu_model: Model, make_prompts: Callable) -> None:
-    """Step by step: replayed logits equal the eager step's (float32), each sequence crossing block boundaries."""
+    """Step by step, fed the same tokens: replayed logits equal the eager step's (float32) while each sequence
+    crosses block boundaries, and the caches end equal."""
     prompts = make_prompts(3, seed=11, low=2, high=9)
     graphed = _prefilled(gpu_model, prompts, True, 4)
     eager = _prefilled(gpu_model, prompts, False, 4)
     assert graphed.graphs is not None and graphed.graphs.capture
+    for seq_a, seq_b in zip(graphed.seqs, eager.seqs, strict=True):  # type: ignore[attr-defined]
+        seq_a.token_ids[-1] = seq_b.token_ids[-1]  # start from the same first token
     for _ in range(12):
         logits = []
         for runner in (graphed, eager):
@@ -182,7 +202,19 @@ def test_graph_logits_equal_eager_across_block_boundaries(gpu_model: Model, make
                 logits.append(runner.graphs.logits(tokens, tables, lengths).cpu())
             else:
                 logits.append(_eager_logits(runner, tokens, tables, lengths).cpu())
-            runner.step([(seq, 1) for seq in seqs])
         torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
-    assert [s.token_ids for s in graphed.seqs] == [s.token_ids for s in eager.seqs]  # type: ignore[attr-defined]
-    assert graphed.graphs.num_captures >= 2  # widths grew past a bucket
+        chosen = logits[1].argmax(dim=-1).tolist()  # the eager step's greedy tokens feed both
+        for runner in (graphed, eager):
+            for seq, token in zip(runner.seqs, chosen, strict=True):  # type: ignore[attr-defined]
+                seq.num_computed = seq.num_tokens
+                seq.token_ids.append(token)
+    assert graphed.graphs.num_captures >= 2  # tables grew past a width bucket
+    for seq_a, seq_b in zip(graphed.seqs, eager.seqs, strict=True):  # type: ignore[attr-defined]
+        for layer in range(gpu_model.config.num_layers):
+            pairs = zip(
+                graphed.cache.read(layer, seq_a.block_ids, seq_a.num_computed),
+                eager.cache.read(layer, seq_b.block_ids, seq_b.num_computed),
+                strict=True,
+            )
+            for x, y in pairs:
+                torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
