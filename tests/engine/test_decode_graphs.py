@@ -218,3 +218,13 @@ def test_graph_logits_equal_eager_across_block_boundaries(gpu_model: Model, make
             )
             for x, y in pairs:
                 torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_graphs_on_by_default_on_a_gpu_and_off_by_environment(
+    gpu_model: Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    graphs = ModelRunner(gpu_model, CacheConfig(num_blocks=16)).graphs
+    assert graphs is not None and graphs.capture
+    monkeypatch.setenv("KVXFER_CUDA_GRAPHS", "0")
+    assert ModelRunner(gpu_model, CacheConfig(num_blocks=16)).graphs is None
