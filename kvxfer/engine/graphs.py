@@ -36,13 +36,13 @@ _FIELDS = 5
 
 
 def width_buckets(max_blocks: int) -> list[int]:
-    """Block table widths: 1 to 4, then four steps per doubling (5, 6, 7, 8, 10, 12, 14, 16, 20, ...), and
-    ``max_blocks`` last. At most a quarter of a table past 4 blocks is padding."""
+    """Block table widths: every width to 16, then eight steps per doubling (18, 20, ... 32, 36, ... 64, 72, ...),
+    and ``max_blocks`` last. Past 16 blocks at most an eighth of a table is padding (attention reads all of it)."""
     if max_blocks < 1:
         raise ConfigError(f"width_buckets: max_blocks must be >= 1, got {max_blocks}")
-    widths, base = [1, 2, 3, 4], 4
+    widths, base = list(range(1, 17)), 16
     while widths[-1] < max_blocks:
-        widths.extend(base + base * step // 4 for step in range(1, 5))
+        widths.extend(base + base * step // 8 for step in range(1, 9))
         base *= 2
     return sorted({w for w in widths if w < max_blocks} | {max_blocks})
 

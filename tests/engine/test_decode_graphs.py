@@ -26,10 +26,11 @@ def _requests(prompts: list[list[int]], max_tokens: int) -> list[Request]:
 
 def test_width_buckets_cover_every_width_with_bounded_padding() -> None:
     widths = width_buckets(1000)
-    assert widths[:8] == [1, 2, 3, 4, 5, 6, 7, 8] and widths[-1] == 1000 and widths == sorted(set(widths))
+    assert widths[:17] == [*range(1, 17), 18] and widths[-1] == 1000 and widths == sorted(set(widths))
     for need in range(1, 1001):
         width = next(w for w in widths if w >= need)
-        assert width - need <= max(need // 4, 0) + 1
+        assert width - need <= need // 8 + 1
+    assert len(widths) <= 16 + 8 * 6
     assert width_buckets(1) == [1] and width_buckets(3) == [1, 2, 3]
     with pytest.raises(ConfigError):
         width_buckets(0)
