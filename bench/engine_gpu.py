@@ -6,6 +6,8 @@ call, which ends with the first token on the host), KV transfer time (decode sid
 pipe reports done), transfer as % of TTFT (TTFT = prefill + transfer; the message hop through this script is
 not counted), KV GB/s against a one-buffer device copy of the same bytes (the ceiling); with a streamed push,
 the transfer tail left after the prefill compute; decode tokens/s at batch 1 and 32 with ``--tokens`` contexts.
+Per decode step at each batch size (bench/engine_step.py, in the decode process): host wall time beside the GPU
+time the torch profiler records, eager and with CUDA graphs, and tokens/s (``step_profile`` in the JSON).
 Medians over ``--rounds``. Times are host clocks around calls that synchronize (sampling copies the token to the
 host; the pipe waits on CUDA events), with torch.cuda.synchronize() before every start.
 
@@ -64,7 +66,10 @@ def _serve(connection: Any, role: str, device: str, options: dict[str, Any]) -> 
         connector: Any = PrefillConnector(engine, agent, lease_ttl=30.0)
     else:
         engine = DecodeEngine(
-            model, CacheConfig(num_blocks=options["decode_blocks"], block_size=BLOCK), max_batch_size=64
+            model,
+            CacheConfig(num_blocks=options["decode_blocks"], block_size=BLOCK),
+            max_batch_size=64,
+            cuda_graphs=options["cuda_graphs"],
         )
         connector = DecodeConnector(engine, agent, timeout=60.0)
     connection.send(connector.info().encode())
@@ -107,6 +112,10 @@ def _serve(connection: Any, role: str, device: str, options: dict[str, Any]) -> 
                 tokens, seconds = engine.num_decode_tokens, engine.decode_s
                 engine.run(timeout_s=300)
                 answer = (engine.num_decode_tokens - tokens, engine.decode_s - seconds, connector.pipe(group).strategy)
+            elif command == "profile":
+                from engine_step import profile_decode
+
+                answer = profile_decode(engine, *args)
             elif command == "ceiling":
                 answer = _copy_ceiling(device, args[0], args[1])
             else:
@@ -184,7 +193,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     config = ModelConfig.preset(args.preset)
     batches = sorted(set(args.batch))
-    per_request = -(-(args.tokens + args.decode_tokens) // BLOCK)
+    from engine_step import TOKENS_PER_MODE
+
+    per_request = -(-(args.tokens + max(args.decode_tokens, TOKENS_PER_MODE)) // BLOCK)
     options = {
         "preset": args.preset,
         "dtype": args.dtype,
@@ -192,6 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prefill_blocks": 2 * per_request + 8,
         "decode_blocks": (max(batches) + 2) * per_request + 8,
         "threads": 2 if smoke else 8,
+        "cuda_graphs": True if smoke else None,  # on the CPU: the padded static path, nothing captured
         "environ": {"UCX_MEM_MMAP_HOOK_MODE": "none"} if smoke else {},
     }
     started = time.perf_counter()
@@ -234,6 +246,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 disaggregated(args.tokens, args.decode_tokens)
             count, seconds, strategy = decode("decode")
             decode_rates[str(batch)] = count / seconds
+        step_profile = {}
+        if args.step_profile:
+            for batch in batches:
+                step_profile[str(batch)] = decode("profile", batch, args.tokens, config.vocab_size)
         kv_bytes = args.tokens * config.num_layers * 2 * config.num_kv_heads * config.head_dim * DTYPE_SIZES[args.dtype]
         ceiling_s = decode("ceiling", p_device, kv_bytes)
     finally:
@@ -268,6 +284,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "push_tail_pct_of_ttft": 100 * tail_s / (push_prefill_s + tail_s),
         "decode_tokens_per_s": decode_rates,
         "decode_tokens": args.decode_tokens,
+        "step_profile": step_profile,
         "raw": {"pull": rounds, "push": pushes},
         "seconds": time.perf_counter() - started,
     }
@@ -316,6 +333,9 @@ def table(result: dict[str, Any]) -> str:
         (f"decode batch {b}", f"{rate:.0f} tokens/s ({rate / int(b):.1f} per sequence)")
         for b, rate in sorted(rates.items(), key=lambda item: int(item[0]))
     ]
+    from engine_step import rows as step_rows
+
+    rows += step_rows(result["step_profile"])
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -329,6 +349,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="decode batch sizes")
     parser.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded per sequence")
+    parser.add_argument(
+        "--no-step-profile",
+        dest="step_profile",
+        action="store_false",
+        help="skip the per-step wall vs GPU time (eager and CUDA graphs) at each --batch",
+    )
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU over UCX (checks the script)")
     args = parser.parse_args()
     if args.cpu_smoke:

@@ -3,8 +3,10 @@
 A request enters one of two ways. ``add_request`` queues it for local (chunked) prefill: with only this path the
 engine is the aggregated engine. ``reserve`` + ``admit`` take a request whose prompt K/V someone else computed: the
 engine reserves blocks, the connector fills them (a KVPipe pull), then ``admit`` starts decoding from the prefill's
-first token. Each step either prefills waiting requests (up to a token budget) or decodes one token for every
-running request; when blocks run out the newest running request is preempted and later recomputed.
+first token. Each step decodes one token for every running request and, in the same forward pass, prefills
+(chunks of) waiting requests with the rest of a token budget (``mixed_steps``; without it a step either prefills or
+decodes, prefill first). When blocks run out the newest running request is preempted and later recomputed; a
+step that preempted admits no prefill.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class DecodeEngine:
 
     ``cache.tensor`` is the KV cache to register with an agent and ``spec`` describes it. ``max_batch_size`` caps
     running requests, ``max_num_batched_tokens`` the prompt tokens of one prefill step (longer prompts are chunked).
+    ``cuda_graphs``: see :class:`ModelRunner` (None: CUDA graphs for decode steps on a GPU with one TP rank).
+    ``mixed_steps``: decode and prefill in one step (default); False runs a prefill step whenever requests wait
+    and fit, and decodes only in steps without prefill. Steps with prefill run eagerly (no graph).
     """
 
     def __init__(
@@ -55,9 +60,12 @@ class DecodeEngine:
         *,
         max_batch_size: int = 64,
         max_num_batched_tokens: int = 4096,
+        cuda_graphs: bool | None = None,
+        mixed_steps: bool = True,
     ) -> None:
-        self.runner = ModelRunner(model, cache_config or CacheConfig())
+        self.runner = ModelRunner(model, cache_config or CacheConfig(), cuda_graphs=cuda_graphs)
         self.max_batch_size, self.max_num_batched_tokens = max_batch_size, max_num_batched_tokens
+        self.mixed_steps = mixed_steps
         self._waiting: deque[Sequence] = deque()
         self._running: deque[Sequence] = deque()
         self._reserved: dict[str, Sequence] = {}
@@ -65,7 +73,8 @@ class DecodeEngine:
         self.num_preemptions = 0
         self.num_decode_steps = 0
         self.num_decode_tokens = 0
-        self.decode_s = 0.0  # wall time of decode steps (tokens/s = num_decode_tokens / decode_s)
+        self.num_mixed_steps = 0  # steps that decoded and prefilled (also counted as decode steps)
+        self.decode_s = 0.0  # wall time of steps that decoded (tokens/s = num_decode_tokens / decode_s)
 
     @property
     def spec(self) -> KVCacheSpec:
@@ -164,11 +173,17 @@ class DecodeEngine:
     # ---- stepping ----------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One forward pass (a prefill step if requests wait and fit, else a decode step); finished outputs."""
-        work = self._schedule_prefill()
-        decoding = not work
-        if decoding:
-            work = self._schedule_decode()
+        """One forward pass over the scheduled decode and prefill work (see the module docstring); finished
+        outputs."""
+        if self.mixed_steps:
+            preemptions = self.num_preemptions
+            decode = self._schedule_decode()
+            budget = self.max_num_batched_tokens - len(decode)
+            prefill = self._schedule_prefill(budget) if self.num_preemptions == preemptions else []
+        else:
+            prefill = self._schedule_prefill(self.max_num_batched_tokens)
+            decode = [] if prefill else self._schedule_decode()
+        work = decode + prefill
         if not work and self._waiting and not self._running and not self._reserved:
             raise OutOfBlocksError(
                 f"DecodeEngine: {len(self._waiting)} waiting request(s) fit in no free blocks "
@@ -176,14 +191,15 @@ class DecodeEngine:
             )
         began = time.perf_counter()
         sampled = self.runner.step(work) if work else []
-        if decoding and work:
+        if decode:
             self.num_decode_steps += 1
-            self.num_decode_tokens += len(work)
+            self.num_mixed_steps += bool(prefill)
+            self.num_decode_tokens += len(decode)
             self.decode_s += time.perf_counter() - began
-        for (seq, _), token in zip(work, sampled, strict=True):
+        for index, ((seq, _), token) in enumerate(zip(work, sampled, strict=True)):
             if token is None:
                 continue
-            if not decoding:
+            if index >= len(decode):  # a prefill that sampled its first token starts decoding
                 self._waiting.remove(seq)
                 self._running.append(seq)
             if seq.finish_reason is not None:
@@ -192,9 +208,8 @@ class DecodeEngine:
         done, self._done = self._done, []
         return done
 
-    def _schedule_prefill(self) -> list[tuple[Sequence, int]]:
+    def _schedule_prefill(self, budget: int) -> list[tuple[Sequence, int]]:
         work: list[tuple[Sequence, int]] = []
-        budget = self.max_num_batched_tokens
         for seq in self._waiting:
             if budget <= 0 or len(self._running) + len(work) >= self.max_batch_size:
                 break

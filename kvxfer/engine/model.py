@@ -57,14 +57,21 @@ class Rotary(nn.Module):
 
     def forward(self, positions: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
         """Rotate each [n, heads, head_dim] tensor by its token's position (positions: int64[n])."""
-        out = []
-        for x in tensors:
-            cos = self.cos[positions].to(x.dtype)[:, None, :]
-            sin = self.sin[positions].to(x.dtype)[:, None, :]
-            half = x.shape[-1] // 2
-            rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-            out.append(x * cos + rotated * sin)
-        return out
+        tables = self.tables(positions, tensors[0].dtype)
+        return [self.rotate(x, tables) for x in tensors]
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of ``positions`` (int64[n]), each [n, 1, head_dim] in ``dtype``: computed once per forward,
+        shared by every layer."""
+        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+
+    @staticmethod
+    def rotate(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [n, heads, head_dim] rotated by :meth:`tables` of its positions."""
+        cos, sin = tables
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
 
 
 def _llama3_scaled(inv_freq: torch.Tensor, factor: float, low: float, high: float, original: float) -> torch.Tensor:
@@ -99,21 +106,24 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: Rotary,
+        rope: tuple[torch.Tensor, torch.Tensor],
         cache: KVCache | None,
         batch: AttentionBatch | None,
     ) -> torch.Tensor:
+        """x: [n, hidden]; ``rope``: :meth:`Rotary.tables` of the tokens' positions."""
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        q, k = Rotary.rotate(q, rope), Rotary.rotate(k, rope)
         scale = self.head_dim**-0.5
         if cache is None or batch is None:
             out = causal_attention(q, k, v, scale)
         else:
-            cache.write(self.layer, batch.slots, k, v)
+            if batch.write_rows is None:
+                cache.write(self.layer, batch.slots, k, v)
+            else:
+                cache.write(self.layer, batch.slots, k[batch.write_rows], v[batch.write_rows])
             keys, values = cache.layer(self.layer)
             out = paged_attention(q, keys, values, batch, scale)
         return self.tp.all_reduce(self.o_proj(out.reshape(n, -1)))
@@ -229,8 +239,9 @@ class Model(nn.Module):
         stream: a GPU consumer records an event before reading).
         """
         hidden = self.embed_tokens(token_ids)
+        rope = self.rotary.tables(positions, hidden.dtype)
         for index, layer in enumerate(cast("list[DecoderLayer]", self.layers)):
-            attn = layer.self_attn(layer.input_layernorm(hidden), positions, self.rotary, cache, batch)
+            attn = layer.self_attn(layer.input_layernorm(hidden), rope, cache, batch)
             hidden = hidden + attn
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             if on_layer_done is not None:

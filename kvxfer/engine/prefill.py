@@ -45,8 +45,15 @@ class PrefillEngine:
     prompts into forward passes of at most that many tokens per sequence (chunked prefill).
     """
 
-    def __init__(self, model: Model, cache_config: CacheConfig | None = None, *, chunk_size: int | None = None):
-        self.runner = ModelRunner(model, cache_config or CacheConfig())
+    def __init__(
+        self,
+        model: Model,
+        cache_config: CacheConfig | None = None,
+        *,
+        chunk_size: int | None = None,
+        cuda_graphs: bool | None = None,
+    ):
+        self.runner = ModelRunner(model, cache_config or CacheConfig(), cuda_graphs=cuda_graphs)
         self.chunk_size = chunk_size
         self._held: dict[str, Sequence] = {}
 

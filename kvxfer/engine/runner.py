@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import torch
 
+from ..environment import read as read_env
 from ..errors import ConfigError
 from ..spec import KVCacheSpec
 from .attention import AttentionBatch
 from .block_manager import BlockManager
 from .config import CacheConfig
+from .graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .model import LayerCallback, Model
 from .request import Request, Sequence
@@ -23,9 +25,13 @@ class ModelRunner:
 
     ``num_computed_tokens`` counts every token run through the model (prefix cache hits are not), for tests and
     metrics.
+
+    ``cuda_graphs``: run decode steps (every sequence adds one token) through :class:`DecodeGraphs`. None (the
+    default) enables it on a CUDA device with one TP rank unless ``KVXFER_CUDA_GRAPHS=0``; True also enables the
+    padded static path where nothing is captured (CPU, TP), False disables it. ``graphs`` is None when disabled.
     """
 
-    def __init__(self, model: Model, cache_config: CacheConfig) -> None:
+    def __init__(self, model: Model, cache_config: CacheConfig, *, cuda_graphs: bool | None = None) -> None:
         self.model, self.cache_config = model, cache_config
         config, tp = model.config, model.tp
         self.spec = KVCacheSpec(
@@ -44,6 +50,15 @@ class ModelRunner:
         self.cache = KVCache(self.spec, model.device)
         self.blocks = BlockManager(cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
         self.num_computed_tokens = 0
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs is None:
+            cuda_graphs = (
+                read_env("KVXFER_CUDA_GRAPHS", "1") != "0" and model.device.type == "cuda" and model.tp.size == 1
+            )
+        if cuda_graphs:
+            self.graphs = DecodeGraphs(
+                model, self.cache, -(-self.max_sequence_tokens // self.block_size), capture=model.tp.size == 1
+            )
 
     @property
     def block_size(self) -> int:
@@ -108,14 +123,24 @@ class ModelRunner:
             tables.append(seq.block_ids)
             query_lens.append(count)
             context_lens.append(start + count)
-        batch = AttentionBatch.build(tables, query_lens, context_lens, self.block_size, device)
-        hidden = self.model(
-            torch.tensor(token_ids, dtype=torch.int64, device=device),
-            torch.tensor(positions, dtype=torch.int64, device=device),
-            self.cache,
-            batch,
-            on_layer_done,
-        )
+        graphs = self.graphs
+        if (
+            graphs is not None
+            and on_layer_done is None
+            and len(token_ids) == len(work)
+            and graphs.bucket(len(work), max(len(blocks) for blocks in tables)) is not None
+        ):
+            logits: torch.Tensor | None = graphs.logits(token_ids, tables, context_lens)
+        else:
+            logits = None
+            batch = AttentionBatch.build(tables, query_lens, context_lens, self.block_size, device)
+            hidden = self.model(
+                torch.tensor(token_ids, dtype=torch.int64, device=device),
+                torch.tensor(positions, dtype=torch.int64, device=device),
+                self.cache,
+                batch,
+                on_layer_done,
+            )
         last_rows, finishing = [], []
         end = 0
         for index, (seq, count) in enumerate(work):
@@ -130,7 +155,10 @@ class ModelRunner:
         results: list[int | None] = [None] * len(work)
         if not finishing:
             return results
-        logits = self.model.logits(hidden[last_rows])
+        if logits is None:
+            logits = self.model.logits(hidden[last_rows])
+        elif len(last_rows) < len(work):
+            logits = logits[last_rows]
         seqs = [work[i][0] for i in finishing]
         params, steps = [s.request.sampling for s in seqs], [len(s.output_token_ids) for s in seqs]
         logits = suppress_stops(logits, params, steps, self.model.config.eos_token_ids)

@@ -180,8 +180,9 @@ class DecodeLoop(Loop):
                 raise
             self._fail(victim, "overloaded", str(error))
             return
-        prefilled = self.engine.runner.num_computed_tokens - computed
-        if prefilled and self.engine.num_decode_tokens == decode_tokens:
+        # A step may decode and prefill at once (mixed steps): its prompt tokens are charged the whole step.
+        prefilled = self.engine.runner.num_computed_tokens - computed - (self.engine.num_decode_tokens - decode_tokens)
+        if prefilled > 0:
             self.prefill_rate.record(prefilled, time.time() - began)
         outputs = {output.request_id: output for output in finished}
         for rid, seq in self.engine.sequences.items():

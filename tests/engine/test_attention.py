@@ -90,3 +90,18 @@ def test_dense_causal_attention_matches_sdpa() -> None:
     torch.testing.assert_close(causal_attention(q, k, v, DIM**-0.5), _reference(q, k, v), rtol=1e-5, atol=1e-5)
     tail = causal_attention(q[-3:], k, v, DIM**-0.5, num_past=6)
     torch.testing.assert_close(tail, _reference(q, k, v)[-3:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("waste", [1e9, -1e9], ids=["padded-grid", "one-by-one"])
+def test_mixed_decode_and_prefill_batch(filled: tuple, monkeypatch: pytest.MonkeyPatch, waste: float) -> None:
+    """One batch mixing one-token sequences with chunks of others, on the padded grid or sequence by sequence."""
+    from kvxfer.engine import attention
+
+    monkeypatch.setattr(attention, "PADDED_PREFILL_WASTE", waste)
+    cache, tables, seqs = filled
+    chunks = [1, 3, 1, 16, 9]
+    batch = AttentionBatch.build(tables, chunks, list(LENGTHS), cache.block_size, torch.device("cpu"))
+    assert (batch.prefill is not None) == (waste > 0) and batch.decode_rows is not None
+    assert batch.decode_rows.tolist() == [0, 4]
+    for out, (q, k, v), c in zip(_run(cache, tables, seqs, chunks), seqs, chunks, strict=True):
+        torch.testing.assert_close(out, _reference(q, k, v)[-c:], rtol=1e-5, atol=1e-5)

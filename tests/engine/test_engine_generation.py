@@ -257,3 +257,47 @@ def test_gpu_engines_match_cpu_dense_reference(
     assert list(decode.run()[0].output_token_ids) == dense_greedy(SYSTEM + [3] * 7, 8)
     _no_leaks(prefill)
     _no_leaks(decode)
+
+
+def test_batched_prefill_equals_prefill_one_by_one(tiny_model: Model, make_prompts: Callable) -> None:
+    """Several prompts in one forward (padded grid attention) give the first tokens and K/V of separate prefills."""
+    prompts = make_prompts(5, seed=21, low=2, high=40)
+    config = CacheConfig(num_blocks=64, block_size=4, enable_prefix_caching=False)
+    batched, single = PrefillEngine(tiny_model, config), PrefillEngine(tiny_model, config)
+    together = batched.prefill_batch(_requests(prompts))
+    alone = [single.prefill(request) for request in _requests(prompts)]
+    assert [r.first_token for r in together] == [r.first_token for r in alone]
+    for a, b in zip(together, alone, strict=True):
+        for layer in range(tiny_model.config.num_layers):
+            kv_a = batched.cache.read(layer, list(a.block_ids), a.num_prompt_tokens)
+            kv_b = single.cache.read(layer, list(b.block_ids), b.num_prompt_tokens)
+            for x, y in zip(kv_a, kv_b, strict=True):
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "separate"])
+def test_requests_arriving_while_decoding(
+    tiny_model: Model, dense_greedy: Callable, make_prompts: Callable, mixed: bool
+) -> None:
+    """Requests added while others decode: with mixed steps their (chunked) prefill shares forward passes with
+    the running requests' decode; without, decode waits for them. Tokens equal the dense reference either way."""
+    prompts = make_prompts(6, seed=5, low=5, high=30)
+    engine = DecodeEngine(
+        tiny_model, CacheConfig(num_blocks=64, block_size=4), max_num_batched_tokens=12, mixed_steps=mixed
+    )
+    requests = _requests(prompts, max_tokens=6)
+    outputs = []
+    for request in requests[:2]:
+        engine.add_request(request)
+    for step in range(200):
+        if step in (3, 5):
+            for request in requests[2:4] if step == 3 else requests[4:]:
+                engine.add_request(request)
+        outputs.extend(engine.step())
+        if not engine.has_unfinished and step > 5:
+            break
+    by_id = {output.request_id: output for output in outputs}
+    for request, prompt in zip(requests, prompts, strict=True):
+        assert list(by_id[request.request_id].output_token_ids) == dense_greedy(prompt, 6)
+    assert (engine.num_mixed_steps > 0) == mixed
+    _no_leaks(engine)
