@@ -1,0 +1,243 @@
+// The KV copy addressed from block ids: every box's source and destination offsets are derived here from the
+// request's block ids, layer ids and the two specs' strides, all in one int64 buffer (kvxfer/kernels/id_copy.py:
+// fill_buffer writes it, derive_boxes is the NumPy reference of kvxfer_ids_box below, line by line).
+//
+// Compiled after kv_copy.cu (the launcher concatenates the two sources; the host emulation includes both): it
+// uses that file's vector types, loads, stores and digit carries (kvxfer_vec16, kvxfer_load, kvxfer_advance, ...).
+//
+// Buffer: header (enum below), then src block ids [num_src_ids], dst block ids [num_dst_ids], src layer ids
+// [num_layers], dst layer ids [num_layers]. Box b is (layer-part b / num_segments, segment b % num_segments);
+// segment s is piece s % pieces of the run of `small` tokens number s / pieces. A box is walked with the "full"
+// shape when it holds full_count tokens, else with the "odd" shape (units = its token count). Entries:
+//   kvxfer_ids_v{W}       offsets inside a box are 32-bit (the host checked they fit)
+//   kvxfer_ids_wide_v{W}  64-bit offsets inside a box
+// Box offsets (block id x block stride) are always 64-bit. All counts are below 2**31 (checked on the host).
+
+// Header fields, in id_copy.py's HEADER order (tests/kernels/test_id_copy_source.py compares the two lists).
+enum kvxfer_ids_field {
+    KVXFER_IDS_NUM_TOKENS,
+    KVXFER_IDS_NUM_SRC_IDS,
+    KVXFER_IDS_NUM_DST_IDS,
+    KVXFER_IDS_NUM_LAYERS,
+    KVXFER_IDS_NUM_SEGMENTS,
+    KVXFER_IDS_NUM_PARTS,
+    KVXFER_IDS_PIECES,
+    KVXFER_IDS_MOST,
+    KVXFER_IDS_SMALL,
+    KVXFER_IDS_SRC_BLOCK_SIZE,
+    KVXFER_IDS_DST_BLOCK_SIZE,
+    KVXFER_IDS_SRC_LAYER_STRIDE,
+    KVXFER_IDS_SRC_BLOCK_STRIDE,
+    KVXFER_IDS_SRC_PART_STRIDE,
+    KVXFER_IDS_SRC_TOKEN_STRIDE,
+    KVXFER_IDS_DST_LAYER_STRIDE,
+    KVXFER_IDS_DST_BLOCK_STRIDE,
+    KVXFER_IDS_DST_PART_STRIDE,
+    KVXFER_IDS_DST_TOKEN_STRIDE,
+    KVXFER_IDS_FULL_COUNT,
+    KVXFER_IDS_FULL_UNITS,
+    KVXFER_IDS_FULL_UNIT_ROWS,
+    KVXFER_IDS_FULL_ROW_VECTORS,
+    KVXFER_IDS_FULL_SRC_UNIT,
+    KVXFER_IDS_FULL_SRC_ROW,
+    KVXFER_IDS_FULL_DST_UNIT,
+    KVXFER_IDS_FULL_DST_ROW,
+    KVXFER_IDS_FULL_CONTIGUOUS,
+    KVXFER_IDS_ODD_UNITS,
+    KVXFER_IDS_ODD_UNIT_ROWS,
+    KVXFER_IDS_ODD_ROW_VECTORS,
+    KVXFER_IDS_ODD_SRC_UNIT,
+    KVXFER_IDS_ODD_SRC_ROW,
+    KVXFER_IDS_ODD_DST_UNIT,
+    KVXFER_IDS_ODD_DST_ROW,
+    KVXFER_IDS_ODD_CONTIGUOUS,
+    KVXFER_IDS_GROUP_SHIFT,
+    KVXFER_IDS_HEADER_LEN
+};
+
+// How boxes of one kind are walked: `units` units (0: the box's token count) x `unit_rows` rows x `row_vectors`
+// vectors; strides in bytes. `contiguous`: the box is one run on both sides (unit_rows 1, unit strides = row).
+struct kvxfer_ids_shape {
+    unsigned int units, unit_rows, row_vectors;
+    long long src_unit, src_row, dst_unit, dst_row;
+    bool contiguous;
+};
+
+__device__ __forceinline__ kvxfer_ids_shape kvxfer_ids_read_shape(const long long* h, int first) {
+    kvxfer_ids_shape s;
+    s.units = (unsigned int)h[first];
+    s.unit_rows = (unsigned int)h[first + 1];
+    s.row_vectors = (unsigned int)h[first + 2];
+    s.src_unit = h[first + 3];
+    s.src_row = h[first + 4];
+    s.dst_unit = h[first + 5];
+    s.dst_row = h[first + 6];
+    s.contiguous = h[first + 7] != 0;
+    return s;
+}
+
+// A vector index of a box as digits (unit, row, column) of a shape (plain divisions: once per thread and shape).
+__device__ __forceinline__ kvxfer_digits kvxfer_ids_split(unsigned int v, const kvxfer_ids_shape& s) {
+    const unsigned int rows = v / s.row_vectors;
+    kvxfer_digits d;
+    d.column = v - rows * s.row_vectors;
+    d.unit = rows / s.unit_rows;
+    d.row = rows - d.unit * s.unit_rows;
+    return d;
+}
+
+__device__ __forceinline__ unsigned int kvxfer_ids_min(unsigned int a, unsigned int b) { return a < b ? a : b; }
+
+// One box: where it starts on each side (bytes from the base pointers) and its tokens (0: empty segment).
+struct kvxfer_ids_box {
+    long long src, dst;
+    unsigned int count;
+};
+
+// The reference is id_copy.derive_boxes: the same steps, vectorized over boxes.
+__device__ __forceinline__ kvxfer_ids_box kvxfer_ids_box_of(const long long* h, unsigned int box) {
+    const unsigned int num_tokens = (unsigned int)h[KVXFER_IDS_NUM_TOKENS];
+    const unsigned int num_src_ids = (unsigned int)h[KVXFER_IDS_NUM_SRC_IDS];
+    const unsigned int num_dst_ids = (unsigned int)h[KVXFER_IDS_NUM_DST_IDS];
+    const unsigned int num_layers = (unsigned int)h[KVXFER_IDS_NUM_LAYERS];
+    const unsigned int num_segments = (unsigned int)h[KVXFER_IDS_NUM_SEGMENTS];
+    const unsigned int num_parts = (unsigned int)h[KVXFER_IDS_NUM_PARTS];
+    const unsigned int pieces = (unsigned int)h[KVXFER_IDS_PIECES];
+    const unsigned int most = (unsigned int)h[KVXFER_IDS_MOST];
+    const unsigned int small = (unsigned int)h[KVXFER_IDS_SMALL];
+    const long long* src_ids = h + KVXFER_IDS_HEADER_LEN;
+    const long long* dst_ids = src_ids + num_src_ids;
+    const long long* src_layers = dst_ids + num_dst_ids;
+    const long long* dst_layers = src_layers + num_layers;
+
+    const unsigned int layer_part = box / num_segments;
+    const unsigned int segment = box - layer_part * num_segments;
+    const unsigned int layer = layer_part / num_parts;
+    const unsigned int part = layer_part - layer * num_parts;
+    const unsigned int run = segment / pieces;
+    const unsigned int piece = segment - run * pieces;
+    const unsigned int start = run * small + piece * most;
+    kvxfer_ids_box result;
+    result.src = result.dst = 0;
+    result.count = 0;
+    if (start >= num_tokens) return result;
+    result.count = kvxfer_ids_min(kvxfer_ids_min(most, small - piece * most), num_tokens - start);
+    const unsigned int src_block_size = (unsigned int)h[KVXFER_IDS_SRC_BLOCK_SIZE];
+    const unsigned int src_block = start / src_block_size;
+    const unsigned int src_slot = start - src_block * src_block_size;
+    result.src = src_layers[layer] * h[KVXFER_IDS_SRC_LAYER_STRIDE] + (long long)part * h[KVXFER_IDS_SRC_PART_STRIDE]
+                 + src_ids[src_block] * h[KVXFER_IDS_SRC_BLOCK_STRIDE]
+                 + (long long)src_slot * h[KVXFER_IDS_SRC_TOKEN_STRIDE];
+    const unsigned int dst_block_size = (unsigned int)h[KVXFER_IDS_DST_BLOCK_SIZE];
+    const unsigned int dst_block = start / dst_block_size;
+    const unsigned int dst_slot = start - dst_block * dst_block_size;
+    result.dst = dst_layers[layer] * h[KVXFER_IDS_DST_LAYER_STRIDE] + (long long)part * h[KVXFER_IDS_DST_PART_STRIDE]
+                 + dst_ids[dst_block] * h[KVXFER_IDS_DST_BLOCK_STRIDE]
+                 + (long long)dst_slot * h[KVXFER_IDS_DST_TOKEN_STRIDE];
+    return result;
+}
+
+// Copy one box of `units` units with shape `s`; this thread starts at digits `start` and steps by `step` (the
+// group's size), as kv_copy.cu's run and rows bodies do.
+template <typename Vec, typename Offset>
+__device__ __forceinline__ void kvxfer_ids_copy_box(const char* __restrict__ box_src, char* __restrict__ box_dst,
+                                                    unsigned int units, const kvxfer_ids_shape& s,
+                                                    const kvxfer_digits& start, const kvxfer_digits& step,
+                                                    unsigned int lane, unsigned int group_size) {
+    const unsigned int num_vectors = units * s.unit_rows * s.row_vectors;
+    if (s.contiguous) {
+        const Vec* src = reinterpret_cast<const Vec*>(box_src);
+        Vec* dst = reinterpret_cast<Vec*>(box_dst);
+        for (unsigned int first = lane; first < num_vectors; first += group_size * KVXFER_UNROLL) {
+            Vec values[KVXFER_UNROLL];
+#pragma unroll
+            for (int u = 0; u < KVXFER_UNROLL; ++u) {
+                const unsigned int v = first + u * group_size;
+                if (v < num_vectors) {
+                    KVXFER_ACCESS_HOOK(0, src + v, sizeof(Vec));
+                    values[u] = kvxfer_load(src + v);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < KVXFER_UNROLL; ++u) {
+                const unsigned int v = first + u * group_size;
+                if (v < num_vectors) {
+                    KVXFER_ACCESS_HOOK(1, dst + v, sizeof(Vec));
+                    kvxfer_store(dst + v, values[u]);
+                }
+            }
+        }
+        return;
+    }
+    const Offset src_unit = (Offset)s.src_unit, src_row = (Offset)s.src_row;
+    const Offset dst_unit = (Offset)s.dst_unit, dst_row = (Offset)s.dst_row;
+    const Offset vec = (Offset)sizeof(Vec);
+    kvxfer_digits d = start;
+    for (unsigned int first = lane; first < num_vectors; first += group_size * KVXFER_UNROLL) {
+        Vec values[KVXFER_UNROLL];
+        Offset dst_offsets[KVXFER_UNROLL];
+#pragma unroll
+        for (int u = 0; u < KVXFER_UNROLL; ++u) {
+            if (first + u * group_size < num_vectors) {
+                const Offset src_offset = (Offset)d.unit * src_unit + (Offset)d.row * src_row + (Offset)d.column * vec;
+                dst_offsets[u] = (Offset)d.unit * dst_unit + (Offset)d.row * dst_row + (Offset)d.column * vec;
+                KVXFER_ACCESS_HOOK(0, box_src + src_offset, sizeof(Vec));
+                values[u] = kvxfer_load(reinterpret_cast<const Vec*>(box_src + src_offset));
+            }
+            kvxfer_advance(d, step, s.row_vectors, s.unit_rows);
+        }
+#pragma unroll
+        for (int u = 0; u < KVXFER_UNROLL; ++u) {
+            if (first + u * group_size < num_vectors) {
+                KVXFER_ACCESS_HOOK(1, box_dst + dst_offsets[u], sizeof(Vec));
+                kvxfer_store(reinterpret_cast<Vec*>(box_dst + dst_offsets[u]), values[u]);
+            }
+        }
+    }
+}
+
+// Groups of 2**group_shift threads; each copies one box at a time and strides over boxes by the grid's groups.
+template <typename Vec, typename Offset>
+__device__ __forceinline__ void kvxfer_ids_copy(const char* __restrict__ src, char* __restrict__ dst,
+                                                const long long* __restrict__ h) {
+    const unsigned int group_shift = (unsigned int)h[KVXFER_IDS_GROUP_SHIFT];
+    const unsigned int group_size = 1u << group_shift;
+    const unsigned int lane = threadIdx.x & (group_size - 1u);
+    const unsigned int groups_per_cta = blockDim.x >> group_shift;
+    const unsigned int num_boxes = (unsigned int)h[KVXFER_IDS_NUM_SEGMENTS] * (unsigned int)h[KVXFER_IDS_NUM_LAYERS]
+                                   * (unsigned int)h[KVXFER_IDS_NUM_PARTS];
+    const unsigned int full_count = (unsigned int)h[KVXFER_IDS_FULL_COUNT];
+    const kvxfer_ids_shape full = kvxfer_ids_read_shape(h, KVXFER_IDS_FULL_UNITS);
+    const kvxfer_ids_shape odd = kvxfer_ids_read_shape(h, KVXFER_IDS_ODD_UNITS);
+    const kvxfer_digits full_start = kvxfer_ids_split(lane, full), full_step = kvxfer_ids_split(group_size, full);
+    const kvxfer_digits odd_start = kvxfer_ids_split(lane, odd), odd_step = kvxfer_ids_split(group_size, odd);
+    const unsigned int stride = gridDim.x * groups_per_cta;
+    for (unsigned int box = blockIdx.x * groups_per_cta + (threadIdx.x >> group_shift); box < num_boxes;
+         box += stride) {
+        const kvxfer_ids_box b = kvxfer_ids_box_of(h, box);
+        if (b.count == 0) continue;
+        if (b.count == full_count) {
+            kvxfer_ids_copy_box<Vec, Offset>(src + b.src, dst + b.dst, full.units ? full.units : b.count, full,
+                                             full_start, full_step, lane, group_size);
+        } else {
+            kvxfer_ids_copy_box<Vec, Offset>(src + b.src, dst + b.dst, odd.units ? odd.units : b.count, odd,
+                                             odd_start, odd_step, lane, group_size);
+        }
+    }
+}
+
+#define KVXFER_IDS_ENTRY(NAME, VEC, OFFSET)                                                                        \
+    extern "C" __global__ void __launch_bounds__(KVXFER_THREADS, KVXFER_MIN_CTAS)                                   \
+        NAME(const char* __restrict__ src, char* __restrict__ dst, const long long* __restrict__ buffer) {          \
+        kvxfer_ids_copy<VEC, OFFSET>(src, dst, buffer);                                                             \
+    }
+
+#define KVXFER_IDS_WIDTH(W, VEC)                                                                                   \
+    KVXFER_IDS_ENTRY(kvxfer_ids_v##W, VEC, unsigned int)                                                            \
+    KVXFER_IDS_ENTRY(kvxfer_ids_wide_v##W, VEC, unsigned long long)
+
+KVXFER_IDS_WIDTH(1, unsigned char)
+KVXFER_IDS_WIDTH(2, unsigned short)
+KVXFER_IDS_WIDTH(4, unsigned int)
+KVXFER_IDS_WIDTH(8, kvxfer_vec8)
+KVXFER_IDS_WIDTH(16, kvxfer_vec16)
