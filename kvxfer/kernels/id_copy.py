@@ -80,6 +80,8 @@ class IdCopyForm:
     """What every request between two specs and head ranges shares: box shapes, bases, alignment.
 
     ``src_base``/``dst_base``: bytes from each region's start to its spec's first element of the head range;
+    ``small``: the smaller block size (segments never cross its block boundaries), cut into ``pieces`` segments
+    of at most ``most`` tokens; ``full_count``: the tokens of a box the ``full`` shape walks, ``odd``: the others;
     ``alignment``: a power of two <= 16 dividing every row, stride and base (the widest vector, region starts
     aside); ``narrow``: every offset inside a box is below 2**31 (the kernel then indexes with 32-bit ints).
     """
@@ -90,22 +92,14 @@ class IdCopyForm:
     dst_heads: tuple[int, int]
     src_base: int
     dst_base: int
+    small: int
     most: int
+    pieces: int
     full_count: int
     full: BoxShape
     odd: BoxShape
     alignment: int
     narrow: bool
-
-    @property
-    def small(self) -> int:
-        """The smaller block size: segments never cross its block boundaries."""
-        return min(self.src_spec.block_size, self.dst_spec.block_size)
-
-    @property
-    def pieces(self) -> int:
-        """Segments per run of ``small`` tokens."""
-        return -(-self.small // self.most)
 
     @property
     def box_nbytes(self) -> int:
@@ -211,7 +205,9 @@ def id_copy_form(
         dst_heads,
         src_base,
         dst_base,
+        small,
         most,
+        -(-small // most),
         full_count,
         full,
         odd,
@@ -239,13 +235,14 @@ def fill_buffer(
     :meth:`IdCopyForm.header`) with the request's fields, then src ids, dst ids, src layers, dst layers (int64
     arrays, host, validated by the caller). Returns the entries written."""
     n, m, k = len(src_ids), len(dst_ids), len(src_layers)
-    out[:HEADER_LEN] = header
-    out[0:5] = (num_tokens, n, m, k, num_segments)
-    start = HEADER_LEN
-    for ids in (src_ids, dst_ids, src_layers, dst_layers):
-        out[start : start + len(ids)] = ids
-        start += len(ids)
-    return start
+    end = HEADER_LEN + n + m + 2 * k
+    np.concatenate((header, src_ids, dst_ids, src_layers, dst_layers), out=out[:end])  # one pass, no temporary
+    out[0] = num_tokens
+    out[1] = n
+    out[2] = m
+    out[3] = k
+    out[4] = num_segments
+    return end
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from . import _cuda
-from .id_copy import MAX_COUNT, IdCopyForm, buffer_entries, fill_buffer
+from .id_copy import HEADER_LEN, MAX_COUNT, IdCopyForm, fill_buffer
 from .launch import DEFAULT_TUNING
 from .table_ring import Completion, table_ring
 
@@ -38,12 +38,16 @@ class IdLaunch:
     src_addr: int
     dst_addr: int
     header: np.ndarray
+    #: resolved by :func:`prepare` (else looked up per call): the compiled entry, the pointer arguments
+    function: Any = field(default=None, compare=False)
+    pointers: tuple[np.uint64, np.uint64] = field(default=(np.uint64(0), np.uint64(0)), compare=False)
 
     def fits(self, num_tokens: int, num_layers: int) -> bool:
         """True when a request of ``num_tokens`` tokens and ``num_layers`` layers stays within the kernel's 32-bit
         counts (else the table path, which checks its own limits, takes it)."""
-        boxes = self.form.num_segments(num_tokens) * num_layers * self.form.src_spec.num_kv_parts
-        return 0 <= num_tokens and num_tokens + self.form.small <= MAX_COUNT and boxes <= MAX_COUNT
+        form = self.form
+        boxes = -(-num_tokens // form.small) * form.pieces * num_layers * form.src_spec.num_kv_parts
+        return 0 <= num_tokens and num_tokens + form.small <= MAX_COUNT and boxes <= MAX_COUNT
 
     def num_ctas(self, num_boxes: int) -> int:
         """CTAs of a launch over ``num_boxes`` boxes."""
@@ -74,7 +78,8 @@ def prepare(form: IdCopyForm, src_ptr: int, dst_ptr: int, device: int) -> IdLaun
     shape = id_launch(form, src_ptr, dst_ptr, 2**31 - 1)
     function = kernel(shape.entry, device)
     cap = _cuda.resident_ctas_of(int(function.num_regs), device, DEFAULT_TUNING.threads)
-    return id_launch(form, src_ptr, dst_ptr, cap)
+    launch = id_launch(form, src_ptr, dst_ptr, cap)
+    return replace(launch, function=function, pointers=(np.uint64(launch.src_addr), np.uint64(launch.dst_addr)))
 
 
 @functools.cache
@@ -108,6 +113,9 @@ class Finished:
         """Nothing to wait for."""
 
 
+FINISHED = Finished()
+
+
 def launch_ids(
     launch: IdLaunch,
     src_ids: np.ndarray,
@@ -123,17 +131,18 @@ def launch_ids(
     caller: in range, as many as the tokens need, destinations unique), layers ``src_layers`` -> ``dst_layers``
     (int64[k], host), every K/V part; one launch on ``stream`` (a cupy stream; the current device must be
     ``device``). Returns what says when the copy is done. ConfigError when :meth:`IdLaunch.fits` is False."""
+    form = launch.form
+    num_segments = -(-num_tokens // form.small) * form.pieces
+    num_boxes = num_segments * len(src_layers) * form.src_spec.num_kv_parts
     if not launch.fits(num_tokens, len(src_layers)):
         raise ConfigError(f"a KV copy of {num_tokens} tokens and {len(src_layers)} layers is too large for one launch")
-    form = launch.form
-    num_segments = form.num_segments(num_tokens)
-    num_boxes = num_segments * len(src_layers) * form.src_spec.num_kv_parts
     if num_boxes == 0:
-        return Finished()
-    cupy = _cuda.cupy_module()
-    function = kernel(launch.entry, device)
-    grid, block = (launch.num_ctas(num_boxes),), (launch.threads,)
-    pointers = np.uint64(launch.src_addr), np.uint64(launch.dst_addr)
+        return FINISHED
+    function = launch.function if launch.function is not None else kernel(launch.entry, device)
+    grid, block = (max(1, min(-(-num_boxes // launch.groups_per_cta), launch.max_ctas)),), (launch.threads,)
+    pointers = (
+        launch.pointers if launch.function is not None else (np.uint64(launch.src_addr), np.uint64(launch.dst_addr))
+    )
 
     def fill(host: np.ndarray) -> None:
         fill_buffer(host, launch.header, num_segments, src_ids, dst_ids, src_layers, dst_layers, num_tokens)
@@ -141,7 +150,9 @@ def launch_ids(
     def run(buffer: Any) -> None:
         function(grid, block, (*pointers, buffer), stream=stream)
 
-    entries = buffer_entries(len(src_ids), len(dst_ids), len(src_layers))
-    completion = table_ring(device).launch_with(cupy, entries, fill, run, stream, lambda: stream, completion=True)
+    entries = HEADER_LEN + len(src_ids) + len(dst_ids) + 2 * len(src_layers)
+    completion = table_ring(device).launch_with(
+        _cuda.cupy_module(), entries, fill, run, stream, lambda: stream, completion=True
+    )
     assert completion is not None  # asked for
     return completion
