@@ -59,10 +59,11 @@ def id_launch(form: IdCopyForm, src_ptr: int, dst_ptr: int, max_ctas: int) -> Id
     vector = math.gcd(form.alignment, src_ptr, dst_ptr)
     threads, unroll = DEFAULT_TUNING.threads, DEFAULT_TUNING.unroll
     group = form.group_threads(vector, threads, unroll)
+    body = "run" if form.full.contiguous else "rows"
     wide = "" if form.narrow else "wide_"
     return IdLaunch(
         form,
-        f"kvxfer_ids_{wide}v{vector}",
+        f"kvxfer_ids_{body}_{wide}v{vector}",
         vector,
         threads,
         threads // group,

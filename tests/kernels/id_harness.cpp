@@ -8,7 +8,9 @@
 
 typedef void (*kvxfer_ids_entry)(const char*, char*, const long long*);
 
-#define KVXFER_IDS_ENTRIES(W) {"kvxfer_ids_v" #W, kvxfer_ids_v##W}, {"kvxfer_ids_wide_v" #W, kvxfer_ids_wide_v##W}
+#define KVXFER_IDS_ENTRIES(W)                                                                                      \
+    {"kvxfer_ids_run_v" #W, kvxfer_ids_run_v##W}, {"kvxfer_ids_run_wide_v" #W, kvxfer_ids_run_wide_v##W},          \
+        {"kvxfer_ids_rows_v" #W, kvxfer_ids_rows_v##W}, {"kvxfer_ids_rows_wide_v" #W, kvxfer_ids_rows_wide_v##W}
 
 static const struct { const char* name; kvxfer_ids_entry entry; } kvxfer_ids_entries[] = {
     KVXFER_IDS_ENTRIES(1), KVXFER_IDS_ENTRIES(2), KVXFER_IDS_ENTRIES(4), KVXFER_IDS_ENTRIES(8),

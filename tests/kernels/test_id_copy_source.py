@@ -49,7 +49,7 @@ def _emulate(
     assert form is not None
     launch = id_launch(form, src.ctypes.data, dst.ctypes.data, max_ctas)
     if wide:
-        launch = dataclasses.replace(launch, entry=launch.entry.replace("kvxfer_ids_", "kvxfer_ids_wide_"))
+        launch = dataclasses.replace(launch, entry=launch.entry.replace("_v", "_wide_v"))
     run_emulated(lib, launch, plan, src, dst)
     return launch
 
