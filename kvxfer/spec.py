@@ -354,6 +354,8 @@ def index_array_and_repeats(
 ) -> tuple[np.ndarray, bool]:
     """``as_index_array(values, argument, upper)`` and whether it holds a value twice; for a 1-D integer array both
     come from one sort (its ends are the bounds). Raises exactly what :func:`as_index_array` raises."""
+    if isinstance(values, (list, tuple)):
+        values = np.asarray(values)  # as as_index_array does first
     if type(values) is np.ndarray and values.ndim == 1 and values.size and values.dtype.kind in "iu":
         ordered = np.sort(values)
         if 0 <= ordered[0] and ordered[-1] < upper:

@@ -86,6 +86,7 @@ class KVPipe:
             Op.READ: min(r.spec.num_blocks for r in self.routes),
             Op.WRITE: min(r.spec.num_blocks for r in self.write_routes),
         }
+        self._strategy_names = self.strategy  # routes are fixed from here on
         self._launcher = Launcher(self.device)
         self._staging = StagingPool(agent, self.device)
         self._strategies = Strategies(agent, self.region, local_spec, self._launcher, self._staging)
@@ -238,9 +239,9 @@ class KVPipe:
         deadline = time.monotonic() + limit
         handle: PipeHandle
         if stream_layers:
-            handle = LayerStream(request, steps, deadline, limit, self.strategy, nbytes)
+            handle = LayerStream(request, steps, deadline, limit, self._strategy_names, nbytes)
         else:
-            handle = PipeHandle(steps, deadline, limit, self.strategy, nbytes, request)
+            handle = PipeHandle(steps, deadline, limit, self._strategy_names, nbytes, request)
         self._watcher.watch(handle)
         if stream_key is not None and isinstance(handle, LayerStream):
             try:

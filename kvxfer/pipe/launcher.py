@@ -4,6 +4,7 @@ cache) or on its host copy thread (a host cache)."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,6 +30,7 @@ class Launcher:
         self.device = device
         self._executor: ThreadPoolExecutor | None = None
         self._stream: Any = None  # cupy.cuda.Stream
+        self._id_kernels: ModuleType | None = None  # kvxfer.kernels.id_launch, once a block-id launch is prepared
 
     def launch(self, plan: KVCopyPlan, source: Span, target: Span) -> Step:
         """Start copying by ``plan`` from ``source`` to ``target``; the returned step says when it is done."""
@@ -56,6 +58,7 @@ class Launcher:
         pointers; GPU launchers only). Compiles the kernel on first use."""
         from ..kernels import id_launch  # lazy: `import kvxfer` loads no kernel launcher
 
+        self._id_kernels = id_launch  # launch_ids finds it here (an import per call costs ~1 us)
         with devices.cupy_module().cuda.Device(self.device):
             return id_launch.prepare(form, source, target, self.device)
 
@@ -64,14 +67,14 @@ class Launcher:
     ) -> Step:
         """Copy ``tokens`` tokens of ``layers`` (int64[k], host; the same ids on both sides) from blocks
         ``src_ids`` into ``dst_ids`` (int64, host, checked by the caller) with one block-id kernel launch on the
-        pipe's stream; the step is done when the launch is (through the ids' ring slot: no event per call)."""
-        from ..kernels import id_launch  # lazy: `import kvxfer` loads no kernel launcher
-
+        pipe's stream; the step is done when the launch is (through the ids' ring slot: no event per call).
+        ``launch`` comes from :meth:`prepare_ids`."""
+        assert self._id_kernels is not None, "prepare_ids made the launch"
         cupy = devices.cupy_module()
         with cupy.cuda.Device(self.device):
             if self._stream is None:
                 self._stream = cupy.cuda.Stream(non_blocking=True)
-            completion = id_launch.launch_ids(
+            completion = self._id_kernels.launch_ids(
                 launch, src_ids, dst_ids, layers, layers, tokens, device=self.device, stream=self._stream
             )
         return EventStep(completion)
