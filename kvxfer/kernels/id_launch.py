@@ -75,10 +75,14 @@ def id_launch(form: IdCopyForm, src_ptr: int, dst_ptr: int, max_ctas: int) -> Id
 
 
 def prepare(form: IdCopyForm, src_ptr: int, dst_ptr: int, device: int) -> IdLaunch:
-    """:func:`id_launch` with the grid capped at the CTAs ``device`` holds at once (compiles the kernel once)."""
+    """:func:`id_launch` on ``device`` (compiles the kernel once), with the table path's grids: one group per box
+    for run entries (boxes contiguous on both sides), one wave of resident CTAs striding over boxes for rows
+    entries (launch.DEFAULT_TUNING and RUN_TUNING say why)."""
     shape = id_launch(form, src_ptr, dst_ptr, 2**31 - 1)
     function = kernel(shape.entry, device)
-    cap = _cuda.resident_ctas_of(int(function.num_regs), device, DEFAULT_TUNING.threads)
+    cap = 2**31 - 1
+    if not form.full.contiguous:
+        cap = _cuda.resident_ctas_of(int(function.num_regs), device, DEFAULT_TUNING.threads)
     launch = id_launch(form, src_ptr, dst_ptr, cap)
     return replace(launch, function=function, pointers=(np.uint64(launch.src_addr), np.uint64(launch.dst_addr)))
 

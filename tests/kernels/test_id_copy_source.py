@@ -126,3 +126,27 @@ def test_emulation_builds_with_other_tunings(tmp_path: Path) -> None:
     reference.copy_kv(case.src, expected, case.plan)
     _emulate(lib, case.plan, case.src, case.dst, max_ctas=2, wide=False)
     np.testing.assert_array_equal(case.dst, expected)
+
+
+def test_prepared_grids_one_group_per_box_for_runs_one_wave_for_rows(
+    emulator: ctypes.CDLL, id_emulator: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kvxfer.devices
+    from kvxfer.kernels import _cuda, id_launch
+    from tests.pipe.emulated_gpu import EmulatedCupy
+
+    gpu = EmulatedCupy(emulator, id_emulator)
+    monkeypatch.setattr(kvxfer.devices, "cupy_module", lambda: gpu)
+    monkeypatch.setattr(_cuda, "cupy_module", lambda: gpu)
+    id_launch.clear_caches()
+    spec = KVCacheSpec(num_layers=4, num_blocks=64, block_size=16, num_kv_heads=8, head_dim=128)
+    run = form_of(kernels.plan_kv_copy(spec, spec, [1], [2]))
+    rows = form_of(kernels.plan_kv_copy(spec, spec.replace(layout="NHD"), [1], [2]))
+    assert run is not None and rows is not None
+    by_box = id_launch.prepare(run, 1 << 20, 1 << 21, 0)
+    wave = id_launch.prepare(rows, 1 << 20, 1 << 21, 0)
+    assert by_box.entry == "kvxfer_ids_run_v16" and by_box.num_ctas(10_000) == 10_000
+    resident = 2 * min(65536 // (40 * 32 * 8), 2048 // 256)  # the emulated 2-SM device at 40 registers
+    assert wave.entry == "kvxfer_ids_rows_v16" and wave.num_ctas(10_000) == resident
+    assert by_box.function is not None and by_box.pointers == (np.uint64(by_box.src_addr), np.uint64(by_box.dst_addr))
+    id_launch.clear_caches()
