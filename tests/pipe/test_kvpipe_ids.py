@@ -167,3 +167,13 @@ def test_bad_ids_raise_what_the_table_path_raises_and_launch_nothing(gpu: Emulat
         assert (cluster.d_caches[0] == -7).all()
     finally:
         cluster.close()
+
+
+def test_block_sizes_that_do_not_divide_take_the_table_path(gpu: EmulatedCupy) -> None:
+    cluster = Cluster(1, 1, 8, 16, 24, "HND", "NHD", tokens=45)
+    try:
+        entries = _pull_all(cluster, gpu, True)
+        assert entries and not any(entry.startswith("kvxfer_ids_") for entry in entries)
+        np.testing.assert_array_equal(cluster.d_caches[0], cluster.expected(0))
+    finally:
+        cluster.close()
