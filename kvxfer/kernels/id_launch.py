@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from . import _cuda
 from .id_copy import HEADER_LEN, MAX_COUNT, IdCopyForm, fill_buffer
 from .launch import DEFAULT_TUNING
-from .table_ring import Completion, table_ring
+from .table_ring import Completion, TableRing, table_ring
 
 _CSRC = Path(__file__).with_name("csrc")
 
@@ -38,9 +38,11 @@ class IdLaunch:
     src_addr: int
     dst_addr: int
     header: np.ndarray
-    #: resolved by :func:`prepare` (else looked up per call): the compiled entry, the pointer arguments
+    #: resolved by :func:`prepare` (else looked up per call): the compiled entry, the pointer arguments, the
+    #: device's ring of upload slots
     function: Any = field(default=None, compare=False)
     pointers: tuple[np.uint64, np.uint64] = field(default=(np.uint64(0), np.uint64(0)), compare=False)
+    ring: TableRing | None = field(default=None, compare=False)
 
     def fits(self, num_tokens: int, num_layers: int) -> bool:
         """True when a request of ``num_tokens`` tokens and ``num_layers`` layers stays within the kernel's 32-bit
@@ -84,7 +86,8 @@ def prepare(form: IdCopyForm, src_ptr: int, dst_ptr: int, device: int) -> IdLaun
     if not form.full.contiguous:
         cap = _cuda.resident_ctas_of(int(function.num_regs), device, DEFAULT_TUNING.threads)
     launch = id_launch(form, src_ptr, dst_ptr, cap)
-    return replace(launch, function=function, pointers=(np.uint64(launch.src_addr), np.uint64(launch.dst_addr)))
+    pointers = (np.uint64(launch.src_addr), np.uint64(launch.dst_addr))
+    return replace(launch, function=function, pointers=pointers, ring=table_ring(device))
 
 
 @functools.cache
@@ -139,7 +142,7 @@ def launch_ids(
     form = launch.form
     num_segments = -(-num_tokens // form.small) * form.pieces
     num_boxes = num_segments * len(src_layers) * form.src_spec.num_kv_parts
-    if not launch.fits(num_tokens, len(src_layers)):
+    if num_tokens < 0 or num_tokens + form.small > MAX_COUNT or num_boxes > MAX_COUNT:  # IdLaunch.fits, inlined
         raise ConfigError(f"a KV copy of {num_tokens} tokens and {len(src_layers)} layers is too large for one launch")
     if num_boxes == 0:
         return FINISHED
@@ -156,8 +159,7 @@ def launch_ids(
         function(grid, block, (*pointers, buffer), stream=stream)
 
     entries = HEADER_LEN + len(src_ids) + len(dst_ids) + 2 * len(src_layers)
-    completion = table_ring(device).launch_with(
-        _cuda.cupy_module(), entries, fill, run, stream, lambda: stream, completion=True
-    )
+    ring = launch.ring if launch.ring is not None else table_ring(device)
+    completion = ring.launch_with(_cuda.cupy_module(), entries, fill, run, stream, lambda: stream, completion=True)
     assert completion is not None  # asked for
     return completion
