@@ -230,15 +230,12 @@ def main() -> None:
             if tokens < 1024 and d_tp > 1:
                 continue
             results += _case(cupy, tokens, d_tp, device, args.repeats, args.phases and d_tp == 1)
-    print(
-        f"{'tokens':>6} {'tp':>5} {'route':>7} {'MiB':>7} {'pull()':>8} {'kernel':>8} {'end2end':>8} "
-        f"{'copy':>7} {'ratio':>6} {'beyond':>7}   (us; medians; pull() = call to launch)"
-    )
-    for r in results:
+    for r in results:  # one line per route and size; "median" lines are what scripts/gpu-run.sh summarizes
         print(
-            f"{r['tokens']:>6} {r['tp']:>5} {r['route']:>7} {r['MiB']:>7} {r['pull_host_us_median']:>8} "
-            f"{r['kernel_gpu_us_median']:>8} {r['end_to_end_us_median']:>8} {r['copy_ceiling_us']:>7} "
-            f"{r['ratio_to_copy']!s:>6} {r['beyond_bytes_us']:>7}"
+            f"{r['route']:<6} {r['tokens']:>5} tokens {r['tp']}: pull() median {r['pull_host_us_median']} us "
+            f"(p10 {r['pull_host_us_p10']}), GPU {r['kernel_gpu_us_median']} us, end to end median "
+            f"{r['end_to_end_us_median']} us vs copy {r['copy_ceiling_us']} us of {r['MiB']} MiB: ratio "
+            f"{r['ratio_to_copy']}, beyond the bytes {r['beyond_bytes_us']} us"
         )
     if args.profile:
         _profile(cupy, device, args.repeats)
