@@ -70,6 +70,7 @@ HEADER = (
     "group_shift",
 )
 FIELD = {name: index for index, name in enumerate(HEADER)}
+assert HEADER[:5] == ("num_tokens", "num_src_ids", "num_dst_ids", "num_layers", "num_segments")  # fill_buffer
 HEADER_LEN = len(HEADER)
 #: Largest value of the 32-bit counts the kernel computes with (tokens, ids, boxes, vectors of a box).
 MAX_COUNT = 2**31 - 1
@@ -237,6 +238,7 @@ def fill_buffer(
     n, m, k = len(src_ids), len(dst_ids), len(src_layers)
     end = HEADER_LEN + n + m + 2 * k
     np.concatenate((header, src_ids, dst_ids, src_layers, dst_layers), out=out[:end])  # one pass, no temporary
+    # the per-request fields: HEADER's first five, in order
     out[0] = num_tokens
     out[1] = n
     out[2] = m
@@ -260,9 +262,20 @@ def derive_boxes(buffer: np.ndarray) -> Boxes:
     """The NumPy reference of csrc/id_copy.cu's box derivation: every box of the request in ``buffer`` (from
     :func:`fill_buffer`), computed only from the buffer, step by step as the kernel does it."""
     h = buffer
-    num_tokens, num_src_ids, num_dst_ids = int(h[FIELD["num_tokens"]]), int(h[1]), int(h[2])
-    num_layers, num_segments, num_parts = int(h[3]), int(h[4]), int(h[FIELD["num_parts"]])
-    pieces, most, small = (int(h[FIELD[name]]) for name in ("pieces", "most", "small"))
+    num_tokens, num_src_ids, num_dst_ids, num_layers, num_segments, num_parts, pieces, most, small = (
+        int(h[FIELD[name]])
+        for name in (
+            "num_tokens",
+            "num_src_ids",
+            "num_dst_ids",
+            "num_layers",
+            "num_segments",
+            "num_parts",
+            "pieces",
+            "most",
+            "small",
+        )
+    )
     src_ids = h[HEADER_LEN : HEADER_LEN + num_src_ids]
     dst_ids = h[HEADER_LEN + num_src_ids : HEADER_LEN + num_src_ids + num_dst_ids]
     src_layers = h[HEADER_LEN + num_src_ids + num_dst_ids :][:num_layers]
