@@ -6,15 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from kvxfer.kernels import KVCopyPlan
-from kvxfer.kernels.id_copy import (
-    HEADER_LEN,
-    Boxes,
-    IdCopyForm,
-    buffer_entries,
-    derive_boxes,
-    fill_buffer,
-    id_copy_form,
-)
+from kvxfer.kernels.id_copy import HEADER_LEN, IdCopyForm, buffer_entries, fill_buffer, id_copy_form
+from kvxfer.kernels.id_reference import Boxes, derive_boxes
 from tests.kernels.cases import Case, random_case, random_spec
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32)

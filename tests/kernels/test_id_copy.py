@@ -8,7 +8,8 @@ import pytest
 
 import kvxfer.kernels as kernels
 from kvxfer.kernels import KVCopyPlan, reference
-from kvxfer.kernels.id_copy import Boxes, box_rows, derive_boxes, id_copy_form
+from kvxfer.kernels.id_copy import id_copy_form
+from kvxfer.kernels.id_reference import Boxes, box_rows, derive_boxes
 from kvxfer.spec import KVCacheSpec
 from tests.kernels.cases import random_bytes
 from tests.kernels.id_cases import (

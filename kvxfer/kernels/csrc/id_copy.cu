@@ -1,6 +1,6 @@
 // The KV copy addressed from block ids: every box's source and destination offsets are derived here from the
 // request's block ids, layer ids and the two specs' strides, all in one int64 buffer (kvxfer/kernels/id_copy.py:
-// fill_buffer writes it, derive_boxes is the NumPy reference of kvxfer_ids_box below, line by line).
+// fill_buffer writes it; id_reference.py: derive_boxes is the NumPy reference of kvxfer_ids_box_of, line by line).
 //
 // Compiled after kv_copy.cu (the launcher concatenates the two sources; the host emulation includes both): it
 // uses that file's vector types, loads, stores and digit carries (kvxfer_vec16, kvxfer_load, kvxfer_advance, ...).
@@ -66,7 +66,9 @@ enum kvxfer_ids_field {
 // One header or id entry (read-only for the kernel's life: the buffer is uploaded before the launch).
 __device__ __forceinline__ long long kvxfer_ids_read(const long long* __restrict__ p) { return *p; }
 
-__device__ __forceinline__ long long kvxfer_ids_get(const long long* h, int field) { return kvxfer_ids_read(h + field); }
+__device__ __forceinline__ long long kvxfer_ids_get(const long long* h, int field) {
+    return kvxfer_ids_read(h + field);
+}
 
 // How boxes of one kind are walked: `units` units (0: the box's token count) x `unit_rows` rows x `row_vectors`
 // vectors; strides in bytes. `contiguous`: the box is one run on both sides (unit_rows 1, unit strides = row).
@@ -107,7 +109,7 @@ struct kvxfer_ids_box {
     unsigned int count;
 };
 
-// The reference is id_copy.derive_boxes: the same steps, vectorized over boxes.
+// The reference is id_reference.derive_boxes: the same steps, vectorized over boxes.
 __device__ __forceinline__ kvxfer_ids_box kvxfer_ids_box_of(const long long* h, unsigned int box) {
     const unsigned int num_tokens = (unsigned int)kvxfer_ids_get(h, KVXFER_IDS_NUM_TOKENS);
     const unsigned int num_src_ids = (unsigned int)kvxfer_ids_get(h, KVXFER_IDS_NUM_SRC_IDS);
