@@ -55,12 +55,15 @@ def kernel(entry: str, device: int, tuning: KernelTuning = DEFAULT_TUNING) -> An
 @functools.cache
 def resident_ctas(entry: str, device: int, tuning: KernelTuning = DEFAULT_TUNING) -> int:
     """CTAs of one entry that fit on the whole GPU at once (limited by registers and threads per SM)."""
-    cupy = cupy_module()
-    properties = cupy.cuda.runtime.getDeviceProperties(device)
-    registers = int(kernel(entry, device, tuning).num_regs)
+    return resident_ctas_of(int(kernel(entry, device, tuning).num_regs), device, tuning.threads)
+
+
+def resident_ctas_of(registers: int, device: int, threads: int) -> int:
+    """CTAs of ``threads`` threads using ``registers`` registers each that fit on the whole GPU at once."""
+    properties = cupy_module().cuda.runtime.getDeviceProperties(device)
     warp_registers = -(-registers * 32 // 256) * 256  # allocated per warp in units of 256
-    by_registers = int(properties["regsPerMultiprocessor"]) // (warp_registers * (tuning.threads // 32))
-    by_threads = int(properties["maxThreadsPerMultiProcessor"]) // tuning.threads
+    by_registers = int(properties["regsPerMultiprocessor"]) // (warp_registers * (threads // 32))
+    by_threads = int(properties["maxThreadsPerMultiProcessor"]) // threads
     per_sm = max(1, min(by_registers, by_threads, int(properties.get("maxBlocksPerMultiProcessor", 32))))
     return int(properties["multiProcessorCount"]) * per_sm
 

@@ -23,7 +23,7 @@ from ..control import MAX_KEY
 from ..errors import ConfigError, DescriptorError, RegistrationError
 from ..memory import MemoryKind, Region
 from ..peer import Peer
-from ..spec import KVCacheSpec, as_index_array, has_repeats, selection_ids
+from ..spec import KVCacheSpec, as_index_array, has_repeats, index_array_and_repeats, selection_ids
 from . import checksum
 from .checksum import Checksums
 from .handle import LayerStream, PipeHandle
@@ -79,6 +79,14 @@ class KVPipe:
             self._route(head, agent.peer(peers[head.remote]), specs[head.remote], remote_region, wanted)
             for head in route_heads(local_spec, specs, every_replica=True)
         ]
+        # per-request checks reuse these: every layer (read-only), the fewest blocks of a peer per direction
+        self._all_layers = np.arange(local_spec.num_layers, dtype=np.int64)
+        self._all_layers.setflags(write=False)
+        self._fewest_blocks = {
+            Op.READ: min(r.spec.num_blocks for r in self.routes),
+            Op.WRITE: min(r.spec.num_blocks for r in self.write_routes),
+        }
+        self._strategy_names = self.strategy  # routes are fixed from here on
         self._launcher = Launcher(self.device)
         self._staging = StagingPool(agent, self.device)
         self._strategies = Strategies(agent, self.region, local_spec, self._launcher, self._staging)
@@ -98,6 +106,17 @@ class KVPipe:
         spec.check_fits(region.nbytes, argument=f"peer {peer.name!r} region {region_name!r}")
         backend = self.agent.backend_for(peer, {self.region.kind}, {region.kind})
         return choose_route(heads, self.region, self.spec, self.device, peer, spec, region, backend, wanted)
+
+    @property
+    def gpu_addressing(self) -> bool:
+        """True (the default): kernel routes on a GPU upload a request's block ids and the kernel derives every
+        fragment's address from them and the two specs; False: the host builds fragment tables per request and
+        uploads those (the route before; kept for specs the block-id kernel does not cover, and comparisons)."""
+        return self._strategies.gpu_addressing
+
+    @gpu_addressing.setter
+    def gpu_addressing(self, value: bool) -> None:
+        self._strategies.gpu_addressing = bool(value)
 
     @property
     def strategy(self) -> str:
@@ -181,17 +200,19 @@ class KVPipe:
     ) -> PipeHandle:
         if notify is not None and not isinstance(notify, (bytes, bytearray)):
             raise ConfigError(f"notify must be bytes or None, got {type(notify).__name__}")
-        local_ids = as_index_array(local_ids, "local_block_ids", self.spec.num_blocks)
-        layer_ids = as_index_array(selection_ids(layers, self.spec.num_layers), "layers", self.spec.num_layers)
-        if has_repeats(layer_ids, self.spec.num_layers):
-            raise DescriptorError("layers must not repeat")
+        if op is Op.READ:  # the written side: its repeat check comes from the same sort (raised further down)
+            local_ids, local_repeats = index_array_and_repeats(local_ids, "local_block_ids", self.spec.num_blocks)
+        else:
+            local_ids = as_index_array(local_ids, "local_block_ids", self.spec.num_blocks)
+        if layers is None:
+            layer_ids = self._all_layers
+        else:
+            layer_ids = as_index_array(selection_ids(layers, self.spec.num_layers), "layers", self.spec.num_layers)
+            if has_repeats(layer_ids, self.spec.num_layers):
+                raise DescriptorError("layers must not repeat")
         routes = self.routes if op is Op.READ else self.write_routes
-        tokens = [
-            self._tokens(local_ids, as_index_array(remote_ids, "remote_block_ids", r.spec.num_blocks), r, num_tokens)
-            for r in routes
-        ]
-        remote = as_index_array(remote_ids, "remote_block_ids", min(r.spec.num_blocks for r in routes))
-        if op is Op.READ and has_repeats(local_ids, self.spec.num_blocks):
+        remote, tokens = self._remote_ids(remote_ids, local_ids, routes, self._fewest_blocks[op], num_tokens)
+        if op is Op.READ and local_repeats:
             raise DescriptorError("local_block_ids must not repeat (they are written)")
         if op is Op.WRITE and has_repeats(remote, int(remote.max()) + 1 if remote.size else 0):
             raise DescriptorError("remote_block_ids must not repeat (they are written)")
@@ -218,9 +239,9 @@ class KVPipe:
         deadline = time.monotonic() + limit
         handle: PipeHandle
         if stream_layers:
-            handle = LayerStream(request, steps, deadline, limit, self.strategy, nbytes)
+            handle = LayerStream(request, steps, deadline, limit, self._strategy_names, nbytes)
         else:
-            handle = PipeHandle(steps, deadline, limit, self.strategy, nbytes, request)
+            handle = PipeHandle(steps, deadline, limit, self._strategy_names, nbytes, request)
         self._watcher.watch(handle)
         if stream_key is not None and isinstance(handle, LayerStream):
             try:
@@ -229,6 +250,22 @@ class KVPipe:
                 handle.release()
                 raise
         return handle
+
+    def _remote_ids(
+        self, remote_ids: BlockIds, local_ids: np.ndarray, routes: list[Route], fewest: int, num_tokens: int | None
+    ) -> tuple[np.ndarray, list[int]]:
+        """The remote ids as int64[m] (checked against every route's peer cache) and each route's token count.
+
+        One conversion checked against the smallest peer cache; when that fails, the checks run route by route in
+        their usual order, so the error raised names the same route and bound as ever."""
+        try:
+            remote = as_index_array(remote_ids, "remote_block_ids", fewest)
+        except DescriptorError:
+            for route in routes:
+                checked = as_index_array(remote_ids, "remote_block_ids", route.spec.num_blocks)
+                self._tokens(local_ids, checked, route, num_tokens)
+            raise
+        return remote, [self._tokens(local_ids, remote, route, num_tokens) for route in routes]
 
     def _tokens(self, local_ids: np.ndarray, remote_ids: np.ndarray, route: Route, num_tokens: int | None) -> int:
         capacity = min(len(local_ids) * self.spec.block_size, len(remote_ids) * route.spec.block_size)

@@ -2,7 +2,9 @@
 
 Per rank pair (a route) the pipe picks how bytes move:
 - "kernel": the backend maps the peer's memory here (same process; CUDA IPC over NVLink): one launch reads the
-  peer's blocks and writes ours in place, re-tiling heads, block size and layout on the way;
+  peer's blocks and writes ours in place, re-tiling heads, block size and layout on the way (on a GPU the kernel
+  derives every fragment's address from the request's block ids, kernels/id_copy.py; for block sizes that do not
+  divide one another, or with ``KVPipe.gpu_addressing = False``, it walks tables built on the host);
 - "direct": both caches cut the route's heads into the same fragments: one backend transfer of descriptor pairs
   (a partly filled last block goes row by row, so nothing past ``num_tokens`` is written);
 - "staged": otherwise: the peer's fragments travel into a local staging buffer laid out like them, and a local

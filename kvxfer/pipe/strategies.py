@@ -21,6 +21,7 @@ from .steps import Step, TransferStep
 
 if TYPE_CHECKING:
     from ..agent import Agent
+    from ..kernels.id_launch import IdLaunch
 
 
 class StagedStep(Step):
@@ -62,6 +63,10 @@ class Strategies:
     ) -> None:
         self.agent, self.region, self.spec = agent, region, spec
         self.launcher, self.staging = launcher, staging
+        #: kernel routes on a GPU derive fragment addresses on the GPU from block ids where the specs allow
+        #: (False: every launch walks host-built tables, as before; for comparisons)
+        self.gpu_addressing = True
+        self._id_launches: dict[tuple[int, Op], IdLaunch | None] = {}
 
     def steps(
         self, op: Op, route: Route, local_ids: np.ndarray, remote_ids: np.ndarray, tokens: int, layers: np.ndarray
@@ -98,6 +103,11 @@ class Strategies:
     def _kernel(
         self, op: Op, route: Route, local_ids: np.ndarray, remote_ids: np.ndarray, tokens: int, layers: np.ndarray
     ) -> Step:
+        if self.gpu_addressing and self.launcher.device >= 0:
+            launch = self._id_launch(op, route)
+            if launch is not None and launch.fits(tokens, len(layers)):
+                src_ids, dst_ids = (remote_ids, local_ids) if op is Op.READ else (local_ids, remote_ids)
+                return self.launcher.launch_ids(launch, src_ids, dst_ids, layers, tokens)
         from .. import kernels  # lazy: `import kvxfer` loads no kernel planner
 
         heads, here = route.heads, (self.region.addr, self.region.nbytes)
@@ -126,6 +136,30 @@ class Strategies:
             dst_heads=heads.remote_heads,
         )
         return self.launcher.launch(plan, here, there)
+
+    def _id_launch(self, op: Op, route: Route) -> IdLaunch | None:
+        """The block-id kernel's launch for ``route`` in direction ``op`` (made once per route); None where the
+        table path must plan it: specs the id kernel does not cover, a peer with fewer layers than this cache (the
+        pipe checked layer ids against this cache only), or regions that overlap (the table path checks them)."""
+        key = (id(route), op)
+        if key in self._id_launches:
+            return self._id_launches[key]
+        from ..kernels.id_copy import id_copy_form  # lazy: `import kvxfer` loads no kernel planner
+
+        assert route.mapped is not None  # a kernel route maps the peer region (route.choose_route)
+        heads, here, there = route.heads, (self.region.addr, self.region.nbytes), (route.mapped, route.region.nbytes)
+        if op is Op.READ:
+            form = id_copy_form(route.spec, self.spec, heads.remote_heads, heads.local_heads)
+            source, target = there, here
+        else:
+            form = id_copy_form(self.spec, route.spec, heads.local_heads, heads.remote_heads)
+            source, target = here, there
+        apart = source[0] + source[1] <= target[0] or target[0] + target[1] <= source[0]
+        launch = None
+        if form is not None and route.spec.num_layers >= self.spec.num_layers and apart:
+            launch = self.launcher.prepare_ids(form, source[0], target[0])
+        self._id_launches[key] = launch
+        return launch
 
     def _staged(
         self, op: Op, route: Route, local_ids: np.ndarray, remote_ids: np.ndarray, tokens: int, layers: np.ndarray
