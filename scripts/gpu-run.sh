@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU call made of named stages, run in the order given, each under its own time limit, with a summary last.
-# Usage: OUT=dir scripts/gpu-run.sh STAGE[:seconds] ...   stages: tests quick ab serve timing timing128 engine
+# Usage: OUT=dir scripts/gpu-run.sh STAGE[:seconds] ...   stages: tests quick ab serve timing engine
 # Needs .device/wheels (and .device/baseline for ab, .device/cache for serve); see scripts/gpu-final.sh.
 set -u
 cd "$(dirname "$0")/.."
@@ -23,11 +23,10 @@ for item in "$@"; do
         --concurrency 1,8 --requests 16 --slo-ttft-ms 300 --slo-itl-ms 30 --startup-timeout 60 --log-dir "$out" \
         --json "$out/serve_gpu.json"
       tail -n 30 "$out/serve.log" >>"$summary" ;;
-    timing) stage timing "$limit" python3 scripts/pipe_timing.py --tokens 4096 --repeats 30 --profile
-      grep -E "median|tottime" -A0 "$out/timing.log" >>"$summary"; grep -A 25 "ncalls" "$out/timing.log" >>"$summary" ;;
-    timing128) stage timing128 "$limit" python3 scripts/pipe_timing.py --tokens 128 --repeats 30
-      grep -E "median" "$out/timing128.log" >>"$summary" ;;
-    engine) stage engine "$limit" python3 bench/engine_gpu.py --json "$out/engine_gpu.json"
+    timing) stage timing "$limit" python3 scripts/pipe_timing.py --tokens 4096 128 --tp 1 2 --repeats 30 \
+        --json "$out/pipe_timing.json"
+      grep -E "median" "$out/timing.log" >>"$summary" ;;
+    engine) stage engine "$limit" python3 bench/engine_gpu.py --rounds 3 --json "$out/engine_gpu.json"
       tail -n 25 "$out/engine.log" >>"$summary" ;;
     *) echo "unknown stage $name" >>"$summary" ;;
   esac
