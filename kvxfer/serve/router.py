@@ -1,7 +1,8 @@
 """The router core: admits requests (policy), queues remote prefills, dispatches both legs, streams tokens back.
 
-Everything runs on the asyncio loop of the HTTP server: the control link's thread only appends received messages
-to a deque and wakes the loop, so the router's state is touched by one thread and needs no locks. A sweeper task
+Everything runs on the asyncio loop of the HTTP server, the control link included (it reads and writes its zmq
+socket on the loop: :mod:`kvxfer.serve.control_loop`), so the router's state is touched by one thread and needs no
+locks. A sweeper task
 drops silent workers (their prefills are requeued once, then failed), fails requests past their total deadline,
 and refreshes the gauges.
 """
@@ -13,12 +14,11 @@ import itertools
 import logging
 import os
 import time
-from collections import deque
 from typing import TYPE_CHECKING
 
 from ..errors import QueueFullError, RequeueLimitError
 from . import policy
-from .control import RouterLink
+from .control_loop import LoopRouterLink
 from .metrics import RouterMetrics
 from .openai_schema import ApiError
 from .policy_config import PolicyConfig
@@ -76,9 +76,7 @@ class Router(WorkerReplies):
         self.prefix_index = PrefixIndex()
         self.flights: dict[str, Flight] = {}
         self.draining = False
-        self.link: RouterLink | None = None
-        self._inbox: deque[tuple[bytes, AnyMessage]] = deque()
-        self._wake_scheduled = False
+        self.link: LoopRouterLink | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._ids = itertools.count()
@@ -93,7 +91,7 @@ class Router(WorkerReplies):
         self._loop = asyncio.get_running_loop()
         if self.vocab_size:  # block_hashes builds its table of token texts on first use: not on a request's path
             block_hashes([self.vocab_size - 1] * self.config.block_size, self.config.block_size)
-        self.link = RouterLink(self.control, self._on_link_message)
+        self.link = LoopRouterLink(self.control, self._on_link_message, self._loop)
         self._sweeper = self._loop.create_task(self._sweep())
         return self.link.address
 
@@ -114,7 +112,6 @@ class Router(WorkerReplies):
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self.link is not None:
-            await asyncio.sleep(0.05)  # let the link thread forward the shutdowns
             self.link.close()
             self.link = None
 
@@ -307,25 +304,13 @@ class Router(WorkerReplies):
             flight, decode.name, Generate(flight.rid, flight.prompt, flight.sampling, flight.deadline_s)
         )
 
-    # -- messages from workers (link thread -> loop) ---------------------------------------------------------------
+    # -- messages from workers (on the loop: the link reads its socket there) ---------------------------------------
 
     def _on_link_message(self, identity: bytes, message: AnyMessage) -> None:
-        self._inbox.append((identity, message))
-        if not self._wake_scheduled and self._loop is not None:
-            self._wake_scheduled = True
-            try:
-                self._loop.call_soon_threadsafe(self._drain_inbox)
-            except RuntimeError:  # the loop is closed: we are shutting down
-                pass
-
-    def _drain_inbox(self) -> None:
-        self._wake_scheduled = False
-        while self._inbox:
-            identity, message = self._inbox.popleft()
-            try:
-                self._handle(identity.decode("utf-8", "replace"), message)
-            except Exception:  # one bad message must not stop the router; logged with its traceback
-                logger.exception("router: handling %s from %r failed", type(message).__name__, identity)
+        try:
+            self._handle(identity.decode("utf-8", "replace"), message)
+        except Exception:  # one bad message must not stop the router; logged with its traceback
+            logger.exception("router: handling %s from %r failed", type(message).__name__, identity)
 
     def _handle(self, sender: str, message: AnyMessage) -> None:
         if isinstance(message, Tokens):
