@@ -9,10 +9,12 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from . import backends as backend_registry
-from .arguments import check_agent_arguments
+from .arguments import check_agent_arguments, check_payload
 from .backends.base import Backend, BackendContext, Op
 from .control import PREFIX as CONTROL_PREFIX
 from .control import ControlChannel, Service, ServiceT
@@ -32,9 +34,11 @@ from .inbox import Inbox
 from .limits import Limits, check_timeout
 from .memory import MemoryKind, Region, check_writable
 from .metadata import AgentMetadata, RegionMeta
-from .peer import Peer, check_not_replayed, enroll
+from .nonces import NonceBook
+from .peer import Peer, check_not_replayed, connected_tag, enroll
 from .plan import TransferPlan, check_pair_sizes
 from .registry import RegionRegistry
+from .senders import BYE, HEAD_NBYTES, HELLO, SenderBook, SenderKeys
 from .sidechannel import SideChannelServer, fetch_metadata
 from .signature import is_envelope, open_metadata, sign_metadata
 
@@ -81,6 +85,11 @@ class Agent:
         #: kvxfer's own control messages (leases, layer announcements, connector notes) to and from peers
         self.control = ControlChannel(name, self.notify)
         self._inbox = Inbox(name, self.limits)
+        self._nonces = NonceBook(self.limits.handshake_nonces, self.limits.metadata_max_age)  # signed envelopes
+        self._keys = SenderKeys(self.uid)  # notifications carry a per-receiver key; the book binds sender names
+        self._senders = SenderBook(
+            self.limits.notification_senders, partial(connected_tag, self._peers), self._inbox.count_dropped
+        )
         self._regions = RegionRegistry()
         self._active: set[TransferHandle] = set()
         context = BackendContext(
@@ -91,7 +100,7 @@ class Agent:
             self.timeouts,
             self._deliver,
             self._peer_lost,
-            limits=self.limits,
+            limits=replace(self.limits, notification_nbytes=self.limits.notification_nbytes + HEAD_NBYTES),
             count_dropped=self._inbox.count_dropped,
         )
         self._backends = backend_registry.create_all(backends, context)
@@ -228,7 +237,7 @@ class Agent:
         that claims to come from this process must match what that agent really registered (docs/security.md)."""
         self._check_open()
         if token is not None:
-            metadata = open_metadata(metadata, token, self.limits.metadata_max_age)
+            metadata = open_metadata(metadata, token, self.limits.metadata_max_age, self._nonces)
         elif is_envelope(metadata):
             raise HandshakeError("metadata is signed: pass the token that verifies it, connect(meta, token=...)")
         meta = AgentMetadata.decode(metadata)
@@ -243,7 +252,9 @@ class Agent:
                 self.disconnect(old)
             peer = Peer(meta, [])
             peer.attach(self._backends, self.name, self.host_id, self.pid)
+            peer.notify_header = self._keys.header(meta.uid)
             self._peers[meta.name] = peer
+        self._keys.announce(peer, HELLO)
         logger.info("agent %s connected to %s via %s", self.name, meta.name, [b.caps.name for b in peer.backends])
         return peer
 
@@ -258,6 +269,8 @@ class Agent:
     def disconnect(self, peer: Peer | str) -> None:
         """Forget ``peer``; transfers still in flight with it fail."""
         peer = self.peer(peer)
+        if peer.connected:
+            self._keys.announce(peer, BYE)
         with self._lock:
             for backend in peer.backends:
                 backend.disconnect(peer)
@@ -334,17 +347,13 @@ class Agent:
         if not isinstance(plan, TransferPlan):
             raise UsageError(f"plan must be a TransferPlan from Agent.plan, got {type(plan).__name__}")
         plan.check_owner(self)
-        if notify is not None and not isinstance(notify, (bytes, bytearray)):
-            raise ConfigError(f"notify must be bytes or None, got {type(notify).__name__}")
-        if notify is not None and len(notify) > self.limits.notification_nbytes:
-            raise ConfigError(
-                f"notify of {len(notify)} bytes is over Limits.notification_nbytes = {self.limits.notification_nbytes}"
-            )
+        if notify is not None:
+            notify = plan.peer.notify_header + check_payload(notify, self.limits, "notify")
         limit = check_timeout(timeout)
         plan.check_destination(op)
         self._regions.check_live(plan.local_regions)
         deadline = time.monotonic() + (self.timeouts.transfer if limit is None else limit)
-        request = plan.backend.post(op, plan, None if notify is None else bytes(notify))
+        request = plan.backend.post(op, plan, notify)
         handle = TransferHandle(
             self, plan.backend, request, op, plan.nbytes, deadline, self._on_final, regions=plan.local_regions
         )
@@ -373,16 +382,10 @@ class Agent:
         """Send ``peer`` a standalone message (no data attached), of at most ``Limits.notification_nbytes``."""
         self._check_open()
         peer = self.peer(peer)
-        if not isinstance(payload, (bytes, bytearray)):
-            raise ConfigError(f"payload must be bytes, got {type(payload).__name__}")
-        if len(payload) > self.limits.notification_nbytes:
-            raise ConfigError(
-                f"payload of {len(payload)} bytes is over Limits.notification_nbytes = "
-                f"{self.limits.notification_nbytes}"
-            )
+        framed = peer.notify_header + check_payload(payload, self.limits, "payload")
         if not peer.connected:
             raise PeerError(f"peer {peer.name!r} is disconnected ({peer.lost_reason})", peer.name)
-        peer.backends[0].send_notification(peer, bytes(payload))
+        peer.backends[0].send_notification(peer, framed)
 
     def subscribe(self, prefix: bytes, callback: Callable[[Notification], None]) -> None:
         """Hand notifications whose payload starts with ``prefix`` to ``callback(notification)`` (called from a
@@ -412,7 +415,11 @@ class Agent:
 
     def _deliver(self, notification: Notification) -> None:
         """Backends hand every notification here (any thread): control messages to :attr:`control`, the rest to
-        the bounded inbox."""
+        the bounded inbox, once the sender's name checks out (senders.py)."""
+        payload = self._senders.open(notification.peer_name, notification.payload)
+        if payload is None:
+            return
+        notification = Notification(notification.peer_name, payload)
         if notification.payload.startswith(CONTROL_PREFIX):
             if len(notification.payload) > self.limits.notification_nbytes:
                 self._inbox.deliver(notification)  # counted and dropped there as oversized

@@ -36,3 +36,14 @@ def check_agent_arguments(
             "token= protects the side channel, which needs listen=; pass connect_to(address, "
             "token=...) to present a token to a peer"
         )
+
+
+def check_payload(payload: Any, limits: Limits, argument: str) -> bytes:
+    """``payload`` as bytes when it is bytes of at most ``Limits.notification_nbytes``; ConfigError otherwise."""
+    if not isinstance(payload, (bytes, bytearray)):
+        raise ConfigError(f"{argument} must be bytes, got {type(payload).__name__}")
+    if len(payload) > limits.notification_nbytes:
+        raise ConfigError(
+            f"{argument} of {len(payload)} bytes is over Limits.notification_nbytes = {limits.notification_nbytes}"
+        )
+    return bytes(payload)

@@ -11,6 +11,7 @@ from .errors import HandshakeError, KvxferError, PeerError
 from .memory import RemoteRegion
 from .metadata import AgentMetadata
 from .plan import RegionTable
+from .senders import uid_tag
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -90,6 +91,12 @@ def check_not_replayed(meta: AgentMetadata, me: Agent) -> AgentMetadata:
     return real
 
 
+def connected_tag(peers: dict[str, Peer], name: str) -> bytes | None:
+    """The uid tag of the connected peer named ``name`` in ``peers``, or None (senders.py binds names to it)."""
+    peer = peers.get(name)
+    return peer.uid_tag if peer is not None and peer.connected else None
+
+
 class Peer:
     """A connected remote agent: its name, metadata, regions, and the backends that can reach it."""
 
@@ -99,6 +106,10 @@ class Peer:
         self.backends = backends
         self.connected = True
         self.lost_reason: str | None = None
+        #: the tag of the peer's uid its notifications must carry (senders.py)
+        self.uid_tag = uid_tag(meta.uid)
+        #: what our agent puts before every notification it sends this peer (set by Agent.connect)
+        self.notify_header = b""
         self._regions = {
             r.name: RemoteRegion(r.name, r.index, r.addr, r.nbytes, r.kind, r.device, self, r.keys)
             for r in meta.regions
