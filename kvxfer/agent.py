@@ -21,7 +21,6 @@ from .control import ControlChannel, Service, ServiceT
 from .descs import Descs
 from .environment import host_id as default_host_id
 from .errors import (
-    BackendUnavailableError,
     ConfigError,
     DescriptorError,
     HandshakeError,
@@ -40,7 +39,7 @@ from .plan import TransferPlan, check_pair_sizes
 from .registry import RegionRegistry
 from .senders import BYE, HEAD_NBYTES, HELLO, SenderBook, SenderKeys
 from .sidechannel import SideChannelServer, fetch_metadata
-from .signature import is_envelope, open_metadata, sign_metadata
+from .signature import is_envelope, open_metadata, sign_metadata, token_key
 
 logger = logging.getLogger("kvxfer")
 
@@ -88,7 +87,10 @@ class Agent:
         self._nonces = NonceBook(self.limits.handshake_nonces, self.limits.metadata_max_age)  # signed envelopes
         self._keys = SenderKeys(self.uid)  # notifications carry a per-receiver key; the book binds sender names
         self._senders = SenderBook(
-            self.limits.notification_senders, partial(connected_tag, self._peers), self._inbox.count_dropped
+            self.limits.notification_senders,
+            partial(connected_tag, self._peers),
+            self._inbox.count_dropped,
+            token_key(token),
         )
         self._regions = RegionRegistry()
         self._active: set[TransferHandle] = set()
@@ -240,6 +242,10 @@ class Agent:
             metadata = open_metadata(metadata, token, self.limits.metadata_max_age, self._nonces)
         elif is_envelope(metadata):
             raise HandshakeError("metadata is signed: pass the token that verifies it, connect(meta, token=...)")
+        return self._connect(metadata, token)
+
+    def _connect(self, metadata: bytes, token: str | None) -> Peer:
+        """Connect to authenticated (under ``token``) or unauthenticated (None) ``metadata``."""
         meta = AgentMetadata.decode(metadata)
         if meta.compat != self.compat:
             raise HandshakeError(
@@ -252,7 +258,7 @@ class Agent:
                 self.disconnect(old)
             peer = Peer(meta, [])
             peer.attach(self._backends, self.name, self.host_id, self.pid)
-            peer.notify_header = self._keys.header(meta.uid)
+            peer.notify_header = self._keys.header(meta.uid, self.name, token_key(token))
             self._peers[meta.name] = peer
         self._keys.announce(peer, HELLO)
         logger.info("agent %s connected to %s via %s", self.name, meta.name, [b.caps.name for b in peer.backends])
@@ -264,7 +270,7 @@ class Agent:
         answer is authenticated) before any byte of it is decoded."""
         self._check_open()
         limit = check_timeout(timeout)
-        return self.connect(fetch_metadata(address, token, self.timeouts.connect if limit is None else limit))
+        return self._connect(fetch_metadata(address, token, self.timeouts.connect if limit is None else limit), token)
 
     def disconnect(self, peer: Peer | str) -> None:
         """Forget ``peer``; transfers still in flight with it fail."""
@@ -325,14 +331,7 @@ class Agent:
     def backend_for(self, peer: Peer, local_kinds: Iterable[MemoryKind], remote_kinds: Iterable[MemoryKind]) -> Backend:
         """The preferred backend of ``peer`` that moves every pair of memory kinds (local kind, remote kind);
         BackendUnavailableError when none does."""
-        pairs = [(a, b) for a in local_kinds for b in remote_kinds]
-        for backend in sorted(peer.backends, key=lambda b: -b.caps.preference):
-            if all(backend.caps.supports(a, b) for a, b in pairs):
-                return backend
-        raise BackendUnavailableError(
-            f"no backend moves {sorted(str(a.value) + '->' + str(b.value) for a, b in pairs)} with peer "
-            f"{peer.name!r}; reachable: {[b.caps.name for b in peer.backends]}"
-        )
+        return peer.backend_for(local_kinds, remote_kinds)
 
     def read(self, plan: TransferPlan, notify: bytes | None = None, timeout: float | None = None) -> TransferHandle:
         """Pull the peer's bytes into local memory. ``notify`` reaches the peer after the data moved."""

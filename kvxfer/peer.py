@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from .errors import HandshakeError, KvxferError, PeerError
-from .memory import RemoteRegion
+from .errors import BackendUnavailableError, HandshakeError, KvxferError, PeerError
+from .memory import MemoryKind, RemoteRegion
 from .metadata import AgentMetadata
 from .plan import RegionTable
 from .senders import uid_tag
@@ -141,6 +141,18 @@ class Peer:
                 f"{sorted(self.meta.backends)} (host {self.meta.host_id!r}, pid {self.meta.pid})",
                 self.name,
             )
+
+    def backend_for(self, local_kinds: Iterable[MemoryKind], remote_kinds: Iterable[MemoryKind]) -> Backend:
+        """The preferred backend reaching this peer that moves every pair of memory kinds (local, remote);
+        BackendUnavailableError when none does."""
+        pairs = [(a, b) for a in local_kinds for b in remote_kinds]
+        for backend in sorted(self.backends, key=lambda b: -b.caps.preference):
+            if all(backend.caps.supports(a, b) for a, b in pairs):
+                return backend
+        raise BackendUnavailableError(
+            f"no backend moves {sorted(str(a.value) + '->' + str(b.value) for a, b in pairs)} with peer "
+            f"{self.name!r}; reachable: {[b.caps.name for b in self.backends]}"
+        )
 
     def region(self, name: str) -> RemoteRegion:
         """The peer's region registered under ``name``."""

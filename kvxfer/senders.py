@@ -3,15 +3,18 @@
 Backends report a notification's sender by a name that, over the network, is only a claim (UCX carries the name
 inside the message). So the agent frames every notification it sends (backends carry opaque bytes)::
 
-    b"KVN" + kind (1 byte) + sender uid tag (16 bytes) + key (16 bytes) + payload
+    b"KVN" + kind (1 byte) + sender uid tag (16 bytes) + key (16 bytes) + certificate (16 bytes) + payload
 
 ``uid tag``: the first 16 bytes of SHA-256 of the sender agent's uid. ``key``: 16 bytes derived from a random
 secret of the sending agent and the *receiver's* uid (HMAC-SHA256), so every (sender, receiver) pair has its own
 key and a receiver cannot replay the key it was given to speak as that sender to a third agent. ``kind``: DATA
 (deliver the payload), HELLO (sent when the sender connects: it binds the name before any data flows) or BYE (sent
-when it disconnects: it releases the name).
+when it disconnects: it releases the name). ``certificate``: when the sender connected under a token, an HMAC under
+it of (sender name, uid tag, key); zeros otherwise.
 
-The receiver (:class:`SenderBook`) binds a name to the first (uid tag, key) that speaks under it and then drops
+The receiver (:class:`SenderBook`) binds a name to the first (uid tag, key) that speaks under it — when the
+receiver has a token (``Agent(listen=..., token=...)``), only one whose certificate verifies under it, so only
+token holders can bind names ("unauthenticated sender" otherwise) — and then drops
 and counts (reason "sender mismatch") every notification claiming that name with another key; a BYE under the
 bound key releases the name. A name bound to one agent instance passes to another uid only when the receiver is
 itself connected to that name and the metadata it accepted carries the new uid (the peer restarted and was
@@ -38,10 +41,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("kvxfer")
 
-HEAD_NBYTES = 36
+HEAD_NBYTES = 52
 _MAGIC = b"KVN"
 DATA, HELLO, BYE = 0, 1, 2
 _KEY_DOMAIN = b"kvxfer-notification-key\0"
+_CERT_DOMAIN = b"kvxfer-notification-sender\0"
+
+
+def _certificate(token_key: bytes, name: str, tag: bytes, key: bytes) -> bytes:
+    if not token_key:
+        return bytes(16)
+    return hmac.new(token_key, _CERT_DOMAIN + name.encode() + b"\0" + tag + key, hashlib.sha256).digest()[:16]
 
 
 def uid_tag(uid: str) -> bytes:
@@ -56,16 +66,19 @@ class SenderKeys:
         self._tag = uid_tag(uid)
         self._secret = os.urandom(32)
 
-    def header(self, receiver_uid: str, kind: int = DATA) -> bytes:
-        """The frame header of a notification of ``kind`` to the agent whose uid is ``receiver_uid``."""
+    def header(self, receiver_uid: str, name: str = "", token_key: bytes = b"", kind: int = DATA) -> bytes:
+        """The frame header of a notification of ``kind`` from the agent called ``name`` to the agent whose uid
+        is ``receiver_uid``, certified under ``token_key`` (the token the connection was authenticated under; b"":
+        none)."""
         key = hmac.new(self._secret, _KEY_DOMAIN + receiver_uid.encode(), hashlib.sha256).digest()[:16]
-        return _MAGIC + bytes((kind,)) + self._tag + key
+        return _MAGIC + bytes((kind,)) + self._tag + key + _certificate(token_key, name, self._tag, key)
 
     def announce(self, peer: Peer, kind: int) -> None:
         """Tell ``peer`` that we start (HELLO) or stop (BYE) speaking to it under our name; best effort (a peer
         that misses a HELLO binds us at our first notification; one that misses a BYE keeps the name bound)."""
+        frame = peer.notify_header[:3] + bytes((kind,)) + peer.notify_header[4:]
         try:
-            peer.backends[0].send_notification(peer, self.header(peer.meta.uid, kind))
+            peer.backends[0].send_notification(peer, frame)
         except (KvxferError, OSError) as error:
             logger.debug("could not announce kind %d to %s: %s", kind, peer.name, error)
 
@@ -81,12 +94,18 @@ class SenderBook:
 
     ``connected_tag(name)``: the uid tag of the connected peer named ``name`` (from the metadata this agent
     accepted), or None when it is not connected to one. ``count_dropped(reason)``: counts a refused frame.
+    ``token_key``: this agent's token (b"": none); with one, a name is bound only under a valid certificate.
     """
 
     def __init__(
-        self, capacity: int, connected_tag: Callable[[str], bytes | None], count_dropped: Callable[[str], None]
+        self,
+        capacity: int,
+        connected_tag: Callable[[str], bytes | None],
+        count_dropped: Callable[[str], None],
+        token_key: bytes = b"",
     ) -> None:
         self._capacity = capacity
+        self._token_key = token_key
         self._connected_tag = connected_tag
         self._count_dropped = count_dropped
         self._bindings: dict[str, _Binding] = {}
@@ -115,6 +134,11 @@ class SenderBook:
                 self._count_dropped("sender mismatch")
                 return None
             elif kind != BYE:  # a new name, or a peer we reconnected to under a new uid
+                if self._token_key and not hmac.compare_digest(
+                    frame[36:52], _certificate(self._token_key, name, tag, key)
+                ):
+                    self._count_dropped("unauthenticated sender")
+                    return None
                 if bound is None and len(self._bindings) >= self._capacity:
                     self._count_dropped("senders full")
                     return None

@@ -24,9 +24,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 _CHILD = textwrap.dedent("""
     import os, sys, kvxfer
     from kvxfer.senders import uid_tag
-    name, address = sys.argv[1], sys.argv[2]
+    name, address, token = sys.argv[1], sys.argv[2], (sys.argv[3:] or [None])[0]
     with kvxfer.Agent(name, backends=["ucx"]) as agent:
-        peer = agent.connect_to(address, timeout=30)
+        if address.startswith("meta="):  # metadata handed over out of band, connected without a token
+            peer = agent.connect(bytes.fromhex(address[5:]))
+        else:
+            peer = agent.connect_to(address, token=token, timeout=30)
         backend = peer.backends[0]
         print(agent.uid, flush=True)
         for line in sys.stdin:
@@ -41,7 +44,7 @@ _CHILD = textwrap.dedent("""
             elif verb == "forge":
                 claimed, uid, text = rest.split(" ", 2)
                 backend.attached_context().agent_name = claimed
-                frame = b"KVN\\x00" + uid_tag(uid) + os.urandom(16) + text.encode()
+                frame = b"KVN\\x00" + uid_tag(uid) + os.urandom(16) + bytes(16) + text.encode()
                 backend.send_notification(peer, frame)
                 backend.attached_context().agent_name = name
             print("ok", flush=True)
@@ -49,9 +52,9 @@ _CHILD = textwrap.dedent("""
 
 
 class _Child:
-    def __init__(self, name: str, address: str) -> None:
+    def __init__(self, name: str, address: str, token: str | None = None) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, name, address],
+            [sys.executable, "-c", _CHILD, name, address, *([token] if token else [])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -128,7 +131,7 @@ def test_a_receiver_connected_to_a_name_accepts_only_that_peers_uid_there():
         to_receiver = x.connect(receiver.metadata())
         x_backend = to_receiver.backends[0]
         keys = SenderKeys(y.uid)  # y's uid tag (public: it is in y's metadata) with a key of x's choosing
-        forged = keys.header(receiver.uid)[:20] + bytes(16) + b"forged"
+        forged = keys.header(receiver.uid)[:20] + bytes(32) + b"forged"
         x_backend.attached_context.agent_name = "y"
         x_backend.send_notification(to_receiver, to_receiver.notify_header + b"forged-x-frame")
         x_backend.attached_context.agent_name = "x"
@@ -151,10 +154,10 @@ def test_the_book_binds_releases_and_rebinds_only_as_documented():
     assert book.open("a", second.header("me") + b"q") is None  # another instance: refused
     assert book.open("a", first.header("other-receiver") + b"r") is None  # a key meant for someone else
     assert dropped == ["sender mismatch", "sender mismatch"]
-    assert book.open("a", second.header("me", BYE)) is None and book.bound("a")  # only the holder releases
-    assert book.open("a", first.header("me", BYE)) is None and not book.bound("a")
-    assert book.open("a", second.header("me", HELLO)) is None and book.bound("a")
-    assert book.open("a", second.header("me", DATA) + b"s") == b"s"
+    assert book.open("a", second.header("me", kind=BYE)) is None and book.bound("a")  # only the holder releases
+    assert book.open("a", first.header("me", kind=BYE)) is None and not book.bound("a")
+    assert book.open("a", second.header("me", kind=HELLO)) is None and book.bound("a")
+    assert book.open("a", second.header("me", kind=DATA) + b"s") == b"s"
     connected["a"] = uid_tag("uid-1")  # we reconnected to "a" and its metadata says uid-1: it may rebind
     assert book.open("a", first.header("me") + b"t") == b"t"
     assert book.open("a", second.header("me") + b"u") is None
@@ -171,3 +174,37 @@ def test_a_same_process_agent_that_closes_releases_its_name():
                 worker.notify(worker.connect(receiver.metadata()), b"round %d" % round_)
         assert [n.payload for n in receiver.notifications()] == [b"round 0", b"round 1", b"round 2"]
         assert receiver.dropped_notifications == {}
+
+
+def test_with_a_token_only_token_holders_bind_names():
+    dropped: list[str] = []
+    book = SenderBook(16, lambda name: None, dropped.append, token_key=b"s3cret")
+    keys = SenderKeys("uid-1")
+    assert book.open("a", keys.header("me") + b"p") is None  # no certificate
+    assert book.open("a", keys.header("me", "a", b"other") + b"p") is None  # certified under another token
+    assert book.open("b", keys.header("me", "a", b"s3cret") + b"p") is None  # certified for another name
+    assert dropped == ["unauthenticated sender"] * 3 and not book.bound("a") and not book.bound("b")
+    assert book.open("a", keys.header("me", "a", b"s3cret") + b"p") == b"p"
+    assert book.open("a", keys.header("me") + b"q") == b"q"  # bound: the key alone identifies it from now on
+
+
+@pytest.mark.ucx
+@pytest.mark.timeout(120)
+def test_with_a_token_a_peer_without_it_cannot_bind_a_name():
+    token = "s3cret"
+    with kvxfer.Agent("receiver", backends=["ucx"], listen="127.0.0.1:0", token=token) as receiver:
+        receiver.register(np.zeros(4096, np.uint8), name="kv")
+        address = receiver.listen_address
+        assert address is not None
+        x = _Child("x", address, token)
+        w = _Child("w", "meta=" + receiver.metadata().hex())  # has the metadata, not the token
+        try:
+            w.do("say w-1")
+            x.do("as w forged-as-w")  # x holds the token, but its certificate names x
+            x.do("say x-1")
+            notes = _collect(receiver, b"x-1")
+        finally:
+            x.close()
+            w.close()
+        assert notes == [("x", b"x-1")]
+        assert receiver.dropped_notifications == {"unauthenticated sender": 3}  # w's HELLO, w-1, the forgery
