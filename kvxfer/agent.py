@@ -14,14 +14,13 @@ from functools import partial
 from typing import Any
 
 from . import backends as backend_registry
-from .arguments import check_agent_arguments, check_payload
+from .arguments import check_agent_arguments, check_payload, check_subscription
 from .backends.base import Backend, BackendContext, Op
 from .control import PREFIX as CONTROL_PREFIX
 from .control import ControlChannel, Service, ServiceT
 from .descs import Descs
 from .environment import host_id as default_host_id
 from .errors import (
-    ConfigError,
     DescriptorError,
     HandshakeError,
     PeerError,
@@ -254,7 +253,8 @@ class Agent:
         meta = check_not_replayed(meta, self)
         with self._lock:
             old = self._peers.get(meta.name)
-            if old is not None:
+            if old is not None:  # the same instance again: no BYE, so its name stays bound to us there
+                old.connected = old.connected and old.meta.uid != meta.uid
                 self.disconnect(old)
             peer = Peer(meta, [])
             peer.attach(self._backends, self.name, self.host_id, self.pid)
@@ -374,7 +374,8 @@ class Agent:
 
     @property
     def dropped_notifications(self) -> dict[str, int]:
-        """Incoming notifications dropped over ``limits`` so far, by reason ("oversized", "queue full")."""
+        """Incoming notifications dropped so far, by reason: over ``limits`` ("oversized", "queue full", "senders
+        full"), or a sender name that does not check out ("sender mismatch", "unauthenticated sender", "unframed")."""
         return dict(self._inbox.dropped)
 
     def notify(self, peer: Peer | str, payload: bytes) -> None:
@@ -391,15 +392,7 @@ class Agent:
         backend thread) instead of :meth:`notifications`. kvxfer's own control messages use b"kvx:" (reserved:
         they go to :attr:`control`)."""
         self._check_open()
-        if not isinstance(prefix, bytes) or not prefix:
-            raise ConfigError(f"prefix must be non-empty bytes, got {prefix!r}")
-        if prefix.startswith(CONTROL_PREFIX) or CONTROL_PREFIX.startswith(prefix):
-            raise ConfigError(
-                f"prefix {prefix!r} overlaps kvxfer's control messages ({CONTROL_PREFIX!r}); use "
-                "agent.control for those"
-            )
-        if not callable(callback):
-            raise ConfigError(f"callback must be callable, got {type(callback).__name__}")
+        check_subscription(prefix, callback, CONTROL_PREFIX)
         self._inbox.subscribe(prefix, callback)
 
     def service(self, kind: type[ServiceT]) -> ServiceT:

@@ -47,3 +47,14 @@ def check_payload(payload: Any, limits: Limits, argument: str) -> bytes:
             f"{argument} of {len(payload)} bytes is over Limits.notification_nbytes = {limits.notification_nbytes}"
         )
     return bytes(payload)
+
+
+def check_subscription(prefix: Any, callback: Any, reserved: bytes) -> None:
+    """ConfigError unless ``prefix`` is non-empty bytes that does not overlap ``reserved`` (kvxfer's control
+    messages) and ``callback`` is callable."""
+    if not isinstance(prefix, bytes) or not prefix:
+        raise ConfigError(f"prefix must be non-empty bytes, got {prefix!r}")
+    if prefix.startswith(reserved) or reserved.startswith(prefix):
+        raise ConfigError(f"prefix {prefix!r} overlaps kvxfer's control messages ({reserved!r}); use agent.control")
+    if not callable(callback):
+        raise ConfigError(f"callback must be callable, got {type(callback).__name__}")

@@ -30,6 +30,7 @@ import hmac
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -46,6 +47,7 @@ _MAGIC = b"KVN"
 DATA, HELLO, BYE = 0, 1, 2
 _KEY_DOMAIN = b"kvxfer-notification-key\0"
 _CERT_DOMAIN = b"kvxfer-notification-sender\0"
+_LOG_EVERY_SECONDS = 5.0
 
 
 def _certificate(token_key: bytes, name: str, tag: bytes, key: bytes) -> bytes:
@@ -110,40 +112,48 @@ class SenderBook:
         self._count_dropped = count_dropped
         self._bindings: dict[str, _Binding] = {}
         self._lock = threading.Lock()
+        self._last_log = 0.0
 
     def open(self, name: str, frame: bytes) -> bytes | None:
         """The payload of ``frame``, claimed to come from ``name``, when it is a DATA frame from the agent bound to
         that name; None otherwise (a refused frame is counted; HELLO and BYE are consumed here)."""
         if len(frame) < HEAD_NBYTES or frame[:3] != _MAGIC or frame[3] > BYE:
-            self._count_dropped("unframed")
+            self._refuse("unframed", name)
             return None
         kind, tag, key = frame[3], frame[4:20], frame[20:36]
         anchor = self._connected_tag(name)
         if anchor is not None and not hmac.compare_digest(anchor, tag):
-            self._count_dropped("sender mismatch")
+            self._refuse("sender mismatch", name)
             return None
         with self._lock:
             bound = self._bindings.get(name)
             if bound is not None and hmac.compare_digest(bound.tag, tag):
                 if not hmac.compare_digest(bound.key, key):
-                    self._count_dropped("sender mismatch")
+                    self._refuse("sender mismatch", name)
                     return None
                 if kind == BYE:
                     del self._bindings[name]
             elif bound is not None and anchor is None:  # another instance holds the name
-                self._count_dropped("sender mismatch")
+                self._refuse("sender mismatch", name)
                 return None
             elif kind != BYE:  # a new name, or a peer we reconnected to under a new uid
                 if self._token_key and not hmac.compare_digest(
                     frame[36:52], _certificate(self._token_key, name, tag, key)
                 ):
-                    self._count_dropped("unauthenticated sender")
+                    self._refuse("unauthenticated sender", name)
                     return None
                 if bound is None and len(self._bindings) >= self._capacity:
-                    self._count_dropped("senders full")
+                    self._refuse("senders full", name)
                     return None
                 self._bindings[name] = _Binding(bytes(tag), bytes(key))
         return frame[HEAD_NBYTES:] if kind == DATA else None
+
+    def _refuse(self, reason: str, name: str) -> None:
+        self._count_dropped(reason)
+        now = time.monotonic()
+        if now - self._last_log >= _LOG_EVERY_SECONDS:  # a flood of forgeries must not flood the log too
+            self._last_log = now
+            logger.warning("dropped a notification claiming to come from %r: %s", name, reason)
 
     def bound(self, name: str) -> bool:
         """True while ``name`` is bound to an agent instance."""

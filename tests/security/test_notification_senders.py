@@ -208,3 +208,14 @@ def test_with_a_token_a_peer_without_it_cannot_bind_a_name():
             w.close()
         assert notes == [("x", b"x-1")]
         assert receiver.dropped_notifications == {"unauthenticated sender": 3}  # w's HELLO, w-1, the forgery
+
+
+def test_reconnecting_to_the_same_receiver_keeps_the_name_bound():
+    with kvxfer.Agent("receiver", backends=["local"]) as receiver, kvxfer.Agent("y", backends=["local"]) as y:
+        y.connect(receiver.metadata())
+        peer = y.connect(receiver.metadata())  # the same receiver again: no BYE in between
+        assert receiver._senders.bound("y")
+        y.notify(peer, b"after reconnect")
+        assert [(n.peer_name, n.payload) for n in receiver.notifications()] == [("y", b"after reconnect")]
+        y.disconnect(peer)
+        assert not receiver._senders.bound("y")  # an explicit disconnect releases the name
