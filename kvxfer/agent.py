@@ -375,7 +375,7 @@ class Agent:
     @property
     def dropped_notifications(self) -> dict[str, int]:
         """Incoming notifications dropped so far, by reason: over ``limits`` ("oversized", "queue full", "senders
-        full"), or a sender name that does not check out ("sender mismatch", "unauthenticated sender", "unframed")."""
+        full"), or a sender name that does not check out ("sender mismatch", "unframed")."""
         return dict(self._inbox.dropped)
 
     def notify(self, peer: Peer | str, payload: bytes) -> None:

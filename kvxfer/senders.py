@@ -12,15 +12,17 @@ key and a receiver cannot replay the key it was given to speak as that sender to
 when it disconnects: it releases the name). ``certificate``: when the sender connected under a token, an HMAC under
 it of (sender name, uid tag, key); zeros otherwise.
 
-The receiver (:class:`SenderBook`) binds a name to the first (uid tag, key) that speaks under it — when the
-receiver has a token (``Agent(listen=..., token=...)``), only one whose certificate verifies under it, so only
-token holders can bind names ("unauthenticated sender" otherwise) — and then drops
+The receiver (:class:`SenderBook`) binds a name to the first (uid tag, key) that speaks under it and then drops
 and counts (reason "sender mismatch") every notification claiming that name with another key; a BYE under the
 bound key releases the name. A name bound to one agent instance passes to another uid only when the receiver is
 itself connected to that name and the metadata it accepted carries the new uid (the peer restarted and was
-reconnected). While the receiver is connected to a name, only the uid in that peer's metadata may bind it. The
-book holds at most ``Limits.notification_senders`` names; new names beyond that are dropped ("senders full"),
-never evicting a bound one.
+reconnected), or — on a receiver with a token (``Agent(listen=..., token=...)``) — when the new speaker's
+certificate verifies under that token and the holder's did not (a token holder takes its name back from anyone
+without the token; a name bound under a certificate is never taken by a speaker without one). Peers that
+connected without a token (unsigned metadata handed over out of band) still notify a receiver with a token: their
+names are bound first-come, as on a receiver without one. While the receiver is connected to a name, only the uid
+in that peer's metadata may bind it. The book holds at most ``Limits.notification_senders`` names; new names beyond
+that are dropped ("senders full"), never evicting a bound one.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class SenderKeys:
 class _Binding:
     tag: bytes
     key: bytes
+    certified: bool
 
 
 class SenderBook:
@@ -96,7 +99,7 @@ class SenderBook:
 
     ``connected_tag(name)``: the uid tag of the connected peer named ``name`` (from the metadata this agent
     accepted), or None when it is not connected to one. ``count_dropped(reason)``: counts a refused frame.
-    ``token_key``: this agent's token (b"": none); with one, a name is bound only under a valid certificate.
+    ``token_key``: this agent's token (b"": none); with one, a certified speaker outranks an uncertified one.
     """
 
     def __init__(
@@ -133,19 +136,20 @@ class SenderBook:
                     return None
                 if kind == BYE:
                     del self._bindings[name]
-            elif bound is not None and anchor is None:  # another instance holds the name
-                self._refuse("sender mismatch", name)
+                return frame[HEAD_NBYTES:] if kind == DATA else None
+            certified = bool(self._token_key) and hmac.compare_digest(
+                frame[36:52], _certificate(self._token_key, name, tag, key)
+            )
+            if bound is not None and anchor is None and (bound.certified or not certified):
+                self._refuse("sender mismatch", name)  # another instance holds the name
                 return None
-            elif kind != BYE:  # a new name, or a peer we reconnected to under a new uid
-                if self._token_key and not hmac.compare_digest(
-                    frame[36:52], _certificate(self._token_key, name, tag, key)
-                ):
-                    self._refuse("unauthenticated sender", name)
-                    return None
-                if bound is None and len(self._bindings) >= self._capacity:
-                    self._refuse("senders full", name)
-                    return None
-                self._bindings[name] = _Binding(bytes(tag), bytes(key))
+            if kind == BYE:
+                return None
+            if bound is None and len(self._bindings) >= self._capacity:
+                self._refuse("senders full", name)
+                return None
+            # a new name, a peer we reconnected to under a new uid, or a token holder taking its name back
+            self._bindings[name] = _Binding(bytes(tag), bytes(key), certified)
         return frame[HEAD_NBYTES:] if kind == DATA else None
 
     def _refuse(self, reason: str, name: str) -> None:

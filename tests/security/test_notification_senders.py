@@ -176,38 +176,44 @@ def test_a_same_process_agent_that_closes_releases_its_name():
         assert receiver.dropped_notifications == {}
 
 
-def test_with_a_token_only_token_holders_bind_names():
+def test_with_a_token_certified_speakers_outrank_uncertified_ones():
     dropped: list[str] = []
     book = SenderBook(16, lambda name: None, dropped.append, token_key=b"s3cret")
-    keys = SenderKeys("uid-1")
-    assert book.open("a", keys.header("me") + b"p") is None  # no certificate
-    assert book.open("a", keys.header("me", "a", b"other") + b"p") is None  # certified under another token
-    assert book.open("b", keys.header("me", "a", b"s3cret") + b"p") is None  # certified for another name
-    assert dropped == ["unauthenticated sender"] * 3 and not book.bound("a") and not book.bound("b")
-    assert book.open("a", keys.header("me", "a", b"s3cret") + b"p") == b"p"
-    assert book.open("a", keys.header("me") + b"q") == b"q"  # bound: the key alone identifies it from now on
+    squatter, owner, other = SenderKeys("uid-1"), SenderKeys("uid-2"), SenderKeys("uid-3")
+    assert book.open("a", squatter.header("me") + b"p") == b"p"  # no certificate: bound first-come
+    assert book.open("a", owner.header("me", "a", b"other") + b"q") is None  # certified under another token
+    assert book.open("a", owner.header("me", "b", b"s3cret") + b"q") is None  # certified for another name
+    assert book.open("a", owner.header("me", "a", b"s3cret") + b"r") == b"r"  # the token holder takes it back
+    assert book.open("a", squatter.header("me") + b"s") is None  # and keeps it
+    assert book.open("a", other.header("me", "a", b"s3cret") + b"t") is None  # even from another token holder
+    assert book.open("a", owner.header("me") + b"u") == b"u"  # bound: the key alone identifies it from now on
+    assert dropped == ["sender mismatch"] * 4
 
 
 @pytest.mark.ucx
 @pytest.mark.timeout(120)
-def test_with_a_token_a_peer_without_it_cannot_bind_a_name():
+def test_with_a_token_a_peer_without_it_cannot_take_a_token_holders_name():
     token = "s3cret"
     with kvxfer.Agent("receiver", backends=["ucx"], listen="127.0.0.1:0", token=token) as receiver:
         receiver.register(np.zeros(4096, np.uint8), name="kv")
         address = receiver.listen_address
         assert address is not None
-        x = _Child("x", address, token)
         w = _Child("w", "meta=" + receiver.metadata().hex())  # has the metadata, not the token
+        w.do("as x squatting-as-x")  # before x ever spoke: bound to w's instance, first-come
+        assert _collect(receiver, b"squatting-as-x") == [("x", b"squatting-as-x")]  # the documented window
+        x = _Child("x", address, token)  # x's certified HELLO takes its name back
         try:
-            w.do("say w-1")
-            x.do("as w forged-as-w")  # x holds the token, but its certificate names x
             x.do("say x-1")
-            notes = _collect(receiver, b"x-1")
+            w.do("as x forged-as-x")
+            w.do("say w-1")  # w's own name works: a receiver with a token still hears peers without one
+            x.do("say x-2")
+            notes = _collect(receiver, b"x-2")
+            notes += _collect(receiver, b"w-1", seconds=5.0) if ("w", b"w-1") not in notes else []
         finally:
             x.close()
             w.close()
-        assert notes == [("x", b"x-1")]
-        assert receiver.dropped_notifications == {"unauthenticated sender": 3}  # w's HELLO, w-1, the forgery
+        assert sorted(notes) == [("w", b"w-1"), ("x", b"x-1"), ("x", b"x-2")]  # the forgery never as x
+        assert receiver.dropped_notifications == {"sender mismatch": 1}
 
 
 def test_reconnecting_to_the_same_receiver_keeps_the_name_bound():
