@@ -9,18 +9,18 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from . import backends as backend_registry
-from .arguments import check_agent_arguments
+from .arguments import check_agent_arguments, check_payload, check_subscription
 from .backends.base import Backend, BackendContext, Op, ServesPeers, prepare_plan
 from .control import PREFIX as CONTROL_PREFIX
 from .control import ControlChannel, Service, ServiceT
 from .descs import Descs
 from .environment import host_id as default_host_id
 from .errors import (
-    BackendUnavailableError,
-    ConfigError,
     DescriptorError,
     HandshakeError,
     PeerError,
@@ -32,11 +32,13 @@ from .inbox import Inbox
 from .limits import Limits, check_timeout
 from .memory import MemoryKind, Region, check_writable
 from .metadata import AgentMetadata, RegionMeta
-from .peer import Peer, check_not_replayed, enroll
+from .nonces import NonceBook
+from .peer import Peer, check_not_replayed, connected_tag, enroll
 from .plan import TransferPlan, check_pair_sizes
 from .registry import RegionRegistry
+from .senders import BYE, HEAD_NBYTES, HELLO, SenderBook, SenderKeys
 from .sidechannel import SideChannelServer, fetch_metadata
-from .signature import is_envelope, open_metadata, sign_metadata
+from .signature import is_envelope, open_metadata, sign_metadata, token_key
 
 logger = logging.getLogger("kvxfer")
 
@@ -81,6 +83,14 @@ class Agent:
         #: kvxfer's own control messages (leases, layer announcements, connector notes) to and from peers
         self.control = ControlChannel(name, self.notify)
         self._inbox = Inbox(name, self.limits)
+        self._nonces = NonceBook(self.limits.handshake_nonces, self.limits.metadata_max_age)  # signed envelopes
+        self._keys = SenderKeys(self.uid)  # notifications carry a per-receiver key; the book binds sender names
+        self._senders = SenderBook(
+            self.limits.notification_senders,
+            partial(connected_tag, self._peers),
+            self._inbox.count_dropped,
+            token_key(token),
+        )
         self._regions = RegionRegistry()
         self._active: set[TransferHandle] = set()
         context = BackendContext(
@@ -91,7 +101,7 @@ class Agent:
             self.timeouts,
             self._deliver,
             self._peer_lost,
-            limits=self.limits,
+            limits=replace(self.limits, notification_nbytes=self.limits.notification_nbytes + HEAD_NBYTES),
             count_dropped=self._inbox.count_dropped,
         )
         self._backends = backend_registry.create_all(backends, context)
@@ -228,9 +238,13 @@ class Agent:
         that claims to come from this process must match what that agent really registered (docs/security.md)."""
         self._check_open()
         if token is not None:
-            metadata = open_metadata(metadata, token, self.limits.metadata_max_age)
+            metadata = open_metadata(metadata, token, self.limits.metadata_max_age, self._nonces)
         elif is_envelope(metadata):
             raise HandshakeError("metadata is signed: pass the token that verifies it, connect(meta, token=...)")
+        return self._connect(metadata, token)
+
+    def _connect(self, metadata: bytes, token: str | None) -> Peer:
+        """Connect to authenticated (under ``token``) or unauthenticated (None) ``metadata``."""
         meta = AgentMetadata.decode(metadata)
         if meta.compat != self.compat:
             raise HandshakeError(
@@ -239,11 +253,14 @@ class Agent:
         meta = check_not_replayed(meta, self)
         with self._lock:
             old = self._peers.get(meta.name)
-            if old is not None:
+            if old is not None:  # the same instance again: no BYE, so its name stays bound to us there
+                old.connected = old.connected and old.meta.uid != meta.uid
                 self.disconnect(old)
             peer = Peer(meta, [])
             peer.attach(self._backends, self.name, self.host_id, self.pid)
+            peer.notify_header = self._keys.header(meta.uid, self.name, token_key(token))
             self._peers[meta.name] = peer
+        self._keys.announce(peer, HELLO)
         logger.info("agent %s connected to %s via %s", self.name, meta.name, [b.caps.name for b in peer.backends])
         return peer
 
@@ -253,11 +270,13 @@ class Agent:
         answer is authenticated) before any byte of it is decoded."""
         self._check_open()
         limit = check_timeout(timeout)
-        return self.connect(fetch_metadata(address, token, self.timeouts.connect if limit is None else limit))
+        return self._connect(fetch_metadata(address, token, self.timeouts.connect if limit is None else limit), token)
 
     def disconnect(self, peer: Peer | str) -> None:
         """Forget ``peer``; transfers still in flight with it fail."""
         peer = self.peer(peer)
+        if peer.connected:
+            self._keys.announce(peer, BYE)
         with self._lock:
             connections, peer.connections = peer.connections, []  # each closes once, even if disconnected again
             for connection in connections:
@@ -313,14 +332,7 @@ class Agent:
     def backend_for(self, peer: Peer, local_kinds: Iterable[MemoryKind], remote_kinds: Iterable[MemoryKind]) -> Backend:
         """The preferred backend of ``peer`` that moves every pair of memory kinds (local kind, remote kind);
         BackendUnavailableError when none does."""
-        pairs = [(a, b) for a in local_kinds for b in remote_kinds]
-        for backend in sorted(peer.backends, key=lambda b: -b.caps.preference):
-            if all(backend.caps.supports(a, b) for a, b in pairs):
-                return backend
-        raise BackendUnavailableError(
-            f"no backend moves {sorted(str(a.value) + '->' + str(b.value) for a, b in pairs)} with peer "
-            f"{peer.name!r}; reachable: {[b.caps.name for b in peer.backends]}"
-        )
+        return peer.backend_for(local_kinds, remote_kinds)
 
     def read(self, plan: TransferPlan, notify: bytes | None = None, timeout: float | None = None) -> TransferHandle:
         """Pull the peer's bytes into local memory. ``notify`` reaches the peer after the data moved."""
@@ -335,17 +347,13 @@ class Agent:
         if not isinstance(plan, TransferPlan):
             raise UsageError(f"plan must be a TransferPlan from Agent.plan, got {type(plan).__name__}")
         plan.check_owner(self)
-        if notify is not None and not isinstance(notify, (bytes, bytearray)):
-            raise ConfigError(f"notify must be bytes or None, got {type(notify).__name__}")
-        if notify is not None and len(notify) > self.limits.notification_nbytes:
-            raise ConfigError(
-                f"notify of {len(notify)} bytes is over Limits.notification_nbytes = {self.limits.notification_nbytes}"
-            )
+        if notify is not None:
+            notify = plan.peer.notify_header + check_payload(notify, self.limits, "notify")
         limit = check_timeout(timeout)
         plan.check_destination(op)
         self._regions.check_live(plan.local_regions)
         deadline = time.monotonic() + (self.timeouts.transfer if limit is None else limit)
-        request = plan.backend.post(op, plan, None if notify is None else bytes(notify))
+        request = plan.backend.post(op, plan, notify)
         handle = TransferHandle(
             self, plan.backend, request, op, plan.nbytes, deadline, self._on_final, regions=plan.local_regions
         )
@@ -367,38 +375,25 @@ class Agent:
 
     @property
     def dropped_notifications(self) -> dict[str, int]:
-        """Incoming notifications dropped over ``limits`` so far, by reason ("oversized", "queue full")."""
+        """Incoming notifications dropped so far, by reason: over ``limits`` ("oversized", "queue full", "senders
+        full"), or a sender name that does not check out ("sender mismatch", "unframed")."""
         return dict(self._inbox.dropped)
 
     def notify(self, peer: Peer | str, payload: bytes) -> None:
         """Send ``peer`` a standalone message (no data attached), of at most ``Limits.notification_nbytes``."""
         self._check_open()
         peer = self.peer(peer)
-        if not isinstance(payload, (bytes, bytearray)):
-            raise ConfigError(f"payload must be bytes, got {type(payload).__name__}")
-        if len(payload) > self.limits.notification_nbytes:
-            raise ConfigError(
-                f"payload of {len(payload)} bytes is over Limits.notification_nbytes = "
-                f"{self.limits.notification_nbytes}"
-            )
+        framed = peer.notify_header + check_payload(payload, self.limits, "payload")
         if not peer.connected:
             raise PeerError(f"peer {peer.name!r} is disconnected ({peer.lost_reason})", peer.name)
-        peer.connections[0].notify(bytes(payload))
+        peer.connections[0].notify(framed)
 
     def subscribe(self, prefix: bytes, callback: Callable[[Notification], None]) -> None:
         """Hand notifications whose payload starts with ``prefix`` to ``callback(notification)`` (called from a
         backend thread) instead of :meth:`notifications`. kvxfer's own control messages use b"kvx:" (reserved:
         they go to :attr:`control`)."""
         self._check_open()
-        if not isinstance(prefix, bytes) or not prefix:
-            raise ConfigError(f"prefix must be non-empty bytes, got {prefix!r}")
-        if prefix.startswith(CONTROL_PREFIX) or CONTROL_PREFIX.startswith(prefix):
-            raise ConfigError(
-                f"prefix {prefix!r} overlaps kvxfer's control messages ({CONTROL_PREFIX!r}); use "
-                "agent.control for those"
-            )
-        if not callable(callback):
-            raise ConfigError(f"callback must be callable, got {type(callback).__name__}")
+        check_subscription(prefix, callback, CONTROL_PREFIX)
         self._inbox.subscribe(prefix, callback)
 
     def service(self, kind: type[ServiceT]) -> ServiceT:
@@ -413,7 +408,11 @@ class Agent:
 
     def _deliver(self, notification: Notification) -> None:
         """Backends hand every notification here (any thread): control messages to :attr:`control`, the rest to
-        the bounded inbox."""
+        the bounded inbox, once the sender's name checks out (senders.py)."""
+        payload = self._senders.open(notification.peer_name, notification.payload)
+        if payload is None:
+            return
+        notification = Notification(notification.peer_name, payload)
         if notification.payload.startswith(CONTROL_PREFIX):
             if len(notification.payload) > self.limits.notification_nbytes:
                 self._inbox.deliver(notification)  # counted and dropped there as oversized

@@ -36,3 +36,25 @@ def check_agent_arguments(
             "token= protects the side channel, which needs listen=; pass connect_to(address, "
             "token=...) to present a token to a peer"
         )
+
+
+def check_payload(payload: Any, limits: Limits, argument: str) -> bytes:
+    """``payload`` as bytes when it is bytes of at most ``Limits.notification_nbytes``; ConfigError otherwise."""
+    if not isinstance(payload, (bytes, bytearray)):
+        raise ConfigError(f"{argument} must be bytes, got {type(payload).__name__}")
+    if len(payload) > limits.notification_nbytes:
+        raise ConfigError(
+            f"{argument} of {len(payload)} bytes is over Limits.notification_nbytes = {limits.notification_nbytes}"
+        )
+    return bytes(payload)
+
+
+def check_subscription(prefix: Any, callback: Any, reserved: bytes) -> None:
+    """ConfigError unless ``prefix`` is non-empty bytes that does not overlap ``reserved`` (kvxfer's control
+    messages) and ``callback`` is callable."""
+    if not isinstance(prefix, bytes) or not prefix:
+        raise ConfigError(f"prefix must be non-empty bytes, got {prefix!r}")
+    if prefix.startswith(reserved) or reserved.startswith(prefix):
+        raise ConfigError(f"prefix {prefix!r} overlaps kvxfer's control messages ({reserved!r}); use agent.control")
+    if not callable(callback):
+        raise ConfigError(f"callback must be callable, got {type(callback).__name__}")

@@ -40,6 +40,9 @@ class Limits:
     ``side_channel_connections``: connections the side-channel server serves at once; the excess is closed at
     once. ``side_channel_request_seconds``: total time one side-channel request may take on the server.
     ``metadata_max_age``: seconds signed metadata stays acceptable to ``Agent.connect(..., token=...)``.
+    ``notification_senders``: sender names this agent keeps bound to the agent instance speaking under each
+    (senders.py); notifications under new names beyond that are dropped (and counted).
+    ``handshake_nonces``: authenticated handshake nonces remembered (each is accepted once; nonces.py).
     """
 
     notification_nbytes: int = 16 << 20
@@ -48,6 +51,8 @@ class Limits:
     side_channel_connections: int = 64
     side_channel_request_seconds: float = 5.0
     metadata_max_age: float = 600.0
+    notification_senders: int = 4096
+    handshake_nonces: int = 65536
 
     def __post_init__(self) -> None:
         for name in (
@@ -55,6 +60,8 @@ class Limits:
             "queued_notifications",
             "queued_notification_nbytes",
             "side_channel_connections",
+            "notification_senders",
+            "handshake_nonces",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

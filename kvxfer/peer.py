@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from .errors import HandshakeError, KvxferError, PeerError
-from .memory import RemoteRegion
+from .errors import BackendUnavailableError, HandshakeError, KvxferError, PeerError
+from .memory import MemoryKind, RemoteRegion
 from .metadata import AgentMetadata
 from .plan import RegionTable
+from .senders import uid_tag
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -90,6 +91,12 @@ def check_not_replayed(meta: AgentMetadata, me: Agent) -> AgentMetadata:
     return real
 
 
+def connected_tag(peers: dict[str, Peer], name: str) -> bytes | None:
+    """The uid tag of the connected peer named ``name`` in ``peers``, or None (senders.py binds names to it)."""
+    peer = peers.get(name)
+    return peer.uid_tag if peer is not None and peer.connected else None
+
+
 class Peer:
     """A connected remote agent: its name, metadata, regions, the backends that reach it and each one's
     :class:`~kvxfer.backends.base.Connection` (``connections[i]`` belongs to ``backends[i]``)."""
@@ -101,6 +108,10 @@ class Peer:
         self.connections: list[Connection] = []
         self.connected = True
         self.lost_reason: str | None = None
+        #: the tag of the peer's uid its notifications must carry (senders.py)
+        self.uid_tag = uid_tag(meta.uid)
+        #: what our agent puts before every notification it sends this peer (set by Agent.connect)
+        self.notify_header = b""
         self._regions = {
             r.name: RemoteRegion(r.name, r.index, r.addr, r.nbytes, r.kind, r.device, self, r.keys)
             for r in meta.regions
@@ -133,6 +144,18 @@ class Peer:
                 f"{sorted(self.meta.backends)} (host {self.meta.host_id!r}, pid {self.meta.pid})",
                 self.name,
             )
+
+    def backend_for(self, local_kinds: Iterable[MemoryKind], remote_kinds: Iterable[MemoryKind]) -> Backend:
+        """The preferred backend reaching this peer that moves every pair of memory kinds (local, remote);
+        BackendUnavailableError when none does."""
+        pairs = [(a, b) for a in local_kinds for b in remote_kinds]
+        for backend in sorted(self.backends, key=lambda b: -b.caps.preference):
+            if all(backend.caps.supports(a, b) for a, b in pairs):
+                return backend
+        raise BackendUnavailableError(
+            f"no backend moves {sorted(str(a.value) + '->' + str(b.value) for a, b in pairs)} with peer "
+            f"{self.name!r}; reachable: {[b.caps.name for b in self.backends]}"
+        )
 
     def region(self, name: str) -> RemoteRegion:
         """The peer's region registered under ``name``."""

@@ -1,7 +1,9 @@
 """A tiny TCP side channel that serves an agent's metadata, optionally behind a shared token.
 
-Wire format (version 2, fixed-size request): the client sends ``b"KVX2"`` + a 16-byte fresh nonce + a 32-byte proof
-(HMAC-SHA256 of the nonce under the token; zeros without one). The server answers ``b"OK"`` + u32 length + metadata
+Wire format (version 2, fixed-size request): the client sends ``b"KVX2"`` + a 16-byte fresh nonce (its time in ns,
+then 8 random bytes: nonces.py) + a 32-byte proof (HMAC-SHA256 of the nonce under the token; zeros without one). A
+server with a token accepts each nonce once and only while fresh (``Limits.metadata_max_age``), so a replayed
+request is refused. The server answers ``b"OK"`` + u32 length + metadata
 + a 32-byte MAC of (nonce, metadata) under the token, or ``b"NO"`` + u32 length + a UTF-8 reason. A client holding a
 token checks the MAC before it hands a byte of the metadata on (signature.py), so an answer from anyone without the
 token never reaches the decoder or a backend; the token itself never travels.
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import selectors
 import socket
 import struct
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from .errors import ConfigError, HandshakeError, PeerError
 from .limits import Limits
 from .metadata import MAX_METADATA_NBYTES
+from .nonces import NonceBook, fresh_nonce
 from .signature import MAC_NBYTES, NONCE_NBYTES, hello_proof, reply_mac, same, token_key
 
 logger = logging.getLogger("kvxfer")
@@ -63,13 +65,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def answer(request: bytes, key: bytes, get_metadata: Callable[[], bytes]) -> bytes:
-    """The server's whole reply to a complete ``request`` of REQUEST_NBYTES bytes (pure: fuzzed on its own)."""
+def answer(request: bytes, key: bytes, get_metadata: Callable[[], bytes], nonces: NonceBook | None = None) -> bytes:
+    """The server's whole reply to a complete ``request`` of REQUEST_NBYTES bytes (fuzzed on its own). With
+    ``nonces``, an authenticated request's nonce must be fresh and unused (a replayed request is refused)."""
     if len(request) != REQUEST_NBYTES or request[:4] != HELLO:
         return _refusal(b"not a kvxfer side-channel request (version 2)")
     nonce, proof = request[4 : 4 + NONCE_NBYTES], request[4 + NONCE_NBYTES :]
     if key and not same(proof, hello_proof(key, nonce)):
         return _refusal(b"bad token")
+    why = nonces.refusal(nonce) if nonces is not None and key else None
+    if why is not None:
+        return _refusal(f"request refused: {why}".encode())
     try:
         metadata = get_metadata()
     except Exception as error:  # noqa: BLE001 e.g. the agent closed while answering: tell the client, keep serving
@@ -119,6 +125,7 @@ class SideChannelServer:
             logger.warning("side channel on %s serves metadata to anyone (allow_unauthenticated=True)", listen)
         self._limits = limits or Limits()
         self._get_metadata = get_metadata
+        self._nonces = NonceBook(self._limits.handshake_nonces, self._limits.metadata_max_age)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
             self._socket = socket.create_server((host, port), family=family, backlog=128)
@@ -201,7 +208,7 @@ class SideChannelServer:
             connection.received += request  # a plausible start: the rest comes later, in a slot
             return False
         try:
-            reply = answer(request, self._key, self._get_metadata)
+            reply = answer(request, self._key, self._get_metadata, self._nonces)
             sent = connection.sock.send(reply)
         except OSError:
             connection.sock.close()
@@ -225,7 +232,9 @@ class SideChannelServer:
                     len(connection.received) == REQUEST_NBYTES
                     or connection.received[:4] != HELLO[: len(connection.received[:4])]
                 ):
-                    connection.reply = memoryview(answer(bytes(connection.received), self._key, self._get_metadata))
+                    connection.reply = memoryview(
+                        answer(bytes(connection.received), self._key, self._get_metadata, self._nonces)
+                    )
                     self._selector.modify(connection.sock, selectors.EVENT_WRITE, connection)
             if connection.reply is not None and mask & selectors.EVENT_WRITE:
                 sent = connection.sock.send(connection.reply)
@@ -291,7 +300,7 @@ def fetch_metadata(address: str, token: str | None, timeout: float) -> bytes:
     With ``token``, the answer must carry a MAC under it (HandshakeError otherwise), checked before return."""
     host, port = parse_address(address)
     key = token_key(token)
-    nonce = os.urandom(NONCE_NBYTES)
+    nonce = fresh_nonce()
     deadline = time.monotonic() + timeout
     try:
         with socket.create_connection((host, port), timeout=max(timeout, 1e-3)) as sock:

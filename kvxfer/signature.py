@@ -17,6 +17,7 @@ import struct
 import time
 
 from .errors import ConfigError, HandshakeError
+from .nonces import NonceBook
 
 NONCE_NBYTES = 16
 MAC_NBYTES = 32
@@ -77,9 +78,10 @@ def is_envelope(data: object) -> bool:
     return isinstance(data, (bytes, bytearray, memoryview)) and bytes(data[:4]) == ENVELOPE_MAGIC
 
 
-def open_metadata(envelope: object, token: str, max_age: float) -> bytes:
-    """The metadata inside ``envelope`` once its MAC under ``token`` and its age (<= ``max_age`` s) check out;
-    HandshakeError otherwise."""
+def open_metadata(envelope: object, token: str, max_age: float, nonces: NonceBook | None = None) -> bytes:
+    """The metadata inside ``envelope`` once its MAC under ``token`` and its age (<= ``max_age`` s) check out
+    and, with ``nonces``, its nonce was never accepted before (each envelope connects once); HandshakeError
+    otherwise."""
     key = token_key(token)
     if not key:
         raise ConfigError("open_metadata needs a token")
@@ -98,4 +100,7 @@ def open_metadata(envelope: object, token: str, max_age: float) -> bytes:
     age_ns = time.time_ns() - stamp
     if age_ns > max_age * 1e9 or age_ns < -_CLOCK_SKEW_NS:
         raise HandshakeError(f"signed metadata is {age_ns / 1e9:.1f} s old; accepted: up to {max_age} s")
+    why = nonces.refusal(nonce, stamp) if nonces is not None else None
+    if why is not None:
+        raise HandshakeError(f"signed metadata refused: {why}")
     return metadata

@@ -129,3 +129,4 @@ def test_a_flood_from_another_process_over_ucx_stays_bounded():
         finally:
             child.stdin.close()
             child.wait(timeout=30)
+            child.stdout.close()
