@@ -45,7 +45,7 @@ _CHILD = textwrap.dedent("""
                 claimed, uid, text = rest.split(" ", 2)
                 backend.attached_context().agent_name = claimed
                 frame = b"KVN\\x00" + uid_tag(uid) + os.urandom(16) + bytes(16) + text.encode()
-                backend.send_notification(peer, frame)
+                peer.connections[0].notify(frame)
                 backend.attached_context().agent_name = name
             print("ok", flush=True)
 """)
@@ -133,11 +133,11 @@ def test_a_receiver_connected_to_a_name_accepts_only_that_peers_uid_there():
         keys = SenderKeys(y.uid)  # y's uid tag (public: it is in y's metadata) with a key of x's choosing
         forged = keys.header(receiver.uid)[:20] + bytes(32) + b"forged"
         x_backend.attached_context.agent_name = "y"
-        x_backend.send_notification(to_receiver, to_receiver.notify_header + b"forged-x-frame")
+        to_receiver.connections[0].notify(to_receiver.notify_header + b"forged-x-frame")
         x_backend.attached_context.agent_name = "x"
         y.notify(y.connect(receiver.metadata()), b"y-1")
         x_backend.attached_context.agent_name = "y"
-        x_backend.send_notification(to_receiver, forged)
+        to_receiver.connections[0].notify(forged)
         x_backend.attached_context.agent_name = "x"
         x.notify(to_receiver, b"x-1")
         notes = [(n.peer_name, n.payload) for n in receiver.notifications()]
