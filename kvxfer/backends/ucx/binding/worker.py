@@ -17,20 +17,17 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from . import cdef
-from .library import UcxLibrary, UcxStatusError, check, pointer_status
-from .pool import BufferPool
+from .library import UcxLibrary
+from .status import check, closed_error, pointer_status, status_error
 
 AM_ID = 7  # our one active-message id; the header's kind byte says what the message is
 _PROGRESS_BURST = 64
 
-# on_message(header, data, reply_ep): ``data`` is a read-only buffer valid only during the call (copy what you
-# keep); ``reply_ep`` is an int ucp_ep_h (0 when the sender asked for no reply).
-MessageHandler = Callable[[bytes, Any, int], None]
 SendDone = Callable[[int], None]
 EndpointErrorHandler = Callable[[int], None]
 _Send = tuple[int, Any, SendDone | None, int]  # a send in flight: request, keepalive, on_done, ucp_ep_h
@@ -51,27 +48,67 @@ class UserSpan(tuple):
         return int(self[1])
 
 
-class Worker:
-    """One UCP worker, its address (bytes for the metadata) and its wakeup file descriptor."""
+class Buffers(Protocol):
+    """Host buffers for rendezvous receives (the backend's staging pool)."""
 
-    def __init__(
-        self,
-        library: UcxLibrary,
-        context_handle: Any,
-        name: str,
-        on_message: MessageHandler,
-        buffers: BufferPool,
-        refuse: Callable[[bytes, int], str | None] = lambda _head, _length: None,
-        on_refused: Callable[[bytes, str, int], None] = lambda _head, _reason, _reply_ep: None,
-        placement: Callable[[bytes, int], int] = lambda _head, _length: 0,
-    ) -> None:
+    def take(self, nbytes: int) -> np.ndarray:
+        """A uint8 buffer of exactly ``nbytes`` bytes."""
+        ...
+
+    def give(self, buffer: np.ndarray) -> None:
+        """Return a buffer from :meth:`take` once nothing uses it any more."""
+        ...
+
+
+class Receiver(Protocol):
+    """What the worker calls for each active message it receives (under its lock, maybe inside a UCX callback)."""
+
+    def too_large(self, head: bytes, length: int) -> str | None:
+        """Why a message of ``length`` payload bytes with header ``head`` is refused before it is received, or
+        None (size caps per message kind)."""
+        ...
+
+    def on_refused(self, head: bytes, reason: str, reply_ep: int) -> None:
+        """A message :meth:`too_large` refused."""
+        ...
+
+    def placement(self, head: bytes, length: int) -> int:
+        """Where a rendezvous payload may land directly, or 0: a pooled buffer."""
+        ...
+
+    def on_message(self, head: bytes, data: Any, reply_ep: int) -> None:
+        """A message: ``data`` is a read-only buffer valid only during the call (copy what you keep), or None when
+        the payload already landed where :meth:`placement` said; ``reply_ep`` is an int ucp_ep_h (0 when the sender
+        asked for no reply)."""
+        ...
+
+
+class _Deaf:
+    """The receiver until :meth:`Worker.receive_with`: drops everything."""
+
+    def too_large(self, head: bytes, length: int) -> str | None:
+        return "nothing receives messages yet"
+
+    def on_refused(self, head: bytes, reason: str, reply_ep: int) -> None:
+        pass
+
+    def placement(self, head: bytes, length: int) -> int:
+        return 0
+
+    def on_message(self, head: bytes, data: Any, reply_ep: int) -> None:
+        pass
+
+
+class Worker:
+    """One UCP worker, its address (bytes for the metadata) and its wakeup file descriptor. Received messages go
+    to the :class:`Receiver` given to :meth:`receive_with`."""
+
+    def __init__(self, library: UcxLibrary, context_handle: Any, name: str, buffers: Buffers) -> None:
         self.library = library
         self._buffers = buffers
         ffi, lib = library.ffi, library.lib
         self.lock = threading.Lock()
-        self._on_message = on_message
-        self._refuse, self._on_refused = refuse, on_refused  # size caps per message kind, checked before receiving
-        self._placement = placement  # where a rendezvous payload may land directly (0: a pooled buffer)
+        self._receiver: Receiver = _Deaf()
         self.refused = 0  # messages refused by those caps
         params = ffi.new("ucp_worker_params_t *")
         self._name = ffi.new("char[]", name.encode()[:63])
@@ -118,6 +155,10 @@ class Worker:
         self._recv_param = ffi.new("ucp_request_param_t *")  # no callback: rendezvous receives are polled
         self._send_param = ffi.new("ucp_request_param_t *")
         self._send_param.op_attr_mask = cdef.UCP_OP_ATTR_FIELD_FLAGS
+
+    def receive_with(self, receiver: Receiver) -> None:
+        """Hand every message received from now on to ``receiver`` (set once, before the first progress)."""
+        self._receiver = receiver
 
     # ---- progress ---------------------------------------------------------------------------------------------
 
@@ -184,22 +225,21 @@ class Worker:
         reply: bool = False,
         on_done: SendDone | None = None,
     ) -> None:
-        """Send one active message on ``ep`` (a ucp_ep_h); ``[addr, addr + nbytes)`` must stay valid until
-        ``on_done(status)`` (``keepalive`` is held until then). Caller holds :attr:`lock`."""
+        """Send one active message on ``ep`` (a ucp_ep_h, or an int one: a reply endpoint); ``[addr, addr +
+        nbytes)`` must stay valid until ``on_done(status)`` (``keepalive`` is held until then). Caller holds
+        :attr:`lock`."""
         ffi, lib = self.library.ffi, self.library.lib
-        if self.handle is None or ep is None or ep == ffi.NULL or ep == 0:
+        if self.handle is None or ep is None or ep == 0 or ep == ffi.NULL:
             # a closed worker, or the endpoint of a link lost meanwhile: UCX would dereference NULL
-            raise UcxStatusError(
-                "ucp_am_send_nbx: the endpoint or worker is closed", cdef.UCS_ERR_NOT_CONNECTED, "ucp_am_send_nbx"
-            )
+            raise closed_error("ucp_am_send_nbx")
+        if isinstance(ep, int):  # a reply endpoint, as the receive callback gave it
+            ep = ffi.cast("ucp_ep_h", ep)
         param = self._send_param
         param.flags = cdef.UCP_AM_SEND_FLAG_COPY_HEADER | (cdef.UCP_AM_SEND_FLAG_REPLY if reply else 0)
         request = lib.ucp_am_send_nbx(ep, AM_ID, ffi.from_buffer(header), len(header), addr, nbytes, param)
         status = pointer_status(request)
         if status < 0:
-            raise UcxStatusError(
-                f"ucp_am_send_nbx failed: {self.library.status_text(status)}", status, "ucp_am_send_nbx"
-            )
+            raise status_error(self.library, status, "ucp_am_send_nbx")
         if status == cdef.UCS_INPROGRESS:
             self._sends.append((request, keepalive, on_done, int(ffi.cast("uintptr_t", ep))))
         elif on_done is not None:
@@ -279,15 +319,16 @@ class Worker:
         attributes = int(recv.recv_attr)
         reply_ep = int(ffi.cast("uintptr_t", recv.reply_ep)) if attributes & cdef.UCP_AM_RECV_ATTR_FIELD_REPLY_EP else 0
         head = bytes(ffi.buffer(header, header_length)) if header_length else b""
-        refusal = self._refuse(head, length)
+        receiver = self._receiver
+        refusal = receiver.too_large(head, length)
         if refusal is not None:  # too large for its kind: never allocated, never received (UCX drops the data)
             self.refused += 1
             _log.warning("ucx: refused a %d-byte message: %s", length, refusal)
-            self._on_refused(head, refusal, reply_ep)
+            receiver.on_refused(head, refusal, reply_ep)
             return cdef.UCS_OK
         if attributes & cdef.UCP_AM_RECV_ATTR_FLAG_RNDV:
             self.forms["rndv"] += 1
-            place = self._placement(head, length)  # checked by the responder: a span of a registered region
+            place = receiver.placement(head, length)  # checked by the receiver: a span of a registered region
             buffer: np.ndarray | UserSpan = UserSpan((place, length)) if place else self._buffers.take(length)
             target = place or buffer.ctypes.data  # type: ignore[union-attr]
             request = self.library.lib.ucp_am_recv_data_nbx(self.handle, data, target, length, self._recv_param)
@@ -301,7 +342,7 @@ class Worker:
             return cdef.UCS_OK
         # Plain and FLAG_DATA payloads: handled (copied or consumed) before we return UCS_OK, so UCX may reuse them.
         self.forms["data" if attributes & cdef.UCP_AM_RECV_ATTR_FLAG_DATA else "plain"] += 1
-        self._on_message(head, ffi.buffer(data, length) if length else b"", reply_ep)
+        receiver.on_message(head, ffi.buffer(data, length) if length else b"", reply_ep)
         return cdef.UCS_OK
 
     def _reap_receives(self) -> int:
@@ -326,10 +367,10 @@ class Worker:
 
     def _hand_on(self, head: bytes, buffer: np.ndarray | UserSpan, reply_ep: int) -> None:
         if isinstance(buffer, UserSpan):
-            self._on_message(head, None, reply_ep)  # None: the payload already landed where placement said
+            self._receiver.on_message(head, None, reply_ep)  # None: the payload already landed where placement said
             return
         try:
-            self._on_message(head, buffer.data, reply_ep)  # .data: the array's memoryview
+            self._receiver.on_message(head, buffer.data, reply_ep)  # .data: the array's memoryview
         finally:
             self._buffers.give(buffer)  # handlers copy what they keep
 
