@@ -58,7 +58,7 @@ def counters(agent: kvxfer.Agent) -> dict[str, int]:
                 {
                     "ucx_requests": len(services.ledger.active) + len(services.ledger.awaiting),
                     "ucx_sends": services.worker.sends_in_flight,
-                    "ucx_receives": len(services.worker._receives),
+                    "ucx_receives": len(services.worker.inbox.receives),
                     "ucx_endpoints": services.worker.watched_endpoints,
                     "ucx_closing": services.links.closing,
                     "ucx_links": len(services.links),
@@ -79,6 +79,9 @@ EXACT = (
     "ucx_endpoints",
     "ucx_closing",
 )
+
+#: UCX counters that are 0 once nothing is in flight or closing (the baseline waits for them)
+TRANSIENT = ("ucx_requests", "ucx_sends", "ucx_receives", "ucx_closing")
 
 
 @dataclass
@@ -129,11 +132,16 @@ class Survivor:
         self.agent.close()
 
     def settle(self, seconds: float = 3.0) -> dict[str, int]:
-        """Counters once the survivor has let go of the last victim (waits up to ``seconds`` for it)."""
+        """Counters once the survivor has let go of the last victim (waits up to ``seconds`` for it). The baseline
+        (no earlier counts to compare with) waits for the UCX backend's transient state to drain: a lost link's
+        endpoint still closing, or its sends not yet given up on, until the next progress round reaps them."""
         give_up = time.monotonic() + seconds
         while True:
             now = counters(self.agent)
-            if self.baseline is None or all(now[k] == self.baseline[k] for k in EXACT if k in self.baseline):
+            if self.baseline is None:
+                if all(now.get(k, 0) == 0 for k in TRANSIENT):
+                    return now
+            elif all(now[k] == self.baseline[k] for k in EXACT if k in self.baseline):
                 return now
             if time.monotonic() > give_up:
                 return now

@@ -67,7 +67,6 @@ class UcxBackend(Backend):
         super().__init__()
         self.config = config or UcxConfig.from_env()
         self._services: Services | None = None
-        self._closed = False
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -137,9 +136,9 @@ class UcxBackend(Backend):
 
     def close(self) -> None:
         services = self._services
-        if self._closed or services is None:
+        if services is None or services.closed:
             return
-        self._closed = services.closed = True
+        services.closed = True
         timeouts = services.timeouts
         self._progress.stop(timeouts.close)
         worker, links = services.worker, services.links
@@ -210,7 +209,7 @@ class UcxBackend(Backend):
         with services.worker.lock:
             # The progress thread may have lost the link (or close() run) since links.get(): a request added to a
             # lost link would never be halted, and would send on its closed endpoint.
-            if link.lost is not None or self._closed:
+            if link.lost is not None or services.closed:
                 raise PeerDisconnectedError(f"ucx: {link.lost or 'the backend is closed'}", link.name)
             services.ledger.add(request)
             link.requests.add(request)

@@ -27,8 +27,8 @@ def test_an_oversized_notification_is_refused_before_it_is_received() -> None:
                 if notes:
                     break
             assert [n.payload for n in notes] == [b"small"]
-            assert backend.services.worker.refused == 1
-            assert backend.services.worker.forms["rndv"] == 0  # nothing was received for the big one
+            assert backend.services.worker.inbox.refused == 1
+            assert backend.services.worker.inbox.forms["rndv"] == 0  # nothing was received for the big one
             sender.call("notify", b"x" * (1 << 20) + b"")  # at the cap's edge (payload == cap): delivered
             delivered = []
             for _ in range(50):
