@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ...errors import PeerDisconnectedError, TransferCancelledError, UsageError
+from ...errors import PeerDisconnectedError, UsageError
 from ...handle import TransferState
 from ...memory import MemoryKind
 from ..base import Backend, BackendCaps, BackendContext, Op, Request, Scope
@@ -36,7 +36,7 @@ from .regions import LocalRegions
 from .replies import Replies
 from .responder import Responder
 from .services import Services
-from .transfer import CmaTransfer, UcxRequest
+from .transfer import UcxRequest
 from .waker import Waker
 from .wire import WorkerInfo, keys_digest
 
@@ -46,9 +46,6 @@ if TYPE_CHECKING:
     from ...plan import TransferPlan
 
 _log = logging.getLogger("kvxfer.ucx")
-
-#: Seconds past a transfer's deadline after which a cancel presumes its peer hung and marks it lost.
-LOST_GRACE = 0.2
 
 
 class UcxBackend(Backend):
@@ -90,6 +87,9 @@ class UcxBackend(Backend):
         worker = Worker(library, ucp.handle, context.agent_name, staging)
         cma = CrossMemory(library, threads=config.cma_threads or copy_threads(), inline=config.cma_inline)
         outbox = Outbox()
+        regions = LocalRegions(ucp, export=config.one_sided != "off")
+        slots = SlotPools(ucp, 4 * config.stage_chunk, config.stage_inflight)  # a slot: 4 staged host chunks
+        replies = Replies(worker, staging)
         self._services = services = Services(
             context=context,
             config=config,
@@ -98,19 +98,18 @@ class UcxBackend(Backend):
             worker=worker,
             cma=cma,
             staging=staging,
-            regions=LocalRegions(ucp, export=config.one_sided != "off"),
-            slots=SlotPools(ucp, 4 * config.stage_chunk, config.stage_inflight),  # a slot: 4 staged host chunks
+            regions=regions,
+            slots=slots,
             ledger=Ledger(),
             links=Links(worker, config, cma, context, outbox),
+            device_server=DeviceServer(worker, regions, slots, context.timeouts, replies),
             outbox=outbox,
             waker=Waker(),
         )
-        replies = Replies(worker, staging)
-        self._device_server = DeviceServer(services, replies)
-        self._responder = Responder(services, self._device_server, replies)
+        self._responder = Responder(services, replies)
         worker.receive_with(self._responder)
         self._token = np.frombuffer(os.urandom(16), dtype=np.uint8).copy()
-        self._progress = ProgressThread(services, self._device_server, f"kvxfer-ucx-{context.agent_name}")
+        self._progress = ProgressThread(services, f"kvxfer-ucx-{context.agent_name}")
         self._progress.start()
         _log.info(
             "ucx: libucp %s from %s (%s); error policy %s, cma %s",
@@ -146,7 +145,7 @@ class UcxBackend(Backend):
             for request in list(services.ledger.active.values()):
                 request.halt()
                 request.fail("the backend was closed")
-            self._device_server.close()
+            services.device_server.close()
             links.close_all()
             give_up = time.monotonic() + timeouts.close
             while links.reap() and time.monotonic() < give_up:
@@ -218,49 +217,15 @@ class UcxBackend(Backend):
 
     def poll(self, request: Request) -> TransferState:
         assert isinstance(request, UcxRequest)
-        services = self.services
-        lock = services.worker.lock
-        if not request.state.final and lock.acquire(blocking=False):
-            try:  # if the progress thread holds the lock it is making progress: do not wait for it
-                services.worker.progress()
-                self._device_server.poll()
-                request.advance()
-            finally:
-                lock.release()
-            services.outbox.flush()
-        return request.state
+        return request.poll()
 
     def idle_wait(self, request: Request, seconds: float) -> None:
         assert isinstance(request, UcxRequest)
-        if isinstance(request, CmaTransfer):
-            if request.help():
-                return  # the waiter copied a batch instead of sleeping; the next poll sees where it stands
-            # The last batches run on copy threads (at most one batch time): yield instead of sleeping, since
-            # waking a sleeping thread costs ~50 µs here; the next poll then completes the transfer.
-            give_up = time.monotonic() + seconds
-            while request.copying and time.monotonic() < give_up:
-                os.sched_yield()
-            if not request.copying:
-                return
-        if self.poll(request) is TransferState.PENDING:
-            request.finished.wait(seconds)
+        request.wait(seconds)
 
     def cancel(self, request: Request) -> None:
         assert isinstance(request, UcxRequest)
-        services = self.services
-        # A handle cancels at its own deadline, microseconds before ours: only a cancel clearly past ours (the
-        # peer silent for longer than any deadline allowed) presumes it hung.
-        overdue = time.monotonic() > request.deadline + LOST_GRACE
-        with services.worker.lock:
-            request.halt()
-            if not request.state.final:
-                outstanding = request.strategy != DataPath.CMA.value
-                request.finish(TransferState.CANCELLED, TransferCancelledError("cancelled", backend="ucx"))
-                if overdue and outstanding:
-                    # UCX cannot abort what it issued; a peer that let the deadline pass is presumed hung.
-                    services.links.lose(request.link, "unresponsive: a transfer missed its deadline", None)
-        request.quiesce(services.timeouts.close)
-        services.outbox.flush()
+        request.cancel()
 
     # ---- notifications -----------------------------------------------------------------------------------------
 

@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .binding import UCS_INPROGRESS, UCS_OK, Endpoint
-from .device_slots import SlotRole
+from .binding import UCS_INPROGRESS, UCS_OK, Endpoint, Worker
+from .device_slots import SlotPools, SlotRole
+from .regions import LocalRegions
 from .replies import Replies
-from .services import Services
 from .wire import Header, Kind, Stage, unpack_descs
 
 if TYPE_CHECKING:
+    from ...handle import Timeouts
     from .device_slots import DeviceSlots
 
 _log = logging.getLogger("kvxfer.ucx")
@@ -54,8 +55,11 @@ class _Job:
 class DeviceServer:
     """Serves the device staged chunks peers send us."""
 
-    def __init__(self, services: Services, replies: Replies) -> None:
-        self._services, self._replies = services, replies
+    def __init__(
+        self, worker: Worker, regions: LocalRegions, slots: SlotPools, timeouts: Timeouts, replies: Replies
+    ) -> None:
+        self._worker, self._library = worker, worker.library
+        self._regions, self._slots, self._timeouts, self._replies = regions, slots, timeouts, replies
         self._queue: deque[_Job] = deque()
         self._granted: dict[tuple[bytes, int, int], _Job] = {}  # (requester address, transfer, chunk) -> job
         self._running: list[_Job] = []
@@ -75,27 +79,27 @@ class DeviceServer:
         if job is None:
             raise ValueError(f"no slot was granted to chunk {header.chunk} of transfer {header.transfer}")
         job.reply_ep = reply_ep
-        self._services.worker.defer(lambda: self._end(job, None))
+        self._worker.defer(lambda: self._end(job, None))
 
     def accept(self, header: Header, data: Any, reply_ep: int) -> None:
         """Check a DSCATTER/DGATHER message and queue it (ValueError: refused; the caller answers FAIL)."""
         addr, nbytes, region, rest = unpack_descs(np.frombuffer(data, dtype=np.uint8), header.count)
         stage = Stage.unpack(rest)
-        device = self._services.regions.check_device_spans(addr, nbytes, region)
+        device = self._regions.check_device_spans(addr, nbytes, region)
         total = int(nbytes.sum(dtype=np.uint64))
-        slot_nbytes = self._services.slots.slot_nbytes
+        slot_nbytes = self._slots.slot_nbytes
         if total > slot_nbytes:
             raise ValueError(f"a staged chunk of {total} bytes exceeds the {slot_nbytes}-byte slots")
         if not reply_ep:
             raise ValueError("the sender gave no reply endpoint")
         self._queue.append(_Job(header, reply_ep, addr, nbytes, device, stage, total))
-        self._services.worker.defer(self.pump)
+        self._worker.defer(self.pump)
 
     def pump(self) -> None:
         """Start queued chunks while serving slots are free."""
         while self._queue:
             job = self._queue[0]
-            pool = self._services.slots.get(SlotRole.SERVE, job.device)
+            pool = self._slots.get(SlotRole.SERVE, job.device)
             slot = pool.take()
             if slot is None:
                 return
@@ -112,7 +116,7 @@ class DeviceServer:
         if job.header.kind is Kind.DSCATTER:  # the requester puts into our slot (see the module docstring)
             job.granted_at = time.monotonic()
             self._granted[(stage.address, job.header.transfer, job.header.chunk)] = job
-            grant = Stage(job.slot, job.pool.packed_rkey(job.slot), stage.peer_mode, self._services.worker.address)
+            grant = Stage(job.slot, job.pool.packed_rkey(job.slot), stage.peer_mode, self._worker.address)
             self._replies.reply(
                 job.reply_ep, Header(Kind.GRANT, job.header.transfer, job.header.chunk), grant.pack().copy()
             )
@@ -135,7 +139,7 @@ class DeviceServer:
             if ep is not None:
                 self._forget(key, ep)
             ep = self._eps[key] = Endpoint(
-                self._services.worker, stage.address, stage.peer_mode, "kvxfer-stage", lambda _status: None
+                self._worker, stage.address, stage.peer_mode, "kvxfer-stage", lambda _status: None
             )
         return ep
 
@@ -156,7 +160,7 @@ class DeviceServer:
     def _close_ep(self, ep: Endpoint) -> None:
         request = ep.close(force=ep.peer_mode)
         if request:
-            self._services.library.free_request(request)  # UCX finishes closing on its own
+            self._library.free_request(request)  # UCX finishes closing on its own
 
     def expire_grants(self, older_than: float) -> int:
         """Take back slots granted more than ``older_than`` seconds ago and never committed (the requester died or
@@ -179,12 +183,12 @@ class DeviceServer:
     def poll(self) -> int:
         """Complete the chunks whose put or flush finished, take back stale grants; returns how many."""
         if self._granted:
-            expired = self.expire_grants(self._services.timeouts.transfer + GRANT_GRACE)
+            expired = self.expire_grants(self._timeouts.transfer + GRANT_GRACE)
         else:
             expired = 0
         if not self._running:
             return expired
-        library = self._services.library
+        library = self._library
         still, done = [], 0
         for job in self._running:
             status = library.request_status(job.request)
@@ -208,7 +212,7 @@ class DeviceServer:
                 error = f"scatter failed: {failure}"
         pool.give(job.slot)
         if self._queue:  # a chunk waiting for a slot can have this one
-            self._services.worker.defer(self.pump)
+            self._worker.defer(self.pump)
         if error is None:
             answer = Kind.ACK if header.kind is Kind.DSCATTER else Kind.DATA
             self._replies.reply(job.reply_ep, Header(answer, header.transfer, header.chunk))
@@ -218,7 +222,7 @@ class DeviceServer:
 
     def close(self) -> None:
         """Release unpacked keys (before the worker goes). Chunks still queued or running are dropped."""
-        library = self._services.library
+        library = self._library
         for job in self._running:
             library.free_request(job.request)
         self._queue.clear()

@@ -14,7 +14,6 @@ import select
 import threading
 import time
 
-from .device_serve import DeviceServer
 from .link import Link
 from .services import Services
 
@@ -24,8 +23,8 @@ _log = logging.getLogger("kvxfer.ucx")
 class ProgressThread:
     """One daemon thread per backend; ``services.wake()`` asks it for a round; :meth:`stop` ends it."""
 
-    def __init__(self, services: Services, device_server: DeviceServer, name: str) -> None:
-        self._services, self._device_server = services, device_server
+    def __init__(self, services: Services, name: str) -> None:
+        self._services = services
         self._stopping = False
         self._last_liveness = self._quiet_since = 0.0
         self._device: int | None = None
@@ -48,7 +47,8 @@ class ProgressThread:
 
     def run_round(self) -> float | None:
         """One round (see the module docstring); how long the thread may then sleep (s), None: go on at once."""
-        services, device_server = self._services, self._device_server
+        services = self._services
+        device_server = services.device_server
         worker, config = services.worker, services.config
         with worker.lock:
             if services.closed:

@@ -13,7 +13,6 @@ import numpy as np
 
 from ...errors import KvxferError
 from ...handle import Notification
-from .device_serve import DeviceServer
 from .gather import check_spans, gather, scatter
 from .replies import Replies
 from .services import Services
@@ -38,8 +37,9 @@ class Responder:
     """Handles every message our worker receives (the worker's :class:`~.binding.Receiver`; called under the
     worker lock, maybe inside a UCX callback)."""
 
-    def __init__(self, services: Services, device_server: DeviceServer, replies: Replies) -> None:
-        self._services, self._device_server, self._replies = services, device_server, replies
+    def __init__(self, services: Services, replies: Replies) -> None:
+        self._services, self._replies = services, replies
+        self._device_server = services.device_server
         self._host_view = services.regions.host_view
         limits = getattr(services.context, "limits", None)
         self.notification_nbytes = int(getattr(limits, "notification_nbytes", NOTIFICATION_NBYTES))

@@ -6,8 +6,9 @@ backend.py. Layers, each importing only those under it:
 
     backend.py                      the facade: the Backend contract
     paths.py, progress.py           which path a plan takes; the progress thread
-    transfer.py, staged.py, device_staged.py, responder.py, device_serve.py, replies.py
+    transfer.py, staged.py, device_staged.py, responder.py
     services.py                     this bundle
+    device_serve.py, replies.py     the target's side of GPU staged chunks; answers on reply endpoints
     links.py, link.py, regions.py, ledger.py, cma.py, exports.py, device_slots.py, gather.py, pool.py, outbox.py,
     waker.py, wire.py, config.py
     binding/                        cffi: the only code that touches ``ffi`` / ``lib``
@@ -25,6 +26,7 @@ from ..base import BackendContext
 from .binding import Context, UcxLibrary, Worker
 from .cma import CrossMemory
 from .config import UcxConfig
+from .device_serve import DeviceServer
 from .device_slots import SlotPools
 from .ledger import Ledger
 from .link import Link
@@ -56,6 +58,7 @@ class Services:
     slots: SlotPools  # GPU staging slots
     ledger: Ledger  # transfers in flight
     links: Links  # peers
+    device_server: DeviceServer  # the target's side of GPU staged chunks
     outbox: Outbox  # agent callbacks, run outside the worker lock
     waker: Waker  # the progress thread's doorbell
     closed: bool = False

@@ -17,11 +17,12 @@ worker lock.
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 from typing import TYPE_CHECKING
 
-from ...errors import BackendError, KvxferError, UcxStatusError
+from ...errors import BackendError, KvxferError, TransferCancelledError, UcxStatusError
 from ...handle import TransferState
 from ..base import Op, Request
 from .binding import UCS_INPROGRESS, UCS_OK
@@ -31,6 +32,9 @@ from .services import Services
 
 if TYPE_CHECKING:
     from ...plan import TransferPlan
+
+#: Seconds past a transfer's deadline after which a cancel presumes its peer hung and marks it lost.
+LOST_GRACE = 0.2
 
 
 class UcxRequest(Request):
@@ -46,6 +50,42 @@ class UcxRequest(Request):
         self.finished = threading.Event()
         self.stopped = False
         self._notifying = False
+
+    def poll(self) -> TransferState:
+        """The state now; makes progress itself when the worker lock is free (never waits for it)."""
+        services = self.services
+        lock = services.worker.lock
+        if not self.state.final and lock.acquire(blocking=False):
+            try:  # if the progress thread holds the lock it is making progress: do not wait for it
+                services.worker.progress()
+                services.device_server.poll()
+                self.advance()
+            finally:
+                lock.release()
+            services.outbox.flush()
+        return self.state
+
+    def wait(self, seconds: float) -> None:
+        """Let up to ``seconds`` pass for a waiter, returning early once the request may be final."""
+        if self.poll() is TransferState.PENDING:
+            self.finished.wait(seconds)
+
+    def cancel(self) -> None:
+        """CANCELLED unless already final; nothing more is issued (what UCX issued may still land)."""
+        services = self.services
+        # A handle cancels at its own deadline, microseconds before ours: only a cancel clearly past ours (the
+        # peer silent for longer than any deadline allowed) presumes it hung.
+        overdue = time.monotonic() > self.deadline + LOST_GRACE
+        with services.worker.lock:
+            self.halt()
+            if not self.state.final:
+                outstanding = self.strategy != CmaTransfer.strategy
+                self.finish(TransferState.CANCELLED, TransferCancelledError("cancelled", backend="ucx"))
+                if overdue and outstanding:
+                    # UCX cannot abort what it issued; a peer that let the deadline pass is presumed hung.
+                    services.links.lose(self.link, "unresponsive: a transfer missed its deadline", None)
+        self.quiesce(services.timeouts.close)
+        services.outbox.flush()
 
     def start(self) -> None:
         """Begin moving bytes; called once by post(), without the worker lock."""
@@ -144,6 +184,18 @@ class CmaTransfer(UcxRequest):
     def help(self) -> bool:
         """Copy one batch on the calling thread (one that would otherwise sleep); False if none was left."""
         return self.job is not None and self.services.cma.step(self.job) > 0
+
+    def wait(self, seconds: float) -> None:
+        if self.help():
+            return  # the waiter copied a batch instead of sleeping; the next poll sees where it stands
+        # The last batches run on copy threads (at most one batch time): yield instead of sleeping, since waking a
+        # sleeping thread costs ~50 µs here; the next poll then completes the transfer.
+        give_up = time.monotonic() + seconds
+        while self.copying and time.monotonic() < give_up:
+            os.sched_yield()
+        if not self.copying:
+            return
+        super().wait(seconds)
 
     @property
     def copying(self) -> bool:

@@ -91,16 +91,16 @@ class _Pool:
         self.scattered.extend(zip(addr.tolist(), nbytes.tolist(), strict=True))
 
 
-class _Services:
-    """What DeviceServer uses of the backend's services (services.Services), no GPU, no UCX; its replies are
-    recorded instead of sent (``replies``: what DeviceServer is given as its Replies)."""
+class _Parts:
+    """What DeviceServer is built from (worker, regions, slots, timeouts, replies), no GPU, no UCX; its replies are
+    recorded instead of sent."""
 
     def __init__(self) -> None:
         self.pool = _Pool()
         self.replies: list[tuple[Any, ...]] = []
         self.deferred: list[Any] = []
-        self.worker = type("Worker", (), {"address": b"target-address", "defer": self.deferred.append})()
-        self.regions = type(
+        worker = type("Worker", (), {"address": b"target-address", "defer": self.deferred.append, "library": None})()
+        regions = type(
             "Regions",
             (),
             {
@@ -109,11 +109,9 @@ class _Services:
                 )
             },
         )()
-        self.slots = type(
-            "Slots", (), {"slot_nbytes": _Pool.slot_nbytes, "get": lambda _self, role, device: self.pool}
-        )()
-        self.timeouts = type("Timeouts", (), {"transfer": 0.0})()
-        self.replier = type(
+        slots = type("Slots", (), {"slot_nbytes": _Pool.slot_nbytes, "get": lambda _self, role, device: self.pool})()
+        timeouts = type("Timeouts", (), {"transfer": 0.0})()
+        replies = type(
             "Replies",
             (),
             {
@@ -123,6 +121,7 @@ class _Services:
                 "refuse": lambda _self, header, ep, reason: self.replies.append(("refuse", header.kind, reason)),
             },
         )()
+        self.arguments = (worker, regions, slots, timeouts, replies)
 
 
 def _dscatter(chunk: int) -> tuple[Header, bytes]:
@@ -140,8 +139,8 @@ def test_grants_wait_for_free_slots_and_uncommitted_ones_are_taken_back() -> Non
     for a taken-back grant is refused."""
     from kvxfer.backends.ucx.device_serve import DeviceServer
 
-    backend = _Services()
-    server = DeviceServer(backend, backend.replier)  # type: ignore[arg-type]
+    backend = _Parts()
+    server = DeviceServer(*backend.arguments)  # type: ignore[arg-type]
     for chunk in range(3):
         server.accept(*_dscatter(chunk), reply_ep=1)
     for work in backend.deferred:
@@ -166,8 +165,8 @@ def test_grants_wait_for_free_slots_and_uncommitted_ones_are_taken_back() -> Non
 def test_a_committed_chunk_frees_its_slot_for_a_waiting_one() -> None:
     from kvxfer.backends.ucx.device_serve import DeviceServer
 
-    backend = _Services()
-    server = DeviceServer(backend, backend.replier)  # type: ignore[arg-type]
+    backend = _Parts()
+    server = DeviceServer(*backend.arguments)  # type: ignore[arg-type]
     for chunk in range(3):
         server.accept(*_dscatter(chunk), reply_ep=1)
     while backend.deferred:  # what the worker's progress runs after the callbacks

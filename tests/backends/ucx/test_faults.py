@@ -208,7 +208,7 @@ def test_stopped_peer_times_out_at_its_deadline_and_stays_connected(path: str) -
 @pytest.mark.parametrize("path", ["shm-staged", "tcp"])
 def test_default_deadline_times_out_a_stopped_peer_and_keeps_it_connected(path: str) -> None:
     """With no timeout given, the handle's deadline and the backend's are the same Timeouts.transfer, taken
-    microseconds apart: the expiry must still leave the peer connected, every time (backend.LOST_GRACE)."""
+    microseconds apart: the expiry must still leave the peer connected, every time (transfer.LOST_GRACE)."""
     agent, _local, region = _agent(path, f"default-{path}", transfer=1.0)
     with agent:
         with RemoteAgent("target", REGION_NBYTES) as sleeper:
