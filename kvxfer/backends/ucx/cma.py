@@ -46,6 +46,14 @@ class Batch:
     nbytes: int
     call: VmCall | None = field(default=None, repr=False, compare=False)  # the C arguments, made on first use
 
+    @classmethod
+    def span(cls, local_addr: int, remote_addr: int, nbytes: int) -> Batch:
+        """One call moving one contiguous span."""
+        size = np.array([nbytes], np.uint64)
+        return cls(
+            _merged(np.array([local_addr], np.uint64), size), _merged(np.array([remote_addr], np.uint64), size), nbytes
+        )
+
 
 def copy_threads(cpus: int | None = None) -> int:
     """Default number of copy threads: the posting or waiting thread copies too, so one core fewer (1 to 2)."""
@@ -270,11 +278,7 @@ class CrossMemory:
         """None when ``pid`` is reachable and holds ``token`` at ``addr`` (i.e. it *is* the peer, in our pid
         namespace, and the kernel lets us attach); else why not."""
         buffer = np.zeros(len(token), dtype=np.uint8)
-        batch = Batch(
-            _merged(np.array([buffer.ctypes.data], np.uint64), np.array([len(token)], np.uint64)),
-            _merged(np.array([addr], np.uint64), np.array([len(token)], np.uint64)),
-            len(token),
-        )
+        batch = Batch.span(buffer.ctypes.data, addr, len(token))
         try:
             self.run(pid, False, batch)
         except CmaError as error:
