@@ -58,7 +58,8 @@ def check_device_spans(
 
 def _packed(slot: int, nbytes: np.ndarray) -> np.ndarray:
     """Where each span lands when the spans are packed back to back from ``slot``."""
-    return np.uint64(slot) + np.cumsum(nbytes, dtype=np.uint64) - nbytes.astype(np.uint64)
+    packed: np.ndarray = np.uint64(slot) + np.cumsum(nbytes, dtype=np.uint64) - nbytes.astype(np.uint64)
+    return packed
 
 
 class _Block:

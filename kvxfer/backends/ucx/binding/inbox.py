@@ -23,7 +23,7 @@ from .status import pointer_status
 _log = logging.getLogger("kvxfer.ucx")
 
 
-class UserSpan(tuple):
+class UserSpan(tuple[int, int]):
     """``(addr, nbytes)`` of registered memory a send reads from or a rendezvous receive lands in directly (no
     pooled buffer): while one is in flight its region is busy (``Worker.touches``)."""
 

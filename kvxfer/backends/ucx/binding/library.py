@@ -41,7 +41,7 @@ class UcxLibrary:
 
     def status_text(self, status: int) -> str:
         """UCX's name for a status code, e.g. "Connection reset by remote peer"."""
-        return self.ffi.string(self.lib.ucs_status_string(status)).decode(errors="replace")
+        return str(self.ffi.string(self.lib.ucs_status_string(status)).decode(errors="replace"))
 
     def request_status(self, request: int) -> int:
         """UCS_INPROGRESS while ``request`` (an int from a ``*_nbx`` call) runs; else its final status (the request
