@@ -53,14 +53,15 @@ def counters(agent: kvxfer.Agent) -> dict[str, int]:
 
     for backend in agent._backends:
         if isinstance(backend, UcxBackend):
+            services = backend.services
             held.update(
                 {
-                    "ucx_requests": len(backend._active) + len(backend._awaiting),
-                    "ucx_sends": backend.worker.sends_in_flight,
-                    "ucx_receives": len(backend.worker._receives),
-                    "ucx_endpoints": backend.worker.watched_endpoints,
-                    "ucx_closing": backend.links.closing,
-                    "ucx_links": len(backend.links),
+                    "ucx_requests": len(services.ledger.active) + len(services.ledger.awaiting),
+                    "ucx_sends": services.worker.sends_in_flight,
+                    "ucx_receives": len(services.worker.inbox.receives),
+                    "ucx_endpoints": services.worker.watched_endpoints,
+                    "ucx_closing": services.links.closing,
+                    "ucx_links": len(services.links),
                 }
             )
     return held

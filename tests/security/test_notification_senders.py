@@ -38,15 +38,15 @@ _CHILD = textwrap.dedent("""
                 agent.notify(peer, rest.encode())
             elif verb == "as":
                 claimed, _, text = rest.partition(" ")
-                backend.attached_context().agent_name = claimed
+                backend.context.agent_name = claimed
                 agent.notify(peer, text.encode())
-                backend.attached_context().agent_name = name
+                backend.context.agent_name = name
             elif verb == "forge":
                 claimed, uid, text = rest.split(" ", 2)
-                backend.attached_context().agent_name = claimed
+                backend.context.agent_name = claimed
                 frame = b"KVN\\x00" + uid_tag(uid) + os.urandom(16) + bytes(16) + text.encode()
                 peer.connections[0].notify(frame)
-                backend.attached_context().agent_name = name
+                backend.context.agent_name = name
             print("ok", flush=True)
 """)
 

@@ -20,13 +20,17 @@ import errno
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .library import UcxLibrary
+from .binding import UcxLibrary, VmCall
+
+if TYPE_CHECKING:
+    from ...plan import TransferPlan
 
 MAX_IOV = 1024  # IOV_MAX: the kernel's limit per side and call
 INLINE_BYTES = 8 << 20  # default: transfers up to this are copied by the posting thread, as few calls as possible
@@ -40,7 +44,15 @@ class Batch:
     local: np.ndarray
     remote: np.ndarray
     nbytes: int
-    pointers: Any = field(default=None, repr=False, compare=False)  # cffi iovec pointers, made on first use
+    call: VmCall | None = field(default=None, repr=False, compare=False)  # the C arguments, made on first use
+
+    @classmethod
+    def span(cls, local_addr: int, remote_addr: int, nbytes: int) -> Batch:
+        """One call moving one contiguous span."""
+        size = np.array([nbytes], np.uint64)
+        return cls(
+            _merged(np.array([local_addr], np.uint64), size), _merged(np.array([remote_addr], np.uint64), size), nbytes
+        )
 
 
 def copy_threads(cpus: int | None = None) -> int:
@@ -178,29 +190,32 @@ class CmaJob:
 class CrossMemory:
     """Runs batches against a peer process id: on the calling thread, or on a small pool of copy threads."""
 
-    def __init__(self, library: UcxLibrary, threads: int) -> None:
-        self._ffi, self._libc = library.ffi, library.libc
-        self.threads = threads
+    def __init__(self, library: UcxLibrary, threads: int, inline: int = INLINE_BYTES) -> None:
+        self._library = library
+        self.threads, self.inline = threads, inline
+        # plan -> its batches; weak: a plan dropped by its owner takes its batches along
+        self._plans: weakref.WeakKeyDictionary[TransferPlan, list[Batch]] = weakref.WeakKeyDictionary()
         self._queue: queue.SimpleQueue[CmaJob | None] = queue.SimpleQueue()  # cheap to put (C), unlike a pool
         self._workers: list[threading.Thread] = []
         self._pool_lock = threading.Lock()
         self._closed = False
 
+    def batches(self, plan: TransferPlan) -> list[Batch]:
+        """The batches of ``plan`` (host fragments), computed once per plan: plans are posted many times."""
+        batches = self._plans.get(plan)
+        if batches is None:
+            local, remote = plan.local, plan.remote
+            batches = plan_batches(local.addr, remote.addr, local.nbytes, inline=self.inline)
+            self._plans[plan] = batches
+        return batches
+
     def run(self, pid: int, write: bool, batch: Batch) -> None:
         """One system call; raises CmaError on failure or a short transfer."""
-        if batch.pointers is None:
-            cast = self._ffi.cast
-            batch.pointers = (
-                cast("struct iovec *", batch.local.ctypes.data),
-                len(batch.local),
-                cast("struct iovec *", batch.remote.ctypes.data),
-                len(batch.remote),
-            )
-        local, nlocal, remote, nremote = batch.pointers
-        call = self._libc.process_vm_writev if write else self._libc.process_vm_readv
-        moved = call(pid, local, nlocal, remote, nremote, 0)
+        if batch.call is None:
+            batch.call = VmCall(self._library, batch.local, batch.remote)
+        moved = batch.call.run(pid, write)
         if moved != batch.nbytes:
-            code = self._ffi.errno if moved < 0 else errno.EFAULT
+            code = -moved if moved < 0 else errno.EFAULT
             what = "process_vm_writev" if write else "process_vm_readv"
             detail = os.strerror(code) if moved < 0 else f"moved {moved} of {batch.nbytes} bytes"
             raise CmaError(code, f"{what} to pid {pid} failed: {detail}")
@@ -263,11 +278,7 @@ class CrossMemory:
         """None when ``pid`` is reachable and holds ``token`` at ``addr`` (i.e. it *is* the peer, in our pid
         namespace, and the kernel lets us attach); else why not."""
         buffer = np.zeros(len(token), dtype=np.uint8)
-        batch = Batch(
-            _merged(np.array([buffer.ctypes.data], np.uint64), np.array([len(token)], np.uint64)),
-            _merged(np.array([addr], np.uint64), np.array([len(token)], np.uint64)),
-            len(token),
-        )
+        batch = Batch.span(buffer.ctypes.data, addr, len(token))
         try:
             self.run(pid, False, batch)
         except CmaError as error:

@@ -5,23 +5,23 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..base import Connection
+from .services import Services
 
 if TYPE_CHECKING:
     from ...peer import Peer
-    from .backend import UcxBackend
 
 
 class UcxConnection(Connection):
     """The agent's side of a link to ``peer``: standalone notifications, and closing the link."""
 
-    def __init__(self, backend: UcxBackend, peer: Peer) -> None:
-        self.backend, self.peer = backend, peer
+    def __init__(self, services: Services, peer: Peer) -> None:
+        self.services, self.peer = services, peer
 
     def notify(self, payload: bytes) -> None:
-        backend = self.backend
-        with backend.worker.lock:
-            backend.send_notify(backend.links.get(self.peer), payload, None)
-        backend.wake()
+        services = self.services
+        with services.worker.lock:
+            services.notify(services.links.get(self.peer), payload, None)
+        services.wake()
 
     def close(self) -> None:
-        self.backend.links.disconnect(self.peer)
+        self.services.links.disconnect(self.peer)

@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import cdef
-from .endpoint import Endpoint, request_status
-from .library import UcxStatusError, pointer_status
+from .binding import UCS_INPROGRESS, UCS_OK, Endpoint, Worker
+from .device_slots import SlotPools, SlotRole
+from .regions import LocalRegions
+from .replies import Replies
 from .wire import Header, Kind, Stage, unpack_descs
 
 if TYPE_CHECKING:
-    from .backend import UcxBackend
+    from ...handle import Timeouts
     from .device_slots import DeviceSlots
 
 _log = logging.getLogger("kvxfer.ucx")
@@ -54,16 +55,16 @@ class _Job:
 class DeviceServer:
     """Serves the device staged chunks peers send us."""
 
-    def __init__(self, backend: UcxBackend) -> None:
-        self.backend = backend
-        ffi = backend.library.ffi
+    def __init__(
+        self, worker: Worker, regions: LocalRegions, slots: SlotPools, timeouts: Timeouts, replies: Replies
+    ) -> None:
+        self._worker, self._library = worker, worker.library
+        self._regions, self._slots, self._timeouts, self._replies = regions, slots, timeouts, replies
         self._queue: deque[_Job] = deque()
         self._granted: dict[tuple[bytes, int, int], _Job] = {}  # (requester address, transfer, chunk) -> job
         self._running: list[_Job] = []
         self._eps: dict[tuple[bytes, bool], Endpoint] = {}
         self._rkeys: dict[tuple[bytes, bool, bytes], Any] = {}
-        self._rma_param = ffi.new("ucp_request_param_t *")
-        self._rma_param.op_attr_mask = cdef.UCP_OP_ATTR_FIELD_MEMH
 
     @property
     def busy(self) -> bool:
@@ -78,28 +79,27 @@ class DeviceServer:
         if job is None:
             raise ValueError(f"no slot was granted to chunk {header.chunk} of transfer {header.transfer}")
         job.reply_ep = reply_ep
-        self.backend.worker.defer(lambda: self._end(job, None))
+        self._worker.defer(lambda: self._end(job, None))
 
     def accept(self, header: Header, data: Any, reply_ep: int) -> None:
         """Check a DSCATTER/DGATHER message and queue it (ValueError: refused; the caller answers FAIL)."""
         addr, nbytes, region, rest = unpack_descs(np.frombuffer(data, dtype=np.uint8), header.count)
         stage = Stage.unpack(rest)
-        device = self.backend.check_device_spans(addr, nbytes, region)
+        device = self._regions.check_device_spans(addr, nbytes, region)
         total = int(nbytes.sum(dtype=np.uint64))
-        if total > self.backend.device_slot_nbytes:
-            raise ValueError(
-                f"a staged chunk of {total} bytes exceeds the {self.backend.device_slot_nbytes}-byte slots"
-            )
+        slot_nbytes = self._slots.slot_nbytes
+        if total > slot_nbytes:
+            raise ValueError(f"a staged chunk of {total} bytes exceeds the {slot_nbytes}-byte slots")
         if not reply_ep:
             raise ValueError("the sender gave no reply endpoint")
         self._queue.append(_Job(header, reply_ep, addr, nbytes, device, stage, total))
-        self.backend.worker.defer(self.pump)
+        self._worker.defer(self.pump)
 
     def pump(self) -> None:
         """Start queued chunks while serving slots are free."""
         while self._queue:
             job = self._queue[0]
-            pool = self.backend.device_slots("serve", job.device)
+            pool = self._slots.get(SlotRole.SERVE, job.device)
             slot = pool.take()
             if slot is None:
                 return
@@ -116,37 +116,21 @@ class DeviceServer:
         if job.header.kind is Kind.DSCATTER:  # the requester puts into our slot (see the module docstring)
             job.granted_at = time.monotonic()
             self._granted[(stage.address, job.header.transfer, job.header.chunk)] = job
-            grant = Stage(job.slot, job.pool.packed_rkey(job.slot), stage.peer_mode, self.backend.worker.address)
-            self.backend.responder.reply(
+            grant = Stage(job.slot, job.pool.packed_rkey(job.slot), stage.peer_mode, self._worker.address)
+            self._replies.reply(
                 job.reply_ep, Header(Kind.GRANT, job.header.transfer, job.header.chunk), grant.pack().copy()
             )
             return
-        lib = self.backend.library.lib
         ep = self._endpoint(stage)
         rkey = self._rkey(stage, ep)
-        self._rma_param.memh = job.pool.memh(job.slot)
         job.pool.gather(job.slot, job.addr, job.nbytes)
-        self._issue(
-            lib.ucp_put_nbx(ep.handle, job.slot, job.total, stage.slot, rkey, self._rma_param),
-            "ucp_put_nbx",
-            keep=False,
-        )
+        # completion is observed by the flush after it
+        ep.rma(True, [job.slot], [stage.slot], [job.total], [rkey], [job.pool.memh(job.slot)])
         job.request = ep.flush()
         if job.request:
             self._running.append(job)
         else:
             self._end(job, None)
-
-    def _issue(self, request: int, name: str, keep: bool) -> int:
-        status = pointer_status(request)
-        if status < 0:
-            raise UcxStatusError(f"{name} failed: {self.backend.library.status_text(status)}", status, name)
-        if status != cdef.UCS_INPROGRESS:
-            return 0
-        if keep:
-            return request
-        self.backend.library.lib.ucp_request_free(request)  # completion is observed by the flush after it
-        return 0
 
     def _endpoint(self, stage: Stage) -> Endpoint:
         key = (stage.address, stage.peer_mode)
@@ -155,7 +139,7 @@ class DeviceServer:
             if ep is not None:
                 self._forget(key, ep)
             ep = self._eps[key] = Endpoint(
-                self.backend.worker, stage.address, stage.peer_mode, "kvxfer-stage", lambda _status: None
+                self._worker, stage.address, stage.peer_mode, "kvxfer-stage", lambda _status: None
             )
         return ep
 
@@ -176,7 +160,7 @@ class DeviceServer:
     def _close_ep(self, ep: Endpoint) -> None:
         request = ep.close(force=ep.peer_mode)
         if request:
-            self.backend.library.lib.ucp_request_free(request)  # UCX finishes closing on its own
+            self._library.free_request(request)  # UCX finishes closing on its own
 
     def expire_grants(self, older_than: float) -> int:
         """Take back slots granted more than ``older_than`` seconds ago and never committed (the requester died or
@@ -199,19 +183,20 @@ class DeviceServer:
     def poll(self) -> int:
         """Complete the chunks whose put or flush finished, take back stale grants; returns how many."""
         if self._granted:
-            expired = self.expire_grants(self.backend.timeouts.transfer + GRANT_GRACE)
+            expired = self.expire_grants(self._timeouts.transfer + GRANT_GRACE)
         else:
             expired = 0
         if not self._running:
             return expired
+        library = self._library
         still, done = [], 0
         for job in self._running:
-            status = request_status(self.backend.library, job.request)
-            if status == cdef.UCS_INPROGRESS:
+            status = library.request_status(job.request)
+            if status == UCS_INPROGRESS:
                 still.append(job)
                 continue
             done += 1
-            self._end(job, None if status == cdef.UCS_OK else self.backend.library.status_text(status))
+            self._end(job, None if status == UCS_OK else library.status_text(status))
         self._running = still
         if done:
             self.pump()
@@ -227,25 +212,24 @@ class DeviceServer:
                 error = f"scatter failed: {failure}"
         pool.give(job.slot)
         if self._queue:  # a chunk waiting for a slot can have this one
-            self.backend.worker.defer(self.pump)
-        responder = self.backend.responder
+            self._worker.defer(self.pump)
         if error is None:
             answer = Kind.ACK if header.kind is Kind.DSCATTER else Kind.DATA
-            responder.reply(job.reply_ep, Header(answer, header.transfer, header.chunk))
+            self._replies.reply(job.reply_ep, Header(answer, header.transfer, header.chunk))
         else:
             _log.warning("ucx: serving staged chunk %d of transfer %d failed: %s", header.chunk, header.transfer, error)
-            responder.refuse(header, job.reply_ep, error)
+            self._replies.refuse(header, job.reply_ep, error)
 
     def close(self) -> None:
         """Release unpacked keys (before the worker goes). Chunks still queued or running are dropped."""
-        lib = self.backend.library.lib
+        library = self._library
         for job in self._running:
-            lib.ucp_request_free(job.request)
+            library.free_request(job.request)
         self._queue.clear()
         self._granted.clear()
         self._running = []
         for rkey in self._rkeys.values():
-            lib.ucp_rkey_destroy(rkey)
+            library.destroy_rkey(rkey)
         self._rkeys.clear()
         for ep in self._eps.values():
             self._close_ep(ep)

@@ -12,6 +12,7 @@ one block at most ``MAX_BLOCKS - 1`` times; past that, a pool with no free slot 
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,9 +22,16 @@ from ...kernels import batch_copy
 from .exports import spans_outside
 
 if TYPE_CHECKING:
-    from .context import Context, MemoryHandle
+    from .binding import Context, MemoryHandle
 
 MAX_BLOCKS = 4
+
+
+class SlotRole(Enum):
+    """Whose chunks a slot pool holds."""
+
+    ASK = "ask"  # chunks this backend requests
+    SERVE = "serve"  # chunks peers request from it
 
 
 def check_device_spans(
@@ -50,7 +58,8 @@ def check_device_spans(
 
 def _packed(slot: int, nbytes: np.ndarray) -> np.ndarray:
     """Where each span lands when the spans are packed back to back from ``slot``."""
-    return np.uint64(slot) + np.cumsum(nbytes, dtype=np.uint64) - nbytes.astype(np.uint64)
+    packed: np.ndarray = np.uint64(slot) + np.cumsum(nbytes, dtype=np.uint64) - nbytes.astype(np.uint64)
+    return packed
 
 
 class _Block:
@@ -133,3 +142,26 @@ class DeviceSlots:
         for block in self._blocks:
             block.memh.close()
         self._blocks, self._free, self._owner = [], [], {}
+
+
+class SlotPools:
+    """A backend's GPU slot pools by (role, device), each allocated and registered on first use. Used under the
+    worker lock only."""
+
+    def __init__(self, context: Context, slot_nbytes: int, count: int) -> None:
+        self._context = context
+        self.slot_nbytes, self.count = slot_nbytes, count
+        self._pools: dict[tuple[SlotRole, int], DeviceSlots] = {}
+
+    def get(self, role: SlotRole, device: int) -> DeviceSlots:
+        """The pool for ``role`` on ``device``."""
+        pool = self._pools.get((role, device))
+        if pool is None:
+            pool = self._pools[(role, device)] = DeviceSlots(self._context, device, self.slot_nbytes, self.count)
+        return pool
+
+    def close(self) -> None:
+        """Unregister and free every pool (after the worker stopped using them)."""
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()

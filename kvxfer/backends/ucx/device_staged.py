@@ -17,53 +17,50 @@ import numpy as np
 from ...errors import KvxferError
 from ...handle import TransferState
 from ..base import Op
-from . import cdef
-from .endpoint import request_status
-from .library import UcxStatusError, pointer_status
+from .binding import UCS_INPROGRESS, UCS_OK
+from .device_slots import DeviceSlots, SlotRole
+from .link import Link
+from .services import Services
 from .staged import StagedTransfer
 from .wire import Header, Kind, Stage, descs_nbytes, pack_descs
 
 if TYPE_CHECKING:
     from ...plan import TransferPlan
-    from .backend import UcxBackend
-    from .device_slots import DeviceSlots
-    from .link import Link
 
 
 class DeviceStagedTransfer(StagedTransfer):
     """Chunks of device fragments through GPU slots, answered one by one by the target."""
 
-    def __init__(self, backend: UcxBackend, link: Link, op: Op, plan: TransferPlan, notify: bytes | None) -> None:
-        super().__init__(backend, link, op, plan, notify)
+    def __init__(self, services: Services, link: Link, op: Op, plan: TransferPlan, notify: bytes | None) -> None:
+        super().__init__(services, link, op, plan, notify)
         self.slots: dict[int, int] = {}  # chunk -> slot, while the chunk is unanswered
         self.pool: DeviceSlots | None = None
         self.flushes: dict[int, int] = {}  # chunk -> flush request after its put (WRITE)
-        self._put_param = backend.library.ffi.new("ucp_request_param_t *")
-        self._put_param.op_attr_mask = cdef.UCP_OP_ATTR_FIELD_MEMH
 
     def chunk_nbytes(self) -> int:
         """Bytes per chunk: one GPU slot."""
-        return self.backend.device_slot_nbytes
+        return self.services.slots.slot_nbytes
 
     def placement(self, header: Header, length: int) -> int:
         """Device chunks move by put into slots: DATA answers carry no payload to place."""
         return 0
 
     def start(self) -> None:
-        with self.backend.worker.lock:
+        services = self.services
+        with services.worker.lock:
             try:  # allocated and registered on first use, under the worker lock like every registration
-                self.pool = self.backend.device_slots("ask", int(self.plan.local.device[0]))
+                self.pool = services.slots.get(SlotRole.ASK, int(self.plan.local.device[0]))
             except Exception as error:  # noqa: BLE001 CUDA or UCX registration failure: ends this transfer as failed
                 self.fail(f"no GPU staging slots: {error}")
                 return
-            self.backend.expect_replies(self)
+            services.ledger.expect_replies(self)
             self.advance()
-        self.backend.wake()
+        services.wake()
 
     def advance(self) -> None:
         if self.flushes:
             self._poll_flushes()
-        limit = self.backend.config.stage_inflight
+        limit = self.services.config.stage_inflight
         while (
             self.pool is not None
             and not self.state.final
@@ -90,14 +87,14 @@ class DeviceStagedTransfer(StagedTransfer):
         if self.op is Op.WRITE:
             self.pool.gather(slot, spans.local_addr[start:stop], spans.nbytes[start:stop])
         count = stop - start
-        stage = Stage(slot, self.pool.packed_rkey(slot), self.link.mode == "peer", self.backend.worker.address).pack()
+        stage = Stage(slot, self.pool.packed_rkey(slot), self.link.mode == "peer", self.services.worker.address).pack()
         head_nbytes = descs_nbytes(count)
         payload = np.empty(head_nbytes + stage.size, dtype=np.uint8)
         pack_descs(payload, spans.remote_addr[start:stop], spans.nbytes[start:stop], spans.remote_region[start:stop])
         payload[head_nbytes:] = stage
         kind = Kind.DSCATTER if self.op is Op.WRITE else Kind.DGATHER
         header = Header(kind, self.id, chunk, count).encode()
-        self.backend.worker.send(
+        self.services.worker.send(
             self.link.ep.handle,
             header,
             payload.ctypes.data,
@@ -108,8 +105,8 @@ class DeviceStagedTransfer(StagedTransfer):
         )
 
     def _sent_device(self, status: int) -> None:
-        if status != cdef.UCS_OK and not self.state.final:
-            self.fail(f"sending a chunk failed: {self.backend.library.status_text(status)}")
+        if status != UCS_OK and not self.state.final:
+            self.fail(f"sending a chunk failed: {self.services.library.status_text(status)}")
 
     def _put_granted(self, chunk: int, grant: Stage) -> None:
         """GRANT came (deferred out of the UCX callback): put our slot into the target's, then flush."""
@@ -123,18 +120,7 @@ class DeviceStagedTransfer(StagedTransfer):
             rkey = link.slot_rkeys.get(grant.rkey)
             if rkey is None:
                 rkey = link.slot_rkeys[grant.rkey] = link.ep.unpack_rkey(grant.rkey)
-            link.ep.check_open("ucp_put_nbx")
-            self._put_param.memh = self.pool.memh(slot)
-            request = self.backend.library.lib.ucp_put_nbx(
-                link.ep.handle, slot, nbytes, grant.slot, rkey, self._put_param
-            )
-            status = pointer_status(request)
-            if status < 0:
-                raise UcxStatusError(
-                    f"ucp_put_nbx failed: {self.backend.library.status_text(status)}", status, "ucp_put_nbx"
-                )
-            if status == cdef.UCS_INPROGRESS:
-                self.backend.library.lib.ucp_request_free(request)  # the flush below observes it
+            link.ep.rma(True, [slot], [grant.slot], [nbytes], [rkey], [self.pool.memh(slot)])  # the flush observes it
             flush = link.ep.flush()
         except KvxferError as error:
             self.fail(f"chunk {chunk}: {error}", error)
@@ -146,23 +132,23 @@ class DeviceStagedTransfer(StagedTransfer):
 
     def _poll_flushes(self) -> None:
         for chunk, flush in list(self.flushes.items()):
-            status = request_status(self.backend.library, flush)
-            if status == cdef.UCS_INPROGRESS:
+            status = self.services.library.request_status(flush)
+            if status == UCS_INPROGRESS:
                 continue
             del self.flushes[chunk]
             ep_failed = self.link.ep.failed_status
-            if status != cdef.UCS_OK or ep_failed is not None:
-                failed = status if status != cdef.UCS_OK or ep_failed is None else ep_failed
-                self.fail(f"chunk {chunk}: flush after the put failed: {self.backend.library.status_text(failed)}")
+            if status != UCS_OK or ep_failed is not None:
+                failed = status if status != UCS_OK or ep_failed is None else ep_failed
+                self.fail(f"chunk {chunk}: flush after the put failed: {self.services.library.status_text(failed)}")
                 return
             self._commit(chunk)
 
     def _commit(self, chunk: int) -> None:
         start, stop = self.bounds[chunk]
-        stage = Stage(self.slots[chunk], b"-", self.link.mode == "peer", self.backend.worker.address).pack().copy()
+        stage = Stage(self.slots[chunk], b"-", self.link.mode == "peer", self.services.worker.address).pack().copy()
         header = Header(Kind.DCOMMIT, self.id, chunk, stop - start).encode()
         try:
-            self.backend.worker.send(
+            self.services.worker.send(
                 self.link.ep.handle,
                 header,
                 stage.ctypes.data,
@@ -184,7 +170,7 @@ class DeviceStagedTransfer(StagedTransfer):
             except ValueError as error:
                 self.fail(f"chunk {chunk}: bad GRANT: {error}")
                 return
-            self.backend.worker.defer(lambda: self._put_granted(chunk, grant))
+            self.services.worker.defer(lambda: self._put_granted(chunk, grant))
             return
         slot = self.slots.pop(chunk)
         assert self.pool is not None  # a chunk holds a slot only once the pool exists
@@ -209,16 +195,16 @@ class DeviceStagedTransfer(StagedTransfer):
         if self.answered.all():
             self.data_done()
         else:
-            self.backend.worker.defer(self.advance)
+            self.services.worker.defer(self.advance)
 
     def finish(self, state: TransferState, error: KvxferError | None = None) -> None:
         if self.state.final:
             return
         super().finish(state, error)
         for flush in self.flushes.values():
-            self.backend.library.lib.ucp_request_free(flush)
+            self.services.library.free_request(flush)
         self.flushes = {}
         for chunk, slot in self.slots.items():  # unanswered: late answers still release them
             assert self.pool is not None
-            self.backend.abandon_slot(self.id, chunk, self.pool, slot)
+            self.services.ledger.abandon_slot(self.id, chunk, self.pool, slot)
         self.slots = {}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import DescriptorError
-from .cma import Batch, CrossMemory, _merged
+from .cma import Batch, CrossMemory
 
 MAX_EXPORTS = 4096
 _HEAD = 2
@@ -88,11 +88,7 @@ class ExportView:
             self._buffer = np.zeros(words, dtype=np.uint64)
         nbytes = 8 * words
         local = self._buffer[:words]
-        batch = Batch(
-            _merged(np.array([local.ctypes.data], np.uint64), np.array([nbytes], np.uint64)),
-            _merged(np.array([self._address], np.uint64), np.array([nbytes], np.uint64)),
-            nbytes,
-        )
+        batch = Batch.span(local.ctypes.data, self._address, nbytes)
         self._cma.run(self._pid, False, batch)
         self.reads += 1
 

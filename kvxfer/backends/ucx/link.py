@@ -14,15 +14,18 @@ import itertools
 import logging
 import os
 import select
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ...errors import HandshakeError, PeerDisconnectedError
+import numpy as np
+
+from ...errors import HandshakeError, PeerDisconnectedError, UcxStatusError
+from .binding import Endpoint, Worker
 from .cma import CrossMemory
-from .endpoint import Endpoint
 from .exports import ExportView
-from .library import UcxStatusError
+from .ledger import Tracked
+from .regions import fragment_handles
 from .wire import WorkerInfo
-from .worker import Worker
 
 if TYPE_CHECKING:
     from ...peer import Peer
@@ -57,7 +60,7 @@ class Link:
         local_policy: str,
         same_host: bool,
         cma: CrossMemory | None,
-        on_error: Any,
+        on_error: Callable[[Link, int], None],
     ) -> None:
         # Nothing from the metadata reaches libucp unless it matches the digest the peer put in its UCX info.
         info.verify(
@@ -70,7 +73,7 @@ class Link:
         self.same_host = same_host
         self.mode = error_mode(local_policy, info.error_policy, same_host)
         self.lost: PeerDisconnectedError | None = None
-        self.requests: set = set()
+        self.requests: set[Tracked] = set()
         self.pid = peer.meta.pid
         self.pidfd: int | None = None
         self.cma_reason: str | None = "peer is on another host" if not same_host else None
@@ -110,6 +113,10 @@ class Link:
             self.close_keys()
             raise HandshakeError(f"peer {peer.name!r}: a UCX remote key does not unpack: {error}", peer.name) from error
         self.transports = self.ep.transports()
+
+    def rkey_list(self, regions: np.ndarray) -> list[Any]:
+        """The unpacked rkey of each remote fragment's region (int32[n] indices into the peer's regions)."""
+        return fragment_handles(regions, lambda i: self.rkeys[i], f"peer {self.name!r}")
 
     @property
     def cma_ok(self) -> bool:

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
 import time
+import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ...errors import PeerDisconnectedError
-from . import cdef
-from .endpoint import request_status
+from ...errors import DescriptorError, PeerDisconnectedError
+from ..base import BackendContext
+from .binding import UCS_INPROGRESS, Worker
+from .cma import CmaError, CrossMemory
+from .config import UcxConfig
 from .link import Link
+from .outbox import Outbox
 from .wire import WorkerInfo
 
 if TYPE_CHECKING:
     from ...peer import Peer
-    from .backend import UcxBackend
+    from ...plan import TransferPlan
 
 _log = logging.getLogger("kvxfer.ucx")
 
@@ -54,27 +59,31 @@ class _Closing:
 
 
 class Links:
-    """Links by peer name. Methods marked "locked" are called with the worker lock held."""
+    """Links by peer name. Methods marked "locked" are called with the worker lock held. Lost peers are reported
+    to the agent (``context.peer_lost``) through ``outbox``."""
 
-    def __init__(self, backend: UcxBackend) -> None:
-        self._backend = backend
+    def __init__(
+        self, worker: Worker, config: UcxConfig, cma: CrossMemory, context: BackendContext, outbox: Outbox
+    ) -> None:
+        self._worker, self._config, self._cma = worker, config, cma
+        self._context, self._outbox = context, outbox
         self._links: dict[str, Link] = {}
         self._closing: list[_Closing] = []  # lost links' endpoints still closing, or with sends in flight
+        # plan -> (link serial, peer export-table generation) it was last checked against (exports.py); never the
+        # link itself: a value that reaches its key (link -> lost error -> traceback -> plan) would pin both forever
+        self._checked: weakref.WeakKeyDictionary[TransferPlan, tuple[int, int]] = weakref.WeakKeyDictionary()
 
     def connect(self, peer: Peer) -> Link:
         """A new link to ``peer``, replacing any older one of that name."""
-        backend = self._backend
         info = WorkerInfo.decode(peer.meta.backends["ucx"], peer.name)
-        context = backend.attached_context()
+        context, config = self._context, self._config
         same_host = peer.meta.host_id == context.host_id
-        with backend.worker.lock:
+        with self._worker.lock:
             old = self._links.pop(peer.name, None)
             if old is not None:
                 self.lose(old, "replaced by a new connection", None, report=False)
-            link = Link(
-                peer, info, backend.worker, backend.config.error_mode, same_host, backend.cma, self._on_endpoint_error
-            )
-            link.cma_enabled = backend.config.cma != "off"
+            link = Link(peer, info, self._worker, config.error_mode, same_host, self._cma, self._on_endpoint_error)
+            link.cma_enabled = config.cma != "off"
             self._links[peer.name] = link
         _log.info(
             "ucx: %s -> %s (%s): %s",
@@ -96,7 +105,7 @@ class Links:
 
     def disconnect(self, peer: Peer) -> None:
         """Forget ``peer`` (the agent asked: no peer-lost report)."""
-        with self._backend.worker.lock:
+        with self._worker.lock:
             link = self._links.get(peer.name)
             if link is not None and link.uid == peer.meta.uid:
                 del self._links[peer.name]
@@ -122,8 +131,29 @@ class Links:
             request.fail(str(link.lost), link.lost)
         self._close(link)
         if report and self._links.get(link.name) is link:
-            lost, agent = link.lost, self._backend.attached_context()
-            self._backend.post_outbox(lambda: agent.peer_lost(link.name, lost))
+            lost, agent = link.lost, self._context
+            self._outbox.post(lambda: agent.peer_lost(link.name, lost))
+
+    def check_one_sided(self, link: Link, plan: TransferPlan) -> None:
+        """Before a one-sided post (cma, direct) to a same-host peer: every remote span must lie in a region the
+        peer exports now (its export table, read through a cross-memory call; exports.py). DescriptorError if not,
+        PeerDisconnectedError if its process is gone. Without the worker lock."""
+        view = link.exports
+        if view is None:
+            return  # RDMA: the hardware checks the remote keys
+        try:
+            generation = view.generation()
+            if self._checked.get(plan) != (link.serial, generation):
+                remote = plan.remote
+                view.check(remote.addr, remote.nbytes, remote.region)
+                self._checked[plan] = (link.serial, generation)
+        except CmaError as error:
+            if error.errno == errno.ESRCH:
+                with self._worker.lock:
+                    self.lose(link, f"its process (pid {link.pid}) is gone", error)
+                self._outbox.flush()
+                raise PeerDisconnectedError(f"ucx: peer {link.name!r} is gone", link.name) from error
+            raise DescriptorError(f"cannot read peer {link.name!r}'s export table: {error}") from error
 
     def _close(self, link: Link) -> None:
         if link.ep.handle is None:
@@ -137,19 +167,19 @@ class Links:
         request = link.ep.close(force=link.mode == "peer")
         pidfd, link.pidfd = link.pidfd, None  # the watch moves to the closing entry
         pid = link.pid if link.process_verified else 0
-        if request or self._backend.worker.sends_on(key):
+        if request or self._worker.sends_on(key):
             self._closing.append(_Closing(key, request, pidfd, pid, time.monotonic()))
         elif pidfd is not None:
             os.close(pidfd)
 
     def _on_endpoint_error(self, link: Link, status: int) -> None:
-        reason = f"endpoint error: {self._backend.library.status_text(status)}"
+        reason = f"endpoint error: {self._worker.library.status_text(status)}"
         # Inside a UCX callback: an endpoint must not be closed here, so later in this progress call.
-        self._backend.worker.defer(lambda: self.lose(link, reason, None))
+        self._worker.defer(lambda: self.lose(link, reason, None))
 
-    def process_exited(self, link: Any) -> None:
-        """The pidfd of ``link``'s peer became readable: its process is gone."""
-        with self._backend.worker.lock:
+    def process_exited(self, link: Link) -> None:
+        """The pidfd of ``link``'s peer became readable: its process is gone (the progress thread)."""
+        with self._worker.lock:
             if link.pidfd is not None:
                 self.lose(link, f"its process (pid {link.pid}) exited", None)
 
@@ -169,17 +199,18 @@ class Links:
         would leak). True while some are still closing."""
         if not self._closing:
             return False
-        library, worker = self._backend.library, self._backend.worker
+        worker = self._worker
+        library = worker.library
         still = []
         for entry in self._closing:
-            if entry.request and request_status(library, entry.request) != cdef.UCS_INPROGRESS:
+            if entry.request and library.request_status(entry.request) != UCS_INPROGRESS:
                 entry.request = 0
             if entry.request == 0 and not worker.sends_on(entry.ep):
                 entry.close_watch()
                 continue
             if entry.pid and entry.process_gone():
                 if entry.request:
-                    library.lib.ucp_request_free(entry.request)  # UCX frees it if it ever completes
+                    library.free_request(entry.request)  # UCX frees it if it ever completes
                 dropped = worker.abandon_sends(entry.ep)
                 _log.debug("ucx: gave up closing an endpoint to exited pid %d (%d sends dropped)", entry.pid, dropped)
                 entry.close_watch()

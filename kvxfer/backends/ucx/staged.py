@@ -22,18 +22,15 @@ import numpy as np
 
 from ...errors import KvxferError
 from ..base import Op
-from . import cdef
+from .binding import UCS_OK, UserSpan
 from .gather import gather, scatter
+from .link import Link
+from .services import Services
 from .transfer import UcxRequest
-from .wire import Header, Kind, descs_nbytes, pack_descs, pack_span
-from .worker import UserSpan
+from .wire import MAX_CHUNK_FRAGMENTS, Header, Kind, descs_nbytes, pack_descs, pack_span
 
 if TYPE_CHECKING:
     from ...plan import TransferPlan
-    from .backend import UcxBackend
-    from .link import Link
-
-MAX_CHUNK_FRAGMENTS = 1 << 16
 
 
 class Spans:
@@ -74,8 +71,8 @@ class StagedTransfer(UcxRequest):
 
     strategy = "staged"
 
-    def __init__(self, backend: UcxBackend, link: Link, op: Op, plan: TransferPlan, notify: bytes | None) -> None:
-        super().__init__(backend, link, op, plan, notify)
+    def __init__(self, services: Services, link: Link, op: Op, plan: TransferPlan, notify: bytes | None) -> None:
+        super().__init__(services, link, op, plan, notify)
         self.spans = Spans(plan, self.chunk_nbytes())
         self.bounds = chunk_bounds(self.spans.nbytes, self.chunk_nbytes())
         self.next_chunk = 0
@@ -84,16 +81,16 @@ class StagedTransfer(UcxRequest):
 
     def chunk_nbytes(self) -> int:
         """Bytes per chunk (host: one staged message)."""
-        return self.backend.config.stage_chunk
+        return self.services.config.stage_chunk
 
     def start(self) -> None:
-        with self.backend.worker.lock:
-            self.backend.expect_replies(self)
+        with self.services.worker.lock:
+            self.services.ledger.expect_replies(self)
             self.advance()
-        self.backend.wake()
+        self.services.wake()
 
     def advance(self) -> None:
-        limit = self.backend.config.stage_inflight
+        limit = self.services.config.stage_inflight
         while (
             not self.state.final and not self.stopped and self.in_flight < limit and self.next_chunk < len(self.bounds)
         ):
@@ -115,13 +112,13 @@ class StagedTransfer(UcxRequest):
         header_nbytes = descs_nbytes(count)
         if self.op is Op.WRITE:
             data_nbytes = int(spans.nbytes[start:stop].sum(dtype=np.uint64))
-            buffer = self.backend.staging.take(header_nbytes + data_nbytes)
+            buffer = self.services.staging.take(header_nbytes + data_nbytes)
             gather(
                 buffer[header_nbytes:],
                 spans.local_addr[start:stop],
                 spans.nbytes[start:stop],
                 spans.local_region[start:stop],
-                self.backend.host_view,
+                self.services.regions.host_view,
             )
             kind = Kind.SCATTER
         else:
@@ -129,7 +126,7 @@ class StagedTransfer(UcxRequest):
             kind = Kind.GATHER
         pack_descs(buffer, spans.remote_addr[start:stop], spans.nbytes[start:stop], spans.remote_region[start:stop])
         header = Header(kind, self.id, chunk, count).encode()
-        self.backend.worker.send(
+        self.services.worker.send(
             self.link.ep.handle,
             header,
             buffer.ctypes.data,
@@ -145,11 +142,11 @@ class StagedTransfer(UcxRequest):
         tail = pack_span(int(spans.remote_addr[index]), nbytes, int(spans.remote_region[index]))
         if self.op is Op.WRITE:
             addr = int(spans.local_addr[index])
-            base, view = self.backend.host_view(int(spans.local_region[index]))
+            base, view = self.services.regions.host_view(int(spans.local_region[index]))
             if not (base <= addr and addr + nbytes <= base + view.size):
                 raise ValueError(f"local span {addr:#x} +{nbytes} lies outside its region")
             header = Header(Kind.SCATTER_SPAN, self.id, chunk, 1, tail).encode()
-            self.backend.worker.send(
+            self.services.worker.send(
                 self.link.ep.handle,
                 header,
                 addr,
@@ -160,7 +157,7 @@ class StagedTransfer(UcxRequest):
             )
         else:
             header = Header(Kind.GATHER_SPAN, self.id, chunk, 1, tail).encode()
-            self.backend.worker.send(
+            self.services.worker.send(
                 self.link.ep.handle, header, reply=True, on_done=lambda status: self._sent(None, status)
             )
 
@@ -182,9 +179,9 @@ class StagedTransfer(UcxRequest):
 
     def _sent(self, buffer: np.ndarray | None, status: int) -> None:
         if self.op is Op.WRITE and buffer is not None:
-            self.backend.staging.give(buffer)
-        if status != cdef.UCS_OK and not self.state.final:
-            self.fail(f"sending a chunk failed: {self.backend.library.status_text(status)}")
+            self.services.staging.give(buffer)
+        if status != UCS_OK and not self.state.final:
+            self.fail(f"sending a chunk failed: {self.services.library.status_text(status)}")
 
     def on_reply(self, header: Header, data: Any) -> None:
         """ACK / DATA / FAIL for one chunk (inside a UCX callback: ``data`` is only valid during the call)."""
@@ -207,11 +204,11 @@ class StagedTransfer(UcxRequest):
                 spans.local_addr[start:stop],
                 spans.nbytes[start:stop],
                 spans.local_region[start:stop],
-                self.backend.host_view,
+                self.services.regions.host_view,
             )
         self.in_flight -= 1
         self.answered[header.chunk] = True
         if self.answered.all():
             self.data_done()
         else:
-            self.backend.worker.defer(self.advance)
+            self.services.worker.defer(self.advance)

@@ -7,6 +7,8 @@
 - :class:`StagedTransfer` (staged.py): small host fragments over UCX, packed into few large messages;
   :class:`DeviceStagedTransfer` (device_staged.py): small device fragments through GPU slots.
 
+paths.py chooses the class for a plan. Every request reaches the backend's parts through :class:`Services` only.
+
 All of them end the same way: when the data is visible on the destination side, the notification (if any) is sent,
 and when that send completes locally, the request is DONE. Methods named ``advance``/``on_*`` run under the
 worker lock.
@@ -20,18 +22,16 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from ...errors import BackendError, KvxferError, TransferCancelledError
+from ...errors import BackendError, KvxferError, TransferCancelledError, UcxStatusError
 from ...handle import TransferState
 from ..base import Op, Request
-from . import cdef
+from .binding import UCS_INPROGRESS, UCS_OK
 from .cma import CmaError, CmaJob
-from .endpoint import request_status
-from .library import UcxStatusError
+from .link import Link
+from .services import Services
 
 if TYPE_CHECKING:
     from ...plan import TransferPlan
-    from .backend import UcxBackend
-    from .link import Link
 
 #: Seconds past a transfer's deadline after which a cancel presumes its peer hung and marks it lost.
 LOST_GRACE = 0.2
@@ -42,46 +42,50 @@ class UcxRequest(Request):
 
     strategy = "?"
 
-    def __init__(self, backend: UcxBackend, link: Link, op: Op, plan: TransferPlan, notify: bytes | None) -> None:
+    def __init__(self, services: Services, link: Link, op: Op, plan: TransferPlan, notify: bytes | None) -> None:
         super().__init__(plan.nbytes)
-        self.backend, self.link, self.op, self.plan, self.notify = backend, link, op, plan, notify
-        self.id = backend.next_transfer_id()
-        self.deadline = time.monotonic() + backend.timeouts.transfer
+        self.services, self.link, self.op, self.plan, self.notify = services, link, op, plan, notify
+        self.id = services.ledger.next_id()
+        self.deadline = time.monotonic() + services.timeouts.transfer
         self.finished = threading.Event()
         self.stopped = False
         self._notifying = False
 
     def poll(self) -> TransferState:
-        backend = self.backend
-        if not self.state.final and backend.worker.lock.acquire(blocking=False):
+        """The state now; makes progress itself when the worker lock is free (never waits for it)."""
+        services = self.services
+        lock = services.worker.lock
+        if not self.state.final and lock.acquire(blocking=False):
             try:  # if the progress thread holds the lock it is making progress: do not wait for it
-                backend.worker.progress()
-                backend.device_server.poll()
+                services.worker.progress()
+                services.device_server.poll()
                 self.advance()
             finally:
-                backend.worker.lock.release()
-            backend.flush_outbox()
+                lock.release()
+            services.outbox.flush()
         return self.state
 
     def wait(self, seconds: float) -> None:
+        """Let up to ``seconds`` pass for a waiter, returning early once the request may be final."""
         if self.poll() is TransferState.PENDING:
             self.finished.wait(seconds)
 
     def cancel(self) -> None:
-        backend = self.backend
+        """CANCELLED unless already final; nothing more is issued (what UCX issued may still land)."""
+        services = self.services
         # A handle cancels at its own deadline, microseconds before ours: only a cancel clearly past ours (the
         # peer silent for longer than any deadline allowed) presumes it hung.
         overdue = time.monotonic() > self.deadline + LOST_GRACE
-        with backend.worker.lock:
+        with services.worker.lock:
             self.halt()
             if not self.state.final:
-                outstanding = self.strategy != "cma"
+                outstanding = self.strategy != CmaTransfer.strategy
                 self.finish(TransferState.CANCELLED, TransferCancelledError("cancelled", backend="ucx"))
                 if overdue and outstanding:
                     # UCX cannot abort what it issued; a peer that let the deadline pass is presumed hung.
-                    backend.links.lose(self.link, "unresponsive: a transfer missed its deadline", None)
-        self.quiesce(backend.timeouts.close)
-        backend.flush_outbox()
+                    services.links.lose(self.link, "unresponsive: a transfer missed its deadline", None)
+        self.quiesce(services.timeouts.close)
+        services.outbox.flush()
 
     def start(self) -> None:
         """Begin moving bytes; called once by post(), without the worker lock."""
@@ -107,24 +111,25 @@ class UcxRequest(Request):
             return
         self._notifying = True
         try:
-            self.backend.send_notify(self.link, self.notify, self._notified)
+            self.services.notify(self.link, self.notify, self._notified)
         except KvxferError as error:
             self.fail(f"sending the notification failed: {error}", error)
 
     def _notified(self, status: int) -> None:
-        if status == cdef.UCS_OK:
+        if status == UCS_OK:
             self.finish(TransferState.DONE)
         else:
-            self.fail(f"sending the notification failed: {self.backend.library.status_text(status)}")
+            self.fail(f"sending the notification failed: {self.services.library.status_text(status)}")
 
     def finish(self, state: TransferState, error: KvxferError | None = None) -> None:
-        """Make the request final (first call wins) and retire it."""
+        """Make the request final (first call wins) and retire it (under the worker lock)."""
         if self.state.final:
             return
         self.error = error
         self.state = state
         self.finished.set()
-        self.backend.retire(self)
+        self.services.ledger.retire(self)
+        self.link.requests.discard(self)
 
     def fail(self, message: str, cause: BaseException | None = None) -> None:
         """FAILED with a BackendError saying ``message`` (``cause`` kept as ``__cause__``)."""
@@ -152,14 +157,14 @@ class CmaTransfer(UcxRequest):
         self.copy_error: BaseException | None = None
 
     def start(self) -> None:
-        backend = self.backend
-        batches = backend.cma_batches(self.plan)
-        inline = backend.config.cma_inline
+        cma = self.services.cma
+        batches = cma.batches(self.plan)
+        inline = cma.inline
         if self.nbytes <= inline:  # the common case: this thread copies it all, no queue, no hand-off
             try:
                 for batch in batches:
                     if not self.stopped:
-                        backend.cma.run(self.link.pid, self.op is Op.WRITE, batch)
+                        cma.run(self.link.pid, self.op is Op.WRITE, batch)
             except Exception as failure:  # noqa: BLE001 CmaError; anything else must still end the transfer (as its error)
                 self.copy_error = failure
             self.copied = True
@@ -168,17 +173,17 @@ class CmaTransfer(UcxRequest):
         self.job = job = CmaJob(self.link.pid, self.op is Op.WRITE, batches, self._copied)
         if self.stopped:  # halted (peer lost, backend closed) between post() and here
             job.stop()
-        helpers = backend.cma.share(job)
+        helpers = cma.share(job)
         share, copied = min(inline, self.nbytes // (helpers + 1)), 0
         while True:  # at least one batch, then up to this thread's share
-            moved = backend.cma.step(job)
+            moved = cma.step(job)
             copied += moved
             if not moved or copied >= share:
                 return
 
     def help(self) -> bool:
         """Copy one batch on the calling thread (one that would otherwise sleep); False if none was left."""
-        return self.job is not None and self.backend.cma.step(self.job) > 0
+        return self.job is not None and self.services.cma.step(self.job) > 0
 
     def wait(self, seconds: float) -> None:
         if self.help():
@@ -201,12 +206,12 @@ class CmaTransfer(UcxRequest):
         # The last batch returned, on this thread, no lock held: complete here (waking no one but the waiter).
         if job is not None:
             self.copy_error, self.copied = job.error, True
-        backend = self.backend
-        with backend.worker.lock:
+        services = self.services
+        with services.worker.lock:
             self.advance()
-        backend.flush_outbox()
+        services.outbox.flush()
         if not self.state.final:
-            backend.wake()  # the notification's send is in flight: the progress thread completes it
+            services.wake()  # the notification's send is in flight: the progress thread completes it
 
     def advance(self) -> None:
         if self.state.final or not self.copied:
@@ -217,7 +222,7 @@ class CmaTransfer(UcxRequest):
                 self.data_done()
             return
         if isinstance(error, CmaError) and error.errno == errno.ESRCH:  # the peer process is gone
-            self.backend.links.lose(self.link, f"its process (pid {self.link.pid}) is gone", error)
+            self.services.links.lose(self.link, f"its process (pid {self.link.pid}) is gone", error)
         self.fail(str(error), error)
 
     def halt(self) -> None:
@@ -242,9 +247,9 @@ class DirectTransfer(UcxRequest):
 
     def start(self) -> None:
         local, remote = self.plan.local, self.plan.remote
-        memhs = self.backend.memh_list(local.region)
-        rkeys = self.backend.rkey_list(self.link, remote.region)
-        with self.backend.worker.lock:
+        memhs = self.services.regions.memh_list(local.region)
+        rkeys = self.link.rkey_list(remote.region)
+        with self.services.worker.lock:
             try:
                 self.link.ep.rma(
                     self.op is Op.WRITE, local.addr.tolist(), remote.addr.tolist(), local.nbytes.tolist(), rkeys, memhs
@@ -255,48 +260,31 @@ class DirectTransfer(UcxRequest):
                 return
             if not self._flush:
                 self.data_done()
-        self.backend.wake()
+        self.services.wake()
 
     def advance(self) -> None:
         if self.state.final or not self._flush or self.stopped:
             return
-        status = request_status(self.backend.library, self._flush)
-        if status == cdef.UCS_INPROGRESS:
+        status = self.services.library.request_status(self._flush)
+        if status == UCS_INPROGRESS:
             return
         self._flush = 0
         # In none error mode a flush may report OK for puts to a peer that died meanwhile; so check the process.
         peer_gone = self.link.mode == "none" and self.link.process_verified and self.link.process_gone()
         ep_failed = self.link.ep.failed_status
-        if status == cdef.UCS_OK and ep_failed is None and not peer_gone:
+        if status == UCS_OK and ep_failed is None and not peer_gone:
             self.data_done()
         elif peer_gone:
-            self.backend.links.lose(self.link, f"its process (pid {self.link.pid}) exited", None)
+            self.services.links.lose(self.link, f"its process (pid {self.link.pid}) exited", None)
             self.fail("the peer process exited during the transfer")
         else:
             # A flush can report OK while the endpoint already failed (none error mode): trust neither alone.
-            failed = status if status != cdef.UCS_OK or ep_failed is None else ep_failed
-            self.fail(f"endpoint flush failed: {self.backend.library.status_text(failed)}")
+            failed = status if status != UCS_OK or ep_failed is None else ep_failed
+            self.fail(f"endpoint flush failed: {self.services.library.status_text(failed)}")
 
     def halt(self) -> None:
         super().halt()
         if self._flush:
             # Freed while in flight, UCX releases it on completion; the puts themselves cannot be recalled.
-            self.backend.library.lib.ucp_request_free(self._flush)
+            self.services.library.free_request(self._flush)
             self._flush = 0
-
-
-def new_request(
-    backend: UcxBackend, link: Link, op: Op, plan: TransferPlan, notify: bytes | None, strategy: str
-) -> UcxRequest:
-    """The request class for ``strategy`` ("cma", "direct" or "staged")."""
-    if strategy == "cma":
-        return CmaTransfer(backend, link, op, plan, notify)
-    if strategy == "direct":
-        return DirectTransfer(backend, link, op, plan, notify)
-    if plan.on_device:
-        from .device_staged import DeviceStagedTransfer
-
-        return DeviceStagedTransfer(backend, link, op, plan, notify)
-    from .staged import StagedTransfer
-
-    return StagedTransfer(backend, link, op, plan, notify)

@@ -8,6 +8,7 @@ import hashlib
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +26,7 @@ MESSAGE_VERSION = 1
 _HEADER = struct.Struct("<2sBBQII")  # magic, version, kind, transfer id, chunk index, descriptor count
 MAX_TAIL = 1024
 _DESC_NBYTES = 20  # addr u64 + nbytes u64 + region i32
+MAX_CHUNK_FRAGMENTS = 1 << 16  # descriptors per staged chunk
 
 ERROR_POLICIES = ("auto", "peer", "none")
 
@@ -231,3 +233,26 @@ def unpack_descs(payload: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarra
     nbytes = np.frombuffer(head[count * 8 : count * 16].tobytes(), dtype=np.uint64)
     region = np.frombuffer(head[count * 16 : count * 20].tobytes(), dtype=np.int32)
     return addr, nbytes, region, payload[used:]
+
+
+_NAME = struct.Struct("<H")
+_NAME_MAX = 1024
+#: Bytes a NOTIFY payload may carry besides the notification itself (the sender's name and its length).
+NOTIFY_OVERHEAD = _NAME.size + _NAME_MAX
+
+
+def pack_notification(sender: str, payload: bytes) -> bytes:
+    """NOTIFY payload: u16 name length, the sender's agent name (utf-8, at most 1024 bytes), the notification."""
+    name = sender.encode()[:_NAME_MAX]
+    return _NAME.pack(len(name)) + name + payload
+
+
+def unpack_notification(data: Any) -> tuple[str, bytes]:
+    """(sender name, payload) from a NOTIFY payload; ValueError if malformed."""
+    raw = bytes(data)
+    if len(raw) < _NAME.size:
+        raise ValueError("notification shorter than its name length")
+    (length,) = _NAME.unpack_from(raw)
+    if _NAME.size + length > len(raw):
+        raise ValueError("notification name runs past its end")
+    return raw[_NAME.size : _NAME.size + length].decode(errors="replace"), raw[_NAME.size + length :]

@@ -124,7 +124,7 @@ def _serve(
                 elif command == "pid":
                     connection.send(os.getpid())
                 elif command == "forms":  # active messages received, per UCX delivery form
-                    connection.send(dict(ucx_backend(agent._backends[0]).worker.forms))
+                    connection.send(dict(ucx_backend(agent._backends[0]).services.worker.inbox.forms))
                 else:
                     connection.send(ValueError(f"unknown command {command!r}"))
             except Exception as error:  # noqa: BLE001 sent to the parent, keep serving: the test decides

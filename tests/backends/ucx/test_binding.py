@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvxfer.backends.ucx import cdef, ucx_available
+from kvxfer.backends.ucx.binding import cdef, ucx_available
 from kvxfer.backends.ucx.cma import MAX_IOV, plan_batches
 from kvxfer.backends.ucx.config import UcxConfig
 from kvxfer.backends.ucx.gather import check_spans, gather, scatter
@@ -38,7 +38,7 @@ CONSTANTS = [name for name in dir(cdef) if name.startswith(("UCP_", "UCS_")) and
 
 @pytest.mark.ucx
 def test_library_loads_and_reports_itself() -> None:
-    from kvxfer.backends.ucx.library import load_library
+    from kvxfer.backends.ucx.binding import load_library
 
     assert ucx_available() is None
     library = load_library()
@@ -55,7 +55,7 @@ def test_struct_layouts_and_constants_match_the_headers(tmp_path) -> None:
     include = os.path.join(os.path.dirname(libucx.__file__), "include")
     if compiler is None or not os.path.exists(os.path.join(include, "ucp", "api", "ucp.h")):
         pytest.skip("needs a C compiler and the libucx wheel's headers")
-    from kvxfer.backends.ucx.library import load_library
+    from kvxfer.backends.ucx.binding import load_library
 
     ffi = load_library().ffi
     lines, expected = [], {}

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.ucx, pytest.mark.timeout(120)]
 def test_an_oversized_notification_is_refused_before_it_is_received() -> None:
     backend = UcxBackend()
     with kvxfer.Agent("receiver", backends=[backend]) as agent:
-        backend.responder.notification_nbytes = 1 << 20
+        backend._responder.notification_nbytes = 1 << 20
         with RemoteAgent("sender") as sender:
             sender.call("connect", agent.metadata())
             sender.call("notify", b"x" * (8 << 20))  # rendezvous-sized: refused from its header alone
@@ -27,8 +27,8 @@ def test_an_oversized_notification_is_refused_before_it_is_received() -> None:
                 if notes:
                     break
             assert [n.payload for n in notes] == [b"small"]
-            assert backend.worker.refused == 1
-            assert backend.worker.forms["rndv"] == 0  # nothing was received for the big one
+            assert backend.services.worker.inbox.refused == 1
+            assert backend.services.worker.inbox.forms["rndv"] == 0  # nothing was received for the big one
             sender.call("notify", b"x" * (1 << 20) + b"")  # at the cap's edge (payload == cap): delivered
             delivered = []
             for _ in range(50):

@@ -91,23 +91,28 @@ class _Pool:
         self.scattered.extend(zip(addr.tolist(), nbytes.tolist(), strict=True))
 
 
-class _Backend:
-    """What DeviceServer uses of UcxBackend, recording replies instead of sending them."""
+class _Parts:
+    """What DeviceServer is built from (worker, regions, slots, timeouts, replies), no GPU, no UCX; its replies are
+    recorded instead of sent."""
 
     def __init__(self) -> None:
-        import cffi
-
-        from kvxfer.backends.ucx import cdef
-
-        ffi = cffi.FFI()
-        ffi.cdef(cdef.UCP_CDEF)
-        self.library = type("Library", (), {"ffi": ffi})()
         self.pool = _Pool()
         self.replies: list[tuple[Any, ...]] = []
         self.deferred: list[Any] = []
-        self.worker = type("Worker", (), {"address": b"target-address", "defer": self.deferred.append})()
-        self.responder = type(
-            "Responder",
+        worker = type("Worker", (), {"address": b"target-address", "defer": self.deferred.append, "library": None})()
+        regions = type(
+            "Regions",
+            (),
+            {
+                "check_device_spans": lambda _self, addr, nbytes, region: check_device_spans(
+                    addr, nbytes, region, REGIONS
+                )
+            },
+        )()
+        slots = type("Slots", (), {"slot_nbytes": _Pool.slot_nbytes, "get": lambda _self, role, device: self.pool})()
+        timeouts = type("Timeouts", (), {"transfer": 0.0})()
+        replies = type(
+            "Replies",
             (),
             {
                 "reply": lambda _self, ep, header, payload=None: self.replies.append(
@@ -116,14 +121,7 @@ class _Backend:
                 "refuse": lambda _self, header, ep, reason: self.replies.append(("refuse", header.kind, reason)),
             },
         )()
-        self.timeouts = type("Timeouts", (), {"transfer": 0.0})()
-        self.device_slot_nbytes = _Pool.slot_nbytes
-
-    def check_device_spans(self, addr, nbytes, region) -> int:
-        return check_device_spans(addr, nbytes, region, REGIONS)
-
-    def device_slots(self, role: str, device: int) -> _Pool:
-        return self.pool
+        self.arguments = (worker, regions, slots, timeouts, replies)
 
 
 def _dscatter(chunk: int) -> tuple[Header, bytes]:
@@ -141,8 +139,8 @@ def test_grants_wait_for_free_slots_and_uncommitted_ones_are_taken_back() -> Non
     for a taken-back grant is refused."""
     from kvxfer.backends.ucx.device_serve import DeviceServer
 
-    backend = _Backend()
-    server = DeviceServer(backend)  # type: ignore[arg-type]
+    backend = _Parts()
+    server = DeviceServer(*backend.arguments)  # type: ignore[arg-type]
     for chunk in range(3):
         server.accept(*_dscatter(chunk), reply_ep=1)
     for work in backend.deferred:
@@ -167,8 +165,8 @@ def test_grants_wait_for_free_slots_and_uncommitted_ones_are_taken_back() -> Non
 def test_a_committed_chunk_frees_its_slot_for_a_waiting_one() -> None:
     from kvxfer.backends.ucx.device_serve import DeviceServer
 
-    backend = _Backend()
-    server = DeviceServer(backend)  # type: ignore[arg-type]
+    backend = _Parts()
+    server = DeviceServer(*backend.arguments)  # type: ignore[arg-type]
     for chunk in range(3):
         server.accept(*_dscatter(chunk), reply_ep=1)
     while backend.deferred:  # what the worker's progress runs after the callbacks

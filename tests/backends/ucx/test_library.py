@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from kvxfer.backends.ucx.binding import load_library
 from kvxfer.backends.ucx.config import UcxConfig
-from kvxfer.backends.ucx.library import load_library
 from kvxfer.errors import BackendUnavailableError
 
 REPO = Path(__file__).resolve().parents[3]
@@ -24,7 +24,7 @@ import json, sys
 import numpy as np
 import kvxfer
 from kvxfer.backends.ucx import UcxBackend, ucx_available
-from kvxfer.backends.ucx.library import load_library
+from kvxfer.backends.ucx.binding import load_library
 
 problem = ucx_available()
 library = load_library()
@@ -60,7 +60,7 @@ def _environ(**overrides: str) -> dict[str, str]:
 
 def _wheel_libucp() -> str:
     """The libucx wheel's libucp, as the loader finds it."""
-    from kvxfer.backends.ucx.library import _wheel_library
+    from kvxfer.backends.ucx.binding.library import _wheel_library
 
     return _wheel_library()
 

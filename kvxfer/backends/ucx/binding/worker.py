@@ -1,13 +1,9 @@
-"""A UCP worker: progress, wakeup, and active messages in and out.
+"""A UCP worker: progress, wakeup, active messages out (in: inbox.py), endpoint error dispatch.
 
 Thread safety: the worker is created in ``UCS_THREAD_MODE_SERIALIZED`` and every call into it happens under
 ``worker.lock`` — by the caller's thread (posting, polling) or the progress thread. Callbacks run only inside
 ``ucp_worker_progress``, i.e. under the lock; they never call progress and never send (they queue work that
 :meth:`progress` runs once ``ucp_worker_progress`` has returned).
-
-Active messages arrive in one of three forms and all three are handled: plain (data valid only inside the
-callback), ``FLAG_DATA`` (UCX-owned; we copy it before returning UCS_OK) and ``FLAG_RNDV`` (fetched with
-``ucp_am_recv_data_nbx`` into a buffer we own, handed on when that receive completes).
 """
 
 from __future__ import annotations
@@ -15,22 +11,17 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from . import cdef
-from .library import UcxLibrary, UcxStatusError, check, pointer_status
-from .pool import BufferPool
+from .inbox import Buffers, Inbox, Receiver, UserSpan
+from .library import UcxLibrary
+from .status import check, closed_error, pointer_status, status_error
 
 AM_ID = 7  # our one active-message id; the header's kind byte says what the message is
 _PROGRESS_BURST = 64
 
-# on_message(header, data, reply_ep): ``data`` is a read-only buffer valid only during the call (copy what you
-# keep); ``reply_ep`` is an int ucp_ep_h (0 when the sender asked for no reply).
-MessageHandler = Callable[[bytes, Any, int], None]
 SendDone = Callable[[int], None]
 EndpointErrorHandler = Callable[[int], None]
 _Send = tuple[int, Any, SendDone | None, int]  # a send in flight: request, keepalive, on_done, ucp_ep_h
@@ -38,41 +29,16 @@ _Send = tuple[int, Any, SendDone | None, int]  # a send in flight: request, keep
 _log = logging.getLogger("kvxfer.ucx")
 
 
-class UserSpan(tuple):
-    """``(addr, nbytes)`` of registered memory a send reads from or a rendezvous receive lands in directly (no
-    pooled buffer): while one is in flight its region is busy (:meth:`Worker.touches`)."""
-
-    @property
-    def addr(self) -> int:
-        return int(self[0])
-
-    @property
-    def nbytes(self) -> int:
-        return int(self[1])
-
-
 class Worker:
-    """One UCP worker, its address (bytes for the metadata) and its wakeup file descriptor."""
+    """One UCP worker, its address (bytes for the metadata) and its wakeup file descriptor. Received messages go
+    to the :class:`Receiver` given to :meth:`receive_with`."""
 
-    def __init__(
-        self,
-        library: UcxLibrary,
-        context_handle: Any,
-        name: str,
-        on_message: MessageHandler,
-        buffers: BufferPool,
-        refuse: Callable[[bytes, int], str | None] = lambda _head, _length: None,
-        on_refused: Callable[[bytes, str, int], None] = lambda _head, _reason, _reply_ep: None,
-        placement: Callable[[bytes, int], int] = lambda _head, _length: 0,
-    ) -> None:
+    def __init__(self, library: UcxLibrary, context_handle: Any, name: str, buffers: Buffers) -> None:
         self.library = library
-        self._buffers = buffers
         ffi, lib = library.ffi, library.lib
         self.lock = threading.Lock()
-        self._on_message = on_message
-        self._refuse, self._on_refused = refuse, on_refused  # size caps per message kind, checked before receiving
-        self._placement = placement  # where a rendezvous payload may land directly (0: a pooled buffer)
-        self.refused = 0  # messages refused by those caps
+        self._deferred: list[Callable[[], None]] = []
+        self.inbox = Inbox(library, buffers, self.defer)
         params = ffi.new("ucp_worker_params_t *")
         self._name = ffi.new("char[]", name.encode()[:63])
         params.field_mask = cdef.UCP_WORKER_PARAM_FIELD_THREAD_MODE | cdef.UCP_WORKER_PARAM_FIELD_NAME
@@ -88,17 +54,9 @@ class Worker:
         efd = ffi.new("int *")
         check(library, lib.ucp_worker_get_efd(self.handle, efd), "ucp_worker_get_efd")
         self.efd = int(efd[0])
-        self._receives: list[tuple[int, bytes, np.ndarray | UserSpan, int]] = []  # rendezvous receives: request,
-        # header, buffer (exactly the message's size; or the registered span it lands in), reply ep
+        self.inbox.worker_handle = self.handle
         self._sends: list[_Send] = []  # sends in flight
         self.abandoned = 0  # sends given up on because their peer process is gone (see abandon_sends)
-        self._deferred: list[Callable[[], None]] = []
-        self.forms: Counter[str] = Counter()  # messages received per form: "plain", "data", "rndv"
-        self._callback = ffi.callback(
-            "ucs_status_t(void *, const void *, size_t, void *, size_t, const void *)",
-            self._on_am,
-            onerror=self._on_callback_error,
-        )
         handler = ffi.new("ucp_am_handler_param_t *")
         handler.field_mask = (
             cdef.UCP_AM_HANDLER_PARAM_FIELD_ID
@@ -107,7 +65,7 @@ class Worker:
         )
         handler.id = AM_ID
         handler.flags = cdef.UCP_AM_FLAG_WHOLE_MSG
-        handler.cb = self._callback
+        handler.cb = self.inbox.callback
         check(library, lib.ucp_worker_set_am_recv_handler(self.handle, handler), "ucp_worker_set_am_recv_handler")
         # One endpoint error callback for the worker's whole life, dispatching on the ``arg`` id each endpoint was
         # created with: UCX may call an endpoint's handler after we closed it (none error mode: a flushing close
@@ -115,9 +73,12 @@ class Worker:
         self.ep_error_callback = ffi.callback("void(void *, ucp_ep_h, ucs_status_t)", self._on_ep_error)
         self._ep_handlers: dict[int, EndpointErrorHandler] = {}
         self._ep_ids = itertools.count(1)
-        self._recv_param = ffi.new("ucp_request_param_t *")  # no callback: rendezvous receives are polled
         self._send_param = ffi.new("ucp_request_param_t *")
         self._send_param.op_attr_mask = cdef.UCP_OP_ATTR_FIELD_FLAGS
+
+    def receive_with(self, receiver: Receiver) -> None:
+        """Hand every message received from now on to ``receiver`` (set once, before the first progress)."""
+        self.inbox.receiver = receiver
 
     # ---- progress ---------------------------------------------------------------------------------------------
 
@@ -134,8 +95,8 @@ class Worker:
         for _ in range(_PROGRESS_BURST):
             events = lib.ucp_worker_progress(handle)
             count += events
-            if self._receives:
-                count += self._reap_receives()
+            if self.inbox.receives:
+                count += self.inbox.reap()
             while self._deferred:
                 work, self._deferred = self._deferred, []
                 for item in work:
@@ -165,12 +126,12 @@ class Worker:
     @property
     def receiving(self) -> bool:
         """True while rendezvous receives are in flight."""
-        return bool(self._receives)
+        return bool(self.inbox.receives)
 
     @property
     def busy(self) -> bool:
         """True while sends or rendezvous receives are in flight."""
-        return bool(self._sends or self._receives)
+        return bool(self._sends or self.inbox.receives)
 
     # ---- sending ----------------------------------------------------------------------------------------------
 
@@ -184,22 +145,21 @@ class Worker:
         reply: bool = False,
         on_done: SendDone | None = None,
     ) -> None:
-        """Send one active message on ``ep`` (a ucp_ep_h); ``[addr, addr + nbytes)`` must stay valid until
-        ``on_done(status)`` (``keepalive`` is held until then). Caller holds :attr:`lock`."""
+        """Send one active message on ``ep`` (a ucp_ep_h, or an int one: a reply endpoint); ``[addr, addr +
+        nbytes)`` must stay valid until ``on_done(status)`` (``keepalive`` is held until then). Caller holds
+        :attr:`lock`."""
         ffi, lib = self.library.ffi, self.library.lib
-        if self.handle is None or ep is None or ep == ffi.NULL or ep == 0:
+        if self.handle is None or ep is None or ep == 0 or ep == ffi.NULL:
             # a closed worker, or the endpoint of a link lost meanwhile: UCX would dereference NULL
-            raise UcxStatusError(
-                "ucp_am_send_nbx: the endpoint or worker is closed", cdef.UCS_ERR_NOT_CONNECTED, "ucp_am_send_nbx"
-            )
+            raise closed_error("ucp_am_send_nbx")
+        if isinstance(ep, int):  # a reply endpoint, as the receive callback gave it
+            ep = ffi.cast("ucp_ep_h", ep)
         param = self._send_param
         param.flags = cdef.UCP_AM_SEND_FLAG_COPY_HEADER | (cdef.UCP_AM_SEND_FLAG_REPLY if reply else 0)
         request = lib.ucp_am_send_nbx(ep, AM_ID, ffi.from_buffer(header), len(header), addr, nbytes, param)
         status = pointer_status(request)
         if status < 0:
-            raise UcxStatusError(
-                f"ucp_am_send_nbx failed: {self.library.status_text(status)}", status, "ucp_am_send_nbx"
-            )
+            raise status_error(self.library, status, "ucp_am_send_nbx")
         if status == cdef.UCS_INPROGRESS:
             self._sends.append((request, keepalive, on_done, int(ffi.cast("uintptr_t", ep))))
         elif on_done is not None:
@@ -271,79 +231,11 @@ class Worker:
         if handler is not None:
             handler(int(status))
 
-    # ---- receiving --------------------------------------------------------------------------------------------
-
-    def _on_am(self, _arg: Any, header: Any, header_length: int, data: Any, length: int, param: Any) -> int:
-        ffi = self.library.ffi
-        recv = ffi.cast("ucp_am_recv_param_t *", param)
-        attributes = int(recv.recv_attr)
-        reply_ep = int(ffi.cast("uintptr_t", recv.reply_ep)) if attributes & cdef.UCP_AM_RECV_ATTR_FIELD_REPLY_EP else 0
-        head = bytes(ffi.buffer(header, header_length)) if header_length else b""
-        refusal = self._refuse(head, length)
-        if refusal is not None:  # too large for its kind: never allocated, never received (UCX drops the data)
-            self.refused += 1
-            _log.warning("ucx: refused a %d-byte message: %s", length, refusal)
-            self._on_refused(head, refusal, reply_ep)
-            return cdef.UCS_OK
-        if attributes & cdef.UCP_AM_RECV_ATTR_FLAG_RNDV:
-            self.forms["rndv"] += 1
-            place = self._placement(head, length)  # checked by the responder: a span of a registered region
-            buffer: np.ndarray | UserSpan = UserSpan((place, length)) if place else self._buffers.take(length)
-            target = place or buffer.ctypes.data  # type: ignore[union-attr]
-            request = self.library.lib.ucp_am_recv_data_nbx(self.handle, data, target, length, self._recv_param)
-            status = pointer_status(request)
-            if status == cdef.UCS_INPROGRESS:
-                self._receives.append((request, head, buffer, reply_ep))
-            elif status == cdef.UCS_OK:
-                self.defer(lambda: self._hand_on(head, buffer, reply_ep))
-            else:
-                _log.warning("ucx: rendezvous receive of %d bytes failed: %s", length, self.library.status_text(status))
-            return cdef.UCS_OK
-        # Plain and FLAG_DATA payloads: handled (copied or consumed) before we return UCS_OK, so UCX may reuse them.
-        self.forms["data" if attributes & cdef.UCP_AM_RECV_ATTR_FLAG_DATA else "plain"] += 1
-        self._on_message(head, ffi.buffer(data, length) if length else b"", reply_ep)
-        return cdef.UCS_OK
-
-    def _reap_receives(self) -> int:
-        lib = self.library.lib
-        done = 0
-        pending = []
-        for request, head, buffer, reply_ep in self._receives:
-            status = lib.ucp_request_check_status(request)
-            if status == cdef.UCS_INPROGRESS:
-                pending.append((request, head, buffer, reply_ep))
-                continue
-            lib.ucp_request_free(request)
-            done += 1
-            if status == cdef.UCS_OK:
-                self._hand_on(head, buffer, reply_ep)
-            else:
-                _log.warning("ucx: rendezvous receive failed: %s", self.library.status_text(status))
-                if not isinstance(buffer, UserSpan):
-                    self._buffers.give(buffer)  # UCX is done with it: back to the pool, not to the allocator
-        self._receives = pending
-        return done
-
-    def _hand_on(self, head: bytes, buffer: np.ndarray | UserSpan, reply_ep: int) -> None:
-        if isinstance(buffer, UserSpan):
-            self._on_message(head, None, reply_ep)  # None: the payload already landed where placement said
-            return
-        try:
-            self._on_message(head, buffer.data, reply_ep)  # .data: the array's memoryview
-        finally:
-            self._buffers.give(buffer)  # handlers copy what they keep
-
     def touches(self, addr: int, nbytes: int) -> bool:
         """True while a send reads from, or a rendezvous receive lands in, ``[addr, addr + nbytes)``."""
-        spans = [entry[1] for entry in self._sends] + [entry[2] for entry in self._receives]
-        return any(
-            isinstance(span, UserSpan) and span.addr < addr + nbytes and addr < span.addr + span.nbytes
-            for span in spans
+        return self.inbox.touches(addr, nbytes) or any(
+            isinstance(entry[1], UserSpan) and entry[1].overlaps(addr, nbytes) for entry in self._sends
         )
-
-    def _on_callback_error(self, exc_type: Any, exc: BaseException | None, _traceback: Any) -> int:
-        _log.error("ucx: active-message handler raised %s: %s", getattr(exc_type, "__name__", exc_type), exc)
-        return cdef.UCS_OK
 
     # ---- teardown ---------------------------------------------------------------------------------------------
 
@@ -352,13 +244,11 @@ class Worker:
         if self.handle is None:
             return
         lib = self.library.lib
-        for request, *_rest in self._receives:
-            lib.ucp_request_cancel(self.handle, request)
-            lib.ucp_request_free(request)
+        self.inbox.cancel_all()
         for request, _keepalive, _done, _ep in self._sends:
             lib.ucp_request_cancel(self.handle, request)
             lib.ucp_request_free(request)
-        self._receives, self._sends, self._deferred = [], [], []
+        self._sends, self._deferred = [], []
         self._ep_handlers.clear()
         lib.ucp_worker_destroy(self.handle)
-        self.handle = None
+        self.handle = self.inbox.worker_handle = None

@@ -1,4 +1,5 @@
-"""Loading libucp through cffi (ABI mode) and turning UCS status codes into kvxfer errors.
+"""Loading libucp through cffi (ABI mode); the loaded library's few calls on requests and keys (status.py turns
+UCS status codes into kvxfer errors).
 
 ABI mode, not API mode: it needs neither a C compiler nor Python headers at run time (the GPU machines are not
 known to have either), and the per-call cost it adds (~1 µs) is off the hot path: large fragments amortize it,
@@ -13,9 +14,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import BackendUnavailableError, UcxStatusError
+from ....errors import BackendUnavailableError
+from ..config import UcxConfig
 from . import cdef
-from .config import UcxConfig
 
 _log = logging.getLogger("kvxfer.ucx")
 
@@ -40,7 +41,23 @@ class UcxLibrary:
 
     def status_text(self, status: int) -> str:
         """UCX's name for a status code, e.g. "Connection reset by remote peer"."""
-        return self.ffi.string(self.lib.ucs_status_string(status)).decode(errors="replace")
+        return str(self.ffi.string(self.lib.ucs_status_string(status)).decode(errors="replace"))
+
+    def request_status(self, request: int) -> int:
+        """UCS_INPROGRESS while ``request`` (an int from a ``*_nbx`` call) runs; else its final status (the request
+        is then freed)."""
+        status = self.lib.ucp_request_check_status(request)
+        if status != cdef.UCS_INPROGRESS:
+            self.lib.ucp_request_free(request)
+        return int(status)
+
+    def free_request(self, request: int) -> None:
+        """Release ``request`` without waiting for it: UCX frees it when (if ever) it completes."""
+        self.lib.ucp_request_free(request)
+
+    def destroy_rkey(self, rkey: Any) -> None:
+        """Release an unpacked remote key (binding.Endpoint.unpack_rkey)."""
+        self.lib.ucp_rkey_destroy(rkey)
 
 
 def load_library(config: UcxConfig | None = None) -> UcxLibrary:
@@ -137,22 +154,3 @@ def ucx_available() -> str | None:
     except Exception as error:  # noqa: BLE001 a broken install must read as "unavailable", never crash collection
         return f"{type(error).__name__}: {error}"
     return None
-
-
-def check(library: UcxLibrary, status: int, call: str) -> None:
-    """Raise UcxStatusError unless ``status`` is UCS_OK."""
-    if status != cdef.UCS_OK:
-        raise UcxStatusError(f"{call} failed: {library.status_text(status)} ({status})", status, call)
-
-
-_PTR_ERROR_FLOOR = 2**64 + cdef.UCS_ERR_LAST
-
-
-def pointer_status(pointer: int) -> int:
-    """The status a ``ucs_status_ptr_t`` (as an int) carries: 0 for NULL, negative for an error, 1 (INPROGRESS)
-    for a request."""
-    if pointer == 0:
-        return cdef.UCS_OK
-    if pointer >= _PTR_ERROR_FLOOR:
-        return pointer - 2**64
-    return cdef.UCS_INPROGRESS

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...errors import RegistrationError
+from ....errors import RegistrationError, UcxStatusError
 from . import cdef
-from .library import UcxLibrary, UcxStatusError, check
+from .library import UcxLibrary
+from .status import check
 
 
 class Context:

@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ....errors import UcxStatusError
 from . import cdef
-from .library import UcxLibrary, UcxStatusError, check, pointer_status
+from .status import check, closed_error, pointer_status, started, status_error
 from .worker import Worker
 
 _MAX_TRANSPORT_ENTRIES = 32
@@ -60,7 +61,7 @@ class Endpoint:
     def check_open(self, call: str) -> None:
         """Raise UcxStatusError if the endpoint was closed (UCX would dereference NULL)."""
         if self.handle is None:  # closed (its link was lost): UCX would dereference NULL
-            raise UcxStatusError(f"{call}: the endpoint is closed", cdef.UCS_ERR_NOT_CONNECTED, call)
+            raise closed_error(call)
 
     def unpack_rkey(self, packed: bytes) -> Any:
         """A ucp_rkey_h for a peer region's packed key; release with :meth:`destroy_rkey`."""
@@ -95,21 +96,16 @@ class Endpoint:
             request = operation(ep, local_addr, size, remote_addr, rkey, param)
             if request:
                 if request >= floor:
-                    status = request - 2**64
-                    name = "ucp_put_nbx" if write else "ucp_get_nbx"
-                    raise UcxStatusError(f"{name} failed: {self.library.status_text(status)}", status, name)
+                    raise status_error(self.library, request - 2**64, "ucp_put_nbx" if write else "ucp_get_nbx")
                 free(request)
 
     def flush(self) -> int:
-        """Start ``ucp_ep_flush_nbx``: 0 when already complete, else a request to poll with :func:`request_status`."""
+        """Start ``ucp_ep_flush_nbx``: 0 when already complete, else a request to poll with
+        :meth:`UcxLibrary.request_status`."""
         self.check_open("ucp_ep_flush_nbx")
-        request = self.library.lib.ucp_ep_flush_nbx(self.handle, self._flush_param)
-        status = pointer_status(request)
-        if status < 0:
-            raise UcxStatusError(
-                f"ucp_ep_flush_nbx failed: {self.library.status_text(status)}", status, "ucp_ep_flush_nbx"
-            )
-        return 0 if status == cdef.UCS_OK else request
+        return started(
+            self.library, self.library.lib.ucp_ep_flush_nbx(self.handle, self._flush_param), "ucp_ep_flush_nbx"
+        )
 
     def transports(self) -> list[tuple[str, str]]:
         """(transport, device) per lane, e.g. [("sysv", "memory"), ("cma", "memory")] or [("tcp", "lo")]."""
@@ -143,14 +139,6 @@ class Endpoint:
         self.handle = None
         self.worker.unwatch_endpoint(self._watch)
         return request if pointer_status(request) == cdef.UCS_INPROGRESS else 0
-
-
-def request_status(library: UcxLibrary, request: int) -> int:
-    """UCS_INPROGRESS while ``request`` runs; else its final status (the request is then freed)."""
-    status = library.lib.ucp_request_check_status(request)
-    if status != cdef.UCS_INPROGRESS:
-        library.lib.ucp_request_free(request)
-    return int(status)
 
 
 def _text(ffi: Any, pointer: Any) -> str:
