@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call made of named stages, run in the order given, each under its own time limit, with a summary last.
 # Usage: OUT=dir scripts/gpu-run.sh STAGE[:seconds] ...   stages: tests quick ab serve timing engine
+# SERVE_REQUESTS (default 16): requests per serving load point.
 # Needs .device/wheels (and .device/baseline for ab, .device/cache for serve); see scripts/gpu-final.sh.
 set -u
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ for item in "$@"; do
     ab) stage ab "$limit" bash scripts/gpu-ab.sh .device/baseline 1; grep -hE "^(base|new) " "$out/ab.log" >>"$summary" ;;
     serve) stage serve "$limit" env KVXFER_CACHE_DIR="$PWD/.device/cache" python3 bench/serve_compare.py \
         --model smollm2 --random-weights --dtype bfloat16 --layouts 1p1d,2agg --mixes 2000:200,500:100 \
-        --concurrency 1,8 --requests 16 --slo-ttft-ms 300 --slo-itl-ms 30 --startup-timeout 60 --log-dir "$out" \
+        --concurrency 1,8 --requests "${SERVE_REQUESTS:-16}" --slo-ttft-ms 300 --slo-itl-ms 30 --startup-timeout 60 --log-dir "$out" \
         --json "$out/serve_gpu.json"
       tail -n 30 "$out/serve.log" >>"$summary" ;;
     timing) stage timing "$limit" python3 scripts/pipe_timing.py --tokens 4096 128 --tp 1 2 --repeats 30 \
