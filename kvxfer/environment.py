@@ -19,8 +19,10 @@ VARIABLES = {
     "KVXFER_CUDA_IPC_EARLY_NOTIFY": "cuda_ipc: send a notification with the copy's launch, delivered by the peer "
     "once the copy's interprocess event completes (1, default), or after "
     "completion (0).",
-    "KVXFER_CUDA_GRAPHS": "Reference engines: 0 runs decode steps eagerly instead of as CUDA graphs per batch "
-    "size (default 1).",
+    "KVXFER_CUDA_GRAPHS": "Reference engines: 1 replays decode steps as CUDA graphs per batch-size bucket on a GPU "
+    "(default 0: eager; the graphs have not yet run on a GPU).",
+    "KVXFER_PIPE_GPU_ADDRESSING": "KVPipe kernel routes: 1 derives fragment addresses on the GPU from block ids "
+    "(default 0: host-built tables; the block-id kernel has not yet run on a GPU).",
     "KVXFER_UCX_LIB": "Path of a libucp.so to use instead of the libucx wheel's (e.g. a system UCX with verbs).",
     "KVXFER_UCX_ERROR_MODE": "UCX endpoint error handling: auto (none on one host, peer across hosts), peer, none.",
     "KVXFER_UCX_CMA": "Same-host host memory through batched process_vm_readv/writev: auto or off.",

@@ -27,7 +27,8 @@ class ModelRunner:
     metrics.
 
     ``cuda_graphs``: run decode steps (every sequence adds one token) through :class:`DecodeGraphs`. None (the
-    default) enables it on a CUDA device with one TP rank unless ``KVXFER_CUDA_GRAPHS=0``; True also enables the
+    default) enables it on a CUDA device with one TP rank when ``KVXFER_CUDA_GRAPHS=1`` (off by default until the
+    graphs have run on a GPU: they were written on a machine without one); True also enables the
     padded static path where nothing is captured (CPU, TP), False disables it. ``graphs`` is None when disabled.
     """
 
@@ -53,7 +54,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs is None:
             cuda_graphs = (
-                read_env("KVXFER_CUDA_GRAPHS", "1") != "0" and model.device.type == "cuda" and model.tp.size == 1
+                read_env("KVXFER_CUDA_GRAPHS", "0") == "1" and model.device.type == "cuda" and model.tp.size == 1
             )
         if cuda_graphs:
             self.graphs = DecodeGraphs(

@@ -109,9 +109,10 @@ class KVPipe:
 
     @property
     def gpu_addressing(self) -> bool:
-        """True (the default): kernel routes on a GPU upload a request's block ids and the kernel derives every
-        fragment's address from them and the two specs; False: the host builds fragment tables per request and
-        uploads those (the route before; kept for specs the block-id kernel does not cover, and comparisons)."""
+        """True: kernel routes on a GPU upload a request's block ids and the kernel derives every fragment's address
+        from them and the two specs; False (the default unless ``KVXFER_PIPE_GPU_ADDRESSING=1``, until the block-id
+        kernel has run on a GPU): the host builds fragment tables per request and uploads those (also the route for
+        specs the block-id kernel does not cover)."""
         return self._strategies.gpu_addressing
 
     @gpu_addressing.setter

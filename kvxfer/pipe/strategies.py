@@ -9,6 +9,7 @@ import numpy as np
 
 from ..backends.base import Op
 from ..descs import Descs
+from ..environment import read as read_env
 from ..errors import ConfigError, KvxferError
 from ..handle import TransferState
 from ..memory import Region, RemoteRegion
@@ -64,8 +65,9 @@ class Strategies:
         self.agent, self.region, self.spec = agent, region, spec
         self.launcher, self.staging = launcher, staging
         #: kernel routes on a GPU derive fragment addresses on the GPU from block ids where the specs allow
-        #: (False: every launch walks host-built tables, as before; for comparisons)
-        self.gpu_addressing = True
+        #: (False, the default until the block-id kernel has run on a GPU — it was written on a machine without
+        #: one: every launch walks host-built tables, as before; KVXFER_PIPE_GPU_ADDRESSING=1 turns it on)
+        self.gpu_addressing = read_env("KVXFER_PIPE_GPU_ADDRESSING", "0") == "1"
         self._id_launches: dict[tuple[int, Op], IdLaunch | None] = {}
 
     def steps(

@@ -127,7 +127,10 @@ def test_engine_greedy_outputs_equal_with_and_without_padded_path(
 
 
 def test_environment_variable_disables_graphs(tiny_model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Default (None) never captures on the CPU; KVXFER_CUDA_GRAPHS=0 or cuda_graphs=False disables the path."""
+    """Default (None) never captures on the CPU, even with KVXFER_CUDA_GRAPHS=1; KVXFER_CUDA_GRAPHS=0 or
+    cuda_graphs=False disables the path."""
+    assert ModelRunner(tiny_model, CacheConfig()).graphs is None
+    monkeypatch.setenv("KVXFER_CUDA_GRAPHS", "1")
     assert ModelRunner(tiny_model, CacheConfig()).graphs is None
     monkeypatch.setenv("KVXFER_CUDA_GRAPHS", "0")
     assert ModelRunner(tiny_model, CacheConfig()).graphs is None
@@ -222,9 +225,9 @@ def test_graph_logits_equal_eager_across_block_boundaries(gpu_model: Model, make
 
 
 @pytest.mark.gpu
-def test_graphs_on_by_default_on_a_gpu_and_off_by_environment(
-    gpu_model: Model, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_graphs_on_a_gpu_by_environment_only(gpu_model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ModelRunner(gpu_model, CacheConfig(num_blocks=16)).graphs is None  # off by default (not yet run on a GPU)
+    monkeypatch.setenv("KVXFER_CUDA_GRAPHS", "1")
     graphs = ModelRunner(gpu_model, CacheConfig(num_blocks=16)).graphs
     assert graphs is not None and graphs.capture
     monkeypatch.setenv("KVXFER_CUDA_GRAPHS", "0")

@@ -42,11 +42,14 @@ def gpu(libraries: tuple[ctypes.CDLL, ctypes.CDLL], monkeypatch: pytest.MonkeyPa
     id_launch.clear_caches()
 
 
-def _on_gpu(pipe: KVPipe, gpu: EmulatedCupy, cluster: Cluster) -> KVPipe:
-    """The pipe's kernel route as on a GPU (host memory posing as device memory); kernels confined to the caches."""
+def _on_gpu(pipe: KVPipe, gpu: EmulatedCupy, cluster: Cluster, addressing: bool | None = True) -> KVPipe:
+    """The pipe's kernel route as on a GPU (host memory posing as device memory); kernels confined to the caches.
+    ``addressing``: the block-id route (True), tables (False), or the pipe's default (None)."""
     gpu.regions = [(c.ctypes.data, c.ctypes.data + c.nbytes) for c in cluster.p_caches + cluster.d_caches]
     pipe.device = 0
     pipe._launcher.device = 0
+    if addressing is not None:
+        pipe.gpu_addressing = addressing
     return pipe
 
 
@@ -93,6 +96,29 @@ def test_pull_lands_the_same_bytes_as_the_table_path(
             cluster.close()
     for ids, tables in zip(results[True], results[False], strict=True):
         assert ids.tobytes() == tables.tobytes()
+
+
+def test_the_block_id_route_is_opt_in_by_environment(gpu: EmulatedCupy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off by default until the kernel has run on a GPU; KVXFER_PIPE_GPU_ADDRESSING=1 turns it on for new pipes."""
+    cluster = Cluster(1, 1, 8, 16, 16, "HND", "HND", tokens=40)
+    try:
+        default = _on_gpu(cluster.pipe(0, strategy="kernel"), gpu, cluster, None)
+        monkeypatch.setenv("KVXFER_PIPE_GPU_ADDRESSING", "1")
+        opted = _on_gpu(cluster.pipe(0, strategy="kernel"), gpu, cluster, None)
+        assert not default.gpu_addressing and opted.gpu_addressing
+        launched, initial = [], cluster.d_caches[0].copy()
+        assert not np.array_equal(initial, cluster.expected(0))
+        for pipe in (default, opted):
+            cluster.d_caches[0][...] = initial
+            before = len(gpu.launches)
+            pipe.pull(cluster.d_ids, cluster.p_ids, num_tokens=cluster.tokens).wait(timeout=30)
+            launched.append([entry for entry, _ in gpu.launches[before:]])
+            np.testing.assert_array_equal(cluster.d_caches[0], cluster.expected(0))
+            pipe.close()
+        assert not any(e.startswith("kvxfer_ids_") for e in launched[0]) and launched[0]
+        assert all(e.startswith("kvxfer_ids_") for e in launched[1]) and launched[1]
+    finally:
+        cluster.close()
 
 
 def test_layer_subsets_and_slots_reused_without_new_events(gpu: EmulatedCupy) -> None:

@@ -1,4 +1,4 @@
-"""KVPipe pulls over CUDA IPC with fragment addresses derived on the GPU from block ids (the default kernel route)
+"""KVPipe pulls over CUDA IPC with fragment addresses derived on the GPU from block ids (``gpu_addressing``)
 against the same pulls through host-built tables (``gpu_addressing = False``): prefill ranks in their own
 processes, decode ranks here; the same bytes land, and the expected caches are built on the host."""
 
