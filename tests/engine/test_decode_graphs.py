@@ -58,20 +58,25 @@ def test_padded_decode_logits_equal_unpadded(tiny_model: Model, make_prompts: Ca
         for _ in range(6):  # sequences cross block boundaries (block size 1 and 4 every step or so)
             logits = []
             for runner in (padded, eager):
-                seqs = runner.seqs  # type: ignore[attr-defined]
-                for seq in seqs:
-                    runner.blocks.append(seq.block_ids, seq.num_tokens)
-                tokens = [seq.token_ids[-1] for seq in seqs]
-                tables = [list(seq.block_ids) for seq in seqs]
-                lengths = [seq.num_tokens for seq in seqs]
-                if runner.graphs is not None:
-                    logits.append(runner.graphs.logits(tokens, tables, lengths).clone())
-                else:
-                    logits.append(_eager_logits(runner, tokens, tables, lengths))
-                runner.step([(seq, 1) for seq in seqs])
+                logits.append(_next_logits(runner))
+                runner.step([(seq, 1) for seq in runner.seqs])  # type: ignore[attr-defined]
             torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
             assert [s.token_ids for s in padded.seqs] == [s.token_ids for s in eager.seqs]  # type: ignore[attr-defined]
         torch.testing.assert_close(padded.cache.tensor, eager.cache.tensor, rtol=1e-5, atol=1e-5)
+
+
+def _next_logits(runner: ModelRunner) -> torch.Tensor:
+    """Give every sequence of ``runner`` (its ``seqs``) a slot for one more token and return that decode step's
+    logits on the CPU: through its graphs when it has them, else the unpadded eager step."""
+    seqs = runner.seqs  # type: ignore[attr-defined]
+    for seq in seqs:
+        runner.blocks.append(seq.block_ids, seq.num_tokens)
+    tokens = [seq.token_ids[-1] for seq in seqs]
+    tables = [list(seq.block_ids) for seq in seqs]
+    lengths = [seq.num_tokens for seq in seqs]
+    if runner.graphs is not None:  # the graph's output buffer is reused by the next replay: copy it
+        return runner.graphs.logits(tokens, tables, lengths).cpu().clone()
+    return _eager_logits(runner, tokens, tables, lengths).cpu()
 
 
 def _eager_logits(runner: ModelRunner, tokens: list[int], tables: list[list[int]], lengths: list[int]) -> torch.Tensor:
@@ -194,18 +199,7 @@ def test_graph_logits_equal_eager_across_block_boundaries(gpu_model: Model, make
     for seq_a, seq_b in zip(graphed.seqs, eager.seqs, strict=True):  # type: ignore[attr-defined]
         seq_a.token_ids[-1] = seq_b.token_ids[-1]  # start from the same first token
     for _ in range(12):
-        logits = []
-        for runner in (graphed, eager):
-            seqs = runner.seqs  # type: ignore[attr-defined]
-            for seq in seqs:
-                runner.blocks.append(seq.block_ids, seq.num_tokens)
-            tokens = [seq.token_ids[-1] for seq in seqs]
-            tables = [list(seq.block_ids) for seq in seqs]
-            lengths = [seq.num_tokens for seq in seqs]
-            if runner.graphs is not None:
-                logits.append(runner.graphs.logits(tokens, tables, lengths).cpu())
-            else:
-                logits.append(_eager_logits(runner, tokens, tables, lengths).cpu())
+        logits = [_next_logits(runner) for runner in (graphed, eager)]
         torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
         chosen = logits[1].argmax(dim=-1).tolist()  # the eager step's greedy tokens feed both
         for runner in (graphed, eager):
