@@ -140,8 +140,16 @@ class TargetLink:
         self.target_pid: int = ready["pid"]
 
     def _receive(self, kind: str, request_id: int | None = None) -> dict[str, Any]:
+        """The target's ``kind`` answer (to ``request_id``); PeerError after ``timeout`` s, or within half a second
+        of the agent losing the target (a dead target never answers: waiting out the timeout helps nobody)."""
         give_up = time.monotonic() + self.timeout
         while time.monotonic() < give_up:
+            if not self.peer.connected:
+                raise PeerError(
+                    f"benchmark target {self.peer.name!r} was lost ({self.peer.lost_reason}) before its {kind!r} "
+                    "answer",
+                    self.peer.name,
+                )
             for note in self.agent.notifications(timeout=min(0.5, max(give_up - time.monotonic(), 0.0))):
                 message = _unpack(note.payload)
                 if message and message.get("type") == kind and message.get("id") == request_id:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -332,6 +334,37 @@ def test_target_killed_mid_sweep_fails_the_rest_without_a_hang(tmp_path) -> None
         assert time.monotonic() - began < 60
         assert [row["block_size"] for row in result.rows] == [4096]
         assert any(note.startswith("FAILED") for note in result.notes)
+    finally:
+        target.kill()
+        target.wait(timeout=30)
+        target.stdout.close()
+
+
+@pytest.mark.ucx
+@pytest.mark.timeout(60)
+def test_a_lost_target_ends_the_wait_for_its_answer() -> None:
+    """A target that dies between a request and its answer: the wait ends once the agent has lost it, with an error
+    that says so, not after the (here 600 s) answer timeout."""
+    from kvxfer import Agent
+    from kvxfer.bench.target import TargetLink
+    from kvxfer.errors import PeerError
+
+    target = subprocess.Popen(
+        [sys.executable, "-m", "kvxfer.bench.cli", "target", "--nbytes", "1M"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        address = target.stdout.readline().split(" listening on ")[1].split(";")[0]
+        with Agent("initiator", backends=["ucx"]) as agent:
+            link = TargetLink(agent, address, timeout=600.0)
+            assert link.digest("host", [0], 64)  # a live target answers
+            target.send_signal(signal.SIGSTOP)  # the request goes out; the answer never comes
+            killer = threading.Timer(1.0, target.kill)
+            killer.start()
+            try:
+                with pytest.raises(PeerError, match="was lost"):
+                    link.digest("host", [0], 64)
+            finally:
+                killer.join()
     finally:
         target.kill()
         target.wait(timeout=30)
