@@ -242,7 +242,11 @@ def test_sigkill_of_a_real_prefill_worker_under_load_leaves_no_request_hanging(s
 
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
             futures = [pool.submit(ask, i) for i in range(24)]
-            time.sleep(0.3)
+            # kill it while it prefills (a fixed sleep raced with faster engines: all could be done by then)
+            give_up = time.monotonic() + 30
+            while server.worker("prefill-0")["in_flight_prefills"] == 0:
+                assert time.monotonic() < give_up, "prefill-0 never had a prefill in flight"
+                time.sleep(0.005)
             os.kill(victim, signal.SIGKILL)
             replies = [f.result(timeout=120) for f in futures]
         statuses = [r.status_code for r in replies]
@@ -251,7 +255,10 @@ def test_sigkill_of_a_real_prefill_worker_under_load_leaves_no_request_hanging(s
         for reply in replies:
             if reply.status_code != 200:
                 assert reply.json()["error"]["code"] and reply.json()["error"]["message"]
-        assert {w["name"] for w in server.workers_info()} == {"prefill-1", "decode-0"}
+        give_up = time.monotonic() + 10  # the router drops it after 2 s without heartbeats
+        while {w["name"] for w in server.workers_info()} != {"prefill-1", "decode-0"}:
+            assert time.monotonic() < give_up, server.workers_info()
+            time.sleep(0.05)
         assert server.http.get("/kvxfer/workers").json()["in_flight"] == 0
         assert server.metric("kvxfer_prefill_requeues_total") >= 1  # prefill-0's requests went to prefill-1
         after = generate(server, LONG, "remote")  # the survivors still serve
